@@ -1,0 +1,164 @@
+"""The Starlette application: routes, the one error handler, the lifespan. Nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import __version__, pipeline
+from .config import Settings
+from .errors import GatewayError, NotFound, PaymentRequired
+from .gateway import Gateway
+from .pricing import atomic_to_usd, per_million, to_atomic
+
+log = logging.getLogger("tollway")
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def chat_completions(request: Request) -> Response:
+    return await pipeline.chat_completions(request, gateway(request))
+
+
+async def models(request: Request) -> Response:
+    gw = gateway(request)
+    decimals = gw.settings.chain.decimals
+    data = []
+    for model_id, p in gw.prices.items():
+        conf = gw.settings.models[model_id]
+        usd = {
+            "prompt": conf.prompt,
+            "completion": conf.completion,
+            "request": conf.request,
+            "input_cache_read": conf.cache_read if conf.cache_read is not None else conf.prompt,
+            "input_cache_write": conf.cache_write if conf.cache_write is not None else conf.prompt,
+        }
+        data.append(
+            {
+                "id": model_id,
+                "object": "model",
+                "owned_by": "tollway",
+                # OpenRouter's convention: USD per token, as decimal strings.
+                "pricing": {k: str(v) for k, v in usd.items()},
+                "pricing_per_million": {k: str(per_million(v)) for k, v in usd.items() if k != "request"},
+                # The same in the payment asset's atomic units, per million tokens (rounded up).
+                "pricing_atomic_per_million": {
+                    k: str(to_atomic(getattr(p, f) * 1_000_000, decimals))
+                    for k, f in [
+                        ("prompt", "prompt"),
+                        ("completion", "completion"),
+                        ("input_cache_read", "cache_read"),
+                        ("input_cache_write", "cache_write"),
+                    ]
+                },
+                "payment": [{"scheme": s.name, "network": s.network, "asset": s.offer(0, 0).asset} for s in gw.schemes],
+            }
+        )
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def receipt(request: Request) -> Response:
+    gw = gateway(request)
+    row = gw.store.receipt(request.path_params["receipt_id"])
+    if row is None:
+        raise NotFound("no such receipt", code="receipt_not_found")
+    decimals = gw.settings.chain.decimals
+
+    def money(v: int | None) -> dict[str, str] | None:
+        return None if v is None else {"atomic": str(v), "usd": str(atomic_to_usd(v, decimals))}
+
+    body: dict[str, Any] = {
+        "id": row["id"],
+        "model": row["model"],
+        "upstream_model": row["upstream_model"],
+        "stream": row["stream"],
+        "status": row["status"],
+        "error": row["error"],
+        "quote": money(row["quote"]),
+        "paid": money(row["paid"]),
+        "cost": money(row["cost"]),
+        "usage": {
+            "prompt_tokens": row["prompt_tokens"],
+            "completion_tokens": row["completion_tokens"],
+            "cached_tokens": row["cached_tokens"],
+            "cache_write_tokens": row["cache_write_tokens"],
+            "dialect": row["usage_dialect"],
+            "upstream_cost_usd": row["upstream_cost"],
+        },
+        "payment": {
+            "state": row["payment_state"],
+            "scheme": row["scheme"],
+            "network": row["network"],
+            "asset": row["asset"],
+            "payer": row["payer"],
+            "payee": row["payee"],
+            "amount": money(row["amount"]),
+            "transaction": row["tx_hash"],
+            "error": row["payment_error"],
+        },
+        "upstream_latency_ms": row["upstream_latency_ms"],
+        "duration_ms": row["duration_ms"],
+        "created_at": row["created_at"],
+        "finished_at": row["finished_at"],
+    }
+    return JSONResponse(body)
+
+
+async def healthz(request: Request) -> Response:
+    gw = gateway(request)
+    states = gw.store.count_by_state()
+    ok = gw.settler.last_error is None
+    return JSONResponse(
+        {
+            "ok": ok,
+            "version": __version__,
+            "networks": [s.network for s in gw.schemes],
+            "payments": states,
+            "settlement_error": gw.settler.last_error,
+        },
+        status_code=200 if ok else 503,
+    )
+
+
+async def gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    headers: dict[str, str] = {}
+    body: Any = exc.body()
+    if isinstance(exc, PaymentRequired) and exc.challenge:
+        headers.update(exc.challenge["headers"])
+        body = exc.challenge["body"]
+    if exc.retry_after:
+        headers["retry-after"] = str(exc.retry_after)
+    if exc.status >= 500:
+        log.warning("%s %s → %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.gateway = await Gateway.open(settings)
+        try:
+            yield
+        finally:
+            await app.state.gateway.close()
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/receipts/{receipt_id}", receipt, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        exception_handlers={GatewayError: gateway_error},
+        lifespan=lifespan,
+    )

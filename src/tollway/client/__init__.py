@@ -1,0 +1,17 @@
+"""The paying client for agents: httpx transports and OpenAI SDK helpers that answer 402s."""
+
+from .openai import async_openai_client, openai_client
+from .payer import AllowedAsset, PaidCall, Payer, PaymentRefused, sign_exact
+from .transport import PayingTransport, SyncPayingTransport
+
+__all__ = [
+    "AllowedAsset",
+    "PaidCall",
+    "Payer",
+    "PayingTransport",
+    "PaymentRefused",
+    "SyncPayingTransport",
+    "async_openai_client",
+    "openai_client",
+    "sign_exact",
+]

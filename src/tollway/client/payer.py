@@ -1,0 +1,166 @@
+"""The I/O-free half of the paying client: read a 402, choose an offer, sign, keep the budget.
+
+Shared by the async and sync transports. Spend limits are in USD (the assets are USD
+stablecoins); only offers for explicitly allowed (network, asset) pairs are ever signed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from ..payments import eip3009
+from ..payments.x402 import (
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    X_PAYMENT_RESPONSE,
+    b64json,
+    unb64json,
+)
+
+
+class PaymentRefused(Exception):
+    """The client will not pay this 402 (no allowed offer, or over a spend limit)."""
+
+
+@dataclass(frozen=True)
+class AllowedAsset:
+    network: str  # CAIP-2, e.g. eip155:8453
+    asset: str  # token address
+    decimals: int = 6
+
+
+@dataclass(frozen=True)
+class PaidCall:
+    network: str
+    asset: str
+    amount: int
+    transaction: str | None
+    receipt_id: str | None
+    usd: Decimal
+
+
+@dataclass
+class Payer:
+    """Signs x402 v2 ``exact`` payments for one wallet, within limits."""
+
+    account: LocalAccount
+    allowed: list[AllowedAsset]
+    max_per_call_usd: Decimal = Decimal("1")
+    max_total_usd: Decimal = Decimal("10")
+    spent_usd: Decimal = Decimal(0)
+    history: list[PaidCall] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_key(cls, key: str, allowed: list[AllowedAsset], **limits: Any) -> Payer:
+        return cls(Account.from_key(key), allowed, **limits)
+
+    def _allowed(self, offer: dict[str, Any]) -> AllowedAsset | None:
+        for a in self.allowed:
+            if offer.get("network") == a.network and str(offer.get("asset", "")).lower() == a.asset.lower():
+                return a
+        return None
+
+    def choose(self, required: dict[str, Any]) -> tuple[dict[str, Any], Decimal]:
+        """The cheapest allowed ``exact`` offer of a v2 PaymentRequired, and its USD amount."""
+        candidates = []
+        for offer in required.get("accepts") or []:
+            asset = self._allowed(offer) if offer.get("scheme") == "exact" else None
+            amount = str(offer.get("amount", ""))
+            if asset and amount.isdigit():
+                candidates.append((Decimal(int(amount)).scaleb(-asset.decimals), offer))
+        if not candidates:
+            raise PaymentRefused(f"no offer in an allowed asset: {required.get('accepts')}")
+        usd, offer = min(candidates, key=lambda c: c[0])
+        if usd > self.max_per_call_usd:
+            raise PaymentRefused(f"the call costs up to ${usd}, over the per-call limit ${self.max_per_call_usd}")
+        return offer, usd
+
+    def prepare(self, response_headers: Any, now: int | None = None) -> Pending:
+        """Answer a 402: the payment to retry with, its USD reserved from the budget."""
+        raw = response_headers.get(PAYMENT_REQUIRED)
+        if not raw:
+            raise PaymentRefused("402 without a PAYMENT-REQUIRED header (x402 v2)")
+        required = unb64json(raw)
+        offer, usd = self.choose(required)
+        with self._lock:
+            if self.spent_usd + usd > self.max_total_usd:
+                raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
+            self.spent_usd += usd
+        payload = {
+            "x402Version": 2,
+            "resource": required.get("resource"),
+            "accepted": offer,
+            "payload": sign_exact(self.account, offer, int(time.time()) if now is None else now),
+            "extensions": {},
+        }
+        return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd)
+
+    def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
+        """Record a paid response, or give the reservation back if the call was not paid."""
+        raw = response_headers.get(PAYMENT_RESPONSE) or response_headers.get(X_PAYMENT_RESPONSE)
+        doc = unb64json(raw) if raw and status < 400 else {}
+        if not doc.get("success"):
+            with self._lock:
+                self.spent_usd -= pending.usd
+            return
+        o = pending.offer
+        self.history.append(
+            PaidCall(
+                o["network"],
+                o["asset"],
+                int(o["amount"]),
+                doc.get("transaction"),
+                response_headers.get("x-tollway-receipt"),
+                pending.usd,
+            )
+        )
+
+    def abandon(self, pending: Pending) -> None:
+        with self._lock:
+            self.spent_usd -= pending.usd
+
+
+@dataclass(frozen=True)
+class Pending:
+    headers: dict[str, str]
+    offer: dict[str, Any]
+    usd: Decimal
+
+
+def sign_exact(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[str, Any]:
+    """An EIP-3009 authorization paying ``offer`` exactly, valid from now for its timeout."""
+    extra = offer.get("extra") or {}
+    chain_id = int(str(offer["network"]).split(":", 1)[1])
+    auth = eip3009.Authorization(
+        from_=account.address.lower(),
+        to=str(offer["payTo"]).lower(),
+        value=int(offer["amount"]),
+        valid_after=max(now - 60, 0),
+        valid_before=now + int(offer.get("maxTimeoutSeconds") or 300),
+        nonce=secrets.token_bytes(32),
+    )
+    domain = eip3009.domain_separator(
+        extra.get("name", "USD Coin"), extra.get("version", "2"), chain_id, offer["asset"]
+    )
+    sig = account.unsafe_sign_hash(eip3009.digest(auth, domain))
+    return {
+        "signature": "0x" + bytes(sig.signature).hex().removeprefix("0x"),
+        "authorization": {
+            "from": account.address,
+            "to": offer["payTo"],
+            "value": str(auth.value),
+            "validAfter": str(auth.valid_after),
+            "validBefore": str(auth.valid_before),
+            "nonce": "0x" + auth.nonce.hex(),
+        },
+    }

@@ -1,0 +1,90 @@
+"""Every error the gateway answers with, and nothing else.
+
+    GatewayError                 500  internal   (only for our own faults)
+    ├── BadRequest               400  invalid_request
+    │   └── PaymentMalformed     400  invalid_payload / invalid_x402_version / ...
+    ├── NotFound                 404  not_found
+    ├── PaymentRequired          402  payment_required  (carries the challenge)
+    │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
+    ├── UpstreamError            502  upstream_error
+    │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
+    └── ChainUnavailable         503  chain_unavailable    (+ Retry-After)
+
+Each carries its HTTP status and a stable machine-readable ``code``; ``app.py`` turns
+them into responses in one handler. Third-party exceptions are translated into these
+where they enter (upstream client, chain client), never further in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI-style error body, so OpenAI SDKs surface the message."""
+        return {"error": {"message": self.message, "type": type(self).__name__, "code": self.code}}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "invalid_request"
+
+
+class PaymentMalformed(BadRequest):
+    """The payment header could not be decoded or has the wrong shape."""
+
+    code = "invalid_payload"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class PaymentRequired(GatewayError):
+    """402: the call needs (another) payment. ``challenge`` is filled in by the pipeline."""
+
+    status = 402
+    code = "payment_required"
+
+    def __init__(self, message: str, *, code: str | None = None, challenge: Any = None):
+        super().__init__(message, code=code)
+        self.challenge = challenge
+
+
+class PaymentInvalid(PaymentRequired):
+    """A proof was decoded but does not pay for this call; ``code`` is the reason."""
+
+    code = "invalid_payment"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = 1):
+        super().__init__(message, code=code, retry_after=retry_after)
+
+
+class ChainUnavailable(GatewayError):
+    status = 503
+    code = "chain_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = 2):
+        super().__init__(message, code=code, retry_after=retry_after)

@@ -1,0 +1,77 @@
+"""The gateway's long-lived parts, built once from settings and passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from .config import Settings
+from .ledger import Store
+from .payments import build_scheme
+from .payments.base import PaymentScheme
+from .payments.chain import Chain
+from .payments.x402 import V1_NETWORK_NAMES
+from .pricing import Prices
+from .quotes import QuoteSigner
+from .settlement import Settler
+from .upstream.client import Upstream, make_http_client
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    store: Store
+    chain: Chain
+    schemes: list[PaymentScheme]
+    settler: Settler
+    upstream: Upstream
+    quotes: QuoteSigner
+    prices: dict[str, Prices]
+    v1_names: dict[str, str]  # x402 v1 network name → CAIP-2 id, for networks served in v1
+    _clients: tuple[httpx.AsyncClient, ...]
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Gateway:
+        c = settings.chain
+        missing = [f for f in ("rpc_url", "token", "payee", "settler_key") if not getattr(c, f)]
+        if missing or not settings.upstream.url:
+            raise ValueError(f"incomplete settings: chain.{', chain.'.join(missing)} / upstream.url")
+        if not settings.models:
+            raise ValueError('no models configured: add [models."<id>"] prices')
+        chain_http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
+        upstream_http = make_http_client(settings.upstream)
+        chain = Chain(c.rpc_url, chain_http, c.read_cache_seconds)  # type: ignore[arg-type]
+        chain_id = c.chain_id or await chain.chain_id()
+        network = f"eip155:{chain_id}"
+        v1_name = c.v1_network or V1_NETWORK_NAMES.get(chain_id)
+        store = Store(settings.database_url)
+        settler = Settler(
+            store,
+            chain,
+            key=c.settler_key,  # type: ignore[arg-type]
+            chain_id=chain_id,
+            gas_limit=c.settle_gas_limit,
+            max_fee_gwei=c.max_fee_gwei,
+            priority_fee_gwei=c.priority_fee_gwei,
+        )
+        gw = cls(
+            settings=settings,
+            store=store,
+            chain=chain,
+            schemes=[build_scheme(name, settings, chain, chain_id) for name in settings.schemes],
+            settler=settler,
+            upstream=Upstream(settings.upstream, settings.upstream.url, upstream_http),
+            quotes=QuoteSigner(settings.quote_secret),
+            prices={m: Prices.of(p) for m, p in settings.models.items()},
+            v1_names={v1_name: network} if v1_name else {},
+            _clients=(chain_http, upstream_http),
+        )
+        await settler.start()
+        return gw
+
+    async def close(self) -> None:
+        await self.settler.stop()
+        for client in self._clients:
+            await client.aclose()
+        self.store.close()

@@ -1,0 +1,83 @@
+"""Ledger tables. Amounts are integers in the asset's atomic units; times are UNIX seconds.
+
+A payment moves through explicit states; ``store.py`` makes every move one guarded UPDATE:
+
+    reserved ──► settling ──► settled
+        │            └──────► failed
+        └──► released ──► reserved   (an unserved authorization may pay a retry of its call)
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, Column, Index
+from sqlmodel import Field, SQLModel
+
+
+class PaymentState(StrEnum):
+    RESERVED = "reserved"  # verified, nonce locked, call in progress
+    RELEASED = "released"  # call not served: never settled, the payer owes nothing
+    SETTLING = "settling"  # settlement transaction signed (hash known), being broadcast/confirmed
+    SETTLED = "settled"  # confirmed on chain
+    FAILED = "failed"  # settlement reverted or cannot happen; see ``error``
+
+
+class Payment(SQLModel, table=True):
+    __tablename__ = "payments"
+    __table_args__ = (Index("ix_payments_payer_state", "network", "asset", "payer", "state"),)
+
+    id: str = Field(primary_key=True)
+    lock_key: str = Field(unique=True)  # scheme-specific replay key, e.g. network:asset:payer:nonce
+    scheme: str
+    network: str
+    asset: str
+    payer: str
+    payee: str
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: str = Field(index=True)
+    proof: str  # the scheme's payload (JSON), enough to settle again
+    request_digest: str  # the call this payment is bound to
+    tx_hash: str | None = None
+    raw_tx: str | None = None
+    tx_nonce: int | None = None
+    settler: str | None = None
+    broadcast_at: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    created_at: float
+    updated_at: float
+
+
+class Call(SQLModel, table=True):
+    __tablename__ = "calls"
+
+    id: str = Field(primary_key=True)  # the receipt id
+    payment_id: str | None = Field(default=None, index=True)
+    model: str
+    upstream_model: str
+    stream: bool
+    status: str  # pending | served | incomplete | failed
+    quote: int = Field(sa_column=Column(BigInteger, nullable=False))
+    paid: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None  # None: the upstream did not say
+    cache_write_tokens: int | None = None
+    upstream_cost: str | None = None  # the upstream's own USD figure, as it stated it
+    cost: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    usage_dialect: str | None = None
+    upstream_latency_ms: float | None = None  # to the upstream's first byte
+    duration_ms: float | None = None
+    error: str | None = None
+    created_at: float
+    finished_at: float | None = None
+
+
+class SettlerNonce(SQLModel, table=True):
+    """Next transaction nonce of each settlement account, shared by all replicas."""
+
+    __tablename__ = "settler_nonces"
+
+    address: str = Field(primary_key=True)
+    next_nonce: int

@@ -1,0 +1,443 @@
+"""Deterministic, fast OpenAI-compatible mock upstream.
+
+Used by the test-suite, the benchmarks and the out-of-the-box demo (``tollway mock-upstream``).
+
+Behaviour in one paragraph: ``POST /v1/chat/completions`` answers ``"echo: " + <last user message,
+whitespace-collapsed>`` (or the ``mock.reply`` directive), truncated to ``max_completion_tokens`` /
+``max_tokens`` (default 16) with ``finish_reason`` ``"length"`` when truncated, ``"stop"`` otherwise.
+Usage is reported in one of several provider "dialects", including simulated prefix-cache hits.
+
+Token rule (documented contract): text is split with ``_TOKEN_RE`` = ``\\s*\\w+ | \\s*[^\\w\\s] | \\s+``,
+i.e. a word with its leading whitespace, a single symbol/emoji with its leading whitespace, or a trailing
+whitespace run.  Pieces concatenate back to the text and each one is >= 1 character, so a text never has
+more tokens than characters.  Prompt tokens = tokens of every message content (a string, or each
+``{"type": "text"}`` part of a list) + 3 per message.  A message serialises to >= 2 bytes (``{}``) plus
+a separator, and the content's characters appear in it, so prompt tokens are ALWAYS <= the UTF-8 byte
+length of ``json.dumps(messages)`` (compact or not, ascii-escaped or not).
+
+Per-request test switches ride in an extra top-level body field ``"mock": {...}`` (see ``_directives``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+__all__ = ["DIALECTS", "MockDisconnect", "MockOptions", "count_tokens", "create_app", "run", "tokenize"]
+
+DIALECTS = frozenset({"openai", "openrouter", "deepseek", "anthropic", "llamacpp", "none"})
+_TOKEN_RE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
+_MSG_OVERHEAD = 3  # tokens added per message (role marker + 2 separators in the cache sequence)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def tokenize(text: str) -> list[str]:
+    """Split ``text`` into token pieces; ``"".join(tokenize(t)) == t``."""
+    return _TOKEN_RE.findall(text)
+
+
+def count_tokens(messages: list[Any]) -> int:
+    """Prompt token count of an OpenAI ``messages`` array (<= its JSON UTF-8 byte length)."""
+    return len(_prompt_sequence(messages))
+
+
+class MockOptions(BaseModel):
+    """Runtime options; all can be changed live via ``POST /mock/options`` (partial JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=lambda: ["mock/echo", "mock/echo-large"])
+    latency: float = Field(0.0, ge=0)  # seconds before the response starts
+    chunk_delay: float = Field(0.0, ge=0)  # seconds between streamed content chunks
+    dialect: str = "openai"  # usage dialect, see DIALECTS
+    cache: bool = True  # simulate prefix caching
+    cache_ttl: float = Field(300.0, gt=0)  # seconds a cached block lives (refreshed on reuse)
+    cache_block: int = Field(4, ge=1)  # cached tokens are a multiple of this
+    cache_entries: int = Field(65536, ge=1)  # LRU bound, counted in cached blocks
+    default_max_tokens: int = Field(16, ge=0)  # completion cap when the request gives none
+
+    @field_validator("dialect")
+    @classmethod
+    def _check_dialect(cls, v: str) -> str:
+        if v not in DIALECTS:
+            raise ValueError(f"dialect must be one of {sorted(DIALECTS)}")
+        return v
+
+
+class MockDisconnect(httpx.RemoteProtocolError):
+    """Raised inside a stream for ``fail_mode: "disconnect"``.
+
+    Behind a real server (uvicorn) this aborts the connection mid-body, so clients see an incomplete
+    chunked read (``httpx.RemoteProtocolError``).  Under ``httpx.ASGITransport`` the exception itself
+    reaches the client - it subclasses ``httpx.RemoteProtocolError`` so client code handles it the same.
+    """
+
+    def __init__(self, message: str = "mock upstream: connection dropped mid-stream") -> None:
+        super().__init__(message)
+
+
+class _QuietDisconnect(logging.Filter):
+    """Keep uvicorn from logging a traceback for our deliberate disconnects."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], MockDisconnect))
+
+
+_QUIET = _QuietDisconnect()
+
+
+class _PrefixCache:
+    """Prefix-cache simulation keyed by chained block hashes.
+
+    Block ``i`` of a prompt is keyed by ``hash((key of block i-1, *tokens of block i))``, so a hit on
+    block ``i`` implies the whole prefix up to it matched.  One call is O(prompt tokens).  Python's
+    ``hash`` is stable within a process, which is all a mock needs.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: OrderedDict[int, float] = OrderedDict()  # key -> expiry (monotonic)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+    def lookup_and_store(self, seed: str, tokens: list[str], opts: MockOptions) -> int:
+        """Return cached tokens for ``tokens`` and remember its full blocks."""
+        b, blocks, now = opts.cache_block, self._blocks, time.monotonic()
+        expiry, key, cached, matching = now + opts.cache_ttl, hash(seed), 0, True
+        for start in range(0, len(tokens) - b + 1, b):
+            key = hash((key, *tokens[start : start + b]))
+            if matching:
+                exp = blocks.get(key)
+                if exp is not None and exp > now:
+                    cached += b
+                else:
+                    matching = False
+            blocks[key] = expiry
+            blocks.move_to_end(key)
+        while len(blocks) > opts.cache_entries:
+            blocks.popitem(last=False)
+        return cached
+
+
+class _State:
+    def __init__(self, options: MockOptions) -> None:
+        self.options = options
+        self.cache = _PrefixCache()
+        self.ids = itertools.count(1)
+        self.stats: dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache.clear()
+        self.stats = dict.fromkeys(
+            ("requests", "streams", "failures", "prompt_tokens", "completion_tokens", "cached_tokens"), 0
+        )
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+_ERROR_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    402: "insufficient_quota",
+    403: "forbidden",
+    404: "not_found",
+    408: "timeout",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
+
+
+def _error(status: int, message: str, code: str | None = None) -> Response:
+    etype = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": etype, "code": code or _ERROR_CODES.get(status, str(status))}}
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return Response(_dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _content_texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):  # multimodal parts: only text parts count
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
+
+
+def _prompt_sequence(messages: list[Any]) -> list[str]:
+    """Token sequence of the prompt (used for counting AND for the prefix cache)."""
+    seq: list[str] = []
+    for m in messages:
+        seq.append(f"<|{m.get('role')}|>")
+        for text in _content_texts(m.get("content")):
+            seq += _TOKEN_RE.findall(text)
+        seq += ("<|end|>", "\n")
+    return seq
+
+
+def _directives(raw: Any) -> dict[str, Any]:
+    """Validate the ``mock`` field; raises _BadRequest on nonsense so test mistakes are loud."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _BadRequest(400, "`mock` must be an object", "invalid_mock_directive")
+    d = dict(raw)
+    try:
+        if "fail" in d and not (isinstance(d["fail"], int) and 400 <= d["fail"] <= 599):
+            raise ValueError("fail must be an HTTP status 400..599")
+        for k in ("latency", "chunk_delay"):
+            if k in d and (isinstance(d[k], bool) or not isinstance(d[k], int | float) or d[k] < 0):
+                raise ValueError(f"{k} must be a number >= 0")
+        fac = d.get("fail_after_chunks")
+        if fac is not None and (isinstance(fac, bool) or not isinstance(fac, int) or fac < 0):
+            raise ValueError("fail_after_chunks must be an int >= 0")
+        if d.get("fail_mode", "error") not in ("error", "disconnect"):
+            raise ValueError("fail_mode must be 'error' or 'disconnect'")
+        if "dialect" in d and d["dialect"] not in DIALECTS:
+            raise ValueError(f"dialect must be one of {sorted(DIALECTS)}")
+        if "reply" in d and not isinstance(d["reply"], str):
+            raise ValueError("reply must be a string")
+        prices = d.get("cost_prices")
+        if prices is not None and not (
+            isinstance(prices, dict) and all(isinstance(v, int | float) for v in prices.values())
+        ):
+            raise ValueError("cost_prices must map names to numbers")
+    except ValueError as exc:
+        raise _BadRequest(400, f"invalid mock directive: {exc}", "invalid_mock_directive") from None
+    return d
+
+
+def _usage(
+    dialect: str, prompt: int, completion: int, cached: int, written: int, prices: dict | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (usage object, extra top-level fields) for a dialect."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    extra: dict[str, Any] = {}
+    if dialect in ("openai", "openrouter", "llamacpp"):
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    if dialect == "openrouter":
+        usage["prompt_tokens_details"]["cache_write_tokens"] = written
+        if prices:
+            p = float(prices.get("prompt", 0.0))
+            cost = (
+                cached * float(prices.get("cache_read", p))
+                + written * float(prices.get("cache_write", p))
+                + (prompt - cached - written) * p
+                + completion * float(prices.get("completion", 0.0))
+            )
+            usage["cost"] = round(cost, 12)
+    elif dialect == "deepseek":
+        usage["prompt_cache_hit_tokens"] = cached
+        usage["prompt_cache_miss_tokens"] = prompt - cached
+    elif dialect == "anthropic":
+        # Anthropic semantics: input + cache_read + cache_creation == prompt_tokens.
+        usage["input_tokens"] = prompt - cached - written
+        usage["output_tokens"] = completion
+        usage["cache_read_input_tokens"] = cached
+        usage["cache_creation_input_tokens"] = written
+    elif dialect == "llamacpp":
+        extra["timings"] = {"cache_n": cached, "prompt_n": prompt - cached, "predicted_n": completion}
+    return usage, extra
+
+
+def create_app(options: MockOptions | None = None) -> Starlette:
+    """Build the mock upstream.  ``app.state.mock`` exposes options, cache and stats to tests."""
+    state = _State(options.model_copy() if options else MockOptions())
+    uvlog = logging.getLogger("uvicorn.error")
+    if _QUIET not in uvlog.filters:
+        uvlog.addFilter(_QUIET)
+
+    async def models(_: Request) -> Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "tollway-mock"} for m in state.options.models]
+        return Response(_dumps({"object": "list", "data": data}), media_type="application/json")
+
+    async def chat(request: Request) -> Response:
+        state.stats["requests"] += 1
+        try:
+            return await _chat(request)
+        except _BadRequest as exc:
+            state.stats["failures"] += 1
+            return _error(exc.status, exc.message, exc.code)
+
+    async def _chat(request: Request) -> Response:
+        opts = state.options
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise _BadRequest(400, "request body is not valid JSON", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise _BadRequest(400, "request body must be a JSON object", "invalid_request")
+        mock = _directives(body.get("mock"))
+
+        if mock.get("hang"):  # never answer; return only once the client has gone away
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+            return _error(499, "client went away", "client_closed")
+        latency = mock.get("latency", opts.latency)
+        if latency:
+            await asyncio.sleep(latency)
+        if "fail" in mock:
+            state.stats["failures"] += 1
+            return _error(mock["fail"], f"mock upstream: injected failure {mock['fail']}")
+
+        messages, model = body.get("messages"), body.get("model")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise _BadRequest(400, "`messages` must be a non-empty array of objects", "invalid_messages")
+        if not isinstance(model, str):
+            raise _BadRequest(400, "you must provide a `model` string", "missing_model")
+        if model not in opts.models:
+            raise _BadRequest(404, f"The model `{model}` does not exist", "model_not_found")
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is None:
+            limit = opts.default_max_tokens
+        elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise _BadRequest(400, "max_tokens must be a non-negative integer", "invalid_max_tokens")
+
+        # Prompt accounting + prefix cache.
+        seq = _prompt_sequence(messages)
+        prompt = len(seq)
+        cached = state.cache.lookup_and_store(model, seq, opts) if opts.cache else 0
+        written = prompt - cached if opts.cache else 0
+
+        # Deterministic reply.
+        if "reply" in mock:
+            text = mock["reply"]
+        else:
+            last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+            words = " ".join(" ".join(_content_texts(last.get("content") if last else None)).split())
+            text = f"echo: {words}" if words else "echo:"
+        pieces = _TOKEN_RE.findall(text)
+        finish = "stop"
+        if len(pieces) > limit:
+            pieces, finish = pieces[:limit], "length"
+        completion = len(pieces)
+
+        stats = state.stats
+        stats["prompt_tokens"] += prompt
+        stats["completion_tokens"] += completion
+        stats["cached_tokens"] += cached
+        usage, extra = _usage(
+            mock.get("dialect", opts.dialect), prompt, completion, cached, written, mock.get("cost_prices")
+        )
+        cid, created = f"chatcmpl-mock-{next(state.ids)}", int(time.time())
+
+        if not body.get("stream"):
+            out = {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+                **extra,
+            }
+            return Response(_dumps(out), media_type="application/json")
+
+        stats["streams"] += 1
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        delay = mock.get("chunk_delay", opts.chunk_delay)
+        fail_after = mock.get("fail_after_chunks")
+        head = _dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
+
+        def event(tail: dict[str, Any]) -> bytes:  # tail = the fields after id/object/created/model
+            return b"data: " + head + b"," + _dumps(tail)[1:] + b"\n\n"
+
+        def choice(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+            return {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        async def stream():
+            yield b": MOCK PROCESSING\n\n"
+            for i, piece in enumerate(pieces or [""]):
+                if i == fail_after:
+                    break
+                if i and delay:
+                    await asyncio.sleep(delay)
+                yield event(choice({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None))
+            if fail_after is not None:  # inject the mid-stream failure (after min(N, all) content chunks)
+                stats["failures"] += 1
+                if mock.get("fail_mode") == "disconnect":
+                    raise MockDisconnect()
+                err = {"message": "mock upstream: injected mid-stream failure", "code": 500}
+                yield event({"error": err, **choice({"content": ""}, "error")})
+                yield b"data: [DONE]\n\n"
+                return
+            yield event({**choice({}, finish), **(extra if not include_usage else {})})
+            if include_usage:
+                yield event({"choices": [], "usage": usage, **extra})
+            yield b"data: [DONE]\n\n"
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def stats(_: Request) -> Response:
+        return Response(_dumps(state.stats), media_type="application/json")
+
+    async def reset(_: Request) -> Response:
+        state.reset()
+        return Response(_dumps({"ok": True}), media_type="application/json")
+
+    async def set_options(request: Request) -> Response:
+        try:
+            patch = json.loads(await request.body() or b"{}")
+            if not isinstance(patch, dict):
+                raise ValueError("body must be a JSON object")
+            new = MockOptions.model_validate({**state.options.model_dump(), **patch})
+        except (ValueError, ValidationError) as exc:  # ValidationError is a ValueError; explicit for clarity
+            return _error(400, f"invalid options: {exc}", "invalid_options")
+        if (new.cache_block, new.cache) != (state.options.cache_block, state.options.cache):
+            state.cache.clear()  # block keys are meaningless under another block size
+        state.options = new
+        return Response(new.model_dump_json().encode(), media_type="application/json")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/mock/stats", stats, methods=["GET"]),
+            Route("/mock/reset", reset, methods=["POST"]),
+            Route("/mock/options", set_options, methods=["POST"]),
+        ]
+    )
+    app.state.mock = state
+    return app
+
+
+def run(host: str = "127.0.0.1", port: int = 8403, options: MockOptions | None = None) -> None:
+    """Serve the mock upstream with uvicorn (blocking)."""
+    import uvicorn
+
+    uvicorn.run(create_app(options), host=host, port=port, log_level="warning")

@@ -1,0 +1,28 @@
+"""Payment schemes (one module each), the x402 wire codec and chain access.
+
+``SCHEMES`` is the registry: a scheme name → the factory that builds it from settings. Factories
+are imported lazily, so a scheme's dependencies load only when it is enabled.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from .base import PaymentScheme
+    from .chain import Chain
+
+SCHEMES: dict[str, str] = {
+    "exact": "tollway.payments.exact:from_settings",
+}
+
+
+def build_scheme(name: str, settings: Settings, chain: Chain, chain_id: int) -> PaymentScheme:
+    try:
+        target = SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"unknown payment scheme {name!r}; known: {', '.join(SCHEMES)}") from None
+    module, factory = target.split(":")
+    return getattr(importlib.import_module(module), factory)(settings, chain, chain_id)  # type: ignore[no-any-return]

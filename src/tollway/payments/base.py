@@ -1,0 +1,82 @@
+"""The payment-scheme contract: what every scheme plugin implements, and the values it trades.
+
+A scheme knows one way to pay (x402 ``exact`` with EIP-3009, ...). The wire codecs (x402 v1/v2)
+and the request binding of quotes live outside it; the pipeline only ever calls these methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The price of one request: an upper bound on its cost, valid until ``expires``."""
+
+    model: str
+    amount: int  # atomic units of the asset
+    request_digest: str  # sha-256 of the canonical request body
+    expires: int  # UNIX seconds
+    prompt_bound: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One way to pay an amount: a protocol-neutral ``accepts`` entry."""
+
+    scheme: str
+    network: str  # CAIP-2, e.g. eip155:31337
+    asset: str
+    pay_to: str
+    amount: int
+    max_timeout_seconds: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A decoded payment header, before any check."""
+
+    version: int  # x402 version it came in (1 or 2)
+    scheme: str
+    network: str
+    payload: dict[str, Any]
+    accepted: dict[str, Any] | None = None  # v2 echoes the offer it pays
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A proof that pays ``amount`` to us — locally checked, not yet confirmed on chain."""
+
+    scheme: str
+    network: str
+    asset: str
+    payer: str
+    payee: str
+    amount: int
+    lock_key: str  # unique per payment; the ledger refuses to lock it twice
+    proof: dict[str, Any]  # what the scheme needs later to confirm and settle
+    chain_nonce: bytes = b""
+
+
+class PaymentScheme(Protocol):
+    name: str
+    network: str
+
+    def offer(self, amount: int, max_timeout_seconds: int) -> Offer:
+        """The ``accepts`` entry to put in a 402 for this amount."""
+        ...
+
+    def verify(self, proof: Proof, offer: Offer, now: int) -> Verified:
+        """Local checks only (no I/O); raises ``PaymentInvalid`` with an x402 reason."""
+        ...
+
+    async def confirm(self, payment: Verified, unsettled: int) -> None:
+        """On-chain checks, given what the payer already owes us unsettled (this payment included)."""
+        ...
+
+    def settlement_call(self, payment: Verified) -> tuple[str, bytes] | None:
+        """The transaction (to, calldata) that moves the money, or None if it has already moved."""
+        ...

@@ -1,0 +1,45 @@
+"""Binding a quote to its request, statelessly, so any replica can check it.
+
+A 402 offer carries ``extra.quote = "<expires>.<mac>"`` where the MAC (HMAC-SHA256 with the
+gateway's secret) covers the request digest, the amount and the expiry. A v2 client echoes the
+offer in ``accepted``; on the paid retry the gateway recomputes the digest of the request it
+actually got, so a proof made for another (cheaper) request, or for an expired quote, is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from .errors import PaymentInvalid
+
+
+def request_digest(body: dict[str, Any]) -> str:
+    """sha-256 of the canonical JSON of a request body (key order and spacing do not matter)."""
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+class QuoteSigner:
+    def __init__(self, secret: str) -> None:
+        self.key = secret.encode()
+
+    def _mac(self, digest: str, amount: int, expires: int) -> str:
+        msg = f"{digest}|{amount}|{expires}".encode()
+        return base64.urlsafe_b64encode(hmac.new(self.key, msg, hashlib.sha256).digest()[:18]).decode()
+
+    def token(self, digest: str, amount: int, expires: int) -> str:
+        return f"{expires}.{self._mac(digest, amount, expires)}"
+
+    def check(self, token: Any, digest: str, amount: int, now: int) -> None:
+        """Raise unless ``token`` quotes ``amount`` for this very request and has not expired."""
+        if not isinstance(token, str) or "." not in token:
+            raise PaymentInvalid("the accepted offer carries no valid quote", code="invalid_quote")
+        expires_s, mac = token.split(".", 1)
+        if not expires_s.isdigit() or not hmac.compare_digest(mac, self._mac(digest, amount, int(expires_s))):
+            raise PaymentInvalid("this payment was quoted for a different request or amount", code="quote_mismatch")
+        if int(expires_s) < now:
+            raise PaymentInvalid("the quote has expired; request a new one", code="quote_expired")

@@ -1,0 +1,214 @@
+"""Settlement: sign on the request path, broadcast and confirm in a durable background worker.
+
+``Settler.sign`` runs inside the request: it takes the next nonce of the settlement account
+from the ledger (one counter shared by all replicas), signs the transaction locally — so its
+hash is known before it is sent — and stores it in the payment row (``reserved → settling``).
+The response then carries that hash. The worker, in each process, loops over ``settling`` rows:
+broadcasts the stored raw transaction (idempotent: same bytes, same hash), polls receipts in one
+batched call, and moves rows to ``settled`` or ``failed``. A crash loses nothing: the rows are
+the queue. Nonces left unused by a crash between taking one and storing the transaction are
+filled with a zero-value self-transfer, so later settlements do not stall behind the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from decimal import Decimal
+from typing import Any
+
+from eth_account import Account
+from eth_account.typed_transactions import TypedTransaction
+from eth_utils import to_checksum_address
+from hexbytes import HexBytes
+
+from .errors import ChainUnavailable
+from .ledger import Store
+from .payments.chain import Chain, RpcError, transfers_in
+
+log = logging.getLogger("tollway.settlement")
+
+REBROADCAST_AFTER = 15.0  # seconds without a receipt before sending the raw tx again
+GAP_GRACE = 10.0  # seconds a nonce gap may last before it is filled
+GWEI = 10**9
+
+
+class Settler:
+    def __init__(
+        self,
+        store: Store,
+        chain: Chain,
+        *,
+        key: str,
+        chain_id: int,
+        gas_limit: int,
+        max_fee_gwei: Decimal | None,
+        priority_fee_gwei: Decimal,
+    ) -> None:
+        self.store = store
+        self.chain = chain
+        self.account = Account.from_key(key)
+        self.address = self.account.address
+        self.chain_id = chain_id
+        self.gas_limit = gas_limit
+        self.fixed_max_fee = int(max_fee_gwei * GWEI) if max_fee_gwei is not None else None
+        self.tip = int(priority_fee_gwei * GWEI)
+        self.max_fee = self.fixed_max_fee or 2 * GWEI
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._gap_since: float | None = None
+        self.last_error: str | None = None
+
+    # -- request path -----------------------------------------------------------------------
+
+    def sign(self, payment_id: str, to: str, data: bytes) -> str:
+        """Sign the settlement transaction for a reserved payment; returns its hash."""
+        nonce = self.store.take_settler_nonce(self.address)
+        tx_hash, raw = self._sign(nonce, to, data)
+        if not self.store.mark_settling(payment_id, tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce, settler=self.address):
+            # The payment left `reserved` under us (cannot happen on the request path): burn the nonce harmlessly.
+            log.error("payment %s was not reserved; filling nonce %d", payment_id, nonce)
+            self._wake.set()
+            raise RuntimeError("payment was not in the reserved state")
+        self._wake.set()
+        return tx_hash
+
+    def _sign(self, nonce: int, to: str, data: bytes, gas: int | None = None) -> tuple[str, str]:
+        tx = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "nonce": nonce,
+            "to": to,
+            "value": 0,
+            "data": data,
+            "gas": gas or self.gas_limit,
+            "maxFeePerGas": max(self.max_fee, self.tip),
+            "maxPriorityFeePerGas": self.tip,
+        }
+        signed = self.account.sign_transaction(tx)
+        return "0x" + signed.hash.hex().removeprefix("0x"), "0x" + signed.raw_transaction.hex().removeprefix("0x")
+
+    # -- worker -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.store.sync_settler_nonce(self.address, await self.chain.pending_nonce(self.address))
+        await self._refresh_fees()
+        self._task = asyncio.create_task(self._run(), name="tollway-settler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _refresh_fees(self) -> None:
+        if self.fixed_max_fee is None:
+            self.max_fee = 2 * await self.chain.base_fee() + self.tip
+
+    async def _run(self) -> None:
+        last_fees = time.monotonic()
+        while True:
+            busy = False
+            try:
+                busy = await self.run_once()
+                if time.monotonic() - last_fees > 5:
+                    await self._refresh_fees()
+                    last_fees = time.monotonic()
+                self.last_error = None
+            except (ChainUnavailable, RpcError) as exc:
+                self.last_error = str(exc)
+                log.warning("settlement worker: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:  # the worker must outlive any one bad row
+                log.exception("settlement worker iteration failed")
+                await asyncio.sleep(1.0)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.05 if busy else 2.0)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def run_once(self) -> bool:
+        """One pass over unconfirmed settlements. Returns True while any remain."""
+        rows = self.store.settling()
+        if not rows:
+            self._gap_since = None
+            return False
+        now = time.time()
+        for row in rows:
+            if row["broadcast_at"] is None or now - row["broadcast_at"] > REBROADCAST_AFTER:
+                await self._broadcast(row)
+        receipts = await self.chain.batch([("eth_getTransactionReceipt", [r["tx_hash"]]) for r in rows])
+        pending = []
+        for row, receipt in zip(rows, receipts, strict=True):
+            if receipt is None:
+                pending.append(row)
+            else:
+                self._conclude(row, receipt)
+        if pending:
+            await self._fill_gap(min(r["tx_nonce"] for r in pending))
+        return True
+
+    async def _broadcast(self, row: dict[str, Any]) -> None:
+        try:
+            await self.chain.send_raw(row["raw_tx"])
+            self.store.mark_broadcast(row["id"])
+        except RpcError as exc:
+            msg = exc.message.lower()
+            if "already known" in msg or "already imported" in msg:
+                self.store.mark_broadcast(row["id"])
+            elif "nonce too low" in msg:
+                await self._nonce_taken(row)
+            else:
+                log.warning("broadcast of %s failed: %s", row["tx_hash"], exc.message)
+                self.store.mark_broadcast(row["id"], error=exc.message)
+
+    async def _nonce_taken(self, row: dict[str, Any]) -> None:
+        """Our nonce was used by another transaction: if ours is not the one mined, sign again."""
+        if await self.chain.receipt(row["tx_hash"]) is not None:
+            return
+        nonce = self.store.take_settler_nonce(self.address)
+        to, data = stored_call(row["raw_tx"])
+        tx_hash, raw = self._sign(nonce, to, data)
+        if self.store.resign(row["id"], old_tx=row["tx_hash"], tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce):
+            log.warning("settlement of %s re-signed as %s (nonce taken)", row["id"], tx_hash)
+
+    def _conclude(self, row: dict[str, Any], receipt: dict[str, Any]) -> None:
+        if int(receipt.get("status", "0x0"), 16) != 1:
+            self.store.mark_failed(row["id"], "transaction_failed: settlement reverted on chain")
+            log.error("settlement %s of payment %s reverted", row["tx_hash"], row["id"])
+            return
+        wanted = (row["payer"], row["payee"], row["amount"])
+        if wanted not in transfers_in(receipt, row["asset"]):
+            self.store.mark_failed(row["id"], "transfer_event_mismatch: no matching Transfer log")
+            return
+        self.store.mark_settled(row["id"], row["tx_hash"])
+
+    async def _fill_gap(self, lowest_pending: int) -> None:
+        chain_next = int(await self.chain.request("eth_getTransactionCount", [self.address, "latest"]), 16)
+        if lowest_pending <= chain_next:
+            self._gap_since = None
+            return
+        if self._gap_since is None:
+            self._gap_since = time.monotonic()
+            return
+        if time.monotonic() - self._gap_since < GAP_GRACE:
+            return
+        for nonce in range(chain_next, lowest_pending):
+            _, raw = self._sign(nonce, self.address, b"", gas=21_000)
+            try:
+                await self.chain.send_raw(raw)
+                log.warning("filled settlement nonce gap at %d", nonce)
+            except RpcError as exc:
+                log.warning("gap fill at nonce %d: %s", nonce, exc.message)
+        self._gap_since = None
+
+
+def stored_call(raw_tx: str) -> tuple[str, bytes]:
+    """The (to, calldata) of a signed transaction."""
+    tx = TypedTransaction.from_bytes(HexBytes(raw_tx)).as_dict()
+    return to_checksum_address(tx["to"]), bytes(tx["data"])

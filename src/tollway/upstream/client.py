@@ -1,0 +1,123 @@
+"""The upstream: one pooled ``httpx.AsyncClient`` per process, errors translated where they enter.
+
+``send`` returns once the call is *committed*: the upstream answered 200 and produced its first
+bytes (the whole body when not streaming). Anything that fails before that raises an
+``UpstreamError`` and the payer is not charged; after it, the rest of the stream is relayed by
+``Opened.rest`` which turns transport failures into an end of stream plus an ``error`` note.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+
+from ..config import UpstreamSettings
+from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
+
+MAX_BODY = 32 * 1024 * 1024
+PASS_HEADERS = ("x-session-id", "http-referer", "x-title")
+
+
+def make_http_client(s: UpstreamSettings) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout),
+        limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
+    )
+
+
+def _retry_after(resp: httpx.Response) -> int:
+    value = resp.headers.get("retry-after", "")
+    return max(1, min(int(value), 3600)) if value.isdigit() else 1
+
+
+def _upstream_message(body: bytes) -> str:
+    try:
+        err = json.loads(body).get("error")
+        return str(err.get("message", err)) if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        return body[:200].decode(errors="replace")
+
+
+@dataclass
+class Opened:
+    response: httpx.Response
+    first: bytes
+    latency_ms: float
+    error: str | None = field(default=None)
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """The remaining body; a transport failure ends it and is noted in ``error``."""
+        try:
+            async for chunk in self.response.aiter_raw():
+                if chunk:
+                    yield chunk
+        except httpx.HTTPError as exc:
+            self.error = f"upstream stream broke: {type(exc).__name__}"
+        finally:
+            await self.response.aclose()
+
+
+class Upstream:
+    def __init__(self, settings: UpstreamSettings, base_url: str, http: httpx.AsyncClient) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.http = http
+        self.headers = {"content-type": "application/json"}
+        if settings.api_key:
+            self.headers["authorization"] = f"Bearer {settings.api_key}"
+
+    async def send(self, body: bytes, stream: bool, client_headers: Mapping[str, str]) -> Opened:
+        headers = dict(self.headers)
+        headers.update({h: client_headers[h] for h in PASS_HEADERS if h in client_headers})
+        if stream:
+            headers["accept"] = "text/event-stream"
+        started = time.perf_counter()
+        try:
+            resp = await self.http.send(
+                self.http.build_request("POST", self.url, content=body, headers=headers), stream=True
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
+        try:
+            if resp.status_code != 200:
+                raise self._status_error(resp, await resp.aread())
+            first = await self._first_bytes(resp, stream)
+        except BaseException:
+            await resp.aclose()
+            raise
+        return Opened(resp, first, (time.perf_counter() - started) * 1000)
+
+    async def _first_bytes(self, resp: httpx.Response, stream: bool) -> bytes:
+        try:
+            if not stream:
+                body = b""
+                async for chunk in resp.aiter_raw():
+                    body += chunk
+                    if len(body) > MAX_BODY:
+                        raise UpstreamError("upstream response too large")
+                await resp.aclose()
+                return body
+            async for chunk in resp.aiter_raw():
+                if chunk:
+                    return chunk
+        except httpx.TimeoutException as exc:
+            raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream failed before answering: {type(exc).__name__}") from exc
+        raise UpstreamError("upstream closed the stream without data")
+
+    @staticmethod
+    def _status_error(resp: httpx.Response, body: bytes) -> Exception:
+        msg = f"upstream answered {resp.status_code}: {_upstream_message(body)}"
+        if resp.status_code in (400, 404, 413, 422):
+            err = BadRequest(msg, code="upstream_rejected_request")
+            err.status = resp.status_code
+            return err
+        if resp.status_code in (429, 503, 529):
+            return UpstreamUnavailable(msg, retry_after=_retry_after(resp))
+        return UpstreamError(msg)

@@ -1,0 +1,138 @@
+"""What a call used, read from any upstream's usage dialect, streamed or not.
+
+A cache figure the upstream did not report is ``None`` (unknown), never 0.
+
+| dialect            | cached (read)                                  | cache write                      |
+|--------------------|------------------------------------------------|----------------------------------|
+| OpenAI/OpenRouter  | usage.prompt_tokens_details.cached_tokens      | ...prompt_tokens_details.cache_write_tokens |
+| DeepSeek           | usage.prompt_cache_hit_tokens                  | —                                |
+| Anthropic          | usage.cache_read_input_tokens                  | usage.cache_creation_input_tokens |
+| llama.cpp          | prompt_tokens_details.cached_tokens, timings.cache_n | —                          |
+
+Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_tokens`` includes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None = None  # prompt tokens read from the upstream's cache
+    cache_write_tokens: int | None = None  # prompt tokens written to it
+    upstream_cost: Decimal | None = None  # the upstream's own figure, USD, if it states one
+    dialect: str = "openai"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["upstream_cost"] = None if self.upstream_cost is None else str(self.upstream_cost)
+        return d
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
+    """Normalise one ``usage`` object (plus llama.cpp's ``timings``); None when it has no counts."""
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cost = usage.get("cost")
+    upstream_cost = Decimal(str(cost)) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    completion = _int(usage.get("completion_tokens"))
+    if completion is None:
+        completion = _int(usage.get("output_tokens"))
+
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        read = _int(usage.get("cache_read_input_tokens"))
+        written = _int(usage.get("cache_creation_input_tokens"))
+        prompt = _int(usage.get("prompt_tokens"))
+        if prompt is None:
+            uncached = _int(usage.get("input_tokens")) or 0
+            prompt = uncached + (read or 0) + (written or 0)
+        dialect, cached = "anthropic", read
+    elif "prompt_cache_hit_tokens" in usage:
+        prompt = _int(usage.get("prompt_tokens"))
+        cached, written, dialect = _int(usage.get("prompt_cache_hit_tokens")), None, "deepseek"
+        if prompt is None:
+            prompt = (cached or 0) + (_int(usage.get("prompt_cache_miss_tokens")) or 0)
+    else:
+        prompt = _int(usage.get("prompt_tokens"))
+        if prompt is None:
+            prompt = _int(usage.get("input_tokens"))
+        cached = _int(details.get("cached_tokens"))
+        written = _int(details.get("cache_write_tokens"))
+        dialect = "openai"
+        if isinstance(timings, dict):
+            dialect = "llamacpp"
+            if cached is None:
+                cached = _int(timings.get("cache_n"))
+
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion, cached, written, upstream_cost, dialect)
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """Usage of a non-streamed completion."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return parse_usage(doc.get("usage"), doc.get("timings")) if isinstance(doc, dict) else None
+
+
+class StreamTail:
+    """Keeps the last bytes of an SSE stream so usage can be read at its end.
+
+    Chunks are relayed untouched; only the tail (where OpenAI-style upstreams put the usage
+    chunk, right before ``[DONE]``) is parsed, once, when the stream ends.
+    """
+
+    def __init__(self, keep: int = 16384) -> None:
+        self.keep = keep
+        self.buf = b""
+
+    def feed(self, chunk: bytes) -> None:
+        buf = self.buf + chunk
+        self.buf = buf[-self.keep :] if len(buf) > self.keep else buf
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON ``data:`` events in the tail, oldest first (a cut first event is skipped)."""
+        out: list[dict[str, Any]] = []
+        for line in self.buf.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                continue
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out
+
+    def usage(self) -> Usage | None:
+        for doc in reversed(self.events()):
+            found = parse_usage(doc.get("usage"), doc.get("timings"))
+            if found is not None:
+                return found
+        return None
+
+    def error(self) -> str | None:
+        """The message of a mid-stream error event, if the stream ended with one."""
+        for doc in reversed(self.events()):
+            err = doc.get("error")
+            if err:
+                return str(err.get("message", err)) if isinstance(err, dict) else str(err)
+        return None

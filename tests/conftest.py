@@ -1,0 +1,86 @@
+"""Session fixtures: a real anvil (pytest-xprocess), the deployed test token, the mock upstream
+and a gateway, each on a real port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from xprocess import ProcessStarter
+
+from support import Chain, ServerThread, free_port
+from tollway.app import create_app
+from tollway.config import Settings, apply_devnet
+from tollway.devnet.anvil import anvil_command, rpc_alive
+from tollway.devnet.deploy import Devnet, deploy_devnet
+from tollway.ledger import Store
+from tollway.mock_upstream import create_app as create_mock
+
+
+def start_anvil(xprocess, name: str, chain_id: int = 31337) -> str:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = anvil_command(port)
+    if chain_id != 31337:
+        args[args.index("--chain-id") + 1] = str(chain_id)
+
+    class Starter(ProcessStarter):
+        timeout = 30
+        terminate_on_interrupt = True
+
+        @property
+        def args(self) -> list[str]:
+            return args
+
+        def startup_check(self) -> bool:
+            return rpc_alive(url)
+
+    xprocess.ensure(name, Starter, restart=True)
+    return url
+
+
+@pytest.fixture(scope="session")
+def anvil(xprocess) -> Iterator[str]:
+    url = start_anvil(xprocess, "anvil")
+    yield url
+    xprocess.getinfo("anvil").terminate()
+
+
+@pytest.fixture(scope="session")
+def devnet(anvil: str) -> Devnet:
+    return deploy_devnet(anvil)
+
+
+@pytest.fixture(scope="session")
+def chain(devnet: Devnet) -> Chain:
+    return Chain(devnet)
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[ServerThread]:
+    with ServerThread(create_mock()) as server:
+        yield server
+
+
+@dataclass
+class GatewayHandle:
+    url: str
+    settings: Settings
+    store: Store  # a second connection to the gateway's ledger, as another replica would have
+
+
+def gateway_settings(devnet: Devnet, upstream_url: str, db: Path, **overrides) -> Settings:
+    base = Settings(database_url=f"sqlite:///{db}", quote_secret="test-secret", **overrides)
+    return apply_devnet(base, devnet, upstream_url)
+
+
+@pytest.fixture(scope="session")
+def gateway(devnet: Devnet, upstream: ServerThread, tmp_path_factory) -> Iterator[GatewayHandle]:
+    db = tmp_path_factory.mktemp("ledger") / "tollway.sqlite3"
+    settings = gateway_settings(devnet, upstream.url + "/v1", db)
+    with ServerThread(create_app(settings)) as server:
+        store = Store(settings.database_url)
+        yield GatewayHandle(server.url, settings, store)
+        store.close()

@@ -1,0 +1,26 @@
+"""A paid call end to end on anvil, through the tollway client."""
+
+from __future__ import annotations
+
+import httpx
+
+from support import wait_receipt
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+
+BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
+
+
+def test_paid_call_moves_exactly_the_quote(gateway, chain, devnet):
+    payer_account = chain.fund()
+    payer = Payer(payer_account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    before_payer, before_payee = chain.balance(payer_account.address), chain.balance(devnet.payee)
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url) as client:
+        r = client.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].startswith("echo:")
+    paid = payer.history[-1]
+    receipt = wait_receipt(gateway.url, r.headers["x-tollway-receipt"])
+    assert receipt["payment"]["transaction"] == paid.transaction
+    assert chain.balance(payer_account.address) == before_payer - paid.amount
+    assert chain.balance(devnet.payee) == before_payee + paid.amount
+    assert chain.receipt(paid.transaction)["status"] == 1
