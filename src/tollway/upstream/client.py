@@ -47,12 +47,15 @@ class Opened:
     response: httpx.Response
     first: bytes
     latency_ms: float
+    chunks: AsyncIterator[bytes] | None = None  # the rest of a stream
     error: str | None = field(default=None)
 
     async def rest(self) -> AsyncIterator[bytes]:
         """The remaining body; a transport failure ends it and is noted in ``error``."""
+        if self.chunks is None:
+            return
         try:
-            async for chunk in self.response.aiter_raw():
+            async for chunk in self.chunks:
                 if chunk:
                     yield chunk
         except httpx.HTTPError as exc:
@@ -86,23 +89,28 @@ class Upstream:
         try:
             if resp.status_code != 200:
                 raise self._status_error(resp, await resp.aread())
-            first = await self._first_bytes(resp, stream)
+            chunks = resp.aiter_raw()
+            first = await self._first_bytes(chunks, stream)
         except BaseException:
             await resp.aclose()
             raise
-        return Opened(resp, first, (time.perf_counter() - started) * 1000)
+        latency = (time.perf_counter() - started) * 1000
+        if not stream:
+            await resp.aclose()
+            return Opened(resp, first, latency)
+        return Opened(resp, first, latency, chunks)
 
-    async def _first_bytes(self, resp: httpx.Response, stream: bool) -> bytes:
+    async def _first_bytes(self, chunks: AsyncIterator[bytes], stream: bool) -> bytes:
+        """The whole body (not streaming) or the first non-empty chunk of the stream."""
         try:
             if not stream:
                 body = b""
-                async for chunk in resp.aiter_raw():
+                async for chunk in chunks:
                     body += chunk
                     if len(body) > MAX_BODY:
                         raise UpstreamError("upstream response too large")
-                await resp.aclose()
                 return body
-            async for chunk in resp.aiter_raw():
+            async for chunk in chunks:
                 if chunk:
                     return chunk
         except httpx.TimeoutException as exc:
