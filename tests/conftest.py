@@ -84,3 +84,89 @@ def gateway(devnet: Devnet, upstream: ServerThread, tmp_path_factory) -> Iterato
         store = Store(settings.database_url)
         yield GatewayHandle(server.url, settings, store)
         store.close()
+
+
+PG_USER = "tollway-pg"
+
+
+def _as_pg_user(args: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run it as an unprivileged user (created if needed)."""
+    import os
+    import pwd
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return args
+    try:
+        pwd.getpwnam(PG_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", PG_USER], check=True)
+    return [shutil.which("runuser") or "runuser", "-u", PG_USER, "--", *args]
+
+
+@pytest.fixture(scope="session")
+def postgres_url(xprocess, tmp_path_factory) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (initdb + postgres from PATH), as the replicas' shared ledger."""
+    import os
+    import shutil
+    import subprocess
+
+    import psycopg
+
+    if not shutil.which("initdb"):
+        raise RuntimeError("PostgreSQL binaries (initdb, postgres) are needed on PATH for the replica tests")
+    root = tmp_path_factory.mktemp("pg")
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        _as_pg_user(["true"])
+        shutil.chown(root, PG_USER)
+        shutil.chown(sock, PG_USER)
+        os.chmod(root.parent, 0o755)
+        os.chmod(root.parent.parent, 0o755)
+    subprocess.run(
+        _as_pg_user(["initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]),
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+    def ready() -> bool:
+        try:
+            with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=1):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    class Starter(ProcessStarter):
+        timeout = 30
+        terminate_on_interrupt = True
+
+        @property
+        def args(self) -> list[str]:
+            return _as_pg_user(
+                [
+                    "postgres",
+                    "-D",
+                    str(data),
+                    "-p",
+                    str(port),
+                    "-k",
+                    str(sock),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "max_connections=200",
+                ]
+            )
+
+        def startup_check(self) -> bool:
+            return ready()
+
+    xprocess.ensure("postgres", Starter, restart=True)
+    yield url
+    xprocess.getinfo("postgres").terminate()

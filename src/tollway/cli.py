@@ -128,7 +128,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .client import AllowedAsset, Payer, SyncPayingTransport, PaymentRefused
+    from .client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport
 
     key = args.key or os.environ.get("TOLLWAY_KEY")
     allowed = [AllowedAsset(*a.rsplit(":", 1)) for a in args.allow or []]

@@ -44,7 +44,7 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
         scheme, payment = verify(gw, call, proof)  # verify (local checks)
         payment_id = lock(gw, call, payment)  # the replay lock, shared by all replicas
     except PaymentRequired as exc:
-        raise with_challenge(exc, gw, call, request, proof)
+        raise with_challenge(exc, gw, call, request, proof) from None
 
     receipt_id = new_id()
     try:

@@ -13,6 +13,7 @@ filled with a zero-value self-transfer, so later settlements do not stall behind
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from decimal import Decimal
@@ -99,10 +100,8 @@ class Settler:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     async def _refresh_fees(self) -> None:
@@ -126,10 +125,8 @@ class Settler:
             except Exception:  # the worker must outlive any one bad row
                 log.exception("settlement worker iteration failed")
                 await asyncio.sleep(1.0)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.05 if busy else 2.0)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
     async def run_once(self) -> bool:

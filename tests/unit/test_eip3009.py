@@ -1,0 +1,89 @@
+"""Our hot-path EIP-712 digest and recovery against eth-account's generic implementation."""
+
+import secrets
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+
+from tollway.payments import eip3009
+
+TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+
+
+def typed(auth: eip3009.Authorization, chain_id: int = 31337) -> dict:
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "TransferWithAuthorization": [
+                {"name": "from", "type": "address"},
+                {"name": "to", "type": "address"},
+                {"name": "value", "type": "uint256"},
+                {"name": "validAfter", "type": "uint256"},
+                {"name": "validBefore", "type": "uint256"},
+                {"name": "nonce", "type": "bytes32"},
+            ],
+        },
+        "primaryType": "TransferWithAuthorization",
+        "domain": {"name": "USD Coin", "version": "2", "chainId": chain_id, "verifyingContract": TOKEN},
+        "message": {
+            "from": auth.from_,
+            "to": auth.to,
+            "value": auth.value,
+            "validAfter": auth.valid_after,
+            "validBefore": auth.valid_before,
+            "nonce": auth.nonce,
+        },
+    }
+
+
+def make_auth(account, value: int = 12345) -> eip3009.Authorization:
+    return eip3009.Authorization(
+        account.address.lower(), "0x70997970c51812dc3a010c7d01b50e0d17dc79c8", value, 0, 2**40, secrets.token_bytes(32)
+    )
+
+
+@pytest.mark.parametrize("chain_id", [1, 31337, 84532])
+def test_digest_and_recovery_match_eth_account(chain_id):
+    account = Account.create()
+    auth = make_auth(account)
+    signed = Account.sign_message(encode_typed_data(full_message=typed(auth, chain_id)), account.key)
+    domain = eip3009.domain_separator("USD Coin", "2", chain_id, TOKEN)
+    assert eip3009.digest(auth, domain) == bytes(signed.message_hash)
+    assert eip3009.recover(eip3009.digest(auth, domain), bytes(signed.signature)) == account.address.lower()
+
+
+def test_other_domain_recovers_someone_else():
+    account = Account.create()
+    auth = make_auth(account)
+    signed = Account.sign_message(encode_typed_data(full_message=typed(auth, 1)), account.key)
+    domain = eip3009.domain_separator("USD Coin", "2", 31337, TOKEN)
+    assert eip3009.recover(eip3009.digest(auth, domain), bytes(signed.signature)) != account.address.lower()
+
+
+def test_malleable_and_malformed_signatures_are_refused():
+    account = Account.create()
+    auth = make_auth(account)
+    domain = eip3009.domain_separator("USD Coin", "2", 31337, TOKEN)
+    sig = bytes(Account.unsafe_sign_hash(eip3009.digest(auth, domain), account.key).signature)
+    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
+    high_s = r + (eip3009.SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
+    for bad in (high_s, sig[:64], sig + b"\0", r + sig[32:64] + b"\x05", bytes(65)):
+        with pytest.raises(eip3009.SignatureError):
+            eip3009.recover(eip3009.digest(auth, domain), bad)
+
+
+def test_calldata_layout():
+    account = Account.create()
+    auth = make_auth(account, value=7)
+    domain = eip3009.domain_separator("USD Coin", "2", 31337, TOKEN)
+    sig = bytes(Account.unsafe_sign_hash(eip3009.digest(auth, domain), account.key).signature)
+    data = eip3009.transfer_calldata(auth, sig)
+    assert data[:4].hex() == "e3ee160e"  # transferWithAuthorization(address,...,uint8,bytes32,bytes32)
+    assert len(data) == 4 + 9 * 32
+    assert int.from_bytes(data[4 + 64 : 4 + 96], "big") == 7

@@ -1,0 +1,154 @@
+"""Prices, bounds, usage dialects and stream tails — pure functions."""
+
+import json
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+
+from tollway.config import ModelPrice
+from tollway.errors import BadRequest
+from tollway.mock_upstream import count_tokens
+from tollway.pricing import Prices, output_token_cap, prompt_token_bound, to_atomic
+from tollway.usage import StreamTail, Usage, parse_usage, usage_from_body
+
+PRICES = Prices.of(
+    ModelPrice(
+        prompt=Decimal("0.000001"),
+        completion=Decimal("0.000002"),
+        cache_read=Decimal("0.0000001"),
+        cache_write=Decimal("0.00000125"),
+        request=Decimal("0.0001"),
+    )
+)
+
+
+def test_rounding_is_up_and_exact():
+    assert to_atomic(Fraction(0), 6) == 0
+    assert to_atomic(Fraction(1, 10**6), 6) == 1
+    assert to_atomic(Fraction(1, 10**7), 6) == 1  # a tenth of a unit rounds up to one
+    assert to_atomic(Fraction(3, 1), 6) == 3_000_000
+
+
+def test_bound_uses_dearest_input_price():
+    # 100 prompt tokens at the cache-write price, 10 output tokens, one request fee
+    assert PRICES.bound_usd(100, 10) == Fraction("0.0001") + 100 * Fraction("0.00000125") + 10 * Fraction("0.000002")
+
+
+def test_cost_splits_cached_and_written_tokens():
+    usage = Usage(prompt_tokens=100, completion_tokens=10, cached_tokens=60, cache_write_tokens=30)
+    expected = (
+        Fraction("0.0001")
+        + 10 * Fraction("0.000001")
+        + 60 * Fraction("0.0000001")
+        + 30 * Fraction("0.00000125")
+        + 10 * Fraction("0.000002")
+    )
+    assert PRICES.cost_usd(usage) == expected
+    unknown = Usage(prompt_tokens=100, completion_tokens=10)  # no cache figures: plain prompt price
+    assert PRICES.cost_usd(unknown) == Fraction("0.0001") + 100 * Fraction("0.000001") + 10 * Fraction("0.000002")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["hi", "héllo wörld " * 50, "🦊🦊🦊 emoji", "中文字符测试" * 20, 'a\nb\tc\\"d', "x" * 5000, ""],
+)
+def test_prompt_bound_covers_the_mock_tokenizer(content):
+    body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]}
+    assert prompt_token_bound(body, 0) >= count_tokens(body["messages"])
+
+
+def test_images_add_an_allowance():
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}],
+            }
+        ]
+    }
+    assert prompt_token_bound(body, 500) == prompt_token_bound(body, 0) + 500
+
+
+def test_output_cap():
+    assert output_token_cap({}, 1024, None) == (1024, True)
+    assert output_token_cap({}, 1024, 256) == (256, True)
+    assert output_token_cap({"max_tokens": 50}, 1024, None) == (50, False)
+    assert output_token_cap({"max_tokens": 50, "max_completion_tokens": 20}, 1024, None) == (20, False)
+    for bad in (0, -1, "10", 1.5, True):
+        with pytest.raises(BadRequest):
+            output_token_cap({"max_tokens": bad}, 1024, None)
+    with pytest.raises(BadRequest):
+        output_token_cap({"max_tokens": 300}, 1024, 256)
+
+
+DIALECTS = {
+    "openai": (
+        {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64}},
+        None,
+        (100, 5, 64, None),
+    ),
+    "openrouter": (
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 5,
+            "cost": 0.00012,
+            "prompt_tokens_details": {"cached_tokens": 64, "cache_write_tokens": 36},
+        },
+        None,
+        (100, 5, 64, 36),
+    ),
+    "deepseek": (
+        {"prompt_tokens": 100, "completion_tokens": 5, "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 36},
+        None,
+        (100, 5, 64, None),
+    ),
+    "anthropic": (
+        {"input_tokens": 6, "output_tokens": 5, "cache_read_input_tokens": 64, "cache_creation_input_tokens": 30},
+        None,
+        (100, 5, 64, 30),
+    ),
+    "llamacpp": ({"prompt_tokens": 100, "completion_tokens": 5}, {"cache_n": 64}, (100, 5, 64, None)),
+    "none": ({"prompt_tokens": 100, "completion_tokens": 5}, None, (100, 5, None, None)),
+}
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_usage_dialects(dialect):
+    usage, timings, (prompt, completion, cached, written) = DIALECTS[dialect]
+    u = parse_usage(usage, timings)
+    assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.cache_write_tokens) == (
+        prompt,
+        completion,
+        cached,
+        written,
+    )
+
+
+def test_upstream_cost_is_kept_exact():
+    assert parse_usage(DIALECTS["openrouter"][0]).upstream_cost == Decimal("0.00012")
+
+
+def test_usage_garbage_is_none():
+    for garbage in (None, "x", [], {}, {"prompt_tokens": "3", "completion_tokens": 1}, {"prompt_tokens": -1}):
+        assert parse_usage(garbage) is None
+    assert usage_from_body(b"not json") is None
+
+
+def test_stream_tail_reads_usage_from_the_last_chunk():
+    tail = StreamTail(keep=512)
+    for i in range(200):  # far more than the tail keeps
+        tail.feed(b'data: {"choices":[{"delta":{"content":"w%d "}}]}\n\n' % i)
+    final = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 200}}
+    tail.feed(b"data: " + json.dumps(final).encode() + b"\n\n")
+    tail.feed(b"data: [DONE]\n\n")
+    assert tail.usage() == Usage(7, 200)
+    assert tail.error() is None
+
+
+def test_stream_tail_reports_midstream_error():
+    tail = StreamTail()
+    tail.feed(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+    tail.feed(b'data: {"error":{"message":"provider died","code":500},"choices":[]}\n\n')
+    assert tail.error() == "provider died"
+    assert tail.usage() is None
