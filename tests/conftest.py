@@ -3,6 +3,7 @@ and a gateway, each on a real port."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from tollway.mock_upstream import create_app as create_mock
 
 
 def start_anvil(xprocess, name: str, chain_id: int = 31337) -> str:
+    """Start anvil under xprocess as ``name`` (made unique per test session: runs may overlap)."""
+    name = f"{name}-{os.getpid()}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = anvil_command(port)
@@ -45,7 +48,7 @@ def start_anvil(xprocess, name: str, chain_id: int = 31337) -> str:
 def anvil(xprocess) -> Iterator[str]:
     url = start_anvil(xprocess, "anvil")
     yield url
-    xprocess.getinfo("anvil").terminate()
+    xprocess.getinfo(f"anvil-{os.getpid()}").terminate()
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +94,6 @@ PG_USER = "tollway-pg"
 
 def _as_pg_user(args: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: run it as an unprivileged user (created if needed)."""
-    import os
     import pwd
     import shutil
     import subprocess
@@ -108,7 +110,6 @@ def _as_pg_user(args: list[str]) -> list[str]:
 @pytest.fixture(scope="session")
 def postgres_url(xprocess, tmp_path_factory) -> Iterator[str]:
     """A throwaway PostgreSQL cluster (initdb + postgres from PATH), as the replicas' shared ledger."""
-    import os
     import shutil
     import subprocess
 
@@ -167,6 +168,6 @@ def postgres_url(xprocess, tmp_path_factory) -> Iterator[str]:
         def startup_check(self) -> bool:
             return ready()
 
-    xprocess.ensure("postgres", Starter, restart=True)
+    xprocess.ensure(f"postgres-{os.getpid()}", Starter, restart=True)
     yield url
-    xprocess.getinfo("postgres").terminate()
+    xprocess.getinfo(f"postgres-{os.getpid()}").terminate()

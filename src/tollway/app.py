@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import __version__, pipeline
+from . import __version__, credits, pipeline
 from .config import Settings
 from .errors import GatewayError, NotFound, PaymentRequired
 from .gateway import Gateway
@@ -27,6 +27,18 @@ def gateway(request: Request) -> Gateway:
 
 async def chat_completions(request: Request) -> Response:
     return await pipeline.chat_completions(request, gateway(request))
+
+
+async def credit_balance(request: Request) -> Response:
+    return await credits.balance(request, gateway(request))
+
+
+async def credit_withdraw(request: Request) -> Response:
+    return await credits.withdraw(request, gateway(request))
+
+
+async def credit_withdrawal(request: Request) -> Response:
+    return await credits.withdrawal(request, gateway(request))
 
 
 async def models(request: Request) -> Response:
@@ -85,7 +97,9 @@ async def receipt(request: Request) -> Response:
         "error": row["error"],
         "quote": money(row["quote"]),
         "paid": money(row["paid"]),
+        "from_credit": money(row["from_credit"]),
         "cost": money(row["cost"]),
+        "credit_after": money(row["credit_after"]),
         "usage": {
             "prompt_tokens": row["prompt_tokens"],
             "completion_tokens": row["completion_tokens"],
@@ -157,6 +171,9 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/receipts/{receipt_id}", receipt, methods=["GET"]),
+            Route("/v1/credit", credit_balance, methods=["GET"]),
+            Route("/v1/credit/withdrawals", credit_withdraw, methods=["POST"]),
+            Route("/v1/credit/withdrawals/{payout_id}", credit_withdrawal, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
         ],
         exception_handlers={GatewayError: gateway_error},

@@ -55,6 +55,8 @@ class ChainSettings(BaseModel):
     max_fee_gwei: Decimal | None = None  # None: 2 x base fee + tip, refreshed in the background
     priority_fee_gwei: Decimal = Decimal("0.001")
     read_cache_seconds: float = 2.0
+    confirmations: int = 0  # blocks after a transfer's own before it pays (transfer scheme)
+    payout_key: str | None = None  # holds the payee's tokens to pay withdrawals (default: settler if it is the payee)
 
 
 class UpstreamSettings(BaseModel):
@@ -81,7 +83,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = 1024  # output cap applied when a request sets none
     max_body_bytes: int = 4 * 1024 * 1024
     image_token_allowance: int = 2_000  # prompt-token bound added per image part
-    schemes: list[str] = ["exact"]  # payment schemes offered, by registry name
+    schemes: list[str] = ["exact", "transfer", "credit"]  # payment schemes offered, by registry name
     chain: ChainSettings = ChainSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     models: dict[str, ModelPrice] = Field(default_factory=dict)

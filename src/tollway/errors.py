@@ -3,11 +3,13 @@
     GatewayError                 500  internal   (only for our own faults)
     ├── BadRequest               400  invalid_request
     │   └── PaymentMalformed     400  invalid_payload / invalid_x402_version / ...
+    ├── Forbidden                403  forbidden
     ├── NotFound                 404  not_found
     ├── PaymentRequired          402  payment_required  (carries the challenge)
     │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
     ├── UpstreamError            502  upstream_error
     │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
+    ├── NotConfigured            503  not_configured (a feature this deployment lacks)
     └── ChainUnavailable         503  chain_unavailable    (+ Retry-After)
 
 Each carries its HTTP status and a stable machine-readable ``code``; ``app.py`` turns
@@ -47,6 +49,11 @@ class PaymentMalformed(BadRequest):
     code = "invalid_payload"
 
 
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(GatewayError):
     status = 404
     code = "not_found"
@@ -80,6 +87,11 @@ class UpstreamUnavailable(UpstreamError):
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = 1):
         super().__init__(message, code=code, retry_after=retry_after)
+
+
+class NotConfigured(GatewayError):
+    status = 503
+    code = "not_configured"
 
 
 class ChainUnavailable(GatewayError):

@@ -29,6 +29,9 @@ class Gateway:
     quotes: QuoteSigner
     prices: dict[str, Prices]
     v1_names: dict[str, str]  # x402 v1 network name → CAIP-2 id, for networks served in v1
+    chain_id: int
+    network: str  # CAIP-2 id of the chain payments are taken on
+    token: str  # the asset payments and credit are in
     _clients: tuple[httpx.AsyncClient, ...]
 
     @classmethod
@@ -54,6 +57,8 @@ class Gateway:
             gas_limit=c.settle_gas_limit,
             max_fee_gwei=c.max_fee_gwei,
             priority_fee_gwei=c.priority_fee_gwei,
+            payout_key=c.payout_key or (c.settler_key if _address_of(c.settler_key) == c.payee.lower() else None),  # type: ignore[union-attr]
+            token=c.token,
         )
         gw = cls(
             settings=settings,
@@ -65,6 +70,9 @@ class Gateway:
             quotes=QuoteSigner(settings.quote_secret),
             prices={m: Prices.of(p) for m, p in settings.models.items()},
             v1_names={v1_name: network} if v1_name else {},
+            chain_id=chain_id,
+            network=network,
+            token=c.token,  # type: ignore[arg-type]
             _clients=(chain_http, upstream_http),
         )
         await settler.start()
@@ -75,3 +83,9 @@ class Gateway:
         for client in self._clients:
             await client.aclose()
         self.store.close()
+
+
+def _address_of(key: str | None) -> str | None:
+    from eth_account import Account
+
+    return Account.from_key(key).address.lower() if key else None

@@ -1,10 +1,12 @@
 """The request pipeline, top to bottom:
 
-    price → challenge | verify → forward → meter → settle → receipt
+    price → challenge | verify → lock → forward → settle → relay → meter → receipt
 
 ``chat_completions`` is the whole sequence; each stage is a function below it or a module of
-its own (pricing/chat, payments, upstream, usage, settlement, ledger). Money only moves after
-the upstream has committed to an answer; before that, any failure releases the payment.
+its own (chat/pricing, payments, ledger, upstream, settlement, usage). Money is accounted in
+one place: a call's payment is deposited to the payer's credit account, any shortfall against
+the quote is held from credit while the call runs, and at the end the metered cost is charged;
+what is left stays as credit. Before the upstream commits to an answer, any failure undoes it all.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -24,43 +26,61 @@ from starlette.responses import Response, StreamingResponse
 from .chat import ChatCall, parse_chat
 from .errors import BadRequest, GatewayError, PaymentInvalid, PaymentMalformed, PaymentRequired
 from .gateway import Gateway
-from .ledger.store import new_id
+from .ledger.store import credit_account, new_id
 from .payments import x402
-from .payments.base import PaymentScheme, Proof, Verified
+from .payments.base import Offer, PaymentScheme, Proof, Verified
+from .payments.credit import check_wallet_proof
 from .pricing import to_atomic
 from .upstream.client import Opened
 from .usage import StreamTail, Usage, usage_from_body
 
 log = logging.getLogger("tollway.pipeline")
 
+WALLET_HEADER = "x-tollway-wallet"
+
+
+@dataclass(frozen=True)
+class Paid:
+    """A locked payment and what it covers: ``deposit`` on chain plus ``held`` from credit."""
+
+    payment: Verified
+    scheme: PaymentScheme
+    payment_id: str
+    account: str  # the payer's credit account
+    held: int
+    proof: Proof
+
+    @property
+    def prepaid(self) -> bool:
+        """The money already moved (a transfer, or credit): nothing to settle, nothing to release."""
+        return self.scheme.settlement_call(self.payment) is None
+
 
 async def chat_completions(request: Request, gw: Gateway) -> Response:
     call = parse_chat(await read_body(request, gw.settings.max_body_bytes), gw.settings, gw.prices)  # price
-    proof: Proof | None = None
+    call_id = new_id()
     try:
         proof = x402.decode_proof(request.headers, gw.v1_names)
         if proof is None:
             raise PaymentRequired("PAYMENT-SIGNATURE header is required")  # → challenge
-        scheme, payment = verify(gw, call, proof)  # verify (local checks)
-        payment_id = lock(gw, call, payment)  # the replay lock, shared by all replicas
+        scheme, payment = await verify(gw, call, proof)  # verify
+        paid = lock(gw, call, scheme, payment, proof, call_id)  # lock (replay) + hold credit
     except PaymentRequired as exc:
-        raise with_challenge(exc, gw, call, request, proof) from None
+        raise with_challenge(exc, gw, call, request) from None
 
-    receipt_id = new_id()
     try:
-        opened = await forward(gw, call, scheme, payment, request)  # forward (funds confirmed meanwhile)
+        opened = await forward(gw, call, paid, request)  # forward (funds confirmed meanwhile)
     except BaseException as exc:
-        gw.store.release(payment_id, f"not served: {exc}")
-        record_failure(gw, receipt_id, payment_id, call, exc)
+        undo(gw, paid, call, call_id, exc)
         if isinstance(exc, PaymentRequired):
-            raise with_challenge(exc, gw, call, request, proof) from None
+            raise with_challenge(exc, gw, call, request) from None
         raise
 
-    tx_hash = settle(gw, scheme, payment, payment_id)  # settle (signed here, broadcast by the worker)
-    headers = receipt_headers(gw, proof, payment, tx_hash, receipt_id)
+    tx_hash = settle(gw, paid)  # settle (signed here, broadcast by the worker)
+    headers = receipt_headers(gw, paid, tx_hash, call_id)
     if call.stream:
-        return relay_stream(gw, call, opened, payment, payment_id, receipt_id, headers)  # meter at the end
-    return respond(gw, call, opened, payment, payment_id, receipt_id, headers)  # meter → receipt
+        return relay_stream(gw, call, opened, paid, call_id, headers)  # relay → meter → receipt
+    return respond(gw, call, opened, paid, call_id, headers)
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -78,7 +98,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentScheme, Verified]:
+async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentScheme, Verified]:
     now = int(time.time())
     scheme = next((s for s in gw.schemes if s.name == proof.scheme and s.network == proof.network), None)
     if scheme is None:
@@ -88,7 +108,8 @@ def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentScheme, Ve
     amount = call.quote.amount
     if proof.accepted is not None:
         amount = accepted_amount(gw, call, scheme, proof.accepted, now)
-    return scheme, scheme.verify(proof, scheme.offer(amount, gw.settings.max_timeout_seconds), now)
+    offer = scheme.offer(amount, gw.settings.max_timeout_seconds)
+    return scheme, await scheme.verify(proof, offer, call.quote, now)
 
 
 def accepted_amount(gw: Gateway, call: ChatCall, scheme: PaymentScheme, accepted: dict[str, Any], now: int) -> int:
@@ -111,7 +132,8 @@ def accepted_amount(gw: Gateway, call: ChatCall, scheme: PaymentScheme, accepted
     return int(raw_amount)
 
 
-def lock(gw: Gateway, call: ChatCall, payment: Verified) -> str:
+def lock(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, proof: Proof, call_id: str) -> Paid:
+    """Lock the payment against replay, and hold from credit what it does not cover of the quote."""
     payment_id = gw.store.reserve(
         {
             "lock_key": payment.lock_key,
@@ -127,13 +149,23 @@ def lock(gw: Gateway, call: ChatCall, payment: Verified) -> str:
     )
     if payment_id is None:
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
-    return payment_id
+    account = credit_account(payment.network, payment.asset, payment.payer)
+    paid = Paid(payment, scheme, payment_id, account, max(call.quote.amount - payment.amount, 0), proof)
+    if paid.held and not gw.store.hold_credit(account, paid.held, call_id=call_id, payment_id=payment_id):
+        short = PaymentInvalid(
+            f"payment of {payment.amount} plus credit does not cover the quote {call.quote.amount}",
+            code="amount_insufficient",
+        )
+        undo(gw, replace(paid, held=0), call, call_id, short)
+        raise short
+    return paid
 
 
-async def forward(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, request: Request) -> Opened:
+async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> Opened:
     """Send the call upstream while the payment is confirmed on chain; commit only if both succeed."""
-    unsettled = gw.store.unsettled_amount(payment.network, payment.asset, payment.payer)
-    funds = asyncio.ensure_future(scheme.confirm(payment, unsettled))
+    p = paid.payment
+    unsettled = gw.store.unsettled_amount(p.network, p.asset, p.payer)
+    funds = asyncio.ensure_future(paid.scheme.confirm(p, unsettled))
     try:
         opened = await gw.upstream.send(call.forward, call.stream, request.headers)
     except BaseException:
@@ -147,21 +179,43 @@ async def forward(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: V
     return opened
 
 
-def settle(gw: Gateway, scheme: PaymentScheme, payment: Verified, payment_id: str) -> str:
-    to, data = scheme.settlement_call(payment)  # type: ignore[misc]
-    return gw.settler.sign(payment_id, to, data)
+def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseException) -> None:
+    """The call will not be served: nobody is charged. Money that already moved becomes credit."""
+    reason = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
+    try:
+        if paid.held:
+            gw.store.release_credit(paid.account, paid.held, call_id=call_id)
+        if paid.prepaid:
+            gw.store.settle_call_credit(
+                paid.account, deposit=paid.payment.amount, held=0, cost=0, call_id=call_id, payment_id=paid.payment_id
+            )
+            gw.store.mark_prepaid(paid.payment_id)
+        else:
+            gw.store.release(paid.payment_id, f"not served: {reason}")
+        gw.store.insert_call(call_row(call_id, paid, call, status="failed", error=reason, finished_at=time.time()))
+    except Exception:  # undoing must not mask the original error
+        log.exception("could not undo the payment of call %s", call_id)
 
 
-def receipt_headers(gw: Gateway, proof: Proof, payment: Verified, tx_hash: str, receipt_id: str) -> dict[str, str]:
-    headers = {"x-tollway-receipt": receipt_id}
-    if proof.version == 1:
-        name = next(n for n, net in gw.v1_names.items() if net == payment.network)
+def settle(gw: Gateway, paid: Paid) -> str | None:
+    target = paid.scheme.settlement_call(paid.payment)
+    if target is None:
+        gw.store.mark_prepaid(paid.payment_id)
+        return paid.payment.proof.get("transaction")
+    return gw.settler.sign(paid.payment_id, *target)
+
+
+def receipt_headers(gw: Gateway, paid: Paid, tx_hash: str | None, call_id: str) -> dict[str, str]:
+    p = paid.payment
+    headers = {"x-tollway-receipt": call_id}
+    if paid.proof.version == 1:
+        name = next(n for n, net in gw.v1_names.items() if net == p.network)
         headers[x402.X_PAYMENT_RESPONSE] = x402.settle_response(
-            success=True, tx_hash=tx_hash, network=name, payer=payment.payer
+            success=True, tx_hash=tx_hash or "", network=name, payer=p.payer
         )
     else:
         headers[x402.PAYMENT_RESPONSE] = x402.settle_response(
-            success=True, tx_hash=tx_hash, network=payment.network, payer=payment.payer
+            success=True, tx_hash=tx_hash or "", network=p.network, payer=p.payer
         )
     return headers
 
@@ -169,98 +223,102 @@ def receipt_headers(gw: Gateway, proof: Proof, payment: Verified, tx_hash: str, 
 # -- meter and receipt ----------------------------------------------------------------------------
 
 
-def metered(call: ChatCall, usage: Usage | None, decimals: int) -> dict[str, Any]:
-    """The call-row fields that come from usage."""
-    if usage is None:
-        return {}
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "cache_write_tokens": usage.cache_write_tokens,
-        "upstream_cost": None if usage.upstream_cost is None else str(usage.upstream_cost),
-        "usage_dialect": usage.dialect,
-        "cost": to_atomic(call.prices.cost_usd(usage), decimals),
-    }
+def meter(gw: Gateway, call: ChatCall, paid: Paid, call_id: str, usage: Usage | None) -> dict[str, Any]:
+    """Charge the call's metered cost to the payer's credit account; the call-row fields for it.
+
+    Without usage the call cannot be metered and costs its quote (the agreed upper bound).
+    """
+    covered = paid.payment.amount + paid.held
+    cost = call.quote.amount if usage is None else to_atomic(call.prices.cost_usd(usage), gw.settings.chain.decimals)
+    if cost > covered:
+        log.warning("call %s cost %d exceeds what covers it (%d): usage over the quote's bound", call_id, cost, covered)
+        cost = covered
+    credit = gw.store.settle_call_credit(
+        paid.account,
+        deposit=paid.payment.amount,
+        held=paid.held,
+        cost=cost,
+        call_id=call_id,
+        payment_id=paid.payment_id,
+    )
+    fields: dict[str, Any] = {"cost": cost, "credit_after": credit}
+    if usage is not None:
+        fields.update(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            upstream_cost=None if usage.upstream_cost is None else str(usage.upstream_cost),
+            usage_dialect=usage.dialect,
+        )
+    return fields
 
 
-def call_row(receipt_id: str, payment_id: str, call: ChatCall, **values: Any) -> dict[str, Any]:
+def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[str, Any]:
     return {
-        "id": receipt_id,
-        "payment_id": payment_id,
+        "id": call_id,
+        "payment_id": paid.payment_id,
         "model": call.model,
         "upstream_model": call.upstream_model,
         "stream": call.stream,
         "quote": call.quote.amount,
+        "paid": paid.payment.amount,
+        "from_credit": paid.held,
         **values,
     }
 
 
-def respond(
-    gw: Gateway,
-    call: ChatCall,
-    opened: Opened,
-    payment: Verified,
-    payment_id: str,
-    receipt_id: str,
-    headers: dict[str, str],
-) -> Response:
-    usage = usage_from_body(opened.first)
+def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str]) -> Response:
+    fields = meter(gw, call, paid, call_id, usage_from_body(opened.first))
     gw.store.insert_call(
         call_row(
-            receipt_id,
-            payment_id,
+            call_id,
+            paid,
             call,
             status="served",
-            paid=payment.amount,
             upstream_latency_ms=opened.latency_ms,
             duration_ms=opened.latency_ms,
             finished_at=time.time(),
-            **metered(call, usage, gw.settings.chain.decimals),
+            **fields,
         )
     )
+    headers["x-tollway-cost"] = str(fields["cost"])
+    headers["x-tollway-credit"] = str(fields["credit_after"])
     media = opened.response.headers.get("content-type", "application/json")
     return Response(opened.first, status_code=200, media_type=media, headers=headers)
 
 
 def relay_stream(
-    gw: Gateway,
-    call: ChatCall,
-    opened: Opened,
-    payment: Verified,
-    payment_id: str,
-    receipt_id: str,
-    headers: dict[str, str],
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str]
 ) -> StreamingResponse:
     started = time.time()
-    gw.store.insert_call(
-        call_row(
-            receipt_id, payment_id, call, status="streaming", paid=payment.amount, upstream_latency_ms=opened.latency_ms
-        )
-    )
+    gw.store.insert_call(call_row(call_id, paid, call, status="streaming", upstream_latency_ms=opened.latency_ms))
 
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
         tail.feed(opened.first)
-        complete = False
+        complete, metered = False, False
         try:
             yield opened.first
             async for chunk in opened.rest():
                 tail.feed(chunk)
                 yield chunk
             complete = opened.error is None
-            summary = {"receipt": receipt_id, "usage": (u := tail.usage()) and u.as_dict()}
+            fields = meter(gw, call, paid, call_id, tail.usage())
+            metered = True
+            summary = {"receipt": call_id, "cost": str(fields["cost"]), "credit": str(fields["credit_after"])}
             yield b": tollway " + json.dumps(summary, separators=(",", ":")).encode() + b"\n\n"
         finally:
-            usage = tail.usage()
             error = opened.error or tail.error()
+            if not metered:  # the client went away, or the relay broke: meter what was used
+                fields = meter(gw, call, paid, call_id, tail.usage())
             gw.store.update_call(
-                receipt_id,
+                call_id,
                 status="served" if complete and error is None else "incomplete",
                 error=error,
                 duration_ms=(time.time() - started) * 1000,
                 finished_at=time.time(),
-                **metered(call, usage, gw.settings.chain.decimals),
+                **fields,
             )
             with anyio.CancelScope(shield=True):
                 await opened.response.aclose()
@@ -268,36 +326,57 @@ def relay_stream(
     return StreamingResponse(body(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 
-def record_failure(gw: Gateway, receipt_id: str, payment_id: str, call: ChatCall, exc: BaseException) -> None:
-    reason = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
-    try:
-        gw.store.insert_call(
-            call_row(receipt_id, payment_id, call, status="failed", error=reason, finished_at=time.time())
-        )
-    except Exception:  # recording must not mask the original error
-        log.exception("could not record failed call %s", receipt_id)
-
-
 # -- the 402 ------------------------------------------------------------------------------------
 
 
-def with_challenge(
-    exc: PaymentRequired, gw: Gateway, call: ChatCall, request: Request, proof: Proof | None
-) -> PaymentRequired:
-    """Attach a fresh quote for this request to a 402 (x402: every 402 carries one)."""
+def wallet_credit(gw: Gateway, request: Request) -> tuple[str | None, int]:
+    """The wallet a request proves it holds (``X-Tollway-Wallet``), and that wallet's credit."""
+    raw = request.headers.get(WALLET_HEADER)
+    if not raw:
+        return None, 0
+    wallet = check_wallet_proof(x402.unb64json(raw), gw.chain_id, gw.token, int(time.time()))
+    return wallet, gw.store.credit_balance(credit_account(gw.network, gw.token, wallet))
+
+
+def offers(gw: Gateway, call: ChatCall, credit: int) -> list[Offer]:
+    """What a 402 offers: on-chain payments of the quote less the wallet's credit, or credit alone."""
     q = call.quote
-    token = gw.quotes.token(q.request_digest, q.amount, q.expires)
-    offers = [s.offer(q.amount, gw.settings.max_timeout_seconds) for s in gw.schemes]
-    offers = [replace(o, extra={**o.extra, "quote": token}) for o in offers]
+    due = q.amount - credit if credit < q.amount else q.amount
+    out = []
+    for s in gw.schemes:
+        if s.name == "credit":
+            if credit >= q.amount:
+                out.insert(0, s.offer(q.amount, gw.settings.max_timeout_seconds))
+        else:
+            out.append(s.offer(due, gw.settings.max_timeout_seconds))
+    bound = []
+    for o in out:
+        extra = {**o.extra, "quote": gw.quotes.token(q.request_digest, o.amount, q.expires)}
+        if o.scheme != "exact":  # our schemes sign the request digest itself
+            extra["request"] = "0x" + q.request_digest
+        if credit and o.amount < q.amount:
+            extra["credit"] = str(q.amount - o.amount)
+        bound.append(replace(o, extra=extra))
+    return bound
+
+
+def with_challenge(exc: PaymentRequired, gw: Gateway, call: ChatCall, request: Request) -> PaymentRequired:
+    """Attach a fresh quote for this request to a 402 (x402: every 402 carries one)."""
+    try:
+        _, credit = wallet_credit(gw, request)
+    except PaymentMalformed:
+        credit = 0  # a bad wallet proof only forfeits the credit discount
+    quoted = offers(gw, call, credit)
     resource = {
         "url": (gw.settings.public_url or str(request.base_url)).rstrip("/") + request.url.path,
-        "description": f"{call.model} chat completion, at most {q.max_tokens} output tokens",
+        "description": f"{call.model} chat completion, at most {call.quote.max_tokens} output tokens",
         "mimeType": "application/json",
     }
     error = f"{exc.code}: {exc.message}"
-    doc = x402.payment_required(error, resource, offers)
+    doc = x402.payment_required(error, resource, quoted)
     body = doc
     if gw.v1_names:  # v2 clients read the header; v1 clients read the body
-        body = x402.payment_required_v1(error, resource, offers, {net: n for n, net in gw.v1_names.items()})
+        exact = [o for o in quoted if o.scheme == "exact"]
+        body = x402.payment_required_v1(error, resource, exact, {net: n for n, net in gw.v1_names.items()})
     exc.challenge = {"headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc)}, "body": body}
     return exc

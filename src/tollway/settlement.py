@@ -22,6 +22,7 @@ from typing import Any
 from eth_account import Account
 from eth_account.typed_transactions import TypedTransaction
 from eth_utils import to_checksum_address
+from eth_hash.auto import keccak
 from hexbytes import HexBytes
 
 from .errors import ChainUnavailable
@@ -46,11 +47,15 @@ class Settler:
         gas_limit: int,
         max_fee_gwei: Decimal | None,
         priority_fee_gwei: Decimal,
+        payout_key: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.store = store
         self.chain = chain
         self.account = Account.from_key(key)
         self.address = self.account.address
+        self.payout_account = Account.from_key(payout_key) if payout_key else None
+        self.token = token
         self.chain_id = chain_id
         self.gas_limit = gas_limit
         self.fixed_max_fee = int(max_fee_gwei * GWEI) if max_fee_gwei is not None else None
@@ -75,7 +80,7 @@ class Settler:
         self._wake.set()
         return tx_hash
 
-    def _sign(self, nonce: int, to: str, data: bytes, gas: int | None = None) -> tuple[str, str]:
+    def _sign(self, nonce: int, to: str, data: bytes, gas: int | None = None, account: Any = None) -> tuple[str, str]:
         tx = {
             "type": 2,
             "chainId": self.chain_id,
@@ -87,13 +92,16 @@ class Settler:
             "maxFeePerGas": max(self.max_fee, self.tip),
             "maxPriorityFeePerGas": self.tip,
         }
-        signed = self.account.sign_transaction(tx)
+        signed = (account or self.account).sign_transaction(tx)
         return "0x" + signed.hash.hex().removeprefix("0x"), "0x" + signed.raw_transaction.hex().removeprefix("0x")
 
     # -- worker -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.store.sync_settler_nonce(self.address, await self.chain.pending_nonce(self.address))
+        if self.payout_account and self.payout_account.address != self.address:
+            addr = self.payout_account.address
+            self.store.sync_settler_nonce(addr, await self.chain.pending_nonce(addr))
         await self._refresh_fees()
         self._task = asyncio.create_task(self._run(), name="tollway-settler")
 
@@ -130,7 +138,11 @@ class Settler:
             self._wake.clear()
 
     async def run_once(self) -> bool:
-        """One pass over unconfirmed settlements. Returns True while any remain."""
+        """One pass over unconfirmed settlements and payouts. Returns True while any remain."""
+        busy = await self._payouts()
+        return await self._settlements() or busy
+
+    async def _settlements(self) -> bool:
         rows = self.store.settling()
         if not rows:
             self._gap_since = None
@@ -203,6 +215,54 @@ class Settler:
             except RpcError as exc:
                 log.warning("gap fill at nonce %d: %s", nonce, exc.message)
         self._gap_since = None
+
+    # -- payouts ------------------------------------------------------------------------------
+
+    def request_payout(self) -> None:
+        self._wake.set()
+
+    async def _payouts(self) -> bool:
+        """Pay pending withdrawals — one transfer per account, however many requests it made —
+        then confirm those sent. A payout that reverts is refunded to credit."""
+        if self.payout_account is None or self.token is None:
+            return False
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row in self.store.payouts(["pending"]):
+            groups.setdefault(row["account"], []).append(row)
+        for rows in groups.values():
+            nonce = self.store.take_settler_nonce(self.payout_account.address)
+            data = (
+                ERC20_TRANSFER
+                + bytes(12)
+                + bytes.fromhex(rows[0]["wallet"][2:])
+                + sum(r["amount"] for r in rows).to_bytes(32, "big")
+            )
+            tx_hash, raw = self._sign(nonce, self.token, data, gas=100_000, account=self.payout_account)
+            self.store.move_payouts(
+                [r["id"] for r in rows], "pending", "sending", tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce
+            )
+        sending = self.store.payouts(["sending"])
+        if not sending:
+            return False
+        by_tx: dict[str, list[dict[str, Any]]] = {}
+        for row in sending:
+            by_tx.setdefault(row["tx_hash"], []).append(row)
+        for tx_hash, rows in by_tx.items():
+            receipt = await self.chain.receipt(tx_hash)
+            if receipt is None:
+                try:
+                    await self.chain.send_raw(rows[0]["raw_tx"])
+                except RpcError as exc:
+                    if "already" not in exc.message.lower():
+                        log.warning("payout %s: %s", tx_hash, exc.message)
+            elif int(receipt.get("status", "0x0"), 16) == 1:
+                self.store.move_payouts([r["id"] for r in rows], "sending", "sent")
+            else:
+                self.store.fail_payouts([r["id"] for r in rows], "payout transaction reverted")
+        return True
+
+
+ERC20_TRANSFER = keccak(b"transfer(address,uint256)")[:4]
 
 
 def stored_call(raw_tx: str) -> tuple[str, bytes]:

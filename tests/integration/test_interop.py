@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -110,7 +111,7 @@ def v1_gateway(xprocess, upstream, tmp_path_factory):
     settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path_factory.mktemp("v1") / "ledger.sqlite3")
     with ServerThread(create_app(settings)) as server:
         yield server, devnet
-    xprocess.getinfo("anvil-84532").terminate()
+    xprocess.getinfo(f"anvil-84532-{os.getpid()}").terminate()
 
 
 async def test_official_x402_v1_payload_pays(v1_gateway):

@@ -16,7 +16,7 @@ from typing import Any
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from ..payments import eip3009
+from ..payments import eip3009, signed
 from ..payments.x402 import (
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
@@ -59,6 +59,7 @@ class Payer:
     spent_usd: Decimal = Decimal(0)
     history: list[PaidCall] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _proof: tuple[int, str] | None = field(default=None, repr=False)
 
     @classmethod
     def from_key(cls, key: str, allowed: list[AllowedAsset], **limits: Any) -> Payer:
@@ -71,19 +72,50 @@ class Payer:
         return None
 
     def choose(self, required: dict[str, Any]) -> tuple[dict[str, Any], Decimal]:
-        """The cheapest allowed ``exact`` offer of a v2 PaymentRequired, and its USD amount."""
+        """The allowed offer to pay — credit first (no chain transaction), else the cheapest
+        ``exact`` — and the USD it takes from the wallet (0 for credit)."""
         candidates = []
         for offer in required.get("accepts") or []:
-            asset = self._allowed(offer) if offer.get("scheme") == "exact" else None
+            asset = self._allowed(offer) if offer.get("scheme") in ("exact", "credit") else None
             amount = str(offer.get("amount", ""))
             if asset and amount.isdigit():
-                candidates.append((Decimal(int(amount)).scaleb(-asset.decimals), offer))
+                usd = Decimal(int(amount)).scaleb(-asset.decimals)
+                credit = Decimal(int(str((offer.get("extra") or {}).get("credit", "0")))).scaleb(-asset.decimals)
+                if usd + credit > self.max_per_call_usd:
+                    raise PaymentRefused(
+                        f"the call costs up to ${usd + credit}, over the per-call limit ${self.max_per_call_usd}"
+                    )
+                candidates.append((offer["scheme"] != "credit", usd, offer))
         if not candidates:
             raise PaymentRefused(f"no offer in an allowed asset: {required.get('accepts')}")
-        usd, offer = min(candidates, key=lambda c: c[0])
-        if usd > self.max_per_call_usd:
-            raise PaymentRefused(f"the call costs up to ${usd}, over the per-call limit ${self.max_per_call_usd}")
-        return offer, usd
+        on_chain, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
+        return offer, usd if on_chain else Decimal(0)
+
+    def wallet_header(self, now: int | None = None) -> dict[str, str]:
+        """``X-Tollway-Wallet``: proves this wallet to the gateway so quotes are reduced by its credit."""
+        now = int(time.time()) if now is None else now
+        if self._proof is None or self._proof[0] < now + 60:
+            a = self.allowed[0]
+            until = now + 3600
+            msg = {"wallet": self.account.address, "validBefore": str(until)}
+            sig = signed.sign("WalletProof", self.account.key, chain_id_of(a.network), a.asset, msg)
+            self._proof = (until, b64json({**msg, "signature": sig}))
+        return {"X-Tollway-Wallet": self._proof[1]}
+
+    def withdrawal(self, amount: int, asset: AllowedAsset | None = None, now: int | None = None) -> dict[str, Any]:
+        """The signed body of ``POST /v1/credit/withdrawals``: pay ``amount`` of credit out to this wallet."""
+        a = asset or self.allowed[0]
+        now = int(time.time()) if now is None else now
+        w = {
+            "wallet": self.account.address,
+            "amount": str(amount),
+            "nonce": "0x" + secrets.token_hex(32),
+            "validBefore": str(now + 600),
+        }
+        return {
+            "withdrawal": w,
+            "signature": signed.sign("Withdrawal", self.account.key, chain_id_of(a.network), a.asset, w),
+        }
 
     def prepare(self, response_headers: Any, now: int | None = None) -> Pending:
         """Answer a 402: the payment to retry with, its USD reserved from the budget."""
@@ -96,11 +128,17 @@ class Payer:
             if self.spent_usd + usd > self.max_total_usd:
                 raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
             self.spent_usd += usd
+        now = int(time.time()) if now is None else now
+        inner = (
+            sign_credit(self.account, offer, now)
+            if offer["scheme"] == "credit"
+            else sign_exact(self.account, offer, now)
+        )
         payload = {
             "x402Version": 2,
             "resource": required.get("resource"),
             "accepted": offer,
-            "payload": sign_exact(self.account, offer, int(time.time()) if now is None else now),
+            "payload": inner,
             "extensions": {},
         }
         return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd)
@@ -137,10 +175,29 @@ class Pending:
     usd: Decimal
 
 
+def chain_id_of(network: str) -> int:
+    return int(network.split(":", 1)[1])
+
+
+def sign_credit(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[str, Any]:
+    """A ``CreditPayment`` for ``offer``: pays the call (its request digest) from credit."""
+    msg = {
+        "wallet": account.address,
+        "amount": str(offer["amount"]),
+        "request": (offer.get("extra") or {})["request"],
+        "nonce": "0x" + secrets.token_hex(32),
+        "validBefore": str(now + int(offer.get("maxTimeoutSeconds") or 300)),
+    }
+    return {
+        **msg,
+        "signature": signed.sign("CreditPayment", account.key, chain_id_of(offer["network"]), offer["asset"], msg),
+    }
+
+
 def sign_exact(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[str, Any]:
     """An EIP-3009 authorization paying ``offer`` exactly, valid from now for its timeout."""
     extra = offer.get("extra") or {}
-    chain_id = int(str(offer["network"]).split(":", 1)[1])
+    chain_id = chain_id_of(str(offer["network"]))
     auth = eip3009.Authorization(
         from_=account.address.lower(),
         to=str(offer["payTo"]).lower(),

@@ -1,8 +1,9 @@
 """httpx transports that pay 402s: ``PayingTransport`` (async) and ``SyncPayingTransport``.
 
-Both wrap an inner transport and share the I/O-free ``Payer``: on a 402 they sign an allowed
-offer within the spend limits and retry once with ``PAYMENT-SIGNATURE``; a second 402 is
-returned as it is. A request body must be replayable (bytes, as the OpenAI SDK sends).
+Both wrap an inner transport and share the I/O-free ``Payer``: every request carries the
+wallet proof (so quotes come reduced by the wallet's credit); on a 402 they sign an allowed
+offer within the spend limits — from credit when it covers the call — and retry once with
+``PAYMENT-SIGNATURE``; a second 402 is returned as it is. A request body must be replayable (bytes, as the OpenAI SDK sends).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PayingTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
+        request.headers.update(self.payer.wallet_header())
         response = await self.inner.handle_async_request(request)
         if response.status_code != 402:
             return response
@@ -52,6 +54,7 @@ class SyncPayingTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()
+        request.headers.update(self.payer.wallet_header())
         response = self.inner.handle_request(request)
         if response.status_code != 402:
             return response

@@ -1,10 +1,15 @@
 """Ledger tables. Amounts are integers in the asset's atomic units; times are UNIX seconds.
 
+Payments (what reached us, per scheme) are separate from credit (what a wallet holds with us):
+a call charges its metered cost against the payer's credit account, which its payment funded.
+The journal (``credit_entries``) re-derives every balance: deposits = charges + balance + withdrawals.
+
 A payment moves through explicit states; ``store.py`` makes every move one guarded UPDATE:
 
     reserved ──► settling ──► settled
         │            └──────► failed
-        └──► released ──► reserved   (an unserved authorization may pay a retry of its call)
+        ├──► released ──► reserved   (an unserved authorization may pay a retry of its call)
+        └──► settled                 (prepaid: the money moved before the call — transfer, credit)
 """
 
 from __future__ import annotations
@@ -59,13 +64,15 @@ class Call(SQLModel, table=True):
     stream: bool
     status: str  # pending | served | incomplete | failed
     quote: int = Field(sa_column=Column(BigInteger, nullable=False))
-    paid: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    paid: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))  # by the payment, on chain
+    from_credit: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))  # held from credit
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # None: the upstream did not say
     cache_write_tokens: int | None = None
     upstream_cost: str | None = None  # the upstream's own USD figure, as it stated it
-    cost: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    cost: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # metered, charged
+    credit_after: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     usage_dialect: str | None = None
     upstream_latency_ms: float | None = None  # to the upstream's first byte
     duration_ms: float | None = None
@@ -81,3 +88,54 @@ class SettlerNonce(SQLModel, table=True):
 
     address: str = Field(primary_key=True)
     next_nonce: int
+
+
+class EntryKind(StrEnum):
+    DEPOSIT = "deposit"  # a payment's amount, when its call ends
+    HOLD = "hold"  # credit set aside for a call in progress (negative) ...
+    RELEASE = "release"  # ... and given back when it ends (positive)
+    CHARGE = "charge"  # the call's metered cost (negative)
+    WITHDRAWAL = "withdrawal"  # paid out on chain (negative)
+    REFUND = "refund"  # a withdrawal whose payout failed (positive)
+
+
+class Credit(SQLModel, table=True):
+    """A wallet's balance with the gateway, per network and asset (atomic units, never negative)."""
+
+    __tablename__ = "credits"
+
+    account: str = Field(primary_key=True)  # network|asset|wallet, lower-case
+    balance: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    updated_at: float
+
+
+class CreditEntry(SQLModel, table=True):
+    __tablename__ = "credit_entries"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account: str = Field(index=True)
+    kind: str
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))  # signed
+    call_id: str | None = Field(default=None, index=True)
+    payment_id: str | None = None
+    payout_id: str | None = None
+    created_at: float
+
+
+class Payout(SQLModel, table=True):
+    """A withdrawal of credit, paid on chain by the payout worker."""
+
+    __tablename__ = "payouts"
+
+    id: str = Field(primary_key=True)
+    account: str = Field(index=True)
+    wallet: str
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: str = Field(index=True)  # pending | sending | sent | failed
+    request_nonce: str = Field(unique=True)  # the signed request's nonce: one payout per signature
+    tx_hash: str | None = None
+    raw_tx: str | None = None
+    tx_nonce: int | None = None
+    error: str | None = None
+    created_at: float
+    updated_at: float

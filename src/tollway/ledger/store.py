@@ -22,17 +22,28 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
-from .models import Call, Payment, PaymentState, SettlerNonce
+from .models import Call, Credit, CreditEntry, EntryKind, Payment, PaymentState, Payout, SettlerNonce
 
 P = Payment.__table__  # type: ignore[attr-defined]
 C = Call.__table__  # type: ignore[attr-defined]
 N = SettlerNonce.__table__  # type: ignore[attr-defined]
+CR = Credit.__table__  # type: ignore[attr-defined]
+E = CreditEntry.__table__  # type: ignore[attr-defined]
+PO = Payout.__table__  # type: ignore[attr-defined]
 
 UNSETTLED = (PaymentState.RESERVED, PaymentState.SETTLING)
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def credit_account(network: str, asset: str, wallet: str) -> str:
+    return f"{network}|{asset.lower()}|{wallet.lower()}"
+
+
+class InsufficientCredit(Exception):
+    pass
 
 
 def make_engine(url: str) -> Engine:
@@ -132,6 +143,10 @@ class Store:
                 .values(tx_hash=tx_hash, raw_tx=raw_tx, tx_nonce=tx_nonce, broadcast_at=None, updated_at=time.time())
             )
         return res.rowcount == 1
+
+    def mark_prepaid(self, payment_id: str) -> bool:
+        """A payment whose money moved before the call (a transfer, or credit): nothing to settle."""
+        return self._move(payment_id, [PaymentState.RESERVED], PaymentState.SETTLED)
 
     def mark_settled(self, payment_id: str, tx_hash: str) -> bool:
         return self._move(payment_id, [PaymentState.SETTLING], PaymentState.SETTLED, tx_hash=tx_hash, error=None)
@@ -238,3 +253,132 @@ class Store:
                 .first()
             )
         return dict(row) if row else None
+
+    # -- credit ---------------------------------------------------------------------------------
+
+    def _post(self, c: Any, account: str, entries: list[tuple[str, int]], **refs: Any) -> int:
+        """Apply journal entries to an account inside transaction ``c``; the balance may not go negative."""
+        delta = sum(amount for _, amount in entries)
+        now = time.time()
+        got = c.execute(
+            update(CR)
+            .where(CR.c.account == account, CR.c.balance + delta >= 0)
+            .values(balance=CR.c.balance + delta, updated_at=now)
+            .returning(CR.c.balance)
+        ).first()
+        if got is None:
+            exists = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
+            if exists is not None or delta < 0:
+                raise InsufficientCredit(account)
+            try:
+                with c.begin_nested():
+                    c.execute(insert(CR).values(account=account, balance=delta, updated_at=now))
+            except IntegrityError:  # created concurrently: apply to it
+                return self._post(c, account, entries, **refs)
+            balance = delta
+        else:
+            balance = int(got[0])
+        rows = [{"account": account, "kind": k, "amount": a, "created_at": now, **refs} for k, a in entries if a]
+        if rows:
+            c.execute(insert(E), rows)
+        return balance
+
+    def credit_balance(self, account: str) -> int:
+        with self.engine.connect() as c:
+            got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
+        return int(got[0]) if got else 0
+
+    def credit_balances(self, wallet: str) -> dict[str, int]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(CR.c.account, CR.c.balance).where(CR.c.account.like(f"%|{wallet.lower()}"))).all()
+        return {str(a): int(b) for a, b in rows}
+
+    def hold_credit(self, account: str, amount: int, *, call_id: str, payment_id: str | None) -> bool:
+        """Set credit aside for a call; False if the balance does not cover it."""
+        try:
+            with self.engine.begin() as c:
+                self._post(c, account, [(EntryKind.HOLD, -amount)], call_id=call_id, payment_id=payment_id)
+            return True
+        except InsufficientCredit:
+            return False
+
+    def release_credit(self, account: str, amount: int, *, call_id: str) -> None:
+        with self.engine.begin() as c:
+            self._post(c, account, [(EntryKind.RELEASE, amount)], call_id=call_id)
+
+    def settle_call_credit(
+        self, account: str, *, deposit: int, held: int, cost: int, call_id: str, payment_id: str | None
+    ) -> int:
+        """A call ended: its payment is deposited, its hold released, its cost charged. Returns the balance."""
+        with self.engine.begin() as c:
+            return self._post(
+                c,
+                account,
+                [(EntryKind.DEPOSIT, deposit), (EntryKind.RELEASE, held), (EntryKind.CHARGE, -cost)],
+                call_id=call_id,
+                payment_id=payment_id,
+            )
+
+    def journal(self, account: str | None = None) -> dict[str, int]:
+        """Sum of journal entries by kind (all accounts, or one)."""
+        q = select(E.c.kind, func.sum(E.c.amount)).group_by(E.c.kind)
+        if account:
+            q = q.where(E.c.account == account)
+        with self.engine.connect() as c:
+            return {str(k): int(v) for k, v in c.execute(q).all()}
+
+    def total_credit(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(select(func.coalesce(func.sum(CR.c.balance), 0))).scalar_one())
+
+    # -- payouts --------------------------------------------------------------------------------
+
+    def request_payout(self, account: str, wallet: str, amount: int, request_nonce: str) -> str | None:
+        """Debit credit and queue a payout, atomically. None if the nonce was used; raises InsufficientCredit."""
+        payout_id, now = new_id(), time.time()
+        try:
+            with self.engine.begin() as c:
+                c.execute(
+                    insert(PO).values(
+                        id=payout_id,
+                        account=account,
+                        wallet=wallet,
+                        amount=amount,
+                        state="pending",
+                        request_nonce=request_nonce,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                self._post(c, account, [(EntryKind.WITHDRAWAL, -amount)], payout_id=payout_id)
+        except IntegrityError:
+            return None
+        return payout_id
+
+    def payouts(self, states: Iterable[str], limit: int = 100) -> Sequence[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(PO).where(PO.c.state.in_(list(states))).order_by(PO.c.created_at).limit(limit)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def payout(self, payout_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(PO).where(PO.c.id == payout_id)).mappings().first()
+        return dict(row) if row else None
+
+    def move_payouts(self, ids: list[str], frm: str, to: str, **values: Any) -> int:
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(PO).where(PO.c.id.in_(ids), PO.c.state == frm).values(state=to, updated_at=time.time(), **values)
+            )
+        return int(res.rowcount)
+
+    def fail_payouts(self, ids: list[str], error: str) -> None:
+        """Payouts that can never be sent: refund the credit."""
+        with self.engine.begin() as c:
+            for row in c.execute(select(PO).where(PO.c.id.in_(ids), PO.c.state == "sending")).mappings().all():
+                c.execute(
+                    update(PO).where(PO.c.id == row["id"]).values(state="failed", error=error, updated_at=time.time())
+                )
+                self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])

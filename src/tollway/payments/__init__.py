@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 SCHEMES: dict[str, str] = {
     "exact": "tollway.payments.exact:from_settings",
+    "credit": "tollway.payments.credit:from_settings",
+    "transfer": "tollway.payments.transfer:from_settings",
 }
 
 

@@ -55,7 +55,7 @@ class Verified:
     asset: str
     payer: str
     payee: str
-    amount: int
+    amount: int  # what reaches the payee on chain (0 for credit)
     lock_key: str  # unique per payment; the ledger refuses to lock it twice
     proof: dict[str, Any]  # what the scheme needs later to confirm and settle
     chain_nonce: bytes = b""
@@ -69,8 +69,12 @@ class PaymentScheme(Protocol):
         """The ``accepts`` entry to put in a 402 for this amount."""
         ...
 
-    def verify(self, proof: Proof, offer: Offer, now: int) -> Verified:
-        """Local checks only (no I/O); raises ``PaymentInvalid`` with an x402 reason."""
+    async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
+        """Check a proof pays ``offer`` for this request; raises ``PaymentInvalid`` with a reason.
+
+        Cheap and local where the scheme allows (exact: signature only); what needs the chain and
+        can overlap the upstream call belongs in ``confirm``.
+        """
         ...
 
     async def confirm(self, payment: Verified, unsettled: int) -> None:

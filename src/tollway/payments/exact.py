@@ -14,7 +14,7 @@ from typing import Any
 from ..config import Settings
 from ..errors import PaymentInvalid, PaymentMalformed
 from . import eip3009
-from .base import Offer, Proof, Verified
+from .base import Offer, Proof, Quote, Verified
 from .chain import Chain
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -84,7 +84,7 @@ class ExactEvm:
     def offer(self, amount: int, max_timeout_seconds: int) -> Offer:
         return Offer(self.name, self.network, self.token, self.payee, amount, max_timeout_seconds, dict(self.extra))
 
-    def verify(self, proof: Proof, offer: Offer, now: int) -> Verified:
+    async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         auth, sig = decode_authorization(proof.payload)
         if auth.to != self.payee.lower():
             raise PaymentInvalid("authorization pays someone else", code="invalid_exact_evm_payload_recipient_mismatch")

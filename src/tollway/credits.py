@@ -1,0 +1,93 @@
+"""Credit endpoints: a wallet's balance with the gateway, and withdrawals of it on chain.
+
+Both need proof of the wallet: ``X-Tollway-Wallet`` to read, a signed ``Withdrawal`` to pay out
+(see ``payments/signed.py``). A withdrawal debits credit and queues a payout atomically; the
+settlement worker pays it, coalescing a wallet's pending withdrawals into one transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .errors import BadRequest, Forbidden, NotConfigured, NotFound
+from .gateway import Gateway
+from .ledger.store import InsufficientCredit, credit_account
+from .payments import signed
+from .pipeline import WALLET_HEADER, read_body, wallet_credit
+from .pricing import atomic_to_usd
+
+
+def _money(gw: Gateway, amount: int) -> dict[str, str]:
+    return {"atomic": str(amount), "usd": str(atomic_to_usd(amount, gw.settings.chain.decimals))}
+
+
+async def balance(request: Request, gw: Gateway) -> Response:
+    if not request.headers.get(WALLET_HEADER):
+        raise BadRequest(
+            "send X-Tollway-Wallet (a signed WalletProof) to see your credit", code="wallet_proof_required"
+        )
+    wallet, credit = wallet_credit(gw, request)
+    account = credit_account(gw.network, gw.token, wallet)  # type: ignore[arg-type]
+    return JSONResponse(
+        {
+            "wallet": wallet,
+            "network": gw.network,
+            "asset": gw.token,
+            "balance": _money(gw, credit),
+            "journal": {k: str(v) for k, v in gw.store.journal(account).items()},
+        }
+    )
+
+
+async def withdraw(request: Request, gw: Gateway) -> Response:
+    try:
+        doc = json.loads(await read_body(request, 16384))
+    except ValueError as exc:
+        raise BadRequest("body must be JSON {withdrawal: {...}, signature}", code="invalid_json") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("withdrawal"), dict):
+        raise BadRequest("body must be JSON {withdrawal: {...}, signature}", code="invalid_withdrawal")
+    w: dict[str, Any] = doc["withdrawal"]
+    wallet = signed.signer("Withdrawal", gw.chain_id, gw.token, w, doc.get("signature"))
+    if str(w["wallet"]).lower() != wallet:
+        raise Forbidden("withdrawal not signed by its wallet", code="invalid_withdrawal_signature")
+    if int(w["validBefore"]) < time.time():
+        raise BadRequest("withdrawal request has expired", code="withdrawal_expired")
+    amount = int(w["amount"])
+    if amount <= 0:
+        raise BadRequest("amount must be positive", code="invalid_amount")
+    if gw.settler.payout_account is None:
+        raise NotConfigured("withdrawals are not configured here (chain.payout_key)", code="withdrawals_disabled")
+    account = credit_account(gw.network, gw.token, wallet)
+    try:
+        payout_id = gw.store.request_payout(account, wallet, amount, f"{account}|{w['nonce'].lower()}")
+    except InsufficientCredit:
+        raise BadRequest(
+            f"credit {gw.store.credit_balance(account)} is less than {amount}", code="insufficient_credit"
+        ) from None
+    if payout_id is None:
+        raise BadRequest("this withdrawal request was already made", code="withdrawal_replayed")
+    gw.settler.request_payout()
+    return JSONResponse(payout_view(gw, payout_id), status_code=202)
+
+
+def payout_view(gw: Gateway, payout_id: str) -> dict[str, Any]:
+    row = gw.store.payout(payout_id)
+    if row is None:
+        raise NotFound("no such withdrawal", code="withdrawal_not_found")
+    return {
+        "id": row["id"],
+        "wallet": row["wallet"],
+        "amount": _money(gw, row["amount"]),
+        "state": row["state"],
+        "transaction": row["tx_hash"],
+        "error": row["error"],
+    }
+
+
+async def withdrawal(request: Request, gw: Gateway) -> Response:
+    return JSONResponse(payout_view(gw, request.path_params["payout_id"]))

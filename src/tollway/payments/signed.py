@@ -1,0 +1,102 @@
+"""tollway's own signed messages (EIP-712), for what x402 has no word for.
+
+Domain: ``{name: "tollway", version: "1", chainId, verifyingContract: <token>}`` — scoped to one
+asset on one chain, so a signature never moves credit of another asset.
+
+- ``WalletProof(address wallet, uint256 validBefore)``: "I hold this wallet" — lets a client see
+  its credit and get quotes reduced by it.
+- ``CreditPayment(address wallet, uint256 amount, bytes32 request, bytes32 nonce, uint256 validBefore)``:
+  pay one call (the request digest) from credit, without a chain transaction.
+- ``Withdrawal(address wallet, uint256 amount, bytes32 nonce, uint256 validBefore)``: pay credit
+  out on chain to the wallet itself.
+- ``TransferClaim(address wallet, bytes32 transaction, bytes32 request)``: "this on-chain transfer
+  of mine pays this call" — a transaction hash alone is public and could be claimed by anyone.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+
+from ..errors import PaymentMalformed
+
+TYPES: dict[str, list[dict[str, str]]] = {
+    "WalletProof": [{"name": "wallet", "type": "address"}, {"name": "validBefore", "type": "uint256"}],
+    "CreditPayment": [
+        {"name": "wallet", "type": "address"},
+        {"name": "amount", "type": "uint256"},
+        {"name": "request", "type": "bytes32"},
+        {"name": "nonce", "type": "bytes32"},
+        {"name": "validBefore", "type": "uint256"},
+    ],
+    "Withdrawal": [
+        {"name": "wallet", "type": "address"},
+        {"name": "amount", "type": "uint256"},
+        {"name": "nonce", "type": "bytes32"},
+        {"name": "validBefore", "type": "uint256"},
+    ],
+    "TransferClaim": [
+        {"name": "wallet", "type": "address"},
+        {"name": "transaction", "type": "bytes32"},
+        {"name": "request", "type": "bytes32"},
+    ],
+}
+HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def _typed(kind: str, chain_id: int, token: str, message: dict[str, Any]) -> Any:
+    return encode_typed_data(
+        full_message={
+            "types": {
+                "EIP712Domain": [
+                    {"name": "name", "type": "string"},
+                    {"name": "version", "type": "string"},
+                    {"name": "chainId", "type": "uint256"},
+                    {"name": "verifyingContract", "type": "address"},
+                ],
+                kind: TYPES[kind],
+            },
+            "primaryType": kind,
+            "domain": {"name": "tollway", "version": "1", "chainId": chain_id, "verifyingContract": token},
+            "message": message,
+        }
+    )
+
+
+def _normalise(kind: str, message: dict[str, Any]) -> dict[str, Any]:
+    """Check field shapes (addresses, bytes32, decimal uints) and convert for encoding."""
+    out: dict[str, Any] = {}
+    for field in TYPES[kind]:
+        name, typ = field["name"], field["type"]
+        v = message.get(name)
+        if typ == "address" and isinstance(v, str) and ADDRESS.match(v):
+            out[name] = v
+        elif typ == "bytes32" and isinstance(v, str) and HEX32.match(v):
+            out[name] = bytes.fromhex(v[2:])
+        elif typ == "uint256" and isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).isdigit():
+            out[name] = int(v)
+            if out[name] >= 2**256:
+                raise PaymentMalformed(f"{kind}.{name} is out of range")
+        else:
+            raise PaymentMalformed(f"{kind}.{name} is missing or malformed")
+    return out
+
+
+def sign(kind: str, key: Any, chain_id: int, token: str, message: dict[str, Any]) -> str:
+    signed = Account.sign_message(_typed(kind, chain_id, token, _normalise(kind, message)), key)
+    return "0x" + bytes(signed.signature).hex()
+
+
+def signer(kind: str, chain_id: int, token: str, message: dict[str, Any], signature: Any) -> str:
+    """The lower-case address that signed ``message``; raises PaymentMalformed if unreadable."""
+    msg = _normalise(kind, message)
+    if not isinstance(signature, str) or not re.fullmatch(r"0x[0-9a-fA-F]{130}", signature):
+        raise PaymentMalformed(f"{kind} signature must be 65 bytes of hex")
+    try:
+        return str(Account.recover_message(_typed(kind, chain_id, token, msg), signature=signature)).lower()
+    except Exception as exc:  # eth-account raises several types for unrecoverable signatures
+        raise PaymentMalformed(f"{kind} signature does not recover") from exc

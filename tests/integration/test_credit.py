@@ -1,0 +1,222 @@
+"""Metered cost, surplus credit, paying from credit, withdrawals — and the ledger's sums."""
+
+from __future__ import annotations
+
+import random
+import time
+from fractions import Fraction
+
+import httpx
+import pytest
+
+from support import wait_receipt
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+from tollway.pricing import to_atomic
+from tollway.usage import Usage
+
+
+@pytest.fixture
+def payer(chain, devnet) -> Payer:
+    return Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+
+
+def client(gateway, payer) -> httpx.Client:
+    return httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url, timeout=30)
+
+
+def chat(http: httpx.Client, text: str, max_tokens: int, **extra) -> httpx.Response:
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra}
+    return http.post("/v1/chat/completions", json=body)
+
+
+def credit(gateway, payer) -> int:
+    r = httpx.get(f"{gateway.url}/v1/credit", headers=payer.wallet_header())
+    assert r.status_code == 200, r.text
+    return int(r.json()["balance"]["atomic"])
+
+
+def expected_cost(gateway, model: str, receipt: dict) -> int:
+    conf = gateway.settings.models[model]
+    u = receipt["usage"]
+    cached = u["cached_tokens"] or 0
+    written = u["cache_write_tokens"] or 0
+    plain = u["prompt_tokens"] - cached - written
+    usd = (
+        Fraction(conf.request)
+        + plain * Fraction(conf.prompt)
+        + cached * Fraction(conf.cache_read)
+        + written * Fraction(conf.cache_write)
+        + u["completion_tokens"] * Fraction(conf.completion)
+    )
+    return to_atomic(usd, gateway.settings.chain.decimals)
+
+
+def test_surplus_becomes_credit_and_cheapens_the_next_call(gateway, chain, devnet, payer):
+    start = chain.balance(payer.account.address)
+    with client(gateway, payer) as http:
+        first = chat(http, "first call", 200)
+        assert first.status_code == 200
+        r1 = wait_receipt(gateway.url, first.headers["x-tollway-receipt"])
+        cost1 = int(r1["cost"]["atomic"])
+        assert cost1 == expected_cost(gateway, "mock/echo", r1)
+        surplus = int(r1["paid"]["atomic"]) - cost1
+        assert surplus > 0 and int(first.headers["x-tollway-credit"]) == surplus == credit(gateway, payer)
+
+        second = chat(http, "a second, longer call that costs more than the credit covers " * 20, 500)
+        assert second.status_code == 200
+        r2 = wait_receipt(gateway.url, second.headers["x-tollway-receipt"])
+        assert int(r2["from_credit"]["atomic"]) == surplus  # the quote was reduced by the credit
+        assert int(r2["paid"]["atomic"]) == int(r2["quote"]["atomic"]) - surplus
+
+    on_chain = sum(p.amount for p in payer.history)
+    assert chain.balance(payer.account.address) == start - on_chain
+    cost2 = int(r2["cost"]["atomic"])
+    assert credit(gateway, payer) == on_chain - cost1 - cost2
+
+
+def test_a_call_covered_by_credit_moves_nothing_on_chain(gateway, chain, payer):
+    with client(gateway, payer) as http:
+        big = chat(http, "fund my credit", 4000)  # a large quote, a tiny answer: most becomes credit
+        assert big.status_code == 200
+        wait_receipt(gateway.url, big.headers["x-tollway-receipt"])
+        before_chain, before_credit = chain.balance(payer.account.address), credit(gateway, payer)
+        small = chat(http, "paid from credit", 5)
+        assert small.status_code == 200, small.text
+    receipt = wait_receipt(gateway.url, small.headers["x-tollway-receipt"])
+    assert receipt["payment"]["scheme"] == "credit" and receipt["payment"]["transaction"] is None
+    assert chain.balance(payer.account.address) == before_chain
+    assert credit(gateway, payer) == before_credit - int(receipt["cost"]["atomic"])
+    assert len(payer.history) == 2 and payer.history[1].amount == int(receipt["quote"]["atomic"])
+
+
+def test_withdrawal_pays_credit_out_on_chain(gateway, chain, payer):
+    with client(gateway, payer) as http:
+        assert chat(http, "fund my credit", 3000).status_code == 200
+    wait_receipt(gateway.url, payer.history[0].receipt_id)
+    owed = credit(gateway, payer)
+    before = chain.balance(payer.account.address)
+    # Two requests are coalesced into one payout when the worker finds both pending.
+    first = payer.withdrawal(owed // 2)
+    a = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=first)
+    b = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(owed - owed // 2))
+    assert a.status_code == b.status_code == 202
+    replay = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=first)
+    assert replay.status_code == 400 and replay.json()["error"]["code"] == "withdrawal_replayed"
+    over = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(1))
+    assert over.status_code == 400 and over.json()["error"]["code"] == "insufficient_credit"
+    for r in (a, b):
+        deadline = time.monotonic() + 15
+        while (doc := httpx.get(f"{gateway.url}/v1/credit/withdrawals/{r.json()['id']}").json())["state"] != "sent":
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.05)
+    assert chain.balance(payer.account.address) == before + owed
+    assert credit(gateway, payer) == 0
+
+
+def test_withdrawal_refusals(gateway, payer, chain, devnet):
+    other = Payer(chain.fund(), payer.allowed)
+    body = payer.withdrawal(10)
+    body["withdrawal"]["wallet"] = other.account.address  # signed by payer, claims other's credit
+    r = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=body)
+    assert r.status_code == 403
+    r = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json={"withdrawal": {"wallet": "0x1"}, "signature": "0x"})
+    assert r.status_code == 400
+    r = httpx.post(f"{gateway.url}/v1/credit/withdrawals", content=b"not json")
+    assert r.status_code == 400
+    assert httpx.get(f"{gateway.url}/v1/credit").status_code == 400
+
+
+def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer):
+    """paid = spent + credit + withdrawn, and every charge re-derives from stored usage and prices."""
+    rng = random.Random(7)
+    start = chain.balance(payer.account.address)
+    withdrawn = 0
+    with client(gateway, payer) as http:
+        for i in range(24):
+            action = rng.choice(["call", "call", "stream", "fail", "midstream", "withdraw"])
+            text = " ".join(rng.choice(["alpha", "beta", "gamma", "δέλτα", "🦊"]) for _ in range(rng.randint(1, 60)))
+            if action == "call":
+                assert chat(http, text, rng.randint(1, 300)).status_code == 200
+            elif action == "stream":
+                with http.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json={
+                        "model": "mock/echo",
+                        "messages": [{"role": "user", "content": text}],
+                        "max_tokens": rng.randint(1, 50),
+                        "stream": True,
+                    },
+                ) as r:
+                    assert r.status_code == 200
+                    r.read()
+            elif action == "fail":
+                assert chat(http, text, 10, mock={"fail": rng.choice([500, 429])}).status_code in (502, 503)
+            elif action == "midstream":
+                with http.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json={
+                        "model": "mock/echo",
+                        "messages": [{"role": "user", "content": text}],
+                        "max_tokens": 30,
+                        "stream": True,
+                        "mock": {"fail_after_chunks": 2},
+                    },
+                ) as r:
+                    r.read()
+            else:
+                owed = credit(gateway, payer)
+                if owed:
+                    amount = rng.randint(1, owed)
+                    assert (
+                        httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(amount)).status_code
+                        == 202
+                    )
+                    withdrawn += amount
+    for paid in payer.history:
+        wait_receipt(gateway.url, paid.receipt_id)
+    deadline = time.monotonic() + 15
+    while gateway.store.payouts(["pending", "sending"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    from tollway.ledger.store import credit_account
+
+    account = credit_account(f"eip155:{devnet.chain_id}", devnet.token, payer.account.address)
+    journal = gateway.store.journal(account)
+    deposits, charges = journal.get("deposit", 0), -journal.get("charge", 0)
+    assert journal.get("hold", 0) + journal.get("release", 0) == 0  # no call left holding credit
+    assert -journal.get("withdrawal", 0) == withdrawn
+    balance = gateway.store.credit_balance(account)
+    assert deposits == charges + balance + withdrawn
+    on_chain_paid = sum(p.amount for p in payer.history if p.transaction)
+    assert deposits == on_chain_paid
+    assert chain.balance(payer.account.address) == start - on_chain_paid + withdrawn
+
+    from sqlalchemy import select
+
+    from tollway.ledger.models import Call, Payment
+
+    C, P = Call.__table__, Payment.__table__
+    with gateway.store.engine.connect() as c:
+        rows = (
+            c.execute(select(C).join(P, C.c.payment_id == P.c.id).where(P.c.payer == payer.account.address.lower()))
+            .mappings()
+            .all()
+        )
+    charged = 0
+    for row in rows:
+        if row["status"] == "failed":
+            assert row["cost"] is None
+            continue
+        if row["prompt_tokens"] is not None:
+            usage = Usage(
+                row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"], row["cache_write_tokens"]
+            )
+            price = gateway.settings.models[row["model"]]
+            from tollway.pricing import Prices
+
+            assert row["cost"] == min(to_atomic(Prices.of(price).cost_usd(usage), 6), row["paid"] + row["from_credit"])
+        charged += row["cost"]
+    assert charged == charges
