@@ -58,9 +58,12 @@ class Chain:
     def balance(self, who: str) -> int:
         return int(self.token.functions.balanceOf(Web3.to_checksum_address(who)).call())
 
-    def fund(self, amount: int = 100_000_000) -> Any:
-        """A fresh payer account holding ``amount`` test USDC (and no ETH: payments are gasless)."""
+    def fund(self, amount: int = 100_000_000, eth: bool = False) -> Any:
+        """A fresh payer account holding ``amount`` test USDC (and ETH for gas only if asked:
+        x402 payments are gasless)."""
         account = Account.create()
+        if eth:
+            self.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**18)])
         tx = self.token.functions.mint(account.address, amount).build_transaction(
             {
                 "from": self.owner.address,
@@ -73,6 +76,19 @@ class Chain:
             self.w3.eth.send_raw_transaction(signed.raw_transaction), poll_latency=0.01
         )
         return account
+
+    def transfer(self, account: Any, to: str, amount: int, gas: int | None = None) -> str:
+        """Send ``amount`` of the token from ``account`` in an ordinary transaction; its hash once mined."""
+        params: dict[str, Any] = {"from": account.address, "nonce": self.w3.eth.get_transaction_count(account.address)}
+        if gas:
+            params["gas"] = gas
+        tx = self.token.functions.transfer(Web3.to_checksum_address(to), amount).build_transaction(params)
+        tx_hash = self.w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+        self.w3.eth.wait_for_transaction_receipt(tx_hash, poll_latency=0.01)
+        return "0x" + bytes(tx_hash).hex()
+
+    def mine(self, blocks: int) -> None:
+        self.w3.provider.make_request("anvil_mine", [hex(blocks)])
 
     def receipt(self, tx_hash: str) -> Any:
         return self.w3.eth.get_transaction_receipt(tx_hash)

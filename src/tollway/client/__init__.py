@@ -1,7 +1,7 @@
 """The paying client for agents: httpx transports and OpenAI SDK helpers that answer 402s."""
 
 from .openai import async_openai_client, openai_client
-from .payer import AllowedAsset, PaidCall, Payer, PaymentRefused, sign_exact
+from .payer import AllowedAsset, PaidCall, Payer, PaymentRefused, claim_transfer, sign_credit, sign_exact
 from .transport import PayingTransport, SyncPayingTransport
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "PaymentRefused",
     "SyncPayingTransport",
     "async_openai_client",
+    "claim_transfer",
     "openai_client",
+    "sign_credit",
     "sign_exact",
 ]

@@ -194,6 +194,17 @@ def sign_credit(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[
     }
 
 
+def claim_transfer(account: LocalAccount, offer: dict[str, Any], tx_hash: str) -> dict[str, Any]:
+    """The payload of a ``transfer`` payment: "my transaction ``tx_hash`` pays this call".
+
+    The transfer itself (the token sent to ``offer["payTo"]``) is the payer's to make, with any
+    wallet; surplus over the call's cost becomes credit.
+    """
+    msg = {"wallet": account.address, "transaction": tx_hash, "request": (offer.get("extra") or {})["request"]}
+    sig = signed.sign("TransferClaim", account.key, chain_id_of(offer["network"]), offer["asset"], msg)
+    return {"transaction": tx_hash, "wallet": account.address, "signature": sig}
+
+
 def sign_exact(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[str, Any]:
     """An EIP-3009 authorization paying ``offer`` exactly, valid from now for its timeout."""
     extra = offer.get("extra") or {}

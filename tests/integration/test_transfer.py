@@ -1,0 +1,103 @@
+"""Paying with an ordinary on-chain transfer, presented by its hash (the `transfer` scheme)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from eth_account import Account
+
+from conftest import gateway_settings
+from support import ServerThread, wait_receipt
+from tollway.app import create_app
+from tollway.client import AllowedAsset, Payer, claim_transfer
+from tollway.payments.x402 import b64json, unb64json
+
+BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "paid by transfer"}], "max_tokens": 8}
+
+
+def transfer_offer(url: str) -> dict:
+    r = httpx.post(f"{url}/v1/chat/completions", json=BODY)
+    assert r.status_code == 402
+    return next(o for o in unb64json(r.headers["PAYMENT-REQUIRED"])["accepts"] if o["scheme"] == "transfer")
+
+
+def pay(url: str, offer: dict, payload: dict) -> httpx.Response:
+    doc = {"x402Version": 2, "accepted": offer, "payload": payload}
+    return httpx.post(f"{url}/v1/chat/completions", json=BODY, headers={"PAYMENT-SIGNATURE": b64json(doc)})
+
+
+def reason(r: httpx.Response) -> str:
+    return unb64json(r.headers["PAYMENT-REQUIRED"])["error"].split(":")[0]
+
+
+def credit_of(url: str, account, devnet) -> int:
+    payer = Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    return int(httpx.get(f"{url}/v1/credit", headers=payer.wallet_header()).json()["balance"]["atomic"])
+
+
+def test_a_transfer_pays_once_and_its_surplus_is_credit(gateway, chain, devnet):
+    account = chain.fund(eth=True)
+    offer = transfer_offer(gateway.url)
+    quote = int(offer["amount"])
+    tx = chain.transfer(account, devnet.payee, quote + 5000)
+    r = pay(gateway.url, offer, claim_transfer(account, offer, tx))
+    assert r.status_code == 200, r.text
+    assert unb64json(r.headers["PAYMENT-RESPONSE"])["transaction"] == tx
+    receipt = wait_receipt(gateway.url, r.headers["x-tollway-receipt"])
+    assert receipt["payment"]["scheme"] == "transfer"
+    assert credit_of(gateway.url, account, devnet) == quote + 5000 - int(receipt["cost"]["atomic"])
+
+    again = pay(gateway.url, offer, claim_transfer(account, offer, tx))
+    assert again.status_code == 402 and reason(again) == "invalid_exact_evm_nonce_already_used"
+
+
+def test_refusals(gateway, chain, devnet):
+    account, stranger = chain.fund(eth=True), chain.fund(eth=True)
+    offer = transfer_offer(gateway.url)
+    quote = int(offer["amount"])
+
+    failed = chain.transfer(account, devnet.payee, 10**15, gas=100_000)  # more than it holds: reverts
+    assert pay(gateway.url, offer, claim_transfer(account, offer, failed)).status_code == 402
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, failed))) == "transfer_failed"
+
+    elsewhere = chain.transfer(account, Account.create().address, quote)
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, elsewhere))) == "transfer_mismatch"
+
+    theirs = chain.transfer(stranger, devnet.payee, quote)  # someone else's transfer, claimed by account
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, theirs))) == "transfer_mismatch"
+    forged = claim_transfer(account, offer, theirs) | {"wallet": stranger.address}
+    assert reason(pay(gateway.url, offer, forged)) == "invalid_transfer_claim"
+
+    unknown = "0x" + "ab" * 32
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, unknown))) == "transfer_not_found"
+    assert pay(gateway.url, offer, {"transaction": "0x12", "wallet": account.address}).status_code == 400
+
+
+def test_too_small_a_transfer_is_refused_but_kept_as_credit(gateway, chain, devnet):
+    account = chain.fund(eth=True)
+    offer = transfer_offer(gateway.url)
+    small = int(offer["amount"]) // 2
+    tx = chain.transfer(account, devnet.payee, small)
+    r = pay(gateway.url, offer, claim_transfer(account, offer, tx))
+    assert r.status_code == 402 and reason(r) == "amount_insufficient"
+    assert credit_of(gateway.url, account, devnet) == small  # not lost: it pays the next call
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, tx))) == "invalid_exact_evm_nonce_already_used"
+
+
+@pytest.fixture(scope="module")
+def confirming_gateway(devnet, upstream, tmp_path_factory):
+    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path_factory.mktemp("conf") / "l.sqlite3")
+    settings = settings.model_copy(update={"chain": settings.chain.model_copy(update={"confirmations": 3})})
+    with ServerThread(create_app(settings)) as server:
+        yield server
+
+
+def test_too_few_confirmations(confirming_gateway, chain, devnet):
+    account = chain.fund(eth=True)
+    offer = transfer_offer(confirming_gateway.url)
+    assert offer["extra"]["confirmations"] == 3
+    tx = chain.transfer(account, devnet.payee, int(offer["amount"]))
+    r = pay(confirming_gateway.url, offer, claim_transfer(account, offer, tx))
+    assert r.status_code == 402 and reason(r) == "transfer_unconfirmed"
+    chain.mine(3)
+    assert pay(confirming_gateway.url, offer, claim_transfer(account, offer, tx)).status_code == 200
