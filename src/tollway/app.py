@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -92,6 +93,7 @@ async def receipt(request: Request) -> Response:
         "id": row["id"],
         "model": row["model"],
         "upstream_model": row["upstream_model"],
+        "upstream": row["upstream"],
         "stream": row["stream"],
         "status": row["status"],
         "error": row["error"],
@@ -100,11 +102,13 @@ async def receipt(request: Request) -> Response:
         "from_credit": money(row["from_credit"]),
         "cost": money(row["cost"]),
         "credit_after": money(row["credit_after"]),
+        "cache_discount": money(row["cache_discount"]),
         "usage": {
             "prompt_tokens": row["prompt_tokens"],
             "completion_tokens": row["completion_tokens"],
             "cached_tokens": row["cached_tokens"],
             "cache_write_tokens": row["cache_write_tokens"],
+            "expected_cached_tokens": row["expected_cached_tokens"],
             "dialect": row["usage_dialect"],
             "upstream_cost_usd": row["upstream_cost"],
         },
@@ -125,6 +129,45 @@ async def receipt(request: Request) -> Response:
         "finished_at": row["finished_at"],
     }
     return JSONResponse(body)
+
+
+CACHE_WINDOWS = {"5m": 300, "1h": 3600, "24h": 86400}
+
+
+async def cache_stats(request: Request) -> Response:
+    """Prompt-cache hit rates, expected vs observed cached tokens and discount passed on, per model
+    and upstream, over recent windows (from the ledger, so across all replicas)."""
+    gw = gateway(request)
+    now = time.time()
+    windows: dict[str, list[dict[str, Any]]] = {}
+    for name, seconds in CACHE_WINDOWS.items():
+        rows = []
+        for r in gw.store.cache_stats(now - seconds):
+            reporting, expected = r["prompt_tokens_reporting"], r["expected_cached_tokens"]
+            rows.append(
+                {
+                    **{
+                        k: r[k]
+                        for k in (
+                            "model",
+                            "upstream",
+                            "calls",
+                            "calls_reporting_cache",
+                            "prompt_tokens",
+                            "cached_tokens",
+                            "expected_cached_tokens",
+                        )
+                    },
+                    "hit_rate": round(r["cached_tokens"] / reporting, 4) if reporting else None,
+                    "survival": round(r["cached_tokens"] / expected, 4) if expected else None,
+                    "discount_passed": {
+                        "atomic": str(r["discount_passed"]),
+                        "usd": str(atomic_to_usd(int(r["discount_passed"]), gw.settings.chain.decimals)),
+                    },
+                }
+            )
+        windows[name] = rows
+    return JSONResponse({"windows": windows})
 
 
 async def healthz(request: Request) -> Response:
@@ -174,6 +217,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/credit", credit_balance, methods=["GET"]),
             Route("/v1/credit/withdrawals", credit_withdraw, methods=["POST"]),
             Route("/v1/credit/withdrawals/{payout_id}", credit_withdrawal, methods=["GET"]),
+            Route("/v1/stats/cache", cache_stats, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
         ],
         exception_handlers={GatewayError: gateway_error},

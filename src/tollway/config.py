@@ -60,8 +60,10 @@ class ChainSettings(BaseModel):
 
 
 class UpstreamSettings(BaseModel):
+    name: str = "default"
     url: str | None = None  # OpenAI-compatible base URL ending in /v1; None: built-in mock
     api_key: str | None = None
+    models: list[str] = Field(default_factory=list)  # models it serves; empty: all
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # between bytes, not total
     max_connections: int = 256
@@ -85,7 +87,11 @@ class Settings(BaseSettings):
     image_token_allowance: int = 2_000  # prompt-token bound added per image part
     schemes: list[str] = ["exact", "transfer", "credit"]  # payment schemes offered, by registry name
     chain: ChainSettings = ChainSettings()
-    upstream: UpstreamSettings = UpstreamSettings()
+    upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)  # several, in order of preference
+    sticky_idle_seconds: float = 600  # a conversation stays on its upstream this long after its last call
+    failure_cooldown_seconds: float = 5  # an upstream that failed is tried last for this long (doubling)
+    cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
     models: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @classmethod
@@ -119,8 +125,13 @@ DEVNET_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)
+def upstream_list(settings: Settings) -> list[UpstreamSettings]:
+    """The configured upstreams: ``upstreams``, or the single ``upstream``."""
+    found = [u for u in settings.upstreams if u.url] or ([settings.upstream] if settings.upstream.url else [])
+    names = [u.name for u in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"upstream names must be unique: {names}")
+    return found
 
 
 def apply_devnet(settings: Settings, devnet: Any, upstream_url: str | None = None) -> Settings:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from .config import Settings
+from .cache import PrefixMemory
+from .config import Settings, upstream_list
 from .ledger import Store
 from .payments import build_scheme
 from .payments.base import PaymentScheme
@@ -16,6 +17,7 @@ from .pricing import Prices
 from .quotes import QuoteSigner
 from .settlement import Settler
 from .upstream.client import Upstream, make_http_client
+from .upstream.router import Router
 
 
 @dataclass
@@ -25,7 +27,8 @@ class Gateway:
     chain: Chain
     schemes: list[PaymentScheme]
     settler: Settler
-    upstream: Upstream
+    router: Router
+    prefixes: PrefixMemory  # prompt prefixes recently sent to each upstream (expected cache hits)
     quotes: QuoteSigner
     prices: dict[str, Prices]
     v1_names: dict[str, str]  # x402 v1 network name → CAIP-2 id, for networks served in v1
@@ -38,12 +41,13 @@ class Gateway:
     async def open(cls, settings: Settings) -> Gateway:
         c = settings.chain
         missing = [f for f in ("rpc_url", "token", "payee", "settler_key") if not getattr(c, f)]
-        if missing or not settings.upstream.url:
+        upstreams = upstream_list(settings)
+        if missing or not upstreams:
             raise ValueError(f"incomplete settings: chain.{', chain.'.join(missing)} / upstream.url")
         if not settings.models:
             raise ValueError('no models configured: add [models."<id>"] prices')
         chain_http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
-        upstream_http = make_http_client(settings.upstream)
+        upstream_http = make_http_client(upstreams)
         chain = Chain(c.rpc_url, chain_http, c.read_cache_seconds)  # type: ignore[arg-type]
         chain_id = c.chain_id or await chain.chain_id()
         network = f"eip155:{chain_id}"
@@ -66,7 +70,12 @@ class Gateway:
             chain=chain,
             schemes=[build_scheme(name, settings, chain, chain_id) for name in settings.schemes],
             settler=settler,
-            upstream=Upstream(settings.upstream, settings.upstream.url, upstream_http),
+            router=Router(
+                [Upstream(u, upstream_http) for u in upstreams],
+                sticky_idle=settings.sticky_idle_seconds,
+                cooldown=settings.failure_cooldown_seconds,
+            ),
+            prefixes=PrefixMemory(settings.cache_memory_seconds),
             quotes=QuoteSigner(settings.quote_secret),
             prices={m: Prices.of(p) for m, p in settings.models.items()},
             v1_names={v1_name: network} if v1_name else {},

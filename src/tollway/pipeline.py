@@ -23,6 +23,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from . import cache
 from .chat import ChatCall, parse_chat
 from .errors import BadRequest, GatewayError, PaymentInvalid, PaymentMalformed, PaymentRequired
 from .gateway import Gateway
@@ -32,7 +33,8 @@ from .payments.base import Offer, PaymentScheme, Proof, Verified
 from .payments.credit import check_wallet_proof
 from .pricing import to_atomic
 from .upstream.client import Opened
-from .usage import StreamTail, Usage, usage_from_body
+from .upstream.router import conversation_key
+from .usage import SUMMARY_PREFIX, StreamTail, Usage, usage_from_body
 
 log = logging.getLogger("tollway.pipeline")
 
@@ -78,9 +80,10 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
 
     tx_hash = settle(gw, paid)  # settle (signed here, broadcast by the worker)
     headers = receipt_headers(gw, paid, tx_hash, call_id)
+    expected = gw.prefixes.expect(opened.upstream, call.model, call.body["messages"])  # cache we expect
     if call.stream:
-        return relay_stream(gw, call, opened, paid, call_id, headers)  # relay → meter → receipt
-    return respond(gw, call, opened, paid, call_id, headers)
+        return relay_stream(gw, call, opened, paid, call_id, headers, expected)  # relay → meter → receipt
+    return respond(gw, call, opened, paid, call_id, headers, expected)
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -167,7 +170,13 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     unsettled = gw.store.unsettled_amount(p.network, p.asset, p.payer)
     funds = asyncio.ensure_future(paid.scheme.confirm(p, unsettled))
     try:
-        opened = await gw.upstream.send(call.forward, call.stream, request.headers)
+        opened = await gw.router.send(
+            call.model,
+            conversation_key(call.model, call.body, request.headers),
+            call.forward,
+            call.stream,
+            request.headers,
+        )
     except BaseException:
         funds.cancel()
         raise
@@ -223,13 +232,23 @@ def receipt_headers(gw: Gateway, paid: Paid, tx_hash: str | None, call_id: str) 
 # -- meter and receipt ----------------------------------------------------------------------------
 
 
-def meter(gw: Gateway, call: ChatCall, paid: Paid, call_id: str, usage: Usage | None) -> dict[str, Any]:
-    """Charge the call's metered cost to the payer's credit account; the call-row fields for it.
+def meter(
+    gw: Gateway,
+    call: ChatCall,
+    paid: Paid,
+    call_id: str,
+    opened: Opened,
+    usage: Usage | None,
+    expected: int,
+    upstream_hops: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Charge the call's metered cost to the payer's credit account; the call-row fields and cache hops.
 
     Without usage the call cannot be metered and costs its quote (the agreed upper bound).
     """
     covered = paid.payment.amount + paid.held
-    cost = call.quote.amount if usage is None else to_atomic(call.prices.cost_usd(usage), gw.settings.chain.decimals)
+    decimals = gw.settings.chain.decimals
+    cost = call.quote.amount if usage is None else to_atomic(call.prices.cost_usd(usage), decimals)
     if cost > covered:
         log.warning("call %s cost %d exceeds what covers it (%d): usage over the quote's bound", call_id, cost, covered)
         cost = covered
@@ -241,8 +260,12 @@ def meter(gw: Gateway, call: ChatCall, paid: Paid, call_id: str, usage: Usage | 
         call_id=call_id,
         payment_id=paid.payment_id,
     )
-    fields: dict[str, Any] = {"cost": cost, "credit_after": credit}
+    fields: dict[str, Any] = {"cost": cost, "credit_after": credit, "expected_cached_tokens": expected}
+    discount = None
     if usage is not None:
+        uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
+        discount = min(to_atomic(call.prices.cost_usd(uncached), decimals), covered) - cost
+        gw.prefixes.remember(opened.upstream, call.model, call.body["messages"], usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -250,8 +273,9 @@ def meter(gw: Gateway, call: ChatCall, paid: Paid, call_id: str, usage: Usage | 
             cache_write_tokens=usage.cache_write_tokens,
             upstream_cost=None if usage.upstream_cost is None else str(usage.upstream_cost),
             usage_dialect=usage.dialect,
+            cache_discount=discount,
         )
-    return fields
+    return fields, [cache.hop(opened.upstream, usage, expected, discount), *upstream_hops]
 
 
 def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[str, Any]:
@@ -268,13 +292,25 @@ def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[st
     }
 
 
-def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str]) -> Response:
-    fields = meter(gw, call, paid, call_id, usage_from_body(opened.first))
+def respond(
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str], expected: int
+) -> Response:
+    fields, hops = meter(
+        gw,
+        call,
+        paid,
+        call_id,
+        opened,
+        usage_from_body(opened.first),
+        expected,
+        cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER)),
+    )
     gw.store.insert_call(
         call_row(
             call_id,
             paid,
             call,
+            upstream=opened.upstream,
             status="served",
             upstream_latency_ms=opened.latency_ms,
             duration_ms=opened.latency_ms,
@@ -284,15 +320,20 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     )
     headers["x-tollway-cost"] = str(fields["cost"])
     headers["x-tollway-credit"] = str(fields["credit_after"])
+    headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
     media = opened.response.headers.get("content-type", "application/json")
     return Response(opened.first, status_code=200, media_type=media, headers=headers)
 
 
 def relay_stream(
-    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str]
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str], expected: int
 ) -> StreamingResponse:
     started = time.time()
-    gw.store.insert_call(call_row(call_id, paid, call, status="streaming", upstream_latency_ms=opened.latency_ms))
+    gw.store.insert_call(
+        call_row(
+            call_id, paid, call, upstream=opened.upstream, status="streaming", upstream_latency_ms=opened.latency_ms
+        )
+    )
 
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
@@ -304,14 +345,19 @@ def relay_stream(
                 tail.feed(chunk)
                 yield chunk
             complete = opened.error is None
-            fields = meter(gw, call, paid, call_id, tail.usage())
+            fields, hops = meter(gw, call, paid, call_id, opened, tail.usage(), expected, tail.upstream_hops())
             metered = True
-            summary = {"receipt": call_id, "cost": str(fields["cost"]), "credit": str(fields["credit_after"])}
-            yield b": tollway " + json.dumps(summary, separators=(",", ":")).encode() + b"\n\n"
+            summary = {
+                "receipt": call_id,
+                "cost": str(fields["cost"]),
+                "credit": str(fields["credit_after"]),
+                "cache": hops,
+            }
+            yield SUMMARY_PREFIX + json.dumps(summary, separators=(",", ":")).encode() + b"\n\n"
         finally:
             error = opened.error or tail.error()
             if not metered:  # the client went away, or the relay broke: meter what was used
-                fields = meter(gw, call, paid, call_id, tail.usage())
+                fields, _ = meter(gw, call, paid, call_id, opened, tail.usage(), expected, [])
             gw.store.update_call(
                 call_id,
                 status="served" if complete and error is None else "incomplete",

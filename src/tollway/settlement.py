@@ -21,8 +21,8 @@ from typing import Any
 
 from eth_account import Account
 from eth_account.typed_transactions import TypedTransaction
-from eth_utils import to_checksum_address
 from eth_hash.auto import keccak
+from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 
 from .errors import ChainUnavailable

@@ -90,6 +90,9 @@ def usage_from_body(body: bytes) -> Usage | None:
     return parse_usage(doc.get("usage"), doc.get("timings")) if isinstance(doc, dict) else None
 
 
+SUMMARY_PREFIX = b": tollway "  # the SSE comment a tollway ends its streams with
+
+
 class StreamTail:
     """Keeps the last bytes of an SSE stream so usage can be read at its end.
 
@@ -136,3 +139,14 @@ class StreamTail:
             if err:
                 return str(err.get("message", err)) if isinstance(err, dict) else str(err)
         return None
+
+    def upstream_hops(self) -> list[dict[str, Any]]:
+        """Cache hops from an upstream tollway's closing summary comment, if it sent one."""
+        for line in reversed(self.buf.splitlines()):
+            if line.startswith(SUMMARY_PREFIX):
+                try:
+                    hops = json.loads(line[len(SUMMARY_PREFIX) :]).get("cache")
+                except (ValueError, AttributeError):
+                    return []
+                return [h for h in hops if isinstance(h, dict)][:16] if isinstance(hops, list) else []
+        return []

@@ -3,7 +3,8 @@
 Both wrap an inner transport and share the I/O-free ``Payer``: every request carries the
 wallet proof (so quotes come reduced by the wallet's credit); on a 402 they sign an allowed
 offer within the spend limits — from credit when it covers the call — and retry once with
-``PAYMENT-SIGNATURE``; a second 402 is returned as it is. A request body must be replayable (bytes, as the OpenAI SDK sends).
+``PAYMENT-SIGNATURE``; a second 402 is returned as it is. A request body must be replayable
+(bytes, as the OpenAI SDK sends).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ class Call(SQLModel, table=True):
     payment_id: str | None = Field(default=None, index=True)
     model: str
     upstream_model: str
+    upstream: str | None = Field(default=None, index=True)  # which upstream served it
     stream: bool
     status: str  # pending | served | incomplete | failed
     quote: int = Field(sa_column=Column(BigInteger, nullable=False))
@@ -70,6 +71,8 @@ class Call(SQLModel, table=True):
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # None: the upstream did not say
     cache_write_tokens: int | None = None
+    expected_cached_tokens: int | None = None  # what tollway expected the upstream to have cached
+    cache_discount: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # passed on
     upstream_cost: str | None = None  # the upstream's own USD figure, as it stated it
     cost: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # metered, charged
     credit_after: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
@@ -77,7 +80,7 @@ class Call(SQLModel, table=True):
     upstream_latency_ms: float | None = None  # to the upstream's first byte
     duration_ms: float | None = None
     error: str | None = None
-    created_at: float
+    created_at: float = Field(index=True)
     finished_at: float | None = None
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import case, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
@@ -228,6 +228,34 @@ class Store:
     def update_call(self, call_id: str, **values: Any) -> None:
         with self.engine.begin() as c:
             c.execute(update(C).where(C.c.id == call_id).values(**values))
+
+    def cache_stats(self, since: float) -> list[dict[str, Any]]:
+        """Per model and upstream, since ``since``: prompt and cached tokens (observed vs expected)
+        and the discount passed on, over metered calls. Calls whose upstream did not report cached
+        tokens are counted apart: unknown is not zero."""
+        reported = C.c.cached_tokens.is_not(None)
+        q = (
+            select(
+                C.c.model,
+                C.c.upstream,
+                func.count().label("calls"),
+                func.count(C.c.cached_tokens).label("calls_reporting_cache"),
+                func.coalesce(func.sum(C.c.prompt_tokens), 0).label("prompt_tokens"),
+                func.coalesce(func.sum(case((reported, C.c.prompt_tokens), else_=0)), 0).label(
+                    "prompt_tokens_reporting"
+                ),
+                func.coalesce(func.sum(C.c.cached_tokens), 0).label("cached_tokens"),
+                func.coalesce(func.sum(case((reported, C.c.expected_cached_tokens), else_=0)), 0).label(
+                    "expected_cached_tokens"
+                ),
+                func.coalesce(func.sum(C.c.cache_discount), 0).label("discount_passed"),
+            )
+            .where(C.c.created_at >= since, C.c.prompt_tokens.is_not(None))
+            .group_by(C.c.model, C.c.upstream)
+            .order_by(C.c.model, C.c.upstream)
+        )
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
 
     def receipt(self, call_id: str) -> dict[str, Any] | None:
         """A call joined with its payment."""

@@ -22,11 +22,10 @@ MAX_BODY = 32 * 1024 * 1024
 PASS_HEADERS = ("x-session-id", "http-referer", "x-title")
 
 
-def make_http_client(s: UpstreamSettings) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout),
-        limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
-    )
+def make_http_client(upstreams: list[UpstreamSettings]) -> httpx.AsyncClient:
+    """One pooled client for every upstream (timeouts are set per upstream, per request)."""
+    size = sum(u.max_connections for u in upstreams)
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
 
 
 def _retry_after(resp: httpx.Response) -> int:
@@ -47,6 +46,7 @@ class Opened:
     response: httpx.Response
     first: bytes
     latency_ms: float
+    upstream: str = ""  # the name of the upstream that answered
     chunks: AsyncIterator[bytes] | None = None  # the rest of a stream
     error: str | None = field(default=None)
 
@@ -65,12 +65,18 @@ class Opened:
 
 
 class Upstream:
-    def __init__(self, settings: UpstreamSettings, base_url: str, http: httpx.AsyncClient) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+    def __init__(self, settings: UpstreamSettings, http: httpx.AsyncClient) -> None:
+        self.name = settings.name
+        self.models = set(settings.models)
+        self.url = str(settings.url).rstrip("/") + "/chat/completions"
+        self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http
         self.headers = {"content-type": "application/json"}
         if settings.api_key:
             self.headers["authorization"] = f"Bearer {settings.api_key}"
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
 
     async def send(self, body: bytes, stream: bool, client_headers: Mapping[str, str]) -> Opened:
         headers = dict(self.headers)
@@ -80,7 +86,8 @@ class Upstream:
         started = time.perf_counter()
         try:
             resp = await self.http.send(
-                self.http.build_request("POST", self.url, content=body, headers=headers), stream=True
+                self.http.build_request("POST", self.url, content=body, headers=headers, timeout=self.timeout),
+                stream=True,
             )
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
@@ -97,8 +104,8 @@ class Upstream:
         latency = (time.perf_counter() - started) * 1000
         if not stream:
             await resp.aclose()
-            return Opened(resp, first, latency)
-        return Opened(resp, first, latency, chunks)
+            return Opened(resp, first, latency, self.name)
+        return Opened(resp, first, latency, self.name, chunks)
 
     async def _first_bytes(self, chunks: AsyncIterator[bytes], stream: bool) -> bytes:
         """The whole body (not streaming) or the first non-empty chunk of the stream."""

@@ -1,0 +1,92 @@
+"""Does the upstream's prompt-cache discount survive the trip? What tollway expects and observes.
+
+``PrefixMemory`` remembers, per upstream, the message prefixes of recent prompts and how many
+tokens they held, so each call gets an *expected* cached-token figure (its longest prefix seen
+on that upstream within ``cache_memory_seconds``) to set beside the *observed* one the upstream
+reports. A prefix's tokens are exact when it was a whole earlier prompt (the usual case: a
+conversation's next turn extends its last prompt) and pro rata by bytes otherwise.
+
+Each call's figures form a *hop*; a response carries its hops (ours first, then the upstream's,
+when it is itself a tollway or reports hops the same way) in ``X-Tollway-Cache`` (non-streamed)
+or the final ``: tollway {...}`` SSE comment (streamed), so the client at the end of a chain of
+proxies sees whether the discount survived each one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from typing import Any
+
+from .usage import Usage
+
+CACHE_HEADER = "x-tollway-cache"
+MAX_PREFIXES = 200_000
+
+
+def _prefixes(model: str, messages: list[Any]) -> list[tuple[bytes, int]]:
+    """(hash, cumulative byte length) of each message prefix of a prompt."""
+    out, h, size = [], hashlib.sha256(model.encode()).digest(), 0
+    for m in messages:
+        raw = json.dumps(m, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        h = hashlib.sha256(h + raw).digest()
+        size += len(raw)
+        out.append((h[:16], size))
+    return out
+
+
+class PrefixMemory:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._seen: OrderedDict[tuple[str, bytes], tuple[int, float]] = OrderedDict()
+
+    def expect(self, upstream: str, model: str, messages: list[Any]) -> int:
+        """Tokens of this prompt's longest prefix recently sent to ``upstream`` (0 if none)."""
+        now = time.monotonic()
+        for h, _ in reversed(_prefixes(model, messages)):
+            hit = self._seen.get((upstream, h))
+            if hit and hit[1] > now:
+                return hit[0]
+        return 0
+
+    def remember(self, upstream: str, model: str, messages: list[Any], prompt_tokens: int) -> None:
+        prefixes = _prefixes(model, messages)
+        if not prefixes:
+            return
+        total, expires = prefixes[-1][1], time.monotonic() + self.ttl
+        for i, (h, size) in enumerate(prefixes):
+            tokens = prompt_tokens if i == len(prefixes) - 1 else prompt_tokens * size // max(total, 1)
+            key = (upstream, h)
+            self._seen[key] = (tokens, expires)
+            self._seen.move_to_end(key)
+        while len(self._seen) > MAX_PREFIXES:
+            self._seen.popitem(last=False)
+
+
+def hop(upstream: str, usage: Usage | None, expected: int, discount: int | None) -> dict[str, Any]:
+    """This gateway's cache figures for one call."""
+    return {
+        "by": "tollway",
+        "upstream": upstream,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "cached_tokens": usage.cached_tokens if usage else None,  # None: the upstream did not say
+        "expected_cached_tokens": expected,
+        "discount_passed": None if discount is None else str(discount),  # atomic units, to the payer
+    }
+
+
+def upstream_hops(value: str | None) -> list[dict[str, Any]]:
+    """The hops an upstream reported (its ``X-Tollway-Cache`` header or stream summary)."""
+    if not value:
+        return []
+    try:
+        hops = json.loads(value)
+    except ValueError:
+        return []
+    return [h for h in hops if isinstance(h, dict)][:16] if isinstance(hops, list) else []
+
+
+def encode_hops(hops: list[dict[str, Any]]) -> str:
+    return json.dumps(hops, separators=(",", ":"))

@@ -1,0 +1,94 @@
+"""Which upstream serves a call: conversation stickiness, health, and fail-over.
+
+Calls of one conversation go back to the upstream that served it last (that is where its
+prompt cache is), for ``sticky_idle_seconds`` after its last call — unless that upstream fails.
+A conversation is its session key (``x-session-id`` header, ``session_id`` or
+``prompt_cache_key`` field) or else its model + first system + first user message.
+
+Fail-over happens only before the first byte reaches the client: ``Upstream.send`` returns once
+the upstream has committed, so any failure before that moves on to the next candidate. An
+upstream that fails is tried last for a cooldown that doubles with consecutive failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import UpstreamError
+from .client import Opened, Upstream
+
+MAX_CONVERSATIONS = 100_000
+MAX_COOLDOWN = 60.0
+
+
+def conversation_key(model: str, body: dict[str, Any], headers: Mapping[str, str]) -> str:
+    session = headers.get("x-session-id") or body.get("session_id") or body.get("prompt_cache_key")
+    if isinstance(session, str) and session:
+        return f"{model}|s|{session}"
+    messages = body.get("messages") or []
+    first = {}
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") in ("system", "developer", "user") and m["role"] not in first:
+            first["user" if m["role"] == "user" else "system"] = m.get("content")
+    digest = hashlib.sha256(json.dumps(first, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+    return f"{model}|m|{digest}"
+
+
+class Router:
+    def __init__(self, upstreams: list[Upstream], *, sticky_idle: float, cooldown: float) -> None:
+        if not upstreams:
+            raise ValueError("no upstream configured")
+        self.upstreams = upstreams
+        self.sticky_idle = sticky_idle
+        self.cooldown = cooldown
+        self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._failures: dict[str, tuple[int, float]] = {}  # name → (consecutive failures, failed until)
+
+    def healthy(self, u: Upstream, now: float) -> bool:
+        return self._failures.get(u.name, (0, 0.0))[1] <= now
+
+    def candidates(self, model: str, key: str) -> list[Upstream]:
+        now = time.monotonic()
+        serving = [u for u in self.upstreams if u.serves(model)]
+        ordered = sorted(serving, key=lambda u: not self.healthy(u, now))  # stable: config order within
+        sticky = self._sticky.get(key)
+        if sticky and now - sticky[1] <= self.sticky_idle:
+            home = next((u for u in ordered if u.name == sticky[0]), None)
+            if home is not None and self.healthy(home, now):
+                ordered.remove(home)
+                ordered.insert(0, home)
+        return ordered
+
+    async def send(self, model: str, key: str, body: bytes, stream: bool, headers: Mapping[str, str]) -> Opened:
+        candidates = self.candidates(model, key)
+        if not candidates:
+            raise UpstreamError(f"no upstream serves model '{model}'", code="no_upstream")
+        last: UpstreamError | None = None
+        for upstream in candidates:
+            try:
+                opened = await upstream.send(body, stream, headers)
+            except UpstreamError as exc:
+                self._failed(upstream.name)
+                last = exc
+                continue
+            self._succeeded(upstream.name, key)
+            return opened
+        assert last is not None
+        raise last
+
+    def _failed(self, name: str) -> None:
+        count = self._failures.get(name, (0, 0.0))[0] + 1
+        pause = min(self.cooldown * 2 ** (count - 1), MAX_COOLDOWN)
+        self._failures[name] = (count, time.monotonic() + pause)
+
+    def _succeeded(self, name: str, key: str) -> None:
+        self._failures.pop(name, None)
+        self._sticky[key] = (name, time.monotonic())
+        self._sticky.move_to_end(key)
+        if len(self._sticky) > MAX_CONVERSATIONS:
+            self._sticky.popitem(last=False)
