@@ -64,6 +64,11 @@ class UpstreamSettings(BaseModel):
     url: str | None = None  # OpenAI-compatible base URL ending in /v1; None: built-in mock
     api_key: str | None = None
     models: list[str] = Field(default_factory=list)  # models it serves; empty: all
+    # When the upstream is itself a paid gateway (another tollway): the wallet that pays it, the
+    # assets it may pay in ("eip155:<chain>:<token>") and the most it may pay per call.
+    payer_key: str | None = None
+    pay_assets: list[str] = Field(default_factory=list)
+    pay_max_usd_per_call: Decimal = Decimal("1")
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # between bytes, not total
     max_connections: int = 256

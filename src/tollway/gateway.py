@@ -16,7 +16,7 @@ from .payments.x402 import V1_NETWORK_NAMES
 from .pricing import Prices
 from .quotes import QuoteSigner
 from .settlement import Settler
-from .upstream.client import Upstream, make_http_client
+from .upstream.client import Upstream, make_http_client, make_paying_client
 from .upstream.router import Router
 
 
@@ -48,6 +48,7 @@ class Gateway:
             raise ValueError('no models configured: add [models."<id>"] prices')
         chain_http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
         upstream_http = make_http_client(upstreams)
+        paying = {u.name: make_paying_client(u) for u in upstreams if u.payer_key}
         chain = Chain(c.rpc_url, chain_http, c.read_cache_seconds)  # type: ignore[arg-type]
         chain_id = c.chain_id or await chain.chain_id()
         network = f"eip155:{chain_id}"
@@ -71,7 +72,7 @@ class Gateway:
             schemes=[build_scheme(name, settings, chain, chain_id) for name in settings.schemes],
             settler=settler,
             router=Router(
-                [Upstream(u, upstream_http) for u in upstreams],
+                [Upstream(u, paying.get(u.name, upstream_http)) for u in upstreams],
                 sticky_idle=settings.sticky_idle_seconds,
                 cooldown=settings.failure_cooldown_seconds,
             ),
@@ -82,7 +83,7 @@ class Gateway:
             chain_id=chain_id,
             network=network,
             token=c.token,  # type: ignore[arg-type]
-            _clients=(chain_http, upstream_http),
+            _clients=(chain_http, upstream_http, *paying.values()),
         )
         await settler.start()
         return gw

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from decimal import Decimal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,23 @@ def make_http_client(upstreams: list[UpstreamSettings]) -> httpx.AsyncClient:
     """One pooled client for every upstream (timeouts are set per upstream, per request)."""
     size = sum(u.max_connections for u in upstreams)
     return httpx.AsyncClient(limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
+
+
+def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
+    """A client that pays an upstream tollway's 402s from ``s.payer_key`` (see tollway.client)."""
+    from ..client import AllowedAsset, Payer, PayingTransport
+
+    allowed = [AllowedAsset(*a.rsplit(":", 1)) for a in s.pay_assets]
+    if not allowed:
+        raise ValueError(f"upstream {s.name}: payer_key needs pay_assets ('eip155:<chain>:<token>')")
+    payer = Payer.from_key(
+        s.payer_key,  # type: ignore[arg-type]
+        allowed,
+        max_per_call_usd=s.pay_max_usd_per_call,
+        max_total_usd=Decimal("Infinity"),
+    )
+    limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
+    return httpx.AsyncClient(transport=PayingTransport(payer, httpx.AsyncHTTPTransport(limits=limits)))
 
 
 def _retry_after(resp: httpx.Response) -> int:
