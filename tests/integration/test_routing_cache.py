@@ -142,8 +142,8 @@ def chained(devnet, chain, upstream, tmp_path_factory):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_cache_figures_survive_a_chain_of_tollways(chained, chain, devnet, stream):
-    outer, inner, outer_wallet = chained
-    http, payer = paying_client(outer.url, chain, devnet)
+    outer, _inner, outer_wallet = chained
+    http, _payer = paying_client(outer.url, chain, devnet)
     messages = [
         {"role": "system", "content": SYSTEM + (" streamed" if stream else "")},
         {"role": "user", "content": "chained question"},
