@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from . import __version__, credits, pipeline
 from .config import Settings
 from .errors import GatewayError, NotFound, PaymentRequired
 from .gateway import Gateway
-from .pricing import atomic_to_usd, per_million, to_atomic
+from .pricing import atomic_to_usd, per_million
 
 log = logging.getLogger("tollway")
 
@@ -44,7 +45,6 @@ async def credit_withdrawal(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     gw = gateway(request)
-    decimals = gw.settings.chain.decimals
     data = []
     for model_id, p in gw.prices.items():
         conf = gw.settings.models[model_id]
@@ -65,7 +65,7 @@ async def models(request: Request) -> Response:
                 "pricing_per_million": {k: str(per_million(v)) for k, v in usd.items() if k != "request"},
                 # The same in the payment asset's atomic units, per million tokens (rounded up).
                 "pricing_atomic_per_million": {
-                    k: str(to_atomic(getattr(p, f) * 1_000_000, decimals))
+                    k: str(p.per_million(f))
                     for k, f in [
                         ("prompt", "prompt"),
                         ("completion", "completion"),
@@ -197,7 +197,8 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
         headers["retry-after"] = str(exc.retry_after)
     if exc.status >= 500:
         log.warning("%s %s → %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    # ASCII-escaped: an error may quote client input that is not valid UTF-8 (lone surrogates).
+    return Response(json.dumps(body), status_code=exc.status, headers=headers, media_type="application/json")
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -78,7 +78,7 @@ class Gateway:
             ),
             prefixes=PrefixMemory(settings.cache_memory_seconds),
             quotes=QuoteSigner(settings.quote_secret),
-            prices={m: Prices.of(p) for m, p in settings.models.items()},
+            prices={m: Prices.of(p, c.decimals) for m, p in settings.models.items()},
             v1_names={v1_name: network} if v1_name else {},
             chain_id=chain_id,
             network=network,

@@ -31,7 +31,6 @@ from .ledger.store import credit_account, new_id
 from .payments import x402
 from .payments.base import Offer, PaymentScheme, Proof, Verified
 from .payments.credit import check_wallet_proof
-from .pricing import to_atomic
 from .upstream.client import Opened
 from .upstream.router import conversation_key
 from .usage import SUMMARY_PREFIX, StreamTail, Usage, usage_from_body
@@ -167,8 +166,11 @@ def lock(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, 
 async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> Opened:
     """Send the call upstream while the payment is confirmed on chain; commit only if both succeed."""
     p = paid.payment
-    unsettled = gw.store.unsettled_amount(p.network, p.asset, p.payer)
-    funds = asyncio.ensure_future(paid.scheme.confirm(p, unsettled))
+
+    def owed(as_of: float) -> int:
+        return gw.store.unsettled_amount(p.network, p.asset, p.payer, settled_since=as_of)
+
+    funds = asyncio.ensure_future(paid.scheme.confirm(p, owed))
     try:
         opened = await gw.router.send(
             call.model,
@@ -247,8 +249,7 @@ def meter(
     Without usage the call cannot be metered and costs its quote (the agreed upper bound).
     """
     covered = paid.payment.amount + paid.held
-    decimals = gw.settings.chain.decimals
-    cost = call.quote.amount if usage is None else to_atomic(call.prices.cost_usd(usage), decimals)
+    cost = call.quote.amount if usage is None else call.prices.cost(usage)
     if cost > covered:
         log.warning("call %s cost %d exceeds what covers it (%d): usage over the quote's bound", call_id, cost, covered)
         cost = covered
@@ -264,7 +265,7 @@ def meter(
     discount = None
     if usage is not None:
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
-        discount = min(to_atomic(call.prices.cost_usd(uncached), decimals), covered) - cost
+        discount = min(call.prices.cost(uncached), covered) - cost
         gw.prefixes.remember(opened.upstream, call.model, call.body["messages"], usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
@@ -335,6 +336,9 @@ def relay_stream(
         )
     )
 
+    def used(tail: StreamTail) -> Usage:
+        return tail.usage() or tail.estimate(call.quote.prompt_bound, call.quote.max_tokens)
+
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
         tail.feed(opened.first)
@@ -345,7 +349,7 @@ def relay_stream(
                 tail.feed(chunk)
                 yield chunk
             complete = opened.error is None
-            fields, hops = meter(gw, call, paid, call_id, opened, tail.usage(), expected, tail.upstream_hops())
+            fields, hops = meter(gw, call, paid, call_id, opened, used(tail), expected, tail.upstream_hops())
             metered = True
             summary = {
                 "receipt": call_id,
@@ -357,7 +361,7 @@ def relay_stream(
         finally:
             error = opened.error or tail.error()
             if not metered:  # the client went away, or the relay broke: meter what was used
-                fields, _ = meter(gw, call, paid, call_id, opened, tail.usage(), expected, [])
+                fields, _ = meter(gw, call, paid, call_id, opened, used(tail), expected, [])
             gw.store.update_call(
                 call_id,
                 status="served" if complete and error is None else "incomplete",

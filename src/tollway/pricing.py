@@ -7,13 +7,13 @@ more than the exact cost, and the gateway never undercharges by rounding).
 Upper bound on prompt tokens: every token of a byte-level BPE or SentencePiece tokenizer covers
 at least one UTF-8 byte, and the JSON framing of each message (``{"role":"user","content":""}``,
 28 bytes) outweighs the few special tokens a chat template adds, so the byte length of the
-serialized ``messages`` (and ``tools``) bounds the prompt tokens. Images are not bytes-bounded;
-each image part adds a configured allowance.
+request body — messages, tools, response format: all that becomes prompt — bounds the prompt
+tokens (JSON escapes only make it longer). Images are not bytes-bounded; each image part adds a
+configured allowance.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from decimal import Decimal
@@ -25,6 +25,7 @@ from .errors import BadRequest
 from .usage import Usage
 
 MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
+MAX_OUTPUT_TOKENS = 10_000_000  # no model writes more; bounds every quote far below uint256
 
 
 def to_atomic(usd: Fraction, decimals: int) -> int:
@@ -40,12 +41,9 @@ def per_million(price: Decimal) -> Decimal:
     return (price * 1_000_000).normalize()
 
 
-def prompt_token_bound(body: dict[str, Any], image_allowance: int) -> int:
+def prompt_token_bound(raw: bytes, body: dict[str, Any], image_allowance: int) -> int:
     """An upper bound on the prompt tokens of a chat request (see module docstring)."""
     messages = body.get("messages")
-    size = len(json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode())
-    if body.get("tools") is not None:
-        size += len(json.dumps(body["tools"], ensure_ascii=False, separators=(",", ":")).encode())
     images = sum(
         1
         for m in messages or ()
@@ -53,7 +51,7 @@ def prompt_token_bound(body: dict[str, Any], image_allowance: int) -> int:
         for part in m["content"]
         if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image")
     )
-    return size + images * image_allowance
+    return len(raw) + images * image_allowance
 
 
 def output_token_cap(body: dict[str, Any], default_cap: int, model_cap: int | None) -> tuple[int, bool]:
@@ -62,6 +60,8 @@ def output_token_cap(body: dict[str, Any], default_cap: int, model_cap: int | No
     for value in asked:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise BadRequest("max_tokens must be a positive integer", code="invalid_max_tokens")
+        if value > MAX_OUTPUT_TOKENS:
+            raise BadRequest(f"max_tokens may be at most {MAX_OUTPUT_TOKENS}", code="max_tokens_too_large")
     limit = min(default_cap, model_cap) if model_cap else default_cap
     if asked:
         cap = min(asked)
@@ -71,43 +71,55 @@ def output_token_cap(body: dict[str, Any], default_cap: int, model_cap: int | No
     return limit, True
 
 
+PRICE_FIELDS = ("prompt", "completion", "request", "cache_read", "cache_write")
+
+
 @dataclass(frozen=True)
 class Prices:
-    """A model's prices as exact fractions of a USD per token."""
+    """A model's prices, exact, as integers over one common ``denominator``: atomic units of the
+    asset per token (per call for ``request``). Integer sums keep the hot path fast and exact."""
 
-    prompt: Fraction
-    completion: Fraction
-    request: Fraction
-    cache_read: Fraction
-    cache_write: Fraction
+    prompt: int
+    completion: int
+    request: int
+    cache_read: int
+    cache_write: int
+    denominator: int
 
     @classmethod
-    def of(cls, p: ModelPrice) -> Prices:
-        def f(d: Decimal | None, default: Decimal) -> Fraction:
-            return Fraction(d if d is not None else default)
+    def of(cls, p: ModelPrice, decimals: int) -> Prices:
+        usd = {
+            "prompt": p.prompt,
+            "completion": p.completion,
+            "request": p.request,
+            "cache_read": p.prompt if p.cache_read is None else p.cache_read,
+            "cache_write": p.prompt if p.cache_write is None else p.cache_write,
+        }
+        units = {k: Fraction(v) * 10**decimals for k, v in usd.items()}
+        denominator = math.lcm(*(f.denominator for f in units.values()))
+        return cls(**{k: int(f * denominator) for k, f in units.items()}, denominator=denominator)
 
-        return cls(
-            prompt=f(p.prompt, p.prompt),
-            completion=f(p.completion, p.completion),
-            request=f(p.request, p.request),
-            cache_read=f(p.cache_read, p.prompt),
-            cache_write=f(p.cache_write, p.prompt),
-        )
+    def _atomic(self, numerator: int) -> int:
+        return -(-numerator // self.denominator)  # rounding up, once per call
 
-    def bound_usd(self, prompt_tokens: int, output_tokens: int) -> Fraction:
+    def bound(self, prompt_tokens: int, output_tokens: int) -> int:
         """The most a call can cost: every prompt token at the dearest input price."""
         dearest_input = max(self.prompt, self.cache_write, self.cache_read)
-        return self.request + prompt_tokens * dearest_input + output_tokens * self.completion
+        return self._atomic(self.request + prompt_tokens * dearest_input + output_tokens * self.completion)
 
-    def cost_usd(self, usage: Usage) -> Fraction:
+    def cost(self, usage: Usage) -> int:
         """What a call cost from its usage; unknown cache figures bill at the plain prompt price."""
         cached = usage.cached_tokens or 0
         written = usage.cache_write_tokens or 0
         plain = max(usage.prompt_tokens - cached - written, 0)
-        return (
+        return self._atomic(
             self.request
             + plain * self.prompt
             + cached * self.cache_read
             + written * self.cache_write
             + usage.completion_tokens * self.completion
         )
+
+    def per_million(self, field: str) -> int:
+        """Atomic units per million tokens (rounded up)."""
+        return self._atomic(getattr(self, field) * 1_000_000)

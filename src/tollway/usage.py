@@ -103,8 +103,10 @@ class StreamTail:
     def __init__(self, keep: int = 16384) -> None:
         self.keep = keep
         self.buf = b""
+        self.events_seen = 0  # data events relayed (roughly: one per output token)
 
     def feed(self, chunk: bytes) -> None:
+        self.events_seen += chunk.count(b"data:")
         buf = self.buf + chunk
         self.buf = buf[-self.keep :] if len(buf) > self.keep else buf
 
@@ -124,6 +126,11 @@ class StreamTail:
             if isinstance(doc, dict):
                 out.append(doc)
         return out
+
+    def estimate(self, prompt_bound: int, max_tokens: int) -> Usage:
+        """For a stream that ended without usage (it broke): the prompt at its bound and one
+        output token per relayed event — never more than the quote, usually far less."""
+        return Usage(prompt_bound, min(self.events_seen, max_tokens), dialect="estimated")
 
     def usage(self) -> Usage | None:
         for doc in reversed(self.events()):

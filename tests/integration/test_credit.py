@@ -132,7 +132,7 @@ def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer)
     start = chain.balance(payer.account.address)
     withdrawn = 0
     with client(gateway, payer) as http:
-        for i in range(24):
+        for _ in range(24):
             action = rng.choice(["call", "call", "stream", "fail", "midstream", "withdraw"])
             text = " ".join(rng.choice(["alpha", "beta", "gamma", "δέλτα", "🦊"]) for _ in range(rng.randint(1, 60)))
             if action == "call":
@@ -217,6 +217,6 @@ def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer)
             price = gateway.settings.models[row["model"]]
             from tollway.pricing import Prices
 
-            assert row["cost"] == min(to_atomic(Prices.of(price).cost_usd(usage), 6), row["paid"] + row["from_credit"])
+            assert row["cost"] == min(Prices.of(price, 6).cost(usage), row["paid"] + row["from_credit"])
         charged += row["cost"]
     assert charged == charges

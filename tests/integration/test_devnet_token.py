@@ -121,7 +121,9 @@ def _addr(key: str) -> str:
 
 
 def _settler(devnet: Devnet) -> str:
-    return _addr(devnet.settler_key)
+    """A relayer that submits authorizations (any account can; the deployer here, as it is
+    neither payer nor payee in these tests)."""
+    return _addr(devnet.deployer_key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -107,10 +108,15 @@ def test_settler_nonces_are_unique_across_replicas(db_url):
 
 def test_unsettled_amount_counts_reserved_and_settling(db_url):
     store = Store(db_url)
-    rows = [payment(amount=a) for a in (10, 20, 40)]
+    rows = [payment(amount=a) for a in (10, 20, 40, 80)]
     for r in rows:
         r["payer"] = "0xsame"
     ids = [store.reserve(r) for r in rows]
     store.mark_settling(ids[1], tx_hash="0x1", raw_tx="0x", tx_nonce=0, settler="0xs")
     store.release(ids[2], "not served")
-    assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame") == 30
+    store.mark_settling(ids[3], tx_hash="0x2", raw_tx="0x", tx_nonce=1, settler="0xs")
+    read_before = time.time() - 1
+    store.mark_settled(ids[3], "0x2")
+    # settled after a balance read: that balance may not reflect it yet, so it still counts
+    assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame", settled_since=read_before) == 110
+    assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame", settled_since=time.time() + 1) == 30

@@ -19,7 +19,8 @@ PRICES = Prices.of(
         cache_read=Decimal("0.0000001"),
         cache_write=Decimal("0.00000125"),
         request=Decimal("0.0001"),
-    )
+    ),
+    6,
 )
 
 
@@ -32,7 +33,8 @@ def test_rounding_is_up_and_exact():
 
 def test_bound_uses_dearest_input_price():
     # 100 prompt tokens at the cache-write price, 10 output tokens, one request fee
-    assert PRICES.bound_usd(100, 10) == Fraction("0.0001") + 100 * Fraction("0.00000125") + 10 * Fraction("0.000002")
+    usd = Fraction("0.0001") + 100 * Fraction("0.00000125") + 10 * Fraction("0.000002")
+    assert PRICES.bound(100, 10) == to_atomic(usd, 6)
 
 
 def test_cost_splits_cached_and_written_tokens():
@@ -44,9 +46,10 @@ def test_cost_splits_cached_and_written_tokens():
         + 30 * Fraction("0.00000125")
         + 10 * Fraction("0.000002")
     )
-    assert PRICES.cost_usd(usage) == expected
+    assert PRICES.cost(usage) == to_atomic(expected, 6)
     unknown = Usage(prompt_tokens=100, completion_tokens=10)  # no cache figures: plain prompt price
-    assert PRICES.cost_usd(unknown) == Fraction("0.0001") + 100 * Fraction("0.000001") + 10 * Fraction("0.000002")
+    usd = Fraction("0.0001") + 100 * Fraction("0.000001") + 10 * Fraction("0.000002")
+    assert PRICES.cost(unknown) == to_atomic(usd, 6)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +58,8 @@ def test_cost_splits_cached_and_written_tokens():
 )
 def test_prompt_bound_covers_the_mock_tokenizer(content):
     body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]}
-    assert prompt_token_bound(body, 0) >= count_tokens(body["messages"])
+    for raw in (json.dumps(body).encode(), json.dumps(body, ensure_ascii=False).encode()):
+        assert prompt_token_bound(raw, body, 0) >= count_tokens(body["messages"])
 
 
 def test_images_add_an_allowance():
@@ -67,7 +71,15 @@ def test_images_add_an_allowance():
             }
         ]
     }
-    assert prompt_token_bound(body, 500) == prompt_token_bound(body, 0) + 500
+    raw = json.dumps(body).encode()
+    assert prompt_token_bound(raw, body, 500) == prompt_token_bound(raw, body, 0) + 500
+
+
+def test_fractional_prices_stay_exact():
+    thirds = Prices.of(ModelPrice(prompt=Decimal(1) / 3, completion=Decimal("0.0000000001")), 6)
+    # 3 prompt tokens at 1/3 USD... is exactly 1 USD: no float, no premature rounding
+    assert thirds.cost(Usage(3, 0)) == to_atomic(3 * Fraction(Decimal(1) / 3), 6)
+    assert thirds.cost(Usage(0, 1)) == 1  # a ten-thousandth of a unit still costs one unit
 
 
 def test_output_cap():

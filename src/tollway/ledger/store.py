@@ -159,19 +159,18 @@ class Store:
             row = c.execute(select(P).where(P.c.id == payment_id)).mappings().first()
         return dict(row) if row else None
 
-    def unsettled_amount(self, network: str, asset: str, payer: str) -> int:
-        """What a payer has authorized through us that has not reached the chain yet.
-
-        Between a settlement being mined and the worker marking it, it counts twice (once in
-        the balance, once here): the safe direction.
-        """
+    def unsettled_amount(self, network: str, asset: str, payer: str, *, settled_since: float) -> int:
+        """What a payer owes us that a balance read at ``settled_since`` (UNIX time) still holds:
+        payments not yet on chain, and those marked settled after the read (they may have been
+        mined after it). Counting one twice only errs on the safe side."""
         with self.engine.connect() as c:
             total = c.execute(
                 select(func.coalesce(func.sum(P.c.amount), 0)).where(
                     P.c.network == network,
                     P.c.asset == asset,
                     P.c.payer == payer,
-                    P.c.state.in_(UNSETTLED),
+                    P.c.state.in_(UNSETTLED)
+                    | ((P.c.state == PaymentState.SETTLED) & (P.c.updated_at >= settled_since)),
                 )
             ).scalar_one()
         return int(total)

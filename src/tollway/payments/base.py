@@ -6,6 +6,7 @@ and the request binding of quotes live outside it; the pipeline only ever calls 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -77,8 +78,9 @@ class PaymentScheme(Protocol):
         """
         ...
 
-    async def confirm(self, payment: Verified, unsettled: int) -> None:
-        """On-chain checks, given what the payer already owes us unsettled (this payment included)."""
+    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
+        """On-chain checks. ``owed(t)`` is what the payer owes us that a balance read at UNIX time
+        ``t`` still holds (this payment included)."""
         ...
 
     def settlement_call(self, payment: Verified) -> tuple[str, bytes] | None:

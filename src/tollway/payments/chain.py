@@ -22,12 +22,13 @@ AUTHORIZATION_STATE = keccak(b"authorizationState(address,bytes32)")[:4]
 TRANSFER_TOPIC = "0x" + keccak(b"Transfer(address,address,uint256)").hex()
 
 
-class RpcError(Exception):
-    """The node answered with a JSON-RPC error (the request reached it)."""
+class RpcError(ChainUnavailable):
+    """The node answered with a JSON-RPC error (the request reached it). On the request path it
+    is an outage like any other (503); the settlement worker reads ``rpc_code``/``message``."""
 
     def __init__(self, code: int, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
+        super().__init__(f"chain RPC error {code}: {message}")
+        self.rpc_code = code
         self.message = message
 
 
@@ -41,7 +42,7 @@ class Chain:
         self.http = http
         self.read_cache_seconds = read_cache_seconds
         self._ids = itertools.count(1)
-        self._balances: dict[tuple[str, str], tuple[float, int]] = {}
+        self._balances: dict[tuple[str, str], tuple[float, int]] = {}  # → (read at, UNIX time; balance)
 
     async def _post(self, payload: Any) -> Any:
         try:
@@ -79,24 +80,23 @@ class Chain:
     async def chain_id(self) -> int:
         return int(await self.request("eth_chainId", []), 16)
 
-    async def token_state(self, token: str, holder: str, nonce: bytes) -> tuple[int, bool]:
-        """(balance of ``holder``, whether its authorization ``nonce`` is already used), one round trip.
-
-        The balance is cached for ``read_cache_seconds``; the nonce state never is.
-        """
+    async def token_state(self, token: str, holder: str, nonce: bytes) -> tuple[int, bool, float]:
+        """(balance of ``holder``, whether its authorization ``nonce`` is used, when the balance was
+        read), in one round trip. The balance is cached for ``read_cache_seconds``; the nonce never is."""
         key = (token, holder)
         cached = self._balances.get(key)
         auth_call = {"to": token, "data": "0x" + AUTHORIZATION_STATE.hex() + _addr_word(holder) + nonce.hex()}
-        if cached and time.monotonic() - cached[0] < self.read_cache_seconds:
+        if cached and time.time() - cached[0] < self.read_cache_seconds:
             used = await self.request("eth_call", [auth_call, "latest"])
-            return cached[1], int(used, 16) != 0
+            return cached[1], int(used, 16) != 0, cached[0]
+        read_at = time.time()
         bal_call = {"to": token, "data": "0x" + BALANCE_OF.hex() + _addr_word(holder)}
         balance, used = await self.batch([("eth_call", [bal_call, "latest"]), ("eth_call", [auth_call, "latest"])])
         bal = int(balance, 16)
         if len(self._balances) > 10_000:
             self._balances.clear()
-        self._balances[key] = (time.monotonic(), bal)
-        return bal, int(used, 16) != 0
+        self._balances[key] = (read_at, bal)
+        return bal, int(used, 16) != 0, read_at
 
     def forget_balance(self, token: str, holder: str) -> None:
         self._balances.pop((token, holder), None)

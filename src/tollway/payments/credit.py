@@ -8,6 +8,7 @@ digest; the pipeline holds the quoted amount from the wallet's credit while the 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Settings
@@ -53,7 +54,7 @@ class CreditScheme:
             proof=p,
         )
 
-    async def confirm(self, payment: Verified, unsettled: int) -> None:
+    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
         return None
 
     def settlement_call(self, payment: Verified) -> None:

@@ -9,6 +9,7 @@ from paying twice, across every replica sharing the database.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Settings
@@ -47,8 +48,8 @@ def decode_authorization(payload: dict[str, Any]) -> tuple[eip3009.Authorization
     sig = payload.get("signature")
     if not isinstance(auth, dict):
         raise PaymentMalformed("payload.authorization is missing")
-    if not isinstance(sig, str) or not re.fullmatch(r"0x[0-9a-fA-F]*", sig):
-        raise PaymentMalformed("payload.signature is not hex")
+    if not isinstance(sig, str) or not re.fullmatch(r"0x(?:[0-9a-fA-F]{2})*", sig):
+        raise PaymentMalformed("payload.signature is not hex bytes")
     nonce = auth.get("nonce")
     if not isinstance(nonce, str) or not BYTES32.match(nonce):
         raise PaymentMalformed("authorization.nonce is not 32 bytes of hex")
@@ -122,16 +123,17 @@ class ExactEvm:
             chain_nonce=auth.nonce,
         )
 
-    async def confirm(self, payment: Verified, unsettled: int) -> None:
-        balance, used = await self.chain.token_state(self.token, payment.payer, payment.chain_nonce)
+    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
+        balance, used, read_at = await self.chain.token_state(self.token, payment.payer, payment.chain_nonce)
         if used:
             raise PaymentInvalid(
                 "authorization nonce already used on chain", code="invalid_exact_evm_nonce_already_used"
             )
-        if balance < unsettled:
+        due = owed(read_at)
+        if balance < due:
             self.chain.forget_balance(self.token, payment.payer)
             raise PaymentInvalid(
-                f"payer balance {balance} does not cover {unsettled} (this payment and unsettled ones)",
+                f"payer balance {balance} does not cover {due} (this payment and others not yet settled)",
                 code="insufficient_funds",
             )
 

@@ -10,6 +10,7 @@ pays once (the ledger locks its hash). Whatever exceeds the call's cost becomes 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from ..config import Settings
 from ..errors import PaymentInvalid, PaymentMalformed
@@ -73,7 +74,7 @@ class TransferScheme:
             proof={"transaction": tx, "wallet": wallet},
         )
 
-    async def confirm(self, payment: Verified, unsettled: int) -> None:
+    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
         return None  # checked on chain in verify: the money has already moved
 
     def settlement_call(self, payment: Verified) -> None:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import PaymentMalformed
+from ..errors import PaymentInvalid, PaymentMalformed
 from .base import Offer, Proof
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
@@ -143,7 +143,9 @@ def decode_proof(headers: Mapping[str, str], v1_names: dict[str, str]) -> Proof 
     if version != 1:
         raise PaymentMalformed("X-PAYMENT carries x402Version 1 only", code="invalid_x402_version")
     name = _str(doc, "network")
-    return Proof(1, _str(doc, "scheme"), v1_names.get(name, name), _obj(doc, "payload"))
+    if name not in v1_names:
+        raise PaymentInvalid(f"x402 v1 network '{name}' is not accepted here", code="invalid_network")
+    return Proof(1, _str(doc, "scheme"), v1_names[name], _obj(doc, "payload"))
 
 
 def settle_response(*, success: bool, tx_hash: str, network: str, payer: str, error: str | None = None) -> str:

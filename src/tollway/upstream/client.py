@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from decimal import Decimal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import httpx
 
+from ..client.payer import PaymentRefused
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
 
@@ -57,6 +58,22 @@ def _upstream_message(body: bytes) -> str:
         return str(err.get("message", err)) if isinstance(err, dict) else str(err)
     except (ValueError, AttributeError):
         return body[:200].decode(errors="replace")
+
+
+def _first_event(buf: bytes) -> bytes | None:
+    """The data of the first complete SSE ``data:`` event in ``buf``, if one has arrived."""
+    for line in buf.split(b"\n")[:-1]:  # only lines already terminated
+        if line.startswith(b"data:"):
+            return line[5:].strip()
+    return None
+
+
+def _is_error(data: bytes) -> bool:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and bool(doc.get("error"))
 
 
 @dataclass
@@ -111,6 +128,8 @@ class Upstream:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
+        except PaymentRefused as exc:  # an upstream tollway asks more than we may pay it
+            raise UpstreamError(f"cannot pay the upstream: {exc}", code="upstream_payment_refused") from exc
         try:
             if resp.status_code != 200:
                 raise self._status_error(resp, await resp.aread())
@@ -126,23 +145,26 @@ class Upstream:
         return Opened(resp, first, latency, self.name, chunks)
 
     async def _first_bytes(self, chunks: AsyncIterator[bytes], stream: bool) -> bytes:
-        """The whole body (not streaming) or the first non-empty chunk of the stream."""
+        """The whole body (not streaming), or a stream's bytes up to its first complete ``data:``
+        event: keep-alive comments alone do not commit a call, and an error as the first event is
+        a failure before any answer (so the payer is not charged)."""
+        body = b""
         try:
-            if not stream:
-                body = b""
-                async for chunk in chunks:
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        raise UpstreamError("upstream response too large")
-                return body
             async for chunk in chunks:
-                if chunk:
-                    return chunk
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise UpstreamError("upstream response too large")
+                if stream and (event := _first_event(body)) is not None:
+                    if event.startswith(b"{") and b'"error"' in event and _is_error(event):
+                        raise UpstreamError(f"upstream failed before answering: {_upstream_message(event)}")
+                    return body
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream failed before answering: {type(exc).__name__}") from exc
-        raise UpstreamError("upstream closed the stream without data")
+        if stream or not body:
+            raise UpstreamError("upstream closed the stream without answering")
+        return body
 
     @staticmethod
     def _status_error(resp: httpx.Response, body: bytes) -> Exception:

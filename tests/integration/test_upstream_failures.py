@@ -1,0 +1,294 @@
+"""Failures around a paid call: the upstream (error statuses, timeout, unreachable, a stream
+breaking midway) and the chain's RPC. Before the upstream commits to an answer no money may
+move: the payment is ``released``, the call ``failed``, the payer's balance unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from sqlalchemy import create_engine, select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from support import ServerThread, free_port, wait_receipt
+from tollway.app import create_app
+from tollway.client.payer import sign_exact
+from tollway.ledger.models import Call, Payment
+
+CHAT = "/v1/chat/completions"
+P = Payment.__table__
+C = Call.__table__
+SETTLE_WAIT = 0.3
+
+
+def chat_body(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "mock/echo", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+
+
+def b64(doc: Any) -> str:
+    return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
+
+
+def unb64(value: str) -> Any:
+    return json.loads(base64.b64decode(value))
+
+
+def error_code(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"<no code: {r.text[:200]!r}>"
+
+
+def paid_headers(client: httpx.Client, body: dict[str, Any], payer: Any) -> tuple[dict[str, str], int]:
+    """Ask for the 402 of ``body`` and sign its first offer: (headers for the retry, amount)."""
+    r = client.post(CHAT, json=body)
+    assert r.status_code == 402, r.text
+    required = unb64(r.headers["PAYMENT-REQUIRED"])
+    offer = required["accepts"][0]
+    doc = {
+        "x402Version": 2,
+        "resource": required["resource"],
+        "accepted": offer,
+        "payload": sign_exact(payer, offer, int(time.time())),
+        "extensions": {},
+    }
+    return {"PAYMENT-SIGNATURE": b64(doc)}, int(offer["amount"])
+
+
+def assert_nothing_charged(engine: Any, chain: Any, payer: Any, before: int, r: httpx.Response) -> None:
+    """The one payment of ``payer`` was released, its call failed, and the balance did not move."""
+    assert "PAYMENT-RESPONSE" not in r.headers
+    with engine.connect() as c:
+        rows = [dict(x) for x in c.execute(select(P).where(P.c.payer == payer.address.lower())).mappings()]
+        assert [(p["state"], p["tx_hash"]) for p in rows] == [("released", None)], rows
+        statuses = [x.status for x in c.execute(select(C.c.status).where(C.c.payment_id == rows[0]["id"]))]
+    assert statuses == ["failed"], statuses
+    time.sleep(SETTLE_WAIT)
+    assert chain.balance(payer.address) == before
+
+
+@contextmanager
+def dedicated_gateway(gateway: Any, chain: Any, tmp_path: Path, **changes: Any) -> Iterator[tuple[str, Any]]:
+    """A gateway of its own (own ledger, own settlement key) with ``upstream``/``chain`` settings changed.
+
+    ``changes``: ``upstream_url``, ``read_timeout``, ``rpc_url``.
+    """
+    settler = Account.create()
+    chain.w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**20)])
+    s = gateway.settings
+    upstream = {"url": changes.get("upstream_url"), "read_timeout": changes.get("read_timeout")}
+    settings = s.model_copy(
+        update={
+            "database_url": f"sqlite:///{tmp_path / f'ledger-{uuid.uuid4().hex}.sqlite3'}",
+            "upstream": s.upstream.model_copy(update={k: v for k, v in upstream.items() if v is not None}),
+            "chain": s.chain.model_copy(
+                update={
+                    "settler_key": "0x" + bytes(settler.key).hex(),
+                    **({"rpc_url": changes["rpc_url"]} if "rpc_url" in changes else {}),
+                }
+            ),
+        }
+    )
+    engine = create_engine(settings.database_url)
+    try:
+        with ServerThread(create_app(settings)) as server:
+            yield server.url, engine
+    finally:
+        engine.dispose()
+
+
+# -- upstream error statuses (the shared gateway and mock) -------------------------------------------
+
+STATUS_CASES = {
+    # upstream status: (gateway status, error code, Retry-After expected)
+    500: (502, "upstream_error", False),
+    502: (502, "upstream_error", False),
+    504: (502, "upstream_error", False),
+    401: (502, "upstream_error", False),
+    429: (503, "upstream_unavailable", True),
+    503: (503, "upstream_unavailable", True),
+    400: (400, "upstream_rejected_request", False),
+    404: (404, "upstream_rejected_request", False),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("upstream_status", list(STATUS_CASES))
+def test_upstream_error_status_charges_nothing(gateway, chain, upstream_status, stream):
+    status, code, retry_after = STATUS_CASES[upstream_status]
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body(f"upstream answers {upstream_status}", stream=stream, mock={"fail": upstream_status})
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        headers, _amount = paid_headers(client, body, payer)
+        r = client.post(CHAT, json=body, headers=headers)
+    assert (r.status_code, error_code(r)) == (status, code), r.text
+    if retry_after:
+        assert r.headers.get("retry-after", "").isdigit(), r.headers
+    assert_nothing_charged(gateway.store.engine, chain, payer, before, r)
+
+
+# -- no answer at all ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_upstream_timeout_before_the_first_byte(gateway, chain, tmp_path, stream):
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("the upstream hangs", stream=stream, mock={"hang": True})
+    with (
+        dedicated_gateway(gateway, chain, tmp_path, read_timeout=1.0) as (url, engine),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        headers, _amount = paid_headers(client, body, payer)
+        started = time.monotonic()
+        r = client.post(CHAT, json=body, headers=headers)
+        elapsed = time.monotonic() - started
+        assert (r.status_code, error_code(r)) == (503, "upstream_timeout"), r.text
+        assert r.headers.get("retry-after", "").isdigit(), r.headers
+        assert elapsed < 10, elapsed
+        assert_nothing_charged(engine, chain, payer, before, r)
+
+
+def test_upstream_unreachable(gateway, chain, tmp_path):
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("nobody is listening upstream")
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    with (
+        dedicated_gateway(gateway, chain, tmp_path, upstream_url=closed) as (url, engine),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        headers, _amount = paid_headers(client, body, payer)
+        r = client.post(CHAT, json=body, headers=headers)
+        assert r.status_code in (502, 503), r.text
+        assert error_code(r) == "upstream_unavailable", r.text
+        assert r.headers.get("retry-after", "").isdigit(), r.headers
+        assert_nothing_charged(engine, chain, payer, before, r)
+
+
+# -- a stream that breaks after the upstream committed ----------------------------------------------------
+
+
+def receipt_when_finished(gateway_url: str, receipt_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = httpx.get(f"{gateway_url}/v1/receipts/{receipt_id}").json()
+        if doc["status"] != "streaming":
+            return doc
+        assert time.monotonic() < deadline, f"call {receipt_id} never finished: {doc}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("fail_mode", ["error", "disconnect"])
+def test_mid_stream_failure_is_recorded_as_incomplete(gateway, chain, fail_mode):
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body(
+        "one two three four five six seven",
+        stream=True,
+        mock={"fail_after_chunks": 2, "fail_mode": fail_mode},
+    )
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        headers, amount = paid_headers(client, body, payer)
+        with client.stream("POST", CHAT, json=body, headers=headers) as r:
+            assert r.status_code == 200
+            text = "".join(r.iter_text())
+            receipt_id = r.headers["x-tollway-receipt"]
+    assert '"content":"echo"' in text.replace(" ", "")  # the first chunks were relayed
+    if fail_mode == "error":
+        assert "injected mid-stream failure" in text  # and the upstream's error event too
+    doc = receipt_when_finished(gateway.url, receipt_id)
+    assert doc["status"] == "incomplete", doc
+    assert doc["error"], doc
+    doc = wait_receipt(gateway.url, receipt_id)  # the upstream committed: the quote is paid, no more
+    assert doc["paid"]["atomic"] == str(amount)
+    time.sleep(SETTLE_WAIT)
+    assert chain.balance(payer.address) == before - amount
+
+
+def test_stream_failing_before_any_content_charges_nothing(gateway, chain):
+    """The upstream opens the stream (a keep-alive comment) and fails before the first token.
+
+    Nothing was answered, so nothing may be charged (pipeline: "Money only moves after the
+    upstream has committed to an answer").
+    """
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("fail before the first token", stream=True, mock={"fail_after_chunks": 0})
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        headers, _amount = paid_headers(client, body, payer)
+        with client.stream("POST", CHAT, json=body, headers=headers) as r:
+            text = "".join(r.iter_text())
+    assert '"content":"echo' not in text.replace(" ", "")  # the upstream produced no content
+    with gateway.store.engine.connect() as c:
+        rows = [dict(x) for x in c.execute(select(P).where(P.c.payer == payer.address.lower())).mappings()]
+    assert [p["state"] for p in rows] == ["released"], f"charged for a call that produced nothing: {rows}"
+    time.sleep(SETTLE_WAIT)
+    assert chain.balance(payer.address) == before
+
+
+# -- the chain's RPC fails -------------------------------------------------------------------------------
+
+
+class RpcSwitch:
+    """A JSON-RPC proxy to anvil that can be made to fail: ``mode`` is up | http-502 | garbage | rpc-error."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.mode = "up"
+
+    async def handle(self, request: Request) -> Response:
+        raw = await request.body()
+        if self.mode == "http-502":
+            return Response(b"<html>502 Bad Gateway</html>", status_code=502, media_type="text/html")
+        if self.mode == "garbage":
+            return Response(b"<html>maintenance</html>", status_code=200, media_type="text/html")
+        if self.mode == "rpc-error":  # what a rate-limited public RPC answers
+            doc = json.loads(raw)
+
+            def err(call: dict[str, Any]) -> dict[str, Any]:
+                return {"jsonrpc": "2.0", "id": call.get("id"), "error": {"code": -32005, "message": "rate limited"}}
+
+            reply = [err(c) for c in doc] if isinstance(doc, list) else err(doc)
+            return Response(json.dumps(reply).encode(), media_type="application/json")
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(self.target, content=raw, headers={"content-type": "application/json"})
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/", self.handle, methods=["POST"])])
+
+
+@pytest.mark.parametrize("mode", ["http-502", "garbage", "rpc-error"])
+def test_chain_rpc_outage_charges_nothing(gateway, chain, devnet, tmp_path, mode):
+    rpc = RpcSwitch(devnet.rpc_url)
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body(f"the chain RPC is down: {mode}")
+    with (
+        ServerThread(rpc.app()) as proxy,
+        dedicated_gateway(gateway, chain, tmp_path, rpc_url=proxy.url) as (url, engine),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        headers, _amount = paid_headers(client, body, payer)
+        rpc.mode = mode
+        r = client.post(CHAT, json=body, headers=headers)
+        rpc.mode = "up"
+        assert_nothing_charged(engine, chain, payer, before, r)
+        assert (r.status_code, error_code(r)) == (503, "chain_unavailable"), r.text
+        assert r.headers.get("retry-after", "").isdigit(), r.headers
