@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
     anvil = devnet = None
     if not settings.chain.rpc_url:
-        devnet, anvil = ensure_devnet(settings)
+        devnet, anvil = ensure_devnet(settings, args.devnet_port)
     mock_url = None
     if not settings.upstream.url:
         mock_url = f"http://127.0.0.1:{args.mock_port}/v1"
@@ -132,7 +132,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     key = args.key or os.environ.get("TOLLWAY_KEY")
     allowed = [AllowedAsset(*a.rsplit(":", 1)) for a in args.allow or []]
-    devnet_file = Settings().devnet_file
+    devnet_file = Path(args.devnet_file) if args.devnet_file else Settings().devnet_file
     if (not key or not allowed) and devnet_file.exists():
         from .devnet.deploy import Devnet
 
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--mock-port", type=int, default=8403, help="port of the built-in mock upstream")
+    s.add_argument("--devnet-port", type=int, default=DEVNET_PORT, help="anvil port when no chain is configured")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-usd", default="1", help="most to pay for this call")
     c.add_argument("--max-tokens", type=int, default=None)
     c.add_argument("--stream", action="store_true")
+    c.add_argument("--devnet-file", help="devnet JSON to take a payer key and the token from (default var/devnet.json)")
     c.set_defaults(func=cmd_chat)
 
     args = parser.parse_args(argv)

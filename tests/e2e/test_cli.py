@@ -1,0 +1,103 @@
+"""The `tollway` CLI as a user runs it: `tollway serve` with nothing configured (its own anvil,
+test token and mock upstream), then `tollway chat` and an external x402 client paying over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_account import Account
+from x402 import x402Client
+from x402.http.clients import x402HttpxClient
+from x402.mechanisms.evm.exact import ExactEvmScheme
+from xprocess import ProcessStarter
+
+from support import free_port
+
+TOLLWAY = str(Path(sys.executable).with_name("tollway"))
+
+
+@pytest.fixture(scope="module")
+def served(xprocess, tmp_path_factory):
+    """`tollway serve` in an empty directory, on free ports."""
+    cwd = tmp_path_factory.mktemp("serve")
+    port, mock_port, devnet_port = free_port(), free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    class Starter(ProcessStarter):
+        timeout = 60
+        env = clean_env
+        terminate_on_interrupt = True
+        popen_kwargs = {"cwd": str(cwd)}
+
+        @property
+        def args(self) -> list[str]:
+            return [
+                TOLLWAY,
+                "serve",
+                "--port",
+                str(port),
+                "--mock-port",
+                str(mock_port),
+                "--devnet-port",
+                str(devnet_port),
+            ]
+
+        def startup_check(self) -> bool:
+            return up()
+
+    name = f"tollway-serve-{os.getpid()}"
+    _, log = xprocess.ensure(name, Starter, restart=True)
+    yield url, cwd, Path(log)
+    xprocess.getinfo(name).terminate()
+
+
+def test_serve_prints_how_to_pay(served):
+    _, _, log = served
+    text = log.read_text()
+    assert "tollway chat" in text and "eip155:31337" in text
+
+
+def test_tollway_chat_pays_and_prints_the_settlement(served):
+    url, cwd, _ = served
+    for stream in ([], ["--stream"]):
+        out = subprocess.run(
+            [TOLLWAY, "chat", "--url", url, "Hello from the CLI", *stream],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "echo: Hello from the CLI" in out.stdout
+        assert "settlement transaction 0x" in out.stderr and "paid" in out.stderr
+
+
+async def test_an_official_x402_client_pays_the_served_gateway(served):
+    url, cwd, _ = served
+    devnet = json.loads((cwd / "var" / "devnet.json").read_text())
+    account = Account.from_key(devnet["payer_keys"][-1])
+    client = x402Client()
+    client.register("eip155:31337", ExactEvmScheme(account))
+    client.set_spend_controls(
+        {"allowed_assets": [{"network": "eip155:31337", "asset": devnet["token"], "max_amount_per_payment": "1000000"}]}
+    )
+    async with x402HttpxClient(client) as http:
+        r = await http.post(
+            f"{url}/v1/chat/completions", json={"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
+        )
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "echo: hi"
+    models = httpx.get(f"{url}/v1/models").json()["data"]
+    assert {m["id"] for m in models} == {"mock/echo", "mock/echo-large"}
