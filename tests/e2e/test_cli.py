@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -40,7 +41,7 @@ def served(xprocess, tmp_path_factory):
         timeout = 60
         env = clean_env
         terminate_on_interrupt = True
-        popen_kwargs = {"cwd": str(cwd)}
+        popen_kwargs: ClassVar[dict[str, str]] = {"cwd": str(cwd)}
 
         @property
         def args(self) -> list[str]:
