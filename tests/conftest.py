@@ -171,3 +171,35 @@ def postgres_url(xprocess, tmp_path_factory) -> Iterator[str]:
     xprocess.ensure(f"postgres-{os.getpid()}", Starter, restart=True)
     yield url
     xprocess.getinfo(f"postgres-{os.getpid()}").terminate()
+
+
+@pytest.fixture(scope="session")
+def llama_upstream(xprocess) -> Iterator[str]:
+    """A real llama.cpp llama-server serving a tiny random-weight model; yields its base URL (…/v1)."""
+    import httpx
+
+    from llama import llama_server_binary, llama_server_command, tiny_model
+
+    binary = llama_server_binary()  # builds it the first time (minutes), then instant
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = llama_server_command(binary, tiny_model(binary), port)
+
+    class Starter(ProcessStarter):
+        timeout = 60
+        terminate_on_interrupt = True
+
+        @property
+        def args(self) -> list[str]:
+            return args
+
+        def startup_check(self) -> bool:
+            try:  # 503 while the model loads, 200 once it serves
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+    name = f"llama-server-{os.getpid()}"
+    xprocess.ensure(name, Starter, restart=True)
+    yield f"{url}/v1"
+    xprocess.getinfo(name).terminate()

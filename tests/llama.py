@@ -45,12 +45,17 @@ def tiny_model(path: str | Path) -> Path:
     return model
 
 
+MODEL_ALIAS = "tiny-llama"
+
+
 def llama_server_command(binary: str | Path, model: str | Path, port: int) -> list[str]:
     """Arguments for a small, fast and deterministic llama-server on 127.0.0.1:`port`."""
     return [
         str(binary),
         "--model",
         str(model),
+        "--alias",
+        MODEL_ALIAS,
         "--host",
         "127.0.0.1",
         "--port",
@@ -71,4 +76,5 @@ def llama_server_command(binary: str | Path, model: str | Path, port: int) -> li
         "--no-warmup",
         "--jinja",
         "--metrics",
+        "--offline",
     ]

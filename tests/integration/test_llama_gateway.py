@@ -1,0 +1,135 @@
+"""tollway in front of a real llama.cpp llama-server: its prompt cache is reported through the
+gateway, billed at the cache price and counted in /v1/stats/cache — also through two tollways."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from fractions import Fraction
+
+import httpx
+import pytest
+
+from conftest import gateway_settings
+from llama import MODEL_ALIAS
+from support import ServerThread, wait_receipt
+from tollway.app import create_app
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+from tollway.config import ModelPrice, UpstreamSettings
+from tollway.pricing import to_atomic
+
+PRICE = ModelPrice(prompt=Decimal("0.000002"), completion=Decimal("0.000004"), cache_read=Decimal("0.0000002"))
+SYSTEM = "You answer questions about the assistant and its rules. " + " ".join(
+    f"The rule number {i} says the assistant is careful." for i in range(40)
+)
+
+
+def llama_gateway_settings(devnet, llama_upstream: str, db, **extra):
+    settings = gateway_settings(devnet, "", db)
+    return settings.model_copy(
+        update={
+            "models": {MODEL_ALIAS: PRICE},
+            "upstreams": [UpstreamSettings(name="llama", url=llama_upstream, **extra)],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def llama_gateway(devnet, llama_upstream, tmp_path_factory):
+    with ServerThread(
+        create_app(llama_gateway_settings(devnet, llama_upstream, tmp_path_factory.mktemp("llama") / "l.sqlite3"))
+    ) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def chained_to_llama(devnet, chain, llama_gateway, tmp_path_factory):
+    """client → outer tollway → inner tollway (llama_gateway) → llama-server."""
+    wallet = chain.fund(amount=10**9)
+    settings = gateway_settings(devnet, "", tmp_path_factory.mktemp("outer") / "l.sqlite3")
+    settings = settings.model_copy(
+        update={
+            "models": {MODEL_ALIAS: PRICE},
+            "upstreams": [
+                UpstreamSettings(
+                    name="inner",
+                    url=llama_gateway.url + "/v1",
+                    payer_key="0x" + bytes(wallet.key).hex(),
+                    pay_assets=[f"eip155:{devnet.chain_id}:{devnet.token}"],
+                )
+            ],
+        }
+    )
+    with ServerThread(create_app(settings)) as gw:
+        yield gw
+
+
+def client(url: str, chain, devnet) -> httpx.Client:
+    payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    return httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=60)
+
+
+def ask(http: httpx.Client, messages: list[dict], stream: bool = False) -> tuple[str, list[dict]]:
+    """One call: its receipt id and the cache hops it reported."""
+    body = {"model": MODEL_ALIAS, "messages": messages, "max_tokens": 6, "stream": stream}
+    if not stream:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.headers["x-tollway-receipt"], json.loads(r.headers["x-tollway-cache"])
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.read().decode().splitlines()
+    summary = json.loads([x for x in lines if x.startswith(": tollway ")][-1][len(": tollway ") :])
+    return r.headers["x-tollway-receipt"], summary["cache"]
+
+
+def conversation(tag: str) -> tuple[list[dict], list[dict]]:
+    first = [{"role": "system", "content": f"{tag}. {SYSTEM}"}, {"role": "user", "content": "What is rule 3?"}]
+    second = [
+        *first,
+        {"role": "assistant", "content": "It says to be careful."},
+        {"role": "user", "content": "And rule 7?"},
+    ]
+    return first, second
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_llama_cache_hits_are_billed_at_the_cache_price(llama_gateway, chain, devnet, stream):
+    first, second = conversation(f"direct {stream}")
+    with client(llama_gateway.url, chain, devnet) as http:
+        ask(http, first, stream)
+        receipt_id, hops = ask(http, second, stream)
+    receipt = wait_receipt(llama_gateway.url, receipt_id)
+    usage = receipt["usage"]
+    assert usage["cached_tokens"] > 300  # llama-server kept the first prompt's KV cache ...
+    assert hops[0]["cached_tokens"] == usage["cached_tokens"] and hops[0]["upstream"] == "llama"
+    assert hops[0]["expected_cached_tokens"] > 300  # ... as tollway expected
+    plain = usage["prompt_tokens"] - usage["cached_tokens"]
+    usd = (
+        plain * Fraction(PRICE.prompt)
+        + usage["cached_tokens"] * Fraction(PRICE.cache_read)
+        + usage["completion_tokens"] * Fraction(PRICE.completion)
+    )
+    assert int(receipt["cost"]["atomic"]) == to_atomic(usd, 6)  # cached tokens at the cache price
+    assert int(receipt["cache_discount"]["atomic"]) > 0
+
+    stats = httpx.get(f"{llama_gateway.url}/v1/stats/cache").json()["windows"]["5m"]
+    row = next(s for s in stats if s["model"] == MODEL_ALIAS and s["upstream"] == "llama")
+    assert row["cached_tokens"] >= usage["cached_tokens"] and row["hit_rate"] > 0 and row["survival"] > 0.5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_llama_cache_survives_two_tollways(chained_to_llama, llama_gateway, chain, devnet, stream):
+    first, second = conversation(f"chained {stream}")
+    with client(chained_to_llama.url, chain, devnet) as http:
+        ask(http, first, stream)
+        receipt_id, hops = ask(http, second, stream)
+    outer, inner = hops
+    assert (outer["upstream"], inner["upstream"]) == ("inner", "llama")
+    assert inner["cached_tokens"] > 300 and outer["cached_tokens"] == inner["cached_tokens"]
+    assert outer["expected_cached_tokens"] > 300 and inner["expected_cached_tokens"] > 300
+    assert int(outer["discount_passed"]) > 0 and int(inner["discount_passed"]) > 0  # passed on at each hop
+    receipt = wait_receipt(chained_to_llama.url, receipt_id)
+    assert receipt["usage"]["cached_tokens"] == inner["cached_tokens"]
+    outer_stats = httpx.get(f"{chained_to_llama.url}/v1/stats/cache").json()["windows"]["5m"]
+    assert any(s["upstream"] == "inner" and s["cached_tokens"] > 0 for s in outer_stats)
