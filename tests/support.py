@@ -1,4 +1,4 @@
-"""Helpers shared by the integration and e2e tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -6,14 +6,23 @@ import asyncio
 import socket
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 from eth_account import Account
+from sqlalchemy import create_engine, select
 from web3 import Web3
 
+from tollway.app import create_app
+from tollway.client.payer import sign_exact
 from tollway.devnet.deploy import Devnet, token_contract
+from tollway.ledger.models import Call, Payment
+from tollway.payments.x402 import b64json, unb64json
 
 
 def free_port() -> int:
@@ -108,3 +117,181 @@ def wait_receipt(gateway_url: str, receipt_id: str, *, state: str = "settled", t
 
 async def await_receipt(gateway_url: str, receipt_id: str, **kw: Any) -> dict[str, Any]:
     return await asyncio.to_thread(wait_receipt, gateway_url, receipt_id, **kw)
+
+
+def run_concurrently(work: Callable[[Any], None], inputs: Iterable[Any]) -> None:
+    """Call ``work`` on each of ``inputs``, each in a thread of its own, and wait for them all."""
+    threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# -- x402 over HTTP ----------------------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+SETTLE_WAIT = 0.3  # seconds to give the settlement worker before checking balances
+
+# Refusal reasons (the part before ":" of the 402's `error`, or the 400 body's error.code).
+VALUE_MISMATCH = "invalid_exact_evm_payload_authorization_value_mismatch"
+RECIPIENT_MISMATCH = "invalid_exact_evm_payload_recipient_mismatch"
+BAD_SIGNATURE = "invalid_exact_evm_payload_signature"
+ASSET_MISMATCH = "invalid_exact_evm_asset_mismatch"
+NOT_YET_VALID = "invalid_exact_evm_payload_authorization_valid_after"
+EXPIRED = "invalid_exact_evm_payload_authorization_valid_before"
+NONCE_USED = "invalid_exact_evm_nonce_already_used"
+INVALID_NETWORK = "invalid_network"
+UNSUPPORTED_SCHEME = "unsupported_scheme"
+QUOTE_MISMATCH = "quote_mismatch"
+INSUFFICIENT_FUNDS = "insufficient_funds"
+INVALID_PAYLOAD = "invalid_payload"
+INVALID_VERSION = "invalid_x402_version"
+
+
+def chat_body(text: str, **extra: Any) -> dict[str, Any]:
+    """A chat completion request to the mock upstream's echo model; ``extra`` adds or overrides fields."""
+    return {"model": "mock/echo", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+
+
+def error_code(r: httpx.Response) -> str:
+    """The machine-readable reason of a refusal or failure: the 402 header's error code, or the body's."""
+    if r.status_code == 402:
+        return str(unb64json(r.headers["PAYMENT-REQUIRED"])["error"]).split(":", 1)[0]
+    try:
+        return str(r.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"<no error code: {r.text[:200]!r}>"
+
+
+def payment_required(r: httpx.Response) -> dict[str, Any]:
+    """The decoded PAYMENT-REQUIRED header of ``r``, which must be a 402."""
+    assert r.status_code == 402, r.text
+    return unb64json(r.headers["PAYMENT-REQUIRED"])
+
+
+def envelope(required: dict[str, Any], offer: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """The x402 v2 payment document that pays ``offer`` (one of ``required``'s) with ``payload``."""
+    return {"x402Version": 2, "resource": required["resource"], "accepted": offer, "payload": payload, "extensions": {}}
+
+
+def exact_payment(payer: Any, required: dict[str, Any], offer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A genuine payment of ``offer`` (by default ``required``'s first), signed by the gateway's own client."""
+    offer = offer or required["accepts"][0]
+    return envelope(required, offer, sign_exact(payer, offer, int(time.time())))
+
+
+def payment_header(doc: Any) -> dict[str, str]:
+    return {"PAYMENT-SIGNATURE": b64json(doc)}
+
+
+# -- the ledger --------------------------------------------------------------------------------------
+
+PAYMENTS = Payment.__table__
+CALLS = Call.__table__
+
+
+def payment_rows(engine: Any, payer_address: str) -> list[dict[str, Any]]:
+    with engine.connect() as c:
+        query = select(PAYMENTS).where(PAYMENTS.c.payer == payer_address.lower())
+        return [dict(r) for r in c.execute(query).mappings()]
+
+
+def call_rows(engine: Any, payment_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as c:
+        return [dict(r) for r in c.execute(select(CALLS).where(CALLS.c.payment_id == payment_id)).mappings()]
+
+
+@contextmanager
+def dedicated_gateway(
+    gateway: Any,
+    chain: Chain,
+    tmp_path: Path,
+    *,
+    upstream_url: str | None = None,
+    read_timeout: float | None = None,
+    rpc_url: str | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """A gateway of its own (own ledger, own funded settlement key), its upstream or chain settings
+    changed; yields its URL and an engine on its ledger."""
+    settler = Account.create()
+    chain.w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**20)])
+    s = gateway.settings
+    upstream = {"url": upstream_url, "read_timeout": read_timeout}
+    settings = s.model_copy(
+        update={
+            "database_url": f"sqlite:///{tmp_path / f'ledger-{uuid.uuid4().hex}.sqlite3'}",
+            "upstream": s.upstream.model_copy(update={k: v for k, v in upstream.items() if v is not None}),
+            "chain": s.chain.model_copy(
+                update={
+                    "settler_key": "0x" + bytes(settler.key).hex(),
+                    **({"rpc_url": rpc_url} if rpc_url is not None else {}),
+                }
+            ),
+        }
+    )
+    engine = create_engine(settings.database_url)
+    try:
+        with ServerThread(create_app(settings)) as server:
+            yield server.url, engine
+    finally:
+        engine.dispose()
+
+
+# -- EIP-712 / EIP-3009, independently of the gateway's own hashing ----------------------------------
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+EIP712_DOMAIN_FIELDS = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+AUTHORIZATION_FIELDS = [  # of TransferWithAuthorization and ReceiveWithAuthorization alike
+    {"name": "from", "type": "address"},
+    {"name": "to", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "validAfter", "type": "uint256"},
+    {"name": "validBefore", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+]
+
+
+def transfer_typed_data(
+    authorization: Mapping[str, Any],
+    *,
+    token: str,
+    chain_id: int,
+    name: str = "USD Coin",
+    version: str = "2",
+    primary_type: str = "TransferWithAuthorization",
+) -> dict[str, Any]:
+    """An EIP-3009 authorization as EIP-712 typed data, for eth-account's generic encoder
+    (``encode_typed_data(full_message=...)``): the tests' reference, independent of the hand-rolled
+    hashing in ``tollway.payments.eip3009``.
+
+    ``authorization`` has the x402 field names (from, to, value, validAfter, validBefore, nonce);
+    its numbers may be decimal strings, its nonce bytes or 0x-hex.
+    """
+    cs = Web3.to_checksum_address
+    nonce = authorization["nonce"]
+    return {
+        "types": {"EIP712Domain": EIP712_DOMAIN_FIELDS, primary_type: AUTHORIZATION_FIELDS},
+        "primaryType": primary_type,
+        "domain": {"name": name, "version": version, "chainId": chain_id, "verifyingContract": cs(token)},
+        "message": {
+            "from": cs(authorization["from"]),
+            "to": cs(authorization["to"]),
+            "value": int(authorization["value"]),
+            "validAfter": int(authorization["validAfter"]),
+            "validBefore": int(authorization["validBefore"]),
+            "nonce": nonce if isinstance(nonce, bytes) else bytes.fromhex(nonce[2:]),
+        },
+    }
+
+
+def high_s_twin(signature: bytes) -> bytes:
+    """The malleable twin of a 65-byte r‖s‖v signature: (r, n - s, v flipped 27 <-> 28) recovers the
+    same signer, with a high s."""
+    r, s, v = signature[:32], int.from_bytes(signature[32:64], "big"), signature[64]
+    return r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])

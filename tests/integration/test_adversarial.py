@@ -27,94 +27,40 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
-from sqlalchemy import select
-from web3 import Web3
 
-from support import free_port, wait_receipt
+from support import (
+    ASSET_MISMATCH,
+    BAD_SIGNATURE,
+    CHAT,
+    EXPIRED,
+    INSUFFICIENT_FUNDS,
+    INVALID_NETWORK,
+    INVALID_PAYLOAD,
+    INVALID_VERSION,
+    NONCE_USED,
+    NOT_YET_VALID,
+    QUOTE_MISMATCH,
+    RECIPIENT_MISMATCH,
+    SETTLE_WAIT,
+    UNSUPPORTED_SCHEME,
+    VALUE_MISMATCH,
+    chat_body,
+    envelope,
+    error_code,
+    exact_payment,
+    free_port,
+    high_s_twin,
+    payment_header,
+    payment_required,
+    payment_rows,
+    transfer_typed_data,
+    wait_receipt,
+)
 from tollway.client.payer import sign_exact
 from tollway.config import Settings
-from tollway.ledger.models import Payment
-
-CHAT = "/v1/chat/completions"
-P = Payment.__table__
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-SETTLE_WAIT = 0.3  # seconds to give the settlement worker before checking balances
-
-# Refusal reasons (the part before ":" of the 402's `error`, or the 400 body's error.code).
-VALUE_MISMATCH = "invalid_exact_evm_payload_authorization_value_mismatch"
-RECIPIENT_MISMATCH = "invalid_exact_evm_payload_recipient_mismatch"
-BAD_SIGNATURE = "invalid_exact_evm_payload_signature"
-ASSET_MISMATCH = "invalid_exact_evm_asset_mismatch"
-NOT_YET_VALID = "invalid_exact_evm_payload_authorization_valid_after"
-EXPIRED = "invalid_exact_evm_payload_authorization_valid_before"
-NONCE_USED = "invalid_exact_evm_nonce_already_used"
-INVALID_NETWORK = "invalid_network"
-UNSUPPORTED_SCHEME = "unsupported_scheme"
-QUOTE_MISMATCH = "quote_mismatch"
-INSUFFICIENT_FUNDS = "insufficient_funds"
-INVALID_PAYLOAD = "invalid_payload"
-INVALID_VERSION = "invalid_x402_version"
-
+from tollway.payments.x402 import b64json, unb64json
 
 # -- wire helpers ---------------------------------------------------------------------------------
-
-
-def chat_body(text: str = "hello there", **extra: Any) -> dict[str, Any]:
-    return {"model": "mock/echo", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
-
-
-def b64(doc: Any) -> str:
-    return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
-
-
-def unb64(value: str) -> Any:
-    return json.loads(base64.b64decode(value))
-
-
-def reason(r: httpx.Response) -> str:
-    """The machine-readable reason of a refusal: the 402 header's error code, or the body's."""
-    if r.status_code == 402:
-        return str(unb64(r.headers["PAYMENT-REQUIRED"])["error"]).split(":", 1)[0]
-    try:
-        return str(r.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return f"<no reason: {r.text[:200]!r}>"
-
-
-def typed_signature(
-    signer: Any, auth: dict[str, Any], *, token: str, chain_id: int, name: str = "USD Coin", version: str = "2"
-) -> str:
-    """An EIP-712 TransferWithAuthorization signature, through eth-account's generic encoder."""
-    cs = Web3.to_checksum_address
-    data = {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "TransferWithAuthorization": [
-                {"name": "from", "type": "address"},
-                {"name": "to", "type": "address"},
-                {"name": "value", "type": "uint256"},
-                {"name": "validAfter", "type": "uint256"},
-                {"name": "validBefore", "type": "uint256"},
-                {"name": "nonce", "type": "bytes32"},
-            ],
-        },
-        "primaryType": "TransferWithAuthorization",
-        "domain": {"name": name, "version": version, "chainId": chain_id, "verifyingContract": cs(token)},
-        "message": {
-            "from": cs(auth["from"]),
-            "to": cs(auth["to"]),
-            "value": int(auth["value"]),
-            "validAfter": int(auth["validAfter"]),
-            "validBefore": int(auth["validBefore"]),
-            "nonce": bytes.fromhex(auth["nonce"][2:]),
-        },
-    }
-    return "0x" + bytes(signer.sign_message(encode_typed_data(full_message=data)).signature).hex()
 
 
 def authorize(
@@ -128,7 +74,8 @@ def authorize(
 ) -> dict[str, Any]:
     """An ``exact`` payload for ``offer`` with authorization fields overridden, then (re-)signed.
 
-    ``signer``/``token``/``chain_id`` sign with another key or over another EIP-712 domain.
+    ``signer``/``token``/``chain_id`` sign with another key or over another EIP-712 domain, through
+    eth-account's generic encoder.
     """
     now = int(time.time())
     auth = {
@@ -141,19 +88,15 @@ def authorize(
     }
     auth.update({k: str(v) if isinstance(v, int) else v for k, v in changes.items()})
     extra = offer.get("extra") or {}
-    sig = typed_signature(
-        signer or payer,
+    typed_data = transfer_typed_data(
         auth,
         token=token or offer["asset"],
         chain_id=chain_id or int(offer["network"].split(":")[1]),
         name=extra.get("name", "USD Coin"),
         version=extra.get("version", "2"),
     )
-    return {"signature": sig, "authorization": auth}
-
-
-def envelope(required: dict[str, Any], offer: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    return {"x402Version": 2, "resource": required["resource"], "accepted": offer, "payload": payload, "extensions": {}}
+    signed = (signer or payer).sign_message(encode_typed_data(full_message=typed_data))
+    return {"signature": "0x" + bytes(signed.signature).hex(), "authorization": auth}
 
 
 # -- per-test context -------------------------------------------------------------------------------
@@ -169,9 +112,7 @@ class Attack:
 
     def required(self, body: dict[str, Any]) -> dict[str, Any]:
         """The decoded PAYMENT-REQUIRED of an unpaid POST of ``body``."""
-        r = self.client.post(CHAT, json=body)
-        assert r.status_code == 402, r.text
-        doc = unb64(r.headers["PAYMENT-REQUIRED"])
+        doc = payment_required(self.client.post(CHAT, json=body))
         assert doc["x402Version"] == 2 and doc["accepts"], doc
         return doc
 
@@ -180,13 +121,11 @@ class Attack:
         return required, dict(required["accepts"][0])
 
     def send(self, body: dict[str, Any], doc: Any, header: str = "PAYMENT-SIGNATURE") -> httpx.Response:
-        value = doc if isinstance(doc, str | bytes) else b64(doc)
+        value = doc if isinstance(doc, str | bytes) else b64json(doc)
         return self.client.post(CHAT, json=body, headers={header: value})
 
     def rows(self, payer: str | None = None) -> list[dict[str, Any]]:
-        who = (payer or self.payer.address).lower()
-        with self.gateway.store.engine.connect() as c:
-            return [dict(r) for r in c.execute(select(P).where(P.c.payer == who)).mappings()]
+        return payment_rows(self.gateway.store.engine, payer or self.payer.address)
 
     def refused(self, r: httpx.Response, status: int | set[int], *codes: str) -> None:
         """``r`` is a refusal with one of ``codes`` and nothing was (or will be) settled."""
@@ -194,11 +133,11 @@ class Attack:
         problems = []
         if r.status_code not in statuses:
             problems.append(f"expected {statuses} {codes}, got {r.status_code}: {r.text[:300]}")
-        elif reason(r) not in codes:
-            problems.append(f"expected a reason in {codes}, got {reason(r)!r}")
+        elif error_code(r) not in codes:
+            problems.append(f"expected a reason in {codes}, got {error_code(r)!r}")
         elif "PAYMENT-RESPONSE" in r.headers:
-            problems.append(f"a refusal carries a PAYMENT-RESPONSE: {unb64(r.headers['PAYMENT-RESPONSE'])}")
-        elif r.status_code == 402 and not unb64(r.headers["PAYMENT-REQUIRED"])["accepts"]:
+            problems.append(f"a refusal carries a PAYMENT-RESPONSE: {unb64json(r.headers['PAYMENT-RESPONSE'])}")
+        elif r.status_code == 402 and not unb64json(r.headers["PAYMENT-REQUIRED"])["accepts"]:
             problems.append("a 402 without a fresh offer")
         moved = self.money_moved()
         if moved:
@@ -380,10 +319,7 @@ def test_high_s_twin_of_a_valid_signature(attack):
     body = chat_body("malleated signature")
     required, offer = attack.offer(body)
     payload = authorize(attack.payer, offer)
-    sig = bytes.fromhex(payload["signature"][2:])
-    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
-    twin = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])  # 27 <-> 28: same signer, high s
-    payload["signature"] = "0x" + twin.hex()
+    payload["signature"] = "0x" + high_s_twin(bytes.fromhex(payload["signature"][2:])).hex()
     attack.refused(attack.send(body, envelope(required, offer, payload)), 402, BAD_SIGNATURE)
 
 
@@ -423,7 +359,7 @@ def test_nonce_already_settled_resigned_for_a_new_request(attack):
     replay = authorize(attack.payer, offer2, nonce=payload["authorization"]["nonce"])
     r2 = attack.send(second, envelope(required2, offer2, replay))
     assert r2.status_code == 402, r2.text
-    assert reason(r2) == NONCE_USED
+    assert error_code(r2) == NONCE_USED
     rows = attack.rows()
     assert [row["state"] for row in rows] == ["settled"], rows
     time.sleep(SETTLE_WAIT)
@@ -436,7 +372,7 @@ def test_nonce_already_settled_resigned_for_a_new_request(attack):
 def _valid_doc(attack: Attack, body: dict[str, Any]) -> dict[str, Any]:
     """A genuine payment (the gateway's own client signer), to be tampered with."""
     required, offer = attack.offer(body)
-    return envelope(required, offer, sign_exact(attack.payer, offer, int(time.time())))
+    return exact_payment(attack.payer, required, offer)
 
 
 @pytest.mark.parametrize(
@@ -460,7 +396,7 @@ def test_base64_of_non_json(attack, raw):
 @pytest.mark.parametrize("doc", [[1, 2], "x402", 2, None, True], ids=["array", "string", "number", "null", "bool"])
 def test_json_that_is_not_an_object(attack, doc):
     body = chat_body("JSON that is not an object")
-    attack.refused(attack.send(body, b64(doc)), 400, INVALID_PAYLOAD)
+    attack.refused(attack.send(body, b64json(doc)), 400, INVALID_PAYLOAD)
 
 
 MISSING = {
@@ -596,7 +532,7 @@ def test_payer_without_balance(attack):
     pauper = Account.create()
     r = attack.send(body, envelope(required, offer, authorize(pauper, offer)))
     assert r.status_code == 402, r.text
-    assert reason(r) == INSUFFICIENT_FUNDS
+    assert error_code(r) == INSUFFICIENT_FUNDS
     assert [row["state"] for row in attack.rows(pauper.address)] == ["released"]
     attack.nothing_moved(pauper, 0)
 
@@ -607,7 +543,7 @@ def test_payer_one_unit_short(attack):
     short = attack.chain.fund(int(offer["amount"]) - 1)
     r = attack.send(body, envelope(required, offer, authorize(short, offer)))
     assert r.status_code == 402, r.text
-    assert reason(r) == INSUFFICIENT_FUNDS
+    assert error_code(r) == INSUFFICIENT_FUNDS
     attack.nothing_moved(short, int(offer["amount"]) - 1)
 
 
@@ -629,7 +565,7 @@ def test_balance_spent_by_a_settled_call_is_not_spent_again(attack):
     required, offer = attack.offer(body)
     r2 = attack.send(body, envelope(required, offer, authorize(payer, offer)))
     assert r2.status_code == 402, f"second call served on spent funds: {r2.status_code} {r2.text[:300]}"
-    assert reason(r2) == INSUFFICIENT_FUNDS
+    assert error_code(r2) == INSUFFICIENT_FUNDS
     time.sleep(SETTLE_WAIT)
     states = sorted(row["state"] for row in attack.rows(payer.address))
     assert states == ["released", "settled"], states
@@ -810,17 +746,17 @@ def test_fuzz_never_5xx_and_gateway_stays_healthy(attack):
         ("header 60 KB", {"PAYMENT-SIGNATURE": "A" * 60_000}),
         ("nested JSON list header", {"PAYMENT-SIGNATURE": b64json_raw(_nested(5000))}),
         ("nested JSON dict header", {"PAYMENT-SIGNATURE": b64json_raw('{"a":' * 3000 + "1" + "}" * 3000)}),
-        ("x402Version 2 only", {"PAYMENT-SIGNATURE": b64({"x402Version": 2})}),
-        ("x402Version huge", {"PAYMENT-SIGNATURE": b64({"x402Version": 10**100})}),
-        ("x402Version 2.0", {"PAYMENT-SIGNATURE": b64({"x402Version": 2.0, "accepted": {}, "payload": {}})}),
+        ("x402Version 2 only", {"PAYMENT-SIGNATURE": b64json({"x402Version": 2})}),
+        ("x402Version huge", {"PAYMENT-SIGNATURE": b64json({"x402Version": 10**100})}),
+        ("x402Version 2.0", {"PAYMENT-SIGNATURE": b64json({"x402Version": 2.0, "accepted": {}, "payload": {}})}),
         (
             "unicode fields",
-            {"PAYMENT-SIGNATURE": b64({"x402Version": 2, "accepted": {"scheme": "💥", "network": "é"}})},
+            {"PAYMENT-SIGNATURE": b64json({"x402Version": 2, "accepted": {"scheme": "💥", "network": "é"}})},
         ),
         ("surrogate fields", {"PAYMENT-SIGNATURE": b64json_raw('{"x402Version":2,"accepted":{"scheme":"\\ud800"}}')}),
         ("X-PAYMENT junk", {"X-PAYMENT": "junk"}),
         ("X-PAYMENT nested", {"X-PAYMENT": b64json_raw(_nested(5000))}),
-        ("X-PAYMENT v1 empty", {"X-PAYMENT": b64({"x402Version": 1})}),
+        ("X-PAYMENT v1 empty", {"X-PAYMENT": b64json({"x402Version": 1})}),
         ("both headers", {"PAYMENT-SIGNATURE": "junk", "X-PAYMENT": "junk"}),
     ]
     for _ in range(20):
@@ -834,12 +770,12 @@ def test_fuzz_never_5xx_and_gateway_stays_healthy(attack):
     required, offer = attack.offer(body)
     for i in range(60):
         doc = _mutate(envelope(required, offer, authorize(attack.payer, offer)), rng)
-        post(f"mutated payment #{i}: {json.dumps(doc)[:120]}", raw_body, {"PAYMENT-SIGNATURE": b64(doc)})
+        post(f"mutated payment #{i}: {json.dumps(doc)[:120]}", raw_body, payment_header(doc))
 
     # 4. mutated request bodies, with and without a payment for the original
     for i in range(40):
         doc = _mutate(body, rng)
-        h = {"PAYMENT-SIGNATURE": b64(envelope(required, offer, authorize(attack.payer, offer)))} if i % 2 else {}
+        h = payment_header(envelope(required, offer, authorize(attack.payer, offer))) if i % 2 else {}
         post(f"mutated body #{i}: {json.dumps(doc)[:120]}", json.dumps(doc).encode(), h)
 
     health = client.get("/healthz")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import AbstractContextManager
 from fractions import Fraction
 
 import httpx
 import pytest
 
-from support import wait_receipt
+from support import CALLS, CHAT, PAYMENTS, chat_body, wait_receipt
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.pricing import to_atomic
 from tollway.usage import Usage
@@ -25,8 +26,11 @@ def client(gateway, payer) -> httpx.Client:
 
 
 def chat(http: httpx.Client, text: str, max_tokens: int, **extra) -> httpx.Response:
-    body = {"model": "mock/echo", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra}
-    return http.post("/v1/chat/completions", json=body)
+    return http.post(CHAT, json=chat_body(text, max_tokens=max_tokens, **extra))
+
+
+def chat_stream(http: httpx.Client, text: str, max_tokens: int, **extra) -> AbstractContextManager[httpx.Response]:
+    return http.stream("POST", CHAT, json=chat_body(text, max_tokens=max_tokens, stream=True, **extra))
 
 
 def credit(gateway, payer) -> int:
@@ -138,32 +142,13 @@ def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer)
             if action == "call":
                 assert chat(http, text, rng.randint(1, 300)).status_code == 200
             elif action == "stream":
-                with http.stream(
-                    "POST",
-                    "/v1/chat/completions",
-                    json={
-                        "model": "mock/echo",
-                        "messages": [{"role": "user", "content": text}],
-                        "max_tokens": rng.randint(1, 50),
-                        "stream": True,
-                    },
-                ) as r:
+                with chat_stream(http, text, rng.randint(1, 50)) as r:
                     assert r.status_code == 200
                     r.read()
             elif action == "fail":
                 assert chat(http, text, 10, mock={"fail": rng.choice([500, 429])}).status_code in (502, 503)
             elif action == "midstream":
-                with http.stream(
-                    "POST",
-                    "/v1/chat/completions",
-                    json={
-                        "model": "mock/echo",
-                        "messages": [{"role": "user", "content": text}],
-                        "max_tokens": 30,
-                        "stream": True,
-                        "mock": {"fail_after_chunks": 2},
-                    },
-                ) as r:
+                with chat_stream(http, text, 30, mock={"fail_after_chunks": 2}) as r:
                     r.read()
             else:
                 owed = credit(gateway, payer)
@@ -196,15 +181,10 @@ def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer)
 
     from sqlalchemy import select
 
-    from tollway.ledger.models import Call, Payment
-
-    C, P = Call.__table__, Payment.__table__
+    paid_by_payer = PAYMENTS.c.payer == payer.account.address.lower()
     with gateway.store.engine.connect() as c:
-        rows = (
-            c.execute(select(C).join(P, C.c.payment_id == P.c.id).where(P.c.payer == payer.account.address.lower()))
-            .mappings()
-            .all()
-        )
+        query = select(CALLS).join(PAYMENTS, CALLS.c.payment_id == PAYMENTS.c.id).where(paid_by_payer)
+        rows = c.execute(query).mappings().all()
     charged = 0
     for row in rows:
         if row["status"] == "failed":

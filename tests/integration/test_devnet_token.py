@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,25 +13,11 @@ from web3.contract import Contract
 from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 
+from support import AUTHORIZATION_FIELDS, SECP256K1_N, free_port
 from tollway.devnet.anvil import DEFAULT_MNEMONIC, DEV_KEYS, find_anvil, start_anvil
 from tollway.devnet.deploy import MINT_PER_ACCOUNT, Devnet, deploy_devnet, token_contract
 
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-AUTH_FIELDS = [
-    {"name": "from", "type": "address"},
-    {"name": "to", "type": "address"},
-    {"name": "value", "type": "uint256"},
-    {"name": "validAfter", "type": "uint256"},
-    {"name": "validBefore", "type": "uint256"},
-    {"name": "nonce", "type": "bytes32"},
-]
 FAR_FUTURE = 2**48
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +27,7 @@ def _token_anvil() -> Iterator[str]:
         find_anvil()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    port = _free_port()
+    port = free_port()
     proc = start_anvil(port)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -107,7 +92,7 @@ def _authorization(
         "validBefore": valid_before,
         "nonce": nonce,
     }
-    v, r, s = _sign(devnet, signer_key or key, primary, AUTH_FIELDS, message)
+    v, r, s = _sign(devnet, signer_key or key, primary, AUTHORIZATION_FIELDS, message)
     return (frm, to, value, valid_after, valid_before, nonce, v, r, s)
 
 

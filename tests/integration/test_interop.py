@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import httpx
@@ -18,19 +17,16 @@ from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
 from x402.schemas.v1 import PaymentRequiredV1
 
 from conftest import gateway_settings, start_anvil
-from support import Chain, ServerThread, wait_receipt
+from support import CHAT, Chain, ServerThread, payment_required, run_concurrently, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, async_openai_client, openai_client
 from tollway.devnet.deploy import deploy_devnet
-from tollway.payments.x402 import unb64json
 
 BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "Say hi to the x402 SDK"}], "max_tokens": 12}
 
 
 def quoted_amount(url: str, body: dict) -> int:
-    r = httpx.post(f"{url}/v1/chat/completions", json=body)
-    assert r.status_code == 402
-    return int(unb64json(r.headers["PAYMENT-REQUIRED"])["accepts"][0]["amount"])
+    return int(payment_required(httpx.post(url + CHAT, json=body))["accepts"][0]["amount"])
 
 
 def official_client(account, network: str, token: str, v1: bool = False) -> x402Client:
@@ -52,7 +48,7 @@ async def test_official_x402_client_pays_on_anvil(gateway, chain, devnet):
     payer_before, payee_before = chain.balance(account.address), chain.balance(devnet.payee)
 
     async with x402HttpxClient(official_client(account, network, devnet.token)) as http:
-        r = await http.post(f"{gateway.url}/v1/chat/completions", json=BODY)
+        r = await http.post(gateway.url + CHAT, json=BODY)
 
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "echo: Say hi to the x402 SDK"
@@ -123,7 +119,7 @@ async def test_official_x402_v1_payload_pays(v1_gateway):
     server, devnet = v1_gateway
     chain = Chain(devnet)
     account = Account.from_key(devnet.payer_keys[0])
-    url = f"{server.url}/v1/chat/completions"
+    url = server.url + CHAT
     r = httpx.post(url, json=BODY)
     assert r.status_code == 402 and r.json()["x402Version"] == 1  # v1 clients read the body
     assert r.json()["accepts"][0]["network"] == "base-sepolia"
@@ -159,11 +155,7 @@ def test_many_payers_at_once(gateway, chain, devnet):
         )
         results.append(payer)
 
-    threads = [threading.Thread(target=one, args=(a,)) for a in accounts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(one, accounts)
     assert len(results) == 8
     for payer in results:
         wait_receipt(gateway.url, payer.history[0].receipt_id)

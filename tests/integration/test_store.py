@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from support import run_concurrently
 from tollway.ledger import PaymentState, Store
 
 
@@ -76,11 +77,7 @@ def test_concurrent_reservations_across_connections(db_url):
             if got:
                 wins.append(got)
 
-    threads = [threading.Thread(target=race, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(race, stores)
     assert len(wins) == 1
 
 
@@ -98,11 +95,7 @@ def test_settler_nonces_are_unique_across_replicas(db_url):
             with lock:
                 taken.append(n)
 
-    threads = [threading.Thread(target=take, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(take, stores)
     assert sorted(taken) == list(range(7, 107))
 
 

@@ -5,110 +5,50 @@ move: the payment is ``released``, the call ``failed``, the payer's balance unch
 
 from __future__ import annotations
 
-import base64
 import json
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from eth_account import Account
-from sqlalchemy import create_engine, select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from support import ServerThread, free_port, wait_receipt
-from tollway.app import create_app
-from tollway.client.payer import sign_exact
-from tollway.ledger.models import Call, Payment
-
-CHAT = "/v1/chat/completions"
-P = Payment.__table__
-C = Call.__table__
-SETTLE_WAIT = 0.3
-
-
-def chat_body(text: str, **extra: Any) -> dict[str, Any]:
-    return {"model": "mock/echo", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
-
-
-def b64(doc: Any) -> str:
-    return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
-
-
-def unb64(value: str) -> Any:
-    return json.loads(base64.b64decode(value))
-
-
-def error_code(r: httpx.Response) -> str:
-    try:
-        return str(r.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return f"<no code: {r.text[:200]!r}>"
+from support import (
+    CHAT,
+    SETTLE_WAIT,
+    ServerThread,
+    call_rows,
+    chat_body,
+    dedicated_gateway,
+    error_code,
+    exact_payment,
+    free_port,
+    payment_header,
+    payment_required,
+    payment_rows,
+    wait_receipt,
+)
 
 
 def paid_headers(client: httpx.Client, body: dict[str, Any], payer: Any) -> tuple[dict[str, str], int]:
     """Ask for the 402 of ``body`` and sign its first offer: (headers for the retry, amount)."""
-    r = client.post(CHAT, json=body)
-    assert r.status_code == 402, r.text
-    required = unb64(r.headers["PAYMENT-REQUIRED"])
+    required = payment_required(client.post(CHAT, json=body))
     offer = required["accepts"][0]
-    doc = {
-        "x402Version": 2,
-        "resource": required["resource"],
-        "accepted": offer,
-        "payload": sign_exact(payer, offer, int(time.time())),
-        "extensions": {},
-    }
-    return {"PAYMENT-SIGNATURE": b64(doc)}, int(offer["amount"])
+    return payment_header(exact_payment(payer, required, offer)), int(offer["amount"])
 
 
 def assert_nothing_charged(engine: Any, chain: Any, payer: Any, before: int, r: httpx.Response) -> None:
     """The one payment of ``payer`` was released, its call failed, and the balance did not move."""
     assert "PAYMENT-RESPONSE" not in r.headers
-    with engine.connect() as c:
-        rows = [dict(x) for x in c.execute(select(P).where(P.c.payer == payer.address.lower())).mappings()]
-        assert [(p["state"], p["tx_hash"]) for p in rows] == [("released", None)], rows
-        statuses = [x.status for x in c.execute(select(C.c.status).where(C.c.payment_id == rows[0]["id"]))]
+    rows = payment_rows(engine, payer.address)
+    assert [(p["state"], p["tx_hash"]) for p in rows] == [("released", None)], rows
+    statuses = [c["status"] for c in call_rows(engine, rows[0]["id"])]
     assert statuses == ["failed"], statuses
     time.sleep(SETTLE_WAIT)
     assert chain.balance(payer.address) == before
-
-
-@contextmanager
-def dedicated_gateway(gateway: Any, chain: Any, tmp_path: Path, **changes: Any) -> Iterator[tuple[str, Any]]:
-    """A gateway of its own (own ledger, own settlement key) with ``upstream``/``chain`` settings changed.
-
-    ``changes``: ``upstream_url``, ``read_timeout``, ``rpc_url``.
-    """
-    settler = Account.create()
-    chain.w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**20)])
-    s = gateway.settings
-    upstream = {"url": changes.get("upstream_url"), "read_timeout": changes.get("read_timeout")}
-    settings = s.model_copy(
-        update={
-            "database_url": f"sqlite:///{tmp_path / f'ledger-{uuid.uuid4().hex}.sqlite3'}",
-            "upstream": s.upstream.model_copy(update={k: v for k, v in upstream.items() if v is not None}),
-            "chain": s.chain.model_copy(
-                update={
-                    "settler_key": "0x" + bytes(settler.key).hex(),
-                    **({"rpc_url": changes["rpc_url"]} if "rpc_url" in changes else {}),
-                }
-            ),
-        }
-    )
-    engine = create_engine(settings.database_url)
-    try:
-        with ServerThread(create_app(settings)) as server:
-            yield server.url, engine
-    finally:
-        engine.dispose()
 
 
 # -- upstream error statuses (the shared gateway and mock) -------------------------------------------
@@ -235,8 +175,7 @@ def test_stream_failing_before_any_content_charges_nothing(gateway, chain):
         with client.stream("POST", CHAT, json=body, headers=headers) as r:
             text = "".join(r.iter_text())
     assert '"content":"echo' not in text.replace(" ", "")  # the upstream produced no content
-    with gateway.store.engine.connect() as c:
-        rows = [dict(x) for x in c.execute(select(P).where(P.c.payer == payer.address.lower())).mappings()]
+    rows = payment_rows(gateway.store.engine, payer.address)
     assert [p["state"] for p in rows] == ["released"], f"charged for a call that produced nothing: {rows}"
     time.sleep(SETTLE_WAIT)
     assert chain.balance(payer.address) == before

@@ -6,40 +6,23 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
+from support import high_s_twin, transfer_typed_data
 from tollway.payments import eip3009
 
 TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 
 
 def typed(auth: eip3009.Authorization, chain_id: int = 31337) -> dict:
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "TransferWithAuthorization": [
-                {"name": "from", "type": "address"},
-                {"name": "to", "type": "address"},
-                {"name": "value", "type": "uint256"},
-                {"name": "validAfter", "type": "uint256"},
-                {"name": "validBefore", "type": "uint256"},
-                {"name": "nonce", "type": "bytes32"},
-            ],
-        },
-        "primaryType": "TransferWithAuthorization",
-        "domain": {"name": "USD Coin", "version": "2", "chainId": chain_id, "verifyingContract": TOKEN},
-        "message": {
-            "from": auth.from_,
-            "to": auth.to,
-            "value": auth.value,
-            "validAfter": auth.valid_after,
-            "validBefore": auth.valid_before,
-            "nonce": auth.nonce,
-        },
+    """``auth`` as EIP-712 typed data for eth-account, the reference implementation."""
+    message = {
+        "from": auth.from_,
+        "to": auth.to,
+        "value": auth.value,
+        "validAfter": auth.valid_after,
+        "validBefore": auth.valid_before,
+        "nonce": auth.nonce,
     }
+    return transfer_typed_data(message, token=TOKEN, chain_id=chain_id)
 
 
 def make_auth(account, value: int = 12345) -> eip3009.Authorization:
@@ -71,9 +54,7 @@ def test_malleable_and_malformed_signatures_are_refused():
     auth = make_auth(account)
     domain = eip3009.domain_separator("USD Coin", "2", 31337, TOKEN)
     sig = bytes(Account.unsafe_sign_hash(eip3009.digest(auth, domain), account.key).signature)
-    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
-    high_s = r + (eip3009.SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
-    for bad in (high_s, sig[:64], sig + b"\0", r + sig[32:64] + b"\x05", bytes(65)):
+    for bad in (high_s_twin(sig), sig[:64], sig + b"\0", sig[:64] + b"\x05", bytes(65)):
         with pytest.raises(eip3009.SignatureError):
             eip3009.recover(eip3009.digest(auth, domain), bad)
 
