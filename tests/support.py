@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -16,6 +17,10 @@ import httpx
 import uvicorn
 from eth_account import Account
 from sqlalchemy import create_engine, select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from web3 import Web3
 
 from tollway.app import create_app
@@ -295,3 +300,32 @@ def high_s_twin(signature: bytes) -> bytes:
     same signer, with a high s."""
     r, s, v = signature[:32], int.from_bytes(signature[32:64], "big"), signature[64]
     return r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
+
+
+class RpcSwitch:
+    """A JSON-RPC proxy to anvil that can be made to fail: ``mode`` is up | http-502 | garbage | rpc-error."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.mode = "up"
+
+    async def handle(self, request: Request) -> Response:
+        raw = await request.body()
+        if self.mode == "http-502":
+            return Response(b"<html>502 Bad Gateway</html>", status_code=502, media_type="text/html")
+        if self.mode == "garbage":
+            return Response(b"<html>maintenance</html>", status_code=200, media_type="text/html")
+        if self.mode == "rpc-error":  # what a rate-limited public RPC answers
+            doc = json.loads(raw)
+
+            def err(call: dict[str, Any]) -> dict[str, Any]:
+                return {"jsonrpc": "2.0", "id": call.get("id"), "error": {"code": -32005, "message": "rate limited"}}
+
+            reply = [err(c) for c in doc] if isinstance(doc, list) else err(doc)
+            return Response(json.dumps(reply).encode(), media_type="application/json")
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(self.target, content=raw, headers={"content-type": "application/json"})
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/", self.handle, methods=["POST"])])

@@ -64,6 +64,7 @@ class Settler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._gap_since: float | None = None
+        self.gap_grace = GAP_GRACE
         self.last_error: str | None = None
 
     # -- request path -----------------------------------------------------------------------
@@ -205,7 +206,7 @@ class Settler:
         if self._gap_since is None:
             self._gap_since = time.monotonic()
             return
-        if time.monotonic() - self._gap_since < GAP_GRACE:
+        if time.monotonic() - self._gap_since < self.gap_grace:
             return
         for nonce in range(chain_next, lowest_pending):
             _, raw = self._sign(nonce, self.address, b"", gas=21_000)

@@ -5,20 +5,16 @@ move: the payment is ``released``, the call ``failed``, the payer's balance unch
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from support import (
     CHAT,
     SETTLE_WAIT,
+    RpcSwitch,
     ServerThread,
     call_rows,
     chat_body,
@@ -182,35 +178,6 @@ def test_stream_failing_before_any_content_charges_nothing(gateway, chain):
 
 
 # -- the chain's RPC fails -------------------------------------------------------------------------------
-
-
-class RpcSwitch:
-    """A JSON-RPC proxy to anvil that can be made to fail: ``mode`` is up | http-502 | garbage | rpc-error."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.mode = "up"
-
-    async def handle(self, request: Request) -> Response:
-        raw = await request.body()
-        if self.mode == "http-502":
-            return Response(b"<html>502 Bad Gateway</html>", status_code=502, media_type="text/html")
-        if self.mode == "garbage":
-            return Response(b"<html>maintenance</html>", status_code=200, media_type="text/html")
-        if self.mode == "rpc-error":  # what a rate-limited public RPC answers
-            doc = json.loads(raw)
-
-            def err(call: dict[str, Any]) -> dict[str, Any]:
-                return {"jsonrpc": "2.0", "id": call.get("id"), "error": {"code": -32005, "message": "rate limited"}}
-
-            reply = [err(c) for c in doc] if isinstance(doc, list) else err(doc)
-            return Response(json.dumps(reply).encode(), media_type="application/json")
-        async with httpx.AsyncClient(timeout=10) as client:
-            r = await client.post(self.target, content=raw, headers={"content-type": "application/json"})
-        return Response(r.content, status_code=r.status_code, media_type="application/json")
-
-    def app(self) -> Starlette:
-        return Starlette(routes=[Route("/", self.handle, methods=["POST"])])
 
 
 @pytest.mark.parametrize("mode", ["http-502", "garbage", "rpc-error"])
