@@ -77,7 +77,12 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
             raise with_challenge(exc, gw, call, request) from None
         raise
 
-    tx_hash = settle(gw, paid)  # settle (signed here, broadcast by the worker)
+    try:
+        tx_hash = settle(gw, paid)  # settle (signed here, broadcast by the worker)
+    except BaseException as exc:
+        await opened.response.aclose()
+        undo(gw, paid, call, call_id, exc)
+        raise
     headers = receipt_headers(gw, paid, tx_hash, call_id)
     expected = gw.prefixes.expect(opened.upstream, call.model, call.body["messages"])  # cache we expect
     if call.stream:
