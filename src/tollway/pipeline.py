@@ -243,30 +243,26 @@ def meter(
     gw: Gateway,
     call: ChatCall,
     paid: Paid,
-    call_id: str,
     opened: Opened,
     usage: Usage | None,
     expected: int,
-    upstream_hops: list[dict[str, Any]],
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Charge the call's metered cost to the payer's credit account; the call-row fields and cache hops.
+    row: dict[str, Any],
+    *,
+    insert_row: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Charge the call's metered cost to the payer's credit account and record the call, in one
+    transaction. Returns the metered fields (with ``credit_after``) and this hop's cache figures.
 
     Without usage the call cannot be metered and costs its quote (the agreed upper bound).
     """
     covered = paid.payment.amount + paid.held
     cost = call.quote.amount if usage is None else call.prices.cost(usage)
     if cost > covered:
-        log.warning("call %s cost %d exceeds what covers it (%d): usage over the quote's bound", call_id, cost, covered)
+        log.warning(
+            "call %s cost %d exceeds what covers it (%d): usage over the quote's bound", row["id"], cost, covered
+        )
         cost = covered
-    credit = gw.store.settle_call_credit(
-        paid.account,
-        deposit=paid.payment.amount,
-        held=paid.held,
-        cost=cost,
-        call_id=call_id,
-        payment_id=paid.payment_id,
-    )
-    fields: dict[str, Any] = {"cost": cost, "credit_after": credit, "expected_cached_tokens": expected}
+    fields: dict[str, Any] = {"cost": cost, "expected_cached_tokens": expected}
     discount = None
     if usage is not None:
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
@@ -281,7 +277,16 @@ def meter(
             usage_dialect=usage.dialect,
             cache_discount=discount,
         )
-    return fields, [cache.hop(opened.upstream, usage, expected, discount), *upstream_hops]
+    fields["credit_after"] = gw.store.finish_call(
+        paid.account,
+        deposit=paid.payment.amount,
+        held=paid.held,
+        cost=cost,
+        payment_id=paid.payment_id,
+        call={**row, **fields},
+        insert_row=insert_row,
+    )
+    return fields, cache.hop(opened.upstream, usage, expected, discount)
 
 
 def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[str, Any]:
@@ -301,29 +306,18 @@ def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[st
 def respond(
     gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str], expected: int
 ) -> Response:
-    fields, hops = meter(
-        gw,
-        call,
-        paid,
+    row = call_row(
         call_id,
-        opened,
-        usage_from_body(opened.first),
-        expected,
-        cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER)),
+        paid,
+        call,
+        upstream=opened.upstream,
+        status="served",
+        upstream_latency_ms=opened.latency_ms,
+        duration_ms=opened.latency_ms,
+        finished_at=time.time(),
     )
-    gw.store.insert_call(
-        call_row(
-            call_id,
-            paid,
-            call,
-            upstream=opened.upstream,
-            status="served",
-            upstream_latency_ms=opened.latency_ms,
-            duration_ms=opened.latency_ms,
-            finished_at=time.time(),
-            **fields,
-        )
-    )
+    fields, hop = meter(gw, call, paid, opened, usage_from_body(opened.first), expected, row, insert_row=True)
+    hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]
     headers["x-tollway-cost"] = str(fields["cost"])
     headers["x-tollway-credit"] = str(fields["credit_after"])
     headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
@@ -341,40 +335,39 @@ def relay_stream(
         )
     )
 
-    def used(tail: StreamTail) -> Usage:
-        return tail.usage() or tail.estimate(call.quote.prompt_bound, call.quote.max_tokens)
+    def finish(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        error = opened.error or tail.error()
+        usage = tail.usage() or tail.estimate(call.quote.prompt_bound, call.quote.max_tokens)
+        row = {
+            "id": call_id,
+            "status": "served" if complete and error is None else "incomplete",
+            "error": error,
+            "duration_ms": (time.time() - started) * 1000,
+            "finished_at": time.time(),
+        }
+        return meter(gw, call, paid, opened, usage, expected, row, insert_row=False)
 
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
         tail.feed(opened.first)
-        complete, metered = False, False
+        finished = False
         try:
             yield opened.first
             async for chunk in opened.rest():
                 tail.feed(chunk)
                 yield chunk
-            complete = opened.error is None
-            fields, hops = meter(gw, call, paid, call_id, opened, used(tail), expected, tail.upstream_hops())
-            metered = True
+            fields, hop = finish(tail, complete=opened.error is None)
+            finished = True
             summary = {
                 "receipt": call_id,
                 "cost": str(fields["cost"]),
                 "credit": str(fields["credit_after"]),
-                "cache": hops,
+                "cache": [hop, *tail.upstream_hops()],
             }
             yield SUMMARY_PREFIX + json.dumps(summary, separators=(",", ":")).encode() + b"\n\n"
         finally:
-            error = opened.error or tail.error()
-            if not metered:  # the client went away, or the relay broke: meter what was used
-                fields, _ = meter(gw, call, paid, call_id, opened, used(tail), expected, [])
-            gw.store.update_call(
-                call_id,
-                status="served" if complete and error is None else "incomplete",
-                error=error,
-                duration_ms=(time.time() - started) * 1000,
-                finished_at=time.time(),
-                **fields,
-            )
+            if not finished:  # the client went away, or the relay broke: meter what was used
+                finish(tail, complete=False)
             with anyio.CancelScope(shield=True):
                 await opened.response.aclose()
 

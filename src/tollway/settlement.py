@@ -71,15 +71,11 @@ class Settler:
 
     def sign(self, payment_id: str, to: str, data: bytes) -> str:
         """Sign the settlement transaction for a reserved payment; returns its hash."""
-        nonce = self.store.take_settler_nonce(self.address)
-        tx_hash, raw = self._sign(nonce, to, data)
-        if not self.store.mark_settling(payment_id, tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce, settler=self.address):
-            # The payment left `reserved` under us (cannot happen on the request path): burn the nonce harmlessly.
-            log.error("payment %s was not reserved; filling nonce %d", payment_id, nonce)
-            self._wake.set()
-            raise RuntimeError("payment was not in the reserved state")
+        done = self.store.sign_settlement(payment_id, self.address, lambda nonce: self._sign(nonce, to, data))
+        if done is None:
+            raise RuntimeError(f"payment {payment_id} was not in the reserved state")
         self._wake.set()
-        return tx_hash
+        return done[0]
 
     def _sign(self, nonce: int, to: str, data: bytes, gas: int | None = None, account: Any = None) -> tuple[str, str]:
         tx = {

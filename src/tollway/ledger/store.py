@@ -11,14 +11,16 @@ the whole rest of a request). Calls are synchronous: on SQLite they take tens of
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, create_engine, event, func, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import bindparam, case, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
@@ -33,6 +35,29 @@ PO = Payout.__table__  # type: ignore[attr-defined]
 
 UNSETTLED = (PaymentState.RESERVED, PaymentState.SETTLING)
 
+# Hot-path statements, built once: the SET columns of an UPDATE come from the parameters.
+MOVE = update(P).where(P.c.id == bindparam("b_id"), P.c.state.in_(bindparam("b_from", expanding=True)))
+UPDATE_CALL = update(C).where(C.c.id == bindparam("b_id"))
+_PAYER = (P.c.network == bindparam("b_network"), P.c.asset == bindparam("b_asset"), P.c.payer == bindparam("b_payer"))
+OWED = select(
+    select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state.in_(UNSETTLED)).scalar_subquery()
+    + select(func.coalesce(func.sum(P.c.amount), 0))
+    .where(*_PAYER, P.c.state == PaymentState.SETTLED, P.c.updated_at >= bindparam("b_since"))
+    .scalar_subquery()
+)
+APPLY = (  # add to a credit balance unless it would go negative
+    update(CR)
+    .where(CR.c.account == bindparam("b_account"), CR.c.balance + bindparam("b_delta") >= 0)
+    .values(balance=CR.c.balance + bindparam("b_delta"), updated_at=bindparam("b_now"))
+    .returning(CR.c.balance)
+)
+TAKE_NONCE = (
+    update(N)
+    .where(N.c.address == bindparam("b_address"))
+    .values(next_nonce=N.c.next_nonce + 1)
+    .returning(N.c.next_nonce)
+)
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -43,6 +68,10 @@ def credit_account(network: str, asset: str, wallet: str) -> str:
 
 
 class InsufficientCredit(Exception):
+    pass
+
+
+class _NotReserved(Exception):
     pass
 
 
@@ -69,9 +98,24 @@ class Store:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         SQLModel.metadata.create_all(self.engine)
+        self._local = threading.local()
+        self._connections: list[Connection] = []
 
     def close(self) -> None:
+        for conn in self._connections:
+            conn.close()
         self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        """A transaction on this thread's own connection. Kept open for the life of the store: a
+        pool checkout per statement costs more than the statement (the event loop is one thread)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.engine.connect()
+            self._connections.append(conn)
+        with conn.begin():
+            yield conn
 
     # -- payments -------------------------------------------------------------------------
 
@@ -85,12 +129,12 @@ class Store:
         row = {**row, "state": PaymentState.RESERVED, "created_at": now, "updated_at": now}
         row.setdefault("id", new_id())
         try:
-            with self.engine.begin() as c:
-                c.execute(insert(P).values(**row))
+            with self._tx() as c:
+                c.execute(insert(P), row)
             return str(row["id"])
         except IntegrityError:
             pass
-        with self.engine.begin() as c:
+        with self._tx() as c:
             got = c.execute(
                 update(P)
                 .where(
@@ -104,12 +148,9 @@ class Store:
         return str(got[0]) if got else None
 
     def _move(self, payment_id: str, frm: Iterable[str], to: str, **values: Any) -> bool:
-        with self.engine.begin() as c:
-            res = c.execute(
-                update(P)
-                .where(P.c.id == payment_id, P.c.state.in_(list(frm)))
-                .values(state=to, updated_at=time.time(), **values)
-            )
+        params = {"b_id": payment_id, "b_from": list(frm), "state": to, "updated_at": time.time(), **values}
+        with self._tx() as c:
+            res = c.execute(MOVE, params)
         return res.rowcount == 1
 
     def release(self, payment_id: str, error: str) -> bool:
@@ -127,7 +168,7 @@ class Store:
         )
 
     def mark_broadcast(self, payment_id: str, *, error: str | None = None) -> None:
-        with self.engine.begin() as c:
+        with self._tx() as c:
             c.execute(
                 update(P)
                 .where(P.c.id == payment_id, P.c.state == PaymentState.SETTLING)
@@ -136,7 +177,7 @@ class Store:
 
     def resign(self, payment_id: str, *, old_tx: str, tx_hash: str, raw_tx: str, tx_nonce: int) -> bool:
         """Swap a settlement transaction that can never be mined for a new one."""
-        with self.engine.begin() as c:
+        with self._tx() as c:
             res = c.execute(
                 update(P)
                 .where(P.c.id == payment_id, P.c.state == PaymentState.SETTLING, P.c.tx_hash == old_tx)
@@ -155,7 +196,7 @@ class Store:
         return self._move(payment_id, [PaymentState.SETTLING], PaymentState.FAILED, error=error)
 
     def payment(self, payment_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
+        with self._tx() as c:
             row = c.execute(select(P).where(P.c.id == payment_id)).mappings().first()
         return dict(row) if row else None
 
@@ -163,28 +204,22 @@ class Store:
         """What a payer owes us that a balance read at ``settled_since`` (UNIX time) still holds:
         payments not yet on chain, and those marked settled after the read (they may have been
         mined after it). Counting one twice only errs on the safe side."""
-        with self.engine.connect() as c:
+        with self._tx() as c:
             total = c.execute(
-                select(func.coalesce(func.sum(P.c.amount), 0)).where(
-                    P.c.network == network,
-                    P.c.asset == asset,
-                    P.c.payer == payer,
-                    P.c.state.in_(UNSETTLED)
-                    | ((P.c.state == PaymentState.SETTLED) & (P.c.updated_at >= settled_since)),
-                )
+                OWED, {"b_network": network, "b_asset": asset, "b_payer": payer, "b_since": settled_since}
             ).scalar_one()
         return int(total)
 
     def settling(self, limit: int = 100) -> Sequence[dict[str, Any]]:
         """Payments whose settlement transaction still has to be broadcast or confirmed."""
-        with self.engine.connect() as c:
+        with self._tx() as c:
             rows = c.execute(
                 select(P).where(P.c.state == PaymentState.SETTLING).order_by(P.c.tx_nonce).limit(limit)
             ).mappings()
             return [dict(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
-        with self.engine.connect() as c:
+        with self._tx() as c:
             rows = c.execute(select(P.c.state, func.count()).group_by(P.c.state)).all()
         return {str(s): int(n) for s, n in rows}
 
@@ -192,7 +227,7 @@ class Store:
 
     def sync_settler_nonce(self, address: str, chain_next: int) -> None:
         """Make sure the shared counter is not behind the chain (e.g. after an outside tx)."""
-        with self.engine.begin() as c:
+        with self._tx() as c:
             got = c.execute(
                 update(N)
                 .where(N.c.address == address)
@@ -210,23 +245,53 @@ class Store:
                     pass
 
     def take_settler_nonce(self, address: str) -> int:
-        with self.engine.begin() as c:
-            got = c.execute(
-                update(N).where(N.c.address == address).values(next_nonce=N.c.next_nonce + 1).returning(N.c.next_nonce)
-            ).first()
+        with self._tx() as c:
+            return self._take_nonce(c, address)
+
+    @staticmethod
+    def _take_nonce(c: Connection, address: str) -> int:
+        got = c.execute(TAKE_NONCE, {"b_address": address}).first()
         if got is None:
             raise RuntimeError(f"settlement nonce for {address} was never synced with the chain")
         return int(got[0]) - 1
 
+    def sign_settlement(
+        self, payment_id: str, address: str, sign: Callable[[int], tuple[str, str]]
+    ) -> tuple[str, int] | None:
+        """Take the account's next nonce, sign with it and move the payment ``reserved → settling``,
+        in one transaction. Returns (tx hash, nonce), or None if the payment was not reserved."""
+        try:
+            with self._tx() as c:
+                nonce = self._take_nonce(c, address)
+                tx_hash, raw = sign(nonce)
+                res = c.execute(
+                    MOVE,
+                    {
+                        "b_id": payment_id,
+                        "b_from": [PaymentState.RESERVED],
+                        "state": PaymentState.SETTLING,
+                        "updated_at": time.time(),
+                        "tx_hash": tx_hash,
+                        "raw_tx": raw,
+                        "tx_nonce": nonce,
+                        "settler": address,
+                    },
+                )
+                if res.rowcount != 1:
+                    raise _NotReserved  # rolls back: the nonce is not taken either
+        except _NotReserved:
+            return None
+        return tx_hash, nonce
+
     # -- calls ----------------------------------------------------------------------------
 
     def insert_call(self, row: dict[str, Any]) -> None:
-        with self.engine.begin() as c:
-            c.execute(insert(C).values(created_at=time.time(), **row))
+        with self._tx() as c:
+            c.execute(insert(C), {"created_at": time.time(), **row})
 
     def update_call(self, call_id: str, **values: Any) -> None:
-        with self.engine.begin() as c:
-            c.execute(update(C).where(C.c.id == call_id).values(**values))
+        with self._tx() as c:
+            c.execute(UPDATE_CALL, {"b_id": call_id, **values})
 
     def cache_stats(self, since: float) -> list[dict[str, Any]]:
         """Per model and upstream, since ``since``: prompt and cached tokens (observed vs expected)
@@ -253,12 +318,12 @@ class Store:
             .group_by(C.c.model, C.c.upstream)
             .order_by(C.c.model, C.c.upstream)
         )
-        with self.engine.connect() as c:
+        with self._tx() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
     def receipt(self, call_id: str) -> dict[str, Any] | None:
         """A call joined with its payment."""
-        with self.engine.connect() as c:
+        with self._tx() as c:
             row = (
                 c.execute(
                     select(
@@ -287,12 +352,7 @@ class Store:
         """Apply journal entries to an account inside transaction ``c``; the balance may not go negative."""
         delta = sum(amount for _, amount in entries)
         now = time.time()
-        got = c.execute(
-            update(CR)
-            .where(CR.c.account == account, CR.c.balance + delta >= 0)
-            .values(balance=CR.c.balance + delta, updated_at=now)
-            .returning(CR.c.balance)
-        ).first()
+        got = c.execute(APPLY, {"b_account": account, "b_delta": delta, "b_now": now}).first()
         if got is None:
             exists = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
             if exists is not None or delta < 0:
@@ -311,51 +371,79 @@ class Store:
         return balance
 
     def credit_balance(self, account: str) -> int:
-        with self.engine.connect() as c:
+        with self._tx() as c:
             got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
         return int(got[0]) if got else 0
 
     def credit_balances(self, wallet: str) -> dict[str, int]:
-        with self.engine.connect() as c:
+        with self._tx() as c:
             rows = c.execute(select(CR.c.account, CR.c.balance).where(CR.c.account.like(f"%|{wallet.lower()}"))).all()
         return {str(a): int(b) for a, b in rows}
 
     def hold_credit(self, account: str, amount: int, *, call_id: str, payment_id: str | None) -> bool:
         """Set credit aside for a call; False if the balance does not cover it."""
         try:
-            with self.engine.begin() as c:
+            with self._tx() as c:
                 self._post(c, account, [(EntryKind.HOLD, -amount)], call_id=call_id, payment_id=payment_id)
             return True
         except InsufficientCredit:
             return False
 
     def release_credit(self, account: str, amount: int, *, call_id: str) -> None:
-        with self.engine.begin() as c:
+        with self._tx() as c:
             self._post(c, account, [(EntryKind.RELEASE, amount)], call_id=call_id)
 
     def settle_call_credit(
         self, account: str, *, deposit: int, held: int, cost: int, call_id: str, payment_id: str | None
     ) -> int:
         """A call ended: its payment is deposited, its hold released, its cost charged. Returns the balance."""
-        with self.engine.begin() as c:
-            return self._post(
-                c,
-                account,
-                [(EntryKind.DEPOSIT, deposit), (EntryKind.RELEASE, held), (EntryKind.CHARGE, -cost)],
-                call_id=call_id,
-                payment_id=payment_id,
-            )
+        with self._tx() as c:
+            return self._settle_call(c, account, deposit, held, cost, call_id, payment_id)
+
+    def _settle_call(
+        self, c: Connection, account: str, deposit: int, held: int, cost: int, call_id: str, payment_id: str | None
+    ) -> int:
+        return self._post(
+            c,
+            account,
+            [(EntryKind.DEPOSIT, deposit), (EntryKind.RELEASE, held), (EntryKind.CHARGE, -cost)],
+            call_id=call_id,
+            payment_id=payment_id,
+        )
+
+    def finish_call(
+        self,
+        account: str,
+        *,
+        deposit: int,
+        held: int,
+        cost: int,
+        payment_id: str | None,
+        call: dict[str, Any],
+        insert_row: bool,
+    ) -> int:
+        """Charge a finished call and record it (insert, or update the row of a stream), at once.
+        Returns the payer's credit balance after it."""
+        with self._tx() as c:
+            balance = self._settle_call(c, account, deposit, held, cost, call["id"], payment_id)
+            row = {**call, "credit_after": balance}
+            if insert_row:
+                c.execute(insert(C), {"created_at": time.time(), **row})
+            else:
+                row["b_id"] = row.pop("id")
+                c.execute(UPDATE_CALL, row)
+        return balance
 
     def journal(self, account: str | None = None) -> dict[str, int]:
         """Sum of journal entries by kind (all accounts, or one)."""
         q = select(E.c.kind, func.sum(E.c.amount)).group_by(E.c.kind)
         if account:
             q = q.where(E.c.account == account)
-        with self.engine.connect() as c:
+        with self._tx() as c:
             return {str(k): int(v) for k, v in c.execute(q).all()}
 
     def total_credit(self) -> int:
-        with self.engine.connect() as c:
+        with self._tx() as c:
             return int(c.execute(select(func.coalesce(func.sum(CR.c.balance), 0))).scalar_one())
 
     # -- payouts --------------------------------------------------------------------------------
@@ -364,7 +452,7 @@ class Store:
         """Debit credit and queue a payout, atomically. None if the nonce was used; raises InsufficientCredit."""
         payout_id, now = new_id(), time.time()
         try:
-            with self.engine.begin() as c:
+            with self._tx() as c:
                 c.execute(
                     insert(PO).values(
                         id=payout_id,
@@ -383,19 +471,19 @@ class Store:
         return payout_id
 
     def payouts(self, states: Iterable[str], limit: int = 100) -> Sequence[dict[str, Any]]:
-        with self.engine.connect() as c:
+        with self._tx() as c:
             rows = c.execute(
                 select(PO).where(PO.c.state.in_(list(states))).order_by(PO.c.created_at).limit(limit)
             ).mappings()
             return [dict(r) for r in rows]
 
     def payout(self, payout_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
+        with self._tx() as c:
             row = c.execute(select(PO).where(PO.c.id == payout_id)).mappings().first()
         return dict(row) if row else None
 
     def move_payouts(self, ids: list[str], frm: str, to: str, **values: Any) -> int:
-        with self.engine.begin() as c:
+        with self._tx() as c:
             res = c.execute(
                 update(PO).where(PO.c.id.in_(ids), PO.c.state == frm).values(state=to, updated_at=time.time(), **values)
             )
@@ -403,7 +491,7 @@ class Store:
 
     def fail_payouts(self, ids: list[str], error: str) -> None:
         """Payouts that can never be sent: refund the credit."""
-        with self.engine.begin() as c:
+        with self._tx() as c:
             for row in c.execute(select(PO).where(PO.c.id.in_(ids), PO.c.state == "sending")).mappings().all():
                 c.execute(
                     update(PO).where(PO.c.id == row["id"]).values(state="failed", error=error, updated_at=time.time())
