@@ -68,3 +68,28 @@ def test_calldata_layout():
     assert data[:4].hex() == "e3ee160e"  # transferWithAuthorization(address,...,uint8,bytes32,bytes32)
     assert len(data) == 4 + 9 * 32
     assert int.from_bytes(data[4 + 64 : 4 + 96], "big") == 7
+
+
+def test_settlement_signing_matches_eth_account():
+    from coincurve import PrivateKey
+
+    from tollway.settlement import sign_eip1559
+
+    account = Account.create()
+    data = bytes(range(256)) * 2
+    tx = {
+        "type": 2,
+        "chainId": 31337,
+        "nonce": 7,
+        "to": TOKEN,
+        "value": 0,
+        "data": data,
+        "gas": 150_000,
+        "maxFeePerGas": 2 * 10**9,
+        "maxPriorityFeePerGas": 10**6,
+    }
+    reference = account.sign_transaction(tx)
+    fields = [31337, 7, 10**6, 2 * 10**9, 150_000, bytes.fromhex(TOKEN[2:]), 0, data, []]
+    tx_hash, raw = sign_eip1559(PrivateKey(bytes(account.key)), fields)
+    assert tx_hash == "0x" + bytes(reference.hash).hex()
+    assert raw == "0x" + bytes(reference.raw_transaction).hex()

@@ -66,7 +66,9 @@ class Chain:
             await self._post({"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params})
         )
 
-    async def batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+    async def batch(self, calls: list[tuple[str, list[Any]]], *, errors: bool = False) -> list[Any]:
+        """Several calls in one round trip. A call's JSON-RPC error raises, or with ``errors=True``
+        takes its place in the results as an ``RpcError``."""
         first = next(self._ids)
         payload = [{"jsonrpc": "2.0", "id": first + i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
         for _ in calls[1:]:
@@ -75,7 +77,15 @@ class Chain:
         if not isinstance(replies, list) or len(replies) != len(calls):
             raise ChainUnavailable("chain RPC sent a malformed batch reply")
         by_id = {r.get("id"): r for r in replies if isinstance(r, dict)}
-        return [self._result(by_id.get(first + i)) for i in range(len(calls))]
+        results: list[Any] = []
+        for i in range(len(calls)):
+            try:
+                results.append(self._result(by_id.get(first + i)))
+            except RpcError as exc:
+                if not errors:
+                    raise
+                results.append(exc)
+        return results
 
     async def chain_id(self) -> int:
         return int(await self.request("eth_chainId", []), 16)
