@@ -145,8 +145,13 @@ class Settler:
         due = [r for r in rows if r["broadcast_at"] is None or now - r["broadcast_at"] > REBROADCAST_AFTER]
         if due:
             sent = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in due], errors=True)
+            outcomes: dict[str, str | None] = {}
             for row, result in zip(due, sent, strict=True):
-                await self._broadcast(row, result)
+                if not isinstance(result, RpcError):
+                    outcomes[row["id"]] = None
+                elif not await self._refused(row, result):
+                    outcomes[row["id"]] = result.message
+            self.store.mark_broadcast(outcomes)
         receipts = await self.chain.batch([("eth_getTransactionReceipt", [r["tx_hash"]]) for r in rows])
         pending = []
         for row, receipt in zip(rows, receipts, strict=True):
@@ -158,19 +163,19 @@ class Settler:
             await self._fill_gap(min(r["tx_nonce"] for r in pending))
         return True
 
-    async def _broadcast(self, row: dict[str, Any], result: Any) -> None:
-        """Record the node's answer to one broadcast of a batch."""
-        if not isinstance(result, RpcError):
-            self.store.mark_broadcast(row["id"])
-            return
-        msg = result.message.lower()
+    async def _refused(self, row: dict[str, Any], error: RpcError) -> bool:
+        """Handle the node's refusal of one broadcast. True when the row was dealt with (it was
+        already known, or its nonce was taken and it is re-signed); False to record the error and
+        retry later."""
+        msg = error.message.lower()
         if "already known" in msg or "already imported" in msg:
-            self.store.mark_broadcast(row["id"])
-        elif "nonce too low" in msg:
+            self.store.mark_broadcast({row["id"]: None})
+            return True
+        if "nonce too low" in msg:
             await self._nonce_taken(row)
-        else:
-            log.warning("broadcast of %s failed: %s", row["tx_hash"], result.message)
-            self.store.mark_broadcast(row["id"], error=result.message)
+            return True
+        log.warning("broadcast of %s failed: %s", row["tx_hash"], error.message)
+        return False
 
     async def _nonce_taken(self, row: dict[str, Any]) -> None:
         """Our nonce was used by another transaction: if ours is not the one mined, sign again."""

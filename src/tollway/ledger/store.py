@@ -45,6 +45,11 @@ OWED = select(
     .where(*_PAYER, P.c.state == PaymentState.SETTLED, P.c.updated_at >= bindparam("b_since"))
     .scalar_subquery()
 )
+BROADCAST = (
+    update(P)
+    .where(P.c.id == bindparam("b_id"), P.c.state == PaymentState.SETTLING)
+    .values(broadcast_at=bindparam("b_now"), attempts=P.c.attempts + 1)
+)
 APPLY = (  # add to a credit balance unless it would go negative
     update(CR)
     .where(CR.c.account == bindparam("b_account"), CR.c.balance + bindparam("b_delta") >= 0)
@@ -167,13 +172,11 @@ class Store:
             settler=settler,
         )
 
-    def mark_broadcast(self, payment_id: str, *, error: str | None = None) -> None:
+    def mark_broadcast(self, outcomes: dict[str, str | None]) -> None:
+        """Settlements just sent to the node: payment id → the node's error, if any."""
+        now = time.time()
         with self._tx() as c:
-            c.execute(
-                update(P)
-                .where(P.c.id == payment_id, P.c.state == PaymentState.SETTLING)
-                .values(broadcast_at=time.time(), attempts=P.c.attempts + 1, error=error)
-            )
+            c.execute(BROADCAST, [{"b_id": pid, "b_now": now, "error": err} for pid, err in outcomes.items()])
 
     def resign(self, payment_id: str, *, old_tx: str, tx_hash: str, raw_tx: str, tx_nonce: int) -> bool:
         """Swap a settlement transaction that can never be mined for a new one."""
