@@ -74,15 +74,29 @@ class GatewayHandle:
     store: Store  # a second connection to the gateway's ledger, as another replica would have
 
 
-def gateway_settings(devnet: Devnet, upstream_url: str, db: Path, **overrides) -> Settings:
+def gateway_settings(devnet: Devnet, upstream_url: str, db: Path, *, own_settler: bool = True, **overrides) -> Settings:
+    """Settings for a gateway on the devnet. Unless it shares a ledger with another gateway, it
+    gets a settlement account of its own: gateways with separate ledgers must not share one (each
+    would count that account's nonces on its own)."""
     base = Settings(database_url=f"sqlite:///{db}", quote_secret="test-secret", **overrides)
-    return apply_devnet(base, devnet, upstream_url)
+    settings = apply_devnet(base, devnet, upstream_url)
+    if own_settler:
+        from eth_account import Account
+        from web3 import Web3
+
+        settler = Account.create()
+        Web3(Web3.HTTPProvider(devnet.rpc_url)).provider.make_request(
+            "anvil_setBalance", [settler.address, hex(10**20)]
+        )
+        chain = settings.chain.model_copy(update={"settler_key": "0x" + bytes(settler.key).hex()})
+        settings = settings.model_copy(update={"chain": chain})
+    return settings
 
 
 @pytest.fixture(scope="session")
 def gateway(devnet: Devnet, upstream: ServerThread, tmp_path_factory) -> Iterator[GatewayHandle]:
     db = tmp_path_factory.mktemp("ledger") / "tollway.sqlite3"
-    settings = gateway_settings(devnet, upstream.url + "/v1", db)
+    settings = gateway_settings(devnet, upstream.url + "/v1", db, own_settler=False)  # pays withdrawals too
     with ServerThread(create_app(settings)) as server:
         store = Store(settings.database_url)
         yield GatewayHandle(server.url, settings, store)

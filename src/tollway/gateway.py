@@ -46,10 +46,9 @@ class Gateway:
             raise ValueError(f"incomplete settings: chain.{', chain.'.join(missing)} / upstream.url")
         if not settings.models:
             raise ValueError('no models configured: add [models."<id>"] prices')
-        chain_http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
         upstream_http = make_http_client(upstreams)
         paying = {u.name: make_paying_client(u) for u in upstreams if u.payer_key}
-        chain = Chain(c.rpc_url, chain_http, c.read_cache_seconds)  # type: ignore[arg-type]
+        chain = Chain(c.rpc_url, c.read_cache_seconds)  # type: ignore[arg-type]
         chain_id = c.chain_id or await chain.chain_id()
         network = f"eip155:{chain_id}"
         v1_name = c.v1_network or V1_NETWORK_NAMES.get(chain_id)
@@ -83,7 +82,7 @@ class Gateway:
             chain_id=chain_id,
             network=network,
             token=c.token,  # type: ignore[arg-type]
-            _clients=(chain_http, upstream_http, *paying.values()),
+            _clients=(upstream_http, *paying.values()),
         )
         await settler.start()
         return gw
@@ -92,6 +91,7 @@ class Gateway:
         await self.settler.stop()
         for client in self._clients:
             await client.aclose()
+        await self.chain.close()
         self.store.close()
 
 

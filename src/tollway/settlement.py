@@ -171,7 +171,8 @@ class Settler:
         if "already known" in msg or "already imported" in msg:
             self.store.mark_broadcast({row["id"]: None})
             return True
-        if "nonce too low" in msg:
+        if "nonce too low" in msg or "replacement transaction underpriced" in msg:
+            # another transaction of this account holds our nonce (mined, or waiting in the pool)
             await self._nonce_taken(row)
             return True
         log.warning("broadcast of %s failed: %s", row["tx_hash"], error.message)

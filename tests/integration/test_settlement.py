@@ -4,11 +4,12 @@ a nonce taken by an outside transaction is re-signed, a nonce gap left by a cras
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
-import httpx
 import pytest
 from eth_account import Account
 
@@ -69,23 +70,27 @@ async def run_until(settler: Settler, store: Store, payment_id: str, states: set
     return row
 
 
-def make_settler(store: Store, rpc_url: str, key: str, http: httpx.AsyncClient, devnet) -> Settler:
-    return Settler(
+@contextlib.asynccontextmanager
+async def settler_on(store: Store, rpc_url: str, key: str, devnet) -> AsyncIterator[Settler]:
+    settler = Settler(
         store,
-        Chain(rpc_url, http),
+        Chain(rpc_url),
         key=key,
         chain_id=devnet.chain_id,
         gas_limit=150_000,
         max_fee_gwei=Decimal(5),
         priority_fee_gwei=Decimal("0.001"),
     )
+    try:
+        yield settler
+    finally:
+        await settler.chain.close()
 
 
 async def test_a_reverted_settlement_is_recorded_as_failed(tmp_path, chain, devnet, settler_key):
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     broke = Account.create()  # signs an authorization for money it does not have
-    async with httpx.AsyncClient() as http:
-        settler = make_settler(store, devnet.rpc_url, settler_key, http, devnet)
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
         store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
         payment_id, data = payment_for(store, chain, devnet, broke, 1000)
         tx_hash = settler.sign(payment_id, devnet.token, data)
@@ -100,8 +105,7 @@ async def test_an_rpc_outage_delays_settlement_but_loses_nothing(tmp_path, chain
     before = chain.balance(devnet.payee)
     rpc = RpcSwitch(devnet.rpc_url)
     with ServerThread(rpc.app()) as proxy:
-        async with httpx.AsyncClient() as http:
-            settler = make_settler(store, proxy.url, settler_key, http, devnet)
+        async with settler_on(store, proxy.url, settler_key, devnet) as settler:
             store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
             payment_id, data = payment_for(store, chain, devnet, payer, 777)
             settler.sign(payment_id, devnet.token, data)
@@ -119,8 +123,7 @@ async def test_an_rpc_outage_delays_settlement_but_loses_nothing(tmp_path, chain
 async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, chain, devnet, settler_key):
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
-    async with httpx.AsyncClient() as http:
-        settler = make_settler(store, devnet.rpc_url, settler_key, http, devnet)
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
         store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
         payment_id, data = payment_for(store, chain, devnet, payer, 555)
         first_hash = settler.sign(payment_id, devnet.token, data)
@@ -145,8 +148,7 @@ async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, cha
 async def test_a_nonce_gap_left_by_a_crash_is_filled(tmp_path, chain, devnet, settler_key):
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
-    async with httpx.AsyncClient() as http:
-        settler = make_settler(store, devnet.rpc_url, settler_key, http, devnet)
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
         settler.gap_grace = 0.2
         store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
         store.take_settler_nonce(settler.address)  # taken, then the process "died" before using it

@@ -174,6 +174,8 @@ class Store:
 
     def mark_broadcast(self, outcomes: dict[str, str | None]) -> None:
         """Settlements just sent to the node: payment id → the node's error, if any."""
+        if not outcomes:
+            return
         now = time.time()
         with self._tx() as c:
             c.execute(BROADCAST, [{"b_id": pid, "b_now": now, "error": err} for pid, err in outcomes.items()])
