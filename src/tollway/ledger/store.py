@@ -294,10 +294,6 @@ class Store:
         with self._tx() as c:
             c.execute(insert(C), {"created_at": time.time(), **row})
 
-    def update_call(self, call_id: str, **values: Any) -> None:
-        with self._tx() as c:
-            c.execute(UPDATE_CALL, {"b_id": call_id, **values})
-
     def cache_stats(self, since: float) -> list[dict[str, Any]]:
         """Per model and upstream, since ``since``: prompt and cached tokens (observed vs expected)
         and the discount passed on, over metered calls. Calls whose upstream did not report cached
@@ -380,11 +376,6 @@ class Store:
             got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
         return int(got[0]) if got else 0
 
-    def credit_balances(self, wallet: str) -> dict[str, int]:
-        with self._tx() as c:
-            rows = c.execute(select(CR.c.account, CR.c.balance).where(CR.c.account.like(f"%|{wallet.lower()}"))).all()
-        return {str(a): int(b) for a, b in rows}
-
     def hold_credit(self, account: str, amount: int, *, call_id: str, payment_id: str | None) -> bool:
         """Set credit aside for a call; False if the balance does not cover it."""
         try:
@@ -446,12 +437,6 @@ class Store:
             q = q.where(E.c.account == account)
         with self._tx() as c:
             return {str(k): int(v) for k, v in c.execute(q).all()}
-
-    def total_credit(self) -> int:
-        with self._tx() as c:
-            return int(c.execute(select(func.coalesce(func.sum(CR.c.balance), 0))).scalar_one())
-
-    # -- payouts --------------------------------------------------------------------------------
 
     def request_payout(self, account: str, wallet: str, amount: int, request_nonce: str) -> str | None:
         """Debit credit and queue a payout, atomically. None if the nonce was used; raises InsufficientCredit."""

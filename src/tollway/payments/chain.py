@@ -133,9 +133,6 @@ class Chain:
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         return await self.request("eth_getTransactionReceipt", [tx_hash])
 
-    async def block_number(self) -> int:
-        return int(await self.request("eth_blockNumber", []), 16)
-
 
 def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, int]]:
     """The ERC-20 ``Transfer`` events of ``token`` in a receipt, as (from, to, value)."""
