@@ -329,3 +329,15 @@ class RpcSwitch:
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/", self.handle, methods=["POST"])])
+
+
+def paying_upstream(name: str, url: str, wallet: Any, devnet: Devnet) -> Any:
+    """An upstream that is itself a tollway, paid from ``wallet`` in the devnet token."""
+    from tollway.config import UpstreamSettings
+
+    return UpstreamSettings(
+        name=name,
+        url=url,
+        payer_key="0x" + bytes(wallet.key).hex(),
+        pay_assets=[f"eip155:{devnet.chain_id}:{devnet.token}"],
+    )

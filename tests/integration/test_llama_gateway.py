@@ -12,7 +12,7 @@ import pytest
 
 from conftest import gateway_settings
 from llama import MODEL_ALIAS
-from support import ServerThread, wait_receipt
+from support import ServerThread, paying_upstream, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import ModelPrice, UpstreamSettings
@@ -50,14 +50,7 @@ def chained_to_llama(devnet, chain, llama_gateway, tmp_path_factory):
     settings = settings.model_copy(
         update={
             "models": {MODEL_ALIAS: PRICE},
-            "upstreams": [
-                UpstreamSettings(
-                    name="inner",
-                    url=llama_gateway.url + "/v1",
-                    payer_key="0x" + bytes(wallet.key).hex(),
-                    pay_assets=[f"eip155:{devnet.chain_id}:{devnet.token}"],
-                )
-            ],
+            "upstreams": [paying_upstream("inner", llama_gateway.url + "/v1", wallet, devnet)],
         }
     )
     with ServerThread(create_app(settings)) as gw:

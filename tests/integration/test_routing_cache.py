@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import gateway_settings
-from support import ServerThread, wait_receipt
+from support import ServerThread, paying_upstream, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import UpstreamSettings
@@ -125,16 +125,7 @@ def chained(devnet, chain, upstream, tmp_path_factory):
         outer_wallet = chain.fund(amount=10**9)
         outer_settings = gateway_settings(devnet, "", root / "outer.sqlite3")
         outer_settings = outer_settings.model_copy(
-            update={
-                "upstreams": [
-                    UpstreamSettings(
-                        name="inner",
-                        url=inner.url + "/v1",
-                        payer_key="0x" + bytes(outer_wallet.key).hex(),
-                        pay_assets=[f"eip155:{devnet.chain_id}:{devnet.token}"],
-                    )
-                ]
-            }
+            update={"upstreams": [paying_upstream("inner", inner.url + "/v1", outer_wallet, devnet)]}
         )
         with ServerThread(create_app(outer_settings)) as outer:
             yield outer, inner, outer_wallet
