@@ -36,6 +36,7 @@ log = logging.getLogger("tollway.settlement")
 REBROADCAST_AFTER = 15.0  # seconds without a receipt before sending the raw tx again
 GAP_GRACE = 10.0  # seconds a nonce gap may last before it is filled
 PASS_INTERVAL = 0.05  # seconds between worker passes while settlements are pending
+IDLE_POLL = 2.0  # seconds between passes when nothing is pending (a wake-up comes sooner)
 GWEI = 10**9
 
 
@@ -110,8 +111,15 @@ class Settler:
 
     async def _run(self) -> None:
         last_fees = time.monotonic()
+        busy = True  # look for work left by an earlier run straight away
         while True:
-            busy = False
+            if not busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=IDLE_POLL)
+            # Let settlements gather, so that one pass broadcasts and polls them together, off
+            # the requests' critical path.
+            await asyncio.sleep(PASS_INTERVAL)
+            self._wake.clear()
             try:
                 busy = await self.run_once()
                 if time.monotonic() - last_fees > 5:
@@ -125,11 +133,6 @@ class Settler:
             except Exception:  # the worker must outlive any one bad row
                 log.exception("settlement worker iteration failed")
                 await asyncio.sleep(1.0)
-            if busy:  # let settlements gather, so that one pass broadcasts and polls them together
-                await asyncio.sleep(PASS_INTERVAL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=PASS_INTERVAL if busy else 2.0)
-            self._wake.clear()
 
     async def run_once(self) -> bool:
         """One pass over unconfirmed settlements and payouts. Returns True while any remain."""
