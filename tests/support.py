@@ -120,6 +120,15 @@ def wait_receipt(gateway_url: str, receipt_id: str, *, state: str = "settled", t
         time.sleep(0.02)
 
 
+def eventually(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Wait until ``check()`` holds (settlement is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.02)
+
+
 async def await_receipt(gateway_url: str, receipt_id: str, **kw: Any) -> dict[str, Any]:
     return await asyncio.to_thread(wait_receipt, gateway_url, receipt_id, **kw)
 

@@ -147,17 +147,20 @@ class Settler:
         now = time.time()
         due = [r for r in rows if r["broadcast_at"] is None or now - r["broadcast_at"] > REBROADCAST_AFTER]
         if due:
-            sent = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in due], errors=True)
+            answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in due], errors=True)
             outcomes: dict[str, str | None] = {}
-            for row, result in zip(due, sent, strict=True):
+            for row, result in zip(due, answers, strict=True):
                 if not isinstance(result, RpcError):
                     outcomes[row["id"]] = None
                 elif not await self._refused(row, result):
                     outcomes[row["id"]] = result.message
             self.store.mark_broadcast(outcomes)
-        receipts = await self.chain.batch([("eth_getTransactionReceipt", [r["tx_hash"]]) for r in rows])
-        pending = []
-        for row, receipt in zip(rows, receipts, strict=True):
+        # Receipts only for what was on the node before this pass: what was just sent is not mined yet.
+        just_sent = {r["id"] for r in due}
+        sent = [r for r in rows if r["id"] not in just_sent]
+        receipts = await self.chain.batch([("eth_getTransactionReceipt", [r["tx_hash"]]) for r in sent]) if sent else []
+        pending = due
+        for row, receipt in zip(sent, receipts, strict=True):
             if receipt is None:
                 pending.append(row)
             else:

@@ -215,7 +215,7 @@ class Store:
             ).scalar_one()
         return int(total)
 
-    def settling(self, limit: int = 100) -> Sequence[dict[str, Any]]:
+    def settling(self, limit: int = 1000) -> Sequence[dict[str, Any]]:
         """Payments whose settlement transaction still has to be broadcast or confirmed."""
         with self._tx() as c:
             rows = c.execute(
