@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -36,6 +37,7 @@ log = logging.getLogger("tollway.settlement")
 REBROADCAST_AFTER = 15.0  # seconds without a receipt before sending the raw tx again
 GAP_GRACE = 10.0  # seconds a nonce gap may last before it is filled
 PASS_INTERVAL = 0.05  # seconds between worker passes while settlements are pending
+RECEIPT_POLL = 0.25  # seconds between receipt polls while settlements are pending
 IDLE_POLL = 2.0  # seconds between passes when nothing is pending (a wake-up comes sooner)
 GWEI = 10**9
 
@@ -69,6 +71,7 @@ class Settler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._gap_since: float | None = None
+        self._polled = 0.0  # when receipts were last polled (monotonic)
         self.gap_grace = GAP_GRACE
         self.last_error: str | None = None
 
@@ -140,26 +143,23 @@ class Settler:
         return await self._settlements() or busy
 
     async def _settlements(self) -> bool:
+        """Broadcast new settlements every pass; poll receipts (and rebroadcast stuck ones) every
+        ``RECEIPT_POLL`` seconds — blocks come no faster, and a pass must stay cheap."""
+        await self._send(self.store.settling(unsent=True))
+        if time.monotonic() - self._polled < RECEIPT_POLL:
+            return True
+        self._polled = time.monotonic()
         rows = self.store.settling()
         if not rows:
             self._gap_since = None
             return False
         now = time.time()
-        due = [r for r in rows if r["broadcast_at"] is None or now - r["broadcast_at"] > REBROADCAST_AFTER]
-        if due:
-            answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in due], errors=True)
-            outcomes: dict[str, str | None] = {}
-            for row, result in zip(due, answers, strict=True):
-                if not isinstance(result, RpcError):
-                    outcomes[row["id"]] = None
-                elif not await self._refused(row, result):
-                    outcomes[row["id"]] = result.message
-            self.store.mark_broadcast(outcomes)
-        # Receipts only for what was on the node before this pass: what was just sent is not mined yet.
-        just_sent = {r["id"] for r in due}
-        sent = [r for r in rows if r["id"] not in just_sent]
+        stale = [r for r in rows if r["broadcast_at"] is not None and now - r["broadcast_at"] > REBROADCAST_AFTER]
+        await self._send(stale)
+        resent = {r["id"] for r in stale}
+        sent = [r for r in rows if r["broadcast_at"] is not None and r["id"] not in resent]
         receipts = await self.chain.batch([("eth_getTransactionReceipt", [r["tx_hash"]]) for r in sent]) if sent else []
-        pending = due
+        pending = [r for r in rows if r["broadcast_at"] is None or r["id"] in resent]
         for row, receipt in zip(sent, receipts, strict=True):
             if receipt is None:
                 pending.append(row)
@@ -168,6 +168,19 @@ class Settler:
         if pending:
             await self._fill_gap(min(r["tx_nonce"] for r in pending))
         return True
+
+    async def _send(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Broadcast settlement transactions in one batch and record the node's answers."""
+        if not rows:
+            return
+        answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in rows], errors=True)
+        outcomes: dict[str, str | None] = {}
+        for row, result in zip(rows, answers, strict=True):
+            if not isinstance(result, RpcError):
+                outcomes[row["id"]] = None
+            elif not await self._refused(row, result):
+                outcomes[row["id"]] = result.message
+        self.store.mark_broadcast(outcomes)
 
     async def _refused(self, row: dict[str, Any], error: RpcError) -> bool:
         """Handle the node's refusal of one broadcast. True when the row was dealt with (it was

@@ -215,13 +215,13 @@ class Store:
             ).scalar_one()
         return int(total)
 
-    def settling(self, limit: int = 1000) -> Sequence[dict[str, Any]]:
-        """Payments whose settlement transaction still has to be broadcast or confirmed."""
+    def settling(self, *, unsent: bool = False, limit: int = 1000) -> Sequence[dict[str, Any]]:
+        """Payments whose settlement transaction still has to be broadcast (``unsent``) or confirmed."""
+        q = select(P).where(P.c.state == PaymentState.SETTLING)
+        if unsent:
+            q = q.where(P.c.broadcast_at.is_(None))
         with self._tx() as c:
-            rows = c.execute(
-                select(P).where(P.c.state == PaymentState.SETTLING).order_by(P.c.tx_nonce).limit(limit)
-            ).mappings()
-            return [dict(r) for r in rows]
+            return [dict(r) for r in c.execute(q.order_by(P.c.tx_nonce).limit(limit)).mappings()]
 
     def count_by_state(self) -> dict[str, int]:
         with self._tx() as c:
