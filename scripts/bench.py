@@ -836,6 +836,76 @@ async def cpu_bench(devnet: Any, live_offer: dict[str, Any], n: int, repeat: int
     return out
 
 
+def metering_bench(chunks: int = 1000, repeat: int = 7) -> dict[str, Any]:
+    """What metering adds to relaying one stream: the gateway feeds every chunk to a ``StreamTail``
+    (a bounded byte tail and a ``data:`` count) and parses JSON once, at the end, for the usage.
+    Compared with a bare relay loop, and with the naive alternative of parsing every chunk."""
+    from tollway.usage import StreamTail
+
+    def event(doc: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
+    stream = [
+        event({**head, "choices": [{"index": 0, "delta": {"content": f" word{i}"}, "finish_reason": None}]})
+        for i in range(chunks)
+    ]
+    stream.append(
+        event(
+            {
+                **head,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 900,
+                    "completion_tokens": chunks,
+                    "prompt_tokens_details": {"cached_tokens": 512},
+                },
+            }
+        )
+    )
+    stream.append(b"data: [DONE]\n\n")
+
+    def relay() -> None:
+        sink = []
+        for chunk in stream:
+            sink.append(chunk)
+
+    def metered() -> None:
+        sink, tail = [], StreamTail()
+        for chunk in stream:
+            tail.feed(chunk)
+            sink.append(chunk)
+        assert tail.usage() is not None
+
+    def parse_all() -> None:
+        sink, usage = [], None
+        for chunk in stream:
+            doc = json.loads(chunk[6:]) if chunk.startswith(b"data: {") else {}
+            usage = doc.get("usage") or usage
+            sink.append(chunk)
+        assert usage is not None
+
+    def per_stream(fn: Callable[[], None]) -> float:
+        runs = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            runs.append((time.perf_counter() - t0) / 20 * 1e6)
+        return statistics.median(runs)
+
+    bare, tail, naive = per_stream(relay), per_stream(metered), per_stream(parse_all)
+    return {
+        "chunks": chunks,
+        "relay_us": bare,
+        "metered_us": tail,
+        "parse_every_chunk_us": naive,
+        "metering_added_us": tail - bare,
+        "per_chunk_ns": (tail - bare) / chunks * 1000,
+        "parse_every_chunk_added_us": naive - bare,
+    }
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 
@@ -936,6 +1006,20 @@ def report(res: dict[str, Any]) -> str:
             lines.append(f"  {label:<32} n/a ({d['error']})")
         else:
             lines.append(f"  {label:<32} {fmt(d['median_us'], 1):>9}  ({fmt(d['best_us'], 1)})")
+
+    m = res.get("metering")
+    if m:
+        lines.append("")
+        lines.append(f"metering one stream of {m['chunks']} chunks + usage (µs per stream, in-process, median)")
+        lines.append(f"  relay only                       {fmt(m['relay_us'], 1):>9}")
+        lines.append(
+            f"  relay + StreamTail + usage       {fmt(m['metered_us'], 1):>9}   "
+            f"+{fmt(m['metering_added_us'], 1)} µs ({fmt(m['per_chunk_ns'], 0)} ns per chunk)"
+        )
+        lines.append(
+            f"  (parsing every chunk instead     {fmt(m['parse_every_chunk_us'], 1):>9}   "
+            f"+{fmt(m['parse_every_chunk_added_us'], 1)} µs)"
+        )
 
     mem = res["memory"]
     lines.append("")
@@ -1089,6 +1173,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
         try:
             offer = bench.signer.offer(await bench.signer.quote(client, bench.paid_url, NON_STREAM_BODY))
             res["cpu"] = await cpu_bench(cluster.devnet, offer, args.verify_n, 5)
+            res["metering"] = metering_bench()
         except Exception as exc:  # the scheme API moves; report it rather than lose the run
             log(f"payment CPU benchmark failed: {type(exc).__name__}: {exc}")
             res["cpu"] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -15,6 +15,8 @@ Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_to
 from __future__ import annotations
 
 import json
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
@@ -102,30 +104,34 @@ class StreamTail:
 
     def __init__(self, keep: int = 16384) -> None:
         self.keep = keep
-        self.buf = b""
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
         self.events_seen = 0  # data events relayed (roughly: one per output token)
 
     def feed(self, chunk: bytes) -> None:
+        """O(1) per chunk: the tail is joined only when read."""
         self.events_seen += chunk.count(b"data:")
-        buf = self.buf + chunk
-        self.buf = buf[-self.keep :] if len(buf) > self.keep else buf
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        while self._size - len(self._chunks[0]) >= self.keep:
+            self._size -= len(self._chunks.popleft())
 
-    def events(self) -> list[dict[str, Any]]:
-        """The JSON ``data:`` events in the tail, oldest first (a cut first event is skipped)."""
-        out: list[dict[str, Any]] = []
-        for line in self.buf.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
+    @property
+    def buf(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def events(self, containing: bytes = b"") -> Iterator[dict[str, Any]]:
+        """The JSON ``data:`` events in the tail, newest first, that contain ``containing``
+        (only those are parsed; a cut first event is skipped)."""
+        for line in reversed(self.buf.splitlines()):
+            if not line.startswith(b"data:") or containing not in line:
                 continue
             try:
-                doc = json.loads(data)
+                doc = json.loads(line[5:])
             except ValueError:
                 continue
             if isinstance(doc, dict):
-                out.append(doc)
-        return out
+                yield doc
 
     def estimate(self, prompt_bound: int, max_tokens: int) -> Usage:
         """For a stream that ended without usage (it broke): the prompt at its bound and one
@@ -133,7 +139,7 @@ class StreamTail:
         return Usage(prompt_bound, min(self.events_seen, max_tokens), dialect="estimated")
 
     def usage(self) -> Usage | None:
-        for doc in reversed(self.events()):
+        for doc in self.events(b'"usage"'):
             found = parse_usage(doc.get("usage"), doc.get("timings"))
             if found is not None:
                 return found
@@ -141,7 +147,7 @@ class StreamTail:
 
     def error(self) -> str | None:
         """The message of a mid-stream error event, if the stream ended with one."""
-        for doc in reversed(self.events()):
+        for doc in self.events(b'"error"'):
             err = doc.get("error")
             if err:
                 return str(err.get("message", err)) if isinstance(err, dict) else str(err)
