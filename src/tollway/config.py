@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = 1024  # output cap applied when a request sets none
     max_body_bytes: int = 4 * 1024 * 1024
     image_token_allowance: int = 2_000  # prompt-token bound added per image part
+    # A wallet whose credit almost covers a call is asked to top up at least this much (or the whole
+    # quote) rather than a dust amount: a chain transaction for 1 unit is not worth its gas.
+    min_chain_payment_usd: Decimal = Decimal("0.001")
     schemes: list[str] = ["exact", "transfer", "credit"]  # payment schemes offered, by registry name
     chain: ChainSettings = ChainSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one

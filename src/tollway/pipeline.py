@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 import anyio
@@ -31,6 +32,7 @@ from .ledger.store import credit_account, new_id
 from .payments import x402
 from .payments.base import Offer, PaymentScheme, Proof, Verified
 from .payments.credit import check_wallet_proof
+from .pricing import to_atomic
 from .upstream.client import Opened
 from .upstream.router import conversation_key
 from .usage import SUMMARY_PREFIX, StreamTail, Usage, usage_from_body
@@ -389,7 +391,8 @@ def wallet_credit(gw: Gateway, request: Request) -> tuple[str | None, int]:
 def offers(gw: Gateway, call: ChatCall, credit: int) -> list[Offer]:
     """What a 402 offers: on-chain payments of the quote less the wallet's credit, or credit alone."""
     q = call.quote
-    due = q.amount - credit if credit < q.amount else q.amount
+    least = min(q.amount, to_atomic(Fraction(gw.settings.min_chain_payment_usd), gw.settings.chain.decimals))
+    due = max(q.amount - credit, least) if credit < q.amount else q.amount
     out = []
     for s in gw.schemes:
         if s.name == "credit":
@@ -403,7 +406,7 @@ def offers(gw: Gateway, call: ChatCall, credit: int) -> list[Offer]:
         if o.scheme != "exact":  # our schemes sign the request digest itself
             extra["request"] = "0x" + q.request_digest
         if credit and o.amount < q.amount:
-            extra["credit"] = str(q.amount - o.amount)
+            extra["credit"] = str(q.amount - o.amount)  # what the call will take from credit
         bound.append(replace(o, extra=extra))
     return bound
 

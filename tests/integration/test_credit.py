@@ -10,7 +10,7 @@ from fractions import Fraction
 import httpx
 import pytest
 
-from support import CALLS, CHAT, PAYMENTS, chat_body, wait_receipt
+from support import CALLS, CHAT, PAYMENTS, chat_body, payment_required, wait_receipt
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.pricing import to_atomic
 from tollway.usage import Usage
@@ -200,3 +200,31 @@ def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer)
             assert row["cost"] == min(Prices.of(price, 6).cost(usage), row["paid"] + row["from_credit"])
         charged += row["cost"]
     assert charged == charges
+
+
+def test_almost_enough_credit_asks_for_a_top_up_not_dust(gateway, chain, payer):
+    """Credit a few units short of a quote: the on-chain part is the minimum payment, not dust."""
+    least = int(gateway.settings.min_chain_payment_usd * 10**6)
+    with client(gateway, payer) as http:
+        assert chat(http, "fund my credit", 600).status_code == 200
+    wait_receipt(gateway.url, payer.history[0].receipt_id)
+    owed = credit(gateway, payer)
+
+    def offers(max_tokens: int) -> list[dict]:
+        r = httpx.post(
+            f"{gateway.url}{CHAT}", headers=payer.wallet_header(), json=chat_body("x", max_tokens=max_tokens)
+        )
+        return payment_required(r)["accepts"]
+
+    def covered(max_tokens: int) -> bool:
+        return any(o["scheme"] == "credit" for o in offers(max_tokens))
+
+    low, high = 1, 100_000  # each output token adds 2 units to the quote: the first quote above the credit
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if covered(mid) else (low, mid)
+    max_tokens = low
+    exact = next(o for o in offers(max_tokens) if o["scheme"] == "exact")
+    quote = int(exact["amount"]) + int(exact["extra"].get("credit", 0))
+    assert 0 < quote - owed <= 2
+    assert int(exact["amount"]) == min(quote, least)
