@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -115,6 +117,17 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _die_with_parent() -> None:
+    """In the child, on Linux: be killed when the process that started this devnet dies, however
+    it dies (a signal can end `tollway serve` before its cleanup runs). Linux ties this to the
+    starting *thread*: start the devnet from a thread that lives as long as it should."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start_anvil(port: int = 8545, *, block_time: float | None = None, timeout: float = 15.0) -> subprocess.Popen:
     """Start anvil on 127.0.0.1:``port`` and wait (≤ ``timeout`` s) until it answers RPC.
 
@@ -132,6 +145,7 @@ def start_anvil(port: int = 8545, *, block_time: float | None = None, timeout: f
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=errlog,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         try:
