@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -9,6 +10,7 @@ import httpx
 from .cache import PrefixMemory
 from .config import Settings, upstream_list
 from .ledger import Store
+from .ledger.store import credit_account
 from .payments import build_scheme
 from .payments.base import PaymentScheme
 from .payments.chain import Chain
@@ -84,8 +86,33 @@ class Gateway:
             token=c.token,  # type: ignore[arg-type]
             _clients=(upstream_http, *paying.values()),
         )
+        gw.close_abandoned_streams()
         await settler.start()
         return gw
+
+    def close_abandoned_streams(self) -> None:
+        """Meter the streams a crashed process left open: their usage was never read, so — as any
+        call without usage — each costs its quote (capped by what paid for it), and its hold ends.
+        Only streams older than the longest an upstream may stay silent, so that another
+        replica's live streams are left alone."""
+        cutoff = time.time() - 2 * max(u.read_timeout for u in upstream_list(self.settings))
+        for row in self.store.abandoned_streams(cutoff):
+            covered = row["paid"] + row["from_credit"]
+            self.store.finish_call(
+                credit_account(row["network"], row["asset"], row["payer"]),
+                deposit=row["paid"],
+                held=row["from_credit"],
+                cost=min(row["quote"], covered),
+                payment_id=row["payment_id"],
+                call={
+                    "id": row["id"],
+                    "status": "incomplete",
+                    "error": "the gateway stopped mid-stream",
+                    "cost": min(row["quote"], covered),
+                    "finished_at": time.time(),
+                },
+                insert_row=False,
+            )
 
     async def close(self) -> None:
         await self.settler.stop()

@@ -228,3 +228,53 @@ def test_almost_enough_credit_asks_for_a_top_up_not_dust(gateway, chain, payer):
     quote = int(exact["amount"]) + int(exact["extra"].get("credit", 0))
     assert 0 < quote - owed <= 2
     assert int(exact["amount"]) == min(quote, least)
+
+
+def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upstream, tmp_path):
+    """A process died mid-stream: its call was never metered and still held credit. The next
+    gateway on that ledger charges it its quote and releases the hold; the sums hold again."""
+    from conftest import gateway_settings
+    from support import ServerThread
+    from tollway.app import create_app
+    from tollway.ledger import Store
+    from tollway.ledger.store import credit_account
+
+    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path / "l.sqlite3")
+    store = Store(settings.database_url)
+    payer, network = "0x" + "ab" * 20, f"eip155:{devnet.chain_id}"
+    account = credit_account(network, devnet.token, payer)
+    store.settle_call_credit(account, deposit=5000, held=0, cost=0, call_id="earlier", payment_id=None)
+    payment_id = store.reserve(
+        {
+            "lock_key": "k",
+            "scheme": "exact",
+            "network": network,
+            "asset": devnet.token.lower(),
+            "payer": payer,
+            "payee": devnet.payee.lower(),
+            "amount": 1000,
+            "proof": "{}",
+            "request_digest": "d",
+        }
+    )
+    assert store.hold_credit(account, 2000, call_id="lost", payment_id=payment_id)
+    store.insert_call(
+        {
+            "id": "lost",
+            "payment_id": payment_id,
+            "model": "mock/echo",
+            "upstream_model": "mock/echo",
+            "stream": True,
+            "status": "streaming",
+            "quote": 3000,
+            "paid": 1000,
+            "from_credit": 2000,
+            "created_at": time.time() - 3600,
+        }
+    )
+    with ServerThread(create_app(settings)) as gw:
+        receipt = httpx.get(f"{gw.url}/v1/receipts/lost").json()
+    assert receipt["status"] == "incomplete" and receipt["cost"]["atomic"] == "3000"
+    journal = store.journal(account)
+    assert journal["hold"] + journal["release"] == 0
+    assert store.credit_balance(account) == 5000 + 1000 - 3000

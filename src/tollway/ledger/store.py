@@ -322,6 +322,17 @@ class Store:
         with self._tx() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
+    def abandoned_streams(self, started_before: float) -> list[dict[str, Any]]:
+        """Streams still marked ``streaming`` that began before ``started_before``: their process
+        died mid-stream, so they were never metered (and may still hold credit)."""
+        q = (
+            select(C.c.id, C.c.payment_id, C.c.quote, C.c.paid, C.c.from_credit, P.c.network, P.c.asset, P.c.payer)
+            .join(P, C.c.payment_id == P.c.id)
+            .where(C.c.status == "streaming", C.c.created_at < started_before)
+        )
+        with self._tx() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
     def receipt(self, call_id: str) -> dict[str, Any] | None:
         """A call joined with its payment."""
         with self._tx() as c:
