@@ -248,7 +248,7 @@ class Settler:
         if self.payout_account is None or self.token is None:
             return False
         groups: dict[str, list[dict[str, Any]]] = {}
-        for row in self.store.payouts(["pending"]):
+        for row in self.store.payouts("pending"):
             groups.setdefault(row["account"], []).append(row)
         for rows in groups.values():
             nonce = self.store.take_settler_nonce(self.payout_account.address)
@@ -262,7 +262,7 @@ class Settler:
             self.store.move_payouts(
                 [r["id"] for r in rows], "pending", "sending", tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce
             )
-        sending = self.store.payouts(["sending"])
+        sending = self.store.payouts("sending")
         if not sending:
             return False
         by_tx: dict[str, list[dict[str, Any]]] = {}

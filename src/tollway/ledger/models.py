@@ -30,7 +30,7 @@ class PaymentState(StrEnum):
 
 class Payment(SQLModel, table=True):
     __tablename__ = "payments"
-    __table_args__ = (Index("ix_payments_payer_state", "network", "asset", "payer", "state", "updated_at"),)
+    __table_args__ = (Index("ix_payments_owed", "network", "asset", "payer", "state", "updated_at", "amount"),)
 
     id: str = Field(primary_key=True)
     lock_key: str = Field(unique=True)  # scheme-specific replay key, e.g. network:asset:payer:nonce

@@ -15,7 +15,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,24 @@ CR = Credit.__table__  # type: ignore[attr-defined]
 E = CreditEntry.__table__  # type: ignore[attr-defined]
 PO = Payout.__table__  # type: ignore[attr-defined]
 
-UNSETTLED = (PaymentState.RESERVED, PaymentState.SETTLING)
 
 # Hot-path statements, built once: the SET columns of an UPDATE come from the parameters.
-MOVE = update(P).where(P.c.id == bindparam("b_id"), P.c.state.in_(bindparam("b_from", expanding=True)))
+# (No IN lists in these: SQLAlchemy re-renders an expanding IN on every execution, and SQLite
+# then prepares the statement anew.)
+MOVE = update(P).where(P.c.id == bindparam("b_id"), P.c.state == bindparam("b_from"))
 UPDATE_CALL = update(C).where(C.c.id == bindparam("b_id"))
 _PAYER = (P.c.network == bindparam("b_network"), P.c.asset == bindparam("b_asset"), P.c.payer == bindparam("b_payer"))
+
+
+def _owed_in(state: str, *more: Any) -> Any:
+    """Sum of a payer's payments in one state: one index range each (an OR would scan)."""
+    return select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state == state, *more).scalar_subquery()
+
+
 OWED = select(
-    select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state.in_(UNSETTLED)).scalar_subquery()
-    + select(func.coalesce(func.sum(P.c.amount), 0))
-    .where(*_PAYER, P.c.state == PaymentState.SETTLED, P.c.updated_at >= bindparam("b_since"))
-    .scalar_subquery()
+    _owed_in(PaymentState.RESERVED)
+    + _owed_in(PaymentState.SETTLING)
+    + _owed_in(PaymentState.SETTLED, P.c.updated_at >= bindparam("b_since"))
 )
 BROADCAST = (
     update(P)
@@ -152,19 +159,19 @@ class Store:
             ).first()
         return str(got[0]) if got else None
 
-    def _move(self, payment_id: str, frm: Iterable[str], to: str, **values: Any) -> bool:
-        params = {"b_id": payment_id, "b_from": list(frm), "state": to, "updated_at": time.time(), **values}
+    def _move(self, payment_id: str, frm: str, to: str, **values: Any) -> bool:
+        params = {"b_id": payment_id, "b_from": frm, "state": to, "updated_at": time.time(), **values}
         with self._tx() as c:
             res = c.execute(MOVE, params)
         return res.rowcount == 1
 
     def release(self, payment_id: str, error: str) -> bool:
-        return self._move(payment_id, [PaymentState.RESERVED], PaymentState.RELEASED, error=error)
+        return self._move(payment_id, PaymentState.RESERVED, PaymentState.RELEASED, error=error)
 
     def mark_settling(self, payment_id: str, *, tx_hash: str, raw_tx: str, tx_nonce: int, settler: str) -> bool:
         return self._move(
             payment_id,
-            [PaymentState.RESERVED],
+            PaymentState.RESERVED,
             PaymentState.SETTLING,
             tx_hash=tx_hash,
             raw_tx=raw_tx,
@@ -192,13 +199,13 @@ class Store:
 
     def mark_prepaid(self, payment_id: str) -> bool:
         """A payment whose money moved before the call (a transfer, or credit): nothing to settle."""
-        return self._move(payment_id, [PaymentState.RESERVED], PaymentState.SETTLED)
+        return self._move(payment_id, PaymentState.RESERVED, PaymentState.SETTLED)
 
     def mark_settled(self, payment_id: str, tx_hash: str) -> bool:
-        return self._move(payment_id, [PaymentState.SETTLING], PaymentState.SETTLED, tx_hash=tx_hash, error=None)
+        return self._move(payment_id, PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=tx_hash, error=None)
 
     def mark_failed(self, payment_id: str, error: str) -> bool:
-        return self._move(payment_id, [PaymentState.SETTLING], PaymentState.FAILED, error=error)
+        return self._move(payment_id, PaymentState.SETTLING, PaymentState.FAILED, error=error)
 
     def payment(self, payment_id: str) -> dict[str, Any] | None:
         with self._tx() as c:
@@ -273,7 +280,7 @@ class Store:
                     MOVE,
                     {
                         "b_id": payment_id,
-                        "b_from": [PaymentState.RESERVED],
+                        "b_from": PaymentState.RESERVED,
                         "state": PaymentState.SETTLING,
                         "updated_at": time.time(),
                         "tx_hash": tx_hash,
@@ -471,11 +478,9 @@ class Store:
             return None
         return payout_id
 
-    def payouts(self, states: Iterable[str], limit: int = 100) -> Sequence[dict[str, Any]]:
+    def payouts(self, state: str, limit: int = 100) -> Sequence[dict[str, Any]]:
         with self._tx() as c:
-            rows = c.execute(
-                select(PO).where(PO.c.state.in_(list(states))).order_by(PO.c.created_at).limit(limit)
-            ).mappings()
+            rows = c.execute(select(PO).where(PO.c.state == state).order_by(PO.c.created_at).limit(limit)).mappings()
             return [dict(r) for r in rows]
 
     def payout(self, payout_id: str) -> dict[str, Any] | None:
