@@ -19,6 +19,7 @@ import httpx
 from ..client.payer import PaymentRefused
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
+from .network import asyncio_transport
 
 MAX_BODY = 32 * 1024 * 1024
 PASS_HEADERS = ("x-session-id", "http-referer", "x-title")
@@ -27,7 +28,8 @@ PASS_HEADERS = ("x-session-id", "http-referer", "x-title")
 def make_http_client(upstreams: list[UpstreamSettings]) -> httpx.AsyncClient:
     """One pooled client for every upstream (timeouts are set per upstream, per request)."""
     size = sum(u.max_connections for u in upstreams)
-    return httpx.AsyncClient(limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+    return httpx.AsyncClient(transport=asyncio_transport(limits))
 
 
 def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
@@ -44,7 +46,7 @@ def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
         max_total_usd=Decimal("Infinity"),
     )
     limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
-    return httpx.AsyncClient(transport=PayingTransport(payer, httpx.AsyncHTTPTransport(limits=limits)))
+    return httpx.AsyncClient(transport=PayingTransport(payer, asyncio_transport(limits)))
 
 
 def _retry_after(resp: httpx.Response) -> int:
