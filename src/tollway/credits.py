@@ -38,7 +38,8 @@ async def balance(request: Request, gw: Gateway) -> Response:
             "wallet": wallet,
             "network": gw.network,
             "asset": gw.token,
-            "balance": _money(gw, credit),
+            "balance": _money(gw, gw.store.credit_balance(account)),
+            "available": _money(gw, credit),  # what payments already final on chain back
             "journal": {k: str(v) for k, v in gw.store.journal(account).items()},
         }
     )
@@ -67,7 +68,7 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
         payout_id = gw.store.request_payout(account, wallet, amount, f"{account}|{w['nonce'].lower()}")
     except InsufficientCredit:
         raise BadRequest(
-            f"credit {gw.store.credit_balance(account)} is less than {amount}", code="insufficient_credit"
+            f"final credit {gw.store.available_credit(account)} is less than {amount}", code="insufficient_credit"
         ) from None
     if payout_id is None:
         raise BadRequest("this withdrawal request was already made", code="withdrawal_replayed")

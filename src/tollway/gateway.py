@@ -93,9 +93,9 @@ class Gateway:
     def close_abandoned_streams(self) -> None:
         """Meter the streams a crashed process left open: their usage was never read, so — as any
         call without usage — each costs its quote (capped by what paid for it), and its hold ends.
-        Only streams older than the longest an upstream may stay silent, so that another
-        replica's live streams are left alone."""
-        cutoff = time.time() - 2 * max(u.read_timeout for u in upstream_list(self.settings))
+        Only streams older than an hour (or twice the upstream read timeout), so that another
+        replica's live streams are left alone; and a stream is metered once whoever gets there first."""
+        cutoff = time.time() - max(3600, 2 * max(u.read_timeout for u in upstream_list(self.settings)))
         for row in self.store.abandoned_streams(cutoff):
             covered = row["paid"] + row["from_credit"]
             self.store.finish_call(

@@ -97,7 +97,7 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"request body larger than {limit} bytes", code="body_too_large")
     body = bytearray()
     async for chunk in request.stream():
@@ -135,7 +135,7 @@ def accepted_amount(gw: Gateway, call: ChatCall, scheme: PaymentScheme, accepted
     if token is None:
         return call.quote.amount  # no quote echoed: pay today's price for this request
     raw_amount = accepted.get("amount")
-    if not isinstance(raw_amount, str) or not raw_amount.isdigit():
+    if not isinstance(raw_amount, str) or not (raw_amount.isascii() and raw_amount.isdigit()):
         raise PaymentMalformed("accepted.amount must be a decimal string")
     gw.quotes.check(token, call.quote.request_digest, int(raw_amount), now)
     return int(raw_amount)
@@ -279,7 +279,7 @@ def meter(
             usage_dialect=usage.dialect,
             cache_discount=discount,
         )
-    fields["credit_after"] = gw.store.finish_call(
+    balance = gw.store.finish_call(
         paid.account,
         deposit=paid.payment.amount,
         held=paid.held,
@@ -288,6 +288,9 @@ def meter(
         call={**row, **fields},
         insert_row=insert_row,
     )
+    if balance is None:  # another process metered this stream already (it thought it abandoned)
+        balance = gw.store.credit_balance(paid.account)
+    fields["credit_after"] = balance
     return fields, cache.hop(opened.upstream, usage, expected, discount)
 
 
@@ -380,12 +383,12 @@ def relay_stream(
 
 
 def wallet_credit(gw: Gateway, request: Request) -> tuple[str | None, int]:
-    """The wallet a request proves it holds (``X-Tollway-Wallet``), and that wallet's credit."""
+    """The wallet a request proves it holds (``X-Tollway-Wallet``), and its final credit."""
     raw = request.headers.get(WALLET_HEADER)
     if not raw:
         return None, 0
     wallet = check_wallet_proof(x402.unb64json(raw), gw.chain_id, gw.token, int(time.time()))
-    return wallet, gw.store.credit_balance(credit_account(gw.network, gw.token, wallet))
+    return wallet, gw.store.available_credit(credit_account(gw.network, gw.token, wallet))
 
 
 def offers(gw: Gateway, call: ChatCall, credit: int) -> list[Offer]:

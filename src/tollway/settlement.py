@@ -251,16 +251,14 @@ class Settler:
         for row in self.store.payouts("pending"):
             groups.setdefault(row["account"], []).append(row)
         for rows in groups.values():
-            nonce = self.store.take_settler_nonce(self.payout_account.address)
-            data = (
-                ERC20_TRANSFER
-                + bytes(12)
-                + bytes.fromhex(rows[0]["wallet"][2:])
-                + sum(r["amount"] for r in rows).to_bytes(32, "big")
-            )
-            tx_hash, raw = self._sign(nonce, self.token, data, gas=100_000, account=self.payout_account)
-            self.store.move_payouts(
-                [r["id"] for r in rows], "pending", "sending", tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce
+            total = sum(r["amount"] for r in rows)
+            data = ERC20_TRANSFER + bytes(12) + bytes.fromhex(rows[0]["wallet"][2:]) + total.to_bytes(32, "big")
+            # Nonce, signature and the claim of exactly these rows in one transaction: a replica
+            # that claimed any of them first makes this roll back, so nothing is paid twice.
+            self.store.sign_payout(
+                [r["id"] for r in rows],
+                self.payout_account.address,
+                lambda nonce, data=data: self._sign(nonce, self.token, data, gas=100_000, account=self.payout_account),
             )
         sending = self.store.payouts("sending")
         if not sending:

@@ -866,3 +866,30 @@ def test_deeply_nested_json_body_does_not_crash_the_gateway(gateway, tmp_path):
         else:
             assert httpx.get(url + "/healthz").status_code == 200
     assert not failures, "\n".join(failures)
+
+
+# -- non-ASCII digits where numbers go ("²".isdigit() is True in Python) ---------------------------
+
+
+@pytest.mark.parametrize("field", ["amount", "quote-expiry", "quote-mac"])
+def test_unicode_digits_in_the_accepted_offer(attack, field):
+    body = chat_body("unicode digits")
+    required, offer = attack.offer(body)
+    payload = authorize(attack.payer, offer)
+    expires, mac = offer["extra"]["quote"].split(".", 1)
+    accepted = {
+        "amount": {**offer, "amount": "²"},
+        "quote-expiry": {**offer, "extra": {**offer["extra"], "quote": f"²{expires[1:]}.{mac}"}},
+        "quote-mac": {**offer, "extra": {**offer["extra"], "quote": f"{expires}.é{mac[1:]}"}},
+    }[field]
+    attack.refused(
+        attack.send(body, envelope(required, accepted, payload)), {400, 402}, INVALID_PAYLOAD, QUOTE_MISMATCH
+    )
+
+
+def test_unicode_digits_in_a_wallet_proof(attack):
+    proof = b64json({"wallet": attack.payer.address, "validBefore": "²", "signature": "0x" + "11" * 65})
+    r = attack.client.post(CHAT, json=chat_body("wallet proof with a superscript"), headers={"X-Tollway-Wallet": proof})
+    assert r.status_code == 402  # a bad proof only forfeits the credit discount
+    r = attack.client.get("/v1/credit", headers={"X-Tollway-Wallet": proof})
+    assert r.status_code == 400 and error_code(r) == INVALID_PAYLOAD

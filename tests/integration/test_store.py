@@ -113,3 +113,64 @@ def test_unsettled_amount_counts_reserved_and_settling(db_url):
     # settled after a balance read: that balance may not reflect it yet, so it still counts
     assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame", settled_since=read_before) == 110
     assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame", settled_since=time.time() + 1) == 30
+
+
+def test_a_reverted_settlement_takes_its_deposit_back(db_url):
+    from tollway.ledger.store import InsufficientCredit, credit_account
+
+    store = Store(db_url)
+    row = payment(amount=700)
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    pid = store.reserve(row)
+    store.mark_settling(pid, tx_hash="0x1", raw_tx="0x", tx_nonce=0, settler="0xs")
+    store.settle_call_credit(account, deposit=700, held=0, cost=100, call_id="c", payment_id=pid)
+    assert store.credit_balance(account) == 600 and store.available_credit(account) == 0  # not final yet
+    with pytest.raises(InsufficientCredit):  # unconfirmed credit cannot leave on chain
+        store.request_payout(account, row["payer"], 1, "n1")
+    assert store.mark_failed(pid, "transaction_failed")
+    assert store.credit_balance(account) == -100  # the call was served on money that never came: a debt
+    assert store.journal(account)["reversal"] == -700
+    assert not store.mark_failed(pid, "again")  # reversed once
+
+
+def test_payout_claims_are_exclusive(db_url):
+    from tollway.ledger.store import InsufficientCredit, credit_account
+
+    store = Store(db_url)
+    account = credit_account("eip155:1", "0xtoken", "0xwallet-" + uuid.uuid4().hex[:6])
+    store.settle_call_credit(account, deposit=100, held=0, cost=0, call_id="c", payment_id=None)
+    first = store.request_payout(account, "0xw", 40, uuid.uuid4().hex)
+    with pytest.raises(InsufficientCredit):
+        store.request_payout(account, "0xw", 61, uuid.uuid4().hex)
+    second = store.request_payout(account, "0xw", 60, uuid.uuid4().hex)
+    address = "0x" + uuid.uuid4().hex[:40]
+    store.sync_settler_nonce(address, 5)
+    assert store.sign_payout([first], address, lambda nonce: (f"0xa{nonce}", "0x"))
+    # A second worker that read both as pending cannot pay the first again, nor burn a nonce.
+    assert not store.sign_payout([first, second], address, lambda nonce: (f"0xb{nonce}", "0x"))
+    assert store.sign_payout([second], address, lambda nonce: (f"0xc{nonce}", "0x"))
+    assert [store.payout(p)["tx_hash"] for p in (first, second)] == ["0xa5", "0xc6"]
+
+
+def test_a_stream_is_metered_once(db_url):
+    from tollway.ledger.store import credit_account
+
+    store = Store(db_url)
+    account = credit_account("eip155:1", "0xtoken", "0xwallet-" + uuid.uuid4().hex[:6])
+    call_id = uuid.uuid4().hex
+    store.insert_call(
+        {
+            "id": call_id,
+            "model": "m",
+            "upstream_model": "m",
+            "stream": True,
+            "status": "streaming",
+            "quote": 50,
+            "paid": 50,
+            "from_credit": 0,
+        }
+    )
+    call = {"id": call_id, "status": "served", "cost": 20}
+    assert store.finish_call(account, deposit=50, held=0, cost=20, payment_id=None, call=call, insert_row=False) == 30
+    assert store.finish_call(account, deposit=50, held=0, cost=50, payment_id=None, call=call, insert_row=False) is None
+    assert store.credit_balance(account) == 30

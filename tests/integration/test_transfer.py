@@ -101,3 +101,18 @@ def test_too_few_confirmations(confirming_gateway, chain, devnet):
     assert r.status_code == 402 and reason(r) == "transfer_unconfirmed"
     chain.mine(3)
     assert pay(confirming_gateway.url, offer, claim_transfer(account, offer, tx)).status_code == 200
+
+
+def test_the_gateways_own_settlement_cannot_be_claimed_as_a_transfer(gateway, chain, devnet):
+    """An exact payment's settlement transaction moves the payer's tokens to the payee, but it was
+    sent by the gateway: claiming it as a transfer would count the same money twice."""
+    from tollway.client import SyncPayingTransport
+
+    account = chain.fund()
+    payer = Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url) as http:
+        assert http.post("/v1/chat/completions", json=BODY).status_code == 200
+    settlement = wait_receipt(gateway.url, payer.history[0].receipt_id)["payment"]["transaction"]
+    offer = transfer_offer(gateway.url)
+    r = pay(gateway.url, offer, claim_transfer(account, offer, settlement))
+    assert r.status_code == 402 and reason(r) == "transfer_mismatch"

@@ -78,7 +78,7 @@ class Payer:
         for offer in required.get("accepts") or []:
             asset = self._allowed(offer) if offer.get("scheme") in ("exact", "credit") else None
             amount = str(offer.get("amount", ""))
-            if asset and amount.isdigit():
+            if asset and amount.isascii() and amount.isdigit():
                 usd = Decimal(int(amount)).scaleb(-asset.decimals)
                 credit = Decimal(int(str((offer.get("extra") or {}).get("credit", "0")))).scaleb(-asset.decimals)
                 if usd + credit > self.max_per_call_usd:

@@ -2,7 +2,8 @@
 
 Payments (what reached us, per scheme) are separate from credit (what a wallet holds with us):
 a call charges its metered cost against the payer's credit account, which its payment funded.
-The journal (``credit_entries``) re-derives every balance: deposits = charges + balance + withdrawals.
+The journal (``credit_entries``) re-derives every balance:
+deposits + reversals + refunds = charges + balance + withdrawals.
 
 A payment moves through explicit states; ``store.py`` makes every move one guarded UPDATE:
 
@@ -100,10 +101,12 @@ class EntryKind(StrEnum):
     CHARGE = "charge"  # the call's metered cost (negative)
     WITHDRAWAL = "withdrawal"  # paid out on chain (negative)
     REFUND = "refund"  # a withdrawal whose payout failed (positive)
+    REVERSAL = "reversal"  # a deposit whose settlement reverted on chain (negative; may leave a debt)
 
 
 class Credit(SQLModel, table=True):
-    """A wallet's balance with the gateway, per network and asset (atomic units, never negative)."""
+    """A wallet's balance with the gateway, per network and asset (atomic units). Negative only as
+    a debt, after a settlement reverted; only credit whose payments are final can be spent."""
 
     __tablename__ = "credits"
 

@@ -38,7 +38,7 @@ PO = Payout.__table__  # type: ignore[attr-defined]
 # (No IN lists in these: SQLAlchemy re-renders an expanding IN on every execution, and SQLite
 # then prepares the statement anew.)
 MOVE = update(P).where(P.c.id == bindparam("b_id"), P.c.state == bindparam("b_from"))
-UPDATE_CALL = update(C).where(C.c.id == bindparam("b_id"))
+FINISH_STREAM = update(C).where(C.c.id == bindparam("b_id"), C.c.status == "streaming")
 _PAYER = (P.c.network == bindparam("b_network"), P.c.asset == bindparam("b_asset"), P.c.payer == bindparam("b_payer"))
 
 
@@ -52,14 +52,15 @@ OWED = select(
     + _owed_in(PaymentState.SETTLING)
     + _owed_in(PaymentState.SETTLED, P.c.updated_at >= bindparam("b_since"))
 )
+UNCONFIRMED = select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state == PaymentState.SETTLING)
 BROADCAST = (
     update(P)
     .where(P.c.id == bindparam("b_id"), P.c.state == PaymentState.SETTLING)
     .values(broadcast_at=bindparam("b_now"), attempts=P.c.attempts + 1)
 )
-APPLY = (  # add to a credit balance unless it would go negative
+APPLY = (  # add to a credit balance unless it would end below a floor
     update(CR)
-    .where(CR.c.account == bindparam("b_account"), CR.c.balance + bindparam("b_delta") >= 0)
+    .where(CR.c.account == bindparam("b_account"), CR.c.balance + bindparam("b_delta") >= bindparam("b_floor"))
     .values(balance=CR.c.balance + bindparam("b_delta"), updated_at=bindparam("b_now"))
     .returning(CR.c.balance)
 )
@@ -84,6 +85,10 @@ class InsufficientCredit(Exception):
 
 
 class _NotReserved(Exception):
+    pass
+
+
+class _AlreadyMetered(Exception):
     pass
 
 
@@ -205,7 +210,33 @@ class Store:
         return self._move(payment_id, PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=tx_hash, error=None)
 
     def mark_failed(self, payment_id: str, error: str) -> bool:
-        return self._move(payment_id, PaymentState.SETTLING, PaymentState.FAILED, error=error)
+        """The settlement reverted: the payment never arrived, so its deposit is taken back from
+        the payer's credit in the same transaction — into debt if it was already spent (a debt
+        is repaid by the next payment before credit can pay anything)."""
+        try:
+            with self._tx() as c:
+                row = (
+                    c.execute(select(P).where(P.c.id == payment_id, P.c.state == PaymentState.SETTLING))
+                    .mappings()
+                    .first()
+                )
+                if row is None:
+                    return False
+                c.execute(
+                    MOVE,
+                    {
+                        "b_id": payment_id,
+                        "b_from": PaymentState.SETTLING,
+                        "state": PaymentState.FAILED,
+                        "updated_at": time.time(),
+                        "error": error,
+                    },
+                )
+                account = credit_account(row["network"], row["asset"], row["payer"])
+                self._post(c, account, [(EntryKind.REVERSAL, -row["amount"])], None, payment_id=payment_id)
+        except IntegrityError:
+            return False
+        return True
 
     def payment(self, payment_id: str) -> dict[str, Any] | None:
         with self._tx() as c:
@@ -367,20 +398,22 @@ class Store:
 
     # -- credit ---------------------------------------------------------------------------------
 
-    def _post(self, c: Any, account: str, entries: list[tuple[str, int]], **refs: Any) -> int:
-        """Apply journal entries to an account inside transaction ``c``; the balance may not go negative."""
+    def _post(self, c: Any, account: str, entries: list[tuple[str, int]], floor: int | None = 0, **refs: Any) -> int:
+        """Apply journal entries to an account inside transaction ``c``. The balance may not end
+        below ``floor`` (``None``: no floor — a reversal may leave a debt)."""
         delta = sum(amount for _, amount in entries)
         now = time.time()
-        got = c.execute(APPLY, {"b_account": account, "b_delta": delta, "b_now": now}).first()
+        lowest = -(2**62) if floor is None else floor
+        got = c.execute(APPLY, {"b_account": account, "b_delta": delta, "b_now": now, "b_floor": lowest}).first()
         if got is None:
             exists = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
-            if exists is not None or delta < 0:
+            if exists is not None or delta < lowest:
                 raise InsufficientCredit(account)
             try:
                 with c.begin_nested():
                     c.execute(insert(CR).values(account=account, balance=delta, updated_at=now))
             except IntegrityError:  # created concurrently: apply to it
-                return self._post(c, account, entries, **refs)
+                return self._post(c, account, entries, floor, **refs)
             balance = delta
         else:
             balance = int(got[0])
@@ -394,11 +427,24 @@ class Store:
             got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
         return int(got[0]) if got else 0
 
+    @staticmethod
+    def _unconfirmed(c: Connection, account: str) -> int:
+        """What of an account's credit is not final yet: its payments still settling on chain (a
+        settlement can revert, and its deposit with it). Only final credit may be spent."""
+        network, asset, payer = account.split("|")
+        return int(c.execute(UNCONFIRMED, {"b_network": network, "b_asset": asset, "b_payer": payer}).scalar_one())
+
+    def available_credit(self, account: str) -> int:
+        with self._tx() as c:
+            got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
+            return max((int(got[0]) if got else 0) - self._unconfirmed(c, account), 0)
+
     def hold_credit(self, account: str, amount: int, *, call_id: str, payment_id: str | None) -> bool:
-        """Set credit aside for a call; False if the balance does not cover it."""
+        """Set final credit aside for a call; False if it does not cover it."""
         try:
             with self._tx() as c:
-                self._post(c, account, [(EntryKind.HOLD, -amount)], call_id=call_id, payment_id=payment_id)
+                floor = self._unconfirmed(c, account)
+                self._post(c, account, [(EntryKind.HOLD, -amount)], floor, call_id=call_id, payment_id=payment_id)
             return True
         except InsufficientCredit:
             return False
@@ -435,17 +481,21 @@ class Store:
         payment_id: str | None,
         call: dict[str, Any],
         insert_row: bool,
-    ) -> int:
+    ) -> int | None:
         """Charge a finished call and record it (insert, or update the row of a stream), at once.
-        Returns the payer's credit balance after it."""
-        with self._tx() as c:
-            balance = self._settle_call(c, account, deposit, held, cost, call["id"], payment_id)
-            row = {**call, "credit_after": balance}
-            if insert_row:
-                c.execute(insert(C), {"created_at": time.time(), **row})
-            else:
-                row["b_id"] = row.pop("id")
-                c.execute(UPDATE_CALL, row)
+        Returns the payer's credit balance after it; None if the stream had been metered already."""
+        try:
+            with self._tx() as c:
+                balance = self._settle_call(c, account, deposit, held, cost, call["id"], payment_id)
+                row = {**call, "credit_after": balance}
+                if insert_row:
+                    c.execute(insert(C), {"created_at": time.time(), **row})
+                else:
+                    row["b_id"] = row.pop("id")
+                    if c.execute(FINISH_STREAM, row).rowcount != 1:
+                        raise _AlreadyMetered  # another process closed it: roll back, charge once
+        except _AlreadyMetered:
+            return None
         return balance
 
     def journal(self, account: str | None = None) -> dict[str, int]:
@@ -473,7 +523,8 @@ class Store:
                         updated_at=now,
                     )
                 )
-                self._post(c, account, [(EntryKind.WITHDRAWAL, -amount)], payout_id=payout_id)
+                floor = self._unconfirmed(c, account)  # only final credit leaves on chain
+                self._post(c, account, [(EntryKind.WITHDRAWAL, -amount)], floor, payout_id=payout_id)
         except IntegrityError:
             return None
         return payout_id
@@ -487,6 +538,24 @@ class Store:
         with self._tx() as c:
             row = c.execute(select(PO).where(PO.c.id == payout_id)).mappings().first()
         return dict(row) if row else None
+
+    def sign_payout(self, ids: list[str], address: str, sign: Callable[[int], tuple[str, str]]) -> bool:
+        """Claim pending payouts ``ids`` for one transaction signed with ``address``'s next nonce, all
+        at once: if any was claimed elsewhere first, nothing changes (not even the nonce)."""
+        try:
+            with self._tx() as c:
+                nonce = self._take_nonce(c, address)
+                tx_hash, raw = sign(nonce)
+                res = c.execute(
+                    update(PO)
+                    .where(PO.c.id.in_(ids), PO.c.state == "pending")
+                    .values(state="sending", tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce, updated_at=time.time())
+                )
+                if res.rowcount != len(ids):
+                    raise _NotReserved
+        except _NotReserved:
+            return False
+        return True
 
     def move_payouts(self, ids: list[str], frm: str, to: str, **values: Any) -> int:
         with self._tx() as c:

@@ -77,7 +77,13 @@ def _normalise(kind: str, message: dict[str, Any]) -> dict[str, Any]:
             out[name] = v
         elif typ == "bytes32" and isinstance(v, str) and HEX32.match(v):
             out[name] = bytes.fromhex(v[2:])
-        elif typ == "uint256" and isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).isdigit():
+        elif (
+            typ == "uint256"
+            and isinstance(v, (str, int))
+            and not isinstance(v, bool)
+            and str(v).isascii()
+            and str(v).isdigit()
+        ):
             out[name] = int(v)
             if out[name] >= 2**256:
                 raise PaymentMalformed(f"{kind}.{name} is out of range")

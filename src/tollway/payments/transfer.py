@@ -53,6 +53,10 @@ class TransferScheme:
             raise PaymentInvalid("transaction not found or not mined yet", code="transfer_not_found")
         if int(receipt.get("status", "0x0"), 16) != 1:
             raise PaymentInvalid("the transaction failed on chain", code="transfer_failed")
+        if str(receipt.get("from", "")).lower() != wallet:
+            # Only the claimant's own transaction: a settlement or payout of this gateway (sent by
+            # its own account) also carries a Transfer to the payee, and must never pay twice.
+            raise PaymentInvalid("the transaction was not sent by the claimant", code="transfer_mismatch")
         depth = int(head, 16) - int(receipt["blockNumber"], 16)
         if depth < self.confirmations:
             raise PaymentInvalid(

@@ -51,7 +51,7 @@ def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
 
 def _retry_after(resp: httpx.Response) -> int:
     value = resp.headers.get("retry-after", "")
-    return max(1, min(int(value), 3600)) if value.isdigit() else 1
+    return max(1, min(int(value), 3600)) if value.isascii() and value.isdigit() else 1
 
 
 def _upstream_message(body: bytes) -> str:
