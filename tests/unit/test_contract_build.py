@@ -8,8 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "contracts" / "TestUSDC.sol"
 BUILD = ROOT / "contracts" / "build" / "TestUSDC.json"
@@ -42,10 +40,9 @@ def test_build_file_is_canonical_json() -> None:
 
 
 def test_committed_build_matches_fresh_compile() -> None:
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
-    if not (ROOT / ".tools" / "node_modules" / "solc").is_dir():
-        pytest.skip("solc-js is not installed (run scripts/compile-contracts)")
+    # node and solc-js are installed by scripts/setup; without them this must fail, not skip.
+    assert shutil.which("node"), "node is not installed"
+    assert (ROOT / ".tools" / "node_modules" / "solc").is_dir(), "solc-js is not installed (run scripts/setup)"
     proc = subprocess.run(
         ["node", "scripts/compile-contracts.mjs", "--check"],
         cwd=ROOT,
