@@ -90,6 +90,11 @@ class Gateway:
         await settler.start()
         return gw
 
+    @property
+    def v1_name_of(self) -> dict[str, str]:
+        """CAIP-2 id → x402 v1 network name, for the networks served in v1."""
+        return {network: name for name, network in self.v1_names.items()}
+
     def close_abandoned_streams(self) -> None:
         """Meter the streams a crashed process left open: their usage was never read, so — as any
         call without usage — each costs its quote (capped by what paid for it), and its hold ends.

@@ -52,11 +52,12 @@ class Paid:
     account: str  # the payer's credit account
     held: int
     proof: Proof
+    settlement: tuple[str, bytes] | None  # the transaction that moves the money (to, calldata)
 
     @property
     def prepaid(self) -> bool:
         """The money already moved (a transfer, or credit): nothing to settle, nothing to release."""
-        return self.scheme.settlement_call(self.payment) is None
+        return self.settlement is None
 
 
 async def chat_completions(request: Request, gw: Gateway) -> Response:
@@ -159,7 +160,8 @@ def lock(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, 
     if payment_id is None:
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
     account = credit_account(payment.network, payment.asset, payment.payer)
-    paid = Paid(payment, scheme, payment_id, account, max(call.quote.amount - payment.amount, 0), proof)
+    held = max(call.quote.amount - payment.amount, 0)
+    paid = Paid(payment, scheme, payment_id, account, held, proof, scheme.settlement_call(payment))
     if paid.held and not gw.store.hold_credit(account, paid.held, call_id=call_id, payment_id=payment_id):
         short = PaymentInvalid(
             f"payment of {payment.amount} plus credit does not cover the quote {call.quote.amount}",
@@ -216,26 +218,22 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
 
 
 def settle(gw: Gateway, paid: Paid) -> str | None:
-    target = paid.scheme.settlement_call(paid.payment)
-    if target is None:
+    if paid.settlement is None:
         gw.store.mark_prepaid(paid.payment_id)
         return paid.payment.proof.get("transaction")
-    return gw.settler.sign(paid.payment_id, *target)
+    return gw.settler.sign(paid.payment_id, *paid.settlement)
 
 
 def receipt_headers(gw: Gateway, paid: Paid, tx_hash: str | None, call_id: str) -> dict[str, str]:
+    """The receipt id, and x402's settlement response in the version the payment came in."""
     p = paid.payment
-    headers = {"x-tollway-receipt": call_id}
-    if paid.proof.version == 1:
-        name = next(n for n, net in gw.v1_names.items() if net == p.network)
-        headers[x402.X_PAYMENT_RESPONSE] = x402.settle_response(
-            success=True, tx_hash=tx_hash or "", network=name, payer=p.payer
-        )
-    else:
-        headers[x402.PAYMENT_RESPONSE] = x402.settle_response(
-            success=True, tx_hash=tx_hash or "", network=p.network, payer=p.payer
-        )
-    return headers
+    v1 = paid.proof.version == 1
+    header = x402.X_PAYMENT_RESPONSE if v1 else x402.PAYMENT_RESPONSE
+    network = gw.v1_name_of[p.network] if v1 else p.network
+    return {
+        "x-tollway-receipt": call_id,
+        header: x402.settle_response(success=True, tx_hash=tx_hash or "", network=network, payer=p.payer),
+    }
 
 
 # -- meter and receipt ----------------------------------------------------------------------------
@@ -431,6 +429,6 @@ def with_challenge(exc: PaymentRequired, gw: Gateway, call: ChatCall, request: R
     body = doc
     if gw.v1_names:  # v2 clients read the header; v1 clients read the body
         exact = [o for o in quoted if o.scheme == "exact"]
-        body = x402.payment_required_v1(error, resource, exact, {net: n for n, net in gw.v1_names.items()})
+        body = x402.payment_required_v1(error, resource, exact, gw.v1_name_of)
     exc.challenge = {"headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc)}, "body": body}
     return exc
