@@ -62,17 +62,20 @@ def domain_separator(name: str, version: str, chain_id: int, contract: str) -> b
     )
 
 
-def digest(auth: Authorization, domain: bytes) -> bytes:
-    struct = keccak(
-        TRANSFER_TYPEHASH
-        + _word_address(auth.from_)
+def _words(auth: Authorization) -> bytes:
+    """The six fields, ABI-encoded: the same words in the EIP-712 struct and in the calldata."""
+    return (
+        _word_address(auth.from_)
         + _word_address(auth.to)
         + _word_uint(auth.value)
         + _word_uint(auth.valid_after)
         + _word_uint(auth.valid_before)
         + auth.nonce
     )
-    return keccak(b"\x19\x01" + domain + struct)
+
+
+def digest(auth: Authorization, domain: bytes) -> bytes:
+    return keccak(b"\x19\x01" + domain + keccak(TRANSFER_TYPEHASH + _words(auth)))
 
 
 def split_signature(sig: bytes) -> tuple[int, bytes, bytes]:
@@ -103,15 +106,4 @@ def recover(digest32: bytes, sig: bytes) -> str:
 def transfer_calldata(auth: Authorization, sig: bytes) -> bytes:
     """Calldata for ``transferWithAuthorization(from,to,value,validAfter,validBefore,nonce,v,r,s)``."""
     v, r, s = split_signature(sig)
-    return (
-        TRANSFER_SELECTOR
-        + _word_address(auth.from_)
-        + _word_address(auth.to)
-        + _word_uint(auth.value)
-        + _word_uint(auth.valid_after)
-        + _word_uint(auth.valid_before)
-        + auth.nonce
-        + _word_uint(v)
-        + r
-        + s
-    )
+    return TRANSFER_SELECTOR + _words(auth) + _word_uint(v) + r + s
