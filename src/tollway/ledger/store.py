@@ -164,11 +164,15 @@ class Store:
             ).first()
         return str(got[0]) if got else None
 
-    def _move(self, payment_id: str, frm: str, to: str, **values: Any) -> bool:
+    @staticmethod
+    def _moved(c: Connection, payment_id: str, frm: str, to: str, **values: Any) -> bool:
+        """Move a payment ``frm → to`` inside transaction ``c``; False if it was not in ``frm``."""
         params = {"b_id": payment_id, "b_from": frm, "state": to, "updated_at": time.time(), **values}
+        return bool(c.execute(MOVE, params).rowcount == 1)
+
+    def _move(self, payment_id: str, frm: str, to: str, **values: Any) -> bool:
         with self._tx() as c:
-            res = c.execute(MOVE, params)
-        return res.rowcount == 1
+            return self._moved(c, payment_id, frm, to, **values)
 
     def release(self, payment_id: str, error: str) -> bool:
         return self._move(payment_id, PaymentState.RESERVED, PaymentState.RELEASED, error=error)
@@ -220,18 +224,10 @@ class Store:
                     .mappings()
                     .first()
                 )
-                if row is None:
+                if row is None or not self._moved(
+                    c, payment_id, PaymentState.SETTLING, PaymentState.FAILED, error=error
+                ):
                     return False
-                c.execute(
-                    MOVE,
-                    {
-                        "b_id": payment_id,
-                        "b_from": PaymentState.SETTLING,
-                        "state": PaymentState.FAILED,
-                        "updated_at": time.time(),
-                        "error": error,
-                    },
-                )
                 account = credit_account(row["network"], row["asset"], row["payer"])
                 self._post(c, account, [(EntryKind.REVERSAL, -row["amount"])], None, payment_id=payment_id)
         except IntegrityError:
@@ -307,20 +303,8 @@ class Store:
             with self._tx() as c:
                 nonce = self._take_nonce(c, address)
                 tx_hash, raw = sign(nonce)
-                res = c.execute(
-                    MOVE,
-                    {
-                        "b_id": payment_id,
-                        "b_from": PaymentState.RESERVED,
-                        "state": PaymentState.SETTLING,
-                        "updated_at": time.time(),
-                        "tx_hash": tx_hash,
-                        "raw_tx": raw,
-                        "tx_nonce": nonce,
-                        "settler": address,
-                    },
-                )
-                if res.rowcount != 1:
+                settling = dict(tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce, settler=address)
+                if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, **settling):
                     raise _NotReserved  # rolls back: the nonce is not taken either
         except _NotReserved:
             return None
@@ -422,10 +406,14 @@ class Store:
             c.execute(insert(E), rows)
         return balance
 
+    @staticmethod
+    def _balance(c: Connection, account: str) -> int:
+        got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
+        return int(got[0]) if got else 0
+
     def credit_balance(self, account: str) -> int:
         with self._tx() as c:
-            got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
-        return int(got[0]) if got else 0
+            return self._balance(c, account)
 
     @staticmethod
     def _unconfirmed(c: Connection, account: str) -> int:
@@ -436,8 +424,7 @@ class Store:
 
     def available_credit(self, account: str) -> int:
         with self._tx() as c:
-            got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
-            return max((int(got[0]) if got else 0) - self._unconfirmed(c, account), 0)
+            return max(self._balance(c, account) - self._unconfirmed(c, account), 0)
 
     def hold_credit(self, account: str, amount: int, *, call_id: str, payment_id: str | None) -> bool:
         """Set final credit aside for a call; False if it does not cover it."""
