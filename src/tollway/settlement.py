@@ -72,6 +72,7 @@ class Settler:
         self._task: asyncio.Task[None] | None = None
         self._gap_since: float | None = None
         self._polled = 0.0  # when receipts were last polled (monotonic)
+        self._payouts_sending = False  # as of the last poll
         self.gap_grace = GAP_GRACE
         self.last_error: str | None = None
 
@@ -138,17 +139,21 @@ class Settler:
                 await asyncio.sleep(1.0)
 
     async def run_once(self) -> bool:
-        """One pass over unconfirmed settlements and payouts. Returns True while any remain."""
-        busy = await self._payouts()
-        return await self._settlements() or busy
+        """One pass over unconfirmed settlements and payouts. Returns True while any remain.
 
-    async def _settlements(self) -> bool:
-        """Broadcast new settlements every pass; poll receipts (and rebroadcast stuck ones) every
-        ``RECEIPT_POLL`` seconds — blocks come no faster, and a pass must stay cheap."""
+        New transactions are broadcast every pass; receipts are polled (and stuck transactions
+        rebroadcast) every ``RECEIPT_POLL`` seconds — blocks come no faster, and a pass must stay cheap.
+        """
+        poll = time.monotonic() - self._polled >= RECEIPT_POLL
+        if poll:
+            self._polled = time.monotonic()
+        busy = await self._payouts(poll)
+        return await self._settlements(poll) or busy
+
+    async def _settlements(self, poll: bool) -> bool:
         await self._send(self.store.settling(unsent=True))
-        if time.monotonic() - self._polled < RECEIPT_POLL:
+        if not poll:
             return True
-        self._polled = time.monotonic()
         rows = self.store.settling()
         if not rows:
             self._gap_since = None
@@ -242,7 +247,7 @@ class Settler:
     def request_payout(self) -> None:
         self._wake.set()
 
-    async def _payouts(self) -> bool:
+    async def _payouts(self, poll: bool) -> bool:
         """Pay pending withdrawals — one transfer per account, however many requests it made —
         then confirm those sent. A payout that reverts is refunded to credit."""
         if self.payout_account is None or self.token is None:
@@ -260,25 +265,28 @@ class Settler:
                 self.payout_account.address,
                 lambda nonce, data=data: self._sign(nonce, self.token, data, gas=100_000, account=self.payout_account),
             )
+        if not poll:
+            return self._payouts_sending
         sending = self.store.payouts("sending")
-        if not sending:
-            return False
+        self._payouts_sending = bool(sending)
         by_tx: dict[str, list[dict[str, Any]]] = {}
         for row in sending:
             by_tx.setdefault(row["tx_hash"], []).append(row)
-        for tx_hash, rows in by_tx.items():
-            receipt = await self.chain.receipt(tx_hash)
+        receipts = await self.chain.batch([("eth_getTransactionReceipt", [tx]) for tx in by_tx]) if by_tx else []
+        unmined = []
+        for rows, receipt in zip(by_tx.values(), receipts, strict=True):
             if receipt is None:
-                try:
-                    await self.chain.send_raw(rows[0]["raw_tx"])
-                except RpcError as exc:
-                    if "already" not in exc.message.lower():
-                        log.warning("payout %s: %s", tx_hash, exc.message)
+                unmined.append(rows[0])
             elif int(receipt.get("status", "0x0"), 16) == 1:
                 self.store.move_payouts([r["id"] for r in rows], "sending", "sent")
             else:
                 self.store.fail_payouts([r["id"] for r in rows], "payout transaction reverted")
-        return True
+        if unmined:  # (re)broadcast: idempotent, the node answers "already known" if it has it
+            answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in unmined], errors=True)
+            for row, answer in zip(unmined, answers, strict=True):
+                if isinstance(answer, RpcError) and "already" not in answer.message.lower():
+                    log.warning("payout %s: %s", row["tx_hash"], answer.message)
+        return self._payouts_sending
 
 
 def sign_eip1559(key: PrivateKey, fields: list[Any]) -> tuple[str, str]:
