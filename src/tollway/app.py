@@ -18,7 +18,7 @@ from . import __version__, credits, pipeline
 from .config import Settings
 from .errors import GatewayError, NotFound, PaymentRequired
 from .gateway import Gateway
-from .pricing import atomic_to_usd, per_million
+from .pricing import money, per_million
 
 log = logging.getLogger("tollway")
 
@@ -86,9 +86,6 @@ async def receipt(request: Request) -> Response:
         raise NotFound("no such receipt", code="receipt_not_found")
     decimals = gw.settings.chain.decimals
 
-    def money(v: int | None) -> dict[str, str] | None:
-        return None if v is None else {"atomic": str(v), "usd": str(atomic_to_usd(v, decimals))}
-
     body: dict[str, Any] = {
         "id": row["id"],
         "model": row["model"],
@@ -97,12 +94,12 @@ async def receipt(request: Request) -> Response:
         "stream": row["stream"],
         "status": row["status"],
         "error": row["error"],
-        "quote": money(row["quote"]),
-        "paid": money(row["paid"]),
-        "from_credit": money(row["from_credit"]),
-        "cost": money(row["cost"]),
-        "credit_after": money(row["credit_after"]),
-        "cache_discount": money(row["cache_discount"]),
+        "quote": money(row["quote"], decimals),
+        "paid": money(row["paid"], decimals),
+        "from_credit": money(row["from_credit"], decimals),
+        "cost": money(row["cost"], decimals),
+        "credit_after": money(row["credit_after"], decimals),
+        "cache_discount": money(row["cache_discount"], decimals),
         "usage": {
             "prompt_tokens": row["prompt_tokens"],
             "completion_tokens": row["completion_tokens"],
@@ -119,7 +116,7 @@ async def receipt(request: Request) -> Response:
             "asset": row["asset"],
             "payer": row["payer"],
             "payee": row["payee"],
-            "amount": money(row["amount"]),
+            "amount": money(row["amount"], decimals),
             "transaction": row["tx_hash"],
             "error": row["payment_error"],
         },
@@ -160,10 +157,7 @@ async def cache_stats(request: Request) -> Response:
                     },
                     "hit_rate": round(r["cached_tokens"] / reporting, 4) if reporting else None,
                     "survival": round(r["cached_tokens"] / expected, 4) if expected else None,
-                    "discount_passed": {
-                        "atomic": str(r["discount_passed"]),
-                        "usd": str(atomic_to_usd(int(r["discount_passed"]), gw.settings.chain.decimals)),
-                    },
+                    "discount_passed": money(r["discount_passed"], gw.settings.chain.decimals),
                 }
             )
         windows[name] = rows

@@ -19,11 +19,7 @@ from .gateway import Gateway
 from .ledger.store import InsufficientCredit, credit_account
 from .payments import signed
 from .pipeline import WALLET_HEADER, read_body, wallet_credit
-from .pricing import atomic_to_usd
-
-
-def _money(gw: Gateway, amount: int) -> dict[str, str]:
-    return {"atomic": str(amount), "usd": str(atomic_to_usd(amount, gw.settings.chain.decimals))}
+from .pricing import money
 
 
 async def balance(request: Request, gw: Gateway) -> Response:
@@ -38,8 +34,8 @@ async def balance(request: Request, gw: Gateway) -> Response:
             "wallet": wallet,
             "network": gw.network,
             "asset": gw.token,
-            "balance": _money(gw, gw.store.credit_balance(account)),
-            "available": _money(gw, credit),  # what payments already final on chain back
+            "balance": money(gw.store.credit_balance(account), gw.settings.chain.decimals),
+            "available": money(credit, gw.settings.chain.decimals),  # what payments already final on chain back
             "journal": {k: str(v) for k, v in gw.store.journal(account).items()},
         }
     )
@@ -83,7 +79,7 @@ def payout_view(gw: Gateway, payout_id: str) -> dict[str, Any]:
     return {
         "id": row["id"],
         "wallet": row["wallet"],
-        "amount": _money(gw, row["amount"]),
+        "amount": money(row["amount"], gw.settings.chain.decimals),
         "state": row["state"],
         "transaction": row["tx_hash"],
         "error": row["error"],

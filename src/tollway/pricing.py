@@ -37,6 +37,11 @@ def atomic_to_usd(amount: int, decimals: int) -> Decimal:
     return Decimal(amount).scaleb(-decimals)
 
 
+def money(amount: int | None, decimals: int) -> dict[str, str] | None:
+    """An amount as the API shows it: atomic units and USD, both exact decimal strings."""
+    return None if amount is None else {"atomic": str(amount), "usd": str(atomic_to_usd(int(amount), decimals))}
+
+
 def per_million(price: Decimal) -> Decimal:
     return (price * 1_000_000).normalize()
 
