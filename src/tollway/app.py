@@ -47,14 +47,9 @@ async def models(request: Request) -> Response:
     gw = gateway(request)
     data = []
     for model_id, p in gw.prices.items():
-        conf = gw.settings.models[model_id]
-        usd = {
-            "prompt": conf.prompt,
-            "completion": conf.completion,
-            "request": conf.request,
-            "input_cache_read": conf.cache_read if conf.cache_read is not None else conf.prompt,
-            "input_cache_write": conf.cache_write if conf.cache_write is not None else conf.prompt,
-        }
+        # OpenRouter's names for the cache prices
+        names = {"cache_read": "input_cache_read", "cache_write": "input_cache_write"}
+        usd = {names.get(k, k): v for k, v in gw.settings.models[model_id].per_token().items()}
         data.append(
             {
                 "id": model_id,
@@ -65,15 +60,10 @@ async def models(request: Request) -> Response:
                 "pricing_per_million": {k: str(per_million(v)) for k, v in usd.items() if k != "request"},
                 # The same in the payment asset's atomic units, per million tokens (rounded up).
                 "pricing_atomic_per_million": {
-                    k: str(p.per_million(f))
-                    for k, f in [
-                        ("prompt", "prompt"),
-                        ("completion", "completion"),
-                        ("input_cache_read", "cache_read"),
-                        ("input_cache_write", "cache_write"),
-                    ]
+                    names.get(f, f): str(p.per_million(f))
+                    for f in ("prompt", "completion", "cache_read", "cache_write")
                 },
-                "payment": [{"scheme": s.name, "network": s.network, "asset": s.offer(0, 0).asset} for s in gw.schemes],
+                "payment": [{"scheme": s.name, "network": s.network, "asset": gw.token} for s in gw.schemes],
             }
         )
     return JSONResponse({"object": "list", "data": data})

@@ -33,6 +33,16 @@ class ModelPrice(BaseModel):
     upstream_model: str | None = None  # the id to send upstream, when it differs
     max_tokens: int | None = None  # cap on output tokens for this model
 
+    def per_token(self) -> dict[str, Decimal]:
+        """All five prices, the cache ones defaulting to the prompt price."""
+        return {
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "request": self.request,
+            "cache_read": self.prompt if self.cache_read is None else self.cache_read,
+            "cache_write": self.prompt if self.cache_write is None else self.cache_write,
+        }
+
     @field_validator("prompt", "completion", "request", "cache_read", "cache_write")
     @classmethod
     def _non_negative(cls, v: Decimal | None) -> Decimal | None:

@@ -93,14 +93,7 @@ class Prices:
 
     @classmethod
     def of(cls, p: ModelPrice, decimals: int) -> Prices:
-        usd = {
-            "prompt": p.prompt,
-            "completion": p.completion,
-            "request": p.request,
-            "cache_read": p.prompt if p.cache_read is None else p.cache_read,
-            "cache_write": p.prompt if p.cache_write is None else p.cache_write,
-        }
-        units = {k: Fraction(v) * 10**decimals for k, v in usd.items()}
+        units = {k: Fraction(v) * 10**decimals for k, v in p.per_token().items()}
         denominator = math.lcm(*(f.denominator for f in units.values()))
         return cls(**{k: int(f * denominator) for k, f in units.items()}, denominator=denominator)
 
