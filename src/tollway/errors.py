@@ -25,13 +25,16 @@ from typing import Any
 class GatewayError(Exception):
     status = 500
     code = "internal"
+    retry_after: int | None = None  # seconds, for outages (sent as Retry-After)
+    challenge: Any = None  # a 402's fresh quote: {"headers", "body"}, attached by the pipeline
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
-        self.retry_after = retry_after
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         """OpenAI-style error body, so OpenAI SDKs surface the message."""
@@ -65,10 +68,6 @@ class PaymentRequired(GatewayError):
     status = 402
     code = "payment_required"
 
-    def __init__(self, message: str, *, code: str | None = None, challenge: Any = None):
-        super().__init__(message, code=code)
-        self.challenge = challenge
-
 
 class PaymentInvalid(PaymentRequired):
     """A proof was decoded but does not pay for this call; ``code`` is the reason."""
@@ -84,9 +83,7 @@ class UpstreamError(GatewayError):
 class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "upstream_unavailable"
-
-    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = 1):
-        super().__init__(message, code=code, retry_after=retry_after)
+    retry_after = 1
 
 
 class NotConfigured(GatewayError):
@@ -97,6 +94,4 @@ class NotConfigured(GatewayError):
 class ChainUnavailable(GatewayError):
     status = 503
     code = "chain_unavailable"
-
-    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = 2):
-        super().__init__(message, code=code, retry_after=retry_after)
+    retry_after = 2
