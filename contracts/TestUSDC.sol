@@ -5,9 +5,12 @@ pragma solidity ^0.8.20;
 /// @notice A minimal, self-contained stand-in for Circle's USDC (FiatTokenV2) used on local
 ///         devnets: ERC-20 with 6 decimals, an owner-only `mint`, EIP-2612 `permit` and the
 ///         EIP-3009 authorization transfers (`transferWithAuthorization`,
-///         `receiveWithAuthorization`, `cancelAuthorization`).
+///         `receiveWithAuthorization`, `cancelAuthorization`), and USDC's blacklist (a frozen
+///         account can neither send nor receive).
 /// @dev The EIP-712 domain is {name: "USD Coin", version: "2", chainId, verifyingContract},
 ///      identical to real USDC, so off-chain signing code works unchanged. NOT for production.
+///      The domain separator is computed on every call (no immutable cache), so the runtime code
+///      can be copied to another address with `anvil_setCode` (e.g. a testnet USDC's address).
 contract TestUSDC {
     // ---------------------------------------------------------------------------------
     // ERC-20 metadata and state
@@ -54,10 +57,6 @@ contract TestUSDC {
     uint256 private constant _HALF_CURVE_ORDER =
         0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
-    /// @dev Domain separator cached for the deployment chain id; recomputed on a fork.
-    bytes32 private immutable _cachedDomainSeparator;
-    uint256 private immutable _cachedChainId;
-
     /// @notice EIP-2612 permit nonces (sequential per owner).
     mapping(address => uint256) public nonces;
 
@@ -67,10 +66,14 @@ contract TestUSDC {
     event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce);
     event AuthorizationCanceled(address indexed authorizer, bytes32 indexed nonce);
 
+    /// @notice Frozen accounts (USDC's `Blacklistable`).
+    mapping(address => bool) public isBlacklisted;
+
+    event Blacklisted(address indexed account);
+    event UnBlacklisted(address indexed account);
+
     constructor() {
         owner = msg.sender;
-        _cachedChainId = block.chainid;
-        _cachedDomainSeparator = _buildDomainSeparator();
     }
 
     // ---------------------------------------------------------------------------------
@@ -110,14 +113,27 @@ contract TestUSDC {
         emit Transfer(address(0), to, value);
     }
 
+    /// @notice Freeze `account`: it can no longer send or receive. Only the deployer may.
+    function blacklist(address account) external {
+        require(msg.sender == owner, "TestUSDC: caller is not the owner");
+        isBlacklisted[account] = true;
+        emit Blacklisted(account);
+    }
+
+    function unBlacklist(address account) external {
+        require(msg.sender == owner, "TestUSDC: caller is not the owner");
+        isBlacklisted[account] = false;
+        emit UnBlacklisted(account);
+    }
+
     // ---------------------------------------------------------------------------------
     // EIP-712
     // ---------------------------------------------------------------------------------
 
-    /// @notice The EIP-712 domain separator for the current chain.
+    /// @notice The EIP-712 domain separator for the current chain and this address.
     // solhint-disable-next-line func-name-mixedcase
     function DOMAIN_SEPARATOR() public view returns (bytes32) {
-        return block.chainid == _cachedChainId ? _cachedDomainSeparator : _buildDomainSeparator();
+        return _buildDomainSeparator();
     }
 
     // ---------------------------------------------------------------------------------
@@ -210,6 +226,7 @@ contract TestUSDC {
     function _transfer(address from, address to, uint256 value) private {
         require(from != address(0), "ERC20: transfer from the zero address");
         require(to != address(0), "ERC20: transfer to the zero address");
+        require(!isBlacklisted[from] && !isBlacklisted[to], "Blacklistable: account is blacklisted");
         uint256 fromBalance = balanceOf[from];
         require(fromBalance >= value, "ERC20: transfer amount exceeds balance");
         unchecked {
