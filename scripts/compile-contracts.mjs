@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Compile contracts/TestUSDC.sol with solc-js into contracts/build/TestUSDC.json.
+// Compile each contract of CONTRACTS (contracts/<Name>.sol, one self-contained source file each) with
+// solc-js into contracts/build/<Name>.json.
 //
 // Usage (from anywhere):
 //   node scripts/compile-contracts.mjs          # (re)write the build artifact(s)
@@ -16,7 +17,13 @@ import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
-const CONTRACTS = ["TestUSDC"];
+// `runtime: true` also records the deployed (runtime) bytecode, for contracts the devnet places at a
+// fixed address with anvil_setCode instead of deploying them (tollway.devnet.canonical).
+const CONTRACTS = [
+  { name: "TestUSDC" },
+  { name: "Permit2", runtime: true },
+  { name: "X402UptoPermit2Proxy", runtime: true },
+];
 const SOLC_DIR = join(ROOT, ".tools", "node_modules", "solc");
 
 if (!existsSync(SOLC_DIR)) {
@@ -38,7 +45,7 @@ function sortKeys(value) {
   return value;
 }
 
-function compile(name) {
+function compile({ name, runtime = false }) {
   const sourcePath = join(ROOT, "contracts", `${name}.sol`);
   const sourceBytes = readFileSync(sourcePath);
   const unit = `contracts/${name}.sol`;
@@ -49,7 +56,9 @@ function compile(name) {
       optimizer: { enabled: true, runs: 200 },
       evmVersion: "cancun",
       metadata: { bytecodeHash: "none", appendCBOR: false },
-      outputSelection: { [unit]: { [name]: ["abi", "evm.bytecode.object"] } },
+      outputSelection: {
+        [unit]: { [name]: ["abi", "evm.bytecode.object", ...(runtime ? ["evm.deployedBytecode.object"] : [])] },
+      },
     },
   };
   const output = JSON.parse(solc.compile(JSON.stringify(input)));
@@ -64,6 +73,7 @@ function compile(name) {
     abi: contract.abi,
     bytecode: `0x${contract.evm.bytecode.object}`,
   };
+  if (runtime) artifact.deployedBytecode = `0x${contract.evm.deployedBytecode.object}`;
   return JSON.stringify(sortKeys(artifact), null, 2) + "\n";
 }
 
@@ -98,9 +108,10 @@ function describeDiff(committed, fresh) {
 
 const check = process.argv.includes("--check");
 let failed = false;
-for (const name of CONTRACTS) {
+for (const contract of CONTRACTS) {
+  const { name } = contract;
   const outPath = join(ROOT, "contracts", "build", `${name}.json`);
-  const fresh = compile(name);
+  const fresh = compile(contract);
   const rel = relative(ROOT, outPath);
   if (check) {
     const committed = existsSync(outPath) ? readFileSync(outPath, "utf8") : "";

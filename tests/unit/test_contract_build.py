@@ -1,4 +1,4 @@
-"""The committed contracts/build/TestUSDC.json must be exactly what solc-js produces."""
+"""Every committed contracts/build/<Name>.json must be exactly what solc-js produces from contracts/<Name>.sol."""
 
 from __future__ import annotations
 
@@ -8,18 +8,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "contracts" / "TestUSDC.sol"
-BUILD = ROOT / "contracts" / "build" / "TestUSDC.json"
+SOURCES = sorted((ROOT / "contracts").glob("*.sol"))
+NAMES = [s.stem for s in SOURCES]
 
-
-def test_source_hash_matches_committed_build() -> None:
-    artifact = json.loads(BUILD.read_text())
-    assert artifact["contractName"] == "TestUSDC"
-    assert artifact["sourceSha256"] == hashlib.sha256(SOURCE.read_bytes()).hexdigest()
-    assert artifact["bytecode"].startswith("0x") and len(artifact["bytecode"]) > 2
-    names = {e.get("name") for e in artifact["abi"]}
-    for fn in (
+# Public entry points each build must expose.
+EXPECTED_ABI = {
+    "TestUSDC": {
         "transferWithAuthorization",
         "receiveWithAuthorization",
         "cancelAuthorization",
@@ -30,12 +27,51 @@ def test_source_hash_matches_committed_build() -> None:
         "mint",
         "AuthorizationUsed",
         "AuthorizationCanceled",
-    ):
-        assert fn in names
+    },
+    "Permit2": {
+        "permitTransferFrom",
+        "permitWitnessTransferFrom",
+        "nonceBitmap",
+        "invalidateUnorderedNonces",
+        "DOMAIN_SEPARATOR",
+        "UnorderedNonceInvalidation",
+        "InvalidNonce",
+        "SignatureExpired",
+    },
+    "X402UptoPermit2Proxy": {
+        "settle",
+        "settleWithPermit",
+        "PERMIT2",
+        "WITNESS_TYPE_STRING",
+        "UnauthorizedFacilitator",
+        "AmountExceedsPermitted",
+        "Permit2612AmountMismatch",
+    },
+}
+# Contracts placed with anvil_setCode (tollway.devnet.canonical) carry their runtime code too.
+PLACED = {"Permit2", "X402UptoPermit2Proxy"}
 
 
-def test_build_file_is_canonical_json() -> None:
-    text = BUILD.read_text()
+def test_every_contract_is_known() -> None:
+    assert set(NAMES) == set(EXPECTED_ABI)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_source_hash_matches_committed_build(name: str) -> None:
+    artifact = json.loads((ROOT / "contracts" / "build" / f"{name}.json").read_text())
+    assert artifact["contractName"] == name
+    assert artifact["sourceSha256"] == hashlib.sha256((ROOT / "contracts" / f"{name}.sol").read_bytes()).hexdigest()
+    assert artifact["bytecode"].startswith("0x") and len(artifact["bytecode"]) > 2
+    assert ("deployedBytecode" in artifact) == (name in PLACED)
+    if name in PLACED:
+        assert artifact["deployedBytecode"].startswith("0x") and len(artifact["deployedBytecode"]) > 2
+    names = {e.get("name") for e in artifact["abi"]}
+    assert EXPECTED_ABI[name] <= names
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_build_file_is_canonical_json(name: str) -> None:
+    text = (ROOT / "contracts" / "build" / f"{name}.json").read_text()
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
@@ -51,11 +87,16 @@ def test_committed_build_matches_fresh_compile() -> None:
         timeout=120,
     )
     assert proc.returncode == 0, f"stale contracts/build (run scripts/compile-contracts):\n{proc.stderr}"
+    # The check covers every contract under contracts/.
+    assert sorted(line.split()[0] for line in proc.stdout.splitlines()) == [f"contracts/build/{n}.json" for n in NAMES]
 
 
-def test_packaged_artifact_is_the_build() -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_packaged_artifact_is_the_build(name: str) -> None:
     from tollway.devnet.deploy import load_artifact
 
-    packaged = ROOT / "src" / "tollway" / "devnet" / "artifacts" / "TestUSDC.json"
-    assert packaged.read_bytes() == BUILD.read_bytes()
-    assert load_artifact() == json.loads(BUILD.read_text())
+    build = ROOT / "contracts" / "build" / f"{name}.json"
+    packaged = ROOT / "src" / "tollway" / "devnet" / "artifacts" / f"{name}.json"
+    assert packaged.is_symlink() and packaged.resolve() == build.resolve()
+    assert packaged.read_bytes() == build.read_bytes()
+    assert load_artifact(name) == json.loads(build.read_text())
