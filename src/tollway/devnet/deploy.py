@@ -6,7 +6,9 @@ Role convention for the 10 anvil dev accounts (:data:`tollway.devnet.anvil.DEV_K
 * account 1 - payee, and the settlement key (pays gas for settlements to itself);
 * accounts 2..9 - payers.
 
-Every account holds 1,000,000 test USDC after a fresh deploy.
+Every account holds 1,000,000 test USDC after a fresh deploy. The devnet also hosts the x402
+canonical Permit2 and upto proxy (:mod:`tollway.devnet.canonical`), and every dev account has a max
+Permit2 approval of the token.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from tollway.devnet.anvil import DEV_KEYS, repo_root
+from tollway.devnet.canonical import approve_permit2, install_canonical
 
 TOKEN_NAME = "USD Coin"
 TOKEN_VERSION = "2"
@@ -124,7 +127,9 @@ def deploy_devnet(rpc_url: str) -> Devnet:
     """Deploy TestUSDC from account 0 and mint 1,000,000 USDC to all 10 dev accounts.
 
     Idempotent: if account 0 already deployed a "USD Coin" token at its nonce-0 address on this
-    chain, that token is reused as is (nothing is minted).
+    chain, that token is reused as is (nothing is minted). Either way, Permit2 and the x402 upto
+    proxy are placed at their canonical addresses and every dev account approves Permit2, where
+    not done yet.
     """
     w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
     chain_id = w3.eth.chain_id
@@ -134,6 +139,8 @@ def deploy_devnet(rpc_url: str) -> Devnet:
     token = _existing_token(w3, deployer.address)
     if token is None:
         token = _deploy_and_mint(w3, chain_id, deployer, [a.address for a in accounts])
+    install_canonical(w3)
+    approve_permit2(w3, token, DEV_KEYS)
 
     return Devnet(
         rpc_url=rpc_url,
