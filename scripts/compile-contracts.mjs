@@ -23,6 +23,10 @@ const CONTRACTS = [
   { name: "TestUSDC" },
   { name: "Permit2", runtime: true },
   { name: "X402UptoPermit2Proxy", runtime: true },
+  { name: "X402BatchSettlement", runtime: true },
+  { name: "ERC3009DepositCollector", runtime: true },
+  { name: "Permit2DepositCollector", runtime: true },
+  { name: "Multicall3", runtime: true },
 ];
 const SOLC_DIR = join(ROOT, ".tools", "node_modules", "solc");
 

@@ -47,9 +47,48 @@ EXPECTED_ABI = {
         "AmountExceedsPermitted",
         "Permit2612AmountMismatch",
     },
+    # Every function and event of the x402 SDK's BATCH_SETTLEMENT_ABI, and the timed withdrawal's.
+    "X402BatchSettlement": {
+        "multicall",
+        "deposit",
+        "claim",
+        "claimWithSignature",
+        "settle",
+        "initiateWithdraw",
+        "finalizeWithdraw",
+        "refund",
+        "refundWithSignature",
+        "getChannelId",
+        "channels",
+        "pendingWithdrawals",
+        "receivers",
+        "refundNonce",
+        "getVoucherDigest",
+        "getRefundDigest",
+        "getClaimBatchDigest",
+        "DOMAIN_SEPARATOR",
+        "Settled",
+        "Claimed",
+        "Refunded",
+        "Deposited",
+        "ChannelCreated",
+        "ChannelClosed",
+        "WithdrawInitiated",
+        "WithdrawFinalized",
+    },
+    "ERC3009DepositCollector": {"collect", "BATCH_SETTLEMENT", "OnlyBatchSettlement"},
+    "Permit2DepositCollector": {"collect", "BATCH_SETTLEMENT", "PERMIT2", "WITNESS_TYPE_STRING", "OnlyBatchSettlement"},
+    "Multicall3": {"aggregate", "tryAggregate", "tryBlockAndAggregate", "blockAndAggregate", "aggregate3"},
 }
 # Contracts placed with anvil_setCode (tollway.devnet.canonical) carry their runtime code too.
-PLACED = {"Permit2", "X402UptoPermit2Proxy"}
+PLACED = {
+    "Permit2",
+    "X402UptoPermit2Proxy",
+    "X402BatchSettlement",
+    "ERC3009DepositCollector",
+    "Permit2DepositCollector",
+    "Multicall3",
+}
 
 
 def test_every_contract_is_known() -> None:
