@@ -1,9 +1,14 @@
-"""Place the x402 canonical contracts on a devnet: Permit2 and the x402 upto Permit2 proxy.
+"""Place the x402 canonical contracts on a devnet: Permit2, the x402 upto Permit2 proxy, the
+batch-settlement escrow with its two deposit collectors, and Multicall3.
 
 The x402 SDK hardcodes their addresses (the same on every real chain), so on anvil they are put
-there with ``anvil_setCode`` (our own compatible builds: ``contracts/Permit2.sol`` and
-``contracts/X402UptoPermit2Proxy.sol``; no constructor runs, and neither needs storage set). Then a
-payer needs a one-time ERC-20 approval of Permit2 (or an EIP-2612 permit at settlement).
+there with ``anvil_setCode`` (our own compatible builds: ``contracts/Permit2.sol``,
+``contracts/X402UptoPermit2Proxy.sol``, ``contracts/X402BatchSettlement.sol``,
+``contracts/ERC3009DepositCollector.sol``, ``contracts/Permit2DepositCollector.sol`` and
+``contracts/Multicall3.sol``; no constructor runs, and none needs storage set). The SDK's
+batch-settlement facilitator reads channel state through Multicall3's ``tryAggregate``, which a
+bare anvil lacks. Then a payer needs a one-time ERC-20 approval of Permit2 (or an EIP-2612 permit at
+settlement) for the Permit2 paths.
 """
 
 from __future__ import annotations
@@ -16,10 +21,23 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 from web3 import Web3
 
+from tollway.payments.channel import (
+    BATCH_SETTLEMENT_ADDRESS,
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+    PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
+)
 from tollway.payments.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 
 MAX_UINT256 = 2**256 - 1
-CANONICAL: dict[str, str] = {PERMIT2_ADDRESS: "Permit2", UPTO_PROXY_ADDRESS: "X402UptoPermit2Proxy"}
+MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"
+CANONICAL: dict[str, str] = {
+    PERMIT2_ADDRESS: "Permit2",
+    UPTO_PROXY_ADDRESS: "X402UptoPermit2Proxy",
+    BATCH_SETTLEMENT_ADDRESS: "X402BatchSettlement",
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS: "ERC3009DepositCollector",
+    PERMIT2_DEPOSIT_COLLECTOR_ADDRESS: "Permit2DepositCollector",
+    MULTICALL3_ADDRESS: "Multicall3",
+}
 """Canonical address → the artifact (``contracts/build/<name>.json``) whose runtime code goes there."""
 
 _APPROVE_GAS = 60_000
@@ -56,7 +74,7 @@ def runtime_code(name: str) -> bytes:
 
 
 def install_canonical(w3_or_url: Web3 | str, *, replace: bool = False) -> list[str]:
-    """Put Permit2 and the upto proxy at their canonical addresses; the addresses written.
+    """Put every :data:`CANONICAL` contract at its canonical address; the addresses written.
 
     Idempotent: an address already holding our code is skipped. An address holding some *other*
     code (a fork of a real chain has the real contracts) is left alone unless ``replace``.
