@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from xprocess import ProcessStarter
 
-from support import Chain, ServerThread, free_port
+from support import ADMIN_TOKEN, Chain, ServerThread, free_port
 from tollway.app import create_app
 from tollway.config import Settings, apply_devnet
 from tollway.devnet.anvil import anvil_command, rpc_alive
@@ -78,7 +78,7 @@ def gateway_settings(devnet: Devnet, upstream_url: str, db: Path, *, own_settler
     """Settings for a gateway on the devnet. Unless it shares a ledger with another gateway, it
     gets a settlement account of its own: gateways with separate ledgers must not share one (each
     would count that account's nonces on its own)."""
-    base = Settings(database_url=f"sqlite:///{db}", quote_secret="test-secret", **overrides)
+    base = Settings(database_url=f"sqlite:///{db}", quote_secret="test-secret", admin_token=ADMIN_TOKEN, **overrides)
     settings = apply_devnet(base, devnet, upstream_url)
     if own_settler:
         from eth_account import Account

@@ -108,11 +108,39 @@ class Chain:
         return self.w3.eth.get_transaction_receipt(tx_hash)
 
 
+ADMIN_TOKEN = "test-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # the test gateways' operator
+
+
+def receipt(gateway_url: str, receipt_id: str) -> dict[str, Any]:
+    """A call's receipt, read as the operator."""
+    return httpx.get(f"{gateway_url}/v1/receipts/{receipt_id}", headers=ADMIN).json()
+
+
+@contextmanager
+def manual_mining(chain: Chain) -> Iterator[None]:
+    """Turn the shared anvil's automine off for a test (transactions wait in its pool until
+    ``chain.mine``); on again afterwards, with what is pending mined."""
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        yield
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+        chain.mine(1)
+
+
+def send_raw(chain: Chain, account: Any, tx: dict[str, Any]) -> str:
+    """Sign and send a transaction without waiting for it (automine may be off)."""
+    full = {"value": 0, "chainId": chain.devnet.chain_id, "type": 2, **tx}
+    full.setdefault("nonce", chain.w3.eth.get_transaction_count(account.address, "pending"))
+    return "0x" + bytes(chain.w3.eth.send_raw_transaction(account.sign_transaction(full).raw_transaction)).hex()
+
+
 def wait_receipt(gateway_url: str, receipt_id: str, *, state: str = "settled", timeout: float = 15.0) -> dict[str, Any]:
     """Poll the gateway's receipt until its payment reaches ``state``."""
     deadline = time.monotonic() + timeout
     while True:
-        doc = httpx.get(f"{gateway_url}/v1/receipts/{receipt_id}").json()
+        doc = receipt(gateway_url, receipt_id)
         if doc.get("payment", {}).get("state") == state:
             return doc
         if time.monotonic() > deadline:

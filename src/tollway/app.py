@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -16,8 +17,9 @@ from starlette.routing import Route
 
 from . import __version__, credits, pipeline
 from .config import Settings
-from .errors import GatewayError, NotFound, PaymentRequired
+from .errors import Forbidden, GatewayError, NotFound, PaymentMalformed, PaymentRequired, Unauthorized
 from .gateway import Gateway
+from .pipeline import WALLET_HEADER, wallet_credit
 from .pricing import money, per_million
 
 log = logging.getLogger("tollway")
@@ -69,9 +71,30 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
+def is_admin(request: Request, gw: Gateway) -> bool:
+    """The request carries ``Authorization: Bearer <admin_token>`` (and one is configured)."""
+    token = gw.settings.admin_token
+    given = request.headers.get("authorization", "")
+    return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
 async def receipt(request: Request) -> Response:
+    """A call's receipt, for its payer (``X-Tollway-Wallet``) or the operator (admin token) only:
+    it shows the payer's wallet and credit."""
     gw = gateway(request)
-    row = gw.store.receipt(request.path_params["receipt_id"])
+    row = gw.store.receipt(request.path_params["receipt_id"][:64])
+    if not is_admin(request, gw):
+        if not request.headers.get(WALLET_HEADER):
+            raise Unauthorized(
+                "a receipt is shown to its payer only: send X-Tollway-Wallet (a signed WalletProof)",
+                code="wallet_proof_required",
+            )
+        try:
+            wallet, _ = wallet_credit(gw, request)
+        except PaymentMalformed as exc:
+            raise Unauthorized(exc.message, code=exc.code) from None
+        if row is not None and row["payer"] != wallet:
+            raise Forbidden("this receipt belongs to another wallet", code="receipt_forbidden")
     if row is None:
         raise NotFound("no such receipt", code="receipt_not_found")
     decimals = gw.settings.chain.decimals
@@ -123,13 +146,14 @@ CACHE_WINDOWS = {"5m": 300, "1h": 3600, "24h": 86400}
 
 async def cache_stats(request: Request) -> Response:
     """Prompt-cache hit rates, expected vs observed cached tokens and discount passed on, per model
-    and upstream, over recent windows (from the ledger, so across all replicas)."""
+    over recent windows (from the ledger, so across all replicas). Per upstream for the operator."""
     gw = gateway(request)
     now = time.time()
+    per_upstream = is_admin(request, gw)
     windows: dict[str, list[dict[str, Any]]] = {}
     for name, seconds in CACHE_WINDOWS.items():
         rows = []
-        for r in gw.store.cache_stats(now - seconds):
+        for r in gw.store.cache_stats(now - seconds, per_upstream=per_upstream):
             reporting, expected = r["prompt_tokens_reporting"], r["expected_cached_tokens"]
             rows.append(
                 {
@@ -137,7 +161,7 @@ async def cache_stats(request: Request) -> Response:
                         k: r[k]
                         for k in (
                             "model",
-                            "upstream",
+                            *(("upstream",) if per_upstream else ()),
                             "calls",
                             "calls_reporting_cache",
                             "prompt_tokens",
@@ -155,19 +179,19 @@ async def cache_stats(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """Liveness for anyone; for the operator (admin token) also payment counts, the settlement
+    worker's last error and the event counters (e.g. ``cost_over_quote``)."""
     gw = gateway(request)
-    states = gw.store.count_by_state()
     ok = gw.settler.last_error is None
-    return JSONResponse(
-        {
-            "ok": ok,
-            "version": __version__,
-            "networks": [s.network for s in gw.schemes],
-            "payments": states,
-            "settlement_error": gw.settler.last_error,
-        },
-        status_code=200 if ok else 503,
-    )
+    doc: dict[str, Any] = {"ok": ok, "version": __version__}
+    if is_admin(request, gw):
+        doc.update(
+            networks=sorted({s.network for s in gw.schemes}),
+            payments=gw.store.count_by_state(),
+            settlement_error=gw.settler.last_error,
+            events=dict(gw.counters),
+        )
+    return JSONResponse(doc, status_code=200 if ok else 503)
 
 
 async def gateway_error(request: Request, exc: Exception) -> Response:

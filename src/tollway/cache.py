@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .usage import Usage
+from .usage import Usage, python_recursion_limit
 
 CACHE_HEADER = "x-tollway-cache"
 MAX_PREFIXES = 200_000
@@ -82,8 +82,9 @@ def upstream_hops(value: str | None) -> list[dict[str, Any]]:
     if not value:
         return []
     try:
-        hops = json.loads(value)
-    except ValueError:
+        with python_recursion_limit():
+            hops = json.loads(value)
+    except (ValueError, RecursionError):
         return []
     return [h for h in hops if isinstance(h, dict)][:16] if isinstance(hops, list) else []
 

@@ -1,60 +1,112 @@
-"""A chat-completion request as the gateway sees it: parsed, priced, and what to forward.
+"""A chat-completion request as the gateway sees it: parsed once, bounded, priced, and what to forward.
 
-The forwarded body is the client's bytes unchanged unless the gateway must set a field: the
-output cap when the client set none, the upstream's model id, and ``stream_options.include_usage``
-on streams (usage is how the call is metered). The prompt is never touched.
+The quote bounds the call: what goes upstream is exactly what was priced.
+
+- The body is parsed once, strictly (duplicate keys, ``NaN``/``Infinity`` and numbers that overflow
+  to infinity are refused), and re-serialised from that parse: no upstream can read a field the
+  price did not. Re-serialising keeps every string and the order of keys and messages, so prompt
+  caches upstream keep hitting.
+- Every output-cap field the request carries is lowered to the priced cap; when it carries none,
+  the upstream's own cap field is added (``UpstreamSettings.max_tokens_field``).
+- ``n``/``best_of`` multiply the priced output; fields whose cost cannot be bounded here (server
+  tools, audio or video, fallback model lists, priority tiers, predicted outputs, one-hour cache
+  writes without a price) are refused with a 400 that names them.
+- ``stream_options.include_usage`` is set on streams: usage is how a call is metered.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
+import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
 from .errors import BadRequest, NotFound
 from .payments.base import Quote
-from .pricing import Prices, output_token_cap, prompt_token_bound
+from .pricing import CAP_FIELDS, MAX_AMOUNT, Prices, output_token_cap, prompt_token_bound
 from .quotes import request_digest
+from .usage import python_recursion_limit
+
+IMAGE_PARTS = ("image_url", "input_image", "image")
+PRICED_PARTS = ("text", "input_text", "refusal", *IMAGE_PARTS)
+ALLOWED_TIERS = ("auto", "default", "flex")  # priority and scale tiers cost more than the list price
+UNPRICED_FIELDS = {
+    "models": "a fallback model list may route to a dearer model; name one `model`",
+    "plugins": "plugins (web search, file parsing) are billed by the upstream per call",
+    "web_search_options": "web search is billed by the upstream per call",
+    "prediction": "predicted outputs bill rejected prediction tokens beyond the output cap",
+    "audio": "audio output is not priced here",
+}
 
 
 @dataclass(frozen=True)
 class ChatCall:
-    body: dict[str, Any]
+    body: dict[str, Any]  # as forwarded, but for the cap field an upstream may need added
     model: str
     upstream_model: str
     stream: bool
     prices: Prices
     quote: Quote
-    forward: bytes  # what goes upstream
+    long_cache: bool = False  # the request asks for one-hour cache writes
+    cap_set: bool = True  # the request carries an output-cap field (lowered to the priced cap)
+    _encoded: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def forward(self, cap_field: str = "max_tokens") -> bytes:
+        """The bytes to send to an upstream whose output-cap field is ``cap_field``."""
+        key = "" if self.cap_set else cap_field
+        out = self._encoded.get(key)
+        if out is None:
+            body = self.body if self.cap_set else {**self.body, cap_field: self.quote.max_tokens}
+            out = self._encoded[key] = encode(body)
+        return out
 
 
-@contextlib.contextmanager
-def python_recursion_limit(limit: int = 1000) -> Iterator[None]:
-    """Parse untrusted JSON under Python's default recursion limit. The eth libraries raise it
-    to 100,000 at import, past what the C stack holds: deeply nested JSON would crash the process
-    instead of raising RecursionError. (The event loop runs one request's parse at a time.)"""
-    old = sys.getrecursionlimit()
-    sys.setrecursionlimit(min(old, limit))
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(old)
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-def parse_chat(raw: bytes, settings: Settings, prices: dict[str, Prices], now: float | None = None) -> ChatCall:
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise BadRequest(f"duplicate key {json.dumps(dup)[:80]} in the request body", code="duplicate_key")
+    return doc
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest("numbers must be finite", code="invalid_number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not JSON", code="invalid_number")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, finite numbers, bounded nesting."""
     try:
         with python_recursion_limit():
-            body = json.loads(raw)
+            return json.loads(raw, object_pairs_hook=_no_duplicates, parse_float=_finite, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
+
+
+def parse_chat(
+    raw: bytes, settings: Settings, prices: dict[str, Prices], *, origin: str = "", now: float | None = None
+) -> ChatCall:
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        with python_recursion_limit():
             digest = request_digest(body)  # (encoding it also refuses lone surrogates such as \ud800)
     except (ValueError, RecursionError) as exc:
         raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required", code="missing_model")
@@ -63,35 +115,137 @@ def parse_chat(raw: bytes, settings: Settings, prices: dict[str, Prices], now: f
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
     if model not in prices:
         raise NotFound(
-            f"model {json.dumps(model)[:200]} is not offered here; see GET /v1/models", code="model_not_found"
+            f"model {json.dumps(model)[:80]} is not offered here; see GET /v1/models", code="model_not_found"
         )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", code="invalid_stream")
 
     conf = settings.models[model]
-    max_tokens, must_set = output_token_cap(body, settings.default_max_tokens, conf.max_tokens)
-    prompt_bound = prompt_token_bound(raw, body, settings.image_token_allowance)
     p = prices[model]
-    amount = p.bound(prompt_bound, max_tokens)
+    refuse_unpriced(body)
+    long_cache = _long_cache(body)
+    if long_cache and p.cache_write_1h is None:
+        raise BadRequest(
+            'cache_control ttl "1h" is not priced for this model (use the default 5-minute cache)',
+            code="unpriced_parameter",
+        )
+    choices = _choices(body, settings.max_choices)
+    max_tokens = output_token_cap(body, settings.default_max_tokens, conf.max_tokens)
+
+    upstream_model = conf.upstream_model or model
+    forward = dict(body)
+    for f in CAP_FIELDS:
+        if f in forward:
+            forward[f] = max_tokens
+    if upstream_model != model:
+        forward["model"] = upstream_model
+    opts = body.get("stream_options")
+    if stream and not (isinstance(opts, dict) and opts.get("include_usage") is True):
+        forward["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    cap_set = any(f in forward for f in CAP_FIELDS)
+
+    # Priced on the largest body any upstream may get: the longest cap field added, if any.
+    widest = forward if cap_set else {**forward, "max_completion_tokens": max_tokens}
+    image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
+    prompt_bound = prompt_token_bound(encode(widest), _images(messages), image_tokens)
+    amount = max(p.bound(prompt_bound, max_tokens * choices, long_cache=long_cache), 1)
+    if amount > MAX_AMOUNT:
+        raise BadRequest("this request could cost more than can be paid in one call", code="quote_too_large")
     now = time.time() if now is None else now
     quote = Quote(
         model=model,
-        amount=max(amount, 1),
+        amount=amount,
         request_digest=digest,
         expires=int(now) + settings.quote_ttl_seconds,
         prompt_bound=prompt_bound,
         max_tokens=max_tokens,
+        choices=choices,
+        origin=origin,
+    )
+    return ChatCall(forward, model, upstream_model, stream, p, quote, long_cache, cap_set)
+
+
+def refuse_unpriced(body: dict[str, Any]) -> None:
+    """Refuse what could cost more than the quote bounds (see the module docstring)."""
+    for name, why in UNPRICED_FIELDS.items():
+        if body.get(name) is not None:
+            raise BadRequest(f"'{name}' is not accepted here: {why}", code="unpriced_parameter")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise BadRequest("only text output is priced here ('modalities': ['text'])", code="unpriced_parameter")
+    tier = body.get("service_tier")
+    if tier is not None and tier not in ALLOWED_TIERS:
+        raise BadRequest(
+            f"'service_tier' may be one of {', '.join(ALLOWED_TIERS)}: other tiers cost more than the list price",
+            code="unpriced_parameter",
+        )
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("'tools' must be an array", code="invalid_tools")
+        for tool in tools:
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                raise BadRequest(
+                    f"only function tools are accepted here, not {json.dumps(kind)[:40]}: "
+                    "server-side tools are billed by the upstream per use",
+                    code="unpriced_parameter",
+                )
+    for m in body["messages"]:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if isinstance(part, dict) and part.get("type") not in PRICED_PARTS:
+                raise BadRequest(
+                    f"message content of type {json.dumps(part.get('type'))[:40]} is not priced here "
+                    f"(accepted: {', '.join(PRICED_PARTS)})",
+                    code="unpriced_parameter",
+                )
+
+
+def _images(messages: list[Any]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict) and part.get("type") in IMAGE_PARTS
     )
 
-    upstream_model = conf.upstream_model or model
-    changes: dict[str, Any] = {}
-    if must_set:
-        changes["max_tokens"] = max_tokens
-    if upstream_model != model:
-        changes["model"] = upstream_model
-    opts = body.get("stream_options")
-    if stream and not (isinstance(opts, dict) and opts.get("include_usage") is True):
-        changes["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-    forward = json.dumps({**body, **changes}, ensure_ascii=False).encode() if changes else raw
-    return ChatCall(body, model, upstream_model, stream, p, quote, forward)
+
+def _choices(body: dict[str, Any], most: int) -> int:
+    """How many completions the call generates: ``n`` (and ``best_of``, which servers generate
+    in full and then pick from)."""
+    count = 1
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadRequest(f"'{name}' must be a positive integer", code="invalid_request")
+        if value > most:
+            raise BadRequest(f"'{name}' may be at most {most} here", code="unpriced_parameter")
+        count = max(count, value)
+    return count
+
+
+def _long_cache(body: dict[str, Any]) -> bool:
+    """Whether a ``cache_control`` mark (on a message, a content part or a tool) asks for a
+    one-hour TTL; TTLs other than "5m" and "1h" are refused."""
+    marked = []
+    for holder in (*body["messages"], *(body.get("tools") or ())):
+        if isinstance(holder, dict):
+            marked.append(holder)
+            content = holder.get("content")
+            if isinstance(content, list):
+                marked.extend(part for part in content if isinstance(part, dict))
+    found = False
+    for node in marked:
+        mark = node.get("cache_control")
+        if isinstance(mark, dict) and "ttl" in mark:
+            if mark["ttl"] not in ("5m", "1h"):
+                raise BadRequest('cache_control ttl must be "5m" or "1h"', code="unpriced_parameter")
+            found = found or mark["ttl"] == "1h"
+    return found

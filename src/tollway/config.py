@@ -8,12 +8,11 @@ built-in mock upstream. Prices are exact decimals in USD per token (OpenRouter's
 from __future__ import annotations
 
 import os
-import secrets
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +21,13 @@ from pydantic_settings import (
 )
 
 
-class ModelPrice(BaseModel):
+class Strict(BaseModel):
+    """Configuration sections refuse unknown keys: a typo must not silently change behaviour."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelPrice(Strict):
     """What one model costs, in USD per token (``request`` is per call)."""
 
     prompt: Decimal
@@ -30,20 +35,29 @@ class ModelPrice(BaseModel):
     request: Decimal = Decimal(0)
     cache_read: Decimal | None = None  # defaults to the prompt price
     cache_write: Decimal | None = None  # defaults to the prompt price
+    # Anthropic's one-hour cache writes; a request marking `cache_control.ttl: "1h"` is refused without it
+    cache_write_1h: Decimal | None = None
     upstream_model: str | None = None  # the id to send upstream, when it differs
-    max_tokens: int | None = None  # cap on output tokens for this model
+    max_tokens: int | None = Field(None, ge=1)  # cap on output tokens for this model
+    image_tokens: int | None = Field(None, ge=0)  # prompt tokens an image may cost (default: image_token_allowance)
+    # The most output tokens one streamed event carries: a stream that ends without usage is charged
+    # its delivered events at this many tokens each (never more than its quote).
+    max_tokens_per_event: int = Field(16, ge=1)
 
     def per_token(self) -> dict[str, Decimal]:
-        """All five prices, the cache ones defaulting to the prompt price."""
-        return {
+        """The prices, the cache ones defaulting to the prompt price (``cache_write_1h`` only when set)."""
+        prices = {
             "prompt": self.prompt,
             "completion": self.completion,
             "request": self.request,
             "cache_read": self.prompt if self.cache_read is None else self.cache_read,
             "cache_write": self.prompt if self.cache_write is None else self.cache_write,
         }
+        if self.cache_write_1h is not None:
+            prices["cache_write_1h"] = self.cache_write_1h
+        return prices
 
-    @field_validator("prompt", "completion", "request", "cache_read", "cache_write")
+    @field_validator("prompt", "completion", "request", "cache_read", "cache_write", "cache_write_1h")
     @classmethod
     def _non_negative(cls, v: Decimal | None) -> Decimal | None:
         if v is not None and v < 0:
@@ -51,36 +65,49 @@ class ModelPrice(BaseModel):
         return v
 
 
-class ChainSettings(BaseModel):
+class ChainSettings(Strict):
     rpc_url: str | None = None  # None: start or attach to the local devnet
     chain_id: int | None = None  # None: asked from the RPC at start
     token: str | None = None  # EIP-3009 stablecoin (USD-pegged, 1 token = 1 USD)
     token_name: str = "USD Coin"  # its EIP-712 domain name ...
-    token_version: str = "2"  # ... and version
-    decimals: int = 6
+    token_version: str = "2"  # ... and version (checked against the token's DOMAIN_SEPARATOR at start)
+    decimals: int = Field(6, ge=0, le=36)
     payee: str | None = None  # who receives payments
     settler_key: str | None = None  # pays gas for settlement transactions
     v1_network: str | None = None  # x402 v1 name of this chain, if it has one (e.g. "base")
     settle_gas_limit: int = 150_000
     max_fee_gwei: Decimal | None = None  # None: 2 x base fee + tip, refreshed in the background
     priority_fee_gwei: Decimal = Decimal("0.001")
+    # The most the settlement worker bids per gas when it bumps a stuck transaction's fees.
+    # None: by chain (FEE_CEILING_GWEI); on a chain not listed there, 100 gwei.
+    fee_ceiling_gwei: Decimal | None = None
+    # USD price of the chain's gas token, to size the smallest on-chain payment worth its gas.
+    # None: 0 on the devnet, NATIVE_USD_DEFAULT elsewhere (an ETH price with head room).
+    native_usd: Decimal | None = None
     read_cache_seconds: float = 2.0
-    confirmations: int = 0  # blocks after a transfer's own before it pays (transfer scheme)
+    # Blocks a transfer (transfer scheme) needs on top of its own before it pays. None: by chain
+    # (TRANSFER_CONFIRMATIONS; 0 on the devnet, where nothing reorganises).
+    confirmations: int | None = Field(None, ge=0)
     payout_key: str | None = None  # holds the payee's tokens to pay withdrawals (default: settler if it is the payee)
 
 
-class UpstreamSettings(BaseModel):
+class UpstreamSettings(Strict):
     name: str = "default"
     url: str | None = None  # OpenAI-compatible base URL ending in /v1; None: built-in mock
     api_key: str | None = None
     models: list[str] = Field(default_factory=list)  # models it serves; empty: all
+    # The output-cap field this upstream reads, added when a request sets none (llama.cpp also
+    # reads n_predict, some servers only max_completion_tokens).
+    max_tokens_field: str = "max_tokens"
     # When the upstream is itself a paid gateway (another tollway): the wallet that pays it, the
-    # assets it may pay in ("eip155:<chain>:<token>") and the most it may pay per call.
+    # assets it may pay in ("eip155:<chain>:<token>") and the most it may pay per call (never more
+    # than this gateway's own quote for the call) and in all.
     payer_key: str | None = None
     pay_assets: list[str] = Field(default_factory=list)
     pay_max_usd_per_call: Decimal = Decimal("1")
+    pay_max_usd_total: Decimal = Decimal("100")
     connect_timeout: float = 5.0
-    read_timeout: float = 120.0  # between bytes, not total
+    read_timeout: float = 120.0  # between bytes, not total (a call's total is max_call_seconds)
     max_connections: int = 256
 
 
@@ -91,18 +118,28 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8402
-    public_url: str | None = None  # how clients reach us (for x402 `resource.url`)
+    public_url: str | None = None  # how clients reach us (x402 `resource.url`, the origin our messages name)
     database_url: str = "sqlite:///var/tollway.sqlite3"
     devnet_file: Path = Path("var/devnet.json")
-    quote_secret: str = Field(default_factory=lambda: secrets.token_hex(32))
+    quote_secret: str | None = None  # None: one generated once and kept in the ledger (so replicas agree)
+    admin_token: str | None = None  # bearer token for private endpoints (health details, any receipt)
     quote_ttl_seconds: int = 120  # how long a 402 quote can be paid
-    max_timeout_seconds: int = 300  # x402 maxTimeoutSeconds offered to clients
+    # The longest a call may take: a non-streamed call is abandoned (and not charged) after it, a
+    # stream is ended there with an error event. A payment must stay valid this long plus
+    # settle_margin_seconds, so that its settlement can still be mined.
+    max_call_seconds: int = Field(300, ge=1)
+    settle_margin_seconds: int = Field(60, ge=1)
+    # A non-streamed call that took longer than this is checked on chain again before its answer is
+    # released: funds moved or an authorization cancelled while it ran means no answer.
+    recheck_after_seconds: float = 0.25
     default_max_tokens: int = 1024  # output cap applied when a request sets none
     max_body_bytes: int = 4 * 1024 * 1024
-    image_token_allowance: int = 2_000  # prompt-token bound added per image part
-    # A wallet whose credit almost covers a call is asked to top up at least this much (or the whole
-    # quote) rather than a dust amount: a chain transaction for 1 unit is not worth its gas.
-    min_chain_payment_usd: Decimal = Decimal("0.001")
+    image_token_allowance: int = 2_500  # prompt tokens priced per image part (per-model: image_tokens)
+    max_choices: int = Field(8, ge=1)  # the largest `n` (choices per call) priced; more is refused
+    # The smallest on-chain payment asked: a settlement costs gas, so an exact payment is never
+    # smaller than what its settlement can cost at the fee ceiling (None: computed from
+    # chain.fee_ceiling_gwei, the settlement's gas and chain.native_usd; at least 0.001).
+    min_chain_payment_usd: Decimal | None = None
     schemes: list[str] = ["exact", "transfer", "credit"]  # payment schemes offered, by registry name
     chain: ChainSettings = ChainSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one
@@ -111,6 +148,16 @@ class Settings(BaseSettings):
     failure_cooldown_seconds: float = 5  # an upstream that failed is tried last for this long (doubling)
     cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
     models: dict[str, ModelPrice] = Field(default_factory=dict)
+
+    @property
+    def offer_timeout_seconds(self) -> int:
+        """x402 ``maxTimeoutSeconds`` offered: the call, the settlement margin and clock skew."""
+        return self.max_call_seconds + self.settle_margin_seconds + CLOCK_SKEW_SECONDS
+
+    @property
+    def min_validity_seconds(self) -> int:
+        """How long, from now, a payment authorization must stay valid to be accepted."""
+        return self.max_call_seconds + self.settle_margin_seconds
 
     @classmethod
     def settings_customise_sources(
@@ -123,6 +170,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_path = os.environ.get("TOLLWAY_CONFIG", "tollway.toml")
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+
+
+CLOCK_SKEW_SECONDS = 30
+DEVNET_CHAIN_ID = 31337
+NATIVE_USD_DEFAULT = Decimal(5000)
+FEE_CEILING_GWEI = {DEVNET_CHAIN_ID: Decimal(100), 8453: Decimal("0.5"), 84532: Decimal("0.5")}
+TRANSFER_CONFIRMATIONS = {DEVNET_CHAIN_ID: 0, 1: 12, 8453: 10, 84532: 10}  # default elsewhere: 12
+SETTLEMENT_GAS_ESTIMATE = 70_000  # gas an EIP-3009 settlement uses (about 60,000 on USDC)
 
 
 DEVNET_MODELS: dict[str, dict[str, Any]] = {
@@ -177,3 +232,26 @@ def apply_devnet(settings: Settings, devnet: Any, upstream_url: str | None = Non
     if not settings.models:
         update["models"] = {k: ModelPrice(**v) for k, v in DEVNET_MODELS.items()}
     return settings.model_copy(update=update)
+
+
+def resolve_chain(settings: Settings, chain_id: int) -> Settings:
+    """The settings with the chain's id and its by-chain defaults filled in (see the tables above)."""
+    c = settings.chain
+    devnet = chain_id == DEVNET_CHAIN_ID
+    chain = c.model_copy(
+        update={
+            "chain_id": chain_id,
+            "fee_ceiling_gwei": c.fee_ceiling_gwei
+            if c.fee_ceiling_gwei is not None
+            else FEE_CEILING_GWEI.get(chain_id, Decimal(100)),
+            "native_usd": c.native_usd if c.native_usd is not None else (Decimal(0) if devnet else NATIVE_USD_DEFAULT),
+            "confirmations": c.confirmations
+            if c.confirmations is not None
+            else TRANSFER_CONFIRMATIONS.get(chain_id, 12),
+        }
+    )
+    least = settings.min_chain_payment_usd
+    if least is None:
+        gas_usd = SETTLEMENT_GAS_ESTIMATE * chain.fee_ceiling_gwei * chain.native_usd / 10**9  # type: ignore[operator]
+        least = max(Decimal("0.001"), gas_usd)
+    return settings.model_copy(update={"chain": chain, "min_chain_payment_usd": least})

@@ -14,12 +14,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import BadRequest, Forbidden, NotConfigured, NotFound
+from .errors import BadRequest, Forbidden, NotConfigured, NotFound, PaymentInvalid
 from .gateway import Gateway
 from .ledger.store import InsufficientCredit, credit_account
 from .payments import signed
 from .pipeline import WALLET_HEADER, read_body, wallet_credit
-from .pricing import money
+from .pricing import MAX_AMOUNT, money
 
 
 async def balance(request: Request, gw: Gateway) -> Response:
@@ -49,14 +49,17 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
     if not isinstance(doc, dict) or not isinstance(doc.get("withdrawal"), dict):
         raise BadRequest("body must be JSON {withdrawal: {...}, signature}", code="invalid_withdrawal")
     w: dict[str, Any] = doc["withdrawal"]
-    wallet = signed.signer("Withdrawal", gw.chain_id, gw.token, w, doc.get("signature"))
+    try:
+        wallet = signed.signer("Withdrawal", gw.chain_id, gw.token, w, doc.get("signature"), gw.origin(request))
+    except PaymentInvalid as exc:
+        raise Forbidden(exc.message, code=exc.code) from None
     if str(w["wallet"]).lower() != wallet:
         raise Forbidden("withdrawal not signed by its wallet", code="invalid_withdrawal_signature")
     if int(w["validBefore"]) < time.time():
         raise BadRequest("withdrawal request has expired", code="withdrawal_expired")
     amount = int(w["amount"])
-    if amount <= 0:
-        raise BadRequest("amount must be positive", code="invalid_amount")
+    if amount <= 0 or amount > MAX_AMOUNT:
+        raise BadRequest(f"amount must be between 1 and {MAX_AMOUNT}", code="invalid_amount")
     if gw.settler.payout_account is None:
         raise NotConfigured("withdrawals are not configured here (chain.payout_key)", code="withdrawals_disabled")
     account = credit_account(gw.network, gw.token, wallet)

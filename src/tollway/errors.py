@@ -3,6 +3,7 @@
     GatewayError                 500  internal   (only for our own faults)
     ├── BadRequest               400  invalid_request
     │   └── PaymentMalformed     400  invalid_payload / invalid_x402_version / ...
+    ├── Unauthorized             401  unauthorized (prove the wallet, or the admin token)
     ├── Forbidden                403  forbidden
     ├── NotFound                 404  not_found
     ├── PaymentRequired          402  payment_required  (carries the challenge)
@@ -21,6 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_MESSAGE = 500  # characters of an error message: it may quote client input
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: what the gateway reflects of its input stays small."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class GatewayError(Exception):
     status = 500
@@ -29,6 +37,7 @@ class GatewayError(Exception):
     challenge: Any = None  # a 402's fresh quote: {"headers", "body"}, attached by the pipeline
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
+        message = truncate(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -52,6 +61,11 @@ class PaymentMalformed(BadRequest):
     code = "invalid_payload"
 
 
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+
 class Forbidden(GatewayError):
     status = 403
     code = "forbidden"
@@ -73,6 +87,7 @@ class PaymentInvalid(PaymentRequired):
     """A proof was decoded but does not pay for this call; ``code`` is the reason."""
 
     code = "invalid_payment"
+    debt: int = 0  # what the payer owes from a failed settlement (the next 402 asks for it too)
 
 
 class UpstreamError(GatewayError):

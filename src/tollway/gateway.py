@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import httpx
+from starlette.requests import Request
 
 from .cache import PrefixMemory
-from .config import Settings, upstream_list
+from .config import Settings, resolve_chain, upstream_list
 from .ledger import Store
 from .ledger.store import credit_account
-from .payments import build_scheme
-from .payments.base import PaymentScheme
-from .payments.chain import Chain
+from .payments import build_scheme, eip3009
+from .payments.base import Context, PaymentScheme
+from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
+from .payments.signed import origin_of
 from .payments.x402 import V1_NETWORK_NAMES
-from .pricing import Prices
+from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
 from .quotes import QuoteSigner
 from .settlement import Settler
 from .upstream.client import Upstream, make_http_client, make_paying_client
 from .upstream.router import Router
 
+log = logging.getLogger("tollway")
+
 
 @dataclass
 class Gateway:
-    settings: Settings
+    settings: Settings  # with the chain's id and by-chain defaults resolved
     store: Store
-    chain: Chain
+    chain: Chain  # the request path's chain client; settlement has its own
     schemes: list[PaymentScheme]
     settler: Settler
     router: Router
@@ -37,7 +44,9 @@ class Gateway:
     chain_id: int
     network: str  # CAIP-2 id of the chain payments are taken on
     token: str  # the asset payments and credit are in
+    counters: Counter[str]  # events the operator should know of (private health document)
     _clients: tuple[httpx.AsyncClient, ...]
+    _worker_chain: Chain
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:
@@ -48,29 +57,42 @@ class Gateway:
             raise ValueError(f"incomplete settings: chain.{', chain.'.join(missing)} / upstream.url")
         if not settings.models:
             raise ValueError('no models configured: add [models."<id>"] prices')
-        upstream_http = make_http_client(upstreams)
-        paying = {u.name: make_paying_client(u) for u in upstreams if u.payer_key}
-        chain = Chain(c.rpc_url, c.read_cache_seconds)  # type: ignore[arg-type]
-        chain_id = c.chain_id or await chain.chain_id()
+        chain = Chain(c.rpc_url)  # type: ignore[arg-type]
+        worker_chain = Chain(c.rpc_url)  # type: ignore[arg-type]
+        chain_id = await chain.chain_id()
+        if c.chain_id is not None and c.chain_id != chain_id:
+            raise ValueError(f"chain.chain_id is {c.chain_id} but the RPC serves chain {chain_id}")
+        settings = resolve_chain(settings, chain_id)
+        c = settings.chain
+        await check_token_domain(chain, c.token, c.token_name, c.token_version, chain_id)  # type: ignore[arg-type]
+        prices = {m: Prices.of(p, c.decimals) for m, p in settings.models.items()}
+        check_amounts_fit(settings, prices)
         network = f"eip155:{chain_id}"
         v1_name = c.v1_network or V1_NETWORK_NAMES.get(chain_id)
         store = Store(settings.database_url)
+        upstream_http = make_http_client(upstreams)
+        paying = {u.name: make_paying_client(u) for u in upstreams if u.payer_key}
+        schemes: list[PaymentScheme] = []
         settler = Settler(
             store,
-            chain,
+            worker_chain,
             key=c.settler_key,  # type: ignore[arg-type]
             chain_id=chain_id,
             gas_limit=c.settle_gas_limit,
             max_fee_gwei=c.max_fee_gwei,
             priority_fee_gwei=c.priority_fee_gwei,
+            fee_ceiling_gwei=c.fee_ceiling_gwei,  # type: ignore[arg-type]
             payout_key=c.payout_key or (c.settler_key if _address_of(c.settler_key) == c.payee.lower() else None),  # type: ignore[union-attr]
             token=c.token,
+            settled_elsewhere=lambda row: _scheme(schemes, row["scheme"]).settled_elsewhere(row),
         )
+        ctx = Context(settings, chain, chain_id, settler.address)
+        schemes.extend(build_scheme(name, ctx) for name in settings.schemes)
         gw = cls(
             settings=settings,
             store=store,
             chain=chain,
-            schemes=[build_scheme(name, settings, chain, chain_id) for name in settings.schemes],
+            schemes=schemes,
             settler=settler,
             router=Router(
                 [Upstream(u, paying.get(u.name, upstream_http)) for u in upstreams],
@@ -78,13 +100,15 @@ class Gateway:
                 cooldown=settings.failure_cooldown_seconds,
             ),
             prefixes=PrefixMemory(settings.cache_memory_seconds),
-            quotes=QuoteSigner(settings.quote_secret),
-            prices={m: Prices.of(p, c.decimals) for m, p in settings.models.items()},
+            quotes=QuoteSigner(settings.quote_secret or store.meta("quote_secret", lambda: secrets.token_hex(32))),
+            prices=prices,
             v1_names={v1_name: network} if v1_name else {},
             chain_id=chain_id,
             network=network,
             token=c.token,  # type: ignore[arg-type]
+            counters=Counter(),
             _clients=(upstream_http, *paying.values()),
+            _worker_chain=worker_chain,
         )
         gw.close_abandoned_streams()
         await settler.start()
@@ -95,36 +119,87 @@ class Gateway:
         """CAIP-2 id → x402 v1 network name, for the networks served in v1."""
         return {network: name for name, network in self.v1_names.items()}
 
+    def public_base(self, request: Request) -> str:
+        """Where clients reach this gateway: ``public_url``, or (devnet) what the request says."""
+        return (self.settings.public_url or str(request.base_url)).rstrip("/")
+
+    def origin(self, request: Request) -> str:
+        """The origin tollway's signed messages must name to be accepted here."""
+        return origin_of(self.public_base(request))
+
     def close_abandoned_streams(self) -> None:
         """Meter the streams a crashed process left open: their usage was never read, so — as any
         call without usage — each costs its quote (capped by what paid for it), and its hold ends.
-        Only streams older than an hour (or twice the upstream read timeout), so that another
-        replica's live streams are left alone; and a stream is metered once whoever gets there first."""
-        cutoff = time.time() - max(3600, 2 * max(u.read_timeout for u in upstream_list(self.settings)))
+        Only streams older than an hour (or twice the longest call), so that another replica's
+        live streams are left alone; a stream is metered once whoever gets there first, and one
+        row that cannot be metered never stops the gateway from starting."""
+        cutoff = time.time() - max(3600, 2 * self.settings.max_call_seconds)
         for row in self.store.abandoned_streams(cutoff):
-            covered = row["paid"] + row["from_credit"]
-            self.store.finish_call(
-                credit_account(row["network"], row["asset"], row["payer"]),
-                deposit=row["paid"],
-                held=row["from_credit"],
-                cost=min(row["quote"], covered),
-                payment_id=row["payment_id"],
-                call={
-                    "id": row["id"],
-                    "status": "incomplete",
-                    "error": "the gateway stopped mid-stream",
-                    "cost": min(row["quote"], covered),
-                    "finished_at": time.time(),
-                },
-                insert_row=False,
-            )
+            try:
+                covered = row["paid"] + row["from_credit"]
+                self.store.finish_call(
+                    credit_account(row["network"], row["asset"], row["payer"]),
+                    deposit=row["paid"],
+                    held=row["from_credit"],
+                    cost=min(row["quote"], covered),
+                    payment_id=row["payment_id"],
+                    call={
+                        "id": row["id"],
+                        "status": "incomplete",
+                        "error": "the gateway stopped mid-stream",
+                        "cost": min(row["quote"], covered),
+                        "finished_at": time.time(),
+                    },
+                    insert_row=False,
+                )
+            except Exception:
+                log.exception("could not meter the abandoned stream %s", row["id"])
 
     async def close(self) -> None:
         await self.settler.stop()
         for client in self._clients:
             await client.aclose()
         await self.chain.close()
+        await self._worker_chain.close()
         self.store.close()
+
+
+def _scheme(schemes: list[PaymentScheme], name: str) -> PaymentScheme:
+    return next(s for s in schemes if s.name == name)
+
+
+async def check_token_domain(chain: Chain, token: str, name: str, version: str, chain_id: int) -> None:
+    """Refuse to start when the token's EIP-712 domain is not the configured one: every payment
+    would verify here and revert on chain."""
+    try:
+        onchain = await chain.call(token, DOMAIN_SEPARATOR)
+    except RpcError as exc:
+        raise ValueError(
+            f"chain.token {token} has no DOMAIN_SEPARATOR() (is it an EIP-3009 token?): {exc.message}"
+        ) from None
+    if not onchain:
+        raise ValueError(f"chain.token {token}: no contract with DOMAIN_SEPARATOR() there on chain {chain_id}")
+    if onchain != eip3009.domain_separator(name, version, chain_id, token):
+        raise ValueError(
+            f"chain.token {token}: its EIP-712 domain is not name={name!r}, version={version!r} "
+            "(set chain.token_name and chain.token_version to the token's own)"
+        )
+
+
+def check_amounts_fit(settings: Settings, prices: dict[str, Prices]) -> None:
+    """Refuse a configuration whose largest possible quote does not fit the ledger's integers
+    (an 18-decimal asset with a large body limit, say)."""
+    images = settings.max_body_bytes // 20  # the smallest image part is over 20 bytes of JSON
+    for model, p in prices.items():
+        conf = settings.models[model]
+        image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
+        output = (conf.max_tokens or MAX_OUTPUT_TOKENS) * settings.max_choices
+        largest = p.bound(settings.max_body_bytes + images * image_tokens, output, long_cache=True)
+        if largest > MAX_AMOUNT:
+            raise ValueError(
+                f"model {model}: a call could be quoted {largest} atomic units, more than the ledger holds "
+                f"(2**63 - 1); lower max_body_bytes, the model's max_tokens or max_choices, or use fewer decimals"
+            )
 
 
 def _address_of(key: str | None) -> str | None:

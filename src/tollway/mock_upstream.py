@@ -15,7 +15,9 @@ more tokens than characters.  Prompt tokens = tokens of every message content (a
 a separator, and the content's characters appear in it, so prompt tokens are ALWAYS <= the UTF-8 byte
 length of ``json.dumps(messages)`` (compact or not, ascii-escaped or not).
 
-Per-request test switches ride in an extra top-level body field ``"mock": {...}`` (see ``_directives``).
+Per-request test switches ride in an extra top-level body field ``"mock": {...}`` (see ``_directives``):
+latency, chunk_delay, fail (a status), fail_after_chunks + fail_mode, hang, dialect, reply, cost_prices,
+usage_factor (over-report usage), omit_usage, error_bytes (pad an injected error), nest (deep JSON).
 """
 
 from __future__ import annotations
@@ -220,6 +222,11 @@ def _directives(raw: Any) -> dict[str, Any]:
             raise ValueError(f"dialect must be one of {sorted(DIALECTS)}")
         if "reply" in d and not isinstance(d["reply"], str):
             raise ValueError("reply must be a string")
+        for k in ("usage_factor", "error_bytes", "nest"):
+            if k in d and (isinstance(d[k], bool) or not isinstance(d[k], int) or d[k] < 0):
+                raise ValueError(f"{k} must be an int >= 0")
+        if "omit_usage" in d and not isinstance(d["omit_usage"], bool):
+            raise ValueError("omit_usage must be a boolean")
         prices = d.get("cost_prices")
         if prices is not None and not (
             isinstance(prices, dict) and all(isinstance(v, int | float) for v in prices.values())
@@ -305,7 +312,8 @@ def create_app(options: MockOptions | None = None) -> Starlette:
             await asyncio.sleep(latency)
         if "fail" in mock:
             state.stats["failures"] += 1
-            return _error(mock["fail"], f"mock upstream: injected failure {mock['fail']}")
+            padding = " " * mock.get("error_bytes", 0)  # an oversized error body
+            return _error(mock["fail"], f"mock upstream: injected failure {mock['fail']}{padding}")
 
         messages, model = body.get("messages"), body.get("model")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -343,9 +351,16 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         stats["prompt_tokens"] += prompt
         stats["completion_tokens"] += completion
         stats["cached_tokens"] += cached
+        factor = mock.get("usage_factor", 1)  # an upstream that over-reports its usage
         usage, extra = _usage(
-            mock.get("dialect", opts.dialect), prompt, completion, cached, written, mock.get("cost_prices")
+            mock.get("dialect", opts.dialect),
+            prompt * factor,
+            completion * factor,
+            cached * factor,
+            written * factor,
+            mock.get("cost_prices"),
         )
+        omit_usage = mock.get("omit_usage", False)
         cid, created = f"chatcmpl-mock-{next(state.ids)}", int(time.time())
 
         if not body.get("stream"):
@@ -362,13 +377,16 @@ def create_app(options: MockOptions | None = None) -> Starlette:
                         "finish_reason": finish,
                     }
                 ],
-                "usage": usage,
+                **({} if omit_usage else {"usage": usage}),
                 **extra,
             }
-            return Response(_dumps(out), media_type="application/json")
+            raw = _dumps(out)
+            if mock.get("nest"):  # a hostile upstream: JSON nested deeper than a parser's stack
+                raw = raw[:-1] + b',"deep":' + b"[" * mock["nest"] + b"]" * mock["nest"] + b"}"
+            return Response(raw, media_type="application/json")
 
         stats["streams"] += 1
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not omit_usage
         delay = mock.get("chunk_delay", opts.chunk_delay)
         fail_after = mock.get("fail_after_chunks")
         head = _dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]

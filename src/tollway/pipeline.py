@@ -1,12 +1,21 @@
 """The request pipeline, top to bottom:
 
-    price → challenge | verify → lock → forward → settle → relay → meter → receipt
+    price → challenge | verify → lock → confirm → forward → settle → relay → meter → receipt
 
 ``chat_completions`` is the whole sequence; each stage is a function below it or a module of
-its own (chat/pricing, payments, ledger, upstream, settlement, usage). Money is accounted in
-one place: a call's payment is deposited to the payer's credit account, any shortfall against
-the quote is held from credit while the call runs, and at the end the metered cost is charged;
-what is left stays as credit. Before the upstream commits to an answer, any failure undoes it all.
+its own (chat/pricing, payments, ledger, upstream, settlement, usage). The rules it keeps:
+
+- **Refuse before serving.** A payment is locked against replay, then confirmed on chain (the
+  transfer simulated against the pending state) before the upstream is asked anything. A
+  non-streamed call that ran long is confirmed again before its answer is released.
+- **Nobody pays for what was not served.** Until the upstream commits to an answer, any failure
+  undoes everything; a payment the chain refused is never tried again.
+- **Money is accounted in one place.** A call's payment is deposited to the payer's credit
+  account, any shortfall against the quote is held from credit while the call runs, and at the
+  end the metered cost is charged; what is left stays as credit. A wallet in debt (a settlement
+  of theirs failed) pays quote + debt before it is served again.
+- **A stream whose settlement fails is cut** (within the block that tells us), and no call runs
+  past ``max_call_seconds``.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -26,13 +35,21 @@ from starlette.responses import Response, StreamingResponse
 
 from . import cache
 from .chat import ChatCall, parse_chat
-from .errors import BadRequest, GatewayError, PaymentInvalid, PaymentMalformed, PaymentRequired
+from .errors import (
+    BadRequest,
+    GatewayError,
+    PaymentInvalid,
+    PaymentMalformed,
+    PaymentRequired,
+    UpstreamUnavailable,
+    truncate,
+)
 from .gateway import Gateway
 from .ledger.store import credit_account, new_id
 from .payments import x402
 from .payments.base import Offer, PaymentScheme, Proof, Verified
 from .payments.credit import check_wallet_proof
-from .pricing import to_atomic
+from .pricing import MAX_AMOUNT, to_atomic
 from .upstream.client import Opened
 from .upstream.router import conversation_key
 from .usage import SUMMARY_PREFIX, StreamTail, Usage, usage_from_body
@@ -61,30 +78,31 @@ class Paid:
 
 
 async def chat_completions(request: Request, gw: Gateway) -> Response:
-    call = parse_chat(await read_body(request, gw.settings.max_body_bytes), gw.settings, gw.prices)  # price
+    body = await read_body(request, gw.settings.max_body_bytes)
+    call = parse_chat(body, gw.settings, gw.prices, origin=gw.origin(request))  # price
     call_id = new_id()
     try:
         proof = x402.decode_proof(request.headers, gw.v1_names)
         if proof is None:
             raise PaymentRequired("PAYMENT-SIGNATURE header is required")  # → challenge
         scheme, payment = await verify(gw, call, proof)  # verify
-        paid = lock(gw, call, scheme, payment, proof, call_id)  # lock (replay) + hold credit
+        paid = lock(gw, call, scheme, payment, proof, call_id)  # lock (replay), debt gate, hold credit
     except PaymentRequired as exc:
         raise with_challenge(exc, gw, call, request) from None
 
+    opened: Opened | None = None
     try:
-        opened = await forward(gw, call, paid, request)  # forward (funds confirmed meanwhile)
+        await confirm(gw, paid)  # on chain, before the upstream is asked anything
+        opened = await forward(gw, call, request)
+        if not call.stream and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
+            await confirm(gw, paid)  # the answer is released only if it will still be paid
+        tx_hash = settle(gw, paid)  # settle (signed here, broadcast by the worker)
     except BaseException as exc:
+        if opened is not None:
+            await opened.response.aclose()
         undo(gw, paid, call, call_id, exc)
         if isinstance(exc, PaymentRequired):
             raise with_challenge(exc, gw, call, request) from None
-        raise
-
-    try:
-        tx_hash = settle(gw, paid)  # settle (signed here, broadcast by the worker)
-    except BaseException as exc:
-        await opened.response.aclose()
-        undo(gw, paid, call, call_id, exc)
         raise
     headers = receipt_headers(gw, paid, tx_hash, call_id)
     expected = gw.prefixes.expect(opened.upstream, call.model, call.body["messages"])  # cache we expect
@@ -113,18 +131,25 @@ async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentSche
     scheme = next((s for s in gw.schemes if s.name == proof.scheme and s.network == proof.network), None)
     if scheme is None:
         if not any(s.name == proof.scheme for s in gw.schemes):
-            raise PaymentInvalid(f"scheme '{proof.scheme}' is not accepted here", code="unsupported_scheme")
-        raise PaymentInvalid(f"network '{proof.network}' is not accepted here", code="invalid_network")
-    amount = call.quote.amount
+            raise PaymentInvalid(
+                f"scheme '{truncate(proof.scheme, 40)}' is not accepted here", code="unsupported_scheme"
+            )
+        raise PaymentInvalid(f"network '{truncate(proof.network, 40)}' is not accepted here", code="invalid_network")
     if proof.accepted is not None:
         amount = accepted_amount(gw, call, scheme, proof.accepted, now)
-    offer = scheme.offer(amount, gw.settings.max_timeout_seconds)
-    return scheme, await scheme.verify(proof, offer, call.quote, now)
+    else:  # x402 v1 echoes no offer: it pays what a wallet without credit is offered
+        amount = call.quote.amount if scheme.name == "credit" else max(call.quote.amount, least_payment(gw))
+    return scheme, await scheme.verify(proof, scheme.offer(amount), call.quote, now)
+
+
+def least_payment(gw: Gateway) -> int:
+    """The smallest on-chain payment asked (its settlement's gas must be worth it), atomic units."""
+    return to_atomic(Fraction(gw.settings.min_chain_payment_usd or 0), gw.settings.chain.decimals)
 
 
 def accepted_amount(gw: Gateway, call: ChatCall, scheme: PaymentScheme, accepted: dict[str, Any], now: int) -> int:
     """The amount a v2 proof pays: the quote it echoes, if that quote was made for this request."""
-    ours = scheme.offer(call.quote.amount, gw.settings.max_timeout_seconds)
+    ours = scheme.offer(call.quote.amount)
     if str(accepted.get("asset", "")).lower() != ours.asset.lower():
         raise PaymentInvalid("the accepted offer names another asset", code="invalid_exact_evm_asset_mismatch")
     if str(accepted.get("payTo", "")).lower() != ours.pay_to.lower():
@@ -134,16 +159,19 @@ def accepted_amount(gw: Gateway, call: ChatCall, scheme: PaymentScheme, accepted
     extra = accepted.get("extra")
     token = extra.get("quote") if isinstance(extra, dict) else None
     if token is None:
-        return call.quote.amount  # no quote echoed: pay today's price for this request
+        return max(call.quote.amount, least_payment(gw))  # no quote echoed: today's price for this request
     raw_amount = accepted.get("amount")
     if not isinstance(raw_amount, str) or not (raw_amount.isascii() and raw_amount.isdigit()):
         raise PaymentMalformed("accepted.amount must be a decimal string")
+    if len(raw_amount) > 19 or int(raw_amount) > MAX_AMOUNT:
+        raise PaymentMalformed("accepted.amount is larger than any quote", code="amount_too_large")
     gw.quotes.check(token, call.quote.request_digest, int(raw_amount), now)
     return int(raw_amount)
 
 
 def lock(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, proof: Proof, call_id: str) -> Paid:
-    """Lock the payment against replay, and hold from credit what it does not cover of the quote."""
+    """Lock the payment against replay; refuse a wallet in debt that does not pay it off; hold
+    from credit what the payment does not cover of the quote."""
     payment_id = gw.store.reserve(
         {
             "lock_key": payment.lock_key,
@@ -160,47 +188,59 @@ def lock(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, 
     if payment_id is None:
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
     account = credit_account(payment.network, payment.asset, payment.payer)
-    held = max(call.quote.amount - payment.amount, 0)
-    paid = Paid(payment, scheme, payment_id, account, held, proof, scheme.settlement_call(payment))
-    if paid.held and not gw.store.hold_credit(account, paid.held, call_id=call_id, payment_id=payment_id):
+    quote = call.quote.amount
+    paid = Paid(payment, scheme, payment_id, account, 0, proof, scheme.settlement_call(payment))
+    debt = max(-gw.store.credit_balance(account), 0)
+    if debt and payment.amount < quote + debt:
+        refusal = PaymentInvalid(
+            f"this wallet owes {debt} (a settlement of its payment failed on chain): pay the quote plus the debt, "
+            f"{quote + debt}, or send the debt by transfer",
+            code="debt_outstanding",
+        )
+        refusal.debt = debt
+        undo(gw, paid, call, call_id, refusal)
+        raise refusal
+    held = max(quote - payment.amount, 0)
+    paid = replace(paid, held=held)
+    if held and not gw.store.hold_credit(account, held, call_id=call_id, payment_id=payment_id):
         short = PaymentInvalid(
-            f"payment of {payment.amount} plus credit does not cover the quote {call.quote.amount}",
-            code="amount_insufficient",
+            f"payment of {payment.amount} plus credit does not cover the quote {quote}", code="amount_insufficient"
         )
         undo(gw, replace(paid, held=0), call, call_id, short)
         raise short
     return paid
 
 
-async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> Opened:
-    """Send the call upstream while the payment is confirmed on chain; commit only if both succeed."""
+async def confirm(gw: Gateway, paid: Paid) -> None:
+    """The payment will settle: checked on chain (with the payer's other payments not on chain yet)."""
     p = paid.payment
+    await paid.scheme.confirm(p, lambda: gw.store.unsettled_amount(p.network, p.asset, p.payer))
 
-    def owed(as_of: float) -> int:
-        return gw.store.unsettled_amount(p.network, p.asset, p.payer, settled_since=as_of)
 
-    funds = asyncio.ensure_future(paid.scheme.confirm(p, owed))
+async def forward(gw: Gateway, call: ChatCall, request: Request) -> Opened:
+    """Send the call upstream. A non-streamed call must be answered within ``max_call_seconds``."""
+    send = gw.router.send(
+        call.model,
+        conversation_key(call.model, call.body, request.headers),
+        call.forward,
+        call.stream,
+        request.headers,
+        max_usd=Fraction(call.quote.amount, 10**gw.settings.chain.decimals),
+    )
+    if call.stream:
+        return await send
     try:
-        opened = await gw.router.send(
-            call.model,
-            conversation_key(call.model, call.body, request.headers),
-            call.forward,
-            call.stream,
-            request.headers,
-        )
-    except BaseException:
-        funds.cancel()
-        raise
-    try:
-        await funds
-    except BaseException:
-        await opened.response.aclose()
-        raise
-    return opened
+        async with asyncio.timeout(gw.settings.max_call_seconds):
+            return await send
+    except TimeoutError:
+        raise UpstreamUnavailable(
+            f"the upstream did not answer within {gw.settings.max_call_seconds} s", code="upstream_timeout"
+        ) from None
 
 
 def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseException) -> None:
-    """The call will not be served: nobody is charged. Money that already moved becomes credit."""
+    """The call will not be served: nobody is charged. Money that already moved becomes credit.
+    A payment the chain refused is never tried again; any other may pay a retry of this call."""
     reason = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
     try:
         if paid.held:
@@ -210,6 +250,8 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
                 paid.account, deposit=paid.payment.amount, held=0, cost=0, call_id=call_id, payment_id=paid.payment_id
             )
             gw.store.mark_prepaid(paid.payment_id)
+        elif isinstance(exc, PaymentInvalid) and exc.code != "debt_outstanding":
+            gw.store.refuse(paid.payment_id, f"{exc.code}: {reason}")
         else:
             gw.store.release(paid.payment_id, f"not served: {reason}")
         gw.store.insert_call(call_row(call_id, paid, call, status="failed", error=reason, finished_at=time.time()))
@@ -256,17 +298,24 @@ def meter(
     Without usage the call cannot be metered and costs its quote (the agreed upper bound).
     """
     covered = paid.payment.amount + paid.held
-    cost = call.quote.amount if usage is None else call.prices.cost(usage)
-    if cost > covered:
+    cost = call.quote.amount if usage is None else call.prices.cost(usage, long_cache=call.long_cache)
+    if cost > min(call.quote.amount, covered) and usage is not None and usage.dialect != "estimated":
+        gw.counters["cost_over_quote"] += 1
         log.warning(
-            "call %s cost %d exceeds what covers it (%d): usage over the quote's bound", row["id"], cost, covered
+            "cost_over_quote call=%s model=%s upstream=%s cost=%d quote=%d usage=%s",
+            row["id"],
+            call.model,
+            opened.upstream,
+            cost,
+            call.quote.amount,
+            usage.as_dict(),
         )
-        cost = covered
+    cost = min(cost, call.quote.amount, covered)
     fields: dict[str, Any] = {"cost": cost, "expected_cached_tokens": expected}
     discount = None
     if usage is not None:
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
-        discount = min(call.prices.cost(uncached), covered) - cost
+        discount = max(min(call.prices.cost(uncached), covered) - cost, 0)
         gw.prefixes.remember(opened.upstream, call.model, call.body["messages"], usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
@@ -328,6 +377,17 @@ def respond(
     return Response(opened.first, status_code=200, media_type=media, headers=headers)
 
 
+def error_event(message: str, code: str) -> bytes:
+    """How a stream that breaks after its first byte ends (OpenRouter's convention): an error
+    chunk with ``finish_reason: "error"``, then ``[DONE]``."""
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+        "error": {"message": message, "code": code},
+    }
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
+
+
 def relay_stream(
     gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str], expected: int
 ) -> StreamingResponse:
@@ -337,10 +397,13 @@ def relay_stream(
             call_id, paid, call, upstream=opened.upstream, status="streaming", upstream_latency_ms=opened.latency_ms
         )
     )
+    per_event = gw.settings.models[call.model].max_tokens_per_event
 
     def finish(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         error = opened.error or tail.error()
-        usage = tail.usage() or tail.estimate(call.quote.prompt_bound, call.quote.max_tokens)
+        # Without usage, the documented rule: the prompt at its bound and each delivered event at
+        # the model's most tokens per event (meter caps it at the quote).
+        usage = tail.usage() or tail.estimate(call.quote.prompt_bound, per_event)
         row = {
             "id": call_id,
             "status": "served" if complete and error is None else "incomplete",
@@ -350,6 +413,8 @@ def relay_stream(
         }
         return meter(gw, call, paid, opened, usage, expected, row, insert_row=False)
 
+    stop_cutting = stream_cutter(gw, opened, paid)
+
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
         tail.feed(opened.first)
@@ -358,7 +423,10 @@ def relay_stream(
             yield opened.first
             async for chunk in opened.rest():
                 tail.feed(chunk)
-                yield chunk
+                if opened.error is None:  # once cut, nothing more reaches the client
+                    yield chunk
+            if opened.error is not None and tail.error() is None:
+                yield error_event(opened.error, "stream_interrupted")
             fields, hop = finish(tail, complete=opened.error is None)
             finished = True
             summary = {
@@ -369,12 +437,38 @@ def relay_stream(
             }
             yield SUMMARY_PREFIX + json.dumps(summary, separators=(",", ":")).encode() + b"\n\n"
         finally:
-            if not finished:  # the client went away, or the relay broke: meter what was used
+            stop_cutting()
+            if not finished:  # the client went away, or the relay broke: meter what was delivered
                 finish(tail, complete=False)
             with anyio.CancelScope(shield=True):
                 await opened.response.aclose()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+def stream_cutter(gw: Gateway, opened: Opened, paid: Paid) -> Callable[[], None]:
+    """Cut the stream when its settlement fails on chain, and at ``max_call_seconds``: the
+    upstream is closed, and the client gets an error event. Returns what stops watching."""
+    loop = asyncio.get_running_loop()
+    closing: set[asyncio.Task[None]] = set()
+
+    def cut(reason: str) -> None:
+        if opened.error is None:
+            opened.error = reason
+            task = loop.create_task(opened.response.aclose())
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
+    limit = gw.settings.max_call_seconds
+    timer = loop.call_later(limit, cut, f"the call reached its time limit ({limit} s)")
+    if not paid.prepaid:
+        gw.settler.watch(paid.payment_id, lambda reason: cut(f"payment failed on chain: {reason}"))
+
+    def stop() -> None:
+        timer.cancel()
+        gw.settler.unwatch(paid.payment_id)
+
+    return stop
 
 
 # -- the 402 ------------------------------------------------------------------------------------
@@ -385,29 +479,32 @@ def wallet_credit(gw: Gateway, request: Request) -> tuple[str | None, int]:
     raw = request.headers.get(WALLET_HEADER)
     if not raw:
         return None, 0
-    wallet = check_wallet_proof(x402.unb64json(raw), gw.chain_id, gw.token, int(time.time()))
+    wallet = check_wallet_proof(x402.unb64json(raw), gw.chain_id, gw.token, int(time.time()), gw.origin(request))
     return wallet, gw.store.available_credit(credit_account(gw.network, gw.token, wallet))
 
 
-def offers(gw: Gateway, call: ChatCall, credit: int) -> list[Offer]:
-    """What a 402 offers: on-chain payments of the quote less the wallet's credit, or credit alone."""
+def offers(gw: Gateway, call: ChatCall, credit: int, debt: int = 0) -> list[Offer]:
+    """What a 402 offers: on-chain payments of the quote less the wallet's credit (plus its debt),
+    never below the smallest on-chain payment; or credit alone, when it covers the call."""
     q = call.quote
-    least = min(q.amount, to_atomic(Fraction(gw.settings.min_chain_payment_usd), gw.settings.chain.decimals))
-    due = max(q.amount - credit, least) if credit < q.amount else q.amount
+    least = least_payment(gw)
+    due = q.amount + debt - min(credit, q.amount)
     out = []
     for s in gw.schemes:
         if s.name == "credit":
-            if credit >= q.amount:
-                out.insert(0, s.offer(q.amount, gw.settings.max_timeout_seconds))
+            if credit >= q.amount and not debt:
+                out.insert(0, s.offer(q.amount))
         else:
-            out.append(s.offer(due, gw.settings.max_timeout_seconds))
+            out.append(s.offer(max(due, least)))
     bound = []
     for o in out:
         extra = {**o.extra, "quote": gw.quotes.token(q.request_digest, o.amount, q.expires)}
         if o.scheme != "exact":  # our schemes sign the request digest itself
             extra["request"] = "0x" + q.request_digest
-        if credit and o.amount < q.amount:
+        if o.amount < q.amount:
             extra["credit"] = str(q.amount - o.amount)  # what the call will take from credit
+        if debt:
+            extra["debt"] = str(debt)
         bound.append(replace(o, extra=extra))
     return bound
 
@@ -418,13 +515,13 @@ def with_challenge(exc: PaymentRequired, gw: Gateway, call: ChatCall, request: R
         _, credit = wallet_credit(gw, request)
     except PaymentMalformed:
         credit = 0  # a bad wallet proof only forfeits the credit discount
-    quoted = offers(gw, call, credit)
+    quoted = offers(gw, call, credit, getattr(exc, "debt", 0))
     resource = {
-        "url": (gw.settings.public_url or str(request.base_url)).rstrip("/") + request.url.path,
-        "description": f"{call.model} chat completion, at most {call.quote.max_tokens} output tokens",
+        "url": gw.public_base(request) + request.url.path,
+        "description": f"{call.model[:80]} chat completion, at most {call.quote.max_tokens} output tokens",
         "mimeType": "application/json",
     }
-    error = f"{exc.code}: {exc.message}"
+    error = truncate(f"{exc.code}: {exc.message}", 300)
     doc = x402.payment_required(error, resource, quoted)
     body = doc
     if gw.v1_names:  # v2 clients read the header; v1 clients read the body

@@ -24,8 +24,8 @@ from .config import ModelPrice
 from .errors import BadRequest
 from .usage import Usage
 
-MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
 MAX_OUTPUT_TOKENS = 10_000_000  # no model writes more; bounds every quote far below uint256
+MAX_AMOUNT = 2**63 - 1  # the ledger's integers are 64-bit: no amount may reach 2**63
 
 
 def to_atomic(usd: Fraction, decimals: int) -> int:
@@ -46,43 +46,47 @@ def per_million(price: Decimal) -> Decimal:
     return (price * 1_000_000).normalize()
 
 
-def prompt_token_bound(raw: bytes, body: dict[str, Any], image_allowance: int) -> int:
-    """An upper bound on the prompt tokens of a chat request (see module docstring)."""
-    messages = body.get("messages")
-    images = sum(
-        1
-        for m in messages or ()
-        if isinstance(m, dict) and isinstance(m.get("content"), list)
-        for part in m["content"]
-        if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image")
-    )
-    return len(raw) + images * image_allowance
+def prompt_token_bound(encoded: bytes, images: int, image_tokens: int) -> int:
+    """An upper bound on the prompt tokens of a chat request (see module docstring): the bytes of
+    the body forwarded, plus an allowance per image."""
+    return len(encoded) + images * image_tokens
 
 
-def output_token_cap(body: dict[str, Any], default_cap: int, model_cap: int | None) -> tuple[int, bool]:
-    """The output-token cap to price and enforce, and whether the gateway must set it upstream."""
-    asked = [body[f] for f in MAX_TOKEN_FIELDS if body.get(f) is not None]
-    for value in asked:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise BadRequest("max_tokens must be a positive integer", code="invalid_max_tokens")
+# Output-cap fields of the dialects tollway forwards to: OpenAI (both), Responses, llama.cpp, TGI.
+CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "max_new_tokens")
+
+
+def output_token_cap(body: dict[str, Any], default_cap: int, model_cap: int | None) -> int:
+    """The output-token cap to price: the smallest cap the request sets, else the default, never
+    above the model's own. llama.cpp's ``n_predict`` <= 0 means "no limit", i.e. the default."""
+    asked = []
+    for f in CAP_FIELDS:
+        value = body.get(f)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadRequest(f"{f} must be a positive integer", code="invalid_max_tokens")
+        if f == "n_predict" and value <= 0:
+            continue
+        if value < 1:
+            raise BadRequest(f"{f} must be a positive integer", code="invalid_max_tokens")
         if value > MAX_OUTPUT_TOKENS:
-            raise BadRequest(f"max_tokens may be at most {MAX_OUTPUT_TOKENS}", code="max_tokens_too_large")
+            raise BadRequest(f"{f} may be at most {MAX_OUTPUT_TOKENS}", code="max_tokens_too_large")
+        asked.append(value)
     limit = min(default_cap, model_cap) if model_cap else default_cap
-    if asked:
-        cap = min(asked)
-        if model_cap and cap > model_cap:
-            raise BadRequest(f"max_tokens may be at most {model_cap} for this model", code="max_tokens_too_large")
-        return cap, False
-    return limit, True
-
-
-PRICE_FIELDS = ("prompt", "completion", "request", "cache_read", "cache_write")
+    if not asked:
+        return limit
+    cap = min(asked)
+    if model_cap and cap > model_cap:
+        raise BadRequest(f"max_tokens may be at most {model_cap} for this model", code="max_tokens_too_large")
+    return cap
 
 
 @dataclass(frozen=True)
 class Prices:
     """A model's prices, exact, as integers over one common ``denominator``: atomic units of the
-    asset per token (per call for ``request``). Integer sums keep the hot path fast and exact."""
+    asset per token (per call for ``request``). Integer sums keep the hot path fast and exact.
+    ``cache_write_1h`` is None when the model has no price for one-hour cache writes."""
 
     prompt: int
     completion: int
@@ -90,6 +94,7 @@ class Prices:
     cache_read: int
     cache_write: int
     denominator: int
+    cache_write_1h: int | None = None
 
     @classmethod
     def of(cls, p: ModelPrice, decimals: int) -> Prices:
@@ -100,21 +105,26 @@ class Prices:
     def _atomic(self, numerator: int) -> int:
         return -(-numerator // self.denominator)  # rounding up, once per call
 
-    def bound(self, prompt_tokens: int, output_tokens: int) -> int:
-        """The most a call can cost: every prompt token at the dearest input price."""
+    def bound(self, prompt_tokens: int, output_tokens: int, *, long_cache: bool = False) -> int:
+        """The most a call can cost: every prompt token at the dearest input price (one-hour cache
+        writes included when the request asks for them)."""
         dearest_input = max(self.prompt, self.cache_write, self.cache_read)
+        if long_cache and self.cache_write_1h is not None:
+            dearest_input = max(dearest_input, self.cache_write_1h)
         return self._atomic(self.request + prompt_tokens * dearest_input + output_tokens * self.completion)
 
-    def cost(self, usage: Usage) -> int:
-        """What a call cost from its usage; unknown cache figures bill at the plain prompt price."""
+    def cost(self, usage: Usage, *, long_cache: bool = False) -> int:
+        """What a call cost from its usage; unknown cache figures bill at the plain prompt price.
+        Cache writes of a request that asked for one-hour caching bill at that price."""
         cached = usage.cached_tokens or 0
         written = usage.cache_write_tokens or 0
         plain = max(usage.prompt_tokens - cached - written, 0)
+        write_price = self.cache_write_1h if long_cache and self.cache_write_1h is not None else self.cache_write
         return self._atomic(
             self.request
             + plain * self.prompt
             + cached * self.cache_read
-            + written * self.cache_write
+            + written * write_price
             + usage.completion_tokens * self.completion
         )
 

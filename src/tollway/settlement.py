@@ -1,13 +1,24 @@
 """Settlement: sign on the request path, broadcast and confirm in a durable background worker.
 
-``Settler.sign`` runs inside the request: it takes the next nonce of the settlement account
-from the ledger (one counter shared by all replicas), signs the transaction locally — so its
-hash is known before it is sent — and stores it in the payment row (``reserved → settling``).
-The response then carries that hash. The worker, in each process, loops over ``settling`` rows:
-broadcasts the stored raw transaction (idempotent: same bytes, same hash), polls receipts in one
-batched call, and moves rows to ``settled`` or ``failed``. A crash loses nothing: the rows are
-the queue. Nonces left unused by a crash between taking one and storing the transaction are
-filled with a zero-value self-transfer, so later settlements do not stall behind the gap.
+Every transaction the gateway signs — a payment's settlement, a payout of withdrawn credit — is a
+row of the ledger's outbox, numbered with its sender's next nonce in the same database
+transaction that creates it (one counter per sender, shared by all replicas: no two rows share a
+nonce and a crash leaves no gap). ``Settler.sign`` runs inside the request, so the settlement's
+hash is known before it is sent and the response carries it.
+
+The worker, in each process, is scheme-agnostic and loops over the outbox:
+- it broadcasts queued rows in one batch (idempotent: the same bytes have the same hash);
+- it polls the receipts of every hash a sent row ever had, and concludes mined rows through the
+  row's purpose (a settlement moves its payment, a payout its withdrawals);
+- it re-broadcasts a row the node seems to have dropped, and **bumps its fees** when it waits too
+  long (same nonce, +25%, up to ``fee_ceiling``), so one under-priced transaction never stalls
+  the ones behind it;
+- a row whose nonce was taken by a transaction we did not sign is re-queued with a new nonce;
+- a settlement that reverted because its authorization was already used — someone front-ran our
+  transaction, and the payee was paid by theirs — is settled, not failed: ``settled_elsewhere``
+  (from the payment's scheme) finds the transaction that paid.
+
+Streams whose settlement fails are told (``watch``), so they can be cut within a block.
 """
 
 from __future__ import annotations
@@ -16,30 +27,32 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
 import rlp
 from coincurve import PrivateKey
 from eth_account import Account
-from eth_account.typed_transactions import TypedTransaction
 from eth_hash.auto import keccak
-from eth_utils import to_checksum_address
-from hexbytes import HexBytes
 
 from .errors import ChainUnavailable
 from .ledger import Store
+from .ledger.models import PaymentState, TxState
 from .payments.chain import Chain, RpcError, transfers_in
 
 log = logging.getLogger("tollway.settlement")
 
-REBROADCAST_AFTER = 15.0  # seconds without a receipt before sending the raw tx again
-GAP_GRACE = 10.0  # seconds a nonce gap may last before it is filled
-PASS_INTERVAL = 0.05  # seconds between worker passes while settlements are pending
-RECEIPT_POLL = 0.25  # seconds between receipt polls while settlements are pending
+PASS_INTERVAL = 0.05  # seconds between worker passes while transactions are pending
+RECEIPT_POLL = 0.25  # seconds between receipt polls while transactions are pending
 IDLE_POLL = 2.0  # seconds between passes when nothing is pending (a wake-up comes sooner)
+REBROADCAST_AFTER = 15.0  # seconds without a receipt before sending the raw transaction again
+BUMP_AFTER = 10.0  # seconds a transaction may wait at its fees before they are raised
+BUMP = Decimal("1.25")  # each bump: +25% (nodes replace a pending transaction at +10%)
+PAYOUT_GAS = 100_000
 GWEI = 10**9
+
+SettledElsewhere = Callable[[dict[str, Any]], Awaitable[str | None]]
 
 
 class Settler:
@@ -53,8 +66,10 @@ class Settler:
         gas_limit: int,
         max_fee_gwei: Decimal | None,
         priority_fee_gwei: Decimal,
+        fee_ceiling_gwei: Decimal = Decimal(100),
         payout_key: str | None = None,
         token: str | None = None,
+        settled_elsewhere: SettledElsewhere | None = None,
     ) -> None:
         self.store = store
         self.chain = chain
@@ -65,40 +80,68 @@ class Settler:
         self.token = token
         self.chain_id = chain_id
         self.gas_limit = gas_limit
+        self.ceiling = int(fee_ceiling_gwei * GWEI)
         self.fixed_max_fee = int(max_fee_gwei * GWEI) if max_fee_gwei is not None else None
-        self.tip = int(priority_fee_gwei * GWEI)
-        self.max_fee = self.fixed_max_fee or 2 * GWEI
+        self.tip = min(int(priority_fee_gwei * GWEI), self.ceiling)
+        self.max_fee = min(self.fixed_max_fee or 2 * GWEI, self.ceiling)
+        self.bump_after = BUMP_AFTER
+        self.settled_elsewhere = settled_elsewhere
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._gap_since: float | None = None
         self._polled = 0.0  # when receipts were last polled (monotonic)
-        self._payouts_sending = False  # as of the last poll
-        self.gap_grace = GAP_GRACE
+        self._busy = False  # transactions were open at the last poll
+        self._watchers: dict[str, Callable[[str], None]] = {}
         self.last_error: str | None = None
 
     # -- request path -----------------------------------------------------------------------
 
     def sign(self, payment_id: str, to: str, data: bytes) -> str:
-        """Sign the settlement transaction for a reserved payment; returns its hash."""
-        done = self.store.sign_settlement(payment_id, self.address, lambda nonce: self._sign(nonce, to, data))
-        if done is None:
+        """Queue the settlement transaction of a reserved payment; returns its hash."""
+        tx = self.store.sign_settlement(
+            payment_id, self.address, lambda nonce: self._signed(self.address, nonce, to, data, self.gas_limit)
+        )
+        if tx is None:
             raise RuntimeError(f"payment {payment_id} was not in the reserved state")
         self._wake.set()
-        return done[0]
+        return str(tx["tx_hash"])
 
-    def _sign(self, nonce: int, to: str, data: bytes, gas: int | None = None, account: Any = None) -> tuple[str, str]:
-        key = self._keys[(account or self.account).address]
-        fee = max(self.max_fee, self.tip)
-        fields = [self.chain_id, nonce, self.tip, fee, gas or self.gas_limit, bytes.fromhex(to[2:]), 0, data, []]
-        return sign_eip1559(key, fields)
+    def watch(self, payment_id: str, on_failure: Callable[[str], None]) -> None:
+        """Call ``on_failure(reason)`` if this payment's settlement fails (a stream cuts itself)."""
+        self._watchers[payment_id] = on_failure
+
+    def unwatch(self, payment_id: str) -> None:
+        self._watchers.pop(payment_id, None)
+
+    def _signed(
+        self,
+        sender: str,
+        nonce: int,
+        to: str,
+        data: bytes,
+        gas: int,
+        max_fee: int | None = None,
+        tip: int | None = None,
+    ) -> dict[str, Any]:
+        """The outbox columns of a signed EIP-1559 transaction."""
+        tip = self.tip if tip is None else tip
+        max_fee = max(self.max_fee if max_fee is None else max_fee, tip)
+        fields = [self.chain_id, nonce, tip, max_fee, gas, bytes.fromhex(to[2:]), 0, data, []]
+        tx_hash, raw = sign_eip1559(self._keys[sender], fields)
+        return {
+            "to": to,
+            "data": "0x" + data.hex(),
+            "gas": gas,
+            "max_fee": max_fee,
+            "tip": tip,
+            "tx_hash": tx_hash,
+            "raw_tx": raw,
+        }
 
     # -- worker -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.store.sync_settler_nonce(self.address, await self.chain.pending_nonce(self.address))
-        if self.payout_account and self.payout_account.address != self.address:
-            addr = self.payout_account.address
-            self.store.sync_settler_nonce(addr, await self.chain.pending_nonce(addr))
+        for account in {self.address, *([self.payout_account.address] if self.payout_account else [])}:
+            self.store.sync_settler_nonce(account, await self.chain.pending_nonce(account))
         await self._refresh_fees()
         self._task = asyncio.create_task(self._run(), name="tollway-settler")
 
@@ -111,7 +154,7 @@ class Settler:
 
     async def _refresh_fees(self) -> None:
         if self.fixed_max_fee is None:
-            self.max_fee = 2 * await self.chain.base_fee() + self.tip
+            self.max_fee = min(2 * await self.chain.base_fee() + self.tip, self.ceiling)
 
     async def _run(self) -> None:
         last_fees = time.monotonic()
@@ -120,7 +163,7 @@ class Settler:
             if not busy:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=IDLE_POLL)
-            # Let settlements gather, so that one pass broadcasts and polls them together, off
+            # Let transactions gather, so that one pass broadcasts and polls them together, off
             # the requests' critical path.
             await asyncio.sleep(PASS_INTERVAL)
             self._wake.clear()
@@ -139,154 +182,172 @@ class Settler:
                 await asyncio.sleep(1.0)
 
     async def run_once(self) -> bool:
-        """One pass over unconfirmed settlements and payouts. Returns True while any remain.
+        """One pass over the outbox. Returns True while transactions remain open.
 
-        New transactions are broadcast every pass; receipts are polled (and stuck transactions
-        rebroadcast) every ``RECEIPT_POLL`` seconds — blocks come no faster, and a pass must stay cheap.
-        """
-        poll = time.monotonic() - self._polled >= RECEIPT_POLL
-        if poll:
-            self._polled = time.monotonic()
-        busy = await self._payouts(poll)
-        return await self._settlements(poll) or busy
+        Queued transactions are broadcast every pass; receipts are polled (and stuck transactions
+        re-broadcast or bumped) every ``RECEIPT_POLL`` seconds — blocks come no faster, and a pass
+        must stay cheap."""
+        self._queue_payouts()
+        queued = self.store.open_transactions(TxState.QUEUED)
+        await self._broadcast(queued)
+        if time.monotonic() - self._polled < RECEIPT_POLL:
+            return bool(queued) or self._busy
+        self._polled = time.monotonic()
+        sent = self.store.open_transactions(TxState.SENT)
+        await self._poll(sent)
+        await self._check_watched()
+        self._busy = bool(sent or queued)
+        return self._busy
 
-    async def _settlements(self, poll: bool) -> bool:
-        await self._send(self.store.settling(unsent=True))
-        if not poll:
-            return True
-        rows = self.store.settling()
-        if not rows:
-            self._gap_since = None
-            return False
-        now = time.time()
-        stale = [r for r in rows if r["broadcast_at"] is not None and now - r["broadcast_at"] > REBROADCAST_AFTER]
-        await self._send(stale)
-        resent = {r["id"] for r in stale}
-        sent = [r for r in rows if r["broadcast_at"] is not None and r["id"] not in resent]
-        receipts = await self.chain.batch([("eth_getTransactionReceipt", [r["tx_hash"]]) for r in sent]) if sent else []
-        pending = [r for r in rows if r["broadcast_at"] is None or r["id"] in resent]
-        for row, receipt in zip(sent, receipts, strict=True):
-            if receipt is None:
-                pending.append(row)
-            else:
-                self._conclude(row, receipt)
-        if pending:
-            await self._fill_gap(min(r["tx_nonce"] for r in pending))
-        return True
-
-    async def _send(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Broadcast settlement transactions in one batch and record the node's answers."""
+    async def _broadcast(self, rows: list[dict[str, Any]], *, resend: bool = False) -> None:
+        """Send rows to the node in one batch and record its answers."""
         if not rows:
             return
         answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in rows], errors=True)
-        outcomes: dict[str, str | None] = {}
-        for row, result in zip(rows, answers, strict=True):
-            if not isinstance(result, RpcError):
-                outcomes[row["id"]] = None
-            elif not await self._refused(row, result):
-                outcomes[row["id"]] = result.message
-        self.store.mark_broadcast(outcomes)
+        sent, errors, underpriced = [], {}, []
+        for row, answer in zip(rows, answers, strict=True):
+            if not isinstance(answer, RpcError):
+                sent.append(row["id"])
+                continue
+            msg = answer.message.lower()
+            if "already known" in msg or "already imported" in msg:
+                sent.append(row["id"])
+            elif "nonce too low" in msg or "nonce has already been used" in msg:
+                await self._nonce_used(row)
+            elif "fee" in msg or "underpriced" in msg:  # below the base fee, or the one it replaces
+                underpriced.append(row)
+            elif not resend:
+                log.warning("broadcast of %s (%s) failed: %s", row["tx_hash"], row["purpose"], answer.message)
+                errors[row["id"]] = answer.message
+        self.store.transactions_sent(sent, errors)
+        if underpriced:
+            await self._refresh_fees()
+            await self._bump(underpriced)
 
-    async def _refused(self, row: dict[str, Any], error: RpcError) -> bool:
-        """Handle the node's refusal of one broadcast. True when the row was dealt with (it was
-        already known, or its nonce was taken and it is re-signed); False to record the error and
-        retry later."""
-        msg = error.message.lower()
-        if "already known" in msg or "already imported" in msg:
-            self.store.mark_broadcast({row["id"]: None})
-            return True
-        if "nonce too low" in msg or "replacement transaction underpriced" in msg:
-            # another transaction of this account holds our nonce (mined, or waiting in the pool)
-            await self._nonce_taken(row)
-            return True
-        log.warning("broadcast of %s failed: %s", row["tx_hash"], error.message)
-        return False
+    async def _nonce_used(self, row: dict[str, Any]) -> None:
+        """The node says the row's nonce is used: by one of its own signatures (conclude it), or by a
+        transaction we did not sign (queue the call again with a new nonce)."""
+        receipts = await self._receipts([row])
+        if receipts[0] is not None:
+            await self._conclude(row, *receipts[0])
+            return
+        new = self.store.replace_transaction(
+            row["id"],
+            lambda nonce: self._signed(row["sender"], nonce, row["to"], bytes.fromhex(row["data"][2:]), row["gas"]),
+        )
+        if new is not None:
+            log.warning(
+                "%s transaction %s re-signed as %s: its nonce was taken", row["purpose"], row["id"], new["tx_hash"]
+            )
 
-    async def _nonce_taken(self, row: dict[str, Any]) -> None:
-        """Our nonce was used by another transaction: if ours is not the one mined, sign again."""
-        if await self.chain.receipt(row["tx_hash"]) is not None:
-            return
-        nonce = self.store.take_settler_nonce(self.address)
-        to, data = stored_call(row["raw_tx"])
-        tx_hash, raw = self._sign(nonce, to, data)
-        if self.store.resign(row["id"], old_tx=row["tx_hash"], tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce):
-            log.warning("settlement of %s re-signed as %s (nonce taken)", row["id"], tx_hash)
+    async def _receipts(self, rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]] | None]:
+        """For each row, (hash, receipt) of whichever of its signatures was mined, if any."""
+        calls = [(row, h) for row in rows for h in row["hashes"].split()]
+        if not calls:
+            return []
+        answers = await self.chain.batch([("eth_getTransactionReceipt", [h]) for _, h in calls])
+        found: dict[str, tuple[str, dict[str, Any]]] = {}
+        for (row, h), receipt in zip(calls, answers, strict=True):
+            if receipt is not None:
+                found[row["id"]] = (h, receipt)
+        return [found.get(row["id"]) for row in rows]
 
-    def _conclude(self, row: dict[str, Any], receipt: dict[str, Any]) -> None:
-        if int(receipt.get("status", "0x0"), 16) != 1:
-            self.store.mark_failed(row["id"], "transaction_failed: settlement reverted on chain")
-            log.error("settlement %s of payment %s reverted", row["tx_hash"], row["id"])
+    async def _poll(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
             return
-        wanted = (row["payer"], row["payee"], row["amount"])
-        if wanted not in transfers_in(receipt, row["asset"]):
-            self.store.mark_failed(row["id"], "transfer_event_mismatch: no matching Transfer log")
-            return
-        self.store.mark_settled(row["id"], row["tx_hash"])
+        now, waiting = time.time(), []
+        for row, mined in zip(rows, await self._receipts(rows), strict=True):
+            if mined is not None:
+                await self._conclude(row, *mined)
+            else:
+                waiting.append(row)
+        await self._bump([r for r in waiting if now - r["fee_at"] > self.bump_after])
+        stale = [r for r in waiting if now - (r["broadcast_at"] or 0) > REBROADCAST_AFTER]
+        await self._broadcast(stale, resend=True)
 
-    async def _fill_gap(self, lowest_pending: int) -> None:
-        chain_next = int(await self.chain.request("eth_getTransactionCount", [self.address, "latest"]), 16)
-        if lowest_pending <= chain_next:
-            self._gap_since = None
+    async def _bump(self, rows: list[dict[str, Any]]) -> None:
+        """Raise the fees of transactions that waited too long (same nonce), up to the ceiling."""
+        bumped = []
+        for row in rows:
+            max_fee = min(max(int(row["max_fee"] * BUMP) + 1, self.max_fee), self.ceiling)
+            tip = min(max(int(row["tip"] * BUMP) + 1, self.tip), max_fee)
+            if max_fee <= row["max_fee"] or tip <= row["tip"]:
+                continue  # at the ceiling: it waits there
+            signed = self._signed(
+                row["sender"], row["nonce"], row["to"], bytes.fromhex(row["data"][2:]), row["gas"], max_fee, tip
+            )
+            if self.store.bump_transaction(row["id"], row["tx_hash"], signed):
+                log.warning(
+                    "%s transaction %s: fees bumped to %d wei/gas (%s)",
+                    row["purpose"],
+                    row["id"],
+                    max_fee,
+                    signed["tx_hash"],
+                )
+                bumped.append({**row, **signed})
+        await self._broadcast(bumped, resend=True)
+
+    async def _conclude(self, row: dict[str, Any], tx_hash: str, receipt: dict[str, Any]) -> None:
+        ok = int(receipt.get("status", "0x0"), 16) == 1
+        if not self.store.transaction_mined(row["id"], tx_hash, ok):
+            return  # another replica concluded it
+        if row["purpose"] == "payout":
+            self.store.conclude_payouts(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
             return
-        if self._gap_since is None:
-            self._gap_since = time.monotonic()
+        payment = self.store.settlement_of(row["id"])
+        if payment is None or payment["state"] != PaymentState.SETTLING:
             return
-        if time.monotonic() - self._gap_since < self.gap_grace:
+        if ok and (payment["payer"], payment["payee"], payment["amount"]) in transfers_in(receipt, payment["asset"]):
+            self.store.mark_settled(payment["id"], tx_hash)
             return
-        for nonce in range(chain_next, lowest_pending):
-            _, raw = self._sign(nonce, self.address, b"", gas=21_000)
-            try:
-                await self.chain.send_raw(raw)
-                log.warning("filled settlement nonce gap at %d", nonce)
-            except RpcError as exc:
-                log.warning("gap fill at nonce %d: %s", nonce, exc.message)
-        self._gap_since = None
+        paid_by = await self.settled_elsewhere(payment) if self.settled_elsewhere else None
+        if paid_by is not None:
+            log.warning("settlement of %s reverted, but %s paid it first: settled", payment["id"], paid_by)
+            self.store.mark_settled(payment["id"], paid_by)
+            return
+        reason = "transaction_failed: settlement reverted on chain" if not ok else "transfer_event_mismatch"
+        if self.store.mark_failed(payment["id"], reason):
+            log.error("settlement %s of payment %s failed: %s", tx_hash, payment["id"], reason)
+            self._fire(payment["id"], reason)
+
+    def _fire(self, payment_id: str, reason: str) -> None:
+        callback = self._watchers.pop(payment_id, None)
+        if callback is not None:
+            callback(reason)
+
+    async def _check_watched(self) -> None:
+        """Streams watching payments another replica concluded learn of a failure here."""
+        if not self._watchers:
+            return
+        for payment_id, state in self.store.payment_states(list(self._watchers)).items():
+            if state == PaymentState.FAILED:
+                self._fire(payment_id, "settlement failed")
+            elif state == PaymentState.SETTLED:
+                self._watchers.pop(payment_id, None)
 
     # -- payouts ------------------------------------------------------------------------------
 
     def request_payout(self) -> None:
         self._wake.set()
 
-    async def _payouts(self, poll: bool) -> bool:
-        """Pay pending withdrawals — one transfer per account, however many requests it made —
-        then confirm those sent. A payout that reverts is refunded to credit."""
+    def _queue_payouts(self) -> None:
+        """Pending withdrawals become transfers: one per account, however many requests it made."""
         if self.payout_account is None or self.token is None:
-            return False
+            return
         groups: dict[str, list[dict[str, Any]]] = {}
         for row in self.store.payouts("pending"):
             groups.setdefault(row["account"], []).append(row)
+        sender, token = self.payout_account.address, self.token
         for rows in groups.values():
             total = sum(r["amount"] for r in rows)
             data = ERC20_TRANSFER + bytes(12) + bytes.fromhex(rows[0]["wallet"][2:]) + total.to_bytes(32, "big")
-            # Nonce, signature and the claim of exactly these rows in one transaction: a replica
-            # that claimed any of them first makes this roll back, so nothing is paid twice.
+            # The nonce, the signature and the claim of exactly these rows in one transaction: a
+            # replica that claimed any of them first makes this roll back, so nothing is paid twice.
             self.store.sign_payout(
                 [r["id"] for r in rows],
-                self.payout_account.address,
-                lambda nonce, data=data: self._sign(nonce, self.token, data, gas=100_000, account=self.payout_account),
+                sender,
+                lambda nonce, data=data: self._signed(sender, nonce, token, data, PAYOUT_GAS),
             )
-        if not poll:
-            return self._payouts_sending
-        sending = self.store.payouts("sending")
-        self._payouts_sending = bool(sending)
-        by_tx: dict[str, list[dict[str, Any]]] = {}
-        for row in sending:
-            by_tx.setdefault(row["tx_hash"], []).append(row)
-        receipts = await self.chain.batch([("eth_getTransactionReceipt", [tx]) for tx in by_tx]) if by_tx else []
-        unmined = []
-        for rows, receipt in zip(by_tx.values(), receipts, strict=True):
-            if receipt is None:
-                unmined.append(rows[0])
-            elif int(receipt.get("status", "0x0"), 16) == 1:
-                self.store.move_payouts([r["id"] for r in rows], "sending", "sent")
-            else:
-                self.store.fail_payouts([r["id"] for r in rows], "payout transaction reverted")
-        if unmined:  # (re)broadcast: idempotent, the node answers "already known" if it has it
-            answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in unmined], errors=True)
-            for row, answer in zip(unmined, answers, strict=True):
-                if isinstance(answer, RpcError) and "already" not in answer.message.lower():
-                    log.warning("payout %s: %s", row["tx_hash"], answer.message)
-        return self._payouts_sending
 
 
 def sign_eip1559(key: PrivateKey, fields: list[Any]) -> tuple[str, str]:
@@ -301,9 +362,3 @@ def sign_eip1559(key: PrivateKey, fields: list[Any]) -> tuple[str, str]:
 
 
 ERC20_TRANSFER = keccak(b"transfer(address,uint256)")[:4]
-
-
-def stored_call(raw_tx: str) -> tuple[str, bytes]:
-    """The (to, calldata) of a signed transaction."""
-    tx = TypedTransaction.from_bytes(HexBytes(raw_tx)).as_dict()
-    return to_checksum_address(tx["to"]), bytes(tx["data"])

@@ -14,12 +14,27 @@ Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_to
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
+
+
+@contextlib.contextmanager
+def python_recursion_limit(limit: int = 1000) -> Iterator[None]:
+    """Parse untrusted JSON under Python's default recursion limit. The eth libraries raise it
+    to 100,000 at import, past what the C stack holds: deeply nested JSON would crash the process
+    instead of raising RecursionError. (The event loop runs one parse at a time.)"""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(min(old, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
 
 
 @dataclass(frozen=True)
@@ -84,10 +99,11 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
 
 
 def usage_from_body(body: bytes) -> Usage | None:
-    """Usage of a non-streamed completion."""
+    """Usage of a non-streamed completion (None if the body has none, or is not sane JSON)."""
     try:
-        doc = json.loads(body)
-    except ValueError:
+        with python_recursion_limit():
+            doc = json.loads(body)
+    except (ValueError, RecursionError):
         return None
     return parse_usage(doc.get("usage"), doc.get("timings")) if isinstance(doc, dict) else None
 
@@ -127,16 +143,17 @@ class StreamTail:
             if not line.startswith(b"data:") or containing not in line:
                 continue
             try:
-                doc = json.loads(line[5:])
-            except ValueError:
+                with python_recursion_limit():
+                    doc = json.loads(line[5:])
+            except (ValueError, RecursionError):
                 continue
             if isinstance(doc, dict):
                 yield doc
 
-    def estimate(self, prompt_bound: int, max_tokens: int) -> Usage:
-        """For a stream that ended without usage (it broke): the prompt at its bound and one
-        output token per relayed event — never more than the quote, usually far less."""
-        return Usage(prompt_bound, min(self.events_seen, max_tokens), dialect="estimated")
+    def estimate(self, prompt_bound: int, tokens_per_event: int) -> Usage:
+        """For a stream that ended without usage: the prompt at its bound and each relayed event
+        at the model's most tokens per event (the caller caps the cost at the quote)."""
+        return Usage(prompt_bound, self.events_seen * tokens_per_event, dialect="estimated")
 
     def usage(self) -> Usage | None:
         for doc in self.events(b'"usage"'):
@@ -158,8 +175,9 @@ class StreamTail:
         for line in reversed(self.buf.splitlines()):
             if line.startswith(SUMMARY_PREFIX):
                 try:
-                    hops = json.loads(line[len(SUMMARY_PREFIX) :]).get("cache")
-                except (ValueError, AttributeError):
+                    with python_recursion_limit():
+                        hops = json.loads(line[len(SUMMARY_PREFIX) :]).get("cache")
+                except (ValueError, AttributeError, RecursionError):
                     return []
                 return [h for h in hops if isinstance(h, dict)][:16] if isinstance(hops, list) else []
         return []

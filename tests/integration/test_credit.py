@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from support import CALLS, CHAT, PAYMENTS, chat_body, payment_required, wait_receipt
+from support import receipt as read_receipt
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.pricing import to_atomic
 from tollway.usage import Usage
@@ -35,7 +36,7 @@ def chat_stream(http: httpx.Client, text: str, max_tokens: int, **extra) -> Abst
 
 def credit(gateway, payer, figure: str = "balance") -> int:
     """The wallet's credit: its ``balance``, or what is ``available`` (backed by final payments)."""
-    r = httpx.get(f"{gateway.url}/v1/credit", headers=payer.wallet_header())
+    r = httpx.get(f"{gateway.url}/v1/credit", headers=payer.wallet_header(gateway.url))
     assert r.status_code == 200, r.text
     return int(r.json()[figure]["atomic"])
 
@@ -101,13 +102,13 @@ def test_withdrawal_pays_credit_out_on_chain(gateway, chain, payer):
     owed = credit(gateway, payer)
     before = chain.balance(payer.account.address)
     # Two requests are coalesced into one payout when the worker finds both pending.
-    first = payer.withdrawal(owed // 2)
+    first = payer.withdrawal(owed // 2, gateway.url)
     a = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=first)
-    b = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(owed - owed // 2))
+    b = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(owed - owed // 2, gateway.url))
     assert a.status_code == b.status_code == 202
     replay = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=first)
     assert replay.status_code == 400 and replay.json()["error"]["code"] == "withdrawal_replayed"
-    over = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(1))
+    over = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(1, gateway.url))
     assert over.status_code == 400 and over.json()["error"]["code"] == "insufficient_credit"
     for r in (a, b):
         deadline = time.monotonic() + 15
@@ -120,7 +121,7 @@ def test_withdrawal_pays_credit_out_on_chain(gateway, chain, payer):
 
 def test_withdrawal_refusals(gateway, payer, chain, devnet):
     other = Payer(chain.fund(), payer.allowed)
-    body = payer.withdrawal(10)
+    body = payer.withdrawal(10, gateway.url)
     body["withdrawal"]["wallet"] = other.account.address  # signed by payer, claims other's credit
     r = httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=body)
     assert r.status_code == 403
@@ -155,10 +156,8 @@ def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer)
                 owed = credit(gateway, payer, "available")  # only credit whose payments are final leaves
                 if owed:
                     amount = rng.randint(1, owed)
-                    assert (
-                        httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=payer.withdrawal(amount)).status_code
-                        == 202
-                    )
+                    body = payer.withdrawal(amount, gateway.url)
+                    assert httpx.post(f"{gateway.url}/v1/credit/withdrawals", json=body).status_code == 202
                     withdrawn += amount
     for paid in payer.history:
         wait_receipt(gateway.url, paid.receipt_id)
@@ -198,14 +197,16 @@ def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer)
             price = gateway.settings.models[row["model"]]
             from tollway.pricing import Prices
 
-            assert row["cost"] == min(Prices.of(price, 6).cost(usage), row["paid"] + row["from_credit"])
+            assert row["cost"] == min(Prices.of(price, 6).cost(usage), row["quote"], row["paid"] + row["from_credit"])
         charged += row["cost"]
     assert charged == charges
 
 
 def test_almost_enough_credit_asks_for_a_top_up_not_dust(gateway, chain, payer):
     """Credit a few units short of a quote: the on-chain part is the minimum payment, not dust."""
-    least = int(gateway.settings.min_chain_payment_usd * 10**6)
+    from tollway.config import resolve_chain
+
+    least = int(resolve_chain(gateway.settings, chain.devnet.chain_id).min_chain_payment_usd * 10**6)
     with client(gateway, payer) as http:
         assert chat(http, "fund my credit", 600).status_code == 200
     wait_receipt(gateway.url, payer.history[0].receipt_id)
@@ -213,7 +214,7 @@ def test_almost_enough_credit_asks_for_a_top_up_not_dust(gateway, chain, payer):
 
     def offers(max_tokens: int) -> list[dict]:
         r = httpx.post(
-            f"{gateway.url}{CHAT}", headers=payer.wallet_header(), json=chat_body("x", max_tokens=max_tokens)
+            f"{gateway.url}{CHAT}", headers=payer.wallet_header(gateway.url), json=chat_body("x", max_tokens=max_tokens)
         )
         return payment_required(r)["accepts"]
 
@@ -228,7 +229,7 @@ def test_almost_enough_credit_asks_for_a_top_up_not_dust(gateway, chain, payer):
     exact = next(o for o in offers(max_tokens) if o["scheme"] == "exact")
     quote = int(exact["amount"]) + int(exact["extra"].get("credit", 0))
     assert 0 < quote - owed <= 2
-    assert int(exact["amount"]) == min(quote, least)
+    assert int(exact["amount"]) == max(quote - owed, least) == least
 
 
 def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upstream, tmp_path):
@@ -274,7 +275,7 @@ def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upst
         }
     )
     with ServerThread(create_app(settings)) as gw:
-        receipt = httpx.get(f"{gw.url}/v1/receipts/lost").json()
+        receipt = read_receipt(gw.url, "lost")
     assert receipt["status"] == "incomplete" and receipt["cost"]["atomic"] == "3000"
     journal = store.journal(account)
     assert journal["hold"] + journal["release"] == 0

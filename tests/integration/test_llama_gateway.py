@@ -12,7 +12,7 @@ import pytest
 
 from conftest import gateway_settings
 from llama import MODEL_ALIAS
-from support import ServerThread, paying_upstream, wait_receipt
+from support import ADMIN, ServerThread, paying_upstream, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import ModelPrice, UpstreamSettings
@@ -106,7 +106,7 @@ def test_llama_cache_hits_are_billed_at_the_cache_price(llama_gateway, chain, de
     assert int(receipt["cost"]["atomic"]) == to_atomic(usd, 6)  # cached tokens at the cache price
     assert int(receipt["cache_discount"]["atomic"]) > 0
 
-    stats = httpx.get(f"{llama_gateway.url}/v1/stats/cache").json()["windows"]["5m"]
+    stats = httpx.get(f"{llama_gateway.url}/v1/stats/cache", headers=ADMIN).json()["windows"]["5m"]
     row = next(s for s in stats if s["model"] == MODEL_ALIAS and s["upstream"] == "llama")
     assert row["cached_tokens"] >= usage["cached_tokens"] and row["hit_rate"] > 0 and row["survival"] > 0.5
 
@@ -124,5 +124,5 @@ def test_llama_cache_survives_two_tollways(chained_to_llama, llama_gateway, chai
     assert int(outer["discount_passed"]) > 0 and int(inner["discount_passed"]) > 0  # passed on at each hop
     receipt = wait_receipt(chained_to_llama.url, receipt_id)
     assert receipt["usage"]["cached_tokens"] == inner["cached_tokens"]
-    outer_stats = httpx.get(f"{chained_to_llama.url}/v1/stats/cache").json()["windows"]["5m"]
+    outer_stats = httpx.get(f"{chained_to_llama.url}/v1/stats/cache", headers=ADMIN).json()["windows"]["5m"]
     assert any(s["upstream"] == "inner" and s["cached_tokens"] > 0 for s in outer_stats)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import gateway_settings
-from support import ServerThread, eventually, paying_upstream, wait_receipt
+from support import ADMIN, ServerThread, eventually, paying_upstream, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import UpstreamSettings
@@ -102,7 +102,7 @@ def test_cached_prefix_is_billed_at_the_cache_price_and_tracked(gateway, chain, 
     assert int(receipt["cost"]["atomic"]) == to_atomic(usd, 6)
     assert int(hop2["discount_passed"]) > 0
 
-    stats = httpx.get(f"{gateway.url}/v1/stats/cache").json()["windows"]["5m"]
+    stats = httpx.get(f"{gateway.url}/v1/stats/cache", headers=ADMIN).json()["windows"]["5m"]
     row = next(s for s in stats if s["model"] == "mock/echo" and s["upstream"] == "default")
     assert row["cached_tokens"] >= usage["cached_tokens"] and row["hit_rate"] > 0
     assert row["expected_cached_tokens"] > 0 and row["survival"] > 0

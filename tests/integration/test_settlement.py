@@ -1,25 +1,31 @@
-"""The settlement worker on anvil: nothing is dropped — reverts are recorded, outages retried,
-a nonce taken by an outside transaction is re-signed, a nonce gap left by a crash is filled."""
+"""The settlement worker on anvil: nothing is dropped and nothing stalls — reverts are recorded,
+outages retried, a nonce taken by an outside transaction is re-signed, a front-run settlement is
+settled (not a debt), and a transaction that waits too long has its fees bumped."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from eth_account import Account
 
-from support import RpcSwitch, ServerThread
+from support import RpcSwitch, ServerThread, manual_mining, send_raw
 from tollway.client.payer import sign_exact
 from tollway.ledger import PaymentState, Store
+from tollway.ledger.store import credit_account
 from tollway.payments import eip3009
 from tollway.payments.chain import Chain
-from tollway.payments.exact import decode_authorization
+from tollway.payments.exact import ExactEvm, decode_authorization
 from tollway.settlement import Settler
+
+GWEI = 10**9
 
 
 @pytest.fixture
@@ -30,8 +36,8 @@ def settler_key(chain) -> str:
     return "0x" + bytes(account.key).hex()
 
 
-def payment_for(store: Store, chain, devnet, payer, amount: int) -> tuple[str, bytes]:
-    """A reserved payment of ``amount`` from ``payer`` and its settlement calldata."""
+def payment_for(store: Store, devnet, payer, amount: int) -> tuple[str, bytes, dict[str, Any]]:
+    """A reserved payment of ``amount`` from ``payer``: its id, settlement calldata and payload."""
     offer = {
         "network": f"eip155:{devnet.chain_id}",
         "asset": devnet.token,
@@ -51,11 +57,11 @@ def payment_for(store: Store, chain, devnet, payer, amount: int) -> tuple[str, b
             "payer": payer.address.lower(),
             "payee": devnet.payee.lower(),
             "amount": amount,
-            "proof": "{}",
+            "proof": json.dumps(payload),
             "request_digest": "test",
         }
     )
-    return payment_id, eip3009.transfer_calldata(auth, sig)
+    return payment_id, eip3009.transfer_calldata(auth, sig), payload
 
 
 async def run_until(settler: Settler, store: Store, payment_id: str, states: set[str], timeout: float = 20) -> dict:
@@ -71,16 +77,18 @@ async def run_until(settler: Settler, store: Store, payment_id: str, states: set
 
 
 @contextlib.asynccontextmanager
-async def settler_on(store: Store, rpc_url: str, key: str, devnet) -> AsyncIterator[Settler]:
+async def settler_on(store: Store, rpc_url: str, key: str, devnet, **kw: Any) -> AsyncIterator[Settler]:
     settler = Settler(
         store,
         Chain(rpc_url),
         key=key,
         chain_id=devnet.chain_id,
         gas_limit=150_000,
-        max_fee_gwei=Decimal(5),
+        max_fee_gwei=kw.pop("max_fee_gwei", Decimal(5)),
         priority_fee_gwei=Decimal("0.001"),
+        **kw,
     )
+    store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
     try:
         yield settler
     finally:
@@ -91,8 +99,7 @@ async def test_a_reverted_settlement_is_recorded_as_failed(tmp_path, chain, devn
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     broke = Account.create()  # signs an authorization for money it does not have
     async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
-        store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
-        payment_id, data = payment_for(store, chain, devnet, broke, 1000)
+        payment_id, data, _ = payment_for(store, devnet, broke, 1000)
         tx_hash = settler.sign(payment_id, devnet.token, data)
         row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     assert row["state"] == PaymentState.FAILED and row["error"].startswith("transaction_failed")
@@ -106,8 +113,7 @@ async def test_an_rpc_outage_delays_settlement_but_loses_nothing(tmp_path, chain
     rpc = RpcSwitch(devnet.rpc_url)
     with ServerThread(rpc.app()) as proxy:
         async with settler_on(store, proxy.url, settler_key, devnet) as settler:
-            store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
-            payment_id, data = payment_for(store, chain, devnet, payer, 777)
+            payment_id, data, _ = payment_for(store, devnet, payer, 777)
             settler.sign(payment_id, devnet.token, data)
             rpc.mode = "http-502"
             for _ in range(3):
@@ -124,35 +130,141 @@ async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, cha
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
     async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
-        store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
-        payment_id, data = payment_for(store, chain, devnet, payer, 555)
+        payment_id, data, _ = payment_for(store, devnet, payer, 555)
         first_hash = settler.sign(payment_id, devnet.token, data)
         # Someone uses the settlement key elsewhere before our transaction is broadcast.
+        nonce = store.transaction(store.payment(payment_id)["tx_id"])["nonce"]
         outside = Account.from_key(settler_key)
-        tx = {
-            "to": outside.address,
-            "value": 0,
-            "gas": 21_000,
-            "nonce": store.payment(payment_id)["tx_nonce"],
-            "maxFeePerGas": 5 * 10**9,
-            "maxPriorityFeePerGas": 10**6,
-            "chainId": devnet.chain_id,
-            "type": 2,
-        }
-        chain.w3.eth.send_raw_transaction(outside.sign_transaction(tx).raw_transaction)
+        send_raw(
+            chain,
+            outside,
+            {
+                "to": outside.address,
+                "gas": 21_000,
+                "nonce": nonce,
+                "maxFeePerGas": 5 * GWEI,
+                "maxPriorityFeePerGas": 10**6,
+            },
+        )
         row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] != first_hash
     assert chain.receipt(row["tx_hash"])["status"] == 1
 
 
-async def test_a_nonce_gap_left_by_a_crash_is_filled(tmp_path, chain, devnet, settler_key):
+async def test_a_queued_settlement_survives_its_process(tmp_path, chain, devnet, settler_key):
+    """Signed by a process that died before broadcasting: the next worker sends it (the outbox
+    is the queue; nonces are taken with the row, so no gap is left behind)."""
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
-    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
-        settler.gap_grace = 0.2
-        store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
-        store.take_settler_nonce(settler.address)  # taken, then the process "died" before using it
-        payment_id, data = payment_for(store, chain, devnet, payer, 333)
-        settler.sign(payment_id, devnet.token, data)
-        row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as dead:
+        payment_id, data, _ = payment_for(store, devnet, payer, 333)
+        dead.sign(payment_id, devnet.token, data)
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as successor:
+        row = await run_until(successor, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     assert row["state"] == PaymentState.SETTLED
+
+
+async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, devnet, settler_key):
+    """Anyone may submit a payer's EIP-3009 authorization. If someone does before us, our
+    settlement reverts, yet the payee was paid by theirs: that is settled — the honest payer's
+    deposit is not reversed (finding 6)."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    front_runner = Account.create()
+    chain.w3.provider.make_request("anvil_setBalance", [front_runner.address, hex(10**18)])
+    rpc = Chain(devnet.rpc_url)
+    exact = ExactEvm(
+        chain=rpc,
+        chain_id=devnet.chain_id,
+        token=devnet.token,
+        token_name="USD Coin",
+        token_version="2",
+        payee=devnet.payee,
+        settler="0x" + "0" * 40,
+        timeout=390,
+        min_validity=0,
+    )
+    try:
+        async with settler_on(
+            store, devnet.rpc_url, settler_key, devnet, settled_elsewhere=exact.settled_elsewhere
+        ) as s:
+            payment_id, data, _ = payment_for(store, devnet, payer, 444)
+            account = credit_account(f"eip155:{devnet.chain_id}", devnet.token, payer.address)
+            store.settle_call_credit(account, deposit=444, held=0, cost=400, call_id="c", payment_id=payment_id)
+            with manual_mining(chain):
+                ours = s.sign(payment_id, devnet.token, data)
+                await s.run_once()  # broadcast: it waits in the pool
+                theirs = send_raw(
+                    chain,
+                    front_runner,
+                    {
+                        "to": devnet.token,
+                        "data": "0x" + data.hex(),
+                        "gas": 150_000,
+                        "maxFeePerGas": 50 * GWEI,
+                        "maxPriorityFeePerGas": 10 * GWEI,
+                    },
+                )
+                chain.mine(1)
+            row = await run_until(s, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
+    finally:
+        await rpc.close()
+    assert chain.receipt(ours)["status"] == 0 and chain.receipt(theirs)["status"] == 1
+    assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == theirs
+    assert store.credit_balance(account) == 44  # no reversal: the money did arrive
+
+
+async def test_a_settlement_priced_under_the_base_fee_is_bumped_until_mined(tmp_path, chain, devnet, settler_key):
+    """The base fee rises above what two queued settlements bid: the worker raises their fees
+    (same nonces) up to its ceiling, and both are mined — one stuck transaction never stalls the
+    ones behind it (finding 8)."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    base = chain.w3.eth.get_block("latest")["baseFeePerGas"]
+    async with settler_on(
+        store, devnet.rpc_url, settler_key, devnet, max_fee_gwei=None, fee_ceiling_gwei=Decimal(1000)
+    ) as settler:
+        settler.bump_after = 0.2
+        await settler._refresh_fees()
+        with manual_mining(chain):
+            ids = []
+            for amount in (101, 102):
+                payment_id, data, _ = payment_for(store, devnet, payer, amount)
+                settler.sign(payment_id, devnet.token, data)
+                ids.append(payment_id)
+            await settler.run_once()  # sent at today's fees
+            first = store.transaction(store.payment(ids[0])["tx_id"])
+            high = max(first["max_fee"] * 8, base * 8)
+            for _ in range(3):  # the base fee jumps above their cap: blocks come and go without them
+                chain.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(high)])
+                chain.mine(1)
+                assert all(store.payment(i)["state"] == PaymentState.SETTLING for i in ids)
+            deadline = time.monotonic() + 20
+            while store.transaction(store.payment(ids[0])["tx_id"])["max_fee"] < high:
+                assert time.monotonic() < deadline, "fees were never bumped over the base fee"
+                await asyncio.sleep(0.25)
+                await settler.run_once()
+            chain.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(high)])
+            chain.mine(1)
+        rows = [await run_until(settler, store, i, {PaymentState.SETTLED, PaymentState.FAILED}) for i in ids]
+    assert [r["state"] for r in rows] == [PaymentState.SETTLED, PaymentState.SETTLED]
+    bumped = store.transaction(rows[0]["tx_id"])
+    assert len(bumped["hashes"].split()) > 1 and bumped["mined_hash"] == rows[0]["tx_hash"]
+
+
+async def test_fees_stop_at_the_ceiling(tmp_path, chain, devnet, settler_key):
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    async with settler_on(
+        store, devnet.rpc_url, settler_key, devnet, max_fee_gwei=Decimal(2), fee_ceiling_gwei=Decimal(3)
+    ) as settler:
+        settler.bump_after = 0.0
+        with manual_mining(chain):
+            payment_id, data, _ = payment_for(store, devnet, payer, 9)
+            settler.sign(payment_id, devnet.token, data)
+            for _ in range(8):
+                await settler.run_once()
+                settler._polled = 0.0
+            tx = store.transaction(store.payment(payment_id)["tx_id"])
+        await run_until(settler, store, payment_id, {PaymentState.SETTLED})
+    assert tx["max_fee"] == 3 * GWEI and len(tx["hashes"].split()) >= 2

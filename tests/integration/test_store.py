@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -33,17 +32,53 @@ def payment(lock_key: str | None = None, digest: str = "d1", amount: int = 100) 
     }
 
 
+def signer(tag: str = "0x"):
+    """A stand-in for ``Settler._signed``: the outbox columns of a 'transaction' with a nonce."""
+
+    def sign(nonce: int) -> dict:
+        return {
+            "to": "0xto",
+            "data": "0x",
+            "gas": 1,
+            "max_fee": 2,
+            "tip": 1,
+            "tx_hash": f"{tag}{nonce}",
+            "raw_tx": "0x",
+        }
+
+    return sign
+
+
+def sender(store: Store, first_nonce: int = 0) -> str:
+    address = "0x" + uuid.uuid4().hex[:40]
+    store.sync_settler_nonce(address, first_nonce)
+    return address
+
+
+def settling(store: Store, pid: str, address: str | None = None) -> dict:
+    """Move a reserved payment to settling through the outbox; returns its transaction row."""
+    tx = store.sign_settlement(pid, address or sender(store), signer())
+    assert tx is not None
+    return tx
+
+
 def test_state_machine_guards_every_transition(db_url):
     store = Store(db_url)
     pid = store.reserve(payment())
     assert store.payment(pid)["state"] == PaymentState.RESERVED
     assert not store.mark_settled(pid, "0xabc")  # must go through settling
-    assert store.mark_settling(pid, tx_hash="0x1", raw_tx="0x", tx_nonce=0, settler="0xs")
-    assert not store.mark_settling(pid, tx_hash="0x2", raw_tx="0x", tx_nonce=1, settler="0xs")
+    address = sender(store)
+    tx = settling(store, pid, address)
+    assert store.sign_settlement(pid, address, signer()) is None  # once, and no nonce is burnt by the refusal
+    assert store.sign_settlement(store.reserve(payment()), address, signer())["nonce"] == tx["nonce"] + 1
     assert not store.release(pid, "late")  # cannot un-charge a payment being settled
-    assert store.mark_settled(pid, "0x1")
+    assert not store.refuse(pid, "late")
+    assert store.mark_settled(pid, tx["tx_hash"])
     assert not store.mark_failed(pid, "too late")
     assert store.payment(pid)["state"] == PaymentState.SETTLED
+    refused = store.reserve(payment())
+    assert store.refuse(refused, "insufficient_funds")
+    assert not store.release(refused, "retry?")  # a refusal is final
 
 
 def test_a_replay_key_locks_once(db_url):
@@ -81,7 +116,11 @@ def test_concurrent_reservations_across_connections(db_url):
     assert len(wins) == 1
 
 
-def test_settler_nonces_are_unique_across_replicas(db_url):
+def test_outbox_nonces_are_unique_across_replicas_and_kinds(db_url):
+    """Four replicas queue settlements and payouts from one account at once: every transaction
+    gets its own nonce, with no gap (payouts and settlements cannot take each other's)."""
+    from tollway.ledger.store import credit_account
+
     stores = [Store(db_url) for _ in range(4)]
     address = "0x" + uuid.uuid4().hex[:40]
     stores[0].sync_settler_nonce(address, 7)
@@ -89,13 +128,20 @@ def test_settler_nonces_are_unique_across_replicas(db_url):
     taken: list[int] = []
     lock = threading.Lock()
 
-    def take(store: Store) -> None:
-        for _ in range(25):
-            n = store.take_settler_nonce(address)
+    def queue(store: Store) -> None:
+        for i in range(25):
+            if i % 5 == 0:
+                account = credit_account("eip155:1", "0xtoken", "0xw" + uuid.uuid4().hex[:8])
+                store.settle_call_credit(account, deposit=10, held=0, cost=0, call_id="c", payment_id=None)
+                payout = store.request_payout(account, "0xw", 10, uuid.uuid4().hex)
+                assert store.sign_payout([payout], address, signer())
+                tx_hash = store.payout(payout)["tx_hash"]
+            else:
+                tx_hash = settling(store, store.reserve(payment()), address)["tx_hash"]
             with lock:
-                taken.append(n)
+                taken.append(int(tx_hash[2:]))
 
-    run_concurrently(take, stores)
+    run_concurrently(queue, stores)
     assert sorted(taken) == list(range(7, 107))
 
 
@@ -105,14 +151,12 @@ def test_unsettled_amount_counts_reserved_and_settling(db_url):
     for r in rows:
         r["payer"] = "0xsame"
     ids = [store.reserve(r) for r in rows]
-    store.mark_settling(ids[1], tx_hash="0x1", raw_tx="0x", tx_nonce=0, settler="0xs")
+    settling(store, ids[1])
     store.release(ids[2], "not served")
-    store.mark_settling(ids[3], tx_hash="0x2", raw_tx="0x", tx_nonce=1, settler="0xs")
-    read_before = time.time() - 1
-    store.mark_settled(ids[3], "0x2")
-    # settled after a balance read: that balance may not reflect it yet, so it still counts
-    assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame", settled_since=read_before) == 110
-    assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame", settled_since=time.time() + 1) == 30
+    tx = settling(store, ids[3])
+    assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame") == 110
+    store.mark_settled(ids[3], tx["tx_hash"])
+    assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame") == 30
 
 
 def test_a_reverted_settlement_takes_its_deposit_back(db_url):
@@ -122,7 +166,7 @@ def test_a_reverted_settlement_takes_its_deposit_back(db_url):
     row = payment(amount=700)
     account = credit_account(row["network"], row["asset"], row["payer"])
     pid = store.reserve(row)
-    store.mark_settling(pid, tx_hash="0x1", raw_tx="0x", tx_nonce=0, settler="0xs")
+    settling(store, pid)
     store.settle_call_credit(account, deposit=700, held=0, cost=100, call_id="c", payment_id=pid)
     assert store.credit_balance(account) == 600 and store.available_credit(account) == 0  # not final yet
     with pytest.raises(InsufficientCredit):  # unconfirmed credit cannot leave on chain
@@ -131,6 +175,39 @@ def test_a_reverted_settlement_takes_its_deposit_back(db_url):
     assert store.credit_balance(account) == -100  # the call was served on money that never came: a debt
     assert store.journal(account)["reversal"] == -700
     assert not store.mark_failed(pid, "again")  # reversed once
+
+
+def test_a_negative_balance_never_stops_deposits_releases_or_charges(db_url):
+    """After a revert left a debt, everything that is not a spend still posts: a call's deposit,
+    its release and its charge, a stream's metering, a refund (finding: metering broke on a debt)."""
+    from tollway.ledger.store import credit_account
+
+    store = Store(db_url)
+    row = payment(amount=100)
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    pid = store.reserve(row)
+    settling(store, pid)
+    store.settle_call_credit(account, deposit=100, held=0, cost=100, call_id="c1", payment_id=pid)
+    assert store.mark_failed(pid, "transaction_failed")
+    assert store.credit_balance(account) == -100
+    assert not store.hold_credit(account, 1, call_id="c2", payment_id=None)  # a spend: refused
+    store.release_credit(account, 5, call_id="c2")
+    assert store.settle_call_credit(account, deposit=30, held=0, cost=50, call_id="c3", payment_id=None) == -115
+    call_id = uuid.uuid4().hex
+    store.insert_call(
+        {
+            "id": call_id,
+            "model": "m",
+            "upstream_model": "m",
+            "stream": True,
+            "status": "streaming",
+            "quote": 50,
+            "paid": 50,
+            "from_credit": 0,
+        }
+    )
+    call = {"id": call_id, "status": "served", "cost": 80}
+    assert store.finish_call(account, deposit=50, held=0, cost=80, payment_id=None, call=call, insert_row=False) == -145
 
 
 def test_payout_claims_are_exclusive(db_url):
@@ -143,13 +220,36 @@ def test_payout_claims_are_exclusive(db_url):
     with pytest.raises(InsufficientCredit):
         store.request_payout(account, "0xw", 61, uuid.uuid4().hex)
     second = store.request_payout(account, "0xw", 60, uuid.uuid4().hex)
-    address = "0x" + uuid.uuid4().hex[:40]
-    store.sync_settler_nonce(address, 5)
-    assert store.sign_payout([first], address, lambda nonce: (f"0xa{nonce}", "0x"))
+    address = sender(store, 5)
+    assert store.sign_payout([first], address, signer("0xa"))
     # A second worker that read both as pending cannot pay the first again, nor burn a nonce.
-    assert not store.sign_payout([first, second], address, lambda nonce: (f"0xb{nonce}", "0x"))
-    assert store.sign_payout([second], address, lambda nonce: (f"0xc{nonce}", "0x"))
+    assert not store.sign_payout([first, second], address, signer("0xb"))
+    assert store.sign_payout([second], address, signer("0xc"))
     assert [store.payout(p)["tx_hash"] for p in (first, second)] == ["0xa5", "0xc6"]
+
+
+def test_a_reverted_payout_is_refunded_once_across_replicas(db_url):
+    """Two replicas conclude the same reverted payout at once: the credit comes back once
+    (finding: deposit 1000, withdraw 1000, revert → balance 2000)."""
+    from tollway.ledger.store import credit_account
+
+    stores = [Store(db_url) for _ in range(2)]
+    account = credit_account("eip155:1", "0xtoken", "0xwallet-" + uuid.uuid4().hex[:6])
+    stores[0].settle_call_credit(account, deposit=1000, held=0, cost=0, call_id="c", payment_id=None)
+    payout = stores[0].request_payout(account, "0xw", 1000, uuid.uuid4().hex)
+    assert stores[0].sign_payout([payout], sender(stores[0]), signer())
+    tx_id = stores[0].payout(payout)["tx_id"]
+    barrier = threading.Barrier(2)
+
+    def conclude(store: Store) -> None:
+        barrier.wait()
+        for _ in range(3):
+            store.conclude_payouts(tx_id, "0xmined", ok=False, error="payout transaction reverted")
+
+    run_concurrently(conclude, stores)
+    assert stores[0].credit_balance(account) == 1000
+    assert stores[0].journal(account)["refund"] == 1000
+    assert stores[1].payout(payout)["state"] == "failed"
 
 
 def test_a_stream_is_metered_once(db_url):

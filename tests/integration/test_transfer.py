@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from eth_account import Account
@@ -12,7 +14,8 @@ from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, claim_transfer
 from tollway.payments.x402 import b64json, unb64json
 
-BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "paid by transfer"}], "max_tokens": 8}
+# An output cap large enough that the quote is above the smallest on-chain payment
+BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "paid by transfer"}], "max_tokens": 2000}
 
 
 def transfer_offer(url: str) -> dict:
@@ -32,7 +35,7 @@ def reason(r: httpx.Response) -> str:
 
 def credit_of(url: str, account, devnet) -> int:
     payer = Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
-    return int(httpx.get(f"{url}/v1/credit", headers=payer.wallet_header()).json()["balance"]["atomic"])
+    return int(httpx.get(f"{url}/v1/credit", headers=payer.wallet_header(url)).json()["balance"]["atomic"])
 
 
 def test_a_transfer_pays_once_and_its_surplus_is_credit(gateway, chain, devnet):
@@ -40,14 +43,14 @@ def test_a_transfer_pays_once_and_its_surplus_is_credit(gateway, chain, devnet):
     offer = transfer_offer(gateway.url)
     quote = int(offer["amount"])
     tx = chain.transfer(account, devnet.payee, quote + 5000)
-    r = pay(gateway.url, offer, claim_transfer(account, offer, tx))
+    r = pay(gateway.url, offer, claim_transfer(account, offer, tx, gateway.url))
     assert r.status_code == 200, r.text
     assert unb64json(r.headers["PAYMENT-RESPONSE"])["transaction"] == tx
     receipt = wait_receipt(gateway.url, r.headers["x-tollway-receipt"])
     assert receipt["payment"]["scheme"] == "transfer"
     assert credit_of(gateway.url, account, devnet) == quote + 5000 - int(receipt["cost"]["atomic"])
 
-    again = pay(gateway.url, offer, claim_transfer(account, offer, tx))
+    again = pay(gateway.url, offer, claim_transfer(account, offer, tx, gateway.url))
     assert again.status_code == 402 and reason(again) == "invalid_exact_evm_nonce_already_used"
 
 
@@ -57,19 +60,20 @@ def test_refusals(gateway, chain, devnet):
     quote = int(offer["amount"])
 
     failed = chain.transfer(account, devnet.payee, 10**15, gas=100_000)  # more than it holds: reverts
-    assert pay(gateway.url, offer, claim_transfer(account, offer, failed)).status_code == 402
-    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, failed))) == "transfer_failed"
+    assert pay(gateway.url, offer, claim_transfer(account, offer, failed, gateway.url)).status_code == 402
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, failed, gateway.url))) == "transfer_failed"
 
     elsewhere = chain.transfer(account, Account.create().address, quote)
-    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, elsewhere))) == "transfer_mismatch"
+    claim = claim_transfer(account, offer, elsewhere, gateway.url)
+    assert reason(pay(gateway.url, offer, claim)) == "transfer_mismatch"
 
     theirs = chain.transfer(stranger, devnet.payee, quote)  # someone else's transfer, claimed by account
-    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, theirs))) == "transfer_mismatch"
-    forged = claim_transfer(account, offer, theirs) | {"wallet": stranger.address}
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, theirs, gateway.url))) == "transfer_mismatch"
+    forged = claim_transfer(account, offer, theirs, gateway.url) | {"wallet": stranger.address}
     assert reason(pay(gateway.url, offer, forged)) == "invalid_transfer_claim"
 
     unknown = "0x" + "ab" * 32
-    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, unknown))) == "transfer_not_found"
+    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, unknown, gateway.url))) == "transfer_not_found"
     assert pay(gateway.url, offer, {"transaction": "0x12", "wallet": account.address}).status_code == 400
 
 
@@ -78,10 +82,11 @@ def test_too_small_a_transfer_is_refused_but_kept_as_credit(gateway, chain, devn
     offer = transfer_offer(gateway.url)
     small = int(offer["amount"]) // 2
     tx = chain.transfer(account, devnet.payee, small)
-    r = pay(gateway.url, offer, claim_transfer(account, offer, tx))
+    r = pay(gateway.url, offer, claim_transfer(account, offer, tx, gateway.url))
     assert r.status_code == 402 and reason(r) == "amount_insufficient"
     assert credit_of(gateway.url, account, devnet) == small  # not lost: it pays the next call
-    assert reason(pay(gateway.url, offer, claim_transfer(account, offer, tx))) == "invalid_exact_evm_nonce_already_used"
+    again = pay(gateway.url, offer, claim_transfer(account, offer, tx, gateway.url))
+    assert reason(again) == "invalid_exact_evm_nonce_already_used"
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +102,12 @@ def test_too_few_confirmations(confirming_gateway, chain, devnet):
     offer = transfer_offer(confirming_gateway.url)
     assert offer["extra"]["confirmations"] == 3
     tx = chain.transfer(account, devnet.payee, int(offer["amount"]))
-    r = pay(confirming_gateway.url, offer, claim_transfer(account, offer, tx))
+    r = pay(confirming_gateway.url, offer, claim_transfer(account, offer, tx, confirming_gateway.url))
     assert r.status_code == 402 and reason(r) == "transfer_unconfirmed"
     chain.mine(3)
-    assert pay(confirming_gateway.url, offer, claim_transfer(account, offer, tx)).status_code == 200
+    time.sleep(1.1)  # an unconfirmed transfer is not looked up again for a second
+    claim = claim_transfer(account, offer, tx, confirming_gateway.url)
+    assert pay(confirming_gateway.url, offer, claim).status_code == 200
 
 
 def test_the_gateways_own_settlement_cannot_be_claimed_as_a_transfer(gateway, chain, devnet):
@@ -114,5 +121,5 @@ def test_the_gateways_own_settlement_cannot_be_claimed_as_a_transfer(gateway, ch
         assert http.post("/v1/chat/completions", json=BODY).status_code == 200
     settlement = wait_receipt(gateway.url, payer.history[0].receipt_id)["payment"]["transaction"]
     offer = transfer_offer(gateway.url)
-    r = pay(gateway.url, offer, claim_transfer(account, offer, settlement))
+    r = pay(gateway.url, offer, claim_transfer(account, offer, settlement, gateway.url))
     assert r.status_code == 402 and reason(r) == "transfer_mismatch"

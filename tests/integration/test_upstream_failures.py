@@ -25,6 +25,7 @@ from support import (
     payment_header,
     payment_required,
     payment_rows,
+    receipt,
     wait_receipt,
 )
 
@@ -123,7 +124,7 @@ def test_upstream_unreachable(gateway, chain, tmp_path):
 def receipt_when_finished(gateway_url: str, receipt_id: str, timeout: float = 10.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        doc = httpx.get(f"{gateway_url}/v1/receipts/{receipt_id}").json()
+        doc = receipt(gateway_url, receipt_id)
         if doc["status"] != "streaming":
             return doc
         assert time.monotonic() < deadline, f"call {receipt_id} never finished: {doc}"

@@ -59,20 +59,12 @@ def test_cost_splits_cached_and_written_tokens():
 def test_prompt_bound_covers_the_mock_tokenizer(content):
     body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]}
     for raw in (json.dumps(body).encode(), json.dumps(body, ensure_ascii=False).encode()):
-        assert prompt_token_bound(raw, body, 0) >= count_tokens(body["messages"])
+        assert prompt_token_bound(raw, 0, 0) >= count_tokens(body["messages"])
 
 
 def test_images_add_an_allowance():
-    body = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}],
-            }
-        ]
-    }
-    raw = json.dumps(body).encode()
-    assert prompt_token_bound(raw, body, 500) == prompt_token_bound(raw, body, 0) + 500
+    raw = b'{"messages":[]}'
+    assert prompt_token_bound(raw, 2, 500) == prompt_token_bound(raw, 0, 500) + 1000
 
 
 def test_fractional_prices_stay_exact():
@@ -83,10 +75,13 @@ def test_fractional_prices_stay_exact():
 
 
 def test_output_cap():
-    assert output_token_cap({}, 1024, None) == (1024, True)
-    assert output_token_cap({}, 1024, 256) == (256, True)
-    assert output_token_cap({"max_tokens": 50}, 1024, None) == (50, False)
-    assert output_token_cap({"max_tokens": 50, "max_completion_tokens": 20}, 1024, None) == (20, False)
+    assert output_token_cap({}, 1024, None) == 1024
+    assert output_token_cap({}, 1024, 256) == 256
+    assert output_token_cap({"max_tokens": 50}, 1024, None) == 50
+    assert output_token_cap({"max_tokens": 50, "max_completion_tokens": 20}, 1024, None) == 20
+    assert output_token_cap({"max_tokens": 1, "max_completion_tokens": 100_000}, 1024, None) == 1
+    assert output_token_cap({"n_predict": -1}, 1024, None) == 1024  # llama.cpp: "no limit"
+    assert output_token_cap({"n_predict": 7, "max_output_tokens": 9, "max_new_tokens": 8}, 1024, None) == 7
     for bad in (0, -1, "10", 1.5, True):
         with pytest.raises(BadRequest):
             output_token_cap({"max_tokens": bad}, 1024, None)

@@ -59,7 +59,7 @@ class Payer:
     spent_usd: Decimal = Decimal(0)
     history: list[PaidCall] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _proof: tuple[int, str] | None = field(default=None, repr=False)
+    _proofs: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)  # origin → (until, header)
 
     @classmethod
     def from_key(cls, key: str, allowed: list[AllowedAsset], **limits: Any) -> Payer:
@@ -71,9 +71,11 @@ class Payer:
                 return a
         return None
 
-    def choose(self, required: dict[str, Any]) -> tuple[dict[str, Any], Decimal]:
+    def choose(self, required: dict[str, Any], max_usd: Decimal | None = None) -> tuple[dict[str, Any], Decimal]:
         """The allowed offer to pay — credit first (no chain transaction), else the cheapest
-        ``exact`` — and the USD it takes from the wallet (0 for credit)."""
+        ``exact`` — and the USD it takes from the wallet (0 for credit). ``max_usd`` lowers the
+        per-call limit for this call."""
+        limit = self.max_per_call_usd if max_usd is None else min(self.max_per_call_usd, max_usd)
         candidates = []
         for offer in required.get("accepts") or []:
             asset = self._allowed(offer) if offer.get("scheme") in ("exact", "credit") else None
@@ -81,33 +83,38 @@ class Payer:
             if asset and amount.isascii() and amount.isdigit():
                 usd = Decimal(int(amount)).scaleb(-asset.decimals)
                 credit = Decimal(int(str((offer.get("extra") or {}).get("credit", "0")))).scaleb(-asset.decimals)
-                if usd + credit > self.max_per_call_usd:
-                    raise PaymentRefused(
-                        f"the call costs up to ${usd + credit}, over the per-call limit ${self.max_per_call_usd}"
-                    )
+                if usd + credit > limit:
+                    raise PaymentRefused(f"the call costs up to ${usd + credit}, over the per-call limit ${limit}")
                 candidates.append((offer["scheme"] != "credit", usd, offer))
         if not candidates:
             raise PaymentRefused(f"no offer in an allowed asset: {required.get('accepts')}")
         on_chain, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
         return offer, usd if on_chain else Decimal(0)
 
-    def wallet_header(self, now: int | None = None) -> dict[str, str]:
-        """``X-Tollway-Wallet``: proves this wallet to the gateway so quotes are reduced by its credit."""
+    def wallet_header(self, origin: str, now: int | None = None) -> dict[str, str]:
+        """``X-Tollway-Wallet``: proves this wallet to the gateway at ``origin``, so its quotes are
+        reduced by the wallet's credit there."""
         now = int(time.time()) if now is None else now
-        if self._proof is None or self._proof[0] < now + 60:
+        origin = signed.origin_of(origin)
+        cached = self._proofs.get(origin)
+        if cached is None or cached[0] < now + 60:
             a = self.allowed[0]
             until = now + 3600
-            msg = {"wallet": self.account.address, "validBefore": str(until)}
+            msg = {"wallet": self.account.address, "origin": origin, "validBefore": str(until)}
             sig = signed.sign("WalletProof", self.account.key, chain_id_of(a.network), a.asset, msg)
-            self._proof = (until, b64json({**msg, "signature": sig}))
-        return {"X-Tollway-Wallet": self._proof[1]}
+            cached = self._proofs[origin] = (until, b64json({**msg, "signature": sig}))
+        return {"X-Tollway-Wallet": cached[1]}
 
-    def withdrawal(self, amount: int, asset: AllowedAsset | None = None, now: int | None = None) -> dict[str, Any]:
-        """The signed body of ``POST /v1/credit/withdrawals``: pay ``amount`` of credit out to this wallet."""
+    def withdrawal(
+        self, amount: int, origin: str, asset: AllowedAsset | None = None, now: int | None = None
+    ) -> dict[str, Any]:
+        """The signed body of ``POST <origin>/v1/credit/withdrawals``: pay ``amount`` of credit out
+        to this wallet."""
         a = asset or self.allowed[0]
         now = int(time.time()) if now is None else now
         w = {
             "wallet": self.account.address,
+            "origin": signed.origin_of(origin),
             "amount": str(amount),
             "nonce": "0x" + secrets.token_hex(32),
             "validBefore": str(now + 600),
@@ -117,20 +124,29 @@ class Payer:
             "signature": signed.sign("Withdrawal", self.account.key, chain_id_of(a.network), a.asset, w),
         }
 
-    def prepare(self, response_headers: Any, now: int | None = None) -> Pending:
-        """Answer a 402: the payment to retry with, its USD reserved from the budget."""
+    def prepare(
+        self, response_headers: Any, origin: str, now: int | None = None, max_usd: Decimal | None = None
+    ) -> Pending:
+        """Answer a 402 from the gateway at ``origin``: the payment to retry with, its USD reserved
+        from the budget. A 402 describing a resource at another origin is refused: a server must
+        not relay another's quotes for us to sign."""
         raw = response_headers.get(PAYMENT_REQUIRED)
         if not raw:
             raise PaymentRefused("402 without a PAYMENT-REQUIRED header (x402 v2)")
         required = unb64json(raw)
-        offer, usd = self.choose(required)
+        if not isinstance(required, dict):
+            raise PaymentRefused("PAYMENT-REQUIRED is not an x402 document")
+        resource = str((required.get("resource") or {}).get("url", ""))
+        if resource and signed.origin_of(resource) != origin:
+            raise PaymentRefused(f"the 402 is for {signed.origin_of(resource)}, not {origin}: not signing it")
+        offer, usd = self.choose(required, max_usd)
         with self._lock:
             if self.spent_usd + usd > self.max_total_usd:
                 raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
             self.spent_usd += usd
         now = int(time.time()) if now is None else now
         inner = (
-            sign_credit(self.account, offer, now)
+            sign_credit(self.account, offer, now, origin)
             if offer["scheme"] == "credit"
             else sign_exact(self.account, offer, now)
         )
@@ -179,10 +195,11 @@ def chain_id_of(network: str) -> int:
     return int(network.split(":", 1)[1])
 
 
-def sign_credit(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[str, Any]:
-    """A ``CreditPayment`` for ``offer``: pays the call (its request digest) from credit."""
+def sign_credit(account: LocalAccount, offer: dict[str, Any], now: int, origin: str) -> dict[str, Any]:
+    """A ``CreditPayment`` for ``offer``: pays the call (its request digest) at ``origin`` from credit."""
     msg = {
         "wallet": account.address,
+        "origin": signed.origin_of(origin),
         "amount": str(offer["amount"]),
         "request": (offer.get("extra") or {})["request"],
         "nonce": "0x" + secrets.token_hex(32),
@@ -194,15 +211,21 @@ def sign_credit(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[
     }
 
 
-def claim_transfer(account: LocalAccount, offer: dict[str, Any], tx_hash: str) -> dict[str, Any]:
-    """The payload of a ``transfer`` payment: "my transaction ``tx_hash`` pays this call".
+def claim_transfer(account: LocalAccount, offer: dict[str, Any], tx_hash: str, origin: str) -> dict[str, Any]:
+    """The payload of a ``transfer`` payment: "my transaction ``tx_hash`` pays this call at ``origin``".
 
     The transfer itself (the token sent to ``offer["payTo"]``) is the payer's to make, with any
     wallet; surplus over the call's cost becomes credit.
     """
-    msg = {"wallet": account.address, "transaction": tx_hash, "request": (offer.get("extra") or {})["request"]}
+    origin = signed.origin_of(origin)
+    msg = {
+        "wallet": account.address,
+        "origin": origin,
+        "transaction": tx_hash,
+        "request": (offer.get("extra") or {})["request"],
+    }
     sig = signed.sign("TransferClaim", account.key, chain_id_of(offer["network"]), offer["asset"], msg)
-    return {"transaction": tx_hash, "wallet": account.address, "signature": sig}
+    return {"transaction": tx_hash, "wallet": account.address, "origin": origin, "signature": sig}
 
 
 def sign_exact(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[str, Any]:

@@ -9,9 +9,19 @@ offer within the spend limits — from credit when it covers the call — and re
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import httpx
 
+from ..payments.signed import origin_of
 from .payer import Payer, Pending
+
+MAX_USD = "tollway.max_usd"  # request extension: the most this call may pay (lowers the per-call limit)
+
+
+def _origin_and_limit(request: httpx.Request) -> tuple[str, Decimal | None]:
+    limit = request.extensions.get(MAX_USD)
+    return origin_of(str(request.url)), None if limit is None else Decimal(limit.numerator) / limit.denominator
 
 
 def _retry(request: httpx.Request, pending: Pending) -> httpx.Request:
@@ -29,13 +39,14 @@ class PayingTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
-        request.headers.update(self.payer.wallet_header())
+        origin, limit = _origin_and_limit(request)
+        request.headers.update(self.payer.wallet_header(origin))
         response = await self.inner.handle_async_request(request)
         if response.status_code != 402:
             return response
         await response.aread()
         await response.aclose()
-        pending = self.payer.prepare(response.headers)
+        pending = self.payer.prepare(response.headers, origin, max_usd=limit)
         try:
             paid = await self.inner.handle_async_request(_retry(request, pending))
         except BaseException:
@@ -55,13 +66,14 @@ class SyncPayingTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()
-        request.headers.update(self.payer.wallet_header())
+        origin, limit = _origin_and_limit(request)
+        request.headers.update(self.payer.wallet_header(origin))
         response = self.inner.handle_request(request)
         if response.status_code != 402:
             return response
         response.read()
         response.close()
-        pending = self.payer.prepare(response.headers)
+        pending = self.payer.prepare(response.headers, origin, max_usd=limit)
         try:
             paid = self.inner.handle_request(_retry(request, pending))
         except BaseException:

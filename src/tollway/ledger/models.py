@@ -8,22 +8,29 @@ deposits + reversals + refunds = charges + balance + withdrawals.
 A payment moves through explicit states; ``store.py`` makes every move one guarded UPDATE:
 
     reserved ──► settling ──► settled
-        │            └──────► failed
+        │            └──────► failed     (reverted: its deposit is reversed, which may leave a debt)
         ├──► released ──► reserved   (an unserved authorization may pay a retry of its call)
+        ├──► refused                 (the chain said it cannot settle, before anything was served)
         └──► settled                 (prepaid: the money moved before the call — transfer, credit)
+
+Every transaction the gateway signs (settlements, payouts) is a row of the outbox
+(``transactions``), numbered by the sender's nonce counter in the same database transaction that
+creates it: replicas never share a nonce, a crash leaves no gap, and the worker broadcasts, bumps
+fees and confirms every kind the same way.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Index
+from sqlalchemy import BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
 class PaymentState(StrEnum):
     RESERVED = "reserved"  # verified, nonce locked, call in progress
     RELEASED = "released"  # call not served: never settled, the payer owes nothing
+    REFUSED = "refused"  # the chain said it cannot settle (funds, nonce, signature); never served
     SETTLING = "settling"  # settlement transaction signed (hash known), being broadcast/confirmed
     SETTLED = "settled"  # confirmed on chain
     FAILED = "failed"  # settlement reverted or cannot happen; see ``error``
@@ -31,7 +38,7 @@ class PaymentState(StrEnum):
 
 class Payment(SQLModel, table=True):
     __tablename__ = "payments"
-    __table_args__ = (Index("ix_payments_owed", "network", "asset", "payer", "state", "updated_at", "amount"),)
+    __table_args__ = (Index("ix_payments_owed", "network", "asset", "payer", "state", "amount"),)
 
     id: str = Field(primary_key=True)
     lock_key: str = Field(unique=True)  # scheme-specific replay key, e.g. network:asset:payer:nonce
@@ -44,12 +51,8 @@ class Payment(SQLModel, table=True):
     state: str = Field(index=True)
     proof: str  # the scheme's payload (JSON), enough to settle again
     request_digest: str  # the call this payment is bound to
-    tx_hash: str | None = None
-    raw_tx: str | None = None
-    tx_nonce: int | None = None
-    settler: str | None = None
-    broadcast_at: float | None = None
-    attempts: int = 0
+    tx_id: str | None = Field(default=None, index=True)  # its settlement in the outbox
+    tx_hash: str | None = None  # the transaction that moved (or will move) the money
     error: str | None = None
     created_at: float
     updated_at: float
@@ -86,12 +89,57 @@ class Call(SQLModel, table=True):
 
 
 class SettlerNonce(SQLModel, table=True):
-    """Next transaction nonce of each settlement account, shared by all replicas."""
+    """Next transaction nonce of each account the gateway sends from, shared by all replicas."""
 
     __tablename__ = "settler_nonces"
 
     address: str = Field(primary_key=True)
     next_nonce: int
+
+
+class TxState(StrEnum):
+    QUEUED = "queued"  # signed, not yet accepted by the node
+    SENT = "sent"  # accepted by the node, waiting to be mined (fees bumped while it waits)
+    MINED = "mined"  # mined and succeeded
+    REVERTED = "reverted"  # mined and reverted
+    REPLACED = "replaced"  # its nonce was used by a transaction we did not sign: re-queued as another row
+
+
+class ChainTx(SQLModel, table=True):
+    """The outbox: one row per (sender, nonce). Bumping its fees re-signs the same nonce; every
+    hash it ever had is kept in ``hashes`` (any of them may be the one mined)."""
+
+    __tablename__ = "transactions"
+    __table_args__ = (UniqueConstraint("sender", "nonce"), Index("ix_transactions_open", "state", "nonce"))
+
+    id: str = Field(primary_key=True)
+    purpose: str  # settlement | payout
+    sender: str
+    nonce: int
+    to: str
+    data: str  # 0x calldata
+    gas: int
+    max_fee: int = Field(sa_column=Column(BigInteger, nullable=False))  # wei per gas
+    tip: int = Field(sa_column=Column(BigInteger, nullable=False))
+    tx_hash: str  # the latest signature's hash
+    raw_tx: str
+    hashes: str  # every hash signed for this nonce, space-separated, oldest first
+    state: str = Field(index=True)
+    broadcast_at: float | None = None  # last sent to the node
+    fee_at: float  # when its fees were last set (bumping waits from here)
+    mined_hash: str | None = None
+    error: str | None = None
+    created_at: float
+    updated_at: float
+
+
+class Meta(SQLModel, table=True):
+    """Settings that every replica must share (the quote secret, the chain the ledger belongs to)."""
+
+    __tablename__ = "meta"
+
+    key: str = Field(primary_key=True)
+    value: str
 
 
 class EntryKind(StrEnum):
@@ -139,9 +187,8 @@ class Payout(SQLModel, table=True):
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
     state: str = Field(index=True)  # pending | sending | sent | failed
     request_nonce: str = Field(unique=True)  # the signed request's nonce: one payout per signature
+    tx_id: str | None = Field(default=None, index=True)  # its transfer in the outbox
     tx_hash: str | None = None
-    raw_tx: str | None = None
-    tx_nonce: int | None = None
     error: str | None = None
     created_at: float
     updated_at: float

@@ -24,7 +24,19 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
-from .models import Call, Credit, CreditEntry, EntryKind, Payment, PaymentState, Payout, SettlerNonce
+from .models import (
+    Call,
+    ChainTx,
+    Credit,
+    CreditEntry,
+    EntryKind,
+    Meta,
+    Payment,
+    PaymentState,
+    Payout,
+    SettlerNonce,
+    TxState,
+)
 
 P = Payment.__table__  # type: ignore[attr-defined]
 C = Call.__table__  # type: ignore[attr-defined]
@@ -32,6 +44,9 @@ N = SettlerNonce.__table__  # type: ignore[attr-defined]
 CR = Credit.__table__  # type: ignore[attr-defined]
 E = CreditEntry.__table__  # type: ignore[attr-defined]
 PO = Payout.__table__  # type: ignore[attr-defined]
+T = ChainTx.__table__  # type: ignore[attr-defined]
+M = Meta.__table__  # type: ignore[attr-defined]
+NO_FLOOR = -(2**62)  # deposits, releases, charges, refunds and reversals post whatever the balance
 
 
 # Hot-path statements, built once: the SET columns of an UPDATE come from the parameters.
@@ -47,17 +62,11 @@ def _owed_in(state: str, *more: Any) -> Any:
     return select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state == state, *more).scalar_subquery()
 
 
-OWED = select(
-    _owed_in(PaymentState.RESERVED)
-    + _owed_in(PaymentState.SETTLING)
-    + _owed_in(PaymentState.SETTLED, P.c.updated_at >= bindparam("b_since"))
-)
+# What a payer owes us that a balance read from the chain may not show yet: its payments in
+# progress and its settlements not yet confirmed (one just mined is counted twice for a moment:
+# that errs on the safe side; nodes differ in what their "pending" state holds).
+OWED = select(_owed_in(PaymentState.RESERVED) + _owed_in(PaymentState.SETTLING))
 UNCONFIRMED = select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state == PaymentState.SETTLING)
-BROADCAST = (
-    update(P)
-    .where(P.c.id == bindparam("b_id"), P.c.state == PaymentState.SETTLING)
-    .values(broadcast_at=bindparam("b_now"), attempts=P.c.attempts + 1)
-)
 APPLY = (  # add to a credit balance unless it would end below a floor
     update(CR)
     .where(CR.c.account == bindparam("b_account"), CR.c.balance + bindparam("b_delta") >= bindparam("b_floor"))
@@ -86,6 +95,11 @@ class InsufficientCredit(Exception):
 
 class _NotReserved(Exception):
     pass
+
+
+SignTx = Callable[[int], dict[str, Any]]
+"""Signs a transaction with a nonce: the outbox columns to (re)write — ``to, data, gas, max_fee,
+tip, tx_hash, raw_tx`` (see ``settlement.Settler``)."""
 
 
 class _AlreadyMetered(Exception):
@@ -177,34 +191,9 @@ class Store:
     def release(self, payment_id: str, error: str) -> bool:
         return self._move(payment_id, PaymentState.RESERVED, PaymentState.RELEASED, error=error)
 
-    def mark_settling(self, payment_id: str, *, tx_hash: str, raw_tx: str, tx_nonce: int, settler: str) -> bool:
-        return self._move(
-            payment_id,
-            PaymentState.RESERVED,
-            PaymentState.SETTLING,
-            tx_hash=tx_hash,
-            raw_tx=raw_tx,
-            tx_nonce=tx_nonce,
-            settler=settler,
-        )
-
-    def mark_broadcast(self, outcomes: dict[str, str | None]) -> None:
-        """Settlements just sent to the node: payment id → the node's error, if any."""
-        if not outcomes:
-            return
-        now = time.time()
-        with self._tx() as c:
-            c.execute(BROADCAST, [{"b_id": pid, "b_now": now, "error": err} for pid, err in outcomes.items()])
-
-    def resign(self, payment_id: str, *, old_tx: str, tx_hash: str, raw_tx: str, tx_nonce: int) -> bool:
-        """Swap a settlement transaction that can never be mined for a new one."""
-        with self._tx() as c:
-            res = c.execute(
-                update(P)
-                .where(P.c.id == payment_id, P.c.state == PaymentState.SETTLING, P.c.tx_hash == old_tx)
-                .values(tx_hash=tx_hash, raw_tx=raw_tx, tx_nonce=tx_nonce, broadcast_at=None, updated_at=time.time())
-            )
-        return res.rowcount == 1
+    def refuse(self, payment_id: str, error: str) -> bool:
+        """The chain says this payment cannot settle: it is never served, nor tried again."""
+        return self._move(payment_id, PaymentState.RESERVED, PaymentState.REFUSED, error=error)
 
     def mark_prepaid(self, payment_id: str) -> bool:
         """A payment whose money moved before the call (a transfer, or credit): nothing to settle."""
@@ -229,7 +218,7 @@ class Store:
                 ):
                     return False
                 account = credit_account(row["network"], row["asset"], row["payer"])
-                self._post(c, account, [(EntryKind.REVERSAL, -row["amount"])], None, payment_id=payment_id)
+                self._post(c, account, [(EntryKind.REVERSAL, -row["amount"])], payment_id=payment_id)
         except IntegrityError:
             return False
         return True
@@ -239,23 +228,18 @@ class Store:
             row = c.execute(select(P).where(P.c.id == payment_id)).mappings().first()
         return dict(row) if row else None
 
-    def unsettled_amount(self, network: str, asset: str, payer: str, *, settled_since: float) -> int:
-        """What a payer owes us that a balance read at ``settled_since`` (UNIX time) still holds:
-        payments not yet on chain, and those marked settled after the read (they may have been
-        mined after it). Counting one twice only errs on the safe side."""
+    def payment_states(self, ids: Sequence[str]) -> dict[str, str]:
+        if not ids:
+            return {}
         with self._tx() as c:
-            total = c.execute(
-                OWED, {"b_network": network, "b_asset": asset, "b_payer": payer, "b_since": settled_since}
-            ).scalar_one()
-        return int(total)
+            return {str(i): str(st) for i, st in c.execute(select(P.c.id, P.c.state).where(P.c.id.in_(ids)))}
 
-    def settling(self, *, unsent: bool = False, limit: int = 1000) -> Sequence[dict[str, Any]]:
-        """Payments whose settlement transaction still has to be broadcast (``unsent``) or confirmed."""
-        q = select(P).where(P.c.state == PaymentState.SETTLING)
-        if unsent:
-            q = q.where(P.c.broadcast_at.is_(None))
+    def unsettled_amount(self, network: str, asset: str, payer: str) -> int:
+        """What a payer owes us that a balance read from the chain may not show yet: payments in
+        progress (this one included) and settlements not yet confirmed."""
         with self._tx() as c:
-            return [dict(r) for r in c.execute(q.order_by(P.c.tx_nonce).limit(limit)).mappings()]
+            total = c.execute(OWED, {"b_network": network, "b_asset": asset, "b_payer": payer}).scalar_one()
+        return int(total)
 
     def count_by_state(self) -> dict[str, int]:
         with self._tx() as c:
@@ -283,32 +267,113 @@ class Store:
                 except IntegrityError:
                     pass
 
-    def take_settler_nonce(self, address: str) -> int:
-        with self._tx() as c:
-            return self._take_nonce(c, address)
-
     @staticmethod
     def _take_nonce(c: Connection, address: str) -> int:
         got = c.execute(TAKE_NONCE, {"b_address": address}).first()
         if got is None:
-            raise RuntimeError(f"settlement nonce for {address} was never synced with the chain")
+            raise RuntimeError(f"transaction nonce for {address} was never synced with the chain")
         return int(got[0]) - 1
 
-    def sign_settlement(
-        self, payment_id: str, address: str, sign: Callable[[int], tuple[str, str]]
-    ) -> tuple[str, int] | None:
-        """Take the account's next nonce, sign with it and move the payment ``reserved → settling``,
-        in one transaction. Returns (tx hash, nonce), or None if the payment was not reserved."""
+    # -- the outbox: every transaction we sign -----------------------------------------------
+
+    def _enqueue(self, c: Connection, purpose: str, sender: str, sign: SignTx) -> dict[str, Any]:
+        """Take ``sender``'s next nonce and add the transaction ``sign`` makes with it, inside ``c``."""
+        nonce = self._take_nonce(c, sender)
+        now = time.time()
+        row = {
+            "id": new_id(),
+            "purpose": purpose,
+            "sender": sender,
+            "nonce": nonce,
+            "state": TxState.QUEUED,
+            "created_at": now,
+            "updated_at": now,
+            "fee_at": now,
+            **sign(nonce),
+        }
+        row["hashes"] = row["tx_hash"]
+        c.execute(insert(T), row)
+        return row
+
+    def sign_settlement(self, payment_id: str, sender: str, sign: SignTx) -> dict[str, Any] | None:
+        """Queue the settlement of a reserved payment and move it ``reserved → settling``, in one
+        transaction. Returns the outbox row, or None if the payment was not reserved."""
         try:
             with self._tx() as c:
-                nonce = self._take_nonce(c, address)
-                tx_hash, raw = sign(nonce)
-                settling = dict(tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce, settler=address)
-                if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, **settling):
+                tx = self._enqueue(c, "settlement", sender, sign)
+                if not self._moved(
+                    c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, tx_id=tx["id"], tx_hash=tx["tx_hash"]
+                ):
                     raise _NotReserved  # rolls back: the nonce is not taken either
         except _NotReserved:
             return None
-        return tx_hash, nonce
+        return tx
+
+    def open_transactions(self, state: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """Outbox rows in ``state`` (queued or sent), lowest nonce first."""
+        with self._tx() as c:
+            q = select(T).where(T.c.state == state).order_by(T.c.nonce).limit(limit)
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def transactions_sent(self, ids: Sequence[str], errors: dict[str, str]) -> None:
+        """The node accepted ``ids`` (queued → sent); ``errors`` are the refusals to record on
+        rows that stay queued."""
+        now = time.time()
+        with self._tx() as c:
+            if ids:
+                c.execute(
+                    update(T)
+                    .where(T.c.id.in_(ids), T.c.state.in_((TxState.QUEUED, TxState.SENT)))
+                    .values(state=TxState.SENT, broadcast_at=now, error=None, updated_at=now)
+                )
+            for tx_id, err in errors.items():
+                c.execute(update(T).where(T.c.id == tx_id).values(error=err[:500], updated_at=now))
+
+    def bump_transaction(self, tx_id: str, old_hash: str, signed: dict[str, Any]) -> bool:
+        """Replace a transaction's signature (same nonce, higher fees); its old hashes are kept."""
+        now = time.time()
+        with self._tx() as c:
+            res = c.execute(
+                update(T)
+                .where(T.c.id == tx_id, T.c.state.in_((TxState.QUEUED, TxState.SENT)), T.c.tx_hash == old_hash)
+                .values(**signed, hashes=T.c.hashes + " " + signed["tx_hash"], fee_at=now, updated_at=now)
+            )
+        return res.rowcount == 1
+
+    def transaction_mined(self, tx_id: str, mined_hash: str, ok: bool) -> bool:
+        """A transaction was mined (one of its hashes): sent or queued → mined | reverted, once."""
+        now = time.time()
+        with self._tx() as c:
+            res = c.execute(
+                update(T)
+                .where(T.c.id == tx_id, T.c.state.in_((TxState.QUEUED, TxState.SENT)))
+                .values(state=TxState.MINED if ok else TxState.REVERTED, mined_hash=mined_hash, updated_at=now)
+            )
+        return res.rowcount == 1
+
+    def replace_transaction(self, tx_id: str, sign: SignTx) -> dict[str, Any] | None:
+        """Another transaction of our sender used this one's nonce (the key was used elsewhere):
+        queue the same call again with a new nonce, and point what it settles or pays at it."""
+        with self._tx() as c:
+            old = c.execute(select(T).where(T.c.id == tx_id)).mappings().first()
+            if old is None or old["state"] not in (TxState.QUEUED, TxState.SENT):
+                return None
+            c.execute(update(T).where(T.c.id == tx_id).values(state=TxState.REPLACED, updated_at=time.time()))
+            new = self._enqueue(c, old["purpose"], old["sender"], sign)
+            c.execute(update(P).where(P.c.tx_id == tx_id).values(tx_id=new["id"], tx_hash=new["tx_hash"]))
+            c.execute(update(PO).where(PO.c.tx_id == tx_id).values(tx_id=new["id"], tx_hash=new["tx_hash"]))
+        return new
+
+    def transaction(self, tx_id: str) -> dict[str, Any] | None:
+        with self._tx() as c:
+            row = c.execute(select(T).where(T.c.id == tx_id)).mappings().first()
+        return dict(row) if row else None
+
+    def settlement_of(self, tx_id: str) -> dict[str, Any] | None:
+        """The payment a settlement transaction moves."""
+        with self._tx() as c:
+            row = c.execute(select(P).where(P.c.tx_id == tx_id)).mappings().first()
+        return dict(row) if row else None
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -316,15 +381,15 @@ class Store:
         with self._tx() as c:
             c.execute(insert(C), {"created_at": time.time(), **row})
 
-    def cache_stats(self, since: float) -> list[dict[str, Any]]:
-        """Per model and upstream, since ``since``: prompt and cached tokens (observed vs expected)
-        and the discount passed on, over metered calls. Calls whose upstream did not report cached
-        tokens are counted apart: unknown is not zero."""
+    def cache_stats(self, since: float, *, per_upstream: bool = True) -> list[dict[str, Any]]:
+        """Per model (and upstream), since ``since``: prompt and cached tokens (observed vs
+        expected) and the discount passed on, over metered calls. Calls whose upstream did not
+        report cached tokens are counted apart: unknown is not zero."""
         reported = C.c.cached_tokens.is_not(None)
+        keys = (C.c.model, C.c.upstream) if per_upstream else (C.c.model,)
         q = (
             select(
-                C.c.model,
-                C.c.upstream,
+                *keys,
                 func.count().label("calls"),
                 func.count(C.c.cached_tokens).label("calls_reporting_cache"),
                 func.coalesce(func.sum(C.c.prompt_tokens), 0).label("prompt_tokens"),
@@ -338,8 +403,8 @@ class Store:
                 func.coalesce(func.sum(C.c.cache_discount), 0).label("discount_passed"),
             )
             .where(C.c.created_at >= since, C.c.prompt_tokens.is_not(None))
-            .group_by(C.c.model, C.c.upstream)
-            .order_by(C.c.model, C.c.upstream)
+            .group_by(*keys)
+            .order_by(*keys)
         )
         with self._tx() as c:
             return [dict(r) for r in c.execute(q).mappings()]
@@ -382,12 +447,13 @@ class Store:
 
     # -- credit ---------------------------------------------------------------------------------
 
-    def _post(self, c: Any, account: str, entries: list[tuple[str, int]], floor: int | None = 0, **refs: Any) -> int:
-        """Apply journal entries to an account inside transaction ``c``. The balance may not end
-        below ``floor`` (``None``: no floor — a reversal may leave a debt)."""
+    def _post(self, c: Any, account: str, entries: list[tuple[str, int]], floor: int | None = None, **refs: Any) -> int:
+        """Apply journal entries to an account inside transaction ``c``. Spends (holds and
+        withdrawals) pass a ``floor`` the balance may not end below; everything else — deposits,
+        releases, charges, refunds, reversals — posts whatever the balance, a debt included."""
         delta = sum(amount for _, amount in entries)
         now = time.time()
-        lowest = -(2**62) if floor is None else floor
+        lowest = NO_FLOOR if floor is None else floor
         got = c.execute(APPLY, {"b_account": account, "b_delta": delta, "b_now": now, "b_floor": lowest}).first()
         if got is None:
             exists = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
@@ -526,17 +592,16 @@ class Store:
             row = c.execute(select(PO).where(PO.c.id == payout_id)).mappings().first()
         return dict(row) if row else None
 
-    def sign_payout(self, ids: list[str], address: str, sign: Callable[[int], tuple[str, str]]) -> bool:
-        """Claim pending payouts ``ids`` for one transaction signed with ``address``'s next nonce, all
-        at once: if any was claimed elsewhere first, nothing changes (not even the nonce)."""
+    def sign_payout(self, ids: list[str], sender: str, sign: SignTx) -> bool:
+        """Claim pending payouts ``ids`` for one queued transaction, all at once: if any was
+        claimed elsewhere first, nothing changes (not even the nonce)."""
         try:
             with self._tx() as c:
-                nonce = self._take_nonce(c, address)
-                tx_hash, raw = sign(nonce)
+                tx = self._enqueue(c, "payout", sender, sign)
                 res = c.execute(
                     update(PO)
                     .where(PO.c.id.in_(ids), PO.c.state == "pending")
-                    .values(state="sending", tx_hash=tx_hash, raw_tx=raw, tx_nonce=nonce, updated_at=time.time())
+                    .values(state="sending", tx_id=tx["id"], tx_hash=tx["tx_hash"], updated_at=time.time())
                 )
                 if res.rowcount != len(ids):
                     raise _NotReserved
@@ -544,18 +609,32 @@ class Store:
             return False
         return True
 
-    def move_payouts(self, ids: list[str], frm: str, to: str, **values: Any) -> int:
+    def conclude_payouts(self, tx_id: str, tx_hash: str, ok: bool, error: str = "") -> None:
+        """The payout transaction ``tx_id`` was mined: its payouts are sent, or — reverted — failed
+        and refunded to credit. Each row moves once, whichever replica gets there first."""
+        now = time.time()
         with self._tx() as c:
-            res = c.execute(
-                update(PO).where(PO.c.id.in_(ids), PO.c.state == frm).values(state=to, updated_at=time.time(), **values)
-            )
-        return int(res.rowcount)
-
-    def fail_payouts(self, ids: list[str], error: str) -> None:
-        """Payouts that can never be sent: refund the credit."""
-        with self._tx() as c:
-            for row in c.execute(select(PO).where(PO.c.id.in_(ids), PO.c.state == "sending")).mappings().all():
-                c.execute(
-                    update(PO).where(PO.c.id == row["id"]).values(state="failed", error=error, updated_at=time.time())
+            rows = c.execute(select(PO).where(PO.c.tx_id == tx_id, PO.c.state == "sending")).mappings().all()
+            for row in rows:
+                moved = c.execute(
+                    update(PO)
+                    .where(PO.c.id == row["id"], PO.c.state == "sending")
+                    .values(state="sent" if ok else "failed", tx_hash=tx_hash, error=error or None, updated_at=now)
                 )
-                self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
+                if moved.rowcount == 1 and not ok:
+                    self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
+
+    # -- shared settings -------------------------------------------------------------------------
+
+    def meta(self, key: str, default: Callable[[], str]) -> str:
+        """A value every replica shares: the stored one, or ``default()`` stored by whoever comes first."""
+        with self._tx() as c:
+            got = c.execute(select(M.c.value).where(M.c.key == key)).first()
+            if got is not None:
+                return str(got[0])
+            try:
+                with c.begin_nested():
+                    c.execute(insert(M).values(key=key, value=default()))
+            except IntegrityError:
+                pass
+            return str(c.execute(select(M.c.value).where(M.c.key == key)).scalar_one())

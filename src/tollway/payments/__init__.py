@@ -10,9 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from .base import PaymentScheme
-    from .chain import Chain
+    from .base import Context, PaymentScheme
 
 SCHEMES: dict[str, str] = {
     "exact": "tollway.payments.exact:from_settings",
@@ -21,10 +19,10 @@ SCHEMES: dict[str, str] = {
 }
 
 
-def build_scheme(name: str, settings: Settings, chain: Chain, chain_id: int) -> PaymentScheme:
+def build_scheme(name: str, ctx: Context) -> PaymentScheme:
     try:
         target = SCHEMES[name]
     except KeyError:
         raise ValueError(f"unknown payment scheme {name!r}; known: {', '.join(SCHEMES)}") from None
     module, factory = target.split(":")
-    return getattr(importlib.import_module(module), factory)(settings, chain, chain_id)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), factory)(ctx)  # type: ignore[no-any-return]

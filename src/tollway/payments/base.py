@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from .chain import Chain
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,9 @@ class Quote:
     request_digest: str  # sha-256 of the canonical request body
     expires: int  # UNIX seconds
     prompt_bound: int
-    max_tokens: int
+    max_tokens: int  # output tokens per choice
+    choices: int = 1  # completions generated (n / best_of)
+    origin: str = ""  # the gateway it was made by (scheme://host[:port]); tollway's messages name it
 
 
 @dataclass(frozen=True)
@@ -62,27 +68,43 @@ class Verified:
     chain_nonce: bytes = b""
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a scheme is built from."""
+
+    settings: Settings
+    chain: Chain  # the request path's chain client
+    chain_id: int
+    settler: str  # the address that sends settlement transactions (and pays their gas)
+
+
 class PaymentScheme(Protocol):
     name: str
     network: str
 
-    def offer(self, amount: int, max_timeout_seconds: int) -> Offer:
+    def offer(self, amount: int) -> Offer:
         """The ``accepts`` entry to put in a 402 for this amount."""
         ...
 
     async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         """Check a proof pays ``offer`` for this request; raises ``PaymentInvalid`` with a reason.
 
-        Cheap and local where the scheme allows (exact: signature only); what needs the chain and
-        can overlap the upstream call belongs in ``confirm``.
+        Cheap and local where the scheme allows (exact: signature only); what needs the chain
+        belongs in ``confirm``, which runs once the payment is locked against replay.
         """
         ...
 
-    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
-        """On-chain checks. ``owed(t)`` is what the payer owes us that a balance read at UNIX time
-        ``t`` still holds (this payment included)."""
+    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
+        """Make sure the payment will settle, before the upstream is asked anything: raises
+        ``PaymentInvalid`` if it cannot. ``owed()`` is what the payer owes us that the chain's
+        pending state does not show yet (this payment included)."""
         ...
 
     def settlement_call(self, payment: Verified) -> tuple[str, bytes] | None:
         """The transaction (to, calldata) that moves the money, or None if it has already moved."""
+        ...
+
+    async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
+        """After our settlement of ``payment`` (a ledger row) reverted: the hash of another
+        transaction that paid the payee with this very authorization (a front-run), if any."""
         ...

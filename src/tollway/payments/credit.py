@@ -11,28 +11,27 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Settings
 from ..errors import PaymentInvalid, PaymentMalformed
 from . import signed
-from .base import Offer, Proof, Quote, Verified
-from .chain import Chain
+from .base import Context, Offer, Proof, Quote, Verified
 
 
 class CreditScheme:
     name = "credit"
 
-    def __init__(self, *, chain_id: int, token: str, payee: str) -> None:
+    def __init__(self, *, chain_id: int, token: str, payee: str, timeout: int) -> None:
         self.chain_id = chain_id
         self.network = f"eip155:{chain_id}"
         self.token = token
         self.payee = payee
+        self.timeout = timeout
 
-    def offer(self, amount: int, max_timeout_seconds: int) -> Offer:
-        return Offer(self.name, self.network, self.token, self.payee, amount, max_timeout_seconds, {})
+    def offer(self, amount: int) -> Offer:
+        return Offer(self.name, self.network, self.token, self.payee, amount, self.timeout, {})
 
     async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         p = proof.payload
-        wallet = signed.signer("CreditPayment", self.chain_id, self.token, p, p.get("signature"))
+        wallet = signed.signer("CreditPayment", self.chain_id, self.token, p, p.get("signature"), quote.origin)
         if str(p["wallet"]).lower() != wallet:
             raise PaymentInvalid("credit payment not signed by its wallet", code="invalid_credit_signature")
         if int(p["amount"]) != offer.amount:
@@ -54,14 +53,17 @@ class CreditScheme:
             proof=p,
         )
 
-    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
+    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
         return None
 
     def settlement_call(self, payment: Verified) -> None:
         return None
 
+    async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
+        return None
 
-def check_wallet_proof(doc: Any, chain_id: int, token: str, now: int) -> str:
+
+def check_wallet_proof(doc: Any, chain_id: int, token: str, now: int, origin: str) -> str:
     """The wallet a ``X-Tollway-Wallet`` header proves (decoded JSON {wallet, validBefore, signature})."""
     if (
         not isinstance(doc, dict)
@@ -69,7 +71,10 @@ def check_wallet_proof(doc: Any, chain_id: int, token: str, now: int) -> str:
         or not re.fullmatch(r"0x[0-9a-fA-F]{40}", doc["wallet"])
     ):
         raise PaymentMalformed("X-Tollway-Wallet must carry {wallet, validBefore, signature}")
-    wallet = signed.signer("WalletProof", chain_id, token, doc, doc.get("signature"))
+    try:
+        wallet = signed.signer("WalletProof", chain_id, token, doc, doc.get("signature"), origin)
+    except PaymentInvalid as exc:
+        raise PaymentMalformed(exc.message, code="invalid_wallet_proof") from None
     if wallet != doc["wallet"].lower() or int(doc["validBefore"]) < now:
         raise PaymentMalformed(
             "X-Tollway-Wallet is not a valid, current proof for its wallet", code="invalid_wallet_proof"
@@ -77,8 +82,8 @@ def check_wallet_proof(doc: Any, chain_id: int, token: str, now: int) -> str:
     return wallet
 
 
-def from_settings(settings: Settings, chain: Chain, chain_id: int) -> CreditScheme:
-    c = settings.chain
+def from_settings(ctx: Context) -> CreditScheme:
+    c = ctx.settings.chain
     if not (c.token and c.payee):
         raise ValueError("the credit scheme needs chain.token and chain.payee")
-    return CreditScheme(chain_id=chain_id, token=c.token, payee=c.payee)
+    return CreditScheme(chain_id=ctx.chain_id, token=c.token, payee=c.payee, timeout=ctx.settings.offer_timeout_seconds)

@@ -1,26 +1,41 @@
 """x402 ``exact`` on EVM: an EIP-3009 ``transferWithAuthorization`` signed by the payer.
 
-Checks, cheapest first (PROTOCOLS.md §1): recipient, exact value, validity window, signature
-(local recovery), then — in ``confirm``, overlapped with the upstream call — the nonce's state
-and the payer's balance on chain. The ledger's lock on ``lock_key`` keeps one authorization
-from paying twice, across every replica sharing the database.
+Checks, cheapest first (PROTOCOLS.md §1): recipient, exact value, validity window — it must
+outlive the call and its settlement (``Settings.min_validity_seconds``) — and signature (local
+recovery). Then, once the ledger has locked the authorization against replay and before the
+upstream is asked anything, ``confirm`` runs the transfer itself as an ``eth_call`` from the
+settlement account against the chain's pending state: a cancelled or used authorization, a
+frozen payer, a token whose EIP-712 domain is not the one offered all fail there; the payer's
+balance must also cover this payment and the others of theirs not yet on chain.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Settings
 from ..errors import PaymentInvalid, PaymentMalformed
 from . import eip3009
-from .base import Offer, Proof, Quote, Verified
-from .chain import Chain
+from .base import Context, Offer, Proof, Quote, Verified
+from .chain import AUTHORIZATION_STATE, BALANCE_OF, Chain, RpcError, transfers_in
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-VALID_BEFORE_MARGIN = 6  # seconds an authorization must still be valid for (as the reference)
+SHORT_MEMORY = 2.0  # seconds a payer found short of funds is refused without asking the chain again
+AUTHORIZATION_USED = "0x" + eip3009.keccak(b"AuthorizationUsed(address,bytes32)").hex()
+LOG_LOOKBACK = 50_000  # blocks searched for the transaction that used an authorization
+# What a token's revert reasons (FiatTokenV2's wording) mean for the payer.
+REVERT_REASONS = (
+    ("exceeds balance", "insufficient_funds"),
+    ("used or canceled", "invalid_exact_evm_nonce_already_used"),
+    ("expired", "invalid_exact_evm_payload_authorization_valid_before"),
+    ("not yet valid", "invalid_exact_evm_payload_authorization_valid_after"),
+    ("invalid signature", "invalid_exact_evm_payload_signature"),
+    ("blacklisted", "payer_blacklisted"),
+)
 
 
 def _address(v: Any, what: str) -> str:
@@ -72,18 +87,32 @@ class ExactEvm:
     name = "exact"
 
     def __init__(
-        self, *, chain: Chain, chain_id: int, token: str, token_name: str, token_version: str, payee: str
+        self,
+        *,
+        chain: Chain,
+        chain_id: int,
+        token: str,
+        token_name: str,
+        token_version: str,
+        payee: str,
+        settler: str,
+        timeout: int,
+        min_validity: int,
     ) -> None:
         self.chain = chain
         self.chain_id = chain_id
         self.network = f"eip155:{chain_id}"
         self.token = token
         self.payee = payee
+        self.settler = settler
+        self.timeout = timeout
+        self.min_validity = min_validity
         self.extra = {"name": token_name, "version": token_version}
         self.domain = eip3009.domain_separator(token_name, token_version, chain_id, token)
+        self._short: dict[str, float] = {}  # payer → until when it is known to be short of funds
 
-    def offer(self, amount: int, max_timeout_seconds: int) -> Offer:
-        return Offer(self.name, self.network, self.token, self.payee, amount, max_timeout_seconds, dict(self.extra))
+    def offer(self, amount: int) -> Offer:
+        return Offer(self.name, self.network, self.token, self.payee, amount, self.timeout, dict(self.extra))
 
     async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         auth, sig = decode_authorization(proof.payload)
@@ -98,9 +127,11 @@ class ExactEvm:
             raise PaymentInvalid(
                 "authorization is not valid yet", code="invalid_exact_evm_payload_authorization_valid_after"
             )
-        if auth.valid_before < now + VALID_BEFORE_MARGIN:
+        if auth.valid_before < now + self.min_validity:
             raise PaymentInvalid(
-                "authorization has expired", code="invalid_exact_evm_payload_authorization_valid_before"
+                f"authorization must stay valid at least {self.min_validity} s (validBefore >= now + "
+                f"{self.min_validity}): the call and its settlement must fit in it",
+                code="invalid_exact_evm_payload_authorization_valid_before",
             )
         try:
             signer = eip3009.recover(eip3009.digest(auth, self.domain), sig)
@@ -123,34 +154,64 @@ class ExactEvm:
             chain_nonce=auth.nonce,
         )
 
-    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
-        balance, used, read_at = await self.chain.token_state(self.token, payment.payer, payment.chain_nonce)
-        if used:
+    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
+        now = time.monotonic()
+        if self._short.get(payment.payer, 0.0) > now:
+            raise PaymentInvalid("payer balance does not cover this payment", code="insufficient_funds")
+        to, data = self.settlement_call(payment)
+        balance_of = BALANCE_OF + bytes(12) + bytes.fromhex(payment.payer[2:])
+        result, (balance,) = await self.chain.simulate(self.settler, to, data, [(self.token, balance_of)])
+        if isinstance(result, RpcError):
+            reason = result.revert_reason
+            if reason is None:
+                raise result  # not a revert: the RPC failed (503)
+            code = next((c for k, c in REVERT_REASONS if k in reason.lower()), "payment_would_revert")
+            if code == "insufficient_funds":
+                self._remember_short(payment.payer, now)
+            raise PaymentInvalid(f"the transfer would fail on chain: {reason[:200]}", code=code)
+        due = owed()
+        if int(balance, 16) < due:
+            self._remember_short(payment.payer, now)
             raise PaymentInvalid(
-                "authorization nonce already used on chain", code="invalid_exact_evm_nonce_already_used"
-            )
-        due = owed(read_at)
-        if balance < due:
-            self.chain.forget_balance(self.token, payment.payer)
-            raise PaymentInvalid(
-                f"payer balance {balance} does not cover {due} (this payment and others not yet settled)",
+                f"payer balance {int(balance, 16)} does not cover {due} (this payment and others not yet on chain)",
                 code="insufficient_funds",
             )
+
+    def _remember_short(self, payer: str, now: float) -> None:
+        if len(self._short) > 10_000:
+            self._short = {p: t for p, t in self._short.items() if t > now}
+        self._short[payer] = now + SHORT_MEMORY
 
     def settlement_call(self, payment: Verified) -> tuple[str, bytes]:
         auth, sig = decode_authorization(payment.proof)
         return self.token, eip3009.transfer_calldata(auth, sig)
 
+    async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
+        """The transaction that used this authorization, if it paid the payee the amount."""
+        auth, _ = decode_authorization(json.loads(payment["proof"]))
+        state = AUTHORIZATION_STATE + bytes(12) + bytes.fromhex(auth.from_[2:]) + auth.nonce
+        if int.from_bytes(await self.chain.call(self.token, state), "big") == 0:
+            return None
+        topics = [AUTHORIZATION_USED, "0x" + "0" * 24 + auth.from_[2:], "0x" + auth.nonce.hex()]
+        for log in await self.chain.logs(self.token, topics, LOG_LOOKBACK):
+            receipt = await self.chain.receipt(log["transactionHash"])
+            if receipt and (auth.from_, auth.to, auth.value) in transfers_in(receipt, self.token):
+                return str(log["transactionHash"])
+        return None  # cancelled, not used
 
-def from_settings(settings: Settings, chain: Chain, chain_id: int) -> ExactEvm:
-    c = settings.chain
+
+def from_settings(ctx: Context) -> ExactEvm:
+    c = ctx.settings.chain
     if not (c.token and c.payee):
         raise ValueError("the exact scheme needs chain.token and chain.payee")
     return ExactEvm(
-        chain=chain,
-        chain_id=chain_id,
+        chain=ctx.chain,
+        chain_id=ctx.chain_id,
         token=c.token,
         token_name=c.token_name,
         token_version=c.token_version,
         payee=c.payee,
+        settler=ctx.settler,
+        timeout=ctx.settings.offer_timeout_seconds,
+        min_validity=ctx.settings.min_validity_seconds,
     )

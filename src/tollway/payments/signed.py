@@ -1,45 +1,54 @@
 """tollway's own signed messages (EIP-712), for what x402 has no word for.
 
-Domain: ``{name: "tollway", version: "1", chainId, verifyingContract: <token>}`` — scoped to one
-asset on one chain, so a signature never moves credit of another asset.
+Domain: ``{name: "tollway", version: "2", chainId, verifyingContract: <token>}`` — scoped to one
+asset on one chain, so a signature never moves credit of another asset. Every message names the
+gateway it is for (``origin``, e.g. ``https://llm.example.com``): a signature collected by another
+server — even one that relays a real gateway's 402 — is refused by the real one, and the paying
+client signs only for the origin it is talking to.
 
-- ``WalletProof(address wallet, uint256 validBefore)``: "I hold this wallet" — lets a client see
-  its credit and get quotes reduced by it.
-- ``CreditPayment(address wallet, uint256 amount, bytes32 request, bytes32 nonce, uint256 validBefore)``:
-  pay one call (the request digest) from credit, without a chain transaction.
-- ``Withdrawal(address wallet, uint256 amount, bytes32 nonce, uint256 validBefore)``: pay credit
-  out on chain to the wallet itself.
-- ``TransferClaim(address wallet, bytes32 transaction, bytes32 request)``: "this on-chain transfer
-  of mine pays this call" — a transaction hash alone is public and could be claimed by anyone.
+- ``WalletProof(address wallet, string origin, uint256 validBefore)``: "I hold this wallet" — lets
+  a client see its credit and get quotes reduced by it.
+- ``CreditPayment(address wallet, string origin, uint256 amount, bytes32 request, bytes32 nonce,
+  uint256 validBefore)``: pay one call (the request digest) from credit, without a chain transaction.
+- ``Withdrawal(address wallet, string origin, uint256 amount, bytes32 nonce, uint256 validBefore)``:
+  pay credit out on chain to the wallet itself.
+- ``TransferClaim(address wallet, string origin, bytes32 transaction, bytes32 request)``: "this
+  on-chain transfer of mine pays this call" — a transaction hash alone is public.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from ..errors import PaymentMalformed
+from ..errors import PaymentInvalid, PaymentMalformed
 
+WALLET = {"name": "wallet", "type": "address"}
+ORIGIN = {"name": "origin", "type": "string"}
 TYPES: dict[str, list[dict[str, str]]] = {
-    "WalletProof": [{"name": "wallet", "type": "address"}, {"name": "validBefore", "type": "uint256"}],
+    "WalletProof": [WALLET, ORIGIN, {"name": "validBefore", "type": "uint256"}],
     "CreditPayment": [
-        {"name": "wallet", "type": "address"},
+        WALLET,
+        ORIGIN,
         {"name": "amount", "type": "uint256"},
         {"name": "request", "type": "bytes32"},
         {"name": "nonce", "type": "bytes32"},
         {"name": "validBefore", "type": "uint256"},
     ],
     "Withdrawal": [
-        {"name": "wallet", "type": "address"},
+        WALLET,
+        ORIGIN,
         {"name": "amount", "type": "uint256"},
         {"name": "nonce", "type": "bytes32"},
         {"name": "validBefore", "type": "uint256"},
     ],
     "TransferClaim": [
-        {"name": "wallet", "type": "address"},
+        WALLET,
+        ORIGIN,
         {"name": "transaction", "type": "bytes32"},
         {"name": "request", "type": "bytes32"},
     ],
@@ -61,7 +70,7 @@ def _typed(kind: str, chain_id: int, token: str, message: dict[str, Any]) -> Any
                 kind: TYPES[kind],
             },
             "primaryType": kind,
-            "domain": {"name": "tollway", "version": "1", "chainId": chain_id, "verifyingContract": token},
+            "domain": {"name": "tollway", "version": "2", "chainId": chain_id, "verifyingContract": token},
             "message": message,
         }
     )
@@ -73,7 +82,8 @@ def _normalise(kind: str, message: dict[str, Any]) -> dict[str, Any]:
     for field in TYPES[kind]:
         name, typ = field["name"], field["type"]
         v = message.get(name)
-        if typ == "address" and isinstance(v, str) and ADDRESS.match(v):
+        text_ok = isinstance(v, str) and (ADDRESS.match(v) if typ == "address" else 0 < len(v) <= 200)
+        if typ in ("address", "string") and text_ok:
             out[name] = v
         elif typ == "bytes32" and isinstance(v, str) and HEX32.match(v):
             out[name] = bytes.fromhex(v[2:])
@@ -97,9 +107,21 @@ def sign(kind: str, key: Any, chain_id: int, token: str, message: dict[str, Any]
     return "0x" + bytes(signed.signature).hex()
 
 
-def signer(kind: str, chain_id: int, token: str, message: dict[str, Any], signature: Any) -> str:
-    """The lower-case address that signed ``message``; raises PaymentMalformed if unreadable."""
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, lower-case: what tollway's messages name."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def signer(kind: str, chain_id: int, token: str, message: dict[str, Any], signature: Any, origin: str) -> str:
+    """The lower-case address that signed ``message`` for this gateway (``origin``); raises
+    PaymentMalformed if unreadable, and PaymentInvalid if it names another gateway."""
     msg = _normalise(kind, message)
+    if str(msg["origin"]).lower().rstrip("/") != origin:
+        raise PaymentInvalid(
+            f"this {kind} was signed for another gateway ({str(msg['origin'])[:80]}), not {origin}",
+            code="wrong_origin",
+        )
     if not isinstance(signature, str) or not re.fullmatch(r"0x[0-9a-fA-F]{130}", signature):
         raise PaymentMalformed(f"{kind} signature must be 65 bytes of hex")
     try:

@@ -10,44 +10,71 @@ pays once (the ledger locks its hash). Whatever exceeds the call's cost becomes 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
+from typing import Any
 
-from ..config import Settings
 from ..errors import PaymentInvalid, PaymentMalformed
+from ..pricing import MAX_AMOUNT
 from . import signed
-from .base import Offer, Proof, Quote, Verified
+from .base import Context, Offer, Proof, Quote, Verified
 from .chain import Chain, transfers_in
 
 TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+NOT_FOUND_MEMORY = 1.0  # seconds an unmined (or unconfirmed) transaction is not looked up again
+REFUSAL_MEMORY = 60.0  # seconds a transaction that does not pay us is not looked up again
 
 
 class TransferScheme:
     name = "transfer"
 
-    def __init__(self, *, chain: Chain, chain_id: int, token: str, payee: str, confirmations: int) -> None:
+    def __init__(
+        self, *, chain: Chain, chain_id: int, token: str, payee: str, confirmations: int, timeout: int
+    ) -> None:
         self.chain = chain
         self.chain_id = chain_id
         self.network = f"eip155:{chain_id}"
         self.token = token
         self.payee = payee
         self.confirmations = confirmations
+        self.timeout = timeout
+        self._unknown: dict[str, tuple[float, str, str]] = {}  # tx hash → (until, refusal) it is known not to pay
 
-    def offer(self, amount: int, max_timeout_seconds: int) -> Offer:
+    def offer(self, amount: int) -> Offer:
         extra = {"confirmations": self.confirmations}
-        return Offer(self.name, self.network, self.token, self.payee, amount, max_timeout_seconds, extra)
+        return Offer(self.name, self.network, self.token, self.payee, amount, self.timeout, extra)
 
     async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         p = proof.payload
         tx = p.get("transaction")
         if not isinstance(tx, str) or not TX_HASH.match(tx):
             raise PaymentMalformed("payload.transaction must be a transaction hash")
-        claim = {"wallet": p.get("wallet"), "transaction": tx, "request": "0x" + quote.request_digest}
-        wallet = signed.signer("TransferClaim", self.chain_id, self.token, claim, p.get("signature"))
+        claim = {
+            "wallet": p.get("wallet"),
+            "origin": p.get("origin"),
+            "transaction": tx,
+            "request": "0x" + quote.request_digest,
+        }
+        wallet = signed.signer("TransferClaim", self.chain_id, self.token, claim, p.get("signature"), quote.origin)
         if str(p.get("wallet", "")).lower() != wallet:
             raise PaymentInvalid(
                 "the transfer claim is not signed by its wallet (or not for this request)",
                 code="invalid_transfer_claim",
             )
+        known_bad = self._unknown.get(tx.lower())
+        if known_bad is not None and known_bad[0] > time.monotonic():
+            raise PaymentInvalid(known_bad[1], code=known_bad[2])
+        try:
+            return await self._check(tx, wallet)
+        except PaymentInvalid as exc:
+            # A claim costs nothing to sign: remember refusals so that repeating one costs no RPC.
+            if len(self._unknown) > 10_000:
+                self._unknown.clear()
+            wait = NOT_FOUND_MEMORY if exc.code in ("transfer_not_found", "transfer_unconfirmed") else REFUSAL_MEMORY
+            self._unknown[tx.lower()] = (time.monotonic() + wait, exc.message, exc.code)
+            raise
+
+    async def _check(self, tx: str, wallet: str) -> Verified:
         receipt, head = await self.chain.batch([("eth_getTransactionReceipt", [tx]), ("eth_blockNumber", [])])
         if receipt is None:
             raise PaymentInvalid("transaction not found or not mined yet", code="transfer_not_found")
@@ -67,6 +94,8 @@ class TransferScheme:
             raise PaymentInvalid(
                 "the transaction moves none of the token from the claimant to the payee", code="transfer_mismatch"
             )
+        if paid > MAX_AMOUNT:
+            raise PaymentMalformed("the transfer is larger than one payment may be", code="amount_too_large")
         return Verified(
             scheme=self.name,
             network=self.network,
@@ -78,15 +107,25 @@ class TransferScheme:
             proof={"transaction": tx, "wallet": wallet},
         )
 
-    async def confirm(self, payment: Verified, owed: Callable[[float], int]) -> None:
+    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
         return None  # checked on chain in verify: the money has already moved
 
     def settlement_call(self, payment: Verified) -> None:
         return None
 
+    async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
+        return None
 
-def from_settings(settings: Settings, chain: Chain, chain_id: int) -> TransferScheme:
-    c = settings.chain
+
+def from_settings(ctx: Context) -> TransferScheme:
+    c = ctx.settings.chain
     if not (c.token and c.payee):
         raise ValueError("the transfer scheme needs chain.token and chain.payee")
-    return TransferScheme(chain=chain, chain_id=chain_id, token=c.token, payee=c.payee, confirmations=c.confirmations)
+    return TransferScheme(
+        chain=ctx.chain,
+        chain_id=ctx.chain_id,
+        token=c.token,
+        payee=c.payee,
+        confirmations=int(c.confirmations or 0),
+        timeout=ctx.settings.offer_timeout_seconds,
+    )

@@ -9,19 +9,25 @@ bytes (the whole body when not streaming). Anything that fails before that raise
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from fractions import Fraction
 
 import httpx
 
 from ..client.payer import PaymentRefused
+from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
-from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
+from ..errors import BadRequest, UpstreamError, UpstreamUnavailable, truncate
+from ..usage import python_recursion_limit
 from .network import asyncio_transport
 
+log = logging.getLogger("tollway.upstream")
+
 MAX_BODY = 32 * 1024 * 1024
+MAX_ERROR_BODY = 64 * 1024  # of an upstream's error answer, what is read (the rest is dropped)
 PASS_HEADERS = ("x-session-id", "http-referer", "x-title")
 
 
@@ -33,7 +39,9 @@ def make_http_client(upstreams: list[UpstreamSettings]) -> httpx.AsyncClient:
 
 
 def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
-    """A client that pays an upstream tollway's 402s from ``s.payer_key`` (see tollway.client)."""
+    """A client that pays an upstream tollway's 402s from ``s.payer_key`` (see tollway.client):
+    never more per call than ``pay_max_usd_per_call`` or this gateway's own quote for the call
+    (the ``MAX_USD`` request extension), nor more than ``pay_max_usd_total`` in all."""
     from ..client import AllowedAsset, Payer, PayingTransport
 
     allowed = [AllowedAsset(*a.rsplit(":", 1)) for a in s.pay_assets]
@@ -43,7 +51,7 @@ def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
         s.payer_key,  # type: ignore[arg-type]
         allowed,
         max_per_call_usd=s.pay_max_usd_per_call,
-        max_total_usd=Decimal("Infinity"),
+        max_total_usd=s.pay_max_usd_total,
     )
     limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
     return httpx.AsyncClient(transport=PayingTransport(payer, asyncio_transport(limits)))
@@ -55,11 +63,23 @@ def _retry_after(resp: httpx.Response) -> int:
 
 
 def _upstream_message(body: bytes) -> str:
+    """The message of an upstream's error body, short (it is shown to the client)."""
     try:
-        err = json.loads(body).get("error")
-        return str(err.get("message", err)) if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
-        return body[:200].decode(errors="replace")
+        with python_recursion_limit():
+            err = json.loads(body).get("error")
+        text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError, RecursionError):
+        text = body[:200].decode(errors="replace")
+    return truncate(text, 300)
+
+
+async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
+    body = b""
+    async for chunk in resp.aiter_raw():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return body[:limit]
 
 
 def _first_event(buf: bytes) -> bytes | None:
@@ -72,8 +92,9 @@ def _first_event(buf: bytes) -> bytes | None:
 
 def _is_error(data: bytes) -> bool:
     try:
-        doc = json.loads(data)
-    except ValueError:
+        with python_recursion_limit():
+            doc = json.loads(data)
+    except (ValueError, RecursionError):
         return False
     return isinstance(doc, dict) and bool(doc.get("error"))
 
@@ -88,23 +109,24 @@ class Opened:
     error: str | None = field(default=None)
 
     async def rest(self) -> AsyncIterator[bytes]:
-        """The remaining body; a transport failure ends it and is noted in ``error``."""
+        """The remaining body; a transport failure ends it and is noted in ``error`` (the owner
+        closes the response)."""
         if self.chunks is None:
             return
         try:
             async for chunk in self.chunks:
                 if chunk:
                     yield chunk
-        except httpx.HTTPError as exc:
-            self.error = f"upstream stream broke: {type(exc).__name__}"
-        finally:
-            await self.response.aclose()
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            if self.error is None:
+                self.error = f"upstream stream broke: {type(exc).__name__}"
 
 
 class Upstream:
     def __init__(self, settings: UpstreamSettings, http: httpx.AsyncClient) -> None:
         self.name = settings.name
         self.models = set(settings.models)
+        self.cap_field = settings.max_tokens_field
         self.url = str(settings.url).rstrip("/") + "/chat/completions"
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http
@@ -115,17 +137,19 @@ class Upstream:
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models
 
-    async def send(self, body: bytes, stream: bool, client_headers: Mapping[str, str]) -> Opened:
+    async def send(
+        self, body: bytes, stream: bool, client_headers: Mapping[str, str], max_usd: Fraction | None = None
+    ) -> Opened:
         headers = dict(self.headers)
-        headers.update({h: client_headers[h] for h in PASS_HEADERS if h in client_headers})
+        headers.update({h: client_headers[h][:200] for h in PASS_HEADERS if h in client_headers})
         if stream:
             headers["accept"] = "text/event-stream"
         started = time.perf_counter()
+        request = self.http.build_request("POST", self.url, content=body, headers=headers, timeout=self.timeout)
+        if max_usd is not None:
+            request.extensions[MAX_USD] = max_usd
         try:
-            resp = await self.http.send(
-                self.http.build_request("POST", self.url, content=body, headers=headers, timeout=self.timeout),
-                stream=True,
-            )
+            resp = await self.http.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
@@ -134,7 +158,7 @@ class Upstream:
             raise UpstreamError(f"cannot pay the upstream: {exc}", code="upstream_payment_refused") from exc
         try:
             if resp.status_code != 200:
-                raise self._status_error(resp, await resp.aread())
+                raise self._status_error(resp, await _read_bounded(resp, MAX_ERROR_BODY))
             chunks = resp.aiter_raw()
             first = await self._first_bytes(chunks, stream)
         except BaseException:
@@ -168,13 +192,15 @@ class Upstream:
             raise UpstreamError("upstream closed the stream without answering")
         return body
 
-    @staticmethod
-    def _status_error(resp: httpx.Response, body: bytes) -> Exception:
-        msg = f"upstream answered {resp.status_code}: {_upstream_message(body)}"
-        if resp.status_code in (400, 404, 413, 422):
-            err = BadRequest(msg, code="upstream_rejected_request")
-            err.status = resp.status_code
+    def _status_error(self, resp: httpx.Response, body: bytes) -> Exception:
+        """The client learns why the upstream refused its request (4xx: the request's own fault);
+        of an upstream's own failure, only its status (the details go to the log)."""
+        status = resp.status_code
+        if status in (400, 404, 413, 422):
+            err = BadRequest(f"upstream answered {status}: {_upstream_message(body)}", code="upstream_rejected_request")
+            err.status = status
             return err
-        if resp.status_code in (429, 503, 529):
-            return UpstreamUnavailable(msg, retry_after=_retry_after(resp))
-        return UpstreamError(msg)
+        log.warning("upstream %s answered %d: %s", self.name, status, _upstream_message(body))
+        if status in (429, 503, 529):
+            return UpstreamUnavailable(f"upstream answered {status}", retry_after=_retry_after(resp))
+        return UpstreamError(f"upstream answered {status}")

@@ -16,7 +16,8 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any
 
 from ..errors import UpstreamError
@@ -64,14 +65,24 @@ class Router:
                 ordered.insert(0, home)
         return ordered
 
-    async def send(self, model: str, key: str, body: bytes, stream: bool, headers: Mapping[str, str]) -> Opened:
+    async def send(
+        self,
+        model: str,
+        key: str,
+        body: Callable[[str], bytes],
+        stream: bool,
+        headers: Mapping[str, str],
+        max_usd: Fraction | None = None,
+    ) -> Opened:
+        """Send to the best candidate, failing over before the first byte. ``body(cap_field)`` is
+        the request in the candidate's dialect (its output-cap field)."""
         candidates = self.candidates(model, key)
         if not candidates:
-            raise UpstreamError(f"no upstream serves model '{model}'", code="no_upstream")
+            raise UpstreamError(f"no upstream serves model '{model[:80]}'", code="no_upstream")
         last: UpstreamError | None = None
         for upstream in candidates:
             try:
-                opened = await upstream.send(body, stream, headers)
+                opened = await upstream.send(body(upstream.cap_field), stream, headers, max_usd)
             except UpstreamError as exc:
                 self._failed(upstream.name)
                 last = exc

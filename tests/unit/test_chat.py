@@ -1,0 +1,162 @@
+"""The quote bounds the call: one strict parse, caps lowered to the priced cap, unpriced fields refused."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from tollway.chat import parse_chat
+from tollway.config import ModelPrice, Settings
+from tollway.errors import BadRequest
+from tollway.pricing import Prices
+
+MODELS = {
+    "m": ModelPrice(prompt=Decimal("0.000001"), completion=Decimal("0.000002")),
+    "long": ModelPrice(
+        prompt=Decimal("0.000003"),
+        completion=Decimal("0.000015"),
+        cache_write=Decimal("0.00000375"),
+        cache_write_1h=Decimal("0.000006"),
+        upstream_model="vendor/long",
+    ),
+}
+SETTINGS = Settings(models=MODELS, default_max_tokens=1024, max_choices=4)
+PRICES = {k: Prices.of(v, 6) for k, v in MODELS.items()}
+
+
+def parse(body: dict | bytes, **kw):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_chat(raw, SETTINGS, PRICES, **kw)
+
+
+def body(**extra) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def refused(b: dict | bytes, code: str) -> str:
+    with pytest.raises(BadRequest) as exc:
+        parse(b)
+    assert exc.value.code == code, exc.value.message
+    return exc.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","messages":[{"role":"user","content":"a"}],"max_tokens":1,"max_tokens":100000}',
+        b'{"model":"m","model":"m","messages":[{"role":"user","content":"a"}]}',
+        b'{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}',
+    ],
+)
+def test_duplicate_keys_are_refused(raw):
+    refused(raw, "duplicate_key")
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e400"])
+def test_non_finite_numbers_are_refused(number):
+    refused(b'{"model":"m","messages":[{"role":"user","content":"a"}],"temperature":' + number + b"}", "invalid_number")
+
+
+def test_every_cap_field_is_lowered_to_the_priced_cap():
+    call = parse(body(max_tokens=1, max_completion_tokens=100_000, n_predict=-1))
+    assert call.quote.max_tokens == 1
+    sent = json.loads(call.forward("max_tokens"))
+    assert sent["max_tokens"] == sent["max_completion_tokens"] == sent["n_predict"] == 1
+    assert call.forward("max_tokens") == call.forward("n_predict")  # a cap is present: nothing added
+
+
+def test_a_request_without_a_cap_gets_the_upstreams_own_field():
+    call = parse(body())
+    assert call.quote.max_tokens == 1024
+    assert json.loads(call.forward("max_tokens"))["max_tokens"] == 1024
+    as_llama = json.loads(call.forward("n_predict"))
+    assert as_llama["n_predict"] == 1024 and "max_tokens" not in as_llama
+
+
+def test_the_bound_covers_the_widest_body_any_upstream_gets():
+    call = parse(body())
+    for field in ("max_tokens", "max_completion_tokens", "n_predict"):
+        assert len(call.forward(field)) <= call.quote.prompt_bound
+
+
+def test_choices_multiply_the_priced_output():
+    one, three = parse(body(max_tokens=100)), parse(body(max_tokens=100, n=3))
+    per_choice = 100 * PRICES["m"].completion // PRICES["m"].denominator
+    assert three.quote.choices == 3
+    assert three.quote.amount - one.quote.amount >= 2 * per_choice
+    assert parse(body(max_tokens=100, best_of=4)).quote.choices == 4
+    refused(body(n=5), "unpriced_parameter")
+    refused(body(n=0), "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("extra", "word"),
+    [
+        ({"models": ["a", "b"]}, "models"),
+        ({"plugins": [{"id": "web"}]}, "plugins"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"service_tier": "priority"}, "service_tier"),
+        ({"tools": [{"type": "web_search_preview"}]}, "web_search_preview"),
+    ],
+)
+def test_fields_whose_cost_cannot_be_bounded_are_refused(extra, word):
+    assert word in refused(body(**extra), "unpriced_parameter")
+
+
+@pytest.mark.parametrize("part", ["input_audio", "file", "video_url", "input_file", "document"])
+def test_unpriced_media_is_refused(part):
+    content = [{"type": "text", "text": "what is this?"}, {"type": part, part: {"data": "AAAA"}}]
+    refused({"model": "m", "messages": [{"role": "user", "content": content}]}, "unpriced_parameter")
+
+
+def test_images_are_priced_by_their_allowance():
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    plain = parse(body(max_tokens=1))
+    one = parse({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [image]}]})
+    assert one.quote.prompt_bound >= SETTINGS.image_token_allowance
+    assert one.quote.amount > plain.quote.amount
+
+
+def test_one_hour_cache_writes_need_their_price():
+    marked = {
+        "role": "user",
+        "content": [{"type": "text", "text": "long", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+    }
+    refused({"model": "m", "messages": [marked]}, "unpriced_parameter")
+    five_minutes = parse({"model": "long", "messages": [{**marked, "content": [{"type": "text", "text": "x"}]}]})
+    one_hour = parse({"model": "long", "messages": [marked]})
+    assert one_hour.long_cache and not five_minutes.long_cache
+    odd = {"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "9d"}}
+    bad_ttl = {**marked, "content": [odd]}
+    refused({"model": "long", "messages": [bad_ttl]}, "unpriced_parameter")
+
+
+def test_forwarding_keeps_strings_and_order_and_renames_the_model():
+    messages = [
+        {"role": "system", "content": "  spaced\u00a0 ünïcode 🦊 \\n", "cache_control": {"type": "ephemeral"}},
+        {"content": "b", "role": "user"},
+    ]
+    raw = json.dumps({"zeta": 1, "model": "long", "messages": messages, "alpha": "x"}, indent=2).encode()
+    call = parse(raw)
+    sent = json.loads(call.forward())
+    assert sent["messages"] == messages
+    assert list(sent) == ["zeta", "model", "messages", "alpha", "max_tokens"]
+    assert [list(m) for m in sent["messages"]] == [list(m) for m in messages]
+    assert sent["model"] == "vendor/long"
+
+
+def test_streams_always_ask_for_usage():
+    sent = json.loads(parse(body(stream=True, stream_options={"other": 1})).forward())
+    assert sent["stream_options"] == {"other": 1, "include_usage": True}
+
+
+def test_a_quote_too_large_for_the_ledger_is_refused():
+    huge = {"m": ModelPrice(prompt=Decimal(10**12), completion=Decimal(1))}
+    with pytest.raises(BadRequest) as exc:
+        parse_chat(json.dumps(body()).encode(), Settings(models=huge), {"m": Prices.of(huge["m"], 6)})
+    assert exc.value.code == "quote_too_large"
