@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import uvicorn
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from sqlalchemy import create_engine, select
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -253,9 +255,12 @@ def dedicated_gateway(
     upstream_url: str | None = None,
     read_timeout: float | None = None,
     rpc_url: str | None = None,
+    chain_settings: dict[str, Any] | None = None,
+    upstreams: list[Any] | None = None,
+    **overrides: Any,
 ) -> Iterator[tuple[str, Any]]:
-    """A gateway of its own (own ledger, own funded settlement key), its upstream or chain settings
-    changed; yields its URL and an engine on its ledger."""
+    """A gateway of its own (own ledger, own funded settlement key), its upstream, chain or other
+    settings changed; yields its URL and an engine on its ledger."""
     settler = Account.create()
     chain.w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**20)])
     s = gateway.settings
@@ -264,12 +269,15 @@ def dedicated_gateway(
         update={
             "database_url": f"sqlite:///{tmp_path / f'ledger-{uuid.uuid4().hex}.sqlite3'}",
             "upstream": s.upstream.model_copy(update={k: v for k, v in upstream.items() if v is not None}),
+            "upstreams": upstreams or [],
             "chain": s.chain.model_copy(
                 update={
                     "settler_key": "0x" + bytes(settler.key).hex(),
                     **({"rpc_url": rpc_url} if rpc_url is not None else {}),
+                    **(chain_settings or {}),
                 }
             ),
+            **overrides,
         }
     )
     engine = create_engine(settings.database_url)
@@ -332,6 +340,42 @@ def transfer_typed_data(
     }
 
 
+def authorize(
+    payer: Any,
+    offer: dict[str, Any],
+    *,
+    signer: Any = None,
+    token: str | None = None,
+    chain_id: int | None = None,
+    **changes: Any,
+) -> dict[str, Any]:
+    """An ``exact`` payload for ``offer`` with authorization fields overridden, then (re-)signed.
+
+    ``signer``/``token``/``chain_id`` sign with another key or over another EIP-712 domain, through
+    eth-account's generic encoder.
+    """
+    now = int(time.time())
+    auth = {
+        "from": payer.address,
+        "to": offer["payTo"],
+        "value": str(offer["amount"]),
+        "validAfter": str(now - 60),
+        "validBefore": str(now + int(offer.get("maxTimeoutSeconds", 300))),
+        "nonce": "0x" + secrets.token_hex(32),
+    }
+    auth.update({k: str(v) if isinstance(v, int) else v for k, v in changes.items()})
+    extra = offer.get("extra") or {}
+    typed_data = transfer_typed_data(
+        auth,
+        token=token or offer["asset"],
+        chain_id=chain_id or int(offer["network"].split(":")[1]),
+        name=extra.get("name", "USD Coin"),
+        version=extra.get("version", "2"),
+    )
+    signed = (signer or payer).sign_message(encode_typed_data(full_message=typed_data))
+    return {"signature": "0x" + bytes(signed.signature).hex(), "authorization": auth}
+
+
 def high_s_twin(signature: bytes) -> bytes:
     """The malleable twin of a 65-byte r‖s‖v signature: (r, n - s, v flipped 27 <-> 28) recovers the
     same signer, with a high s."""
@@ -340,14 +384,18 @@ def high_s_twin(signature: bytes) -> bytes:
 
 
 class RpcSwitch:
-    """A JSON-RPC proxy to anvil that can be made to fail: ``mode`` is up | http-502 | garbage | rpc-error."""
+    """A JSON-RPC proxy to anvil that can be made to fail: ``mode`` is up | http-502 | garbage | rpc-error.
+    ``calls`` counts the JSON-RPC calls it was asked (a batch counts each of its calls)."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.mode = "up"
+        self.calls: list[str] = []
 
     async def handle(self, request: Request) -> Response:
         raw = await request.body()
+        doc = json.loads(raw)
+        self.calls += [c.get("method", "") for c in (doc if isinstance(doc, list) else [doc])]
         if self.mode == "http-502":
             return Response(b"<html>502 Bad Gateway</html>", status_code=502, media_type="text/html")
         if self.mode == "garbage":

@@ -45,7 +45,7 @@ from .errors import (
     truncate,
 )
 from .gateway import Gateway
-from .ledger.store import credit_account, new_id
+from .ledger.store import PREPAID, Settle, credit_account, new_id
 from .payments import x402
 from .payments.base import Offer, PaymentScheme, Proof, Verified
 from .payments.credit import check_wallet_proof
@@ -96,7 +96,12 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
         opened = await forward(gw, call, request)
         if not call.stream and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
-        tx_hash = settle(gw, paid)  # settle (signed here, broadcast by the worker)
+        expected = gw.prefixes.expect(opened.upstream, call.model, call.body["messages"])  # cache we expect
+        settle = settlement(gw, paid)  # committed with the call's record: settled iff on record
+        if call.stream:
+            response: Response = relay_stream(gw, call, opened, paid, call_id, settle, expected)
+        else:
+            response = respond(gw, call, opened, paid, call_id, settle, expected)  # meter → receipt
     except BaseException as exc:
         if opened is not None:
             await opened.response.aclose()
@@ -104,11 +109,8 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
         if isinstance(exc, PaymentRequired):
             raise with_challenge(exc, gw, call, request) from None
         raise
-    headers = receipt_headers(gw, paid, tx_hash, call_id)
-    expected = gw.prefixes.expect(opened.upstream, call.model, call.body["messages"])  # cache we expect
-    if call.stream:
-        return relay_stream(gw, call, opened, paid, call_id, headers, expected)  # relay → meter → receipt
-    return respond(gw, call, opened, paid, call_id, headers, expected)
+    gw.settler.wake()  # broadcast at the worker's next pass
+    return response
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -172,6 +174,7 @@ def accepted_amount(gw: Gateway, call: ChatCall, scheme: PaymentScheme, accepted
 def lock(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, proof: Proof, call_id: str) -> Paid:
     """Lock the payment against replay; refuse a wallet in debt that does not pay it off; hold
     from credit what the payment does not cover of the quote."""
+    settlement_call = scheme.settlement_call(payment)
     payment_id = gw.store.reserve(
         {
             "lock_key": payment.lock_key,
@@ -188,27 +191,27 @@ def lock(gw: Gateway, call: ChatCall, scheme: PaymentScheme, payment: Verified, 
     if payment_id is None:
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
     account = credit_account(payment.network, payment.asset, payment.payer)
+    paid = Paid(payment, scheme, payment_id, account, 0, proof, settlement_call)
     quote = call.quote.amount
-    paid = Paid(payment, scheme, payment_id, account, 0, proof, scheme.settlement_call(payment))
-    debt = max(-gw.store.credit_balance(account), 0)
-    if debt and payment.amount < quote + debt:
-        refusal = PaymentInvalid(
-            f"this wallet owes {debt} (a settlement of its payment failed on chain): pay the quote plus the debt, "
-            f"{quote + debt}, or send the debt by transfer",
-            code="debt_outstanding",
-        )
-        refusal.debt = debt
-        undo(gw, paid, call, call_id, refusal)
-        raise refusal
     held = max(quote - payment.amount, 0)
-    paid = replace(paid, held=held)
-    if held and not gw.store.hold_credit(account, held, call_id=call_id, payment_id=payment_id):
-        short = PaymentInvalid(
-            f"payment of {payment.amount} plus credit does not cover the quote {quote}", code="amount_insufficient"
-        )
-        undo(gw, replace(paid, held=0), call, call_id, short)
-        raise short
-    return paid
+    try:
+        debt = max(-gw.store.credit_balance(account), 0)
+        if debt and payment.amount < quote + debt:
+            refusal = PaymentInvalid(
+                f"this wallet owes {debt} (a settlement of its payment failed on chain): pay the quote plus "
+                f"the debt, {quote + debt}, or send the debt by transfer",
+                code="debt_outstanding",
+            )
+            refusal.debt = debt
+            raise refusal
+        if held and not gw.store.hold_credit(account, held, call_id=call_id, payment_id=payment_id):
+            raise PaymentInvalid(
+                f"payment of {payment.amount} plus credit does not cover the quote {quote}", code="amount_insufficient"
+            )
+    except BaseException as exc:
+        undo(gw, paid, call, call_id, exc)  # nothing is held yet
+        raise
+    return replace(paid, held=held)
 
 
 async def confirm(gw: Gateway, paid: Paid) -> None:
@@ -250,7 +253,7 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
                 paid.account, deposit=paid.payment.amount, held=0, cost=0, call_id=call_id, payment_id=paid.payment_id
             )
             gw.store.mark_prepaid(paid.payment_id)
-        elif isinstance(exc, PaymentInvalid) and exc.code != "debt_outstanding":
+        elif isinstance(exc, PaymentInvalid) and exc.code not in ("debt_outstanding", "amount_insufficient"):
             gw.store.refuse(paid.payment_id, f"{exc.code}: {reason}")
         else:
             gw.store.release(paid.payment_id, f"not served: {reason}")
@@ -259,16 +262,19 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
         log.exception("could not undo the payment of call %s", call_id)
 
 
-def settle(gw: Gateway, paid: Paid) -> str | None:
+def settlement(gw: Gateway, paid: Paid) -> Settle:
+    """How the payment settles once the upstream has committed: its transaction is signed and
+    queued (broadcast by the worker), or — the money moved already — it is simply settled."""
     if paid.settlement is None:
-        gw.store.mark_prepaid(paid.payment_id)
-        return paid.payment.proof.get("transaction")
-    return gw.settler.sign(paid.payment_id, *paid.settlement)
+        return PREPAID
+    signing = gw.settler.signer(*paid.settlement)
+    return signing.sender, signing
 
 
-def receipt_headers(gw: Gateway, paid: Paid, tx_hash: str | None, call_id: str) -> dict[str, str]:
+def receipt_headers(gw: Gateway, paid: Paid, settle: Settle, call_id: str) -> dict[str, str]:
     """The receipt id, and x402's settlement response in the version the payment came in."""
     p = paid.payment
+    tx_hash = settle[1].tx_hash if isinstance(settle, tuple) else p.proof.get("transaction")
     v1 = paid.proof.version == 1
     header = x402.X_PAYMENT_RESPONSE if v1 else x402.PAYMENT_RESPONSE
     network = gw.v1_name_of[p.network] if v1 else p.network
@@ -291,6 +297,7 @@ def meter(
     row: dict[str, Any],
     *,
     insert_row: bool,
+    settle: Settle = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Charge the call's metered cost to the payer's credit account and record the call, in one
     transaction. Returns the metered fields (with ``credit_after``) and this hop's cache figures.
@@ -334,6 +341,7 @@ def meter(
         payment_id=paid.payment_id,
         call={**row, **fields},
         insert_row=insert_row,
+        settle=settle,
     )
     if balance is None:  # another process metered this stream already (it thought it abandoned)
         balance = gw.store.credit_balance(paid.account)
@@ -356,7 +364,7 @@ def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[st
 
 
 def respond(
-    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str], expected: int
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, settle: Settle, expected: int
 ) -> Response:
     row = call_row(
         call_id,
@@ -368,7 +376,9 @@ def respond(
         duration_ms=opened.latency_ms,
         finished_at=time.time(),
     )
-    fields, hop = meter(gw, call, paid, opened, usage_from_body(opened.first), expected, row, insert_row=True)
+    usage = usage_from_body(opened.first)
+    fields, hop = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settle=settle)
+    headers = receipt_headers(gw, paid, settle, call_id)
     hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]
     headers["x-tollway-cost"] = str(fields["cost"])
     headers["x-tollway-credit"] = str(fields["credit_after"])
@@ -389,14 +399,14 @@ def error_event(message: str, code: str) -> bytes:
 
 
 def relay_stream(
-    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, headers: dict[str, str], expected: int
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, settle: Settle, expected: int
 ) -> StreamingResponse:
     started = time.time()
-    gw.store.insert_call(
-        call_row(
-            call_id, paid, call, upstream=opened.upstream, status="streaming", upstream_latency_ms=opened.latency_ms
-        )
+    row = call_row(
+        call_id, paid, call, upstream=opened.upstream, status="streaming", upstream_latency_ms=opened.latency_ms
     )
+    gw.store.insert_call(row, settle=settle)
+    headers = receipt_headers(gw, paid, settle, call_id)
     per_event = gw.settings.models[call.model].max_tokens_per_event
 
     def finish(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], dict[str, Any]]:

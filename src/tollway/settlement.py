@@ -95,15 +95,22 @@ class Settler:
 
     # -- request path -----------------------------------------------------------------------
 
+    def signer(self, to: str, data: bytes) -> Signing:
+        """What signs a settlement (to, calldata) once the ledger gives it a nonce, for
+        ``Store.insert_call``/``finish_call(settle=...)``; ``wake()`` the worker once committed."""
+        return Signing(self, to, data)
+
     def sign(self, payment_id: str, to: str, data: bytes) -> str:
-        """Queue the settlement transaction of a reserved payment; returns its hash."""
-        tx = self.store.sign_settlement(
-            payment_id, self.address, lambda nonce: self._signed(self.address, nonce, to, data, self.gas_limit)
-        )
-        if tx is None:
+        """Queue the settlement transaction of a reserved payment on its own; returns its hash."""
+        signing = self.signer(to, data)
+        if self.store.sign_settlement(payment_id, self.address, signing) is None:
             raise RuntimeError(f"payment {payment_id} was not in the reserved state")
+        self.wake()
+        return signing.tx_hash
+
+    def wake(self) -> None:
+        """Something was queued: broadcast it at the next pass (no waiting for the idle poll)."""
         self._wake.set()
-        return str(tx["tx_hash"])
 
     def watch(self, payment_id: str, on_failure: Callable[[str], None]) -> None:
         """Call ``on_failure(reason)`` if this payment's settlement fails (a stream cuts itself)."""
@@ -348,6 +355,20 @@ class Settler:
                 sender,
                 lambda nonce, data=data: self._signed(sender, nonce, token, data, PAYOUT_GAS),
             )
+
+
+class Signing:
+    """Signs one settlement with the nonce the ledger hands it; remembers the hash."""
+
+    def __init__(self, settler: Settler, to: str, data: bytes) -> None:
+        self.settler, self.to, self.data = settler, to, data
+        self.sender = settler.address
+        self.tx_hash = ""
+
+    def __call__(self, nonce: int) -> dict[str, Any]:
+        signed = self.settler._signed(self.sender, nonce, self.to, self.data, self.settler.gas_limit)
+        self.tx_hash = signed["tx_hash"]
+        return signed
 
 
 def sign_eip1559(key: PrivateKey, fields: list[Any]) -> tuple[str, str]:

@@ -26,7 +26,6 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
-from eth_account.messages import encode_typed_data
 
 from support import (
     ASSET_MISMATCH,
@@ -44,6 +43,7 @@ from support import (
     SETTLE_WAIT,
     UNSUPPORTED_SCHEME,
     VALUE_MISMATCH,
+    authorize,
     chat_body,
     envelope,
     error_code,
@@ -53,7 +53,6 @@ from support import (
     payment_header,
     payment_required,
     payment_rows,
-    transfer_typed_data,
     wait_receipt,
 )
 from tollway.client.payer import sign_exact
@@ -61,42 +60,6 @@ from tollway.config import Settings
 from tollway.payments.x402 import b64json, unb64json
 
 # -- wire helpers ---------------------------------------------------------------------------------
-
-
-def authorize(
-    payer: Any,
-    offer: dict[str, Any],
-    *,
-    signer: Any = None,
-    token: str | None = None,
-    chain_id: int | None = None,
-    **changes: Any,
-) -> dict[str, Any]:
-    """An ``exact`` payload for ``offer`` with authorization fields overridden, then (re-)signed.
-
-    ``signer``/``token``/``chain_id`` sign with another key or over another EIP-712 domain, through
-    eth-account's generic encoder.
-    """
-    now = int(time.time())
-    auth = {
-        "from": payer.address,
-        "to": offer["payTo"],
-        "value": str(offer["amount"]),
-        "validAfter": str(now - 60),
-        "validBefore": str(now + int(offer.get("maxTimeoutSeconds", 300))),
-        "nonce": "0x" + secrets.token_hex(32),
-    }
-    auth.update({k: str(v) if isinstance(v, int) else v for k, v in changes.items()})
-    extra = offer.get("extra") or {}
-    typed_data = transfer_typed_data(
-        auth,
-        token=token or offer["asset"],
-        chain_id=chain_id or int(offer["network"].split(":")[1]),
-        name=extra.get("name", "USD Coin"),
-        version=extra.get("version", "2"),
-    )
-    signed = (signer or payer).sign_message(encode_typed_data(full_message=typed_data))
-    return {"signature": "0x" + bytes(signed.signature).hex(), "authorization": auth}
 
 
 # -- per-test context -------------------------------------------------------------------------------

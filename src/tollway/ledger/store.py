@@ -101,6 +101,11 @@ SignTx = Callable[[int], dict[str, Any]]
 """Signs a transaction with a nonce: the outbox columns to (re)write — ``to, data, gas, max_fee,
 tip, tx_hash, raw_tx`` (see ``settlement.Settler``)."""
 
+PREPAID = "prepaid"
+Settle = tuple[str, SignTx] | str | None
+"""How a payment settles when its call commits: ``(sender, sign)`` queues its settlement
+transaction, ``PREPAID`` marks it settled (the money moved before the call), None leaves it."""
+
 
 class _AlreadyMetered(Exception):
     pass
@@ -295,19 +300,31 @@ class Store:
         c.execute(insert(T), row)
         return row
 
+    def _settle(self, c: Connection, payment_id: str | None, settle: Settle) -> dict[str, Any] | None:
+        """Inside ``c``: settle a reserved payment as ``settle`` says; raises _NotReserved (which
+        rolls everything back, the nonce included) if it was not reserved."""
+        if settle is None or payment_id is None:
+            return None
+        if settle == PREPAID:
+            if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLED):
+                raise _NotReserved
+            return None
+        sender, sign = settle
+        tx = self._enqueue(c, "settlement", sender, sign)  # type: ignore[arg-type]
+        if not self._moved(
+            c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, tx_id=tx["id"], tx_hash=tx["tx_hash"]
+        ):
+            raise _NotReserved
+        return tx
+
     def sign_settlement(self, payment_id: str, sender: str, sign: SignTx) -> dict[str, Any] | None:
         """Queue the settlement of a reserved payment and move it ``reserved → settling``, in one
         transaction. Returns the outbox row, or None if the payment was not reserved."""
         try:
             with self._tx() as c:
-                tx = self._enqueue(c, "settlement", sender, sign)
-                if not self._moved(
-                    c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, tx_id=tx["id"], tx_hash=tx["tx_hash"]
-                ):
-                    raise _NotReserved  # rolls back: the nonce is not taken either
+                return self._settle(c, payment_id, (sender, sign))
         except _NotReserved:
             return None
-        return tx
 
     def open_transactions(self, state: str, limit: int = 1000) -> list[dict[str, Any]]:
         """Outbox rows in ``state`` (queued or sent), lowest nonce first."""
@@ -377,9 +394,15 @@ class Store:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def insert_call(self, row: dict[str, Any]) -> None:
-        with self._tx() as c:
-            c.execute(insert(C), {"created_at": time.time(), **row})
+    def insert_call(self, row: dict[str, Any], *, settle: Settle = None) -> None:
+        """Record a call — and, when its upstream has just committed, settle its payment in the
+        same transaction: the money moves if and only if the call is on record."""
+        try:
+            with self._tx() as c:
+                self._settle(c, row.get("payment_id"), settle)
+                c.execute(insert(C), {"created_at": time.time(), **row})
+        except _NotReserved:
+            raise RuntimeError(f"payment {row.get('payment_id')} was not reserved") from None
 
     def cache_stats(self, since: float, *, per_upstream: bool = True) -> list[dict[str, Any]]:
         """Per model (and upstream), since ``since``: prompt and cached tokens (observed vs
@@ -534,11 +557,14 @@ class Store:
         payment_id: str | None,
         call: dict[str, Any],
         insert_row: bool,
+        settle: Settle = None,
     ) -> int | None:
-        """Charge a finished call and record it (insert, or update the row of a stream), at once.
-        Returns the payer's credit balance after it; None if the stream had been metered already."""
+        """Charge a finished call and record it (insert, or update the row of a stream) — and
+        settle its payment, for a call not streamed — at once. Returns the payer's credit balance
+        after it; None if the stream had been metered already."""
         try:
             with self._tx() as c:
+                self._settle(c, payment_id, settle)
                 balance = self._settle_call(c, account, deposit, held, cost, call["id"], payment_id)
                 row = {**call, "credit_after": balance}
                 if insert_row:
@@ -549,6 +575,8 @@ class Store:
                         raise _AlreadyMetered  # another process closed it: roll back, charge once
         except _AlreadyMetered:
             return None
+        except _NotReserved:
+            raise RuntimeError(f"payment {payment_id} was not reserved") from None
         return balance
 
     def journal(self, account: str | None = None) -> dict[str, int]:
