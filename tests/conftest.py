@@ -1,13 +1,17 @@
 """Session fixtures: a real anvil (pytest-xprocess), the deployed test token, the mock upstream
-and a gateway, each on a real port."""
+and a gateway, each on a real port; PostgreSQL and llama-server for the tests that need them; and
+`tollway serve` as a user starts it, for the end-to-end tests."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import httpx
 import pytest
 from xprocess import ProcessStarter
 
@@ -216,4 +220,51 @@ def llama_upstream(xprocess) -> Iterator[str]:
     name = f"llama-server-{os.getpid()}"
     xprocess.ensure(name, Starter, restart=True)
     yield f"{url}/v1"
+    xprocess.getinfo(name).terminate()
+
+
+# -- `tollway serve` as a user starts it (end-to-end tests) ----------------------------------
+
+TOLLWAY = str(Path(sys.executable).with_name("tollway"))
+
+
+@dataclass
+class Served:
+    url: str  # the gateway
+    mock_url: str  # its built-in mock upstream
+    cwd: Path  # where it runs (var/devnet.json is there)
+    log: Path  # what it printed
+
+
+@pytest.fixture(scope="session")
+def served(xprocess, tmp_path_factory) -> Iterator[Served]:
+    """`tollway serve` in an empty directory, on free ports."""
+    cwd = tmp_path_factory.mktemp("serve")
+    port, mock_port, devnet_port = free_port(), free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    class Starter(ProcessStarter):
+        timeout = 60
+        env = clean_env
+        terminate_on_interrupt = True
+        popen_kwargs: ClassVar[dict[str, str]] = {"cwd": str(cwd)}
+
+        @property
+        def args(self) -> list[str]:
+            ports = ["--port", str(port), "--mock-port", str(mock_port), "--devnet-port", str(devnet_port)]
+            return [TOLLWAY, "serve", *ports]
+
+        def startup_check(self) -> bool:
+            return up()
+
+    name = f"tollway-serve-{os.getpid()}"
+    _, log = xprocess.ensure(name, Starter, restart=True)
+    yield Served(url, f"http://127.0.0.1:{mock_port}", cwd, Path(log))
     xprocess.getinfo(name).terminate()

@@ -11,6 +11,7 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -86,8 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def banner(settings: Settings, devnet: Any, mock_url: str | None) -> str:
     url = f"http://{settings.host}:{settings.port}"
     lines = [
-        f"tollway gateway on {url}/v1  (chain {settings.chain.rpc_url}, token {settings.chain.token})",
-        f"  upstream: {settings.upstream.url}{'  (built-in mock)' if mock_url else ''}",
+        f"tollway gateway on {url}/v1  (chain {redacted(settings.chain.rpc_url)}, token {settings.chain.token})",
+        f"  upstream: {redacted(settings.upstream.url)}{'  (built-in mock)' if mock_url else ''}",
         f"  models:   {', '.join(settings.models)}",
     ]
     if devnet is not None:
@@ -101,6 +102,15 @@ def banner(settings: Settings, devnet: Any, mock_url: str | None) -> str:
             f'    openai_client("{url}/v1", payer).chat.completions.create(model="mock/echo", messages=[...])',
         ]
     return "\n".join(lines)
+
+
+def redacted(url: str | None) -> str:
+    """A URL as it may be printed: its host only (RPC URLs often carry an API key in the path,
+    the query or the user part)."""
+    if not url:
+        return str(url)
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:

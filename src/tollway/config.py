@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -99,6 +99,9 @@ class UpstreamSettings(Strict):
     # The output-cap field this upstream reads, added when a request sets none (llama.cpp also
     # reads n_predict, some servers only max_completion_tokens).
     max_tokens_field: str = "max_tokens"
+    # Where usage can be read after the fact, for a stream that ended without it: "openrouter"
+    # (GET <url>/generation?id=...), or "none". None: "openrouter" for openrouter.ai URLs.
+    usage_lookup: Literal["openrouter", "none"] | None = None
     # When the upstream is itself a paid gateway (another tollway): the wallet that pays it, the
     # assets it may pay in ("eip155:<chain>:<token>") and the most it may pay per call (never more
     # than this gateway's own quote for the call) and in all.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from starlette.requests import Request
@@ -47,6 +50,7 @@ class Gateway:
     counters: Counter[str]  # events the operator should know of (private health document)
     _clients: tuple[httpx.AsyncClient, ...]
     _worker_chain: Chain
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:
@@ -155,7 +159,15 @@ class Gateway:
             except Exception:
                 log.exception("could not meter the abandoned stream %s", row["id"])
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` after the response (e.g. metering a stream once its usage is known)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
+        if self._background:  # let work after responses finish, briefly
+            await asyncio.wait(self._background, timeout=15)
         await self.settler.stop()
         for client in self._clients:
             await client.aclose()

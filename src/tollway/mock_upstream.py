@@ -142,6 +142,7 @@ class _State:
         self.options = options
         self.cache = _PrefixCache()
         self.ids = itertools.count(1)
+        self.generations: OrderedDict[str, dict[str, Any]] = OrderedDict()  # OpenRouter-style records
         self.stats: dict[str, int] = {}
         self.reset()
 
@@ -362,6 +363,17 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         )
         omit_usage = mock.get("omit_usage", False)
         cid, created = f"chatcmpl-mock-{next(state.ids)}", int(time.time())
+        state.generations[cid] = {
+            "id": cid,
+            "model": model,
+            "native_tokens_prompt": prompt * factor,
+            "native_tokens_completion": completion * factor,
+            "native_tokens_cached": cached * factor,
+            "total_cost": usage.get("cost"),
+            "streamed": bool(body.get("stream")),
+        }
+        while len(state.generations) > 10_000:
+            state.generations.popitem(last=False)
 
         if not body.get("stream"):
             out = {
@@ -421,6 +433,13 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
+    async def generation(request: Request) -> Response:
+        """OpenRouter's ``GET /generation?id=``: a finished completion's usage, after the fact."""
+        record = state.generations.get(request.query_params.get("id", ""))
+        if record is None:
+            return _error(404, "generation not found", "not_found")
+        return Response(_dumps({"data": record}), media_type="application/json")
+
     async def stats(_: Request) -> Response:
         return Response(_dumps(state.stats), media_type="application/json")
 
@@ -445,6 +464,7 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         routes=[
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/generation", generation, methods=["GET"]),
             Route("/mock/stats", stats, methods=["GET"]),
             Route("/mock/reset", reset, methods=["POST"]),
             Route("/mock/options", set_options, methods=["POST"]),

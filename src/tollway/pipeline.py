@@ -408,12 +408,13 @@ def relay_stream(
     gw.store.insert_call(row, settle=settle)
     headers = receipt_headers(gw, paid, settle, call_id)
     per_event = gw.settings.models[call.model].max_tokens_per_event
+    upstream = gw.router.named(opened.upstream)
 
-    def finish(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    def finish(tail: StreamTail, complete: bool, usage: Usage | None) -> tuple[dict[str, Any], dict[str, Any]]:
         error = opened.error or tail.error()
         # Without usage, the documented rule: the prompt at its bound and each delivered event at
         # the model's most tokens per event (meter caps it at the quote).
-        usage = tail.usage() or tail.estimate(call.quote.prompt_bound, per_event)
+        usage = usage or tail.estimate(call.quote.prompt_bound, per_event)
         row = {
             "id": call_id,
             "status": "served" if complete and error is None else "incomplete",
@@ -423,12 +424,27 @@ def relay_stream(
         }
         return meter(gw, call, paid, opened, usage, expected, row, insert_row=False)
 
+    def close(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Meter the stream now — or, when it carried no usage but its upstream can tell it after
+        the fact, in the background once it does (the receipt then has it)."""
+        usage = tail.usage()
+        if usage is None and upstream.generation_url and tail.generation_id():
+            gw.spawn(meter_later(tail, complete))
+            return None
+        return finish(tail, complete, usage)
+
+    async def meter_later(tail: StreamTail, complete: bool) -> None:
+        try:
+            finish(tail, complete, await upstream.usage_after(tail.generation_id()))
+        except Exception:
+            log.exception("could not meter stream %s after the fact", call_id)
+
     stop_cutting = stream_cutter(gw, opened, paid)
 
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
         tail.feed(opened.first)
-        finished = False
+        closed = False
         try:
             yield opened.first
             async for chunk in opened.rest():
@@ -437,19 +453,20 @@ def relay_stream(
                     yield chunk
             if opened.error is not None and tail.error() is None:
                 yield error_event(opened.error, "stream_interrupted")
-            fields, hop = finish(tail, complete=opened.error is None)
-            finished = True
+            metered = close(tail, complete=opened.error is None)
+            closed = True
+            fields, hop = metered or ({"cost": None, "credit_after": None}, None)
             summary = {
                 "receipt": call_id,
-                "cost": str(fields["cost"]),
-                "credit": str(fields["credit_after"]),
-                "cache": [hop, *tail.upstream_hops()],
+                "cost": None if fields["cost"] is None else str(fields["cost"]),
+                "credit": None if fields["credit_after"] is None else str(fields["credit_after"]),
+                "cache": [hop, *tail.upstream_hops()] if hop else tail.upstream_hops(),
             }
             yield SUMMARY_PREFIX + json.dumps(summary, separators=(",", ":")).encode() + b"\n\n"
         finally:
             stop_cutting()
-            if not finished:  # the client went away, or the relay broke: meter what was delivered
-                finish(tail, complete=False)
+            if not closed:  # the client went away, or the relay broke: meter what was delivered
+                close(tail, complete=False)
             with anyio.CancelScope(shield=True):
                 await opened.response.aclose()
 

@@ -123,6 +123,7 @@ class StreamTail:
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self.events_seen = 0  # data events relayed (roughly: one per output token)
+        self._id: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         """O(1) per chunk: the tail is joined only when read."""
@@ -154,6 +155,12 @@ class StreamTail:
         """For a stream that ended without usage: the prompt at its bound and each relayed event
         at the model's most tokens per event (the caller caps the cost at the quote)."""
         return Usage(prompt_bound, self.events_seen * tokens_per_event, dialect="estimated")
+
+    def generation_id(self) -> str:
+        """The id the stream's events carry (OpenRouter: the generation's id), "" if none."""
+        if self._id is None:
+            self._id = next((str(d["id"]) for d in self.events(b'"id"') if isinstance(d.get("id"), str)), "")
+        return self._id
 
     def usage(self) -> Usage | None:
         for doc in self.events(b'"usage"'):

@@ -4,75 +4,27 @@ test token and mock upstream), then `tollway chat` and an external x402 client p
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import ClassVar
 
 import httpx
-import pytest
 from eth_account import Account
 from x402 import x402Client
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
-from xprocess import ProcessStarter
-
-from support import free_port
 
 TOLLWAY = str(Path(sys.executable).with_name("tollway"))
 
 
-@pytest.fixture(scope="module")
-def served(xprocess, tmp_path_factory):
-    """`tollway serve` in an empty directory, on free ports."""
-    cwd = tmp_path_factory.mktemp("serve")
-    port, mock_port, devnet_port = free_port(), free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    class Starter(ProcessStarter):
-        timeout = 60
-        env = clean_env
-        terminate_on_interrupt = True
-        popen_kwargs: ClassVar[dict[str, str]] = {"cwd": str(cwd)}
-
-        @property
-        def args(self) -> list[str]:
-            return [
-                TOLLWAY,
-                "serve",
-                "--port",
-                str(port),
-                "--mock-port",
-                str(mock_port),
-                "--devnet-port",
-                str(devnet_port),
-            ]
-
-        def startup_check(self) -> bool:
-            return up()
-
-    name = f"tollway-serve-{os.getpid()}"
-    _, log = xprocess.ensure(name, Starter, restart=True)
-    yield url, cwd, Path(log)
-    xprocess.getinfo(name).terminate()
-
-
 def test_serve_prints_how_to_pay(served):
-    _, _, log = served
+    log = served.log
     text = log.read_text()
     assert "tollway chat" in text and "eip155:31337" in text
 
 
 def test_tollway_chat_pays_and_prints_the_settlement(served):
-    url, cwd, _ = served
+    url, cwd = served.url, served.cwd
     for stream in ([], ["--stream"]):
         out = subprocess.run(
             [TOLLWAY, "chat", "--url", url, "Hello from the CLI", *stream],
@@ -87,7 +39,7 @@ def test_tollway_chat_pays_and_prints_the_settlement(served):
 
 
 async def test_an_official_x402_client_pays_the_served_gateway(served):
-    url, cwd, _ = served
+    url, cwd = served.url, served.cwd
     devnet = json.loads((cwd / "var" / "devnet.json").read_text())
     account = Account.from_key(devnet["payer_keys"][-1])
     client = x402Client()

@@ -412,6 +412,32 @@ def test_a_stream_without_usage_is_charged_by_the_documented_rule(gateway, chain
     assert int(doc["cost"]["atomic"]) == min(to_atomic(usd, 6), int(doc["quote"]["atomic"]))
 
 
+def test_a_stream_without_usage_is_metered_from_the_upstreams_record_when_it_keeps_one(
+    gateway, chain, devnet, tmp_path, upstream
+):
+    """[7] An OpenRouter upstream keeps each generation's usage (``/generation?id=``): a stream
+    that carried none is metered from it, after the fact, at its real cost."""
+    from tollway.config import UpstreamSettings
+
+    router_like = UpstreamSettings(name="openrouter-like", url=upstream.url + "/v1", usage_lookup="openrouter")
+    payer = wallet(chain.fund(), devnet)
+    body = chat_body("one two three", max_tokens=500, stream=True, mock={"omit_usage": True})
+    with dedicated_gateway(gateway, chain, tmp_path, upstreams=[router_like]) as (url, _):
+        with paying(url, payer) as client, client.stream("POST", CHAT, json=body) as r:
+            assert r.status_code == 200
+            summary = next(line for line in r.iter_lines() if line.startswith(": tollway "))
+        assert json.loads(summary[len(": tollway ") :])["cost"] is None  # known only after the stream
+        wait_receipt(url, r.headers["x-tollway-receipt"])
+        eventually(lambda: receipt(url, r.headers["x-tollway-receipt"])["status"] != "streaming")
+        doc = receipt(url, r.headers["x-tollway-receipt"])
+    usage = doc["usage"]
+    assert usage["dialect"] == "openrouter-generation" and usage["completion_tokens"] == 5  # echo : one two three
+    prices = gateway.settings.models["mock/echo"]
+    usd = usage["prompt_tokens"] * Fraction(prices.prompt) + usage["completion_tokens"] * Fraction(prices.completion)
+    cached = (usage["cached_tokens"] or 0) * (Fraction(prices.cache_read) - Fraction(prices.prompt))
+    assert int(doc["cost"]["atomic"]) == to_atomic(usd + cached, 6)
+
+
 # -- 9. gas drain -----------------------------------------------------------------------------------------------
 
 
@@ -695,3 +721,14 @@ def test_origin_of_is_what_messages_name():
     from tollway.payments import signed
 
     assert signed.origin_of("HTTPS://LLM.Example.com:8443/v1/chat?x=1") == "https://llm.example.com:8443"
+
+
+def test_urls_are_printed_without_their_secrets():
+    """[14] RPC and upstream URLs often carry an API key: the banner shows their host only."""
+    from tollway.cli import redacted
+
+    assert (
+        redacted("https://user:key@base-mainnet.g.alchemy.com/v2/SECRET?apikey=1")
+        == "https://base-mainnet.g.alchemy.com"
+    )
+    assert redacted("http://127.0.0.1:8545") == "http://127.0.0.1:8545"

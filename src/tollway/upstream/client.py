@@ -8,12 +8,14 @@ bytes (the whole body when not streaming). Anything that fails before that raise
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -21,7 +23,7 @@ from ..client.payer import PaymentRefused
 from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamError, UpstreamUnavailable, truncate
-from ..usage import python_recursion_limit
+from ..usage import Usage, parse_usage, python_recursion_limit
 from .network import asyncio_transport
 
 log = logging.getLogger("tollway.upstream")
@@ -55,6 +57,25 @@ def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
     )
     limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
     return httpx.AsyncClient(transport=PayingTransport(payer, asyncio_transport(limits)))
+
+
+def generation_usage(body: bytes) -> Usage | None:
+    """Usage from OpenRouter's generation record (native token counts, what it bills)."""
+    try:
+        with python_recursion_limit():
+            data = json.loads(body).get("data")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    usage = {
+        "prompt_tokens": data.get("native_tokens_prompt"),
+        "completion_tokens": data.get("native_tokens_completion"),
+        "prompt_tokens_details": {"cached_tokens": data.get("native_tokens_cached")},
+        "cost": data.get("total_cost"),
+    }
+    found = parse_usage(usage)
+    return None if found is None else replace(found, dialect="openrouter-generation")
 
 
 def _retry_after(resp: httpx.Response) -> int:
@@ -127,7 +148,10 @@ class Upstream:
         self.name = settings.name
         self.models = set(settings.models)
         self.cap_field = settings.max_tokens_field
-        self.url = str(settings.url).rstrip("/") + "/chat/completions"
+        base = str(settings.url).rstrip("/")
+        self.url = base + "/chat/completions"
+        lookup = settings.usage_lookup or ("openrouter" if urlsplit(base).hostname == "openrouter.ai" else "none")
+        self.generation_url = base + "/generation" if lookup == "openrouter" else None
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http
         self.headers = {"content-type": "application/json"}
@@ -136,6 +160,25 @@ class Upstream:
 
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models
+
+    async def usage_after(self, generation_id: str, attempts: int = 6, first_wait: float = 0.5) -> Usage | None:
+        """A finished generation's usage, read after the fact (OpenRouter's ``/generation?id=``,
+        which has it a moment after the stream ends); None if this upstream cannot tell."""
+        if self.generation_url is None or not generation_id:
+            return None
+        wait = first_wait
+        for _ in range(attempts):
+            await asyncio.sleep(wait)
+            wait *= 2
+            try:
+                resp = await self.http.get(
+                    self.generation_url, params={"id": generation_id}, headers=self.headers, timeout=self.timeout
+                )
+            except httpx.HTTPError:
+                continue
+            if resp.status_code == 200:
+                return generation_usage(resp.content)
+        return None
 
     async def send(
         self, body: bytes, stream: bool, client_headers: Mapping[str, str], max_usd: Fraction | None = None

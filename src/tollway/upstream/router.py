@@ -50,6 +50,9 @@ class Router:
         self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._failures: dict[str, tuple[int, float]] = {}  # name → (consecutive failures, failed until)
 
+    def named(self, name: str) -> Upstream:
+        return next(u for u in self.upstreams if u.name == name)
+
     def healthy(self, u: Upstream, now: float) -> bool:
         return self._failures.get(u.name, (0, 0.0))[1] <= now
 
