@@ -82,7 +82,9 @@ def gateway_settings(devnet: Devnet, upstream_url: str, db: Path, *, own_settler
     """Settings for a gateway on the devnet. Unless it shares a ledger with another gateway, it
     gets a settlement account of its own: gateways with separate ledgers must not share one (each
     would count that account's nonces on its own)."""
-    base = Settings(database_url=f"sqlite:///{db}", quote_secret="test-secret", admin_token=ADMIN_TOKEN, **overrides)
+    base = Settings(
+        database_url=f"sqlite:///{db}", quote_secret="test-quote-secret-0123", admin_token=ADMIN_TOKEN, **overrides
+    )
     settings = apply_devnet(base, devnet, upstream_url)
     if own_settler:
         from eth_account import Account

@@ -110,7 +110,7 @@ class Chain:
         return self.w3.eth.get_transaction_receipt(tx_hash)
 
 
-ADMIN_TOKEN = "test-admin"
+ADMIN_TOKEN = "test-admin-token-0123"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # the test gateways' operator
 
 

@@ -209,14 +209,17 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
     return Response(json.dumps(body), status_code=exc.status, headers=headers, media_type="application/json")
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
+    """The app. It opens (and closes) its gateway itself, unless one opened by the caller is given."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.gateway = await Gateway.open(settings)
+        app.state.gateway = gateway or await Gateway.open(settings)
         try:
             yield
         finally:
-            await app.state.gateway.close()
+            if gateway is None:
+                await app.state.gateway.close()
 
     return Starlette(
         routes=[

@@ -1,4 +1,10 @@
-"""The ``tollway`` command: serve, devnet, mock-upstream, chat."""
+"""The ``tollway`` command: serve, doctor, devnet, mock-upstream, chat.
+
+``tollway serve`` runs a local devnet (anvil, a test USDC, the built-in mock upstream) only when
+asked (``--devnet``) or when nothing is configured at all; with a configuration it serves exactly
+that, after every check of ``tollway doctor`` passed. Problems are printed one line each, never
+as a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,100 +14,39 @@ import json
 import logging
 import os
 import sys
-from decimal import Decimal
+from collections.abc import Coroutine
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import ValidationError
 
-from .config import Settings, apply_devnet
+from .config import Settings, apply_devnet, configured, upstream_list
 
 DEVNET_PORT = 8545
+T = TypeVar("T")
 
 
-def ensure_devnet(settings: Settings, port: int = DEVNET_PORT) -> tuple[Any, Any]:
-    """Attach to an anvil on ``port`` or start one; deploy the test token. Returns (devnet, process)."""
-    from .devnet.anvil import rpc_alive, start_anvil
-    from .devnet.deploy import deploy_devnet
-
-    url = f"http://127.0.0.1:{port}"
-    proc = None
-    if not rpc_alive(url):
-        proc = start_anvil(port)
-    devnet = deploy_devnet(url)
-    settings.devnet_file.parent.mkdir(parents=True, exist_ok=True)
-    devnet.save(settings.devnet_file)
-    return devnet, proc
+class Refused(Exception):
+    """What the command cannot do, one line per reason (printed, exit status 2)."""
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
-    from .mock_upstream import create_app as create_mock
-
-    settings = Settings(**{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
-    anvil = devnet = None
-    if not settings.chain.rpc_url:
-        devnet, anvil = ensure_devnet(settings, args.devnet_port)
-    mock_url = None
-    if not settings.upstream.url:
-        mock_url = f"http://127.0.0.1:{args.mock_port}/v1"
-    if devnet is not None:
-        settings = apply_devnet(settings, devnet, mock_url)
-    elif mock_url:
-        settings = settings.model_copy(update={"upstream": settings.upstream.model_copy(update={"url": mock_url})})
-
-    servers = [
-        uvicorn.Server(
-            uvicorn.Config(
-                create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False
-            )
-        )
-    ]
-    if mock_url:
-        servers.append(
-            uvicorn.Server(uvicorn.Config(create_mock(), host="127.0.0.1", port=args.mock_port, log_level="warning"))
-        )
-    print(banner(settings, devnet, mock_url), flush=True)
-
-    async def run() -> None:
-        tasks = [asyncio.create_task(s.serve()) for s in servers]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for s in servers:
-            s.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
-
+def load_settings(**overrides: Any) -> Settings:
     try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if anvil is not None:
-            anvil.terminate()
-            anvil.wait(timeout=10)
-    return 0
-
-
-def banner(settings: Settings, devnet: Any, mock_url: str | None) -> str:
-    url = f"http://{settings.host}:{settings.port}"
-    lines = [
-        f"tollway gateway on {url}/v1  (chain {redacted(settings.chain.rpc_url)}, token {settings.chain.token})",
-        f"  upstream: {redacted(settings.upstream.url)}{'  (built-in mock)' if mock_url else ''}",
-        f"  models:   {', '.join(settings.models)}",
-    ]
-    if devnet is not None:
-        lines += [
-            f"  devnet:   anvil chain {devnet.chain_id}; payee {devnet.payee}; described in {settings.devnet_file}",
-            "  pay from a devnet wallet:",
-            f'    tollway chat --url {url} "Hello, tollway"',
-            "  or from an agent (Python):",
-            "    from tollway.client import Payer, AllowedAsset, openai_client",
-            f'    payer = Payer.from_key("<key>", [AllowedAsset("eip155:{devnet.chain_id}", "{devnet.token}")])',
-            f'    openai_client("{url}/v1", payer).chat.completions.create(model="mock/echo", messages=[...])',
-        ]
-    return "\n".join(lines)
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                lines.append(f"{where}: unknown setting (a typo? keys use underscores: see tollway.example.toml)")
+            else:
+                lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        raise Refused("\n".join(lines)) from None
+    except ValueError as exc:  # e.g. a *_FILE that cannot be read
+        raise Refused(str(exc)) from None
 
 
 def redacted(url: str | None) -> str:
@@ -111,6 +56,133 @@ def redacted(url: str | None) -> str:
         return str(url)
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+
+
+def ensure_devnet(settings: Settings, port: int = DEVNET_PORT, url: str | None = None) -> tuple[Any, Any]:
+    """Attach to an anvil at ``url`` (or on ``port``, starting one if none answers); deploy the
+    test token and the canonical contracts. Returns (devnet, the anvil process we started)."""
+    from .devnet.anvil import rpc_alive, start_anvil
+    from .devnet.deploy import deploy_devnet
+
+    proc = None
+    if url is None:
+        url = f"http://127.0.0.1:{port}"
+        if not rpc_alive(url):
+            proc = start_anvil(port)
+    elif not rpc_alive(url):
+        raise Refused(f"no devnet answers at {redacted(url)}")
+    devnet = deploy_devnet(url)
+    settings.devnet_file.parent.mkdir(parents=True, exist_ok=True)
+    devnet.save(settings.devnet_file)
+    return devnet, proc
+
+
+def devnet_settings(settings: Settings, args: argparse.Namespace) -> tuple[Settings, Any, Any, str | None]:
+    """The settings of a devnet run: its chain, the mock upstream unless one is configured, and a
+    ledger of its own (one per devnet chain: credit of a dead devnet never pays on a new one)."""
+    from .devnet.anvil import genesis_hash
+
+    if settings.chain.model_fields_set:
+        keys = ", ".join(f"chain.{k}" for k in sorted(settings.chain.model_fields_set))
+        raise Refused(f"--devnet runs its own chain and token: remove {keys} from the configuration, or drop --devnet")
+    devnet, anvil = ensure_devnet(settings, args.devnet_port, args.devnet_url)
+    mock_url = None if upstream_list(settings) else f"http://127.0.0.1:{args.mock_port}/v1"
+    settings = apply_devnet(settings, devnet, mock_url)
+    if "database_url" not in settings.model_fields_set:
+        genesis = genesis_hash(devnet.rpc_url)
+        ledger = settings.devnet_file.parent / f"devnet-{devnet.chain_id}-{genesis[2:12]}.sqlite3"
+        settings = settings.model_copy(update={"database_url": f"sqlite:///{ledger}"})
+    return settings, devnet, anvil, mock_url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .doctor import Unfit
+    from .gateway import Gateway
+    from .mock_upstream import create_app as create_mock
+
+    settings = load_settings(host=args.host, port=args.port)
+    anvil = devnet = mock_url = None
+    if args.devnet or not configured():
+        if not args.devnet:
+            print("nothing configured (no tollway.toml, no TOLLWAY_* variables): serving a local devnet", flush=True)
+        settings, devnet, anvil, mock_url = devnet_settings(settings, args)
+
+    async def run() -> int:
+        try:
+            gateway = await Gateway.open(settings)
+        except Unfit as exc:
+            print(f"tollway cannot serve this configuration (see `tollway doctor`):\n{exc}", file=sys.stderr)
+            return 2
+        app = create_app(settings, gateway)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+        servers = [uvicorn.Server(config)]
+        if mock_url:
+            mock = uvicorn.Config(create_mock(), host="127.0.0.1", port=args.mock_port, log_level=args.log_level)
+            servers.append(uvicorn.Server(mock))
+        print(banner(gateway.settings, devnet, mock_url), flush=True)
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for s in servers:
+                s.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await gateway.close()
+        return 0
+
+    try:
+        return event_loop_run(run())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if anvil is not None:
+            anvil.terminate()
+            anvil.wait(timeout=10)
+
+
+def event_loop_run(main: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed (uvicorn's choice too), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def banner(settings: Settings, devnet: Any, mock_url: str | None) -> str:
+    url = f"http://{settings.host}:{settings.port}"
+    c = settings.chain
+    lines = [
+        f"tollway gateway on {url}/v1  (chain eip155:{c.chain_id} via {redacted(c.rpc_url)}, token {c.token})",
+        *(f"  upstream: {u.name} {redacted(u.url)}" for u in upstream_list(settings)),
+    ]
+    if mock_url:
+        lines[-1] += "  (the built-in mock)"
+    lines.append(f"  models:   {', '.join(settings.models)}")
+    if devnet is not None:
+        lines += [
+            f"  devnet:   anvil chain {devnet.chain_id}; payee {devnet.payee}; described in {settings.devnet_file}",
+            "  pay from a devnet wallet:",
+            f'    tollway chat --url {url} "Hello, tollway"',
+            "  or from an agent (Python): see README.md, 'Pay from an agent'",
+        ]
+    return "\n".join(lines)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import examine
+
+    if not configured():
+        raise Refused("nothing is configured (no tollway.toml, no TOLLWAY_* variables): there is nothing to check")
+    findings = event_loop_run(examine(load_settings()))
+    for f in findings:
+        print(f)
+    failed = [f for f in findings if f.level == "fail"]
+    print(f"{len(failed)} problem(s): tollway would refuse to serve" if failed else "ready to serve")
+    return 1 if failed else 0
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
@@ -133,16 +205,19 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 def cmd_mock(args: argparse.Namespace) -> int:
     from .mock_upstream import MockOptions, run
 
-    run(port=args.port, options=MockOptions(latency=args.latency, chunk_delay=args.chunk_delay, dialect=args.dialect))
+    options = MockOptions(latency=args.latency, chunk_delay=args.chunk_delay, dialect=args.dialect)
+    run(host=args.host, port=args.port, options=options, log_level=args.log_level)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from eth_account import Account
+
     from .client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport
 
     key = args.key or os.environ.get("TOLLWAY_KEY")
     allowed = [AllowedAsset(*a.rsplit(":", 1)) for a in args.allow or []]
-    devnet_file = Path(args.devnet_file) if args.devnet_file else Settings().devnet_file
+    devnet_file = Path(args.devnet_file) if args.devnet_file else Path("var/devnet.json")
     if (not key or not allowed) and devnet_file.exists():
         from .devnet.deploy import Devnet
 
@@ -150,14 +225,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         key = key or devnet.payer_keys[0]
         allowed = allowed or [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, devnet.decimals)]
     if not key or not allowed:
-        print("need --key (or TOLLWAY_KEY) and --allow NETWORK:ASSET (no devnet file found)", file=sys.stderr)
-        return 2
-    payer = Payer.from_key(key, allowed, max_per_call_usd=Decimal(args.max_usd), max_total_usd=Decimal(args.max_usd))
-    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}], "stream": args.stream}
+        raise Refused("need --key (or TOLLWAY_KEY) and --allow NETWORK:ASSET (no devnet file found)")
+    try:
+        account = Account.from_key(key)
+        limit = Decimal(args.max_usd)
+    except (ValueError, InvalidOperation):
+        raise Refused("--key must be a 32-byte hex private key, --max-usd a number") from None
+    payer = Payer(account, allowed, max_per_call_usd=limit, max_total_usd=limit)
+    base = args.url.rstrip("/").removesuffix("/v1")
+    body: dict[str, Any] = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+    body["stream"] = args.stream
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
+    cost: str | None = None
     try:
-        with httpx.Client(transport=SyncPayingTransport(payer), base_url=args.url, timeout=120) as client:
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=base, timeout=args.timeout) as client:
             if args.stream:
                 with client.stream("POST", "/v1/chat/completions", json=body) as r:
                     if r.status_code != 200:
@@ -167,72 +249,99 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         if line.startswith("data: {"):
                             for choice in json.loads(line[6:]).get("choices", []):
                                 print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+                        elif line.startswith(": tollway "):
+                            cost = json.loads(line[len(": tollway ") :]).get("cost")
                     print()
             else:
                 r = client.post("/v1/chat/completions", json=body)
                 if r.status_code != 200:
                     return fail(r)
                 print(r.json()["choices"][0]["message"]["content"])
+                cost = r.headers.get("x-tollway-cost")
     except PaymentRefused as exc:
         print(f"not paid: {exc}", file=sys.stderr)
         return 1
+    except httpx.HTTPError as exc:
+        print(f"cannot reach the gateway at {base}: {type(exc).__name__}", file=sys.stderr)
+        return 1
     for paid in payer.history:
+        decimals = next((a.decimals for a in allowed if a.asset.lower() == paid.asset.lower()), 6)
+        charged = f"{Decimal(int(cost)).scaleb(-decimals)} USD" if cost else "metered after the stream"
+        print(f"cost {charged}; paid {paid.usd} USD on {paid.network} from {account.address}", file=sys.stderr)
         print(
-            f"paid {paid.usd} USD ({paid.amount} units of {paid.asset} on {paid.network}) from {payer.account.address}",
-            file=sys.stderr,
-        )
-        print(
-            f"settlement transaction {paid.transaction}; receipt {args.url}/v1/receipts/{paid.receipt_id}",
-            file=sys.stderr,
+            f"settlement {paid.transaction or '(none: paid from credit)'}; receipt {paid.receipt_id}", file=sys.stderr
         )
     return 0
 
 
 def fail(r: httpx.Response) -> int:
-    print(f"gateway answered {r.status_code}: {r.text[:500]}", file=sys.stderr)
+    try:
+        detail = r.json().get("error")
+        message = detail.get("message") if isinstance(detail, dict) else detail
+    except (ValueError, AttributeError):
+        message = r.text[:300]
+    print(f"the gateway answered {r.status_code}: {message}", file=sys.stderr)
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tollway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tollway", description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the gateway (devnet + mock upstream when nothing is configured)")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
-    s.add_argument("--mock-port", type=int, default=8403, help="port of the built-in mock upstream")
-    s.add_argument("--devnet-port", type=int, default=DEVNET_PORT, help="anvil port when no chain is configured")
-    s.add_argument("--log-level", default="info")
+    s = sub.add_parser(
+        "serve", parents=[common], help="run the gateway (a local devnet with --devnet, or when nothing is configured)"
+    )
+    s.add_argument("--host", default=None, help="address to listen on (default: settings' host, 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port to listen on (default: settings' port, 8402)")
+    s.add_argument("--devnet", action="store_true", help="run on a local devnet (anvil + test USDC + mock upstream)")
+    s.add_argument("--devnet-url", default=None, help="with --devnet: attach to this anvil instead of starting one")
+    s.add_argument("--mock-port", type=int, default=8403, help="devnet: port of the built-in mock upstream")
+    s.add_argument("--devnet-port", type=int, default=DEVNET_PORT, help="devnet: anvil port (started if none there)")
     s.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("devnet", help="start or attach to anvil, deploy the test USDC, fund the dev accounts")
+    doc = sub.add_parser(
+        "doctor", parents=[common], help="check a configuration against its chain, ledger and upstreams; serve nothing"
+    )
+    doc.set_defaults(func=cmd_doctor)
+
+    d = sub.add_parser(
+        "devnet", parents=[common], help="start or attach to anvil, deploy the test USDC, fund the dev accounts"
+    )
     d.add_argument("--port", type=int, default=DEVNET_PORT)
     d.add_argument("--out", default=None, help="where to write the devnet JSON (default var/devnet.json)")
     d.set_defaults(func=cmd_devnet)
 
-    m = sub.add_parser("mock-upstream", help="run the deterministic OpenAI-compatible mock upstream")
+    m = sub.add_parser("mock-upstream", parents=[common], help="run the deterministic OpenAI-compatible mock upstream")
+    m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8403)
-    m.add_argument("--latency", type=float, default=0.0)
-    m.add_argument("--chunk-delay", type=float, default=0.0)
-    m.add_argument("--dialect", default="openai")
+    m.add_argument("--latency", type=float, default=0.0, help="seconds before each answer starts")
+    m.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    m.add_argument("--dialect", default="openai", help="usage dialect: openai, openrouter, deepseek, anthropic, ...")
     m.set_defaults(func=cmd_mock)
 
-    c = sub.add_parser("chat", help="pay for one chat completion and print it")
+    c = sub.add_parser("chat", parents=[common], help="pay for one chat completion and print it, with what it cost")
     c.add_argument("prompt")
-    c.add_argument("--url", default="http://127.0.0.1:8402")
+    c.add_argument("--url", default="http://127.0.0.1:8402", help="the gateway (with or without /v1)")
     c.add_argument("--model", default="mock/echo")
     c.add_argument("--key", help="payer private key (default: TOLLWAY_KEY, else a devnet account)")
     c.add_argument("--allow", action="append", help="NETWORK:ASSET to pay in, e.g. eip155:8453:0x833...")
-    c.add_argument("--max-usd", default="1", help="most to pay for this call")
+    c.add_argument("--max-usd", default="1", help="most to pay for this call (default 1)")
     c.add_argument("--max-tokens", type=int, default=None)
     c.add_argument("--stream", action="store_true")
+    c.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer")
     c.add_argument("--devnet-file", help="devnet JSON to take a payer key and the token from (default var/devnet.json)")
     c.set_defaults(func=cmd_chat)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    return int(args.func(args))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        return int(args.func(args))
+    except Refused as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

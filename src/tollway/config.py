@@ -1,24 +1,60 @@
 """Settings: one typed object, from ``tollway.toml`` and ``TOLLWAY_*`` environment variables.
 
-Nested fields use ``__`` in the environment: ``TOLLWAY_CHAIN__RPC_URL``, ``TOLLWAY_UPSTREAM__URL``.
-With no chain configured the CLI starts a local devnet; with no upstream URL it serves the
-built-in mock upstream. Prices are exact decimals in USD per token (OpenRouter's convention).
+Nested fields use ``__`` in the environment: ``TOLLWAY_CHAIN__RPC_URL``, ``TOLLWAY_UPSTREAM__URL``;
+any variable may instead name a file holding the value, with ``_FILE`` appended
+(``TOLLWAY_CHAIN__SETTLER_KEY_FILE=/run/secrets/settler_key``). Unknown keys are refused at every
+level, addresses and keys are checked for shape, and values left from the example (``0x...``,
+``change-me``) are refused: a typo must never turn a mainnet configuration into something else.
+Prices are exact decimals in USD per token (OpenRouter's convention).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+PRIVATE_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+PLACEHOLDERS = ("change-me", "...", "<", "yourpayee", "your-")  # what the example file leaves to fill in
+
+
+def _not_placeholder(value: str | None, what: str) -> str | None:
+    if value is not None and any(p in value.lower() for p in PLACEHOLDERS):
+        raise ValueError(f"{what} still holds the example's placeholder ({value[:24]!r}): set a real value")
+    return value
+
+
+def _address(value: str | None, what: str) -> str | None:
+    if value is not None and not ADDRESS.match(value):
+        raise ValueError(f"{what} must be a 0x-prefixed 20-byte hex address, not {value[:24]!r}")
+    return value
+
+
+def _key(value: str | None, what: str) -> str | None:
+    if value is not None and not PRIVATE_KEY.match(value):
+        raise ValueError(f"{what} must be a 32-byte hex private key (64 hex digits)")
+    return value
+
+
+def _url(value: str | None, what: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+    if value is not None:
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"{what} must be a {'/'.join(schemes)} URL, not {value[:40]!r}")
+    return value
 
 
 class Strict(BaseModel):
@@ -84,11 +120,25 @@ class ChainSettings(Strict):
     # USD price of the chain's gas token, to size the smallest on-chain payment worth its gas.
     # None: 0 on the devnet, NATIVE_USD_DEFAULT elsewhere (an ETH price with head room).
     native_usd: Decimal | None = None
-    read_cache_seconds: float = 2.0
     # Blocks a transfer (transfer scheme) needs on top of its own before it pays. None: by chain
     # (TRANSFER_CONFIRMATIONS; 0 on the devnet, where nothing reorganises).
     confirmations: int | None = Field(None, ge=0)
     payout_key: str | None = None  # holds the payee's tokens to pay withdrawals (default: settler if it is the payee)
+
+    @field_validator("token", "payee")
+    @classmethod
+    def _addresses(cls, v: str | None, info: Any) -> str | None:
+        return _address(_not_placeholder(v, f"chain.{info.field_name}"), f"chain.{info.field_name}")
+
+    @field_validator("settler_key", "payout_key")
+    @classmethod
+    def _keys(cls, v: str | None, info: Any) -> str | None:
+        return _key(_not_placeholder(v, f"chain.{info.field_name}"), f"chain.{info.field_name}")
+
+    @field_validator("rpc_url")
+    @classmethod
+    def _rpc(cls, v: str | None) -> str | None:
+        return _url(_not_placeholder(v, "chain.rpc_url"), "chain.rpc_url", ("http", "https"))
 
 
 class UpstreamSettings(Strict):
@@ -112,6 +162,21 @@ class UpstreamSettings(Strict):
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # between bytes, not total (a call's total is max_call_seconds)
     max_connections: int = 256
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        return _url(_not_placeholder(v, "upstream url"), "upstream url")
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: str | None) -> str | None:
+        return _not_placeholder(v, "upstream api_key")
+
+    @field_validator("payer_key")
+    @classmethod
+    def _payer_key(cls, v: str | None) -> str | None:
+        return _key(_not_placeholder(v, "upstream payer_key"), "upstream payer_key")
 
 
 class Settings(BaseSettings):
@@ -152,6 +217,19 @@ class Settings(BaseSettings):
     cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
     models: dict[str, ModelPrice] = Field(default_factory=dict)
 
+    @field_validator("quote_secret", "admin_token")
+    @classmethod
+    def _secrets(cls, v: str | None, info: Any) -> str | None:
+        _not_placeholder(v, info.field_name)
+        if v is not None and len(v) < 16:
+            raise ValueError(f"{info.field_name} must be at least 16 characters")
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        return _url(_not_placeholder(v, "public_url"), "public_url")
+
     @property
     def offer_timeout_seconds(self) -> int:
         """x402 ``maxTimeoutSeconds`` offered: the call, the settlement margin and clock skew."""
@@ -171,8 +249,41 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = os.environ.get("TOLLWAY_CONFIG", "tollway.toml")
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return (
+            init_settings,
+            EnvWithFiles(settings_cls),
+            TomlConfigSettingsSource(settings_cls, toml_file=config_path()),
+        )
+
+
+class EnvWithFiles(EnvSettingsSource):
+    """``TOLLWAY_*`` variables, where ``TOLLWAY_X_FILE=/path`` sets ``TOLLWAY_X`` to what the file
+    holds (docker secrets, keys kept out of the environment)."""
+
+    def _load_env_vars(self) -> Any:
+        env = dict(super()._load_env_vars())
+        for name in [k for k in env if k.lower().startswith("tollway_") and k.lower().endswith("_file")]:
+            target, path = name[: -len("_file")], env.pop(name)
+            if target in env:
+                raise ValueError(f"both {target.upper()} and {name.upper()} are set: keep one")
+            try:
+                env[target] = Path(str(path)).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"{name.upper()}: cannot read {path}: {exc.strerror}") from None
+        return env
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("TOLLWAY_CONFIG", "tollway.toml"))
+
+
+def configured() -> bool:
+    """Whether anything is configured at all: a configuration file, or a ``TOLLWAY_*`` variable
+    (other than ``TOLLWAY_CONFIG``). With nothing, ``tollway serve`` runs the local devnet."""
+    return config_path().exists() or any(
+        k.upper().startswith("TOLLWAY_") and k.upper() not in ("TOLLWAY_CONFIG", "TOLLWAY_KEY", "TOLLWAY_ANVIL")
+        for k in os.environ
+    )
 
 
 CLOCK_SKEW_SECONDS = 30

@@ -14,16 +14,17 @@ from typing import Any
 import httpx
 from starlette.requests import Request
 
+from . import doctor
 from .cache import PrefixMemory
 from .config import Settings, resolve_chain, upstream_list
 from .ledger import Store
 from .ledger.store import credit_account
-from .payments import build_scheme, eip3009
+from .payments import build_scheme
 from .payments.base import Context, PaymentScheme
-from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
+from .payments.chain import Chain
 from .payments.signed import origin_of
 from .payments.x402 import V1_NETWORK_NAMES
-from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
+from .pricing import Prices
 from .quotes import QuoteSigner
 from .settlement import Settler
 from .upstream.client import Upstream, make_http_client, make_paying_client
@@ -54,26 +55,30 @@ class Gateway:
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:
+        """Build the gateway, after the checks of ``doctor``: raises ``Unfit`` on any failure."""
+        fails = doctor.required(settings)
+        if fails:
+            raise doctor.Unfit(fails)
+        chain = Chain(settings.chain.rpc_url)  # type: ignore[arg-type]
+        found, chain_id = await doctor.chain_findings(settings, chain)
+        if chain_id is not None:
+            settings = resolve_chain(settings, chain_id)
+            prices = {m: Prices.of(p, settings.chain.decimals) for m, p in settings.models.items()}
+            found += doctor.amounts_fit(settings, prices)
+        if chain_id is None or any(f.level == "fail" for f in found):
+            await chain.close()
+            raise doctor.Unfit([f for f in found if f.level == "fail"])
         c = settings.chain
-        missing = [f for f in ("rpc_url", "token", "payee", "settler_key") if not getattr(c, f)]
-        upstreams = upstream_list(settings)
-        if missing or not upstreams:
-            raise ValueError(f"incomplete settings: chain.{', chain.'.join(missing)} / upstream.url")
-        if not settings.models:
-            raise ValueError('no models configured: add [models."<id>"] prices')
-        chain = Chain(c.rpc_url)  # type: ignore[arg-type]
+        store = Store(settings.database_url)
+        binding = doctor.ledger_findings(store, chain_id, await doctor.genesis_hash(chain))
+        if binding[0].level == "fail":
+            store.close()
+            await chain.close()
+            raise doctor.Unfit(binding)
         worker_chain = Chain(c.rpc_url)  # type: ignore[arg-type]
-        chain_id = await chain.chain_id()
-        if c.chain_id is not None and c.chain_id != chain_id:
-            raise ValueError(f"chain.chain_id is {c.chain_id} but the RPC serves chain {chain_id}")
-        settings = resolve_chain(settings, chain_id)
-        c = settings.chain
-        await check_token_domain(chain, c.token, c.token_name, c.token_version, chain_id)  # type: ignore[arg-type]
-        prices = {m: Prices.of(p, c.decimals) for m, p in settings.models.items()}
-        check_amounts_fit(settings, prices)
         network = f"eip155:{chain_id}"
         v1_name = c.v1_network or V1_NETWORK_NAMES.get(chain_id)
-        store = Store(settings.database_url)
+        upstreams = upstream_list(settings)
         upstream_http = make_http_client(upstreams)
         paying = {u.name: make_paying_client(u) for u in upstreams if u.payer_key}
         schemes: list[PaymentScheme] = []
@@ -178,40 +183,6 @@ class Gateway:
 
 def _scheme(schemes: list[PaymentScheme], name: str) -> PaymentScheme:
     return next(s for s in schemes if s.name == name)
-
-
-async def check_token_domain(chain: Chain, token: str, name: str, version: str, chain_id: int) -> None:
-    """Refuse to start when the token's EIP-712 domain is not the configured one: every payment
-    would verify here and revert on chain."""
-    try:
-        onchain = await chain.call(token, DOMAIN_SEPARATOR)
-    except RpcError as exc:
-        raise ValueError(
-            f"chain.token {token} has no DOMAIN_SEPARATOR() (is it an EIP-3009 token?): {exc.message}"
-        ) from None
-    if not onchain:
-        raise ValueError(f"chain.token {token}: no contract with DOMAIN_SEPARATOR() there on chain {chain_id}")
-    if onchain != eip3009.domain_separator(name, version, chain_id, token):
-        raise ValueError(
-            f"chain.token {token}: its EIP-712 domain is not name={name!r}, version={version!r} "
-            "(set chain.token_name and chain.token_version to the token's own)"
-        )
-
-
-def check_amounts_fit(settings: Settings, prices: dict[str, Prices]) -> None:
-    """Refuse a configuration whose largest possible quote does not fit the ledger's integers
-    (an 18-decimal asset with a large body limit, say)."""
-    images = settings.max_body_bytes // 20  # the smallest image part is over 20 bytes of JSON
-    for model, p in prices.items():
-        conf = settings.models[model]
-        image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
-        output = (conf.max_tokens or MAX_OUTPUT_TOKENS) * settings.max_choices
-        largest = p.bound(settings.max_body_bytes + images * image_tokens, output, long_cache=True)
-        if largest > MAX_AMOUNT:
-            raise ValueError(
-                f"model {model}: a call could be quoted {largest} atomic units, more than the ledger holds "
-                f"(2**63 - 1); lower max_body_bytes, the model's max_tokens or max_choices, or use fewer decimals"
-            )
 
 
 def _address_of(key: str | None) -> str | None:

@@ -474,8 +474,10 @@ def create_app(options: MockOptions | None = None) -> Starlette:
     return app
 
 
-def run(host: str = "127.0.0.1", port: int = 8403, options: MockOptions | None = None) -> None:
+def run(
+    host: str = "127.0.0.1", port: int = 8403, options: MockOptions | None = None, log_level: str = "warning"
+) -> None:
     """Serve the mock upstream with uvicorn (blocking)."""
     import uvicorn
 
-    uvicorn.run(create_app(options), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(options), host=host, port=port, log_level=log_level)

@@ -35,7 +35,7 @@ def test_tollway_chat_pays_and_prints_the_settlement(served):
         )
         assert out.returncode == 0, out.stderr
         assert "echo: Hello from the CLI" in out.stdout
-        assert "settlement transaction 0x" in out.stderr and "paid" in out.stderr
+        assert "settlement 0x" in out.stderr and "cost 0.0000" in out.stderr and "paid" in out.stderr
 
 
 async def test_an_official_x402_client_pays_the_served_gateway(served):

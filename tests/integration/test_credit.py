@@ -280,3 +280,32 @@ def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upst
     journal = store.journal(account)
     assert journal["hold"] + journal["release"] == 0
     assert store.credit_balance(account) == 5000 + 1000 - 3000
+
+
+async def test_parallel_calls_from_funded_wallets_never_see_a_payment_error(gateway, chain, devnet):
+    """Agents make tool calls in parallel: 300 calls at concurrency 16 from two fresh wallets,
+    streamed and not, with credit building up and being spent along the way — not one payment
+    error (the client lets one call at a time use credit and re-pays a quote the credit moved under)."""
+    import asyncio
+
+    from tollway.client import PayingTransport
+
+    payers = [Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)]) for _ in range(2)]
+    clients = [httpx.AsyncClient(transport=PayingTransport(p), base_url=gateway.url, timeout=60) for p in payers]
+    gate = asyncio.Semaphore(16)
+    statuses: list[int] = []
+
+    async def call(i: int) -> None:
+        body = chat_body(f"parallel call {i}", max_tokens=5 + i % 7, stream=i % 3 == 0)
+        async with gate:
+            r = await clients[i % 2].post(CHAT, json=body)
+            statuses.append(r.status_code)
+            assert r.status_code == 200, r.text[:300]
+
+    try:
+        await asyncio.gather(*(call(i) for i in range(300)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    assert statuses.count(200) == 300
+    assert any(paid.usd == 0 for p in payers for paid in p.history)  # credit paid some of them

@@ -17,7 +17,7 @@ from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
 from x402.schemas.v1 import PaymentRequiredV1
 
 from conftest import gateway_settings, start_anvil
-from support import CHAT, Chain, ServerThread, payment_required, run_concurrently, wait_receipt
+from support import CHAT, Chain, ServerThread, free_port, payment_required, run_concurrently, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, async_openai_client, openai_client
 from tollway.devnet.deploy import deploy_devnet
@@ -105,7 +105,10 @@ def v1_gateway(xprocess, upstream, tmp_path_factory):
     rpc = start_anvil(xprocess, "anvil-84532", chain_id=84532)
     devnet = deploy_devnet(rpc)
     settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path_factory.mktemp("v1") / "ledger.sqlite3")
-    with ServerThread(create_app(settings)) as server:
+    port = free_port()  # a chain that is not the devnet: a public URL and a payee of its own
+    chain = settings.chain.model_copy(update={"payee": Account.create().address})
+    settings = settings.model_copy(update={"chain": chain, "public_url": f"http://127.0.0.1:{port}"})
+    with ServerThread(create_app(settings), port) as server:
         yield server, devnet
     xprocess.getinfo(f"anvil-84532-{os.getpid()}").terminate()
 

@@ -60,6 +60,21 @@ class Payer:
     history: list[PaidCall] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _proofs: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)  # origin → (until, header)
+    _credit_in_use: bool = field(default=False, repr=False)
+
+    def credit_turn(self) -> bool:
+        """Whether a new call may use the wallet's credit. One call at a time does: calls in
+        parallel would each be quoted against the same credit, and all but one find it spent.
+        The others pay their quote on chain (the surplus becomes credit)."""
+        with self._lock:
+            if self._credit_in_use:
+                return False
+            self._credit_in_use = True
+            return True
+
+    def end_credit_turn(self) -> None:
+        with self._lock:
+            self._credit_in_use = False
 
     @classmethod
     def from_key(cls, key: str, allowed: list[AllowedAsset], **limits: Any) -> Payer:
@@ -189,6 +204,58 @@ class Pending:
     headers: dict[str, str]
     offer: dict[str, Any]
     usd: Decimal
+
+
+# A payment refused for these reasons is worth paying again with the fresh quote the 402 carries:
+# the wallet's credit moved (another call used it), or the quote aged.
+RETRYABLE = ("amount_insufficient", "quote_expired", "credit_amount_mismatch", "quote_mismatch")
+ATTEMPTS = 3
+
+
+class Exchange:
+    """One call's dance with a gateway, I/O-free, shared by the sync and async transports:
+    ``start`` gives the headers of the first request; ``next`` reads each answer and says what
+    to send next (a payment's headers), or None when the answer is the one to return;
+    ``finish`` always ends it."""
+
+    def __init__(self, payer: Payer, origin: str, max_usd: Decimal | None) -> None:
+        self.payer, self.origin, self.max_usd = payer, origin, max_usd
+        self.pending: Pending | None = None
+        self.attempts = 0
+        self.turn = False
+
+    def start(self) -> dict[str, str]:
+        self.turn = self.payer.credit_turn()
+        return self.payer.wallet_header(self.origin) if self.turn else {}
+
+    def next(self, status: int, headers: Any) -> Pending | None:
+        if self.pending is not None:
+            self.payer.conclude(self.pending, status, headers)
+            self.pending = None
+            if status != 402 or not self._retryable(headers) or self.attempts >= ATTEMPTS:
+                return None
+        elif status != 402:
+            return None
+        self.attempts += 1
+        self.pending = self.payer.prepare(headers, self.origin, max_usd=self.max_usd)
+        return self.pending
+
+    def finish(self) -> None:
+        if self.pending is not None:  # the paid request never got an answer
+            self.payer.abandon(self.pending)
+            self.pending = None
+        if self.turn:
+            self.payer.end_credit_turn()
+            self.turn = False
+
+    @staticmethod
+    def _retryable(headers: Any) -> bool:
+        raw = headers.get(PAYMENT_REQUIRED)
+        try:
+            reason = str(unb64json(raw).get("error", "")) if raw else ""
+        except ValueError:
+            return False
+        return reason.split(":", 1)[0] in RETRYABLE
 
 
 def chain_id_of(network: str) -> int:

@@ -1,10 +1,11 @@
 """httpx transports that pay 402s: ``PayingTransport`` (async) and ``SyncPayingTransport``.
 
-Both wrap an inner transport and share the I/O-free ``Payer``: every request carries the
-wallet proof (so quotes come reduced by the wallet's credit); on a 402 they sign an allowed
-offer within the spend limits — from credit when it covers the call — and retry once with
-``PAYMENT-SIGNATURE``; a second 402 is returned as it is. A request body must be replayable
-(bytes, as the OpenAI SDK sends).
+Both wrap an inner transport and share the I/O-free ``Payer`` and ``Exchange``: a request
+carries the wallet proof when it may use the wallet's credit (one call at a time does, so calls
+in parallel never race for it); on a 402 they sign an allowed offer within the spend limits —
+from credit when it covers the call — and retry with ``PAYMENT-SIGNATURE``; a payment refused
+because the credit or the quote moved meanwhile is paid again with the fresh quote (three
+attempts in all). A request body must be replayable (bytes, as the OpenAI SDK sends).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from decimal import Decimal
 import httpx
 
 from ..payments.signed import origin_of
-from .payer import Payer, Pending
+from .payer import Exchange, Payer, Pending
 
 MAX_USD = "tollway.max_usd"  # request extension: the most this call may pay (lowers the per-call limit)
 
@@ -39,21 +40,17 @@ class PayingTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
-        origin, limit = _origin_and_limit(request)
-        request.headers.update(self.payer.wallet_header(origin))
-        response = await self.inner.handle_async_request(request)
-        if response.status_code != 402:
-            return response
-        await response.aread()
-        await response.aclose()
-        pending = self.payer.prepare(response.headers, origin, max_usd=limit)
+        exchange = Exchange(self.payer, *_origin_and_limit(request))
         try:
-            paid = await self.inner.handle_async_request(_retry(request, pending))
-        except BaseException:
-            self.payer.abandon(pending)
-            raise
-        self.payer.conclude(pending, paid.status_code, paid.headers)
-        return paid
+            request.headers.update(exchange.start())
+            response = await self.inner.handle_async_request(request)
+            while (pending := exchange.next(response.status_code, response.headers)) is not None:
+                await response.aread()
+                await response.aclose()
+                response = await self.inner.handle_async_request(_retry(request, pending))
+            return response
+        finally:
+            exchange.finish()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -66,21 +63,17 @@ class SyncPayingTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()
-        origin, limit = _origin_and_limit(request)
-        request.headers.update(self.payer.wallet_header(origin))
-        response = self.inner.handle_request(request)
-        if response.status_code != 402:
-            return response
-        response.read()
-        response.close()
-        pending = self.payer.prepare(response.headers, origin, max_usd=limit)
+        exchange = Exchange(self.payer, *_origin_and_limit(request))
         try:
-            paid = self.inner.handle_request(_retry(request, pending))
-        except BaseException:
-            self.payer.abandon(pending)
-            raise
-        self.payer.conclude(pending, paid.status_code, paid.headers)
-        return paid
+            request.headers.update(exchange.start())
+            response = self.inner.handle_request(request)
+            while (pending := exchange.next(response.status_code, response.headers)) is not None:
+                response.read()
+                response.close()
+                response = self.inner.handle_request(_retry(request, pending))
+            return response
+        finally:
+            exchange.finish()
 
     def close(self) -> None:
         self.inner.close()

@@ -111,6 +111,14 @@ def rpc_alive(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def genesis_hash(url: str) -> str:
+    """The hash of the chain's first block: it tells one devnet from a restarted one."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_getBlockByNumber", "params": ["0x0", False]})
+    req = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return str(json.loads(resp.read())["result"]["hash"])
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)

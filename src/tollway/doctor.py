@@ -1,0 +1,244 @@
+"""Is this configuration fit to take real money? Every check the gateway makes before it serves.
+
+``examine`` runs them all and reports each as ok / warn / fail with one line of detail — what
+``tollway doctor`` prints, without serving. ``Gateway.open`` (and so ``tollway serve``) runs the
+same checks and refuses to start on any failure (``Unfit``). Checked: the settings a real chain
+needs, the chain behind the RPC (its id, the token's EIP-712 domain and decimals), keys that are
+not the devnet's public ones, the gas and tokens of the accounts that send transactions, the
+ledger (its schema, and that it holds this chain's money and no other's), quotes that fit the
+ledger, and — for the doctor — each upstream's reachability and models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+from eth_account import Account
+
+from .config import DEVNET_CHAIN_ID, Settings, resolve_chain, upstream_list
+from .payments import eip3009
+from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
+from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
+
+if TYPE_CHECKING:
+    from .ledger import Store
+
+DECIMALS = bytes.fromhex("313ce567")  # decimals()
+BALANCE_OF = bytes.fromhex("70a08231")  # balanceOf(address)
+DEV_ADDRESSES = {
+    Account.from_key(k).address.lower()
+    for k in (
+        # anvil's and hardhat's well-known accounts: their keys are public
+        "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
+        "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+        "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+        "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+        "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a",
+        "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba",
+        "0x92db14e403b83dfe3df233f83dfa3a0d7096f21ca9b0d6d6b8d88b2b4ec1564e",
+        "0x4bbbf85ce3377467afe5d46f804f221813b2bb87f24d81f60f1fcdbf7cbf4356",
+        "0xdbda1821b80551c9d65939329250298aa3472ba22feea921c0cf5d620ea67b97",
+        "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6",
+    )
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # ok | warn | fail
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.level:<4}  {self.what}: {self.detail}"
+
+
+class Unfit(ValueError):
+    """The configuration failed a check; one line per failure."""
+
+    def __init__(self, failures: list[Finding]) -> None:
+        super().__init__("\n".join(str(f) for f in failures))
+        self.failures = failures
+
+
+def required(settings: Settings) -> list[Finding]:
+    """What a gateway on a real chain must be told (the devnet fills these in itself)."""
+    c, out = settings.chain, []
+    for name in ("rpc_url", "token", "payee", "settler_key"):
+        if not getattr(c, name):
+            out.append(Finding("fail", f"chain.{name}", "not set"))
+    if not upstream_list(settings):
+        out.append(Finding("fail", "upstream.url", "not set (or [[upstreams]] with a url each)"))
+    if not settings.models:
+        out.append(Finding("fail", "models", 'no model priced: add [models."<id>"] with prompt and completion'))
+    return out
+
+
+async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding], int | None]:
+    """The chain behind the RPC, the token and the accounts. Returns the findings and the chain id."""
+    c = settings.chain
+    try:
+        chain_id = await chain.chain_id()
+    except Exception as exc:
+        return [Finding("fail", "chain.rpc_url", f"the RPC does not answer ({type(exc).__name__})")], None
+    out = []
+    if c.chain_id is not None and c.chain_id != chain_id:
+        out.append(Finding("fail", "chain.chain_id", f"set to {c.chain_id} but the RPC serves chain {chain_id}"))
+        return out, chain_id
+    out.append(Finding("ok", "chain", f"eip155:{chain_id}"))
+    token = str(c.token)
+    try:
+        domain = await chain.call(token, DOMAIN_SEPARATOR)
+        decimals = await chain.call(token, DECIMALS)
+    except RpcError:
+        domain = decimals = b""
+    if not domain:
+        out.append(Finding("fail", "chain.token", f"{token} has no DOMAIN_SEPARATOR() on this chain"))
+    elif domain != eip3009.domain_separator(c.token_name, c.token_version, chain_id, token):
+        out.append(
+            Finding(
+                "fail",
+                "chain.token_name/token_version",
+                f"the token's EIP-712 domain is not name={c.token_name!r}, version={c.token_version!r}",
+            )
+        )
+    else:
+        out.append(Finding("ok", "chain.token", f"EIP-712 domain {c.token_name!r} version {c.token_version!r}"))
+    if decimals and int.from_bytes(decimals[-32:], "big") != c.decimals:
+        out.append(
+            Finding("fail", "chain.decimals", f"set to {c.decimals}; the token has {int.from_bytes(decimals, 'big')}")
+        )
+    if chain_id != DEVNET_CHAIN_ID:
+        if not settings.public_url:
+            out.append(Finding("fail", "public_url", "required on a real chain: the URL clients reach the gateway at"))
+        for name in ("payee", "settler_key", "payout_key"):
+            value = getattr(c, name)
+            address = value and (value.lower() if name == "payee" else Account.from_key(value).address.lower())
+            if address in DEV_ADDRESSES:
+                out.append(Finding("fail", f"chain.{name}", "is a devnet account whose private key is public"))
+    settler = Account.from_key(c.settler_key).address if c.settler_key else None
+    if settler:
+        gas = int(await chain.request("eth_getBalance", [settler, "latest"]), 16)
+        level = "ok" if gas else ("warn" if chain_id == DEVNET_CHAIN_ID else "fail")
+        out.append(
+            Finding(
+                level,
+                "chain.settler_key",
+                f"{settler} holds {gas / 10**18:g} of the gas token" + ("" if gas else ": it cannot send settlements"),
+            )
+        )
+    payout = c.payout_key or (c.settler_key if settler and settler.lower() == str(c.payee).lower() else None)
+    if payout:
+        holder = Account.from_key(payout).address
+        held = int.from_bytes(await chain.call(token, BALANCE_OF + bytes(12) + bytes.fromhex(holder[2:])), "big")
+        out.append(
+            Finding(
+                "ok" if held else "warn",
+                "chain.payout_key",
+                f"{holder} holds {held} units of the token (withdrawals are paid from it)",
+            )
+        )
+    else:
+        out.append(Finding("warn", "chain.payout_key", "not set: credit withdrawals are disabled"))
+    return out, chain_id
+
+
+def amounts_fit(settings: Settings, prices: dict[str, Prices]) -> list[Finding]:
+    """A configuration whose largest quote could pass the ledger's 64-bit integers (an 18-decimal
+    asset with a large body limit, say) is refused."""
+    images = settings.max_body_bytes // 20  # the smallest image part is over 20 bytes of JSON
+    out = []
+    for model, p in prices.items():
+        conf = settings.models[model]
+        image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
+        output = (conf.max_tokens or MAX_OUTPUT_TOKENS) * settings.max_choices
+        largest = p.bound(settings.max_body_bytes + images * image_tokens, output, long_cache=True)
+        if largest > MAX_AMOUNT:
+            out.append(
+                Finding(
+                    "fail",
+                    f"models.{model}",
+                    f"a call could be quoted {largest} atomic units, more than the ledger holds (2**63 - 1): "
+                    "lower max_body_bytes, the model's max_tokens or max_choices, or use fewer decimals",
+                )
+            )
+    return out
+
+
+def ledger_findings(store: Store, chain_id: int, genesis: str) -> list[Finding]:
+    """The ledger belongs to this chain (its id and genesis block): never mix two chains' money."""
+    mine = f"eip155:{chain_id}/{genesis}"
+    held = store.meta("chain", lambda: mine)
+    if held != mine:
+        return [
+            Finding(
+                "fail",
+                "database_url",
+                f"this ledger holds the money of {held}, not of {mine}: point database_url at this chain's ledger",
+            )
+        ]
+    return [Finding("ok", "database_url", f"ledger of {mine}")]
+
+
+async def upstream_findings(settings: Settings) -> list[Finding]:
+    out = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        for u in upstream_list(settings):
+            headers = {"authorization": f"Bearer {u.api_key}"} if u.api_key else {}
+            try:
+                r = await http.get(str(u.url).rstrip("/") + "/models", headers=headers)
+            except httpx.HTTPError as exc:
+                out.append(Finding("fail", f"upstream {u.name}", f"unreachable ({type(exc).__name__})"))
+                continue
+            if r.status_code != 200:
+                out.append(Finding("fail", f"upstream {u.name}", f"GET /models answered {r.status_code}"))
+                continue
+            try:
+                offered = {m.get("id") for m in r.json().get("data", [])}
+            except (ValueError, AttributeError):
+                offered = set()
+            served = [m for m in settings.models if not u.models or m in u.models]
+            missing = [settings.models[m].upstream_model or m for m in served]
+            missing = [m for m in missing if offered and m not in offered]
+            out.append(
+                Finding(
+                    "warn" if missing else "ok",
+                    f"upstream {u.name}",
+                    f"does not list {', '.join(missing)}" if missing else f"serves {len(served)} models",
+                )
+            )
+    return out
+
+
+async def genesis_hash(chain: Chain) -> str:
+    block = await chain.request("eth_getBlockByNumber", ["0x0", False])
+    return str(block["hash"])
+
+
+async def examine(settings: Settings) -> list[Finding]:
+    """Every check, for ``tollway doctor``."""
+    from .ledger import Store
+
+    out = required(settings)
+    if out:
+        return out
+    chain = Chain(str(settings.chain.rpc_url))
+    try:
+        found, chain_id = await chain_findings(settings, chain)
+        out += found
+        if chain_id is None:
+            return out
+        resolved = resolve_chain(settings, chain_id)
+        out += amounts_fit(resolved, {m: Prices.of(p, resolved.chain.decimals) for m, p in resolved.models.items()})
+        try:
+            store = Store(settings.database_url)
+        except Exception as exc:
+            out.append(Finding("fail", "database_url", f"cannot open the ledger ({type(exc).__name__}: {exc})"[:200]))
+        else:
+            out += ledger_findings(store, chain_id, await genesis_hash(chain))
+            store.close()
+    finally:
+        await chain.close()
+    return out + await upstream_findings(settings)

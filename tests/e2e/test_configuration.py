@@ -1,0 +1,300 @@
+"""The operator's path, as an operator runs it: `tollway serve` and `tollway doctor` started as
+commands, with configuration files and variables, reading what they print.
+
+A configuration never silently turns into something else: unknown keys, placeholders, missing
+settings, a chain id the RPC contradicts, the devnet's public keys on a real chain — each stops
+the gateway with one clear line. The devnet runs only when asked or when nothing is configured,
+and never mixes two chains' money. The real-chain path is rehearsed on an anvil started as an
+outside chain (Base Sepolia's chain id, a token at Base Sepolia's USDC address, keys from files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from web3 import Web3
+
+from support import free_port
+from tollway.devnet.deploy import deploy_devnet, token_contract
+
+TOLLWAY = str(Path(sys.executable).with_name("tollway"))
+BASE_SEPOLIA_USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+ANVIL_ACCOUNT_1 = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"  # its key is public
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    return {**env, **extra}
+
+
+def tollway(args: list[str], cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TOLLWAY, *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def serve_refused(cwd: Path, *args: str, **env: str) -> str:
+    """`tollway serve` must stop at once with status 2; returns what it printed."""
+    devnet_port = free_port()
+    out = tollway(["serve", "--port", str(free_port()), "--devnet-port", str(devnet_port), *args], cwd, **env)
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    with pytest.raises(httpx.HTTPError):  # and it started no devnet on the way
+        httpx.post(f"http://127.0.0.1:{devnet_port}", json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"})
+    return out.stderr
+
+
+def write(cwd: Path, text: str) -> Path:
+    path = cwd / "tollway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_typo_in_a_nested_key_is_an_error_not_a_devnet(tmp_path):
+    write(tmp_path, '[chain]\nrpc-url = "https://mainnet.base.org"\n')
+    assert "chain.rpc-url: unknown setting" in serve_refused(tmp_path)
+
+
+def test_a_half_written_configuration_is_an_error(tmp_path):
+    write(tmp_path, '[upstream]\nurl = "https://openrouter.ai/api/v1"\n')
+    printed = serve_refused(tmp_path)
+    for missing in ("chain.rpc_url", "chain.token", "chain.payee", "chain.settler_key", "models"):
+        assert f"{missing}: not set" in printed or f"{missing}: no model" in printed, printed
+
+
+def test_the_example_left_as_it_is_does_not_serve(tmp_path):
+    example = (Path(__file__).parents[2] / "tollway.example.toml").read_text()
+    write(tmp_path, example)
+    printed = serve_refused(tmp_path)
+    assert "chain.payee: not set" in printed and "chain.settler_key: not set" in printed
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('payee = "0xYourPayeeAddress"', "chain.payee: chain.payee still holds the example's placeholder"),
+        ('settler_key = "0x..."', "chain.settler_key: chain.settler_key still holds the example's placeholder"),
+        ('token = "0x1234"', "chain.token: chain.token must be a 0x-prefixed 20-byte hex address"),
+    ],
+)
+def test_placeholders_and_malformed_values_are_refused(tmp_path, line, says):
+    write(tmp_path, f'[chain]\nrpc_url = "http://127.0.0.1:1"\n{line}\n')
+    assert says in serve_refused(tmp_path)
+
+
+def test_an_example_secret_is_refused(tmp_path):
+    write(tmp_path, 'quote_secret = "change-me: a long random string shared by all replicas"\n')
+    assert "quote_secret still holds the example's placeholder" in serve_refused(tmp_path)
+
+
+def test_devnet_with_a_chain_setting_is_an_error(tmp_path):
+    write(tmp_path, '[chain]\nrpc_url = "https://mainnet.base.org"\n')
+    assert "--devnet runs its own chain and token: remove chain.rpc_url" in serve_refused(tmp_path, "--devnet")
+
+
+def test_a_secret_file_that_cannot_be_read_is_one_line(tmp_path):
+    printed = serve_refused(tmp_path, TOLLWAY_CHAIN__SETTLER_KEY_FILE=str(tmp_path / "missing"))
+    assert "TOLLWAY_CHAIN__SETTLER_KEY_FILE: cannot read" in printed
+
+
+# -- a devnet restart never carries the old chain's money -------------------------------------------------
+
+
+def served(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """`tollway serve` running in the background; returns it and its URL once it answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [TOLLWAY, "serve", "--port", str(port), *args],
+        cwd=cwd,
+        env=clean_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"tollway serve did not come up: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def credit_of(url: str, key: str, devnet: dict[str, Any]) -> int:
+    from tollway.client import AllowedAsset, Payer
+
+    payer = Payer.from_key(key, [AllowedAsset(f"eip155:{devnet['chain_id']}", devnet["token"])])
+    return int(httpx.get(f"{url}/v1/credit", headers=payer.wallet_header(url)).json()["balance"]["atomic"])
+
+
+def test_a_restarted_devnet_starts_a_ledger_of_its_own(tmp_path):
+    args = ["--devnet", "--devnet-port", str(free_port()), "--mock-port", str(free_port())]
+    proc, url = served(tmp_path, args)
+    try:
+        chat = tollway(["chat", "--url", url, "fund some credit", "--max-tokens", "8"], tmp_path)
+        assert chat.returncode == 0, chat.stderr
+        devnet = json.loads((tmp_path / "var" / "devnet.json").read_text())
+        key = devnet["payer_keys"][0]
+        time.sleep(1)
+        assert credit_of(url, key, devnet) > 0
+    finally:
+        stop(proc)  # and its anvil with it
+    proc, url = served(tmp_path, args)  # a new anvil: a new chain
+    try:
+        assert credit_of(url, key, json.loads((tmp_path / "var" / "devnet.json").read_text())) == 0
+    finally:
+        stop(proc)
+    assert len(list((tmp_path / "var").glob("devnet-31337-*.sqlite3"))) == 2
+
+
+# -- the real-chain path, rehearsed on an outside anvil ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def outside_chain(xprocess, upstream) -> dict[str, Any]:
+    """An anvil started as someone else's chain would be: Base Sepolia's chain id and a USDC at
+    Base Sepolia's address; a payee, a settlement key with gas, and a funded payer."""
+    from conftest import start_anvil
+
+    rpc = start_anvil(xprocess, "outside", chain_id=84532)
+    w3 = Web3(Web3.HTTPProvider(rpc))
+    deployed = deploy_devnet(rpc)  # TestUSDC somewhere; its code is then placed at USDC's address
+    w3.provider.make_request("anvil_setCode", [BASE_SEPOLIA_USDC, w3.eth.get_code(deployed.token).hex()])
+    owner = Account.from_key(deployed.deployer_key)
+    token = token_contract(w3, BASE_SEPOLIA_USDC)
+    payee, settler, payer = Account.create(), Account.create(), Account.create()
+    w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**18)])
+    for who in (payer.address, payee.address):
+        tx = token.functions.mint(who, 50_000_000).build_transaction(
+            {"from": owner.address, "nonce": w3.eth.get_transaction_count(owner.address, "pending"), "gas": 100_000}
+        )
+        w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(owner.sign_transaction(tx).raw_transaction))
+    return {"rpc": rpc, "payee": payee, "settler": settler, "payer": payer, "mock": upstream.url + "/v1"}
+
+
+def real_config(cwd: Path, chain: dict[str, Any], port: int, **changes: str) -> dict[str, str]:
+    """A configuration for the outside chain, its settlement key in a file; returns the env."""
+    key_file = cwd / "settler.key"
+    key_file.write_text("0x" + bytes(chain["settler"].key).hex() + "\n")
+    values = {
+        "public_url": f'"http://127.0.0.1:{port}"',
+        "rpc_url": f'"{chain["rpc"]}"',
+        "chain_id": "84532",
+        "payee": f'"{chain["payee"].address}"',
+        **changes,
+    }
+    write(
+        cwd,
+        f"""public_url = {values["public_url"]}
+database_url = "sqlite:///{cwd / "ledger.sqlite3"}"
+admin_token = "a-real-operator-token"
+
+[chain]
+rpc_url = {values["rpc_url"]}
+chain_id = {values["chain_id"]}
+token = "{BASE_SEPOLIA_USDC}"
+token_name = "USD Coin"
+payee = {values["payee"]}
+
+[upstream]
+url = "{chain["mock"]}"
+
+[models."mock/echo"]
+prompt = "0.000001"
+completion = "0.000002"
+""",
+    )
+    return {"TOLLWAY_CHAIN__SETTLER_KEY_FILE": str(key_file)}
+
+
+def test_doctor_passes_a_good_configuration(tmp_path, outside_chain):
+    env = real_config(tmp_path, outside_chain, free_port())
+    out = tollway(["doctor"], tmp_path, **env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok    chain: eip155:84532" in out.stdout and "ready to serve" in out.stdout
+    assert "ok    upstream default: serves 1 models" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"chain_id": "8453"}, "chain.chain_id: set to 8453 but the RPC serves chain 84532"),
+        ({"payee": f'"{ANVIL_ACCOUNT_1}"'}, "chain.payee: is a devnet account whose private key is public"),
+    ],
+)
+def test_doctor_and_serve_refuse_a_contradicted_configuration(tmp_path, outside_chain, change, says):
+    env = real_config(tmp_path, outside_chain, free_port(), **change)
+    out = tollway(["doctor"], tmp_path, **env)
+    assert out.returncode == 1 and says in out.stdout, out.stdout
+    assert says in serve_refused(tmp_path, **env)
+
+
+def test_public_url_is_required_on_a_real_chain(tmp_path, outside_chain):
+    env = real_config(tmp_path, outside_chain, free_port())
+    text = (tmp_path / "tollway.toml").read_text().replace("public_url =", "# public_url =", 1)
+    write(tmp_path, text)
+    assert "public_url: required on a real chain" in serve_refused(tmp_path, **env)
+
+
+async def test_serve_takes_real_payments_without_a_devnet(tmp_path, outside_chain):
+    """`tollway serve` with the configuration (no --devnet): the official x402 client pays it."""
+    from x402 import x402Client
+    from x402.http.clients import x402HttpxClient
+    from x402.mechanisms.evm.exact import ExactEvmScheme
+
+    port = free_port()
+    env = real_config(tmp_path, outside_chain, port)
+    proc = subprocess.Popen(
+        [TOLLWAY, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.2)
+        client = x402Client()
+        client.register("eip155:84532", ExactEvmScheme(outside_chain["payer"]))
+        async with x402HttpxClient(client) as http:
+            r = await http.post(
+                f"{url}/v1/chat/completions",
+                json={
+                    "model": "mock/echo",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "on the outside chain"}],
+                },
+            )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "echo: on the outside chain"
+    finally:
+        printed = stop(proc)
+    assert "devnet" not in printed and "eip155:84532" in printed  # the configured chain, no anvil of its own
