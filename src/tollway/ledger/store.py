@@ -22,8 +22,8 @@ from typing import Any
 from sqlalchemy import bindparam, case, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import SQLModel
 
+from .migrate import migrate
 from .models import (
     Call,
     ChainTx,
@@ -133,7 +133,7 @@ def make_engine(url: str) -> Engine:
 class Store:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        SQLModel.metadata.create_all(self.engine)
+        migrate(self.engine)  # the schema: alembic's migrations, once, under a lock
         self._local = threading.local()
         self._connections: list[Connection] = []
 

@@ -1,0 +1,180 @@
+"""The ledger's schema comes from alembic migrations: they build exactly the models' tables, replicas
+starting together upgrade once, and a ledger made by ``create_all`` before migrations is adopted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import inspect, text
+from sqlmodel import SQLModel
+
+from tollway.ledger import Store
+from tollway.ledger import migrate as migrations
+from tollway.ledger.store import make_engine
+
+
+@pytest.fixture
+def fresh_pg(postgres_url: str) -> Iterator[str]:
+    """A new, empty database on the test PostgreSQL cluster."""
+    name = f"ledger_{uuid.uuid4().hex[:12]}"
+    admin = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_url.rsplit('/', 1)[0]}/{name}"
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_db(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    return request.getfixturevalue("fresh_pg")
+
+
+def test_migrations_build_exactly_the_models_tables(empty_db):
+    engine = make_engine(empty_db)
+    try:
+        assert migrations.migrate(engine) is True
+        with engine.connect() as conn:
+            assert migrations.current(conn) == migrations.head()
+            diff = migrations.schema_diff(conn)
+        assert not diff, (
+            f"ledger/models.py and ledger/migrations disagree ({engine.dialect.name}): {diff}\n"
+            f"After changing the models, {migrations.HOW_TO_ADD}"
+        )
+        assert migrations.migrate(engine) is False  # at the newest revision: nothing to do
+    finally:
+        engine.dispose()
+
+
+def test_stores_opened_together_migrate_once(empty_db, monkeypatch):
+    upgrades: list[str] = []
+    real_upgrade = migrations._upgrade
+
+    def counting_upgrade(conn) -> None:
+        upgrades.append(threading.current_thread().name)
+        real_upgrade(conn)
+
+    monkeypatch.setattr(migrations, "_upgrade", counting_upgrade)
+    start = threading.Barrier(8)
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            stores.append(Store(empty_db))
+        except BaseException as exc:  # every replica must start
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store, name=f"replica-{i}") for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        assert len(stores) == 8 and len(upgrades) == 1, upgrades
+        with stores[0].engine.connect() as conn:
+            assert migrations.current(conn) == migrations.head()
+            assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+            assert not migrations.schema_diff(conn)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_create_all_ledger_is_adopted_with_its_rows(empty_db):
+    engine = make_engine(empty_db)
+    SQLModel.metadata.create_all(engine)  # what every tollway before migrations did
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO meta (key, value) VALUES ('quote_secret', 'kept')"))
+    engine.dispose()
+
+    store = Store(empty_db)
+    try:
+        with store.engine.connect() as conn:
+            assert migrations.current(conn) == migrations.head()
+            assert conn.execute(text("SELECT value FROM meta WHERE key = 'quote_secret'")).scalar() == "kept"
+            assert not migrations.schema_diff(conn)
+        assert migrations.migrate(store.engine) is False
+    finally:
+        store.close()
+
+
+def test_an_older_ledger_gets_the_tables_and_indexes_it_lacks(empty_db):
+    engine = make_engine(empty_db)
+    tables = SQLModel.metadata.tables
+    SQLModel.metadata.create_all(engine, tables=[t for name, t in tables.items() if name != "payouts"])
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_payments_owed"))
+    try:
+        assert migrations.migrate(engine) is True
+        with engine.connect() as conn:
+            assert "payouts" in inspect(conn).get_table_names()
+            assert not migrations.schema_diff(conn)
+    finally:
+        engine.dispose()
+
+
+def test_an_older_ledger_missing_a_column_is_refused_and_left_as_it_was(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE calls DROP COLUMN upstream_cost"))
+    engine.dispose()
+
+    with pytest.raises(migrations.SchemaMismatch, match=r"lacks calls\.upstream_cost"):
+        Store(url)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert migrations.current(conn) is None  # the upgrade was rolled back
+            assert "alembic_version" not in inspect(conn).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_the_documented_revision_command_writes_the_next_migration(tmp_path):
+    """``python -m tollway.ledger.migrate revision`` (module docstring) after a model change writes a
+    migration that brings a ledger to the changed models; with no change it writes nothing."""
+    agree = subprocess.run(
+        [sys.executable, "-m", "tollway.ledger.migrate", "revision", "nothing"], capture_output=True, text=True
+    )
+    assert agree.returncode == 1 and "agree" in agree.stderr, agree.stderr
+
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrations.MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    program = textwrap.dedent(
+        f"""
+        import sqlalchemy as sa
+        from tollway.ledger import migrate, models
+        migrate.MIGRATIONS = __import__("pathlib").Path({str(scripts)!r})
+        models.Call.__table__.append_column(sa.Column("region", sa.String(), nullable=True))
+        assert migrate.main(["revision", "calls.region"]) == 0
+        migrate.head.cache_clear()
+        engine = sa.create_engine("sqlite:///{tmp_path / "next.sqlite3"}")
+        assert migrate.migrate(engine)
+        with engine.connect() as conn:
+            assert migrate.current(conn) == migrate.head() == "0002", migrate.head()
+            assert migrate.schema_diff(conn) == [], migrate.schema_diff(conn)
+        """
+    )
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    written = sorted(p.name for p in Path(scripts, "versions").glob("*.py"))
+    assert written == ["0001_baseline.py", "0002_calls_region.py"], written
+    assert "region" in Path(scripts, "versions", "0002_calls_region.py").read_text()
