@@ -11,13 +11,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import __version__, credits, pipeline
 from .config import Settings
-from .errors import Forbidden, GatewayError, NotFound, PaymentMalformed, PaymentRequired, Unauthorized
+from .errors import (
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PaymentMalformed,
+    PaymentRequired,
+    Unauthorized,
+    error_body,
+)
 from .gateway import Gateway
 from .pipeline import WALLET_HEADER, wallet_credit
 from .pricing import money, per_million
@@ -209,6 +218,19 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
     return Response(json.dumps(body), status_code=exc.status, headers=headers, media_type="application/json")
 
 
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, method not allowed) in the same JSON shape."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    message = f"{request.method} {request.url.path[:100]}: {exc.detail}"
+    return JSONResponse(error_body(exc.status_code, message, code), status_code=exc.status_code, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A fault of ours, answered in the same shape (the server logs its traceback)."""
+    return JSONResponse(error_body(500, "internal error", "internal"), status_code=500)
+
+
 def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     """The app. It opens (and closes) its gateway itself, unless one opened by the caller is given."""
 
@@ -232,6 +254,6 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/v1/stats/cache", cache_stats, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
         ],
-        exception_handlers={GatewayError: gateway_error},
+        exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )

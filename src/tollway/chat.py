@@ -51,6 +51,7 @@ class ChatCall:
     quote: Quote
     long_cache: bool = False  # the request asks for one-hour cache writes
     cap_set: bool = True  # the request carries an output-cap field (lowered to the priced cap)
+    wants_usage: bool = True  # a stream's client asked for the usage chunk (tollway always asks for it)
     _encoded: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def forward(self, cap_field: str = "max_tokens") -> bytes:
@@ -141,7 +142,8 @@ def parse_chat(
     if upstream_model != model:
         forward["model"] = upstream_model
     opts = body.get("stream_options")
-    if stream and not (isinstance(opts, dict) and opts.get("include_usage") is True):
+    wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+    if stream and not wants_usage:
         forward["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
     cap_set = any(f in forward for f in CAP_FIELDS)
 
@@ -163,7 +165,7 @@ def parse_chat(
         choices=choices,
         origin=origin,
     )
-    return ChatCall(forward, model, upstream_model, stream, p, quote, long_cache, cap_set)
+    return ChatCall(forward, model, upstream_model, stream, p, quote, long_cache, cap_set, wants_usage)
 
 
 def refuse_unpriced(body: dict[str, Any]) -> None:

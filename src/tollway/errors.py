@@ -24,6 +24,21 @@ from typing import Any
 
 MAX_MESSAGE = 500  # characters of an error message: it may quote client input
 
+# Error types in OpenAI's vocabulary, by status: SDKs show ``error.message``, clients branch on these.
+OPENAI_TYPES = {
+    401: "authentication_error",
+    402: "insufficient_quota",  # OpenAI's word for "pay first"
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(status: int, message: str, code: str) -> dict[str, Any]:
+    """``{"error": {"message", "type", "code"}}``, as OpenAI-compatible clients read errors."""
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "code": code}}
+
 
 def truncate(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters: what the gateway reflects of its input stays small."""
@@ -47,7 +62,7 @@ class GatewayError(Exception):
 
     def body(self) -> dict[str, Any]:
         """OpenAI-style error body, so OpenAI SDKs surface the message."""
-        return {"error": {"message": self.message, "type": type(self).__name__, "code": self.code}}
+        return error_body(self.status, self.message, self.code)
 
 
 class BadRequest(GatewayError):

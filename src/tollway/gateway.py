@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from . import doctor
 from .cache import PrefixMemory
 from .config import Settings, resolve_chain, upstream_list
+from .errors import ChainUnavailable, UpstreamUnavailable
 from .ledger import Store
 from .ledger.store import credit_account
 from .payments import build_scheme
@@ -31,6 +33,8 @@ from .upstream.client import Upstream, make_http_client, make_paying_client
 from .upstream.router import Router
 
 log = logging.getLogger("tollway")
+CHAIN_PROBE_SECONDS = 3
+CHAIN_DOWN_AFTER = 2  # failed probes in a row
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Gateway:
     _clients: tuple[httpx.AsyncClient, ...]
     _worker_chain: Chain
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
+    _prober: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:
@@ -121,7 +127,29 @@ class Gateway:
         )
         gw.close_abandoned_streams()
         await settler.start()
+        gw._prober = asyncio.get_running_loop().create_task(gw._probe_chain())
         return gw
+
+    async def _probe_chain(self) -> None:
+        """Ask the chain for its head every few seconds, so that requests need not find out."""
+        while True:
+            try:
+                await self.chain.request("eth_blockNumber", [])
+                self.chain_failures = 0
+            except ChainUnavailable:
+                self.chain_failures += 1
+            await asyncio.sleep(CHAIN_PROBE_SECONDS)
+
+    def check_available(self, model: str) -> None:
+        """Refuse to quote (503 + Retry-After) while nothing could serve the call: every upstream of
+        the model is cooling down after failures, or the chain RPC failed its last probes."""
+        if self.chain_failures >= CHAIN_DOWN_AFTER:
+            raise ChainUnavailable("the chain RPC is not answering", retry_after=CHAIN_PROBE_SECONDS)
+        wait = self.router.cooling(model)
+        if wait > 0:
+            raise UpstreamUnavailable(
+                "every upstream for this model failed just now", retry_after=max(1, math.ceil(wait))
+            )
 
     @property
     def v1_name_of(self) -> dict[str, str]:
@@ -171,6 +199,8 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
         if self._background:  # let work after responses finish, briefly
             await asyncio.wait(self._background, timeout=15)
         await self.settler.stop()

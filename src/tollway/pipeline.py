@@ -49,10 +49,19 @@ from .ledger.store import PREPAID, Settle, credit_account, new_id
 from .payments import x402
 from .payments.base import Offer, PaymentScheme, Proof, Verified
 from .payments.credit import check_wallet_proof
-from .pricing import MAX_AMOUNT, to_atomic
+from .pricing import MAX_AMOUNT, atomic_to_usd, to_atomic
 from .upstream.client import Opened
 from .upstream.router import conversation_key
-from .usage import SUMMARY_PREFIX, StreamTail, Usage, usage_from_body
+from .usage import (
+    SUMMARY_PREFIX,
+    StreamTail,
+    Usage,
+    UsageEvents,
+    body_with_cost,
+    parse_usage,
+    usage_from_body,
+    with_cost,
+)
 
 log = logging.getLogger("tollway.pipeline")
 
@@ -84,6 +93,7 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
     try:
         proof = x402.decode_proof(request.headers, gw.v1_names)
         if proof is None:
+            gw.check_available(call.model)  # no quote for what cannot be served now (503)
             raise PaymentRequired("PAYMENT-SIGNATURE header is required")  # → challenge
         scheme, payment = await verify(gw, call, proof)  # verify
         paid = lock(gw, call, scheme, payment, proof, call_id)  # lock (replay), debt gate, hold credit
@@ -306,7 +316,7 @@ def meter(
     """
     covered = paid.payment.amount + paid.held
     cost = call.quote.amount if usage is None else call.prices.cost(usage, long_cache=call.long_cache)
-    if cost > min(call.quote.amount, covered) and usage is not None and usage.dialect != "estimated":
+    if cost > charge(call, paid, usage) and usage is not None and usage.dialect != "estimated":
         gw.counters["cost_over_quote"] += 1
         log.warning(
             "cost_over_quote call=%s model=%s upstream=%s cost=%d quote=%d usage=%s",
@@ -317,7 +327,7 @@ def meter(
             call.quote.amount,
             usage.as_dict(),
         )
-    cost = min(cost, call.quote.amount, covered)
+    cost = charge(call, paid, usage)
     fields: dict[str, Any] = {"cost": cost, "expected_cached_tokens": expected}
     discount = None
     if usage is not None:
@@ -347,6 +357,13 @@ def meter(
         balance = gw.store.credit_balance(paid.account)
     fields["credit_after"] = balance
     return fields, cache.hop(opened.upstream, usage, expected, discount)
+
+
+def charge(call: ChatCall, paid: Paid, usage: Usage | None) -> int:
+    """What a call is charged: its metered cost, never more than its quote nor what paid for it;
+    without usage, its quote (the agreed upper bound)."""
+    cost = call.quote.amount if usage is None else call.prices.cost(usage, long_cache=call.long_cache)
+    return min(cost, call.quote.amount, paid.payment.amount + paid.held)
 
 
 def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[str, Any]:
@@ -384,7 +401,8 @@ def respond(
     headers["x-tollway-credit"] = str(fields["credit_after"])
     headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
     media = opened.response.headers.get("content-type", "application/json")
-    return Response(opened.first, status_code=200, media_type=media, headers=headers)
+    body = body_with_cost(opened.first, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
+    return Response(body, status_code=200, media_type=media, headers=headers)
 
 
 def error_event(message: str, code: str) -> bytes:
@@ -441,16 +459,33 @@ def relay_stream(
 
     stop_cutting = stream_cutter(gw, opened, paid)
 
+    def usage_event(doc: dict[str, Any]) -> dict[str, Any] | None:
+        """The usage chunk as the client gets it: tollway's charge as ``usage.cost``; dropped (or
+        just its usage) if the client did not ask for it."""
+        usage = parse_usage(doc["usage"], doc.get("timings"))
+        if usage is not None:
+            doc = with_cost(doc, atomic_to_usd(charge(call, paid, usage), gw.settings.chain.decimals))
+        if call.wants_usage:
+            return doc
+        if not doc.get("choices"):
+            return None
+        return {k: v for k, v in doc.items() if k != "usage"}
+
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
         tail.feed(opened.first)
+        relay = UsageEvents(usage_event)
         closed = False
         try:
-            yield opened.first
+            yield relay.feed(opened.first)
             async for chunk in opened.rest():
                 tail.feed(chunk)
                 if opened.error is None:  # once cut, nothing more reaches the client
-                    yield chunk
+                    out = relay.feed(chunk)
+                    if out:
+                        yield out
+            if relay.held:
+                yield relay.flush()
             if opened.error is not None and tail.error() is None:
                 yield error_event(opened.error, "stream_interrupted")
             metered = close(tail, complete=opened.error is None)
@@ -550,9 +585,12 @@ def with_challenge(exc: PaymentRequired, gw: Gateway, call: ChatCall, request: R
     }
     error = truncate(f"{exc.code}: {exc.message}", 300)
     doc = x402.payment_required(error, resource, quoted)
-    body = doc
-    if gw.v1_names:  # v2 clients read the header; v1 clients read the body
+    # v2 clients read the header. The body is for OpenAI-compatible clients (``error`` an object,
+    # whose message their SDKs show) — unless the chain has an x402 v1 name: v1 clients read the
+    # body, with ``error`` a string, so it keeps that and says the rest at the top level.
+    body: dict[str, Any] = {**exc.body(), "x402": doc}
+    if gw.v1_names:
         exact = [o for o in quoted if o.scheme == "exact"]
-        body = x402.payment_required_v1(error, resource, exact, gw.v1_name_of)
+        body = {**x402.payment_required_v1(error, resource, exact, gw.v1_name_of), **exc.body()["error"]}
     exc.challenge = {"headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc)}, "body": body}
     return exc

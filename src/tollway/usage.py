@@ -18,7 +18,7 @@ import contextlib
 import json
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
@@ -106,6 +106,67 @@ def usage_from_body(body: bytes) -> Usage | None:
     except (ValueError, RecursionError):
         return None
     return parse_usage(doc.get("usage"), doc.get("timings")) if isinstance(doc, dict) else None
+
+
+def with_cost(doc: dict[str, Any], cost_usd: Decimal) -> dict[str, Any]:
+    """A response (or usage chunk) with what tollway charged as ``usage.cost`` in USD (OpenRouter's
+    convention); the upstream's own figure, if it stated one, moves to ``usage.upstream_cost``."""
+    usage = dict(doc["usage"])
+    if "cost" in usage:
+        usage["upstream_cost"] = usage.pop("cost")
+    usage["cost"] = float(cost_usd)  # a display figure: the exact amount is in atomic units elsewhere
+    return {**doc, "usage": usage}
+
+
+def body_with_cost(raw: bytes, cost_usd: Decimal) -> bytes:
+    """A non-streamed answer with tollway's charge in ``usage.cost`` (unchanged if it has no usage)."""
+    try:
+        with python_recursion_limit():
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
+                return raw
+            return json.dumps(with_cost(doc, cost_usd), ensure_ascii=False, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):
+        return raw
+
+
+class UsageEvents:
+    """Rewrites a stream's usage events as they pass — ``rewrite(doc)`` returns the event to send
+    (or None to drop it) — and leaves every other byte as it came. Only events that mention
+    ``"usage"`` are held back until complete and parsed."""
+
+    def __init__(self, rewrite: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        self.rewrite = rewrite
+        self.held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.held and b'"usage"' not in chunk:
+            return chunk
+        data = self.held + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.held = data
+            return b""
+        complete, self.held = data[: end + 2], data[end + 2 :]
+        return b"".join(self._event(e) for e in complete.split(b"\n\n")[:-1])
+
+    def flush(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
+
+    def _event(self, event: bytes) -> bytes:
+        if event.startswith(b"data:") and b'"usage"' in event:
+            try:
+                with python_recursion_limit():
+                    doc = json.loads(event[5:])
+            except (ValueError, RecursionError):
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+                new = self.rewrite(doc)
+                if new is None:
+                    return b""
+                return b"data: " + json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        return event + b"\n\n"
 
 
 SUMMARY_PREFIX = b": tollway "  # the SSE comment a tollway ends its streams with

@@ -125,6 +125,8 @@ async def test_official_x402_v1_payload_pays(v1_gateway):
     url = server.url + CHAT
     r = httpx.post(url, json=BODY)
     assert r.status_code == 402 and r.json()["x402Version"] == 1  # v1 clients read the body
+    assert isinstance(r.json()["error"], str)  # as v1 clients parse it; the rest is said at the top level:
+    assert r.json()["code"] == "payment_required" and r.json()["type"] == "insufficient_quota" and r.json()["message"]
     assert r.json()["accepts"][0]["network"] == "base-sepolia"
     quote = int(r.json()["accepts"][0]["maxAmountRequired"])
     before = chain.balance(account.address)

@@ -55,6 +55,8 @@ def call(http: httpx.Client, dialect: str, stream: bool, question: str) -> tuple
         "stream": stream,
         "mock": {"dialect": dialect},
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True}  # without it, tollway drops the usage chunk
     if not stream:
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
@@ -77,6 +79,7 @@ def test_billed_equals_hand_computed_cost(gateway, chain, devnet, dialect, strea
             r, usage, timings = call(http, dialect, stream, question)
             receipt = wait_receipt(gateway.url, r.headers["x-tollway-receipt"])
             assert int(receipt["cost"]["atomic"]) == to_atomic(hand_cost(price, usage, timings), 6)
+            assert usage["cost"] == float(receipt["cost"]["usd"])  # usage.cost: what the payer was charged
             if dialect == "none":
                 assert receipt["usage"]["cached_tokens"] is None  # unknown, not zero
             elif i == 1:

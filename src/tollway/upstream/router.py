@@ -56,6 +56,12 @@ class Router:
     def healthy(self, u: Upstream, now: float) -> bool:
         return self._failures.get(u.name, (0, 0.0))[1] <= now
 
+    def cooling(self, model: str) -> float:
+        """Seconds until an upstream serving ``model`` is out of its cooldown (0: one is ready now)."""
+        now = time.monotonic()
+        waits = [max(self._failures.get(u.name, (0, 0.0))[1] - now, 0.0) for u in self.upstreams if u.serves(model)]
+        return min(waits, default=0.0)
+
     def candidates(self, model: str, key: str) -> list[Upstream]:
         now = time.monotonic()
         serving = [u for u in self.upstreams if u.serves(model)]
