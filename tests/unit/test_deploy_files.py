@@ -151,13 +151,15 @@ def test_nothing_mounts_the_venv_the_ledgers_or_the_repository(compose):
     assert {c["file"] for c in (compose.get("configs") or {}).values()} <= {"./tollway.toml"}
 
 
-def test_keys_and_a_users_configuration_are_never_committed():
-    paths = ["tollway.toml", "secrets/settler_key", "var/tollway.sqlite3", ".venv/bin/python"]
+def test_keys_and_a_users_configuration_are_never_committed(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # .gitignore alone, whatever the checkout
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    paths = ["tollway.toml", "secrets/settler_key", ".env", "var/tollway.sqlite3", ".venv/bin/python"]
     ignored = subprocess.run(
-        ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True
+        ["git", "check-ignore", "--no-index", *paths], cwd=tmp_path, capture_output=True, text=True
     ).stdout.split()
     assert ignored == paths
-    example = subprocess.run(["git", "check-ignore", "-q", "--no-index", "tollway.example.toml"], cwd=ROOT)
+    example = subprocess.run(["git", "check-ignore", "-q", "--no-index", "tollway.example.toml"], cwd=tmp_path)
     assert example.returncode == 1, "tollway.example.toml must stay in the repository"
 
 
