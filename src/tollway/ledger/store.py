@@ -23,7 +23,6 @@ from sqlalchemy import bindparam, case, create_engine, event, func, insert, sele
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from .migrate import migrate
 from .models import (
     Call,
     ChainTx,
@@ -133,6 +132,8 @@ def make_engine(url: str) -> Engine:
 class Store:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
+        from .migrate import migrate  # (alembic loads only where a store opens)
+
         migrate(self.engine)  # the schema: alembic's migrations, once, under a lock
         self._local = threading.local()
         self._connections: list[Connection] = []
