@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import ClassVar
 
@@ -81,7 +82,9 @@ class GatewayHandle:
 def gateway_settings(devnet: Devnet, upstream_url: str, db: Path, *, own_settler: bool = True, **overrides) -> Settings:
     """Settings for a gateway on the devnet. Unless it shares a ledger with another gateway, it
     gets a settlement account of its own: gateways with separate ledgers must not share one (each
-    would count that account's nonces on its own)."""
+    would count that account's nonces on its own). Withdrawals of any size are allowed (the tests
+    move small amounts; the minimum has a test of its own)."""
+    overrides = {"min_withdrawal_usd": Decimal(0), **overrides}
     base = Settings(
         database_url=f"sqlite:///{db}", quote_secret="test-quote-secret-0123", admin_token=ADMIN_TOKEN, **overrides
     )

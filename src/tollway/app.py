@@ -8,10 +8,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -29,7 +32,7 @@ from .errors import (
 )
 from .gateway import Gateway
 from .pipeline import WALLET_HEADER, wallet_credit
-from .pricing import money, per_million
+from .pricing import money, per_million, plain
 
 log = logging.getLogger("tollway")
 
@@ -67,8 +70,8 @@ async def models(request: Request) -> Response:
                 "object": "model",
                 "owned_by": "tollway",
                 # OpenRouter's convention: USD per token, as decimal strings.
-                "pricing": {k: str(v) for k, v in usd.items()},
-                "pricing_per_million": {k: str(per_million(v)) for k, v in usd.items() if k != "request"},
+                "pricing": {k: plain(v) for k, v in usd.items()},
+                "pricing_per_million": {k: plain(per_million(v)) for k, v in usd.items() if k != "request"},
                 # The same in the payment asset's atomic units, per million tokens (rounded up).
                 "pricing_atomic_per_million": {
                     names.get(f, f): str(p.per_million(f))
@@ -144,10 +147,14 @@ async def receipt(request: Request) -> Response:
         },
         "upstream_latency_ms": row["upstream_latency_ms"],
         "duration_ms": row["duration_ms"],
-        "created_at": row["created_at"],
-        "finished_at": row["finished_at"],
+        "created_at": iso(row["created_at"]),
+        "finished_at": iso(row["finished_at"]),
     }
     return JSONResponse(body)
+
+
+def iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
 CACHE_WINDOWS = {"5m": 300, "1h": 3600, "24h": 86400}
@@ -198,6 +205,8 @@ async def healthz(request: Request) -> Response:
             networks=sorted({s.network for s in gw.schemes}),
             payments=gw.store.count_by_state(),
             settlement_error=gw.settler.last_error,
+            chain_probe_failures=gw.chain_failures,
+            upstreams=gw.router.health(),
             events=dict(gw.counters),
         )
     return JSONResponse(doc, status_code=200 if ok else 503)
@@ -231,6 +240,31 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(500, "internal error", "internal"), status_code=500)
 
 
+# What a browser wallet must send, and may read (CORS).
+CORS_REQUEST_HEADERS = [
+    "Content-Type",
+    "Authorization",
+    "PAYMENT-SIGNATURE",
+    "X-PAYMENT",
+    "SIGN-IN-WITH-X",
+    "X-Tollway-Wallet",
+    "Idempotency-Key",
+    "X-Session-Id",
+]
+CORS_EXPOSED_HEADERS = [
+    "PAYMENT-REQUIRED",
+    "PAYMENT-RESPONSE",
+    "X-PAYMENT-RESPONSE",
+    "WWW-Authenticate",
+    "Payment-Receipt",
+    "Retry-After",
+    "X-Tollway-Receipt",
+    "X-Tollway-Cost",
+    "X-Tollway-Credit",
+    "X-Tollway-Cache",
+]
+
+
 def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     """The app. It opens (and closes) its gateway itself, unless one opened by the caller is given."""
 
@@ -243,7 +277,19 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             if gateway is None:
                 await app.state.gateway.close()
 
+    cors = gateway.settings.cors_origins if gateway else settings.cors_origins
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=cors,
+            allow_methods=["GET", "POST"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
+    ]
     return Starlette(
+        middleware=middleware if cors else [],
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

@@ -52,6 +52,7 @@ class ChatCall:
     long_cache: bool = False  # the request asks for one-hour cache writes
     cap_set: bool = True  # the request carries an output-cap field (lowered to the priced cap)
     wants_usage: bool = True  # a stream's client asked for the usage chunk (tollway always asks for it)
+    received: float = 0.0  # UNIX time the request arrived
     _encoded: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def forward(self, cap_field: str = "max_tokens") -> bytes:
@@ -165,7 +166,7 @@ def parse_chat(
         choices=choices,
         origin=origin,
     )
-    return ChatCall(forward, model, upstream_model, stream, p, quote, long_cache, cap_set, wants_usage)
+    return ChatCall(forward, model, upstream_model, stream, p, quote, long_cache, cap_set, wants_usage, now)
 
 
 def refuse_unpriced(body: dict[str, Any]) -> None:

@@ -208,6 +208,11 @@ class Settings(BaseSettings):
     # smaller than what its settlement can cost at the fee ceiling (None: computed from
     # chain.fee_ceiling_gwei, the settlement's gas and chain.native_usd; at least 0.001).
     min_chain_payment_usd: Decimal | None = None
+    # The smallest withdrawal of credit: each is a token transfer whose gas the gateway pays (None:
+    # that transfer's gas at the fee ceiling, at least 0.01).
+    min_withdrawal_usd: Decimal | None = Field(None, ge=0)
+    # Browser origins allowed to call the API (CORS; no cookies are used, so "*" is safe). [] turns CORS off.
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     schemes: list[str] = ["exact", "transfer", "credit"]  # payment schemes offered, by registry name
     chain: ChainSettings = ChainSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one
@@ -292,6 +297,7 @@ NATIVE_USD_DEFAULT = Decimal(5000)
 FEE_CEILING_GWEI = {DEVNET_CHAIN_ID: Decimal(100), 8453: Decimal("0.5"), 84532: Decimal("0.5")}
 TRANSFER_CONFIRMATIONS = {DEVNET_CHAIN_ID: 0, 1: 12, 8453: 10, 84532: 10}  # default elsewhere: 12
 SETTLEMENT_GAS_ESTIMATE = 70_000  # gas an EIP-3009 settlement uses (about 60,000 on USDC)
+PAYOUT_GAS_ESTIMATE = 65_000  # gas of an ERC-20 transfer to a new holder
 
 
 DEVNET_MODELS: dict[str, dict[str, Any]] = {
@@ -364,8 +370,12 @@ def resolve_chain(settings: Settings, chain_id: int) -> Settings:
             else TRANSFER_CONFIRMATIONS.get(chain_id, 12),
         }
     )
+    gas_usd = chain.fee_ceiling_gwei * chain.native_usd / 10**9  # type: ignore[operator]
     least = settings.min_chain_payment_usd
     if least is None:
-        gas_usd = SETTLEMENT_GAS_ESTIMATE * chain.fee_ceiling_gwei * chain.native_usd / 10**9  # type: ignore[operator]
-        least = max(Decimal("0.001"), gas_usd)
-    return settings.model_copy(update={"chain": chain, "min_chain_payment_usd": least})
+        least = max(Decimal("0.001"), SETTLEMENT_GAS_ESTIMATE * gas_usd)
+    withdrawal = settings.min_withdrawal_usd
+    if withdrawal is None:
+        withdrawal = max(Decimal("0.01"), PAYOUT_GAS_ESTIMATE * gas_usd)
+    update = {"chain": chain, "min_chain_payment_usd": least, "min_withdrawal_usd": withdrawal}
+    return settings.model_copy(update=update)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from fractions import Fraction
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +20,7 @@ from .gateway import Gateway
 from .ledger.store import InsufficientCredit, credit_account
 from .payments import signed
 from .pipeline import WALLET_HEADER, read_body, wallet_credit
-from .pricing import MAX_AMOUNT, money
+from .pricing import MAX_AMOUNT, money, to_atomic
 
 
 async def balance(request: Request, gw: Gateway) -> Response:
@@ -60,6 +61,11 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
     amount = int(w["amount"])
     if amount <= 0 or amount > MAX_AMOUNT:
         raise BadRequest(f"amount must be between 1 and {MAX_AMOUNT}", code="invalid_amount")
+    least = to_atomic(Fraction(gw.settings.min_withdrawal_usd or 0), gw.settings.chain.decimals)
+    if amount < least:
+        raise BadRequest(
+            f"withdrawals start at {least} units (a payout's gas is paid by the gateway)", code="withdrawal_too_small"
+        )
     if gw.settler.payout_account is None:
         raise NotConfigured("withdrawals are not configured here (chain.payout_key)", code="withdrawals_disabled")
     account = credit_account(gw.network, gw.token, wallet)

@@ -2,7 +2,8 @@
 
     GatewayError                 500  internal   (only for our own faults)
     ├── BadRequest               400  invalid_request
-    │   └── PaymentMalformed     400  invalid_payload / invalid_x402_version / ...
+    │   ├── PaymentMalformed     400  invalid_payload / invalid_x402_version / ...
+    │   └── TooLarge             413  body_too_large
     ├── Unauthorized             401  unauthorized (prove the wallet, or the admin token)
     ├── Forbidden                403  forbidden
     ├── NotFound                 404  not_found
@@ -10,6 +11,7 @@
     │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
     ├── UpstreamError            502  upstream_error
     │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
+    │       └── UpstreamDown     503  upstream_unavailable / upstream_timeout: it did not answer at all
     ├── NotConfigured            503  not_configured (a feature this deployment lacks)
     └── ChainUnavailable         503  chain_unavailable    (+ Retry-After)
 
@@ -70,6 +72,11 @@ class BadRequest(GatewayError):
     code = "invalid_request"
 
 
+class TooLarge(BadRequest):
+    status = 413
+    code = "body_too_large"
+
+
 class PaymentMalformed(BadRequest):
     """The payment header could not be decoded or has the wrong shape."""
 
@@ -114,6 +121,10 @@ class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "upstream_unavailable"
     retry_after = 1
+
+
+class UpstreamDown(UpstreamUnavailable):
+    """The upstream did not answer at all (refused, unreachable, timed out): it is down, not busy."""
 
 
 class NotConfigured(GatewayError):

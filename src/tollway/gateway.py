@@ -142,14 +142,12 @@ class Gateway:
 
     def check_available(self, model: str) -> None:
         """Refuse to quote (503 + Retry-After) while nothing could serve the call: every upstream of
-        the model is cooling down after failures, or the chain RPC failed its last probes."""
+        the model is down (it did not answer at all just now), or the chain RPC failed its last probes."""
         if self.chain_failures >= CHAIN_DOWN_AFTER:
             raise ChainUnavailable("the chain RPC is not answering", retry_after=CHAIN_PROBE_SECONDS)
-        wait = self.router.cooling(model)
+        wait = self.router.down_for(model)
         if wait > 0:
-            raise UpstreamUnavailable(
-                "every upstream for this model failed just now", retry_after=max(1, math.ceil(wait))
-            )
+            raise UpstreamUnavailable("every upstream for this model is down", retry_after=max(1, math.ceil(wait)))
 
     @property
     def v1_name_of(self) -> dict[str, str]:

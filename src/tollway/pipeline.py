@@ -36,11 +36,11 @@ from starlette.responses import Response, StreamingResponse
 from . import cache
 from .chat import ChatCall, parse_chat
 from .errors import (
-    BadRequest,
     GatewayError,
     PaymentInvalid,
     PaymentMalformed,
     PaymentRequired,
+    TooLarge,
     UpstreamUnavailable,
     truncate,
 )
@@ -64,6 +64,7 @@ from .usage import (
 )
 
 log = logging.getLogger("tollway.pipeline")
+calls_log = logging.getLogger("tollway.calls")
 
 WALLET_HEADER = "x-tollway-wallet"
 
@@ -87,9 +88,30 @@ class Paid:
 
 
 async def chat_completions(request: Request, gw: Gateway) -> Response:
-    body = await read_body(request, gw.settings.max_body_bytes)
-    call = parse_chat(body, gw.settings, gw.prices, origin=gw.origin(request))  # price
-    call_id = new_id()
+    started, call_id, model = time.time(), new_id(), "-"
+    try:
+        call = parse_chat(
+            await read_body(request, gw.settings.max_body_bytes), gw.settings, gw.prices, origin=gw.origin(request)
+        )  # price
+        model = call.model
+        return await paid_call(request, gw, call, call_id)
+    except GatewayError as exc:
+        log_call(call_id, model, exc.status, started, code=exc.code)
+        raise
+    except Exception:
+        log_call(call_id, model, 500, started, code="internal")
+        raise
+
+
+def log_call(call_id: str, model: str, status: int, started: float, **details: Any) -> None:
+    """One line per call, key=value, nothing secret: what an operator greps and graphs."""
+    fields = " ".join(f"{k}={v}" for k, v in details.items() if v is not None)
+    calls_log.info(
+        "call id=%s model=%s status=%d ms=%.1f %s", call_id, model, status, (time.time() - started) * 1000, fields
+    )
+
+
+async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str) -> Response:
     try:
         proof = x402.decode_proof(request.headers, gw.v1_names)
         if proof is None:
@@ -129,12 +151,12 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(f"request body larger than {limit} bytes", code="body_too_large")
+        raise TooLarge(f"request body larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise BadRequest(f"request body larger than {limit} bytes", code="body_too_large")
+            raise TooLarge(f"request body larger than {limit} bytes")
     return bytes(body)
 
 
@@ -376,6 +398,7 @@ def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[st
         "quote": call.quote.amount,
         "paid": paid.payment.amount,
         "from_credit": paid.held,
+        "created_at": call.received,
         **values,
     }
 
@@ -402,6 +425,18 @@ def respond(
     headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
     media = opened.response.headers.get("content-type", "application/json")
     body = body_with_cost(opened.first, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
+    log_call(
+        call_id,
+        call.model,
+        200,
+        call.received,
+        stream=False,
+        upstream=opened.upstream,
+        scheme=paid.payment.scheme,
+        paid=paid.payment.amount,
+        from_credit=paid.held,
+        cost=fields["cost"],
+    )
     return Response(body, status_code=200, media_type=media, headers=headers)
 
 
@@ -440,7 +475,21 @@ def relay_stream(
             "duration_ms": (time.time() - started) * 1000,
             "finished_at": time.time(),
         }
-        return meter(gw, call, paid, opened, usage, expected, row, insert_row=False)
+        metered = meter(gw, call, paid, opened, usage, expected, row, insert_row=False)
+        log_call(
+            call_id,
+            call.model,
+            200,
+            call.received,
+            stream=True,
+            upstream=opened.upstream,
+            scheme=paid.payment.scheme,
+            paid=paid.payment.amount,
+            from_credit=paid.held,
+            cost=metered[0]["cost"],
+            outcome=row["status"],
+        )
+        return metered
 
     def close(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """Meter the stream now — or, when it carried no usage but its upstream can tell it after

@@ -37,13 +37,19 @@ def atomic_to_usd(amount: int, decimals: int) -> Decimal:
     return Decimal(amount).scaleb(-decimals)
 
 
+def plain(value: Decimal) -> str:
+    """A decimal as people write it: ``0.0000001``, ``10`` — never ``1E-7`` or ``1E+1``."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
 def money(amount: int | None, decimals: int) -> dict[str, str] | None:
     """An amount as the API shows it: atomic units and USD, both exact decimal strings."""
-    return None if amount is None else {"atomic": str(amount), "usd": str(atomic_to_usd(int(amount), decimals))}
+    return None if amount is None else {"atomic": str(amount), "usd": plain(atomic_to_usd(int(amount), decimals))}
 
 
 def per_million(price: Decimal) -> Decimal:
-    return (price * 1_000_000).normalize()
+    return price * 1_000_000
 
 
 def prompt_token_bound(encoded: bytes, images: int, image_tokens: int) -> int:

@@ -305,7 +305,10 @@ class Settler:
         if payment is None or payment["state"] != PaymentState.SETTLING:
             return
         if ok and (payment["payer"], payment["payee"], payment["amount"]) in transfers_in(receipt, payment["asset"]):
-            self.store.mark_settled(payment["id"], tx_hash)
+            if self.store.mark_settled(payment["id"], tx_hash):
+                log.info(
+                    "settled payment %s of %d by %s in %s", payment["id"], payment["amount"], payment["payer"], tx_hash
+                )
             return
         paid_by = await self.settled_elsewhere(payment) if self.settled_elsewhere else None
         if paid_by is not None:

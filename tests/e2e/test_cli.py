@@ -54,3 +54,21 @@ async def test_an_official_x402_client_pays_the_served_gateway(served):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "echo: hi"
     models = httpx.get(f"{url}/v1/models").json()["data"]
     assert {m["id"] for m in models} == {"mock/echo", "mock/echo-large"}
+
+
+def test_tollway_chat_explains_instead_of_a_traceback(served, tmp_path):
+    url, cwd = served.url, served.cwd
+
+    def chat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([TOLLWAY, "chat", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+    with_v1 = chat("--url", f"{url}/v1", "a base URL with v1", "--max-tokens", "16")
+    assert with_v1.returncode == 0 and "echo: a base URL with v1" in with_v1.stdout
+    bad_key = chat("--url", url, "--key", "0xnot-a-key", "hello")
+    assert bad_key.returncode == 2 and "--key must be a 32-byte hex private key" in bad_key.stderr
+    down = chat("--url", "http://127.0.0.1:9", "hello")
+    assert down.returncode == 1 and "cannot reach the gateway" in down.stderr
+    unknown = chat("--no-such-flag", "hello")
+    assert unknown.returncode == 2 and "unrecognized arguments" in unknown.stderr
+    for out in (bad_key, down, unknown):
+        assert "Traceback" not in out.stderr

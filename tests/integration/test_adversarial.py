@@ -590,7 +590,7 @@ def _body_cases() -> list[tuple[str, bytes, int | None]]:
             None,
         ),
         ("big prompt 1MB", j({"model": "mock/echo", "messages": [{"role": "user", "content": "a " * 500_000}]}), 402),
-        ("body over the limit", b'{"model":"mock/echo","pad":"' + b"a" * (4 * 1024 * 1024 + 10) + b'"}', 400),
+        ("body over the limit", b'{"model":"mock/echo","pad":"' + b"a" * (4 * 1024 * 1024 + 10) + b'"}', 413),
         ("NaN max_tokens", b'{"model":"mock/echo","messages":[{"role":"user","content":"x"}],"max_tokens":NaN}', 400),
         (
             "Infinity max_tokens",

@@ -309,3 +309,14 @@ async def test_parallel_calls_from_funded_wallets_never_see_a_payment_error(gate
             await c.aclose()
     assert statuses.count(200) == 300
     assert any(paid.usd == 0 for p in payers for paid in p.history)  # credit paid some of them
+
+
+def test_withdrawals_have_a_minimum(gateway, chain, devnet, tmp_path):
+    """A payout is a transfer whose gas the gateway pays: below the minimum (default $0.01) it is refused."""
+    from support import dedicated_gateway
+
+    payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    with dedicated_gateway(gateway, chain, tmp_path, min_withdrawal_usd=None) as (url, _):
+        r = httpx.post(f"{url}/v1/credit/withdrawals", json=payer.withdrawal(9_999, url))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "withdrawal_too_small"
+    assert "10000 units" in r.json()["error"]["message"]

@@ -22,7 +22,7 @@ import httpx
 from ..client.payer import PaymentRefused
 from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
-from ..errors import BadRequest, UpstreamError, UpstreamUnavailable, truncate
+from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamUnavailable, truncate
 from ..usage import Usage, parse_usage, python_recursion_limit
 from .network import asyncio_transport
 
@@ -194,9 +194,9 @@ class Upstream:
         try:
             resp = await self.http.send(request, stream=True)
         except httpx.TimeoutException as exc:
-            raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
+            raise UpstreamDown("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
+            raise UpstreamDown(f"upstream unreachable: {type(exc).__name__}") from exc
         except PaymentRefused as exc:  # an upstream tollway asks more than we may pay it
             raise UpstreamError(f"cannot pay the upstream: {exc}", code="upstream_payment_refused") from exc
         try:

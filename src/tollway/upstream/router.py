@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any
 
-from ..errors import UpstreamError
+from ..errors import UpstreamDown, UpstreamError
 from .client import Opened, Upstream
 
+log = logging.getLogger("tollway.upstream")
 MAX_CONVERSATIONS = 100_000
 MAX_COOLDOWN = 60.0
 
@@ -49,6 +51,7 @@ class Router:
         self.cooldown = cooldown
         self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._failures: dict[str, tuple[int, float]] = {}  # name → (consecutive failures, failed until)
+        self._down: dict[str, float] = {}  # name → until when it is taken for down (it did not answer at all)
 
     def named(self, name: str) -> Upstream:
         return next(u for u in self.upstreams if u.name == name)
@@ -56,10 +59,28 @@ class Router:
     def healthy(self, u: Upstream, now: float) -> bool:
         return self._failures.get(u.name, (0, 0.0))[1] <= now
 
-    def cooling(self, model: str) -> float:
-        """Seconds until an upstream serving ``model`` is out of its cooldown (0: one is ready now)."""
+    def health(self) -> list[dict[str, Any]]:
+        """Each upstream: whether it is in a cooldown after failures, and for how long still."""
         now = time.monotonic()
-        waits = [max(self._failures.get(u.name, (0, 0.0))[1] - now, 0.0) for u in self.upstreams if u.serves(model)]
+        out = []
+        for u in self.upstreams:
+            failures, until = self._failures.get(u.name, (0, 0.0))
+            out.append(
+                {
+                    "name": u.name,
+                    "healthy": until <= now,
+                    "failures": failures,
+                    "cooling_seconds": round(max(until - now, 0.0), 1),
+                }
+            )
+        return out
+
+    def down_for(self, model: str) -> float:
+        """Seconds until an upstream serving ``model`` may be up again: 0 unless every one of them
+        failed to answer at all just now (refused, unreachable, timed out) — an upstream that
+        answers with errors is up, and only tried later."""
+        now = time.monotonic()
+        waits = [max(self._down.get(u.name, 0.0) - now, 0.0) for u in self.upstreams if u.serves(model)]
         return min(waits, default=0.0)
 
     def candidates(self, model: str, key: str) -> list[Upstream]:
@@ -93,21 +114,25 @@ class Router:
             try:
                 opened = await upstream.send(body(upstream.cap_field), stream, headers, max_usd)
             except UpstreamError as exc:
-                self._failed(upstream.name)
+                self._failed(upstream.name, down=isinstance(exc, UpstreamDown))
                 last = exc
+                log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                 continue
             self._succeeded(upstream.name, key)
             return opened
         assert last is not None
         raise last
 
-    def _failed(self, name: str) -> None:
+    def _failed(self, name: str, *, down: bool) -> None:
         count = self._failures.get(name, (0, 0.0))[0] + 1
         pause = min(self.cooldown * 2 ** (count - 1), MAX_COOLDOWN)
         self._failures[name] = (count, time.monotonic() + pause)
+        if down:
+            self._down[name] = time.monotonic() + pause
 
     def _succeeded(self, name: str, key: str) -> None:
         self._failures.pop(name, None)
+        self._down.pop(name, None)
         self._sticky[key] = (name, time.monotonic())
         self._sticky.move_to_end(key)
         if len(self._sticky) > MAX_CONVERSATIONS:
