@@ -72,3 +72,17 @@ def test_tollway_chat_explains_instead_of_a_traceback(served, tmp_path):
     assert unknown.returncode == 2 and "unrecognized arguments" in unknown.stderr
     for out in (bad_key, down, unknown):
         assert "Traceback" not in out.stderr
+
+
+def test_the_readmes_pay_from_an_agent_runs_as_written(served):
+    """Each Python snippet of the README's "Pay from an agent" section, run as a user would (in
+    the directory `./scripts/serve` runs in), against the served gateway (on its own port here)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Pay from an agent", 1)[1].split("\n## ", 1)[0]
+    snippets = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    assert len(snippets) == 2
+    for code in snippets:
+        code = code.replace("http://127.0.0.1:8402", served.url)
+        out = subprocess.run([sys.executable, "-c", code], cwd=served.cwd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "echo: Hello" in out.stdout
