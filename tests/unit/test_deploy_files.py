@@ -163,23 +163,6 @@ def test_keys_and_a_users_configuration_are_never_committed(tmp_path):
     assert example.returncode == 1, "tollway.example.toml must stay in the repository"
 
 
-def test_docker_compose_config_accepts_it_when_compose_is_installed(tmp_path):
-    docker = shutil.which("docker")
-    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("no `docker compose` plugin here (the static checks above still ran)")
-    shutil.copy(ROOT / "docker-compose.yml", tmp_path)
-    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
-    (tmp_path / "secrets").mkdir()
-    for name in yaml.safe_load((ROOT / "docker-compose.yml").read_text())["secrets"]:
-        (tmp_path / "secrets" / name).write_text("x")
-    (tmp_path / "tollway.toml").write_text("")
-    for profile in ("prod", "dev"):
-        run = subprocess.run(
-            [docker, "compose", "--profile", profile, "config", "--quiet"], cwd=tmp_path, capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr
-
-
 # -- Dockerfile and .dockerignore ----------------------------------------------------------------
 
 
