@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import __version__, credits, pipeline
+from .challenge import WALLET_HEADER, wallet_credit
 from .config import Settings
 from .errors import (
     Forbidden,
@@ -31,7 +32,6 @@ from .errors import (
     error_body,
 )
 from .gateway import Gateway
-from .pipeline import WALLET_HEADER, wallet_credit
 from .pricing import money, per_million, plain
 
 log = logging.getLogger("tollway")

@@ -25,7 +25,7 @@ from typing import Any
 from .config import Settings
 from .errors import BadRequest, NotFound
 from .payments.base import Quote
-from .pricing import CAP_FIELDS, MAX_AMOUNT, Prices, output_token_cap, prompt_token_bound
+from .pricing import CAP_FIELDS, MAX_AMOUNT, Prices, asked_cap, prompt_token_bound
 from .quotes import request_digest
 from .usage import python_recursion_limit
 
@@ -43,26 +43,54 @@ UNPRICED_FIELDS = {
 
 @dataclass(frozen=True)
 class ChatCall:
+    """A request, parsed and bounded. Its price depends on the output cap it is served with: a
+    cap the request sets itself, else ``default_cap`` for schemes that pay the bound (``exact``)
+    and ``metered_cap`` for those that pay the metered cost (``upto``, credit) — so ``quote(cap)``
+    prices it, and ``forward(cap_field, cap)`` is the body an upstream gets with that cap."""
+
     body: dict[str, Any]  # as forwarded, but for the cap field an upstream may need added
     model: str
     upstream_model: str
     stream: bool
     prices: Prices
-    quote: Quote
+    digest: str  # of the request as the client sent it
+    prompt_bound: int
+    choices: int  # completions generated (n / best_of)
+    asked_cap: int | None  # the output cap the request sets itself, if any (lowered in ``body``)
+    default_cap: int
+    metered_cap: int
+    expires: int  # when its quotes expire
+    origin: str  # the gateway's (tollway's messages name it)
     long_cache: bool = False  # the request asks for one-hour cache writes
-    cap_set: bool = True  # the request carries an output-cap field (lowered to the priced cap)
     wants_usage: bool = True  # a stream's client asked for the usage chunk (tollway always asks for it)
     received: float = 0.0  # UNIX time the request arrived
-    _encoded: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    def forward(self, cap_field: str = "max_tokens") -> bytes:
-        """The bytes to send to an upstream whose output-cap field is ``cap_field``."""
-        key = "" if self.cap_set else cap_field
-        out = self._encoded.get(key)
+    def cap(self, metered: bool) -> int:
+        """The output cap a payment of this kind is priced and served with."""
+        return self.asked_cap or (self.metered_cap if metered else self.default_cap)
+
+    def quote(self, cap: int | None = None) -> Quote:
+        """The price of this request served with output ``cap`` (default: the bound-paying one)."""
+        cap = cap or self.cap(metered=False)
+        found = self._memo.get(cap)
+        if found is None:
+            amount = max(self.prices.bound(self.prompt_bound, cap * self.choices, long_cache=self.long_cache), 1)
+            if amount > MAX_AMOUNT:
+                raise BadRequest("this request could cost more than can be paid in one call", code="quote_too_large")
+            found = self._memo[cap] = Quote(
+                self.model, amount, self.digest, self.expires, self.prompt_bound, cap, self.choices, self.origin
+            )
+        return found  # type: ignore[no-any-return]
+
+    def forward(self, cap_field: str, cap: int) -> bytes:
+        """The bytes to send to an upstream whose output-cap field is ``cap_field``, served with ``cap``."""
+        key = ("body", cap_field if self.asked_cap is None else "", cap)
+        out = self._memo.get(key)
         if out is None:
-            body = self.body if self.cap_set else {**self.body, cap_field: self.quote.max_tokens}
-            out = self._encoded[key] = encode(body)
-        return out
+            body = self.body if self.asked_cap is not None else {**self.body, cap_field: cap}
+            out = self._memo[key] = encode(body)
+        return out  # type: ignore[no-any-return]
 
 
 def encode(body: dict[str, Any]) -> bytes:
@@ -133,40 +161,46 @@ def parse_chat(
             code="unpriced_parameter",
         )
     choices = _choices(body, settings.max_choices)
-    max_tokens = output_token_cap(body, settings.default_max_tokens, conf.max_tokens)
+    asked = asked_cap(body, conf.max_tokens)
 
     upstream_model = conf.upstream_model or model
     forward = dict(body)
     for f in CAP_FIELDS:
         if f in forward:
-            forward[f] = max_tokens
+            forward[f] = asked
     if upstream_model != model:
         forward["model"] = upstream_model
     opts = body.get("stream_options")
     wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
     if stream and not wants_usage:
         forward["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-    cap_set = any(f in forward for f in CAP_FIELDS)
 
-    # Priced on the largest body any upstream may get: the longest cap field added, if any.
-    widest = forward if cap_set else {**forward, "max_completion_tokens": max_tokens}
+    default_cap = min(settings.default_max_tokens, conf.max_tokens or settings.default_max_tokens)
+    metered_cap = min(settings.metered_max_tokens, conf.max_tokens or settings.metered_max_tokens)
+    # Priced on the largest body any upstream may get: the longest cap field, with the largest cap.
+    widest = forward if asked else {**forward, "max_completion_tokens": max(default_cap, metered_cap)}
     image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
-    prompt_bound = prompt_token_bound(encode(widest), _images(messages), image_tokens)
-    amount = max(p.bound(prompt_bound, max_tokens * choices, long_cache=long_cache), 1)
-    if amount > MAX_AMOUNT:
-        raise BadRequest("this request could cost more than can be paid in one call", code="quote_too_large")
     now = time.time() if now is None else now
-    quote = Quote(
+    call = ChatCall(
+        body=forward,
         model=model,
-        amount=amount,
-        request_digest=digest,
-        expires=int(now) + settings.quote_ttl_seconds,
-        prompt_bound=prompt_bound,
-        max_tokens=max_tokens,
+        upstream_model=upstream_model,
+        stream=stream,
+        prices=p,
+        digest=digest,
+        prompt_bound=prompt_token_bound(encode(widest), _images(messages), image_tokens),
         choices=choices,
+        asked_cap=asked,
+        default_cap=default_cap,
+        metered_cap=metered_cap,
+        expires=int(now) + settings.quote_ttl_seconds,
         origin=origin,
+        long_cache=long_cache,
+        wants_usage=wants_usage,
+        received=now,
     )
-    return ChatCall(forward, model, upstream_model, stream, p, quote, long_cache, cap_set, wants_usage, now)
+    call.quote(call.cap(metered=True))  # refuses a request too large to pay, whatever the scheme
+    return call
 
 
 def refuse_unpriced(body: dict[str, Any]) -> None:

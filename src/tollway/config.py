@@ -200,7 +200,11 @@ class Settings(BaseSettings):
     # A non-streamed call that took longer than this is checked on chain again before its answer is
     # released: funds moved or an authorization cancelled while it ran means no answer.
     recheck_after_seconds: float = 0.25
-    default_max_tokens: int = 1024  # output cap applied when a request sets none
+    # The output cap of a request that sets none: what a payment of the bound (exact) is priced
+    # for, and what a metered payment (upto, credit) may reach — it pays only what is used, but
+    # its maximum should stay under common client spend caps (the official x402 client's: $1).
+    default_max_tokens: int = Field(1024, ge=1)
+    metered_max_tokens: int = Field(16_384, ge=1)
     max_body_bytes: int = 4 * 1024 * 1024
     image_token_allowance: int = 2_500  # prompt tokens priced per image part (per-model: image_tokens)
     max_choices: int = Field(8, ge=1)  # the largest `n` (choices per call) priced; more is refused

@@ -15,11 +15,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .challenge import WALLET_HEADER, wallet_credit
 from .errors import BadRequest, Forbidden, NotConfigured, NotFound, PaymentInvalid
 from .gateway import Gateway
 from .ledger.store import InsufficientCredit, credit_account
 from .payments import signed
-from .pipeline import WALLET_HEADER, read_body, wallet_credit
+from .pipeline import read_body
 from .pricing import MAX_AMOUNT, money, to_atomic
 
 

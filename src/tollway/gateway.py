@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
@@ -20,9 +21,10 @@ from .cache import PrefixMemory
 from .config import Settings, resolve_chain, upstream_list
 from .errors import ChainUnavailable, UpstreamUnavailable
 from .ledger import Store
-from .ledger.store import credit_account
+from .ledger.models import PaymentState
+from .ledger.store import Settlement, credit_account
 from .payments import build_scheme
-from .payments.base import Context, PaymentScheme
+from .payments.base import Context, PaymentScheme, Verified
 from .payments.chain import Chain
 from .payments.signed import origin_of
 from .payments.x402 import V1_NETWORK_NAMES
@@ -31,10 +33,12 @@ from .quotes import QuoteSigner
 from .settlement import Settler
 from .upstream.client import Upstream, make_http_client, make_paying_client
 from .upstream.router import Router
+from .usage import Usage
 
 log = logging.getLogger("tollway")
 CHAIN_PROBE_SECONDS = 3
 CHAIN_DOWN_AFTER = 2  # failed probes in a row
+HOUSEKEEPING_SECONDS = 60
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Gateway:
     _worker_chain: Chain
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
-    _prober: asyncio.Task[None] | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:
@@ -127,7 +131,8 @@ class Gateway:
         )
         gw.close_abandoned_streams()
         await settler.start()
-        gw._prober = asyncio.get_running_loop().create_task(gw._probe_chain())
+        loop = asyncio.get_running_loop()
+        gw._tasks = [loop.create_task(gw._probe_chain()), loop.create_task(gw._housekeeping())]
         return gw
 
     async def _probe_chain(self) -> None:
@@ -163,32 +168,74 @@ class Gateway:
         return origin_of(self.public_base(request))
 
     def close_abandoned_streams(self) -> None:
-        """Meter the streams a crashed process left open: their usage was never read, so — as any
-        call without usage — each costs its quote (capped by what paid for it), and its hold ends.
-        Only streams older than an hour (or twice the longest call), so that another replica's
-        live streams are left alone; a stream is metered once whoever gets there first, and one
-        row that cannot be metered never stops the gateway from starting."""
-        cutoff = time.time() - max(3600, 2 * self.settings.max_call_seconds)
-        for row in self.store.abandoned_streams(cutoff):
+        """Meter the streams a crashed process left open, by the documented rule for a stream
+        without usage: the prompt at its bound and each event it delivered (saved as it went) at
+        the model's most tokens per event — never more than its quote; a metered payment (upto)
+        then settles that, never its maximum. Only streams older than twice the longest call, so
+        that another replica's live streams are left alone; a stream is metered once whoever gets
+        there first, and one row that cannot be metered never stops the gateway."""
+        for row in self.store.abandoned_streams(time.time() - 2 * self.settings.max_call_seconds):
             try:
-                covered = row["paid"] + row["from_credit"]
-                self.store.finish_call(
-                    credit_account(row["network"], row["asset"], row["payer"]),
-                    deposit=row["paid"],
-                    held=row["from_credit"],
-                    cost=min(row["quote"], covered),
-                    payment_id=row["payment_id"],
-                    call={
-                        "id": row["id"],
-                        "status": "incomplete",
-                        "error": "the gateway stopped mid-stream",
-                        "cost": min(row["quote"], covered),
-                        "finished_at": time.time(),
-                    },
-                    insert_row=False,
-                )
+                self._meter_abandoned(row)
             except Exception:
                 log.exception("could not meter the abandoned stream %s", row["id"])
+
+    def _meter_abandoned(self, row: dict[str, Any]) -> None:
+        covered = row["paid"] + row["from_credit"]
+        cost = min(row["quote"], covered)
+        prices, conf = self.prices.get(row["model"]), self.settings.models.get(row["model"])
+        if prices is not None and conf is not None and row["prompt_bound"] is not None:
+            delivered = Usage(
+                row["prompt_bound"], (row["events"] or 0) * conf.max_tokens_per_event, dialect="estimated"
+            )
+            cost = min(prices.cost(delivered), cost)
+        scheme = _scheme(self.schemes, row["scheme"])
+        settle = None
+        if row["payment_state"] == PaymentState.RESERVED and not scheme.prepaid:  # a metered payment, unsettled
+            payment = Verified(
+                row["scheme"],
+                row["network"],
+                row["asset"],
+                row["payer"],
+                "",
+                row["amount"],
+                "",
+                json.loads(row["proof"]),
+            )
+            amount = scheme.settled_amount(payment, cost)
+            call = scheme.settlement_call(payment.proof, amount) if amount else None
+            settle = self.settler.settlement(amount, call)
+        call_row = {
+            "id": row["id"],
+            "status": "incomplete",
+            "error": "the gateway stopped mid-stream",
+            "cost": cost,
+            "finished_at": time.time(),
+        }
+        self.store.finish_call(
+            credit_account(row["network"], row["asset"], row["payer"]),
+            deposit=row["paid"] if settle is None else int(settle.amount or 0),
+            held=row["from_credit"],
+            cost=cost,
+            payment_id=row["payment_id"],
+            call=call_row,
+            insert_row=False,
+            settle=settle,
+        )
+
+    def settlement(self, scheme: PaymentScheme, payment: Verified, due: int) -> Settlement:
+        """How a payment settles once its call is on record and owes ``due``: what it moves (its
+        whole amount, or — metered — ``due`` at most), by the transaction that moves it; or, when
+        nothing (more) is to move on chain, as it stands. The worker broadcasts the transaction."""
+        amount = scheme.settled_amount(payment, due)
+        call = None if scheme.prepaid or amount == 0 else scheme.settlement_call(payment.proof, amount)
+        return self.settler.settlement(amount, call)
+
+    async def _housekeeping(self) -> None:
+        """Now and then: meter the streams another (crashed) replica left open."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            self.close_abandoned_streams()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` after the response (e.g. metering a stream once its usage is known)."""
@@ -197,8 +244,8 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._background:  # let work after responses finish, briefly
             await asyncio.wait(self._background, timeout=15)
         await self.settler.stop()

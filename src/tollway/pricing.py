@@ -62,9 +62,9 @@ def prompt_token_bound(encoded: bytes, images: int, image_tokens: int) -> int:
 CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "max_new_tokens")
 
 
-def output_token_cap(body: dict[str, Any], default_cap: int, model_cap: int | None) -> int:
-    """The output-token cap to price: the smallest cap the request sets, else the default, never
-    above the model's own. llama.cpp's ``n_predict`` <= 0 means "no limit", i.e. the default."""
+def asked_cap(body: dict[str, Any], model_cap: int | None) -> int | None:
+    """The output-token cap a request sets itself: the smallest of its cap fields (None if it
+    sets none; llama.cpp's ``n_predict`` <= 0 means "no limit"), never above the model's own."""
     asked = []
     for f in CAP_FIELDS:
         value = body.get(f)
@@ -79,9 +79,8 @@ def output_token_cap(body: dict[str, Any], default_cap: int, model_cap: int | No
         if value > MAX_OUTPUT_TOKENS:
             raise BadRequest(f"{f} may be at most {MAX_OUTPUT_TOKENS}", code="max_tokens_too_large")
         asked.append(value)
-    limit = min(default_cap, model_cap) if model_cap else default_cap
     if not asked:
-        return limit
+        return None
     cap = min(asked)
     if model_cap and cap > model_cap:
         raise BadRequest(f"max_tokens may be at most {model_cap} for this model", code="max_tokens_too_large")

@@ -1,7 +1,8 @@
 """Binding a quote to its request, statelessly, so any replica can check it.
 
 A 402 offer carries ``extra.quote = "<expires>.<mac>"`` where the MAC (HMAC-SHA256 with the
-gateway's secret) covers the request digest, the amount and the expiry. A v2 client echoes the
+gateway's secret) covers the request digest, the amount, the expiry and the output cap the amount
+was priced for (``extra.maxTokens``). A v2 client echoes the
 offer in ``accepted``; on the paid retry the gateway recomputes the digest of the request it
 actually got, so a proof made for another (cheaper) request, or for an expired quote, is refused.
 """
@@ -27,20 +28,21 @@ class QuoteSigner:
     def __init__(self, secret: str) -> None:
         self.key = secret.encode()
 
-    def _mac(self, digest: str, amount: int, expires: int) -> str:
-        msg = f"{digest}|{amount}|{expires}".encode()
+    def _mac(self, digest: str, amount: int, expires: int, cap: int) -> str:
+        msg = f"{digest}|{amount}|{expires}|{cap}".encode()
         return base64.urlsafe_b64encode(hmac.new(self.key, msg, hashlib.sha256).digest()[:18]).decode()
 
-    def token(self, digest: str, amount: int, expires: int) -> str:
-        return f"{expires}.{self._mac(digest, amount, expires)}"
+    def token(self, digest: str, amount: int, expires: int, cap: int) -> str:
+        return f"{expires}.{self._mac(digest, amount, expires, cap)}"
 
-    def check(self, token: Any, digest: str, amount: int, now: int) -> None:
-        """Raise unless ``token`` quotes ``amount`` for this very request and has not expired."""
+    def check(self, token: Any, digest: str, amount: int, now: int, cap: int) -> None:
+        """Raise unless ``token`` quotes ``amount`` with output ``cap`` for this very request and
+        has not expired."""
         if not isinstance(token, str) or "." not in token:
             raise PaymentInvalid("the accepted offer carries no valid quote", code="invalid_quote")
         expires_s, mac = token.split(".", 1)
         if not (expires_s.isascii() and expires_s.isdigit() and mac.isascii()) or not hmac.compare_digest(
-            mac, self._mac(digest, amount, int(expires_s))
+            mac, self._mac(digest, amount, int(expires_s), cap)
         ):
             raise PaymentInvalid("this payment was quoted for a different request or amount", code="quote_mismatch")
         if int(expires_s) < now:

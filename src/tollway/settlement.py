@@ -39,6 +39,7 @@ from eth_hash.auto import keccak
 from .errors import ChainUnavailable
 from .ledger import Store
 from .ledger.models import PaymentState, TxState
+from .ledger.store import Settlement
 from .payments.chain import Chain, RpcError, transfers_in
 
 log = logging.getLogger("tollway.settlement")
@@ -95,15 +96,18 @@ class Settler:
 
     # -- request path -----------------------------------------------------------------------
 
-    def signer(self, to: str, data: bytes) -> Signing:
-        """What signs a settlement (to, calldata) once the ledger gives it a nonce, for
+    def settlement(self, amount: int | None, call: tuple[str, bytes] | None) -> Settlement:
+        """How a payment that moves ``amount`` settles: its transaction ``call`` (to, calldata),
+        signed once the ledger gives it a nonce — or, with no call, as it stands. For
         ``Store.insert_call``/``finish_call(settle=...)``; ``wake()`` the worker once committed."""
-        return Signing(self, to, data)
+        if call is None:
+            return Settlement(amount)
+        return Settlement(amount, self.address, Signing(self, *call))
 
-    def sign(self, payment_id: str, to: str, data: bytes) -> str:
+    def sign(self, payment_id: str, to: str, data: bytes, amount: int | None = None) -> str:
         """Queue the settlement transaction of a reserved payment on its own; returns its hash."""
-        signing = self.signer(to, data)
-        if self.store.sign_settlement(payment_id, self.address, signing) is None:
+        signing = Signing(self, to, data)
+        if self.store.sign_settlement(payment_id, self.address, signing, amount) is None:
             raise RuntimeError(f"payment {payment_id} was not in the reserved state")
         self.wake()
         return signing.tx_hash

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,13 +48,19 @@ sys.exit(main(sys.argv[1:]))
 
 
 def runtime_venv(tmp: Path) -> Path:
-    """A venv with `pip install .` of this checkout and nothing else (pip's cache is reused)."""
+    """A venv with `pip install .` of this checkout and nothing else (pip's cache is reused; the
+    project is built from a copy, so that no build directory lands in the checkout)."""
+    project = tmp / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, project / name)
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     target = tmp / "runtime"
     venv.create(target, with_pip=False)
     python = target / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     run = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile", str(ROOT)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile", str(project)],
         env=env,
         capture_output=True,
         text=True,

@@ -260,6 +260,7 @@ def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upst
         }
     )
     assert store.hold_credit(account, 2000, call_id="lost", payment_id=payment_id)
+    assert store.mark_prepaid(payment_id)  # its money moved as the stream began (as an exact payment's does)
     store.insert_call(
         {
             "id": "lost",

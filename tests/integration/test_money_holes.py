@@ -368,6 +368,7 @@ def test_start_up_meters_an_abandoned_stream_of_a_wallet_in_debt(gateway, tmp_pa
         "request_digest": "d",
     }
     payment_id = store.reserve(row)
+    assert store.mark_prepaid(payment_id)  # its money moved as the stream began (as an exact payment's does)
     account = credit_account("eip155:31337", settings.chain.token, payer)
     store.settle_call_credit(account, deposit=0, held=0, cost=500, call_id="earlier", payment_id=None)
     assert store.credit_balance(account) == -500

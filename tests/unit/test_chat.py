@@ -61,32 +61,42 @@ def test_non_finite_numbers_are_refused(number):
 
 def test_every_cap_field_is_lowered_to_the_priced_cap():
     call = parse(body(max_tokens=1, max_completion_tokens=100_000, n_predict=-1))
-    assert call.quote.max_tokens == 1
-    sent = json.loads(call.forward("max_tokens"))
+    assert call.quote().max_tokens == 1
+    sent = json.loads(call.forward("max_tokens", 1))
     assert sent["max_tokens"] == sent["max_completion_tokens"] == sent["n_predict"] == 1
-    assert call.forward("max_tokens") == call.forward("n_predict")  # a cap is present: nothing added
+    assert call.forward("max_tokens", 1) == call.forward("n_predict", 1)  # a cap is present: nothing added
+    assert call.cap(metered=True) == call.cap(metered=False) == 1  # the request's own cap, whatever the scheme
+
+
+def test_metered_payments_are_priced_at_the_metered_cap():
+    call = parse(body())
+    assert (
+        call.cap(metered=False) == SETTINGS.default_max_tokens and call.cap(metered=True) == SETTINGS.metered_max_tokens
+    )
+    assert call.quote(call.cap(metered=True)).amount > call.quote().amount
 
 
 def test_a_request_without_a_cap_gets_the_upstreams_own_field():
     call = parse(body())
-    assert call.quote.max_tokens == 1024
-    assert json.loads(call.forward("max_tokens"))["max_tokens"] == 1024
-    as_llama = json.loads(call.forward("n_predict"))
+    assert call.quote().max_tokens == 1024
+    assert json.loads(call.forward("max_tokens", 1024))["max_tokens"] == 1024
+    as_llama = json.loads(call.forward("n_predict", 1024))
     assert as_llama["n_predict"] == 1024 and "max_tokens" not in as_llama
 
 
 def test_the_bound_covers_the_widest_body_any_upstream_gets():
     call = parse(body())
     for field in ("max_tokens", "max_completion_tokens", "n_predict"):
-        assert len(call.forward(field)) <= call.quote.prompt_bound
+        for cap in (call.cap(metered=False), call.cap(metered=True)):
+            assert len(call.forward(field, cap)) <= call.quote().prompt_bound
 
 
 def test_choices_multiply_the_priced_output():
     one, three = parse(body(max_tokens=100)), parse(body(max_tokens=100, n=3))
     per_choice = 100 * PRICES["m"].completion // PRICES["m"].denominator
-    assert three.quote.choices == 3
-    assert three.quote.amount - one.quote.amount >= 2 * per_choice
-    assert parse(body(max_tokens=100, best_of=4)).quote.choices == 4
+    assert three.quote().choices == 3
+    assert three.quote().amount - one.quote().amount >= 2 * per_choice
+    assert parse(body(max_tokens=100, best_of=4)).quote().choices == 4
     refused(body(n=5), "unpriced_parameter")
     refused(body(n=0), "invalid_request")
 
@@ -118,8 +128,8 @@ def test_images_are_priced_by_their_allowance():
     image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
     plain = parse(body(max_tokens=1))
     one = parse({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [image]}]})
-    assert one.quote.prompt_bound >= SETTINGS.image_token_allowance
-    assert one.quote.amount > plain.quote.amount
+    assert one.quote().prompt_bound >= SETTINGS.image_token_allowance
+    assert one.quote().amount > plain.quote().amount
 
 
 def test_one_hour_cache_writes_need_their_price():
@@ -143,7 +153,7 @@ def test_forwarding_keeps_strings_and_order_and_renames_the_model():
     ]
     raw = json.dumps({"zeta": 1, "model": "long", "messages": messages, "alpha": "x"}, indent=2).encode()
     call = parse(raw)
-    sent = json.loads(call.forward())
+    sent = json.loads(call.forward("max_tokens", 1024))
     assert sent["messages"] == messages
     assert list(sent) == ["zeta", "model", "messages", "alpha", "max_tokens"]
     assert [list(m) for m in sent["messages"]] == [list(m) for m in messages]
@@ -151,7 +161,7 @@ def test_forwarding_keeps_strings_and_order_and_renames_the_model():
 
 
 def test_streams_always_ask_for_usage():
-    sent = json.loads(parse(body(stream=True, stream_options={"other": 1})).forward())
+    sent = json.loads(parse(body(stream=True, stream_options={"other": 1})).forward("max_tokens", 8))
     assert sent["stream_options"] == {"other": 1, "include_usage": True}
 
 

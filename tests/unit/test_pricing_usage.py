@@ -9,7 +9,7 @@ import pytest
 from tollway.config import ModelPrice
 from tollway.errors import BadRequest
 from tollway.mock_upstream import count_tokens
-from tollway.pricing import Prices, output_token_cap, prompt_token_bound, to_atomic
+from tollway.pricing import Prices, asked_cap, prompt_token_bound, to_atomic
 from tollway.usage import StreamTail, Usage, parse_usage, usage_from_body
 
 PRICES = Prices.of(
@@ -75,18 +75,17 @@ def test_fractional_prices_stay_exact():
 
 
 def test_output_cap():
-    assert output_token_cap({}, 1024, None) == 1024
-    assert output_token_cap({}, 1024, 256) == 256
-    assert output_token_cap({"max_tokens": 50}, 1024, None) == 50
-    assert output_token_cap({"max_tokens": 50, "max_completion_tokens": 20}, 1024, None) == 20
-    assert output_token_cap({"max_tokens": 1, "max_completion_tokens": 100_000}, 1024, None) == 1
-    assert output_token_cap({"n_predict": -1}, 1024, None) == 1024  # llama.cpp: "no limit"
-    assert output_token_cap({"n_predict": 7, "max_output_tokens": 9, "max_new_tokens": 8}, 1024, None) == 7
+    assert asked_cap({}, None) is None
+    assert asked_cap({"max_tokens": 50}, None) == 50
+    assert asked_cap({"max_tokens": 50, "max_completion_tokens": 20}, None) == 20
+    assert asked_cap({"max_tokens": 1, "max_completion_tokens": 100_000}, None) == 1
+    assert asked_cap({"n_predict": -1}, None) is None  # llama.cpp: "no limit"
+    assert asked_cap({"n_predict": 7, "max_output_tokens": 9, "max_new_tokens": 8}, None) == 7
     for bad in (0, -1, "10", 1.5, True):
         with pytest.raises(BadRequest):
-            output_token_cap({"max_tokens": bad}, 1024, None)
+            asked_cap({"max_tokens": bad}, None)
     with pytest.raises(BadRequest):
-        output_token_cap({"max_tokens": 300}, 1024, 256)
+        asked_cap({"max_tokens": 300}, 256)
 
 
 DIALECTS = {

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,17 @@ SignTx = Callable[[int], dict[str, Any]]
 """Signs a transaction with a nonce: the outbox columns to (re)write — ``to, data, gas, max_fee,
 tip, tx_hash, raw_tx`` (see ``settlement.Settler``)."""
 
-PREPAID = "prepaid"
-Settle = tuple[str, SignTx] | str | None
-"""How a payment settles when its call commits: ``(sender, sign)`` queues its settlement
-transaction, ``PREPAID`` marks it settled (the money moved before the call), None leaves it."""
+
+@dataclass(frozen=True)
+class Settlement:
+    """How a payment settles as its call is recorded: with ``sign``, its transaction is queued
+    (signed with ``sender``'s next nonce) and the payment is ``settling``; without, nothing
+    (more) moves on chain and it is ``settled`` as it stands. ``amount`` is what it moves to the
+    payee (a metered payment moves less than it authorised, maybe nothing)."""
+
+    amount: int | None  # None: the payment's own amount
+    sender: str | None = None
+    sign: SignTx | None = None
 
 
 class _AlreadyMetered(Exception):
@@ -301,29 +309,30 @@ class Store:
         c.execute(insert(T), row)
         return row
 
-    def _settle(self, c: Connection, payment_id: str | None, settle: Settle) -> dict[str, Any] | None:
+    def _settle(self, c: Connection, payment_id: str | None, settle: Settlement | None) -> dict[str, Any] | None:
         """Inside ``c``: settle a reserved payment as ``settle`` says; raises _NotReserved (which
         rolls everything back, the nonce included) if it was not reserved."""
         if settle is None or payment_id is None:
             return None
-        if settle == PREPAID:
-            if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLED):
+        amount = {} if settle.amount is None else {"amount": settle.amount}
+        if settle.sign is None:
+            if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLED, **amount):
                 raise _NotReserved
             return None
-        sender, sign = settle
-        tx = self._enqueue(c, "settlement", sender, sign)  # type: ignore[arg-type]
-        if not self._moved(
-            c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, tx_id=tx["id"], tx_hash=tx["tx_hash"]
-        ):
+        tx = self._enqueue(c, "settlement", str(settle.sender), settle.sign)
+        moved = dict(tx_id=tx["id"], tx_hash=tx["tx_hash"], **amount)
+        if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, **moved):
             raise _NotReserved
         return tx
 
-    def sign_settlement(self, payment_id: str, sender: str, sign: SignTx) -> dict[str, Any] | None:
+    def sign_settlement(
+        self, payment_id: str, sender: str, sign: SignTx, amount: int | None = None
+    ) -> dict[str, Any] | None:
         """Queue the settlement of a reserved payment and move it ``reserved → settling``, in one
         transaction. Returns the outbox row, or None if the payment was not reserved."""
         try:
             with self._tx() as c:
-                return self._settle(c, payment_id, (sender, sign))
+                return self._settle(c, payment_id, Settlement(amount, sender, sign))
         except _NotReserved:
             return None
 
@@ -395,7 +404,7 @@ class Store:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def insert_call(self, row: dict[str, Any], *, settle: Settle = None) -> None:
+    def insert_call(self, row: dict[str, Any], *, settle: Settlement | None = None) -> None:
         """Record a call — and, when its upstream has just committed, settle its payment in the
         same transaction: the money moves if and only if the call is on record."""
         try:
@@ -404,6 +413,11 @@ class Store:
                 c.execute(insert(C), {"created_at": time.time(), **row})
         except _NotReserved:
             raise RuntimeError(f"payment {row.get('payment_id')} was not reserved") from None
+
+    def stream_progress(self, call_id: str, events: int) -> None:
+        """How far a stream got: what metering uses if the process dies before the stream ends."""
+        with self._tx() as c:
+            c.execute(update(C).where(C.c.id == call_id, C.c.status == "streaming").values(events=events))
 
     def cache_stats(self, since: float, *, per_upstream: bool = True) -> list[dict[str, Any]]:
         """Per model (and upstream), since ``since``: prompt and cached tokens (observed vs
@@ -437,7 +451,23 @@ class Store:
         """Streams still marked ``streaming`` that began before ``started_before``: their process
         died mid-stream, so they were never metered (and may still hold credit)."""
         q = (
-            select(C.c.id, C.c.payment_id, C.c.quote, C.c.paid, C.c.from_credit, P.c.network, P.c.asset, P.c.payer)
+            select(
+                C.c.id,
+                C.c.payment_id,
+                C.c.model,
+                C.c.quote,
+                C.c.prompt_bound,
+                C.c.events,
+                C.c.paid,
+                C.c.from_credit,
+                P.c.scheme,
+                P.c.state.label("payment_state"),
+                P.c.proof,
+                P.c.amount,
+                P.c.network,
+                P.c.asset,
+                P.c.payer,
+            )
             .join(P, C.c.payment_id == P.c.id)
             .where(C.c.status == "streaming", C.c.created_at < started_before)
         )
@@ -558,7 +588,7 @@ class Store:
         payment_id: str | None,
         call: dict[str, Any],
         insert_row: bool,
-        settle: Settle = None,
+        settle: Settlement | None = None,
     ) -> int | None:
         """Charge a finished call and record it (insert, or update the row of a stream) — and
         settle its payment, for a call not streamed — at once. Returns the payer's credit balance

@@ -81,6 +81,8 @@ class Context:
 class PaymentScheme(Protocol):
     name: str
     network: str
+    metered: bool  # pays the metered cost (priced at the metered output cap), not the bound
+    prepaid: bool  # the money moved before the call (a transfer; credit moves none)
 
     def offer(self, amount: int) -> Offer:
         """The ``accepts`` entry to put in a 402 for this amount."""
@@ -100,8 +102,18 @@ class PaymentScheme(Protocol):
         pending state does not show yet (this payment included)."""
         ...
 
-    def settlement_call(self, payment: Verified) -> tuple[str, bytes] | None:
-        """The transaction (to, calldata) that moves the money, or None if it has already moved."""
+    def settled_amount(self, payment: Verified, due: int) -> int:
+        """What this payment moves (or moved) to the payee once the call owes ``due``: its whole
+        amount for a payment of the bound, ``min(due, maximum)`` for a metered one."""
+        ...
+
+    def settlement_call(self, proof: dict[str, Any], amount: int) -> tuple[str, bytes] | None:
+        """The transaction (to, calldata) that moves ``amount`` under the payment ``proof``
+        (``Verified.proof``, also kept in the ledger), or None if nothing is to move."""
+        ...
+
+    def extensions(self) -> dict[str, Any]:
+        """x402 extensions this scheme declares in a 402 (e.g. ``eip2612GasSponsoring``)."""
         ...
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:

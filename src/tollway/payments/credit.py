@@ -18,6 +18,8 @@ from .base import Context, Offer, Proof, Quote, Verified
 
 class CreditScheme:
     name = "credit"
+    metered = True
+    prepaid = True
 
     def __init__(self, *, chain_id: int, token: str, payee: str, timeout: int) -> None:
         self.chain_id = chain_id
@@ -56,8 +58,14 @@ class CreditScheme:
     async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
         return None
 
-    def settlement_call(self, payment: Verified) -> None:
+    def settled_amount(self, payment: Verified, due: int) -> int:
+        return 0
+
+    def settlement_call(self, proof: dict[str, Any], amount: int) -> None:
         return None
+
+    def extensions(self) -> dict[str, Any]:
+        return {}
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
         return None

@@ -85,6 +85,8 @@ class ExactEvm:
     """The ``exact`` scheme for one EIP-3009 token on one EVM chain."""
 
     name = "exact"
+    metered = False
+    prepaid = False
 
     def __init__(
         self,
@@ -158,7 +160,7 @@ class ExactEvm:
         now = time.monotonic()
         if self._short.get(payment.payer, 0.0) > now:
             raise PaymentInvalid("payer balance does not cover this payment", code="insufficient_funds")
-        to, data = self.settlement_call(payment)
+        to, data = self.settlement_call(payment.proof, payment.amount)
         balance_of = BALANCE_OF + bytes(12) + bytes.fromhex(payment.payer[2:])
         result, (balance,) = await self.chain.simulate(self.settler, to, data, [(self.token, balance_of)])
         if isinstance(result, RpcError):
@@ -182,9 +184,15 @@ class ExactEvm:
             self._short = {p: t for p, t in self._short.items() if t > now}
         self._short[payer] = now + SHORT_MEMORY
 
-    def settlement_call(self, payment: Verified) -> tuple[str, bytes]:
-        auth, sig = decode_authorization(payment.proof)
+    def settled_amount(self, payment: Verified, due: int) -> int:
+        return payment.amount
+
+    def settlement_call(self, proof: dict[str, Any], amount: int) -> tuple[str, bytes]:
+        auth, sig = decode_authorization(proof)
         return self.token, eip3009.transfer_calldata(auth, sig)
+
+    def extensions(self) -> dict[str, Any]:
+        return {}
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
         """The transaction that used this authorization, if it paid the payee the amount."""

@@ -27,6 +27,8 @@ REFUSAL_MEMORY = 60.0  # seconds a transaction that does not pay us is not looke
 
 class TransferScheme:
     name = "transfer"
+    metered = False
+    prepaid = True
 
     def __init__(
         self, *, chain: Chain, chain_id: int, token: str, payee: str, confirmations: int, timeout: int
@@ -110,8 +112,14 @@ class TransferScheme:
     async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
         return None  # checked on chain in verify: the money has already moved
 
-    def settlement_call(self, payment: Verified) -> None:
+    def settled_amount(self, payment: Verified, due: int) -> int:
+        return payment.amount
+
+    def settlement_call(self, proof: dict[str, Any], amount: int) -> None:
         return None
+
+    def extensions(self) -> dict[str, Any]:
+        return {}
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
         return None

@@ -86,14 +86,16 @@ def offer_v1(o: Offer, network_name: str, resource: dict[str, Any]) -> dict[str,
     }
 
 
-def payment_required(error: str, resource: dict[str, Any], offers: list[Offer]) -> dict[str, Any]:
+def payment_required(
+    error: str, resource: dict[str, Any], offers: list[Offer], extensions: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The v2 ``PaymentRequired`` document."""
     return {
         "x402Version": 2,
         "error": error,
         "resource": resource,
         "accepts": [offer_v2(o) for o in offers],
-        "extensions": {},
+        "extensions": extensions or {},
     }
 
 
@@ -148,8 +150,13 @@ def decode_proof(headers: Mapping[str, str], v1_names: dict[str, str]) -> Proof 
     return Proof(1, _str(doc, "scheme"), v1_names[name], _obj(doc, "payload"))
 
 
-def settle_response(*, success: bool, tx_hash: str, network: str, payer: str, error: str | None = None) -> str:
+def settle_response(
+    *, success: bool, tx_hash: str, network: str, payer: str, error: str | None = None, amount: int | None = None
+) -> str:
+    """``SettleResponse``; ``amount`` is what moved, for schemes that settle less than authorised (upto)."""
     doc: dict[str, Any] = {"success": success, "transaction": tx_hash, "network": network, "payer": payer}
+    if amount is not None:
+        doc["amount"] = str(amount)
     if error:
         doc["errorReason"] = error
     return b64json(doc)

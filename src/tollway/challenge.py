@@ -1,0 +1,103 @@
+"""The 402: what a request is offered, per scheme, and the challenge headers that carry it.
+
+Each offer is priced for the output cap its scheme is served with (``ChatCall.cap``): a
+bound-paying scheme (``exact``) at the default cap, a metered one (``upto``, credit) at the
+metered cap — and says so in ``extra.maxTokens``, which the quote's HMAC covers. A wallet the
+request identifies sees its quotes reduced by its final credit (and raised by its debt);
+on-chain offers are never below the smallest on-chain payment worth its gas.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from fractions import Fraction
+from typing import Any
+
+from starlette.requests import Request
+
+from .chat import ChatCall
+from .errors import PaymentMalformed, PaymentRequired, truncate
+from .gateway import Gateway
+from .ledger.store import credit_account
+from .payments import x402
+from .payments.base import Offer
+from .payments.credit import check_wallet_proof
+from .pricing import to_atomic
+
+WALLET_HEADER = "x-tollway-wallet"
+
+
+def least_payment(gw: Gateway) -> int:
+    """The smallest on-chain payment asked (its settlement's gas must be worth it), atomic units."""
+    return to_atomic(Fraction(gw.settings.min_chain_payment_usd or 0), gw.settings.chain.decimals)
+
+
+def wallet_credit(gw: Gateway, request: Request) -> tuple[str | None, int]:
+    """The wallet a request proves it holds (``X-Tollway-Wallet``), and its final credit."""
+    raw = request.headers.get(WALLET_HEADER)
+    if not raw:
+        return None, 0
+    wallet = check_wallet_proof(x402.unb64json(raw), gw.chain_id, gw.token, int(time.time()), gw.origin(request))
+    return wallet, gw.store.available_credit(credit_account(gw.network, gw.token, wallet))
+
+
+def offers(gw: Gateway, call: ChatCall, credit: int, debt: int = 0) -> list[Offer]:
+    """What a 402 offers: for each scheme, its quote less the wallet's credit (plus its debt) —
+    never below the smallest on-chain payment — or, for credit, the quote when credit covers it."""
+    least = least_payment(gw)
+    out = []
+    for s in gw.schemes:
+        quote = call.quote(call.cap(s.metered))
+        if s.name == "credit":
+            if credit < quote.amount or debt:
+                continue
+            offer = s.offer(quote.amount)
+        else:
+            due = quote.amount + debt - min(credit, quote.amount)
+            offer = s.offer(max(due, least))
+        extra = {
+            **offer.extra,
+            "maxTokens": quote.max_tokens,
+            "quote": gw.quotes.token(call.digest, offer.amount, quote.expires, quote.max_tokens),
+        }
+        if s.name not in ("exact", "upto"):  # tollway's own schemes sign the request digest itself
+            extra["request"] = "0x" + call.digest
+        if offer.amount < quote.amount:
+            extra["credit"] = str(quote.amount - offer.amount)  # what the call will take from credit
+        if debt:
+            extra["debt"] = str(debt)
+        out.append(replace(offer, extra=extra))
+    out.sort(key=lambda o: ORDER.get(o.scheme, len(ORDER)))
+    return out
+
+
+# The official x402 client pays the first offer it can: credit (no chain at all), then what pays
+# the metered cost (upto), then what pays the bound.
+ORDER = {"credit": 0, "upto": 1, "exact": 2}
+
+
+def with_challenge(exc: PaymentRequired, gw: Gateway, call: ChatCall, request: Request) -> PaymentRequired:
+    """Attach a fresh quote for this request to a 402 (x402: every 402 carries one)."""
+    try:
+        _, credit = wallet_credit(gw, request)
+    except PaymentMalformed:
+        credit = 0  # a bad wallet proof only forfeits the credit discount
+    quoted = offers(gw, call, credit, exc.debt if hasattr(exc, "debt") else 0)
+    resource = {
+        "url": gw.public_base(request) + request.url.path,
+        "description": f"{call.model[:80]} chat completion",
+        "mimeType": "application/json",
+    }
+    error = truncate(f"{exc.code}: {exc.message}", 300)
+    extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
+    doc = x402.payment_required(error, resource, quoted, extensions)
+    # v2 clients read the header. The body is for OpenAI-compatible clients (``error`` an object,
+    # whose message their SDKs show) — unless the chain has an x402 v1 name: v1 clients read the
+    # body, with ``error`` a string, so it keeps that and says the rest at the top level.
+    body: dict[str, Any] = {**exc.body(), "x402": doc}
+    if gw.v1_names:
+        exact = [o for o in quoted if o.scheme == "exact"]
+        body = {**x402.payment_required_v1(error, resource, exact, gw.v1_name_of), **exc.body()["error"]}
+    exc.challenge = {"headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc)}, "body": body}
+    return exc

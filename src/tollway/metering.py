@@ -1,0 +1,376 @@
+"""relay → meter → receipt: a served call is charged its metered cost and answered with a receipt.
+
+A non-streamed call is metered from its body, and its payment settles in the same ledger
+transaction that records it. A stream is relayed chunk by chunk — its usage chunk rewritten with
+tollway's charge, or dropped if the client did not ask for it — and metered when it ends: from its
+usage, else from the upstream's own record after the fact, else by the documented estimate (the
+prompt at its bound, each delivered event at the model's most tokens per event). A stream is cut,
+with an error event, when its payment fails on chain and at ``max_call_seconds``; its progress is
+saved as it goes, so that a stream a crash left open is metered by what it delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.responses import Response, StreamingResponse
+
+from . import cache
+from .chat import ChatCall
+from .gateway import Gateway
+from .ledger.store import Settlement
+from .payments import x402
+from .payments.base import PaymentScheme, Proof, Quote, Verified
+from .pricing import atomic_to_usd
+from .upstream.client import Opened
+from .usage import (
+    SUMMARY_PREFIX,
+    StreamTail,
+    Usage,
+    UsageEvents,
+    body_with_cost,
+    parse_usage,
+    usage_from_body,
+    with_cost,
+)
+
+log = logging.getLogger("tollway.pipeline")
+calls_log = logging.getLogger("tollway.calls")
+PROGRESS_SECONDS = 2.0  # how often a stream's delivered events are saved
+
+
+@dataclass(frozen=True)
+class Paid:
+    """A locked payment: what it was priced at (``quote``: the output cap it is served with),
+    what covers it (the payment, plus ``held`` from credit), and the debt it must also pay off."""
+
+    payment: Verified
+    scheme: PaymentScheme
+    payment_id: str
+    account: str  # the payer's credit account
+    quote: Quote
+    proof: Proof
+    held: int = 0
+    debt: int = 0
+
+    @property
+    def covered(self) -> int:
+        return self.payment.amount + self.held
+
+
+def settlement(gw: Gateway, paid: Paid, due: int | None = None) -> Settlement:
+    """How the payment settles once the call is on record (``Gateway.settlement``); ``due``: what
+    the call owes, for a metered payment (cost + debt)."""
+    return gw.settlement(paid.scheme, paid.payment, paid.quote.amount if due is None else due)
+
+
+def log_call(call_id: str, model: str, status: int, started: float, **details: Any) -> None:
+    """One line per call, key=value, nothing secret: what an operator greps and graphs."""
+    fields = " ".join(f"{k}={v}" for k, v in details.items() if v is not None)
+    calls_log.info(
+        "call id=%s model=%s status=%d ms=%.1f %s", call_id, model, status, (time.time() - started) * 1000, fields
+    )
+
+
+def charge(call: ChatCall, paid: Paid, usage: Usage | None) -> int:
+    """What a call is charged: its metered cost, never more than its quote nor what paid for it;
+    without usage, its quote (the agreed upper bound)."""
+    quote = paid.quote.amount
+    cost = quote if usage is None else call.prices.cost(usage, long_cache=call.long_cache)
+    return min(cost, quote, paid.covered)
+
+
+def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "payment_id": paid.payment_id,
+        "model": call.model,
+        "upstream_model": call.upstream_model,
+        "stream": call.stream,
+        "quote": paid.quote.amount,
+        "prompt_bound": paid.quote.prompt_bound,
+        "paid": paid.payment.amount,
+        "from_credit": paid.held,
+        "created_at": call.received,
+        **values,
+    }
+
+
+def receipt_headers(gw: Gateway, paid: Paid, settled: Settlement | None, call_id: str) -> dict[str, str]:
+    """The receipt id, and x402's settlement response in the version the payment came in: the
+    transaction (none yet for a stream that settles when it ends), and what moved when a metered
+    payment moved less than it authorised."""
+    p = paid.payment
+    signing = settled.sign if settled else None
+    tx_hash = getattr(signing, "tx_hash", None) or p.proof.get("transaction") or ""
+    amount = settled.amount if settled is not None and paid.scheme.metered else None
+    v1 = paid.proof.version == 1
+    header = x402.X_PAYMENT_RESPONSE if v1 else x402.PAYMENT_RESPONSE
+    network = gw.v1_name_of[p.network] if v1 else p.network
+    response = x402.settle_response(success=True, tx_hash=tx_hash, network=network, payer=p.payer, amount=amount)
+    return {"x-tollway-receipt": call_id, header: response}
+
+
+def meter(
+    gw: Gateway,
+    call: ChatCall,
+    paid: Paid,
+    opened: Opened,
+    usage: Usage | None,
+    expected: int,
+    row: dict[str, Any],
+    *,
+    insert_row: bool,
+    settled: Settlement | None,
+) -> tuple[dict[str, Any], dict[str, Any], Settlement | None]:
+    """Charge the call's metered cost to the payer's credit account and record the call — and, if
+    its payment has not settled yet, settle it — in one transaction. Returns the metered fields
+    (with ``credit_after``), this hop's cache figures, and how the payment settled."""
+    cost = charge(call, paid, usage)
+    if usage is not None and usage.dialect != "estimated":
+        over = call.prices.cost(usage, long_cache=call.long_cache)
+        if over > cost:
+            gw.counters["cost_over_quote"] += 1
+            log.warning(
+                "cost_over_quote call=%s model=%s upstream=%s cost=%d quote=%d usage=%s",
+                row["id"],
+                call.model,
+                opened.upstream,
+                over,
+                paid.quote.amount,
+                usage.as_dict(),
+            )
+    now_settled = settled is None
+    if now_settled:
+        settled = settlement(gw, paid, cost + paid.debt)
+    deposit = paid.payment.amount if settled.amount is None else settled.amount  # type: ignore[union-attr]
+    fields: dict[str, Any] = {"cost": cost, "expected_cached_tokens": expected}
+    discount = None
+    if usage is not None:
+        uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
+        discount = max(min(call.prices.cost(uncached), paid.covered) - cost, 0)
+        gw.prefixes.remember(opened.upstream, call.model, call.body["messages"], usage.prompt_tokens)
+        fields.update(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            upstream_cost=None if usage.upstream_cost is None else str(usage.upstream_cost),
+            usage_dialect=usage.dialect,
+            cache_discount=discount,
+        )
+    balance = gw.store.finish_call(
+        paid.account,
+        deposit=deposit,
+        held=paid.held,
+        cost=cost,
+        payment_id=paid.payment_id,
+        call={**row, **fields},
+        insert_row=insert_row,
+        settle=settled if now_settled else None,
+    )
+    if balance is None:  # another process metered this stream already (it thought it abandoned)
+        balance = gw.store.credit_balance(paid.account)
+    else:
+        gw.settler.wake()
+    fields["credit_after"] = balance
+    return fields, cache.hop(opened.upstream, usage, expected, discount), settled
+
+
+def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int) -> Response:
+    """A non-streamed answer: metered, its payment settled, with tollway's charge in ``usage.cost``."""
+    row = call_row(
+        call_id,
+        paid,
+        call,
+        upstream=opened.upstream,
+        status="served",
+        upstream_latency_ms=opened.latency_ms,
+        duration_ms=opened.latency_ms,
+        finished_at=time.time(),
+    )
+    usage = usage_from_body(opened.first)
+    fields, hop, settled = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settled=None)
+    headers = receipt_headers(gw, paid, settled, call_id)
+    hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]
+    headers["x-tollway-cost"] = str(fields["cost"])
+    headers["x-tollway-credit"] = str(fields["credit_after"])
+    headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
+    media = opened.response.headers.get("content-type", "application/json")
+    body = body_with_cost(opened.first, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
+    log_call(
+        call_id,
+        call.model,
+        200,
+        call.received,
+        stream=False,
+        upstream=opened.upstream,
+        scheme=paid.payment.scheme,
+        paid=paid.payment.amount,
+        from_credit=paid.held,
+        cost=fields["cost"],
+    )
+    return Response(body, status_code=200, media_type=media, headers=headers)
+
+
+def error_event(message: str, code: str) -> bytes:
+    """How a stream that breaks after its first byte ends (OpenRouter's convention): an error
+    chunk with ``finish_reason: "error"``, then ``[DONE]``."""
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+        "error": {"message": message, "code": code},
+    }
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def relay_stream(
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int
+) -> StreamingResponse:
+    """A stream: recorded as it starts — with its payment's settlement, for a payment of the bound
+    (a metered one settles when the stream ends) — relayed, then metered."""
+    started = time.time()
+    settled = None if paid.scheme.metered else settlement(gw, paid)
+    row = call_row(
+        call_id, paid, call, upstream=opened.upstream, status="streaming", upstream_latency_ms=opened.latency_ms
+    )
+    gw.store.insert_call(row, settle=settled)
+    headers = receipt_headers(gw, paid, settled, call_id)
+    per_event = gw.settings.models[call.model].max_tokens_per_event
+    upstream = gw.router.named(opened.upstream)
+
+    def finish(tail: StreamTail, complete: bool, usage: Usage | None) -> tuple[dict[str, Any], Any, Settlement | None]:
+        error = opened.error or tail.error()
+        usage = usage or tail.estimate(paid.quote.prompt_bound, per_event)
+        row = {
+            "id": call_id,
+            "status": "served" if complete and error is None else "incomplete",
+            "error": error,
+            "events": tail.events_seen,
+            "duration_ms": (time.time() - started) * 1000,
+            "finished_at": time.time(),
+        }
+        metered = meter(gw, call, paid, opened, usage, expected, row, insert_row=False, settled=settled)
+        log_call(
+            call_id,
+            call.model,
+            200,
+            call.received,
+            stream=True,
+            upstream=opened.upstream,
+            scheme=paid.payment.scheme,
+            paid=paid.payment.amount,
+            from_credit=paid.held,
+            cost=metered[0]["cost"],
+            outcome=row["status"],
+        )
+        return metered
+
+    def close(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], Any, Settlement | None] | None:
+        """Meter the stream now — or, when it carried no usage but its upstream can tell it after
+        the fact, in the background once it does (the receipt then has it)."""
+        usage = tail.usage()
+        if usage is None and upstream.generation_url and tail.generation_id():
+            gw.spawn(meter_later(tail, complete))
+            return None
+        return finish(tail, complete, usage)
+
+    async def meter_later(tail: StreamTail, complete: bool) -> None:
+        try:
+            finish(tail, complete, await upstream.usage_after(tail.generation_id()))
+        except Exception:
+            log.exception("could not meter stream %s after the fact", call_id)
+
+    def usage_event(doc: dict[str, Any]) -> dict[str, Any] | None:
+        """The usage chunk as the client gets it: tollway's charge as ``usage.cost``; dropped (or
+        just its usage) if the client did not ask for it."""
+        usage = parse_usage(doc["usage"], doc.get("timings"))
+        if usage is not None:
+            doc = with_cost(doc, atomic_to_usd(charge(call, paid, usage), gw.settings.chain.decimals))
+        if call.wants_usage:
+            return doc
+        if not doc.get("choices"):
+            return None
+        return {k: v for k, v in doc.items() if k != "usage"}
+
+    stop_cutting = stream_cutter(gw, opened, paid, watch=settled is not None and settled.sign is not None)
+
+    async def body() -> AsyncIterator[bytes]:
+        tail = StreamTail()
+        tail.feed(opened.first)
+        relay = UsageEvents(usage_event)
+        closed, saved = False, time.monotonic()
+        try:
+            yield relay.feed(opened.first)
+            async for chunk in opened.rest():
+                tail.feed(chunk)
+                if time.monotonic() - saved > PROGRESS_SECONDS:  # what a crash would leave to meter
+                    gw.store.stream_progress(call_id, tail.events_seen)
+                    saved = time.monotonic()
+                if opened.error is None:  # once cut, nothing more reaches the client
+                    out = relay.feed(chunk)
+                    if out:
+                        yield out
+            if relay.held:
+                yield relay.flush()
+            if opened.error is not None and tail.error() is None:
+                yield error_event(opened.error, "stream_interrupted")
+            metered = close(tail, complete=opened.error is None)
+            closed = True
+            yield summary(call_id, tail, metered)
+        finally:
+            stop_cutting()
+            if not closed:  # the client went away, or the relay broke: meter what was delivered
+                close(tail, complete=False)
+            with anyio.CancelScope(shield=True):
+                await opened.response.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+def summary(call_id: str, tail: StreamTail, metered: tuple[dict[str, Any], Any, Settlement | None] | None) -> bytes:
+    """The SSE comment a tollway ends its streams with: the receipt, the charge, the credit after it,
+    the settlement (for a payment that settled as the stream ended), the cache hops."""
+    doc: dict[str, Any] = {"receipt": call_id, "cost": None, "credit": None, "cache": tail.upstream_hops()}
+    if metered is not None:
+        fields, hop, settled = metered
+        doc.update(cost=str(fields["cost"]), credit=str(fields["credit_after"]), cache=[hop, *doc["cache"]])
+        if settled is not None:
+            doc["settlement"] = {
+                "transaction": getattr(settled.sign, "tx_hash", "") or "",
+                "amount": None if settled.amount is None else str(settled.amount),
+            }
+    return SUMMARY_PREFIX + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_cutter(gw: Gateway, opened: Opened, paid: Paid, *, watch: bool) -> Callable[[], None]:
+    """Cut the stream when its settlement fails on chain (``watch``: it was sent as the stream
+    began) and at ``max_call_seconds``: the upstream is closed, and the client gets an error
+    event. Returns what stops watching."""
+    loop = asyncio.get_running_loop()
+    closing: set[asyncio.Task[None]] = set()
+
+    def cut(reason: str) -> None:
+        if opened.error is None:
+            opened.error = reason
+            task = loop.create_task(opened.response.aclose())
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
+    limit = gw.settings.max_call_seconds
+    timer = loop.call_later(limit, cut, f"the call reached its time limit ({limit} s)")
+    if watch:
+        gw.settler.watch(paid.payment_id, lambda reason: cut(f"payment failed on chain: {reason}"))
+
+    def stop() -> None:
+        timer.cancel()
+        gw.settler.unwatch(paid.payment_id)
+
+    return stop
