@@ -5,7 +5,6 @@ and a gateway, each on a real port; PostgreSQL and llama-server for the tests th
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,7 +15,7 @@ import httpx
 import pytest
 from xprocess import ProcessStarter
 
-from support import ADMIN_TOKEN, Chain, ServerThread, free_port
+from support import ADMIN_TOKEN, TOLLWAY, Chain, ServerThread, free_port
 from tollway.app import create_app
 from tollway.config import Settings, apply_devnet
 from tollway.devnet.anvil import anvil_command, rpc_alive
@@ -229,8 +228,6 @@ def llama_upstream(xprocess) -> Iterator[str]:
 
 
 # -- `tollway serve` as a user starts it (end-to-end tests) ----------------------------------
-
-TOLLWAY = str(Path(sys.executable).with_name("tollway"))
 
 
 @dataclass

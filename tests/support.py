@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,9 +27,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from web3 import Web3
+from x402 import x402Client
+from x402.mechanisms.evm.upto import UptoEvmScheme
 
 from tollway.app import create_app
 from tollway.client.payer import sign_exact
+from tollway.devnet.canonical import approve_permit2
 from tollway.devnet.deploy import Devnet, token_contract
 from tollway.ledger.models import Call, Payment
 from tollway.payments.x402 import b64json, unb64json
@@ -74,11 +80,12 @@ class Chain:
     def balance(self, who: str) -> int:
         return int(self.token.functions.balanceOf(Web3.to_checksum_address(who)).call())
 
-    def fund(self, amount: int = 100_000_000, eth: bool = False) -> Any:
+    def fund(self, amount: int = 100_000_000, eth: bool = False, permit2: bool = False) -> Any:
         """A fresh payer account holding ``amount`` test USDC (and ETH for gas only if asked:
-        x402 payments are gasless)."""
+        x402 payments are gasless); with ``permit2``, it has approved Permit2 once (as an upto payer
+        does), paying that approval's gas."""
         account = Account.create()
-        if eth:
+        if eth or permit2:
             self.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**18)])
         tx = self.token.functions.mint(account.address, amount).build_transaction(
             {
@@ -91,6 +98,8 @@ class Chain:
         self.w3.eth.wait_for_transaction_receipt(
             self.w3.eth.send_raw_transaction(signed.raw_transaction), poll_latency=0.01
         )
+        if permit2:
+            approve_permit2(self.w3, self.devnet.token, [account.key.hex()])
         return account
 
     def transfer(self, account: Any, to: str, amount: int, gas: int | None = None) -> str:
@@ -108,6 +117,55 @@ class Chain:
 
     def receipt(self, tx_hash: str) -> Any:
         return self.w3.eth.get_transaction_receipt(tx_hash)
+
+
+TOLLWAY = str(Path(sys.executable).with_name("tollway"))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any TOLLWAY_ setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    return {**env, **extra}
+
+
+def serve_process(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """`tollway serve` running in the background; returns it and its URL once it answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [TOLLWAY, "serve", "--port", str(port), *args],
+        cwd=cwd,
+        env=clean_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"tollway serve did not come up: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def upto_client(account: Any, devnet: Devnet) -> x402Client:
+    """The official x402 client paying with ``upto`` only, for the devnet's token."""
+    client = x402Client()
+    client.register(f"eip155:{devnet.chain_id}", UptoEvmScheme(account))
+    allowed = {"network": f"eip155:{devnet.chain_id}", "asset": devnet.token, "max_amount_per_payment": "1000000"}
+    client.set_spend_controls({"allowed_assets": [allowed]})
+    return client
 
 
 ADMIN_TOKEN = "test-admin-token-0123"
@@ -219,9 +277,14 @@ def envelope(required: dict[str, Any], offer: dict[str, Any], payload: dict[str,
     return {"x402Version": 2, "resource": required["resource"], "accepted": offer, "payload": payload, "extensions": {}}
 
 
+def exact_offer(required: dict[str, Any]) -> dict[str, Any]:
+    """The ``exact`` offer of a decoded PAYMENT-REQUIRED."""
+    return next(o for o in required["accepts"] if o["scheme"] == "exact")
+
+
 def exact_payment(payer: Any, required: dict[str, Any], offer: dict[str, Any] | None = None) -> dict[str, Any]:
     """A genuine payment of ``offer`` (by default ``required``'s first), signed by the gateway's own client."""
-    offer = offer or required["accepts"][0]
+    offer = offer or exact_offer(required)
     return envelope(required, offer, sign_exact(payer, offer, int(time.time())))
 
 

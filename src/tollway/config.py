@@ -111,7 +111,7 @@ class ChainSettings(Strict):
     payee: str | None = None  # who receives payments
     settler_key: str | None = None  # pays gas for settlement transactions
     v1_network: str | None = None  # x402 v1 name of this chain, if it has one (e.g. "base")
-    settle_gas_limit: int = 150_000
+    settle_gas_limit: int = 250_000  # an upto settlement with an EIP-2612 permit takes ~200,000
     max_fee_gwei: Decimal | None = None  # None: 2 x base fee + tip, refreshed in the background
     priority_fee_gwei: Decimal = Decimal("0.001")
     # The most the settlement worker bids per gas when it bumps a stuck transaction's fees.
@@ -192,11 +192,12 @@ class Settings(BaseSettings):
     quote_secret: str | None = None  # None: one generated once and kept in the ledger (so replicas agree)
     admin_token: str | None = None  # bearer token for private endpoints (health details, any receipt)
     quote_ttl_seconds: int = 120  # how long a 402 quote can be paid
-    # The longest a call may take: a non-streamed call is abandoned (and not charged) after it, a
-    # stream is ended there with an error event. A payment must stay valid this long plus
-    # settle_margin_seconds, so that its settlement can still be mined.
+    # The longest a call may take from its arrival: a non-streamed call is abandoned (and not
+    # charged) after it, a stream is ended there with an error event. A payment must stay valid
+    # this long plus settle_margin_seconds, so that its settlement can still be mined — also that of
+    # a stream a crash left open, metered by another process within ~15 s of max_call_seconds.
     max_call_seconds: int = Field(300, ge=1)
-    settle_margin_seconds: int = Field(60, ge=1)
+    settle_margin_seconds: int = Field(60, ge=30)
     # A non-streamed call that took longer than this is checked on chain again before its answer is
     # released: funds moved or an authorization cancelled while it ran means no answer.
     recheck_after_seconds: float = 0.25
@@ -217,7 +218,8 @@ class Settings(BaseSettings):
     min_withdrawal_usd: Decimal | None = Field(None, ge=0)
     # Browser origins allowed to call the API (CORS; no cookies are used, so "*" is safe). [] turns CORS off.
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
-    schemes: list[str] = ["exact", "transfer", "credit"]  # payment schemes offered, by registry name
+    # Payment schemes offered, by registry name (upto only where Permit2 and the x402 upto proxy exist).
+    schemes: list[str] = ["upto", "exact", "transfer", "credit"]
     chain: ChainSettings = ChainSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one
     upstreams: list[UpstreamSettings] = Field(default_factory=list)  # several, in order of preference

@@ -20,6 +20,7 @@ from eth_account import Account
 from .config import DEVNET_CHAIN_ID, Settings, resolve_chain, upstream_list
 from .payments import eip3009
 from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
+from .payments.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
 
 if TYPE_CHECKING:
@@ -145,6 +146,12 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
     return out, chain_id
 
 
+async def upto_contracts(chain: Chain) -> bool:
+    """Whether the chain has Permit2 and the x402 upto proxy at their canonical addresses."""
+    codes = await chain.batch([("eth_getCode", [a, "latest"]) for a in (PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS)])
+    return all(code not in (None, "0x", "0x0") for code in codes)
+
+
 def amounts_fit(settings: Settings, prices: dict[str, Prices]) -> list[Finding]:
     """A configuration whose largest quote could pass the ledger's 64-bit integers (an 18-decimal
     asset with a large body limit, say) is refused."""
@@ -230,6 +237,8 @@ async def examine(settings: Settings) -> list[Finding]:
         out += found
         if chain_id is None:
             return out
+        if "upto" in settings.schemes and not await upto_contracts(chain):
+            out.append(Finding("warn", "schemes", "upto needs Permit2 and the x402 upto proxy, absent on this chain"))
         resolved = resolve_chain(settings, chain_id)
         out += amounts_fit(resolved, {m: Prices.of(p, resolved.chain.decimals) for m, p in resolved.models.items()})
         try:

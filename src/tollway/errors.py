@@ -9,6 +9,7 @@
     ├── NotFound                 404  not_found
     ├── PaymentRequired          402  payment_required  (carries the challenge)
     │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
+    │       └── PreconditionFailed 412 the payment needs something first (permit2_allowance_required)
     ├── UpstreamError            502  upstream_error
     │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
     │       └── UpstreamDown     503  upstream_unavailable / upstream_timeout: it did not answer at all
@@ -110,6 +111,13 @@ class PaymentInvalid(PaymentRequired):
 
     code = "invalid_payment"
     debt: int = 0  # what the payer owes from a failed settlement (the next 402 asks for it too)
+
+
+class PreconditionFailed(PaymentInvalid):
+    """412: a payment that could pay once the payer does something first (the x402 upto spec's
+    ``permit2_allowance_required``: approve Permit2)."""
+
+    status = 412
 
 
 class UpstreamError(GatewayError):

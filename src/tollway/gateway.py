@@ -38,7 +38,8 @@ from .usage import Usage
 log = logging.getLogger("tollway")
 CHAIN_PROBE_SECONDS = 3
 CHAIN_DOWN_AFTER = 2  # failed probes in a row
-HOUSEKEEPING_SECONDS = 60
+HOUSEKEEPING_SECONDS = 10  # at most; a stream a crash left open is metered within its payment's validity
+ABANDONED_AFTER_SECONDS = 5  # past max_call_seconds, a stream still open has lost its process
 
 
 @dataclass
@@ -106,7 +107,11 @@ class Gateway:
             settled_elsewhere=lambda row: _scheme(schemes, row["scheme"]).settled_elsewhere(row),
         )
         ctx = Context(settings, chain, chain_id, settler.address)
-        schemes.extend(build_scheme(name, ctx) for name in settings.schemes)
+        names = list(settings.schemes)
+        if "upto" in names and not await doctor.upto_contracts(chain):
+            log.warning("upto is not offered: Permit2 or the x402 upto proxy is not on chain %d", chain_id)
+            names.remove("upto")
+        schemes.extend(build_scheme(name, ctx) for name in names)
         gw = cls(
             settings=settings,
             store=store,
@@ -171,10 +176,12 @@ class Gateway:
         """Meter the streams a crashed process left open, by the documented rule for a stream
         without usage: the prompt at its bound and each event it delivered (saved as it went) at
         the model's most tokens per event — never more than its quote; a metered payment (upto)
-        then settles that, never its maximum. Only streams older than twice the longest call, so
-        that another replica's live streams are left alone; a stream is metered once whoever gets
-        there first, and one row that cannot be metered never stops the gateway."""
-        for row in self.store.abandoned_streams(time.time() - 2 * self.settings.max_call_seconds):
+        then settles that, never its maximum, well before the payment expires. Only streams older
+        than the longest call (every stream is cut at it), so that another replica's live streams
+        are left alone; a stream is metered once whoever gets there first, and one row that cannot
+        be metered never stops the gateway."""
+        cutoff = time.time() - self.settings.max_call_seconds - ABANDONED_AFTER_SECONDS
+        for row in self.store.abandoned_streams(cutoff):
             try:
                 self._meter_abandoned(row)
             except Exception:
@@ -234,7 +241,7 @@ class Gateway:
     async def _housekeeping(self) -> None:
         """Now and then: meter the streams another (crashed) replica left open."""
         while True:
-            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            await asyncio.sleep(min(HOUSEKEEPING_SECONDS, self.settings.max_call_seconds))
             self.close_abandoned_streams()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -300,7 +300,7 @@ def relay_stream(
             return None
         return {k: v for k, v in doc.items() if k != "usage"}
 
-    stop_cutting = stream_cutter(gw, opened, paid, watch=settled is not None and settled.sign is not None)
+    stop_cutting = stream_cutter(gw, call, opened, paid, watch=settled is not None and settled.sign is not None)
 
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
@@ -350,10 +350,11 @@ def summary(call_id: str, tail: StreamTail, metered: tuple[dict[str, Any], Any, 
     return SUMMARY_PREFIX + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
 
 
-def stream_cutter(gw: Gateway, opened: Opened, paid: Paid, *, watch: bool) -> Callable[[], None]:
+def stream_cutter(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, watch: bool) -> Callable[[], None]:
     """Cut the stream when its settlement fails on chain (``watch``: it was sent as the stream
-    began) and at ``max_call_seconds``: the upstream is closed, and the client gets an error
-    event. Returns what stops watching."""
+    began) and ``max_call_seconds`` after the request arrived (so that no stream outlives its
+    payment's validity): the upstream is closed, and the client gets an error event. Returns what
+    stops watching."""
     loop = asyncio.get_running_loop()
     closing: set[asyncio.Task[None]] = set()
 
@@ -365,7 +366,7 @@ def stream_cutter(gw: Gateway, opened: Opened, paid: Paid, *, watch: bool) -> Ca
             task.add_done_callback(closing.discard)
 
     limit = gw.settings.max_call_seconds
-    timer = loop.call_later(limit, cut, f"the call reached its time limit ({limit} s)")
+    timer = loop.call_later(limit - (time.time() - call.received), cut, f"the call reached its time limit ({limit} s)")
     if watch:
         gw.settler.watch(paid.payment_id, lambda reason: cut(f"payment failed on chain: {reason}"))
 

@@ -214,8 +214,8 @@ async def confirm(gw: Gateway, paid: Paid) -> None:
 
 
 async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> Opened:
-    """Send the call upstream, with the output cap it was paid for. A non-streamed call must be
-    answered within ``max_call_seconds``."""
+    """Send the call upstream, with the output cap it was paid for. The answer (a stream's first
+    byte) must come within ``max_call_seconds``."""
     cap = paid.quote.max_tokens
     send = gw.router.send(
         call.model,
@@ -225,8 +225,6 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         request.headers,
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
     )
-    if call.stream:
-        return await send
     try:
         async with asyncio.timeout(gw.settings.max_call_seconds):
             return await send

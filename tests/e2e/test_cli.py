@@ -14,7 +14,7 @@ from x402 import x402Client
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
 
-TOLLWAY = str(Path(sys.executable).with_name("tollway"))
+from support import TOLLWAY
 
 
 def test_serve_prints_how_to_pay(served):

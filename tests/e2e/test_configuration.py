@@ -11,9 +11,7 @@ outside chain (Base Sepolia's chain id, a token at Base Sepolia's USDC address, 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +21,11 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from support import free_port
+from support import TOLLWAY, clean_env, free_port, serve_process, stop_process
 from tollway.devnet.deploy import deploy_devnet, token_contract
 
-TOLLWAY = str(Path(sys.executable).with_name("tollway"))
 BASE_SEPOLIA_USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 ANVIL_ACCOUNT_1 = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"  # its key is public
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
-    return {**env, **extra}
 
 
 def tollway(args: list[str], cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -109,37 +101,6 @@ def test_a_secret_file_that_cannot_be_read_is_one_line(tmp_path):
 # -- a devnet restart never carries the old chain's money -------------------------------------------------
 
 
-def served(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """`tollway serve` running in the background; returns it and its URL once it answers."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [TOLLWAY, "serve", "--port", str(port), *args],
-        cwd=cwd,
-        env=clean_env(**(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"tollway serve did not come up: {proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return out
-
-
 def credit_of(url: str, key: str, devnet: dict[str, Any]) -> int:
     from tollway.client import AllowedAsset, Payer
 
@@ -149,7 +110,7 @@ def credit_of(url: str, key: str, devnet: dict[str, Any]) -> int:
 
 def test_a_restarted_devnet_starts_a_ledger_of_its_own(tmp_path):
     args = ["--devnet", "--devnet-port", str(free_port()), "--mock-port", str(free_port())]
-    proc, url = served(tmp_path, args)
+    proc, url = serve_process(tmp_path, args)
     try:
         chat = tollway(["chat", "--url", url, "fund some credit", "--max-tokens", "8"], tmp_path)
         assert chat.returncode == 0, chat.stderr
@@ -158,12 +119,12 @@ def test_a_restarted_devnet_starts_a_ledger_of_its_own(tmp_path):
         time.sleep(1)
         assert credit_of(url, key, devnet) > 0
     finally:
-        stop(proc)  # and its anvil with it
-    proc, url = served(tmp_path, args)  # a new anvil: a new chain
+        stop_process(proc)  # and its anvil with it
+    proc, url = serve_process(tmp_path, args)  # a new anvil: a new chain
     try:
         assert credit_of(url, key, json.loads((tmp_path / "var" / "devnet.json").read_text())) == 0
     finally:
-        stop(proc)
+        stop_process(proc)
     assert len(list((tmp_path / "var").glob("devnet-31337-*.sqlite3"))) == 2
 
 
@@ -296,5 +257,5 @@ async def test_serve_takes_real_payments_without_a_devnet(tmp_path, outside_chai
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == "echo: on the outside chain"
     finally:
-        printed = stop(proc)
+        printed = stop_process(proc)
     assert "devnet" not in printed and "eip155:84532" in printed  # the configured chain, no anvil of its own

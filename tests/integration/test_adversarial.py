@@ -47,6 +47,7 @@ from support import (
     chat_body,
     envelope,
     error_code,
+    exact_offer,
     exact_payment,
     free_port,
     high_s_twin,
@@ -81,7 +82,7 @@ class Attack:
 
     def offer(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         required = self.required(body)
-        return required, dict(required["accepts"][0])
+        return required, dict(exact_offer(required))
 
     def send(self, body: dict[str, Any], doc: Any, header: str = "PAYMENT-SIGNATURE") -> httpx.Response:
         value = doc if isinstance(doc, str | bytes) else b64json(doc)
@@ -440,7 +441,7 @@ def test_x402_version_other_than_2(attack, version):
 def test_unknown_scheme(attack):
     body = chat_body("unknown scheme")
     doc = _valid_doc(attack, body)
-    doc["accepted"]["scheme"] = "upto"
+    doc["accepted"]["scheme"] = "deferred"
     attack.refused(attack.send(body, doc), 402, UNSUPPORTED_SCHEME)
 
 

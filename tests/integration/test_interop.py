@@ -17,7 +17,7 @@ from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
 from x402.schemas.v1 import PaymentRequiredV1
 
 from conftest import gateway_settings, start_anvil
-from support import CHAT, Chain, ServerThread, free_port, payment_required, run_concurrently, wait_receipt
+from support import CHAT, Chain, ServerThread, exact_offer, free_port, payment_required, run_concurrently, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, async_openai_client, openai_client
 from tollway.devnet.deploy import deploy_devnet
@@ -26,7 +26,7 @@ BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "Say hi t
 
 
 def quoted_amount(url: str, body: dict) -> int:
-    return int(payment_required(httpx.post(url + CHAT, json=body))["accepts"][0]["amount"])
+    return int(exact_offer(payment_required(httpx.post(url + CHAT, json=body)))["amount"])
 
 
 def official_client(account, network: str, token: str, v1: bool = False) -> x402Client:

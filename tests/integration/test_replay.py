@@ -25,6 +25,7 @@ from support import (
     chat_body,
     dedicated_gateway,
     error_code,
+    exact_offer,
     exact_payment,
     free_port,
     payment_header,
@@ -51,7 +52,7 @@ async def test_one_payment_sent_twenty_times_concurrently_is_served_once(gateway
     body = chat_body("replay me twenty times at once")
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
         required = payment_required(await client.post(CHAT, json=body))
-        amount = int(required["accepts"][0]["amount"])
+        amount = int(exact_offer(required)["amount"])
         headers = payment_header(exact_payment(payer, required))
         responses = await asyncio.gather(*(client.post(CHAT, json=body, headers=headers) for _ in range(20)))
         served = check_one_served(list(responses))
@@ -74,7 +75,7 @@ async def test_two_replicas_sharing_one_ledger_serve_a_payment_once(gateway, cha
     with ServerThread(create_app(gateway.settings)) as replica:
         async with httpx.AsyncClient(timeout=30) as client:
             required = payment_required(await client.post(gateway.url + CHAT, json=body))
-            amount = int(required["accepts"][0]["amount"])
+            amount = int(exact_offer(required)["amount"])
             headers = payment_header(exact_payment(payer, required))
             urls = [gateway.url, replica.url] * 10
             responses = await asyncio.gather(*(client.post(u + CHAT, json=body, headers=headers) for u in urls))
@@ -98,7 +99,7 @@ def test_failed_call_releases_its_payment_and_the_proof_stays_bound_to_its_reque
     failing = chat_body("this call fails upstream", mock={"fail": 500})
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
         required = payment_required(client.post(CHAT, json=failing))
-        offer = required["accepts"][0]
+        offer = exact_offer(required)
         headers = payment_header(exact_payment(payer, required, offer))
 
         for _attempt in range(2):  # the failing call, then a retry of it with the same proof
@@ -115,7 +116,7 @@ def test_failed_call_releases_its_payment_and_the_proof_stays_bound_to_its_reque
         while len(json.dumps(other, ensure_ascii=False, separators=(",", ":"))) < size:
             other["messages"][0]["content"] += "!"
         other_required = payment_required(client.post(CHAT, json=other))
-        assert other_required["accepts"][0]["amount"] == offer["amount"]
+        assert exact_offer(other_required)["amount"] == offer["amount"]
         r = client.post(CHAT, json=other, headers=headers)
         assert r.status_code == 402 and error_code(r) == QUOTE_MISMATCH, r.text
         # ... nor with the quote taken out (then it pays "today's price", which is the same amount)
@@ -142,7 +143,7 @@ def test_released_proof_pays_the_retry_of_the_same_request_once_upstream_recover
         httpx.Client(base_url=url, timeout=30) as client,
     ):
         required = payment_required(client.post(CHAT, json=body))
-        amount = int(required["accepts"][0]["amount"])
+        amount = int(exact_offer(required)["amount"])
         headers = payment_header(exact_payment(payer, required))
 
         down = client.post(CHAT, json=body, headers=headers)

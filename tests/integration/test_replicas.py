@@ -8,7 +8,7 @@ import time
 import httpx
 
 from conftest import gateway_settings
-from support import ServerThread, await_receipt
+from support import ServerThread, await_receipt, exact_offer
 from tollway.app import create_app
 from tollway.client.payer import sign_exact
 from tollway.payments.x402 import b64json, unb64json
@@ -24,7 +24,7 @@ async def test_replicas_on_postgres_serve_a_payment_once_and_settle_all(
     with ServerThread(create_app(settings)) as a, ServerThread(create_app(settings)) as b:
         async with httpx.AsyncClient(timeout=30) as http:
             r = await http.post(f"{a.url}/v1/chat/completions", json=BODY)
-            offer = unb64json(r.headers["PAYMENT-REQUIRED"])["accepts"][0]
+            offer = exact_offer(unb64json(r.headers["PAYMENT-REQUIRED"]))
 
             def header(account) -> dict[str, str]:
                 doc = {"x402Version": 2, "accepted": offer, "payload": sign_exact(account, offer, int(time.time()))}

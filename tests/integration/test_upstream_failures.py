@@ -20,6 +20,7 @@ from support import (
     chat_body,
     dedicated_gateway,
     error_code,
+    exact_offer,
     exact_payment,
     free_port,
     payment_header,
@@ -33,7 +34,7 @@ from support import (
 def paid_headers(client: httpx.Client, body: dict[str, Any], payer: Any) -> tuple[dict[str, str], int]:
     """Ask for the 402 of ``body`` and sign its first offer: (headers for the retry, amount)."""
     required = payment_required(client.post(CHAT, json=body))
-    offer = required["accepts"][0]
+    offer = exact_offer(required)
     return payment_header(exact_payment(payer, required, offer)), int(offer["amount"])
 
 

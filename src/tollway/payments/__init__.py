@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .base import Context, PaymentScheme
 
 SCHEMES: dict[str, str] = {
+    "upto": "tollway.payments.upto:from_settings",
     "exact": "tollway.payments.exact:from_settings",
     "credit": "tollway.payments.credit:from_settings",
     "transfer": "tollway.payments.transfer:from_settings",

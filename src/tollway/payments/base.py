@@ -51,6 +51,7 @@ class Proof:
     network: str
     payload: dict[str, Any]
     accepted: dict[str, Any] | None = None  # v2 echoes the offer it pays
+    extensions: dict[str, Any] | None = None  # v2 payment extensions (e.g. eip2612GasSponsoring)
 
 
 @dataclass(frozen=True)

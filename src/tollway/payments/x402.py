@@ -141,7 +141,10 @@ def decode_proof(headers: Mapping[str, str], v1_names: dict[str, str]) -> Proof 
         if version != 2:
             raise PaymentMalformed("PAYMENT-SIGNATURE carries x402Version 2 only", code="invalid_x402_version")
         accepted = _obj(doc, "accepted")
-        return Proof(2, _str(accepted, "scheme"), _str(accepted, "network"), _obj(doc, "payload"), accepted)
+        extensions = doc.get("extensions")
+        if extensions is not None and not isinstance(extensions, dict):
+            raise PaymentMalformed("payment extensions must be an object")
+        return Proof(2, _str(accepted, "scheme"), _str(accepted, "network"), _obj(doc, "payload"), accepted, extensions)
     if version != 1:
         raise PaymentMalformed("X-PAYMENT carries x402Version 1 only", code="invalid_x402_version")
     name = _str(doc, "network")

@@ -1,0 +1,272 @@
+"""x402 ``upto``: the unmodified official client authorises a maximum, the gateway settles what
+the call cost — exactly, in every usage dialect, streamed or not — and nothing when it cost nothing.
+Hostile payloads are refused before anything moves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from x402.http.clients import x402HttpxClient
+from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
+
+from support import (
+    CHAT,
+    SETTLE_WAIT,
+    chat_body,
+    dedicated_gateway,
+    envelope,
+    error_code,
+    payment_header,
+    payment_required,
+    payment_rows,
+    receipt,
+    upto_client,
+    wait_receipt,
+)
+from tollway.config import ModelPrice
+from tollway.payments import permit2
+
+DIALECTS = ["openai", "openrouter", "deepseek", "anthropic", "llamacpp", "none"]
+
+
+async def official_call(url: str, account: Any, devnet, body: dict[str, Any]) -> tuple[httpx.Response, str]:
+    """One call paid by the official client; returns the response and, for a stream, its text."""
+    async with x402HttpxClient(upto_client(account, devnet)) as http:
+        if not body.get("stream"):
+            return await http.post(f"{url}{CHAT}", json=body), ""
+        async with http.stream("POST", f"{url}{CHAT}", json=body) as r:
+            text = "".join([chunk async for chunk in r.aiter_text()])
+        return r, text
+
+
+def upto_offer(required: dict[str, Any]) -> dict[str, Any]:
+    return next(o for o in required["accepts"] if o["scheme"] == "upto")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_the_official_client_pays_exactly_the_metered_cost(gateway, chain, devnet, dialect, stream):
+    payer = chain.fund(permit2=True)
+    before = chain.balance(payer.address)
+    body = chat_body(f"metered {dialect}", max_tokens=None, stream=stream, mock={"dialect": dialect})
+    del body["max_tokens"]  # no cap: the worst case an exact client would pay
+    r, text = await official_call(gateway.url, payer, devnet, body)
+    assert r.status_code == 200
+    if stream:
+        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    doc = await asyncio.to_thread(wait_receipt, gateway.url, r.headers["x-tollway-receipt"])
+    cost = int(doc["cost"]["atomic"])
+    assert doc["payment"]["scheme"] == "upto" and int(doc["payment"]["amount"]["atomic"]) == cost
+    assert chain.balance(payer.address) == before - cost  # the debit is the metered cost, not the maximum
+    assert cost < int(doc["quote"]["atomic"]) // 100  # (the maximum was the metered cap's bound)
+    response = json.loads(__import__("base64").b64decode(r.headers["PAYMENT-RESPONSE"]))
+    assert response["success"] and response["payer"].lower() == payer.address.lower()
+    if stream:  # headers left before the cost was known: the settlement is in the stream's end and the receipt
+        assert response["transaction"] == ""
+        summary = json.loads(next(line for line in text.splitlines() if line.startswith(": tollway "))[10:])
+        assert summary["settlement"]["amount"] == str(cost)
+        assert summary["settlement"]["transaction"] == doc["payment"]["transaction"]
+    else:
+        assert response["amount"] == str(cost) and response["transaction"] == doc["payment"]["transaction"]
+
+
+async def test_a_call_that_cost_nothing_sends_nothing(gateway, chain, devnet, tmp_path):
+    free = {"mock/echo": ModelPrice(prompt=Decimal(0), completion=Decimal(0))}
+    payer = chain.fund(permit2=True)
+    with dedicated_gateway(gateway, chain, tmp_path, models=free) as (url, engine):
+        r, _ = await official_call(url, payer, devnet, chat_body("free of charge"))
+        assert r.status_code == 200
+        await asyncio.sleep(SETTLE_WAIT)
+        [row] = payment_rows(engine, payer.address)
+    assert row["state"] == "settled" and row["amount"] == 0 and row["tx_id"] is None
+    assert chain.balance(payer.address) == 100_000_000
+
+
+async def test_an_upstream_failure_settles_nothing(gateway, chain, devnet):
+    payer = chain.fund(permit2=True)
+    r, _ = await official_call(gateway.url, payer, devnet, chat_body("fail first", mock={"fail": 500}))
+    assert r.status_code == 502
+    await asyncio.sleep(SETTLE_WAIT)
+    assert [p["state"] for p in payment_rows(gateway.store.engine, payer.address)] == ["released"]
+    assert chain.balance(payer.address) == 100_000_000
+
+
+# -- hostile payloads -------------------------------------------------------------------------------------
+
+
+def sign_upto(account: Any, offer: dict[str, Any], network: int, **changes: Any) -> dict[str, Any]:
+    """An upto payload for ``offer`` — fields overridden by ``changes`` — signed through eth-account's
+    generic EIP-712 encoder (independently of the gateway's hashing)."""
+    now = int(time.time())
+    fields = {
+        "token": offer["asset"],
+        "amount": int(offer["amount"]),
+        "spender": permit2.UPTO_PROXY_ADDRESS,
+        "nonce": int.from_bytes(secrets.token_bytes(32), "big"),
+        "deadline": now + int(offer["maxTimeoutSeconds"]),
+        "to": offer["payTo"],
+        "facilitator": offer["extra"]["facilitatorAddress"],
+        "validAfter": 0,
+        "signer": account,
+        "chain_id": network,
+    }
+    fields.update(changes)
+    typed = {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "PermitWitnessTransferFrom": [
+                {"name": "permitted", "type": "TokenPermissions"},
+                {"name": "spender", "type": "address"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "deadline", "type": "uint256"},
+                {"name": "witness", "type": "Witness"},
+            ],
+            "TokenPermissions": [{"name": "token", "type": "address"}, {"name": "amount", "type": "uint256"}],
+            "Witness": [
+                {"name": "to", "type": "address"},
+                {"name": "facilitator", "type": "address"},
+                {"name": "validAfter", "type": "uint256"},
+            ],
+        },
+        "primaryType": "PermitWitnessTransferFrom",
+        "domain": {"name": "Permit2", "chainId": fields["chain_id"], "verifyingContract": permit2.PERMIT2_ADDRESS},
+        "message": {
+            "permitted": {"token": fields["token"], "amount": fields["amount"]},
+            "spender": fields["spender"],
+            "nonce": fields["nonce"],
+            "deadline": fields["deadline"],
+            "witness": {"to": fields["to"], "facilitator": fields["facilitator"], "validAfter": fields["validAfter"]},
+        },
+    }
+    signed = fields["signer"].sign_message(encode_typed_data(full_message=typed))
+    return {
+        "permit2Authorization": {
+            "from": account.address,
+            "permitted": {"token": fields["token"], "amount": str(fields["amount"])},
+            "spender": fields["spender"],
+            "nonce": str(fields["nonce"]),
+            "deadline": str(fields["deadline"]),
+            "witness": {
+                "to": fields["to"],
+                "facilitator": fields["facilitator"],
+                "validAfter": str(fields["validAfter"]),
+            },
+        },
+        "signature": "0x" + bytes(signed.signature).hex(),
+    }
+
+
+@pytest.fixture
+def hostile(gateway, chain, devnet):
+    """A funded payer (with a Permit2 approval), a 402 and its upto offer, and a sender that checks
+    a refusal moved nothing."""
+    payer = chain.fund(permit2=True)
+    body = chat_body("hostile upto", max_tokens=8)
+    required = payment_required(httpx.post(gateway.url + CHAT, json=body))
+    offer = upto_offer(required)
+
+    def send(payload: dict[str, Any], accepted: dict | None = None, to_body: dict | None = None) -> httpx.Response:
+        doc = envelope(required, accepted or offer, payload)
+        return httpx.post(gateway.url + CHAT, json=to_body or body, headers=payment_header(doc))
+
+    return payer, offer, send
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"to": Account.create().address}, "invalid_permit2_recipient_mismatch"),
+        ({"facilitator": Account.create().address}, "invalid_upto_evm_payload_facilitator"),
+        ({"spender": Account.create().address}, "invalid_permit2_spender"),
+        ({"deadline": 1}, "permit2_deadline_expired"),
+        ({"deadline": "short"}, "permit2_deadline_expired"),
+        ({"validAfter": 2**40}, "permit2_not_yet_valid"),
+        ({"amount": "more"}, "permit2_amount_mismatch"),
+        ({"signer": Account.create()}, "invalid_permit2_signature"),
+        ({"chain_id": 1}, "invalid_permit2_signature"),
+        ({"token": Account.create().address}, "permit2_token_mismatch"),
+    ],
+)
+def test_hostile_upto_payloads_are_refused(hostile, chain, devnet, change, code):
+    payer, offer, send = hostile
+    if change.get("deadline") == "short":
+        change = {"deadline": int(time.time()) + 30}  # outlives no call
+    if change.get("amount") == "more":
+        change = {"amount": int(offer["amount"]) + 1}
+    r = send(sign_upto(payer, offer, devnet.chain_id, **change))
+    assert r.status_code == 402 and error_code(r) == code, r.text[:300]
+    assert chain.balance(payer.address) == 100_000_000
+
+
+def test_a_missing_permit2_allowance_is_the_specs_412(gateway, chain, devnet):
+    fresh = chain.fund()  # never approved Permit2
+    body = chat_body("no allowance", max_tokens=8)
+    required = payment_required(httpx.post(gateway.url + CHAT, json=body))
+    offer = upto_offer(required)
+    doc = envelope(required, offer, sign_upto(fresh, offer, devnet.chain_id))
+    r = httpx.post(gateway.url + CHAT, json=body, headers=payment_header(doc))
+    assert r.status_code == 412 and error_code(r) == "permit2_allowance_required"
+    assert "PAYMENT-REQUIRED" in r.headers
+
+
+def test_a_reused_permit2_nonce_and_a_cheaper_requests_proof_are_refused(hostile, chain, devnet, gateway):
+    payer, offer, send = hostile
+    payload = sign_upto(payer, offer, devnet.chain_id)
+    assert send(payload).status_code == 200
+    again = send(payload)
+    assert again.status_code == 402 and error_code(again) == "invalid_exact_evm_nonce_already_used"
+    fresh = sign_upto(payer, offer, devnet.chain_id)
+    dearer = chat_body("a dearer request", max_tokens=900)
+    cheap = send(fresh, to_body=dearer)  # a proof made for another request
+    assert cheap.status_code == 402 and error_code(cheap) == "quote_mismatch"
+    tampered = {**offer, "extra": {**offer["extra"], "maxTokens": 16_000}}
+    r = send(fresh, accepted=tampered)
+    assert r.status_code == 402 and error_code(r) == "quote_mismatch"
+
+
+def test_one_upto_payload_sent_twenty_times_at_once_is_served_once(hostile, chain, devnet, gateway, upstream):
+    payer, offer, send = hostile
+    payload = sign_upto(payer, offer, devnet.chain_id)
+    before = httpx.get(f"{upstream.url}/mock/stats").json()["requests"]
+    with ThreadPoolExecutor(20) as pool:
+        statuses = [r.status_code for r in pool.map(lambda _: send(payload), range(20))]
+    assert statuses.count(200) == 1 and statuses.count(402) == 19
+    assert httpx.get(f"{upstream.url}/mock/stats").json()["requests"] == before + 1
+    paid = [row for row in payment_rows(gateway.store.engine, payer.address) if row["state"] != "refused"]
+    assert len(paid) == 1
+
+
+def test_the_receipt_of_an_upto_call(gateway, chain, devnet):
+    payer = chain.fund(permit2=True)
+    r, _ = asyncio.run(official_call(gateway.url, payer, devnet, chat_body("receipt please", max_tokens=8)))
+    doc = wait_receipt(gateway.url, r.headers["x-tollway-receipt"])
+    assert doc["payment"]["state"] == "settled"
+    assert receipt(gateway.url, doc["id"])["cost"] == doc["payment"]["amount"]
+
+
+async def test_a_wallet_with_no_approval_and_no_gas_pays_through_eip2612_gas_sponsoring(gateway, chain, devnet):
+    fresh = chain.fund()  # no Permit2 approval, no ETH
+    assert chain.w3.eth.get_balance(fresh.address) == 0
+    signer = EthAccountSignerWithRPC(fresh, rpc_url=devnet.rpc_url)  # reads the allowance, signs a permit
+    r, _ = await official_call(gateway.url, signer, devnet, chat_body("sponsored", max_tokens=8))
+    assert r.status_code == 200, r.text[:300]
+    doc = await asyncio.to_thread(wait_receipt, gateway.url, r.headers["x-tollway-receipt"])
+    cost = int(doc["cost"]["atomic"])
+    assert doc["payment"]["state"] == "settled" and chain.balance(fresh.address) == 100_000_000 - cost
+    assert chain.token.functions.allowance(fresh.address, permit2.PERMIT2_ADDRESS).call() > 0  # the permit landed
+    assert chain.w3.eth.get_balance(fresh.address) == 0  # and the payer spent no gas
