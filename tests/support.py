@@ -128,17 +128,22 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def serve_process(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """`tollway serve` running in the background; returns it and its URL once it answers."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [TOLLWAY, "serve", "--port", str(port), *args],
-        cwd=cwd,
-        env=clean_env(**(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def serve_process(
+    cwd: Path, args: list[str], env: dict[str, str] | None = None, port: int | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """`tollway serve` running in the background, printing to ``cwd/serve.log`` (a file: a pipe
+    nobody reads would fill and stall it); returns it and its URL once it answers."""
+    port = port or free_port()
+    with (cwd / "serve.log").open("a") as log:
+        proc = subprocess.Popen(
+            [TOLLWAY, "serve", "--port", str(port), *args],
+            cwd=cwd,
+            env=clean_env(**(env or {})),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    proc.log = cwd / "serve.log"  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -149,14 +154,15 @@ def serve_process(cwd: Path, args: list[str], env: dict[str, str] | None = None)
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"tollway serve did not come up: {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(f"tollway serve did not come up: {proc.log.read_text()}")  # type: ignore[attr-defined]
         time.sleep(0.2)
 
 
 def stop_process(proc: subprocess.Popen[str]) -> str:
+    """Stop a `serve_process`; what it printed."""
     proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return out
+    proc.wait(timeout=30)
+    return proc.log.read_text()  # type: ignore[attr-defined]
 
 
 def upto_client(account: Any, devnet: Devnet) -> x402Client:
@@ -166,6 +172,17 @@ def upto_client(account: Any, devnet: Devnet) -> x402Client:
     allowed = {"network": f"eip155:{devnet.chain_id}", "asset": devnet.token, "max_amount_per_payment": "1000000"}
     client.set_spend_controls({"allowed_assets": [allowed]})
     return client
+
+
+def credit(gateway_url: str, payer: Any, figure: str = "balance") -> int:
+    """A wallet's credit (its ``balance``, or what is ``available``), read signed in as tollway's
+    client does: the 401 carries a sign-in, which the client signs."""
+    from tollway.client import SyncPayingTransport
+
+    with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+        r = http.get(f"{gateway_url}/v1/credit")
+    assert r.status_code == 200, r.text
+    return int(r.json()[figure]["atomic"])
 
 
 ADMIN_TOKEN = "test-admin-token-0123"

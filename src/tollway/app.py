@@ -18,17 +18,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, credits, pipeline
-from .challenge import WALLET_HEADER, wallet_credit
+from . import __version__, credits, pipeline, signin
 from .config import Settings
 from .errors import (
     Forbidden,
     GatewayError,
     NotFound,
-    PaymentMalformed,
-    PaymentRequired,
-    Unauthorized,
     error_body,
 )
 from .gateway import Gateway
@@ -91,21 +88,13 @@ def is_admin(request: Request, gw: Gateway) -> bool:
 
 
 async def receipt(request: Request) -> Response:
-    """A call's receipt, for its payer (``X-Tollway-Wallet``) or the operator (admin token) only:
-    it shows the payer's wallet and credit."""
+    """A call's receipt, for its payer (signed in) or the operator (admin token) only: it shows
+    the payer's wallet and credit."""
     gw = gateway(request)
     row = gw.store.receipt(request.path_params["receipt_id"][:64])
     if not is_admin(request, gw):
-        if not request.headers.get(WALLET_HEADER):
-            raise Unauthorized(
-                "a receipt is shown to its payer only: send X-Tollway-Wallet (a signed WalletProof)",
-                code="wallet_proof_required",
-            )
-        try:
-            wallet, _ = wallet_credit(gw, request)
-        except PaymentMalformed as exc:
-            raise Unauthorized(exc.message, code=exc.code) from None
-        if row is not None and row["payer"] != wallet:
+        who = await signin.require(gw, request, signin.request_key(request))
+        if row is not None and row["payer"] != who.wallet:
             raise Forbidden("this receipt belongs to another wallet", code="receipt_forbidden")
     if row is None:
         raise NotFound("no such receipt", code="receipt_not_found")
@@ -216,7 +205,7 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     headers: dict[str, str] = {}
     body: Any = exc.body()
-    if isinstance(exc, PaymentRequired) and exc.challenge:
+    if exc.challenge:
         headers.update(exc.challenge["headers"])
         body = exc.challenge["body"]
     if exc.retry_after:
@@ -265,6 +254,34 @@ CORS_EXPOSED_HEADERS = [
 ]
 
 
+class DeprecatedWalletHeader:
+    """Answers to a request that still sends ``X-Tollway-Wallet`` say it is deprecated (RFC 9745),
+    pointing to the sign-in that replaces it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not any(k == b"x-tollway-wallet" for k, _ in scope["headers"]):
+            return await self.app(scope, receive, send)
+
+        async def deprecated(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *DEPRECATION_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, deprecated)
+
+
+DEPRECATION_HEADERS = [
+    (b"deprecation", signin.DEPRECATION.encode()),
+    (
+        b"link",
+        b'<https://github.com/x402-foundation/x402/blob/main/specs/extensions/sign-in-with-x.md>; rel="deprecation"',
+    ),
+]
+
+
 def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     """The app. It opens (and closes) its gateway itself, unless one opened by the caller is given."""
 
@@ -289,7 +306,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
         )
     ]
     return Starlette(
-        middleware=middleware if cors else [],
+        middleware=[*(middleware if cors else []), Middleware(DeprecatedWalletHeader)],
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

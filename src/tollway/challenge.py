@@ -9,23 +9,21 @@ on-chain offers are never below the smallest on-chain payment worth its gas.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
 from starlette.requests import Request
 
+from . import signin
 from .chat import ChatCall
-from .errors import PaymentMalformed, PaymentRequired, truncate
+from .errors import PaymentRequired, truncate
 from .gateway import Gateway
 from .ledger.store import credit_account
 from .payments import x402
 from .payments.base import Offer
-from .payments.credit import check_wallet_proof
 from .pricing import to_atomic
-
-WALLET_HEADER = "x-tollway-wallet"
+from .signin import SignIn
 
 
 def least_payment(gw: Gateway) -> int:
@@ -33,13 +31,9 @@ def least_payment(gw: Gateway) -> int:
     return to_atomic(Fraction(gw.settings.min_chain_payment_usd or 0), gw.settings.chain.decimals)
 
 
-def wallet_credit(gw: Gateway, request: Request) -> tuple[str | None, int]:
-    """The wallet a request proves it holds (``X-Tollway-Wallet``), and its final credit."""
-    raw = request.headers.get(WALLET_HEADER)
-    if not raw:
-        return None, 0
-    wallet = check_wallet_proof(x402.unb64json(raw), gw.chain_id, gw.token, int(time.time()), gw.origin(request))
-    return wallet, gw.store.available_credit(credit_account(gw.network, gw.token, wallet))
+def credit_of(gw: Gateway, who: SignIn | None) -> int:
+    """The final credit of a signed-in wallet (0 for nobody)."""
+    return 0 if who is None else gw.store.available_credit(credit_account(gw.network, gw.token, who.wallet))
 
 
 def offers(gw: Gateway, call: ChatCall, credit: int, debt: int = 0) -> list[Offer]:
@@ -77,13 +71,12 @@ def offers(gw: Gateway, call: ChatCall, credit: int, debt: int = 0) -> list[Offe
 ORDER = {"credit": 0, "upto": 1, "exact": 2}
 
 
-def with_challenge(exc: PaymentRequired, gw: Gateway, call: ChatCall, request: Request) -> PaymentRequired:
-    """Attach a fresh quote for this request to a 402 (x402: every 402 carries one)."""
-    try:
-        _, credit = wallet_credit(gw, request)
-    except PaymentMalformed:
-        credit = 0  # a bad wallet proof only forfeits the credit discount
-    quoted = offers(gw, call, credit, exc.debt if hasattr(exc, "debt") else 0)
+def with_challenge(
+    exc: PaymentRequired, gw: Gateway, call: ChatCall, request: Request, who: SignIn | None
+) -> PaymentRequired:
+    """Attach a fresh quote for this request to a 402 (x402: every 402 carries one) — reduced by
+    the credit of the wallet the request signed in as — and a sign-in for it."""
+    quoted = offers(gw, call, credit_of(gw, who), exc.debt if hasattr(exc, "debt") else 0)
     resource = {
         "url": gw.public_base(request) + request.url.path,
         "description": f"{call.model[:80]} chat completion",
@@ -91,6 +84,7 @@ def with_challenge(exc: PaymentRequired, gw: Gateway, call: ChatCall, request: R
     }
     error = truncate(f"{exc.code}: {exc.message}", 300)
     extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
+    extensions.update(signin.declaration(gw, request, call.digest))
     doc = x402.payment_required(error, resource, quoted, extensions)
     # v2 clients read the header. The body is for OpenAI-compatible clients (``error`` an object,
     # whose message their SDKs show) — unless the chain has an x402 v1 name: v1 clients read the

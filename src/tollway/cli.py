@@ -231,13 +231,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         limit = Decimal(args.max_usd)
     except (ValueError, InvalidOperation):
         raise Refused("--key must be a 32-byte hex private key, --max-usd a number") from None
-    payer = Payer(account, allowed, max_per_call_usd=limit, max_total_usd=limit)
+    schemes = tuple(args.scheme or ("upto", "exact"))
+    payer = Payer(account, allowed, max_per_call_usd=limit, max_total_usd=limit, schemes=schemes)
     base = args.url.rstrip("/").removesuffix("/v1")
     body: dict[str, Any] = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
     body["stream"] = args.stream
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
-    cost: str | None = None
+    metered: dict[str, Any] = {}  # what the gateway says it charged: cost, settlement, cache hops
     try:
         with httpx.Client(transport=SyncPayingTransport(payer), base_url=base, timeout=args.timeout) as client:
             if args.stream:
@@ -250,14 +251,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
                             for choice in json.loads(line[6:]).get("choices", []):
                                 print(choice.get("delta", {}).get("content") or "", end="", flush=True)
                         elif line.startswith(": tollway "):
-                            cost = json.loads(line[len(": tollway ") :]).get("cost")
+                            metered = json.loads(line[len(": tollway ") :])
                     print()
             else:
                 r = client.post("/v1/chat/completions", json=body)
                 if r.status_code != 200:
                     return fail(r)
                 print(r.json()["choices"][0]["message"]["content"])
-                cost = r.headers.get("x-tollway-cost")
+                metered = {
+                    "cost": r.headers.get("x-tollway-cost"),
+                    "cache": json.loads(r.headers.get("x-tollway-cache") or "[]"),
+                }
     except PaymentRefused as exc:
         print(f"not paid: {exc}", file=sys.stderr)
         return 1
@@ -265,13 +269,40 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"cannot reach the gateway at {base}: {type(exc).__name__}", file=sys.stderr)
         return 1
     for paid in payer.history:
-        decimals = next((a.decimals for a in allowed if a.asset.lower() == paid.asset.lower()), 6)
-        charged = f"{Decimal(int(cost)).scaleb(-decimals)} USD" if cost else "metered after the stream"
-        print(f"cost {charged}; paid {paid.usd} USD on {paid.network} from {account.address}", file=sys.stderr)
-        print(
-            f"settlement {paid.transaction or '(none: paid from credit)'}; receipt {paid.receipt_id}", file=sys.stderr
+        print_payment(
+            paid, metered, account.address, next((a.decimals for a in allowed if a.network == paid.network), 6)
         )
     return 0
+
+
+def print_payment(paid: Any, metered: dict[str, Any], payer: str, decimals: int) -> None:
+    """What a call cost and how it was paid: the authorised maximum, what moved, the cache discount."""
+
+    def usd(atomic: Any) -> str:
+        return "?" if atomic is None else f"{Decimal(int(atomic)).scaleb(-decimals)} USD"
+
+    hops = metered.get("cache") or [{}]
+    discount = hops[0].get("discount_passed") if isinstance(hops[0], dict) else None
+    cost = metered.get("cost")
+    print(
+        f"cost {usd(cost) if cost else 'metered after the stream'}; cache discount {usd(discount or 0)}",
+        file=sys.stderr,
+    )
+    if paid.scheme == "credit":
+        print(
+            f"paid from the credit of {payer} (signed in): no transaction; receipt {paid.receipt_id}", file=sys.stderr
+        )
+        return
+    settlement = metered.get("settlement") or {}
+    moved = paid.settled if paid.settled is not None else settlement.get("amount")
+    if paid.scheme == "exact":
+        moved = paid.amount
+    tx = paid.transaction or settlement.get("transaction")
+    print(
+        f"paid with {paid.scheme} on {paid.network} from {payer}: authorised {usd(paid.amount)}, settled {usd(moved)}",
+        file=sys.stderr,
+    )
+    print(f"settlement {tx or '(none: nothing to move)'}; receipt {paid.receipt_id}", file=sys.stderr)
 
 
 def fail(r: httpx.Response) -> int:
@@ -330,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-usd", default="1", help="most to pay for this call (default 1)")
     c.add_argument("--max-tokens", type=int, default=None)
     c.add_argument("--stream", action="store_true")
+    c.add_argument(
+        "--scheme",
+        action="append",
+        choices=["upto", "exact"],
+        help="pay with these, in this order (default: upto, exact)",
+    )
     c.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer")
     c.add_argument("--devnet-file", help="devnet JSON to take a payer key and the token from (default var/devnet.json)")
     c.set_defaults(func=cmd_chat)

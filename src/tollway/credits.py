@@ -1,8 +1,9 @@
 """Credit endpoints: a wallet's balance with the gateway, and withdrawals of it on chain.
 
-Both need proof of the wallet: ``X-Tollway-Wallet`` to read, a signed ``Withdrawal`` to pay out
-(see ``payments/signed.py``). A withdrawal debits credit and queues a payout atomically; the
-settlement worker pays it, coalescing a wallet's pending withdrawals into one transfer.
+Both need the wallet signed in (``signin.py``: a 401 carries the sign-in to sign). A withdrawal
+goes to the signed-in wallet only, and its sign-in is its unique key (it works once). It debits
+credit and queues a payout atomically; the settlement worker pays it, coalescing a wallet's
+pending withdrawals into one transfer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .challenge import WALLET_HEADER, wallet_credit
+from . import signin
+from .challenge import credit_of
 from .errors import BadRequest, Forbidden, NotConfigured, NotFound, PaymentInvalid
 from .gateway import Gateway
 from .ledger.store import InsufficientCredit, credit_account
@@ -23,21 +25,19 @@ from .payments import signed
 from .pipeline import read_body
 from .pricing import MAX_AMOUNT, money, to_atomic
 
+WITHDRAWAL_BODY = "body must be JSON {amount} (signed in), or {withdrawal, signature}"
+
 
 async def balance(request: Request, gw: Gateway) -> Response:
-    if not request.headers.get(WALLET_HEADER):
-        raise BadRequest(
-            "send X-Tollway-Wallet (a signed WalletProof) to see your credit", code="wallet_proof_required"
-        )
-    wallet, credit = wallet_credit(gw, request)
-    account = credit_account(gw.network, gw.token, wallet)  # type: ignore[arg-type]
+    who = await signin.require(gw, request, signin.request_key(request))
+    account = credit_account(gw.network, gw.token, who.wallet)
     return JSONResponse(
         {
-            "wallet": wallet,
+            "wallet": who.wallet,
             "network": gw.network,
             "asset": gw.token,
             "balance": money(gw.store.credit_balance(account), gw.settings.chain.decimals),
-            "available": money(credit, gw.settings.chain.decimals),  # what payments already final on chain back
+            "available": money(credit_of(gw, who), gw.settings.chain.decimals),  # what payments final on chain back
             "journal": {k: str(v) for k, v in gw.store.journal(account).items()},
         }
     )
@@ -47,19 +47,29 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
     try:
         doc = json.loads(await read_body(request, 16384))
     except ValueError as exc:
-        raise BadRequest("body must be JSON {withdrawal: {...}, signature}", code="invalid_json") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("withdrawal"), dict):
-        raise BadRequest("body must be JSON {withdrawal: {...}, signature}", code="invalid_withdrawal")
-    w: dict[str, Any] = doc["withdrawal"]
-    try:
-        wallet = signed.signer("Withdrawal", gw.chain_id, gw.token, w, doc.get("signature"), gw.origin(request))
-    except PaymentInvalid as exc:
-        raise Forbidden(exc.message, code=exc.code) from None
-    if str(w["wallet"]).lower() != wallet:
-        raise Forbidden("withdrawal not signed by its wallet", code="invalid_withdrawal_signature")
-    if int(w["validBefore"]) < time.time():
-        raise BadRequest("withdrawal request has expired", code="withdrawal_expired")
-    amount = int(w["amount"])
+        raise BadRequest(
+            "body must be JSON {amount} (signed in), or {withdrawal, signature}", code="invalid_json"
+        ) from exc
+    if not isinstance(doc, dict):
+        raise BadRequest(
+            "body must be JSON {amount} (signed in), or {withdrawal, signature}", code="invalid_withdrawal"
+        )
+    if "withdrawal" in doc:
+        wallet, raw_amount, key = signed_withdrawal(request, gw, doc)
+    else:
+        who = await signin.require(gw, request, signin.request_key(request, doc))
+        if who.legacy:
+            raise signin.unauthorized(
+                gw,
+                request,
+                signin.request_key(request, doc),
+                "a withdrawal needs a sign-in (SIGN-IN-WITH-X)",
+                "sign_in_required",
+            )
+        wallet, raw_amount, key = who.wallet, doc.get("amount"), f"sign-in:{who.nonce}"
+    if not isinstance(raw_amount, (str, int)) or isinstance(raw_amount, bool) or not str(raw_amount).isdigit():
+        raise BadRequest("amount must be a whole number of atomic units", code="invalid_amount")
+    amount = int(raw_amount)
     if amount <= 0 or amount > MAX_AMOUNT:
         raise BadRequest(f"amount must be between 1 and {MAX_AMOUNT}", code="invalid_amount")
     least = to_atomic(Fraction(gw.settings.min_withdrawal_usd or 0), gw.settings.chain.decimals)
@@ -71,7 +81,7 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
         raise NotConfigured("withdrawals are not configured here (chain.payout_key)", code="withdrawals_disabled")
     account = credit_account(gw.network, gw.token, wallet)
     try:
-        payout_id = gw.store.request_payout(account, wallet, amount, f"{account}|{w['nonce'].lower()}")
+        payout_id = gw.store.request_payout(account, wallet, amount, f"{account}|{key}")
     except InsufficientCredit:
         raise BadRequest(
             f"final credit {gw.store.available_credit(account)} is less than {amount}", code="insufficient_credit"
@@ -80,6 +90,23 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
         raise BadRequest("this withdrawal request was already made", code="withdrawal_replayed")
     gw.settler.request_payout()
     return JSONResponse(payout_view(gw, payout_id), status_code=202)
+
+
+def signed_withdrawal(request: Request, gw: Gateway, doc: dict[str, Any]) -> tuple[str, Any, str]:
+    """tollway's earlier EIP-712 ``Withdrawal`` (deprecated, for one release): the wallet that
+    signed it, the amount, and its unique key."""
+    w = doc["withdrawal"]
+    if not isinstance(w, dict):
+        raise BadRequest("withdrawal must be an object", code="invalid_withdrawal")
+    try:
+        wallet = signed.signer("Withdrawal", gw.chain_id, gw.token, w, doc.get("signature"), gw.origin(request))
+    except PaymentInvalid as exc:
+        raise Forbidden(exc.message, code=exc.code) from None
+    if str(w["wallet"]).lower() != wallet:
+        raise Forbidden("withdrawal not signed by its wallet", code="invalid_withdrawal_signature")
+    if int(w["validBefore"]) < time.time():
+        raise BadRequest("withdrawal request has expired", code="withdrawal_expired")
+    return wallet, w["amount"], str(w["nonce"]).lower()
 
 
 def payout_view(gw: Gateway, payout_id: str) -> dict[str, Any]:

@@ -209,7 +209,7 @@ class Gateway:
                 "",
                 json.loads(row["proof"]),
             )
-            amount = scheme.settled_amount(payment, cost)
+            amount = scheme.settled_amount(payment, max(cost - row["from_credit"], 0))
             call = scheme.settlement_call(payment.proof, amount) if amount else None
             settle = self.settler.settlement(amount, call)
         call_row = {

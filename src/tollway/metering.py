@@ -67,7 +67,7 @@ class Paid:
 
 def settlement(gw: Gateway, paid: Paid, due: int | None = None) -> Settlement:
     """How the payment settles once the call is on record (``Gateway.settlement``); ``due``: what
-    the call owes, for a metered payment (cost + debt)."""
+    the call owes beyond the credit held for it, for a metered payment."""
     return gw.settlement(paid.scheme, paid.payment, paid.quote.amount if due is None else due)
 
 
@@ -148,8 +148,8 @@ def meter(
                 usage.as_dict(),
             )
     now_settled = settled is None
-    if now_settled:
-        settled = settlement(gw, paid, cost + paid.debt)
+    if now_settled:  # (a metered payment moves what credit held for the call does not cover)
+        settled = settlement(gw, paid, max(cost + paid.debt - paid.held, 0))
     deposit = paid.payment.amount if settled.amount is None else settled.amount  # type: ignore[union-attr]
     fields: dict[str, Any] = {"cost": cost, "expected_cached_tokens": expected}
     discount = None

@@ -31,7 +31,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .challenge import least_payment, with_challenge
+from . import signin
+from .challenge import credit_of, least_payment, with_challenge
 from .chat import ChatCall, parse_chat
 from .errors import (
     GatewayError,
@@ -48,6 +49,7 @@ from .metering import Paid, call_row, log, log_call, relay_stream, respond
 from .payments import x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
 from .pricing import MAX_AMOUNT
+from .signin import SignIn
 from .upstream.client import Opened
 from .upstream.router import conversation_key
 
@@ -68,15 +70,21 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
 
 
 async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str) -> Response:
+    who = None
     try:
         proof = x402.decode_proof(request.headers, gw.v1_names)
         if proof is None:
-            gw.check_available(call.model)  # no quote for what cannot be served now (503)
-            raise PaymentRequired("PAYMENT-SIGNATURE header is required")  # → challenge
-        scheme, payment, quote = await verify(gw, call, proof)  # verify
+            who = await signin.identify(gw, request, call.digest)
+            if who is None or who.legacy:
+                gw.check_available(call.model)  # no quote for what cannot be served now (503)
+                raise PaymentRequired("PAYMENT-SIGNATURE header is required")  # → challenge
+            scheme, payment, quote = from_credit(gw, call, who)  # a signed-in wallet's credit pays
+            proof = Proof(2, scheme.name, payment.network, payment.proof)
+        else:
+            scheme, payment, quote = await verify(gw, call, proof)  # verify
         paid = lock(gw, call, scheme, payment, quote, proof, call_id)  # lock (replay), debt gate, hold credit
     except PaymentRequired as exc:
-        raise with_challenge(exc, gw, call, request) from None
+        raise with_challenge(exc, gw, call, request, who) from None
 
     opened: Opened | None = None
     try:
@@ -93,7 +101,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
             await opened.response.aclose()
         undo(gw, paid, call, call_id, exc)
         if isinstance(exc, PaymentRequired):
-            raise with_challenge(exc, gw, call, request) from None
+            raise with_challenge(exc, gw, call, request, who) from None
         raise
 
 
@@ -127,6 +135,34 @@ async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentSche
     if proof.accepted is not None:
         quote, amount = accepted(gw, call, scheme, proof.accepted, now) or (quote, amount)
     return scheme, await scheme.verify(proof, scheme.offer(amount), quote, now), quote
+
+
+def from_credit(gw: Gateway, call: ChatCall, who: SignIn) -> tuple[PaymentScheme, Verified, Quote]:
+    """A call a signed-in wallet's credit covers, at the metered cap: nothing moves on chain; the
+    quote is held from credit while the call runs, and the sign-in's nonce (bound to this
+    request) is the charge's unique key, so the sign-in pays once."""
+    scheme = next((s for s in gw.schemes if s.name == "credit"), None)
+    if scheme is None:
+        raise PaymentRequired("this gateway takes no payment from credit: pay with one of the offers")
+    quote = call.quote(call.cap(scheme.metered))
+    if credit_of(gw, who) < quote.amount:
+        raise PaymentInvalid(
+            f"the credit of {who.wallet} does not cover this call's quote {quote.amount}: pay with one of the offers "
+            "(they are reduced by the credit)",
+            code="insufficient_credit",
+        )
+    offer = scheme.offer(0)
+    payment = Verified(
+        scheme=scheme.name,
+        network=offer.network,
+        asset=offer.asset.lower(),
+        payer=who.wallet,
+        payee=offer.pay_to.lower(),
+        amount=0,
+        lock_key=f"{offer.network}:{offer.asset.lower()}:sign-in:{who.nonce}",
+        proof={"signIn": who.nonce},
+    )
+    return scheme, payment, quote
 
 
 def accepted(
@@ -182,6 +218,8 @@ def lock(
         }
     )
     if payment_id is None:
+        if "signIn" in payment.proof:
+            raise PaymentInvalid("this sign-in has already paid a call", code="invalid_siwx_nonce_used")
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
     account = credit_account(payment.network, payment.asset, payment.payer)
     paid = Paid(payment, scheme, payment_id, account, quote, proof)

@@ -5,6 +5,7 @@ gateway's secret) covers the request digest, the amount, the expiry and the outp
 was priced for (``extra.maxTokens``). A v2 client echoes the
 offer in ``accepted``; on the paid retry the gateway recomputes the digest of the request it
 actually got, so a proof made for another (cheaper) request, or for an expired quote, is refused.
+A sign-in's nonce is bound the same way (hex, as EIP-4361 nonces must be alphanumeric).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def request_digest(body: dict[str, Any]) -> str:
     """sha-256 of the canonical JSON of a request body (key order and spacing do not matter)."""
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canon.encode()).hexdigest()
+
+
+NONCE_MAC = 32  # hex characters of a sign-in nonce's MAC
 
 
 class QuoteSigner:
@@ -47,3 +51,18 @@ class QuoteSigner:
             raise PaymentInvalid("this payment was quoted for a different request or amount", code="quote_mismatch")
         if int(expires_s) < now:
             raise PaymentInvalid("the quote has expired; request a new one", code="quote_expired")
+
+    def nonce(self, digest: str, expires: int) -> str:
+        """A sign-in nonce for this request, valid until ``expires``: ``<expires hex><mac hex>``."""
+        return f"{expires:x}{self._nonce_mac(digest, expires)}"
+
+    def check_nonce(self, nonce: str, digest: str, now: int) -> bool:
+        """Whether ``nonce`` was issued for this very request and has not expired."""
+        head, mac = nonce[:-NONCE_MAC], nonce[-NONCE_MAC:]
+        if not (0 < len(head) <= 12 and all(c in "0123456789abcdef" for c in head)):
+            return False
+        expires = int(head, 16)
+        return expires >= now and hmac.compare_digest(mac, self._nonce_mac(digest, expires))
+
+    def _nonce_mac(self, digest: str, expires: int) -> str:
+        return hmac.new(self.key, f"sign-in|{digest}|{expires}".encode(), hashlib.sha256).hexdigest()[:NONCE_MAC]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,12 @@ def test_tollway_chat_pays_and_prints_the_settlement(served):
         )
         assert out.returncode == 0, out.stderr
         assert "echo: Hello from the CLI" in out.stdout
-        assert "settlement 0x" in out.stderr and "cost 0.0000" in out.stderr and "paid" in out.stderr
+        assert "cost 0.0000" in out.stderr and "settlement 0x" in out.stderr, out.stderr
+        # upto, preferred: the maximum it authorised, and what moved — the cost, not the maximum
+        paid = next(line for line in out.stderr.splitlines() if line.startswith("paid with upto"))
+        authorised, settled = (Decimal(part.split()[1]) for part in paid.split(": ", 1)[1].split(", "))
+        cost = Decimal(out.stderr.split("cost ", 1)[1].split()[0])
+        assert settled == cost < authorised, out.stderr
 
 
 async def test_an_official_x402_client_pays_the_served_gateway(served):

@@ -21,7 +21,7 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from support import TOLLWAY, clean_env, free_port, serve_process, stop_process
+from support import TOLLWAY, clean_env, credit, free_port, serve_process, stop_process
 from tollway.devnet.deploy import deploy_devnet, token_contract
 
 BASE_SEPOLIA_USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
@@ -104,15 +104,14 @@ def test_a_secret_file_that_cannot_be_read_is_one_line(tmp_path):
 def credit_of(url: str, key: str, devnet: dict[str, Any]) -> int:
     from tollway.client import AllowedAsset, Payer
 
-    payer = Payer.from_key(key, [AllowedAsset(f"eip155:{devnet['chain_id']}", devnet["token"])])
-    return int(httpx.get(f"{url}/v1/credit", headers=payer.wallet_header(url)).json()["balance"]["atomic"])
+    return credit(url, Payer.from_key(key, [AllowedAsset(f"eip155:{devnet['chain_id']}", devnet["token"])]))
 
 
 def test_a_restarted_devnet_starts_a_ledger_of_its_own(tmp_path):
     args = ["--devnet", "--devnet-port", str(free_port()), "--mock-port", str(free_port())]
     proc, url = serve_process(tmp_path, args)
     try:
-        chat = tollway(["chat", "--url", url, "fund some credit", "--max-tokens", "8"], tmp_path)
+        chat = tollway(["chat", "--url", url, "fund some credit", "--max-tokens", "8", "--scheme", "exact"], tmp_path)
         assert chat.returncode == 0, chat.stderr
         devnet = json.loads((tmp_path / "var" / "devnet.json").read_text())
         key = devnet["payer_keys"][0]
@@ -225,24 +224,8 @@ async def test_serve_takes_real_payments_without_a_devnet(tmp_path, outside_chai
 
     port = free_port()
     env = real_config(tmp_path, outside_chain, port)
-    proc = subprocess.Popen(
-        [TOLLWAY, "serve", "--port", str(port)],
-        cwd=tmp_path,
-        env=clean_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(tmp_path, [], env, port=port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-                time.sleep(0.2)
         client = x402Client()
         client.register("eip155:84532", ExactEvmScheme(outside_chain["payer"]))
         async with x402HttpxClient(client) as http:

@@ -75,13 +75,9 @@ def test_a_runtime_only_install_serves_without_failed_imports(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOLLWAY_", "PYTHON", "VIRTUAL_ENV"))}
     env.update(TOLLWAY_ANVIL=find_anvil(), MISSES=str(tmp_path / "misses.json"))
     args = ["serve", "--devnet", "--port", str(port), "--mock-port", str(mock_port), "--devnet-port", str(devnet_port)]
+    log = (tmp_path / "serve.log").open("w")  # (a file: a pipe nobody reads would fill and stall it)
     proc = subprocess.Popen(
-        [str(python), "-c", COUNTING_SERVE, *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        [str(python), "-c", COUNTING_SERVE, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -92,7 +88,7 @@ def test_a_runtime_only_install_serves_without_failed_imports(tmp_path):
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
         devnet = json.loads((tmp_path / "var" / "devnet.json").read_text())
         asset = AllowedAsset(f"eip155:{devnet['chain_id']}", devnet["token"])
@@ -113,4 +109,5 @@ def test_a_runtime_only_install_serves_without_failed_imports(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
     assert misses == [], f"{len(misses)} failed imports during 100 paid calls: {sorted(set(misses))}"

@@ -854,6 +854,6 @@ def test_unicode_digits_in_the_accepted_offer(attack, field):
 def test_unicode_digits_in_a_wallet_proof(attack):
     proof = b64json({"wallet": attack.payer.address, "validBefore": "²", "signature": "0x" + "11" * 65})
     r = attack.client.post(CHAT, json=chat_body("wallet proof with a superscript"), headers={"X-Tollway-Wallet": proof})
-    assert r.status_code == 402  # a bad proof only forfeits the credit discount
-    r = attack.client.get("/v1/credit", headers={"X-Tollway-Wallet": proof})
     assert r.status_code == 400 and error_code(r) == INVALID_PAYLOAD
+    r = attack.client.get("/v1/credit", headers={"X-Tollway-Wallet": proof})
+    assert r.status_code == 401 and error_code(r) == INVALID_PAYLOAD

@@ -10,16 +10,19 @@ from fractions import Fraction
 import httpx
 import pytest
 
-from support import CALLS, CHAT, PAYMENTS, chat_body, payment_required, wait_receipt
+from support import CALLS, CHAT, PAYMENTS, chat_body, error_code, payment_required, wait_receipt
+from support import credit as read_credit
 from support import receipt as read_receipt
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+from tollway.payments.x402 import unb64json
 from tollway.pricing import to_atomic
 from tollway.usage import Usage
 
 
 @pytest.fixture
 def payer(chain, devnet) -> Payer:
-    return Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    """A payer of ``exact`` (which pays the quote: the surplus becomes credit)."""
+    return Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
 
 
 def client(gateway, payer) -> httpx.Client:
@@ -35,10 +38,7 @@ def chat_stream(http: httpx.Client, text: str, max_tokens: int, **extra) -> Abst
 
 
 def credit(gateway, payer, figure: str = "balance") -> int:
-    """The wallet's credit: its ``balance``, or what is ``available`` (backed by final payments)."""
-    r = httpx.get(f"{gateway.url}/v1/credit", headers=payer.wallet_header(gateway.url))
-    assert r.status_code == 200, r.text
-    return int(r.json()[figure]["atomic"])
+    return read_credit(gateway.url, payer, figure)
 
 
 def expected_cost(gateway, model: str, receipt: dict) -> int:
@@ -92,7 +92,7 @@ def test_a_call_covered_by_credit_moves_nothing_on_chain(gateway, chain, payer):
     assert receipt["payment"]["scheme"] == "credit" and receipt["payment"]["transaction"] is None
     assert chain.balance(payer.account.address) == before_chain
     assert credit(gateway, payer) == before_credit - int(receipt["cost"]["atomic"])
-    assert len(payer.history) == 2 and payer.history[1].amount == int(receipt["quote"]["atomic"])
+    assert len(payer.history) == 2 and payer.history[1].scheme == "credit" and payer.history[1].usd == 0
 
 
 def test_withdrawal_pays_credit_out_on_chain(gateway, chain, payer):
@@ -129,7 +129,9 @@ def test_withdrawal_refusals(gateway, payer, chain, devnet):
     assert r.status_code == 400
     r = httpx.post(f"{gateway.url}/v1/credit/withdrawals", content=b"not json")
     assert r.status_code == 400
-    assert httpx.get(f"{gateway.url}/v1/credit").status_code == 400
+    r = httpx.get(f"{gateway.url}/v1/credit")  # who? a 401 with the sign-in to sign
+    assert r.status_code == 401 and error_code(r) == "sign_in_required"
+    assert "sign-in-with-x" in unb64json(r.headers["PAYMENT-REQUIRED"])["extensions"]
 
 
 def test_ledger_sums_hold_after_a_random_sequence(gateway, chain, devnet, payer):
@@ -285,13 +287,16 @@ def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upst
 
 async def test_parallel_calls_from_funded_wallets_never_see_a_payment_error(gateway, chain, devnet):
     """Agents make tool calls in parallel: 300 calls at concurrency 16 from two fresh wallets,
-    streamed and not, with credit building up and being spent along the way — not one payment
-    error (the client lets one call at a time use credit and re-pays a quote the credit moved under)."""
+    streamed and not — one paying ``upto``, the other without a Permit2 approval (told so by a
+    412, it pays ``exact``, and the surplus becomes credit that its sign-ins then spend) — not one
+    payment error (the client lets one call at a time sign in for credit and re-pays a quote the
+    credit moved under)."""
     import asyncio
 
     from tollway.client import PayingTransport
 
-    payers = [Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)]) for _ in range(2)]
+    asset = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)]
+    payers = [Payer(chain.fund(permit2=True), asset), Payer(chain.fund(), asset)]
     clients = [httpx.AsyncClient(transport=PayingTransport(p), base_url=gateway.url, timeout=60) for p in payers]
     gate = asyncio.Semaphore(16)
     statuses: list[int] = []
@@ -309,7 +314,8 @@ async def test_parallel_calls_from_funded_wallets_never_see_a_payment_error(gate
         for c in clients:
             await c.aclose()
     assert statuses.count(200) == 300
-    assert any(paid.usd == 0 for p in payers for paid in p.history)  # credit paid some of them
+    assert {paid.scheme for paid in payers[0].history} == {"upto"}
+    assert {paid.scheme for paid in payers[1].history} == {"exact", "credit"}  # credit paid some of them
 
 
 def test_withdrawals_have_a_minimum(gateway, chain, devnet, tmp_path):

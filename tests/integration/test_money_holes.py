@@ -478,8 +478,8 @@ def test_messages_signed_for_another_gateway_are_refused(gateway, chain, devnet,
     r = pay(http, body, required, offer, stolen)
     assert r.status_code == 402 and error_code(r) == "wrong_origin"
     foreign = payer.wallet_header("https://evil.example")  # a wallet proof made for another gateway
-    again = payment_required(http.post(CHAT, json=body, headers=foreign))
-    assert not any(o["scheme"] == "credit" for o in again["accepts"])
+    again = http.post(CHAT, json=body, headers=foreign)
+    assert again.status_code == 400 and error_code(again) == "invalid_wallet_proof"
     # The client signs only for the origin it talks to, whatever the 402 it is handed says.
     with pytest.raises(PaymentRefused, match="not signing"):
         payer.prepare(
@@ -608,7 +608,8 @@ def test_a_chained_upstream_is_never_paid_more_than_our_quote(gateway, chain, de
             with paying(outer, payer) as client:
                 r = client.post(CHAT, json=chat_body("chained", max_tokens=200))
             assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_payment_refused"
-            assert [p["state"] for p in payment_rows(engine, payer.account.address)] == ["released"]
+            states = [p["state"] for p in payment_rows(engine, payer.account.address)]
+            assert [s for s in states if s != "refused"] == ["released"]  # (upto refused: Permit2 not approved)
     assert chain.balance(hop_wallet.address) == 100_000_000
 
 

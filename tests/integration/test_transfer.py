@@ -9,7 +9,7 @@ import pytest
 from eth_account import Account
 
 from conftest import gateway_settings
-from support import ServerThread, wait_receipt
+from support import ServerThread, credit, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, claim_transfer
 from tollway.payments.x402 import b64json, unb64json
@@ -34,8 +34,7 @@ def reason(r: httpx.Response) -> str:
 
 
 def credit_of(url: str, account, devnet) -> int:
-    payer = Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
-    return int(httpx.get(f"{url}/v1/credit", headers=payer.wallet_header(url)).json()["balance"]["atomic"])
+    return credit(url, Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)]))
 
 
 def test_a_transfer_pays_once_and_its_surplus_is_credit(gateway, chain, devnet):

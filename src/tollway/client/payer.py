@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from ..payments import eip3009, signed
+from .. import siwe
+from ..payments import eip3009, permit2, signed
 from ..payments.x402 import (
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
@@ -25,6 +27,9 @@ from ..payments.x402 import (
     b64json,
     unb64json,
 )
+
+SIGN_IN_WITH_X = "SIGN-IN-WITH-X"  # the header
+SIGN_IN_WITH_X_KEY = "sign-in-with-x"  # the 402's extension
 
 
 class PaymentRefused(Exception):
@@ -42,30 +47,39 @@ class AllowedAsset:
 class PaidCall:
     network: str
     asset: str
-    amount: int
+    amount: int  # what the payment authorised (upto: its maximum; credit: 0)
     transaction: str | None
     receipt_id: str | None
-    usd: Decimal
+    usd: Decimal  # what the spend limits counted
+    scheme: str = "exact"
+    settled: int | None = None  # what moved on chain, when the answer says (upto, not streamed)
 
 
 @dataclass
 class Payer:
-    """Signs x402 v2 ``exact`` payments for one wallet, within limits."""
+    """Pays x402 v2 offers for one wallet, within limits: ``upto`` (the metered cost moves)
+    before ``exact`` (the quote moves; the surplus becomes credit), in the order of ``schemes``;
+    signs in (Sign-In-With-X) so that the wallet's credit pays what it covers."""
 
     account: LocalAccount
     allowed: list[AllowedAsset]
     max_per_call_usd: Decimal = Decimal("1")
     max_total_usd: Decimal = Decimal("10")
+    schemes: tuple[str, ...] = ("upto", "exact")  # the on-chain schemes it pays, preferred first
     spent_usd: Decimal = Decimal(0)
     history: list[PaidCall] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _proofs: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)  # origin → (until, header)
     _credit_in_use: bool = field(default=False, repr=False)
+    _no_permit2: set[tuple[str, str]] = field(default_factory=set, repr=False)  # (network, asset) without approval
+    # Whether the wallet may have credit worth signing in for: not after a sign-in the credit did not
+    # cover, until a payment of the quote (exact) leaves a surplus again.
+    credit_hint: bool = field(default=True, repr=False)
 
     def credit_turn(self) -> bool:
-        """Whether a new call may use the wallet's credit. One call at a time does: calls in
-        parallel would each be quoted against the same credit, and all but one find it spent.
-        The others pay their quote on chain (the surplus becomes credit)."""
+        """Whether a new call may use the wallet's credit (sign in on its 402). One call at a time
+        does: calls in parallel would each be quoted against the same credit, and all but one find
+        it spent. The others pay on chain."""
         with self._lock:
             if self._credit_in_use:
                 return False
@@ -87,24 +101,49 @@ class Payer:
         return None
 
     def choose(self, required: dict[str, Any], max_usd: Decimal | None = None) -> tuple[dict[str, Any], Decimal]:
-        """The allowed offer to pay — credit first (no chain transaction), else the cheapest
-        ``exact`` — and the USD it takes from the wallet (0 for credit). ``max_usd`` lowers the
-        per-call limit for this call."""
+        """The allowed offer to pay — credit first (no chain transaction), then by ``schemes``
+        (``upto`` only where Permit2 is approved), the cheapest of a kind — and the most USD it
+        takes from the wallet (0 for credit). ``max_usd`` lowers the per-call limit for this call."""
         limit = self.max_per_call_usd if max_usd is None else min(self.max_per_call_usd, max_usd)
+        rank = {"credit": -1, **{name: i for i, name in enumerate(self.schemes)}}
         candidates = []
         for offer in required.get("accepts") or []:
-            asset = self._allowed(offer) if offer.get("scheme") in ("exact", "credit") else None
+            asset = self._allowed(offer) if offer.get("scheme") in rank else None
+            if asset and offer["scheme"] == "upto" and (asset.network, asset.asset.lower()) in self._no_permit2:
+                continue
             amount = str(offer.get("amount", ""))
             if asset and amount.isascii() and amount.isdigit():
                 usd = Decimal(int(amount)).scaleb(-asset.decimals)
                 credit = Decimal(int(str((offer.get("extra") or {}).get("credit", "0")))).scaleb(-asset.decimals)
                 if usd + credit > limit:
                     raise PaymentRefused(f"the call costs up to ${usd + credit}, over the per-call limit ${limit}")
-                candidates.append((offer["scheme"] != "credit", usd, offer))
+                candidates.append((rank[offer["scheme"]], usd, offer))
         if not candidates:
-            raise PaymentRefused(f"no offer in an allowed asset: {required.get('accepts')}")
-        on_chain, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
-        return offer, usd if on_chain else Decimal(0)
+            raise PaymentRefused(f"no offer in an allowed asset and scheme: {required.get('accepts')}")
+        _, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
+        return offer, usd if offer["scheme"] != "credit" else Decimal(0)
+
+    def no_permit2(self, offer: dict[str, Any]) -> None:
+        """The gateway says this wallet has not approved Permit2 for the offer's asset: pay it
+        with other schemes from now on."""
+        with self._lock:
+            self._no_permit2.add((str(offer["network"]), str(offer["asset"]).lower()))
+
+    def sign_in(self, declared: dict[str, Any], origin: str) -> dict[str, str] | None:
+        """``SIGN-IN-WITH-X`` answering a gateway's declaration of the extension, if it is for the
+        gateway at ``origin`` and on a chain this wallet pays on; else None."""
+        info, chains = declared.get("info"), declared.get("supportedChains")
+        if not isinstance(info, dict) or not isinstance(chains, list):
+            return None
+        networks = {a.network for a in self.allowed}
+        chain = next(
+            (c for c in chains if isinstance(c, dict) and c.get("type") == "eip191" and c.get("chainId") in networks),
+            None,
+        )
+        uri = str(info.get("uri", ""))
+        if chain is None or signed.origin_of(uri) != origin or info.get("domain") != urlsplit(origin).netloc:
+            return None
+        return {SIGN_IN_WITH_X: b64json(siwe.sign(self.account, info, chain["chainId"]))}
 
     def wallet_header(self, origin: str, now: int | None = None) -> dict[str, str]:
         """``X-Tollway-Wallet``: proves this wallet to the gateway at ``origin``, so its quotes are
@@ -160,11 +199,11 @@ class Payer:
                 raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
             self.spent_usd += usd
         now = int(time.time()) if now is None else now
-        inner = (
-            sign_credit(self.account, offer, now, origin)
-            if offer["scheme"] == "credit"
-            else sign_exact(self.account, offer, now)
-        )
+        sign = {
+            "credit": lambda: sign_credit(self.account, offer, now, origin),
+            "upto": lambda: sign_upto(self.account, offer, now),
+        }
+        inner = sign.get(offer["scheme"], lambda: sign_exact(self.account, offer, now))()
         payload = {
             "x402Version": 2,
             "resource": required.get("resource"),
@@ -175,22 +214,34 @@ class Payer:
         return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd)
 
     def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
-        """Record a paid response, or give the reservation back if the call was not paid."""
+        """Record a paid response — an ``upto`` payment counting, once the answer says, what moved
+        rather than its maximum — or give the reservation back if the call was not paid."""
         raw = response_headers.get(PAYMENT_RESPONSE) or response_headers.get(X_PAYMENT_RESPONSE)
         doc = unb64json(raw) if raw and status < 400 else {}
-        if not doc.get("success"):
-            with self._lock:
-                self.spent_usd -= pending.usd
+        if not isinstance(doc, dict) or not doc.get("success"):
+            self.abandon(pending)
             return
-        o = pending.offer
+        o = pending.offer or {"network": doc.get("network"), "asset": "", "amount": "0", "scheme": "credit"}
+        moved = str(doc.get("amount", ""))
+        settled = int(moved) if moved.isascii() and moved.isdigit() and int(moved) <= int(o["amount"]) else None
+        usd = pending.usd
+        if settled is not None and int(o["amount"]):
+            usd = pending.usd * settled / int(o["amount"])
+            with self._lock:
+                self.spent_usd -= pending.usd - usd
+        if o["scheme"] == "exact":
+            self.credit_hint = True
+        receipt_id = response_headers.get("x-tollway-receipt")
         self.history.append(
             PaidCall(
                 o["network"],
                 o["asset"],
                 int(o["amount"]),
                 doc.get("transaction"),
-                response_headers.get("x-tollway-receipt"),
-                pending.usd,
+                receipt_id,
+                usd,
+                o["scheme"],
+                settled,
             )
         )
 
@@ -202,7 +253,7 @@ class Payer:
 @dataclass(frozen=True)
 class Pending:
     headers: dict[str, str]
-    offer: dict[str, Any]
+    offer: dict[str, Any] | None  # None: a sign-in, no payment
     usd: Decimal
 
 
@@ -215,26 +266,47 @@ ATTEMPTS = 3
 class Exchange:
     """One call's dance with a gateway, I/O-free, shared by the sync and async transports:
     ``start`` gives the headers of the first request; ``next`` reads each answer and says what
-    to send next (a payment's headers), or None when the answer is the one to return;
-    ``finish`` always ends it."""
+    to send next (a sign-in's or a payment's headers), or None when the answer is the one to
+    return; ``finish`` always ends it.
+
+    On a 402, the call whose turn it is to use credit signs in first (a call the credit covers is
+    served with no payment; else the next 402 quotes less by the credit); the others, and that one
+    if the credit falls short, pay an offer. A 401 that declares a sign-in is answered with one."""
 
     def __init__(self, payer: Payer, origin: str, max_usd: Decimal | None) -> None:
         self.payer, self.origin, self.max_usd = payer, origin, max_usd
         self.pending: Pending | None = None
         self.attempts = 0
+        self.signed_in = False
         self.turn = False
 
     def start(self) -> dict[str, str]:
         self.turn = self.payer.credit_turn()
-        return self.payer.wallet_header(self.origin) if self.turn else {}
+        return {}
 
     def next(self, status: int, headers: Any) -> Pending | None:
         if self.pending is not None:
             self.payer.conclude(self.pending, status, headers)
-            self.pending = None
-            if status != 402 or not self._retryable(headers) or self.attempts >= ATTEMPTS:
+            offer, self.pending = self.pending.offer, None
+            if status == 412 and offer is not None and offer.get("scheme") == "upto":
+                self.payer.no_permit2(offer)  # (and pay with another scheme, from this 412's fresh quote)
+            elif status == 402 and offer is None:
+                self.payer.credit_hint = False  # the credit did not cover it: pay, and sign in less
+            elif status != 402 or (offer is not None and not self._retryable(headers)):
+                return None  # served (or refused for good); a sign-in the credit did not cover goes on to pay
+            if self.attempts >= ATTEMPTS:
                 return None
-        elif status != 402:
+        elif status not in (401, 402):
+            return None
+        required = _required(headers)
+        if not self.signed_in and (status == 401 or (self.turn and self.payer.credit_hint)):
+            self.signed_in = True
+            declared = (required.get("extensions") or {}).get(SIGN_IN_WITH_X_KEY) if required else None
+            headers_in = self.payer.sign_in(declared, self.origin) if isinstance(declared, dict) else None
+            if headers_in is not None:
+                self.pending = Pending(headers_in, None, Decimal(0))
+                return self.pending
+        if status == 401:
             return None
         self.attempts += 1
         self.pending = self.payer.prepare(headers, self.origin, max_usd=self.max_usd)
@@ -250,12 +322,17 @@ class Exchange:
 
     @staticmethod
     def _retryable(headers: Any) -> bool:
-        raw = headers.get(PAYMENT_REQUIRED)
-        try:
-            reason = str(unb64json(raw).get("error", "")) if raw else ""
-        except ValueError:
-            return False
-        return reason.split(":", 1)[0] in RETRYABLE
+        required = _required(headers)
+        return str((required or {}).get("error", "")).split(":", 1)[0] in RETRYABLE
+
+
+def _required(headers: Any) -> dict[str, Any] | None:
+    raw = headers.get(PAYMENT_REQUIRED)
+    try:
+        doc = unb64json(raw) if raw else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def chain_id_of(network: str) -> int:
@@ -320,5 +397,35 @@ def sign_exact(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[s
             "validAfter": str(auth.valid_after),
             "validBefore": str(auth.valid_before),
             "nonce": "0x" + auth.nonce.hex(),
+        },
+    }
+
+
+def sign_upto(account: LocalAccount, offer: dict[str, Any], now: int) -> dict[str, Any]:
+    """A Permit2 witness transfer authorising at most ``offer["amount"]`` to ``offer["payTo"]``,
+    settled by the facilitator the offer names, valid from now for its timeout."""
+    extra = offer.get("extra") or {}
+    auth = permit2.UptoAuthorization(
+        owner=account.address.lower(),
+        token=str(offer["asset"]).lower(),
+        max_amount=int(offer["amount"]),
+        spender=permit2.UPTO_PROXY_ADDRESS.lower(),
+        nonce=int.from_bytes(secrets.token_bytes(32), "big"),
+        deadline=now + int(offer.get("maxTimeoutSeconds") or 300),
+        to=str(offer["payTo"]).lower(),
+        facilitator=str(extra["facilitatorAddress"]).lower(),
+        valid_after=0,
+    )
+    domain = permit2.domain_separator(chain_id_of(str(offer["network"])))
+    sig = account.unsafe_sign_hash(permit2.digest(auth, domain))
+    return {
+        "signature": "0x" + bytes(sig.signature).hex().removeprefix("0x"),
+        "permit2Authorization": {
+            "from": account.address,
+            "permitted": {"token": offer["asset"], "amount": str(auth.max_amount)},
+            "spender": permit2.UPTO_PROXY_ADDRESS,
+            "nonce": str(auth.nonce),
+            "deadline": str(auth.deadline),
+            "witness": {"to": offer["payTo"], "facilitator": extra["facilitatorAddress"], "validAfter": "0"},
         },
     }

@@ -1,11 +1,13 @@
 """httpx transports that pay 402s: ``PayingTransport`` (async) and ``SyncPayingTransport``.
 
-Both wrap an inner transport and share the I/O-free ``Payer`` and ``Exchange``: a request
-carries the wallet proof when it may use the wallet's credit (one call at a time does, so calls
-in parallel never race for it); on a 402 they sign an allowed offer within the spend limits —
-from credit when it covers the call — and retry with ``PAYMENT-SIGNATURE``; a payment refused
-because the credit or the quote moved meanwhile is paid again with the fresh quote (three
-attempts in all). A request body must be replayable (bytes, as the OpenAI SDK sends).
+Both wrap an inner transport and share the I/O-free ``Payer`` and ``Exchange``: on a 402 the
+call whose turn it is to use the wallet's credit signs in (``SIGN-IN-WITH-X``; one call at a
+time does, so calls in parallel never race for the credit) and is served if the credit covers
+it; otherwise an allowed offer is signed within the spend limits — ``upto`` before ``exact`` —
+and sent in ``PAYMENT-SIGNATURE``; a payment refused because the credit or the quote moved
+meanwhile is paid again with the fresh quote (three attempts in all). A 401 that declares a
+sign-in (``/v1/credit``, receipts, withdrawals) is answered with one. A request body must be
+replayable (bytes, as the OpenAI SDK sends).
 """
 
 from __future__ import annotations
