@@ -8,7 +8,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, credits, pipeline, signin
+from . import __version__, credits, pipeline, receipts, signin
 from .config import Settings
 from .errors import (
     Forbidden,
@@ -98,52 +97,7 @@ async def receipt(request: Request) -> Response:
             raise Forbidden("this receipt belongs to another wallet", code="receipt_forbidden")
     if row is None:
         raise NotFound("no such receipt", code="receipt_not_found")
-    decimals = gw.settings.chain.decimals
-
-    body: dict[str, Any] = {
-        "id": row["id"],
-        "model": row["model"],
-        "upstream_model": row["upstream_model"],
-        "upstream": row["upstream"],
-        "stream": row["stream"],
-        "status": row["status"],
-        "error": row["error"],
-        "quote": money(row["quote"], decimals),
-        "paid": money(row["paid"], decimals),
-        "from_credit": money(row["from_credit"], decimals),
-        "cost": money(row["cost"], decimals),
-        "credit_after": money(row["credit_after"], decimals),
-        "cache_discount": money(row["cache_discount"], decimals),
-        "usage": {
-            "prompt_tokens": row["prompt_tokens"],
-            "completion_tokens": row["completion_tokens"],
-            "cached_tokens": row["cached_tokens"],
-            "cache_write_tokens": row["cache_write_tokens"],
-            "expected_cached_tokens": row["expected_cached_tokens"],
-            "dialect": row["usage_dialect"],
-            "upstream_cost_usd": row["upstream_cost"],
-        },
-        "payment": {
-            "state": row["payment_state"],
-            "scheme": row["scheme"],
-            "network": row["network"],
-            "asset": row["asset"],
-            "payer": row["payer"],
-            "payee": row["payee"],
-            "amount": money(row["amount"], decimals),
-            "transaction": row["tx_hash"],
-            "error": row["payment_error"],
-        },
-        "upstream_latency_ms": row["upstream_latency_ms"],
-        "duration_ms": row["duration_ms"],
-        "created_at": iso(row["created_at"]),
-        "finished_at": iso(row["finished_at"]),
-    }
-    return JSONResponse(body)
-
-
-def iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    return JSONResponse(receipts.view(gw, row))
 
 
 CACHE_WINDOWS = {"5m": 300, "1h": 3600, "24h": 86400}

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from . import signin
+from . import idempotency, signin
 from .chat import ChatCall
 from .errors import PaymentRequired, truncate
 from .gateway import Gateway
@@ -84,7 +84,7 @@ def with_challenge(
     }
     error = truncate(f"{exc.code}: {exc.message}", 300)
     extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
-    extensions.update(signin.declaration(gw, request, call.digest))
+    extensions.update(signin.declaration(gw, request, call.digest), **idempotency.declaration(gw))
     doc = x402.payment_required(error, resource, quoted, extensions)
     # v2 clients read the header. The body is for OpenAI-compatible clients (``error`` an object,
     # whose message their SDKs show) — unless the chain has an x402 v1 name: v1 clients read the

@@ -197,6 +197,11 @@ class Settings(BaseSettings):
     # this long plus settle_margin_seconds, so that its settlement can still be mined — also that of
     # a stream a crash left open, metered by another process within ~15 s of max_call_seconds.
     max_call_seconds: int = Field(300, ge=1)
+    # Idempotent calls (payment-identifier, Idempotency-Key): whether a payment must carry an id,
+    # how long an answer is kept for a repeat, and the largest body kept (else its receipt is).
+    payment_identifier_required: bool = False
+    idempotency_ttl_seconds: int = Field(86400, ge=60)
+    idempotency_max_body_bytes: int = Field(1 << 20, ge=0)
     settle_margin_seconds: int = Field(60, ge=30)
     # A non-streamed call that took longer than this is checked on chain again before its answer is
     # released: funds moved or an authorization cancelled while it ran means no answer.

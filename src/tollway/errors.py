@@ -7,6 +7,7 @@
     ├── Unauthorized             401  unauthorized (prove the wallet, or the admin token)
     ├── Forbidden                403  forbidden
     ├── NotFound                 404  not_found
+    ├── Conflict                 409  request_in_progress / payment_identifier_reused
     ├── PaymentRequired          402  payment_required  (carries the challenge)
     │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
     │       └── PreconditionFailed 412 the payment needs something first (permit2_allowance_required)
@@ -97,6 +98,11 @@ class Forbidden(GatewayError):
 class NotFound(GatewayError):
     status = 404
     code = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "conflict"
 
 
 class PaymentRequired(GatewayError):

@@ -239,10 +239,12 @@ class Gateway:
         return self.settler.settlement(amount, call)
 
     async def _housekeeping(self) -> None:
-        """Now and then: meter the streams another (crashed) replica left open."""
+        """Now and then: meter the streams another (crashed) replica left open; forget the answers
+        of idempotent requests kept long enough."""
         while True:
             await asyncio.sleep(min(HOUSEKEEPING_SECONDS, self.settings.max_call_seconds))
             self.close_abandoned_streams()
+            self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` after the response (e.g. metering a stream once its usage is known)."""

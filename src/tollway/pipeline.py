@@ -31,7 +31,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import signin
+from . import idempotency, signin
 from .challenge import credit_of, least_payment, with_challenge
 from .chat import ChatCall, parse_chat
 from .errors import (
@@ -60,7 +60,7 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
         body = await read_body(request, gw.settings.max_body_bytes)
         call = parse_chat(body, gw.settings, gw.prices, origin=gw.origin(request))  # price
         model = call.model
-        return await paid_call(request, gw, call, call_id)
+        return await idempotency.once(gw, request, call.digest, lambda: paid_call(request, gw, call, call_id))
     except GatewayError as exc:
         log_call(call_id, model, exc.status, started, code=exc.code)
         raise

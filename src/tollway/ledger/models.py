@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Index, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -194,3 +194,19 @@ class Payout(SQLModel, table=True):
     error: str | None = None
     created_at: float
     updated_at: float
+
+
+class Idempotent(SQLModel, table=True):
+    """A request sent with an idempotency key (x402's ``payment-identifier``, or ``Idempotency-Key``):
+    in progress, then its outcome — what a repeat with the same payload is answered with."""
+
+    __tablename__ = "idempotent_requests"
+
+    key: str = Field(primary_key=True)
+    fingerprint: str  # sha-256 of the request body and its payment (or sign-in) header
+    state: str  # in_progress | done
+    status: int | None = None
+    headers: str | None = None  # JSON: the answer's headers worth repeating
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))  # None: a receipt
+    receipt_id: str | None = None
+    created_at: float = Field(index=True)

@@ -12,6 +12,7 @@ the whole rest of a request). Calls are synchronous: on SQLite they take tens of
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, case, create_engine, event, func, insert, select, update
+from sqlalchemy import bindparam, case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -30,6 +31,7 @@ from .models import (
     Credit,
     CreditEntry,
     EntryKind,
+    Idempotent,
     Meta,
     Payment,
     PaymentState,
@@ -46,6 +48,7 @@ E = CreditEntry.__table__  # type: ignore[attr-defined]
 PO = Payout.__table__  # type: ignore[attr-defined]
 T = ChainTx.__table__  # type: ignore[attr-defined]
 M = Meta.__table__  # type: ignore[attr-defined]
+ID = Idempotent.__table__  # type: ignore[attr-defined]
 NO_FLOOR = -(2**62)  # deposits, releases, charges, refunds and reversals post whatever the balance
 
 
@@ -682,6 +685,51 @@ class Store:
                 )
                 if moved.rowcount == 1 and not ok:
                     self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
+
+    # -- idempotent requests ---------------------------------------------------------------------
+
+    def claim_request(self, key: str, fingerprint: str, stale_before: float) -> dict[str, Any] | None:
+        """Start the request with idempotency ``key``: None if it is ours to run (new, or left in
+        progress by a process that died before ``stale_before``); else the row that holds the key."""
+        now = time.time()
+        row = {"key": key, "fingerprint": fingerprint, "state": "in_progress", "created_at": now}
+        with self._tx() as c:
+            try:
+                with c.begin_nested():
+                    c.execute(insert(ID), row)
+                return None
+            except IntegrityError:
+                pass
+            taken = c.execute(
+                update(ID)
+                .where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at < stale_before)
+                .where(ID.c.fingerprint == fingerprint)
+                .values(created_at=now)
+            )
+            if taken.rowcount == 1:
+                return None
+            got = c.execute(select(ID).where(ID.c.key == key)).mappings().first()
+        return None if got is None else dict(got)
+
+    def finish_request(
+        self, key: str, status: int, headers: dict[str, str], body: bytes | None, receipt_id: str | None
+    ) -> None:
+        with self._tx() as c:
+            c.execute(
+                update(ID)
+                .where(ID.c.key == key)
+                .values(state="done", status=status, headers=json.dumps(headers), body=body, receipt_id=receipt_id)
+            )
+
+    def release_request(self, key: str) -> None:
+        """The request with ``key`` was not served (nothing was charged): the key may be used again."""
+        with self._tx() as c:
+            c.execute(delete(ID).where(ID.c.key == key, ID.c.state == "in_progress"))
+
+    def forget_requests(self, before: float) -> None:
+        """Outcomes kept long enough: their keys may be used again."""
+        with self._tx() as c:
+            c.execute(delete(ID).where(ID.c.created_at < before))
 
     # -- shared settings -------------------------------------------------------------------------
 
