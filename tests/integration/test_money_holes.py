@@ -709,11 +709,15 @@ def test_reflected_input_is_bounded_and_headers_stay_small(gateway, chain, devne
     hostile = envelope(required, {**offer, "scheme": "x" * 10_000}, authorize(payer.account, offer))
     r = http.post(CHAT, json=body, headers={"PAYMENT-SIGNATURE": b64json(hostile)})
     assert r.status_code == 402 and header_bytes(r.headers) < 8192 and len(r.text) < 8192
-    # the largest 402: a wallet with credit (credit offer too) asking a long model name
+    # the largest 402: every offer (credit too: a wallet with final credit) and every extension
     with paying(gateway.url, payer) as client:
-        client.post(CHAT, json=chat_body("fund credit", max_tokens=8))
+        funded = client.post(CHAT, json=chat_body("fund credit", max_tokens=4000))
+    wait_receipt(gateway.url, funded.headers["x-tollway-receipt"])
     big = chat_body("x" * 1000, max_tokens=8)
     r = http.post(CHAT, json=big, headers=payer.wallet_header(gateway.url))
+    doc = unb64json(r.headers["PAYMENT-REQUIRED"])
+    assert {o["scheme"] for o in doc["accepts"]} == {"credit", "upto", "exact", "transfer"}
+    assert set(doc["extensions"]) == {"eip2612GasSponsoring", "sign-in-with-x", "payment-identifier"}
     assert r.status_code == 402 and header_bytes(r.headers) < 8192
 
     async def read_with_aiohttp() -> int:
