@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""tollway benchmark: direct calls to the mock upstream vs paid calls through the gateway.
+"""tollway benchmark: direct calls to the mock upstream vs paid calls through the gateway, paid
+with x402 ``exact`` and with ``upto``.
 
-One run, everything interleaved so that machine noise hits both sides alike (ARCHITECTURE.md §4):
+One run, everything interleaved so that machine noise hits every side alike (ARCHITECTURE.md §4):
 
-* latency p50/p99, non-streaming, at concurrency 1 and 16 — direct vs paid, added ms and ratio;
-* streaming time to first body byte at concurrency 1 — direct vs paid, added ms;
+* latency p50/p99, non-streaming, at concurrency 1 and 16 — direct vs exact vs upto, added ms and
+  ratio against direct, and what upto adds over exact;
+* streaming time to first body byte at concurrency 1 — the same three sides;
 * calls per second at concurrency 16 through one gateway worker (direct calls/s of the mock as baseline);
 * payment verification CPU (``ExactEvm.verify``, in-process, pre-signed proofs) and client signing cost;
 * gateway RSS before/after N streamed paid calls (``--streams``), to show it stays flat.
@@ -15,8 +17,10 @@ through ``TOLLWAY_*`` variables and a temporary ``tollway.toml``). With two or m
 generator, the mock and anvil are pinned to CPU 0 and the gateway to CPU 1.
 
 Payments are signed before each timed block (signing is the client's cost, not the gateway's):
-one 402 per distinct request body gives the quote, and many EIP-3009 authorizations (distinct
-nonces, payers rotated over the devnet accounts) are signed for it.
+one 402 per distinct request body gives the quotes, and many EIP-3009 authorizations (exact) or
+Permit2 witness transfers (upto) — distinct nonces, payers rotated over the devnet accounts,
+which have approved Permit2 — are signed for them. "paid" below means exact where one side is
+meant (the memory check, the profile).
 
 Before each timed block the settlement backlog of the previous paid block is drained, so anvil
 mining settlements does not steal CPU 0 from the next block; the drain rate is reported. anvil
@@ -76,6 +80,8 @@ STREAM_BODY = json.dumps(
     separators=(",", ":"),
 ).encode()
 JSON_HEADERS = {"content-type": "application/json"}
+ADMIN_TOKEN = "bench-admin-token-0123"  # the gateway's health document (payment counts) is the operator's
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 BUDGET = {
     "added_p50_c1_ms": 1.0,
     "added_ttfb_ms": 1.0,
@@ -214,6 +220,7 @@ class Cluster:
             "TOLLWAY_CHAIN__TOKEN": d.token,
             "TOLLWAY_CHAIN__PAYEE": d.payee,
             "TOLLWAY_CHAIN__SETTLER_KEY": d.settler_key,
+            "TOLLWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "TOLLWAY_UPSTREAM__URL": f"{self.mock_url}/v1",
         }
         # --mock-port is unused (an upstream is configured) but set to a free port all the same, so
@@ -241,7 +248,7 @@ class Cluster:
         ids = [m["id"] for m in models.get("data", [])]
         if ids != [MODEL]:
             raise RuntimeError(f"gateway serves models {ids}, expected only {MODEL!r} from the temp tollway.toml")
-        health = (await client.get(f"{self.gw_url}/healthz")).json()
+        health = (await client.get(f"{self.gw_url}/healthz", headers=ADMIN)).json()
         want = f"eip155:{self.devnet.chain_id}"
         if want not in (health.get("networks") or []):
             raise RuntimeError(f"gateway is on networks {health.get('networks')}, expected {want}")
@@ -274,6 +281,10 @@ class Cluster:
 # -- payments ------------------------------------------------------------------------------------
 
 
+PAID_SIDES = ("exact", "upto")  # the schemes benchmarked; "paid" (one side) means exact
+SIDES = ("direct", *PAID_SIDES)
+
+
 class Signer:
     """Pre-signs x402 v2 PAYMENT-SIGNATURE headers, one fresh 402 per distinct body and batch."""
 
@@ -292,18 +303,19 @@ class Signer:
             raise RuntimeError(f"expected a 402 with {PAYMENT_REQUIRED}, got {r.status_code}: {r.text[:300]}")
         return unb64json(r.headers[PAYMENT_REQUIRED])  # type: ignore[no-any-return]
 
-    def offer(self, required: dict[str, Any]) -> dict[str, Any]:
+    def offer(self, required: dict[str, Any], scheme: str = "exact") -> dict[str, Any]:
         for o in required.get("accepts") or []:
-            if o.get("scheme") == "exact" and (o.get("network"), str(o.get("asset", "")).lower()) == self.allowed:
+            if o.get("scheme") == scheme and (o.get("network"), str(o.get("asset", "")).lower()) == self.allowed:
                 return o  # type: ignore[no-any-return]
-        raise RuntimeError(f"no exact offer for {self.allowed} in {required.get('accepts')}")
+        raise RuntimeError(f"no {scheme} offer for {self.allowed} in {required.get('accepts')}")
 
-    def headers(self, required: dict[str, Any], n: int) -> list[dict[str, str]]:
+    def headers(self, required: dict[str, Any], n: int, scheme: str = "exact") -> list[dict[str, str]]:
         """``n`` request headers, each with its own authorization (distinct nonce), as Payer.prepare builds them."""
-        from tollway.client.payer import sign_exact
+        from tollway.client.payer import sign_exact, sign_upto
         from tollway.payments.x402 import PAYMENT_SIGNATURE, b64json
 
-        offer = self.offer(required)
+        sign = sign_upto if scheme == "upto" else sign_exact
+        offer = self.offer(required, scheme)
         now = int(time.time())
         out = []
         for _ in range(n):
@@ -313,14 +325,16 @@ class Signer:
                 "x402Version": 2,
                 "resource": required.get("resource"),
                 "accepted": offer,
-                "payload": sign_exact(account, offer, now),
+                "payload": sign(account, offer, now),
                 "extensions": {},
             }
             out.append({**JSON_HEADERS, PAYMENT_SIGNATURE: b64json(payload)})
         return out
 
-    async def presign(self, client: httpx.AsyncClient, url: str, body: bytes, n: int) -> list[dict[str, str]]:
-        return self.headers(await self.quote(client, url, body), n)
+    async def presign(
+        self, client: httpx.AsyncClient, url: str, body: bytes, n: int, scheme: str = "exact"
+    ) -> list[dict[str, str]]:
+        return self.headers(await self.quote(client, url, body), n, scheme)
 
 
 # -- load generation -----------------------------------------------------------------------------
@@ -455,7 +469,7 @@ class Bench:
         self.drains: list[dict[str, float]] = []
 
     async def payments(self) -> dict[str, int]:
-        r = await self.client.get(f"{self.cluster.gw_url}/healthz")
+        r = await self.client.get(f"{self.cluster.gw_url}/healthz", headers=ADMIN)
         return dict(r.json().get("payments") or {})
 
     async def drain(self, timeout: float = 120.0) -> dict[str, float]:
@@ -483,43 +497,42 @@ class Bench:
         body = STREAM_BODY if stream else NON_STREAM_BODY
         await self.drain()
         headers: list[dict[str, str]] | dict[str, str] = JSON_HEADERS
-        if side == "paid":
-            headers = await self.signer.presign(self.client, self.paid_url, body, n)
-        url = self.paid_url if side == "paid" else self.direct_url
+        if side in PAID_SIDES:
+            headers = await self.signer.presign(self.client, self.paid_url, body, n, side)
+        url = self.paid_url if side in PAID_SIDES else self.direct_url
         return await run_block(self.client, side, url, body, headers, n, concurrency, stream, self.pids)
 
     async def interleaved(self, label: str, n: int, concurrency: int, stream: bool) -> dict[str, Any]:
         rounds: list[dict[str, Any]] = []
         for r in range(self.args.rounds):
-            order = ("direct", "paid") if r % 2 == 0 else ("paid", "direct")
+            order = SIDES[r % len(SIDES) :] + SIDES[: r % len(SIDES)]  # each side leads in turn
             got = {s: await self.side(s, n, concurrency, stream) for s in order}
-            rounds.append({s: got[s].summary() for s in ("direct", "paid")})
-            d, p = rounds[-1]["direct"], rounds[-1]["paid"]
+            rounds.append({s: got[s].summary() for s in SIDES})
             key = "ttfb_p50_ms" if stream else "p50_ms"
-            log(
-                f"  {label} round {r + 1}/{self.args.rounds}: p50 direct {fmt(d[key])} ms, paid {fmt(p[key])} ms; "
-                f"calls/s direct {fmt(d['calls_per_s'], 0)}, paid {fmt(p['calls_per_s'], 0)}"
-            )
+            p50 = ", ".join(f"{s} {fmt(rounds[-1][s][key])}" for s in SIDES)
+            rate = ", ".join(f"{s} {fmt(rounds[-1][s]['calls_per_s'], 0)}" for s in SIDES)
+            log(f"  {label} round {r + 1}/{self.args.rounds}: p50 ms {p50}; calls/s {rate}")
         return summarise(rounds, stream)
 
     async def warmup(self) -> None:
         n = self.args.warmup
         for stream in (False, True):
-            for side in ("direct", "paid"):
+            for side in SIDES:
                 b = await self.side(side, n, 4, stream)
                 if b.errors:
                     raise RuntimeError(f"warm-up {side} {'stream' if stream else 'call'} failed: {dict(b.errors)}")
 
     async def sanity(self) -> None:
-        """One paid call answers what the mock answers directly."""
-        h = await self.signer.presign(self.client, self.paid_url, NON_STREAM_BODY, 1)
+        """One paid call per scheme answers what the mock answers directly."""
         direct = (await self.client.post(self.direct_url, content=NON_STREAM_BODY, headers=JSON_HEADERS)).json()
-        r = await self.client.post(self.paid_url, content=NON_STREAM_BODY, headers=h[0])
-        if r.status_code != 200:
-            raise RuntimeError(f"paid sanity call failed: {r.status_code} {r.text[:300]}")
-        paid = r.json()
-        if paid["choices"] != direct["choices"]:
-            raise RuntimeError(f"paid answer differs from the direct one: {paid['choices']} vs {direct['choices']}")
+        for scheme in PAID_SIDES:
+            h = await self.signer.presign(self.client, self.paid_url, NON_STREAM_BODY, 1, scheme)
+            r = await self.client.post(self.paid_url, content=NON_STREAM_BODY, headers=h[0])
+            if r.status_code != 200:
+                raise RuntimeError(f"{scheme} sanity call failed: {r.status_code} {r.text[:300]}")
+            paid = r.json()
+            if paid["choices"] != direct["choices"]:
+                raise RuntimeError(f"{scheme} answer differs from the direct one: {paid['choices']}")
 
     async def memory(self) -> dict[str, Any]:
         """Gateway RSS before/after ``--streams`` streamed paid calls."""
@@ -603,21 +616,30 @@ class Bench:
 
 
 def summarise(rounds: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
-    """Medians across rounds; added/ratio computed per round (paired), then the median."""
+    """Medians across rounds; added/ratio computed per round (paired), then the median: each paid
+    side against direct (``vs_direct``), and upto against exact (``upto_vs_exact``). ``paid``
+    is the exact side (with its figures against direct at the top level, as before)."""
     keys = ["p50_ms", "p99_ms", "calls_per_s"] + (["ttfb_p50_ms", "ttfb_p99_ms"] if stream else [])
     out: dict[str, Any] = {"rounds": rounds}
-    for s in ("direct", "paid"):
+    for s in SIDES:
         out[s] = {k: median([r[s][k] for r in rounds]) for k in keys}
         for what in ("cpu_ms_per_call", "cpu_busy_pct"):
             names = rounds[0][s][what].keys()
             out[s][what] = {c: median([r[s][what][c] for r in rounds]) for c in names}
         out[s]["errors"] = sum(sum(r[s]["errors"].values()) for r in rounds)
-    for k in keys:
-        if k == "calls_per_s":
-            out["ratio_calls_per_s"] = median([r["paid"][k] / r["direct"][k] for r in rounds])
-            continue
-        out[f"added_{k}"] = median([r["paid"][k] - r["direct"][k] for r in rounds])
-        out[f"ratio_{k}"] = median([r["paid"][k] / r["direct"][k] for r in rounds])
+
+    def paired(side: str, base: str) -> dict[str, float]:
+        d: dict[str, float] = {}
+        for k in keys:
+            d[f"ratio_{k}"] = median([r[side][k] / r[base][k] for r in rounds])
+            if k != "calls_per_s":
+                d[f"added_{k}"] = median([r[side][k] - r[base][k] for r in rounds])
+        return d
+
+    out["vs_direct"] = {s: paired(s, "direct") for s in PAID_SIDES}
+    out["upto_vs_exact"] = paired("upto", "exact")
+    out["paid"] = out["exact"]
+    out.update(out["vs_direct"]["exact"])
     return out
 
 
@@ -734,16 +756,6 @@ async def timeit(fn: Callable[[int], Any], n: int, repeat: int) -> dict[str, flo
     return {"median_us": statistics.median(per), "best_us": min(per), "n": n, "repeat": repeat}
 
 
-def by_name(fn: Callable[..., Any], values: dict[str, Any]) -> Callable[..., Any]:
-    """``fn`` bound to the arguments it names among ``values`` (the scheme API has moved before)."""
-    params = inspect.signature(fn).parameters
-    missing = [p for p in params if p not in values]
-    if missing:
-        raise TypeError(f"{fn.__qualname__} wants {missing}, which the bench does not know")
-    fixed = {k: v for k, v in values.items() if k in params and k != "proof"}
-    return lambda proof: fn(proof=proof, **fixed)
-
-
 def make_quote(amount: int, body: bytes) -> Any:
     """A ``Quote`` for ``body`` at ``amount``, for schemes whose verify() asks for one."""
     import dataclasses
@@ -762,77 +774,73 @@ def make_quote(amount: int, body: bytes) -> Any:
     return Quote(**{f.name: known[f.name] for f in dataclasses.fields(Quote) if f.name in known})
 
 
-async def cpu_bench(devnet: Any, live_offer: dict[str, Any], n: int, repeat: int) -> dict[str, Any]:
-    """In-process CPU of payment verification and signing, on pre-signed proofs.
+async def cpu_bench(devnet: Any, offers: dict[str, dict[str, Any]], n: int, repeat: int) -> dict[str, Any]:
+    """In-process CPU of payment verification and signing, on pre-signed proofs, per scheme.
 
-    ``live_offer`` is the gateway's own ``exact`` offer for the non-streaming body (from a 402).
+    ``offers`` are the gateway's own offers for the non-streaming body (from a 402), by scheme.
     """
     from eth_account import Account
 
-    from tollway.client.payer import sign_exact
+    from tollway.client.payer import sign_exact, sign_upto
     from tollway.payments import x402
     from tollway.payments.base import Proof
     from tollway.payments.exact import ExactEvm
+    from tollway.payments.upto import UptoEvm
+    from tollway.settlement import Settler, Signing
 
-    scheme = ExactEvm(
-        chain=None,  # type: ignore[arg-type]  # verify() does no I/O for exact
+    common = {
+        "chain": None,  # verify() does no I/O
+        "chain_id": devnet.chain_id,
+        "token": devnet.token,
+        "token_name": devnet.token_name,
+        "token_version": devnet.token_version,
+        "payee": devnet.payee,
+        "settler": Account.from_key(devnet.settler_key).address,
+        "timeout": 390,
+        "min_validity": 360,
+    }
+    settler = Settler(
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        key=devnet.settler_key,
         chain_id=devnet.chain_id,
-        token=devnet.token,
-        token_name=devnet.token_name,
-        token_version=devnet.token_version,
-        payee=devnet.payee,
+        gas_limit=250_000,
+        max_fee_gwei=None,
+        priority_fee_gwei=Decimal("0.001"),
     )
-    amount = int(live_offer["amount"])
-    offer = scheme.offer(amount, int(live_offer.get("maxTimeoutSeconds") or 300))
-    wire_offer = live_offer
-    quote = make_quote(amount, NON_STREAM_BODY)
     accounts = [Account.from_key(k) for k in devnet.payer_keys]
     now = int(time.time())
-    payloads = [sign_exact(accounts[i % len(accounts)], wire_offer, now) for i in range(n)]
-    proofs = [Proof(2, "exact", scheme.network, p, wire_offer) for p in payloads]
-    doc = {"x402Version": 2, "resource": None, "accepted": wire_offer, "extensions": {}}
-    docs = [{**doc, "payload": p} for p in payloads]
-    headers = [{x402.PAYMENT_SIGNATURE: x402.b64json(d)} for d in docs]
-    verify = by_name(scheme.verify, {"proof": None, "offer": offer, "quote": quote, "now": now})
-    first = verify(proofs[0])  # fails loudly if the proofs are wrong
-    if inspect.isawaitable(first):
-        await first
+    out: dict[str, Any] = {}
+    for name, scheme_cls, sign in (("exact", ExactEvm, sign_exact), ("upto", UptoEvm, sign_upto)):
+        scheme = scheme_cls(**common)  # type: ignore[arg-type]
+        wire_offer = offers[name]
+        amount = int(wire_offer["amount"])
+        offer, quote = scheme.offer(amount), make_quote(amount, NON_STREAM_BODY)
+        payloads = [sign(accounts[i % len(accounts)], wire_offer, now) for i in range(n)]
+        proofs = [Proof(2, name, scheme.network, p, wire_offer) for p in payloads]
+        doc = {"x402Version": 2, "resource": None, "accepted": wire_offer, "extensions": {}}
+        headers = [{x402.PAYMENT_SIGNATURE: x402.b64json({**doc, "payload": p})} for p in payloads]
 
-    out: dict[str, Any] = {"verify_is_async": inspect.iscoroutinefunction(scheme.verify)}
-    out["verify"] = await timeit(lambda i: verify(proofs[i]), n, repeat)
-    out["decode_and_verify"] = await timeit(lambda i: verify(x402.decode_proof(headers[i], {})), n, repeat)
-    out["sign_exact"] = await timeit(lambda i: sign_exact(accounts[i % len(accounts)], wire_offer, now), n, repeat)
-    out["sign_and_encode_header"] = await timeit(
-        lambda i: x402.b64json({**docs[0], "payload": sign_exact(accounts[i % len(accounts)], wire_offer, now)}),
-        n,
-        repeat,
-    )
-    # The settlement transaction is signed on the request path too (Settler.sign); time that part.
-    try:
-        from tollway.settlement import Settler
+        async def verify(proof: Any, scheme: Any = scheme, offer: Any = offer, quote: Any = quote) -> Any:
+            return await scheme.verify(proof, offer, quote, now)
 
-        settler = Settler(
-            None,  # type: ignore[arg-type]
-            None,  # type: ignore[arg-type]
-            key=devnet.settler_key,
-            chain_id=devnet.chain_id,
-            gas_limit=150_000,
-            max_fee_gwei=None,
-            priority_fee_gwei=Decimal("0.001"),
-        )
-        verified = []
-        for p in proofs[: min(n, 500)]:
-            v = verify(p)
-            verified.append(await v if inspect.isawaitable(v) else v)
+        verified = [await verify(p) for p in proofs[: min(n, 500)]]  # fails loudly if the proofs are wrong
         m = len(verified)
+        out[f"{name}_verify"] = await timeit(lambda i, v=verify, ps=proofs: v(ps[i]), n, repeat)
+        out[f"{name}_decode_and_verify"] = await timeit(
+            lambda i, v=verify, hs=headers: v(x402.decode_proof(hs[i], {})), n, repeat
+        )
+        out[f"{name}_sign"] = await timeit(
+            lambda i, s=sign, o=wire_offer: s(accounts[i % len(accounts)], o, now), n, repeat
+        )
 
-        def settle_sign(i: int) -> Any:
-            to, data = scheme.settlement_call(verified[i % m])
-            return settler._sign(i, to, data)
+        def settle_sign(i: int, scheme: Any = scheme, verified: list[Any] = verified, m: int = m) -> Any:
+            payment = verified[i % m]
+            to, data = scheme.settlement_call(payment.proof, payment.amount)
+            return Signing(settler, to, data)(i)  # the settlement transaction, signed on the request path
 
-        out["settlement_sign"] = await timeit(settle_sign, m, repeat)
-    except Exception as exc:  # the settler's internals may move; this part is informative only
-        out["settlement_sign"] = {"error": f"{type(exc).__name__}: {exc}"}
+        out[f"{name}_settlement_sign"] = await timeit(settle_sign, m, repeat)
+    out["verify"] = out["exact_verify"]  # (the budget's figure)
     return out
 
 
@@ -909,6 +917,47 @@ def metering_bench(chunks: int = 1000, repeat: int = 7) -> dict[str, Any]:
 # -- report ----------------------------------------------------------------------------------------
 
 
+def upto_table(res: dict[str, Any]) -> list[str]:
+    """upto next to exact and direct: each measure's medians, and what upto adds over exact."""
+    w = "{:<34}{:>10}{:>10}{:>10}{:>12}{:>12}"
+    lines = ["", "upto next to exact (same rounds, interleaved)"]
+    lines.append(w.format("", "direct", "exact", "upto", "upto/direct", "upto−exact"))
+    rows = [
+        ("latency c=1   p50 (ms)", res["latency"]["c1"], "p50_ms"),
+        ("latency c=1   p99 (ms)", res["latency"]["c1"], "p99_ms"),
+        ("latency c=16  p50 (ms)", res["latency"]["c16"], "p50_ms"),
+        ("latency c=16  p99 (ms)", res["latency"]["c16"], "p99_ms"),
+        ("stream c=1 TTFB p50 (ms)", res["stream"], "ttfb_p50_ms"),
+        ("stream c=1 TTFB p99 (ms)", res["stream"], "ttfb_p99_ms"),
+        ("calls/s c=16", res["latency"]["c16"], "calls_per_s"),
+    ]
+    for label, sec, key in rows:
+        over = sec["upto_vs_exact"]
+        diff = fmt(over["ratio_calls_per_s"]) + "x" if key == "calls_per_s" else signed(over[f"added_{key}"])
+        lines.append(
+            w.format(
+                label,
+                fmt(sec["direct"][key]),
+                fmt(sec["exact"][key]),
+                fmt(sec["upto"][key]),
+                fmt(sec["vs_direct"]["upto"][f"ratio_{key}"]) + "x",
+                diff,
+            )
+        )
+    cpu = res["latency"]["c16"]
+    lines.append(
+        w.format(
+            "gateway CPU ms/call c=16",
+            "",
+            fmt(cpu["exact"]["cpu_ms_per_call"].get("gateway"), 3),
+            fmt(cpu["upto"]["cpu_ms_per_call"].get("gateway"), 3),
+            "",
+            "",
+        )
+    )
+    return lines
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("ok" if ok else "OVER")
 
@@ -930,6 +979,7 @@ def report(res: dict[str, Any]) -> str:
         f"source: commit {src['commit']} + {src['uncommitted_src_files']} uncommitted files under src/; "
         f"load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}"
     )
+    lines.append("paid = exact; upto's own figures follow in the next table")
     lines.append(w.format("", "direct", "paid", "added", "ratio", "budget"))
 
     def row(label: str, sec: dict[str, Any], key: str, budget: str = "") -> None:
@@ -983,6 +1033,7 @@ def report(res: dict[str, Any]) -> str:
     if cpu0_d >= 85:
         lines.append("  note: the direct baseline saturates CPU 0, so it measures the load generator (httpx) as much")
         lines.append("        as the mock: a floor for the mock's capacity, not its ceiling")
+    lines += upto_table(res)
 
     lines.append("")
     cpu = res["cpu"]
@@ -996,10 +1047,13 @@ def report(res: dict[str, Any]) -> str:
         f"   budget ≤ {BUDGET['verify_us']:g} µs: {verdict(ok)}"
     )
     for key, label in (
-        ("decode_and_verify", "decode header + verify"),
-        ("sign_exact", "client sign_exact"),
-        ("sign_and_encode_header", "client sign + encode header"),
-        ("settlement_sign", "settlement tx signing (req path)"),
+        ("exact_decode_and_verify", "exact: decode header + verify"),
+        ("exact_sign", "exact: client signing"),
+        ("exact_settlement_sign", "exact: settlement tx signing"),
+        ("upto_verify", "UptoEvm.verify"),
+        ("upto_decode_and_verify", "upto: decode header + verify"),
+        ("upto_sign", "upto: client signing"),
+        ("upto_settlement_sign", "upto: settlement tx signing"),
     ):
         d = cpu.get(key) or {"error": "not measured"}
         if "error" in d:
@@ -1171,8 +1225,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
         await bench.drain()
         log(f"payment CPU in-process: {args.verify_n} pre-signed proofs")
         try:
-            offer = bench.signer.offer(await bench.signer.quote(client, bench.paid_url, NON_STREAM_BODY))
-            res["cpu"] = await cpu_bench(cluster.devnet, offer, args.verify_n, 5)
+            required = await bench.signer.quote(client, bench.paid_url, NON_STREAM_BODY)
+            offers = {scheme: bench.signer.offer(required, scheme) for scheme in PAID_SIDES}
+            res["cpu"] = await cpu_bench(cluster.devnet, offers, args.verify_n, 5)
             res["metering"] = metering_bench()
         except Exception as exc:  # the scheme API moves; report it rather than lose the run
             log(f"payment CPU benchmark failed: {type(exc).__name__}: {exc}")
@@ -1188,7 +1243,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
         res["settlement"] = {"drains": bench.drains, "final": await bench.payments()}
 
     def errors_of(sec: dict[str, Any]) -> int:
-        return int(sec["direct"]["errors"] + sec["paid"]["errors"])
+        return int(sum(sec[s]["errors"] for s in SIDES))
 
     res["errors"] = {
         "latency_c1": errors_of(res["latency"]["c1"]),

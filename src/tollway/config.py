@@ -274,11 +274,14 @@ class Settings(BaseSettings):
 
 class EnvWithFiles(EnvSettingsSource):
     """``TOLLWAY_*`` variables, where ``TOLLWAY_X_FILE=/path`` sets ``TOLLWAY_X`` to what the file
-    holds (docker secrets, keys kept out of the environment)."""
+    holds (docker secrets, keys kept out of the environment) — unless ``X_FILE`` is itself a
+    setting (``TOLLWAY_DEVNET_FILE``)."""
 
     def _load_env_vars(self) -> Any:
         env = dict(super()._load_env_vars())
-        for name in [k for k in env if k.lower().startswith("tollway_") and k.lower().endswith("_file")]:
+        own = {f"tollway_{name}" for name in self.settings_cls.model_fields}
+        files = [k for k in env if k.lower().startswith("tollway_") and k.lower().endswith("_file")]
+        for name in [k for k in files if k.lower() not in own]:
             target, path = name[: -len("_file")], env.pop(name)
             if target in env:
                 raise ValueError(f"both {target.upper()} and {name.upper()} are set: keep one")

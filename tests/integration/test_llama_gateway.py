@@ -3,16 +3,18 @@ gateway, billed at the cache price and counted in /v1/stats/cache — also throu
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from fractions import Fraction
 
 import httpx
 import pytest
+from x402.http.clients import x402HttpxClient
 
 from conftest import gateway_settings
 from llama import MODEL_ALIAS
-from support import ADMIN, ServerThread, paying_upstream, wait_receipt
+from support import ADMIN, ServerThread, paying_upstream, upto_client, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import ModelPrice, UpstreamSettings
@@ -126,3 +128,35 @@ def test_llama_cache_survives_two_tollways(chained_to_llama, llama_gateway, chai
     assert receipt["usage"]["cached_tokens"] == inner["cached_tokens"]
     outer_stats = httpx.get(f"{chained_to_llama.url}/v1/stats/cache", headers=ADMIN).json()["windows"]["5m"]
     assert any(s["upstream"] == "inner" and s["cached_tokens"] > 0 for s in outer_stats)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_official_upto_client_is_debited_the_cache_discounted_cost(llama_gateway, chain, devnet, stream):
+    """The unmodified official client pays with upto: the second call of a conversation reuses
+    llama-server's KV cache, and the wallet is debited exactly its metered cost — cached tokens at
+    the cache price — not the quote."""
+    payer = chain.fund(permit2=True)
+    first, second = conversation(f"upto {stream}")
+    async with x402HttpxClient(upto_client(payer, devnet), timeout=60) as http:
+        for messages in (first, second):
+            body = {"model": MODEL_ALIAS, "messages": messages, "max_tokens": 6, "stream": stream}
+            before = chain.balance(payer.address)
+            if stream:
+                async with http.stream("POST", llama_gateway.url + "/v1/chat/completions", json=body) as r:
+                    await r.aread()
+            else:
+                r = await http.post(llama_gateway.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 200
+            receipt = await asyncio.to_thread(wait_receipt, llama_gateway.url, r.headers["x-tollway-receipt"])
+            assert receipt["payment"]["scheme"] == "upto"
+            assert chain.balance(payer.address) == before - int(receipt["cost"]["atomic"])
+    usage = receipt["usage"]
+    assert usage["cached_tokens"] > 300
+    plain = usage["prompt_tokens"] - usage["cached_tokens"]
+    usd = (
+        plain * Fraction(PRICE.prompt)
+        + usage["cached_tokens"] * Fraction(PRICE.cache_read)
+        + usage["completion_tokens"] * Fraction(PRICE.completion)
+    )
+    assert int(receipt["cost"]["atomic"]) == to_atomic(usd, 6) < int(receipt["quote"]["atomic"])
+    assert int(receipt["payment"]["amount"]["atomic"]) == int(receipt["cost"]["atomic"])

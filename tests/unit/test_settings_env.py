@@ -1,0 +1,36 @@
+"""Settings from the environment: ``TOLLWAY_X_FILE`` reads ``X`` from a file, except where
+``X_FILE`` is a setting of its own."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tollway.config import Settings
+
+
+@pytest.fixture(autouse=True)
+def nothing_else_configured(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no tollway.toml here
+    for name in [k for k in os.environ if k.startswith("TOLLWAY_")]:
+        monkeypatch.delenv(name)
+
+
+def test_a_file_variable_reads_its_setting_from_the_file(tmp_path, monkeypatch):
+    (tmp_path / "token").write_text("an-operator-token-from-a-file\n")
+    monkeypatch.setenv("TOLLWAY_ADMIN_TOKEN_FILE", str(tmp_path / "token"))
+    assert Settings().admin_token == "an-operator-token-from-a-file"
+
+
+def test_a_setting_whose_name_ends_in_file_is_a_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOLLWAY_DEVNET_FILE", str(tmp_path / "devnet.json"))  # (it need not exist)
+    assert Settings().devnet_file == tmp_path / "devnet.json"
+
+
+def test_a_setting_and_its_file_both_set_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "token").write_text("an-operator-token-from-a-file\n")
+    monkeypatch.setenv("TOLLWAY_ADMIN_TOKEN", "an-operator-token-in-the-env")
+    monkeypatch.setenv("TOLLWAY_ADMIN_TOKEN_FILE", str(tmp_path / "token"))
+    with pytest.raises(ValueError, match="keep one"):
+        Settings()
