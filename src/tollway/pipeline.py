@@ -187,8 +187,8 @@ def accepted(
         raise PaymentMalformed("accepted.amount must be a decimal string")
     if len(raw_amount) > 19 or int(raw_amount) > MAX_AMOUNT:
         raise PaymentMalformed("accepted.amount is larger than any quote", code="amount_too_large")
-    if not isinstance(cap, int) or isinstance(cap, bool) or not 0 < cap <= max(call.default_cap, call.metered_cap):
-        raise PaymentInvalid("the accepted offer carries no valid output cap", code="quote_mismatch")
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap not in (call.cap(True), call.cap(False)):
+        raise PaymentInvalid("the accepted offer carries no output cap quoted for this request", code="quote_mismatch")
     gw.quotes.check(token, call.digest, int(raw_amount), now, cap)
     return call.quote(cap), int(raw_amount)
 

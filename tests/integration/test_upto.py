@@ -33,6 +33,7 @@ from support import (
     upto_client,
     wait_receipt,
 )
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import ModelPrice
 from tollway.payments import permit2
 
@@ -270,3 +271,16 @@ async def test_a_wallet_with_no_approval_and_no_gas_pays_through_eip2612_gas_spo
     assert doc["payment"]["state"] == "settled" and chain.balance(fresh.address) == 100_000_000 - cost
     assert chain.token.functions.allowance(fresh.address, permit2.PERMIT2_ADDRESS).call() > 0  # the permit landed
     assert chain.w3.eth.get_balance(fresh.address) == 0  # and the payer spent no gas
+
+
+@pytest.mark.parametrize("scheme", ["upto", "exact"])
+def test_a_request_asking_more_output_than_the_default_caps_can_be_paid(gateway, chain, devnet, scheme):
+    """The cap a request sets itself (above both default caps) is the one quoted, and paid."""
+    payer = Payer(
+        chain.fund(permit2=True), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=(scheme,)
+    )
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url, timeout=30) as http:
+        r = http.post(CHAT, json=chat_body("a long answer, if need be", max_tokens=32768))
+    assert r.status_code == 200, r.text[:300]
+    doc = wait_receipt(gateway.url, r.headers["x-tollway-receipt"])
+    assert doc["payment"]["scheme"] == scheme
