@@ -79,6 +79,24 @@ def log_call(call_id: str, model: str, status: int, started: float, **details: A
     )
 
 
+def log_served(call_id: str, call: ChatCall, paid: Paid, opened: Opened, cost: int, **more: Any) -> None:
+    """The log line of a call that was served (a stream's, once it is metered)."""
+    p = paid.payment
+    log_call(
+        call_id,
+        call.model,
+        200,
+        call.received,
+        stream=call.stream,
+        upstream=opened.upstream,
+        scheme=p.scheme,
+        paid=p.amount,
+        from_credit=paid.held,
+        cost=cost,
+        **more,
+    )
+
+
 def charge(call: ChatCall, paid: Paid, usage: Usage | None) -> int:
     """What a call is charged: its metered cost, never more than its quote nor what paid for it;
     without usage, its quote (the agreed upper bound)."""
@@ -205,18 +223,7 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
     media = opened.response.headers.get("content-type", "application/json")
     body = body_with_cost(opened.first, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
-    log_call(
-        call_id,
-        call.model,
-        200,
-        call.received,
-        stream=False,
-        upstream=opened.upstream,
-        scheme=paid.payment.scheme,
-        paid=paid.payment.amount,
-        from_credit=paid.held,
-        cost=fields["cost"],
-    )
+    log_served(call_id, call, paid, opened, fields["cost"])
     return Response(body, status_code=200, media_type=media, headers=headers)
 
 
@@ -258,19 +265,7 @@ def relay_stream(
             "finished_at": time.time(),
         }
         metered = meter(gw, call, paid, opened, usage, expected, row, insert_row=False, settled=settled)
-        log_call(
-            call_id,
-            call.model,
-            200,
-            call.received,
-            stream=True,
-            upstream=opened.upstream,
-            scheme=paid.payment.scheme,
-            paid=paid.payment.amount,
-            from_credit=paid.held,
-            cost=metered[0]["cost"],
-            outcome=row["status"],
-        )
+        log_served(call_id, call, paid, opened, metered[0]["cost"], outcome=row["status"])
         return metered
 
     def close(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], Any, Settlement | None] | None:

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import PaymentInvalid, PaymentMalformed
 from . import eip3009
-from .base import Context, Offer, Proof, Quote, Verified
-from .chain import AUTHORIZATION_STATE, BALANCE_OF, Chain, RpcError, transfers_in
+from .base import Offer, Proof, Quote, Verified
+from .chain import AUTHORIZATION_STATE, BALANCE_OF, RpcError, transfers_in
+from .token import TokenScheme
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-SHORT_MEMORY = 2.0  # seconds a payer found short of funds is refused without asking the chain again
 AUTHORIZATION_USED = "0x" + eip3009.keccak(b"AuthorizationUsed(address,bytes32)").hex()
 LOG_LOOKBACK = 50_000  # blocks searched for the transaction that used an authorization
 # What a token's revert reasons (FiatTokenV2's wording) mean for the payer.
@@ -81,40 +80,16 @@ def decode_authorization(payload: dict[str, Any]) -> tuple[eip3009.Authorization
     )
 
 
-class ExactEvm:
+class ExactEvm(TokenScheme):
     """The ``exact`` scheme for one EIP-3009 token on one EVM chain."""
 
     name = "exact"
     metered = False
     prepaid = False
 
-    def __init__(
-        self,
-        *,
-        chain: Chain,
-        chain_id: int,
-        token: str,
-        token_name: str,
-        token_version: str,
-        payee: str,
-        settler: str,
-        timeout: int,
-        min_validity: int,
-    ) -> None:
-        self.chain = chain
-        self.chain_id = chain_id
-        self.network = f"eip155:{chain_id}"
-        self.token = token
-        self.payee = payee
-        self.settler = settler
-        self.timeout = timeout
-        self.min_validity = min_validity
-        self.extra = {"name": token_name, "version": token_version}
-        self.domain = eip3009.domain_separator(token_name, token_version, chain_id, token)
-        self._short: dict[str, float] = {}  # payer → until when it is known to be short of funds
-
-    def offer(self, amount: int) -> Offer:
-        return Offer(self.name, self.network, self.token, self.payee, amount, self.timeout, dict(self.extra))
+    def __init__(self, **where: Any) -> None:
+        super().__init__(**where)
+        self.domain = eip3009.domain_separator(self.extra["name"], self.extra["version"], self.chain_id, self.token)
 
     async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         auth, sig = decode_authorization(proof.payload)
@@ -157,9 +132,7 @@ class ExactEvm:
         )
 
     async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
-        now = time.monotonic()
-        if self._short.get(payment.payer, 0.0) > now:
-            raise PaymentInvalid("payer balance does not cover this payment", code="insufficient_funds")
+        now = self.refuse_if_short(payment.payer)
         to, data = self.settlement_call(payment.proof, payment.amount)
         balance_of = BALANCE_OF + bytes(12) + bytes.fromhex(payment.payer[2:])
         result, (balance,) = await self.chain.simulate(self.settler, to, data, [(self.token, balance_of)])
@@ -169,20 +142,15 @@ class ExactEvm:
                 raise result  # not a revert: the RPC failed (503)
             code = next((c for k, c in REVERT_REASONS if k in reason.lower()), "payment_would_revert")
             if code == "insufficient_funds":
-                self._remember_short(payment.payer, now)
+                self.remember_short(payment.payer, now)
             raise PaymentInvalid(f"the transfer would fail on chain: {reason[:200]}", code=code)
         due = owed()
         if int(balance, 16) < due:
-            self._remember_short(payment.payer, now)
+            self.remember_short(payment.payer, now)
             raise PaymentInvalid(
                 f"payer balance {int(balance, 16)} does not cover {due} (this payment and others not yet on chain)",
                 code="insufficient_funds",
             )
-
-    def _remember_short(self, payer: str, now: float) -> None:
-        if len(self._short) > 10_000:
-            self._short = {p: t for p, t in self._short.items() if t > now}
-        self._short[payer] = now + SHORT_MEMORY
 
     def settled_amount(self, payment: Verified, due: int) -> int:
         return payment.amount
@@ -190,9 +158,6 @@ class ExactEvm:
     def settlement_call(self, proof: dict[str, Any], amount: int) -> tuple[str, bytes]:
         auth, sig = decode_authorization(proof)
         return self.token, eip3009.transfer_calldata(auth, sig)
-
-    def extensions(self) -> dict[str, Any]:
-        return {}
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
         """The transaction that used this authorization, if it paid the payee the amount."""
@@ -208,18 +173,4 @@ class ExactEvm:
         return None  # cancelled, not used
 
 
-def from_settings(ctx: Context) -> ExactEvm:
-    c = ctx.settings.chain
-    if not (c.token and c.payee):
-        raise ValueError("the exact scheme needs chain.token and chain.payee")
-    return ExactEvm(
-        chain=ctx.chain,
-        chain_id=ctx.chain_id,
-        token=c.token,
-        token_name=c.token_name,
-        token_version=c.token_version,
-        payee=c.payee,
-        settler=ctx.settler,
-        timeout=ctx.settings.offer_timeout_seconds,
-        min_validity=ctx.settings.min_validity_seconds,
-    )
+from_settings = ExactEvm.from_settings

@@ -16,7 +16,6 @@ pay.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +23,11 @@ from eth_hash.auto import keccak
 
 from ..errors import PaymentInvalid, PreconditionFailed
 from . import permit2
-from .base import Context, Offer, Proof, Quote, Verified
-from .chain import BALANCE_OF, Chain, RpcError
+from .base import Offer, Proof, Quote, Verified
+from .chain import BALANCE_OF, RpcError
+from .token import TokenScheme
 
 ALLOWANCE = keccak(b"allowance(address,address)")[:4]
-SHORT_MEMORY = 2.0  # seconds a payer found short of funds is refused without asking the chain again
 # What the proxy's, Permit2's and the token's reverts mean for the payer.
 CUSTOM_ERRORS = {
     keccak(b"InvalidNonce()")[:4]: ("the Permit2 nonce was already used", "permit2_nonce_used"),
@@ -50,45 +49,17 @@ EIP2612_DECLARATION = {  # (its fields: the SDK's Eip2612GasSponsoringInfo; no s
 }
 
 
-class UptoEvm:
+class UptoEvm(TokenScheme):
     """The ``upto`` scheme for one token on one EVM chain, settled through the x402 upto proxy."""
 
     name = "upto"
     metered = True
     prepaid = False
 
-    def __init__(
-        self,
-        *,
-        chain: Chain,
-        chain_id: int,
-        token: str,
-        token_name: str,
-        token_version: str,
-        payee: str,
-        settler: str,
-        timeout: int,
-        min_validity: int,
-    ) -> None:
-        self.chain = chain
-        self.chain_id = chain_id
-        self.network = f"eip155:{chain_id}"
-        self.token = token
-        self.payee = payee
-        self.settler = settler
-        self.timeout = timeout
-        self.min_validity = min_validity
-        self.extra = {
-            "name": token_name,
-            "version": token_version,
-            "facilitatorAddress": settler,
-            "assetTransferMethod": "permit2",
-        }
-        self.domain = permit2.domain_separator(chain_id)
-        self._short: dict[str, float] = {}
-
-    def offer(self, amount: int) -> Offer:
-        return Offer(self.name, self.network, self.token, self.payee, amount, self.timeout, dict(self.extra))
+    def __init__(self, **where: Any) -> None:
+        super().__init__(**where)
+        self.extra.update(facilitatorAddress=self.settler, assetTransferMethod="permit2")
+        self.domain = permit2.domain_separator(self.chain_id)
 
     def extensions(self) -> dict[str, Any]:
         return EIP2612_DECLARATION
@@ -150,9 +121,7 @@ class UptoEvm:
         )
 
     async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
-        now = time.monotonic()
-        if self._short.get(payment.payer, 0.0) > now:
-            raise PaymentInvalid("payer balance does not cover this payment", code="insufficient_funds")
+        now = self.refuse_if_short(payment.payer)
         to, data = self.settlement_call(payment.proof, payment.amount)
         owner = bytes(12) + bytes.fromhex(payment.payer[2:])
         reads = [
@@ -170,11 +139,11 @@ class UptoEvm:
         if isinstance(result, RpcError):
             message, code = self._reason(result)
             if code == "insufficient_funds":
-                self._remember_short(payment.payer, now)
+                self.remember_short(payment.payer, now)
             raise PaymentInvalid(f"the settlement would fail on chain: {message}", code=code)
         due = owed()
         if int(balance, 16) < due:
-            self._remember_short(payment.payer, now)
+            self.remember_short(payment.payer, now)
             raise PaymentInvalid(
                 f"payer balance {int(balance, 16)} does not cover {due} (this payment's maximum and others not yet "
                 "on chain)",
@@ -192,11 +161,6 @@ class UptoEvm:
             raise error  # not a revert: the RPC failed (503)
         code = next((c for k, c in REVERT_REASONS if k in reason.lower()), "payment_would_revert")
         return reason[:200], code
-
-    def _remember_short(self, payer: str, now: float) -> None:
-        if len(self._short) > 10_000:
-            self._short = {p: t for p, t in self._short.items() if t > now}
-        self._short[payer] = now + SHORT_MEMORY
 
     def settled_amount(self, payment: Verified, due: int) -> int:
         return min(due, payment.amount)
@@ -216,18 +180,4 @@ def _raw(address: str) -> bytes:
     return bytes.fromhex(address[2:])
 
 
-def from_settings(ctx: Context) -> UptoEvm:
-    c = ctx.settings.chain
-    if not (c.token and c.payee):
-        raise ValueError("the upto scheme needs chain.token and chain.payee")
-    return UptoEvm(
-        chain=ctx.chain,
-        chain_id=ctx.chain_id,
-        token=c.token,
-        token_name=c.token_name,
-        token_version=c.token_version,
-        payee=c.payee,
-        settler=ctx.settler,
-        timeout=ctx.settings.offer_timeout_seconds,
-        min_validity=ctx.settings.min_validity_seconds,
-    )
+from_settings = UptoEvm.from_settings

@@ -1,0 +1,77 @@
+"""What the schemes that move one token on one EVM chain with a signed authorization share
+(``exact``: EIP-3009; ``upto``: Permit2): where they pay and who settles, the offer, and a short
+memory of payers just found short of funds (so a flood of their payments costs no RPC calls)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Self
+
+from ..errors import PaymentInvalid
+from .base import Context, Offer
+from .chain import Chain
+
+SHORT_MEMORY = 2.0  # seconds a payer found short of funds is refused without asking the chain again
+
+
+class TokenScheme:
+    name: str
+
+    def __init__(
+        self,
+        *,
+        chain: Chain,
+        chain_id: int,
+        token: str,
+        token_name: str,
+        token_version: str,
+        payee: str,
+        settler: str,
+        timeout: int,
+        min_validity: int,
+    ) -> None:
+        self.chain = chain
+        self.chain_id = chain_id
+        self.network = f"eip155:{chain_id}"
+        self.token = token
+        self.payee = payee
+        self.settler = settler  # the settlement account: it sends (and simulates) every settlement
+        self.timeout = timeout
+        self.min_validity = min_validity  # how long an authorization must stay valid, from now
+        self.extra: dict[str, Any] = {"name": token_name, "version": token_version}
+        self._short: dict[str, float] = {}  # payer → until when it is known to be short of funds
+
+    @classmethod
+    def from_settings(cls, ctx: Context) -> Self:
+        c = ctx.settings.chain
+        if not (c.token and c.payee):
+            raise ValueError(f"the {cls.name} scheme needs chain.token and chain.payee")
+        return cls(
+            chain=ctx.chain,
+            chain_id=ctx.chain_id,
+            token=c.token,
+            token_name=c.token_name,
+            token_version=c.token_version,
+            payee=c.payee,
+            settler=ctx.settler,
+            timeout=ctx.settings.offer_timeout_seconds,
+            min_validity=ctx.settings.min_validity_seconds,
+        )
+
+    def offer(self, amount: int) -> Offer:
+        return Offer(self.name, self.network, self.token, self.payee, amount, self.timeout, dict(self.extra))
+
+    def extensions(self) -> dict[str, Any]:
+        return {}
+
+    def refuse_if_short(self, payer: str) -> float:
+        """Refuse a payer found short of funds moments ago; the time now (monotonic) otherwise."""
+        now = time.monotonic()
+        if self._short.get(payer, 0.0) > now:
+            raise PaymentInvalid("payer balance does not cover this payment", code="insufficient_funds")
+        return now
+
+    def remember_short(self, payer: str, now: float) -> None:
+        if len(self._short) > 10_000:
+            self._short = {p: t for p, t in self._short.items() if t > now}
+        self._short[payer] = now + SHORT_MEMORY
