@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -24,8 +25,10 @@ from tollway.ledger import Store
 from tollway.mock_upstream import create_app as create_mock
 
 
-def start_anvil(xprocess, name: str, chain_id: int = 31337) -> str:
-    """Start anvil under xprocess as ``name`` (made unique per test session: runs may overlap)."""
+@contextmanager
+def anvil_process(xprocess, name: str, chain_id: int = 31337) -> Iterator[str]:
+    """anvil under xprocess as ``name`` (made unique per test session: runs may overlap), for the
+    ``with`` block; its RPC URL."""
     name = f"{name}-{os.getpid()}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -45,14 +48,16 @@ def start_anvil(xprocess, name: str, chain_id: int = 31337) -> str:
             return rpc_alive(url)
 
     xprocess.ensure(name, Starter, restart=True)
-    return url
+    try:
+        yield url
+    finally:
+        xprocess.getinfo(name).terminate()
 
 
 @pytest.fixture(scope="session")
 def anvil(xprocess) -> Iterator[str]:
-    url = start_anvil(xprocess, "anvil")
-    yield url
-    xprocess.getinfo(f"anvil-{os.getpid()}").terminate()
+    with anvil_process(xprocess, "anvil") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,16 @@ def test_a_restarted_devnet_starts_a_ledger_of_its_own(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def outside_chain(xprocess, upstream) -> dict[str, Any]:
+def outside_chain(xprocess, upstream) -> Iterator[dict[str, Any]]:
     """An anvil started as someone else's chain would be: Base Sepolia's chain id and a USDC at
     Base Sepolia's address; a payee, a settlement key with gas, and a funded payer."""
-    from conftest import start_anvil
+    from conftest import anvil_process
 
-    rpc = start_anvil(xprocess, "outside", chain_id=84532)
+    with anvil_process(xprocess, "outside", chain_id=84532) as rpc:
+        yield outside_accounts(rpc, upstream)
+
+
+def outside_accounts(rpc: str, upstream) -> dict[str, Any]:
     w3 = Web3(Web3.HTTPProvider(rpc))
     deployed = deploy_devnet(rpc)  # TestUSDC somewhere; its code is then placed at USDC's address
     w3.provider.make_request("anvil_setCode", [BASE_SEPOLIA_USDC, w3.eth.get_code(deployed.token).hex()])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
@@ -16,7 +15,7 @@ from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
 from x402.schemas.v1 import PaymentRequiredV1
 
-from conftest import gateway_settings, start_anvil
+from conftest import anvil_process, gateway_settings
 from support import CHAT, Chain, ServerThread, exact_offer, free_port, payment_required, run_concurrently, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, async_openai_client, openai_client
@@ -102,15 +101,14 @@ async def test_async_openai_client_pays(gateway, chain, devnet):
 @pytest.fixture(scope="module")
 def v1_gateway(xprocess, upstream, tmp_path_factory):
     """A gateway on a chain that has an x402 v1 name: anvil run as chain 84532 ("base-sepolia")."""
-    rpc = start_anvil(xprocess, "anvil-84532", chain_id=84532)
-    devnet = deploy_devnet(rpc)
-    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path_factory.mktemp("v1") / "ledger.sqlite3")
-    port = free_port()  # a chain that is not the devnet: a public URL and a payee of its own
-    chain = settings.chain.model_copy(update={"payee": Account.create().address})
-    settings = settings.model_copy(update={"chain": chain, "public_url": f"http://127.0.0.1:{port}"})
-    with ServerThread(create_app(settings), port) as server:
-        yield server, devnet
-    xprocess.getinfo(f"anvil-84532-{os.getpid()}").terminate()
+    with anvil_process(xprocess, "anvil-84532", chain_id=84532) as rpc:
+        devnet = deploy_devnet(rpc)
+        settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path_factory.mktemp("v1") / "ledger.sqlite3")
+        port = free_port()  # a chain that is not the devnet: a public URL and a payee of its own
+        chain = settings.chain.model_copy(update={"payee": Account.create().address})
+        settings = settings.model_copy(update={"chain": chain, "public_url": f"http://127.0.0.1:{port}"})
+        with ServerThread(create_app(settings), port) as server:
+            yield server, devnet
 
 
 async def test_official_x402_v1_payload_pays(v1_gateway):
