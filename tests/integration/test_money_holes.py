@@ -297,6 +297,31 @@ def test_a_token_whose_domain_is_not_the_configured_one_stops_the_gateway(gatewa
 # -- 2. the gateway pays the upstream for calls nobody pays ---------------------------------------------
 
 
+def test_a_payer_whose_balance_covers_its_payments_exactly_is_served_while_they_wait_for_a_block(
+    gateway, chain, devnet, http
+):
+    """[1] What a payer owes is its mined balance less its payments not mined yet (the ledger's):
+    settlements waiting in the mempool are not counted twice, so a balance that covers every
+    payment exactly pays them all — and one more payment is refused."""
+    body = chat_body("exactly enough", max_tokens=8)
+    required, offer = quote(http, body)
+    payer = chain.fund(amount=2 * int(offer["amount"]))
+    with manual_mining(chain):
+        for waiting in (1, 2):
+            r = pay(http, body, required, offer, authorize(payer, offer))
+            assert r.status_code == 200, r.text[:300]
+            deadline = time.monotonic() + 10
+            while int(chain.w3.provider.make_request("txpool_status", [])["result"]["pending"], 16) < waiting:
+                assert time.monotonic() < deadline, "the settlement was not broadcast"
+                time.sleep(0.02)
+        r = pay(http, body, required, offer, authorize(payer, offer))
+        assert r.status_code == 402 and error_code(r) == "insufficient_funds"
+    deadline = time.monotonic() + 30
+    while chain.balance(payer.address) != 0:
+        assert time.monotonic() < deadline, "the two settlements were not mined"
+        time.sleep(0.1)
+
+
 def test_a_payer_without_funds_costs_no_upstream_call(gateway, http, upstream):
     """[2] One signature from a zero-balance key, sent five times: no upstream request at all."""
     pauper = Account.create()

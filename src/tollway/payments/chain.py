@@ -123,11 +123,17 @@ class Chain:
         self, sender: str, to: str, data: bytes, reads: list[tuple[str, bytes]]
     ) -> tuple[Any, list[Any]]:
         """Run a transaction as ``eth_call`` from ``sender`` against the chain's pending state (the
-        freshest it offers), with some ``eth_call`` reads (to, calldata) of the same state, in one
-        round trip. Returns (the call's result or its ``RpcError``, the reads' results)."""
+        freshest it offers: what the payer has broadcast since counts against it), with some
+        ``eth_call`` reads (to, calldata) of the *mined* state, in one round trip. Returns (the
+        call's result or its ``RpcError``, the reads' results).
+
+        The reads are balances compared with what the ledger says is owed but not yet mined —
+        our own settlements, broadcast or not; at ``pending`` those in the mempool would count
+        twice (and refuse payers who can pay), and each ``pending`` read costs the node a replay
+        of its pool."""
         tx = {"from": sender, "to": to, "data": "0x" + data.hex()}
         calls = [("eth_call", [tx, "pending"])]
-        calls += [("eth_call", [{"to": t, "data": "0x" + d.hex()}, "pending"]) for t, d in reads]
+        calls += [("eth_call", [{"to": t, "data": "0x" + d.hex()}, "latest"]) for t, d in reads]
         results = await self.batch(calls, errors=True)
         for r in results[1:]:
             if isinstance(r, RpcError):
