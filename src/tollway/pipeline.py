@@ -204,28 +204,28 @@ def lock(
 ) -> Paid:
     """Lock the payment against replay; refuse a wallet in debt that does not pay it off; hold
     from credit what the payment does not cover of the quote."""
-    payment_id = gw.store.reserve(
-        {
-            "lock_key": payment.lock_key,
-            "scheme": payment.scheme,
-            "network": payment.network,
-            "asset": payment.asset,
-            "payer": payment.payer,
-            "payee": payment.payee,
-            "amount": payment.amount,
-            "proof": json.dumps(payment.proof, separators=(",", ":")),
-            "request_digest": call.digest,
-        }
-    )
-    if payment_id is None:
+    account = credit_account(payment.network, payment.asset, payment.payer)
+    held = max(quote.amount - payment.amount, 0)
+    row = {
+        "lock_key": payment.lock_key,
+        "scheme": payment.scheme,
+        "network": payment.network,
+        "asset": payment.asset,
+        "payer": payment.payer,
+        "payee": payment.payee,
+        "amount": payment.amount,
+        "proof": json.dumps(payment.proof, separators=(",", ":")),
+        "request_digest": call.digest,
+    }
+    locked = gw.store.lock(row, account, held, call_id=call_id)  # one transaction
+    if locked is None:
         if "signIn" in payment.proof:
             raise PaymentInvalid("this sign-in has already paid a call", code="invalid_siwx_nonce_used")
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
-    account = credit_account(payment.network, payment.asset, payment.payer)
-    paid = Paid(payment, scheme, payment_id, account, quote, proof)
-    held = max(quote.amount - payment.amount, 0)
+    payment_id = locked.payment_id
+    debt = max(-locked.balance, 0)
+    paid = Paid(payment, scheme, payment_id, account, quote, proof, held if locked.held else 0, debt)
     try:
-        debt = max(-gw.store.credit_balance(account), 0)
         if debt and payment.amount < quote.amount + debt:
             refusal = PaymentInvalid(
                 f"this wallet owes {debt} (a settlement of its payment failed on chain): pay the quote plus "
@@ -234,15 +234,15 @@ def lock(
             )
             refusal.debt = debt
             raise refusal
-        if held and not gw.store.hold_credit(account, held, call_id=call_id, payment_id=payment_id):
+        if held and not locked.held:
             raise PaymentInvalid(
                 f"payment of {payment.amount} plus credit does not cover the quote {quote.amount}",
                 code="amount_insufficient",
             )
     except BaseException as exc:
-        undo(gw, paid, call, call_id, exc)  # nothing is held yet
+        undo(gw, paid, call, call_id, exc)
         raise
-    return Paid(payment, scheme, payment_id, account, quote, proof, held, debt)
+    return paid
 
 
 async def confirm(gw: Gateway, paid: Paid) -> None:

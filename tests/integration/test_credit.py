@@ -248,7 +248,7 @@ def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upst
     payer, network = "0x" + "ab" * 20, f"eip155:{devnet.chain_id}"
     account = credit_account(network, devnet.token, payer)
     store.settle_call_credit(account, deposit=5000, held=0, cost=0, call_id="earlier", payment_id=None)
-    payment_id = store.reserve(
+    locked = store.lock(
         {
             "lock_key": "k",
             "scheme": "exact",
@@ -259,9 +259,13 @@ def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upst
             "amount": 1000,
             "proof": "{}",
             "request_digest": "d",
-        }
+        },
+        account,
+        2000,
+        call_id="lost",
     )
-    assert store.hold_credit(account, 2000, call_id="lost", payment_id=payment_id)
+    assert locked is not None and locked.held
+    payment_id = locked.payment_id
     assert store.mark_prepaid(payment_id)  # its money moved as the stream began (as an exact payment's does)
     store.insert_call(
         {

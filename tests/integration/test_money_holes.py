@@ -641,7 +641,7 @@ def test_a_chained_upstream_is_never_paid_more_than_our_quote(gateway, chain, de
 # -- 16. errors after the lock ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["hold_credit", "insert_call", "finish_call"])
+@pytest.mark.parametrize("where", ["_spend", "insert_call", "finish_call"])  # (_spend: the hold, in the lock)
 def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling(
     gateway, chain, devnet, tmp_path, where
 ):
@@ -655,13 +655,13 @@ def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling
         real = getattr(gw.store, where)
 
         def broken(*args: Any, **kw: Any) -> Any:
-            if where == "hold_credit" or kw.get("settle") is not None:
+            if where == "_spend" or kw.get("settle") is not None:
                 raise RuntimeError("disk full")
             return real(*args, **kw)
 
         setattr(gw.store, where, broken)
         body = chat_body("internal error", max_tokens=8, stream=where == "insert_call")
-        if where == "hold_credit":  # a wallet with credit, so that part of the quote is held
+        if where == "_spend":  # a wallet with credit, so that part of the quote is held
             setattr(gw.store, where, real)
             with paying(server.url, payer) as client:
                 client.post(CHAT, json=chat_body("fund", max_tokens=8))
@@ -672,7 +672,7 @@ def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling
         assert r.status_code == 500
         states = [p["state"] for p in payment_rows(gw.store.engine, payer.account.address)]
         assert "reserved" not in states and "settling" not in states, states
-        if where != "hold_credit":  # (a credit payment moves no money: it is simply closed)
+        if where != "_spend":  # (the hold's failure rolls its reservation back with it)
             assert states[-1] == "released", states
 
 

@@ -145,6 +145,31 @@ def test_outbox_nonces_are_unique_across_replicas_and_kinds(db_url):
     assert sorted(taken) == list(range(7, 107))
 
 
+def test_a_lock_reserves_reads_the_balance_and_holds_only_final_credit_at_once(db_url):
+    """A call's first transaction: its payment reserved, the payer's balance read, and the part of
+    the quote its payment does not cover held — from final credit only; a replayed key holds nothing."""
+    from tollway.ledger.store import credit_account
+
+    store = Store(db_url)
+    row = payment(amount=100)
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    funding = store.reserve(row)
+    settling(store, funding)  # its deposit is credit, not final until the settlement is mined
+    store.settle_call_credit(account, deposit=100, held=0, cost=0, call_id="c0", payment_id=funding)
+
+    first = store.lock({**row, "lock_key": uuid.uuid4().hex, "amount": 0}, account, 60, call_id="c1")
+    assert first is not None and first.balance == 100 and not first.held
+    assert store.payment(first.payment_id)["state"] == "reserved"
+
+    assert store.mark_settled(funding, "0xmined")
+    again = {**row, "lock_key": uuid.uuid4().hex, "amount": 0}
+    second = store.lock(again, account, 60, call_id="c2")
+    assert second is not None and second.balance == 100 and second.held
+    assert store.credit_balance(account) == 40
+    assert store.lock(again, account, 40, call_id="c3") is None  # the key is taken: nothing held
+    assert store.credit_balance(account) == 40 and store.journal(account)["hold"] == -60
+
+
 def test_unsettled_amount_counts_reserved_and_settling(db_url):
     store = Store(db_url)
     rows = [payment(amount=a) for a in (10, 20, 40, 80)]
@@ -190,7 +215,8 @@ def test_a_negative_balance_never_stops_deposits_releases_or_charges(db_url):
     store.settle_call_credit(account, deposit=100, held=0, cost=100, call_id="c1", payment_id=pid)
     assert store.mark_failed(pid, "transaction_failed")
     assert store.credit_balance(account) == -100
-    assert not store.hold_credit(account, 1, call_id="c2", payment_id=None)  # a spend: refused
+    locked = store.lock(payment(amount=0), account, 1, call_id="c2")
+    assert locked is not None and locked.balance == -100 and not locked.held  # a spend: refused
     store.release_credit(account, 5, call_id="c2")
     assert store.settle_call_credit(account, deposit=30, held=0, cost=50, call_id="c3", payment_id=None) == -115
     call_id = uuid.uuid4().hex

@@ -5,8 +5,10 @@ sharing one database (SQLite file or PostgreSQL) can never double-spend or doubl
 the nonce lock is the ``lock_key`` unique constraint, and a transition that finds the row in
 another state changes nothing and reports False.
 
-Statements are SQLAlchemy Core on the SQLModel tables (the ORM's unit of work costs more than
-the whole rest of a request). Calls are synchronous: on SQLite they take tens of microseconds.
+Every statement by which money moves is plain SQL on the DB-API connection (``sql.py``): the
+few a paid call runs cost less than SQLAlchemy's bookkeeping around them. Reports and reads off
+the hot path are SQLAlchemy Core on the SQLModel tables. Calls are synchronous: on SQLite they
+take tens of microseconds.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from . import sql
 from .models import (
     Call,
     ChainTx,
-    Credit,
     CreditEntry,
     EntryKind,
     Idempotent,
@@ -43,7 +45,6 @@ from .models import (
 P = Payment.__table__  # type: ignore[attr-defined]
 C = Call.__table__  # type: ignore[attr-defined]
 N = SettlerNonce.__table__  # type: ignore[attr-defined]
-CR = Credit.__table__  # type: ignore[attr-defined]
 E = CreditEntry.__table__  # type: ignore[attr-defined]
 PO = Payout.__table__  # type: ignore[attr-defined]
 T = ChainTx.__table__  # type: ignore[attr-defined]
@@ -52,36 +53,31 @@ ID = Idempotent.__table__  # type: ignore[attr-defined]
 NO_FLOOR = -(2**62)  # deposits, releases, charges, refunds and reversals post whatever the balance
 
 
-# Hot-path statements, built once: the SET columns of an UPDATE come from the parameters.
-# (No IN lists in these: SQLAlchemy re-renders an expanding IN on every execution, and SQLite
-# then prepares the statement anew.)
-MOVE = update(P).where(P.c.id == bindparam("b_id"), P.c.state == bindparam("b_from"))
-FINISH_STREAM = update(C).where(C.c.id == bindparam("b_id"), C.c.status == "streaming")
-_PAYER = (P.c.network == bindparam("b_network"), P.c.asset == bindparam("b_asset"), P.c.payer == bindparam("b_payer"))
-
-
-def _owed_in(state: str, *more: Any) -> Any:
-    """Sum of a payer's payments in one state: one index range each (an OR would scan)."""
-    return select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state == state, *more).scalar_subquery()
-
-
+RESERVE = (  # a new key; or a released one, for a retry of the same request
+    " ON CONFLICT (lock_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
+    " WHERE payments.state = 'released' AND payments.request_digest = excluded.request_digest RETURNING id"
+)
+_PAYER = "network = :network AND asset = :asset AND payer = :payer"
 # What a payer owes us that a balance read from the chain may not show yet: its payments in
 # progress and its settlements not yet confirmed (one just mined is counted twice for a moment:
-# that errs on the safe side; nodes differ in what their "pending" state holds).
-OWED = select(_owed_in(PaymentState.RESERVED) + _owed_in(PaymentState.SETTLING))
-UNCONFIRMED = select(func.coalesce(func.sum(P.c.amount), 0)).where(*_PAYER, P.c.state == PaymentState.SETTLING)
-APPLY = (  # add to a credit balance unless it would end below a floor
-    update(CR)
-    .where(CR.c.account == bindparam("b_account"), CR.c.balance + bindparam("b_delta") >= bindparam("b_floor"))
-    .values(balance=CR.c.balance + bindparam("b_delta"), updated_at=bindparam("b_now"))
-    .returning(CR.c.balance)
+# that errs on the safe side). One index range per state (an OR would scan).
+OWED = (
+    f"SELECT (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'reserved')"
+    f" + (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'settling')"
 )
-TAKE_NONCE = (
-    update(N)
-    .where(N.c.address == bindparam("b_address"))
-    .values(next_nonce=N.c.next_nonce + 1)
-    .returning(N.c.next_nonce)
+UNCONFIRMED = f"SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'settling'"
+BALANCE = "SELECT balance FROM credits WHERE account = :account"
+APPLY = (  # add to a credit balance (opening it) unless it would end below a floor
+    "INSERT INTO credits (account, balance, updated_at) SELECT CAST(:account AS VARCHAR), :delta, :now"
+    " WHERE :delta >= :floor OR EXISTS (SELECT 1 FROM credits WHERE account = :account)"
+    " ON CONFLICT (account) DO UPDATE SET balance = credits.balance + excluded.balance,"
+    " updated_at = excluded.updated_at WHERE credits.balance + excluded.balance >= :floor"
+    " RETURNING balance"
 )
+TAKE_NONCE = "UPDATE settler_nonces SET next_nonce = next_nonce + 1 WHERE address = :address RETURNING next_nonce"
+MOVED = "id = :b_id AND state = :b_from"
+STREAMING = "id = :b_id AND status = 'streaming'"
+OPEN = ("queued", "sent")  # outbox states a transaction can still leave
 
 
 def new_id() -> str:
@@ -121,6 +117,16 @@ class _AlreadyMetered(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Locked:
+    """A call's payment, reserved: the payer's credit balance as it was (negative: a debt), and
+    whether the hold asked for was made."""
+
+    payment_id: str
+    balance: int
+    held: bool
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -146,6 +152,7 @@ class Store:
         from .migrate import migrate  # (alembic loads only where a store opens)
 
         migrate(self.engine)  # the schema: alembic's migrations, once, under a lock
+        self.dialect = sql.Dialect(self.engine.dialect.name, self.engine.dialect.loaded_dbapi)
         self._local = threading.local()
         self._connections: list[Connection] = []
 
@@ -154,16 +161,36 @@ class Store:
             conn.close()
         self.engine.dispose()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        """A transaction on this thread's own connection. Kept open for the life of the store: a
-        pool checkout per statement costs more than the statement (the event loop is one thread)."""
+    def _connection(self) -> Connection:
+        """This thread's own connection, kept open for the life of the store: a pool checkout per
+        statement costs more than the statement (the event loop is one thread)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self.engine.connect()
             self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        """A transaction in SQLAlchemy Core."""
+        conn = self._connection()
         with conn.begin():
             yield conn
+
+    @contextlib.contextmanager
+    def _sql(self) -> Iterator[sql.Cursor]:
+        """A transaction in plain SQL (``sql.py``) on the same connection."""
+        dbapi = self._connection().connection.dbapi_connection
+        cursor = dbapi.cursor()  # type: ignore[union-attr]
+        try:
+            yield sql.Cursor(self.dialect, cursor)
+        except BaseException:
+            dbapi.rollback()  # type: ignore[union-attr]
+            raise
+        else:
+            dbapi.commit()  # type: ignore[union-attr]
+        finally:
+            cursor.close()
 
     # -- payments -------------------------------------------------------------------------
 
@@ -173,36 +200,35 @@ class Store:
         A key whose payment was released (never settled) may be reserved again, for the same
         request only: that is a retry of a call that was not served.
         """
-        now = time.time()
-        row = {**row, "state": PaymentState.RESERVED, "created_at": now, "updated_at": now}
-        row.setdefault("id", new_id())
-        try:
-            with self._tx() as c:
-                c.execute(insert(P), row)
-            return str(row["id"])
-        except IntegrityError:
-            pass
-        with self._tx() as c:
-            got = c.execute(
-                update(P)
-                .where(
-                    P.c.lock_key == row["lock_key"],
-                    P.c.state == PaymentState.RELEASED,
-                    P.c.request_digest == row["request_digest"],
-                )
-                .values(state=PaymentState.RESERVED, updated_at=now)
-                .returning(P.c.id)
-            ).first()
-        return str(got[0]) if got else None
+        with self._sql() as c:
+            return self._reserve(c, row)
 
     @staticmethod
-    def _moved(c: Connection, payment_id: str, frm: str, to: str, **values: Any) -> bool:
+    def _reserve(c: sql.Cursor, row: dict[str, Any]) -> str | None:
+        now = time.time()
+        row = {"id": new_id(), **row, "state": PaymentState.RESERVED.value, "created_at": now, "updated_at": now}
+        got = c.value(sql.insert("payments", row) + RESERVE, row)
+        return None if got is None else str(got)
+
+    def lock(self, row: dict[str, Any], account: str, hold: int, *, call_id: str) -> Locked | None:
+        """A call's first transaction: reserve its payment (see ``reserve``; None if the key is
+        taken), read the payer's credit balance, and hold ``hold`` of its final credit for the call."""
+        with self._sql() as c:
+            payment_id = self._reserve(c, row)
+            if payment_id is None:
+                return None
+            balance = self._balance(c, account)
+            held = bool(hold) and self._spend(c, account, EntryKind.HOLD, hold, call_id=call_id, payment_id=payment_id)
+        return Locked(payment_id, balance, held)
+
+    @staticmethod
+    def _moved(c: sql.Cursor, payment_id: str, frm: str, to: str, **values: Any) -> bool:
         """Move a payment ``frm → to`` inside transaction ``c``; False if it was not in ``frm``."""
-        params = {"b_id": payment_id, "b_from": frm, "state": to, "updated_at": time.time(), **values}
-        return bool(c.execute(MOVE, params).rowcount == 1)
+        params = {"state": to, "updated_at": time.time(), **values}
+        return c.run(sql.update("payments", params, MOVED), {**params, "b_id": payment_id, "b_from": frm}) == 1
 
     def _move(self, payment_id: str, frm: str, to: str, **values: Any) -> bool:
-        with self._tx() as c:
+        with self._sql() as c:
             return self._moved(c, payment_id, frm, to, **values)
 
     def release(self, payment_id: str, error: str) -> bool:
@@ -223,21 +249,15 @@ class Store:
         """The settlement reverted: the payment never arrived, so its deposit is taken back from
         the payer's credit in the same transaction — into debt if it was already spent (a debt
         is repaid by the next payment before credit can pay anything)."""
-        try:
-            with self._tx() as c:
-                row = (
-                    c.execute(select(P).where(P.c.id == payment_id, P.c.state == PaymentState.SETTLING))
-                    .mappings()
-                    .first()
-                )
-                if row is None or not self._moved(
-                    c, payment_id, PaymentState.SETTLING, PaymentState.FAILED, error=error
-                ):
-                    return False
-                account = credit_account(row["network"], row["asset"], row["payer"])
-                self._post(c, account, [(EntryKind.REVERSAL, -row["amount"])], payment_id=payment_id)
-        except IntegrityError:
-            return False
+        with self._sql() as c:
+            row = c.row(
+                "SELECT network, asset, payer, amount FROM payments WHERE id = :id AND state = 'settling'",
+                {"id": payment_id},
+            )
+            if row is None or not self._moved(c, payment_id, PaymentState.SETTLING, PaymentState.FAILED, error=error):
+                return False
+            network, asset, payer, amount = row
+            self._post(c, credit_account(network, asset, payer), [(EntryKind.REVERSAL, -amount)], payment_id=payment_id)
         return True
 
     def payment(self, payment_id: str) -> dict[str, Any] | None:
@@ -254,9 +274,8 @@ class Store:
     def unsettled_amount(self, network: str, asset: str, payer: str) -> int:
         """What a payer owes us that a balance read from the chain may not show yet: payments in
         progress (this one included) and settlements not yet confirmed."""
-        with self._tx() as c:
-            total = c.execute(OWED, {"b_network": network, "b_asset": asset, "b_payer": payer}).scalar_one()
-        return int(total)
+        with self._sql() as c:
+            return int(c.value(OWED, {"network": network, "asset": asset, "payer": payer}))
 
     def count_by_state(self) -> dict[str, int]:
         with self._tx() as c:
@@ -285,15 +304,15 @@ class Store:
                     pass
 
     @staticmethod
-    def _take_nonce(c: Connection, address: str) -> int:
-        got = c.execute(TAKE_NONCE, {"b_address": address}).first()
+    def _take_nonce(c: sql.Cursor, address: str) -> int:
+        got = c.value(TAKE_NONCE, {"address": address})
         if got is None:
             raise RuntimeError(f"transaction nonce for {address} was never synced with the chain")
-        return int(got[0]) - 1
+        return int(got) - 1
 
     # -- the outbox: every transaction we sign -----------------------------------------------
 
-    def _enqueue(self, c: Connection, purpose: str, sender: str, sign: SignTx) -> dict[str, Any]:
+    def _enqueue(self, c: sql.Cursor, purpose: str, sender: str, sign: SignTx) -> dict[str, Any]:
         """Take ``sender``'s next nonce and add the transaction ``sign`` makes with it, inside ``c``."""
         nonce = self._take_nonce(c, sender)
         now = time.time()
@@ -302,17 +321,17 @@ class Store:
             "purpose": purpose,
             "sender": sender,
             "nonce": nonce,
-            "state": TxState.QUEUED,
+            "state": TxState.QUEUED.value,
             "created_at": now,
             "updated_at": now,
             "fee_at": now,
             **sign(nonce),
         }
         row["hashes"] = row["tx_hash"]
-        c.execute(insert(T), row)
+        c.run(sql.insert("transactions", row), row)
         return row
 
-    def _settle(self, c: Connection, payment_id: str | None, settle: Settlement | None) -> dict[str, Any] | None:
+    def _settle(self, c: sql.Cursor, payment_id: str | None, settle: Settlement | None) -> dict[str, Any] | None:
         """Inside ``c``: settle a reserved payment as ``settle`` says; raises _NotReserved (which
         rolls everything back, the nonce included) if it was not reserved."""
         if settle is None or payment_id is None:
@@ -334,30 +353,34 @@ class Store:
         """Queue the settlement of a reserved payment and move it ``reserved → settling``, in one
         transaction. Returns the outbox row, or None if the payment was not reserved."""
         try:
-            with self._tx() as c:
+            with self._sql() as c:
                 return self._settle(c, payment_id, Settlement(amount, sender, sign))
         except _NotReserved:
             return None
 
     def open_transactions(self, state: str, limit: int = 1000) -> list[dict[str, Any]]:
         """Outbox rows in ``state`` (queued or sent), lowest nonce first."""
-        with self._tx() as c:
-            q = select(T).where(T.c.state == state).order_by(T.c.nonce).limit(limit)
-            return [dict(r) for r in c.execute(q).mappings()]
+        with self._sql() as c:
+            q = "SELECT * FROM transactions WHERE state = :state ORDER BY nonce LIMIT :limit"
+            return c.dicts(q, {"state": state, "limit": limit})
 
     def transactions_sent(self, ids: Sequence[str], errors: dict[str, str]) -> None:
         """The node accepted ``ids`` (queued → sent); ``errors`` are the refusals to record on
         rows that stay queued."""
         now = time.time()
-        with self._tx() as c:
+        with self._sql() as c:
             if ids:
-                c.execute(
-                    update(T)
-                    .where(T.c.id.in_(ids), T.c.state.in_((TxState.QUEUED, TxState.SENT)))
-                    .values(state=TxState.SENT, broadcast_at=now, error=None, updated_at=now)
+                among, params = sql.placeholders("id", ids)
+                c.run(
+                    "UPDATE transactions SET state = 'sent', broadcast_at = :now, error = NULL, updated_at = :now"
+                    f" WHERE id IN {among} AND state IN ('queued', 'sent')",
+                    {"now": now, **params},
                 )
             for tx_id, err in errors.items():
-                c.execute(update(T).where(T.c.id == tx_id).values(error=err[:500], updated_at=now))
+                c.run(
+                    "UPDATE transactions SET error = :error, updated_at = :now WHERE id = :id",
+                    {"error": err[:500], "now": now, "id": tx_id},
+                )
 
     def bump_transaction(self, tx_id: str, old_hash: str, signed: dict[str, Any]) -> bool:
         """Replace a transaction's signature (same nonce, higher fees); its old hashes are kept."""
@@ -365,33 +388,43 @@ class Store:
         with self._tx() as c:
             res = c.execute(
                 update(T)
-                .where(T.c.id == tx_id, T.c.state.in_((TxState.QUEUED, TxState.SENT)), T.c.tx_hash == old_hash)
+                .where(T.c.id == tx_id, T.c.state.in_(OPEN), T.c.tx_hash == old_hash)
                 .values(**signed, hashes=T.c.hashes + " " + signed["tx_hash"], fee_at=now, updated_at=now)
             )
         return res.rowcount == 1
 
     def transaction_mined(self, tx_id: str, mined_hash: str, ok: bool) -> bool:
         """A transaction was mined (one of its hashes): sent or queued → mined | reverted, once."""
-        now = time.time()
-        with self._tx() as c:
-            res = c.execute(
-                update(T)
-                .where(T.c.id == tx_id, T.c.state.in_((TxState.QUEUED, TxState.SENT)))
-                .values(state=TxState.MINED if ok else TxState.REVERTED, mined_hash=mined_hash, updated_at=now)
+        with self._sql() as c:
+            return (
+                c.run(
+                    "UPDATE transactions SET state = :state, mined_hash = :hash, updated_at = :now"
+                    " WHERE id = :id AND state IN ('queued', 'sent')",
+                    {
+                        "state": TxState.MINED if ok else TxState.REVERTED,
+                        "hash": mined_hash,
+                        "now": time.time(),
+                        "id": tx_id,
+                    },
+                )
+                == 1
             )
-        return res.rowcount == 1
 
     def replace_transaction(self, tx_id: str, sign: SignTx) -> dict[str, Any] | None:
         """Another transaction of our sender used this one's nonce (the key was used elsewhere):
         queue the same call again with a new nonce, and point what it settles or pays at it."""
-        with self._tx() as c:
-            old = c.execute(select(T).where(T.c.id == tx_id)).mappings().first()
-            if old is None or old["state"] not in (TxState.QUEUED, TxState.SENT):
+        with self._sql() as c:
+            old = c.row("SELECT purpose, sender, state FROM transactions WHERE id = :id", {"id": tx_id})
+            if old is None or old[2] not in OPEN:
                 return None
-            c.execute(update(T).where(T.c.id == tx_id).values(state=TxState.REPLACED, updated_at=time.time()))
-            new = self._enqueue(c, old["purpose"], old["sender"], sign)
-            c.execute(update(P).where(P.c.tx_id == tx_id).values(tx_id=new["id"], tx_hash=new["tx_hash"]))
-            c.execute(update(PO).where(PO.c.tx_id == tx_id).values(tx_id=new["id"], tx_hash=new["tx_hash"]))
+            c.run(
+                "UPDATE transactions SET state = 'replaced', updated_at = :now WHERE id = :id",
+                {"now": time.time(), "id": tx_id},
+            )
+            new = self._enqueue(c, old[0], old[1], sign)
+            moved = {"new": new["id"], "hash": new["tx_hash"], "old": tx_id}
+            c.run("UPDATE payments SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old", moved)
+            c.run("UPDATE payouts SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old", moved)
         return new
 
     def transaction(self, tx_id: str) -> dict[str, Any] | None:
@@ -401,9 +434,9 @@ class Store:
 
     def settlement_of(self, tx_id: str) -> dict[str, Any] | None:
         """The payment a settlement transaction moves."""
-        with self._tx() as c:
-            row = c.execute(select(P).where(P.c.tx_id == tx_id)).mappings().first()
-        return dict(row) if row else None
+        with self._sql() as c:
+            rows = c.dicts("SELECT * FROM payments WHERE tx_id = :tx_id", {"tx_id": tx_id})
+        return rows[0] if rows else None
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -411,16 +444,17 @@ class Store:
         """Record a call — and, when its upstream has just committed, settle its payment in the
         same transaction: the money moves if and only if the call is on record."""
         try:
-            with self._tx() as c:
+            with self._sql() as c:
                 self._settle(c, row.get("payment_id"), settle)
-                c.execute(insert(C), {"created_at": time.time(), **row})
+                row = {"created_at": time.time(), **row}
+                c.run(sql.insert("calls", row), row)
         except _NotReserved:
             raise RuntimeError(f"payment {row.get('payment_id')} was not reserved") from None
 
     def stream_progress(self, call_id: str, events: int) -> None:
         """How far a stream got: what metering uses if the process dies before the stream ends."""
-        with self._tx() as c:
-            c.execute(update(C).where(C.c.id == call_id, C.c.status == "streaming").values(events=events))
+        with self._sql() as c:
+            c.run(sql.update("calls", ("events",), STREAMING), {"events": events, "b_id": call_id})
 
     def cache_stats(self, since: float, *, per_upstream: bool = True) -> list[dict[str, Any]]:
         """Per model (and upstream), since ``since``: prompt and cached tokens (observed vs
@@ -504,74 +538,64 @@ class Store:
 
     # -- credit ---------------------------------------------------------------------------------
 
-    def _post(self, c: Any, account: str, entries: list[tuple[str, int]], floor: int | None = None, **refs: Any) -> int:
+    def _post(
+        self, c: sql.Cursor, account: str, entries: list[tuple[str, int]], floor: int | None = None, **refs: Any
+    ) -> int:
         """Apply journal entries to an account inside transaction ``c``. Spends (holds and
         withdrawals) pass a ``floor`` the balance may not end below; everything else — deposits,
         releases, charges, refunds, reversals — posts whatever the balance, a debt included."""
         delta = sum(amount for _, amount in entries)
         now = time.time()
-        lowest = NO_FLOOR if floor is None else floor
-        got = c.execute(APPLY, {"b_account": account, "b_delta": delta, "b_now": now, "b_floor": lowest}).first()
-        if got is None:
-            exists = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
-            if exists is not None or delta < lowest:
-                raise InsufficientCredit(account)
-            try:
-                with c.begin_nested():
-                    c.execute(insert(CR).values(account=account, balance=delta, updated_at=now))
-            except IntegrityError:  # created concurrently: apply to it
-                return self._post(c, account, entries, floor, **refs)
-            balance = delta
-        else:
-            balance = int(got[0])
+        params = {"account": account, "delta": delta, "now": now, "floor": NO_FLOOR if floor is None else floor}
+        balance = c.value(APPLY, params)
+        if balance is None:
+            raise InsufficientCredit(account)
         rows = [{"account": account, "kind": k, "amount": a, "created_at": now, **refs} for k, a in entries if a]
         if rows:
-            c.execute(insert(E), rows)
-        return balance
+            c.many(sql.insert("credit_entries", rows[0]), rows)
+        return int(balance)
+
+    def _spend(self, c: sql.Cursor, account: str, kind: str, amount: int, **refs: Any) -> bool:
+        """Take ``amount`` of an account's final credit inside ``c`` (a hold or a withdrawal);
+        False, and nothing posted, if it does not cover it."""
+        try:
+            self._post(c, account, [(kind, -amount)], self._unconfirmed(c, account), **refs)
+        except InsufficientCredit:
+            return False
+        return True
 
     @staticmethod
-    def _balance(c: Connection, account: str) -> int:
-        got = c.execute(select(CR.c.balance).where(CR.c.account == account)).first()
-        return int(got[0]) if got else 0
+    def _balance(c: sql.Cursor, account: str) -> int:
+        return int(c.value(BALANCE, {"account": account}) or 0)
 
     def credit_balance(self, account: str) -> int:
-        with self._tx() as c:
+        with self._sql() as c:
             return self._balance(c, account)
 
     @staticmethod
-    def _unconfirmed(c: Connection, account: str) -> int:
+    def _unconfirmed(c: sql.Cursor, account: str) -> int:
         """What of an account's credit is not final yet: its payments still settling on chain (a
         settlement can revert, and its deposit with it). Only final credit may be spent."""
         network, asset, payer = account.split("|")
-        return int(c.execute(UNCONFIRMED, {"b_network": network, "b_asset": asset, "b_payer": payer}).scalar_one())
+        return int(c.value(UNCONFIRMED, {"network": network, "asset": asset, "payer": payer}))
 
     def available_credit(self, account: str) -> int:
-        with self._tx() as c:
+        with self._sql() as c:
             return max(self._balance(c, account) - self._unconfirmed(c, account), 0)
 
-    def hold_credit(self, account: str, amount: int, *, call_id: str, payment_id: str | None) -> bool:
-        """Set final credit aside for a call; False if it does not cover it."""
-        try:
-            with self._tx() as c:
-                floor = self._unconfirmed(c, account)
-                self._post(c, account, [(EntryKind.HOLD, -amount)], floor, call_id=call_id, payment_id=payment_id)
-            return True
-        except InsufficientCredit:
-            return False
-
     def release_credit(self, account: str, amount: int, *, call_id: str) -> None:
-        with self._tx() as c:
+        with self._sql() as c:
             self._post(c, account, [(EntryKind.RELEASE, amount)], call_id=call_id)
 
     def settle_call_credit(
         self, account: str, *, deposit: int, held: int, cost: int, call_id: str, payment_id: str | None
     ) -> int:
         """A call ended: its payment is deposited, its hold released, its cost charged. Returns the balance."""
-        with self._tx() as c:
+        with self._sql() as c:
             return self._settle_call(c, account, deposit, held, cost, call_id, payment_id)
 
     def _settle_call(
-        self, c: Connection, account: str, deposit: int, held: int, cost: int, call_id: str, payment_id: str | None
+        self, c: sql.Cursor, account: str, deposit: int, held: int, cost: int, call_id: str, payment_id: str | None
     ) -> int:
         return self._post(
             c,
@@ -597,15 +621,15 @@ class Store:
         settle its payment, for a call not streamed — at once. Returns the payer's credit balance
         after it; None if the stream had been metered already."""
         try:
-            with self._tx() as c:
+            with self._sql() as c:
                 self._settle(c, payment_id, settle)
                 balance = self._settle_call(c, account, deposit, held, cost, call["id"], payment_id)
-                row = {**call, "credit_after": balance}
                 if insert_row:
-                    c.execute(insert(C), {"created_at": time.time(), **row})
+                    row = {"created_at": time.time(), **call, "credit_after": balance}
+                    c.run(sql.insert("calls", row), row)
                 else:
-                    row["b_id"] = row.pop("id")
-                    if c.execute(FINISH_STREAM, row).rowcount != 1:
+                    row = {k: v for k, v in call.items() if k != "id"} | {"credit_after": balance}
+                    if c.run(sql.update("calls", row, STREAMING), {**row, "b_id": call["id"]}) != 1:
                         raise _AlreadyMetered  # another process closed it: roll back, charge once
         except _AlreadyMetered:
             return None
@@ -624,23 +648,22 @@ class Store:
     def request_payout(self, account: str, wallet: str, amount: int, request_nonce: str) -> str | None:
         """Debit credit and queue a payout, atomically. None if the nonce was used; raises InsufficientCredit."""
         payout_id, now = new_id(), time.time()
+        row = {
+            "id": payout_id,
+            "account": account,
+            "wallet": wallet,
+            "amount": amount,
+            "state": "pending",
+            "request_nonce": request_nonce,
+            "created_at": now,
+            "updated_at": now,
+        }
         try:
-            with self._tx() as c:
-                c.execute(
-                    insert(PO).values(
-                        id=payout_id,
-                        account=account,
-                        wallet=wallet,
-                        amount=amount,
-                        state="pending",
-                        request_nonce=request_nonce,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                floor = self._unconfirmed(c, account)  # only final credit leaves on chain
-                self._post(c, account, [(EntryKind.WITHDRAWAL, -amount)], floor, payout_id=payout_id)
-        except IntegrityError:
+            with self._sql() as c:
+                c.run(sql.insert("payouts", row), row)
+                if not self._spend(c, account, EntryKind.WITHDRAWAL, amount, payout_id=payout_id):
+                    raise InsufficientCredit(account)  # only final credit leaves on chain
+        except self.dialect.IntegrityError:
             return None
         return payout_id
 
@@ -658,14 +681,15 @@ class Store:
         """Claim pending payouts ``ids`` for one queued transaction, all at once: if any was
         claimed elsewhere first, nothing changes (not even the nonce)."""
         try:
-            with self._tx() as c:
+            with self._sql() as c:
                 tx = self._enqueue(c, "payout", sender, sign)
-                res = c.execute(
-                    update(PO)
-                    .where(PO.c.id.in_(ids), PO.c.state == "pending")
-                    .values(state="sending", tx_id=tx["id"], tx_hash=tx["tx_hash"], updated_at=time.time())
+                among, params = sql.placeholders("id", ids)
+                claimed = c.run(
+                    "UPDATE payouts SET state = 'sending', tx_id = :tx_id, tx_hash = :tx_hash, updated_at = :now"
+                    f" WHERE id IN {among} AND state = 'pending'",
+                    {"tx_id": tx["id"], "tx_hash": tx["tx_hash"], "now": time.time(), **params},
                 )
-                if res.rowcount != len(ids):
+                if claimed != len(ids):
                     raise _NotReserved
         except _NotReserved:
             return False
@@ -675,15 +699,23 @@ class Store:
         """The payout transaction ``tx_id`` was mined: its payouts are sent, or — reverted — failed
         and refunded to credit. Each row moves once, whichever replica gets there first."""
         now = time.time()
-        with self._tx() as c:
-            rows = c.execute(select(PO).where(PO.c.tx_id == tx_id, PO.c.state == "sending")).mappings().all()
+        with self._sql() as c:
+            rows = c.dicts(
+                "SELECT id, account, amount FROM payouts WHERE tx_id = :tx_id AND state = 'sending'", {"tx_id": tx_id}
+            )
             for row in rows:
-                moved = c.execute(
-                    update(PO)
-                    .where(PO.c.id == row["id"], PO.c.state == "sending")
-                    .values(state="sent" if ok else "failed", tx_hash=tx_hash, error=error or None, updated_at=now)
+                moved = c.run(
+                    "UPDATE payouts SET state = :state, tx_hash = :hash, error = :error, updated_at = :now"
+                    " WHERE id = :id AND state = 'sending'",
+                    {
+                        "state": "sent" if ok else "failed",
+                        "hash": tx_hash,
+                        "error": error or None,
+                        "now": now,
+                        "id": row["id"],
+                    },
                 )
-                if moved.rowcount == 1 and not ok:
+                if moved == 1 and not ok:
                     self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
 
     # -- idempotent requests ---------------------------------------------------------------------
