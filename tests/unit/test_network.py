@@ -1,25 +1,108 @@
-"""The upstream client's asyncio network backend: plain HTTP, TLS, errors, and that httpx really
-routes through it (the hook is httpx's private `_pool`: an httpx upgrade that moves it fails here)."""
+"""The upstream client's aiohttp transport under httpx: plain HTTP and kept-alive connections, TLS,
+timeouts per request, the pool's limit, streaming chunk by chunk, closing (an abandoned stream
+closes its connection; ``aclose`` closes the session), and aiohttp's failures as httpx's errors —
+then the same failures through ``Upstream.send`` as the gateway's own errors."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import ssl
 import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-import httpcore
 import httpx
 import pytest
 import uvicorn
 
 from support import free_port
+from tollway.config import UpstreamSettings
+from tollway.errors import UpstreamDown, UpstreamError, UpstreamUnavailable
 from tollway.mock_upstream import create_app
-from tollway.upstream.network import AsyncioBackend, asyncio_transport
+from tollway.upstream import client as upstream_client
+from tollway.upstream.client import Upstream, make_http_client
+from tollway.upstream.network import AiohttpTransport, aiohttp_transport
 
-BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "over asyncio"}], "max_tokens": 4}
+BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "over aiohttp"}], "max_tokens": 4}
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
-async def serve(**ssl_options):
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def event(n: int) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"t%d"}}]}\n\n' % n
+
+
+def json_answer(doc: Any) -> bytes:
+    body = json.dumps(doc).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
+
+
+class RawServer:
+    """An HTTP/1.1 server on raw asyncio whose every answer ``answer`` writes (it may stall, cut the
+    connection, or write garbage); it counts connections, and notes those the client closed."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.opened = 0
+        self.live = 0
+        self.peak = 0
+        self.bodies: list[bytes] = []
+        self.client_closed = asyncio.Event()  # a connection saw EOF from the client
+        self.url = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.opened += 1
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    self.client_closed.set()
+                    return
+                lines = head.lower().split(b"\r\n")
+                length = next((int(x.split(b":")[1]) for x in lines if x.startswith(b"content-length:")), 0)
+                if any(x.startswith(b"transfer-encoding:") and b"chunked" in x for x in lines):
+                    body = b""
+                    while (size := int((await reader.readline()).strip(), 16)) > 0:
+                        body += (await reader.readexactly(size + 2))[:-2]
+                    await reader.readline()
+                else:
+                    body = await reader.readexactly(length)
+                self.bodies.append(body)
+                await self.answer(reader, writer, body)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.client_closed.set()
+        finally:
+            self.live -= 1
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(answer: Answer) -> AsyncIterator[RawServer]:
+    raw = RawServer(answer)
+    server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+    raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield raw
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
+async def serve(**ssl_options: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(), port=port, log_level="warning", **ssl_options))
     task = asyncio.create_task(server.serve())
@@ -28,15 +111,25 @@ async def serve(**ssl_options):
     return server, task, port
 
 
-async def test_plain_http_goes_through_the_asyncio_backend():
+def client(max_connections: int = 4, **kwargs: Any) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(transport=aiohttp_transport(limits, **kwargs))
+
+
+# -- plain HTTP, TLS ---------------------------------------------------------------------------------------
+
+
+async def test_plain_http_over_one_kept_alive_connection():
     server, task, port = await serve()
-    transport = asyncio_transport(httpx.Limits(max_connections=4, max_keepalive_connections=4))
-    assert isinstance(transport._pool._network_backend, AsyncioBackend)
-    async with httpx.AsyncClient(transport=transport) as client:
+    transport = aiohttp_transport(httpx.Limits(max_connections=4, max_keepalive_connections=4))
+    async with httpx.AsyncClient(transport=transport) as http:
         for _ in range(3):  # the connection is kept alive and reused
-            r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=BODY)
-            assert r.json()["choices"][0]["message"]["content"] == "echo: over asyncio"
-        assert len(transport._pool.connections) == 1
+            r = await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=BODY)
+            assert r.json()["choices"][0]["message"]["content"] == "echo: over aiohttp"
+            assert r.http_version == "HTTP/1.1" and r.reason_phrase == "OK"
+        assert len(server.server_state.connections) == 1
+        r = await http.get(f"http://127.0.0.1:{port}/v1/models", params={"q": "a b/ü"})  # a GET, a query
+        assert r.status_code == 200 and r.json()["data"]
     server.should_exit = True
     await task
 
@@ -67,20 +160,382 @@ async def test_tls(tmp_path):
     )
     server, task, port = await serve(ssl_keyfile=str(key), ssl_certfile=str(cert))
     trusted = ssl.create_default_context(cafile=str(cert))
-    async with httpx.AsyncClient(transport=asyncio_transport(httpx.Limits(), verify=trusted)) as client:
-        r = await client.post(f"https://localhost:{port}/v1/chat/completions", json=BODY)
+    async with client(verify=trusted) as http:
+        r = await http.post(f"https://localhost:{port}/v1/chat/completions", json=BODY)
         assert r.status_code == 200
-    async with httpx.AsyncClient(transport=asyncio_transport(httpx.Limits())) as client:
+    async with client() as http:
         with pytest.raises(httpx.ConnectError):  # an untrusted certificate is refused
-            await client.post(f"https://localhost:{port}/v1/chat/completions", json=BODY)
+            await http.post(f"https://localhost:{port}/v1/chat/completions", json=BODY)
     server.should_exit = True
     await task
 
 
-async def test_errors_are_httpcore_errors():
-    backend = AsyncioBackend()
-    with pytest.raises(httpcore.ConnectError):
-        await backend.connect_tcp("127.0.0.1", free_port(), timeout=2)
-    async with httpx.AsyncClient(transport=asyncio_transport(httpx.Limits())) as client:
+async def test_request_bodies_arrive_whole_bytes_or_streamed():
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"ok": True}))
+
+    async def parts():
+        yield b'{"a":'
+        yield b"1}"
+
+    async with raw_server(answer) as raw, client() as http:
+        assert (await http.post(raw.url + "/x", content=b"{}")).json() == {"ok": True}
+        assert (await http.post(raw.url + "/x", content=parts())).json() == {"ok": True}  # sent chunked
+    assert raw.bodies == [b"{}", b'{"a":1}']
+
+
+async def test_request_head_is_what_httpx_built():
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        length = next(int(x.split(b":")[1]) for x in head.lower().split(b"\r\n") if x.startswith(b"content-length"))
+        await reader.readexactly(length)
+        writer.write(json_answer({}))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with client() as http:
+        await http.post(f"http://127.0.0.1:{port}/v1/x?a=%2F", content=b"{}", headers={"authorization": "Bearer k"})
+    server.close()
+    request_line, *lines = heads[0].decode().split("\r\n")
+    assert request_line == "POST /v1/x?a=%2F HTTP/1.1"  # the URL as httpx encoded it, not re-quoted
+    headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines if x)}
+    assert headers["authorization"] == "Bearer k"
+    assert headers["host"] == f"127.0.0.1:{port}"
+    assert headers["content-length"] == "2"
+    assert headers["user-agent"].startswith("python-httpx/")  # httpx's headers, not aiohttp's defaults
+
+
+# -- streaming and closing ---------------------------------------------------------------------------------
+
+
+async def test_a_stream_is_relayed_chunk_by_chunk():
+    """The second event is written only after the client has the first one: nothing is buffered."""
+    got_first = asyncio.Event()
+
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await asyncio.wait_for(got_first.wait(), 5)
+        writer.write(chunk(event(2)) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    async with raw_server(answer) as raw, client() as http:
+        async with http.stream("POST", raw.url, content=b"{}") as r:
+            assert r.headers["content-type"] == "text/event-stream"
+            chunks = []
+            async for part in r.aiter_raw():
+                chunks.append(part)
+                got_first.set()
+        assert chunks[0] == event(1)
+        assert b"".join(chunks) == event(1) + event(2) + b"data: [DONE]\n\n"
+        async with http.stream("POST", raw.url, content=b"{}") as r:  # read to the end: the connection is reused
+            await r.aread()
+        got_first.clear()
+    assert raw.opened == 1
+
+
+async def test_an_abandoned_stream_closes_its_connection():
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await reader.read(1)  # stalls until the client goes; b"" when it closed the connection
+        raw.client_closed.set()
+
+    async with raw_server(answer) as raw, client() as http:
+        async with http.stream("POST", raw.url, content=b"{}") as r:
+            async for _part in r.aiter_raw():
+                break  # the client has what it wants and leaves mid-stream
+        await asyncio.wait_for(raw.client_closed.wait(), 2)  # the upstream saw the connection close
+        async with http.stream("POST", raw.url, content=b"{}") as r:  # a new connection, not the half-read one
+            async for _part in r.aiter_raw():
+                break
+        assert raw.opened == 2
+
+
+async def test_aclose_closes_the_session_and_its_connections():
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"ok": True}))
+
+    async with raw_server(answer) as raw:
+        http = client()
+        assert (await http.post(raw.url, content=b"{}")).status_code == 200
+        transport = http._transport
+        assert isinstance(transport, AiohttpTransport) and transport.session is not None
+        await http.aclose()
+        assert transport.session.closed
+        await asyncio.wait_for(raw.client_closed.wait(), 2)  # the kept-alive connection was closed too
+
+
+async def test_the_gateway_client_closes_its_session():
+    http = make_http_client([UpstreamSettings(name="a", url="http://127.0.0.1:9/v1", max_connections=3)])
+    transport = http._transport
+    assert isinstance(transport, AiohttpTransport) and transport.limits.max_connections == 3
+    assert transport.session is None  # made on the first request, inside the event loop
+    await http.aclose()
+
+
+# -- the pool's limit ----------------------------------------------------------------------------------------
+
+
+async def test_the_pool_never_opens_more_than_max_connections():
+    release = asyncio.Event()
+
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await release.wait()
+        writer.write(b"0\r\n\r\n")
+
+    async with raw_server(answer) as raw, client(max_connections=2) as http:
+        held = [await http.send(http.build_request("POST", raw.url, content=b"{}"), stream=True) for _ in range(2)]
+        assert raw.live == 2
+        started = time.monotonic()
+        with pytest.raises(httpx.ConnectTimeout):  # no free connection within the pool timeout
+            await http.post(raw.url, content=b"{}", timeout=httpx.Timeout(5, pool=0.3))
+        assert 0.25 < time.monotonic() - started < 3
+        waiting = asyncio.create_task(http.post(raw.url, content=b"{}", timeout=5))
+        await asyncio.sleep(0.1)
+        assert not waiting.done() and raw.peak == 2
+        await held[0].aclose()  # a connection frees up: the waiting request takes it
+        release.set()
+        assert (await asyncio.wait_for(waiting, 5)).status_code == 200
+        await held[1].aclose()
+    assert raw.peak == 2
+
+
+# -- timeouts, per request -------------------------------------------------------------------------------------
+
+
+async def test_read_timeout_before_the_answer_is_per_request():
+    async def answer(reader, writer, body):
+        await asyncio.sleep(0.5)
+        writer.write(json_answer({"slow": True}))
+
+    async with raw_server(answer) as raw, client() as http:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(raw.url, content=b"{}", timeout=httpx.Timeout(5, read=0.15))
+        assert time.monotonic() - started < 0.45
+        r = await http.post(raw.url, content=b"{}", timeout=httpx.Timeout(5, read=2))  # the same client, more time
+        assert r.json() == {"slow": True}
+
+
+async def test_read_timeout_between_chunks():
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with raw_server(answer) as raw, client() as http:
+        got = []
+        with pytest.raises(httpx.ReadTimeout):
+            async with http.stream("POST", raw.url, content=b"{}", timeout=httpx.Timeout(5, read=0.2)) as r:
+                async for part in r.aiter_raw():
+                    got.append(part)
+        assert got == [event(1)]
+
+
+async def test_connect_timeout():
+    # A listening socket whose backlog is full does not complete a handshake: the connect times out.
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        async with client() as http:
+            started = time.monotonic()
+            try:
+                await http.get(f"http://127.0.0.1:{port}/", timeout=httpx.Timeout(5, connect=0.2))
+            except httpx.ConnectTimeout:
+                assert time.monotonic() - started < 2
+            except httpx.ReadTimeout:  # this kernel completed the handshake after all: nothing to test here
+                pytest.skip("the kernel accepted past the backlog")
+            else:
+                pytest.fail("connected to a full backlog")
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+# -- failures as httpx errors ---------------------------------------------------------------------------------
+
+
+async def test_refused_is_a_connect_error():
+    async with client() as http:
         with pytest.raises(httpx.ConnectError):
-            await client.get(f"http://127.0.0.1:{free_port()}/")
+            await http.get(f"http://127.0.0.1:{free_port()}/")
+
+
+async def test_closed_without_answering_is_a_remote_protocol_error():
+    async def answer(reader, writer, body):
+        writer.close()
+
+    async with raw_server(answer) as raw, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(raw.url, content=b"{}")
+
+
+async def test_a_stream_cut_short_is_a_remote_protocol_error():
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async with raw_server(answer) as raw, client() as http:
+        got = []
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with http.stream("POST", raw.url, content=b"{}") as r:
+                async for part in r.aiter_raw():
+                    got.append(part)
+        assert got == [event(1)]
+
+
+async def test_garbage_is_a_remote_protocol_error():
+    async def answer(reader, writer, body):
+        writer.write(b"this is not HTTP\r\n\r\n")
+
+    async with raw_server(answer) as raw, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(raw.url, content=b"{}")
+
+
+async def test_a_large_header_is_read():
+    """A 402 from an upstream tollway carries its offers in one header, up to its 8 KB budget."""
+    big = b"x" * 12_000
+
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 402 Payment Required\r\npayment-required: %s\r\ncontent-length: 2\r\n\r\n{}" % big)
+
+    async with raw_server(answer) as raw, client() as http:
+        r = await http.post(raw.url, content=b"{}")
+        assert r.status_code == 402 and r.headers["payment-required"] == big.decode()
+
+
+# -- through Upstream.send: the gateway's errors --------------------------------------------------------------
+
+
+def upstream(url: str, **settings: Any) -> tuple[Upstream, httpx.AsyncClient]:
+    s = UpstreamSettings(name="u", url=url + "/v1", **settings)
+    http = make_http_client([s])
+    return Upstream(s, http), http
+
+
+async def test_upstream_send_json_and_stream():
+    async def answer(reader, writer, body):
+        if b'"stream"' in body:
+            writer.write(SSE_HEAD + chunk(event(1)))
+            await writer.drain()
+            writer.write(chunk(event(2)) + b"0\r\n\r\n")
+        else:
+            writer.write(json_answer({"choices": [{"message": {"content": "hi"}}]}))
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url)
+        opened = await up.send(b"{}", False, {})
+        assert json.loads(opened.first)["choices"][0]["message"]["content"] == "hi"
+        opened = await up.send(b'{"stream":true}', True, {})
+        rest = [part async for part in opened.rest()]
+        await opened.response.aclose()
+        assert opened.first + b"".join(rest) == event(1) + event(2) and opened.error is None
+        await http.aclose()
+
+
+async def test_upstream_unreachable_is_down():
+    up, http = upstream(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UpstreamDown) as err:
+        await up.send(b"{}", False, {})
+    assert err.value.code == "upstream_unavailable" and "ConnectError" in err.value.message
+    await http.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_upstream_hanging_is_a_timeout(stream):
+    async def answer(reader, writer, body):
+        await asyncio.sleep(2)
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url, read_timeout=0.2)
+        started = time.monotonic()
+        with pytest.raises(UpstreamDown) as err:
+            await up.send(b"{}", stream, {})
+        assert err.value.code == "upstream_timeout" and time.monotonic() - started < 1.5
+        await http.aclose()
+
+
+async def test_upstream_disconnecting_before_answering_is_down():
+    async def answer(reader, writer, body):
+        writer.close()
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url)
+        with pytest.raises(UpstreamDown) as err:
+            await up.send(b"{}", False, {})
+        assert err.value.code == "upstream_unavailable" and "RemoteProtocolError" in err.value.message
+        await http.aclose()
+
+
+async def test_upstream_stalling_before_the_first_event_is_unavailable():
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(b": keep-alive\n\n"))
+        await writer.drain()
+        await asyncio.sleep(2)
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url, read_timeout=0.2)
+        with pytest.raises(UpstreamUnavailable) as err:
+            await up.send(b"{}", True, {})
+        assert err.value.code == "upstream_timeout" and not isinstance(err.value, UpstreamDown)
+        await http.aclose()
+
+
+async def test_upstream_stream_breaking_midway_ends_with_a_note():
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(event(2)))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url)
+        opened = await up.send(b'{"stream":true}', True, {})
+        rest = [part async for part in opened.rest()]
+        await opened.response.aclose()
+        assert opened.first == event(1) and b"".join(rest) == event(2)
+        assert opened.error == "upstream stream broke: RemoteProtocolError"
+        await http.aclose()
+
+
+async def test_upstream_body_over_the_cap_is_refused(monkeypatch):
+    monkeypatch.setattr(upstream_client, "MAX_BODY", 64 * 1024)
+
+    async def answer(reader, writer, body):
+        big = b"x" * (256 * 1024)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(big))
+        for i in range(0, len(big), 16 * 1024):
+            writer.write(big[i : i + 16 * 1024])
+            await writer.drain()
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url)
+        with pytest.raises(UpstreamError, match="too large"):
+            await up.send(b"{}", False, {})
+        await asyncio.wait_for(raw.client_closed.wait(), 2)  # and the connection was dropped, not pooled
+        await http.aclose()

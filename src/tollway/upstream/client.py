@@ -24,7 +24,7 @@ from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamUnavailable, truncate
 from ..usage import Usage, parse_usage, python_recursion_limit
-from .network import asyncio_transport
+from .network import aiohttp_transport
 
 log = logging.getLogger("tollway.upstream")
 
@@ -37,7 +37,7 @@ def make_http_client(upstreams: list[UpstreamSettings]) -> httpx.AsyncClient:
     """One pooled client for every upstream (timeouts are set per upstream, per request)."""
     size = sum(u.max_connections for u in upstreams)
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-    return httpx.AsyncClient(transport=asyncio_transport(limits))
+    return httpx.AsyncClient(transport=aiohttp_transport(limits))
 
 
 def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
@@ -56,7 +56,7 @@ def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
         max_total_usd=s.pay_max_usd_total,
     )
     limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
-    return httpx.AsyncClient(transport=PayingTransport(payer, asyncio_transport(limits)))
+    return httpx.AsyncClient(transport=PayingTransport(payer, aiohttp_transport(limits)))
 
 
 def generation_usage(body: bytes) -> Usage | None:
