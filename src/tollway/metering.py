@@ -59,6 +59,7 @@ class Paid:
     proof: Proof
     held: int = 0
     debt: int = 0
+    owed: int = 0  # what the payer owed us, this payment included, as it was locked
 
     @property
     def covered(self) -> int:

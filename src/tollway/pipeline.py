@@ -88,7 +88,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
 
     opened: Opened | None = None
     try:
-        await confirm(gw, paid)  # on chain, before the upstream is asked anything
+        await confirm(gw, paid, paid.owed)  # on chain, before the upstream is asked anything
         opened = await forward(gw, call, paid, request)
         if not call.stream and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
@@ -224,7 +224,7 @@ def lock(
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
     payment_id = locked.payment_id
     debt = max(-locked.balance, 0)
-    paid = Paid(payment, scheme, payment_id, account, quote, proof, held if locked.held else 0, debt)
+    paid = Paid(payment, scheme, payment_id, account, quote, proof, held if locked.held else 0, debt, locked.owed)
     try:
         if debt and payment.amount < quote.amount + debt:
             refusal = PaymentInvalid(
@@ -245,10 +245,13 @@ def lock(
     return paid
 
 
-async def confirm(gw: Gateway, paid: Paid) -> None:
-    """The payment will settle: checked on chain (with the payer's other payments not on chain yet)."""
+async def confirm(gw: Gateway, paid: Paid, owed: int | None = None) -> None:
+    """The payment will settle: checked on chain, with what the payer owes us that is not on chain
+    yet (as the payment was locked, or read now)."""
     p = paid.payment
-    await paid.scheme.confirm(p, lambda: gw.store.unsettled_amount(p.network, p.asset, p.payer))
+    if owed is None:
+        owed = gw.store.unsettled_amount(p.network, p.asset, p.payer)
+    await paid.scheme.confirm(p, owed)
 
 
 async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> Opened:

@@ -641,7 +641,7 @@ def test_a_chained_upstream_is_never_paid_more_than_our_quote(gateway, chain, de
 # -- 16. errors after the lock ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["_spend", "insert_call", "finish_call"])  # (_spend: the hold, in the lock)
+@pytest.mark.parametrize("where", ["hold", "insert_call", "finish_call"])
 def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling(
     gateway, chain, devnet, tmp_path, where
 ):
@@ -652,16 +652,18 @@ def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling
     payer = wallet(chain.fund(), devnet)
     with ServerThread(app) as server:
         gw = app.state.gateway
+        where = "_post" if where == "hold" else where  # (a hold is posted in the lock's transaction)
         real = getattr(gw.store, where)
 
         def broken(*args: Any, **kw: Any) -> Any:
-            if where == "_spend" or kw.get("settle") is not None:
+            holding = where == "_post" and any(kind == "hold" for kind, _ in args[2])
+            if holding or kw.get("settle") is not None:
                 raise RuntimeError("disk full")
             return real(*args, **kw)
 
         setattr(gw.store, where, broken)
         body = chat_body("internal error", max_tokens=8, stream=where == "insert_call")
-        if where == "_spend":  # a wallet with credit, so that part of the quote is held
+        if where == "_post":  # a wallet with credit, so that part of the quote is held
             setattr(gw.store, where, real)
             with paying(server.url, payer) as client:
                 client.post(CHAT, json=chat_body("fund", max_tokens=8))
@@ -672,7 +674,7 @@ def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling
         assert r.status_code == 500
         states = [p["state"] for p in payment_rows(gw.store.engine, payer.account.address)]
         assert "reserved" not in states and "settling" not in states, states
-        if where != "_spend":  # (the hold's failure rolls its reservation back with it)
+        if where != "_post":  # (the hold's failure rolls its reservation back with it)
             assert states[-1] == "released", states
 
 

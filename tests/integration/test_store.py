@@ -116,6 +116,29 @@ def test_concurrent_reservations_across_connections(db_url):
     assert len(wins) == 1
 
 
+def test_each_lock_of_one_payer_sees_every_payment_locked_before_it(db_url):
+    """Eight replicas lock payments of one payer at once, 5 each: what each lock reads as owed
+    counts every payment locked before it, so the last one's confirm weighs them all against
+    the payer's balance (on PostgreSQL a plain read would miss a reservation not yet committed)."""
+    from tollway.ledger.store import credit_account
+
+    stores = [Store(db_url) for _ in range(8)]
+    template = payment(amount=100)
+    account = credit_account(template["network"], template["asset"], template["payer"])
+    owed: list[int] = []
+    barrier = threading.Barrier(len(stores))
+
+    def race(store: Store) -> None:
+        barrier.wait()
+        for _ in range(5):
+            locked = store.lock({**template, "lock_key": uuid.uuid4().hex}, account, 0, call_id="c")
+            assert locked is not None
+            owed.append(locked.owed)
+
+    run_concurrently(race, stores)
+    assert sorted(owed) == [100 * n for n in range(1, 41)]
+
+
 def test_outbox_nonces_are_unique_across_replicas_and_kinds(db_url):
     """Four replicas queue settlements and payouts from one account at once: every transaction
     gets its own nonce, with no gap (payouts and settlements cannot take each other's)."""

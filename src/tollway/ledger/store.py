@@ -61,9 +61,9 @@ _PAYER = "network = :network AND asset = :asset AND payer = :payer"
 # What a payer owes us that a balance read from the chain may not show yet: its payments in
 # progress and its settlements not yet confirmed (one just mined is counted twice for a moment:
 # that errs on the safe side). One index range per state (an OR would scan).
-OWED = (
-    f"SELECT (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'reserved')"
-    f" + (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'settling')"
+OWED = (  # (in progress, settling)
+    f"SELECT (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'reserved'),"
+    f" (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'settling')"
 )
 UNCONFIRMED = f"SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'settling'"
 BALANCE = "SELECT balance FROM credits WHERE account = :account"
@@ -119,12 +119,14 @@ class _AlreadyMetered(Exception):
 
 @dataclass(frozen=True)
 class Locked:
-    """A call's payment, reserved: the payer's credit balance as it was (negative: a debt), and
-    whether the hold asked for was made."""
+    """A call's payment, reserved: the payer's credit balance as it was (negative: a debt),
+    whether the hold asked for was made, and what the payer owes us that the chain may not show
+    yet (see ``unsettled_amount``; this payment included)."""
 
     payment_id: str
     balance: int
     held: bool
+    owed: int
 
 
 def make_engine(url: str) -> Engine:
@@ -212,14 +214,26 @@ class Store:
 
     def lock(self, row: dict[str, Any], account: str, hold: int, *, call_id: str) -> Locked | None:
         """A call's first transaction: reserve its payment (see ``reserve``; None if the key is
-        taken), read the payer's credit balance, and hold ``hold`` of its final credit for the call."""
+        taken), read the payer's credit balance and what they owe, and hold ``hold`` of their
+        final credit for the call.
+
+        The payer's credit row is locked first (an empty posting opens it), so two calls of one
+        payer lock one after the other even on PostgreSQL, where a read does not see a reservation
+        not yet committed: the later one's ``owed`` counts the earlier one's payment."""
         with self._sql() as c:
             payment_id = self._reserve(c, row)
             if payment_id is None:
                 return None
-            balance = self._balance(c, account)
-            held = bool(hold) and self._spend(c, account, EntryKind.HOLD, hold, call_id=call_id, payment_id=payment_id)
-        return Locked(payment_id, balance, held)
+            balance = self._post(c, account, [])
+            network, asset, payer = account.split("|")
+            in_progress, settling = c.row(OWED, {"network": network, "asset": asset, "payer": payer})  # type: ignore[misc]
+            held = False
+            if hold:
+                with contextlib.suppress(InsufficientCredit):
+                    entry = [(EntryKind.HOLD, -hold)]
+                    self._post(c, account, entry, int(settling), call_id=call_id, payment_id=payment_id)
+                    held = True
+        return Locked(payment_id, balance, held, int(in_progress) + int(settling))
 
     @staticmethod
     def _moved(c: sql.Cursor, payment_id: str, frm: str, to: str, **values: Any) -> bool:
@@ -275,7 +289,7 @@ class Store:
         """What a payer owes us that a balance read from the chain may not show yet: payments in
         progress (this one included) and settlements not yet confirmed."""
         with self._sql() as c:
-            return int(c.value(OWED, {"network": network, "asset": asset, "payer": payer}))
+            return sum(map(int, c.row(OWED, {"network": network, "asset": asset, "payer": payer})))  # type: ignore[arg-type]
 
     def count_by_state(self) -> dict[str, int]:
         with self._tx() as c:

@@ -6,7 +6,6 @@ and the request binding of quotes live outside it; the pipeline only ever calls 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -97,10 +96,11 @@ class PaymentScheme(Protocol):
         """
         ...
 
-    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
+    async def confirm(self, payment: Verified, owed: int) -> None:
         """Make sure the payment will settle, before the upstream is asked anything: raises
-        ``PaymentInvalid`` if it cannot. ``owed()`` is what the payer owes us that the chain's
-        pending state does not show yet (this payment included)."""
+        ``PaymentInvalid`` if it cannot. ``owed`` is what the payer owes us that the chain's mined
+        state may not show yet (this payment included), read from the ledger *before* the chain:
+        a settlement mined in between is then counted twice (the safe side), never not at all."""
         ...
 
     def settled_amount(self, payment: Verified, due: int) -> int:

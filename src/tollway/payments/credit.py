@@ -8,7 +8,6 @@ digest; the pipeline holds the quoted amount from the wallet's credit while the 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import PaymentInvalid, PaymentMalformed
@@ -55,7 +54,7 @@ class CreditScheme:
             proof=p,
         )
 
-    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
+    async def confirm(self, payment: Verified, owed: int) -> None:
         return None
 
     def settled_amount(self, payment: Verified, due: int) -> int:

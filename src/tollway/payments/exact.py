@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import PaymentInvalid, PaymentMalformed
@@ -131,7 +130,7 @@ class ExactEvm(TokenScheme):
             chain_nonce=auth.nonce,
         )
 
-    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
+    async def confirm(self, payment: Verified, owed: int) -> None:
         now = self.refuse_if_short(payment.payer)
         to, data = self.settlement_call(payment.proof, payment.amount)
         balance_of = BALANCE_OF + bytes(12) + bytes.fromhex(payment.payer[2:])
@@ -144,11 +143,10 @@ class ExactEvm(TokenScheme):
             if code == "insufficient_funds":
                 self.remember_short(payment.payer, now)
             raise PaymentInvalid(f"the transfer would fail on chain: {reason[:200]}", code=code)
-        due = owed()
-        if int(balance, 16) < due:
+        if int(balance, 16) < owed:
             self.remember_short(payment.payer, now)
             raise PaymentInvalid(
-                f"payer balance {int(balance, 16)} does not cover {due} (this payment and others not yet on chain)",
+                f"payer balance {int(balance, 16)} does not cover {owed} (this payment and others not yet on chain)",
                 code="insufficient_funds",
             )
 

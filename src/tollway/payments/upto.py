@@ -16,7 +16,6 @@ pay.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from eth_hash.auto import keccak
@@ -120,7 +119,7 @@ class UptoEvm(TokenScheme):
             proof=kept,
         )
 
-    async def confirm(self, payment: Verified, owed: Callable[[], int]) -> None:
+    async def confirm(self, payment: Verified, owed: int) -> None:
         now = self.refuse_if_short(payment.payer)
         to, data = self.settlement_call(payment.proof, payment.amount)
         owner = bytes(12) + bytes.fromhex(payment.payer[2:])
@@ -141,11 +140,10 @@ class UptoEvm(TokenScheme):
             if code == "insufficient_funds":
                 self.remember_short(payment.payer, now)
             raise PaymentInvalid(f"the settlement would fail on chain: {message}", code=code)
-        due = owed()
-        if int(balance, 16) < due:
+        if int(balance, 16) < owed:
             self.remember_short(payment.payer, now)
             raise PaymentInvalid(
-                f"payer balance {int(balance, 16)} does not cover {due} (this payment's maximum and others not yet "
+                f"payer balance {int(balance, 16)} does not cover {owed} (this payment's maximum and others not yet "
                 "on chain)",
                 code="insufficient_funds",
             )
