@@ -300,19 +300,20 @@ class Settler:
 
     async def _conclude(self, row: dict[str, Any], tx_hash: str, receipt: dict[str, Any]) -> None:
         ok = int(receipt.get("status", "0x0"), 16) == 1
-        if not self.store.transaction_mined(row["id"], tx_hash, ok):
-            return  # another replica concluded it
         if row["purpose"] == "payout":
-            self.store.conclude_payouts(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
+            if self.store.transaction_mined(row["id"], tx_hash, ok):  # (once, whichever replica comes first)
+                self.store.conclude_payouts(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
             return
-        payment = self.store.settlement_of(row["id"])
-        if payment is None or payment["state"] != PaymentState.SETTLING:
-            return
-        if ok and (payment["payer"], payment["payee"], payment["amount"]) in transfers_in(receipt, payment["asset"]):
-            if self.store.mark_settled(payment["id"], tx_hash):
-                log.info(
-                    "settled payment %s of %d by %s in %s", payment["id"], payment["amount"], payment["payer"], tx_hash
-                )
+
+        def moved(p: dict[str, Any]) -> bool:
+            return (p["payer"], p["payee"], p["amount"]) in transfers_in(receipt, p["asset"])
+
+        payment, settled = self.store.settlement_mined(row["id"], tx_hash, ok, moved)
+        if settled:
+            log.info(
+                "settled payment %s of %d by %s in %s", payment["id"], payment["amount"], payment["payer"], tx_hash
+            )
+        if payment is None or settled:
             return
         paid_by = await self.settled_elsewhere(payment) if self.settled_elsewhere else None
         if paid_by is not None:

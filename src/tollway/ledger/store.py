@@ -410,19 +410,41 @@ class Store:
     def transaction_mined(self, tx_id: str, mined_hash: str, ok: bool) -> bool:
         """A transaction was mined (one of its hashes): sent or queued → mined | reverted, once."""
         with self._sql() as c:
-            return (
-                c.run(
-                    "UPDATE transactions SET state = :state, mined_hash = :hash, updated_at = :now"
-                    " WHERE id = :id AND state IN ('queued', 'sent')",
-                    {
-                        "state": TxState.MINED if ok else TxState.REVERTED,
-                        "hash": mined_hash,
-                        "now": time.time(),
-                        "id": tx_id,
-                    },
-                )
-                == 1
+            return self._mined(c, tx_id, mined_hash, ok)
+
+    @staticmethod
+    def _mined(c: sql.Cursor, tx_id: str, mined_hash: str, ok: bool) -> bool:
+        state = TxState.MINED if ok else TxState.REVERTED
+        params = {"state": state, "hash": mined_hash, "now": time.time(), "id": tx_id}
+        return (
+            c.run(
+                "UPDATE transactions SET state = :state, mined_hash = :hash, updated_at = :now"
+                " WHERE id = :id AND state IN ('queued', 'sent')",
+                params,
             )
+            == 1
+        )
+
+    def settlement_mined(
+        self, tx_id: str, mined_hash: str, ok: bool, moved: Callable[[dict[str, Any]], bool]
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """A settlement transaction was mined: it is concluded (once, whichever replica comes
+        first) and, if ``moved(payment)`` says it moved what its payment owed, the payment is
+        settled, in one transaction. Returns (the payment, if this call concluded it and it was
+        still settling; whether it is settled now) — one not settled is the worker's to judge."""
+        with self._sql() as c:
+            if not self._mined(c, tx_id, mined_hash, ok):
+                return None, False  # another replica concluded it
+            rows = c.dicts("SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'", {"tx_id": tx_id})
+            if not rows:
+                return None, False
+            payment = rows[0]
+            settled = ok and moved(payment)
+            if settled:
+                self._moved(
+                    c, payment["id"], PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=mined_hash, error=None
+                )
+        return payment, settled
 
     def replace_transaction(self, tx_id: str, sign: SignTx) -> dict[str, Any] | None:
         """Another transaction of our sender used this one's nonce (the key was used elsewhere):
@@ -445,12 +467,6 @@ class Store:
         with self._tx() as c:
             row = c.execute(select(T).where(T.c.id == tx_id)).mappings().first()
         return dict(row) if row else None
-
-    def settlement_of(self, tx_id: str) -> dict[str, Any] | None:
-        """The payment a settlement transaction moves."""
-        with self._sql() as c:
-            rows = c.dicts("SELECT * FROM payments WHERE tx_id = :tx_id", {"tx_id": tx_id})
-        return rows[0] if rows else None
 
     # -- calls ----------------------------------------------------------------------------
 
