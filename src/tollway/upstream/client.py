@@ -95,19 +95,19 @@ def _upstream_message(body: bytes) -> str:
 
 
 async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
-    body = b""
+    body = bytearray()  # (bytes += bytes copies the whole body each time)
     async for chunk in resp.aiter_raw():
         body += chunk
         if len(body) >= limit:
             break
-    return body[:limit]
+    return bytes(body[:limit])
 
 
-def _first_event(buf: bytes) -> bytes | None:
+def _first_event(buf: bytes | bytearray) -> bytes | None:
     """The data of the first complete SSE ``data:`` event in ``buf``, if one has arrived."""
     for line in buf.split(b"\n")[:-1]:  # only lines already terminated
         if line.startswith(b"data:"):
-            return line[5:].strip()
+            return bytes(line[5:].strip())
     return None
 
 
@@ -217,7 +217,7 @@ class Upstream:
         """The whole body (not streaming), or a stream's bytes up to its first complete ``data:``
         event: keep-alive comments alone do not commit a call, and an error as the first event is
         a failure before any answer (so the payer is not charged)."""
-        body = b""
+        body = bytearray()  # (bytes += bytes copies the whole body each time)
         try:
             async for chunk in chunks:
                 body += chunk
@@ -226,14 +226,14 @@ class Upstream:
                 if stream and (event := _first_event(body)) is not None:
                     if event.startswith(b"{") and b'"error"' in event and _is_error(event):
                         raise UpstreamError(f"upstream failed before answering: {_upstream_message(event)}")
-                    return body
+                    return bytes(body)
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream failed before answering: {type(exc).__name__}") from exc
         if stream or not body:
             raise UpstreamError("upstream closed the stream without answering")
-        return body
+        return bytes(body)
 
     def _status_error(self, resp: httpx.Response, body: bytes) -> Exception:
         """The client learns why the upstream refused its request (4xx: the request's own fault);
