@@ -9,11 +9,17 @@ them server-side), and run on the same connection, so they share its transaction
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _NAMED = re.compile(r"(?<![:\w]):(\w+)")
+
+
+@functools.lru_cache(maxsize=256)  # (the statements are a few dozen; IN lists vary in length)
+def _pyformat(sql: str) -> str:
+    return _NAMED.sub(r"%(\1)s", sql)
 
 
 class Dialect:
@@ -22,13 +28,9 @@ class Dialect:
     def __init__(self, name: str, dbapi: Any) -> None:
         self.pyformat = name != "sqlite"
         self.IntegrityError: type[Exception] = dbapi.IntegrityError
-        self._texts: dict[str, str] = {}
 
     def text(self, sql: str) -> str:
-        got = self._texts.get(sql)
-        if got is None:
-            got = self._texts[sql] = _NAMED.sub(r"%(\1)s", sql) if self.pyformat else sql
-        return got
+        return _pyformat(sql) if self.pyformat else sql
 
 
 class Cursor:
