@@ -80,7 +80,7 @@ class Gateway:
             await chain.close()
             raise doctor.Unfit([f for f in found if f.level == "fail"])
         c = settings.chain
-        store = Store(settings.database_url)
+        store = Store(settings.database_url, background_checkpoints=True)
         binding = doctor.ledger_findings(store, chain_id, await doctor.genesis_hash(chain))
         if binding[0].level == "fail":
             store.close()

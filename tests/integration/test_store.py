@@ -323,3 +323,25 @@ def test_a_stream_is_metered_once(db_url):
     assert store.finish_call(account, deposit=50, held=0, cost=20, payment_id=None, call=call, insert_row=False) == 30
     assert store.finish_call(account, deposit=50, held=0, cost=50, payment_id=None, call=call, insert_row=False) is None
     assert store.credit_balance(account) == 30
+
+
+def test_a_gateway_ledger_is_checkpointed_by_a_thread_not_by_the_commit_that_fills_the_log(tmp_path):
+    """SQLite: the gateway's connections never checkpoint (a few ms on one unlucky call); a thread
+    moves the write-ahead log into the database file instead."""
+    import os
+    import time
+
+    path = tmp_path / "ledger.sqlite3"
+    store = Store(f"sqlite:///{path}", background_checkpoints=True)
+    try:
+        before = os.path.getsize(path)
+        for _ in range(300):
+            store.reserve(payment())
+        dbapi = store._connection().connection.dbapi_connection
+        assert dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        deadline = time.monotonic() + 10
+        while os.path.getsize(path) <= before:  # the pages reach the database file only by a checkpoint
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+    finally:
+        store.close()

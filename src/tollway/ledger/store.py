@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from . import sql
+from .checkpoint import Checkpointer
 from .models import (
     Call,
     ChainTx,
@@ -149,7 +150,9 @@ def make_engine(url: str) -> Engine:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, background_checkpoints: bool = False) -> None:
+        """``background_checkpoints``: a SQLite ledger's write-ahead log is moved into the database
+        file by a thread of its own, not by the commit that fills it (see ``checkpoint.py``)."""
         self.engine = make_engine(url)
         from .migrate import migrate  # (alembic loads only where a store opens)
 
@@ -157,10 +160,16 @@ class Store:
         self.dialect = sql.Dialect(self.engine.dialect.name, self.engine.dialect.loaded_dbapi)
         self._local = threading.local()
         self._connections: list[Connection] = []
+        database = self.engine.url.database
+        self._checkpointer = None
+        if background_checkpoints and self.engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
+            self._checkpointer = Checkpointer(database)
 
     def close(self) -> None:
         for conn in self._connections:
             conn.close()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.engine.dispose()
 
     def _connection(self) -> Connection:
@@ -170,6 +179,8 @@ class Store:
         if conn is None:
             conn = self._local.conn = self.engine.connect()
             self._connections.append(conn)
+            if self._checkpointer is not None:
+                conn.connection.dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
         return conn
 
     @contextlib.contextmanager
