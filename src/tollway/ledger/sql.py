@@ -27,6 +27,7 @@ class Dialect:
 
     def __init__(self, name: str, dbapi: Any) -> None:
         self.pyformat = name != "sqlite"
+        self.one_writer = name == "sqlite"  # a write transaction excludes every other until it ends
         self.IntegrityError: type[Exception] = dbapi.IntegrityError
 
     def text(self, sql: str) -> str:

@@ -228,14 +228,15 @@ class Store:
         taken), read the payer's credit balance and what they owe, and hold ``hold`` of their
         final credit for the call.
 
-        The payer's credit row is locked first (an empty posting opens it), so two calls of one
-        payer lock one after the other even on PostgreSQL, where a read does not see a reservation
-        not yet committed: the later one's ``owed`` counts the earlier one's payment."""
+        Two calls of one payer lock one after the other, so the later one's ``owed`` counts the
+        earlier one's payment: SQLite has one writer at a time; on PostgreSQL, where a read does
+        not see a reservation not yet committed, the payer's credit row is locked first (an empty
+        posting opens it)."""
         with self._sql() as c:
             payment_id = self._reserve(c, row)
             if payment_id is None:
                 return None
-            balance = self._post(c, account, [])
+            balance = self._balance(c, account) if self.dialect.one_writer else self._post(c, account, [])
             network, asset, payer = account.split("|")
             in_progress, settling = c.row(OWED, {"network": network, "asset": asset, "payer": payer})  # type: ignore[misc]
             held = False
@@ -709,9 +710,10 @@ class Store:
         return payout_id
 
     def payouts(self, state: str, limit: int = 100) -> Sequence[dict[str, Any]]:
-        with self._tx() as c:
-            rows = c.execute(select(PO).where(PO.c.state == state).order_by(PO.c.created_at).limit(limit)).mappings()
-            return [dict(r) for r in rows]
+        """Payouts in ``state``, oldest first (the settlement worker asks for pending ones every pass)."""
+        with self._sql() as c:
+            q = "SELECT * FROM payouts WHERE state = :state ORDER BY created_at LIMIT :limit"
+            return c.dicts(q, {"state": state, "limit": limit})
 
     def payout(self, payout_id: str) -> dict[str, Any] | None:
         with self._tx() as c:
