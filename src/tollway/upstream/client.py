@@ -149,7 +149,7 @@ class Upstream:
         self.models = set(settings.models)
         self.cap_field = settings.max_tokens_field
         base = str(settings.url).rstrip("/")
-        self.url = base + "/chat/completions"
+        self.url = httpx.URL(base + "/chat/completions")  # (parsed once: a string is parsed on every request)
         lookup = settings.usage_lookup or ("openrouter" if urlsplit(base).hostname == "openrouter.ai" else "none")
         self.generation_url = base + "/generation" if lookup == "openrouter" else None
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
