@@ -924,14 +924,16 @@ def hot_spots(path: Path, top: int = 15) -> dict[str, Any]:
     ``self``: the innermost frame. ``inclusive``: every frame on the stack. ``tollway``: each sample
     charged to its innermost tollway frame, i.e. the time of a tollway function and the libraries it
     calls, minus deeper tollway functions; samples with none are the server (uvicorn/h11, starlette,
-    the event loop) or other threads.
+    the event loop) or other threads. Samples of a thread blocked in ``threading``'s
+    ``Condition.wait`` (an ``Event.wait`` too: a sleeping helper thread that py-spy did not see
+    as idle) are left out and counted in ``waiting``.
     """
     self_n: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     owner: Counter[str] = Counter()
     roots: Counter[str] = Counter()
     libs: Counter[str] = Counter()
-    total = 0
+    total = waiting = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -939,6 +941,9 @@ def hot_spots(path: Path, top: int = 15) -> dict[str, Any]:
         c = int(count)
         frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
         if not frames:
+            continue
+        if frames[-1].startswith("Condition.wait (") and frames[-1].split(":")[0].endswith("/threading.py"):
+            waiting += c
             continue
         total += c
         self_n[short_frame(frames[-1])] += c
@@ -973,6 +978,7 @@ def hot_spots(path: Path, top: int = 15) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "waiting": waiting,
         "by_root": share(roots),
         "self": share(self_n),
         "inclusive": share(incl),
@@ -1438,7 +1444,8 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
         else:
             lines.append(
                 f"profile (py-spy, gateway, exact c=16, {prof['calls']} calls at {fmt(prof['calls_per_s'], 0)}/s, "
-                f"{fmt(prof['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call, {prof['samples']} samples)"
+                f"{fmt(prof['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call, {prof['samples']} samples;"
+                f" {prof.get('waiting', 0)} of threads waiting in threading's Condition.wait left out)"
                 f" → {prof['output']}"
             )
             lines.append("  where the gateway's CPU goes:")
