@@ -753,6 +753,8 @@ class Bench:
         t0 = time.perf_counter()
         while done < n:
             k = min(step, n - done)
+            if done < n // 2 < done + k:  # a sample at the half, whatever the step
+                k = n // 2 - done
             # stream_share of each block is streamed (all of it for the memory check, half for a soak)
             parts = [(True, round(k * stream_share)), (False, k - round(k * stream_share))]
             for stream, m in parts:
