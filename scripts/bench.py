@@ -8,8 +8,10 @@ issue 9's "Done means"):
 
 * latency p50/p99, non-streaming, at concurrency 1 and 16 — each scheme's added ms against direct,
   paired per round;
-* a JSON-RPC ``eth_call`` (the token's ``balanceOf`` at ``latest``) to the same anvil, interleaved with
-  the concurrency-1 rounds: the round trip a chain-backed scheme (exact, upto) may add to the budget;
+* the JSON-RPC round trip a chain-backed scheme (exact, upto) makes before the upstream is asked — a
+  batch of an ``eth_call`` at ``pending`` (the settlement's simulation; anvil replays its pool for it)
+  and one at ``latest`` (the balance), here the token's ``balanceOf`` — to the same anvil, interleaved
+  with the concurrency-1 rounds: what such a scheme may add to the budget;
 * streaming time to first body byte at concurrency 1;
 * calls per second at concurrency 16 through one gateway worker (direct calls/s: the ceiling of the
   load generator and the upstream together);
@@ -572,7 +574,7 @@ async def rpc_block(http: aiohttp.ClientSession, url: str, payload: bytes, n: in
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             block.errors[type(exc).__name__] += 1
             continue
-        if r.status != 200 or not str(doc.get("result", "")).startswith("0x"):
+        if r.status != 200 or not all(str(d.get("result", "")).startswith("0x") for d in doc):
             block.errors[f"{r.status}: {str(doc)[:120]}"] += 1
             continue
         block.latencies.append(time.perf_counter() - t)
@@ -598,8 +600,11 @@ class Bench:
         d = cluster.devnet
         who = self.signer.accounts[0].address[2:].lower().rjust(64, "0")
         call = {"to": d.token, "data": "0x70a08231" + who}  # balanceOf(a payer)
-        self.rpc_payload = json.dumps(
-            {"jsonrpc": "2.0", "id": 1, "method": "eth_call", "params": [call, "latest"]}
+        self.rpc_payload = json.dumps(  # the shape of the confirm batch (payments/chain.py, Chain.simulate)
+            [
+                {"jsonrpc": "2.0", "id": 1, "method": "eth_call", "params": [call, "pending"]},
+                {"jsonrpc": "2.0", "id": 2, "method": "eth_call", "params": [call, "latest"]},
+            ]
         ).encode()
 
     async def payments(self) -> dict[str, int]:
@@ -1268,7 +1273,8 @@ def report(res: dict[str, Any]) -> str:
     rpc = c1["rpc"]
     lines.append("")
     lines.append(
-        f"RPC round trip: eth_call balanceOf at latest to the same anvil (aiohttp, keep-alive, interleaved with the "
+        f"RPC round trip: the confirm batch's shape (eth_call at pending + at latest) to the same anvil (aiohttp, "
+        f"keep-alive, interleaved with the "
         f"c=1 rounds): p50 {fmt(rpc['p50_ms'], 3)} ms, p99 {fmt(rpc['p99_ms'], 3)} ms"
     )
     ceiling = c16["direct"]["calls_per_s"]
