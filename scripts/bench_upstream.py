@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A fast OpenAI-compatible upstream for ``scripts/bench``: raw asyncio, standard library only.
+"""A fast OpenAI-compatible upstream for ``scripts/bench``: raw asyncio, no web framework.
 
 ``tollway mock-upstream`` (Starlette on uvicorn) spends its CPU on the framework and saturates one
 core near 150 calls/s, which capped the throughput the bench could measure. This server answers
@@ -32,7 +32,6 @@ import asyncio
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -42,8 +41,12 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+# The mock's own token rule and prompt sequence (what it counts and caches), so the answers cannot drift.
+from tollway.mock_upstream import _TOKEN_RE as TOKEN_RE
+from tollway.mock_upstream import _content_texts as texts
+from tollway.mock_upstream import _prompt_sequence as prompt_sequence
+
 MODELS = ("mock/echo", "mock/echo-large")  # tollway.mock_upstream's defaults
-TOKEN_RE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")  # tollway.mock_upstream's token rule
 DEFAULT_MAX_TOKENS = 16
 CACHE_BLOCK, CACHE_TTL, CACHE_ENTRIES = 4, 300.0, 65536
 MAX_HEAD = 64 * 1024
@@ -87,24 +90,6 @@ class PrefixCache:
         while len(blocks) > CACHE_ENTRIES:
             blocks.popitem(last=False)
         return cached
-
-
-def texts(content: Any) -> list[str]:
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
-    return []
-
-
-def prompt_sequence(messages: list[Any]) -> list[str]:
-    seq: list[str] = []
-    for m in messages:
-        seq.append(f"<|{m.get('role')}|>")
-        for text in texts(m.get("content")):
-            seq += TOKEN_RE.findall(text)
-        seq += ("<|end|>", "\n")
-    return seq
 
 
 class Upstream:
