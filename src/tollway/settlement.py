@@ -90,6 +90,7 @@ class Settler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._polled = 0.0  # when receipts were last polled (monotonic)
+        self._polled_head: int | None = None  # the chain's head block then
         self._busy = False  # transactions were open at the last poll
         self._watchers: dict[str, Callable[[str], None]] = {}
         self.last_error: str | None = None
@@ -264,10 +265,16 @@ class Settler:
         return [found.get(row["id"]) for row in rows]
 
     async def _poll(self, rows: list[dict[str, Any]]) -> None:
+        """Conclude the rows that were mined; bump or re-send those waiting too long. Receipts are
+        asked for only when the chain has a new block since the last time: on a 12 s chain with
+        a poll every 0.25 s, every open transaction would otherwise be asked after ~48 times."""
         if not rows:
             return
+        head = await self.chain.head()
+        receipts = await self._receipts(rows) if head != self._polled_head else [None] * len(rows)
+        self._polled_head = head
         now, waiting = time.time(), []
-        for row, mined in zip(rows, await self._receipts(rows), strict=True):
+        for row, mined in zip(rows, receipts, strict=True):
             if mined is not None:
                 await self._conclude(row, *mined)
             else:

@@ -268,3 +268,25 @@ async def test_fees_stop_at_the_ceiling(tmp_path, chain, devnet, settler_key):
             tx = store.transaction(store.payment(payment_id)["tx_id"])
         await run_until(settler, store, payment_id, {PaymentState.SETTLED})
     assert tx["max_fee"] == 3 * GWEI and len(tx["hashes"].split()) >= 2
+
+
+async def test_receipts_are_asked_for_once_per_new_block(tmp_path, chain, devnet, settler_key):
+    """While no block comes, polling asks the chain only for its head, not for every open
+    transaction's receipt again (on a 12 s chain a 0.25 s poll asked each ~48 times)."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    rpc = RpcSwitch(devnet.rpc_url)
+    with ServerThread(rpc.app()) as proxy:
+        async with settler_on(store, proxy.url, settler_key, devnet) as settler:
+            payment_id, data, _ = payment_for(store, devnet, payer, 321)
+            with manual_mining(chain):
+                settler.sign(payment_id, devnet.token, data)
+                await settler.run_once()  # broadcast, and a first poll: its receipt is asked for
+                for _ in range(5):
+                    settler._polled = 0.0  # (a poll is due)
+                    await settler.run_once()
+                assert rpc.calls.count("eth_blockNumber") == 6  # one per poll
+                assert rpc.calls.count("eth_getTransactionReceipt") == 1, rpc.calls
+                chain.mine(1)
+            row = await run_until(settler, store, payment_id, {PaymentState.SETTLED})
+    assert row["state"] == PaymentState.SETTLED

@@ -144,6 +144,10 @@ class Chain:
         result = await self.request("eth_call", [{"to": to, "data": "0x" + data.hex()}, block])
         return bytes.fromhex(str(result)[2:])
 
+    async def head(self) -> int:
+        """The latest block's number."""
+        return int(await self.request("eth_blockNumber", []), 16)
+
     async def pending_nonce(self, address: str) -> int:
         return int(await self.request("eth_getTransactionCount", [address, "pending"]), 16)
 
@@ -159,7 +163,7 @@ class Chain:
 
     async def logs(self, address: str, topics: list[str | None], lookback: int) -> list[dict[str, Any]]:
         """Logs of ``address`` matching ``topics`` in the last ``lookback`` blocks."""
-        head = int(await self.request("eth_blockNumber", []), 16)
+        head = await self.head()
         query = {"address": address, "topics": topics, "fromBlock": hex(max(head - lookback, 0)), "toBlock": "latest"}
         return list(await self.request("eth_getLogs", [query]) or [])
 
