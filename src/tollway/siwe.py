@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
+
+from .payments import eip3009
 
 # The fields a client echoes from the server's declaration (``info``), in the SDKs' names.
 ECHOED = (
@@ -53,10 +54,12 @@ def eip191_hash(text: str) -> bytes:
 
 
 def recover(f: dict[str, Any]) -> str | None:
-    """The lower-case address whose key signed the sign-in, if its signature recovers."""
+    """The lower-case address whose key signed the sign-in, if its signature (65 bytes, low s)
+    recovers. (coincurve directly: eth-account's ``recover_message`` takes ~3.5× the time, on
+    every call a signed-in wallet's credit pays.)"""
     try:
-        return str(Account.recover_message(encode_defunct(text=message(f)), signature=f["signature"])).lower()
-    except Exception:  # eth-account raises several types for unrecoverable signatures
+        return eip3009.recover(eip191_hash(message(f)), bytes.fromhex(str(f["signature"]).removeprefix("0x")))
+    except ValueError:  # not hex, not 65 bytes, high s, does not recover (SignatureError)
         return None
 
 
