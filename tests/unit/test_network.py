@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import ssl
 import subprocess
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -56,6 +58,7 @@ class RawServer:
         self.live = 0
         self.peak = 0
         self.bodies: list[bytes] = []
+        self.heads: list[bytes] = []
         self.client_closed = asyncio.Event()  # a connection saw EOF from the client
         self.url = ""
 
@@ -70,6 +73,7 @@ class RawServer:
                 except asyncio.IncompleteReadError:
                     self.client_closed.set()
                     return
+                self.heads.append(head)
                 lines = head.lower().split(b"\r\n")
                 length = next((int(x.split(b":")[1]) for x in lines if x.startswith(b"content-length:")), 0)
                 if any(x.startswith(b"transfer-encoding:") and b"chunked" in x for x in lines):
@@ -452,6 +456,40 @@ async def test_upstream_send_json_and_stream():
         rest = [part async for part in opened.rest()]
         await opened.response.aclose()
         assert opened.first + b"".join(rest) == event(1) + event(2) and opened.error is None
+        await http.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_upstream_answering_compressed_is_decoded(stream):
+    """The upstream is asked for uncompressed answers (the gateway meters and relays the bytes),
+    and one that compresses anyway is decoded: httpx asks for gzip by default, and the gateway
+    took an upstream's gzip bytes for its answer (unmeterable, relayed as garbage)."""
+    doc = {"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+
+    async def answer(reader, writer, body):
+        if stream:
+            z = zlib.compressobj(wbits=31)  # gzip, flushed per event as a streaming server does
+            head = SSE_HEAD.replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n")
+            writer.write(head + chunk(z.compress(event(1)) + z.flush(zlib.Z_SYNC_FLUSH)))
+            await writer.drain()
+            writer.write(chunk(z.compress(event(2)) + z.flush()) + b"0\r\n\r\n")
+        else:
+            data = gzip.compress(json.dumps(doc).encode())
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(data), data)
+            )
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url)
+        opened = await up.send(b'{"stream":true}' if stream else b"{}", stream, {})
+        if stream:
+            rest = [part async for part in opened.rest()]
+            await opened.response.aclose()
+            assert opened.first + b"".join(rest) == event(1) + event(2) and opened.error is None
+        else:
+            assert json.loads(opened.first) == doc
+        assert b"\r\naccept-encoding: identity\r\n" in raw.heads[0].lower()
         await http.aclose()
 
 

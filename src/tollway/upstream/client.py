@@ -96,7 +96,7 @@ def _upstream_message(body: bytes) -> str:
 
 async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
     body = bytearray()  # (bytes += bytes copies the whole body each time)
-    async for chunk in resp.aiter_raw():
+    async for chunk in resp.aiter_bytes():
         body += chunk
         if len(body) >= limit:
             break
@@ -154,7 +154,8 @@ class Upstream:
         self.generation_url = base + "/generation" if lookup == "openrouter" else None
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http
-        self.headers = {"content-type": "application/json"}
+        # Uncompressed answers: the gateway reads every byte to meter and relay it (httpx asks for gzip).
+        self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if settings.api_key:
             self.headers["authorization"] = f"Bearer {settings.api_key}"
 
@@ -202,7 +203,7 @@ class Upstream:
         try:
             if resp.status_code != 200:
                 raise self._status_error(resp, await _read_bounded(resp, MAX_ERROR_BODY))
-            chunks = resp.aiter_raw()
+            chunks = resp.aiter_bytes()  # (decoded, should the upstream compress anyway)
             first = await self._first_bytes(chunks, stream)
         except BaseException:
             await resp.aclose()

@@ -109,7 +109,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,  # httpx decodes content-encoding itself (client.py reads the raw bytes)
+            auto_decompress=False,  # httpx decodes content-encoding itself (aiter_bytes, in client.py)
             max_line_size=MAX_HEADER_LINE,
             max_field_size=MAX_HEADER_LINE,
         )
