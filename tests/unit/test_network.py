@@ -577,3 +577,41 @@ async def test_upstream_body_over_the_cap_is_refused(monkeypatch):
             await up.send(b"{}", False, {})
         await asyncio.wait_for(raw.client_closed.wait(), 2)  # and the connection was dropped, not pooled
         await http.aclose()
+
+
+async def test_a_compressed_answer_is_decoded_in_bounded_steps(monkeypatch):
+    """A gzip bomb from an upstream (256 MiB of zeros in ~256 KiB) is refused at the body cap, never
+    inflated whole: decoding goes 64 KiB at a time, so memory stays near the cap."""
+    import tracemalloc
+
+    monkeypatch.setattr(upstream_client, "MAX_BODY", 1024 * 1024)
+    bomb = gzip.compress(bytes(256 * 1024 * 1024), compresslevel=9)
+
+    async def answer(reader, writer, body):
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(bomb), bomb)
+        )
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url)
+        tracemalloc.start()
+        try:
+            with pytest.raises(UpstreamError, match="too large"):
+                await up.send(b"{}", False, {})
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * 1024 * 1024, peak
+        await http.aclose()
+
+
+async def test_an_unknown_content_encoding_is_a_failure_before_answering():
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: zz-unknown\r\ncontent-length: 2\r\n\r\n{}")
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url)
+        with pytest.raises(UpstreamError, match="before answering"):
+            await up.send(b"{}", False, {})
+        await http.aclose()

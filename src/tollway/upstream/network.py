@@ -19,6 +19,8 @@ What it keeps of httpx's own transport:
   h11; a reset connection a ``ReadError``. (PyPI's ``httpx-aiohttp`` 0.2.0, which the first
   choice was, maps a refused connection and a server disconnect to ``ConnectTimeout``: the router
   and the payer would be told "timed out" of an upstream that is down.)
+- content-encoding: the gateway asks for none; a body compressed anyway (gzip, deflate) is decoded
+  here in steps of at most 64 KiB, so the body cap stops a gzip bomb; any other encoding fails;
 - closing: a response closed before its body ended closes its connection (a half-read body never
   goes back to the pool); one read to the end returns it to the pool; ``aclose`` closes the session.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from functools import lru_cache
 
@@ -73,18 +76,36 @@ def _client_timeout(connect: float | None, read: float | None, pool: float | Non
     return aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
 
 
-class AiohttpBody(httpx.AsyncByteStream):
-    """An aiohttp response's body as httpx's stream: each chunk as it arrives."""
+DECODE_STEP = 64 * 1024  # the most one step of decoding a compressed body may produce
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+
+class AiohttpBody(httpx.AsyncByteStream):
+    """An aiohttp response's body as httpx's stream: each chunk as it arrives — decoded, if the
+    upstream compressed it although it was asked not to, a bounded step at a time (httpx's own
+    decoder inflates a whole network chunk at once: a gzip bomb's 64 KiB became 64 MiB)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, encoding: str) -> None:
         self.response = response
         self.ended = False
+        self.encoding = encoding
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+            raise httpx.DecodingError(f"unsupported content-encoding {self.encoding[:40]!r}")
+        decoder = None if self.encoding in ("", "identity") else zlib.decompressobj(wbits=47)  # gzip or zlib
         content = self.response.content
         with _httpx_errors():
             while chunk := await content.readany():
-                yield chunk
+                while decoder is not None and chunk:
+                    try:
+                        part = decoder.decompress(chunk, DECODE_STEP)
+                    except zlib.error as exc:
+                        raise httpx.DecodingError(f"bad {self.encoding} body: {exc}") from exc
+                    chunk = decoder.unconsumed_tail
+                    if part:
+                        yield part
+                if decoder is None:
+                    yield chunk
         self.ended = True
 
     async def aclose(self) -> None:
@@ -109,7 +130,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,  # httpx decodes content-encoding itself (aiter_bytes, in client.py)
+            auto_decompress=False,  # AiohttpBody decodes, in bounded steps
             max_line_size=MAX_HEADER_LINE,
             max_field_size=MAX_HEADER_LINE,
         )
@@ -133,10 +154,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 timeout=_client_timeout(timeout.get("connect"), timeout.get("read"), timeout.get("pool")),
             )
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        decoded = [(k, v) for k, v in response.raw_headers if k.lower() not in (b"content-encoding", b"content-length")]
         return httpx.Response(
             status_code=response.status,
-            headers=response.raw_headers,
-            stream=AiohttpBody(response),
+            headers=decoded if encoding else response.raw_headers,  # (what reaches httpx is decoded)
+            stream=AiohttpBody(response, encoding),
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode()},
         )
 
