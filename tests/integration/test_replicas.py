@@ -51,3 +51,38 @@ async def test_replicas_on_postgres_serve_a_payment_once_and_settle_all(
             for i, r in enumerate(replies):
                 await await_receipt((a, b)[i % 2].url, r.headers["x-tollway-receipt"])
             assert chain.balance(devnet.payee) == before + 6 * int(offer["amount"])
+
+
+async def test_a_payer_spending_its_balance_several_times_at_once_across_replicas_is_served_at_most_once_per_coin(
+    devnet, upstream, chain, postgres_url, tmp_path
+):
+    """Eight distinct authorizations from one payer whose balance covers three, fired at two
+    replicas at once: each lock counts the payments locked before it (the payer's credit row
+    serializes them on PostgreSQL), so no more than three are served, the upstream is asked for
+    no other, and every one served is paid on chain."""
+    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path / "unused.sqlite3")
+    settings = settings.model_copy(update={"database_url": postgres_url})
+    with ServerThread(create_app(settings)) as a, ServerThread(create_app(settings)) as b:
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(f"{a.url}/v1/chat/completions", json=BODY)
+            offer = exact_offer(unb64json(r.headers["PAYMENT-REQUIRED"]))
+            payer = chain.fund(amount=3 * int(offer["amount"]))
+            headers = [
+                {"PAYMENT-SIGNATURE": b64json({"x402Version": 2, "accepted": offer, "payload": p})}
+                for p in [sign_exact(payer, offer, int(time.time())) for _ in range(8)]
+            ]
+            asked = (await http.get(f"{upstream.url}/mock/stats")).json()["requests"]
+            before = chain.balance(devnet.payee)
+            replies = await asyncio.gather(
+                *[
+                    http.post(f"{(a, b)[i % 2].url}/v1/chat/completions", json=BODY, headers=h)
+                    for i, h in enumerate(headers)
+                ]
+            )
+            served = [(a, b)[i % 2].url for i, r in enumerate(replies) if r.status_code == 200]
+            assert 1 <= len(served) <= 3, [r.status_code for r in replies]
+            assert all(r.status_code in (200, 402) for r in replies)
+            assert (await http.get(f"{upstream.url}/mock/stats")).json()["requests"] == asked + len(served)
+            for url, r in zip(served, [r for r in replies if r.status_code == 200], strict=True):
+                await await_receipt(url, r.headers["x-tollway-receipt"])  # (until its payment is settled)
+            assert chain.balance(devnet.payee) == before + len(served) * int(offer["amount"])
