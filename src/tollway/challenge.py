@@ -55,7 +55,7 @@ def offers(gw: Gateway, call: ChatCall, credit: int, debt: int = 0) -> list[Offe
             "maxTokens": quote.max_tokens,
             "quote": gw.quotes.token(call.digest, offer.amount, quote.expires, quote.max_tokens),
         }
-        if s.name not in ("exact", "upto"):  # tollway's own schemes sign the request digest itself
+        if s.name in ("credit", "transfer"):  # tollway's own schemes sign the request digest itself
             extra["request"] = "0x" + call.digest
         if offer.amount < quote.amount:
             extra["credit"] = str(quote.amount - offer.amount)  # what the call will take from credit
@@ -68,7 +68,7 @@ def offers(gw: Gateway, call: ChatCall, credit: int, debt: int = 0) -> list[Offe
 
 # The official x402 client pays the first offer it can: credit (no chain at all), then what pays
 # the metered cost (upto), then what pays the bound.
-ORDER = {"credit": 0, "upto": 1, "exact": 2}
+ORDER = {"credit": 0, "upto": 1, "exact": 2, "batch-settlement": 3}
 
 
 def with_challenge(
@@ -77,12 +77,15 @@ def with_challenge(
     """Attach a fresh quote for this request to a 402 (x402: every 402 carries one) — reduced by
     the credit of the wallet the request signed in as — and a sign-in for it."""
     quoted = offers(gw, call, credit_of(gw, who), exc.debt if hasattr(exc, "debt") else 0)
+    more = getattr(exc, "offer_extra", {})  # e.g. a channel's state, for the client to resynchronise
+    quoted = [replace(o, extra={**o.extra, **more[o.scheme]}) if o.scheme in more else o for o in quoted]
     resource = {
         "url": gw.public_base(request) + request.url.path,
         "description": f"{call.model[:80]} chat completion",
         "mimeType": "application/json",
     }
-    error = truncate(f"{exc.code}: {exc.message}", 300)
+    # (an error a client must recognise, such as a channel's cumulative mismatch, is its code alone)
+    error = exc.code if getattr(exc, "bare_error", False) else truncate(f"{exc.code}: {exc.message}", 300)
     extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
     extensions.update(signin.declaration(gw, request, call.digest), **idempotency.declaration(gw))
     doc = x402.payment_required(error, resource, quoted, extensions)

@@ -179,6 +179,26 @@ class UpstreamSettings(Strict):
         return _key(_not_placeholder(v, "upstream payer_key"), "upstream payer_key")
 
 
+class ChannelSettings(Strict):
+    """x402 ``batch-settlement`` channels: what a channel must be, and when its vouchers are claimed."""
+
+    # The payer's escape hatch: how long a withdrawal waits, in which time every voucher is claimed.
+    withdraw_delay_seconds: int = Field(86_400, ge=900, le=2_592_000)
+    min_deposit_calls: int = Field(10, ge=1)  # the deposit suggested (extra.minDeposit): this many quotes
+    authorizer_key: str | None = None  # signs claim batches and refunds (default: chain.settler_key)
+    # Claim what vouchers owe us every so often, or sooner once it reaches the threshold, in one
+    # transaction for many channels; a channel whose payer started a withdrawal is claimed at once.
+    claim_interval_seconds: float = Field(3600, gt=0)
+    claim_threshold_usd: Decimal = Field(Decimal(5), ge=0)
+    watch_seconds: float = Field(30, gt=0)  # how often channels with unclaimed charges are read on chain
+    max_claims_per_transaction: int = Field(50, ge=1, le=200)
+
+    @field_validator("authorizer_key")
+    @classmethod
+    def _authorizer_key(cls, v: str | None) -> str | None:
+        return _key(_not_placeholder(v, "channels.authorizer_key"), "channels.authorizer_key")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOLLWAY_", env_nested_delimiter="__", extra="forbid", toml_file="tollway.toml"
@@ -226,6 +246,7 @@ class Settings(BaseSettings):
     # Payment schemes offered, by registry name (upto only where Permit2 and the x402 upto proxy exist).
     schemes: list[str] = ["upto", "exact", "transfer", "credit"]
     chain: ChainSettings = ChainSettings()
+    channels: ChannelSettings = ChannelSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one
     upstreams: list[UpstreamSettings] = Field(default_factory=list)  # several, in order of preference
     sticky_idle_seconds: float = 600  # a conversation stays on its upstream this long after its last call

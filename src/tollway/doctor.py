@@ -21,6 +21,7 @@ from .config import DEVNET_CHAIN_ID, Settings, resolve_chain, upstream_list
 from .devnet.anvil import DEV_KEYS
 from .payments import eip3009
 from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
+from .payments.channel import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
 from .payments.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
 
@@ -134,7 +135,16 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
 
 async def upto_contracts(chain: Chain) -> bool:
     """Whether the chain has Permit2 and the x402 upto proxy at their canonical addresses."""
-    codes = await chain.batch([("eth_getCode", [a, "latest"]) for a in (PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS)])
+    return await _deployed(chain, PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS)
+
+
+async def channel_contracts(chain: Chain) -> bool:
+    """Whether the chain has the x402 batch-settlement escrow and its ERC-3009 deposit collector."""
+    return await _deployed(chain, BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS)
+
+
+async def _deployed(chain: Chain, *addresses: str) -> bool:
+    codes = await chain.batch([("eth_getCode", [a, "latest"]) for a in addresses])
     return all(code not in (None, "0x", "0x0") for code in codes)
 
 

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from starlette.requests import Request
 
 from . import doctor
 from .cache import PrefixMemory
+from .claims import Claimer
 from .config import Settings, resolve_chain, upstream_list
 from .errors import ChainUnavailable, UpstreamUnavailable
 from .ledger import Store
@@ -25,10 +27,11 @@ from .ledger.models import PaymentState
 from .ledger.store import Settlement, credit_account
 from .payments import build_scheme
 from .payments.base import Context, PaymentScheme, Verified
+from .payments.batch import BatchSettlementEvm
 from .payments.chain import Chain
 from .payments.signed import origin_of
 from .payments.x402 import V1_NETWORK_NAMES
-from .pricing import Prices
+from .pricing import Prices, to_atomic
 from .quotes import QuoteSigner
 from .settlement import Settler
 from .upstream.client import Upstream, make_http_client, make_paying_client
@@ -62,6 +65,7 @@ class Gateway:
     _worker_chain: Chain
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
+    claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
 
     @classmethod
@@ -106,11 +110,14 @@ class Gateway:
             token=c.token,
             settled_elsewhere=lambda row: _scheme(schemes, row["scheme"]).settled_elsewhere(row),
         )
-        ctx = Context(settings, chain, chain_id, settler.address)
+        ctx = Context(settings, chain, chain_id, settler.address, settler)
         names = list(settings.schemes)
         if "upto" in names and not await doctor.upto_contracts(chain):
             log.warning("upto is not offered: Permit2 or the x402 upto proxy is not on chain %d", chain_id)
             names.remove("upto")
+        if "batch-settlement" in names and not await doctor.channel_contracts(chain):
+            log.warning("batch-settlement is not offered: the x402 escrow is not on chain %d", chain_id)
+            names.remove("batch-settlement")
         schemes.extend(build_scheme(name, ctx) for name in names)
         gw = cls(
             settings=settings,
@@ -138,6 +145,20 @@ class Gateway:
         await settler.start()
         loop = asyncio.get_running_loop()
         gw._tasks = [loop.create_task(gw._probe_chain()), loop.create_task(gw._housekeeping())]
+        channels = next((s for s in schemes if isinstance(s, BatchSettlementEvm)), None)
+        if channels is not None:
+            k = settings.channels
+            gw.claimer = Claimer(
+                store,
+                worker_chain,
+                settler,
+                channels,
+                interval=k.claim_interval_seconds,
+                threshold=to_atomic(Fraction(k.claim_threshold_usd), c.decimals),
+                watch_every=k.watch_seconds,
+                batch=k.max_claims_per_transaction,
+            )
+            gw._tasks.append(loop.create_task(gw.claimer.run()))
         return gw
 
     async def _probe_chain(self) -> None:
@@ -208,10 +229,9 @@ class Gateway:
                 row["amount"],
                 "",
                 json.loads(row["proof"]),
+                channel=scheme.channel_use(json.loads(row["proof"])) if row["channel"] else None,  # type: ignore[attr-defined]
             )
-            amount = scheme.settled_amount(payment, max(cost - row["from_credit"], 0))
-            call = scheme.settlement_call(payment.proof, amount) if amount else None
-            settle = self.settler.settlement(amount, call)
+            settle = self.settlement(scheme, payment, max(cost - row["from_credit"], 0))
         call_row = {
             "id": row["id"],
             "status": "incomplete",
@@ -235,8 +255,8 @@ class Gateway:
         whole amount, or — metered — ``due`` at most), by the transaction that moves it; or, when
         nothing (more) is to move on chain, as it stands. The worker broadcasts the transaction."""
         amount = scheme.settled_amount(payment, due)
-        call = None if scheme.prepaid or amount == 0 else scheme.settlement_call(payment.proof, amount)
-        return self.settler.settlement(amount, call)
+        call = None if scheme.prepaid else scheme.settlement_call(payment.proof, amount)
+        return self.settler.settlement(amount, call, payment.channel)
 
     async def _housekeeping(self) -> None:
         """Now and then: meter the streams another (crashed) replica left open; forget the answers

@@ -60,6 +60,7 @@ class Paid:
     held: int = 0
     debt: int = 0
     owed: int = 0  # what the payer owed us, this payment included, as it was locked
+    channel: dict[str, Any] | None = None  # the channel the payment took, as it took it
 
     @property
     def covered(self) -> int:
@@ -133,7 +134,10 @@ def receipt_headers(gw: Gateway, paid: Paid, settled: Settlement | None, call_id
     v1 = paid.proof.version == 1
     header = x402.X_PAYMENT_RESPONSE if v1 else x402.PAYMENT_RESPONSE
     network = gw.v1_name_of[p.network] if v1 else p.network
-    response = x402.settle_response(success=True, tx_hash=tx_hash, network=network, payer=p.payer, amount=amount)
+    extra = paid.scheme.response_extra(paid.channel, amount)
+    response = x402.settle_response(
+        success=True, tx_hash=tx_hash, network=network, payer=p.payer, amount=amount, extra=extra
+    )
     return {"x-tollway-receipt": call_id, header: response}
 
 

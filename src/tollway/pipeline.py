@@ -44,6 +44,7 @@ from .errors import (
     truncate,
 )
 from .gateway import Gateway
+from .ledger.channels import ChannelRefused
 from .ledger.store import credit_account, new_id
 from .metering import Paid, call_row, log, log_call, relay_stream, respond
 from .payments import x402
@@ -217,14 +218,27 @@ def lock(
         "proof": json.dumps(payment.proof, separators=(",", ":")),
         "request_digest": call.digest,
     }
-    locked = gw.store.lock(row, account, held, call_id=call_id)  # one transaction
+    if payment.channel is not None:
+        row.update(channel=payment.channel.id, deposit=payment.channel.deposit)
+    try:
+        locked = gw.store.lock(  # one transaction
+            row,
+            account,
+            held,
+            call_id=call_id,
+            channel=payment.channel,
+            channel_hold_seconds=gw.settings.min_validity_seconds,
+        )
+    except ChannelRefused as refused:
+        raise scheme.channel_refused(refused) from None  # type: ignore[attr-defined]
     if locked is None:
         if "signIn" in payment.proof:
             raise PaymentInvalid("this sign-in has already paid a call", code="invalid_siwx_nonce_used")
         raise PaymentInvalid("this payment has already been used", code="invalid_exact_evm_nonce_already_used")
     payment_id = locked.payment_id
     debt = max(-locked.balance, 0)
-    paid = Paid(payment, scheme, payment_id, account, quote, proof, held if locked.held else 0, debt, locked.owed)
+    holding = held if locked.held else 0
+    paid = Paid(payment, scheme, payment_id, account, quote, proof, holding, debt, locked.owed, locked.channel)
     try:
         if debt and payment.amount < quote.amount + debt:
             refusal = PaymentInvalid(

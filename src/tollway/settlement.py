@@ -38,6 +38,7 @@ from eth_hash.auto import keccak
 
 from .errors import ChainUnavailable
 from .ledger import Store
+from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState
 from .ledger.store import Settlement
 from .payments.chain import Chain, RpcError, transfers_in
@@ -97,13 +98,16 @@ class Settler:
 
     # -- request path -----------------------------------------------------------------------
 
-    def settlement(self, amount: int | None, call: tuple[str, bytes] | None) -> Settlement:
+    def settlement(
+        self, amount: int | None, call: tuple[str, bytes] | None, channel: ChannelUse | None = None
+    ) -> Settlement:
         """How a payment that moves ``amount`` settles: its transaction ``call`` (to, calldata),
-        signed once the ledger gives it a nonce — or, with no call, as it stands. For
-        ``Store.insert_call``/``finish_call(settle=...)``; ``wake()`` the worker once committed."""
+        signed once the ledger gives it a nonce — or, with no call, as it stands — and, through a
+        ``channel``, the channel charged ``amount``. For ``Store.insert_call``/``finish_call(settle=...)``;
+        ``wake()`` the worker once committed."""
         if call is None:
-            return Settlement(amount)
-        return Settlement(amount, self.address, Signing(self, *call))
+            return Settlement(amount, channel=channel)
+        return Settlement(amount, self.address, Signing(self, *call), channel)
 
     def sign(self, payment_id: str, to: str, data: bytes, amount: int | None = None) -> str:
         """Queue the settlement transaction of a reserved payment on its own; returns its hash."""
@@ -112,6 +116,19 @@ class Settler:
             raise RuntimeError(f"payment {payment_id} was not in the reserved state")
         self.wake()
         return signing.tx_hash
+
+    async def send(self, purpose: str, to: str, data: bytes, *, timeout: float) -> str | None:
+        """Queue a transaction of ours and wait until the worker sees it mined: its hash, or None
+        if it reverted. Raises ``ChainUnavailable`` after ``timeout`` (it may still be mined)."""
+        row = self.store.queue_transaction(purpose, self.address, Signing(self, to, data))
+        self.wake()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RECEIPT_POLL / 2)
+            tx = self.store.transaction(row["id"])
+            if tx is not None and tx["state"] in (TxState.MINED, TxState.REVERTED):
+                return str(tx["mined_hash"]) if tx["state"] == TxState.MINED else None
+        raise ChainUnavailable(f"the {purpose} transaction {row['tx_hash']} was not mined within {timeout:.0f} s")
 
     def wake(self) -> None:
         """Something was queued: broadcast it at the next pass (no waiting for the idle poll)."""
@@ -311,6 +328,13 @@ class Settler:
             if self.store.transaction_mined(row["id"], tx_hash, ok):  # (once, whichever replica comes first)
                 self.store.conclude_payouts(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
             return
+        if row["purpose"] == "claim":
+            if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
+                log.error("claim %s reverted: its channels will be claimed again", tx_hash)
+            return
+        if row["purpose"] == "deposit":  # (its sender waits for it: see ``send``)
+            self.store.transaction_mined(row["id"], tx_hash, ok)
+            return
 
         def moved(p: dict[str, Any]) -> bool:
             return (p["payer"], p["payee"], p["amount"]) in transfers_in(receipt, p["asset"])
@@ -375,13 +399,14 @@ class Settler:
 class Signing:
     """Signs one settlement with the nonce the ledger hands it; remembers the hash."""
 
-    def __init__(self, settler: Settler, to: str, data: bytes) -> None:
+    def __init__(self, settler: Settler, to: str, data: bytes, gas: int | None = None) -> None:
         self.settler, self.to, self.data = settler, to, data
+        self.gas = settler.gas_limit if gas is None else gas
         self.sender = settler.address
         self.tx_hash = ""
 
     def __call__(self, nonce: int) -> dict[str, Any]:
-        signed = self.settler._signed(self.sender, nonce, self.to, self.data, self.settler.gas_limit)
+        signed = self.settler._signed(self.sender, nonce, self.to, self.data, self.gas)
         self.tx_hash = signed["tx_hash"]
         return signed
 

@@ -54,6 +54,8 @@ class Payment(SQLModel, table=True):
     tx_id: str | None = Field(default=None, index=True)  # its settlement in the outbox
     tx_hash: str | None = None  # the transaction that moved (or will move) the money
     error: str | None = None
+    channel: str | None = None  # the batch-settlement channel it pays through ...
+    deposit: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))  # ... into
     created_at: float
     updated_at: float
 
@@ -192,6 +194,36 @@ class Payout(SQLModel, table=True):
     tx_id: str | None = Field(default=None, index=True)  # its transfer in the outbox
     tx_hash: str | None = None
     error: str | None = None
+    created_at: float
+    updated_at: float
+
+
+class Channel(SQLModel, table=True):
+    """An x402 ``batch-settlement`` channel paying our payee: what the escrow holds for it (as far as
+    we know: deposits we accepted count from the moment we did), the best voucher its payer signed,
+    what we charged against it and what we claimed. ``busy`` is the payment whose call holds it:
+    one call per channel at a time, across replicas."""
+
+    __tablename__ = "channels"
+
+    id: str = Field(primary_key=True)  # 0x channel id, lower-case
+    network: str
+    asset: str
+    payer: str = Field(index=True)
+    config: str  # JSON ChannelConfig, as a claim or refund sends it
+    balance: int = Field(sa_column=Column(BigInteger, nullable=False))  # escrowed, our pending deposits included
+    charged: int = Field(sa_column=Column(BigInteger, nullable=False))  # cumulative, by metered calls
+    signed_max: int = Field(sa_column=Column(BigInteger, nullable=False))  # the best voucher's maxClaimableAmount
+    signature: str  # ... and its signature
+    claimed: int = Field(sa_column=Column(BigInteger, nullable=False))  # totalClaimed on chain
+    claim_tx: str | None = Field(default=None, index=True)  # a claim in the outbox ...
+    claim_to: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))  # ... up to this total
+    refunded: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))  # returned to the payer
+    refund_nonce: int = 0
+    # withdrawRequestedAt on chain (0: none): the channel takes no more vouchers and is claimed now
+    withdraw_at: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    busy: str | None = None
+    busy_until: float = 0
     created_at: float
     updated_at: float
 

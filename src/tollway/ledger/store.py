@@ -27,7 +27,8 @@ from sqlalchemy import case, create_engine, delete, event, func, insert, select,
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from . import sql
+from . import channels, sql
+from .channels import ChannelUse
 from .checkpoint import Checkpointer
 from .models import (
     Call,
@@ -97,6 +98,10 @@ class _NotReserved(Exception):
     pass
 
 
+class _Taken(Exception):
+    pass
+
+
 SignTx = Callable[[int], dict[str, Any]]
 """Signs a transaction with a nonce: the outbox columns to (re)write — ``to, data, gas, max_fee,
 tip, tx_hash, raw_tx`` (see ``settlement.Settler``)."""
@@ -112,6 +117,7 @@ class Settlement:
     amount: int | None  # None: the payment's own amount
     sender: str | None = None
     sign: SignTx | None = None
+    channel: ChannelUse | None = None  # a channel payment: the channel is charged ``amount`` (and freed)
 
 
 class _AlreadyMetered(Exception):
@@ -128,6 +134,7 @@ class Locked:
     balance: int
     held: bool
     owed: int
+    channel: dict[str, Any] | None = None  # the channel the payment took, as it took it
 
 
 def make_engine(url: str) -> Engine:
@@ -223,7 +230,16 @@ class Store:
         got = c.value(sql.insert("payments", row) + RESERVE, row)
         return None if got is None else str(got)
 
-    def lock(self, row: dict[str, Any], account: str, hold: int, *, call_id: str) -> Locked | None:
+    def lock(
+        self,
+        row: dict[str, Any],
+        account: str,
+        hold: int,
+        *,
+        call_id: str,
+        channel: ChannelUse | None = None,
+        channel_hold_seconds: float = 0.0,
+    ) -> Locked | None:
         """A call's first transaction: reserve its payment (see ``reserve``; None if the key is
         taken), read the payer's credit balance and what they owe, and hold ``hold`` of their
         final credit for the call.
@@ -231,11 +247,19 @@ class Store:
         Two calls of one payer lock one after the other, so the later one's ``owed`` counts the
         earlier one's payment: SQLite has one writer at a time; on PostgreSQL, where a read does
         not see a reservation not yet committed, the payer's credit row is locked first (an empty
-        posting opens it)."""
+        posting opens it).
+
+        A payment through a ``channel`` also takes the channel for the call, for at most
+        ``channel_hold_seconds`` (see ``channels.take``: raises ``ChannelRefused``, and then
+        nothing is locked)."""
         with self._sql() as c:
             payment_id = self._reserve(c, row)
             if payment_id is None:
                 return None
+            taken = None
+            if channel is not None:
+                where = {"network": row["network"], "asset": row["asset"], "payer": row["payer"]}
+                taken = channels.take(c, channel, payment_id, where, channel_hold_seconds)
             balance = self._balance(c, account) if self.dialect.one_writer else self._post(c, account, [])
             network, asset, payer = account.split("|")
             in_progress, settling = c.row(OWED, {"network": network, "asset": asset, "payer": payer})  # type: ignore[misc]
@@ -245,7 +269,7 @@ class Store:
                     entry = [(EntryKind.HOLD, -hold)]
                     self._post(c, account, entry, int(settling), call_id=call_id, payment_id=payment_id)
                     held = True
-        return Locked(payment_id, balance, held, int(in_progress) + int(settling))
+        return Locked(payment_id, balance, held, int(in_progress) + int(settling), taken)
 
     @staticmethod
     def _moved(c: sql.Cursor, payment_id: str, frm: str, to: str, **values: Any) -> bool:
@@ -258,11 +282,18 @@ class Store:
             return self._moved(c, payment_id, frm, to, **values)
 
     def release(self, payment_id: str, error: str) -> bool:
-        return self._move(payment_id, PaymentState.RESERVED, PaymentState.RELEASED, error=error)
+        return self._undo(payment_id, PaymentState.RELEASED, error)
 
     def refuse(self, payment_id: str, error: str) -> bool:
         """The chain says this payment cannot settle: it is never served, nor tried again."""
-        return self._move(payment_id, PaymentState.RESERVED, PaymentState.REFUSED, error=error)
+        return self._undo(payment_id, PaymentState.REFUSED, error)
+
+    def _undo(self, payment_id: str, to: PaymentState, error: str) -> bool:
+        """A reserved payment's call will not be served: the payment moves to ``to`` and a channel
+        it took is free again."""
+        with self._sql() as c:
+            channels.free(c, payment_id)
+            return self._moved(c, payment_id, PaymentState.RESERVED, to, error=error)
 
     def mark_prepaid(self, payment_id: str) -> bool:
         """A payment whose money moved before the call (a transfer, or credit): nothing to settle."""
@@ -363,6 +394,8 @@ class Store:
         if settle is None or payment_id is None:
             return None
         amount = {} if settle.amount is None else {"amount": settle.amount}
+        if settle.channel is not None and not channels.charge(c, settle.channel, payment_id, settle.amount or 0):
+            raise _NotReserved  # (the call no longer holds its channel: the worker's hold ran out)
         if settle.sign is None:
             if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLED, **amount):
                 raise _NotReserved
@@ -372,6 +405,11 @@ class Store:
         if not self._moved(c, payment_id, PaymentState.RESERVED, PaymentState.SETTLING, **moved):
             raise _NotReserved
         return tx
+
+    def queue_transaction(self, purpose: str, sender: str, sign: SignTx) -> dict[str, Any]:
+        """Queue a transaction that settles nothing in the ledger (a channel's deposit)."""
+        with self._sql() as c:
+            return self._enqueue(c, purpose, sender, sign)
 
     def sign_settlement(
         self, payment_id: str, sender: str, sign: SignTx, amount: int | None = None
@@ -473,6 +511,7 @@ class Store:
             moved = {"new": new["id"], "hash": new["tx_hash"], "old": tx_id}
             c.run("UPDATE payments SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old", moved)
             c.run("UPDATE payouts SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old", moved)
+            c.run("UPDATE channels SET claim_tx = :new WHERE claim_tx = :old", moved)
         return new
 
     def transaction(self, tx_id: str) -> dict[str, Any] | None:
@@ -546,6 +585,7 @@ class Store:
                 P.c.network,
                 P.c.asset,
                 P.c.payer,
+                P.c.channel,
             )
             .join(P, C.c.payment_id == P.c.id)
             .where(C.c.status == "streaming", C.c.created_at < started_before)
@@ -678,6 +718,52 @@ class Store:
         except _NotReserved:
             raise RuntimeError(f"payment {payment_id} was not reserved") from None
         return balance
+
+    # -- channels: claims ---------------------------------------------------------------------
+
+    def channel(self, channel_id: str) -> dict[str, Any] | None:
+        with self._sql() as c:
+            rows = c.dicts(channels.STATE, {"id": channel_id})
+        return rows[0] if rows else None
+
+    def claimable_channels(self, network: str, asset: str, limit: int) -> list[dict[str, Any]]:
+        """Channels charged more than they have claimed and not being claimed: those whose payer
+        is withdrawing first, then the most unclaimed."""
+        with self._sql() as c:
+            return c.dicts(channels.CLAIMABLE, {"network": network, "asset": asset, "limit": limit})
+
+    def queue_claim(self, totals: dict[str, int], sender: str, sign: SignTx) -> dict[str, Any] | None:
+        """Queue one transaction claiming each channel up to its total, and mark them claiming by
+        it, at once. Returns the outbox row; None if another process is claiming one of them."""
+        try:
+            with self._sql() as c:
+                tx = self._enqueue(c, "claim", sender, sign)
+                now = time.time()
+                for channel_id, total in totals.items():
+                    if c.run(channels.CLAIMING, {"tx": tx["id"], "to": total, "now": now, "id": channel_id}) != 1:
+                        raise _Taken
+                return tx
+        except _Taken:
+            return None
+
+    def claim_mined(self, tx_id: str, mined_hash: str, ok: bool) -> bool:
+        """A claim was mined: its channels have claimed what it claimed (or, reverted, nothing and
+        may be claimed again), once, whichever replica comes first."""
+        with self._sql() as c:
+            if not self._mined(c, tx_id, mined_hash, ok):
+                return False
+            c.run(channels.CLAIMED if ok else channels.UNCLAIMED, {"tx": tx_id, "now": time.time()})
+        return True
+
+    def watched_channels(self, network: str, asset: str) -> list[dict[str, Any]]:
+        """Channels with charges not claimed yet: their payer may start a withdrawal."""
+        with self._sql() as c:
+            return c.dicts(channels.WATCHED, {"network": network, "asset": asset})
+
+    def channel_withdrawing(self, channel_id: str, requested_at: int) -> bool:
+        """The payer started a timed withdrawal: the channel takes no more vouchers."""
+        with self._sql() as c:
+            return c.run(channels.WITHDRAWING, {"at": requested_at, "now": time.time(), "id": channel_id}) == 1
 
     def journal(self, account: str | None = None) -> dict[str, int]:
         """Sum of journal entries by kind (all accounts, or one)."""

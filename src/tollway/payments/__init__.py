@@ -17,6 +17,7 @@ SCHEMES: dict[str, str] = {
     "exact": "tollway.payments.exact:from_settings",
     "credit": "tollway.payments.credit:from_settings",
     "transfer": "tollway.payments.transfer:from_settings",
+    "batch-settlement": "tollway.payments.batch:from_settings",
 }
 
 

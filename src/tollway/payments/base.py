@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..ledger.channels import ChannelUse
+
 if TYPE_CHECKING:
     from ..config import Settings
     from .chain import Chain
@@ -66,6 +68,7 @@ class Verified:
     lock_key: str  # unique per payment; the ledger refuses to lock it twice
     proof: dict[str, Any]  # what the scheme needs later to confirm and settle
     chain_nonce: bytes = b""
+    channel: ChannelUse | None = None  # a payment through a channel: what it asks of the channel
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,14 @@ class Context:
     chain: Chain  # the request path's chain client
     chain_id: int
     settler: str  # the address that sends settlement transactions (and pays their gas)
+    outbox: Outbox | None = None  # sends a transaction before a call is served (a channel's deposit)
+
+
+class Outbox(Protocol):
+    async def send(self, purpose: str, to: str, data: bytes, *, timeout: float) -> str | None:
+        """Queue a transaction from the settlement account and wait until it is mined: its hash
+        if it succeeded, None if it reverted; raises ``ChainUnavailable`` after ``timeout``."""
+        ...
 
 
 class PaymentScheme(Protocol):
@@ -115,6 +126,11 @@ class PaymentScheme(Protocol):
 
     def extensions(self) -> dict[str, Any]:
         """x402 extensions this scheme declares in a 402 (e.g. ``eip2612GasSponsoring``)."""
+        ...
+
+    def response_extra(self, channel: dict[str, Any] | None, charged: int | None) -> dict[str, Any] | None:
+        """``extra`` of the settlement response of a call: ``channel`` is the channel its payment took
+        (as it took it), ``charged`` what the call was charged so far (None: not metered yet)."""
         ...
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:

@@ -510,6 +510,13 @@ def _config(doc: dict[str, Any]) -> ChannelConfig:
     )
 
 
+def decode_config(doc: Any) -> ChannelConfig:
+    """A ``channelConfig`` object (as clients send it, and the ledger keeps it) → ``ChannelConfig``."""
+    if not isinstance(doc, dict):
+        raise PaymentMalformed("channelConfig is not an object")
+    return _config(doc)
+
+
 def _voucher(doc: dict[str, Any]) -> Voucher:
     w = "voucher."
     return Voucher(

@@ -64,6 +64,9 @@ class TokenScheme:
     def extensions(self) -> dict[str, Any]:
         return {}
 
+    def response_extra(self, channel: dict[str, Any] | None, charged: int | None) -> dict[str, Any] | None:
+        return None
+
     def refuse_if_short(self, payer: str) -> float:
         """Refuse a payer found short of funds moments ago; the time now (monotonic) otherwise."""
         now = time.monotonic()

@@ -121,7 +121,7 @@ class UptoEvm(TokenScheme):
 
     async def confirm(self, payment: Verified, owed: int) -> None:
         now = self.refuse_if_short(payment.payer)
-        to, data = self.settlement_call(payment.proof, payment.amount)
+        to, data = self._settle(payment.proof, payment.amount)
         owner = bytes(12) + bytes.fromhex(payment.payer[2:])
         reads = [
             (self.token, BALANCE_OF + owner),
@@ -163,7 +163,10 @@ class UptoEvm(TokenScheme):
     def settled_amount(self, payment: Verified, due: int) -> int:
         return min(due, payment.amount)
 
-    def settlement_call(self, proof: dict[str, Any], amount: int) -> tuple[str, bytes]:
+    def settlement_call(self, proof: dict[str, Any], amount: int) -> tuple[str, bytes] | None:
+        return None if amount == 0 else self._settle(proof, amount)  # a call that cost nothing moves nothing
+
+    def _settle(self, proof: dict[str, Any], amount: int) -> tuple[str, bytes]:
         auth, sig = permit2.decode_payload(proof["payload"])
         sponsored = permit2.decode_eip2612_permit(proof)
         if sponsored is not None:

@@ -154,12 +154,22 @@ def decode_proof(headers: Mapping[str, str], v1_names: dict[str, str]) -> Proof 
 
 
 def settle_response(
-    *, success: bool, tx_hash: str, network: str, payer: str, error: str | None = None, amount: int | None = None
+    *,
+    success: bool,
+    tx_hash: str,
+    network: str,
+    payer: str,
+    error: str | None = None,
+    amount: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
-    """``SettleResponse``; ``amount`` is what moved, for schemes that settle less than authorised (upto)."""
+    """``SettleResponse``; ``amount`` is what moved, for schemes that settle less than authorised
+    (upto); ``extra`` what the scheme adds (a channel's charge and state)."""
     doc: dict[str, Any] = {"success": success, "transaction": tx_hash, "network": network, "payer": payer}
     if amount is not None:
         doc["amount"] = str(amount)
+    if extra:
+        doc["extra"] = extra
     if error:
         doc["errorReason"] = error
     return b64json(doc)

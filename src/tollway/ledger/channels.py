@@ -1,0 +1,123 @@
+"""The ledger's side of x402 ``batch-settlement`` channels: statements on the ``channels`` table.
+
+A channel's replay lock is its charged total: a voucher is taken only if it builds on exactly
+what the channel has been charged (``maxClaimableAmount == charged + amount``), and only by one
+call at a time (``busy``), so a voucher used twice finds the total moved or the channel busy. Every
+function runs inside the caller's transaction (a ``sql.Cursor``), so a channel moves together with
+the payment and the call it belongs to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import sql
+
+OPEN = (  # a deposit opens a channel the ledger does not know yet: at nothing
+    "INSERT INTO channels (id, network, asset, payer, config, balance, charged, signed_max, signature, claimed,"
+    " claim_to, refunded, refund_nonce, withdraw_at, busy, busy_until, created_at, updated_at)"
+    " VALUES (:id, :network, :asset, :payer, :config, 0, 0, 0, '0x', 0, 0, 0, 0, 0, NULL, 0, :now, :now)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+TAKE = (  # the voucher builds on the charged total, the channel is free, the escrow covers it
+    "UPDATE channels SET busy = :payment, busy_until = :until, balance = balance + :deposit, updated_at = :now"
+    " WHERE id = :id AND charged = :base AND (busy IS NULL OR busy_until < :now) AND withdraw_at = 0"
+    " AND balance + :deposit >= :signed_max"
+)
+STATE = "SELECT * FROM channels WHERE id = :id"
+CHARGE = (  # the call is metered: the channel is charged and freed, and keeps the voucher that covers it
+    "UPDATE channels SET charged = charged + :amount, signed_max = :signed_max, signature = :signature,"
+    " busy = NULL, updated_at = :now WHERE id = :id AND busy = :payment AND charged + :amount <= :signed_max"
+)
+FREE = (  # the call was not served: the channel is free again, and a deposit it was to make is not counted
+    "UPDATE channels SET busy = NULL, updated_at = :now,"
+    " balance = balance - COALESCE((SELECT deposit FROM payments WHERE id = :payment), 0) WHERE busy = :payment"
+)
+CLAIMABLE = (
+    "SELECT id, config, charged, signed_max, signature, claimed, withdraw_at FROM channels"
+    " WHERE network = :network AND asset = :asset AND charged > claimed AND claim_tx IS NULL"
+    " ORDER BY withdraw_at DESC, charged - claimed DESC LIMIT :limit"
+)
+WATCHED = (
+    "SELECT id, claimed, withdraw_at FROM channels WHERE network = :network AND asset = :asset AND charged > claimed"
+)
+CLAIMING = "UPDATE channels SET claim_tx = :tx, claim_to = :to, updated_at = :now WHERE id = :id AND claim_tx IS NULL"
+CLAIMED = "UPDATE channels SET claimed = claim_to, claim_tx = NULL, updated_at = :now WHERE claim_tx = :tx"
+UNCLAIMED = "UPDATE channels SET claim_tx = NULL, updated_at = :now WHERE claim_tx = :tx"
+WITHDRAWING = "UPDATE channels SET withdraw_at = :at, updated_at = :now WHERE id = :id AND withdraw_at = 0"
+
+
+@dataclass(frozen=True)
+class ChannelUse:
+    """What a payment through a channel asks of it: to be taken for one call with a voucher of
+    ``signed_max`` built on the charged total ``base`` — and, with a deposit, to count it."""
+
+    id: str  # 0x channel id, lower-case
+    config: str  # JSON ChannelConfig
+    base: int
+    signed_max: int
+    signature: str  # 0x hex
+    deposit: int = 0
+
+
+class ChannelRefused(Exception):
+    """The channel did not take the voucher: ``reason`` is one of ``not_found``, ``withdrawing``,
+    ``mismatch`` (it builds on another total: ``state`` tells the client which), ``busy``,
+    ``exceeds_balance``."""
+
+    def __init__(self, reason: str, state: dict[str, Any] | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.state = state
+
+
+def take(c: sql.Cursor, use: ChannelUse, payment_id: str, where: dict[str, str], hold_seconds: float) -> dict[str, Any]:
+    """Take the channel for the call of ``payment_id`` (``where``: its network, asset, payer);
+    returns the channel as taken. Raises ``ChannelRefused`` — which rolls the caller's whole
+    transaction back, the payment's reservation with it."""
+    now = time.time()
+    if use.deposit:
+        c.run(OPEN, {"id": use.id, "config": use.config, "now": now, **where})
+    params = {
+        "id": use.id,
+        "payment": payment_id,
+        "until": now + hold_seconds,
+        "deposit": use.deposit,
+        "now": now,
+        "base": use.base,
+        "signed_max": use.signed_max,
+    }
+    took = c.run(TAKE, params) == 1
+    rows = c.dicts(STATE, {"id": use.id})
+    state = rows[0] if rows else None
+    if took and state is not None:
+        return state
+    if state is None or state["payer"] != where["payer"]:
+        raise ChannelRefused("not_found", None)
+    if state["withdraw_at"]:
+        raise ChannelRefused("withdrawing", state)
+    if state["charged"] != use.base:
+        raise ChannelRefused("mismatch", state)
+    if state["busy"] is not None and state["busy_until"] >= now:
+        raise ChannelRefused("busy", state)
+    raise ChannelRefused("exceeds_balance", state)
+
+
+def charge(c: sql.Cursor, use: ChannelUse, payment_id: str, amount: int) -> bool:
+    """Charge the channel ``amount`` for the call of ``payment_id`` and free it; False if that
+    call no longer holds it (or the voucher would not cover the total)."""
+    params = {
+        "id": use.id,
+        "payment": payment_id,
+        "amount": amount,
+        "signed_max": use.signed_max,
+        "signature": use.signature,
+        "now": time.time(),
+    }
+    return c.run(CHARGE, params) == 1
+
+
+def free(c: sql.Cursor, payment_id: str) -> None:
+    c.run(FREE, {"payment": payment_id, "now": time.time()})

@@ -1,0 +1,263 @@
+"""x402 ``batch-settlement`` through tollway: the official Python SDK's client, unmodified, pays calls
+with one deposit and a voucher per call; tollway charges each call its metered cost, claims what the
+vouchers owe in batches and sweeps it to the payee, on the devnet's escrow."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from eth_account import Account
+from eth_hash.auto import keccak
+from sqlalchemy import text
+from x402 import x402ClientSync
+from x402.http.clients.requests import x402_requests
+from x402.http.utils import decode_payment_response_header
+from x402.mechanisms.evm.batch_settlement.client import (
+    BatchSettlementEvmScheme,
+    BatchSettlementEvmSchemeOptions,
+    InMemoryClientChannelStorage,
+)
+from x402.mechanisms.evm.batch_settlement.client import sign_voucher
+from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
+from x402.mechanisms.evm.signers import EthAccountSigner, EthAccountSignerWithRPC
+from x402.schemas import PaymentRequirements
+
+from conftest import gateway_settings
+from support import CHAT, ServerThread, chat_body
+from tollway.app import create_app
+from tollway.ledger import Store
+from tollway.payments.channel import BATCH_SETTLEMENT_ADDRESS
+
+SCHEME = "batch-settlement"
+MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+CALLS = 100
+
+
+class Gateway:
+    def __init__(self, url: str, store: Store, payee: str) -> None:
+        self.url, self.store, self.payee = url, store, payee
+
+
+@pytest.fixture(scope="module")
+def channel_gateway(devnet, upstream, tmp_path_factory) -> Iterator[Gateway]:
+    """A gateway taking batch-settlement (and exact) for a payee of its own, claiming every second."""
+    db: Path = tmp_path_factory.mktemp("channels") / "tollway.sqlite3"
+    settings = gateway_settings(
+        devnet,
+        upstream.url + "/v1",
+        db,
+        schemes=["batch-settlement", "exact"],
+        # (a deposit of 100 quotes, which the client's first payment makes, pays for 100 calls at least)
+        channels={
+            "claim_interval_seconds": 1.0,
+            "watch_seconds": 0.5,
+            "withdraw_delay_seconds": 900,
+            "min_deposit_calls": 100,
+        },
+    )
+    payee = Account.create().address
+    settings = settings.model_copy(update={"chain": settings.chain.model_copy(update={"payee": payee})})
+    with ServerThread(create_app(settings)) as server:
+        store = Store(settings.database_url)
+        yield Gateway(server.url, store, payee)
+        store.close()
+
+
+class SdkPayer:
+    """The official SDK's batch-settlement client on a requests session."""
+
+    def __init__(self, account: Any, devnet) -> None:
+        self.account = account
+        self.storage = InMemoryClientChannelStorage()
+        signer = EthAccountSignerWithRPC(account, devnet.rpc_url)
+        self.scheme = BatchSettlementEvmScheme(signer, BatchSettlementEvmSchemeOptions(storage=self.storage))
+        client = x402ClientSync().register(f"eip155:{devnet.chain_id}", self.scheme)
+        client.set_spend_controls(  # (a spend cap per payment: the deposit is five quotes by default)
+            {"allowed_assets": [{"network": f"eip155:{devnet.chain_id}", "asset": devnet.token, "max_amount_per_payment": "50000000"}]}
+        )
+        self.session = x402_requests(client)
+
+    def call(self, gateway: Gateway, body: dict[str, Any]) -> requests.Response:
+        return self.session.post(gateway.url + CHAT, json=body, timeout=30)
+
+
+def response_extra(response: requests.Response) -> dict[str, Any]:
+    return decode_payment_response_header(response.headers["PAYMENT-RESPONSE"]).extra or {}
+
+
+def wait_for(check, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def ledger(gateway: Gateway, query: str, **params: Any) -> list[tuple[Any, ...]]:
+    with gateway.store.engine.connect() as c:
+        return [tuple(r) for r in c.execute(text(query), params)]
+
+
+def payer_channel(gateway: Gateway, payer: str) -> dict[str, Any]:
+    (cid,) = ledger(gateway, "SELECT id FROM channels WHERE payer = :payer", payer=payer.lower())[0]
+    return gateway.store.channel(cid)  # type: ignore[return-value]
+
+
+def metered_total(gateway: Gateway, payer: str) -> tuple[int, int]:
+    """(calls served, the sum of their metered costs) for one payer."""
+    rows = ledger(
+        gateway,
+        "SELECT COUNT(*), COALESCE(SUM(c.cost), 0) FROM calls c JOIN payments p ON c.payment_id = p.id"
+        " WHERE p.payer = :payer AND c.status = 'served'",
+        payer=payer.lower(),
+    )
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def escrow_channel(chain, channel_id: str) -> tuple[int, int]:
+    """(balance, totalClaimed) of a channel on chain."""
+    data = keccak(b"channels(bytes32)")[:4] + bytes.fromhex(channel_id[2:])
+    raw = chain.w3.eth.call({"to": BATCH_SETTLEMENT_ADDRESS, "data": "0x" + data.hex()})
+    return int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")
+
+
+def test_the_official_client_pays_many_calls_with_one_deposit_each_charged_its_metered_cost_then_claimed(
+    channel_gateway, devnet, chain
+):
+    funded = 100_000_000
+    payer = SdkPayer(chain.fund(funded), devnet)
+    for i in range(CALLS):
+        body = chat_body(f"call {i} " + "word " * (i % 7), max_tokens=16)
+        streamed = i % 3 == 2
+        if streamed:
+            body["stream"] = True
+        answer = payer.call(channel_gateway, body)
+        assert answer.status_code == 200, answer.text
+        extra = response_extra(answer)
+        if streamed:  # charged as it ends: the client learns it from the next call's corrective 402
+            assert extra["chargedAmount"] == "0"
+            assert "data: [DONE]" in answer.text
+        else:
+            assert extra["chargedAmount"] == answer.headers["x-tollway-cost"]
+            assert int(extra["chargedAmount"]) > 0
+
+    channel = payer_channel(channel_gateway, payer.account.address)
+    served, cost = metered_total(channel_gateway, payer.account.address)
+    assert served == CALLS
+    assert channel["charged"] == cost  # every call, streamed or not, charged its metered cost
+    deposited, _ = escrow_channel(chain, channel["id"])
+    assert deposited == channel["balance"] == funded - chain.balance(payer.account.address)  # one deposit
+    assert ledger(
+        channel_gateway, "SELECT COUNT(*) FROM payments WHERE payer = :p AND deposit > 0", p=payer.account.address.lower()
+    ) == [(1,)]
+
+    # The claimer claims every voucher's charge and sweeps it to the payee.
+    wait_for(lambda: channel_gateway.store.channel(channel["id"])["claimed"] == cost)
+    assert escrow_channel(chain, channel["id"]) == (deposited, cost)
+    wait_for(lambda: chain.balance(channel_gateway.payee) == cost)
+
+
+# -- hostile vouchers, and a client that lost count ----------------------------------------------
+
+
+def offer(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
+    """The batch-settlement offer of an unpaid call's 402."""
+    answer = requests.post(gateway.url + CHAT, json=body, timeout=30)
+    assert answer.status_code == 402
+    doc = json.loads(base64.b64decode(answer.headers["PAYMENT-REQUIRED"]))
+    return next(a for a in doc["accepts"] if a["scheme"] == SCHEME)
+
+
+def pay_voucher(
+    gateway: Gateway, body: dict[str, Any], payer: SdkPayer, max_claimable: int, signer: Any = None
+) -> requests.Response:
+    """Pay ``body`` with a voucher built by hand on the payer's channel (signed by ``signer``)."""
+    accepted = offer(gateway, body)
+    config = payer.scheme.build_channel_config(PaymentRequirements.model_validate(accepted))
+    cid = compute_channel_id(config, accepted["network"])
+    voucher = sign_voucher(EthAccountSigner(signer or payer.account), cid, max_claimable, accepted["network"])
+    payload = {"type": "voucher", "channelConfig": config.to_dict(), "voucher": voucher.to_dict()}
+    header = base64.b64encode(json.dumps({"x402Version": 2, "accepted": accepted, "payload": payload}).encode())
+    return requests.post(gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30)
+
+
+def upstream_requests(upstream) -> int:
+    return int(requests.get(f"{upstream.url}/mock/stats", timeout=10).json()["requests"])
+
+
+def refusal(answer: requests.Response) -> tuple[int, str]:
+    doc = json.loads(base64.b64decode(answer.headers["PAYMENT-REQUIRED"]))
+    return answer.status_code, doc["error"].split(":")[0]
+
+
+def test_a_voucher_that_goes_backwards_exceeds_the_deposit_or_is_signed_by_another_key_is_refused(
+    channel_gateway, devnet, chain, upstream
+):
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    body = chat_body("open the channel", max_tokens=16)
+    assert payer.call(channel_gateway, body).status_code == 200  # deposit + first voucher
+    channel = payer_channel(channel_gateway, payer.account.address)
+    amount = int(offer(channel_gateway, body)["amount"])
+    charged = channel["charged"]
+    asked = upstream_requests(upstream)
+
+    backwards = pay_voucher(channel_gateway, body, payer, charged + amount - 1)
+    assert refusal(backwards) == (402, MISMATCH)
+    over = pay_voucher(channel_gateway, body, payer, channel["balance"] + amount)
+    assert refusal(over) == (402, MISMATCH)  # (builds on more than was charged: the same refusal)
+    stranger = pay_voucher(channel_gateway, body, payer, charged + amount, signer=Account.create())
+    assert refusal(stranger) == (402, "invalid_batch_settlement_evm_voucher_signature")
+    after = payer_channel(channel_gateway, payer.account.address)
+    assert (after["charged"], after["busy"]) == (charged, None)  # nothing charged, the channel free
+    assert upstream_requests(upstream) == asked  # and the upstream never asked
+
+    good = pay_voucher(channel_gateway, body, payer, charged + amount)
+    assert good.status_code == 200, good.text
+    assert payer_channel(channel_gateway, payer.account.address)["charged"] == charged + int(
+        response_extra(good)["chargedAmount"]
+    )
+    replayed = pay_voucher(channel_gateway, body, payer, charged + amount)
+    assert refusal(replayed) == (402, MISMATCH)
+
+
+def test_a_voucher_beyond_the_deposit_is_refused_until_the_channel_is_topped_up(channel_gateway, devnet, chain):
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    body = chat_body("a small channel", max_tokens=16)
+    assert payer.call(channel_gateway, body).status_code == 200
+    channel = payer_channel(channel_gateway, payer.account.address)
+    amount = int(offer(channel_gateway, body)["amount"])
+    with channel_gateway.store.engine.begin() as c:  # (as if the deposit were nearly spent)
+        c.execute(
+            text("UPDATE channels SET charged = balance - :a + 1, signed_max = balance WHERE id = :id"),
+            {"a": amount, "id": channel["id"]},
+        )
+    charged = channel["balance"] - amount + 1
+    answer = pay_voucher(channel_gateway, body, payer, charged + amount)
+    assert refusal(answer) == (402, "invalid_batch_settlement_evm_cumulative_exceeds_balance")
+
+
+def test_a_client_that_lost_its_channel_state_resynchronises_through_the_corrective_402(
+    channel_gateway, devnet, chain
+):
+    account = chain.fund(100_000_000)
+    first = SdkPayer(account, devnet)
+    for i in range(3):
+        assert first.call(channel_gateway, chat_body(f"before {i}", max_tokens=16)).status_code == 200
+    charged = payer_channel(channel_gateway, account.address)["charged"]
+
+    again = SdkPayer(account, devnet)  # a fresh process: no local state (it reads the chain: nothing claimed)
+    answer = again.call(channel_gateway, chat_body("after a restart", max_tokens=16))
+    assert answer.status_code == 200, answer.text
+    extra = response_extra(answer)
+    assert int(extra["channelState"]["chargedCumulativeAmount"]) == charged + int(extra["chargedAmount"])
+    deposits = "SELECT COUNT(*) FROM payments WHERE payer = :p AND deposit > 0 AND state = 'settled'"
+    assert ledger(channel_gateway, deposits, p=account.address.lower()) == [(1,)]  # no second deposit
