@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, credits, pipeline, receipts, signin
+from . import __version__, credits, pipeline, receipts, refunds, signin
 from .config import Settings
 from .errors import (
     Forbidden,
@@ -39,6 +39,10 @@ def gateway(request: Request) -> Gateway:
 
 async def chat_completions(request: Request) -> Response:
     return await pipeline.chat_completions(request, gateway(request))
+
+
+async def channel_refund(request: Request) -> Response:
+    return await refunds.refund(request, gateway(request))
 
 
 async def credit_balance(request: Request) -> Response:
@@ -266,6 +270,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/receipts/{receipt_id}", receipt, methods=["GET"]),
             Route("/v1/credit", credit_balance, methods=["GET"]),
+            Route("/v1/channels/refund", channel_refund, methods=["GET", "POST"]),
             Route("/v1/credit/withdrawals", credit_withdraw, methods=["POST"]),
             Route("/v1/credit/withdrawals/{payout_id}", credit_withdrawal, methods=["GET"]),
             Route("/v1/stats/cache", cache_stats, methods=["GET"]),

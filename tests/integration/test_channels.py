@@ -19,25 +19,28 @@ from sqlalchemy import text
 from x402 import x402ClientSync
 from x402.http.clients.requests import x402_requests
 from x402.http.utils import decode_payment_response_header
+from x402.mechanisms.evm.batch_settlement.abi import BATCH_SETTLEMENT_ABI
 from x402.mechanisms.evm.batch_settlement.client import (
     BatchSettlementEvmScheme,
     BatchSettlementEvmSchemeOptions,
     InMemoryClientChannelStorage,
+    sign_voucher,
 )
-from x402.mechanisms.evm.batch_settlement.client import sign_voucher
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.mechanisms.evm.signers import EthAccountSigner, EthAccountSignerWithRPC
 from x402.schemas import PaymentRequirements
 
-from conftest import gateway_settings
-from support import CHAT, ServerThread, chat_body
+from conftest import anvil_process, gateway_settings
+from support import CHAT, Chain, ServerThread, chat_body
 from tollway.app import create_app
+from tollway.devnet.deploy import deploy_devnet
 from tollway.ledger import Store
 from tollway.payments.channel import BATCH_SETTLEMENT_ADDRESS
 
 SCHEME = "batch-settlement"
 MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
 CALLS = 100
+CONFIG_FIELDS = ("payer", "payerAuthorizer", "receiver", "receiverAuthorizer", "token", "withdrawDelay", "salt")
 
 
 class Gateway:
@@ -79,9 +82,9 @@ class SdkPayer:
         signer = EthAccountSignerWithRPC(account, devnet.rpc_url)
         self.scheme = BatchSettlementEvmScheme(signer, BatchSettlementEvmSchemeOptions(storage=self.storage))
         client = x402ClientSync().register(f"eip155:{devnet.chain_id}", self.scheme)
-        client.set_spend_controls(  # (a spend cap per payment: the deposit is five quotes by default)
-            {"allowed_assets": [{"network": f"eip155:{devnet.chain_id}", "asset": devnet.token, "max_amount_per_payment": "50000000"}]}
-        )
+        network = f"eip155:{devnet.chain_id}"
+        cap = {"network": network, "asset": devnet.token, "max_amount_per_payment": "50000000"}  # (the deposit)
+        client.set_spend_controls({"allowed_assets": [cap]})
         self.session = x402_requests(client)
 
     def call(self, gateway: Gateway, body: dict[str, Any]) -> requests.Response:
@@ -157,7 +160,9 @@ def test_the_official_client_pays_many_calls_with_one_deposit_each_charged_its_m
     deposited, _ = escrow_channel(chain, channel["id"])
     assert deposited == channel["balance"] == funded - chain.balance(payer.account.address)  # one deposit
     assert ledger(
-        channel_gateway, "SELECT COUNT(*) FROM payments WHERE payer = :p AND deposit > 0", p=payer.account.address.lower()
+        channel_gateway,
+        "SELECT COUNT(*) FROM payments WHERE payer = :p AND deposit > 0",
+        p=payer.account.address.lower(),
     ) == [(1,)]
 
     # The claimer claims every voucher's charge and sweeps it to the payee.
@@ -245,9 +250,7 @@ def test_a_voucher_beyond_the_deposit_is_refused_until_the_channel_is_topped_up(
     assert refusal(answer) == (402, "invalid_batch_settlement_evm_cumulative_exceeds_balance")
 
 
-def test_a_client_that_lost_its_channel_state_resynchronises_through_the_corrective_402(
-    channel_gateway, devnet, chain
-):
+def test_a_client_that_lost_its_channel_state_resynchronises_through_the_corrective_402(channel_gateway, devnet, chain):
     account = chain.fund(100_000_000)
     first = SdkPayer(account, devnet)
     for i in range(3):
@@ -261,3 +264,101 @@ def test_a_client_that_lost_its_channel_state_resynchronises_through_the_correct
     assert int(extra["channelState"]["chargedCumulativeAmount"]) == charged + int(extra["chargedAmount"])
     deposits = "SELECT COUNT(*) FROM payments WHERE payer = :p AND deposit > 0 AND state = 'settled'"
     assert ledger(channel_gateway, deposits, p=account.address.lower()) == [(1,)]  # no second deposit
+
+
+def test_the_official_client_refunds_what_its_channel_was_not_charged_with_its_charges_claimed(
+    channel_gateway, devnet, chain, upstream
+):
+    funded = 100_000_000
+    payer = SdkPayer(chain.fund(funded), devnet)
+    for i in range(4):
+        body = chat_body(f"before the refund {i}", max_tokens=16, stream=i == 3)  # (the last charged as it ends)
+        assert payer.call(channel_gateway, body).status_code == 200
+    channel = payer_channel(channel_gateway, payer.account.address)
+    cost = metered_total(channel_gateway, payer.account.address)[1]
+    assert channel["charged"] == cost
+
+    settled = payer.scheme.refund(channel_gateway.url + "/v1/channels/refund")  # (resynchronises first)
+    assert settled.success and settled.transaction
+    # The payer has everything back but what its calls cost; the payee has that; the escrow is empty.
+    assert chain.balance(payer.account.address) == funded - cost
+    assert escrow_channel(chain, channel["id"]) == (cost, cost)
+    after = payer_channel(channel_gateway, payer.account.address)
+    assert (after["balance"], after["claimed"], after["refunded"], after["busy"]) == (
+        cost,
+        cost,
+        channel["balance"] - cost,
+        None,
+    )
+    wait_for(lambda: chain.balance(channel_gateway.payee) >= cost)
+
+    # A voucher on the refunded channel exceeds what it holds now.
+    body = chat_body("after the refund", max_tokens=16)
+    amount = int(offer(channel_gateway, body)["amount"])
+    assert refusal(pay_voucher(channel_gateway, body, payer, cost + amount))[1] == (
+        "invalid_batch_settlement_evm_cumulative_exceeds_balance"
+    )
+
+
+# -- the payer's escape hatch: a timed withdrawal (on an anvil of its own: its clock moves) -------
+
+
+def test_a_channel_whose_payer_starts_a_withdrawal_is_claimed_at_once_and_takes_no_more_vouchers(
+    xprocess, upstream, tmp_path
+):
+    with anvil_process(xprocess, "channels-withdraw") as rpc:
+        own = deploy_devnet(rpc)
+        chain = Chain(own)
+        settings = gateway_settings(
+            own,
+            upstream.url + "/v1",
+            tmp_path / "tollway.sqlite3",
+            schemes=["batch-settlement"],
+            # (claims are hourly: only the withdrawal makes this one happen now)
+            channels={"claim_interval_seconds": 3600, "watch_seconds": 0.3, "withdraw_delay_seconds": 900},
+        )
+        payee = Account.create().address
+        settings = settings.model_copy(update={"chain": settings.chain.model_copy(update={"payee": payee})})
+        with ServerThread(create_app(settings)) as server:
+            store = Store(settings.database_url)
+            gateway = Gateway(server.url, store, payee)
+            account = chain.fund(100_000_000, eth=True)  # (it pays gas to withdraw)
+            payer = SdkPayer(account, own)
+            for i in range(3):
+                assert payer.call(gateway, chat_body(f"before withdrawing {i}", max_tokens=16)).status_code == 200
+            channel = payer_channel(gateway, account.address)
+            config = json.loads(channel["config"])
+            escrow = chain.w3.eth.contract(address=BATCH_SETTLEMENT_ADDRESS, abi=BATCH_SETTLEMENT_ABI)
+            as_tuple = tuple(config[k] for k in CONFIG_FIELDS)
+
+            def send(fn: Any) -> None:
+                tx = fn.build_transaction(
+                    {
+                        "from": account.address,
+                        "nonce": chain.w3.eth.get_transaction_count(account.address),
+                        "gas": 300_000,
+                    }
+                )
+                signed = account.sign_transaction(tx)
+                receipt = chain.w3.eth.wait_for_transaction_receipt(
+                    chain.w3.eth.send_raw_transaction(signed.raw_transaction)
+                )
+                assert receipt["status"] == 1
+
+            send(escrow.functions.initiateWithdraw(as_tuple, channel["balance"]))
+            claimed = wait_for(lambda: store.channel(channel["id"])["claimed"] == channel["charged"] or None)
+            assert claimed and store.channel(channel["id"])["withdraw_at"] > 0
+            assert escrow_channel(chain, channel["id"]) == (channel["balance"], channel["charged"])
+
+            body = chat_body("while withdrawing", max_tokens=16)
+            amount = int(offer(gateway, body)["amount"])
+            refused = pay_voucher(gateway, body, payer, channel["charged"] + amount)
+            assert refusal(refused) == (402, "invalid_batch_settlement_evm_channel_not_found")
+
+            chain.w3.provider.make_request("evm_increaseTime", [900])
+            chain.w3.provider.make_request("evm_mine", [])
+            before = chain.balance(account.address)
+            send(escrow.functions.finalizeWithdraw(as_tuple))
+            assert chain.balance(account.address) == before + channel["balance"] - channel["charged"]
+            wait_for(lambda: chain.balance(payee) == channel["charged"])
+            store.close()

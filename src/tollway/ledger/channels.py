@@ -44,8 +44,21 @@ WATCHED = (
     "SELECT id, claimed, withdraw_at FROM channels WHERE network = :network AND asset = :asset AND charged > claimed"
 )
 CLAIMING = "UPDATE channels SET claim_tx = :tx, claim_to = :to, updated_at = :now WHERE id = :id AND claim_tx IS NULL"
-CLAIMED = "UPDATE channels SET claimed = claim_to, claim_tx = NULL, updated_at = :now WHERE claim_tx = :tx"
+CLAIMED = (  # (a refund may have claimed more meanwhile: claims only ever raise the total)
+    "UPDATE channels SET claimed = CASE WHEN claim_to > claimed THEN claim_to ELSE claimed END,"
+    " claim_tx = NULL, updated_at = :now WHERE claim_tx = :tx"
+)
 UNCLAIMED = "UPDATE channels SET claim_tx = NULL, updated_at = :now WHERE claim_tx = :tx"
+TAKE_FOR_REFUND = (  # the refund's voucher is at the charged total, and the channel is free
+    "UPDATE channels SET busy = :holder, busy_until = :until, updated_at = :now"
+    " WHERE id = :id AND payer = :payer AND charged = :charged AND (busy IS NULL OR busy_until < :now)"
+)
+REFUNDED = (  # the escrow's balance and claimed total, read once the refund was mined
+    "UPDATE channels SET balance = :balance, claimed = CASE WHEN :claimed > claimed THEN :claimed ELSE claimed END,"
+    " refunded = refunded + :refunded, refund_nonce = refund_nonce + 1, busy = NULL, updated_at = :now"
+    " WHERE id = :id AND busy = :holder"
+)
+FREE_HELD = "UPDATE channels SET busy = NULL, updated_at = :now WHERE id = :id AND busy = :holder"
 WITHDRAWING = "UPDATE channels SET withdraw_at = :at, updated_at = :now WHERE id = :id AND withdraw_at = 0"
 
 
@@ -89,16 +102,38 @@ def take(c: sql.Cursor, use: ChannelUse, payment_id: str, where: dict[str, str],
         "base": use.base,
         "signed_max": use.signed_max,
     }
-    took = c.run(TAKE, params) == 1
-    rows = c.dicts(STATE, {"id": use.id})
+    return _taken(c, c.run(TAKE, params) == 1, use.id, where["payer"], use.base, now)
+
+
+def take_for_refund(
+    c: sql.Cursor, channel_id: str, charged: int, holder: str, payer: str, hold_seconds: float
+) -> dict[str, Any]:
+    """Take the channel for a refund whose voucher is at ``charged``; as ``take``."""
+    now = time.time()
+    params = {
+        "id": channel_id,
+        "holder": holder,
+        "until": now + hold_seconds,
+        "now": now,
+        "charged": charged,
+        "payer": payer,
+    }
+    return _taken(c, c.run(TAKE_FOR_REFUND, params) == 1, channel_id, payer, charged, now, refund=True)
+
+
+def _taken(
+    c: sql.Cursor, took: bool, channel_id: str, payer: str, base: int, now: float, *, refund: bool = False
+) -> dict[str, Any]:
+    """The channel as taken; or why it could not be."""
+    rows = c.dicts(STATE, {"id": channel_id})
     state = rows[0] if rows else None
     if took and state is not None:
         return state
-    if state is None or state["payer"] != where["payer"]:
+    if state is None or state["payer"] != payer:
         raise ChannelRefused("not_found", None)
-    if state["withdraw_at"]:
+    if state["withdraw_at"] and not refund:
         raise ChannelRefused("withdrawing", state)
-    if state["charged"] != use.base:
+    if state["charged"] != base:
         raise ChannelRefused("mismatch", state)
     if state["busy"] is not None and state["busy_until"] >= now:
         raise ChannelRefused("busy", state)

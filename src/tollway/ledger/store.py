@@ -755,6 +755,24 @@ class Store:
             c.run(channels.CLAIMED if ok else channels.UNCLAIMED, {"tx": tx_id, "now": time.time()})
         return True
 
+    def take_for_refund(
+        self, channel_id: str, charged: int, holder: str, payer: str, hold_seconds: float
+    ) -> dict[str, Any]:
+        """Take a channel for its payer's refund (see ``channels.take_for_refund``)."""
+        with self._sql() as c:
+            return channels.take_for_refund(c, channel_id, charged, holder, payer, hold_seconds)
+
+    def refunded(self, channel_id: str, holder: str, *, balance: int, claimed: int, refunded: int) -> dict[str, Any]:
+        """A refund was mined: the channel holds what the escrow says, and is free again."""
+        with self._sql() as c:
+            params = {"id": channel_id, "holder": holder, "balance": balance, "claimed": claimed, "refunded": refunded}
+            c.run(channels.REFUNDED, {**params, "now": time.time()})
+            return c.dicts(channels.STATE, {"id": channel_id})[0]
+
+    def free_channel(self, channel_id: str, holder: str) -> None:
+        with self._sql() as c:
+            c.run(channels.FREE_HELD, {"id": channel_id, "holder": holder, "now": time.time()})
+
     def watched_channels(self, network: str, asset: str) -> list[dict[str, Any]]:
         """Channels with charges not claimed yet: their payer may start a withdrawal."""
         with self._sql() as c:

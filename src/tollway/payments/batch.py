@@ -112,6 +112,29 @@ class BatchSettlementEvm(TokenScheme):
             raise PaymentInvalid(
                 "a refund is asked for at /v1/channels/refund, not with a call", code=PREFIX + "payload_type"
             )
+        self.check_channel(p)
+        deposit = 0 if p.deposit is None else self._check_deposit(p.config, p.deposit, now)
+        base = p.voucher.max_claimable - offer.amount
+        if base < 0:
+            raise PaymentInvalid(REFUSALS["mismatch"][1], code=MISMATCH)
+        use = replace(self.channel_use({"payload": proof.payload}), base=base, deposit=deposit)
+        return Verified(
+            scheme=self.name,
+            network=self.network,
+            asset=self.token.lower(),
+            payer=p.config.payer,
+            payee=self.payee.lower(),
+            amount=offer.amount,
+            # The channel's charged total is the replay lock (see ledger.channels): each use of a
+            # voucher is a payment of its own.
+            lock_key=f"{self.network}:channel:{use.id}:{use.signed_max}:{new_id()}",
+            proof={"payload": proof.payload},
+            channel=use,
+        )
+
+    def check_channel(self, p: ch.ChannelPayload) -> bytes:
+        """The channel id of a payload whose channel pays us on our terms and whose voucher its
+        payer authorizer signed; raises ``PaymentInvalid`` otherwise."""
         config = p.config
         cid = ch.channel_id(config, self.chain_id)
         checks = (
@@ -143,24 +166,7 @@ class BatchSettlementEvm(TokenScheme):
             raise PaymentInvalid(f"bad voucher signature: {exc}", code=PREFIX + "voucher_signature") from exc
         if signer != config.payer_authorizer:
             raise PaymentInvalid("the voucher is not signed by the payer authorizer", code=PREFIX + "voucher_signature")
-        deposit = 0 if p.deposit is None else self._check_deposit(config, p.deposit, cid, now)
-        base = p.voucher.max_claimable - offer.amount
-        if base < 0:
-            raise PaymentInvalid(REFUSALS["mismatch"][1], code=MISMATCH)
-        use = replace(self.channel_use({"payload": proof.payload}), base=base, deposit=deposit)
-        return Verified(
-            scheme=self.name,
-            network=self.network,
-            asset=self.token.lower(),
-            payer=config.payer,
-            payee=self.payee.lower(),
-            amount=offer.amount,
-            # The channel's charged total is the replay lock (see ledger.channels): each use of a
-            # voucher is a payment of its own.
-            lock_key=f"{self.network}:channel:{use.id}:{use.signed_max}:{new_id()}",
-            proof={"payload": proof.payload},
-            channel=use,
-        )
+        return cid
 
     def channel_use(self, proof: dict[str, Any]) -> ChannelUse:
         """What a payment (its ``Verified.proof``, as the ledger keeps it) asks of its channel, to
@@ -175,7 +181,7 @@ class BatchSettlementEvm(TokenScheme):
             deposit=0 if p.deposit is None else p.deposit.amount,
         )
 
-    def _check_deposit(self, config: ch.ChannelConfig, deposit: ch.Deposit, cid: bytes, now: int) -> int:
+    def _check_deposit(self, config: ch.ChannelConfig, deposit: ch.Deposit, now: int) -> int:
         auth = deposit.authorization
         if not isinstance(auth, ch.Erc3009Deposit):
             raise PaymentInvalid(

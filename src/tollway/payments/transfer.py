@@ -120,6 +120,9 @@ class TransferScheme:
     def extensions(self) -> dict[str, Any]:
         return {}
 
+    def response_extra(self, channel: dict[str, Any] | None, charged: int | None) -> dict[str, Any] | None:
+        return None
+
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
         return None
 

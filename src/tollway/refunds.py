@@ -1,0 +1,107 @@
+"""``/v1/channels/refund``: a batch-settlement payer takes back what its channel holds and was not
+charged, at once — the SDK's cooperative refund (``BatchSettlementEvmScheme.refund(url)``).
+
+Asked without payment, it answers 402 with the batch-settlement offer (the channel's terms). Asked
+with a ``refund`` payload — the payer's voucher at exactly what the channel has been charged, and
+optionally an amount — it takes the channel (no call may run on it meanwhile), claims the charges
+not claimed yet and refunds the rest (or the amount asked) in one transaction of ours,
+``multicall([claimWithSignature…, refundWithSignature…, settle…])``, and answers once it is mined,
+with the transaction in ``PAYMENT-RESPONSE``. A voucher at another total gets the corrective 402.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from eth_hash.auto import keccak
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .errors import NotFound, PaymentInvalid, PaymentRequired
+from .gateway import Gateway
+from .ledger.channels import ChannelRefused
+from .ledger.store import new_id
+from .payments import channel as ch
+from .payments import x402
+from .payments.batch import PREFIX, BatchSettlementEvm, state
+
+REFUND_NONCE = keccak(b"refundNonce(bytes32)")[:4]
+CHANNELS = keccak(b"channels(bytes32)")[:4]
+
+
+async def refund(request: Request, gw: Gateway) -> Response:
+    scheme = next((s for s in gw.schemes if isinstance(s, BatchSettlementEvm)), None)
+    if scheme is None:
+        raise NotFound("this gateway takes no batch-settlement channels")
+    try:
+        return await _refund(request, gw, scheme)
+    except PaymentRequired as exc:
+        offer = scheme.offer(0)
+        more = getattr(exc, "offer_extra", {}).get(scheme.name, {})  # (the corrective 402's channel state)
+        offer = replace(offer, extra={**offer.extra, **more})
+        error = exc.code if getattr(exc, "bare_error", False) else f"{exc.code}: {exc.message}"
+        resource = {"url": gw.public_base(request) + request.url.path, "description": "channel refund"}
+        doc = x402.payment_required(error, resource, [offer])
+        exc.challenge = {"headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc)}, "body": exc.body()}
+        raise
+
+
+async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> Response:
+    proof = x402.decode_proof(request.headers, {})
+    if proof is None or proof.version != 2:
+        raise PaymentRequired("send a refund payload (x402 v2 PAYMENT-SIGNATURE) for your channel")
+    p = ch.decode_payload(proof.payload)
+    if p.type != "refund":
+        raise PaymentInvalid("this endpoint takes refund payloads only", code=PREFIX + "payload_type")
+    cid = scheme.check_channel(p)
+    channel_id = "0x" + cid.hex()
+    holder = new_id()
+    try:
+        taken = gw.store.take_for_refund(
+            channel_id, p.voucher.max_claimable, holder, p.config.payer, gw.settings.min_validity_seconds
+        )
+    except ChannelRefused as refused:
+        raise scheme.channel_refused(refused) from None
+    sending = False  # once the refund is sent, the channel stays taken even if we stop waiting for it
+    try:
+        remainder = taken["balance"] - taken["charged"]
+        amount = remainder if p.refund_amount is None else p.refund_amount
+        if remainder <= 0 or amount > remainder:
+            raise PaymentInvalid(
+                f"the channel has {max(remainder, 0)} left to refund", code=PREFIX + "refund_no_balance"
+            )
+        nonce = int.from_bytes(await gw.chain.call(ch.BATCH_SETTLEMENT_ADDRESS, REFUND_NONCE + cid), "big")
+        calls = []
+        if taken["charged"] > taken["claimed"]:  # the charges go to the payee first
+            claims = [ch.Claim(p.config, p.voucher.max_claimable, p.voucher.signature, taken["charged"])]
+            signature = scheme.sign(ch.claim_batch_digest(claims, scheme.chain_id))
+            calls += [
+                ch.claim_with_signature_calldata(claims, signature),
+                ch.settle_calldata(scheme.payee, scheme.token),
+            ]
+        signature = scheme.sign(ch.refund_digest(cid, nonce, amount, scheme.chain_id))
+        calls.append(ch.refund_with_signature_calldata(p.config, amount, nonce, signature))
+        sending = True
+        mined = await gw.settler.send(
+            "refund",
+            ch.BATCH_SETTLEMENT_ADDRESS,
+            ch.multicall_calldata(calls),
+            timeout=gw.settings.settle_margin_seconds,
+        )
+        if mined is None:
+            sending = False
+            raise PaymentInvalid("the refund reverted on chain", code=PREFIX + "refund_transaction_failed")
+        raw = await gw.chain.call(ch.BATCH_SETTLEMENT_ADDRESS, CHANNELS + cid)  # what the escrow holds now
+        balance, claimed = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")
+        refunded = taken["balance"] - balance if balance < taken["balance"] else 0
+        after = gw.store.refunded(channel_id, holder, balance=balance, claimed=claimed, refunded=refunded)
+    except BaseException:
+        if not sending:
+            gw.store.free_channel(channel_id, holder)
+        raise
+    extra = {"channelState": state(after, after["charged"])}
+    response = x402.settle_response(
+        success=True, tx_hash=mined, network=scheme.network, payer=p.config.payer, amount=refunded, extra=extra
+    )
+    body = {"message": "Refund acknowledged", "channelId": channel_id, "amount": str(refunded)}
+    return JSONResponse(body, headers={x402.PAYMENT_RESPONSE: response})
