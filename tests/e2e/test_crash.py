@@ -10,9 +10,11 @@ import time
 
 from x402.http.clients import x402HttpxClient
 
+from channel_support import Gateway, SdkPayer, escrow_channel, metered_total, payer_channel, wait_for
 from conftest import anvil_process
-from support import ADMIN_TOKEN, CHAT, Chain, free_port, receipt, serve_process, stop_process, upto_client
+from support import ADMIN_TOKEN, CHAT, Chain, chat_body, free_port, receipt, serve_process, stop_process, upto_client
 from tollway.devnet.deploy import Devnet
+from tollway.ledger import Store
 
 
 async def test_kill_9_mid_upto_stream_settles_what_was_delivered_not_the_maximum(xprocess, tmp_path):
@@ -52,3 +54,58 @@ async def test_kill_9_mid_upto_stream_settles_what_was_delivered_not_the_maximum
         assert doc["status"] == "incomplete"
         assert 0 < cost < maximum // 10 and int(doc["payment"]["amount"]["atomic"]) == cost
         assert chain.balance(payer.address) == 100_000_000 - cost  # the debit is the estimate, not the maximum
+
+
+def test_kill_9_between_a_claims_broadcast_and_its_receipt_loses_no_voucher_and_claims_nothing_twice(
+    xprocess, tmp_path
+):
+
+    with anvil_process(xprocess, "crash-claim") as rpc:
+        db = tmp_path / "ledger.sqlite3"
+        args = ["--devnet", "--devnet-url", rpc, "--mock-port", str(free_port())]
+        env = {
+            "TOLLWAY_DATABASE_URL": f"sqlite:///{db}",
+            "TOLLWAY_SCHEMES": '["batch-settlement"]',
+            "TOLLWAY_CHANNELS__CLAIM_INTERVAL_SECONDS": "0.5",
+            "TOLLWAY_CHANNELS__WATCH_SECONDS": "0.3",
+            "TOLLWAY_CHANNELS__WITHDRAW_DELAY_SECONDS": "900",
+        }
+        proc, url = serve_process(tmp_path, args, env)
+        devnet = Devnet.load(tmp_path / "var" / "devnet.json")
+        chain = Chain(devnet)
+        store = Store(f"sqlite:///{db}")
+        try:
+            gateway = Gateway(url, store, devnet.payee)
+            payer = SdkPayer(chain.fund(100_000_000), devnet)
+            payee_before = chain.balance(devnet.payee)
+            chain.w3.provider.make_request("evm_setAutomine", [False])  # the claim waits in the pool
+            for i in range(5):
+                if i == 0:  # (the deposit is mined before the first call is served)
+                    chain.w3.provider.make_request("evm_setAutomine", [True])
+                assert payer.call(gateway, chat_body(f"before the crash {i}", max_tokens=16)).status_code == 200
+                chain.w3.provider.make_request("evm_setAutomine", [False])
+            channel = payer_channel(gateway, payer.account.address)
+            claiming = wait_for(lambda: store.channel(channel["id"])["claim_tx"])
+            wait_for(lambda: store.transaction(claiming)["state"] == "sent")  # broadcast, not mined
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            chain.mine(1)  # the claim is mined while no gateway runs
+            chain.w3.provider.make_request("evm_setAutomine", [True])
+
+            proc, url = serve_process(tmp_path, args, env)
+            gateway = Gateway(url, store, devnet.payee)
+            wait_for(lambda: store.channel(channel["id"])["claim_tx"] is None)
+            charged = store.channel(channel["id"])["charged"]
+            assert store.channel(channel["id"])["claimed"] == charged
+            assert escrow_channel(chain, channel["id"])[1] == charged
+            # The calls after the restart are claimed too, and nothing twice.
+            for i in range(3):
+                assert payer.call(gateway, chat_body(f"after the crash {i}", max_tokens=16)).status_code == 200
+            served, cost = metered_total(gateway, payer.account.address)
+            assert served == 8
+            wait_for(lambda: store.channel(channel["id"])["claimed"] == cost)
+            assert escrow_channel(chain, channel["id"])[1] == cost
+            wait_for(lambda: chain.balance(devnet.payee) == payee_before + cost)
+        finally:
+            store.close()
+            stop_process(proc)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,24 +13,27 @@ from typing import Any
 import pytest
 import requests
 from eth_account import Account
-from eth_hash.auto import keccak
 from sqlalchemy import text
-from x402 import x402ClientSync
-from x402.http.clients.requests import x402_requests
-from x402.http.utils import decode_payment_response_header
 from x402.mechanisms.evm.batch_settlement.abi import BATCH_SETTLEMENT_ABI
 from x402.mechanisms.evm.batch_settlement.client import (
-    BatchSettlementEvmScheme,
-    BatchSettlementEvmSchemeOptions,
-    InMemoryClientChannelStorage,
     sign_voucher,
 )
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
-from x402.mechanisms.evm.signers import EthAccountSigner, EthAccountSignerWithRPC
+from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.schemas import PaymentRequirements
 
+from channel_support import (
+    Gateway,
+    SdkPayer,
+    escrow_channel,
+    ledger,
+    metered_total,
+    payer_channel,
+    response_extra,
+    wait_for,
+)
 from conftest import anvil_process, gateway_settings
-from support import CHAT, Chain, ServerThread, chat_body
+from support import CHAT, Chain, ServerThread, chat_body, run_concurrently
 from tollway.app import create_app
 from tollway.devnet.deploy import deploy_devnet
 from tollway.ledger import Store
@@ -41,11 +43,6 @@ SCHEME = "batch-settlement"
 MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
 CALLS = 100
 CONFIG_FIELDS = ("payer", "payerAuthorizer", "receiver", "receiverAuthorizer", "token", "withdrawDelay", "salt")
-
-
-class Gateway:
-    def __init__(self, url: str, store: Store, payee: str) -> None:
-        self.url, self.store, self.payee = url, store, payee
 
 
 @pytest.fixture(scope="module")
@@ -71,66 +68,6 @@ def channel_gateway(devnet, upstream, tmp_path_factory) -> Iterator[Gateway]:
         store = Store(settings.database_url)
         yield Gateway(server.url, store, payee)
         store.close()
-
-
-class SdkPayer:
-    """The official SDK's batch-settlement client on a requests session."""
-
-    def __init__(self, account: Any, devnet) -> None:
-        self.account = account
-        self.storage = InMemoryClientChannelStorage()
-        signer = EthAccountSignerWithRPC(account, devnet.rpc_url)
-        self.scheme = BatchSettlementEvmScheme(signer, BatchSettlementEvmSchemeOptions(storage=self.storage))
-        client = x402ClientSync().register(f"eip155:{devnet.chain_id}", self.scheme)
-        network = f"eip155:{devnet.chain_id}"
-        cap = {"network": network, "asset": devnet.token, "max_amount_per_payment": "50000000"}  # (the deposit)
-        client.set_spend_controls({"allowed_assets": [cap]})
-        self.session = x402_requests(client)
-
-    def call(self, gateway: Gateway, body: dict[str, Any]) -> requests.Response:
-        return self.session.post(gateway.url + CHAT, json=body, timeout=30)
-
-
-def response_extra(response: requests.Response) -> dict[str, Any]:
-    return decode_payment_response_header(response.headers["PAYMENT-RESPONSE"]).extra or {}
-
-
-def wait_for(check, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
-def ledger(gateway: Gateway, query: str, **params: Any) -> list[tuple[Any, ...]]:
-    with gateway.store.engine.connect() as c:
-        return [tuple(r) for r in c.execute(text(query), params)]
-
-
-def payer_channel(gateway: Gateway, payer: str) -> dict[str, Any]:
-    (cid,) = ledger(gateway, "SELECT id FROM channels WHERE payer = :payer", payer=payer.lower())[0]
-    return gateway.store.channel(cid)  # type: ignore[return-value]
-
-
-def metered_total(gateway: Gateway, payer: str) -> tuple[int, int]:
-    """(calls served, the sum of their metered costs) for one payer."""
-    rows = ledger(
-        gateway,
-        "SELECT COUNT(*), COALESCE(SUM(c.cost), 0) FROM calls c JOIN payments p ON c.payment_id = p.id"
-        " WHERE p.payer = :payer AND c.status = 'served'",
-        payer=payer.lower(),
-    )
-    return int(rows[0][0]), int(rows[0][1])
-
-
-def escrow_channel(chain, channel_id: str) -> tuple[int, int]:
-    """(balance, totalClaimed) of a channel on chain."""
-    data = keccak(b"channels(bytes32)")[:4] + bytes.fromhex(channel_id[2:])
-    raw = chain.w3.eth.call({"to": BATCH_SETTLEMENT_ADDRESS, "data": "0x" + data.hex()})
-    return int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")
 
 
 def test_the_official_client_pays_many_calls_with_one_deposit_each_charged_its_metered_cost_then_claimed(
@@ -362,3 +299,50 @@ def test_a_channel_whose_payer_starts_a_withdrawal_is_claimed_at_once_and_takes_
             assert chain.balance(account.address) == before + channel["balance"] - channel["charged"]
             wait_for(lambda: chain.balance(payee) == channel["charged"])
             store.close()
+
+
+# -- replicas ----------------------------------------------------------------------------------------
+
+
+def test_two_replicas_on_postgres_serve_one_channel_without_over_charging_or_double_claiming(
+    devnet, chain, upstream, postgres_url, tmp_path
+):
+    settings = gateway_settings(
+        devnet,
+        upstream.url + "/v1",
+        tmp_path / "unused.sqlite3",
+        schemes=["batch-settlement"],
+        channels={"claim_interval_seconds": 0.5, "watch_seconds": 0.3, "withdraw_delay_seconds": 900},
+    )
+    payee = Account.create().address
+    chain_settings = settings.chain.model_copy(update={"payee": payee})
+    settings = settings.model_copy(update={"database_url": postgres_url, "chain": chain_settings})
+    with ServerThread(create_app(settings)) as a, ServerThread(create_app(settings)) as b:
+        store = Store(postgres_url)
+        replicas = [Gateway(a.url, store, payee), Gateway(b.url, store, payee)]
+        payer = SdkPayer(chain.fund(100_000_000), devnet)
+        assert payer.call(replicas[0], chat_body("open", max_tokens=16)).status_code == 200
+        channel = payer_channel(replicas[0], payer.account.address)
+
+        # One voucher fired at both replicas at once: one call takes it, every other is refused.
+        body = chat_body("the same voucher, many times", max_tokens=16)
+        accepted = offer(replicas[0], body)
+        voucher = channel["charged"] + int(accepted["amount"])
+        answers: list[requests.Response] = []
+        run_concurrently(lambda g: answers.append(pay_voucher(g, body, payer, voucher)), replicas * 6)
+        assert sorted(r.status_code for r in answers) == [200] + [402] * 11
+        assert {refusal(r)[1] for r in answers if r.status_code == 402} <= {
+            MISMATCH,
+            "invalid_batch_settlement_evm_channel_busy",
+        }
+
+        # The client's calls spread over both replicas: each charged once, all claimed once.
+        for i in range(10):
+            assert payer.call(replicas[i % 2], chat_body(f"spread {i}", max_tokens=16)).status_code == 200
+        served, cost = metered_total(replicas[0], payer.account.address)
+        assert served == 12
+        assert payer_channel(replicas[0], payer.account.address)["charged"] == cost
+        wait_for(lambda: store.channel(channel["id"])["claimed"] == cost)
+        assert escrow_channel(chain, channel["id"])[1] == cost
+        wait_for(lambda: chain.balance(payee) == cost)
+        store.close()
