@@ -9,6 +9,7 @@ on-chain offers are never below the smallest on-chain payment worth its gas.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any
@@ -20,7 +21,7 @@ from .chat import ChatCall
 from .errors import PaymentRequired, truncate
 from .gateway import Gateway
 from .ledger.store import credit_account
-from .payments import x402
+from .payments import mpp, x402
 from .payments.base import Offer
 from .pricing import to_atomic
 from .signin import SignIn
@@ -89,6 +90,11 @@ def with_challenge(
     extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
     extensions.update(signin.declaration(gw, request, call.digest), **idempotency.declaration(gw))
     doc = x402.payment_required(error, resource, quoted, extensions)
+    headers = {x402.PAYMENT_REQUIRED: x402.b64json(doc)}
+    exact = next((o for o in quoted if o.scheme == "exact"), None)
+    if gw.mpp is not None and exact is not None and mpp.accepts_mpp(request.headers):
+        expires = int(time.time()) + gw.settings.offer_timeout_seconds
+        headers[mpp.WWW_AUTHENTICATE] = gw.mpp.challenge(exact, call.digest, expires)
     # v2 clients read the header. The body is for OpenAI-compatible clients (``error`` an object,
     # whose message their SDKs show) — unless the chain has an x402 v1 name: v1 clients read the
     # body, with ``error`` a string, so it keeps that and says the rest at the top level.
@@ -96,5 +102,8 @@ def with_challenge(
     if gw.v1_names:
         exact = [o for o in quoted if o.scheme == "exact"]
         body = {**x402.payment_required_v1(error, resource, exact, gw.v1_name_of), **exc.body()["error"]}
-    exc.challenge = {"headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc)}, "body": body}
+    if gw.mpp is not None and mpp.carries_credential(request.headers):  # MPP answers with a problem document
+        body = mpp.problem(mpp.problem_type(exc.code), exc.message, exc.status)
+        headers["content-type"] = "application/problem+json"
+    exc.challenge = {"headers": headers, "body": body}
     return exc

@@ -245,6 +245,10 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     # Payment schemes offered, by registry name (upto only where Permit2 and the x402 upto proxy exist).
     schemes: list[str] = ["upto", "exact", "transfer", "credit"]
+    # MPP (HTTP Payment authentication, evm charge) next to x402 in every 402, where exact is offered;
+    # its realm is part of every challenge (and of the nonce a payer signs).
+    mpp: bool = True
+    mpp_realm: str = "tollway"
     chain: ChainSettings = ChainSettings()
     channels: ChannelSettings = ChannelSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one

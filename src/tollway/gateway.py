@@ -29,6 +29,7 @@ from .payments import build_scheme
 from .payments.base import Context, PaymentScheme, Verified
 from .payments.batch import BatchSettlementEvm
 from .payments.chain import Chain
+from .payments.mpp import MppRail
 from .payments.signed import origin_of
 from .payments.x402 import V1_NETWORK_NAMES
 from .pricing import Prices, to_atomic
@@ -66,6 +67,7 @@ class Gateway:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
+    mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
 
     @classmethod
@@ -141,6 +143,8 @@ class Gateway:
             _clients=(upstream_http, *paying.values()),
             _worker_chain=worker_chain,
         )
+        if settings.mpp and any(s.name == "exact" for s in schemes):
+            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals)
         gw.close_abandoned_streams()
         await settler.start()
         loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from . import receipts, signin
 from .errors import BadRequest, Conflict
 from .gateway import Gateway
-from .payments import x402
+from .payments import mpp, x402
 
 KEY = "payment-identifier"
 HEADER = "idempotency-key"
@@ -35,6 +35,7 @@ REPLAYED = "idempotent-replayed"
 # The headers of an answer that a repeat gets again (the body is stored apart).
 KEPT_HEADERS = (
     "content-type",
+    "payment-receipt",
     "x-tollway-receipt",
     "x-tollway-cost",
     "x-tollway-credit",
@@ -72,6 +73,8 @@ def request_id(request: Request) -> str | None:
 async def once(gw: Gateway, request: Request, digest: str, run: Callable[[], Awaitable[Response]]) -> Response:
     """``run`` the call — unless its id says it already ran (or is running)."""
     paying = request.headers.get(x402.PAYMENT_SIGNATURE) or request.headers.get(x402.X_PAYMENT)
+    if paying is None and mpp.carries_credential(request.headers):
+        paying = request.headers["authorization"]
     proof = paying or request.headers.get(signin.KEY)
     key = request_id(request)
     if key is None:

@@ -26,7 +26,7 @@ from . import cache
 from .chat import ChatCall
 from .gateway import Gateway
 from .ledger.store import Settlement
-from .payments import x402
+from .payments import mpp, x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
 from .pricing import atomic_to_usd
 from .upstream.client import Opened
@@ -134,6 +134,11 @@ def receipt_headers(gw: Gateway, paid: Paid, settled: Settlement | None, call_id
     v1 = paid.proof.version == 1
     header = x402.X_PAYMENT_RESPONSE if v1 else x402.PAYMENT_RESPONSE
     network = gw.v1_name_of[p.network] if v1 else p.network
+    if paid.proof.rail == "mpp" and gw.mpp is not None:
+        return {
+            "x-tollway-receipt": call_id,
+            mpp.PAYMENT_RECEIPT: gw.mpp.receipt(paid.proof, tx_hash, int(time.time())),
+        }
     extra = paid.scheme.response_extra(paid.channel, amount)
     response = x402.settle_response(
         success=True, tx_hash=tx_hash, network=network, payer=p.payer, amount=amount, extra=extra

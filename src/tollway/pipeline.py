@@ -73,7 +73,7 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
 async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str) -> Response:
     who = None
     try:
-        proof = x402.decode_proof(request.headers, gw.v1_names)
+        proof = x402.decode_proof(request.headers, gw.v1_names) or mpp_proof(gw, request, call)
         if proof is None:
             who = await signin.identify(gw, request, call.digest)
             if who is None or who.legacy:
@@ -107,6 +107,17 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
 
 
 # -- stages ------------------------------------------------------------------------------------
+
+
+def mpp_proof(gw: Gateway, request: Request, call: ChatCall) -> Proof | None:
+    """The proof an MPP credential makes, if the request carries one; a malformed one is a 402
+    (``malformed-credential``, with a fresh challenge), as MPP answers it."""
+    if gw.mpp is None:
+        return None
+    try:
+        return gw.mpp.decode(request.headers, call.digest, int(time.time()))
+    except PaymentMalformed as exc:
+        raise PaymentInvalid(exc.message, code="invalid_payload") from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -53,6 +53,8 @@ class Proof:
     payload: dict[str, Any]
     accepted: dict[str, Any] | None = None  # v2 echoes the offer it pays
     extensions: dict[str, Any] | None = None  # v2 payment extensions (e.g. eip2612GasSponsoring)
+    rail: str = "x402"  # the wire codec it came by: x402, or mpp (HTTP Payment authentication)
+    challenge: str | None = None  # mpp: the id of the challenge it answers
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,252 @@
+"""MPP — HTTP ``Payment`` authentication (draft-httpauth-payment) with the EVM ``charge`` intent — as a
+second wire codec: challenges out, credentials in, receipts and problem documents; the schemes
+behind it are tollway's own.
+
+- **Challenge** (in every 402, next to x402's ``PAYMENT-REQUIRED``): ``WWW-Authenticate: Payment
+  id, realm, method="evm", intent="charge", request, expires, digest, opaque``. ``request`` is
+  base64url(JCS) of ``{amount, currency, recipient, methodDetails: {chainId, credentialTypes,
+  decimals}}``; ``opaque`` carries the x402 quote the amount was priced by (and a random nonce, so
+  that no two challenges are alike: the EIP-3009 nonce is derived from the challenge's id);
+  ``digest`` binds the request body; ``id`` is an HMAC over all of them, so the credential's echo
+  proves the challenge is ours, unaltered and unexpired without any state.
+- **Credential** (``Authorization: Payment <base64url JSON>``): the echoed challenge and a payload.
+  Type ``authorization`` is an EIP-3009 ``transferWithAuthorization`` to the recipient of exactly
+  the amount, whose nonce is the challenge's hash — it becomes a ``Proof`` of the ``exact`` scheme,
+  whose verification, replay lock and settlement it shares.
+- **Receipt** (``Payment-Receipt``, base64url JSON) on success; failures of a request that came
+  with a credential are RFC 9457 problem documents of the draft's types, with a fresh challenge.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from eth_hash.auto import keccak
+
+from ..errors import PaymentInvalid, PaymentMalformed
+from .base import Offer, Proof
+
+AUTHORIZATION = "authorization"
+WWW_AUTHENTICATE = "WWW-Authenticate"
+PAYMENT_RECEIPT = "Payment-Receipt"
+ACCEPT_PAYMENT = "Accept-Payment"
+METHOD, INTENT = "evm", "charge"
+PROBLEMS = "https://paymentauth.org/problems/"
+MAX_CREDENTIAL = 16 * 1024
+ISO = "%Y-%m-%dT%H:%M:%SZ"
+# The draft's problem types for what went wrong with a credential (tollway's reason codes → type).
+PROBLEM_OF = {
+    "invalid_payload": "malformed-credential",
+    "invalid_challenge": "invalid-challenge",
+    "payment_expired": "payment-expired",
+    "invalid_exact_evm_nonce_already_used": "invalid-challenge",
+    "quote_mismatch": "invalid-challenge",
+    "quote_expired": "payment-expired",
+    "amount_insufficient": "payment-insufficient",
+    "insufficient_funds": "payment-insufficient",
+    "debt_outstanding": "payment-insufficient",
+    "payment_required": "payment-required",
+}
+
+
+def jcs(doc: Any) -> bytes:
+    """RFC 8785 canonical JSON, for the documents MPP signs (strings, integers, objects, arrays)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def unb64url(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise PaymentMalformed("not base64url", code="invalid_payload") from exc
+
+
+def iso(ts: int) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime(ISO)
+
+
+def parse_iso(text: str) -> int:
+    try:
+        return int(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+    except ValueError as exc:
+        raise PaymentMalformed("the challenge's expires is not an RFC 3339 time", code="invalid_payload") from exc
+
+
+class MppRail:
+    """MPP's ``Payment`` scheme for one realm: challenges for offers, credentials into proofs."""
+
+    def __init__(self, key: bytes, realm: str, chain_id: int, decimals: int) -> None:
+        self.key = hashlib.sha256(b"tollway mpp challenge|" + key).digest()
+        self.realm = realm
+        self.chain_id = chain_id
+        self.decimals = decimals
+
+    # -- challenges ----------------------------------------------------------------------------
+
+    def challenge(self, offer: Offer, digest: str, expires: int) -> str:
+        """The ``WWW-Authenticate`` value asking to pay ``offer`` (an ``exact`` offer: its amount,
+        asset and payee, and the x402 quote in its ``extra``) for the request of ``digest``."""
+        quoted = {"quote": offer.extra["quote"], "maxTokens": str(offer.extra["maxTokens"])}
+        request = {
+            "amount": str(offer.amount),
+            "currency": offer.asset,
+            "recipient": offer.pay_to,
+            "methodDetails": {"chainId": self.chain_id, "credentialTypes": [AUTHORIZATION], "decimals": self.decimals},
+        }
+        params = {
+            "realm": self.realm,
+            "method": METHOD,
+            "intent": INTENT,
+            "request": b64url(jcs(request)),
+            "expires": iso(expires),
+            "digest": content_digest(digest),
+            "opaque": b64url(jcs({**quoted, "n": secrets.token_hex(8)})),
+        }
+        params = {"id": self._id(params), **params}
+        return "Payment " + ", ".join(f'{k}="{v}"' for k, v in params.items())
+
+    def _id(self, p: Mapping[str, str]) -> str:
+        fields = (p["realm"], p["method"], p["intent"], p["request"], p.get("expires", ""), p.get("digest", ""))
+        message = "|".join((*fields, p.get("opaque", ""))).encode()
+        return b64url(hmac.new(self.key, message, hashlib.sha256).digest())
+
+    # -- credentials ---------------------------------------------------------------------------
+
+    def decode(self, headers: Mapping[str, str], digest: str, now: int) -> Proof | None:
+        """The proof an ``Authorization: Payment`` credential makes for the request of ``digest``,
+        or None when there is none. Raises ``PaymentMalformed``/``PaymentInvalid`` with a code that
+        ``PROBLEM_OF`` maps to the draft's problem type."""
+        value = headers.get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "payment":
+            return None
+        if len(token) > MAX_CREDENTIAL:
+            raise PaymentMalformed("payment credential too large", code="invalid_payload")
+        try:
+            doc = json.loads(unb64url(token.strip()))
+        except ValueError as exc:
+            raise PaymentMalformed("the credential is not base64url JSON", code="invalid_payload") from exc
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("challenge"), dict)
+            or not isinstance(doc.get("payload"), dict)
+        ):
+            raise PaymentMalformed("the credential needs a challenge and a payload", code="invalid_payload")
+        echo, payload = doc["challenge"], doc["payload"]
+        params = self._echoed(echo)
+        if not hmac.compare_digest(str(echo.get("id", "")), self._id(params)):
+            raise PaymentInvalid("this challenge was not issued here, or was altered", code="invalid_challenge")
+        if params.get("digest") != content_digest(digest):
+            raise PaymentInvalid("this challenge was issued for another request body", code="invalid_challenge")
+        expires = parse_iso(params["expires"])
+        if expires < now:
+            raise PaymentInvalid("the challenge has expired: ask for a new one", code="payment_expired")
+        if (params["method"], params["intent"]) != (METHOD, INTENT):
+            raise PaymentInvalid("only the evm charge intent is taken here", code="method_unsupported")
+        request, opaque = json.loads(unb64url(params["request"])), json.loads(unb64url(params["opaque"]))
+        if payload.get("type") != AUTHORIZATION:
+            raise PaymentInvalid(
+                "this gateway takes evm charge credentials of type authorization", code="method_unsupported"
+            )
+        authorization = {k: payload.get(k) for k in ("from", "to", "value", "validAfter", "validBefore", "nonce")}
+        nonce = str(authorization["nonce"] or "").lower()
+        if nonce not in challenge_nonces(str(echo["id"]), params["realm"]):
+            raise PaymentInvalid("the authorization's nonce is not this challenge's hash", code="invalid_challenge")
+        accepted = {
+            "scheme": "exact",
+            "network": f"eip155:{self.chain_id}",
+            "amount": request.get("amount"),
+            "asset": request.get("currency"),
+            "payTo": request.get("recipient"),
+            "extra": {"quote": opaque.get("quote"), "maxTokens": _int(opaque.get("maxTokens"))},
+        }
+        exact = {"authorization": authorization, "signature": payload.get("signature")}
+        return Proof(2, "exact", accepted["network"], exact, accepted, None, rail="mpp", challenge=str(echo["id"]))
+
+    def _echoed(self, echo: Mapping[str, Any]) -> dict[str, str]:
+        """The challenge's parameters as they were issued: ``request`` and ``opaque`` re-encoded
+        canonically (clients re-serialise them when they echo)."""
+        out: dict[str, str] = {}
+        for key in ("realm", "method", "intent", "request", "expires", "digest", "opaque"):
+            value = echo.get(key)
+            if not isinstance(value, str) or not value:
+                raise PaymentMalformed(f"the echoed challenge lacks {key}", code="invalid_payload")
+            out[key] = value
+        for key in ("request", "opaque"):
+            try:
+                out[key] = b64url(jcs(json.loads(unb64url(out[key]))))
+            except ValueError as exc:
+                raise PaymentMalformed(f"the echoed challenge's {key} is not JSON", code="invalid_payload") from exc
+        return out
+
+    # -- receipts and problems -----------------------------------------------------------------
+
+    def receipt(self, proof: Proof, tx_hash: str, now: int) -> str:
+        doc = {
+            "status": "success",
+            "method": METHOD,
+            "timestamp": iso(now),
+            "reference": tx_hash,
+            "challengeId": proof.challenge,
+            "chainId": self.chain_id,
+        }
+        return b64url(json.dumps(doc, separators=(",", ":")).encode())
+
+
+def carries_credential(headers: Mapping[str, str]) -> bool:
+    return headers.get("authorization", "")[:8].lower() == "payment "
+
+
+def content_digest(request_digest: str) -> str:
+    """``digest``: sha-256 of the request body as tollway reads it (its canonical JSON: whatever
+    whitespace or key order the client sends it in again, the same call), RFC 9530 style."""
+    return "sha-256=" + base64.b64encode(bytes.fromhex(request_digest)).decode()
+
+
+def challenge_nonces(challenge_id: str, realm: str) -> tuple[str, str]:
+    """The EIP-3009 nonces a credential for this challenge may carry: the draft's (and mppx's)
+    ``keccak256(id ‖ realm)``, and pympp's ``keccak256('["id","realm"]')``."""
+    packed = keccak(challenge_id.encode() + realm.encode())
+    listed = keccak(json.dumps([challenge_id, realm], separators=(",", ":")).encode())
+    return "0x" + packed.hex(), "0x" + listed.hex()
+
+
+def problem(kind: str, detail: str, status: int = 402) -> dict[str, Any]:
+    """An RFC 9457 problem document of the draft's type ``kind``."""
+    title = kind.replace("-", " ").capitalize()
+    return {"type": PROBLEMS + kind, "title": title, "status": status, "detail": detail}
+
+
+def problem_type(code: str) -> str:
+    if code in PROBLEM_OF:
+        return PROBLEM_OF[code]
+    return "method-unsupported" if code == "method_unsupported" else "verification-failed"
+
+
+def accepts_mpp(headers: Mapping[str, str]) -> bool:
+    """Whether the client's ``Accept-Payment`` (absent: anything) admits the evm charge."""
+    wanted = headers.get(ACCEPT_PAYMENT)
+    if wanted is None:
+        return True
+    for item in wanted.split(","):
+        name, *params = (p.strip() for p in item.split(";"))
+        q = next((p[2:] for p in params if p.startswith("q=")), "1")
+        if name.lower() in ("*", "*/*", "evm/*", "*/charge", "evm/charge") and q.strip("0.") != "":
+            return True
+    return False
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10 else None

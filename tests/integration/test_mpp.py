@@ -1,0 +1,182 @@
+"""MPP — HTTP ``Payment`` authentication, evm charge — next to x402 in the same 402, paying the same way:
+credentials built here from the drafts (draft-httpauth-payment, draft-evm-charge), and the hostile ones
+(replayed, for another body, expired, altered) answered with the drafts' problem types."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+from eth_hash.auto import keccak
+
+from support import CHAT, SETTLE_WAIT, chat_body
+from tollway.payments import eip3009
+from tollway.payments.base import Offer
+from tollway.payments.mpp import MppRail
+from tollway.quotes import QuoteSigner
+
+PROBLEMS = "https://paymentauth.org/problems/"
+PARAM = re.compile(r'([a-zA-Z][\w-]*)="([^"]*)"')
+
+
+def challenge_of(response: httpx.Response) -> dict[str, str]:
+    header = response.headers["www-authenticate"]
+    assert header.startswith("Payment ")
+    return dict(PARAM.findall(header))
+
+
+def unb64url(text: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+
+
+def b64url(doc: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+
+def credential(account: Any, challenge: dict[str, str], devnet, *, nonce: bytes | None = None, **change: Any) -> str:
+    """``Authorization: Payment …`` for ``challenge``, as the evm charge draft builds it: an EIP-3009
+    ``transferWithAuthorization`` of the amount to the recipient, valid until the challenge expires,
+    with the challenge's hash (``keccak256(id ‖ realm)``) as its nonce."""
+    request = unb64url(challenge["request"])
+    expires = int(time.mktime(time.strptime(challenge["expires"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+    auth = eip3009.Authorization(
+        from_=account.address.lower(),
+        to=request["recipient"].lower(),
+        value=int(change.get("value", request["amount"])),
+        valid_after=0,
+        valid_before=expires,
+        nonce=nonce or keccak(challenge["id"].encode() + challenge["realm"].encode()),
+    )
+    domain = eip3009.domain_separator("USD Coin", "2", devnet.chain_id, request["currency"])
+    signature = "0x" + bytes(account.unsafe_sign_hash(eip3009.digest(auth, domain)).signature).hex()
+    payload = {
+        "type": "authorization",
+        "from": account.address,
+        "to": request["recipient"],
+        "value": str(auth.value),
+        "validAfter": "0",
+        "validBefore": str(expires),
+        "nonce": "0x" + auth.nonce.hex(),
+        "signature": signature,
+    }
+    echo = {
+        k: v
+        for k, v in challenge.items()
+        if k in ("id", "realm", "method", "intent", "request", "expires", "digest", "opaque")
+    }
+    doc = {
+        "challenge": {**echo, **change.get("echo", {})},
+        "payload": payload,
+        "source": f"did:pkh:eip155:{devnet.chain_id}:{account.address}",
+    }
+    return "Payment " + b64url(doc)
+
+
+def problem(response: httpx.Response) -> str:
+    assert response.status_code == 402, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "www-authenticate" in response.headers  # with a fresh challenge
+    doc = response.json()
+    assert doc["status"] == 402 and doc["detail"]
+    return str(doc["type"]).removeprefix(PROBLEMS)
+
+
+@pytest.fixture
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        yield client
+
+
+def test_one_402_carries_both_rails_and_an_mpp_credential_pays_with_a_receipt(http, gateway, devnet, chain):
+    body = chat_body("paid by MPP")
+    asked = http.post(CHAT, json=body)
+    assert asked.status_code == 402
+    assert "payment-required" in asked.headers  # x402 ...
+    challenge = challenge_of(asked)  # ... and MPP
+    assert (challenge["method"], challenge["intent"]) == ("evm", "charge")
+    request = unb64url(challenge["request"])
+    assert request["methodDetails"] == {"chainId": devnet.chain_id, "credentialTypes": ["authorization"], "decimals": 6}
+    x402_exact = next(
+        o for o in json.loads(base64.b64decode(asked.headers["payment-required"]))["accepts"] if o["scheme"] == "exact"
+    )
+    assert request["amount"] == x402_exact["amount"] and request["recipient"].lower() == devnet.payee.lower()
+
+    payer = chain.fund()
+    paid = http.post(CHAT, json=body, headers={"Authorization": credential(payer, challenge, devnet)})
+    assert paid.status_code == 200, paid.text
+    receipt = unb64url(paid.headers["payment-receipt"])
+    assert receipt["status"] == "success" and receipt["method"] == "evm"
+    assert receipt["challengeId"] == challenge["id"] and receipt["chainId"] == devnet.chain_id
+    assert receipt["reference"].startswith("0x") and len(receipt["reference"]) == 66
+    time.sleep(SETTLE_WAIT)
+    assert chain.w3.eth.wait_for_transaction_receipt(receipt["reference"], timeout=15)["status"] == 1
+    assert chain.balance(payer.address) == 100_000_000 - int(request["amount"])
+
+    # The same credential again: the authorization is spent; the challenge is answered once.
+    again = http.post(CHAT, json=body, headers={"Authorization": credential(payer, challenge, devnet)})
+    assert problem(again) == "invalid-challenge"
+
+
+def test_a_credential_for_another_body_or_an_altered_challenge_is_refused_before_anything_is_asked(http, devnet, chain):
+    challenge = challenge_of(http.post(CHAT, json=chat_body("the body it was for")))
+    payer = chain.fund()
+    other = http.post(
+        CHAT, json=chat_body("another body"), headers={"Authorization": credential(payer, challenge, devnet)}
+    )
+    assert problem(other) == "invalid-challenge"
+    cheaper = dict(unb64url(challenge["request"]), amount="1")
+    altered = credential(payer, challenge, devnet, value=1, echo={"request": b64url(cheaper)})
+    assert problem(http.post(CHAT, json=chat_body("the body it was for"), headers={"Authorization": altered})) == (
+        "invalid-challenge"
+    )
+    wrong_nonce = credential(payer, challenge, devnet, nonce=bytes(32))
+    assert problem(http.post(CHAT, json=chat_body("the body it was for"), headers={"Authorization": wrong_nonce})) == (
+        "invalid-challenge"
+    )
+    underpaid = credential(payer, challenge, devnet, value=1)
+    assert problem(http.post(CHAT, json=chat_body("the body it was for"), headers={"Authorization": underpaid})) == (
+        "verification-failed"
+    )
+    assert http.post(CHAT, json=chat_body("x"), headers={"Authorization": "Payment !!"}).json()["type"] == (
+        PROBLEMS + "malformed-credential"
+    )
+    assert chain.balance(payer.address) == 100_000_000
+
+
+def test_an_expired_challenge_gets_payment_expired(http, gateway, devnet, chain):
+    body = chat_body("too late")
+    fresh = challenge_of(http.post(CHAT, json=body))
+    request = unb64url(fresh["request"])
+    # The gateway's own challenge, issued (by its key) to have expired a minute ago.
+    rail = MppRail(QuoteSigner(gateway.settings.quote_secret).key, "tollway", devnet.chain_id, 6)
+    opaque = unb64url(fresh["opaque"])
+    offer = Offer(
+        "exact",
+        f"eip155:{devnet.chain_id}",
+        request["currency"],
+        request["recipient"],
+        int(request["amount"]),
+        60,
+        {"quote": opaque["quote"], "maxTokens": int(opaque["maxTokens"])},
+    )
+    issued = http.post(CHAT, json=body)  # (for its digest)
+    digest = dict(PARAM.findall(issued.headers["www-authenticate"]))["digest"]
+    old = dict(
+        PARAM.findall(
+            rail.challenge(offer, base64.b64decode(digest.removeprefix("sha-256=")).hex(), int(time.time()) - 60)
+        )
+    )
+    answer = http.post(CHAT, json=body, headers={"Authorization": credential(chain.fund(), old, devnet)})
+    assert problem(answer) == "payment-expired"
+
+
+def test_accept_payment_leaves_out_the_mpp_challenge_a_client_does_not_take(http):
+    body = chat_body("x402 only")
+    assert "www-authenticate" not in http.post(CHAT, json=body, headers={"Accept-Payment": "x402/exact"}).headers
+    assert "www-authenticate" in http.post(CHAT, json=body, headers={"Accept-Payment": "evm/charge;q=0.5"}).headers
+    assert "www-authenticate" not in http.post(CHAT, json=body, headers={"Accept-Payment": "evm/charge;q=0"}).headers
