@@ -79,6 +79,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,13 @@ BUDGET = {
     "verify_us": 300.0,
 }
 CHAIN_BACKED = ("exact", "upto")  # their funds are simulated on chain before the upstream is asked
-PAID_SIDES = ("exact", "upto", "credit")
+PAID_SIDES = ("exact", "upto", "credit", "voucher")  # voucher: an x402 batch-settlement channel's
 SIDES: tuple[str, ...] = ("direct", *PAID_SIDES)  # + "litellm" after direct when it runs (use_litellm)
 UNPAID_SIDES = ("direct", "litellm")  # no payment; the same bodies and headers
 ON_CPU1 = ("gateway", "litellm")  # our processes pinned to CPU 1 (LiteLLM's blocks never overlap the gateway's)
 CREDIT_FUND = 20_000_000  # atomic units (20 of the 6-decimal token) of credit per payer wallet
+CHANNELS = 16  # voucher channels (a channel serves one call at a time: as many as the concurrency)
+CHANNEL_DEPOSIT = 2_000_000  # each channel's deposit, atomic units (it covers thousands of bench calls)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -314,6 +317,7 @@ class Cluster:
             "TOLLWAY_CHAIN__SETTLER_KEY": d.settler_key,
             "TOLLWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "TOLLWAY_UPSTREAM__URL": f"{self.upstream_url}/v1",
+            "TOLLWAY_SCHEMES": '["upto", "exact", "transfer", "credit", "batch-settlement"]',
         }
         # --mock-port is unused (an upstream is configured) but set to a free port all the same, so
         # that a CLI which started its built-in mock anyway could not collide with anything.
@@ -427,6 +431,7 @@ class Signer:
         self.allowed = (self.network, devnet.token.lower())
         self.turn = 0
         self.tags = iter(range(1, 10**10))  # the ``user`` tag of each credit call's body: unique
+        self.vouchers: Vouchers | None = None
 
     def next_account(self) -> Any:
         account = self.accounts[self.turn % len(self.accounts)]
@@ -479,11 +484,16 @@ class Signer:
 
     async def calls(
         self, http: aiohttp.ClientSession, url: str, side: str, n: int, stream: bool
-    ) -> tuple[list[bytes] | bytes, list[dict[str, str]] | dict[str, str]]:
-        """The bodies and headers of ``n`` calls on ``side``, signed."""
+    ) -> tuple[list[bytes] | bytes, list[dict[str, str]] | dict[str, str] | Vouchers]:
+        """The bodies and headers of ``n`` calls on ``side``, signed (vouchers: as each call starts)."""
         body = make_body(stream)
         if side == "direct":
             return body, JSON_HEADERS
+        if side == "voucher":
+            if self.vouchers is None:
+                self.vouchers = await Vouchers.open(http, url, self.accounts[0], self, CHANNELS)
+            await self.vouchers.quote(http, url, body)
+            return body, self.vouchers
         if side in CHAIN_BACKED:
             return body, self.headers(await self.quote(http, url, body), n, side)
         if side != "credit":
@@ -498,6 +508,57 @@ class Signer:
 
         await asyncio.gather(*(fetch() for _ in range(min(16, n))))
         return bodies, [self.sign_in(declared[b], self.next_account()) for b in bodies]
+
+
+class Vouchers:
+    """The voucher side: channels of one payer (one deposit each, opened once), each taken by one
+    call at a time — it signs the voucher for its charged total plus the quote as the call starts
+    (on the load generator, before the call is timed), and adds the charge the answer reports (a
+    stream's, from its closing summary) when it ends."""
+
+    def __init__(self, account: Any, signer: Signer) -> None:
+        self.account, self.signer = account, signer
+        self.offers: dict[bytes, dict[str, Any]] = {}  # body → its batch-settlement offer
+        self.free: asyncio.Queue[Any] = asyncio.Queue()
+
+    @classmethod
+    async def open(cls, http: aiohttp.ClientSession, url: str, account: Any, signer: Signer, n: int) -> Vouchers:
+        from tollway.client.channels import Channel
+
+        out = cls(account, signer)
+        body = make_body(False)
+        await out.quote(http, url, body)
+        for salt in range(n):
+            channel = Channel.of(account, out.offers[body], salt.to_bytes(32, "big"))
+            headers = out.headers(channel, body, deposit=CHANNEL_DEPOSIT)
+            async with http.post(url, data=body, headers=headers) as r:
+                text = await r.text()
+                if r.status != 200:
+                    raise RuntimeError(f"opening channel {salt} failed: {r.status} {text[:300]}")
+                out.settle(channel, r.headers, b"", deposit=CHANNEL_DEPOSIT)
+            out.free.put_nowait(channel)
+        return out
+
+    async def quote(self, http: aiohttp.ClientSession, url: str, body: bytes) -> None:
+        if body not in self.offers:
+            self.offers[body] = self.signer.offer(await self.signer.quote(http, url, body), "batch-settlement")
+
+    def headers(self, channel: Any, body: bytes, deposit: int = 0) -> dict[str, str]:
+        from tollway.payments.x402 import PAYMENT_SIGNATURE, b64json
+
+        offer = self.offers[body]
+        doc = {"x402Version": 2, "accepted": offer, "payload": channel.payload(self.account, offer, deposit)}
+        return {**JSON_HEADERS, PAYMENT_SIGNATURE: b64json(doc)}
+
+    def settle(self, channel: Any, headers: Any, tail: bytes, deposit: int = 0) -> None:
+        from tollway.payments.x402 import PAYMENT_RESPONSE, unb64json
+
+        extra = (unb64json(headers[PAYMENT_RESPONSE]) if PAYMENT_RESPONSE in headers else {}).get("extra") or {}
+        channel.charged_by(extra, deposit)
+        start = tail.rfind(b": tollway ")
+        if start >= 0 and extra.get("chargedAmount") == "0":  # a stream: charged as it ended
+            summary = json.loads(tail[start + len(b": tollway ") :].split(b"\n", 1)[0])
+            channel.charged += int((summary.get("settlement") or {}).get("amount") or 0)
 
 
 # -- load generation -----------------------------------------------------------------------------
@@ -543,9 +604,16 @@ class Block:
 
 
 async def call_once(
-    http: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], stream: bool, paid: bool
+    http: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    stream: bool,
+    paid: bool,
+    answered: Callable[[Any, bytes], None] | None = None,
 ) -> tuple[float, float | None, str | None]:
-    """(latency, ttfb, error) of one call; latency covers the whole body."""
+    """(latency, ttfb, error) of one call; latency covers the whole body. ``answered(headers, tail)``
+    is told how a successful call ended."""
     t0 = time.perf_counter()
     async with http.post(url, data=body, headers=headers) as r:
         if not stream:
@@ -555,6 +623,8 @@ async def call_once(
                 return dt, None, f"{r.status}: {data[:120].decode(errors='replace')}"
             if paid and "payment-response" not in r.headers:
                 return dt, None, "200 without PAYMENT-RESPONSE"
+            if answered is not None:
+                answered(r.headers, b"")
             return dt, None, None
         first: float | None = None
         tail = b""
@@ -569,6 +639,8 @@ async def call_once(
             return dt, first, "paid stream without PAYMENT-RESPONSE or final tollway summary"
         if b"data: [DONE]" not in tail:
             return dt, first, "stream ended without [DONE]"
+        if answered is not None:
+            answered(r.headers, tail)
     return dt, first, None
 
 
@@ -577,7 +649,7 @@ async def run_block(
     side: str,
     url: str,
     bodies: list[bytes] | bytes,
-    headers: list[dict[str, str]] | dict[str, str],
+    headers: list[dict[str, str]] | dict[str, str] | Vouchers,
     n: int,
     concurrency: int,
     stream: bool,
@@ -593,13 +665,22 @@ async def run_block(
         for i in todo:  # one shared iterator: the workers pull the next call index
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            h = headers[i] if isinstance(headers, list) else headers
             b = bodies[i] if isinstance(bodies, list) else bodies
+            answered = None
+            if isinstance(headers, Vouchers):  # a channel for this call, its voucher signed now
+                channel = await headers.free.get()
+                h = headers.headers(channel, b)
+                answered = partial(headers.settle, channel)
+            else:
+                h = headers[i] if isinstance(headers, list) else headers
             try:
-                dt, first, err = await call_once(http, url, b, h, stream, paid)
+                dt, first, err = await call_once(http, url, b, h, stream, paid, answered)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 block.errors[type(exc).__name__] += 1
                 continue
+            finally:
+                if isinstance(headers, Vouchers):
+                    headers.free.put_nowait(channel)
             if err is not None:
                 block.errors[err] += 1
                 continue
@@ -735,11 +816,16 @@ class Bench:
         for scheme in PAID_SIDES:
             bodies, headers = await self.signer.calls(self.http, self.paid_url, scheme, 1, False)
             body = bodies[0] if isinstance(bodies, list) else bodies
-            h = headers[0] if isinstance(headers, list) else headers
+            channel = await headers.free.get() if isinstance(headers, Vouchers) else None
+            h = headers.headers(channel, body) if isinstance(headers, Vouchers) else headers
+            h = h[0] if isinstance(h, list) else h
             async with self.http.post(self.paid_url, data=body, headers=h) as r:
                 text = await r.text()
                 if r.status != 200:
                     raise RuntimeError(f"{scheme} sanity call failed: {r.status} {text[:300]}")
+                if isinstance(headers, Vouchers):
+                    headers.settle(channel, r.headers, b"")
+                    headers.free.put_nowait(channel)
             paid = json.loads(text)
             if paid["choices"] != direct["choices"]:
                 raise RuntimeError(f"{scheme} answer differs from the direct one: {paid['choices']}")

@@ -219,7 +219,7 @@ def challenge_nonces(challenge_id: str, realm: str) -> tuple[str, str]:
     """The EIP-3009 nonces a credential for this challenge may carry: the draft's (and mppx's)
     ``keccak256(id ‖ realm)``, and pympp's ``keccak256('["id","realm"]')``."""
     packed = keccak(challenge_id.encode() + realm.encode())
-    listed = keccak(json.dumps([challenge_id, realm], separators=(",", ":")).encode())
+    listed = keccak(json.dumps([challenge_id, realm], separators=(",", ":"), ensure_ascii=False).encode())
     return "0x" + packed.hex(), "0x" + listed.hex()
 
 
