@@ -7,7 +7,10 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -180,3 +183,51 @@ def test_accept_payment_leaves_out_the_mpp_challenge_a_client_does_not_take(http
     assert "www-authenticate" not in http.post(CHAT, json=body, headers={"Accept-Payment": "x402/exact"}).headers
     assert "www-authenticate" in http.post(CHAT, json=body, headers={"Accept-Payment": "evm/charge;q=0.5"}).headers
     assert "www-authenticate" not in http.post(CHAT, json=body, headers={"Accept-Payment": "evm/charge;q=0"}).headers
+
+
+# -- the official MPP clients, unmodified -----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+PYMPP = ROOT / ".venv-mpp" / "bin" / "python"
+MPPX = ROOT / ".tools" / "mpp" / "node_modules"
+
+
+def mpp_client(command: list[str], gateway, devnet, account: Any, body: dict[str, Any], repeat: int, **env: str):
+    args = [
+        *("--url", gateway.url + CHAT, "--key", "0x" + bytes(account.key).hex()),
+        *("--chain-id", str(devnet.chain_id), "--token", devnet.token),
+        *("--token-name", gateway.settings.chain.token_name, "--token-version", gateway.settings.chain.token_version),
+        *("--body", json.dumps(body), "--repeat", str(repeat)),
+    ]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env or None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in out, out
+    return out["calls"]
+
+
+@pytest.mark.parametrize("client", ["pympp", "mppx"])
+def test_the_official_mpp_clients_pay_evm_charge_and_get_a_receipt(client, gateway, devnet, chain):
+    if client == "pympp":
+        assert PYMPP.exists(), f"{PYMPP} (pympp, the official MPP Python client) is missing: run ./scripts/setup --test"
+        command = [str(PYMPP), str(ROOT / "tests" / "clients" / "mpp_pympp.py")]
+        env: dict[str, str] = {}
+    else:
+        node = shutil.which("node")
+        assert node and (MPPX / "mppx").is_dir(), f"node and {MPPX}/mppx are needed: run ./scripts/setup --test"
+        command = [node, str(ROOT / "tests" / "clients" / "mpp_mppx.mjs")]
+        env = {"PATH": str(Path(node).parent), "NODE_PATH": str(MPPX)}
+    payer = chain.fund()
+    body = chat_body(f"paid by {client}")
+    calls = mpp_client(command, gateway, devnet, payer, body, 2, **env)
+    assert [c["status"] for c in calls] == [200, 200]
+    amounts = []
+    for c in calls:
+        receipt = unb64url(c["payment_receipt"])
+        assert (receipt["status"], receipt["method"], receipt["chainId"]) == ("success", "evm", devnet.chain_id)
+        assert chain.w3.eth.wait_for_transaction_receipt(receipt["reference"], timeout=15)["status"] == 1
+        assert c["body"]["choices"][0]["message"]["content"]
+        amounts.append(int(c["headers"]["x-tollway-cost"]))
+    time.sleep(SETTLE_WAIT)
+    spent = 100_000_000 - chain.balance(payer.address)
+    assert spent > 0 and spent >= sum(amounts)  # each paid the quote (exact): the surplus is the wallet's credit
