@@ -45,6 +45,10 @@ async def channel_refund(request: Request) -> Response:
     return await refunds.refund(request, gateway(request))
 
 
+async def channel_status(request: Request) -> Response:
+    return await refunds.status(request, gateway(request))
+
+
 async def credit_balance(request: Request) -> Response:
     return await credits.balance(request, gateway(request))
 
@@ -271,6 +275,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/v1/receipts/{receipt_id}", receipt, methods=["GET"]),
             Route("/v1/credit", credit_balance, methods=["GET"]),
             Route("/v1/channels/refund", channel_refund, methods=["GET", "POST"]),
+            Route("/v1/channels/{channel_id}", channel_status, methods=["GET"]),
             Route("/v1/credit/withdrawals", credit_withdraw, methods=["POST"]),
             Route("/v1/credit/withdrawals/{payout_id}", credit_withdrawal, methods=["GET"]),
             Route("/v1/stats/cache", cache_stats, methods=["GET"]),

@@ -210,10 +210,11 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def wallet_of(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The payer account and the assets it may pay in, from --key/--allow (or the devnet's)."""
     from eth_account import Account
 
-    from .client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport
+    from .client import AllowedAsset
 
     key = args.key or os.environ.get("TOLLWAY_KEY")
     allowed = [AllowedAsset(*a.rsplit(":", 1)) for a in args.allow or []]
@@ -227,10 +228,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not key or not allowed:
         raise Refused("need --key (or TOLLWAY_KEY) and --allow NETWORK:ASSET (no devnet file found)")
     try:
-        account = Account.from_key(key)
+        return Account.from_key(key), allowed
+    except ValueError:
+        raise Refused("--key must be a 32-byte hex private key") from None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .client import Payer, PaymentRefused, SyncPayingTransport
+
+    account, allowed = wallet_of(args)
+    try:
         limit = Decimal(args.max_usd)
-    except (ValueError, InvalidOperation):
-        raise Refused("--key must be a 32-byte hex private key, --max-usd a number") from None
+    except InvalidOperation:
+        raise Refused("--max-usd must be a number") from None
     schemes = tuple(args.scheme or ("upto", "exact"))
     payer = Payer(account, allowed, max_per_call_usd=limit, max_total_usd=limit, schemes=schemes)
     base = args.url.rstrip("/").removesuffix("/v1")
@@ -305,6 +315,38 @@ def print_payment(paid: Any, metered: dict[str, Any], payer: str, decimals: int)
     print(f"settlement {tx or '(none: nothing to move)'}; receipt {paid.receipt_id}", file=sys.stderr)
 
 
+def cmd_channel(args: argparse.Namespace) -> int:
+    """``tollway channel status|refund``: this wallet's batch-settlement channel with a gateway."""
+    from .client import Payer, PaymentRefused, SyncPayingTransport, refund_channel
+    from .client.channels import Channel
+
+    account, allowed = wallet_of(args)
+    payer = Payer(account, allowed, schemes=("batch-settlement",))
+    base = args.url.rstrip("/").removesuffix("/v1")
+    try:
+        with httpx.Client(base_url=base, timeout=args.timeout) as http:
+            if args.action == "refund":
+                doc = refund_channel(payer, http, args.amount)
+                print(json.dumps(doc, indent=2))
+                return 0
+            terms = payer.refund_headers(http.get("/v1/channels/refund").headers)
+        if terms is None:
+            raise Refused(f"{base} takes no batch-settlement channel in an allowed asset")
+        channel = Channel.of(account, terms[1])
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=base, timeout=args.timeout) as http:
+            r = http.get(f"/v1/channels/{channel.id}")  # (signed in: the channel is the wallet's business)
+            if r.status_code != 200:
+                return fail(r)
+            print(json.dumps(r.json(), indent=2))
+    except PaymentRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"cannot reach the gateway at {base}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def fail(r: httpx.Response) -> int:
     try:
         detail = r.json().get("error")
@@ -364,12 +406,26 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "--scheme",
         action="append",
-        choices=["upto", "exact"],
-        help="pay with these, in this order (default: upto, exact)",
+        choices=["upto", "exact", "batch-settlement"],
+        help="pay with these, in this order (default: upto, exact; batch-settlement: through a channel)",
     )
     c.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer")
     c.add_argument("--devnet-file", help="devnet JSON to take a payer key and the token from (default var/devnet.json)")
     c.set_defaults(func=cmd_chat)
+
+    ch = sub.add_parser(
+        "channel", parents=[common], help="this wallet's batch-settlement channel with a gateway: status, refund"
+    )
+    ch.add_argument("action", choices=["status", "refund"])
+    ch.add_argument("--url", default="http://127.0.0.1:8402", help="the gateway (with or without /v1)")
+    ch.add_argument("--key", help="payer private key (default: TOLLWAY_KEY, else a devnet account)")
+    ch.add_argument("--allow", action="append", help="NETWORK:ASSET the channel is in, e.g. eip155:8453:0x833...")
+    ch.add_argument("--amount", type=int, default=None, help="refund: atomic units (default: all not charged)")
+    ch.add_argument("--timeout", type=float, default=120, help="seconds to wait for the gateway")
+    ch.add_argument(
+        "--devnet-file", help="devnet JSON to take a payer key and the token from (default var/devnet.json)"
+    )
+    ch.set_defaults(func=cmd_channel)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

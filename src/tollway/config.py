@@ -243,8 +243,9 @@ class Settings(BaseSettings):
     min_withdrawal_usd: Decimal | None = Field(None, ge=0)
     # Browser origins allowed to call the API (CORS; no cookies are used, so "*" is safe). [] turns CORS off.
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
-    # Payment schemes offered, by registry name (upto only where Permit2 and the x402 upto proxy exist).
-    schemes: list[str] = ["upto", "exact", "transfer", "credit"]
+    # Payment schemes offered, by registry name (upto only where Permit2 and the x402 upto proxy exist,
+    # batch-settlement only where the x402 batch-settlement escrow does).
+    schemes: list[str] = ["upto", "exact", "transfer", "credit", "batch-settlement"]
     # MPP (HTTP Payment authentication, evm charge) next to x402 in every 402, where exact is offered;
     # its realm is part of every challenge (and of the nonce a payer signs).
     mpp: bool = True

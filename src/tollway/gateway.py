@@ -112,7 +112,7 @@ class Gateway:
             token=c.token,
             settled_elsewhere=lambda row: _scheme(schemes, row["scheme"]).settled_elsewhere(row),
         )
-        ctx = Context(settings, chain, chain_id, settler.address, settler)
+        ctx = Context(settings, chain, chain_id, settler.address, settler, store)
         names = list(settings.schemes)
         if "upto" in names and not await doctor.upto_contracts(chain):
             log.warning("upto is not offered: Permit2 or the x402 upto proxy is not on chain %d", chain_id)

@@ -17,6 +17,7 @@ from eth_hash.auto import keccak
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import signin
 from .errors import NotFound, PaymentInvalid, PaymentRequired
 from .gateway import Gateway
 from .ledger.channels import ChannelRefused
@@ -27,6 +28,18 @@ from .payments.batch import PREFIX, BatchSettlementEvm, state
 
 REFUND_NONCE = keccak(b"refundNonce(bytes32)")[:4]
 CHANNELS = keccak(b"channels(bytes32)")[:4]
+
+
+async def status(request: Request, gw: Gateway) -> Response:
+    """``GET /v1/channels/{channel_id}``: a channel as the gateway counts it, for its payer (signed in)."""
+    who = await signin.require(gw, request, signin.request_key(request))
+    channel = gw.store.channel(request.path_params["channel_id"].lower())
+    if channel is None or channel["payer"] != who.wallet:
+        raise NotFound("no channel of this wallet by that id")
+    unclaimed = channel["charged"] - channel["claimed"]
+    return JSONResponse(
+        {**state(channel, channel["charged"]), "unclaimed": str(unclaimed), "refunded": str(channel["refunded"])}
+    )
 
 
 async def refund(request: Request, gw: Gateway) -> Response:
@@ -64,7 +77,8 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
         raise scheme.channel_refused(refused) from None
     sending = False  # once the refund is sent, the channel stays taken even if we stop waiting for it
     try:
-        remainder = taken["balance"] - taken["charged"]
+        held, _ = await escrowed(gw, cid)  # (the escrow's word: a deposit may be mined that we did not count)
+        remainder = held - taken["charged"]
         amount = remainder if p.refund_amount is None else p.refund_amount
         if remainder <= 0 or amount > remainder:
             raise PaymentInvalid(
@@ -91,9 +105,8 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
         if mined is None:
             sending = False
             raise PaymentInvalid("the refund reverted on chain", code=PREFIX + "refund_transaction_failed")
-        raw = await gw.chain.call(ch.BATCH_SETTLEMENT_ADDRESS, CHANNELS + cid)  # what the escrow holds now
-        balance, claimed = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")
-        refunded = taken["balance"] - balance if balance < taken["balance"] else 0
+        balance, claimed = await escrowed(gw, cid)
+        refunded = max(held - balance, 0)
         after = gw.store.refunded(channel_id, holder, balance=balance, claimed=claimed, refunded=refunded)
     except BaseException:
         if not sending:
@@ -105,3 +118,9 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
     )
     body = {"message": "Refund acknowledged", "channelId": channel_id, "amount": str(refunded)}
     return JSONResponse(body, headers={x402.PAYMENT_RESPONSE: response})
+
+
+async def escrowed(gw: Gateway, cid: bytes) -> tuple[int, int]:
+    """(balance, totalClaimed) of a channel in the escrow."""
+    raw = await gw.chain.call(ch.BATCH_SETTLEMENT_ADDRESS, CHANNELS + cid)
+    return int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")

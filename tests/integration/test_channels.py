@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import requests
 from eth_account import Account
@@ -35,6 +37,7 @@ from channel_support import (
 from conftest import anvil_process, gateway_settings
 from support import CHAT, Chain, ServerThread, chat_body, run_concurrently
 from tollway.app import create_app
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport, refund_channel
 from tollway.devnet.deploy import deploy_devnet
 from tollway.ledger import Store
 from tollway.payments.channel import BATCH_SETTLEMENT_ADDRESS
@@ -346,3 +349,61 @@ def test_two_replicas_on_postgres_serve_one_channel_without_over_charging_or_dou
         assert escrow_channel(chain, channel["id"])[1] == cost
         wait_for(lambda: chain.balance(payee) == cost)
         store.close()
+
+
+# -- tollway's own client ---------------------------------------------------------------------------
+
+
+def test_tollways_client_deposits_once_pays_by_voucher_resynchronises_after_a_stream_and_refunds(
+    channel_gateway, devnet, chain
+):
+    account = chain.fund(100_000_000)
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    payer = Payer(account, allowed, schemes=("batch-settlement",), max_total_usd=Decimal(5))
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=channel_gateway.url, timeout=30) as http:
+        for i in range(6):
+            body = chat_body(f"tollway's client {i}", max_tokens=16, stream=i == 2)
+            answer = http.post(CHAT, json=body)
+            assert answer.status_code == 200, answer.text
+    assert [p.scheme for p in payer.history] == ["batch-settlement"] * 6
+    channel = payer_channel(channel_gateway, account.address)
+    mine = payer.channels[channel["id"]]
+    served, cost = metered_total(channel_gateway, account.address)
+    assert served == 6 and channel["charged"] == cost
+    assert mine.charged == cost  # (the stream's charge learnt from the next call's corrective 402)
+    deposits = "SELECT COUNT(*) FROM payments WHERE payer = :p AND deposit > 0 AND state = 'settled'"
+    assert ledger(channel_gateway, deposits, p=account.address.lower()) == [(1,)]
+    assert payer.deposited_usd == Decimal(channel["balance"]).scaleb(-6)
+
+    with httpx.Client(base_url=channel_gateway.url, timeout=30) as http:
+        doc = refund_channel(payer, http)
+    assert doc["success"] and int(doc["amount"]) == channel["balance"] - cost
+    assert chain.balance(account.address) == 100_000_000 - cost
+    assert payer.deposited_usd == Decimal(cost).scaleb(-6)
+
+
+def test_tollways_client_believes_a_corrective_402_only_as_far_as_it_signed(devnet):
+    from tollway.client.channels import Channel
+
+    account = Account.create()
+    offer = {
+        "network": f"eip155:{devnet.chain_id}",
+        "payTo": Account.create().address,
+        "asset": devnet.token,
+        "amount": "100",
+        "extra": {"receiverAuthorizer": Account.create().address, "withdrawDelay": 900},
+    }
+    channel = Channel.of(account, offer)
+    signed = channel.voucher(account, 500)
+    state = {"channelId": channel.id, "balance": "1000", "chargedCumulativeAmount": "400"}
+    honest = {"channelState": state, "voucherState": {"signedMaxClaimable": "500", "signature": signed["signature"]}}
+    assert channel.resync(account, honest) and (channel.charged, channel.balance) == (400, 1000)
+    more = {**honest, "channelState": {**state, "chargedCumulativeAmount": "600"}}  # above what it signed
+    stranger = {
+        **honest,
+        "voucherState": {**honest["voucherState"], "signature": channel.voucher(Account.create(), 500)["signature"]},
+    }
+    other = {**honest, "channelState": {**state, "channelId": "0x" + "11" * 32}}
+    for lie in (more, stranger, other):
+        assert not channel.resync(account, lie)
+    assert (channel.charged, channel.balance) == (400, 1000)

@@ -2,7 +2,7 @@
 
 from .openai import async_openai_client, openai_client
 from .payer import AllowedAsset, PaidCall, Payer, PaymentRefused, claim_transfer, sign_credit, sign_exact
-from .transport import PayingTransport, SyncPayingTransport
+from .transport import PayingTransport, SyncPayingTransport, refund_channel
 
 __all__ = [
     "AllowedAsset",
@@ -14,6 +14,7 @@ __all__ = [
     "async_openai_client",
     "claim_transfer",
     "openai_client",
+    "refund_channel",
     "sign_credit",
     "sign_exact",
 ]

@@ -27,7 +27,9 @@ from ..payments.x402 import (
     b64json,
     unb64json,
 )
+from .channels import MISMATCH, Channel
 
+BATCH_SETTLEMENT = "batch-settlement"
 SIGN_IN_WITH_X = "SIGN-IN-WITH-X"  # the header
 SIGN_IN_WITH_X_KEY = "sign-in-with-x"  # the 402's extension
 
@@ -59,7 +61,9 @@ class PaidCall:
 class Payer:
     """Pays x402 v2 offers for one wallet, within limits: ``upto`` (the metered cost moves)
     before ``exact`` (the quote moves; the surplus becomes credit), in the order of ``schemes``;
-    signs in (Sign-In-With-X) so that the wallet's credit pays what it covers."""
+    signs in (Sign-In-With-X) so that the wallet's credit pays what it covers. With
+    ``batch-settlement`` among its schemes it pays through a channel: it deposits (the gateway's
+    suggested deposit, within ``max_deposit_usd``), tops up, and signs a voucher per call."""
 
     account: LocalAccount
     allowed: list[AllowedAsset]
@@ -67,7 +71,10 @@ class Payer:
     max_total_usd: Decimal = Decimal("10")
     schemes: tuple[str, ...] = ("upto", "exact")  # the on-chain schemes it pays, preferred first
     spent_usd: Decimal = Decimal(0)
+    max_deposit_usd: Decimal = Decimal("10")  # most held in channels (refundable, not spent)
+    deposited_usd: Decimal = Decimal(0)
     history: list[PaidCall] = field(default_factory=list)
+    channels: dict[str, Channel] = field(default_factory=dict)  # channel id → its totals
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _proofs: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)  # origin → (until, header)
     _credit_in_use: bool = field(default=False, repr=False)
@@ -199,11 +206,14 @@ class Payer:
                 raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
             self.spent_usd += usd
         now = int(time.time()) if now is None else now
-        sign = {
-            "credit": lambda: sign_credit(self.account, offer, now, origin),
-            "upto": lambda: sign_upto(self.account, offer, now),
-        }
-        inner = sign.get(offer["scheme"], lambda: sign_exact(self.account, offer, now))()
+        if offer["scheme"] == BATCH_SETTLEMENT:
+            inner, deposit = self._voucher(offer, usd)
+        else:
+            sign = {
+                "credit": lambda: sign_credit(self.account, offer, now, origin),
+                "upto": lambda: sign_upto(self.account, offer, now),
+            }
+            inner, deposit = sign.get(offer["scheme"], lambda: sign_exact(self.account, offer, now))(), 0
         payload = {
             "x402Version": 2,
             "resource": required.get("resource"),
@@ -211,7 +221,60 @@ class Payer:
             "payload": inner,
             "extensions": {},
         }
-        return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd)
+        return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd, deposit)
+
+    def refund_headers(
+        self, response_headers: Any, amount: int | None = None
+    ) -> tuple[dict[str, str], dict[str, Any]] | None:
+        """Answer the refund endpoint's 402 (its channel terms, or its count of the channel to
+        resynchronise from): the request headers asking for this wallet's channel's unclaimed rest
+        (or ``amount`` of it) back, and the offer; None if it offers no channel this wallet may pay in."""
+        required = _required(response_headers) or {}
+        offer = next((o for o in required.get("accepts") or [] if o.get("scheme") == BATCH_SETTLEMENT), None)
+        if offer is None or self._allowed(offer) is None:
+            return None
+        channel = self.channel(offer)
+        if "channelState" in (offer.get("extra") or {}):
+            channel.resync(self.account, offer["extra"])
+        doc = {"x402Version": 2, "accepted": offer, "payload": channel.refund_payload(self.account, amount)}
+        return {PAYMENT_SIGNATURE: b64json(doc)}, offer
+
+    def refunded(self, offer: dict[str, Any], amount: int) -> None:
+        """``amount`` came back from the channel of ``offer``: it holds less, and may be deposited again."""
+        asset = self._allowed(offer)
+        with self._lock:
+            self.channel(offer).balance -= amount
+            self.deposited_usd = max(
+                self.deposited_usd - Decimal(amount).scaleb(-(asset.decimals if asset else 6)), Decimal(0)
+            )
+
+    def channel(self, offer: dict[str, Any]) -> Channel:
+        """This wallet's channel with the gateway of a batch-settlement ``offer``."""
+        fresh = Channel.of(self.account, offer)
+        return self.channels.setdefault(fresh.id, fresh)
+
+    def _voucher(self, offer: dict[str, Any], usd: Decimal) -> tuple[dict[str, Any], int]:
+        """The payload paying ``offer`` on this wallet's channel — with a deposit when the channel
+        does not hold enough (the suggested one, at least what is missing) — and the deposit."""
+        channel = self.channel(offer)
+        extra = offer.get("extra") or {}
+        if "channelState" in extra:  # a corrective 402: the gateway counted another total
+            channel.resync(self.account, extra)
+        amount = int(offer["amount"])
+        deposit = 0
+        if channel.needs(amount):
+            suggested = str(extra.get("minDeposit", "0"))
+            deposit = max(channel.needs(amount), int(suggested) if suggested.isdigit() else 0)
+            asset = self._allowed(offer)
+            deposit_usd = Decimal(deposit).scaleb(-(asset.decimals if asset else 6))
+            if usd and deposit_usd > self.max_deposit_usd - self.deposited_usd:  # (at least this call's worth)
+                deposit = channel.needs(amount)
+                deposit_usd = Decimal(deposit).scaleb(-(asset.decimals if asset else 6))
+            with self._lock:
+                if deposit_usd > self.max_deposit_usd - self.deposited_usd:
+                    raise PaymentRefused(f"a deposit of ${deposit_usd} would exceed the limit ${self.max_deposit_usd}")
+                self.deposited_usd += deposit_usd
+        return channel.payload(self.account, offer, deposit), deposit
 
     def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
         """Record a paid response — an ``upto`` payment counting, once the answer says, what moved
@@ -222,6 +285,10 @@ class Payer:
             self.abandon(pending)
             return
         o = pending.offer or {"network": doc.get("network"), "asset": "", "amount": "0", "scheme": "credit"}
+        if o["scheme"] == BATCH_SETTLEMENT:  # what the channel was charged is what moved (a stream's: "0" so far)
+            extra = doc.get("extra") or {}
+            self.channel(o).charged_by(extra, pending.deposit)
+            doc = {**doc, "amount": extra.get("chargedAmount", "")}
         moved = str(doc.get("amount", ""))
         settled = int(moved) if moved.isascii() and moved.isdigit() and int(moved) <= int(o["amount"]) else None
         usd = pending.usd
@@ -248,6 +315,9 @@ class Payer:
     def abandon(self, pending: Pending) -> None:
         with self._lock:
             self.spent_usd -= pending.usd
+            if pending.deposit and pending.offer is not None:  # the deposit did not happen
+                asset = self._allowed(pending.offer)
+                self.deposited_usd -= Decimal(pending.deposit).scaleb(-(asset.decimals if asset else 6))
 
 
 @dataclass(frozen=True)
@@ -255,11 +325,12 @@ class Pending:
     headers: dict[str, str]
     offer: dict[str, Any] | None  # None: a sign-in, no payment
     usd: Decimal
+    deposit: int = 0  # into a channel, with this payment
 
 
 # A payment refused for these reasons is worth paying again with the fresh quote the 402 carries:
 # the wallet's credit moved (another call used it), or the quote aged.
-RETRYABLE = ("amount_insufficient", "quote_expired", "credit_amount_mismatch", "quote_mismatch")
+RETRYABLE = ("amount_insufficient", "quote_expired", "credit_amount_mismatch", "quote_mismatch", MISMATCH)
 ATTEMPTS = 3
 
 

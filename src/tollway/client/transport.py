@@ -13,11 +13,13 @@ replayable (bytes, as the OpenAI SDK sends).
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import httpx
 
 from ..payments.signed import origin_of
-from .payer import Exchange, Payer, Pending
+from ..payments.x402 import PAYMENT_RESPONSE, unb64json
+from .payer import Exchange, Payer, PaymentRefused, Pending
 
 MAX_USD = "tollway.max_usd"  # request extension: the most this call may pay (lowers the per-call limit)
 
@@ -79,3 +81,25 @@ class SyncPayingTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
+
+
+REFUND_PATH = "/v1/channels/refund"
+
+
+def refund_channel(payer: Payer, http: httpx.Client, amount: int | None = None) -> dict[str, Any]:
+    """Take back from ``payer``'s batch-settlement channel with the gateway ``http`` talks to (its
+    base URL) what it holds and was not charged, or ``amount`` of it: the gateway's settlement
+    response (``transaction``, ``amount`` refunded). Raises ``PaymentRefused`` if it will not."""
+    headers: dict[str, str] = {}
+    offer: dict[str, Any] = {}
+    for _ in range(3):  # the terms; the refund (or a count to resynchronise from); the refund
+        answer = http.get(REFUND_PATH, headers=headers)
+        if answer.status_code == 200:
+            doc: dict[str, Any] = unb64json(answer.headers[PAYMENT_RESPONSE])
+            payer.refunded(offer, int(doc.get("amount") or 0))
+            return doc
+        asked = payer.refund_headers(answer.headers, amount) if answer.status_code == 402 else None
+        if asked is None:
+            break
+        headers, offer = asked
+    raise PaymentRefused(f"the refund was refused: {answer.status_code} {answer.text[:300]}")

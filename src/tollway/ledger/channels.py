@@ -21,8 +21,8 @@ OPEN = (  # a deposit opens a channel the ledger does not know yet: at nothing
     " VALUES (:id, :network, :asset, :payer, :config, 0, 0, 0, '0x', 0, 0, 0, 0, 0, NULL, 0, :now, :now)"
     " ON CONFLICT (id) DO NOTHING"
 )
-TAKE = (  # the voucher builds on the charged total, the channel is free, the escrow covers it
-    "UPDATE channels SET busy = :payment, busy_until = :until, balance = balance + :deposit, updated_at = :now"
+TAKE = (  # the voucher builds on the charged total, the channel is free, the escrow (and a deposit) covers it
+    "UPDATE channels SET busy = :payment, busy_until = :until, updated_at = :now"
     " WHERE id = :id AND charged = :base AND (busy IS NULL OR busy_until < :now) AND withdraw_at = 0"
     " AND balance + :deposit >= :signed_max"
 )
@@ -31,10 +31,8 @@ CHARGE = (  # the call is metered: the channel is charged and freed, and keeps t
     "UPDATE channels SET charged = charged + :amount, signed_max = :signed_max, signature = :signature,"
     " busy = NULL, updated_at = :now WHERE id = :id AND busy = :payment AND charged + :amount <= :signed_max"
 )
-FREE = (  # the call was not served: the channel is free again, and a deposit it was to make is not counted
-    "UPDATE channels SET busy = NULL, updated_at = :now,"
-    " balance = balance - COALESCE((SELECT deposit FROM payments WHERE id = :payment), 0) WHERE busy = :payment"
-)
+FREE = "UPDATE channels SET busy = NULL, updated_at = :now WHERE busy = :payment"  # the call was not served
+DEPOSITED = "UPDATE channels SET balance = balance + :amount, updated_at = :now WHERE id = :id"  # (once mined)
 CLAIMABLE = (
     "SELECT id, config, charged, signed_max, signature, claimed, withdraw_at FROM channels"
     " WHERE network = :network AND asset = :asset AND charged > claimed AND claim_tx IS NULL"
@@ -65,7 +63,8 @@ WITHDRAWING = "UPDATE channels SET withdraw_at = :at, updated_at = :now WHERE id
 @dataclass(frozen=True)
 class ChannelUse:
     """What a payment through a channel asks of it: to be taken for one call with a voucher of
-    ``signed_max`` built on the charged total ``base`` — and, with a deposit, to count it."""
+    ``signed_max`` built on the charged total ``base`` — covered by the channel's balance plus
+    ``deposit``, a deposit this payment makes (counted once it is mined: ``Store.channel_deposited``)."""
 
     id: str  # 0x channel id, lower-case
     config: str  # JSON ChannelConfig

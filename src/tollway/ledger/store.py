@@ -755,6 +755,11 @@ class Store:
             c.run(channels.CLAIMED if ok else channels.UNCLAIMED, {"tx": tx_id, "now": time.time()})
         return True
 
+    def channel_deposited(self, channel_id: str, amount: int) -> None:
+        """A deposit into the channel was mined."""
+        with self._sql() as c:
+            c.run(channels.DEPOSITED, {"id": channel_id, "amount": amount, "now": time.time()})
+
     def take_for_refund(
         self, channel_id: str, charged: int, holder: str, payer: str, hold_seconds: float
     ) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from ..ledger.channels import ChannelUse
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..ledger.store import Store
     from .chain import Chain
 
 
@@ -82,6 +83,7 @@ class Context:
     chain_id: int
     settler: str  # the address that sends settlement transactions (and pays their gas)
     outbox: Outbox | None = None  # sends a transaction before a call is served (a channel's deposit)
+    store: Store | None = None  # the ledger (channel state)
 
 
 class Outbox(Protocol):

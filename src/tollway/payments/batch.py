@@ -29,7 +29,7 @@ from eth_account import Account
 
 from ..errors import PaymentInvalid
 from ..ledger.channels import ChannelRefused, ChannelUse
-from ..ledger.store import new_id
+from ..ledger.store import Store, new_id
 from . import channel as ch
 from .base import Context, Offer, Outbox, Proof, Quote, Verified
 from .chain import BALANCE_OF, RpcError
@@ -67,11 +67,12 @@ class BatchSettlementEvm(TokenScheme):
         withdraw_delay: int,
         min_deposit_calls: int,
         outbox: Outbox,
+        store: Store,
         deposit_wait: float,
         **where: Any,
     ) -> None:
         super().__init__(**where)
-        self.outbox, self.deposit_wait = outbox, deposit_wait
+        self.outbox, self.store, self.deposit_wait = outbox, store, deposit_wait
         self.authorizer = PrivateKey(bytes.fromhex(authorizer_key.removeprefix("0x")))
         self.authorizer_address = Account.from_key(authorizer_key).address.lower()
         self.withdraw_delay = withdraw_delay
@@ -83,10 +84,11 @@ class BatchSettlementEvm(TokenScheme):
     @classmethod
     def from_settings(cls, ctx: Context) -> BatchSettlementEvm:  # type: ignore[override]
         c, channels = ctx.settings.chain, ctx.settings.channels
-        if not (c.token and c.payee and c.settler_key and ctx.outbox):
+        if not (c.token and c.payee and c.settler_key and ctx.outbox and ctx.store):
             raise ValueError("the batch-settlement scheme needs chain.token, chain.payee and chain.settler_key")
         return cls(
             outbox=ctx.outbox,
+            store=ctx.store,
             deposit_wait=ctx.settings.settle_margin_seconds,
             authorizer_key=channels.authorizer_key or c.settler_key,
             withdraw_delay=channels.withdraw_delay_seconds,
@@ -234,6 +236,7 @@ class BatchSettlementEvm(TokenScheme):
             )
         if await self.outbox.send("deposit", to, data, timeout=self.deposit_wait) is None:
             raise PaymentInvalid("the deposit reverted on chain", code=PREFIX + "deposit_transaction_failed")
+        self.store.channel_deposited(use.id, use.deposit)  # (in the escrow now, whatever becomes of the call)
 
     def settled_amount(self, payment: Verified, due: int) -> int:
         return min(due, payment.amount)
