@@ -743,8 +743,9 @@ def test_reflected_input_is_bounded_and_headers_stay_small(gateway, chain, devne
     big = chat_body("x" * 1000, max_tokens=8)
     r = http.post(CHAT, json=big, headers=payer.wallet_header(gateway.url))
     doc = unb64json(r.headers["PAYMENT-REQUIRED"])
-    assert {o["scheme"] for o in doc["accepts"]} == {"credit", "upto", "exact", "transfer"}
+    assert {o["scheme"] for o in doc["accepts"]} == {"credit", "upto", "exact", "transfer", "batch-settlement"}
     assert set(doc["extensions"]) == {"eip2612GasSponsoring", "sign-in-with-x", "payment-identifier"}
+    assert r.headers["www-authenticate"].startswith("Payment ")  # and MPP's challenge
     assert r.status_code == 402 and header_bytes(r.headers) < 8192
 
     async def read_with_aiohttp() -> int:
