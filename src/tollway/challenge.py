@@ -43,6 +43,8 @@ def offers(gw: Gateway, call: ChatCall, credit: int, debt: int = 0) -> list[Offe
     least = least_payment(gw)
     out = []
     for s in gw.schemes:
+        if "x402" not in s.rails:
+            continue
         quote = call.quote(call.cap(s.metered))
         if s.name == "credit":
             if credit < quote.amount or debt:

@@ -29,7 +29,7 @@ from .payments import build_scheme
 from .payments.base import Context, PaymentScheme, Verified
 from .payments.batch import BatchSettlementEvm
 from .payments.chain import Chain
-from .payments.mpp import MppRail
+from .payments.mpp import AUTHORIZATION, CREDENTIAL_TYPES, MppRail
 from .payments.signed import origin_of
 from .payments.x402 import V1_NETWORK_NAMES
 from .pricing import Prices, to_atomic
@@ -117,6 +117,8 @@ class Gateway:
         if "upto" in names and not await doctor.upto_contracts(chain):
             log.warning("upto is not offered: Permit2 or the x402 upto proxy is not on chain %d", chain_id)
             names.remove("upto")
+        if settings.mpp and "exact" in names and "upto" in names:  # (MPP's permit2 credential needs Permit2)
+            names.append("mpp-permit2")
         if "batch-settlement" in names and not await doctor.channel_contracts(chain):
             log.warning("batch-settlement is not offered: the x402 escrow is not on chain %d", chain_id)
             names.remove("batch-settlement")
@@ -143,8 +145,9 @@ class Gateway:
             _clients=(upstream_http, *paying.values()),
             _worker_chain=worker_chain,
         )
-        if settings.mpp and any(s.name == "exact" for s in schemes):
-            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals)
+        types = {t: name for t, name in CREDENTIAL_TYPES.items() if any(s.name == name for s in schemes)}
+        if settings.mpp and AUTHORIZATION in types:
+            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types)
         gw.close_abandoned_streams()
         await settler.start()
         loop = asyncio.get_running_loop()

@@ -135,9 +135,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentScheme, Verified, Quote]:
     """The scheme a proof pays with, the payment it makes, and the quote (output cap) it pays."""
     now = int(time.time())
-    scheme = next((s for s in gw.schemes if s.name == proof.scheme and s.network == proof.network), None)
+    schemes = [s for s in gw.schemes if proof.rail in s.rails]
+    scheme = next((s for s in schemes if s.name == proof.scheme and s.network == proof.network), None)
     if scheme is None:
-        if not any(s.name == proof.scheme for s in gw.schemes):
+        if not any(s.name == proof.scheme for s in schemes):
             raise PaymentInvalid(
                 f"scheme '{truncate(proof.scheme, 40)}' is not accepted here", code="unsupported_scheme"
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -15,12 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
 from support import CHAT, SETTLE_WAIT, chat_body
-from tollway.payments import eip3009
+from tollway.payments import eip3009, permit2_charge
 from tollway.payments.base import Offer
 from tollway.payments.mpp import MppRail
+from tollway.payments.permit2 import PERMIT2_ADDRESS
 from tollway.quotes import QuoteSigner
 
 PROBLEMS = "https://paymentauth.org/problems/"
@@ -103,7 +107,11 @@ def test_one_402_carries_both_rails_and_an_mpp_credential_pays_with_a_receipt(ht
     challenge = challenge_of(asked)  # ... and MPP
     assert (challenge["method"], challenge["intent"]) == ("evm", "charge")
     request = unb64url(challenge["request"])
-    assert request["methodDetails"] == {"chainId": devnet.chain_id, "credentialTypes": ["authorization"], "decimals": 6}
+    assert request["methodDetails"] == {
+        "chainId": devnet.chain_id,
+        "credentialTypes": ["permit2", "authorization"],  # (the draft: Permit2 first, where it is taken)
+        "decimals": 6,
+    }
     x402_exact = next(
         o for o in json.loads(base64.b64decode(asked.headers["payment-required"]))["accepts"] if o["scheme"] == "exact"
     )
@@ -156,7 +164,9 @@ def test_an_expired_challenge_gets_payment_expired(http, gateway, devnet, chain)
     fresh = challenge_of(http.post(CHAT, json=body))
     request = unb64url(fresh["request"])
     # The gateway's own challenge, issued (by its key) to have expired a minute ago.
-    rail = MppRail(QuoteSigner(gateway.settings.quote_secret).key, "tollway", devnet.chain_id, 6)
+    rail = MppRail(
+        QuoteSigner(gateway.settings.quote_secret).key, "tollway", devnet.chain_id, 6, {"authorization": "exact"}
+    )
     opaque = unb64url(fresh["opaque"])
     offer = Offer(
         "exact",
@@ -231,3 +241,123 @@ def test_the_official_mpp_clients_pay_evm_charge_and_get_a_receipt(client, gatew
     time.sleep(SETTLE_WAIT)
     spent = 100_000_000 - chain.balance(payer.address)
     assert spent > 0 and spent >= sum(amounts)  # each paid the quote (exact): the surplus is the wallet's credit
+
+
+# -- the permit2 credential (no third-party client speaks it yet: built here from the draft) -----------
+
+
+def permit2_credential(
+    account: Any, challenge: dict[str, str], devnet, settler: str, *, spaced: bool = False, **change: Any
+) -> str:
+    """A ``permit2`` credential as draft-evm-charge builds it: a Permit2 ``PermitWitnessTransferFrom`` of
+    the amount to the recipient, our settlement account as spender, the witness
+    ``PaymentWitness(challengeHash = keccak256(id ‖ realm), externalId "")`` — signed with eth-account's
+    generic EIP-712 encoder, or (``spaced``) over the draft's literal witness type."""
+    request = unb64url(challenge["request"])
+    challenge_hash = change.get("challenge_hash", keccak(challenge["id"].encode() + challenge["realm"].encode()))
+    amount, nonce, deadline = int(change.get("amount", request["amount"])), secrets.randbits(64), int(time.time()) + 600
+    fields = {
+        "token": request["currency"].lower(),
+        "amount": amount,
+        "nonce": nonce,
+        "deadline": deadline,
+        "challenge_hash": challenge_hash,
+        "external_id": "",
+        "chain_id": devnet.chain_id,
+    }
+    if spaced:
+        digest = permit2_charge.digest(fields, settler, permit2_charge.WITNESS_TYPES[1], devnet.chain_id)
+        signature = bytes(account.unsafe_sign_hash(digest).signature)
+    else:
+        typed = encode_typed_data(
+            full_message={
+                "types": {
+                    "EIP712Domain": [
+                        {"name": "name", "type": "string"},
+                        {"name": "chainId", "type": "uint256"},
+                        {"name": "verifyingContract", "type": "address"},
+                    ],
+                    "PermitWitnessTransferFrom": [
+                        {"name": "permitted", "type": "TokenPermissions"},
+                        {"name": "spender", "type": "address"},
+                        {"name": "nonce", "type": "uint256"},
+                        {"name": "deadline", "type": "uint256"},
+                        {"name": "witness", "type": "PaymentWitness"},
+                    ],
+                    "TokenPermissions": [{"name": "token", "type": "address"}, {"name": "amount", "type": "uint256"}],
+                    "PaymentWitness": [
+                        {"name": "challengeHash", "type": "bytes32"},
+                        {"name": "externalId", "type": "string"},
+                    ],
+                },
+                "primaryType": "PermitWitnessTransferFrom",
+                "domain": {"name": "Permit2", "chainId": devnet.chain_id, "verifyingContract": PERMIT2_ADDRESS},
+                "message": {
+                    "permitted": {"token": request["currency"], "amount": amount},
+                    "spender": settler,
+                    "nonce": nonce,
+                    "deadline": deadline,
+                    "witness": {"challengeHash": challenge_hash, "externalId": ""},
+                },
+            }
+        )
+        signature = bytes(account.sign_message(typed).signature)
+    payload = {
+        "type": "permit2",
+        "permit": {
+            "permitted": [{"token": request["currency"], "amount": str(amount)}],
+            "nonce": str(nonce),
+            "deadline": str(deadline),
+        },
+        "transferDetails": [{"to": request["recipient"], "requestedAmount": str(amount)}],
+        "witness": {"challengeHash": "0x" + challenge_hash.hex()},
+        "signature": "0x" + signature.hex(),
+    }
+    echo = {
+        k: v
+        for k, v in challenge.items()
+        if k in ("id", "realm", "method", "intent", "request", "expires", "digest", "opaque")
+    }
+    doc = {"challenge": echo, "payload": payload, "source": f"did:pkh:eip155:{devnet.chain_id}:{account.address}"}
+    return "Payment " + b64url(doc)
+
+
+@pytest.mark.parametrize("spaced", [False, True], ids=["eip712", "draft-spelling"])
+def test_a_permit2_credential_pays_the_challenge_through_permit2_itself(spaced, http, gateway, devnet, chain):
+    settler = Account.from_key(gateway.settings.chain.settler_key).address
+    body = chat_body(f"paid by permit2 {spaced}")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    amount = int(unb64json_request(challenge)["amount"])
+    payer = chain.fund(permit2=True)
+    paid = http.post(
+        CHAT, json=body, headers={"Authorization": permit2_credential(payer, challenge, devnet, settler, spaced=spaced)}
+    )
+    assert paid.status_code == 200, paid.text
+    receipt = unb64url(paid.headers["payment-receipt"])
+    assert chain.w3.eth.wait_for_transaction_receipt(receipt["reference"], timeout=15)["status"] == 1
+    assert chain.balance(payer.address) == 100_000_000 - amount
+    again = http.post(CHAT, json=body, headers={"Authorization": permit2_credential(payer, challenge, devnet, settler)})
+    assert again.status_code == 200  # (a fresh Permit2 nonce: a second payment of its own)
+
+
+def test_a_permit2_credential_for_another_challenge_or_amount_or_without_approval_is_refused(
+    http, gateway, devnet, chain
+):
+    settler = Account.from_key(gateway.settings.chain.settler_key).address
+    body = chat_body("permit2 refusals")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    payer = chain.fund(permit2=True)
+    other = permit2_credential(payer, challenge, devnet, settler, challenge_hash=bytes(32))
+    assert problem(http.post(CHAT, json=body, headers={"Authorization": other})) == "invalid-challenge"
+    less = permit2_credential(payer, challenge, devnet, settler, amount=1)
+    assert problem(http.post(CHAT, json=body, headers={"Authorization": less})) == "verification-failed"
+    unapproved = chain.fund()
+    r = http.post(
+        CHAT, json=body, headers={"Authorization": permit2_credential(unapproved, challenge, devnet, settler)}
+    )
+    assert r.status_code == 412 and r.json()["type"].endswith("verification-failed")
+    assert chain.balance(payer.address) == chain.balance(unapproved.address) == 100_000_000
+
+
+def unb64json_request(challenge: dict[str, str]) -> dict[str, Any]:
+    return unb64url(challenge["request"])

@@ -18,6 +18,7 @@ SCHEMES: dict[str, str] = {
     "credit": "tollway.payments.credit:from_settings",
     "transfer": "tollway.payments.transfer:from_settings",
     "batch-settlement": "tollway.payments.batch:from_settings",
+    "mpp-permit2": "tollway.payments.permit2_charge:from_settings",
 }
 
 

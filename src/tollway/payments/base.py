@@ -95,6 +95,7 @@ class Outbox(Protocol):
 
 class PaymentScheme(Protocol):
     name: str
+    rails: tuple[str, ...]  # the wire codecs that carry it: x402, mpp
     network: str
     metered: bool  # pays the metered cost (priced at the metered output cap), not the bound
     prepaid: bool  # the money moved before the call (a transfer; credit moves none)

@@ -17,6 +17,7 @@ from .base import Context, Offer, Proof, Quote, Verified
 
 class CreditScheme:
     name = "credit"
+    rails = ("x402",)
     metered = True
     prepaid = True
 

@@ -83,6 +83,7 @@ class ExactEvm(TokenScheme):
     """The ``exact`` scheme for one EIP-3009 token on one EVM chain."""
 
     name = "exact"
+    rails = ("x402", "mpp")  # (MPP's charge credential of type authorization)
     metered = False
     prepaid = False
 

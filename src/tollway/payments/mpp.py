@@ -35,6 +35,7 @@ from ..errors import PaymentInvalid, PaymentMalformed
 from .base import Offer, Proof
 
 AUTHORIZATION = "authorization"
+CREDENTIAL_TYPES = {"permit2": "mpp-permit2", AUTHORIZATION: "exact"}  # MPP credential type → scheme, preferred first
 WWW_AUTHENTICATE = "WWW-Authenticate"
 PAYMENT_RECEIPT = "Payment-Receipt"
 ACCEPT_PAYMENT = "Accept-Payment"
@@ -87,11 +88,13 @@ def parse_iso(text: str) -> int:
 class MppRail:
     """MPP's ``Payment`` scheme for one realm: challenges for offers, credentials into proofs."""
 
-    def __init__(self, key: bytes, realm: str, chain_id: int, decimals: int) -> None:
+    def __init__(self, key: bytes, realm: str, chain_id: int, decimals: int, types: dict[str, str]) -> None:
+        """``types``: the credential types taken, preferred first, each → the scheme that pays it."""
         self.key = hashlib.sha256(b"tollway mpp challenge|" + key).digest()
         self.realm = realm
         self.chain_id = chain_id
         self.decimals = decimals
+        self.types = types
 
     # -- challenges ----------------------------------------------------------------------------
 
@@ -103,7 +106,7 @@ class MppRail:
             "amount": str(offer.amount),
             "currency": offer.asset,
             "recipient": offer.pay_to,
-            "methodDetails": {"chainId": self.chain_id, "credentialTypes": [AUTHORIZATION], "decimals": self.decimals},
+            "methodDetails": {"chainId": self.chain_id, "credentialTypes": list(self.types), "decimals": self.decimals},
         }
         params = {
             "realm": self.realm,
@@ -156,24 +159,35 @@ class MppRail:
         if (params["method"], params["intent"]) != (METHOD, INTENT):
             raise PaymentInvalid("only the evm charge intent is taken here", code="method_unsupported")
         request, opaque = json.loads(unb64url(params["request"])), json.loads(unb64url(params["opaque"]))
-        if payload.get("type") != AUTHORIZATION:
+        kind = payload.get("type")
+        if kind not in self.types:
+            taken = ", ".join(self.types)
             raise PaymentInvalid(
-                "this gateway takes evm charge credentials of type authorization", code="method_unsupported"
+                f"this gateway takes evm charge credentials of type {taken}", code="method_unsupported"
             )
-        authorization = {k: payload.get(k) for k in ("from", "to", "value", "validAfter", "validBefore", "nonce")}
-        nonce = str(authorization["nonce"] or "").lower()
-        if nonce not in challenge_nonces(str(echo["id"]), params["realm"]):
-            raise PaymentInvalid("the authorization's nonce is not this challenge's hash", code="invalid_challenge")
+        bound = challenge_nonces(str(echo["id"]), params["realm"])  # what binds the payment to this challenge
+        if kind == AUTHORIZATION:
+            authorization = {k: payload.get(k) for k in ("from", "to", "value", "validAfter", "validBefore", "nonce")}
+            binding = str(authorization["nonce"] or "").lower()
+            paid: dict[str, Any] = {"authorization": authorization, "signature": payload.get("signature")}
+        else:  # permit2: the witness names the challenge
+            binding = str((payload.get("witness") or {}).get("challengeHash", "")).lower()
+            bound, paid = bound[:1], payload
+        if binding not in bound:
+            raise PaymentInvalid("the payment is not bound to this challenge's hash", code="invalid_challenge")
+        source = str(doc.get("source", ""))
         accepted = {
-            "scheme": "exact",
+            "scheme": self.types[kind],
             "network": f"eip155:{self.chain_id}",
             "amount": request.get("amount"),
             "asset": request.get("currency"),
             "payTo": request.get("recipient"),
             "extra": {"quote": opaque.get("quote"), "maxTokens": _int(opaque.get("maxTokens"))},
         }
-        exact = {"authorization": authorization, "signature": payload.get("signature")}
-        return Proof(2, "exact", accepted["network"], exact, accepted, None, rail="mpp", challenge=str(echo["id"]))
+        who = {"source": source.rsplit(":", 1)[-1].lower()} if source.startswith("did:pkh:eip155:") else None
+        return Proof(
+            2, self.types[kind], accepted["network"], paid, accepted, who, rail="mpp", challenge=str(echo["id"])
+        )
 
     def _echoed(self, echo: Mapping[str, Any]) -> dict[str, str]:
         """The challenge's parameters as they were issued: ``request`` and ``opaque`` re-encoded

@@ -16,6 +16,7 @@ SHORT_MEMORY = 2.0  # seconds a payer found short of funds is refused without as
 
 class TokenScheme:
     name: str
+    rails: tuple[str, ...] = ("x402",)
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ REFUSAL_MEMORY = 60.0  # seconds a transaction that does not pay us is not looke
 
 class TransferScheme:
     name = "transfer"
+    rails = ("x402",)
     metered = False
     prepaid = True
 
