@@ -250,6 +250,9 @@ class Settings(BaseSettings):
     # its realm is part of every challenge (and of the nonce a payer signs).
     mpp: bool = True
     mpp_realm: str = "tollway"
+    # MPP's hash credential (a transfer already sent) binds nothing to its challenge: whoever sees the
+    # transaction first could present it. Taken for calls up to this much (USD); 0: never.
+    mpp_hash_max_usd: Decimal = Field(Decimal(0), ge=0)
     chain: ChainSettings = ChainSettings()
     channels: ChannelSettings = ChannelSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one

@@ -119,6 +119,8 @@ class Gateway:
             names.remove("upto")
         if settings.mpp and "exact" in names and "upto" in names:  # (MPP's permit2 credential needs Permit2)
             names.append("mpp-permit2")
+        if settings.mpp and "exact" in names and "transfer" in names and settings.mpp_hash_max_usd:
+            names.append("mpp-hash")
         if "batch-settlement" in names and not await doctor.channel_contracts(chain):
             log.warning("batch-settlement is not offered: the x402 escrow is not on chain %d", chain_id)
             names.remove("batch-settlement")
@@ -147,7 +149,8 @@ class Gateway:
         )
         types = {t: name for t, name in CREDENTIAL_TYPES.items() if any(s.name == name for s in schemes)}
         if settings.mpp and AUTHORIZATION in types:
-            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types)
+            unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
+            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound)
         gw.close_abandoned_streams()
         await settler.start()
         loop = asyncio.get_running_loop()

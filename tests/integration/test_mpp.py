@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
-from support import CHAT, SETTLE_WAIT, chat_body
+from conftest import gateway_settings
+from support import CHAT, SETTLE_WAIT, ServerThread, chat_body
+from tollway.app import create_app
 from tollway.payments import eip3009, permit2_charge
 from tollway.payments.base import Offer
 from tollway.payments.mpp import MppRail
@@ -361,3 +364,48 @@ def test_a_permit2_credential_for_another_challenge_or_amount_or_without_approva
 
 def unb64json_request(challenge: dict[str, str]) -> dict[str, Any]:
     return unb64url(challenge["request"])
+
+
+# -- the hash credential: off by default (nothing binds it to its challenge) -------------------------
+
+
+def hash_credential(challenge: dict[str, str], tx_hash: str) -> str:
+    echo = {k: v for k, v in challenge.items() if k in ECHOED}
+    return "Payment " + b64url({"challenge": echo, "payload": {"type": "hash", "hash": tx_hash}})
+
+
+ECHOED = ("id", "realm", "method", "intent", "request", "expires", "digest", "opaque")
+
+
+def test_a_hash_credential_is_refused_where_it_is_not_offered(http, devnet, chain):
+    challenge = challenge_of(http.post(CHAT, json=chat_body("no hash here")))
+    assert "hash" not in unb64url(challenge["request"])["methodDetails"]["credentialTypes"]
+    answer = http.post(
+        CHAT, json=chat_body("no hash here"), headers={"Authorization": hash_credential(challenge, "0x" + "ab" * 32)}
+    )
+    assert problem(answer) == "method-unsupported"
+
+
+def test_a_hash_credential_pays_small_calls_where_the_operator_allows_it(devnet, chain, upstream, tmp_path):
+    settings = gateway_settings(
+        devnet, upstream.url + "/v1", tmp_path / "tollway.sqlite3", mpp_hash_max_usd=Decimal("0.1")
+    )
+    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        body = chat_body("paid by a transfer")
+        challenge = challenge_of(http.post(CHAT, json=body))
+        request = unb64url(challenge["request"])
+        assert request["methodDetails"]["credentialTypes"] == ["permit2", "authorization", "hash"]
+        payer = chain.fund(eth=True)
+        tx = chain.transfer(payer, request["recipient"], int(request["amount"]))
+        paid = http.post(CHAT, json=body, headers={"Authorization": hash_credential(challenge, tx)})
+        assert paid.status_code == 200, paid.text
+        assert unb64url(paid.headers["payment-receipt"])["reference"].lower() == tx.lower()
+        again = challenge_of(http.post(CHAT, json=body))  # the same transaction for another call
+        assert (
+            problem(http.post(CHAT, json=body, headers={"Authorization": hash_credential(again, tx)}))
+            == "invalid-challenge"
+        )
+        big = chat_body("a call dearer than the hash limit", max_tokens=200_000 // 2)
+        costly = unb64url(challenge_of(http.post(CHAT, json=big))["request"])
+        assert int(costly["amount"]) > 100_000, costly  # (over the limit: not offered)
+        assert "hash" not in costly["methodDetails"]["credentialTypes"]

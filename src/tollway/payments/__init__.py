@@ -19,6 +19,7 @@ SCHEMES: dict[str, str] = {
     "transfer": "tollway.payments.transfer:from_settings",
     "batch-settlement": "tollway.payments.batch:from_settings",
     "mpp-permit2": "tollway.payments.permit2_charge:from_settings",
+    "mpp-hash": "tollway.payments.transfer:hash_from_settings",
 }
 
 

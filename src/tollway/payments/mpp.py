@@ -35,7 +35,8 @@ from ..errors import PaymentInvalid, PaymentMalformed
 from .base import Offer, Proof
 
 AUTHORIZATION = "authorization"
-CREDENTIAL_TYPES = {"permit2": "mpp-permit2", AUTHORIZATION: "exact"}  # MPP credential type → scheme, preferred first
+CREDENTIAL_TYPES = {"permit2": "mpp-permit2", AUTHORIZATION: "exact", "hash": "mpp-hash"}  # → scheme, preferred first
+UNBOUND = "hash"  # a credential type that nothing binds to its challenge: for small amounts only
 WWW_AUTHENTICATE = "WWW-Authenticate"
 PAYMENT_RECEIPT = "Payment-Receipt"
 ACCEPT_PAYMENT = "Accept-Payment"
@@ -88,13 +89,17 @@ def parse_iso(text: str) -> int:
 class MppRail:
     """MPP's ``Payment`` scheme for one realm: challenges for offers, credentials into proofs."""
 
-    def __init__(self, key: bytes, realm: str, chain_id: int, decimals: int, types: dict[str, str]) -> None:
-        """``types``: the credential types taken, preferred first, each → the scheme that pays it."""
+    def __init__(
+        self, key: bytes, realm: str, chain_id: int, decimals: int, types: dict[str, str], unbound_max: int = 0
+    ) -> None:
+        """``types``: the credential types taken, preferred first, each → the scheme that pays it;
+        ``unbound_max``: the largest amount (atomic) a ``hash`` credential is asked for."""
         self.key = hashlib.sha256(b"tollway mpp challenge|" + key).digest()
         self.realm = realm
         self.chain_id = chain_id
         self.decimals = decimals
         self.types = types
+        self.unbound_max = unbound_max
 
     # -- challenges ----------------------------------------------------------------------------
 
@@ -106,7 +111,11 @@ class MppRail:
             "amount": str(offer.amount),
             "currency": offer.asset,
             "recipient": offer.pay_to,
-            "methodDetails": {"chainId": self.chain_id, "credentialTypes": list(self.types), "decimals": self.decimals},
+            "methodDetails": {
+                "chainId": self.chain_id,
+                "credentialTypes": self.taken(offer.amount),
+                "decimals": self.decimals,
+            },
         }
         params = {
             "realm": self.realm,
@@ -119,6 +128,10 @@ class MppRail:
         }
         params = {"id": self._id(params), **params}
         return "Payment " + ", ".join(f'{k}="{v}"' for k, v in params.items())
+
+    def taken(self, amount: int) -> list[str]:
+        """The credential types a challenge for ``amount`` lists (so the HMAC binds them)."""
+        return [t for t in self.types if t != UNBOUND or amount <= self.unbound_max]
 
     def _id(self, p: Mapping[str, str]) -> str:
         fields = (p["realm"], p["method"], p["intent"], p["request"], p.get("expires", ""), p.get("digest", ""))
@@ -160,8 +173,9 @@ class MppRail:
             raise PaymentInvalid("only the evm charge intent is taken here", code="method_unsupported")
         request, opaque = json.loads(unb64url(params["request"])), json.loads(unb64url(params["opaque"]))
         kind = payload.get("type")
-        if kind not in self.types:
-            taken = ", ".join(self.types)
+        listed = (request.get("methodDetails") or {}).get("credentialTypes") or []
+        if kind not in self.types or kind not in listed:
+            taken = ", ".join(t for t in listed if t in self.types)
             raise PaymentInvalid(
                 f"this gateway takes evm charge credentials of type {taken}", code="method_unsupported"
             )
@@ -170,6 +184,8 @@ class MppRail:
             authorization = {k: payload.get(k) for k in ("from", "to", "value", "validAfter", "validBefore", "nonce")}
             binding = str(authorization["nonce"] or "").lower()
             paid: dict[str, Any] = {"authorization": authorization, "signature": payload.get("signature")}
+        elif kind == UNBOUND:  # (nothing to check: see HashCharge)
+            binding, paid = bound[0], payload
         else:  # permit2: the witness names the challenge
             binding = str((payload.get("witness") or {}).get("challengeHash", "")).lower()
             bound, paid = bound[:1], payload

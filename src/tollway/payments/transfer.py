@@ -63,6 +63,10 @@ class TransferScheme:
                 "the transfer claim is not signed by its wallet (or not for this request)",
                 code="invalid_transfer_claim",
             )
+        return await self.paid_by(tx, wallet)
+
+    async def paid_by(self, tx: str, wallet: str | None) -> Verified:
+        """The payment transaction ``tx`` makes, if ``wallet`` (None: whoever) sent it, remembering refusals."""
         known_bad = self._unknown.get(tx.lower())
         if known_bad is not None and known_bad[0] > time.monotonic():
             raise PaymentInvalid(known_bad[1], code=known_bad[2])
@@ -76,12 +80,14 @@ class TransferScheme:
             self._unknown[tx.lower()] = (time.monotonic() + wait, exc.message, exc.code)
             raise
 
-    async def _check(self, tx: str, wallet: str) -> Verified:
+    async def _check(self, tx: str, wallet: str | None) -> Verified:
+        """The payment a mined transfer of ``wallet``'s makes (None: of whoever sent it)."""
         receipt, head = await self.chain.batch([("eth_getTransactionReceipt", [tx]), ("eth_blockNumber", [])])
         if receipt is None:
             raise PaymentInvalid("transaction not found or not mined yet", code="transfer_not_found")
         if int(receipt.get("status", "0x0"), 16) != 1:
             raise PaymentInvalid("the transaction failed on chain", code="transfer_failed")
+        wallet = wallet or str(receipt.get("from", "")).lower()
         if str(receipt.get("from", "")).lower() != wallet:
             # Only the claimant's own transaction: a settlement or payout of this gateway (sent by
             # its own account) also carries a Transfer to the payee, and must never pay twice.
@@ -139,4 +145,33 @@ def from_settings(ctx: Context) -> TransferScheme:
         payee=c.payee,
         confirmations=int(c.confirmations or 0),
         timeout=ctx.settings.offer_timeout_seconds,
+    )
+
+
+class HashCharge(TransferScheme):
+    """MPP's evm charge paid with a ``hash`` credential: a transfer to the payee the payer already
+    sent, paying like ``transfer`` (its surplus is its sender's credit; one transaction pays once,
+    whichever rail presents it). Nothing binds the transaction to the challenge (draft-evm-charge,
+    "Hash Credential Binding"): whoever sees it could present it first, so the rail offers it only
+    for amounts up to ``mpp_hash_max_usd`` (0, the default: never)."""
+
+    name = "mpp-hash"
+    rails = ("mpp",)
+
+    async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
+        tx = proof.payload.get("hash")
+        if not isinstance(tx, str) or not TX_HASH.match(tx):
+            raise PaymentMalformed("payload.hash must be a transaction hash", code="invalid_payload")
+        return await self.paid_by(tx, None)
+
+
+def hash_from_settings(ctx: Context) -> HashCharge:
+    base = from_settings(ctx)
+    return HashCharge(
+        chain=base.chain,
+        chain_id=base.chain_id,
+        token=base.token,
+        payee=base.payee,
+        confirmations=base.confirmations,
+        timeout=base.timeout,
     )
