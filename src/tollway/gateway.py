@@ -150,7 +150,7 @@ class Gateway:
         types = {t: name for t, name in CREDENTIAL_TYPES.items() if any(s.name == name for s in schemes)}
         if settings.mpp and AUTHORIZATION in types:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
-            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound)
+            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
         gw.close_abandoned_streams()
         await settler.start()
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ from eth_hash.auto import keccak
 from conftest import gateway_settings
 from support import CHAT, SETTLE_WAIT, ServerThread, chat_body
 from tollway.app import create_app
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.payments import eip3009, permit2_charge
 from tollway.payments.base import Offer
 from tollway.payments.mpp import MppRail
@@ -110,10 +111,13 @@ def test_one_402_carries_both_rails_and_an_mpp_credential_pays_with_a_receipt(ht
     challenge = challenge_of(asked)  # ... and MPP
     assert (challenge["method"], challenge["intent"]) == ("evm", "charge")
     request = unb64url(challenge["request"])
+    settler = Account.from_key(gateway.settings.chain.settler_key).address
     assert request["methodDetails"] == {
         "chainId": devnet.chain_id,
         "credentialTypes": ["permit2", "authorization"],  # (the draft: Permit2 first, where it is taken)
         "decimals": 6,
+        "permit2Address": PERMIT2_ADDRESS,
+        "spender": settler,  # (who submits a permit2 credential's transfer)
     }
     x402_exact = next(
         o for o in json.loads(base64.b64decode(asked.headers["payment-required"]))["accepts"] if o["scheme"] == "exact"
@@ -409,3 +413,25 @@ def test_a_hash_credential_pays_small_calls_where_the_operator_allows_it(devnet,
         costly = unb64url(challenge_of(http.post(CHAT, json=big))["request"])
         assert int(costly["amount"]) > 100_000, costly  # (over the limit: not offered)
         assert "hash" not in costly["methodDetails"]["credentialTypes"]
+
+
+# -- tollway's own client, preferring MPP ------------------------------------------------------------
+
+
+def test_tollways_client_pays_mpp_with_permit2_and_falls_back_to_authorization_without_an_approval(
+    gateway, devnet, chain
+):
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    for approved, used in ((True, "mpp-permit2"), (False, "mpp-authorization")):
+        account = chain.fund(permit2=approved)
+        payer = Payer(account, allowed, rails=("mpp", "x402"))
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url, timeout=30) as http:
+            for i in range(2):
+                answer = http.post(CHAT, json=chat_body(f"tollway's client over MPP {approved} {i}"))
+                assert answer.status_code == 200, answer.text
+                assert "payment-receipt" in answer.headers
+        assert [p.scheme for p in payer.history] == [used, used]
+        for paid in payer.history:
+            assert chain.w3.eth.wait_for_transaction_receipt(paid.transaction, timeout=15)["status"] == 1
+        time.sleep(SETTLE_WAIT)
+        assert chain.balance(account.address) == 100_000_000 - sum(p.amount for p in payer.history)

@@ -27,6 +27,7 @@ from ..payments.x402 import (
     b64json,
     unb64json,
 )
+from . import mpp
 from .channels import MISMATCH, Channel
 
 BATCH_SETTLEMENT = "batch-settlement"
@@ -43,6 +44,8 @@ class AllowedAsset:
     network: str  # CAIP-2, e.g. eip155:8453
     asset: str  # token address
     decimals: int = 6
+    name: str = "USD Coin"  # the token's EIP-712 domain (an MPP challenge does not say it; x402 offers do)
+    version: str = "2"
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class Payer:
     max_per_call_usd: Decimal = Decimal("1")
     max_total_usd: Decimal = Decimal("10")
     schemes: tuple[str, ...] = ("upto", "exact")  # the on-chain schemes it pays, preferred first
+    # The protocols it answers, preferred first: x402, and MPP (HTTP Payment authentication) when a
+    # 402 carries no x402 offer or MPP comes first; the MPP credential types it makes, preferred first.
+    rails: tuple[str, ...] = ("x402", "mpp")
+    mpp_types: tuple[str, ...] = ("permit2", "authorization")
     spent_usd: Decimal = Decimal(0)
     max_deposit_usd: Decimal = Decimal("10")  # most held in channels (refundable, not spent)
     deposited_usd: Decimal = Decimal(0)
@@ -192,6 +199,9 @@ class Payer:
         from the budget. A 402 describing a resource at another origin is refused: a server must
         not relay another's quotes for us to sign."""
         raw = response_headers.get(PAYMENT_REQUIRED)
+        challenge = mpp.challenge(response_headers) if "mpp" in self.rails else None
+        if challenge is not None and (self.rails[0] == "mpp" or not raw):
+            return self._pay_mpp(challenge, max_usd)
         if not raw:
             raise PaymentRefused("402 without a PAYMENT-REQUIRED header (x402 v2)")
         required = unb64json(raw)
@@ -222,6 +232,41 @@ class Payer:
             "extensions": {},
         }
         return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd, deposit)
+
+    def _pay_mpp(self, challenge: dict[str, Any], max_usd: Decimal | None) -> Pending:
+        """Answer an MPP evm charge challenge, within the limits, with the first credential type
+        this wallet makes that it lists (permit2 only where this wallet has approved Permit2)."""
+        terms, details = challenge["terms"], challenge["terms"]["methodDetails"]
+        offer = {
+            "rail": "mpp",
+            "network": f"eip155:{details.get('chainId')}",
+            "asset": str(terms.get("currency", "")),
+            "amount": str(terms.get("amount", "")),
+        }
+        asset = self._allowed(offer)
+        if asset is None or not offer["amount"].isdigit():
+            raise PaymentRefused(
+                f"the MPP challenge asks for {offer['amount']} of {offer['asset']} on {offer['network']}"
+            )
+        listed = details.get("credentialTypes") or []
+        unapproved = (asset.network, asset.asset.lower()) in self._no_permit2
+        kinds = [
+            k
+            for k in self.mpp_types
+            if k in listed and not (k == "permit2" and (unapproved or not details.get("spender")))
+        ]
+        if not kinds:
+            raise PaymentRefused(f"the MPP challenge takes no credential this client makes: {listed}")
+        usd = Decimal(int(offer["amount"])).scaleb(-asset.decimals)
+        limit = self.max_per_call_usd if max_usd is None else min(self.max_per_call_usd, max_usd)
+        if usd > limit:
+            raise PaymentRefused(f"the call costs up to ${usd}, over the per-call limit ${limit}")
+        with self._lock:
+            if self.spent_usd + usd > self.max_total_usd:
+                raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
+            self.spent_usd += usd
+        header = mpp.credential(self.account, challenge, kinds[0], asset.name, asset.version)
+        return Pending({"Authorization": header}, {**offer, "scheme": f"mpp-{kinds[0]}"}, usd)
 
     def refund_headers(
         self, response_headers: Any, amount: int | None = None
@@ -279,6 +324,24 @@ class Payer:
     def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
         """Record a paid response — an ``upto`` payment counting, once the answer says, what moved
         rather than its maximum — or give the reservation back if the call was not paid."""
+        if pending.offer is not None and pending.offer.get("rail") == "mpp":
+            paid = mpp.receipt(response_headers) if status < 400 else None
+            if paid is None or paid.get("status") != "success":
+                self.abandon(pending)
+                return
+            o, receipt_id = pending.offer, response_headers.get("x-tollway-receipt")
+            self.history.append(
+                PaidCall(
+                    o["network"],
+                    o["asset"],
+                    int(o["amount"]),
+                    paid.get("reference"),
+                    receipt_id,
+                    pending.usd,
+                    o["scheme"],
+                )
+            )
+            return
         raw = response_headers.get(PAYMENT_RESPONSE) or response_headers.get(X_PAYMENT_RESPONSE)
         doc = unb64json(raw) if raw and status < 400 else {}
         if not isinstance(doc, dict) or not doc.get("success"):
@@ -359,7 +422,7 @@ class Exchange:
         if self.pending is not None:
             self.payer.conclude(self.pending, status, headers)
             offer, self.pending = self.pending.offer, None
-            if status == 412 and offer is not None and offer.get("scheme") == "upto":
+            if status == 412 and offer is not None and offer.get("scheme") in ("upto", "mpp-permit2"):
                 self.payer.no_permit2(offer)  # (and pay with another scheme, from this 412's fresh quote)
             elif status == 402 and offer is None:
                 self.payer.credit_hint = False  # the credit did not cover it: pay, and sign in less

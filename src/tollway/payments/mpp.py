@@ -33,6 +33,7 @@ from eth_hash.auto import keccak
 
 from ..errors import PaymentInvalid, PaymentMalformed
 from .base import Offer, Proof
+from .permit2 import PERMIT2_ADDRESS
 
 AUTHORIZATION = "authorization"
 CREDENTIAL_TYPES = {"permit2": "mpp-permit2", AUTHORIZATION: "exact", "hash": "mpp-hash"}  # → scheme, preferred first
@@ -90,10 +91,19 @@ class MppRail:
     """MPP's ``Payment`` scheme for one realm: challenges for offers, credentials into proofs."""
 
     def __init__(
-        self, key: bytes, realm: str, chain_id: int, decimals: int, types: dict[str, str], unbound_max: int = 0
+        self,
+        key: bytes,
+        realm: str,
+        chain_id: int,
+        decimals: int,
+        types: dict[str, str],
+        unbound_max: int = 0,
+        spender: str = "",
     ) -> None:
         """``types``: the credential types taken, preferred first, each → the scheme that pays it;
-        ``unbound_max``: the largest amount (atomic) a ``hash`` credential is asked for."""
+        ``unbound_max``: the largest amount (atomic) a ``hash`` credential is asked for; ``spender``:
+        the account that submits a ``permit2`` credential's transfer (its Permit2 spender)."""
+        self.spender = spender
         self.key = hashlib.sha256(b"tollway mpp challenge|" + key).digest()
         self.realm = realm
         self.chain_id = chain_id
@@ -107,15 +117,15 @@ class MppRail:
         """The ``WWW-Authenticate`` value asking to pay ``offer`` (an ``exact`` offer: its amount,
         asset and payee, and the x402 quote in its ``extra``) for the request of ``digest``."""
         quoted = {"quote": offer.extra["quote"], "maxTokens": str(offer.extra["maxTokens"])}
+        taken = self.taken(offer.amount)
+        details: dict[str, Any] = {"chainId": self.chain_id, "credentialTypes": taken, "decimals": self.decimals}
+        if "permit2" in taken:  # (the draft names no spender: ours is the account that submits the transfer)
+            details.update(permit2Address=PERMIT2_ADDRESS, spender=self.spender)
         request = {
             "amount": str(offer.amount),
             "currency": offer.asset,
             "recipient": offer.pay_to,
-            "methodDetails": {
-                "chainId": self.chain_id,
-                "credentialTypes": self.taken(offer.amount),
-                "decimals": self.decimals,
-            },
+            "methodDetails": details,
         }
         params = {
             "realm": self.realm,
