@@ -518,7 +518,7 @@ class Vouchers:
 
     def __init__(self, account: Any, signer: Signer) -> None:
         self.account, self.signer = account, signer
-        self.offers: dict[bytes, dict[str, Any]] = {}  # body → its batch-settlement offer
+        self.offers: dict[bytes, dict[str, Any]] = {}  # body → its batch-settlement offer (re-quoted each block)
         self.free: asyncio.Queue[Any] = asyncio.Queue()
 
     @classmethod
@@ -540,8 +540,8 @@ class Vouchers:
         return out
 
     async def quote(self, http: aiohttp.ClientSession, url: str, body: bytes) -> None:
-        if body not in self.offers:
-            self.offers[body] = self.signer.offer(await self.signer.quote(http, url, body), "batch-settlement")
+        """A fresh offer for ``body`` (a quote expires after ``quote_ttl_seconds``: each block asks anew)."""
+        self.offers[body] = self.signer.offer(await self.signer.quote(http, url, body), "batch-settlement")
 
     def headers(self, channel: Any, body: bytes, deposit: int = 0) -> dict[str, str]:
         from tollway.payments.x402 import PAYMENT_SIGNATURE, b64json

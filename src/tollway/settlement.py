@@ -332,7 +332,7 @@ class Settler:
             if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
                 log.error("claim %s reverted: its channels will be claimed again", tx_hash)
             return
-        if row["purpose"] == "deposit":  # (its sender waits for it: see ``send``)
+        if row["purpose"] in ("deposit", "refund"):  # (their senders wait for them: see ``send``)
             self.store.transaction_mined(row["id"], tx_hash, ok)
             return
 

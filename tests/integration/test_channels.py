@@ -48,25 +48,23 @@ CALLS = 100
 CONFIG_FIELDS = ("payer", "payerAuthorizer", "receiver", "receiverAuthorizer", "token", "withdrawDelay", "salt")
 
 
+def channel_settings(devnet, upstream, db: Path, **channels: Any) -> tuple[Any, str]:
+    """Settings of a gateway taking batch-settlement (and exact) for a payee of its own, whose
+    channels are watched twice a second; and that payee."""
+    channels = {"watch_seconds": 0.3, "withdraw_delay_seconds": 900, **channels}
+    settings = gateway_settings(
+        devnet, upstream.url + "/v1", db, schemes=["batch-settlement", "exact"], channels=channels
+    )
+    payee = Account.create().address
+    return settings.model_copy(update={"chain": settings.chain.model_copy(update={"payee": payee})}), payee
+
+
 @pytest.fixture(scope="module")
 def channel_gateway(devnet, upstream, tmp_path_factory) -> Iterator[Gateway]:
     """A gateway taking batch-settlement (and exact) for a payee of its own, claiming every second."""
     db: Path = tmp_path_factory.mktemp("channels") / "tollway.sqlite3"
-    settings = gateway_settings(
-        devnet,
-        upstream.url + "/v1",
-        db,
-        schemes=["batch-settlement", "exact"],
-        # (a deposit of 100 quotes, which the client's first payment makes, pays for 100 calls at least)
-        channels={
-            "claim_interval_seconds": 1.0,
-            "watch_seconds": 0.5,
-            "withdraw_delay_seconds": 900,
-            "min_deposit_calls": 100,
-        },
-    )
-    payee = Account.create().address
-    settings = settings.model_copy(update={"chain": settings.chain.model_copy(update={"payee": payee})})
+    # (a deposit of 100 quotes, which the client's first payment makes, pays for 100 calls at least)
+    settings, payee = channel_settings(devnet, upstream, db, claim_interval_seconds=1.0, min_deposit_calls=100)
     with ServerThread(create_app(settings)) as server:
         store = Store(settings.database_url)
         yield Gateway(server.url, store, payee)
@@ -249,16 +247,8 @@ def test_a_channel_whose_payer_starts_a_withdrawal_is_claimed_at_once_and_takes_
     with anvil_process(xprocess, "channels-withdraw") as rpc:
         own = deploy_devnet(rpc)
         chain = Chain(own)
-        settings = gateway_settings(
-            own,
-            upstream.url + "/v1",
-            tmp_path / "tollway.sqlite3",
-            schemes=["batch-settlement"],
-            # (claims are hourly: only the withdrawal makes this one happen now)
-            channels={"claim_interval_seconds": 3600, "watch_seconds": 0.3, "withdraw_delay_seconds": 900},
-        )
-        payee = Account.create().address
-        settings = settings.model_copy(update={"chain": settings.chain.model_copy(update={"payee": payee})})
+        # (claims are hourly: only the withdrawal makes this one happen now)
+        settings, payee = channel_settings(own, upstream, tmp_path / "tollway.sqlite3", claim_interval_seconds=3600)
         with ServerThread(create_app(settings)) as server:
             store = Store(settings.database_url)
             gateway = Gateway(server.url, store, payee)
@@ -310,16 +300,8 @@ def test_a_channel_whose_payer_starts_a_withdrawal_is_claimed_at_once_and_takes_
 def test_two_replicas_on_postgres_serve_one_channel_without_over_charging_or_double_claiming(
     devnet, chain, upstream, postgres_url, tmp_path
 ):
-    settings = gateway_settings(
-        devnet,
-        upstream.url + "/v1",
-        tmp_path / "unused.sqlite3",
-        schemes=["batch-settlement"],
-        channels={"claim_interval_seconds": 0.5, "watch_seconds": 0.3, "withdraw_delay_seconds": 900},
-    )
-    payee = Account.create().address
-    chain_settings = settings.chain.model_copy(update={"payee": payee})
-    settings = settings.model_copy(update={"database_url": postgres_url, "chain": chain_settings})
+    settings, payee = channel_settings(devnet, upstream, tmp_path / "unused.sqlite3", claim_interval_seconds=0.5)
+    settings = settings.model_copy(update={"database_url": postgres_url})
     with ServerThread(create_app(settings)) as a, ServerThread(create_app(settings)) as b:
         store = Store(postgres_url)
         replicas = [Gateway(a.url, store, payee), Gateway(b.url, store, payee)]

@@ -93,15 +93,7 @@ class BatchSettlementEvm(TokenScheme):
             authorizer_key=channels.authorizer_key or c.settler_key,
             withdraw_delay=channels.withdraw_delay_seconds,
             min_deposit_calls=channels.min_deposit_calls,
-            chain=ctx.chain,
-            chain_id=ctx.chain_id,
-            token=c.token,
-            token_name=c.token_name,
-            token_version=c.token_version,
-            payee=c.payee,
-            settler=ctx.settler,
-            timeout=ctx.settings.offer_timeout_seconds,
-            min_validity=ctx.settings.min_validity_seconds,
+            **cls.where(ctx),
         )
 
     def offer(self, amount: int) -> Offer:

@@ -44,10 +44,15 @@ class TokenScheme:
 
     @classmethod
     def from_settings(cls, ctx: Context) -> Self:
+        return cls(**cls.where(ctx))
+
+    @classmethod
+    def where(cls, ctx: Context) -> dict[str, Any]:
+        """The token, chain and accounts a scheme of this kind is built for, from settings."""
         c = ctx.settings.chain
         if not (c.token and c.payee):
             raise ValueError(f"the {cls.name} scheme needs chain.token and chain.payee")
-        return cls(
+        return dict(
             chain=ctx.chain,
             chain_id=ctx.chain_id,
             token=c.token,
