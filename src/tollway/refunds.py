@@ -52,7 +52,7 @@ async def refund(request: Request, gw: Gateway) -> Response:
         offer = scheme.offer(0)
         more = getattr(exc, "offer_extra", {}).get(scheme.name, {})  # (the corrective 402's channel state)
         offer = replace(offer, extra={**offer.extra, **more})
-        error = exc.code if getattr(exc, "bare_error", False) else f"{exc.code}: {exc.message}"
+        error = exc.code  # (the SDK's refund compares it whole: which refusals are final)
         resource = {"url": gw.public_base(request) + request.url.path, "description": "channel refund"}
         doc = x402.payment_required(error, resource, [offer])
         exc.challenge = {"headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc)}, "body": exc.body()}

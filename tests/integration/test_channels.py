@@ -37,7 +37,7 @@ from channel_support import (
 from conftest import anvil_process, gateway_settings
 from support import CHAT, Chain, ServerThread, chat_body, run_concurrently
 from tollway.app import create_app
-from tollway.client import AllowedAsset, Payer, SyncPayingTransport, refund_channel
+from tollway.client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport, refund_channel
 from tollway.devnet.deploy import deploy_devnet
 from tollway.ledger import Store
 from tollway.payments.channel import BATCH_SETTLEMENT_ADDRESS
@@ -157,6 +157,8 @@ def test_a_voucher_that_goes_backwards_exceeds_the_deposit_or_is_signed_by_anoth
     assert refusal(backwards) == (402, MISMATCH)
     over = pay_voucher(channel_gateway, body, payer, channel["balance"] + amount)
     assert refusal(over) == (402, MISMATCH)  # (builds on more than was charged: the same refusal)
+    huge = pay_voucher(channel_gateway, body, payer, 2**100)
+    assert (huge.status_code, huge.json()["error"]["code"]) == (400, "amount_too_large")
     stranger = pay_voucher(channel_gateway, body, payer, charged + amount, signer=Account.create())
     assert refusal(stranger) == (402, "invalid_batch_settlement_evm_voucher_signature")
     after = payer_channel(channel_gateway, payer.account.address)
@@ -362,6 +364,9 @@ def test_tollways_client_deposits_once_pays_by_voucher_resynchronises_after_a_st
     assert doc["success"] and int(doc["amount"]) == channel["balance"] - cost
     assert chain.balance(account.address) == 100_000_000 - cost
     assert payer.deposited_usd == Decimal(cost).scaleb(-6)
+    with httpx.Client(base_url=channel_gateway.url, timeout=30) as http, pytest.raises(PaymentRefused) as refused:
+        refund_channel(payer, http)  # nothing left
+    assert "invalid_batch_settlement_evm_refund_no_balance" in str(refused.value)
 
 
 def test_tollways_client_believes_a_corrective_402_only_as_far_as_it_signed(devnet):

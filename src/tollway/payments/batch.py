@@ -27,9 +27,10 @@ from typing import Any
 from coincurve import PrivateKey
 from eth_account import Account
 
-from ..errors import PaymentInvalid
+from ..errors import PaymentInvalid, PaymentMalformed
 from ..ledger.channels import ChannelRefused, ChannelUse
 from ..ledger.store import Store, new_id
+from ..pricing import MAX_AMOUNT
 from . import channel as ch
 from .base import Context, Offer, Outbox, Proof, Quote, Verified
 from .chain import BALANCE_OF, RpcError
@@ -129,6 +130,9 @@ class BatchSettlementEvm(TokenScheme):
     def check_channel(self, p: ch.ChannelPayload) -> bytes:
         """The channel id of a payload whose channel pays us on our terms and whose voucher its
         payer authorizer signed; raises ``PaymentInvalid`` otherwise."""
+        amounts = (p.voucher.max_claimable, p.deposit.amount if p.deposit else 0, p.refund_amount or 0)
+        if max(amounts) > MAX_AMOUNT:
+            raise PaymentMalformed("an amount is larger than the ledger counts", code="amount_too_large")
         config = p.config
         cid = ch.channel_id(config, self.chain_id)
         checks = (
