@@ -25,6 +25,7 @@ from conftest import gateway_settings
 from support import CHAT, SETTLE_WAIT, ServerThread, chat_body
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+from tollway.client import mpp as tollway_mpp
 from tollway.payments import eip3009, permit2_charge
 from tollway.payments.base import Offer
 from tollway.payments.mpp import MppRail
@@ -396,12 +397,14 @@ def test_a_hash_credential_pays_small_calls_where_the_operator_allows_it(devnet,
     )
     with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         body = chat_body("paid by a transfer")
-        challenge = challenge_of(http.post(CHAT, json=body))
+        asked = http.post(CHAT, json=body)
+        challenge = challenge_of(asked)
         request = unb64url(challenge["request"])
         assert request["methodDetails"]["credentialTypes"] == ["permit2", "authorization", "hash"]
         payer = chain.fund(eth=True)
         tx = chain.transfer(payer, request["recipient"], int(request["amount"]))
-        paid = http.post(CHAT, json=body, headers={"Authorization": hash_credential(challenge, tx)})
+        made = tollway_mpp.credential(payer, tollway_mpp.challenge(asked.headers), "hash", "USD Coin", "2", tx_hash=tx)
+        paid = http.post(CHAT, json=body, headers={"Authorization": made})  # (tollway's client builds it)
         assert paid.status_code == 200, paid.text
         assert unb64url(paid.headers["payment-receipt"])["reference"].lower() == tx.lower()
         again = challenge_of(http.post(CHAT, json=body))  # the same transaction for another call

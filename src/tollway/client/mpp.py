@@ -1,8 +1,9 @@
 """The payer's side of MPP (HTTP ``Payment`` authentication, the EVM ``charge`` intent): read a
 ``WWW-Authenticate: Payment`` challenge, and answer it with an ``Authorization: Payment`` credential
-of type ``permit2`` (a Permit2 witness transfer naming the challenge) or ``authorization`` (an
-EIP-3009 transfer whose nonce is the challenge's hash). A ``hash`` credential needs a transaction
-sent first, which this client (no chain access) does not do.
+of type ``permit2`` (a Permit2 witness transfer naming the challenge), ``authorization`` (an
+EIP-3009 transfer whose nonce is the challenge's hash) or ``hash`` (a transfer the payer sent
+itself: the paying transports never choose it — they do not send transactions — but
+``credential(..., "hash", tx_hash=...)`` builds it for a transfer sent by other means).
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def challenge(headers: Any) -> dict[str, Any] | None:
     return None
 
 
-def credential(account: LocalAccount, c: dict[str, Any], kind: str, token_name: str, token_version: str) -> str:
-    """``Authorization`` answering challenge ``c`` with a credential of type ``kind``."""
+def credential(
+    account: LocalAccount, c: dict[str, Any], kind: str, token_name: str, token_version: str, tx_hash: str = ""
+) -> str:
+    """``Authorization`` answering challenge ``c`` with a credential of type ``kind`` (``hash``: of
+    the transfer ``tx_hash``, which must pay the challenge's amount to its recipient)."""
     terms, details = c["terms"], c["terms"]["methodDetails"]
     chain_id, amount = int(details["chainId"]), int(terms["amount"])
     bound = keccak(c["id"].encode() + c["realm"].encode())  # the challenge's hash
@@ -94,8 +98,10 @@ def credential(account: LocalAccount, c: dict[str, Any], kind: str, token_name: 
             "witness": {"challengeHash": "0x" + bound.hex(), "externalId": fields["external_id"]},
             "signature": _sign(account, digest),
         }
+    elif kind == "hash" and tx_hash:
+        payload = {"type": kind, "hash": tx_hash}
     else:
-        raise ValueError(f"this client does not make {kind} credentials")
+        raise ValueError(f"cannot make a {kind} credential" + (" without a transaction" if kind == "hash" else ""))
     doc = {
         "challenge": {k: c[k] for k in ECHOED if k in c},
         "payload": payload,
