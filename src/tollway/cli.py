@@ -304,6 +304,14 @@ def print_payment(paid: Any, metered: dict[str, Any], payer: str, decimals: int)
         )
         return
     settlement = metered.get("settlement") or {}
+    if paid.scheme == "batch-settlement":  # (a stream's charge is in its summary: the header said "0")
+        charged = settlement.get("amount") if metered.get("settlement") else paid.settled
+        print(
+            f"paid by voucher on {paid.network} from {payer}: charged {usd(charged)} to the channel, claimed later; "
+            f"receipt {paid.receipt_id}",
+            file=sys.stderr,
+        )
+        return
     moved = paid.settled if paid.settled is not None else settlement.get("amount")
     if paid.scheme == "exact":
         moved = paid.amount
