@@ -147,7 +147,12 @@ async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentSche
     amount = quote.amount if scheme.prepaid and scheme.metered else max(quote.amount, least_payment(gw))
     if proof.accepted is not None:
         quote, amount = accepted(gw, call, scheme, proof.accepted, now) or (quote, amount)
-    return scheme, await scheme.verify(proof, scheme.offer(amount), quote, now), quote
+    try:
+        return scheme, await scheme.verify(proof, scheme.offer(amount), quote, now), quote
+    except PaymentMalformed as exc:
+        if proof.rail != "mpp":
+            raise
+        raise PaymentInvalid(exc.message, code="invalid_payload") from None  # (MPP: a 402, malformed-credential)
 
 
 def from_credit(gw: Gateway, call: ChatCall, who: SignIn) -> tuple[PaymentScheme, Verified, Quote]:

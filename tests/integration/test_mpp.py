@@ -438,3 +438,33 @@ def test_tollways_client_pays_mpp_with_permit2_and_falls_back_to_authorization_w
             assert chain.w3.eth.wait_for_transaction_receipt(paid.transaction, timeout=15)["status"] == 1
         time.sleep(SETTLE_WAIT)
         assert chain.balance(account.address) == 100_000_000 - sum(p.amount for p in payer.history)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": "permit2", "witness": "not an object"},
+        {"type": "permit2", "witness": {"challengeHash": None}},
+        {"type": "permit2", "permit": [], "transferDetails": 1, "signature": 5},
+        {"type": "authorization", "nonce": ["x"], "value": {}, "signature": None},
+        {"type": "authorization", "from": 1, "to": None, "value": "-1", "validBefore": "soon"},
+        {"type": "hash", "hash": 7},
+        {"type": ["permit2"]},
+        {},
+    ],
+)
+def test_hostile_credential_payloads_get_a_problem_never_a_500(http, devnet, payload):
+    body = chat_body("hostile payloads")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    if payload.get("type") in ("permit2", "authorization"):  # (bound to the challenge: past the binding check)
+        bound = "0x" + keccak(challenge["id"].encode() + challenge["realm"].encode()).hex()
+        if payload["type"] == "authorization":
+            payload = {**payload, "nonce": bound} if not isinstance(payload.get("nonce"), list) else payload
+        elif isinstance(payload.get("witness"), dict):
+            payload = {**payload, "witness": {"challengeHash": bound}}
+    echo = {k: v for k, v in challenge.items() if k in ECHOED}
+    answer = http.post(
+        CHAT, json=body, headers={"Authorization": "Payment " + b64url({"challenge": echo, "payload": payload})}
+    )
+    assert 400 <= answer.status_code < 500, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")

@@ -184,7 +184,7 @@ class MppRail:
         request, opaque = json.loads(unb64url(params["request"])), json.loads(unb64url(params["opaque"]))
         kind = payload.get("type")
         listed = (request.get("methodDetails") or {}).get("credentialTypes") or []
-        if kind not in self.types or kind not in listed:
+        if not isinstance(kind, str) or kind not in self.types or kind not in listed:
             taken = ", ".join(t for t in listed if t in self.types)
             raise PaymentInvalid(
                 f"this gateway takes evm charge credentials of type {taken}", code="method_unsupported"
@@ -197,7 +197,8 @@ class MppRail:
         elif kind == UNBOUND:  # (nothing to check: see HashCharge)
             binding, paid = bound[0], payload
         else:  # permit2: the witness names the challenge
-            binding = str((payload.get("witness") or {}).get("challengeHash", "")).lower()
+            witness = payload.get("witness")
+            binding = str(witness.get("challengeHash", "")).lower() if isinstance(witness, dict) else ""
             bound, paid = bound[:1], payload
         if binding not in bound:
             raise PaymentInvalid("the payment is not bound to this challenge's hash", code="invalid_challenge")
