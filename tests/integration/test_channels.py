@@ -394,3 +394,25 @@ def test_tollways_client_believes_a_corrective_402_only_as_far_as_it_signed(devn
     for lie in (more, stranger, other):
         assert not channel.resync(account, lie)
     assert (channel.charged, channel.balance) == (400, 1000)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": "voucher"},
+        {"type": "voucher", "channelConfig": [], "voucher": {}},
+        {"type": "deposit", "channelConfig": {"payer": 1}, "voucher": {"channelId": "0x00"}},
+        {"type": "refund", "amount": "-5"},
+        {"type": ["voucher"]},
+        "a string",
+    ],
+)
+def test_hostile_channel_payloads_get_a_4xx_never_a_500(channel_gateway, payload):
+    body = chat_body("hostile channel payloads", max_tokens=16)
+    accepted = offer(channel_gateway, body)
+    header = base64.b64encode(json.dumps({"x402Version": 2, "accepted": accepted, "payload": payload}).encode())
+    for path in (CHAT, "/v1/channels/refund"):
+        answer = requests.post(
+            channel_gateway.url + path, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30
+        )
+        assert 400 <= answer.status_code < 500, (path, answer.text)
