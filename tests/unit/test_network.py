@@ -615,3 +615,21 @@ async def test_an_unknown_content_encoding_is_a_failure_before_answering():
         with pytest.raises(UpstreamError, match="before answering"):
             await up.send(b"{}", False, {})
         await http.aclose()
+
+
+async def test_the_gateway_client_keeps_no_cookie_an_upstream_sets():
+    """A cookie set in one payer's call must not go out with another's."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nset-cookie: session=payer-1; Path=/\r\n"
+            b"content-length: 2\r\n\r\n{}"
+        )
+
+    async with raw_server(answer) as raw:
+        http = make_http_client([UpstreamSettings(url=raw.url + "/v1")])
+        async with http:
+            for _ in range(2):
+                assert (await http.post(raw.url + "/v1/chat/completions", content=b"{}")).status_code == 200
+            assert len(http.cookies) == 0
+    assert [b"cookie:" in head.lower() for head in raw.heads] == [False, False]
