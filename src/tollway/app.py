@@ -19,12 +19,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, credits, pipeline, receipts, refunds, signin
+from . import __version__, credits, metrics, pipeline, receipts, refunds, signin
 from .config import Settings
 from .errors import (
     Forbidden,
     GatewayError,
     NotFound,
+    Unauthorized,
     error_body,
 )
 from .gateway import Gateway
@@ -81,7 +82,9 @@ async def models(request: Request) -> Response:
                     names.get(f, f): str(p.per_million(f))
                     for f in ("prompt", "completion", "cache_read", "cache_write")
                 },
-                "payment": [{"scheme": s.name, "network": s.network, "asset": gw.token} for s in gw.schemes],
+                "payment": [
+                    {"scheme": s.name, "network": s.network, "asset": gw.token} for s in gw.schemes if "x402" in s.rails
+                ],
             }
         )
     return JSONResponse({"object": "list", "data": data})
@@ -92,6 +95,16 @@ def is_admin(request: Request, gw: Gateway) -> bool:
     token = gw.settings.admin_token
     given = request.headers.get("authorization", "")
     return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+async def prometheus(request: Request) -> Response:
+    """The operator's metrics (Prometheus text format), with the admin token."""
+    gw = gateway(request)
+    if not gw.settings.admin_token:
+        raise NotFound("metrics are served to the operator only: set admin_token", code="not_found")
+    if not is_admin(request, gw):
+        raise Unauthorized("send the admin token: Authorization: Bearer <admin_token>", code="unauthorized")
+    return Response(metrics.exposition(gw), media_type=metrics.CONTENT_TYPE)
 
 
 async def receipt(request: Request) -> Response:
@@ -280,6 +293,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/v1/credit/withdrawals/{payout_id}", credit_withdrawal, methods=["GET"]),
             Route("/v1/stats/cache", cache_stats, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
         ],
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,

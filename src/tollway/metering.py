@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 from starlette.responses import Response, StreamingResponse
 
-from . import cache
+from . import cache, metrics
 from .chat import ChatCall
 from .gateway import Gateway
 from .ledger.store import Settlement
@@ -75,6 +75,7 @@ def settlement(gw: Gateway, paid: Paid, due: int | None = None) -> Settlement:
 
 def log_call(call_id: str, model: str, status: int, started: float, **details: Any) -> None:
     """One line per call, key=value, nothing secret: what an operator greps and graphs."""
+    metrics.call(model, status, details.get("code"))
     fields = " ".join(f"{k}={v}" for k, v in details.items() if v is not None)
     calls_log.info(
         "call id=%s model=%s status=%d ms=%.1f %s", call_id, model, status, (time.time() - started) * 1000, fields
@@ -83,6 +84,7 @@ def log_call(call_id: str, model: str, status: int, started: float, **details: A
 
 def log_served(call_id: str, call: ChatCall, paid: Paid, opened: Opened, cost: int, **more: Any) -> None:
     """The log line of a call that was served (a stream's, once it is metered)."""
+    metrics.first_byte(opened.upstream, opened.latency_ms / 1000)
     p = paid.payment
     log_call(
         call_id,

@@ -334,6 +334,17 @@ class Store:
         with self._sql() as c:
             return sum(map(int, c.row(OWED, {"network": network, "asset": asset, "payer": payer})))  # type: ignore[arg-type]
 
+    def settlement_lag(self, now: float) -> float:
+        """Seconds since the oldest payment still settling started settling (0: none is)."""
+        with self._sql() as c:
+            oldest = c.value("SELECT MIN(updated_at) FROM payments WHERE state = 'settling'")
+        return 0.0 if oldest is None else max(now - float(oldest), 0.0)
+
+    def unclaimed_total(self) -> int:
+        """What every channel's vouchers owe that is not claimed yet."""
+        with self._sql() as c:
+            return int(c.value("SELECT COALESCE(SUM(charged - claimed), 0) FROM channels"))
+
     def count_by_state(self) -> dict[str, int]:
         with self._tx() as c:
             rows = c.execute(select(P.c.state, func.count()).group_by(P.c.state)).all()
