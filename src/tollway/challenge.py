@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from . import idempotency, signin
+from . import discovery, idempotency, signin
 from .chat import ChatCall
 from .errors import PaymentRequired, truncate
 from .gateway import Gateway
@@ -91,6 +91,7 @@ def with_challenge(
     error = exc.code if getattr(exc, "bare_error", False) else truncate(f"{exc.code}: {exc.message}", 300)
     extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
     extensions.update(signin.declaration(gw, request, call.digest), **idempotency.declaration(gw))
+    extensions.update(discovery.bazaar(call.model))
     doc = x402.payment_required(error, resource, quoted, extensions)
     headers = {x402.PAYMENT_REQUIRED: x402.b64json(doc)}
     exact = next((o for o in quoted if o.scheme == "exact"), None)

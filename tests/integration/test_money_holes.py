@@ -744,7 +744,7 @@ def test_reflected_input_is_bounded_and_headers_stay_small(gateway, chain, devne
     r = http.post(CHAT, json=big, headers=payer.wallet_header(gateway.url))
     doc = unb64json(r.headers["PAYMENT-REQUIRED"])
     assert {o["scheme"] for o in doc["accepts"]} == {"credit", "upto", "exact", "transfer", "batch-settlement"}
-    assert set(doc["extensions"]) == {"eip2612GasSponsoring", "sign-in-with-x", "payment-identifier"}
+    assert set(doc["extensions"]) == {"eip2612GasSponsoring", "sign-in-with-x", "payment-identifier", "bazaar"}
     assert r.headers["www-authenticate"].startswith("Payment ")  # and MPP's challenge
     assert r.status_code == 402 and header_bytes(r.headers) < 8192
 
