@@ -134,11 +134,11 @@ class TransferScheme:
         return None
 
 
-def from_settings(ctx: Context) -> TransferScheme:
+def from_settings(ctx: Context, kind: type[TransferScheme] = TransferScheme) -> TransferScheme:
     c = ctx.settings.chain
     if not (c.token and c.payee):
-        raise ValueError("the transfer scheme needs chain.token and chain.payee")
-    return TransferScheme(
+        raise ValueError(f"the {kind.name} scheme needs chain.token and chain.payee")
+    return kind(
         chain=ctx.chain,
         chain_id=ctx.chain_id,
         token=c.token,
@@ -165,13 +165,5 @@ class HashCharge(TransferScheme):
         return await self.paid_by(tx, None)
 
 
-def hash_from_settings(ctx: Context) -> HashCharge:
-    base = from_settings(ctx)
-    return HashCharge(
-        chain=base.chain,
-        chain_id=base.chain_id,
-        token=base.token,
-        payee=base.payee,
-        confirmations=base.confirmations,
-        timeout=base.timeout,
-    )
+def hash_from_settings(ctx: Context) -> TransferScheme:
+    return from_settings(ctx, HashCharge)
