@@ -468,3 +468,18 @@ def test_hostile_credential_payloads_get_a_problem_never_a_500(http, devnet, pay
     )
     assert 400 <= answer.status_code < 500, answer.text
     assert answer.headers["content-type"].startswith("application/problem+json")
+
+
+def test_an_mpp_call_with_an_idempotency_key_is_answered_again_and_paid_once(http, devnet, chain):
+    body = chat_body("idempotent over MPP")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    payer = chain.fund()
+    headers = {"Authorization": credential(payer, challenge, devnet), "Idempotency-Key": "mpp-" + secrets.token_hex(8)}
+    first = http.post(CHAT, json=body, headers=headers)
+    again = http.post(CHAT, json=body, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.headers["payment-receipt"] == first.headers["payment-receipt"]
+    assert again.json()["choices"] == first.json()["choices"]
+    time.sleep(SETTLE_WAIT)
+    assert chain.balance(payer.address) == 100_000_000 - int(unb64url(challenge["request"])["amount"])  # paid once
