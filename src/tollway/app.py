@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, credits, metrics, pipeline, receipts, refunds, signin
+from . import __version__, credits, discovery, metrics, pipeline, receipts, refunds, signin
 from .config import Settings
 from .errors import (
     Forbidden,
@@ -105,6 +105,18 @@ async def prometheus(request: Request) -> Response:
     if not is_admin(request, gw):
         raise Unauthorized("send the admin token: Authorization: Bearer <admin_token>", code="unauthorized")
     return Response(metrics.exposition(gw), media_type=metrics.CONTENT_TYPE)
+
+
+async def openapi(request: Request) -> Response:
+    gw = gateway(request)
+    doc = discovery.openapi(gw, gw.public_base(request))
+    return JSONResponse(doc, headers={"cache-control": "max-age=300"})
+
+
+async def llms_txt(request: Request) -> Response:
+    gw = gateway(request)
+    text = discovery.llms_txt(gw, gw.public_base(request))
+    return Response(text, media_type="text/markdown; charset=utf-8", headers={"cache-control": "max-age=300"})
 
 
 async def receipt(request: Request) -> Response:
@@ -294,6 +306,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/v1/stats/cache", cache_stats, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/llms.txt", llms_txt, methods=["GET"]),
         ],
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,

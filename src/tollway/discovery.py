@@ -1,4 +1,5 @@
-"""How agents find a tollway: the x402 ``bazaar`` discovery extension every 402 declares.
+"""How agents find a tollway: the x402 ``bazaar`` discovery extension every 402 declares,
+``/openapi.json`` with MPP's discovery annotations, and ``/llms.txt``.
 
 It is x402's own discovery path: a client echoes a 402's extensions in its payment, and a
 facilitator that settles it may catalogue the resource from the declaration — the request it takes
@@ -9,7 +10,12 @@ the facilitator validates the declaration against (the official SDK's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -52,3 +58,88 @@ def bazaar(model: str) -> dict[str, Any]:
         "output": {"type": "json", "example": ANSWER},
     }
     return {"bazaar": {"info": info, "schema": SCHEMA}}
+
+
+def openapi(gw: Gateway, base: str) -> dict[str, Any]:
+    """``GET /openapi.json``: the API as OpenAPI 3.1, its payable operation annotated as MPP's
+    service discovery draft (draft-payment-discovery) says — ``x-service-info`` and, per payable
+    operation, ``x-payment-info`` offers and a ``402`` response. Prices depend on the request, so an
+    offer's ``amount`` is null: the 402's quote is authoritative."""
+    x402 = sorted(s.name for s in gw.schemes if "x402" in s.rails)
+    offers: list[dict[str, Any]] = (
+        [
+            {
+                "intent": "charge",
+                "method": "evm",
+                "amount": None,
+                "currency": gw.token,
+                "description": f"priced per request (the 402 quotes an upper bound); chain {gw.chain_id}",
+            }
+        ]
+        if gw.mpp is not None
+        else []
+    )
+    chat = {
+        "summary": "Chat completions (OpenAI-compatible), paid per call",
+        "description": f"Unpaid: 402 with an x402 quote ({', '.join(x402)}) and an MPP challenge. The answer's "
+        "usage.cost is what the call was charged, in USD.",
+        "x-payment-info": {"offers": offers},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST}}},
+        "responses": {
+            "200": {
+                "description": "The completion (or an SSE stream)",
+                "content": {"application/json": {"schema": CHAT_ANSWER}},
+            },
+            "402": {"description": "Payment Required"},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tollway", "version": __version__, "description": "A pay-per-call gateway for LLMs"},
+        "servers": [{"url": base}],
+        "x-service-info": {"categories": ["compute"], "docs": {"llms": base + "/llms.txt"}},
+        "paths": {
+            "/v1/chat/completions": {"post": chat},
+            "/v1/models": {
+                "get": {"summary": "Models and their prices", "responses": {"200": {"description": "The models"}}}
+            },
+        },
+    }
+
+
+CHAT_REQUEST = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "items": {"type": "object", "properties": {"role": {"type": "string"}}}},
+        "max_tokens": {"type": "integer"},
+        "stream": {"type": "boolean"},
+    },
+    "required": ["model", "messages"],
+}
+CHAT_ANSWER = {
+    "type": "object",
+    "properties": {"choices": {"type": "array"}, "usage": {"type": "object"}},
+    "required": ["choices"],
+}
+
+
+def llms_txt(gw: Gateway, base: str) -> str:
+    """``GET /llms.txt`` (llmstxt.org): how an agent uses this gateway, in a page of Markdown."""
+    models = ", ".join(sorted(gw.settings.models)) or "(none configured)"
+    x402 = ", ".join(sorted(s.name for s in gw.schemes if "x402" in s.rails))
+    return f"""# tollway
+
+> A pay-per-call gateway for LLMs: no account, no API key — a wallet. An unpaid call gets HTTP 402 with a
+> quote; retry with a signed payment (x402: {x402}; or MPP's Payment authentication, evm charge) and get
+> the completion, what it cost (usage.cost, USD) and a receipt.
+
+Chain: eip155:{gw.chain_id}. Asset: {gw.token}. Models: {models}.
+
+## API
+
+- [OpenAPI](/openapi.json): the operations, their inputs and outputs, and their payment offers
+- POST {base}/v1/chat/completions: OpenAI-compatible chat completions (streaming too), paid per call
+- GET {base}/v1/models: the models and their prices
+- GET {base}/v1/channels/refund: a batch-settlement channel's unclaimed rest, refunded
+"""

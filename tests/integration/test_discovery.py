@@ -24,3 +24,21 @@ def test_the_402_declares_a_bazaar_extension_the_official_facilitator_validates_
     assert found is not None
     assert (found.method, found.resource_url) == ("POST", gateway.url + CHAT)
     assert found.discovery_info.input.body["model"] == "mock/echo"
+
+
+def test_openapi_json_carries_mpp_discovery_annotations_and_llms_txt_explains_the_gateway(gateway, devnet):
+    r = httpx.get(gateway.url + "/openapi.json", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert r.headers["cache-control"] == "max-age=300"
+    doc = r.json()
+    assert doc["openapi"] == "3.1.0" and doc["info"]["title"] == "tollway" and doc["info"]["version"]
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    (offer,) = chat["x-payment-info"]["offers"]
+    assert offer == {**offer, "intent": "charge", "method": "evm", "amount": None, "currency": devnet.token}
+    assert "402" in chat["responses"] and "200" in chat["responses"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["required"] == ["model", "messages"]
+    llms = doc["x-service-info"]["docs"]["llms"]
+    assert llms == gateway.url + "/llms.txt"
+    text = httpx.get(llms, timeout=10)
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/markdown")
+    assert text.text.startswith("# tollway\n") and "/v1/chat/completions" in text.text and devnet.token in text.text
