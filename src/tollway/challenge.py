@@ -79,8 +79,8 @@ def with_challenge(
 ) -> PaymentRequired:
     """Attach a fresh quote for this request to a 402 (x402: every 402 carries one) — reduced by
     the credit of the wallet the request signed in as — and a sign-in for it."""
-    quoted = offers(gw, call, credit_of(gw, who), exc.debt if hasattr(exc, "debt") else 0)
-    more = getattr(exc, "offer_extra", {})  # e.g. a channel's state, for the client to resynchronise
+    quoted = offers(gw, call, credit_of(gw, who), exc.debt)
+    more = exc.offer_extra  # e.g. a channel's state, for the client to resynchronise
     quoted = [replace(o, extra={**o.extra, **more[o.scheme]}) if o.scheme in more else o for o in quoted]
     resource = {
         "url": gw.public_base(request) + request.url.path,
@@ -88,7 +88,7 @@ def with_challenge(
         "mimeType": "application/json",
     }
     # (an error a client must recognise, such as a channel's cumulative mismatch, is its code alone)
-    error = exc.code if getattr(exc, "bare_error", False) else truncate(f"{exc.code}: {exc.message}", 300)
+    error = exc.code if exc.bare_error else truncate(f"{exc.code}: {exc.message}", 300)
     extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
     extensions.update(signin.declaration(gw, request, call.digest), **idempotency.declaration(gw))
     extensions.update(discovery.bazaar(call.model))

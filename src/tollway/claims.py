@@ -82,12 +82,15 @@ class Claimer:
         if not due:
             return None
         claims = {r["id"]: self._claim(r) for r in rows}
-        for channel_id in await self._reverting(list(claims.values()), list(claims)):
+        data = self._calldata(list(claims.values()))
+        reverting = await self._reverting(data, claims)
+        for channel_id in reverting:
             log.error("channel %s cannot be claimed now (its claim would revert): left out", channel_id)
             del claims[channel_id]
         if not claims:
             return None
-        data = self._calldata(list(claims.values()))
+        if reverting:
+            data = self._calldata(list(claims.values()))
         gas = CLAIM_GAS + CLAIM_GAS_PER_CHANNEL * len(claims)
         signing = Signing(self.settler, ch.BATCH_SETTLEMENT_ADDRESS, data, gas)
         totals = {cid: c.total_claimed for cid, c in claims.items()}
@@ -128,14 +131,15 @@ class Claimer:
             [ch.claim_with_signature_calldata(claims, signature), ch.settle_calldata(s.payee, s.token)]
         )
 
-    async def _reverting(self, claims: list[ch.Claim], ids: list[str]) -> list[str]:
-        """The channels whose claim would revert now: none if the whole batch would go through."""
-        whole = [("eth_call", [self._tx(self._calldata(claims)), "pending"])]
-        if not isinstance((await self.chain.batch(whole, errors=True))[0], RpcError):
+    async def _reverting(self, data: bytes, claims: dict[str, ch.Claim]) -> list[str]:
+        """The channels whose claim would revert now: none if the whole batch (``data``) would go through."""
+        if not isinstance(
+            (await self.chain.batch([("eth_call", [self._tx(data), "pending"])], errors=True))[0], RpcError
+        ):
             return []
-        each = [("eth_call", [self._tx(self._calldata([c])), "pending"]) for c in claims]
+        each = [("eth_call", [self._tx(self._calldata([c])), "pending"]) for c in claims.values()]
         answers = await self.chain.batch(each, errors=True)
-        return [cid for cid, a in zip(ids, answers, strict=True) if isinstance(a, RpcError)]
+        return [cid for cid, a in zip(claims, answers, strict=True) if isinstance(a, RpcError)]
 
     def _tx(self, data: bytes) -> dict[str, str]:
         return {"from": self.settler.address, "to": ch.BATCH_SETTLEMENT_ADDRESS, "data": "0x" + data.hex()}

@@ -24,6 +24,8 @@ where they enter (upstream client, chain client), never further in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 MAX_MESSAGE = 500  # characters of an error message: it may quote client input
@@ -110,13 +112,16 @@ class PaymentRequired(GatewayError):
 
     status = 402
     code = "payment_required"
+    debt: int = 0  # what the payer owes from a failed settlement (the next 402 asks for it too)
+    # scheme → what its fresh offer adds (a channel's state, for the client to resynchronise)
+    offer_extra: Mapping[str, dict[str, Any]] = MappingProxyType({})
+    bare_error: bool = False  # the 402's ``error`` is the code alone (a client compares it whole)
 
 
 class PaymentInvalid(PaymentRequired):
     """A proof was decoded but does not pay for this call; ``code`` is the reason."""
 
     code = "invalid_payment"
-    debt: int = 0  # what the payer owes from a failed settlement (the next 402 asks for it too)
 
 
 class PreconditionFailed(PaymentInvalid):

@@ -50,7 +50,7 @@ async def refund(request: Request, gw: Gateway) -> Response:
         return await _refund(request, gw, scheme)
     except PaymentRequired as exc:
         offer = scheme.offer(0)
-        more = getattr(exc, "offer_extra", {}).get(scheme.name, {})  # (the corrective 402's channel state)
+        more = exc.offer_extra.get(scheme.name, {})  # (the corrective 402's channel state)
         offer = replace(offer, extra={**offer.extra, **more})
         error = exc.code  # (the SDK's refund compares it whole: which refusals are final)
         resource = {"url": gw.public_base(request) + request.url.path, "description": "channel refund"}

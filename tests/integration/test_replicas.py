@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 
@@ -16,15 +17,25 @@ from tollway.payments.x402 import b64json, unb64json
 BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "replicated"}], "max_tokens": 4}
 
 
+def postgres_settings(devnet, upstream, postgres_url: str, tmp_path) -> Any:
+    """Settings of replicas sharing one PostgreSQL ledger (and so one settlement account)."""
+    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path / "unused.sqlite3")
+    return settings.model_copy(update={"database_url": postgres_url})
+
+
+async def quoted(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    """The exact offer of an unpaid call's 402."""
+    r = await http.post(f"{url}/v1/chat/completions", json=BODY)
+    return exact_offer(unb64json(r.headers["PAYMENT-REQUIRED"]))
+
+
 async def test_replicas_on_postgres_serve_a_payment_once_and_settle_all(
     devnet, upstream, chain, postgres_url, tmp_path
 ):
-    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path / "unused.sqlite3")
-    settings = settings.model_copy(update={"database_url": postgres_url})
+    settings = postgres_settings(devnet, upstream, postgres_url, tmp_path)
     with ServerThread(create_app(settings)) as a, ServerThread(create_app(settings)) as b:
         async with httpx.AsyncClient(timeout=30) as http:
-            r = await http.post(f"{a.url}/v1/chat/completions", json=BODY)
-            offer = exact_offer(unb64json(r.headers["PAYMENT-REQUIRED"]))
+            offer = await quoted(http, a.url)
 
             def header(account) -> dict[str, str]:
                 doc = {"x402Version": 2, "accepted": offer, "payload": sign_exact(account, offer, int(time.time()))}
@@ -60,12 +71,10 @@ async def test_a_payer_spending_its_balance_several_times_at_once_across_replica
     replicas at once: each lock counts the payments locked before it (the payer's credit row
     serializes them on PostgreSQL), so no more than three are served, the upstream is asked for
     no other, and every one served is paid on chain."""
-    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path / "unused.sqlite3")
-    settings = settings.model_copy(update={"database_url": postgres_url})
+    settings = postgres_settings(devnet, upstream, postgres_url, tmp_path)
     with ServerThread(create_app(settings)) as a, ServerThread(create_app(settings)) as b:
         async with httpx.AsyncClient(timeout=30) as http:
-            r = await http.post(f"{a.url}/v1/chat/completions", json=BODY)
-            offer = exact_offer(unb64json(r.headers["PAYMENT-REQUIRED"]))
+            offer = await quoted(http, a.url)
             payer = chain.fund(amount=3 * int(offer["amount"]))
             headers = [
                 {"PAYMENT-SIGNATURE": b64json({"x402Version": 2, "accepted": offer, "payload": p})}

@@ -257,13 +257,13 @@ class BatchSettlementEvm(TokenScheme):
         exc = PaymentInvalid(message, code=code)
         if refused.reason == "mismatch" and refused.state is not None:
             s = refused.state
-            exc.offer_extra = {  # type: ignore[attr-defined]
+            exc.offer_extra = {
                 self.name: {
                     "channelState": state(s, s["charged"]),
                     "voucherState": {"signedMaxClaimable": str(s["signed_max"]), "signature": s["signature"]},
                 }
             }
-            exc.bare_error = True  # type: ignore[attr-defined]
+            exc.bare_error = True
         return exc
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
