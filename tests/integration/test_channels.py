@@ -416,3 +416,81 @@ def test_hostile_channel_payloads_get_a_4xx_never_a_500(channel_gateway, payload
             channel_gateway.url + path, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30
         )
         assert 400 <= answer.status_code < 500, (path, answer.text)
+
+
+# -- attacks: a deposit the payer cannot pay, a hang-up mid-stream, one refund twice at once -------------
+
+
+def test_a_deposit_the_payer_cannot_fund_is_refused_before_anything_is_spent(channel_gateway, devnet, chain, upstream):
+    """No upstream call, and no deposit transaction (no gas): the deposit is simulated first."""
+    from tollway.client.channels import Channel
+
+    account = chain.fund(1_000)  # far less than the suggested deposit
+    body = chat_body("a deposit of money it does not have", max_tokens=16)
+    accepted = offer(channel_gateway, body)
+    channel = Channel.of(account, accepted)
+    payload = channel.payload(account, accepted, deposit=int(accepted["extra"]["minDeposit"]))
+    header = base64.b64encode(json.dumps({"x402Version": 2, "accepted": accepted, "payload": payload}).encode())
+    asked = upstream_requests(upstream)
+    deposits = "SELECT COUNT(*) FROM transactions WHERE purpose = 'deposit'"
+    sent = ledger(channel_gateway, deposits)
+    answer = requests.post(
+        channel_gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30
+    )
+    assert answer.status_code == 402
+    assert refusal(answer)[1] in ("insufficient_funds", "invalid_batch_settlement_evm_deposit_simulation_failed")
+    assert upstream_requests(upstream) == asked and ledger(channel_gateway, deposits) == sent
+    assert chain.balance(account.address) == 1_000
+    assert ledger(channel_gateway, "SELECT COUNT(*) FROM channels WHERE payer = :p", p=account.address.lower()) in (
+        [(0,)],
+        [(1,)],
+    )
+    assert ledger(
+        channel_gateway, "SELECT COALESCE(SUM(balance), 0) FROM channels WHERE payer = :p", p=account.address.lower()
+    ) == [(0,)]
+
+
+def test_a_payer_who_hangs_up_mid_stream_frees_its_channel_and_is_charged_at_most_the_quote(
+    channel_gateway, devnet, chain
+):
+    account = chain.fund(100_000_000)
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    payer = Payer(account, allowed, schemes=("batch-settlement",), max_total_usd=Decimal(5))
+    body = chat_body("hang up", max_tokens=200, stream=True, mock={"reply": "word " * 150, "chunk_delay": 0.02})
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=channel_gateway.url, timeout=30) as http:
+        with http.stream("POST", CHAT, json=body) as r:
+            assert r.status_code == 200
+            for _ in zip(range(5), r.iter_lines(), strict=False):
+                pass  # a few events, then the client is gone
+        quote = int(
+            offer(channel_gateway, {k: v for k, v in body.items() if k != "mock"} | {"mock": body["mock"]})["amount"]
+        )
+        channel = wait_for(lambda: (c := payer_channel(channel_gateway, account.address))["busy"] is None and c)
+        assert 0 < channel["charged"] <= quote
+        # the channel serves the next call (the client resynchronises through the corrective 402)
+        assert http.post(CHAT, json=chat_body("after hanging up", max_tokens=16)).status_code == 200
+    assert payer_channel(channel_gateway, account.address)["charged"] > channel["charged"]
+
+
+def test_one_refund_asked_twice_at_once_refunds_once(channel_gateway, devnet, chain):
+    account = chain.fund(100_000_000)
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    payer = Payer(account, allowed, schemes=("batch-settlement",), max_total_usd=Decimal(5))
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=channel_gateway.url, timeout=30) as http:
+        assert http.post(CHAT, json=chat_body("before two refunds", max_tokens=16)).status_code == 200
+    outcomes: list[Any] = []
+
+    def ask(_: int) -> None:
+        with httpx.Client(base_url=channel_gateway.url, timeout=60) as http:
+            try:
+                outcomes.append(refund_channel(payer, http))
+            except PaymentRefused as exc:
+                outcomes.append(exc)
+
+    run_concurrently(ask, range(2))
+    refunded = [o for o in outcomes if isinstance(o, dict)]
+    assert len(refunded) == 1 and isinstance(next(o for o in outcomes if o not in refunded), PaymentRefused)
+    channel = payer_channel(channel_gateway, account.address)
+    assert int(refunded[0]["amount"]) == channel["refunded"] and channel["busy"] is None
+    cost = payer_channel(channel_gateway, account.address)["charged"]
+    assert chain.balance(account.address) == 100_000_000 - cost  # everything but the charge back, once

@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -22,7 +23,7 @@ from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
 from conftest import gateway_settings
-from support import CHAT, SETTLE_WAIT, ServerThread, chat_body
+from support import CHAT, SETTLE_WAIT, ServerThread, chat_body, run_concurrently
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.client import mpp as tollway_mpp
@@ -483,3 +484,41 @@ def test_an_mpp_call_with_an_idempotency_key_is_answered_again_and_paid_once(htt
     assert again.json()["choices"] == first.json()["choices"]
     time.sleep(SETTLE_WAIT)
     assert chain.balance(payer.address) == 100_000_000 - int(unb64url(challenge["request"])["amount"])  # paid once
+
+
+# -- attacks: the same credential at once, funds moved during the call ---------------------------------
+
+
+def test_one_mpp_credential_fired_six_times_at_once_is_served_and_paid_once(http, gateway, devnet, chain):
+    body = chat_body("the same credential, six times at once")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    payer = chain.fund()
+    header = {"Authorization": credential(payer, challenge, devnet)}
+    answers: list[httpx.Response] = []
+
+    def fire(_: int) -> None:
+        with httpx.Client(base_url=gateway.url, timeout=30) as own:
+            answers.append(own.post(CHAT, json=body, headers=header))
+
+    run_concurrently(fire, range(6))
+    assert sorted(a.status_code for a in answers) == [200] + [402] * 5
+    assert {problem(a) for a in answers if a.status_code == 402} == {"invalid-challenge"}
+    time.sleep(SETTLE_WAIT)
+    assert chain.balance(payer.address) == 100_000_000 - int(unb64url(challenge["request"])["amount"])
+
+
+def test_a_permit2_payer_who_moves_its_funds_during_a_slow_call_gets_no_answer(http, gateway, devnet, chain, upstream):
+    settler = Account.from_key(gateway.settings.chain.settler_key).address
+    body = chat_body("slow, paid by permit2", mock={"latency": 1.5})
+    challenge = challenge_of(http.post(CHAT, json=body))
+    payer = chain.fund(permit2=True)
+    result: dict[str, httpx.Response] = {}
+    header = {"Authorization": permit2_credential(payer, challenge, devnet, settler)}
+    thread = threading.Thread(target=lambda: result.update(r=http.post(CHAT, json=body, headers=header)))
+    thread.start()
+    time.sleep(0.5)
+    chain.transfer(payer, Account.create().address, chain.balance(payer.address))  # mined while the upstream works
+    thread.join()
+    r = result["r"]
+    assert problem(r) == "payment-insufficient" and "choices" not in r.json()
+    assert "payment-receipt" not in r.headers
