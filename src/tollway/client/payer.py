@@ -118,7 +118,7 @@ class Payer:
         """The allowed offer to pay — credit first (no chain transaction), then by ``schemes``
         (``upto`` only where Permit2 is approved), the cheapest of a kind — and the most USD it
         takes from the wallet (0 for credit). ``max_usd`` lowers the per-call limit for this call."""
-        limit = self.max_per_call_usd if max_usd is None else min(self.max_per_call_usd, max_usd)
+        limit = self._call_limit(max_usd)
         rank = {"credit": -1, **{name: i for i, name in enumerate(self.schemes)}}
         candidates = []
         for offer in required.get("accepts") or []:
@@ -136,6 +136,17 @@ class Payer:
             raise PaymentRefused(f"no offer in an allowed asset and scheme: {required.get('accepts')}")
         _, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
         return offer, usd if offer["scheme"] != "credit" else Decimal(0)
+
+    def _call_limit(self, max_usd: Decimal | None) -> Decimal:
+        """The most one call may take: the per-call limit, lowered by this call's own (``max_usd``)."""
+        return self.max_per_call_usd if max_usd is None else min(self.max_per_call_usd, max_usd)
+
+    def _reserve(self, usd: Decimal) -> None:
+        """Take ``usd`` from the session's budget (given back by ``abandon`` if the call is not paid)."""
+        with self._lock:
+            if self.spent_usd + usd > self.max_total_usd:
+                raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
+            self.spent_usd += usd
 
     def no_permit2(self, offer: dict[str, Any]) -> None:
         """The gateway says this wallet has not approved Permit2 for the offer's asset: pay it
@@ -211,10 +222,7 @@ class Payer:
         if resource and signed.origin_of(resource) != origin:
             raise PaymentRefused(f"the 402 is for {signed.origin_of(resource)}, not {origin}: not signing it")
         offer, usd = self.choose(required, max_usd)
-        with self._lock:
-            if self.spent_usd + usd > self.max_total_usd:
-                raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
-            self.spent_usd += usd
+        self._reserve(usd)
         now = int(time.time()) if now is None else now
         if offer["scheme"] == BATCH_SETTLEMENT:
             inner, deposit = self._voucher(offer, usd)
@@ -258,13 +266,10 @@ class Payer:
         if not kinds:
             raise PaymentRefused(f"the MPP challenge takes no credential this client makes: {listed}")
         usd = Decimal(int(offer["amount"])).scaleb(-asset.decimals)
-        limit = self.max_per_call_usd if max_usd is None else min(self.max_per_call_usd, max_usd)
+        limit = self._call_limit(max_usd)
         if usd > limit:
             raise PaymentRefused(f"the call costs up to ${usd}, over the per-call limit ${limit}")
-        with self._lock:
-            if self.spent_usd + usd > self.max_total_usd:
-                raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
-            self.spent_usd += usd
+        self._reserve(usd)
         header = mpp.credential(self.account, challenge, kinds[0], asset.name, asset.version)
         return Pending({"Authorization": header}, {**offer, "scheme": f"mpp-{kinds[0]}"}, usd)
 
