@@ -57,10 +57,20 @@ class CookielessClient(httpx.AsyncClient):
 NO_COOKIES = NoCookies()
 
 
+# An idle pooled connection is dropped before the server's keep-alive would close it: servers commonly
+# keep an idle connection 5 s (uvicorn) or more, and a request sent on one the server is closing at
+# that moment fails with a reset before any answer (a 503 the payer did nothing to earn).
+KEEPALIVE_SECONDS = 4.0
+
+
+def pool_limits(size: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=KEEPALIVE_SECONDS)
+
+
 def make_http_client(upstreams: list[UpstreamSettings]) -> httpx.AsyncClient:
     """One pooled client for every upstream (timeouts are set per upstream, per request)."""
     size = sum(u.max_connections for u in upstreams)
-    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+    limits = pool_limits(size)
     return CookielessClient(transport=aiohttp_transport(limits))
 
 
@@ -79,7 +89,7 @@ def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
         max_per_call_usd=s.pay_max_usd_per_call,
         max_total_usd=s.pay_max_usd_total,
     )
-    limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
+    limits = pool_limits(s.max_connections)
     return CookielessClient(transport=PayingTransport(payer, aiohttp_transport(limits)))
 
 
