@@ -51,8 +51,9 @@ upto payment at ``pending``, and anvil replays its whole pool for every such cal
 blocks (a pool of ~100 settlements at 100 calls/s) anvil spent ~6-7 ms of CPU 0 per paid call and
 capped exact and upto near 110 calls/s; at 0.2 s it spends ~3 ms.
 
-Where the gateway's CPU goes: ``--profile PATH`` samples it with py-spy under paid (exact) load at
-the end of the run and prints the hot spots (by pipeline stage, by library, by function).
+Where the gateway's CPU goes: ``--profile PATH`` samples it with py-spy under paid load at the
+end of the run (``exact`` at concurrency 16 unless ``--profile-scheme`` / ``--profile-concurrency``
+say otherwise) and prints the hot spots (by pipeline stage, by library, by function).
 
 Run it with ``scripts/bench``; ``--help`` lists the flags.
 """
@@ -989,13 +990,14 @@ class Bench:
         return out
 
     async def profile(self, path: Path, rate: float) -> dict[str, Any]:
-        """py-spy the gateway under paid (exact) load at concurrency 16 (non-streaming)."""
+        """py-spy the gateway under paid load (non-streaming; ``--profile-scheme``, ``--profile-concurrency``)."""
         spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
         if not Path(spy).exists():
             return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
         seconds = self.args.profile_seconds
         n = max(200, int(1.5 * rate * seconds))  # enough for the whole window; the deadline ends it
-        body, headers = await self.signer.calls(self.http, self.paid_url, "exact", n, False)
+        side, concurrency = self.args.profile_scheme, self.args.profile_concurrency
+        body, headers = await self.signer.calls(self.http, self.paid_url, side, n, False)
         await self.drain()
         # Blocking sampling (py-spy pauses the gateway ~200 times/s) gives whole stacks; by function.
         argv = [spy, "record", "--pid", str(self.pids["gateway"]), "--rate", "200", "--format", "raw"]
@@ -1005,7 +1007,7 @@ class Bench:
         await asyncio.sleep(1.0)  # let py-spy attach
         gw = {"gateway": self.pids["gateway"]}
         end = time.perf_counter() + seconds
-        b = await run_block(self.http, "exact", self.paid_url, body, headers, n, 16, False, gw, end)
+        b = await run_block(self.http, side, self.paid_url, body, headers, n, concurrency, False, gw, end)
         await asyncio.sleep(0.2)
         proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         try:
@@ -1016,7 +1018,8 @@ class Bench:
         if not path.exists():
             return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
         cpu = b.cpu["gateway"] * 1000 / max(b.ok, 1)
-        out = {"output": str(path), "calls": b.ok, "calls_per_s": b.ok / b.wall, "gateway_cpu_ms_per_call": cpu}
+        out = {"output": str(path), "scheme": side, "concurrency": concurrency, "calls": b.ok}
+        out.update(calls_per_s=b.ok / b.wall, gateway_cpu_ms_per_call=cpu)
         return {**out, **hot_spots(path)}
 
 
@@ -1625,7 +1628,8 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
             lines.append(f"profile: {prof['error']}")
         else:
             lines.append(
-                f"profile (py-spy, gateway, exact c=16, {prof['calls']} calls at {fmt(prof['calls_per_s'], 0)}/s, "
+                f"profile (py-spy, gateway, {prof['scheme']} c={prof['concurrency']}, "
+                f"{prof['calls']} calls at {fmt(prof['calls_per_s'], 0)}/s, "
                 f"{fmt(prof['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call, {prof['samples']} samples;"
                 f" {prof.get('waiting', 0)} of threads waiting in threading's Condition.wait left out)"
                 f" → {prof['output']}"
@@ -1691,8 +1695,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"optional, never installed by the bench: {LITELLM_INSTALL})",
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    p.add_argument("--profile", metavar="PATH", help="py-spy the gateway under paid c=16 load; raw stacks to PATH")
+    p.add_argument("--profile", metavar="PATH", help="py-spy the gateway under paid load; raw stacks to PATH")
     p.add_argument("--profile-seconds", type=float, default=15.0, help="length of the profiled load (15)")
+    p.add_argument("--profile-scheme", choices=PAID_SIDES, default="exact", help="the profiled load's scheme (exact)")
+    p.add_argument("--profile-concurrency", type=int, default=16, help="the profiled load's concurrency (16)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, ledger) after the run")
     a = p.parse_args(argv)
     quick = {"rounds": 3, "calls": 40, "calls16": 200, "stream_calls": 40, "streams": 1000, "verify_n": 300}
@@ -1794,8 +1800,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
             log(f"memory: {args.streams} streamed paid calls at concurrency {args.stream_concurrency}")
             res["memory"] = await bench.memory()
             if args.profile:
-                log(f"profiling the gateway with py-spy for ~{args.profile_seconds:g} s of paid c=16 load")
-                rate = res["throughput"]["exact"]
+                what = f"{args.profile_scheme} c={args.profile_concurrency}"
+                log(f"profiling the gateway with py-spy for ~{args.profile_seconds:g} s of paid {what} load")
+                rate = res["throughput"][args.profile_scheme]
                 res["profile"] = await bench.profile(Path(args.profile).resolve(), rate if rate > 0 else 100.0)
 
             def errors_of(sec: dict[str, Any], sides: tuple[str, ...] = SIDES) -> int:
