@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, credits, discovery, metrics, pipeline, receipts, refunds, signin
+from . import __version__, catalogue, credits, discovery, metrics, pipeline, receipts, refunds, signin
 from .config import Settings
 from .errors import (
     Forbidden,
@@ -29,7 +29,7 @@ from .errors import (
     error_body,
 )
 from .gateway import Gateway
-from .pricing import money, per_million, plain
+from .pricing import money
 
 log = logging.getLogger("tollway")
 
@@ -63,31 +63,15 @@ async def credit_withdrawal(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    gw = gateway(request)
-    data = []
-    for model_id, p in gw.prices.items():
-        # OpenRouter's names for the cache prices
-        names = {"cache_read": "input_cache_read", "cache_write": "input_cache_write"}
-        usd = {names.get(k, k): v for k, v in gw.settings.models[model_id].per_token().items()}
-        data.append(
-            {
-                "id": model_id,
-                "object": "model",
-                "owned_by": "tollway",
-                # OpenRouter's convention: USD per token, as decimal strings.
-                "pricing": {k: plain(v) for k, v in usd.items()},
-                "pricing_per_million": {k: plain(per_million(v)) for k, v in usd.items() if k != "request"},
-                # The same in the payment asset's atomic units, per million tokens (rounded up).
-                "pricing_atomic_per_million": {
-                    names.get(f, f): str(p.per_million(f))
-                    for f in ("prompt", "completion", "cache_read", "cache_write")
-                },
-                "payment": [
-                    {"scheme": s.name, "network": s.network, "asset": gw.token} for s in gw.schemes if "x402" in s.rails
-                ],
-            }
-        )
-    return JSONResponse({"object": "list", "data": data})
+    return await catalogue.models(request, gateway(request))
+
+
+async def model_endpoints(request: Request) -> Response:
+    return await catalogue.endpoints(request, gateway(request))
+
+
+async def rankings(request: Request) -> Response:
+    return await catalogue.rankings(request, gateway(request), request.app.state.rankings)
 
 
 def is_admin(request: Request, gw: Gateway) -> bool:
@@ -275,6 +259,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.gateway = gateway or await Gateway.open(settings)
+        app.state.rankings = catalogue.Rankings()
         try:
             yield
         finally:
@@ -297,6 +282,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}/endpoints", model_endpoints, methods=["GET"]),
+            Route("/v1/rankings", rankings, methods=["GET"]),
             Route("/v1/receipts/{receipt_id}", receipt, methods=["GET"]),
             Route("/v1/credit", credit_balance, methods=["GET"]),
             Route("/v1/channels/refund", channel_refund, methods=["GET", "POST"]),

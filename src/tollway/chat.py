@@ -27,6 +27,8 @@ from .errors import BadRequest, NotFound
 from .payments.base import Quote
 from .pricing import CAP_FIELDS, MAX_AMOUNT, Prices, asked_cap, prompt_token_bound
 from .quotes import request_digest
+from .routing import NONE as NO_PREFERENCES
+from .routing import Preferences, over_max_price, preferences, split_variant, upstream_max_price
 from .usage import python_recursion_limit
 
 IMAGE_PARTS = ("image_url", "input_image", "image")
@@ -64,6 +66,9 @@ class ChatCall:
     long_cache: bool = False  # the request asks for one-hour cache writes
     wants_usage: bool = True  # a stream's client asked for the usage chunk (tollway always asks for it)
     received: float = 0.0  # UNIX time the request arrived
+    route: Preferences = NO_PREFERENCES  # the routing it asks for (``provider``, ``:nitro``/``:floor``)
+    # What an upstream that routes between providers itself (OpenRouter) may charge: provider.max_price
+    upstream_max_price: dict[str, float] = field(default_factory=dict)
     _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def cap(self, metered: bool) -> int:
@@ -83,12 +88,22 @@ class ChatCall:
             )
         return found  # type: ignore[no-any-return]
 
-    def forward(self, cap_field: str, cap: int) -> bytes:
-        """The bytes to send to an upstream whose output-cap field is ``cap_field``, served with ``cap``."""
-        key = ("body", cap_field if self.asked_cap is None else "", cap)
+    def forward(self, cap_field: str, cap: int, routes_providers: bool = False) -> bytes:
+        """The bytes to send to an upstream whose output-cap field is ``cap_field``, served with
+        ``cap``. An upstream that ``routes_providers`` (OpenRouter) gets the ``provider`` object,
+        with ``max_price`` at most tollway's prices; any other gets none (a vendor's API may refuse
+        a field it does not know)."""
+        key = ("body", cap_field if self.asked_cap is None else "", cap, routes_providers)
         out = self._memo.get(key)
         if out is None:
             body = self.body if self.asked_cap is not None else {**self.body, cap_field: cap}
+            if routes_providers:
+                provider = {**(body.get("provider") or {}), "max_price": self.upstream_max_price}
+                if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)
+                    provider["sort"] = self.route.sort
+                body = {**body, "provider": provider}
+            elif "provider" in body:
+                body = {k: v for k, v in body.items() if k != "provider"}
             out = self._memo[key] = encode(body)
         return out  # type: ignore[no-any-return]
 
@@ -143,6 +158,7 @@ def parse_chat(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    model, variant = split_variant(model, prices)
     if model not in prices:
         raise NotFound(
             f"model {json.dumps(model)[:80]} is not offered here; see GET /v1/models", code="model_not_found"
@@ -154,6 +170,14 @@ def parse_chat(
     conf = settings.models[model]
     p = prices[model]
     refuse_unpriced(body)
+    route = preferences(body, variant)
+    per_token = conf.per_token()
+    if (dear := over_max_price(route, per_token)) is not None:
+        raise BadRequest(
+            f"this model's {dear} price here is above 'provider.max_price.{dear}' (USD per million tokens"
+            f"{', per call' if dear == 'request' else ''}); see GET /v1/models",
+            code="no_route",
+        )
     long_cache = _long_cache(body)
     if long_cache and p.cache_write_1h is None:
         raise BadRequest(
@@ -168,7 +192,7 @@ def parse_chat(
     for f in CAP_FIELDS:
         if f in forward:
             forward[f] = asked
-    if upstream_model != model:
+    if upstream_model != body["model"]:
         forward["model"] = upstream_model
     opts = body.get("stream_options")
     wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -179,6 +203,8 @@ def parse_chat(
     metered_cap = min(settings.metered_max_tokens, conf.max_tokens or settings.metered_max_tokens)
     # Priced on the largest body any upstream may get: the longest cap field, with the largest cap.
     widest = forward if asked else {**forward, "max_completion_tokens": max(default_cap, metered_cap)}
+    most_price = upstream_max_price(per_token)  # (an OpenRouter upstream gets it in `provider`)
+    widest = {**widest, "provider": {**(body.get("provider") or {}), "max_price": most_price, "sort": "throughput"}}
     image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
     now = time.time() if now is None else now
     call = ChatCall(
@@ -198,6 +224,8 @@ def parse_chat(
         long_cache=long_cache,
         wants_usage=wants_usage,
         received=now,
+        route=route,
+        upstream_max_price=most_price,
     )
     call.quote(call.cap(metered=True))  # refuses a request too large to pay, whatever the scheme
     return call

@@ -152,6 +152,10 @@ class UpstreamSettings(Strict):
     # Where usage can be read after the fact, for a stream that ended without it: "openrouter"
     # (GET <url>/generation?id=...), or "none". None: "openrouter" for openrouter.ai URLs.
     usage_lookup: Literal["openrouter", "none"] | None = None
+    # Whether it routes between providers itself (OpenRouter does): it then gets the request's
+    # `provider` object, with max_price at most tollway's prices; any other upstream gets none.
+    # None: true for openrouter.ai URLs.
+    provider_routing: bool | None = None
     # When the upstream is itself a paid gateway (another tollway): the wallet that pays it, the
     # assets it may pay in ("eip155:<chain>:<token>") and the most it may pay per call (never more
     # than this gateway's own quote for the call) and in all.
@@ -260,6 +264,7 @@ class Settings(BaseSettings):
     sticky_idle_seconds: float = 600  # a conversation stays on its upstream this long after its last call
     failure_cooldown_seconds: float = 5  # an upstream that failed is tried last for this long (doubling)
     cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
+    stats_refresh_seconds: float = Field(5, gt=0)  # how often live stats read the calls that finished (stats.py)
     models: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @field_validator("quote_secret", "admin_token")

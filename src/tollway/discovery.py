@@ -103,6 +103,22 @@ def openapi(gw: Gateway, base: str) -> dict[str, Any]:
             "/v1/models": {
                 "get": {"summary": "Models and their prices", "responses": {"200": {"description": "The models"}}}
             },
+            "/v1/models/{model}/endpoints": {
+                "get": {
+                    "summary": "A model's upstreams with their prices and live figures (uptime, latency, throughput)",
+                    "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "The endpoints"}, "404": {"description": "No such model"}},
+                }
+            },
+            "/v1/rankings": {
+                "get": {
+                    "summary": "Usage share by model over the last day and week",
+                    "parameters": [
+                        {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}}
+                    ],
+                    "responses": {"200": {"description": "The rankings"}},
+                }
+            },
         },
     }
 
@@ -141,5 +157,10 @@ Chain: eip155:{gw.chain_id}. Asset: {gw.token}. Models: {models}.
 - [OpenAPI](/openapi.json): the operations, their inputs and outputs, and their payment offers
 - POST {base}/v1/chat/completions: OpenAI-compatible chat completions (streaming too), paid per call
 - GET {base}/v1/models: the models and their prices
+- GET {base}/v1/models/<model>/endpoints: its upstreams, with uptime, latency and throughput (live)
+- GET {base}/v1/rankings: usage share by model, last day and week (?format=csv)
+
+Routing follows OpenRouter's request fields: `provider` (order, only, ignore, allow_fallbacks, sort:
+price|latency|throughput, max_price in USD per million tokens) and the `:nitro` / `:floor` model variants.
 - GET {base}/v1/channels/refund: a batch-settlement channel's unclaimed rest, refunded
 """

@@ -134,6 +134,7 @@ class PreconditionFailed(PaymentInvalid):
 class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
+    attempts: tuple[Any, ...] = ()  # every upstream tried, when the router gave up (router.Attempt)
 
 
 class UpstreamUnavailable(UpstreamError):

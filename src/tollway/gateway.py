@@ -19,9 +19,10 @@ from starlette.requests import Request
 
 from . import doctor
 from .cache import PrefixMemory
+from .chat import ChatCall
 from .claims import Claimer
 from .config import Settings, resolve_chain, upstream_list
-from .errors import ChainUnavailable, UpstreamUnavailable
+from .errors import BadRequest, ChainUnavailable, UpstreamUnavailable
 from .ledger import Store
 from .ledger.models import PaymentState
 from .ledger.store import Settlement, credit_account
@@ -35,6 +36,7 @@ from .payments.x402 import V1_NETWORK_NAMES
 from .pricing import Prices, to_atomic
 from .quotes import QuoteSigner
 from .settlement import Settler
+from .stats import LiveStats
 from .upstream.client import Upstream, make_http_client, make_paying_client
 from .upstream.router import Router
 from .usage import Usage
@@ -135,6 +137,7 @@ class Gateway:
                 [Upstream(u, paying.get(u.name, upstream_http)) for u in upstreams],
                 sticky_idle=settings.sticky_idle_seconds,
                 cooldown=settings.failure_cooldown_seconds,
+                stats=LiveStats(),
             ),
             prefixes=PrefixMemory(settings.cache_memory_seconds),
             quotes=QuoteSigner(settings.quote_secret or store.meta("quote_secret", lambda: secrets.token_hex(32))),
@@ -154,7 +157,11 @@ class Gateway:
         gw.close_abandoned_streams()
         await settler.start()
         loop = asyncio.get_running_loop()
-        gw._tasks = [loop.create_task(gw._probe_chain()), loop.create_task(gw._housekeeping())]
+        gw._tasks = [
+            loop.create_task(gw._probe_chain()),
+            loop.create_task(gw._housekeeping()),
+            loop.create_task(gw.router.stats.run(store, settings.stats_refresh_seconds)),
+        ]
         channels = next((s for s in schemes if isinstance(s, BatchSettlementEvm)), None)
         if channels is not None:
             k = settings.channels
@@ -181,12 +188,19 @@ class Gateway:
                 self.chain_failures += 1
             await asyncio.sleep(CHAIN_PROBE_SECONDS)
 
-    def check_available(self, model: str) -> None:
-        """Refuse to quote (503 + Retry-After) while nothing could serve the call: every upstream of
-        the model is down (it did not answer at all just now), or the chain RPC failed its last probes."""
+    def check_available(self, call: ChatCall) -> None:
+        """Refuse to quote a call no upstream may serve (400: its ``provider`` preferences leave
+        none), or (503 + Retry-After) while nothing could serve it: every upstream of the model is
+        down (it did not answer at all just now), or the chain RPC failed its last probes."""
+        if not self.router.candidates(call.model, "", call.route):
+            raise BadRequest(
+                "no upstream here serves this model within the request's 'provider' preferences"
+                f" (upstreams: {', '.join(u.name for u in self.router.upstreams if u.serves(call.model))})",
+                code="no_route",
+            )
         if self.chain_failures >= CHAIN_DOWN_AFTER:
             raise ChainUnavailable("the chain RPC is not answering", retry_after=CHAIN_PROBE_SECONDS)
-        wait = self.router.down_for(model)
+        wait = self.router.down_for(call.model)
         if wait > 0:
             raise UpstreamUnavailable("every upstream for this model is down", retry_after=max(1, math.ceil(wait)))
 

@@ -29,6 +29,7 @@ from .ledger.store import Settlement
 from .payments import mpp, x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
 from .pricing import atomic_to_usd
+from .upstream.attempts import encode_attempts
 from .upstream.client import Opened
 from .usage import (
     SUMMARY_PREFIX,
@@ -221,6 +222,7 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
         paid,
         call,
         upstream=opened.upstream,
+        attempts=encode_attempts(opened.attempts),
         status="served",
         upstream_latency_ms=opened.latency_ms,
         duration_ms=opened.latency_ms,
@@ -258,7 +260,13 @@ def relay_stream(
     started = time.time()
     settled = None if paid.scheme.metered else settlement(gw, paid)
     row = call_row(
-        call_id, paid, call, upstream=opened.upstream, status="streaming", upstream_latency_ms=opened.latency_ms
+        call_id,
+        paid,
+        call,
+        upstream=opened.upstream,
+        attempts=encode_attempts(opened.attempts),
+        status="streaming",
+        upstream_latency_ms=opened.latency_ms,
     )
     gw.store.insert_call(row, settle=settled)
     headers = receipt_headers(gw, paid, settled, call_id)

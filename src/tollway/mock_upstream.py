@@ -144,6 +144,7 @@ class _State:
         self.ids = itertools.count(1)
         self.generations: OrderedDict[str, dict[str, Any]] = OrderedDict()  # OpenRouter-style records
         self.stats: dict[str, int] = {}
+        self.last_request: dict[str, Any] | None = None  # the last chat request's body, for tests
         self.reset()
 
     def reset(self) -> None:
@@ -302,6 +303,7 @@ def create_app(options: MockOptions | None = None) -> Starlette:
             raise _BadRequest(400, "request body is not valid JSON", "invalid_json") from None
         if not isinstance(body, dict):
             raise _BadRequest(400, "request body must be a JSON object", "invalid_request")
+        state.last_request = body
         mock = _directives(body.get("mock"))
 
         if mock.get("hang"):  # never answer; return only once the client has gone away

@@ -40,6 +40,7 @@ from .errors import (
     PaymentMalformed,
     PaymentRequired,
     TooLarge,
+    UpstreamError,
     UpstreamUnavailable,
     truncate,
 )
@@ -51,6 +52,7 @@ from .payments import x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
 from .pricing import MAX_AMOUNT
 from .signin import SignIn
+from .upstream.attempts import encode_attempts
 from .upstream.client import Opened
 from .upstream.router import conversation_key
 
@@ -77,7 +79,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
         if proof is None:
             who = await signin.identify(gw, request, call.digest)
             if who is None or who.legacy:
-                gw.check_available(call.model)  # no quote for what cannot be served now (503)
+                gw.check_available(call)  # no quote for what cannot be served now (503), or at all (400)
                 raise PaymentRequired("PAYMENT-SIGNATURE header is required")  # → challenge
             scheme, payment, quote = from_credit(gw, call, who)  # a signed-in wallet's credit pays
             proof = Proof(2, scheme.name, payment.network, payment.proof)
@@ -292,10 +294,11 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     send = gw.router.send(
         call.model,
         conversation_key(call.model, call.body, request.headers),
-        lambda cap_field: call.forward(cap_field, cap),
+        lambda upstream: call.forward(upstream.cap_field, cap, upstream.routes_providers),
         call.stream,
         request.headers,
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
+        prefs=call.route,
     )
     try:
         async with asyncio.timeout(gw.settings.max_call_seconds):
@@ -322,6 +325,8 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
             gw.store.refuse(paid.payment_id, f"{exc.code}: {reason}")
         else:
             gw.store.release(paid.payment_id, f"not served: {reason}")
-        gw.store.insert_call(call_row(call_id, paid, call, status="failed", error=reason, finished_at=time.time()))
+        attempts = encode_attempts(exc.attempts) if isinstance(exc, UpstreamError) else None
+        row = call_row(call_id, paid, call, status="failed", error=reason, attempts=attempts, finished_at=time.time())
+        gw.store.insert_call(row)
     except Exception:  # undoing must not mask the original error
         log.exception("could not undo the payment of call %s", call_id)

@@ -7,6 +7,7 @@ from typing import Any
 
 from .gateway import Gateway
 from .pricing import money
+from .upstream.attempts import decode_attempts
 
 
 def view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +47,10 @@ def view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
             "transaction": row["tx_hash"],
             "error": row["payment_error"],
         },
+        # every upstream tried, in order (a failure before the first byte moves on to the next)
+        "attempts": [
+            {"upstream": a.upstream, "outcome": a.outcome, "ms": a.ms} for a in decode_attempts(row["attempts"])
+        ],
         "upstream_latency_ms": row["upstream_latency_ms"],
         "duration_ms": row["duration_ms"],
         "created_at": iso(row["created_at"]),

@@ -85,10 +85,31 @@ def test_a_request_without_a_cap_gets_the_upstreams_own_field():
 
 
 def test_the_bound_covers_the_widest_body_any_upstream_gets():
-    call = parse(body())
-    for field in ("max_tokens", "max_completion_tokens", "n_predict"):
-        for cap in (call.cap(metered=False), call.cap(metered=True)):
-            assert len(call.forward(field, cap)) <= call.quote().prompt_bound
+    for call in (parse(body()), parse(body(provider={"order": ["x"] * 20, "max_price": {"prompt": 5}}))):
+        for field in ("max_tokens", "max_completion_tokens", "n_predict"):
+            for cap in (call.cap(metered=False), call.cap(metered=True)):
+                for routes_providers in (False, True):
+                    assert len(call.forward(field, cap, routes_providers)) <= call.quote().prompt_bound
+
+
+def test_provider_preferences_go_only_to_an_upstream_that_routes_between_providers():
+    call = parse(body(provider={"order": ["vendor-a"], "max_price": {"completion": 3}}))
+    assert "provider" not in json.loads(call.forward("max_tokens", 8))  # a vendor's API may refuse it
+    sent = json.loads(call.forward("max_tokens", 8, routes_providers=True))["provider"]
+    # OpenRouter may charge at most tollway's prices (USD per million tokens)
+    assert sent == {"order": ["vendor-a"], "max_price": {"prompt": 1.0, "completion": 2.0, "request": 0.0}}
+    plain = json.loads(parse(body()).forward("max_tokens", 8, routes_providers=True))
+    assert plain["provider"] == {"max_price": {"prompt": 1.0, "completion": 2.0, "request": 0.0}}
+    nitro = parse(body(model="m:nitro"))
+    assert nitro.model == "m" and json.loads(nitro.forward("max_tokens", 8))["model"] == "m"
+    assert json.loads(nitro.forward("max_tokens", 8, True))["provider"]["sort"] == "throughput"
+
+
+def test_a_model_dearer_than_the_payers_max_price_is_refused_before_any_quote():
+    message = refused(body(provider={"max_price": {"completion": "1.5"}}), "no_route")
+    assert "completion" in message
+    assert parse(body(provider={"max_price": {"prompt": 1, "completion": 2}})).model == "m"
+    refused(body(provider={"sort": "fastest"}), "invalid_provider")
 
 
 def test_choices_multiply_the_priced_output():

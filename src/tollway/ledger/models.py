@@ -88,8 +88,11 @@ class Call(SQLModel, table=True):
     upstream_latency_ms: float | None = None  # to the upstream's first byte
     duration_ms: float | None = None
     error: str | None = None
+    # Every upstream tried for the call, in order: [[upstream, outcome, ms], ...], the outcome
+    # "served" or the error code of a failure before the first byte (see upstream/router.py).
+    attempts: str | None = None
     created_at: float = Field(index=True)
-    finished_at: float | None = None
+    finished_at: float | None = Field(default=None, index=True)  # (live stats read calls as they finish)
 
 
 class SettlerNonce(SQLModel, table=True):

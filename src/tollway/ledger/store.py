@@ -55,6 +55,18 @@ ID = Idempotent.__table__  # type: ignore[attr-defined]
 NO_FLOOR = -(2**62)  # deposits, releases, charges, refunds and reversals post whatever the balance
 
 
+FINISHED_CALLS = (
+    "SELECT id, model, upstream, stream, status, attempts, upstream_latency_ms, duration_ms,"
+    " prompt_tokens, completion_tokens, cached_tokens, expected_cached_tokens, finished_at FROM calls"
+    " WHERE (finished_at > :t OR (finished_at = :t AND id > :id)) AND finished_at <= :until"
+    " ORDER BY finished_at, id LIMIT :limit"
+)
+USAGE_BY_MODEL = (
+    "SELECT model, COUNT(*) AS calls, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+    " COALESCE(SUM(completion_tokens), 0) AS completion_tokens FROM calls"
+    " WHERE created_at >= :since AND status IN ('served', 'incomplete') GROUP BY model"
+)
+
 RESERVE = (  # a new key; or a released one, for a retry of the same request
     " ON CONFLICT (lock_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
     " WHERE payments.state = 'released' AND payments.request_digest = excluded.request_digest RETURNING id"
@@ -575,6 +587,17 @@ class Store:
         )
         with self._tx() as c:
             return [dict(r) for r in c.execute(q).mappings()]
+
+    def finished_calls(self, after: tuple[float, str], until: float, limit: int) -> list[dict[str, Any]]:
+        """Calls that finished after ``after`` (a call's ``(finished_at, id)``) and by ``until``, in
+        that order, at most ``limit``: what live stats read (``stats.py``)."""
+        with self._sql() as c:
+            return c.dicts(FINISHED_CALLS, {"t": after[0], "id": after[1], "until": until, "limit": limit})
+
+    def usage_by_model(self, since: float) -> list[dict[str, Any]]:
+        """Per model, of the calls served since ``since``: how many, and their tokens."""
+        with self._sql() as c:
+            return c.dicts(USAGE_BY_MODEL, {"since": since})
 
     def abandoned_streams(self, started_before: float) -> list[dict[str, Any]]:
         """Streams still marked ``streaming`` that began before ``started_before``: their process

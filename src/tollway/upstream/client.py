@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -162,6 +163,7 @@ class Opened:
     upstream: str = ""  # the name of the upstream that answered
     chunks: AsyncIterator[bytes] | None = None  # the rest of a stream
     error: str | None = field(default=None)
+    attempts: list[Any] = field(default_factory=list)  # every upstream tried, this one last (router.Attempt)
 
     async def rest(self) -> AsyncIterator[bytes]:
         """The remaining body; a transport failure ends it and is noted in ``error`` (the owner
@@ -184,7 +186,9 @@ class Upstream:
         self.cap_field = settings.max_tokens_field
         base = str(settings.url).rstrip("/")
         self.url = httpx.URL(base + "/chat/completions")  # (parsed once: a string is parsed on every request)
-        lookup = settings.usage_lookup or ("openrouter" if urlsplit(base).hostname == "openrouter.ai" else "none")
+        openrouter = urlsplit(base).hostname == "openrouter.ai"
+        lookup = settings.usage_lookup or ("openrouter" if openrouter else "none")
+        self.routes_providers = openrouter if settings.provider_routing is None else settings.provider_routing
         self.generation_url = base + "/generation" if lookup == "openrouter" else None
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -22,6 +23,10 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import UpstreamDown, UpstreamError
+from ..routing import NONE as NO_PREFERENCES
+from ..routing import Preferences
+from ..stats import LiveStats
+from .attempts import Attempt
 from .client import Opened, Upstream
 
 log = logging.getLogger("tollway.upstream")
@@ -43,10 +48,13 @@ def conversation_key(model: str, body: dict[str, Any], headers: Mapping[str, str
 
 
 class Router:
-    def __init__(self, upstreams: list[Upstream], *, sticky_idle: float, cooldown: float) -> None:
+    def __init__(
+        self, upstreams: list[Upstream], *, sticky_idle: float, cooldown: float, stats: LiveStats | None = None
+    ) -> None:
         if not upstreams:
             raise ValueError("no upstream configured")
         self.upstreams = upstreams
+        self.stats = stats or LiveStats()
         self.sticky_idle = sticky_idle
         self.cooldown = cooldown
         self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -83,44 +91,82 @@ class Router:
         waits = [max(self._down.get(u.name, 0.0) - now, 0.0) for u in self.upstreams if u.serves(model)]
         return min(waits, default=0.0)
 
-    def candidates(self, model: str, key: str) -> list[Upstream]:
+    def candidates(self, model: str, key: str, prefs: Preferences = NO_PREFERENCES) -> list[Upstream]:
+        """The upstreams to try, in order: those the request allows (``routing.py``), healthy ones
+        first, ranked by its ``sort`` or ``order`` — else in configuration order, a conversation's
+        last upstream first (its prompt cache is there)."""
         now = time.monotonic()
-        serving = [u for u in self.upstreams if u.serves(model)]
-        ordered = sorted(serving, key=lambda u: not self.healthy(u, now))  # stable: config order within
+        allowed = self._allowed([u for u in self.upstreams if u.serves(model)], prefs)
+        if prefs.sort in ("latency", "throughput"):
+            allowed.sort(key=lambda u: self._rank(u.name, model, prefs.sort))  # (stable: ties keep their order)
+        if prefs.order:
+            rank = {name: i for i, name in enumerate(prefs.order)}
+            allowed.sort(key=lambda u: rank.get(u.name.lower(), len(rank)))
+        ordered = sorted(allowed, key=lambda u: not self.healthy(u, now))
         sticky = self._sticky.get(key)
-        if sticky and now - sticky[1] <= self.sticky_idle:
+        if sticky and not prefs.explicit and now - sticky[1] <= self.sticky_idle:
             home = next((u for u in ordered if u.name == sticky[0]), None)
             if home is not None and self.healthy(home, now):
                 ordered.remove(home)
                 ordered.insert(0, home)
+        if not prefs.allow_fallbacks and not prefs.order:
+            return ordered[:1]  # (OpenRouter's meaning: the primary only)
         return ordered
+
+    def _allowed(self, serving: list[Upstream], prefs: Preferences) -> list[Upstream]:
+        """``only``, ``ignore`` and (without fallbacks) ``order``. A list that names none of our
+        upstreams is for an upstream that routes between providers itself: it keeps only those."""
+        ours = {u.name.lower() for u in serving}
+        allowed = [u for u in serving if u.name.lower() not in prefs.ignore]
+        for names in (prefs.only, None if prefs.allow_fallbacks or not prefs.order else frozenset(prefs.order)):
+            if names is not None:
+                if names & ours:
+                    allowed = [u for u in allowed if u.name.lower() in names]
+                else:
+                    allowed = [u for u in allowed if u.routes_providers]
+        return allowed
+
+    def _rank(self, name: str, model: str, sort: str) -> float:
+        """Lower first: the median time to first byte, or minus the median output speed; an
+        upstream without figures yet after those with."""
+        figures = self.stats.figures(name, model)
+        if sort == "latency":
+            return figures.latency["p50"] if figures.latency else math.inf
+        return -figures.throughput["p50"] if figures.throughput else math.inf
 
     async def send(
         self,
         model: str,
         key: str,
-        body: Callable[[str], bytes],
+        body: Callable[[Upstream], bytes],
         stream: bool,
         headers: Mapping[str, str],
         max_usd: Fraction | None = None,
+        prefs: Preferences = NO_PREFERENCES,
     ) -> Opened:
-        """Send to the best candidate, failing over before the first byte. ``body(cap_field)`` is
-        the request in the candidate's dialect (its output-cap field)."""
-        candidates = self.candidates(model, key)
+        """Send to the best candidate, failing over before the first byte. ``body(upstream)`` is
+        the request as that upstream takes it (its output-cap field, provider routing)."""
+        candidates = self.candidates(model, key, prefs)
         if not candidates:
             raise UpstreamError(f"no upstream serves model '{model[:80]}'", code="no_upstream")
         last: UpstreamError | None = None
+        attempts: list[Attempt] = []
         for upstream in candidates:
+            started = time.perf_counter()
             try:
-                opened = await upstream.send(body(upstream.cap_field), stream, headers, max_usd)
+                opened = await upstream.send(body(upstream), stream, headers, max_usd)
             except UpstreamError as exc:
+                attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000))
                 self._failed(upstream.name, down=isinstance(exc, UpstreamDown))
                 last = exc
                 log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                 continue
+            attempts.append(Attempt(upstream.name, "served", opened.latency_ms))
+            opened.attempts = attempts
             self._succeeded(upstream.name, key)
             return opened
         assert last is not None
+        last.attempts = tuple(attempts)
         raise last
 
     def _failed(self, name: str, *, down: bool) -> None:

@@ -1,0 +1,127 @@
+"""What a request asks of routing, in OpenRouter's words: the ``provider`` object and the
+``:nitro`` / ``:floor`` model variants.
+
+tollway applies them to its own upstreams, by name (case-insensitive): ``only`` and ``ignore``
+filter, ``order`` puts the named first (and, with ``allow_fallbacks: false``, only those),
+``sort`` ranks by live stats (``latency``: time to first byte, ``throughput``: output tokens/s;
+``price``: a model has one price here, so it keeps the configured order). Names tollway does not
+know are left to an upstream that routes between providers itself (OpenRouter), which gets the
+``provider`` object as sent — with ``max_price`` set to the prices tollway charges, so it cannot
+pick an endpoint dearer than what the payer pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from .errors import BadRequest
+from .pricing import per_million
+
+SORTS = ("price", "latency", "throughput")
+VARIANTS = {":nitro": "throughput", ":floor": "price"}
+PRICE_FIELDS = ("prompt", "completion", "request")  # max_price: USD per million tokens; request: per call
+
+
+@dataclass(frozen=True)
+class Preferences:
+    order: tuple[str, ...] = ()
+    only: frozenset[str] | None = None
+    ignore: frozenset[str] = frozenset()
+    allow_fallbacks: bool = True
+    sort: str | None = None
+    max_price: dict[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def explicit(self) -> bool:
+        """The payer chose an order: it wins over a conversation's stickiness."""
+        return bool(self.order) or self.sort is not None
+
+
+NONE = Preferences()
+
+
+def _names(provider: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = provider.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or len(value) > 64:
+        raise BadRequest(f"'provider.{key}' must be a list of provider names", code="invalid_provider")
+    return tuple(v.lower() for v in value)
+
+
+def _sort(value: Any) -> str | None:
+    if isinstance(value, dict):  # OpenRouter's {"by": ..., "partition": ...}
+        value = value.get("by")
+    if value is None:
+        return None
+    if value not in SORTS:
+        raise BadRequest(f"'provider.sort' must be one of {', '.join(SORTS)}", code="invalid_provider")
+    return str(value)
+
+
+def _max_price(value: Any) -> dict[str, Decimal]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("'provider.max_price' must be an object", code="invalid_provider")
+    out = {}
+    for key in PRICE_FIELDS:
+        if key in value:
+            v = value[key]
+            try:
+                price = Decimal(str(v)) if isinstance(v, int | float | str) and not isinstance(v, bool) else None
+            except InvalidOperation:
+                price = None
+            if price is None or not price.is_finite() or price < 0:
+                raise BadRequest(f"'provider.max_price.{key}' must be a number >= 0", code="invalid_provider")
+            out[key] = price
+    return out
+
+
+def preferences(body: dict[str, Any], variant: str | None) -> Preferences:
+    """The routing a request asks for (raises ``BadRequest`` on a malformed ``provider``)."""
+    provider = body.get("provider")
+    if provider is None:
+        return NONE if variant is None else Preferences(sort=VARIANTS[variant])
+    if not isinstance(provider, dict):
+        raise BadRequest("'provider' must be an object", code="invalid_provider")
+    fallbacks = provider.get("allow_fallbacks", True)
+    if not isinstance(fallbacks, bool):
+        raise BadRequest("'provider.allow_fallbacks' must be a boolean", code="invalid_provider")
+    only = _names(provider, "only")
+    return Preferences(
+        order=_names(provider, "order"),
+        only=frozenset(only) if "only" in provider and provider["only"] is not None else None,
+        ignore=frozenset(_names(provider, "ignore")),
+        allow_fallbacks=fallbacks,
+        sort=_sort(provider.get("sort")) or (VARIANTS[variant] if variant else None),
+        max_price=_max_price(provider.get("max_price")),
+    )
+
+
+def split_variant(model: str, offered: Any) -> tuple[str, str | None]:
+    """``model`` without a ``:nitro`` / ``:floor`` suffix, and the suffix — when the model without
+    it is ``offered`` and the model with it is not."""
+    for suffix in VARIANTS:
+        if model.endswith(suffix) and model not in offered and model[: -len(suffix)] in offered:
+            return model[: -len(suffix)], suffix
+    return model, None
+
+
+def over_max_price(prefs: Preferences, per_token: dict[str, Decimal]) -> str | None:
+    """The first price of the model above the payer's ``max_price``, if one is."""
+    for key in PRICE_FIELDS:
+        if key in prefs.max_price:
+            ours = per_token[key] if key == "request" else per_million(per_token[key])
+            if ours > prefs.max_price[key]:
+                return key
+    return None
+
+
+def upstream_max_price(per_token: dict[str, Decimal]) -> dict[str, float]:
+    """What an upstream that routes between providers may charge: tollway's own prices (USD per
+    million tokens; request per call). A payer's lower ``max_price`` never gets this far: a model
+    priced above it here is refused (``over_max_price``)."""
+    return {k: float(per_token[k] if k == "request" else per_million(per_token[k])) for k in PRICE_FIELDS}

@@ -1,0 +1,30 @@
+"""The upstreams a call tried, as the receipt shows them and live stats count them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One upstream tried for a call: ``outcome`` is "served", or the code of the error that
+    failed it before the first byte; ``ms`` how long it took to answer or fail."""
+
+    upstream: str
+    outcome: str
+    ms: float
+
+    @property
+    def served(self) -> bool:
+        return self.outcome == "served"
+
+
+def encode_attempts(attempts: Sequence[Attempt]) -> str | None:
+    """How a call's attempts are kept in the ledger: ``[[upstream, outcome, ms], ...]``."""
+    return json.dumps([[a.upstream, a.outcome, round(a.ms, 1)] for a in attempts]) if attempts else None
+
+
+def decode_attempts(text: str | None) -> list[Attempt]:
+    return [Attempt(str(u), str(o), float(ms)) for u, o, ms in json.loads(text)] if text else []
