@@ -134,7 +134,8 @@ class PreconditionFailed(PaymentInvalid):
 class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
-    attempts: tuple[Any, ...] = ()  # every upstream tried, when the router gave up (router.Attempt)
+    attempts: tuple[Any, ...] = ()  # every upstream tried, when the router gave up (attempts.Attempt)
+    asked_to_wait: int | None = None  # seconds the upstream asked to be left alone (its own Retry-After)
 
 
 class UpstreamUnavailable(UpstreamError):

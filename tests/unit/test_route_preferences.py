@@ -3,13 +3,15 @@ order the router tries upstreams in."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 
+import httpx
 import pytest
 
 from tollway.config import UpstreamSettings
-from tollway.errors import BadRequest
+from tollway.errors import BadRequest, UpstreamUnavailable
 from tollway.routing import Preferences, over_max_price, preferences, split_variant, upstream_max_price
 from tollway.stats import LiveStats
 from tollway.upstream.attempts import Attempt, decode_attempts, encode_attempts
@@ -185,3 +187,20 @@ def test_sort_ranks_by_live_figures_and_wins_over_stickiness():
     r._succeeded("mid", "convo")
     assert order(r, Preferences(), key="convo")[0] == "mid"
     assert order(r, Preferences(sort="latency"), key="convo")[0] == "fast"
+
+
+def test_an_upstream_that_asks_to_be_left_alone_is_tried_last_that_long():
+    answers = {"busy": httpx.Response(429, headers={"retry-after": "7"}), "down": httpx.Response(503)}
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda req: answers[req.url.host.split(".")[0]]))
+    ups = [Upstream(UpstreamSettings(name=n, url=f"http://{n}.test/v1"), client) for n in ("busy", "down")]
+    r = Router(ups, sticky_idle=60, cooldown=0.5)
+    with pytest.raises(UpstreamUnavailable) as err:
+        asyncio.run(r.send("m", "k", lambda u: b"{}", False, {}))
+    assert [(a.upstream, a.outcome) for a in err.value.attempts] == [
+        ("busy", "upstream_unavailable"),
+        ("down", "upstream_unavailable"),
+    ]
+    cooling = {h["name"]: h["cooling_seconds"] for h in r.health()}
+    assert 6.5 <= cooling["busy"] <= 7.0  # its Retry-After, not the 0.5 s cooldown
+    assert cooling["down"] <= 0.5
+    assert order(r, Preferences()) == ["busy", "down"]  # (both cooling: configuration order)

@@ -113,9 +113,10 @@ def generation_usage(body: bytes) -> Usage | None:
     return None if found is None else replace(found, dialect="openrouter-generation")
 
 
-def _retry_after(resp: httpx.Response) -> int:
+def _retry_after(resp: httpx.Response) -> int | None:
+    """The upstream's ``Retry-After`` in seconds (1 to 3600), if it sent one in seconds."""
     value = resp.headers.get("retry-after", "")
-    return max(1, min(int(value), 3600)) if value.isascii() and value.isdigit() else 1
+    return max(1, min(int(value), 3600)) if value.isascii() and value.isdigit() else None
 
 
 def _upstream_message(body: bytes) -> str:
@@ -284,5 +285,8 @@ class Upstream:
             return err
         log.warning("upstream %s answered %d: %s", self.name, status, _upstream_message(body))
         if status in (429, 503, 529):
-            return UpstreamUnavailable(f"upstream answered {status}", retry_after=_retry_after(resp))
+            asked = _retry_after(resp)
+            err = UpstreamUnavailable(f"upstream answered {status}", retry_after=asked or 1)
+            err.asked_to_wait = asked
+            return err
         return UpstreamError(f"upstream answered {status}")

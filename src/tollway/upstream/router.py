@@ -157,7 +157,7 @@ class Router:
                 opened = await upstream.send(body(upstream), stream, headers, max_usd)
             except UpstreamError as exc:
                 attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000))
-                self._failed(upstream.name, down=isinstance(exc, UpstreamDown))
+                self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
                 last = exc
                 log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                 continue
@@ -169,9 +169,14 @@ class Router:
         last.attempts = tuple(attempts)
         raise last
 
-    def _failed(self, name: str, *, down: bool) -> None:
+    def _failed(self, name: str, *, down: bool, asked: int | None = None) -> None:
+        """Try ``name`` last for a cooldown that doubles with each failure in a row — or, when it
+        said how long to stay away (a 429's or 503's ``Retry-After``), for that long (at most
+        ``MAX_COOLDOWN``)."""
         count = self._failures.get(name, (0, 0.0))[0] + 1
         pause = min(self.cooldown * 2 ** (count - 1), MAX_COOLDOWN)
+        if asked is not None:
+            pause = min(float(asked), MAX_COOLDOWN)
         self._failures[name] = (count, time.monotonic() + pause)
         if down:
             self._down[name] = time.monotonic() + pause
