@@ -33,11 +33,15 @@ async def models(request: Request, gw: Gateway) -> Response:
     data = []
     for model_id, p in gw.prices.items():
         usd = usd_prices(gw, model_id)
+        conf = gw.settings.models[model_id]
         data.append(
             {
                 "id": model_id,
                 "object": "model",
                 "owned_by": "tollway",
+                "name": conf.name or model_id,
+                "context_length": conf.context_length,
+                "supported_parameters": conf.supported_parameters,
                 # OpenRouter's convention: USD per token, as decimal strings.
                 "pricing": {k: plain(v) for k, v in usd.items()},
                 "pricing_per_million": {k: plain(per_million(v)) for k, v in usd.items() if k != "request"},
@@ -46,7 +50,7 @@ async def models(request: Request, gw: Gateway) -> Response:
                     OPENROUTER_NAMES.get(f, f): str(p.per_million(f))
                     for f in ("prompt", "completion", "cache_read", "cache_write")
                 },
-                "max_completion_tokens": gw.settings.models[model_id].max_tokens,
+                "max_completion_tokens": conf.max_tokens,
                 "payment": [
                     {"scheme": s.name, "network": s.network, "asset": gw.token} for s in gw.schemes if "x402" in s.rails
                 ],

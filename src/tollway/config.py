@@ -79,6 +79,10 @@ class ModelPrice(Strict):
     # The most output tokens one streamed event carries: a stream that ends without usage is charged
     # its delivered events at this many tokens each (never more than its quote).
     max_tokens_per_event: int = Field(16, ge=1)
+    # What GET /v1/models tells of it (OpenRouter's fields; an imported catalogue fills them in)
+    name: str | None = None
+    context_length: int | None = Field(None, ge=1)
+    supported_parameters: list[str] | None = None
 
     def per_token(self) -> dict[str, Decimal]:
         """The prices, the cache ones defaulting to the prompt price (``cache_write_1h`` only when set)."""
@@ -163,6 +167,12 @@ class UpstreamSettings(Strict):
     pay_assets: list[str] = Field(default_factory=list)
     pay_max_usd_per_call: Decimal = Decimal("1")
     pay_max_usd_total: Decimal = Decimal("100")
+    # An OpenRouter-style catalogue (the JSON of GET /api/v1/models) to import models and prices from:
+    # its URL, or the path of a saved copy. Imported prices get `markup` (0.05: +5%); a model priced in
+    # [models] keeps that price. import_all: every imported model is offered, else only those in `models`.
+    catalogue: str | None = None
+    markup: Decimal = Field(Decimal(0), ge=0)
+    import_all: bool = True
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # between bytes, not total (a call's total is max_call_seconds)
     max_connections: int = 256
@@ -265,6 +275,7 @@ class Settings(BaseSettings):
     failure_cooldown_seconds: float = 5  # an upstream that failed is tried last for this long (doubling)
     cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
     stats_refresh_seconds: float = Field(5, gt=0)  # how often live stats read the calls that finished (stats.py)
+    catalogue_refresh_seconds: float = Field(3600, gt=0)  # how often imported catalogues are read again
     models: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @field_validator("quote_secret", "admin_token")

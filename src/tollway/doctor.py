@@ -60,7 +60,14 @@ def required(settings: Settings) -> list[Finding]:
     if not upstream_list(settings):
         out.append(Finding("fail", "upstream.url", "not set (or [[upstreams]] with a url each)"))
     if not settings.models:
-        out.append(Finding("fail", "models", 'no model priced: add [models."<id>"] with prompt and completion'))
+        out.append(
+            Finding(
+                "fail",
+                "models",
+                'no model priced: add [models."<id>"] with prompt and completion, or an upstream `catalogue`'
+                " that can be read",
+            )
+        )
     return out
 
 
@@ -220,12 +227,33 @@ async def genesis_hash(chain: Chain) -> str:
     return str(block["hash"])
 
 
+async def catalogue_findings(settings: Settings) -> tuple[Settings, list[Finding]]:
+    """Each upstream catalogue read (``model_import.py``); the settings with what they offer."""
+    import httpx
+
+    from .model_import import Catalogues
+
+    catalogues = Catalogues(settings)
+    if not catalogues.wanted:
+        return settings, []
+    async with httpx.AsyncClient() as http:
+        models = await catalogues.load(http)
+    out = []
+    for u in upstream_list(settings):
+        if u.catalogue:
+            n = len(catalogues.served.get(u.name, ()))
+            level = "ok" if n else "warn"
+            out.append(Finding(level, f"upstream {u.name} catalogue", f"{n} models imported from {u.catalogue}"))
+    return settings.model_copy(update={"models": models}), out
+
+
 async def examine(settings: Settings) -> list[Finding]:
     """Every check, for ``tollway doctor``."""
     from .ledger import Store
 
-    out = required(settings)
-    if out:
+    settings, out = await catalogue_findings(settings)
+    out += required(settings)
+    if any(f.level == "fail" for f in out):
         return out
     chain = Chain(str(settings.chain.rpc_url))
     try:

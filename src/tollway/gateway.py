@@ -26,6 +26,7 @@ from .errors import BadRequest, ChainUnavailable, UpstreamUnavailable
 from .ledger import Store
 from .ledger.models import PaymentState
 from .ledger.store import Settlement, credit_account
+from .model_import import Catalogues
 from .payments import build_scheme
 from .payments.base import Context, PaymentScheme, Verified
 from .payments.batch import BatchSettlementEvm
@@ -71,10 +72,15 @@ class Gateway:
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
+    catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:
         """Build the gateway, after the checks of ``doctor``: raises ``Unfit`` on any failure."""
+        catalogues = Catalogues(settings)
+        if catalogues.wanted:
+            async with httpx.AsyncClient() as http:
+                settings = settings.model_copy(update={"models": await catalogues.load(http)})
         fails = doctor.required(settings)
         if fails:
             raise doctor.Unfit(fails)
@@ -82,7 +88,7 @@ class Gateway:
         found, chain_id = await doctor.chain_findings(settings, chain)
         if chain_id is not None:
             settings = resolve_chain(settings, chain_id)
-            prices = {m: Prices.of(p, settings.chain.decimals) for m, p in settings.models.items()}
+            settings, prices = _priced(settings, catalogues.settings.models)
             found += doctor.amounts_fit(settings, prices)
         if chain_id is None or any(f.level == "fail" for f in found):
             await chain.close()
@@ -154,6 +160,9 @@ class Gateway:
         if settings.mpp and AUTHORIZATION in types:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
             gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
+        if catalogues.wanted:
+            gw.catalogues = catalogues
+            gw._offer_imported()
         gw.close_abandoned_streams()
         await settler.start()
         loop = asyncio.get_running_loop()
@@ -162,6 +171,8 @@ class Gateway:
             loop.create_task(gw._housekeeping()),
             loop.create_task(gw.router.stats.run(store, settings.stats_refresh_seconds)),
         ]
+        if gw.catalogues is not None:
+            gw._tasks.append(loop.create_task(gw._refresh_catalogues()))
         channels = next((s for s in schemes if isinstance(s, BatchSettlementEvm)), None)
         if channels is not None:
             k = settings.channels
@@ -177,6 +188,26 @@ class Gateway:
             )
             gw._tasks.append(loop.create_task(gw.claimer.run()))
         return gw
+
+    def _offer_imported(self) -> None:
+        assert self.catalogues is not None
+        for u in self.router.upstreams:
+            u.imported = self.catalogues.served.get(u.name, frozenset())
+
+    async def _refresh_catalogues(self) -> None:
+        """Read the upstreams' catalogues again every ``catalogue_refresh_seconds``: new models are
+        offered, gone ones no longer, prices follow (a quote given before stays what it was)."""
+        assert self.catalogues is not None
+        while True:
+            await asyncio.sleep(self.settings.catalogue_refresh_seconds)
+            try:
+                models = await self.catalogues.load(self._clients[0])
+                self.settings, self.prices = _priced(
+                    self.settings.model_copy(update={"models": models}), self.catalogues.settings.models
+                )
+                self._offer_imported()
+            except Exception:  # (the next pass tries again; meanwhile the last import stands)
+                log.exception("refreshing the upstreams' catalogues failed")
 
     async def _probe_chain(self) -> None:
         """Ask the chain for its head every few seconds, so that requests need not find out."""
@@ -307,6 +338,20 @@ class Gateway:
         await self.chain.close()
         await self._worker_chain.close()
         self.store.close()
+
+
+def _priced(settings: Settings, configured: dict[str, Any]) -> tuple[Settings, dict[str, Prices]]:
+    """The settings' models priced in the asset's units — less any imported model whose largest
+    quote the ledger could not hold (a configured one is left for ``doctor`` to refuse)."""
+    prices = {m: Prices.of(p, settings.chain.decimals) for m, p in settings.models.items()}
+    unfit = [f.what.removeprefix("models.") for f in doctor.amounts_fit(settings, prices)]
+    dropped = [m for m in unfit if m not in configured]
+    if dropped:
+        log.warning("imported models left out (a call could cost more than the ledger holds): %s", dropped)
+        models = {m: p for m, p in settings.models.items() if m not in dropped}
+        settings = settings.model_copy(update={"models": models})
+        prices = {m: p for m, p in prices.items() if m not in dropped}
+    return settings, prices
 
 
 def _scheme(schemes: list[PaymentScheme], name: str) -> PaymentScheme:

@@ -184,6 +184,7 @@ class Upstream:
     def __init__(self, settings: UpstreamSettings, http: httpx.AsyncClient) -> None:
         self.name = settings.name
         self.models = set(settings.models)
+        self.imported: frozenset[str] = frozenset()  # from its catalogue (model_import.py)
         self.cap_field = settings.max_tokens_field
         base = str(settings.url).rstrip("/")
         self.url = httpx.URL(base + "/chat/completions")  # (parsed once: a string is parsed on every request)
@@ -199,7 +200,7 @@ class Upstream:
             self.headers["authorization"] = f"Bearer {settings.api_key}"
 
     def serves(self, model: str) -> bool:
-        return not self.models or model in self.models
+        return not self.models or model in self.models or model in self.imported
 
     async def usage_after(self, generation_id: str, attempts: int = 6, first_wait: float = 0.5) -> Usage | None:
         """A finished generation's usage, read after the fact (OpenRouter's ``/generation?id=``,

@@ -1,0 +1,70 @@
+"""A gateway that prices its models from an upstream's OpenRouter-style catalogue: offered at the
+imported price plus the markup, charged at it, and refreshed while it runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import httpx
+
+from conftest import gateway_settings
+from support import ServerThread, eventually, wait_receipt
+from tollway.app import create_app
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+from tollway.config import UpstreamSettings
+from tollway.mock_upstream import MockOptions
+from tollway.mock_upstream import create_app as create_mock
+from tollway.pricing import to_atomic
+
+CATALOGUE = Path(__file__).parent.parent / "data" / "openrouter-models.json"
+
+
+def offered(gw_url: str) -> dict[str, dict]:
+    return {m["id"]: m for m in httpx.get(f"{gw_url}/v1/models").json()["data"]}
+
+
+def test_imported_models_are_offered_charged_and_refreshed(devnet, chain, tmp_path):
+    saved = tmp_path / "openrouter-models.json"
+    shutil.copy(CATALOGUE, saved)
+    mock = create_mock(MockOptions(models=["mock/echo", "vendor/alpha", "vendor/thinker", "vendor/new"]))
+    with ServerThread(mock) as upstream:
+        settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+        or_like = UpstreamSettings(name="or", url=upstream.url + "/v1", catalogue=str(saved), markup=Decimal("0.25"))
+        settings = settings.model_copy(update={"upstreams": [or_like], "catalogue_refresh_seconds": 0.3})
+        with ServerThread(create_app(settings)) as gw:
+            models = offered(gw.url)
+            assert set(models) == {"mock/echo", "mock/echo-large", "vendor/alpha", "vendor/thinker", "vendor/vision"}
+            alpha = models["vendor/alpha"]
+            assert alpha["name"] == "Vendor: Alpha" and alpha["context_length"] == 128000
+            assert alpha["pricing"]["prompt"] == "0.00000125" and alpha["pricing"]["completion"] == "0.0000025"
+            assert models["mock/echo"]["pricing"]["prompt"] == "0.000001"  # the configured price stands
+
+            payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+            with httpx.Client(transport=SyncPayingTransport(payer), base_url=gw.url, timeout=30) as http:
+                body = {"model": "vendor/alpha", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 8}
+                r = http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                doc = wait_receipt(gw.url, r.headers["x-tollway-receipt"])
+                usage = doc["usage"]
+                usd = usage["prompt_tokens"] * Fraction("0.00000125") + usage["completion_tokens"] * Fraction(
+                    "0.0000025"
+                )
+                assert int(doc["cost"]["atomic"]) == to_atomic(usd, 6)
+
+                # The catalogue changes: a new model, alpha dearer, thinker gone.
+                changed = json.loads(CATALOGUE.read_text())
+                entries = [e for e in changed["data"] if isinstance(e, dict) and e["id"] != "vendor/thinker"]
+                next(e for e in entries if e["id"] == "vendor/alpha")["pricing"]["prompt"] = "0.000002"
+                entries.append({"id": "vendor/new", "pricing": {"prompt": "0.000001", "completion": "0.000001"}})
+                saved.write_text(json.dumps({"data": entries}))
+                eventually(lambda: "vendor/new" in offered(gw.url), what="the refreshed catalogue")
+                models = offered(gw.url)
+                assert "vendor/thinker" not in models and models["vendor/alpha"]["pricing"]["prompt"] == "0.0000025"
+                gone = http.post("/v1/chat/completions", json={**body, "model": "vendor/thinker"})
+                assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+                r = http.post("/v1/chat/completions", json={**body, "model": "vendor/new"})
+                assert r.status_code == 200, r.text
