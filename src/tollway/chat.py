@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import Settings
@@ -35,7 +35,6 @@ IMAGE_PARTS = ("image_url", "input_image", "image")
 PRICED_PARTS = ("text", "input_text", "refusal", *IMAGE_PARTS)
 ALLOWED_TIERS = ("auto", "default", "flex")  # priority and scale tiers cost more than the list price
 UNPRICED_FIELDS = {
-    "models": "a fallback model list may route to a dearer model; name one `model`",
     "plugins": "plugins (web search, file parsing) are billed by the upstream per call",
     "web_search_options": "web search is billed by the upstream per call",
     "prediction": "predicted outputs bill rejected prediction tokens beyond the output cap",
@@ -69,18 +68,33 @@ class ChatCall:
     route: Preferences = NO_PREFERENCES  # the routing it asks for (``provider``, ``:nitro``/``:floor``)
     # What an upstream that routes between providers itself (OpenRouter) may charge: provider.max_price
     upstream_max_price: dict[str, float] = field(default_factory=dict)
+    # The models to fall back to, in order (OpenRouter's `models`): this request as each serves it.
+    # The quote covers the dearest of them all; the call is billed at the model that served it.
+    fallbacks: tuple[ChatCall, ...] = ()
     _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def cap(self, metered: bool) -> int:
         """The output cap a payment of this kind is priced and served with."""
         return self.asked_cap or (self.metered_cap if metered else self.default_cap)
 
+    @property
+    def members(self) -> tuple[ChatCall, ...]:
+        """This request as each model that may serve it serves it, in the order they are tried."""
+        return (self, *self.fallbacks)
+
+    def member(self, model: str) -> ChatCall:
+        return next(m for m in self.members if m.model == model)
+
     def quote(self, cap: int | None = None) -> Quote:
-        """The price of this request served with output ``cap`` (default: the bound-paying one)."""
+        """The price of this request served with output ``cap`` (default: the bound-paying one), by
+        the dearest model that may serve it."""
         cap = cap or self.cap(metered=False)
         found = self._memo.get(cap)
         if found is None:
-            amount = max(self.prices.bound(self.prompt_bound, cap * self.choices, long_cache=self.long_cache), 1)
+            output = cap * self.choices
+            amount = max(
+                *(m.prices.bound(self.prompt_bound, output, long_cache=self.long_cache) for m in self.members), 1
+            )
             if amount > MAX_AMOUNT:
                 raise BadRequest("this request could cost more than can be paid in one call", code="quote_too_large")
             found = self._memo[cap] = Quote(
@@ -152,83 +166,116 @@ def parse_chat(
             digest = request_digest(body)  # (encoding it also refuses lone surrogates such as \ud800)
     except (ValueError, RecursionError) as exc:
         raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required", code="missing_model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
-    model, variant = split_variant(model, prices)
-    if model not in prices:
-        raise NotFound(
-            f"model {json.dumps(model)[:80]} is not offered here; see GET /v1/models", code="model_not_found"
-        )
+    ids, variant = _models(body, prices)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", code="invalid_stream")
 
-    conf = settings.models[model]
-    p = prices[model]
     refuse_unpriced(body)
     route = preferences(body, variant)
-    per_token = conf.per_token()
-    if (dear := over_max_price(route, per_token)) is not None:
+    confs = {m: settings.models[m] for m in ids}
+    dear = {m: over_max_price(route, confs[m].per_token()) for m in ids}
+    ids = [m for m in ids if dear[m] is None]  # (a model priced above the payer's max_price is not tried)
+    if not ids:
+        field_ = next(iter(dear.values()))
         raise BadRequest(
-            f"this model's {dear} price here is above 'provider.max_price.{dear}' (USD per million tokens"
-            f"{', per call' if dear == 'request' else ''}); see GET /v1/models",
+            f"this model's {field_} price here is above 'provider.max_price.{field_}' (USD per million tokens"
+            f"{', per call' if field_ == 'request' else ''}); see GET /v1/models",
             code="no_route",
         )
     long_cache = _long_cache(body)
-    if long_cache and p.cache_write_1h is None:
-        raise BadRequest(
-            'cache_control ttl "1h" is not priced for this model (use the default 5-minute cache)',
-            code="unpriced_parameter",
-        )
+    for m in ids:
+        if long_cache and prices[m].cache_write_1h is None:
+            raise BadRequest(
+                f'cache_control ttl "1h" is not priced for {json.dumps(m)[:80]} (use the default 5-minute cache)',
+                code="unpriced_parameter",
+            )
     choices = _choices(body, settings.max_choices)
-    asked = asked_cap(body, conf.max_tokens)
+    asked = None
+    for m in ids:
+        asked = asked_cap(body, confs[m].max_tokens)  # (within every model's own cap)
+    model_caps = [c.max_tokens for c in confs.values() if c.max_tokens]
+    default_cap = min([settings.default_max_tokens, *model_caps])
+    metered_cap = min([settings.metered_max_tokens, *model_caps])
 
-    upstream_model = conf.upstream_model or model
-    forward = dict(body)
+    shared = {k: v for k, v in body.items() if k != "models"}  # (tollway falls back itself)
     for f in CAP_FIELDS:
-        if f in forward:
-            forward[f] = asked
-    if upstream_model != body["model"]:
-        forward["model"] = upstream_model
+        if f in shared:
+            shared[f] = asked
     opts = body.get("stream_options")
     wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
     if stream and not wants_usage:
-        forward["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        shared["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
 
-    default_cap = min(settings.default_max_tokens, conf.max_tokens or settings.default_max_tokens)
-    metered_cap = min(settings.metered_max_tokens, conf.max_tokens or settings.metered_max_tokens)
-    # Priced on the largest body any upstream may get: the longest cap field, with the largest cap.
-    widest = forward if asked else {**forward, "max_completion_tokens": max(default_cap, metered_cap)}
-    most_price = upstream_max_price(per_token)  # (an OpenRouter upstream gets it in `provider`)
-    widest = {**widest, "provider": {**(body.get("provider") or {}), "max_price": most_price, "sort": "throughput"}}
-    image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
+    # Priced on the largest body any upstream may get: the longest cap field, with the largest cap,
+    # and the provider object an OpenRouter upstream gets — for the model whose body is longest.
+    bounds = []
+    for m in ids:
+        conf = confs[m]
+        widest = {**shared, "model": conf.upstream_model or m}
+        if not asked:
+            widest["max_completion_tokens"] = max(default_cap, metered_cap)
+        most = upstream_max_price(conf.per_token())
+        widest["provider"] = {**(body.get("provider") or {}), "max_price": most, "sort": "throughput"}
+        image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
+        bounds.append(prompt_token_bound(encode(widest), _images(messages), image_tokens))
     now = time.time() if now is None else now
-    call = ChatCall(
-        body=forward,
-        model=model,
-        upstream_model=upstream_model,
-        stream=stream,
-        prices=p,
-        digest=digest,
-        prompt_bound=prompt_token_bound(encode(widest), _images(messages), image_tokens),
-        choices=choices,
-        asked_cap=asked,
-        default_cap=default_cap,
-        metered_cap=metered_cap,
-        expires=int(now) + settings.quote_ttl_seconds,
-        origin=origin,
-        long_cache=long_cache,
-        wants_usage=wants_usage,
-        received=now,
-        route=route,
-        upstream_max_price=most_price,
-    )
+    members = [
+        ChatCall(
+            body={**shared, "model": confs[m].upstream_model or m},
+            model=m,
+            upstream_model=confs[m].upstream_model or m,
+            stream=stream,
+            prices=prices[m],
+            digest=digest,
+            prompt_bound=max(bounds),
+            choices=choices,
+            asked_cap=asked,
+            default_cap=default_cap,
+            metered_cap=metered_cap,
+            expires=int(now) + settings.quote_ttl_seconds,
+            origin=origin,
+            long_cache=long_cache,
+            wants_usage=wants_usage,
+            received=now,
+            route=route,
+            upstream_max_price=upstream_max_price(confs[m].per_token()),
+        )
+        for m in ids
+    ]
+    call = replace(members[0], fallbacks=tuple(members[1:]), _memo={})
     call.quote(call.cap(metered=True))  # refuses a request too large to pay, whatever the scheme
     return call
+
+
+MAX_MODELS = 8  # in a `models` fallback list
+
+
+def _models(body: dict[str, Any], prices: dict[str, Prices]) -> tuple[list[str], str | None]:
+    """The models that may serve the request, in order — ``model``, then the ``models`` fallback
+    list (OpenRouter's; without ``model`` its first is the model) — and the first's variant
+    (``:nitro``, ``:floor``). Each must be offered here."""
+    listed = body.get("models")
+    if listed is not None and (
+        not isinstance(listed, list)
+        or not 1 <= len(listed) <= MAX_MODELS
+        or not all(isinstance(m, str) and m for m in listed)
+    ):
+        raise BadRequest(f"'models' must be a list of 1 to {MAX_MODELS} model ids", code="invalid_models")
+    model = body.get("model", listed[0] if listed else None)
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required", code="missing_model")
+    model, variant = split_variant(model, prices)
+    ids = list(dict.fromkeys([model, *(listed or [])]))
+    for m in ids:
+        if m not in prices:
+            raise NotFound(
+                f"model {json.dumps(m)[:80]} is not offered here; see GET /v1/models", code="model_not_found"
+            )
+    return ids, variant
 
 
 def refuse_unpriced(body: dict[str, Any]) -> None:

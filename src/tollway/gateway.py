@@ -223,7 +223,7 @@ class Gateway:
         """Refuse to quote a call no upstream may serve (400: its ``provider`` preferences leave
         none), or (503 + Retry-After) while nothing could serve it: every upstream of the model is
         down (it did not answer at all just now), or the chain RPC failed its last probes."""
-        if not self.router.candidates(call.model, "", call.route):
+        if not any(self.router.candidates(m.model, "", call.route) for m in call.members):
             raise BadRequest(
                 "no upstream here serves this model within the request's 'provider' preferences"
                 f" (upstreams: {', '.join(u.name for u in self.router.upstreams if u.serves(call.model))})",
@@ -231,7 +231,7 @@ class Gateway:
             )
         if self.chain_failures >= CHAIN_DOWN_AFTER:
             raise ChainUnavailable("the chain RPC is not answering", retry_after=CHAIN_PROBE_SECONDS)
-        wait = self.router.down_for(call.model)
+        wait = min(self.router.down_for(m.model) for m in call.members)
         if wait > 0:
             raise UpstreamUnavailable("every upstream for this model is down", retry_after=max(1, math.ceil(wait)))
 

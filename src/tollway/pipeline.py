@@ -93,6 +93,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
     try:
         await confirm(gw, paid, paid.owed)  # on chain, before the upstream is asked anything
         opened = await forward(gw, call, paid, request)
+        call = call.member(opened.model)  # (billed at the model that served it)
         if not call.stream and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
         expected = gw.prefixes.expect(opened.upstream, call.model, call.body["messages"])  # cache we expect
@@ -292,9 +293,9 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     byte) must come within ``max_call_seconds``."""
     cap = paid.quote.max_tokens
     send = gw.router.send(
-        call.model,
+        [m.model for m in call.members],
         conversation_key(call.model, call.body, request.headers),
-        lambda upstream: call.forward(upstream.cap_field, cap, upstream.routes_providers),
+        lambda upstream, model: call.member(model).forward(upstream.cap_field, cap, upstream.routes_providers),
         call.stream,
         request.headers,
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),

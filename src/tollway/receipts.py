@@ -49,7 +49,8 @@ def view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
         },
         # every upstream tried, in order (a failure before the first byte moves on to the next)
         "attempts": [
-            {"upstream": a.upstream, "outcome": a.outcome, "ms": a.ms} for a in decode_attempts(row["attempts"])
+            {"upstream": a.upstream, "model": a.model or row["model"], "outcome": a.outcome, "ms": a.ms}
+            for a in decode_attempts(row["attempts"])
         ],
         "upstream_latency_ms": row["upstream_latency_ms"],
         "duration_ms": row["duration_ms"],

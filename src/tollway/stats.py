@@ -129,7 +129,7 @@ class LiveStats:
     def _count(self, row: Mapping[str, Any], at: float) -> None:
         model = row["model"]
         for attempt in decode_attempts(row["attempts"]):
-            minute = self._series_of(attempt.upstream, model).minute(at)
+            minute = self._series_of(attempt.upstream, attempt.model or model).minute(at)
             if attempt.served:
                 minute.served += 1
             else:

@@ -8,6 +8,7 @@ import csv
 import io
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 
 import httpx
 import pytest
@@ -21,6 +22,8 @@ from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import UpstreamSettings
 from tollway.mock_upstream import MockOptions
 from tollway.mock_upstream import create_app as create_mock
+from tollway.payments.x402 import unb64json
+from tollway.pricing import to_atomic
 
 MESSAGES = [{"role": "user", "content": "route me"}]
 
@@ -176,3 +179,49 @@ def test_rankings_share_usage_by_model(routed, http):
     assert {(r["window"], r["model"]) for r in rows} >= {("day", "mock/echo"), ("week", "mock/echo-large")}
     assert httpx.get(f"{gw.url}/v1/rankings?format=xml").status_code == 400
     assert "payer" not in str(doc) and httpx.get(f"{gw.url}/v1/rankings", headers=ADMIN).json() == doc
+
+
+def test_a_models_list_falls_back_to_the_next_model_and_bills_it(devnet, chain, tmp_path):
+    with ServerThread(create_mock()) as large_only:
+        settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+        upstreams = [
+            UpstreamSettings(name="echo", url=f"http://127.0.0.1:{free_port()}/v1", models=["mock/echo"]),
+            UpstreamSettings(name="large", url=large_only.url + "/v1", models=["mock/echo-large"]),
+        ]
+        with ServerThread(create_app(settings.model_copy(update={"upstreams": upstreams}))) as gw:
+            body = {"model": "mock/echo", "models": ["mock/echo-large"], "messages": MESSAGES, "max_tokens": 8}
+            quoted = httpx.post(f"{gw.url}/v1/chat/completions", json=body)
+            alone = httpx.post(
+                f"{gw.url}/v1/chat/completions", json={**body, "model": "mock/echo-large", "models": None}
+            )
+            assert quoted.status_code == alone.status_code == 402
+
+            def exact(r: httpx.Response) -> int:
+                return next(
+                    int(o["amount"])
+                    for o in unb64json(r.headers["payment-required"])["accepts"]
+                    if o["scheme"] == "exact"
+                )
+
+            assert exact(quoted) >= exact(alone)  # the quote covers the dearer model
+
+            payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+            with httpx.Client(transport=SyncPayingTransport(payer), base_url=gw.url, timeout=30) as http:
+                r = http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                doc = wait_receipt(gw.url, r.headers["x-tollway-receipt"])
+            assert doc["model"] == "mock/echo-large" and doc["upstream"] == "large"
+            assert [(a["upstream"], a["model"], a["outcome"]) for a in doc["attempts"]] == [
+                ("echo", "mock/echo", "upstream_unavailable"),
+                ("large", "mock/echo-large", "served"),
+            ]
+            prices = settings.models["mock/echo-large"]
+            u = doc["usage"]
+            usd = prices.request + u["prompt_tokens"] * prices.prompt + u["completion_tokens"] * prices.completion
+            assert int(doc["cost"]["atomic"]) == to_atomic(Fraction(usd), 6)
+
+
+def exact_amount(r: httpx.Response) -> int:
+    """The amount a 402 asks of an ``exact`` payment."""
+    offers = unb64json(r.headers["payment-required"])["accepts"]
+    return next(int(o["amount"]) for o in offers if o["scheme"] == "exact")

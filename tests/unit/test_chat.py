@@ -9,7 +9,7 @@ import pytest
 
 from tollway.chat import parse_chat
 from tollway.config import ModelPrice, Settings
-from tollway.errors import BadRequest
+from tollway.errors import BadRequest, NotFound
 from tollway.pricing import Prices
 
 MODELS = {
@@ -125,7 +125,6 @@ def test_choices_multiply_the_priced_output():
 @pytest.mark.parametrize(
     ("extra", "word"),
     [
-        ({"models": ["a", "b"]}, "models"),
         ({"plugins": [{"id": "web"}]}, "plugins"),
         ({"web_search_options": {}}, "web_search_options"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
@@ -137,6 +136,46 @@ def test_choices_multiply_the_priced_output():
 )
 def test_fields_whose_cost_cannot_be_bounded_are_refused(extra, word):
     assert word in refused(body(**extra), "unpriced_parameter")
+
+
+def test_a_fallback_list_is_quoted_at_its_dearest_model_and_each_gets_its_own_body():
+    alone = parse(body(max_tokens=100))
+    listed = parse(body(max_tokens=100, models=["long", "m"]))  # model m, then long
+    assert [c.model for c in listed.members] == ["m", "long"]
+    dearest = parse(body(model="long", max_tokens=100))
+    assert listed.quote().amount == max(dearest.quote().amount, alone.quote().amount) > alone.quote().amount
+    assert listed.quote().model == "m"  # (the quote names the first)
+    sent = json.loads(listed.member("long").forward("max_tokens", 100))
+    assert sent["model"] == "vendor/long" and "models" not in sent
+    assert "models" not in json.loads(listed.forward("max_tokens", 100))
+    assert listed.member("long").prices == dearest.prices
+    only_list = parse({"models": ["long", "m"], "messages": [{"role": "user", "content": "hi"}]})
+    assert [c.model for c in only_list.members] == ["long", "m"]
+
+
+@pytest.mark.parametrize(
+    ("models", "code"),
+    [
+        ("m", "invalid_models"),
+        ([], "invalid_models"),
+        ([1], "invalid_models"),
+        (["m"] * 9, "invalid_models"),
+    ],
+)
+def test_a_malformed_fallback_list_is_refused(models, code):
+    refused(body(models=models), code)
+
+
+def test_a_fallback_list_names_only_offered_models_within_every_cap():
+    with pytest.raises(NotFound):
+        parse(body(models=["m", "nope"]))
+    capped = Settings(models={**MODELS, "small": ModelPrice(prompt=1, completion=1, max_tokens=50)})
+    prices = {**PRICES, "small": Prices.of(capped.models["small"], 6)}
+    with pytest.raises(BadRequest) as err:
+        parse_chat(json.dumps(body(models=["small"], max_tokens=100)).encode(), capped, prices)
+    assert err.value.code == "max_tokens_too_large"
+    both = parse_chat(json.dumps(body(models=["small"])).encode(), capped, prices)
+    assert both.cap(metered=False) == 50 and both.cap(metered=True) == 50  # (what every model can serve)
 
 
 @pytest.mark.parametrize("part", ["input_audio", "file", "video_url", "input_file", "document"])

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Attempt:
     """One upstream tried for a call: ``outcome`` is "served", or the code of the error that
-    failed it before the first byte; ``ms`` how long it took to answer or fail."""
+    failed it before the first byte; ``ms`` how long it took to answer or fail; ``model`` the
+    model it was asked for (a ``models`` fallback list tries several)."""
 
     upstream: str
     outcome: str
     ms: float
+    model: str | None = None
 
     @property
     def served(self) -> bool:
@@ -22,9 +24,9 @@ class Attempt:
 
 
 def encode_attempts(attempts: Sequence[Attempt]) -> str | None:
-    """How a call's attempts are kept in the ledger: ``[[upstream, outcome, ms], ...]``."""
-    return json.dumps([[a.upstream, a.outcome, round(a.ms, 1)] for a in attempts]) if attempts else None
+    """How a call's attempts are kept in the ledger: ``[[upstream, outcome, ms, model], ...]``."""
+    return json.dumps([[a.upstream, a.outcome, round(a.ms, 1), a.model] for a in attempts]) if attempts else None
 
 
 def decode_attempts(text: str | None) -> list[Attempt]:
-    return [Attempt(str(u), str(o), float(ms)) for u, o, ms in json.loads(text)] if text else []
+    return [Attempt(str(a[0]), str(a[1]), float(a[2]), *a[3:4]) for a in json.loads(text)] if text else []

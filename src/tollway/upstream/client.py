@@ -164,7 +164,8 @@ class Opened:
     upstream: str = ""  # the name of the upstream that answered
     chunks: AsyncIterator[bytes] | None = None  # the rest of a stream
     error: str | None = field(default=None)
-    attempts: list[Any] = field(default_factory=list)  # every upstream tried, this one last (router.Attempt)
+    attempts: list[Any] = field(default_factory=list)  # every upstream tried, this one last (attempts.Attempt)
+    model: str = ""  # the model it served (of a ``models`` fallback list)
 
     async def rest(self) -> AsyncIterator[bytes]:
         """The remaining body; a transport failure ends it and is noted in ``error`` (the owner

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -136,36 +136,37 @@ class Router:
 
     async def send(
         self,
-        model: str,
+        models: Sequence[str],
         key: str,
-        body: Callable[[Upstream], bytes],
+        body: Callable[[Upstream, str], bytes],
         stream: bool,
         headers: Mapping[str, str],
         max_usd: Fraction | None = None,
         prefs: Preferences = NO_PREFERENCES,
     ) -> Opened:
-        """Send to the best candidate, failing over before the first byte. ``body(upstream)`` is
-        the request as that upstream takes it (its output-cap field, provider routing)."""
-        candidates = self.candidates(model, key, prefs)
-        if not candidates:
-            raise UpstreamError(f"no upstream serves model '{model[:80]}'", code="no_upstream")
+        """Send to the best candidate, failing over before the first byte: every upstream of the
+        first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
+        the request as that upstream takes it for that model (its output-cap field, provider
+        routing). ``key`` is the conversation's (stickiness)."""
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
-        for upstream in candidates:
-            started = time.perf_counter()
-            try:
-                opened = await upstream.send(body(upstream), stream, headers, max_usd)
-            except UpstreamError as exc:
-                attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000))
-                self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
-                last = exc
-                log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
-                continue
-            attempts.append(Attempt(upstream.name, "served", opened.latency_ms))
-            opened.attempts = attempts
-            self._succeeded(upstream.name, key)
-            return opened
-        assert last is not None
+        for model in models:
+            for upstream in self.candidates(model, key, prefs):
+                started = time.perf_counter()
+                try:
+                    opened = await upstream.send(body(upstream, model), stream, headers, max_usd)
+                except UpstreamError as exc:
+                    attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
+                    self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
+                    last = exc
+                    log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
+                    continue
+                attempts.append(Attempt(upstream.name, "served", opened.latency_ms, model))
+                opened.model, opened.attempts = model, attempts
+                self._succeeded(upstream.name, key)
+                return opened
+        if last is None:
+            raise UpstreamError(f"no upstream serves model '{models[0][:80]}'", code="no_upstream")
         last.attempts = tuple(attempts)
         raise last
 
