@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, catalogue, credits, discovery, metrics, pipeline, receipts, refunds, signin
+from . import __version__, catalogue, credits, discovery, metrics, page, pipeline, receipts, refunds, signin
 from .config import Settings
 from .errors import (
     Forbidden,
@@ -295,6 +295,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/metrics", prometheus, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/llms.txt", llms_txt, methods=["GET"]),
+            *(Route(path, page.serve, methods=["GET"]) for path in page.FILES),
         ],
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
