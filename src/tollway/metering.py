@@ -126,6 +126,13 @@ def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[st
     }
 
 
+def added_ms(call: ChatCall, opened: Opened) -> float:
+    """The time the gateway took of a call before its answer could start, beyond the upstream's
+    own: from the request's arrival to now (its answer is about to leave), less the upstream's time
+    to its first byte (failed attempts before it count as the gateway's)."""
+    return max((time.time() - call.received) * 1000 - opened.latency_ms, 0.0)
+
+
 def receipt_headers(gw: Gateway, paid: Paid, settled: Settlement | None, call_id: str) -> dict[str, str]:
     """The receipt id, and x402's settlement response in the version the payment came in: the
     transaction (none yet for a stream that settles when it ends), and what moved when a metered
@@ -183,6 +190,8 @@ def meter(
         settled = settlement(gw, paid, max(cost + paid.debt - paid.held, 0))
     deposit = paid.payment.amount if settled.amount is None else settled.amount  # type: ignore[union-attr]
     fields: dict[str, Any] = {"cost": cost, "expected_cached_tokens": expected}
+    if insert_row:  # (a non-streamed answer leaves once this is recorded; a stream's row has its own)
+        fields["added_ms"] = added_ms(call, opened)
     discount = None
     if usage is not None:
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
@@ -267,6 +276,7 @@ def relay_stream(
         attempts=encode_attempts(opened.attempts),
         status="streaming",
         upstream_latency_ms=opened.latency_ms,
+        added_ms=added_ms(call, opened),
     )
     gw.store.insert_call(row, settle=settled)
     headers = receipt_headers(gw, paid, settled, call_id)

@@ -5,8 +5,9 @@ microseconds.
 Every ``stats_refresh_seconds`` the gateway reads the calls that finished since it last looked,
 in the order they finished (at most ``BATCH`` rows a pass; a backlog is read over several). Each
 call adds, per upstream it tried (its ``attempts``), a success or a failure to that upstream's
-minute; the upstream that served it adds its time to first byte and its output speed. A pass reads
-only calls that finished ``LAG`` seconds ago or earlier: a call is committed a moment after its
+minute; the upstream that served it adds its time to first byte, its output speed and the time
+the gateway itself added. A pass reads only calls that finished ``LAG`` seconds ago or earlier: a
+call is committed a moment after its
 finish time is taken (on any replica), and one read past would never be read (a call whose
 commit took longer than that is left out of the figures).
 
@@ -53,6 +54,7 @@ class Series:
         self.minutes: OrderedDict[int, Minute] = OrderedDict()
         self.latency: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, seconds)
         self.throughput: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, tokens/s)
+        self.added: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, ms the gateway added)
 
     def minute(self, at: float) -> Minute:
         m = int(at // 60)
@@ -65,7 +67,7 @@ class Series:
         oldest = int((now - UPTIME_WINDOWS["1d"]) // 60)
         while self.minutes and next(iter(self.minutes)) < oldest:
             self.minutes.popitem(last=False)
-        for samples in (self.latency, self.throughput):
+        for samples in (self.latency, self.throughput, self.added):
             while samples and samples[0][0] < now - SAMPLE_SECONDS:
                 samples.popleft()
 
@@ -77,6 +79,7 @@ class Figures:
     uptime: dict[str, float | None]  # percent of attempts served, by window
     latency: dict[str, float] | None  # seconds to the first byte, by percentile
     throughput: dict[str, float] | None  # output tokens per second, by percentile
+    added: dict[str, float] | None  # milliseconds the gateway itself took before the answer started
     calls: int  # served in the last 30 minutes
     cache_hit_rate: float | None  # cached / prompt tokens, of calls that reported them (30 min)
     cache_survival: float | None  # of the tokens tollway expected cached, the share that were (30 min)
@@ -88,13 +91,14 @@ class Figures:
             "uptime_last_1d": self.uptime["1d"],
             "latency_last_30m": self.latency,
             "throughput_last_30m": self.throughput,
+            "gateway_added_ms_last_30m": self.added,
             "calls_last_30m": self.calls,
             "cache_hit_rate_last_30m": self.cache_hit_rate,
             "cache_survival_last_30m": self.cache_survival,
         }
 
 
-NOTHING = Figures({w: None for w in UPTIME_WINDOWS}, None, None, 0, None, None)
+NOTHING = Figures({w: None for w in UPTIME_WINDOWS}, None, None, None, 0, None, None)
 
 
 def percentiles(values: Iterable[float]) -> dict[str, float] | None:
@@ -141,6 +145,8 @@ class LiveStats:
         first = row["upstream_latency_ms"]
         if first is not None:
             series.latency.append((at, first / 1000))
+        if row["added_ms"] is not None:
+            series.added.append((at, row["added_ms"]))
         tokens, total = row["completion_tokens"], row["duration_ms"]
         if tokens and total is not None:
             generating = (total - (first or 0) if row["stream"] else total) / 1000
@@ -187,6 +193,7 @@ class LiveStats:
             uptime=uptime,
             latency=percentiles(s for _, s in series.latency),
             throughput=percentiles(s for _, s in series.throughput),
+            added=percentiles(s for _, s in series.added),
             calls=sum(m.served for m in recent),
             cache_hit_rate=ratio(sum(m.cached_tokens for m in recent), sum(m.prompt_tokens for m in recent)),
             cache_survival=ratio(sum(m.survived for m in recent), sum(m.expected_cached for m in recent)),

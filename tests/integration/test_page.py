@@ -97,10 +97,10 @@ def test_the_page_shows_models_upstreams_and_rankings(served, browser):
 
     browser.find_element(By.CSS_SELECTOR, 'tr[data-model="mock/echo"]').click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#endpoints tr[data-upstream="default"]'))
-    wait.until(lambda d: rows(d, "endpoints")[0][7] == "2")  # (the figures refresh every 10 s at most)
-    upstream, status, up5, _, _, latency, throughput, calls, _ = rows(browser, "endpoints")[0]
+    wait.until(lambda d: rows(d, "endpoints")[0][8] == "2")  # (the figures refresh every 10 s at most)
+    upstream, status, up5, _, _, latency, throughput, added, calls, _ = rows(browser, "endpoints")[0]
     assert (upstream, status, up5, calls) == ("default", "ok", "100%", "2")
-    assert latency.endswith("ms") and "/" in latency and throughput.endswith("tok/s")
+    assert latency.endswith("ms") and "/" in latency and throughput.endswith("tok/s") and added.endswith(" ms")
     assert browser.find_element(By.ID, "endpoints-model").text == "mock/echo"
 
     day = rows(browser, "rankings-day")

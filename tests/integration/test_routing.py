@@ -160,6 +160,7 @@ def test_live_stats_are_published_and_sort_by_them(routed, http):
     e = endpoints(gw)
     assert e["slow"]["latency_last_30m"]["p50"] >= 0.15 > e["fast"]["latency_last_30m"]["p50"]
     assert e["fast"]["throughput_last_30m"]["p50"] > 0
+    assert 0 < e["fast"]["gateway_added_ms_last_30m"]["p50"] < e["slow"]["latency_last_30m"]["p50"] * 1000
     assert 0 < e["fast"]["uptime_last_5m"] <= 100 and e["fast"]["status"] == "ok"
     assert e["fast"]["pricing"]["completion"] == "0.000002"
     assert served_by(routed, call(http, provider={"sort": "latency"})) == "fast"

@@ -93,6 +93,7 @@ def row(i, at, upstream="a", *, status="served", attempts=None, first=100.0, tot
         "status": status,
         "attempts": json.dumps(attempts if attempts is not None else [[upstream, "served", first]]),
         "upstream_latency_ms": first,
+        "added_ms": more.get("added", 1.5),
         "duration_ms": total,
         "prompt_tokens": more.get("prompt", 100),
         "completion_tokens": more.get("completion", 50),
@@ -121,6 +122,7 @@ def test_live_stats_count_attempts_speed_and_cache():
     assert a.latency["p99"] == 0.108
     assert a.throughput["p50"] == round(50 / 0.497, 4)  # tokens over the time after the first byte
     assert a.cache_hit_rate == round(60 / 100, 4) and a.cache_survival == 0.75
+    assert a.added == {"p50": 1.5, "p75": 1.5, "p90": 1.5, "p99": 1.5}
     assert stats.figures("zzz", "m").uptime["5m"] is None
     stats.publish(now + 2 * 86400)  # all aged out: nothing is kept
     assert stats.figures("a", "m").calls == 0 and not stats._series

@@ -86,6 +86,7 @@ class Call(SQLModel, table=True):
     credit_after: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     usage_dialect: str | None = None
     upstream_latency_ms: float | None = None  # to the upstream's first byte
+    added_ms: float | None = None  # the gateway's own time before the answer's first byte (the rest)
     duration_ms: float | None = None
     error: str | None = None
     # Every upstream tried for the call, in order: [[upstream, outcome, ms], ...], the outcome

@@ -56,7 +56,7 @@ NO_FLOOR = -(2**62)  # deposits, releases, charges, refunds and reversals post w
 
 
 FINISHED_CALLS = (
-    "SELECT id, model, upstream, stream, status, attempts, upstream_latency_ms, duration_ms,"
+    "SELECT id, model, upstream, stream, status, attempts, upstream_latency_ms, added_ms, duration_ms,"
     " prompt_tokens, completion_tokens, cached_tokens, expected_cached_tokens, finished_at FROM calls"
     " WHERE (finished_at > :t OR (finished_at = :t AND id > :id)) AND finished_at <= :until"
     " ORDER BY finished_at, id LIMIT :limit"

@@ -87,6 +87,8 @@ async function refreshEndpoints() {
     cell(row, lat ? seconds(lat.p50) + " / " + seconds(lat.p90) : "—");
     const tput = e.throughput_last_30m;
     cell(row, tput ? tput.p50.toFixed(0) + " tok/s" : "—");
+    const added = e.gateway_added_ms_last_30m;
+    cell(row, added ? added.p50.toFixed(1) + " ms" : "—");
     cell(row, String(e.calls_last_30m));
     cell(row, e.cache_hit_rate_last_30m === null ? "—" : percent(100 * e.cache_hit_rate_last_30m));
     body.appendChild(row);

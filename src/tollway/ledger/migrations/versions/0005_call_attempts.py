@@ -1,4 +1,4 @@
-"""calls: the upstreams each call tried; finished_at indexed for live stats
+"""calls: the upstreams each call tried, the time the gateway added; finished_at indexed for live stats
 
 Revision ID: 0005
 Revises: 0004
