@@ -1085,15 +1085,23 @@ def library_called(frames: list[str], last_tollway: int) -> str:
     return "(tollway's own code)"
 
 
+def is_waiting(leaf: str) -> bool:
+    """A helper thread asleep that py-spy did not see as idle: in ``threading``'s ``Condition.wait``
+    (an ``Event.wait`` too), or a thread pool's worker waiting for work (``asyncio.to_thread``)."""
+    where = leaf.split(":")[0]
+    return (leaf.startswith("Condition.wait (") and where.endswith("/threading.py")) or (
+        leaf.startswith("_worker (") and where.endswith("/concurrent/futures/thread.py")
+    )
+
+
 def hot_spots(path: Path, top: int = 15) -> dict[str, Any]:
     """Shares of py-spy samples (raw collapsed stacks, full filenames, by function).
 
     ``self``: the innermost frame. ``inclusive``: every frame on the stack. ``tollway``: each sample
     charged to its innermost tollway frame, i.e. the time of a tollway function and the libraries it
     calls, minus deeper tollway functions; samples with none are the server (uvicorn/h11, starlette,
-    the event loop) or other threads. Samples of a thread blocked in ``threading``'s
-    ``Condition.wait`` (an ``Event.wait`` too: a sleeping helper thread that py-spy did not see
-    as idle) are left out and counted in ``waiting``.
+    the event loop) or other threads. Samples of a sleeping helper thread (``is_waiting``) are
+    left out and counted in ``waiting``.
     """
     self_n: Counter[str] = Counter()
     incl: Counter[str] = Counter()
@@ -1109,7 +1117,7 @@ def hot_spots(path: Path, top: int = 15) -> dict[str, Any]:
         frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
         if not frames:
             continue
-        if frames[-1].startswith("Condition.wait (") and frames[-1].split(":")[0].endswith("/threading.py"):
+        if is_waiting(frames[-1]):
             waiting += c
             continue
         total += c
@@ -1631,7 +1639,7 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
                 f"profile (py-spy, gateway, {prof['scheme']} c={prof['concurrency']}, "
                 f"{prof['calls']} calls at {fmt(prof['calls_per_s'], 0)}/s, "
                 f"{fmt(prof['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call, {prof['samples']} samples;"
-                f" {prof.get('waiting', 0)} of threads waiting in threading's Condition.wait left out)"
+                f" {prof.get('waiting', 0)} of helper threads waiting for work left out)"
                 f" → {prof['output']}"
             )
             lines.append("  where the gateway's CPU goes:")

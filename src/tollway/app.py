@@ -16,7 +16,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, catalogue, credits, discovery, metrics, page, pipeline, receipts, refunds, signin
@@ -225,6 +225,35 @@ CORS_EXPOSED_HEADERS = [
 ]
 
 
+class ChatFastPath:
+    """``POST /v1/chat/completions`` from a client that is not a browser (no ``Origin``) and sends
+    no deprecated header goes straight to the pipeline: the paid hot path skips Starlette's CORS,
+    exception and routing layers (about a tenth of a paid call's CPU). Its errors are answered by
+    the same handler as every other route's; anything else takes the full stack."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and get_route_path(scope) == "/v1/chat/completions"
+            and not any(k in SLOW_PATH_HEADERS for k, _ in scope["headers"])
+        ):
+            request = Request(scope, receive, send)
+            try:
+                response = await chat_completions(request)
+            except GatewayError as exc:
+                response = await gateway_error(request, exc)
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+SLOW_PATH_HEADERS = (b"origin", b"x-tollway-wallet")
+
+
 class DeprecatedWalletHeader:
     """Answers to a request that still sends ``X-Tollway-Wallet`` say it is deprecated (RFC 9745),
     pointing to the sign-in that replaces it."""
@@ -278,7 +307,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
         )
     ]
     return Starlette(
-        middleware=[*(middleware if cors else []), Middleware(DeprecatedWalletHeader)],
+        middleware=[Middleware(ChatFastPath), *(middleware if cors else []), Middleware(DeprecatedWalletHeader)],
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

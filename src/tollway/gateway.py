@@ -47,6 +47,7 @@ CHAIN_PROBE_SECONDS = 3
 CHAIN_DOWN_AFTER = 2  # failed probes in a row
 HOUSEKEEPING_SECONDS = 10  # at most; a stream a crash left open is metered within its payment's validity
 ABANDONED_AFTER_SECONDS = 5  # past max_call_seconds, a stream still open has lost its process
+MAX_REMEMBERED_BASES = 64  # (a Host header is the client's to choose: the memory of them stays small)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Gateway:
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
+    _bases: dict[tuple[Any, ...], str] = field(default_factory=dict)  # public_base by what it is built from
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:
@@ -242,7 +244,16 @@ class Gateway:
 
     def public_base(self, request: Request) -> str:
         """Where clients reach this gateway: ``public_url``, or (devnet) what the request says."""
-        return (self.settings.public_url or str(request.base_url)).rstrip("/")
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        scope = request.scope  # (built from the scope once per host: Starlette's base_url is dear)
+        key = (scope.get("scheme"), scope.get("server"), scope.get("root_path"), request.headers.get("host"))
+        base = self._bases.get(key)
+        if base is None:
+            if len(self._bases) > MAX_REMEMBERED_BASES:
+                self._bases.clear()
+            base = self._bases[key] = str(request.base_url).rstrip("/")
+        return base
 
     def origin(self, request: Request) -> str:
         """The origin tollway's signed messages must name to be accepted here."""

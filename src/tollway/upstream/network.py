@@ -72,8 +72,15 @@ def _httpx_errors() -> Iterator[None]:
 
 
 @lru_cache(maxsize=64)  # a few distinct timeouts in a process (one per upstream)
+@lru_cache(maxsize=64)  # (an upstream's timeouts are the same on every request)
 def _client_timeout(connect: float | None, read: float | None, pool: float | None) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+
+
+@lru_cache(maxsize=256)  # (the upstreams' few URLs, parsed once)
+def _yarl(url: str) -> URL:
+    """The URL exactly as httpx encoded it."""
+    return URL(url, encoded=True)
 
 
 DECODE_STEP = 64 * 1024  # the most one step of decoding a compressed body may produce
@@ -148,7 +155,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         with _httpx_errors():
             response = await self.session.request(
                 request.method,
-                URL(str(request.url), encoded=True),
+                _yarl(str(request.url)),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
