@@ -210,6 +210,7 @@ CORS_REQUEST_HEADERS = [
     "X-Tollway-Wallet",
     "Idempotency-Key",
     "X-Session-Id",
+    "X-Provider-Key",
 ]
 CORS_EXPOSED_HEADERS = [
     "PAYMENT-REQUIRED",

@@ -156,14 +156,24 @@ def parse_json(raw: bytes) -> Any:
 
 
 def parse_chat(
-    raw: bytes, settings: Settings, prices: dict[str, Prices], *, origin: str = "", now: float | None = None
+    raw: bytes,
+    settings: Settings,
+    prices: dict[str, Prices],
+    *,
+    origin: str = "",
+    now: float | None = None,
+    byok: bool = False,
 ) -> ChatCall:
+    """The request, parsed and priced at ``prices`` (the BYOK fee's, for a call that brings its
+    own provider key: ``byok``)."""
     body = parse_json(raw)
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     try:
         with python_recursion_limit():
             digest = request_digest(body)  # (encoding it also refuses lone surrogates such as \ud800)
+            if byok:  # (priced apart: its quote, sign-in and idempotency key are not a plain call's)
+                digest = request_digest({"x-provider-key": digest})
     except (ValueError, RecursionError) as exc:
         raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
     messages = body.get("messages")
@@ -176,6 +186,8 @@ def parse_chat(
 
     refuse_unpriced(body)
     route = preferences(body, variant)
+    if byok:
+        route = replace(route, byok=True)
     confs = {m: settings.models[m] for m in ids}
     dear = {m: over_max_price(route, confs[m].per_token()) for m in ids}
     ids = [m for m in ids if dear[m] is None]  # (a model priced above the payer's max_price is not tried)

@@ -173,6 +173,8 @@ class UpstreamSettings(Strict):
     catalogue: str | None = None
     markup: Decimal = Field(Decimal(0), ge=0)
     import_all: bool = True
+    # It takes a payer's own key (BYOK: the X-Provider-Key header) in place of api_key, for byok_fee.
+    byok: bool = False
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # between bytes, not total (a call's total is max_call_seconds)
     max_connections: int = 256
@@ -276,6 +278,8 @@ class Settings(BaseSettings):
     cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
     stats_refresh_seconds: float = Field(5, gt=0)  # how often live stats read the calls that finished (stats.py)
     catalogue_refresh_seconds: float = Field(3600, gt=0)  # how often imported catalogues are read again
+    # What a call that brings its own provider key (X-Provider-Key) pays: this share of the list price.
+    byok_fee: Decimal = Field(Decimal("0.05"), ge=0, le=1)
     models: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @field_validator("quote_secret", "admin_token")

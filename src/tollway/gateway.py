@@ -74,6 +74,7 @@ class Gateway:
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
+    byok_prices: dict[str, Prices] = field(default_factory=dict)  # at byok_fee of the list prices
     _bases: dict[tuple[Any, ...], str] = field(default_factory=dict)  # public_base by what it is built from
 
     @classmethod
@@ -162,6 +163,7 @@ class Gateway:
         if settings.mpp and AUTHORIZATION in types:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
             gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
+        gw.byok_prices = _byok(settings, prices)
         if catalogues.wanted:
             gw.catalogues = catalogues
             gw._offer_imported()
@@ -207,6 +209,7 @@ class Gateway:
                 self.settings, self.prices = _priced(
                     self.settings.model_copy(update={"models": models}), self.catalogues.settings.models
                 )
+                self.byok_prices = _byok(self.settings, self.prices)
                 self._offer_imported()
             except Exception:  # (the next pass tries again; meanwhile the last import stands)
                 log.exception("refreshing the upstreams' catalogues failed")
@@ -225,6 +228,8 @@ class Gateway:
         """Refuse to quote a call no upstream may serve (400: its ``provider`` preferences leave
         none), or (503 + Retry-After) while nothing could serve it: every upstream of the model is
         down (it did not answer at all just now), or the chain RPC failed its last probes."""
+        if call.route.byok and not any(u.byok for u in self.router.upstreams):
+            raise BadRequest("no upstream here takes a payer's own key (X-Provider-Key)", code="byok_unavailable")
         if not any(self.router.candidates(m.model, "", call.route) for m in call.members):
             raise BadRequest(
                 "no upstream here serves this model within the request's 'provider' preferences"
@@ -363,6 +368,10 @@ def _priced(settings: Settings, configured: dict[str, Any]) -> tuple[Settings, d
         settings = settings.model_copy(update={"models": models})
         prices = {m: p for m, p in prices.items() if m not in dropped}
     return settings, prices
+
+
+def _byok(settings: Settings, prices: dict[str, Prices]) -> dict[str, Prices]:
+    return {m: p.scaled(Fraction(settings.byok_fee)) for m, p in prices.items()}
 
 
 def _scheme(schemes: list[PaymentScheme], name: str) -> PaymentScheme:

@@ -145,6 +145,7 @@ class _State:
         self.generations: OrderedDict[str, dict[str, Any]] = OrderedDict()  # OpenRouter-style records
         self.stats: dict[str, int] = {}
         self.last_request: dict[str, Any] | None = None  # the last chat request's body, for tests
+        self.last_headers: dict[str, str] = {}  # ... and its headers
         self.reset()
 
     def reset(self) -> None:
@@ -303,7 +304,7 @@ def create_app(options: MockOptions | None = None) -> Starlette:
             raise _BadRequest(400, "request body is not valid JSON", "invalid_json") from None
         if not isinstance(body, dict):
             raise _BadRequest(400, "request body must be a JSON object", "invalid_request")
-        state.last_request = body
+        state.last_request, state.last_headers = body, dict(request.headers)
         mock = _directives(body.get("mock"))
 
         if mock.get("hang"):  # never answer; return only once the client has gone away

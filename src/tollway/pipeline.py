@@ -35,6 +35,7 @@ from . import idempotency, signin
 from .challenge import credit_of, least_payment, with_challenge
 from .chat import ChatCall, parse_chat
 from .errors import (
+    BadRequest,
     GatewayError,
     PaymentInvalid,
     PaymentMalformed,
@@ -61,7 +62,9 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
     started, call_id, model = time.time(), new_id(), "-"
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
-        call = parse_chat(body, gw.settings, gw.prices, origin=gw.origin(request))  # price
+        byok = provider_key(request) is not None
+        prices = gw.byok_prices if byok else gw.prices
+        call = parse_chat(body, gw.settings, prices, origin=gw.origin(request), byok=byok)  # price
         model = call.model
         return await idempotency.once(gw, request, call.digest, lambda: paid_call(request, gw, call, call_id))
     except GatewayError as exc:
@@ -110,6 +113,19 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
 
 
 # -- stages ------------------------------------------------------------------------------------
+
+
+PROVIDER_KEY = "x-provider-key"
+PROVIDER_KEY_CHARACTERS = frozenset(chr(c) for c in range(0x21, 0x7F))  # printable ASCII, no space
+
+
+def provider_key(request: Request) -> str | None:
+    """A payer's own provider key (BYOK), if the request brings one; a malformed one is a 400
+    that does not quote it."""
+    key = request.headers.get(PROVIDER_KEY)
+    if key is not None and not (8 <= len(key) <= 512 and set(key) <= PROVIDER_KEY_CHARACTERS):
+        raise BadRequest("X-Provider-Key must be 8 to 512 printable ASCII characters", code="invalid_provider_key")
+    return key
 
 
 def mpp_proof(gw: Gateway, request: Request, call: ChatCall) -> Proof | None:
@@ -300,6 +316,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         request.headers,
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
         prefs=call.route,
+        api_key=provider_key(request) if call.route.byok else None,
     )
     try:
         async with asyncio.timeout(gw.settings.max_call_seconds):

@@ -107,6 +107,20 @@ class Prices:
         denominator = math.lcm(*(f.denominator for f in units.values()))
         return cls(**{k: int(f * denominator) for k, f in units.items()}, denominator=denominator)
 
+    def scaled(self, share: Fraction) -> Prices:
+        """These prices times ``share`` (a BYOK call pays ``byok_fee`` of the list price), exactly."""
+        n, d = share.numerator, share.denominator
+        one_hour = None if self.cache_write_1h is None else self.cache_write_1h * n
+        return Prices(
+            self.prompt * n,
+            self.completion * n,
+            self.request * n,
+            self.cache_read * n,
+            self.cache_write * n,
+            self.denominator * d,
+            one_hour,
+        )
+
     def _atomic(self, numerator: int) -> int:
         return -(-numerator // self.denominator)  # rounding up, once per call
 

@@ -32,6 +32,7 @@ class Preferences:
     allow_fallbacks: bool = True
     sort: str | None = None
     max_price: dict[str, Decimal] = field(default_factory=dict)
+    byok: bool = False  # the call brings its own provider key: only an upstream that takes one (``byok``)
 
     @property
     def explicit(self) -> bool:

@@ -192,6 +192,7 @@ class Upstream:
         openrouter = urlsplit(base).hostname == "openrouter.ai"
         lookup = settings.usage_lookup or ("openrouter" if openrouter else "none")
         self.routes_providers = openrouter if settings.provider_routing is None else settings.provider_routing
+        self.byok = settings.byok
         self.generation_url = base + "/generation" if lookup == "openrouter" else None
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http
@@ -223,9 +224,17 @@ class Upstream:
         return None
 
     async def send(
-        self, body: bytes, stream: bool, client_headers: Mapping[str, str], max_usd: Fraction | None = None
+        self,
+        body: bytes,
+        stream: bool,
+        client_headers: Mapping[str, str],
+        max_usd: Fraction | None = None,
+        api_key: str | None = None,
     ) -> Opened:
+        """``api_key``: a payer's own key, sent in place of the upstream's (never logged nor echoed)."""
         headers = dict(self.headers)
+        if api_key is not None:
+            headers["authorization"] = f"Bearer {api_key}"
         headers.update({h: client_headers[h][:200] for h in PASS_HEADERS if h in client_headers})
         if stream:
             headers["accept"] = "text/event-stream"
@@ -243,7 +252,7 @@ class Upstream:
             raise UpstreamError(f"cannot pay the upstream: {exc}", code="upstream_payment_refused") from exc
         try:
             if resp.status_code != 200:
-                raise self._status_error(resp, await _read_bounded(resp, MAX_ERROR_BODY))
+                raise self._status_error(resp, await _read_bounded(resp, MAX_ERROR_BODY), api_key)
             chunks = resp.aiter_bytes()  # (decoded, should the upstream compress anyway)
             first = await self._first_bytes(chunks, stream)
         except BaseException:
@@ -277,15 +286,28 @@ class Upstream:
             raise UpstreamError("upstream closed the stream without answering")
         return bytes(body)
 
-    def _status_error(self, resp: httpx.Response, body: bytes) -> Exception:
+    def _status_error(self, resp: httpx.Response, body: bytes, api_key: str | None = None) -> Exception:
         """The client learns why the upstream refused its request (4xx: the request's own fault);
-        of an upstream's own failure, only its status (the details go to the log)."""
+        of an upstream's own failure, only its status (the details go to the log). A payer's own
+        key the provider refuses (401, 403) is the payer's to fix, not the upstream's failure; no
+        message that could quote that key is logged or passed on."""
         status = resp.status_code
+        message = _upstream_message(body)
+        if api_key is not None:
+            if status in (401, 403):
+                err = BadRequest(
+                    f"the provider refused the key in X-Provider-Key (it answered {status})",
+                    code="provider_key_refused",
+                )
+                err.status = 401
+                return err
+            message = message.replace(api_key, "[X-Provider-Key]")
         if status in (400, 404, 413, 422):
-            err = BadRequest(f"upstream answered {status}: {_upstream_message(body)}", code="upstream_rejected_request")
+            err = BadRequest(f"upstream answered {status}: {message}", code="upstream_rejected_request")
             err.status = status
             return err
-        log.warning("upstream %s answered %d: %s", self.name, status, _upstream_message(body))
+        logged = message if api_key is None else "(withheld: the call carried a payer's key)"
+        log.warning("upstream %s answered %d: %s", self.name, status, logged)
         if status in (429, 503, 529):
             asked = _retry_after(resp)
             err = UpstreamUnavailable(f"upstream answered {status}", retry_after=asked or 1)

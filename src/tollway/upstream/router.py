@@ -1,13 +1,20 @@
-"""Which upstream serves a call: conversation stickiness, health, and fail-over.
+"""Which upstream serves a call: the payer's routing preferences, conversation stickiness,
+health, and fail-over.
 
-Calls of one conversation go back to the upstream that served it last (that is where its
-prompt cache is), for ``sticky_idle_seconds`` after its last call — unless that upstream fails.
-A conversation is its session key (``x-session-id`` header, ``session_id`` or
-``prompt_cache_key`` field) or else its model + first system + first user message.
+The candidates for a model are the upstreams that serve it and that the request allows
+(``routing.py``: OpenRouter's ``provider`` object; a payer's own key goes only to ``byok``
+upstreams), ranked by its ``order`` or ``sort`` (live figures, ``stats.py``), else in
+configuration order with the conversation's last upstream first: calls of one conversation go
+back to the upstream that served it last (that is where its prompt cache is), for
+``sticky_idle_seconds`` after its last call — unless that upstream fails. A conversation is its
+session key (``x-session-id`` header, ``session_id`` or ``prompt_cache_key`` field) or else its
+model + first system + first user message.
 
 Fail-over happens only before the first byte reaches the client: ``Upstream.send`` returns once
-the upstream has committed, so any failure before that moves on to the next candidate. An
-upstream that fails is tried last for a cooldown that doubles with consecutive failures.
+the upstream has committed, so any failure before that moves on to the next candidate, then to
+the next model of a ``models`` fallback list. An upstream that fails is tried last for a cooldown
+that doubles with consecutive failures (or for its own ``Retry-After``). Every attempt is kept
+(``attempts.py``) for the receipt and the live figures.
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ class Router:
         """``only``, ``ignore`` and (without fallbacks) ``order``. A list that names none of our
         upstreams is for an upstream that routes between providers itself: it keeps only those."""
         ours = {u.name.lower() for u in serving}
-        allowed = [u for u in serving if u.name.lower() not in prefs.ignore]
+        allowed = [u for u in serving if u.name.lower() not in prefs.ignore and (u.byok or not prefs.byok)]
         for names in (prefs.only, None if prefs.allow_fallbacks or not prefs.order else frozenset(prefs.order)):
             if names is not None:
                 if names & ours:
@@ -143,18 +150,20 @@ class Router:
         headers: Mapping[str, str],
         max_usd: Fraction | None = None,
         prefs: Preferences = NO_PREFERENCES,
+        api_key: str | None = None,
     ) -> Opened:
         """Send to the best candidate, failing over before the first byte: every upstream of the
         first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
         the request as that upstream takes it for that model (its output-cap field, provider
-        routing). ``key`` is the conversation's (stickiness)."""
+        routing). ``key`` is the conversation's (stickiness); ``api_key`` a payer's own provider
+        key, sent in place of the upstream's."""
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
         for model in models:
             for upstream in self.candidates(model, key, prefs):
                 started = time.perf_counter()
                 try:
-                    opened = await upstream.send(body(upstream, model), stream, headers, max_usd)
+                    opened = await upstream.send(body(upstream, model), stream, headers, max_usd, api_key)
                 except UpstreamError as exc:
                     attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
                     self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)

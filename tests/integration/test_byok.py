@@ -1,0 +1,111 @@
+"""Bring your own key: a payer's provider key goes out with the call, in place of the operator's,
+and the payer pays the BYOK fee instead of the list price. The key is never logged, stored or
+echoed; a quote for a BYOK call cannot pay for a call without the key."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from fractions import Fraction
+
+import httpx
+import pytest
+
+from conftest import gateway_settings
+from support import ServerThread, wait_receipt
+from tollway.app import create_app
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+from tollway.client.payer import sign_exact
+from tollway.config import UpstreamSettings
+from tollway.mock_upstream import create_app as create_mock
+from tollway.payments.x402 import b64json, unb64json
+from tollway.pricing import to_atomic
+
+KEY = "sk-payer-0123456789abcdef-SECRET"
+BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "my key"}], "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def byok(devnet, tmp_path_factory):
+    """A gateway over two upstreams: "house" (the operator's key only) and "own" (takes payers' keys)."""
+    house, own = create_mock(), create_mock()
+    with ServerThread(house) as house_server, ServerThread(own) as own_server:
+        db = tmp_path_factory.mktemp("byok") / "l.sqlite3"
+        settings = gateway_settings(devnet, "", db)
+        upstreams = [
+            UpstreamSettings(name="house", url=house_server.url + "/v1", api_key="sk-operator-house"),
+            UpstreamSettings(name="own", url=own_server.url + "/v1", api_key="sk-operator-own", byok=True),
+        ]
+        with ServerThread(create_app(settings.model_copy(update={"upstreams": upstreams}))) as gw:
+            yield gw, house, own, db, settings
+
+
+def exact_amount(r: httpx.Response) -> int:
+    offers = unb64json(r.headers["payment-required"])["accepts"]
+    return next(int(o["amount"]) for o in offers if o["scheme"] == "exact")
+
+
+def test_a_payers_key_goes_out_with_the_call_and_the_fee_is_charged(byok, chain, devnet, caplog):
+    gw, house, own, db, settings = byok
+    url = f"{gw.url}/v1/chat/completions"
+    big = {**BODY, "model": "mock/echo-large", "max_tokens": 4000}  # (a quote well above the smallest payment)
+    listed = exact_amount(httpx.post(url, json=big))
+    own_key = exact_amount(httpx.post(url, json=big, headers={"X-Provider-Key": KEY}))
+    assert abs(own_key * 20 - listed) <= 20  # 5% of the list price (each rounded up)
+
+    payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    with caplog.at_level(logging.DEBUG), httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+        r = http.post(url, json=BODY, headers={"X-Provider-Key": KEY})
+        assert r.status_code == 200, r.text
+        doc = wait_receipt(gw.url, r.headers["x-tollway-receipt"])
+    assert doc["upstream"] == "own"  # (only an upstream that takes payers' keys)
+    assert own.state.mock.last_headers["authorization"] == f"Bearer {KEY}"
+    u, price = doc["usage"], settings.models["mock/echo"]
+    usd = (u["prompt_tokens"] * Fraction(price.prompt) + u["completion_tokens"] * Fraction(price.completion)) / 20
+    assert int(doc["cost"]["atomic"]) == to_atomic(usd, 6)
+
+    # Never echoed, logged or stored.
+    assert KEY not in r.text and KEY not in str(r.headers) and KEY not in str(doc)
+    assert KEY not in caplog.text
+    with sqlite3.connect(db) as conn:
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            assert KEY not in str(conn.execute(f'SELECT * FROM "{table}"').fetchall()), table
+
+    # Without a key, the operator's (on whichever upstream serves it).
+    with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+        plain = http.post(url, json=BODY)
+        assert plain.status_code == 200, plain.text
+    served = wait_receipt(gw.url, plain.headers["x-tollway-receipt"])["upstream"]
+    mock = {"house": house, "own": own}[served]
+    assert mock.state.mock.last_headers["authorization"] == f"Bearer sk-operator-{served}"
+
+
+def test_a_quote_for_a_call_with_a_key_does_not_pay_one_without(byok, chain):
+    url = f"{byok[0].url}/v1/chat/completions"
+    required = unb64json(httpx.post(url, json=BODY, headers={"X-Provider-Key": KEY}).headers["payment-required"])
+    offer = next(o for o in required["accepts"] if o["scheme"] == "exact")
+    payload = sign_exact(chain.fund(), offer, int(time.time()))  # signed for the fee ...
+    doc = {"x402Version": 2, "resource": required["resource"], "accepted": offer, "payload": payload}
+    r = httpx.post(url, json=BODY, headers={"PAYMENT-SIGNATURE": b64json(doc)})  # ... sent without the key
+    assert r.status_code == 402, r.text  # the list price applies: not paid
+
+
+@pytest.mark.parametrize("key", ["short", "x" * 600, "sk-with space", "sk-\u00e9t\u00e9"])
+def test_a_malformed_key_is_refused_without_echoing_it(byok, key):
+    r = httpx.post(f"{byok[0].url}/v1/chat/completions", json=BODY, headers={"X-Provider-Key": key.encode()})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_provider_key"
+    assert key not in r.text
+
+
+def test_a_key_the_provider_refuses_is_the_payers_problem(byok, chain, devnet):
+    gw = byok[0]
+    payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+        r = http.post(
+            f"{gw.url}/v1/chat/completions", json={**BODY, "mock": {"fail": 401}}, headers={"X-Provider-Key": KEY}
+        )
+    assert r.status_code == 401 and r.json()["error"]["code"] == "provider_key_refused", r.text
+    assert KEY not in r.text
+    health = httpx.get(f"{gw.url}/healthz", headers={"Authorization": "Bearer " + byok[4].admin_token}).json()
+    assert all(u["healthy"] for u in health["upstreams"])  # (no cooldown: the upstream did nothing wrong)
