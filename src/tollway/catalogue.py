@@ -51,6 +51,7 @@ async def models(request: Request, gw: Gateway) -> Response:
                     for f in ("prompt", "completion", "cache_read", "cache_write")
                 },
                 "max_completion_tokens": conf.max_tokens,
+                "free": conf.free,  # (served without payment up to the free tier's daily quotas)
                 "payment": [
                     {"scheme": s.name, "network": s.network, "asset": gw.token} for s in gw.schemes if "x402" in s.rails
                 ],

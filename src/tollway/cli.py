@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"tollway cannot serve this configuration (see `tollway doctor`):\n{exc}", file=sys.stderr)
             return 2
         app = create_app(settings, gateway)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+        config = server_config(app, gateway.settings, args.log_level)
         servers = [uvicorn.Server(config)]
         if mock_url:
             mock = uvicorn.Config(create_mock(), host="127.0.0.1", port=args.mock_port, log_level=args.log_level)
@@ -150,6 +150,23 @@ def event_loop_run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def server_config(app: Any, settings: Settings, log_level: str) -> Any:
+    """The gateway's uvicorn configuration: only a proxy in ``trusted_proxies`` may name the
+    client (``X-Forwarded-For``, ``X-Forwarded-Proto``); with none, the peer is the client."""
+    import uvicorn
+
+    proxies = settings.trusted_proxies
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
+    )
 
 
 def banner(settings: Settings, devnet: Any, mock_url: str | None) -> str:

@@ -10,6 +10,7 @@ Prices are exact decimals in USD per token (OpenRouter's convention).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from decimal import Decimal
@@ -80,6 +81,8 @@ class ModelPrice(Strict):
     # its delivered events at this many tokens each (never more than its quote).
     max_tokens_per_event: int = Field(16, ge=1)
     # What GET /v1/models tells of it (OpenRouter's fields; an imported catalogue fills them in)
+    # Served without payment, up to the free tier's daily quotas (free_calls_per_address, _per_wallet)
+    free: bool = False
     name: str | None = None
     context_length: int | None = Field(None, ge=1)
     supported_parameters: list[str] | None = None
@@ -278,9 +281,24 @@ class Settings(BaseSettings):
     cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
     stats_refresh_seconds: float = Field(5, gt=0)  # how often live stats read the calls that finished (stats.py)
     catalogue_refresh_seconds: float = Field(3600, gt=0)  # how often imported catalogues are read again
+    # The free tier (models marked free): calls a day (UTC) per client address, and per wallet that
+    # signs in; and the proxies whose X-Forwarded-For names the client (IPs or networks; none by default).
+    free_calls_per_address: int = Field(20, ge=0)
+    free_calls_per_wallet: int = Field(20, ge=0)
+    trusted_proxies: list[str] = Field(default_factory=list)
     # What a call that brings its own provider key (X-Provider-Key) pays: this share of the list price.
     byok_fee: Decimal = Field(Decimal("0.05"), ge=0, le=1)
     models: dict[str, ModelPrice] = Field(default_factory=dict)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network") from None
+        return v
 
     @field_validator("quote_secret", "admin_token")
     @classmethod

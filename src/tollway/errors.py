@@ -8,6 +8,7 @@
     ├── Forbidden                403  forbidden
     ├── NotFound                 404  not_found
     ├── Conflict                 409  request_in_progress / payment_identifier_reused
+    ├── TooManyRequests          429  free_quota_exhausted (+ Retry-After)
     ├── PaymentRequired          402  payment_required  (carries the challenge)
     │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
     │       └── PreconditionFailed 412 the payment needs something first (permit2_allowance_required)
@@ -129,6 +130,11 @@ class PreconditionFailed(PaymentInvalid):
     ``permit2_allowance_required``: approve Permit2)."""
 
     status = 412
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    code = "too_many_requests"
 
 
 class UpstreamError(GatewayError):

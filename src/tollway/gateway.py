@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from starlette.requests import Request
 
-from . import doctor
+from . import doctor, free_tier
 from .cache import PrefixMemory
 from .chat import ChatCall
 from .claims import Claimer
@@ -75,6 +75,7 @@ class Gateway:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
     byok_prices: dict[str, Prices] = field(default_factory=dict)  # at byok_fee of the list prices
+    free: free_tier.FreeTier | None = None  # the free tier (models marked free)
     _bases: dict[tuple[Any, ...], str] = field(default_factory=dict)  # public_base by what it is built from
 
     @classmethod
@@ -164,6 +165,7 @@ class Gateway:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
             gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
         gw.byok_prices = _byok(settings, prices)
+        gw.free = free_tier.FreeTier(settings, store, gw.quotes.key, chain_id, c.token, c.payee)  # type: ignore[arg-type]
         if catalogues.wanted:
             gw.catalogues = catalogues
             gw._offer_imported()
@@ -336,6 +338,7 @@ class Gateway:
             await asyncio.sleep(min(HOUSEKEEPING_SECONDS, self.settings.max_call_seconds))
             self.close_abandoned_streams()
             self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
+            self.store.forget_free_calls(free_tier.today() - 1)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` after the response (e.g. metering a stream once its usage is known)."""

@@ -137,6 +137,8 @@ def receipt_headers(gw: Gateway, paid: Paid, settled: Settlement | None, call_id
     """The receipt id, and x402's settlement response in the version the payment came in: the
     transaction (none yet for a stream that settles when it ends), and what moved when a metered
     payment moved less than it authorised."""
+    if not paid.scheme.rails:  # (a free call: no payment to answer for)
+        return {"x-tollway-receipt": call_id}
     p = paid.payment
     signing = settled.sign if settled else None
     tx_hash = getattr(signing, "tx_hash", None) or p.proof.get("transaction") or ""

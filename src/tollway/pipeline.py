@@ -41,6 +41,7 @@ from .errors import (
     PaymentMalformed,
     PaymentRequired,
     TooLarge,
+    TooManyRequests,
     UpstreamError,
     UpstreamUnavailable,
     truncate,
@@ -81,10 +82,13 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
         proof = x402.decode_proof(request.headers, gw.v1_names) or mpp_proof(gw, request, call)
         if proof is None:
             who = await signin.identify(gw, request, call.digest)
-            if who is None or who.legacy:
+            if gw.free is not None and gw.free.covers(call, gw.settings.models):
+                scheme, payment, quote = free_call(gw, request, call, who)  # the free tier (429 beyond it)
+            elif who is None or who.legacy:
                 gw.check_available(call)  # no quote for what cannot be served now (503), or at all (400)
                 raise PaymentRequired("PAYMENT-SIGNATURE header is required")  # → challenge
-            scheme, payment, quote = from_credit(gw, call, who)  # a signed-in wallet's credit pays
+            else:
+                scheme, payment, quote = from_credit(gw, call, who)  # a signed-in wallet's credit pays
             proof = Proof(2, scheme.name, payment.network, payment.proof)
         else:
             scheme, payment, quote = await verify(gw, call, proof)  # verify
@@ -172,6 +176,18 @@ async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentSche
         if proof.rail != "mpp":
             raise
         raise PaymentInvalid(exc.message, code="invalid_payload") from None  # (MPP: a 402, malformed-credential)
+
+
+def free_call(gw: Gateway, request: Request, call: ChatCall, who: SignIn | None) -> tuple[Any, Verified, Quote]:
+    """A call of the free tier, as a payment of 0 (``free_tier.py``); beyond the quota, a 429 that
+    (for an address) carries a sign-in for the wallet's own quota."""
+    assert gw.free is not None
+    try:
+        return gw.free.take(request, call, who.wallet if who else None)
+    except TooManyRequests as exc:
+        if who is None and gw.settings.free_calls_per_wallet:
+            exc.challenge = signin.challenge(gw, request, call.digest, exc)
+        raise
 
 
 def from_credit(gw: Gateway, call: ChatCall, who: SignIn) -> tuple[PaymentScheme, Verified, Quote]:
@@ -332,6 +348,8 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
     A payment the chain refused is never tried again; any other may pay a retry of this call."""
     reason = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
     try:
+        if gw.free is not None and paid.scheme is gw.free.scheme:
+            gw.free.give_back(paid.payment)
         if paid.held:
             gw.store.release_credit(paid.account, paid.held, call_id=call_id)
         if paid.scheme.prepaid:

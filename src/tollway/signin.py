@@ -25,7 +25,7 @@ from eth_hash.auto import keccak
 from starlette.requests import Request
 
 from . import siwe
-from .errors import PaymentInvalid, PaymentMalformed, Unauthorized
+from .errors import GatewayError, PaymentInvalid, PaymentMalformed, Unauthorized
 from .payments import x402
 from .payments.chain import RpcError
 from .payments.credit import check_wallet_proof
@@ -190,14 +190,21 @@ def unauthorized(gw: Any, request: Request, digest: str, message: str, code: str
     """A 401 for an endpoint that needs a wallet, carrying a sign-in for this request (in an x402
     ``PAYMENT-REQUIRED`` with no offers, as x402's auth-only answers do, and in the body)."""
     exc = Unauthorized(message, code=code)
+    exc.challenge = challenge(gw, request, digest, exc)
+    return exc
+
+
+def challenge(gw: Any, request: Request, digest: str, exc: GatewayError) -> dict[str, Any]:
+    """What an answer carries for its client to sign in for ``request`` (an x402
+    ``PAYMENT-REQUIRED`` with no offers, as x402's auth-only answers do, and the body's
+    ``extensions``)."""
     declared = declaration(gw, request, digest)
     resource = {"url": gw.public_base(request) + request.url.path, "description": "sign in", "mimeType": ""}
-    doc = x402.payment_required(f"{code}: {message}", resource, [], declared)
-    exc.challenge = {
+    doc = x402.payment_required(f"{exc.code}: {exc.message}", resource, [], declared)
+    return {
         "headers": {x402.PAYMENT_REQUIRED: x402.b64json(doc), "www-authenticate": f'SIWX realm="{gw.origin(request)}"'},
         "body": {**exc.body(), "extensions": declared},
     }
-    return exc
 
 
 async def require(gw: Any, request: Request, digest: str) -> SignIn:

@@ -96,6 +96,16 @@ class Call(SQLModel, table=True):
     finished_at: float | None = Field(default=None, index=True)  # (live stats read calls as they finish)
 
 
+class FreeCall(SQLModel, table=True):
+    """Free-tier calls taken per identity (a keyed hash of a client address or wallet) and UTC day."""
+
+    __tablename__ = "free_calls"
+
+    identity: str = Field(primary_key=True)
+    day: int = Field(primary_key=True)
+    calls: int
+
+
 class SettlerNonce(SQLModel, table=True):
     """Next transaction nonce of each account the gateway sends from, shared by all replicas."""
 

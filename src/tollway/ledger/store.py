@@ -67,6 +67,12 @@ USAGE_BY_MODEL = (
     " WHERE created_at >= :since AND status IN ('served', 'incomplete') GROUP BY model"
 )
 
+TAKE_FREE_CALL = (
+    "INSERT INTO free_calls (identity, day, calls) VALUES (:identity, :day, 1)"
+    " ON CONFLICT (identity, day) DO UPDATE SET calls = free_calls.calls + 1"
+    " WHERE free_calls.calls < :quota RETURNING calls"
+)
+RETURN_FREE_CALL = "UPDATE free_calls SET calls = calls - 1 WHERE identity = :identity AND day = :day AND calls > 0"
 RESERVE = (  # a new key; or a released one, for a retry of the same request
     " ON CONFLICT (lock_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
     " WHERE payments.state = 'released' AND payments.request_digest = excluded.request_digest RETURNING id"
@@ -599,6 +605,24 @@ class Store:
         """Per model, of the calls served since ``since``: how many, and their tokens."""
         with self._sql() as c:
             return c.dicts(USAGE_BY_MODEL, {"since": since})
+
+    def take_free_call(self, identity: str, day: int, quota: int) -> int | None:
+        """Count one more free-tier call of ``identity`` on ``day``: its number, or None when the
+        quota is spent (one statement: replicas count together)."""
+        if quota < 1:
+            return None
+        with self._sql() as c:
+            got = c.value(TAKE_FREE_CALL, {"identity": identity, "day": day, "quota": quota})
+        return None if got is None else int(got)
+
+    def return_free_call(self, identity: str, day: int) -> None:
+        """A free-tier call that was not served does not count."""
+        with self._sql() as c:
+            c.run(RETURN_FREE_CALL, {"identity": identity, "day": day})
+
+    def forget_free_calls(self, before_day: int) -> None:
+        with self._sql() as c:
+            c.run("DELETE FROM free_calls WHERE day < :day", {"day": before_day})
 
     def abandoned_streams(self, started_before: float) -> list[dict[str, Any]]:
         """Streams still marked ``streaming`` that began before ``started_before``: their process

@@ -45,7 +45,8 @@ function renderModels(models) {
     const row = document.createElement("tr");
     row.dataset.model = m.id;
     if (m.id === selected) row.className = "selected";
-    const name = cell(row, m.name && m.name !== m.id ? m.name + " (" + m.id + ")" : m.id);
+    const label = m.name && m.name !== m.id ? m.name + " (" + m.id + ")" : m.id;
+    const name = cell(row, m.free ? label + " · free" : label);
     name.title = m.id;
     cell(row, perMillion(m.pricing.prompt));
     cell(row, perMillion(m.pricing.completion));

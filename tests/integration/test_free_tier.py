@@ -1,0 +1,96 @@
+"""The free tier: models marked free are served without payment up to a daily quota per client
+address, or per wallet that signs in; then a clear 429. A client cannot pick its address with
+X-Forwarded-For unless it comes through a trusted proxy; a call that was not served does not count."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import pytest
+from eth_account import Account
+
+from conftest import gateway_settings
+from support import ServerThread, receipt
+from tollway import siwe
+from tollway.app import create_app
+from tollway.cli import server_config
+from tollway.config import ModelPrice, Settings
+from tollway.free_tier import address_of
+from tollway.payments.x402 import b64json, unb64json
+
+BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "free?"}], "max_tokens": 8}
+
+
+def free_settings(devnet, upstream, db, **overrides):
+    settings = gateway_settings(devnet, upstream.url + "/v1", db, free_calls_per_address=3, free_calls_per_wallet=2)
+    models = {**settings.models, "mock/echo": settings.models["mock/echo"].model_copy(update={"free": True})}
+    return settings.model_copy(update={"models": models, **overrides})
+
+
+@pytest.fixture
+def direct(devnet, upstream, tmp_path):
+    """A gateway whose clients connect directly (uvicorn believes no proxy header)."""
+    with ServerThread(create_app(free_settings(devnet, upstream, tmp_path / "l.sqlite3")), proxy_headers=False) as gw:
+        yield gw
+
+
+def chat(gw, body=BODY, **headers) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+
+def test_a_free_model_is_served_without_payment_up_to_the_quota(direct, devnet):
+    for _ in range(3):
+        r = chat(direct, **{"X-Forwarded-For": "203.0.113.9"})  # (not believed: no trusted proxy)
+        assert r.status_code == 200, r.text
+        assert "payment-response" not in r.headers
+    doc = receipt(direct.url, r.headers["x-tollway-receipt"])
+    assert (
+        doc["cost"]["atomic"] == "0"
+        and doc["payment"]["scheme"] == "free"
+        and doc["payment"]["amount"]["atomic"] == "0"
+    )
+    assert doc["payment"]["payer"] == "free"  # (no address is kept)
+
+    r = chat(direct, **{"X-Forwarded-For": "198.51.100.7"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "free_quota_exhausted", r.text
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(r.headers["retry-after"]) <= 86400
+    info = r.json()["extensions"]["sign-in-with-x"]["info"]  # a wallet has a quota of its own
+    assert unb64json(r.headers["payment-required"])["extensions"]["sign-in-with-x"]["info"]["nonce"] == info["nonce"]
+
+    wallet = Account.create()
+    signed = {"SIGN-IN-WITH-X": b64json(siwe.sign(wallet, info, f"eip155:{devnet.chain_id}"))}
+    assert [chat(direct, **signed).status_code for _ in range(3)] == [200, 200, 429]
+
+    paid = chat(direct, {**BODY, "model": "mock/echo-large"})  # a model that is not free is paid for
+    assert paid.status_code == 402
+
+
+def test_a_call_that_was_not_served_does_not_count(direct):
+    for _ in range(3):
+        r = chat(direct, {**BODY, "mock": {"fail": 500}})
+        assert r.status_code == 502, r.text
+    assert [chat(direct).status_code for _ in range(4)] == [200, 200, 200, 429]
+
+
+def test_behind_a_trusted_proxy_each_client_counts_apart(devnet, upstream, tmp_path):
+    settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", trusted_proxies=["127.0.0.1/32"])
+    config = server_config(create_app(settings), settings, "warning")
+    assert config.proxy_headers and config.forwarded_allow_ips == ["127.0.0.1/32"]
+    with ServerThread(config.app, proxy_headers=True, forwarded_allow_ips=["127.0.0.1/32"]) as gw:
+        for client in ("192.0.2.1", "192.0.2.2"):
+            codes = [chat(gw, **{"X-Forwarded-For": f"{client}, 127.0.0.1"}).status_code for _ in range(4)]
+            assert codes == [200, 200, 200, 429], client
+    plain = Settings(models={"m": ModelPrice(prompt=Decimal(1), completion=Decimal(1))})
+    assert not server_config(None, plain, "warning").proxy_headers  # none trusted by default
+
+
+def test_an_ipv6_client_counts_by_its_64():
+    assert address_of("2001:db8:1:2:aaaa::1") == address_of("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert address_of("::ffff:192.0.2.1") == "192.0.2.1" and address_of("192.0.2.1") == "192.0.2.1"
+
+
+def test_trusted_proxies_must_be_addresses():
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        Settings(trusted_proxies=["nginx"])
