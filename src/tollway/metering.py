@@ -133,6 +133,12 @@ def added_ms(call: ChatCall, opened: Opened) -> float:
     return max((time.time() - call.received) * 1000 - opened.latency_ms, 0.0)
 
 
+def served_row(call_id: str, paid: Paid, call: ChatCall, opened: Opened, **values: Any) -> dict[str, Any]:
+    """The row of a call an upstream answered: which one, after which attempts, how soon."""
+    served = {"upstream": opened.upstream, "attempts": encode_attempts(opened.attempts)}
+    return call_row(call_id, paid, call, **served, upstream_latency_ms=opened.latency_ms, **values)
+
+
 def receipt_headers(gw: Gateway, paid: Paid, settled: Settlement | None, call_id: str) -> dict[str, str]:
     """The receipt id, and x402's settlement response in the version the payment came in: the
     transaction (none yet for a stream that settles when it ends), and what moved when a metered
@@ -228,16 +234,8 @@ def meter(
 
 def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int) -> Response:
     """A non-streamed answer: metered, its payment settled, with tollway's charge in ``usage.cost``."""
-    row = call_row(
-        call_id,
-        paid,
-        call,
-        upstream=opened.upstream,
-        attempts=encode_attempts(opened.attempts),
-        status="served",
-        upstream_latency_ms=opened.latency_ms,
-        duration_ms=opened.latency_ms,
-        finished_at=time.time(),
+    row = served_row(
+        call_id, paid, call, opened, status="served", duration_ms=opened.latency_ms, finished_at=time.time()
     )
     usage = usage_from_body(opened.first)
     fields, hop, settled = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settled=None)
@@ -270,16 +268,7 @@ def relay_stream(
     (a metered one settles when the stream ends) — relayed, then metered."""
     started = time.time()
     settled = None if paid.scheme.metered else settlement(gw, paid)
-    row = call_row(
-        call_id,
-        paid,
-        call,
-        upstream=opened.upstream,
-        attempts=encode_attempts(opened.attempts),
-        status="streaming",
-        upstream_latency_ms=opened.latency_ms,
-        added_ms=added_ms(call, opened),
-    )
+    row = served_row(call_id, paid, call, opened, status="streaming", added_ms=added_ms(call, opened))
     gw.store.insert_call(row, settle=settled)
     headers = receipt_headers(gw, paid, settled, call_id)
     per_event = gw.settings.models[call.model].max_tokens_per_event
