@@ -278,6 +278,7 @@ class Settings(BaseSettings):
     upstreams: list[UpstreamSettings] = Field(default_factory=list)  # several, in order of preference
     sticky_idle_seconds: float = 600  # a conversation stays on its upstream this long after its last call
     failure_cooldown_seconds: float = 5  # an upstream that failed is tried last for this long (doubling)
+    probe_seconds: float = Field(2, gt=0)  # how often an upstream that did not answer at all is asked again
     cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
     stats_refresh_seconds: float = Field(5, gt=0)  # how often live stats read the calls that finished (stats.py)
     catalogue_refresh_seconds: float = Field(3600, gt=0)  # how often imported catalogues are read again

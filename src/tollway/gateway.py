@@ -176,6 +176,7 @@ class Gateway:
             loop.create_task(gw._probe_chain()),
             loop.create_task(gw._housekeeping()),
             loop.create_task(gw.router.stats.run(store, settings.stats_refresh_seconds)),
+            loop.create_task(gw.router.probe(settings.probe_seconds)),
         ]
         if gw.catalogues is not None:
             gw._tasks.append(loop.create_task(gw._refresh_catalogues()))

@@ -72,18 +72,18 @@ def call(http: httpx.Client, **extra) -> httpx.Response:
     )
 
 
-def served_by(routed, r: httpx.Response) -> str:
+def served_by(gw_url: str, r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
-    return wait_receipt(routed.gw.url, r.headers["x-tollway-receipt"])["upstream"]
+    return wait_receipt(gw_url, r.headers["x-tollway-receipt"])["upstream"]
 
 
 def test_the_provider_object_chooses_among_our_upstreams(routed, http):
-    assert served_by(routed, call(http)) == "slow"  # configuration order
-    assert served_by(routed, call(http, provider={"order": ["FAST"]})) == "fast"
-    assert served_by(routed, call(http, provider={"only": ["slow"]})) == "slow"
-    assert served_by(routed, call(http, provider={"ignore": ["slow"]})) == "fast"
+    assert served_by(routed.gw.url, call(http)) == "slow"  # configuration order
+    assert served_by(routed.gw.url, call(http, provider={"order": ["FAST"]})) == "fast"
+    assert served_by(routed.gw.url, call(http, provider={"only": ["slow"]})) == "slow"
+    assert served_by(routed.gw.url, call(http, provider={"ignore": ["slow"]})) == "fast"
     nitro = call(http, model="mock/echo:nitro")
-    assert served_by(routed, nitro) in ("slow", "fast")
+    assert served_by(routed.gw.url, nitro) in ("slow", "fast")
     assert receipt(routed.gw.url, nitro.headers["x-tollway-receipt"])["model"] == "mock/echo"
 
 
@@ -109,9 +109,9 @@ def test_preferences_nothing_here_can_meet_are_refused_before_any_payment(routed
 
 
 def test_only_the_upstream_that_routes_between_providers_gets_the_provider_object(routed, http):
-    served_by(routed, call(http, provider={"order": ["slow"], "data_collection": "deny"}))
+    served_by(routed.gw.url, call(http, provider={"order": ["slow"], "data_collection": "deny"}))
     assert "provider" not in routed.slow.state.mock.last_request
-    served_by(routed, call(http, provider={"order": ["fast"], "data_collection": "deny"}))
+    served_by(routed.gw.url, call(http, provider={"order": ["fast"], "data_collection": "deny"}))
     sent = routed.fast.state.mock.last_request["provider"]
     assert sent["order"] == ["fast"] and sent["data_collection"] == "deny"
     assert sent["max_price"] == {"prompt": 1.0, "completion": 2.0, "request": 0.0}  # tollway's own prices
@@ -142,8 +142,8 @@ def endpoints(gw) -> dict[str, dict]:
 def test_live_stats_are_published_and_sort_by_them(routed, http):
     gw = routed.gw
     for _ in range(3):
-        served_by(routed, call(http, provider={"only": ["slow"]}))
-        served_by(routed, call(http, provider={"only": ["fast"]}))
+        served_by(routed.gw.url, call(http, provider={"only": ["slow"]}))
+        served_by(routed.gw.url, call(http, provider={"only": ["fast"]}))
         with http.stream(
             "POST",
             "/v1/chat/completions",
@@ -163,14 +163,14 @@ def test_live_stats_are_published_and_sort_by_them(routed, http):
     assert 0 < e["fast"]["gateway_added_ms_last_30m"]["p50"] < e["slow"]["latency_last_30m"]["p50"] * 1000
     assert 0 < e["fast"]["uptime_last_5m"] <= 100 and e["fast"]["status"] == "ok"
     assert e["fast"]["pricing"]["completion"] == "0.000002"
-    assert served_by(routed, call(http, provider={"sort": "latency"})) == "fast"
+    assert served_by(routed.gw.url, call(http, provider={"sort": "latency"})) == "fast"
     assert httpx.get(f"{gw.url}/v1/models/nope/endpoints").status_code == 404
 
 
 def test_rankings_share_usage_by_model(routed, http):
     gw = routed.gw
-    served_by(routed, call(http))
-    served_by(routed, call(http, model="mock/echo-large"))
+    served_by(routed.gw.url, call(http))
+    served_by(routed.gw.url, call(http, model="mock/echo-large"))
     doc = httpx.get(f"{gw.url}/v1/rankings").json()
     day = {r["model"]: r for r in doc["windows"]["day"]}
     assert day["mock/echo"]["calls"] >= 1 and day["mock/echo-large"]["calls"] >= 1
@@ -226,3 +226,25 @@ def exact_amount(r: httpx.Response) -> int:
     """The amount a 402 asks of an ``exact`` payment."""
     offers = unb64json(r.headers["payment-required"])["accepts"]
     return next(int(o["amount"]) for o in offers if o["scheme"] == "exact")
+
+
+def test_an_upstream_that_answers_again_is_tried_again_at_once(devnet, chain, tmp_path):
+    port = free_port()
+    settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+    flaky = UpstreamSettings(name="flaky", url=f"http://127.0.0.1:{port}/v1", connect_timeout=0.5)
+    settings = settings.model_copy(update={"upstreams": [flaky], "failure_cooldown_seconds": 60, "probe_seconds": 0.1})
+    with ServerThread(create_app(settings)) as gw:
+        payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=gw.url, timeout=30) as http:
+            assert call(http).status_code == 503  # it does not answer: down for a minute ...
+            unpaid = {"model": "mock/echo", "messages": MESSAGES}
+            assert httpx.post(f"{gw.url}/v1/chat/completions", json=unpaid).status_code == 503  # (no quote)
+            with ServerThread(create_mock(), port=port):  # ... unless it answers a probe
+                eventually(
+                    lambda: httpx.post(f"{gw.url}/v1/chat/completions", json=unpaid).status_code == 402,
+                    timeout=5,
+                    what="the upstream probed and quoted again",
+                )
+                health = httpx.get(f"{gw.url}/healthz", headers=ADMIN).json()["upstreams"]
+                assert health == [{"name": "flaky", "healthy": True, "failures": 0, "cooling_seconds": 0.0}]
+                assert served_by(gw.url, call(http)) == "flaky"

@@ -194,6 +194,7 @@ class Upstream:
         self.routes_providers = openrouter if settings.provider_routing is None else settings.provider_routing
         self.byok = settings.byok
         self.generation_url = base + "/generation" if lookup == "openrouter" else None
+        self.models_url = base + "/models"
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http
         # Uncompressed answers: the gateway reads every byte to meter and relay it (httpx asks for gzip).
@@ -203,6 +204,16 @@ class Upstream:
 
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models or model in self.imported
+
+    async def probe(self) -> bool:
+        """Whether the upstream answers at all (``GET /models``: any status will do — it is up)."""
+        timeout = httpx.Timeout(self.timeout.connect, connect=self.timeout.connect)
+        try:
+            resp = await self.http.get(self.models_url, headers=self.headers, timeout=timeout)
+        except (httpx.HTTPError, PaymentRefused):
+            return False
+        await resp.aclose()
+        return True
 
     async def usage_after(self, generation_id: str, attempts: int = 6, first_wait: float = 0.5) -> Usage | None:
         """A finished generation's usage, read after the fact (OpenRouter's ``/generation?id=``,

@@ -13,12 +13,14 @@ model + first system + first user message.
 Fail-over happens only before the first byte reaches the client: ``Upstream.send`` returns once
 the upstream has committed, so any failure before that moves on to the next candidate, then to
 the next model of a ``models`` fallback list. An upstream that fails is tried last for a cooldown
-that doubles with consecutive failures (or for its own ``Retry-After``). Every attempt is kept
+that doubles with consecutive failures (or for its own ``Retry-After``); one that did not answer
+at all is probed in the background, and tried again as soon as it answers. Every attempt is kept
 (``attempts.py``) for the receipt and the live figures.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -178,6 +180,19 @@ class Router:
             raise UpstreamError(f"no upstream serves model '{models[0][:80]}'", code="no_upstream")
         last.attempts = tuple(attempts)
         raise last
+
+    async def probe(self, every: float) -> None:
+        """Every ``every`` seconds, ask each upstream taken for down (it did not answer at all)
+        whether it answers now: one that does is tried again at once, without waiting out its
+        cooldown — and requests for its models get quotes again."""
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for upstream in [u for u in self.upstreams if self._down.get(u.name, 0.0) > now]:
+                if await upstream.probe():
+                    log.info("upstream %s answers again", upstream.name)
+                    self._down.pop(upstream.name, None)
+                    self._failures.pop(upstream.name, None)
 
     def _failed(self, name: str, *, down: bool, asked: int | None = None) -> None:
         """Try ``name`` last for a cooldown that doubles with each failure in a row — or, when it
