@@ -42,6 +42,10 @@ async def chat_completions(request: Request) -> Response:
     return await pipeline.chat_completions(request, gateway(request))
 
 
+async def embeddings(request: Request) -> Response:
+    return await pipeline.embeddings(request, gateway(request))
+
+
 async def channel_refund(request: Request) -> Response:
     return await refunds.refund(request, gateway(request))
 
@@ -311,6 +315,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
         middleware=[Middleware(ChatFastPath), *(middleware if cors else []), Middleware(DeprecatedWalletHeader)],
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model_id:path}/endpoints", model_endpoints, methods=["GET"]),
             Route("/v1/rankings", rankings, methods=["GET"]),

@@ -71,6 +71,7 @@ class ChatCall:
     # The models to fall back to, in order (OpenRouter's `models`): this request as each serves it.
     # The quote covers the dearest of them all; the call is billed at the model that served it.
     fallbacks: tuple[ChatCall, ...] = ()
+    surface: str = "chat"  # the API: "chat" (has output, messages), or "embeddings" (no output)
     _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def cap(self, metered: bool) -> int:
@@ -110,7 +111,8 @@ class ChatCall:
         key = ("body", cap_field if self.asked_cap is None else "", cap, routes_providers)
         out = self._memo.get(key)
         if out is None:
-            body = self.body if self.asked_cap is not None else {**self.body, cap_field: cap}
+            has_cap = self.asked_cap is not None or self.surface != "chat"  # (embeddings have no output)
+            body = self.body if has_cap else {**self.body, cap_field: cap}
             if routes_providers:
                 provider = {**(body.get("provider") or {}), "max_price": self.upstream_max_price}
                 if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)
@@ -188,16 +190,8 @@ def parse_chat(
     route = preferences(body, variant)
     if byok:
         route = replace(route, byok=True)
+    ids = _within_max_price(ids, settings, route)
     confs = {m: settings.models[m] for m in ids}
-    dear = {m: over_max_price(route, confs[m].per_token()) for m in ids}
-    ids = [m for m in ids if dear[m] is None]  # (a model priced above the payer's max_price is not tried)
-    if not ids:
-        field_ = next(iter(dear.values()))
-        raise BadRequest(
-            f"this model's {field_} price here is above 'provider.max_price.{field_}' (USD per million tokens"
-            f"{', per call' if field_ == 'request' else ''}); see GET /v1/models",
-            code="no_route",
-        )
     long_cache = _long_cache(body)
     for m in ids:
         if long_cache and prices[m].cache_write_1h is None:
@@ -261,6 +255,21 @@ def parse_chat(
     call = replace(members[0], fallbacks=tuple(members[1:]), _memo={})
     call.quote(call.cap(metered=True))  # refuses a request too large to pay, whatever the scheme
     return call
+
+
+def _within_max_price(ids: list[str], settings: Settings, route: Preferences) -> list[str]:
+    """The models not priced above the payer's ``provider.max_price`` (they are not tried); a 400
+    if none is left."""
+    dear = {m: over_max_price(route, settings.models[m].per_token()) for m in ids}
+    kept = [m for m in ids if dear[m] is None]
+    if not kept:
+        field_ = next(iter(dear.values()))
+        raise BadRequest(
+            f"this model's {field_} price here is above 'provider.max_price.{field_}' (USD per million tokens"
+            f"{', per call' if field_ == 'request' else ''}); see GET /v1/models",
+            code="no_route",
+        )
+    return kept
 
 
 MAX_MODELS = 8  # in a `models` fallback list
@@ -373,3 +382,90 @@ def _long_cache(body: dict[str, Any]) -> bool:
                 raise BadRequest('cache_control ttl must be "5m" or "1h"', code="unpriced_parameter")
             found = found or mark["ttl"] == "1h"
     return found
+
+
+MAX_INPUTS = 2048  # strings (or token lists) in one embeddings request
+
+
+def _embedding_input(value: Any) -> None:
+    """OpenAI's ``input``: a string, a list of strings, or token ids (a list of integers, or a
+    list of such lists); not empty."""
+    ok = isinstance(value, str) and value != ""
+    if isinstance(value, list) and 1 <= len(value) <= MAX_INPUTS:
+        ok = (
+            all(isinstance(v, str) and v for v in value)
+            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or all(
+                isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+                for v in value
+            )
+        )
+    if not ok:
+        raise BadRequest(
+            f"'input' must be a non-empty string, a list of 1 to {MAX_INPUTS} strings, or token ids (a list of"
+            " integers, or of such lists)",
+            code="invalid_input",
+        )
+
+
+def parse_embeddings(
+    raw: bytes,
+    settings: Settings,
+    prices: dict[str, Prices],
+    *,
+    origin: str = "",
+    now: float | None = None,
+    byok: bool = False,
+) -> ChatCall:
+    """An embeddings request (OpenAI's ``POST /v1/embeddings``), parsed and priced like a chat
+    request with no output: its input is bounded by the bytes of the body forwarded (a token is
+    at least one byte of it, a token id at least one digit and a comma)."""
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        with python_recursion_limit():
+            # (bound to this API: a quote for an embedding does not pay a chat call with the same body)
+            digest = request_digest({"/v1/embeddings": body})
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
+    if byok:
+        digest = request_digest({"x-provider-key": digest})
+    ids, variant = _models(body, prices)
+    _embedding_input(body.get("input"))
+    route = replace(preferences(body, variant), surface="embeddings", byok=byok)
+    ids = _within_max_price(ids, settings, route)
+    shared = {k: v for k, v in body.items() if k not in ("models", "stream")}  # (an embedding is never streamed)
+    now = time.time() if now is None else now
+    members = []
+    for m in ids:
+        conf = settings.models[m]
+        upstream_model = conf.upstream_model or m
+        most = upstream_max_price(conf.per_token())
+        widest = {**shared, "model": upstream_model, "provider": {**(body.get("provider") or {}), "max_price": most}}
+        members.append(
+            ChatCall(
+                body={**shared, "model": upstream_model},
+                model=m,
+                upstream_model=upstream_model,
+                stream=False,
+                prices=prices[m],
+                digest=digest,
+                prompt_bound=len(encode(widest)),
+                choices=1,
+                asked_cap=None,
+                default_cap=0,
+                metered_cap=0,
+                expires=int(now) + settings.quote_ttl_seconds,
+                origin=origin,
+                received=now,
+                route=route,
+                upstream_max_price=most,
+                surface="embeddings",
+            )
+        )
+    bound = max(m.prompt_bound for m in members)
+    members = [replace(m, prompt_bound=bound, _memo={}) for m in members]
+    call = replace(members[0], fallbacks=tuple(members[1:]), _memo={})
+    call.quote(0)  # refuses a request too large to pay
+    return call

@@ -178,6 +178,8 @@ class UpstreamSettings(Strict):
     import_all: bool = True
     # It takes a payer's own key (BYOK: the X-Provider-Key header) in place of api_key, for byok_fee.
     byok: bool = False
+    # The APIs it speaks: chat (POST <url>/chat/completions), embeddings (POST <url>/embeddings).
+    surfaces: list[Literal["chat", "embeddings"]] = Field(default_factory=lambda: ["chat", "embeddings"])
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # between bytes, not total (a call's total is max_call_seconds)
     max_connections: int = 256

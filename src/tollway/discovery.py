@@ -100,6 +100,14 @@ def openapi(gw: Gateway, base: str) -> dict[str, Any]:
         "x-service-info": {"categories": ["compute"], "docs": {"llms": base + "/llms.txt"}},
         "paths": {
             "/v1/chat/completions": {"post": chat},
+            "/v1/embeddings": {
+                "post": {
+                    **chat,
+                    "summary": "Embeddings (OpenAI-compatible), paid per call",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": EMBEDDINGS_REQUEST}}},
+                    "responses": {"200": {"description": "The embeddings"}, "402": {"description": "Payment Required"}},
+                }
+            },
             "/v1/models": {
                 "get": {"summary": "Models and their prices", "responses": {"200": {"description": "The models"}}}
             },
@@ -133,6 +141,11 @@ CHAT_REQUEST = {
     },
     "required": ["model", "messages"],
 }
+EMBEDDINGS_REQUEST = {
+    "type": "object",
+    "properties": {"model": {"type": "string"}, "input": {"type": ["string", "array"]}},
+    "required": ["model", "input"],
+}
 CHAT_ANSWER = {
     "type": "object",
     "properties": {"choices": {"type": "array"}, "usage": {"type": "object"}},
@@ -156,6 +169,7 @@ Chain: eip155:{gw.chain_id}. Asset: {gw.token}. Models: {models}.
 
 - [OpenAPI](/openapi.json): the operations, their inputs and outputs, and their payment offers
 - POST {base}/v1/chat/completions: OpenAI-compatible chat completions (streaming too), paid per call
+- POST {base}/v1/embeddings: OpenAI-compatible embeddings, paid per call
 - GET {base}/v1/models: the models and their prices
 - GET {base}/v1/models/<model>/endpoints: its upstreams, with uptime, latency and throughput (live)
 - GET {base}/v1/rankings: usage share by model, last day and week (?format=csv)

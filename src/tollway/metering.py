@@ -204,7 +204,8 @@ def meter(
     if usage is not None:
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
         discount = max(min(call.prices.cost(uncached), paid.covered) - cost, 0)
-        gw.prefixes.remember(opened.upstream, call.model, call.body["messages"], usage.prompt_tokens)
+        if call.surface == "chat":
+            gw.prefixes.remember(opened.upstream, call.model, call.body["messages"], usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -237,7 +238,7 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     row = served_row(
         call_id, paid, call, opened, status="served", duration_ms=opened.latency_ms, finished_at=time.time()
     )
-    usage = usage_from_body(opened.first)
+    usage = usage_from_body(opened.first, output=call.surface == "chat")
     fields, hop, settled = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settled=None)
     headers = receipt_headers(gw, paid, settled, call_id)
     hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]

@@ -23,6 +23,7 @@ usage_factor (over-report usage), omit_usage, error_bytes (pad an injected error
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -296,6 +297,43 @@ def create_app(options: MockOptions | None = None) -> Starlette:
             state.stats["failures"] += 1
             return _error(exc.status, exc.message, exc.code)
 
+    async def embeddings(request: Request) -> Response:
+        """OpenAI's embeddings: a deterministic 8-dimensional vector per input (from the sha-256 of
+        its text or token ids), usage by the token rule (token ids count one each)."""
+        state.stats["requests"] += 1
+        try:
+            body = json.loads(await request.body())
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return _error(400, "request body must be a JSON object", "invalid_request")
+        state.last_request, state.last_headers = body, dict(request.headers)
+        mock = _directives(body.get("mock"))
+        if "fail" in mock:
+            state.stats["failures"] += 1
+            return _error(mock["fail"], f"mock upstream: injected failure {mock['fail']}")
+        model, given = body.get("model"), body.get("input")
+        if model not in state.options.models:
+            return _error(404, f"The model `{model}` does not exist", "model_not_found")
+        inputs = (
+            [given]
+            if isinstance(given, str) or (isinstance(given, list) and given and isinstance(given[0], int))
+            else given
+        )
+        if not isinstance(inputs, list) or not inputs:
+            return _error(400, "`input` must be a string or a non-empty array", "invalid_input")
+        data, tokens = [], 0
+        for i, item in enumerate(inputs):
+            tokens += len(item) if isinstance(item, list) else len(tokenize(str(item)))
+            digest = hashlib.sha256(_dumps(item)).digest()
+            vector = [round(b / 255 - 0.5, 4) for b in digest[:8]]
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        state.stats["prompt_tokens"] += tokens
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return Response(
+            _dumps({"object": "list", "data": data, "model": model, "usage": usage}), media_type="application/json"
+        )
+
     async def _chat(request: Request) -> Response:
         opts = state.options
         try:
@@ -467,6 +505,7 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         routes=[
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/generation", generation, methods=["GET"]),
             Route("/mock/stats", stats, methods=["GET"]),
             Route("/mock/reset", reset, methods=["POST"]),

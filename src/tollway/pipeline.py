@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -33,7 +34,7 @@ from starlette.responses import Response
 
 from . import idempotency, signin
 from .challenge import credit_of, least_payment, with_challenge
-from .chat import ChatCall, parse_chat
+from .chat import ChatCall, parse_chat, parse_embeddings
 from .errors import (
     BadRequest,
     GatewayError,
@@ -60,12 +61,21 @@ from .upstream.router import conversation_key
 
 
 async def chat_completions(request: Request, gw: Gateway) -> Response:
+    return await paid_api(request, gw, parse_chat)
+
+
+async def embeddings(request: Request, gw: Gateway) -> Response:
+    return await paid_api(request, gw, parse_embeddings)
+
+
+async def paid_api(request: Request, gw: Gateway, parse: Callable[..., ChatCall]) -> Response:
+    """A paid call of an API whose request ``parse`` reads and prices (``chat.py``)."""
     started, call_id, model = time.time(), new_id(), "-"
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
         byok = provider_key(request) is not None
         prices = gw.byok_prices if byok else gw.prices
-        call = parse_chat(body, gw.settings, prices, origin=gw.origin(request), byok=byok)  # price
+        call = parse(body, gw.settings, prices, origin=gw.origin(request), byok=byok)  # price
         model = call.model
         return await idempotency.once(gw, request, call.digest, lambda: paid_call(request, gw, call, call_id))
     except GatewayError as exc:
@@ -103,7 +113,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
         call = call.member(opened.model)  # (billed at the model that served it)
         if not call.stream and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
-        expected = gw.prefixes.expect(opened.upstream, call.model, call.body["messages"])  # cache we expect
+        expected = expected_cache(gw, call, opened.upstream)
         if call.stream:  # settle (a payment of the bound) → relay → meter (→ settle, a metered one)
             return relay_stream(gw, call, opened, paid, call_id, expected)
         return respond(gw, call, opened, paid, call_id, expected)  # meter + settle → receipt
@@ -130,6 +140,11 @@ def provider_key(request: Request) -> str | None:
     if key is not None and not (8 <= len(key) <= 512 and set(key) <= PROVIDER_KEY_CHARACTERS):
         raise BadRequest("X-Provider-Key must be 8 to 512 printable ASCII characters", code="invalid_provider_key")
     return key
+
+
+def expected_cache(gw: Gateway, call: ChatCall, upstream: str) -> int:
+    """The prompt tokens we expect ``upstream`` to have cached for the call (chat only)."""
+    return gw.prefixes.expect(upstream, call.model, call.body["messages"]) if call.surface == "chat" else 0
 
 
 def mpp_proof(gw: Gateway, request: Request, call: ChatCall) -> Proof | None:

@@ -33,6 +33,7 @@ class Preferences:
     sort: str | None = None
     max_price: dict[str, Decimal] = field(default_factory=dict)
     byok: bool = False  # the call brings its own provider key: only an upstream that takes one (``byok``)
+    surface: str = "chat"  # the API the call is for: only an upstream that speaks it
 
     @property
     def explicit(self) -> bool:

@@ -98,14 +98,20 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
     return Usage(prompt, completion, cached, written, upstream_cost, dialect)
 
 
-def usage_from_body(body: bytes) -> Usage | None:
-    """Usage of a non-streamed completion (None if the body has none, or is not sane JSON)."""
+def usage_from_body(body: bytes, output: bool = True) -> Usage | None:
+    """Usage of a non-streamed answer (None if the body has none, or is not sane JSON). An API
+    without output (embeddings) reports no completion tokens: they are 0."""
     try:
         with python_recursion_limit():
             doc = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    return parse_usage(doc.get("usage"), doc.get("timings")) if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        return None
+    usage = doc.get("usage")
+    if not output and isinstance(usage, dict) and "completion_tokens" not in usage:
+        usage = {**usage, "completion_tokens": 0}
+    return parse_usage(usage, doc.get("timings"))
 
 
 def with_cost(doc: dict[str, Any], cost_usd: Decimal) -> dict[str, Any]:

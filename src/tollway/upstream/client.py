@@ -188,7 +188,9 @@ class Upstream:
         self.imported: frozenset[str] = frozenset()  # from its catalogue (model_import.py)
         self.cap_field = settings.max_tokens_field
         base = str(settings.url).rstrip("/")
-        self.url = httpx.URL(base + "/chat/completions")  # (parsed once: a string is parsed on every request)
+        # Where each API is (parsed once: a string is parsed on every request), and which it speaks
+        self.urls = {"chat": httpx.URL(base + "/chat/completions"), "embeddings": httpx.URL(base + "/embeddings")}
+        self.surfaces = frozenset(settings.surfaces)
         openrouter = urlsplit(base).hostname == "openrouter.ai"
         lookup = settings.usage_lookup or ("openrouter" if openrouter else "none")
         self.routes_providers = openrouter if settings.provider_routing is None else settings.provider_routing
@@ -241,6 +243,7 @@ class Upstream:
         client_headers: Mapping[str, str],
         max_usd: Fraction | None = None,
         api_key: str | None = None,
+        surface: str = "chat",
     ) -> Opened:
         """``api_key``: a payer's own key, sent in place of the upstream's (never logged nor echoed)."""
         headers = dict(self.headers)
@@ -250,7 +253,8 @@ class Upstream:
         if stream:
             headers["accept"] = "text/event-stream"
         started = time.perf_counter()
-        request = self.http.build_request("POST", self.url, content=body, headers=headers, timeout=self.timeout)
+        url = self.urls[surface]
+        request = self.http.build_request("POST", url, content=body, headers=headers, timeout=self.timeout)
         if max_usd is not None:
             request.extensions[MAX_USD] = max_usd
         try:

@@ -126,7 +126,11 @@ class Router:
         """``only``, ``ignore`` and (without fallbacks) ``order``. A list that names none of our
         upstreams is for an upstream that routes between providers itself: it keeps only those."""
         ours = {u.name.lower() for u in serving}
-        allowed = [u for u in serving if u.name.lower() not in prefs.ignore and (u.byok or not prefs.byok)]
+        allowed = [
+            u
+            for u in serving
+            if u.name.lower() not in prefs.ignore and (u.byok or not prefs.byok) and prefs.surface in u.surfaces
+        ]
         for names in (prefs.only, None if prefs.allow_fallbacks or not prefs.order else frozenset(prefs.order)):
             if names is not None:
                 if names & ours:
@@ -165,7 +169,9 @@ class Router:
             for upstream in self.candidates(model, key, prefs):
                 started = time.perf_counter()
                 try:
-                    opened = await upstream.send(body(upstream, model), stream, headers, max_usd, api_key)
+                    opened = await upstream.send(
+                        body(upstream, model), stream, headers, max_usd, api_key, prefs.surface
+                    )
                 except UpstreamError as exc:
                     attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
                     self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
