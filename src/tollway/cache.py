@@ -44,12 +44,19 @@ class PrefixMemory:
 
     def expect(self, upstream: str, model: str, messages: list[Any]) -> int:
         """Tokens of this prompt's longest prefix recently sent to ``upstream`` (0 if none)."""
-        now = time.monotonic()
-        for h, _ in reversed(_prefixes(model, messages)):
-            hit = self._seen.get((upstream, h))
-            if hit and hit[1] > now:
-                return hit[0]
-        return 0
+        return self.expected_by([upstream], model, messages)[upstream]
+
+    def expected_by(self, upstreams: list[str], model: str, messages: list[Any]) -> dict[str, int]:
+        """``expect`` for each of ``upstreams`` (the prompt's prefixes hashed once)."""
+        now, prefixes, out = time.monotonic(), _prefixes(model, messages), {}
+        for upstream in upstreams:
+            out[upstream] = 0
+            for h, _ in reversed(prefixes):
+                hit = self._seen.get((upstream, h))
+                if hit and hit[1] > now:
+                    out[upstream] = hit[0]
+                    break
+        return out
 
     def remember(self, upstream: str, model: str, messages: list[Any], prompt_tokens: int) -> None:
         prefixes = _prefixes(model, messages)

@@ -142,6 +142,15 @@ def provider_key(request: Request) -> str | None:
     return key
 
 
+def cached_by_upstream(gw: Gateway, call: ChatCall) -> Callable[[str], dict[str, int]] | None:
+    """What the router ranks upstreams by when the request sets no order: the prompt tokens each
+    has cached (chat, and only where there is a choice)."""
+    if call.surface != "chat" or len(gw.router.upstreams) < 2:
+        return None
+    names = [u.name for u in gw.router.upstreams]
+    return lambda model: gw.prefixes.expected_by(names, model, call.body["messages"])
+
+
 def expected_cache(gw: Gateway, call: ChatCall, upstream: str) -> int:
     """The prompt tokens we expect ``upstream`` to have cached for the call (chat only)."""
     return gw.prefixes.expect(upstream, call.model, call.body["messages"]) if call.surface == "chat" else 0
@@ -348,6 +357,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
         prefs=call.route,
         api_key=provider_key(request) if call.route.byok else None,
+        cached=cached_by_upstream(gw, call),
     )
     try:
         async with asyncio.timeout(gw.settings.max_call_seconds):

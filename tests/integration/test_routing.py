@@ -248,3 +248,15 @@ def test_an_upstream_that_answers_again_is_tried_again_at_once(devnet, chain, tm
                 health = httpx.get(f"{gw.url}/healthz", headers=ADMIN).json()["upstreams"]
                 assert health == [{"name": "flaky", "healthy": True, "failures": 0, "cooling_seconds": 0.0}]
                 assert served_by(gw.url, call(http)) == "flaky"
+
+
+def test_without_an_order_the_upstream_holding_the_prompts_prefix_is_cheapest(routed, http):
+    system = {"role": "system", "content": "A long shared agent prompt. " * 40}
+    first = call(http, messages=[system, {"role": "user", "content": "one"}], provider={"order": ["fast"]})
+    assert served_by(routed.gw.url, first) == "fast"
+    # A new conversation (another first user message: no stickiness) with the same system prompt:
+    # its prefix is cached on fast, so its effective price is lowest there, though slow comes first.
+    other = call(http, messages=[system, {"role": "user", "content": "two"}])
+    assert served_by(routed.gw.url, other) == "fast"
+    fresh = [{"role": "user", "content": f"never seen {time.time()}"}]
+    assert served_by(routed.gw.url, call(http, messages=fresh)) == "slow"  # (cached nowhere: configuration order)

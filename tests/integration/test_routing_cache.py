@@ -36,7 +36,7 @@ def served_by(gateway_url: str, r: httpx.Response) -> str:
     return wait_receipt(gateway_url, r.headers["x-tollway-receipt"])["upstream"]
 
 
-def test_fail_over_and_sticky_conversations(devnet, chain, tmp_path):
+def test_fail_over_sticky_conversations_and_the_cheapest_cache(devnet, chain, tmp_path):
     mock_a = ServerThread(create_mock())
     mock_b = ServerThread(create_mock())
     with mock_a, mock_b:
@@ -67,10 +67,14 @@ def test_fail_over_and_sticky_conversations(devnet, chain, tmp_path):
                 # The first conversation stays on b, where its prompt cache is ...
                 convo += [{"role": "assistant", "content": "x"}, {"role": "user", "content": "second"}]
                 assert served_by(gw.url, chat(http, convo)) == "b"
-                assert served_by(gw.url, chat(http, convo, session_id="s1")) == "a"  # (a session key is its own)
-                assert served_by(gw.url, chat(http, convo, session_id="s1")) == "a"
-                time.sleep(2.2)  # ... until it has been idle longer than sticky_idle_seconds
-                assert served_by(gw.url, chat(http, convo)) == "a"
+                # ... so does a new session of it (its own key, no stickiness): b holds more of its prompt
+                assert served_by(gw.url, chat(http, convo, session_id="s1")) == "b"
+                moved = [{"role": "system", "content": "sticky"}, {"role": "user", "content": "elsewhere"}]
+                assert served_by(gw.url, chat(http, moved, provider={"order": ["a"]})) == "a"
+                assert served_by(gw.url, chat(http, moved, session_id="s2")) == "a"  # (its prefix is on a)
+                assert served_by(gw.url, chat(http, moved, session_id="s2")) == "a"
+                time.sleep(2.2)  # idle longer than sticky_idle_seconds: where its cache is, still
+                assert served_by(gw.url, chat(http, convo)) == "b"
 
 
 def test_cached_prefix_is_billed_at_the_cache_price_and_tracked(gateway, chain, devnet, upstream):

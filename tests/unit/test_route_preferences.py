@@ -206,3 +206,12 @@ def test_an_upstream_that_asks_to_be_left_alone_is_tried_last_that_long():
     assert 6.5 <= cooling["busy"] <= 7.0  # its Retry-After, not the 0.5 s cooldown
     assert cooling["down"] <= 0.5
     assert order(r, Preferences()) == ["busy", "down"]  # (both cooling: configuration order)
+
+
+def test_by_default_the_most_expected_cache_goes_first():
+    r = router("a", "b", "c")
+    cached = {"m": {"c": 100, "b": 10}}.__getitem__  # (prompt tokens expected cached, by upstream)
+    assert [u.name for u in r.candidates("m", "k", Preferences(), cached)] == ["c", "b", "a"]
+    assert [u.name for u in r.candidates("m", "k", Preferences(order=("a",)), cached)] == ["a", "c", "b"]
+    r._succeeded("a", "convo")  # a conversation's own upstream still comes first
+    assert [u.name for u in r.candidates("m", "convo", Preferences(), cached)] == ["a", "c", "b"]

@@ -39,6 +39,7 @@ from .attempts import Attempt
 from .client import Opened, Upstream
 
 log = logging.getLogger("tollway.upstream")
+Cached = Callable[[str], Mapping[str, int]]  # a model → the prompt tokens expected cached, by upstream
 MAX_CONVERSATIONS = 100_000
 MAX_COOLDOWN = 60.0
 
@@ -100,12 +101,21 @@ class Router:
         waits = [max(self._down.get(u.name, 0.0) - now, 0.0) for u in self.upstreams if u.serves(model)]
         return min(waits, default=0.0)
 
-    def candidates(self, model: str, key: str, prefs: Preferences = NO_PREFERENCES) -> list[Upstream]:
+    def candidates(
+        self, model: str, key: str, prefs: Preferences = NO_PREFERENCES, cached: Cached | None = None
+    ) -> list[Upstream]:
         """The upstreams to try, in order: those the request allows (``routing.py``), healthy ones
-        first, ranked by its ``sort`` or ``order`` — else in configuration order, a conversation's
-        last upstream first (its prompt cache is there)."""
+        first, ranked by its ``sort`` or ``order``, else (and among the rest) by effective price;
+        without an order, a conversation's last upstream first (its prompt cache is there). A model
+        has one price here, so a request's effective price on an upstream — prompt tokens at the
+        cache price as far as that upstream has its prefix cached, the rest at the prompt price —
+        is lowest where the most of its prompt is expected cached (``cached(model)``: tokens by
+        upstream); ties keep configuration order."""
         now = time.monotonic()
         allowed = self._allowed([u for u in self.upstreams if u.serves(model)], prefs)
+        if cached is not None and len(allowed) > 1:  # (first: an order or sort the request sets comes on top)
+            expected = cached(model)
+            allowed.sort(key=lambda u: -expected.get(u.name, 0))
         if prefs.sort in ("latency", "throughput"):
             allowed.sort(key=lambda u: self._rank(u.name, model, prefs.sort))  # (stable: ties keep their order)
         if prefs.order:
@@ -157,6 +167,7 @@ class Router:
         max_usd: Fraction | None = None,
         prefs: Preferences = NO_PREFERENCES,
         api_key: str | None = None,
+        cached: Cached | None = None,
     ) -> Opened:
         """Send to the best candidate, failing over before the first byte: every upstream of the
         first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
@@ -166,7 +177,7 @@ class Router:
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
         for model in models:
-            for upstream in self.candidates(model, key, prefs):
+            for upstream in self.candidates(model, key, prefs, cached):
                 started = time.perf_counter()
                 try:
                     opened = await upstream.send(
