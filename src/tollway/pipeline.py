@@ -202,7 +202,9 @@ async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentSche
         raise PaymentInvalid(exc.message, code="invalid_payload") from None  # (MPP: a 402, malformed-credential)
 
 
-def free_call(gw: Gateway, request: Request, call: ChatCall, who: SignIn | None) -> tuple[Any, Verified, Quote]:
+def free_call(
+    gw: Gateway, request: Request, call: ChatCall, who: SignIn | None
+) -> tuple[PaymentScheme, Verified, Quote]:
     """A call of the free tier, as a payment of 0 (``free_tier.py``); beyond the quota, a 429 that
     (for an address) carries a sign-in for the wallet's own quota."""
     assert gw.free is not None
