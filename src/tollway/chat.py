@@ -44,10 +44,11 @@ UNPRICED_FIELDS = {
 
 @dataclass(frozen=True)
 class ChatCall:
-    """A request — a chat completion, or an embeddings request (``surface``) — parsed and bounded. Its price depends on the output cap it is served with: a
-    cap the request sets itself, else ``default_cap`` for schemes that pay the bound (``exact``)
-    and ``metered_cap`` for those that pay the metered cost (``upto``, credit) — so ``quote(cap)``
-    prices it, and ``forward(cap_field, cap)`` is the body an upstream gets with that cap."""
+    """A request — a chat completion, or an embeddings request (``surface``) — parsed and
+    bounded. Its price depends on the output cap it is served with: a cap the request sets itself,
+    else ``default_cap`` for schemes that pay the bound (``exact``) and ``metered_cap`` for those
+    that pay the metered cost (``upto``, credit) — so ``quote(cap)`` prices it, and
+    ``forward(cap_field, cap)`` is the body an upstream gets with that cap."""
 
     body: dict[str, Any]  # as forwarded, but for the cap field an upstream may need added
     model: str
