@@ -1,4 +1,13 @@
-"""Pricing models from an OpenRouter-style catalogue (``model_import.py``), from a saved copy."""
+"""Pricing models from an OpenRouter-style catalogue (``model_import.py``), from a saved copy.
+
+The fixture (``tests/data/openrouter-models.json``, written here) follows the shape OpenRouter's API
+reference gives for ``GET /api/v1/models`` (``ModelsListResponse``,
+https://openrouter.ai/docs/agent-sdk/typescript/api-reference/models/modelslistresponse): ``data``,
+a list of models with ``id``, ``name``, ``created``, ``context_length``, ``architecture``,
+``pricing`` (USD per token as decimal strings — ``prompt``, ``completion``, ``request``, ``image``,
+``input_cache_read``, ``input_cache_write``, ``internal_reasoning``; ``-1`` where the router prices
+per call), ``top_provider`` (``max_completion_tokens``) and ``supported_parameters``; plus entries
+tollway must leave out."""
 
 from __future__ import annotations
 
