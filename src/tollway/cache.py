@@ -26,8 +26,12 @@ CACHE_HEADER = "x-tollway-cache"
 MAX_PREFIXES = 200_000
 
 
-def _prefixes(model: str, messages: list[Any]) -> list[tuple[bytes, int]]:
-    """(hash, cumulative byte length) of each message prefix of a prompt."""
+Prefixes = list[tuple[bytes, int]]
+
+
+def prefixes_of(model: str, messages: list[Any]) -> Prefixes:
+    """(hash, cumulative byte length) of each message prefix of a prompt (a call computes them
+    once: ``ChatCall.prefixes``)."""
     out, h, size = [], hashlib.sha256(model.encode()).digest(), 0
     for m in messages:
         raw = json.dumps(m, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
@@ -42,13 +46,13 @@ class PrefixMemory:
         self.ttl = ttl
         self._seen: OrderedDict[tuple[str, bytes], tuple[int, float]] = OrderedDict()
 
-    def expect(self, upstream: str, model: str, messages: list[Any]) -> int:
+    def expect(self, upstream: str, prefixes: Prefixes) -> int:
         """Tokens of this prompt's longest prefix recently sent to ``upstream`` (0 if none)."""
-        return self.expected_by([upstream], model, messages)[upstream]
+        return self.expected_by([upstream], prefixes)[upstream]
 
-    def expected_by(self, upstreams: list[str], model: str, messages: list[Any]) -> dict[str, int]:
-        """``expect`` for each of ``upstreams`` (the prompt's prefixes hashed once)."""
-        now, prefixes, out = time.monotonic(), _prefixes(model, messages), {}
+    def expected_by(self, upstreams: list[str], prefixes: Prefixes) -> dict[str, int]:
+        """``expect`` for each of ``upstreams``."""
+        now, out = time.monotonic(), {}
         for upstream in upstreams:
             out[upstream] = 0
             for h, _ in reversed(prefixes):
@@ -58,8 +62,7 @@ class PrefixMemory:
                     break
         return out
 
-    def remember(self, upstream: str, model: str, messages: list[Any], prompt_tokens: int) -> None:
-        prefixes = _prefixes(model, messages)
+    def remember(self, upstream: str, prefixes: Prefixes, prompt_tokens: int) -> None:
         if not prefixes:
             return
         total, expires = prefixes[-1][1], time.monotonic() + self.ttl

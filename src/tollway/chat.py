@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .cache import Prefixes, prefixes_of
 from .config import Settings
 from .errors import BadRequest, NotFound
 from .payments.base import Quote
@@ -86,6 +87,13 @@ class ChatCall:
 
     def member(self, model: str) -> ChatCall:
         return next(m for m in self.members if m.model == model)
+
+    def prefixes(self) -> Prefixes:
+        """Its prompt's message prefixes, hashed (``cache.py``), once."""
+        found = self._memo.get("prefixes")
+        if found is None:
+            found = self._memo["prefixes"] = prefixes_of(self.model, self.body["messages"])
+        return found  # type: ignore[no-any-return]
 
     def quote(self, cap: int | None = None) -> Quote:
         """The price of this request served with output ``cap`` (default: the bound-paying one), by

@@ -205,7 +205,7 @@ def meter(
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
         discount = max(min(call.prices.cost(uncached), paid.covered) - cost, 0)
         if call.surface == "chat":
-            gw.prefixes.remember(opened.upstream, call.model, call.body["messages"], usage.prompt_tokens)
+            gw.prefixes.remember(opened.upstream, call.prefixes(), usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

@@ -148,12 +148,12 @@ def cached_by_upstream(gw: Gateway, call: ChatCall) -> Callable[[str], dict[str,
     if call.surface != "chat" or len(gw.router.upstreams) < 2:
         return None
     names = [u.name for u in gw.router.upstreams]
-    return lambda model: gw.prefixes.expected_by(names, model, call.body["messages"])
+    return lambda model: gw.prefixes.expected_by(names, call.member(model).prefixes())
 
 
 def expected_cache(gw: Gateway, call: ChatCall, upstream: str) -> int:
     """The prompt tokens we expect ``upstream`` to have cached for the call (chat only)."""
-    return gw.prefixes.expect(upstream, call.model, call.body["messages"]) if call.surface == "chat" else 0
+    return gw.prefixes.expect(upstream, call.prefixes()) if call.surface == "chat" else 0
 
 
 def mpp_proof(gw: Gateway, request: Request, call: ChatCall) -> Proof | None:
