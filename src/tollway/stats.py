@@ -35,6 +35,9 @@ MAX_SAMPLES = 1000  # per upstream and model, of each: the newest are kept
 LAG = 5.0
 BATCH = 5000
 PERCENTILES = (50, 75, 90, 99)
+# What routing ranks by (``sort``): an average of the latest samples, each new one weighing this much,
+# so that a change shows within a few calls where the 30-minute percentiles would take hundreds.
+RECENT_WEIGHT = 0.3
 
 
 @dataclass
@@ -55,6 +58,13 @@ class Series:
         self.latency: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, seconds)
         self.throughput: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, tokens/s)
         self.added: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, ms the gateway added)
+        self.recent: dict[str, float] = {}  # latency, throughput: exponentially weighted, newest heaviest
+
+    def sample(self, figure: str, at: float, value: float) -> None:
+        getattr(self, figure).append((at, value))
+        if figure in ("latency", "throughput"):
+            old = self.recent.get(figure)
+            self.recent[figure] = value if old is None else old + RECENT_WEIGHT * (value - old)
 
     def minute(self, at: float) -> Minute:
         m = int(at // 60)
@@ -81,6 +91,7 @@ class Figures:
     throughput: dict[str, float] | None  # output tokens per second, by percentile
     added: dict[str, float] | None  # milliseconds the gateway itself took before the answer started
     calls: int  # served in the last 30 minutes
+    recent: dict[str, float]  # latency and throughput, weighted to the latest samples (what routing ranks by)
     cache_hit_rate: float | None  # cached / prompt tokens, of calls that reported them (30 min)
     cache_survival: float | None  # of the tokens tollway expected cached, the share that were (30 min)
 
@@ -98,7 +109,7 @@ class Figures:
         }
 
 
-NOTHING = Figures({w: None for w in UPTIME_WINDOWS}, None, None, None, 0, None, None)
+NOTHING = Figures({w: None for w in UPTIME_WINDOWS}, None, None, None, 0, {}, None, None)
 
 
 def percentiles(values: Iterable[float]) -> dict[str, float] | None:
@@ -144,14 +155,14 @@ class LiveStats:
         series = self._series_of(upstream, model)
         first = row["upstream_latency_ms"]
         if first is not None:
-            series.latency.append((at, first / 1000))
+            series.sample("latency", at, first / 1000)
         if row["added_ms"] is not None:
-            series.added.append((at, row["added_ms"]))
+            series.sample("added", at, row["added_ms"])
         tokens, total = row["completion_tokens"], row["duration_ms"]
         if tokens and total is not None:
             generating = (total - (first or 0) if row["stream"] else total) / 1000
             if generating > 0:
-                series.throughput.append((at, tokens / generating))
+                series.sample("throughput", at, tokens / generating)
         minute = series.minute(at)
         if row["cached_tokens"] is not None and row["prompt_tokens"]:
             minute.prompt_tokens += row["prompt_tokens"]
@@ -195,6 +206,7 @@ class LiveStats:
             throughput=percentiles(s for _, s in series.throughput),
             added=percentiles(s for _, s in series.added),
             calls=sum(m.served for m in recent),
+            recent=dict(series.recent) if series.latency or series.throughput else {},
             cache_hit_rate=ratio(sum(m.cached_tokens for m in recent), sum(m.prompt_tokens for m in recent)),
             cache_survival=ratio(sum(m.survived for m in recent), sum(m.expected_cached for m in recent)),
         )

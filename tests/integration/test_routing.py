@@ -260,3 +260,21 @@ def test_without_an_order_the_upstream_holding_the_prompts_prefix_is_cheapest(ro
     assert served_by(routed.gw.url, other) == "fast"
     fresh = [{"role": "user", "content": f"never seen {time.time()}"}]
     assert served_by(routed.gw.url, call(http, messages=fresh)) == "slow"  # (cached nowhere: configuration order)
+
+
+def test_sort_by_latency_follows_a_change_within_a_few_calls(routed, http):
+    gw = routed.gw
+    for _ in range(3):
+        served_by(gw.url, call(http, provider={"only": ["slow"]}))
+        served_by(gw.url, call(http, provider={"only": ["fast"]}))
+    time.sleep(0.5)  # (figures refresh every 0.1 s here)
+    assert served_by(gw.url, call(http, provider={"sort": "latency"})) == "fast"
+    options = routed.fast.state.mock.options
+    try:
+        options.latency = 0.4  # fast becomes the slower one ...
+        for _ in range(5):
+            served_by(gw.url, call(http, provider={"only": ["fast"]}))
+        time.sleep(0.5)
+        assert served_by(gw.url, call(http, provider={"sort": "latency"})) == "slow"  # ... five calls later
+    finally:
+        options.latency = 0.0

@@ -150,12 +150,13 @@ class Router:
         return allowed
 
     def _rank(self, name: str, model: str, sort: str) -> float:
-        """Lower first: the median time to first byte, or minus the median output speed; an
-        upstream without figures yet after those with."""
-        figures = self.stats.figures(name, model)
+        """Lower first: the recent time to first byte, or minus the recent output speed (weighted
+        to the latest calls: ``stats.RECENT_WEIGHT``); an upstream without figures yet after those
+        with."""
+        recent = self.stats.figures(name, model).recent
         if sort == "latency":
-            return figures.latency["p50"] if figures.latency else math.inf
-        return -figures.throughput["p50"] if figures.throughput else math.inf
+            return recent.get("latency", math.inf)
+        return -recent["throughput"] if "throughput" in recent else math.inf
 
     async def send(
         self,
