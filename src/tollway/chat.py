@@ -166,6 +166,22 @@ def parse_json(raw: bytes) -> Any:
         raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
 
 
+def read_request(raw: bytes, byok: bool, api: str | None = None) -> tuple[dict[str, Any], str]:
+    """The request body (a JSON object) and its digest — what its quote, sign-in and idempotency
+    key are bound to. The digest names the ``api`` (but for chat: a quote for an embedding pays
+    no chat call with the same body) and whether the call brings its own provider key (priced
+    apart: its quote pays no plain call)."""
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        with python_recursion_limit():  # (encoding it also refuses lone surrogates such as \ud800)
+            digest = request_digest(body if api is None else {api: body})
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
+    return body, request_digest({"x-provider-key": digest}) if byok else digest
+
+
 def parse_chat(
     raw: bytes,
     settings: Settings,
@@ -177,16 +193,7 @@ def parse_chat(
 ) -> ChatCall:
     """The request, parsed and priced at ``prices`` (the BYOK fee's, for a call that brings its
     own provider key: ``byok``)."""
-    body = parse_json(raw)
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    try:
-        with python_recursion_limit():
-            digest = request_digest(body)  # (encoding it also refuses lone surrogates such as \ud800)
-            if byok:  # (priced apart: its quote, sign-in and idempotency key are not a plain call's)
-                digest = request_digest({"x-provider-key": digest})
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
+    body, digest = read_request(raw, byok)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
@@ -429,17 +436,7 @@ def parse_embeddings(
     """An embeddings request (OpenAI's ``POST /v1/embeddings``), parsed and priced like a chat
     request with no output: its input is bounded by the bytes of the body forwarded (a token is
     at least one byte of it, a token id at least one digit and a comma)."""
-    body = parse_json(raw)
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    try:
-        with python_recursion_limit():
-            # (bound to this API: a quote for an embedding does not pay a chat call with the same body)
-            digest = request_digest({"/v1/embeddings": body})
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
-    if byok:
-        digest = request_digest({"x-provider-key": digest})
+    body, digest = read_request(raw, byok, api="/v1/embeddings")
     ids, variant = _models(body, prices)
     _embedding_input(body.get("input"))
     route = replace(preferences(body, variant), surface="embeddings", byok=byok)
