@@ -186,7 +186,8 @@ async def test_streaming_is_incremental_over_real_http():
                     arrivals.append(time.monotonic() - start)
     # 8 content chunks (echo : a b c d e f) -> 7 delays of 0.1s between first and last.
     assert len(arrivals) == 8 + 2
-    assert arrivals[0] < 0.25
+    # The first chunk arrived while the rest were still being produced (no absolute bound: on a
+    # loaded machine starting the server alone can take a few hundred ms).
     assert arrivals[-1] - arrivals[0] >= 0.6
 
 
