@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -166,6 +167,12 @@ def parse_json(raw: bytes) -> Any:
         raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
 
 
+def _with_fallbacks(members: Iterable[ChatCall]) -> ChatCall:
+    """The first member, with the others as its fallbacks (a ``models`` list)."""
+    first, *rest = members
+    return replace(first, fallbacks=tuple(rest), _memo={})
+
+
 def read_request(raw: bytes, byok: bool, api: str | None = None) -> tuple[dict[str, Any], str]:
     """The request body (a JSON object) and its digest — what its quote, sign-in and idempotency
     key are bound to. The digest names the ``api`` (but for chat: a quote for an embedding pays
@@ -234,22 +241,22 @@ def parse_chat(
 
     # Priced on the largest body any upstream may get: the longest cap field, with the largest cap,
     # and the provider object an OpenRouter upstream gets — for the model whose body is longest.
+    sent_as = {m: confs[m].upstream_model or m for m in ids}
+    most = {m: upstream_max_price(confs[m].per_token()) for m in ids}
     bounds = []
     for m in ids:
-        conf = confs[m]
-        widest = {**shared, "model": conf.upstream_model or m}
+        widest = {**shared, "model": sent_as[m]}
         if not asked:
             widest["max_completion_tokens"] = max(default_cap, metered_cap)
-        most = upstream_max_price(conf.per_token())
-        widest["provider"] = {**(body.get("provider") or {}), "max_price": most, "sort": "throughput"}
-        image_tokens = settings.image_token_allowance if conf.image_tokens is None else conf.image_tokens
+        widest["provider"] = {**(body.get("provider") or {}), "max_price": most[m], "sort": "throughput"}
+        image_tokens = settings.image_token_allowance if confs[m].image_tokens is None else confs[m].image_tokens
         bounds.append(prompt_token_bound(encode(widest), _images(messages), image_tokens))
     now = time.time() if now is None else now
-    members = [
+    call = _with_fallbacks(
         ChatCall(
-            body={**shared, "model": confs[m].upstream_model or m},
+            body={**shared, "model": sent_as[m]},
             model=m,
-            upstream_model=confs[m].upstream_model or m,
+            upstream_model=sent_as[m],
             stream=stream,
             prices=prices[m],
             digest=digest,
@@ -264,11 +271,10 @@ def parse_chat(
             wants_usage=wants_usage,
             received=now,
             route=route,
-            upstream_max_price=upstream_max_price(confs[m].per_token()),
+            upstream_max_price=most[m],
         )
         for m in ids
-    ]
-    call = replace(members[0], fallbacks=tuple(members[1:]), _memo={})
+    )
     call.quote(call.cap(metered=True))  # refuses a request too large to pay, whatever the scheme
     return call
 
@@ -442,36 +448,34 @@ def parse_embeddings(
     route = replace(preferences(body, variant), surface="embeddings", byok=byok)
     ids = _within_max_price(ids, settings, route)
     shared = {k: v for k, v in body.items() if k not in ("models", "stream")}  # (an embedding is never streamed)
+    sent_as = {m: settings.models[m].upstream_model or m for m in ids}
+    most = {m: upstream_max_price(settings.models[m].per_token()) for m in ids}
+    provider = body.get("provider") or {}
+    bound = max(
+        len(encode({**shared, "model": sent_as[m], "provider": {**provider, "max_price": most[m]}})) for m in ids
+    )
     now = time.time() if now is None else now
-    members = []
-    for m in ids:
-        conf = settings.models[m]
-        upstream_model = conf.upstream_model or m
-        most = upstream_max_price(conf.per_token())
-        widest = {**shared, "model": upstream_model, "provider": {**(body.get("provider") or {}), "max_price": most}}
-        members.append(
-            ChatCall(
-                body={**shared, "model": upstream_model},
-                model=m,
-                upstream_model=upstream_model,
-                stream=False,
-                prices=prices[m],
-                digest=digest,
-                prompt_bound=len(encode(widest)),
-                choices=1,
-                asked_cap=None,
-                default_cap=0,
-                metered_cap=0,
-                expires=int(now) + settings.quote_ttl_seconds,
-                origin=origin,
-                received=now,
-                route=route,
-                upstream_max_price=most,
-                surface="embeddings",
-            )
+    call = _with_fallbacks(
+        ChatCall(
+            body={**shared, "model": sent_as[m]},
+            model=m,
+            upstream_model=sent_as[m],
+            stream=False,
+            prices=prices[m],
+            digest=digest,
+            prompt_bound=bound,
+            choices=1,
+            asked_cap=None,
+            default_cap=0,
+            metered_cap=0,
+            expires=int(now) + settings.quote_ttl_seconds,
+            origin=origin,
+            received=now,
+            route=route,
+            upstream_max_price=most[m],
+            surface="embeddings",
         )
-    bound = max(m.prompt_bound for m in members)
-    members = [replace(m, prompt_bound=bound, _memo={}) for m in members]
-    call = replace(members[0], fallbacks=tuple(members[1:]), _memo={})
+        for m in ids
+    )
     call.quote(0)  # refuses a request too large to pay
     return call

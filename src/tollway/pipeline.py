@@ -358,7 +358,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         request.headers,
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
         prefs=call.route,
-        api_key=provider_key(request) if call.route.byok else None,
+        api_key=request.headers.get(PROVIDER_KEY) if call.route.byok else None,  # (checked as it was priced)
         cached=cached_by_upstream(gw, call),
     )
     try:
