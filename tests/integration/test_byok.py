@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import gateway_settings
-from support import ServerThread, wait_receipt
+from support import SETTLE_WAIT, ServerThread, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.client.payer import sign_exact
@@ -109,3 +109,22 @@ def test_a_key_the_provider_refuses_is_the_payers_problem(byok, chain, devnet):
     assert KEY not in r.text
     health = httpx.get(f"{gw.url}/healthz", headers={"Authorization": "Bearer " + byok[4].admin_token}).json()
     assert all(u["healthy"] for u in health["upstreams"])  # (no cooldown: the upstream did nothing wrong)
+
+
+def test_a_refused_key_costs_the_payer_nothing(byok, chain, devnet):
+    """A payer who wants the gateway to pay: a key the provider refuses, with a payment signed for
+    it. The call is not served, so nothing of the payment moves and it is never settled."""
+    gw, _, _, db, _ = byok
+    wallet = chain.fund()
+    before = chain.balance(wallet.address)
+    payer = Payer(wallet, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
+    with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+        r = http.post(
+            f"{gw.url}/v1/chat/completions", json={**BODY, "mock": {"fail": 403}}, headers={"X-Provider-Key": KEY}
+        )
+    assert r.status_code == 401 and r.json()["error"]["code"] == "provider_key_refused", r.text
+    time.sleep(SETTLE_WAIT * 3)
+    assert chain.balance(wallet.address) == before
+    with sqlite3.connect(db) as conn:
+        states = {s for (s,) in conn.execute("SELECT state FROM payments WHERE payer = ?", (wallet.address.lower(),))}
+    assert states == {"released"}

@@ -11,7 +11,7 @@ import pytest
 from eth_account import Account
 
 from conftest import gateway_settings
-from support import ServerThread, receipt
+from support import ServerThread, receipt, run_concurrently
 from tollway import siwe
 from tollway.app import create_app
 from tollway.cli import server_config
@@ -94,3 +94,20 @@ def test_an_ipv6_client_counts_by_its_64():
 def test_trusted_proxies_must_be_addresses():
     with pytest.raises(ValueError, match="trusted_proxies"):
         Settings(trusted_proxies=["nginx"])
+
+
+def test_one_quota_holds_against_many_calls_at_once_across_two_replicas(devnet, upstream, tmp_path):
+    """A payer who wants more than the free tier: eight calls at once, split over two gateways that
+    share one ledger, from one address with a quota of three."""
+    settings = free_settings(devnet, upstream, tmp_path / "shared.sqlite3")
+    first = ServerThread(create_app(settings), proxy_headers=False)
+    second = ServerThread(create_app(settings.model_copy()), proxy_headers=False)
+    with first, second:
+        codes: list[int] = []
+        run_concurrently(lambda gw: codes.append(chat(gw).status_code), [first, second] * 4)
+    assert sorted(codes) == [200] * 3 + [429] * 5
+
+
+def test_a_fallback_list_with_a_paid_model_is_not_free(direct):
+    r = chat(direct, {**BODY, "models": ["mock/echo-large"]})  # (the free model first, a paid one after)
+    assert r.status_code == 402, r.text
