@@ -46,6 +46,14 @@ async def embeddings(request: Request) -> Response:
     return await pipeline.embeddings(request, gateway(request))
 
 
+async def messages(request: Request) -> Response:
+    return await pipeline.messages(request, gateway(request))
+
+
+async def responses(request: Request) -> Response:
+    return await pipeline.responses(request, gateway(request))
+
+
 async def channel_refund(request: Request) -> Response:
     return await refunds.refund(request, gateway(request))
 
@@ -316,6 +324,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model_id:path}/endpoints", model_endpoints, methods=["GET"]),
             Route("/v1/rankings", rankings, methods=["GET"]),

@@ -91,7 +91,7 @@ def with_challenge(
     error = exc.code if exc.bare_error else truncate(f"{exc.code}: {exc.message}", 300)
     extensions = {k: v for s in gw.schemes for k, v in s.extensions().items()}
     extensions.update(signin.declaration(gw, request, call.digest), **idempotency.declaration(gw))
-    extensions.update(discovery.bazaar(call.model))
+    extensions.update(discovery.bazaar(call.model, call.surface))
     doc = x402.payment_required(error, resource, quoted, extensions)
     headers = {x402.PAYMENT_REQUIRED: x402.b64json(doc)}
     exact = next((o for o in quoted if o.scheme == "exact"), None)

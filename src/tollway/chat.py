@@ -1,4 +1,5 @@
-"""A chat-completion request as the gateway sees it: parsed once, bounded, priced, and what to forward.
+"""A generation request (a chat completion; Messages and Responses: ``dialects.py``) as the gateway
+sees it: parsed once, bounded, priced, and what to forward.
 
 The quote bounds the call: what goes upstream is exactly what was priced.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,11 +46,25 @@ UNPRICED_FIELDS = {
 
 
 @dataclass(frozen=True)
+class Api:
+    """What sets a generation API apart (chat; Messages and Responses in ``dialects.py``): where
+    its prompt is, what it refuses, the output-cap field it is served with."""
+
+    surface: str  # its name (an upstream's ``surfaces``)
+    path: str  # the gateway's path, which its quotes are bound to (but for chat's)
+    prompt: Callable[[dict[str, Any]], list[Any]]  # the prompt's items (messages), in order; validates them
+    refuse: Callable[[dict[str, Any], list[Any]], None]  # refuses what the quote cannot bound
+    cap_field: str | None = None  # the cap field added when the request sets none (None: the upstream's)
+    prompt_allowance: Callable[[dict[str, Any]], int] = lambda body: 0  # tokens the provider adds unseen
+
+
+@dataclass(frozen=True)
 class ChatCall:
-    """A request — a chat completion, or an embeddings request (``surface``) — parsed and
-    bounded. Its price depends on the output cap it is served with: a cap the request sets itself,
-    else ``default_cap`` for schemes that pay the bound (``exact``) and ``metered_cap`` for those
-    that pay the metered cost (``upto``, credit) — so ``quote(cap)`` prices it, and
+    """A request — a generation (chat, Messages, Responses), or an embeddings request
+    (``surface``) — parsed and bounded. Its price depends on the output cap it is served with: a
+    cap the request sets itself, else ``default_cap`` for schemes that pay the bound (``exact``)
+    and ``metered_cap`` for those that pay the metered cost (``upto``, credit) — so
+    ``quote(cap)`` prices it, and
     ``forward(cap_field, cap)`` is the body an upstream gets with that cap."""
 
     body: dict[str, Any]  # as forwarded, but for the cap field an upstream may need added
@@ -74,7 +89,9 @@ class ChatCall:
     # The models to fall back to, in order (OpenRouter's `models`): this request as each serves it.
     # The quote covers the dearest of them all; the call is billed at the model that served it.
     fallbacks: tuple[ChatCall, ...] = ()
-    surface: str = "chat"  # the API: "chat" (has output, messages), or "embeddings" (no output)
+    surface: str = "chat"  # the API: "chat", "messages", "responses" (generations), "embeddings" (no output)
+    cap_field: str | None = None  # the output-cap field the API reads (None: the upstream's, for chat)
+    prompt: list[Any] = field(default_factory=list, compare=False, repr=False)  # its prompt's items (Api.prompt)
     _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def cap(self, metered: bool) -> int:
@@ -93,7 +110,7 @@ class ChatCall:
         """Its prompt's message prefixes, hashed (``cache.py``), once."""
         found = self._memo.get("prefixes")
         if found is None:
-            found = self._memo["prefixes"] = prefixes_of(self.model, self.body["messages"])
+            found = self._memo["prefixes"] = prefixes_of(self.model, self.prompt)
         return found  # type: ignore[no-any-return]
 
     def quote(self, cap: int | None = None) -> Quote:
@@ -118,10 +135,11 @@ class ChatCall:
         ``cap``. An upstream that ``routes_providers`` (OpenRouter) gets the ``provider`` object,
         with ``max_price`` at most tollway's prices; any other gets none (a vendor's API may refuse
         a field it does not know)."""
+        cap_field = self.cap_field or cap_field
         key = ("body", cap_field if self.asked_cap is None else "", cap, routes_providers)
         out = self._memo.get(key)
         if out is None:
-            has_cap = self.asked_cap is not None or self.surface != "chat"  # (embeddings have no output)
+            has_cap = self.asked_cap is not None or self.surface == "embeddings"  # (which has no output)
             body = self.body if has_cap else {**self.body, cap_field: cap}
             if routes_providers:
                 provider = {**(body.get("provider") or {}), "max_price": self.upstream_max_price}
@@ -189,7 +207,19 @@ def read_request(raw: bytes, byok: bool, api: str | None = None) -> tuple[dict[s
     return body, request_digest({"x-provider-key": digest}) if byok else digest
 
 
-def parse_chat(
+def chat_messages(body: dict[str, Any]) -> list[Any]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    return messages
+
+
+def parse_chat(raw: bytes, settings: Settings, prices: dict[str, Prices], **kw: Any) -> ChatCall:
+    return parse_generation(CHAT, raw, settings, prices, **kw)
+
+
+def parse_generation(
+    api: Api,
     raw: bytes,
     settings: Settings,
     prices: dict[str, Prices],
@@ -198,24 +228,20 @@ def parse_chat(
     now: float | None = None,
     byok: bool = False,
 ) -> ChatCall:
-    """The request, parsed and priced at ``prices`` (the BYOK fee's, for a call that brings its
-    own provider key: ``byok``)."""
-    body, digest = read_request(raw, byok)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    """A request of a generation ``api``, parsed and priced at ``prices`` (the BYOK fee's, for a
+    call that brings its own provider key: ``byok``)."""
+    body, digest = read_request(raw, byok, api=None if api is CHAT else api.path)
+    items = api.prompt(body)
     ids, variant = _models(body, prices)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", code="invalid_stream")
 
-    refuse_unpriced(body)
-    route = preferences(body, variant)
-    if byok:
-        route = replace(route, byok=True)
+    api.refuse(body, items)
+    route = replace(preferences(body, variant), surface=api.surface, byok=byok)
     ids = _within_max_price(ids, settings, route)
     confs = {m: settings.models[m] for m in ids}
-    long_cache = _long_cache(body)
+    long_cache = _long_cache(body, items)
     for m in ids:
         if long_cache and prices[m].cache_write_1h is None:
             raise BadRequest(
@@ -236,7 +262,7 @@ def parse_chat(
             shared[f] = asked
     opts = body.get("stream_options")
     wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-    if stream and not wants_usage:
+    if stream and not wants_usage and api is CHAT:  # (the other APIs always report a stream's usage)
         shared["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
 
     # Priced on the largest body any upstream may get: the longest cap field, with the largest cap,
@@ -250,7 +276,7 @@ def parse_chat(
             widest["max_completion_tokens"] = max(default_cap, metered_cap)
         widest["provider"] = {**(body.get("provider") or {}), "max_price": most[m], "sort": "throughput"}
         image_tokens = settings.image_token_allowance if confs[m].image_tokens is None else confs[m].image_tokens
-        bounds.append(prompt_token_bound(encode(widest), _images(messages), image_tokens))
+        bounds.append(prompt_token_bound(encode(widest), _images(items), image_tokens) + api.prompt_allowance(body))
     now = time.time() if now is None else now
     call = _with_fallbacks(
         ChatCall(
@@ -272,6 +298,9 @@ def parse_chat(
             received=now,
             route=route,
             upstream_max_price=most[m],
+            surface=api.surface,
+            cap_field=api.cap_field,
+            prompt=items,
         )
         for m in ids
     )
@@ -321,53 +350,83 @@ def _models(body: dict[str, Any], prices: dict[str, Prices]) -> tuple[list[str],
     return ids, variant
 
 
-def refuse_unpriced(body: dict[str, Any]) -> None:
-    """Refuse what could cost more than the quote bounds (see the module docstring)."""
-    for name, why in UNPRICED_FIELDS.items():
+def refuse_fields(body: dict[str, Any], unpriced: dict[str, str]) -> None:
+    """Refuse each field of ``unpriced`` (name → why) the request sets."""
+    for name, why in unpriced.items():
         if body.get(name) is not None:
             raise BadRequest(f"'{name}' is not accepted here: {why}", code="unpriced_parameter")
+
+
+def refuse_tier(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    tier = body.get("service_tier")
+    if tier is not None and tier not in allowed:
+        raise BadRequest(
+            f"'service_tier' may be one of {', '.join(allowed)}: other tiers cost more than the list price",
+            code="unpriced_parameter",
+        )
+
+
+def refuse_tools(body: dict[str, Any], allowed: tuple[str | None, ...], kind: str) -> None:
+    """Refuse tools other than those the client runs itself (``allowed`` types): a server-side
+    tool is billed by the upstream per use."""
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be an array", code="invalid_tools")
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type") not in allowed:
+            found = tool.get("type") if isinstance(tool, dict) else None
+            raise BadRequest(
+                f"only {kind} tools are accepted here, not {json.dumps(found)[:40]}: "
+                "server-side tools are billed by the upstream per use",
+                code="unpriced_parameter",
+            )
+
+
+def refuse_parts(items: list[Any], priced: tuple[str, ...]) -> None:
+    """Refuse content of a type not in ``priced`` anywhere in the prompt (a content part, or one
+    inside a tool result)."""
+    for part in _parts(items):
+        if part.get("type") not in priced:
+            raise BadRequest(
+                f"content of type {json.dumps(part.get('type'))[:40]} is not priced here "
+                f"(accepted: {', '.join(p for p in priced if p)})",
+                code="unpriced_parameter",
+            )
+
+
+def _parts(items: list[Any]) -> Iterator[dict[str, Any]]:
+    """The content parts of a prompt's items (a message's content, a Responses tool output), with
+    those nested one level deeper (an Anthropic tool result's)."""
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        for key in ("content", "output"):
+            content = item.get(key)
+            for part in content if isinstance(content, list) else ():
+                if isinstance(part, dict):
+                    yield part
+                    inner = part.get("content")
+                    yield from (p for p in (inner if isinstance(inner, list) else ()) if isinstance(p, dict))
+
+
+def refuse_unpriced(body: dict[str, Any], messages: list[Any]) -> None:
+    """Refuse what could cost more than the quote bounds (see the module docstring)."""
+    refuse_fields(body, UNPRICED_FIELDS)
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise BadRequest("only text output is priced here ('modalities': ['text'])", code="unpriced_parameter")
-    tier = body.get("service_tier")
-    if tier is not None and tier not in ALLOWED_TIERS:
-        raise BadRequest(
-            f"'service_tier' may be one of {', '.join(ALLOWED_TIERS)}: other tiers cost more than the list price",
-            code="unpriced_parameter",
-        )
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise BadRequest("'tools' must be an array", code="invalid_tools")
-        for tool in tools:
-            if not isinstance(tool, dict) or tool.get("type") != "function":
-                kind = tool.get("type") if isinstance(tool, dict) else None
-                raise BadRequest(
-                    f"only function tools are accepted here, not {json.dumps(kind)[:40]}: "
-                    "server-side tools are billed by the upstream per use",
-                    code="unpriced_parameter",
-                )
-    for m in body["messages"]:
-        content = m.get("content") if isinstance(m, dict) else None
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if isinstance(part, dict) and part.get("type") not in PRICED_PARTS:
-                raise BadRequest(
-                    f"message content of type {json.dumps(part.get('type'))[:40]} is not priced here "
-                    f"(accepted: {', '.join(PRICED_PARTS)})",
-                    code="unpriced_parameter",
-                )
+    refuse_tier(body, ALLOWED_TIERS)
+    refuse_tools(body, ("function",), "function")
+    refuse_parts(messages, PRICED_PARTS)
 
 
-def _images(messages: list[Any]) -> int:
-    return sum(
-        1
-        for m in messages
-        if isinstance(m, dict) and isinstance(m.get("content"), list)
-        for part in m["content"]
-        if isinstance(part, dict) and part.get("type") in IMAGE_PARTS
-    )
+CHAT = Api("chat", "/v1/chat/completions", chat_messages, refuse_unpriced)
+
+
+def _images(items: list[Any]) -> int:
+    return sum(1 for part in _parts(items) if part.get("type") in IMAGE_PARTS)
 
 
 def _choices(body: dict[str, Any], most: int) -> int:
@@ -386,16 +445,12 @@ def _choices(body: dict[str, Any], most: int) -> int:
     return count
 
 
-def _long_cache(body: dict[str, Any]) -> bool:
-    """Whether a ``cache_control`` mark (on a message, a content part or a tool) asks for a
-    one-hour TTL; TTLs other than "5m" and "1h" are refused."""
-    marked = []
-    for holder in (*body["messages"], *(body.get("tools") or ())):
-        if isinstance(holder, dict):
-            marked.append(holder)
-            content = holder.get("content")
-            if isinstance(content, list):
-                marked.extend(part for part in content if isinstance(part, dict))
+def _long_cache(body: dict[str, Any], items: list[Any]) -> bool:
+    """Whether a ``cache_control`` mark (on the request, a message, a content part or a tool)
+    asks for a one-hour TTL; TTLs other than "5m" and "1h" are refused."""
+    tools = body.get("tools")
+    holders = [body, *items, *(tools if isinstance(tools, list) else ())]
+    marked = [h for h in holders if isinstance(h, dict)] + list(_parts(items))
     found = False
     for node in marked:
         mark = node.get("cache_control")

@@ -178,8 +178,14 @@ class UpstreamSettings(Strict):
     import_all: bool = True
     # It takes a payer's own key (BYOK: the X-Provider-Key header) in place of api_key, for byok_fee.
     byok: bool = False
-    # The APIs it speaks: chat (POST <url>/chat/completions), embeddings (POST <url>/embeddings).
-    surfaces: list[Literal["chat", "embeddings"]] = Field(default_factory=lambda: ["chat", "embeddings"])
+    # The APIs it speaks: chat (POST <url>/chat/completions), embeddings (POST <url>/embeddings),
+    # Anthropic's messages (POST <url>/messages), OpenAI's responses (POST <url>/responses).
+    surfaces: list[Literal["chat", "embeddings", "messages", "responses"]] = Field(
+        default_factory=lambda: ["chat", "embeddings", "messages", "responses"]
+    )
+    # The header its key goes in: "authorization" (Bearer) or "x-api-key" (Anthropic's API).
+    # None: x-api-key for api.anthropic.com, else authorization.
+    key_header: Literal["authorization", "x-api-key"] | None = None
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # between bytes, not total (a call's total is max_call_seconds)
     max_connections: int = 256

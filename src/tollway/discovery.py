@@ -3,7 +3,7 @@
 
 It is x402's own discovery path: a client echoes a 402's extensions in its payment, and a
 facilitator that settles it may catalogue the resource from the declaration — the request it takes
-(a JSON body: an OpenAI chat request), an example of the answer, and a JSON schema of both, which
+(a JSON body in the API's own shape), an example of the answer, and a JSON schema of both, which
 the facilitator validates the declaration against (the official SDK's
 ``x402.extensions.bazaar.facilitator.extract_discovery_info`` does; the tests run it).
 """
@@ -17,47 +17,82 @@ from . import __version__
 if TYPE_CHECKING:
     from .gateway import Gateway
 
-SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "properties": {
-        "input": {
-            "type": "object",
-            "properties": {
-                "type": {"type": "string", "const": "http"},
-                "method": {"type": "string", "enum": ["POST"]},
-                "bodyType": {"type": "string", "enum": ["json"]},
-                "body": {
-                    "type": "object",
-                    "properties": {"model": {"type": "string"}, "messages": {"type": "array"}},
-                    "required": ["model", "messages"],
+
+def schema(prompt: str) -> dict[str, Any]:
+    """The JSON schema of a declaration whose request carries its prompt in ``prompt``."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "input": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "const": "http"},
+                    "method": {"type": "string", "enum": ["POST"]},
+                    "bodyType": {"type": "string", "enum": ["json"]},
+                    "body": {
+                        "type": "object",
+                        "properties": {"model": {"type": "string"}},
+                        "required": ["model", prompt],
+                    },
                 },
+                "required": ["type", "method", "bodyType", "body"],
             },
-            "required": ["type", "method", "bodyType", "body"],
+            "output": {
+                "type": "object",
+                "properties": {"type": {"type": "string"}, "example": {"type": "object"}},
+                "required": ["type"],
+            },
         },
-        "output": {
-            "type": "object",
-            "properties": {"type": {"type": "string"}, "example": {"type": "object"}},
-            "required": ["type"],
-        },
-    },
-    "required": ["input"],
-}
-ANSWER = {  # (what an answer looks like: the completion, and usage.cost — what the call was charged, in USD)
-    "object": "chat.completion",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 9, "completion_tokens": 3, "cost": 0.00002},
-}
-
-
-def bazaar(model: str) -> dict[str, Any]:
-    """The ``bazaar`` extension a 402 for a chat completion with ``model`` declares."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
-    info = {
-        "input": {"type": "http", "method": "POST", "bodyType": "json", "body": body},
-        "output": {"type": "json", "example": ANSWER},
+        "required": ["input"],
     }
-    return {"bazaar": {"info": info, "schema": SCHEMA}}
+
+
+HELLO = [{"role": "user", "content": "Hello"}]
+# Per API: an example request (but its model) and answer. Chat's and embeddings' usage.cost is what
+# the call was charged, in USD; the Messages and Responses answers come back as their upstream sent them.
+EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "chat": (
+        {"messages": HELLO},
+        {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 3, "cost": 0.00002},
+        },
+    ),
+    "embeddings": (
+        {"input": "Hello"},
+        {"object": "list", "data": [{"index": 0, "embedding": [0.01, -0.02]}], "usage": {"prompt_tokens": 1}},
+    ),
+    "messages": (
+        {"max_tokens": 256, "messages": HELLO},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": "Hello!"}],
+            "usage": {"input_tokens": 9, "output_tokens": 3},
+        },
+    ),
+    "responses": (
+        {"input": "Hello"},
+        {
+            "object": "response",
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]}],
+            "usage": {"input_tokens": 9, "output_tokens": 3},
+        },
+    ),
+}
+
+
+def bazaar(model: str, surface: str = "chat") -> dict[str, Any]:
+    """The ``bazaar`` extension a 402 for a request of ``surface`` (an API) with ``model`` declares."""
+    body, answer = EXAMPLES[surface]
+    info = {
+        "input": {"type": "http", "method": "POST", "bodyType": "json", "body": {"model": model, **body}},
+        "output": {"type": "json", "example": answer},
+    }
+    prompt = "messages" if "messages" in body else "input"
+    return {"bazaar": {"info": info, "schema": schema(prompt)}}
 
 
 def openapi(gw: Gateway, base: str) -> dict[str, Any]:
@@ -108,6 +143,28 @@ def openapi(gw: Gateway, base: str) -> dict[str, Any]:
                     "responses": {"200": {"description": "The embeddings"}, "402": {"description": "Payment Required"}},
                 }
             },
+            "/v1/messages": {
+                "post": {
+                    **chat,
+                    "summary": "Anthropic Messages (forwarded untranslated: cache_control survives), paid per call",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": MESSAGES_REQUEST}}},
+                    "responses": {
+                        "200": {"description": "The message (or an SSE stream of Anthropic's events)"},
+                        "402": {"description": "Payment Required"},
+                    },
+                }
+            },
+            "/v1/responses": {
+                "post": {
+                    **chat,
+                    "summary": "OpenAI Responses (forwarded untranslated), paid per call",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": RESPONSES_REQUEST}}},
+                    "responses": {
+                        "200": {"description": "The response (or an SSE stream of its events)"},
+                        "402": {"description": "Payment Required"},
+                    },
+                }
+            },
             "/v1/models": {
                 "get": {"summary": "Models and their prices", "responses": {"200": {"description": "The models"}}}
             },
@@ -141,6 +198,28 @@ CHAT_REQUEST = {
     },
     "required": ["model", "messages"],
 }
+MESSAGES_REQUEST = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "system": {"type": ["string", "array"]},
+        "messages": {"type": "array", "items": {"type": "object", "properties": {"role": {"type": "string"}}}},
+        "max_tokens": {"type": "integer"},
+        "stream": {"type": "boolean"},
+    },
+    "required": ["model", "messages"],
+}
+RESPONSES_REQUEST = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "instructions": {"type": "string"},
+        "input": {"type": ["string", "array"]},
+        "max_output_tokens": {"type": "integer"},
+        "stream": {"type": "boolean"},
+    },
+    "required": ["model", "input"],
+}
 EMBEDDINGS_REQUEST = {
     "type": "object",
     "properties": {"model": {"type": "string"}, "input": {"type": ["string", "array"]}},
@@ -170,6 +249,8 @@ Chain: eip155:{gw.chain_id}. Asset: {gw.token}. Models: {models}.
 - [OpenAPI](/openapi.json): the operations, their inputs and outputs, and their payment offers
 - POST {base}/v1/chat/completions: OpenAI-compatible chat completions (streaming too), paid per call
 - POST {base}/v1/embeddings: OpenAI-compatible embeddings, paid per call
+- POST {base}/v1/messages: Anthropic Messages (the Anthropic SDK works with base_url {base}), paid per call
+- POST {base}/v1/responses: OpenAI Responses, paid per call (send the whole input: no previous_response_id)
 - GET {base}/v1/models: the models and their prices
 - GET {base}/v1/models/<model>/endpoints: its upstreams, with uptime, latency and throughput (live)
 - GET {base}/v1/rankings: usage share by model, last day and week (?format=csv)

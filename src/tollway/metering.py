@@ -34,6 +34,7 @@ from .upstream.client import Opened
 from .usage import (
     SUMMARY_PREFIX,
     StreamTail,
+    StreamUsage,
     Usage,
     UsageEvents,
     body_with_cost,
@@ -204,7 +205,7 @@ def meter(
     if usage is not None:
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
         discount = max(min(call.prices.cost(uncached), paid.covered) - cost, 0)
-        if call.surface == "chat":
+        if call.prompt:
             gw.prefixes.remember(opened.upstream, call.prefixes(), usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
@@ -238,7 +239,7 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     row = served_row(
         call_id, paid, call, opened, status="served", duration_ms=opened.latency_ms, finished_at=time.time()
     )
-    usage = usage_from_body(opened.first, output=call.surface == "chat")
+    usage = usage_from_body(opened.first, output=call.surface != "embeddings")
     fields, hop, settled = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settled=None)
     headers = receipt_headers(gw, paid, settled, call_id)
     hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]
@@ -246,14 +247,26 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     headers["x-tollway-credit"] = str(fields["credit_after"])
     headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
     media = opened.response.headers.get("content-type", "application/json")
-    body = body_with_cost(opened.first, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
+    body = opened.first
+    if call.surface in OPENAI_USAGE:  # (the other APIs' answers go back untouched)
+        body = body_with_cost(body, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
     log_served(call_id, call, paid, opened, fields["cost"])
     return Response(body, status_code=200, media_type=media, headers=headers)
 
 
-def error_event(message: str, code: str) -> bytes:
-    """How a stream that breaks after its first byte ends (OpenRouter's convention): an error
-    chunk with ``finish_reason: "error"``, then ``[DONE]``."""
+OPENAI_USAGE = ("chat", "embeddings")  # the APIs whose answers carry tollway's charge as usage.cost
+
+
+def error_event(message: str, code: str, surface: str = "chat") -> bytes:
+    """How a stream that breaks after its first byte ends, in its API's own terms: chat (OpenRouter's
+    convention) an error chunk with ``finish_reason: "error"``, then ``[DONE]``; Messages and
+    Responses their ``error`` event."""
+    if surface == "messages":
+        doc: dict[str, Any] = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+    if surface == "responses":
+        doc = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
     chunk = {
         "object": "chat.completion.chunk",
         "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
@@ -290,11 +303,13 @@ def relay_stream(
         log_served(call_id, call, paid, opened, metered[0]["cost"], outcome=row["status"])
         return metered
 
+    reader = None if call.surface == "chat" else StreamUsage()  # (chat's usage chunk is read from the tail)
+
     def close(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], Any, Settlement | None] | None:
         """Meter the stream now — or, when it carried no usage but its upstream can tell it after
         the fact, in the background once it does (the receipt then has it)."""
-        usage = tail.usage()
-        if usage is None and upstream.generation_url and tail.generation_id():
+        usage = tail.usage() if reader is None else reader.usage()
+        if usage is None and reader is None and upstream.generation_url and tail.generation_id():
             gw.spawn(meter_later(tail, complete))
             return None
         return finish(tail, complete, usage)
@@ -308,6 +323,8 @@ def relay_stream(
     def usage_event(doc: dict[str, Any]) -> dict[str, Any] | None:
         """The usage chunk as the client gets it: tollway's charge as ``usage.cost``; dropped (or
         just its usage) if the client did not ask for it."""
+        if not isinstance(doc.get("usage"), dict):
+            return doc
         usage = parse_usage(doc["usage"], doc.get("timings"))
         if usage is not None:
             doc = with_cost(doc, atomic_to_usd(charge(call, paid, usage), gw.settings.chain.decimals))
@@ -322,7 +339,7 @@ def relay_stream(
     async def body() -> AsyncIterator[bytes]:
         tail = StreamTail()
         tail.feed(opened.first)
-        relay = UsageEvents(usage_event)
+        relay = UsageEvents(usage_event if reader is None else reader.see)
         closed, saved = False, time.monotonic()
         try:
             yield relay.feed(opened.first)
@@ -338,7 +355,7 @@ def relay_stream(
             if relay.held:
                 yield relay.flush()
             if opened.error is not None and tail.error() is None:
-                yield error_event(opened.error, "stream_interrupted")
+                yield error_event(opened.error, "stream_interrupted", call.surface)
             metered = close(tail, complete=opened.error is None)
             closed = True
             yield summary(call_id, tail, metered)

@@ -6,6 +6,9 @@ Behaviour in one paragraph: ``POST /v1/chat/completions`` answers ``"echo: " + <
 whitespace-collapsed>`` (or the ``mock.reply`` directive), truncated to ``max_completion_tokens`` /
 ``max_tokens`` (default 16) with ``finish_reason`` ``"length"`` when truncated, ``"stop"`` otherwise.
 Usage is reported in one of several provider "dialects", including simulated prefix-cache hits.
+``POST /v1/messages`` (Anthropic: ``system`` + ``messages``, ``max_tokens``) and ``POST /v1/responses``
+(OpenAI: ``instructions`` + ``input``, ``max_output_tokens``) answer the same reply in their own shapes,
+events and usage fields, streamed or not.
 
 Token rule (documented contract): text is split with ``_TOKEN_RE`` = ``\\s*\\w+ | \\s*[^\\w\\s] | \\s+``,
 i.e. a word with its leading whitespace, a single symbol/emoji with its leading whitespace, or a trailing
@@ -278,6 +281,45 @@ def _usage(
     return usage, extra
 
 
+class _Generation:
+    """What one generation request produced (counts already multiplied by ``usage_factor``)."""
+
+    def __init__(
+        self,
+        body: dict[str, Any],
+        mock: dict[str, Any],
+        model: str,
+        pieces: list[str],
+        finish: str,
+        prompt: int,
+        completion: int,
+        cached: int,
+        written: int,
+    ) -> None:
+        self.body, self.mock, self.model, self.pieces, self.finish = body, mock, model, pieces, finish
+        self.prompt, self.completion, self.cached, self.written = prompt, completion, cached, written
+        self.id = ""
+
+
+def _anthropic_prompt(body: dict[str, Any]) -> Any:
+    """A Messages request's prompt as OpenAI messages: ``system`` first."""
+    messages, system = body.get("messages"), body.get("system")
+    if system is None or not isinstance(messages, list):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _responses_prompt(body: dict[str, Any]) -> Any:
+    """A Responses request's prompt as OpenAI messages: ``instructions`` first, the input's
+    messages (an input string is one user message)."""
+    given, instructions = body.get("input"), body.get("instructions")
+    items = [{"role": "user", "content": given}] if isinstance(given, str) else given
+    if not isinstance(items, list):
+        return None
+    items = [i for i in items if isinstance(i, dict) and "role" in i] or items
+    return items if instructions is None else [{"role": "system", "content": instructions}, *items]
+
+
 def create_app(options: MockOptions | None = None) -> Starlette:
     """Build the mock upstream.  ``app.state.mock`` exposes options, cache and stats to tests."""
     state = _State(options.model_copy() if options else MockOptions())
@@ -288,14 +330,6 @@ def create_app(options: MockOptions | None = None) -> Starlette:
     async def models(_: Request) -> Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "tollway-mock"} for m in state.options.models]
         return Response(_dumps({"object": "list", "data": data}), media_type="application/json")
-
-    async def chat(request: Request) -> Response:
-        state.stats["requests"] += 1
-        try:
-            return await _chat(request)
-        except _BadRequest as exc:
-            state.stats["failures"] += 1
-            return _error(exc.status, exc.message, exc.code)
 
     async def embeddings(request: Request) -> Response:
         """OpenAI's embeddings: a deterministic 8-dimensional vector per input (from the sha-256 of
@@ -334,7 +368,9 @@ def create_app(options: MockOptions | None = None) -> Starlette:
             _dumps({"object": "list", "data": data, "model": model, "usage": usage}), media_type="application/json"
         )
 
-    async def _chat(request: Request) -> Response:
+    async def generate(request: Request, prompt_of: Any, limit_field: str) -> _Generation | Response:
+        """What a generation request (of any API) produces: its prompt is ``prompt_of(body)`` (OpenAI
+        messages), its output cap ``limit_field`` (or max_completion_tokens). A Response: it failed."""
         opts = state.options
         try:
             body = json.loads(await request.body())
@@ -357,18 +393,18 @@ def create_app(options: MockOptions | None = None) -> Starlette:
             padding = " " * mock.get("error_bytes", 0)  # an oversized error body
             return _error(mock["fail"], f"mock upstream: injected failure {mock['fail']}{padding}")
 
-        messages, model = body.get("messages"), body.get("model")
+        messages, model = prompt_of(body), body.get("model")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise _BadRequest(400, "`messages` must be a non-empty array of objects", "invalid_messages")
         if not isinstance(model, str):
             raise _BadRequest(400, "you must provide a `model` string", "missing_model")
         if model not in opts.models:
             raise _BadRequest(404, f"The model `{model}` does not exist", "model_not_found")
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        limit = body.get("max_completion_tokens", body.get(limit_field))
         if limit is None:
             limit = opts.default_max_tokens
         elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise _BadRequest(400, "max_tokens must be a non-negative integer", "invalid_max_tokens")
+            raise _BadRequest(400, f"{limit_field} must be a non-negative integer", "invalid_max_tokens")
 
         # Prompt accounting + prefix cache.
         seq = _prompt_sequence(messages)
@@ -393,23 +429,51 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         stats["prompt_tokens"] += prompt
         stats["completion_tokens"] += completion
         stats["cached_tokens"] += cached
+        if body.get("stream"):
+            stats["streams"] += 1
         factor = mock.get("usage_factor", 1)  # an upstream that over-reports its usage
+        gen = _Generation(
+            body, mock, model, pieces, finish, prompt * factor, completion * factor, cached * factor, written * factor
+        )
+        gen.id = f"chatcmpl-mock-{next(state.ids)}"
+        return gen
+
+    async def chat(request: Request) -> Response:
+        return await served(request, _chat, lambda body: body.get("messages"), "max_tokens")
+
+    async def messages(request: Request) -> Response:
+        return await served(request, _messages, _anthropic_prompt, "max_tokens")
+
+    async def responses(request: Request) -> Response:
+        return await served(request, _responses, _responses_prompt, "max_output_tokens")
+
+    async def served(request: Request, render: Any, prompt_of: Any, limit_field: str) -> Response:
+        state.stats["requests"] += 1
+        try:
+            gen = await generate(request, prompt_of, limit_field)
+        except _BadRequest as exc:
+            state.stats["failures"] += 1
+            return _error(exc.status, exc.message, exc.code)
+        return gen if isinstance(gen, Response) else render(gen)
+
+    def _chat(gen: _Generation) -> Response:
+        body, mock, model, pieces, finish = gen.body, gen.mock, gen.model, gen.pieces, gen.finish
         usage, extra = _usage(
-            mock.get("dialect", opts.dialect),
-            prompt * factor,
-            completion * factor,
-            cached * factor,
-            written * factor,
+            mock.get("dialect", state.options.dialect),
+            gen.prompt,
+            gen.completion,
+            gen.cached,
+            gen.written,
             mock.get("cost_prices"),
         )
         omit_usage = mock.get("omit_usage", False)
-        cid, created = f"chatcmpl-mock-{next(state.ids)}", int(time.time())
+        cid, created = gen.id, int(time.time())
         state.generations[cid] = {
             "id": cid,
             "model": model,
-            "native_tokens_prompt": prompt * factor,
-            "native_tokens_completion": completion * factor,
-            "native_tokens_cached": cached * factor,
+            "native_tokens_prompt": gen.prompt,
+            "native_tokens_completion": gen.completion,
+            "native_tokens_cached": gen.cached,
             "total_cost": usage.get("cost"),
             "streamed": bool(body.get("stream")),
         }
@@ -438,10 +502,7 @@ def create_app(options: MockOptions | None = None) -> Starlette:
                 raw = raw[:-1] + b',"deep":' + b"[" * mock["nest"] + b"]" * mock["nest"] + b"}"
             return Response(raw, media_type="application/json")
 
-        stats["streams"] += 1
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not omit_usage
-        delay = mock.get("chunk_delay", opts.chunk_delay)
-        fail_after = mock.get("fail_after_chunks")
         head = _dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
 
         def event(tail: dict[str, Any]) -> bytes:  # tail = the fields after id/object/created/model
@@ -450,26 +511,143 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         def choice(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
             return {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
-        async def stream():
-            yield b": MOCK PROCESSING\n\n"
+        def deltas() -> Any:
             for i, piece in enumerate(pieces or [""]):
-                if i == fail_after:
-                    break
-                if i and delay:
-                    await asyncio.sleep(delay)
                 yield event(choice({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None))
-            if fail_after is not None:  # inject the mid-stream failure (after min(N, all) content chunks)
-                stats["failures"] += 1
-                if mock.get("fail_mode") == "disconnect":
-                    raise MockDisconnect()
-                err = {"message": "mock upstream: injected mid-stream failure", "code": 500}
-                yield event({"error": err, **choice({"content": ""}, "error")})
-                yield b"data: [DONE]\n\n"
-                return
+
+        def failure() -> Any:
+            err = {"message": "mock upstream: injected mid-stream failure", "code": 500}
+            yield event({"error": err, **choice({"content": ""}, "error")})
+            yield b"data: [DONE]\n\n"
+
+        def end() -> Any:
             yield event({**choice({}, finish), **(extra if not include_usage else {})})
             if include_usage:
                 yield event({"choices": [], "usage": usage, **extra})
             yield b"data: [DONE]\n\n"
+
+        return _stream(gen, [b": MOCK PROCESSING\n\n"], deltas(), failure(), end())
+
+    def _messages(gen: _Generation) -> Response:
+        """Anthropic's Messages answer (its usage: input_tokens excludes the cached ones)."""
+        usage = {
+            "input_tokens": gen.prompt - gen.cached - gen.written,
+            "cache_creation_input_tokens": gen.written,
+            "cache_read_input_tokens": gen.cached,
+            "output_tokens": gen.completion,
+        }
+        reason = "end_turn" if gen.finish == "stop" else "max_tokens"
+        message = {"id": f"msg_{gen.id}", "type": "message", "role": "assistant", "model": gen.model}
+        if not gen.body.get("stream"):
+            content = [{"type": "text", "text": "".join(gen.pieces)}]
+            out = {**message, "content": content, "stop_reason": reason, "stop_sequence": None, "usage": usage}
+            return Response(_dumps(out), media_type="application/json")
+
+        def event(kind: str, doc: dict[str, Any]) -> bytes:
+            return b"event: " + kind.encode() + b"\ndata: " + _dumps({"type": kind, **doc}) + b"\n\n"
+
+        start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage}}
+        start["usage"]["output_tokens"] = 1
+        head = [
+            event("message_start", {"message": start}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            event("ping", {}),
+        ]
+        deltas = (
+            event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}) for p in gen.pieces
+        )
+        failure = [event("error", {"error": {"type": "api_error", "message": "mock upstream: injected failure"}})]
+        end = [
+            event("content_block_stop", {"index": 0}),
+            event(
+                "message_delta",
+                {"delta": {"stop_reason": reason, "stop_sequence": None}, "usage": {"output_tokens": gen.completion}},
+            ),
+            event("message_stop", {}),
+        ]
+        return _stream(gen, head, deltas, failure, end)
+
+    def _responses(gen: _Generation) -> Response:
+        """OpenAI's Responses answer (its usage: input_tokens with input_tokens_details)."""
+        usage = {
+            "input_tokens": gen.prompt,
+            "input_tokens_details": {"cached_tokens": gen.cached},
+            "output_tokens": gen.completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": gen.prompt + gen.completion,
+        }
+        text = "".join(gen.pieces)
+        item_id = f"msg_{gen.id}"
+        item = {"type": "message", "id": item_id, "status": "completed", "role": "assistant"}
+        part = {"type": "output_text", "text": text, "annotations": []}
+        status = "completed" if gen.finish == "stop" else "incomplete"
+        response = {
+            "id": f"resp_{gen.id}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": gen.model,
+            "status": status,
+            "incomplete_details": None if status == "completed" else {"reason": "max_output_tokens"},
+            "error": None,
+            "output": [{**item, "content": [part]}],
+            "usage": usage,
+        }
+        if not gen.body.get("stream"):
+            return Response(_dumps(response), media_type="application/json")
+        sequence = itertools.count()
+
+        def event(kind: str, doc: dict[str, Any]) -> bytes:
+            doc = {"type": kind, "sequence_number": next(sequence), **doc}
+            return b"event: " + kind.encode() + b"\ndata: " + _dumps(doc) + b"\n\n"
+
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        head = [
+            event("response.created", {"response": started}),
+            event("response.output_item.added", {"output_index": 0, "item": {**item, "content": []}}),
+            event("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+        ]
+        deltas = (event("response.output_text.delta", {**where, "delta": p}) for p in gen.pieces)
+
+        def failure() -> Any:
+            yield event("error", {"code": "server_error", "message": "mock upstream: injected failure"})
+
+        end = (
+            event(kind, doc)
+            for kind, doc in (
+                ("response.output_text.done", {**where, "text": text}),
+                ("response.content_part.done", {**where, "part": part}),
+                ("response.output_item.done", {"output_index": 0, "item": response["output"][0]}),
+                (f"response.{status}", {"response": response}),
+            )
+        )
+        return _stream(gen, head, deltas, failure(), end)
+
+    def _stream(gen: _Generation, head: Any, deltas: Any, failure: Any, end: Any) -> StreamingResponse:
+        """A stream of events: ``head``, each of ``deltas`` (one per output token, ``chunk_delay``
+        apart), ``end`` — or, at ``fail_after_chunks``, ``failure`` (or a dropped connection)."""
+        mock = gen.mock
+        delay = mock.get("chunk_delay", state.options.chunk_delay)
+        fail_after = mock.get("fail_after_chunks")
+
+        async def stream() -> Any:
+            for event in head:
+                yield event
+            for i, event in enumerate(deltas):
+                if i == fail_after:
+                    break
+                if i and delay:
+                    await asyncio.sleep(delay)
+                yield event
+            if fail_after is not None:  # inject the mid-stream failure (after min(N, all) content chunks)
+                state.stats["failures"] += 1
+                if mock.get("fail_mode") == "disconnect":
+                    raise MockDisconnect()
+                for event in failure:
+                    yield event
+                return
+            for event in end:
+                yield event
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
@@ -506,6 +684,8 @@ def create_app(options: MockOptions | None = None) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/generation", generation, methods=["GET"]),
             Route("/mock/stats", stats, methods=["GET"]),
             Route("/mock/reset", reset, methods=["POST"]),

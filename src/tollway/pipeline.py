@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import Callable
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -34,7 +35,8 @@ from starlette.responses import Response
 
 from . import idempotency, signin
 from .challenge import credit_of, least_payment, with_challenge
-from .chat import ChatCall, parse_chat, parse_embeddings
+from .chat import ChatCall, parse_chat, parse_embeddings, parse_generation
+from .dialects import MESSAGES, RESPONSES, refuse_betas
 from .errors import (
     BadRequest,
     GatewayError,
@@ -66,6 +68,15 @@ async def chat_completions(request: Request, gw: Gateway) -> Response:
 
 async def embeddings(request: Request, gw: Gateway) -> Response:
     return await paid_api(request, gw, parse_embeddings)
+
+
+async def messages(request: Request, gw: Gateway) -> Response:
+    refuse_betas(request.headers.get("anthropic-beta"))
+    return await paid_api(request, gw, partial(parse_generation, MESSAGES))
+
+
+async def responses(request: Request, gw: Gateway) -> Response:
+    return await paid_api(request, gw, partial(parse_generation, RESPONSES))
 
 
 async def paid_api(request: Request, gw: Gateway, parse: Callable[..., ChatCall]) -> Response:
@@ -144,16 +155,16 @@ def provider_key(request: Request) -> str | None:
 
 def cached_by_upstream(gw: Gateway, call: ChatCall) -> Callable[[str], dict[str, int]] | None:
     """What the router ranks upstreams by when the request sets no order: the prompt tokens each
-    has cached (chat, and only where there is a choice)."""
-    if call.surface != "chat" or len(gw.router.upstreams) < 2:
+    has cached (a generation, and only where there is a choice)."""
+    if not call.prompt or len(gw.router.upstreams) < 2:
         return None
     names = [u.name for u in gw.router.upstreams]
     return lambda model: gw.prefixes.expected_by(names, call.member(model).prefixes())
 
 
 def expected_cache(gw: Gateway, call: ChatCall, upstream: str) -> int:
-    """The prompt tokens we expect ``upstream`` to have cached for the call (chat only)."""
-    return gw.prefixes.expect(upstream, call.prefixes()) if call.surface == "chat" else 0
+    """The prompt tokens we expect ``upstream`` to have cached for the call (a generation's)."""
+    return gw.prefixes.expect(upstream, call.prefixes()) if call.prompt else 0
 
 
 def mpp_proof(gw: Gateway, request: Request, call: ChatCall) -> Proof | None:
@@ -352,7 +363,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     cap = paid.quote.max_tokens
     send = gw.router.send(
         [m.model for m in call.members],
-        conversation_key(call.model, call.body, request.headers),
+        conversation_key(call.model, call.body, call.prompt, request.headers),
         lambda upstream, model: call.member(model).forward(upstream.cap_field, cap, upstream.routes_providers),
         call.stream,
         request.headers,

@@ -8,8 +8,10 @@ A cache figure the upstream did not report is ``None`` (unknown), never 0.
 | DeepSeek           | usage.prompt_cache_hit_tokens                  | —                                |
 | Anthropic          | usage.cache_read_input_tokens                  | usage.cache_creation_input_tokens |
 | llama.cpp          | prompt_tokens_details.cached_tokens, timings.cache_n | —                          |
+| OpenAI Responses   | usage.input_tokens_details.cached_tokens       | —                                |
 
-Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_tokens`` includes them.
+Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_tokens`` (Responses:
+``input_tokens``) includes them. A stream carries usage in its API's own events (``StreamUsage``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
     """Normalise one ``usage`` object (plus llama.cpp's ``timings``); None when it has no counts."""
     if not isinstance(usage, dict):
         return None
-    details = usage.get("prompt_tokens_details")
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
     details = details if isinstance(details, dict) else {}
     cost = usage.get("cost")
     upstream_cost = Decimal(str(cost)) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
@@ -161,18 +163,58 @@ class UsageEvents:
         return held
 
     def _event(self, event: bytes) -> bytes:
-        if event.startswith(b"data:") and b'"usage"' in event:
+        data = event.find(b"data:")  # (after an ``event:`` line, in the Messages and Responses APIs)
+        if data >= 0 and b'"usage"' in event and (data == 0 or event[data - 1 : data] == b"\n"):
             try:
                 with python_recursion_limit():
-                    doc = json.loads(event[5:])
+                    doc = json.loads(event[data + 5 :])
             except (ValueError, RecursionError):
                 doc = None
-            if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+            if isinstance(doc, dict):
                 new = self.rewrite(doc)
                 if new is None:
                     return b""
-                return b"data: " + json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+                if new is not doc:
+                    out = json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
+                    return event[:data] + b"data: " + out + b"\n\n"
         return event + b"\n\n"
+
+
+def stream_error(doc: dict[str, Any]) -> Any:
+    """The error a Responses stream event reports (``error``, ``response.failed``), if any."""
+    kind = doc.get("type")
+    if kind == "error":
+        return doc
+    if kind == "response.failed" and isinstance(doc.get("response"), dict):
+        return doc["response"].get("error") or "the response failed"
+    return None
+
+
+class StreamUsage:
+    """What a Messages or Responses stream used, read from its own events as they pass (fed by
+    ``UsageEvents``; the events go on unchanged). Messages: ``message_start`` carries the prompt's
+    counts and ``message_delta`` the output's (later counts replace earlier ones); Responses: the
+    final ``response.completed`` / ``incomplete`` / ``failed`` event carries it all."""
+
+    FINAL = ("response.completed", "response.incomplete", "response.failed")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {}
+
+    def see(self, doc: dict[str, Any]) -> dict[str, Any]:
+        kind, found = doc.get("type"), None
+        if kind == "message_start" and isinstance(doc.get("message"), dict):
+            found = doc["message"].get("usage")
+        elif kind == "message_delta":
+            found = doc.get("usage")
+        elif kind in self.FINAL and isinstance(doc.get("response"), dict):
+            found = doc["response"].get("usage")
+        if isinstance(found, dict):
+            self.counts.update(found)
+        return doc
+
+    def usage(self) -> Usage | None:
+        return parse_usage(self.counts) if self.counts else None
 
 
 SUMMARY_PREFIX = b": tollway "  # the SSE comment a tollway ends its streams with
@@ -237,9 +279,10 @@ class StreamTail:
         return None
 
     def error(self) -> str | None:
-        """The message of a mid-stream error event, if the stream ended with one."""
+        """The message of a mid-stream error event, if the stream ended with one: an ``error``
+        member (chat, Messages), a Responses ``error`` or ``response.failed`` event."""
         for doc in self.events(b'"error"'):
-            err = doc.get("error")
+            err = doc.get("error") or stream_error(doc)
             if err:
                 return str(err.get("message", err)) if isinstance(err, dict) else str(err)
         return None

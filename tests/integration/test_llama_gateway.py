@@ -16,7 +16,7 @@ from conftest import gateway_settings
 from llama import MODEL_ALIAS
 from support import ADMIN, ServerThread, paying_upstream, upto_client, wait_receipt
 from tollway.app import create_app
-from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport, anthropic_client, openai_client
 from tollway.config import ModelPrice, UpstreamSettings
 from tollway.pricing import to_atomic
 
@@ -160,3 +160,63 @@ async def test_the_official_upto_client_is_debited_the_cache_discounted_cost(lla
     )
     assert int(receipt["cost"]["atomic"]) == to_atomic(usd, 6) < int(receipt["quote"]["atomic"])
     assert int(receipt["payment"]["amount"]["atomic"]) == int(receipt["cost"]["atomic"])
+
+
+def cache_priced(usage: dict) -> int:
+    plain = usage["prompt_tokens"] - usage["cached_tokens"]
+    usd = (
+        plain * Fraction(PRICE.prompt)
+        + usage["cached_tokens"] * Fraction(PRICE.cache_read)
+        + usage["completion_tokens"] * Fraction(PRICE.completion)
+    )
+    return to_atomic(usd, 6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_messages_reach_llama_server_metered_in_anthropics_dialect(llama_gateway, chain, devnet, stream):
+    """The Anthropic SDK through tollway to llama-server's own /v1/messages: the second call of a
+    conversation reads llama's KV cache, billed at the cache price from Anthropic's usage fields."""
+    client = anthropic_client(
+        llama_gateway.url, Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    )
+    first, second = conversation(f"messages {stream}")
+    for messages in (first, second):
+        kw = {"model": MODEL_ALIAS, "max_tokens": 6, "system": messages[0]["content"], "messages": messages[1:]}
+        if stream:
+            with client.messages.stream(**kw) as s:
+                usage = s.get_final_message().usage
+                receipt_id = s.response.headers["x-tollway-receipt"]
+        else:
+            r = client.messages.with_raw_response.create(**kw)
+            usage, receipt_id = r.parse().usage, r.headers["x-tollway-receipt"]
+    receipt = wait_receipt(llama_gateway.url, receipt_id)
+    metered = receipt["usage"]
+    assert metered["dialect"] == "anthropic" and metered["cached_tokens"] == usage.cache_read_input_tokens > 300
+    assert metered["prompt_tokens"] == usage.input_tokens + usage.cache_read_input_tokens
+    assert metered["completion_tokens"] == usage.output_tokens
+    assert int(receipt["cost"]["atomic"]) == cache_priced(metered)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_responses_reach_llama_server_metered_in_its_dialect(llama_gateway, chain, devnet, stream):
+    """The OpenAI SDK's Responses API through tollway to llama-server's /v1/responses."""
+    client = openai_client(
+        llama_gateway.url + "/v1", Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    )
+    first, second = conversation(f"responses {stream}")
+    for messages in (first, second):
+        kw = {"model": MODEL_ALIAS, "max_output_tokens": 6, "instructions": messages[0]["content"]}
+        kw["input"] = [{"type": "message", **m} for m in messages[1:]]
+        if stream:
+            with client.responses.with_streaming_response.create(**kw, stream=True) as s:
+                events = [json.loads(x[5:]) for x in s.iter_lines() if x.startswith("data:")]
+                receipt_id = s.headers["x-tollway-receipt"]
+            usage = next(e for e in events if e["type"] == "response.completed")["response"]["usage"]
+        else:
+            r = client.responses.with_raw_response.create(**kw)
+            usage, receipt_id = r.parse().usage.model_dump(), r.headers["x-tollway-receipt"]
+    receipt = wait_receipt(llama_gateway.url, receipt_id)
+    metered = receipt["usage"]
+    assert metered["cached_tokens"] == usage["input_tokens_details"]["cached_tokens"] > 300
+    assert metered["prompt_tokens"] == usage["input_tokens"] and metered["completion_tokens"] == usage["output_tokens"]
+    assert int(receipt["cost"]["atomic"]) == cache_priced(metered)

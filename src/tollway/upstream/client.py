@@ -32,6 +32,8 @@ log = logging.getLogger("tollway.upstream")
 MAX_BODY = 32 * 1024 * 1024
 MAX_ERROR_BODY = 64 * 1024  # of an upstream's error answer, what is read (the rest is dropped)
 PASS_HEADERS = ("x-session-id", "http-referer", "x-title")
+ANTHROPIC_VERSION = "2023-06-01"  # sent with a Messages call whose client names none (Anthropic requires one)
+PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "messages": "/messages", "responses": "/responses"}
 
 
 class NoCookies(httpx.Cookies):
@@ -153,7 +155,7 @@ def _is_error(data: bytes) -> bool:
             doc = json.loads(data)
     except (ValueError, RecursionError):
         return False
-    return isinstance(doc, dict) and bool(doc.get("error"))
+    return isinstance(doc, dict) and (bool(doc.get("error")) or doc.get("type") == "error")
 
 
 @dataclass
@@ -189,9 +191,10 @@ class Upstream:
         self.cap_field = settings.max_tokens_field
         base = str(settings.url).rstrip("/")
         # Where each API is (parsed once: a string is parsed on every request), and which it speaks
-        self.urls = {"chat": httpx.URL(base + "/chat/completions"), "embeddings": httpx.URL(base + "/embeddings")}
+        self.urls = {surface: httpx.URL(base + path) for surface, path in PATHS.items()}
         self.surfaces = frozenset(settings.surfaces)
-        openrouter = urlsplit(base).hostname == "openrouter.ai"
+        host = urlsplit(base).hostname
+        openrouter = host == "openrouter.ai"
         lookup = settings.usage_lookup or ("openrouter" if openrouter else "none")
         self.routes_providers = openrouter if settings.provider_routing is None else settings.provider_routing
         self.byok = settings.byok
@@ -199,10 +202,15 @@ class Upstream:
         self.models_url = base + "/models"
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self.http = http
+        self.key_header = settings.key_header or ("x-api-key" if host == "api.anthropic.com" else "authorization")
         # Uncompressed answers: the gateway reads every byte to meter and relay it (httpx asks for gzip).
         self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if settings.api_key:
-            self.headers["authorization"] = f"Bearer {settings.api_key}"
+            self.headers.update(self.key(settings.api_key))
+
+    def key(self, api_key: str) -> dict[str, str]:
+        """The header that carries ``api_key`` to this upstream."""
+        return {"x-api-key": api_key} if self.key_header == "x-api-key" else {"authorization": f"Bearer {api_key}"}
 
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models or model in self.imported
@@ -248,8 +256,12 @@ class Upstream:
         """``api_key``: a payer's own key, sent in place of the upstream's (never logged nor echoed)."""
         headers = dict(self.headers)
         if api_key is not None:
-            headers["authorization"] = f"Bearer {api_key}"
+            headers.update(self.key(api_key))
         headers.update({h: client_headers[h][:200] for h in PASS_HEADERS if h in client_headers})
+        if surface == "messages":  # (its beta features were checked as it was priced: dialects.refuse_betas)
+            headers["anthropic-version"] = client_headers.get("anthropic-version", ANTHROPIC_VERSION)[:40]
+            if "anthropic-beta" in client_headers:
+                headers["anthropic-beta"] = client_headers["anthropic-beta"][:1000]
         if stream:
             headers["accept"] = "text/event-stream"
         started = time.perf_counter()

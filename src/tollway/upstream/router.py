@@ -44,11 +44,12 @@ MAX_CONVERSATIONS = 100_000
 MAX_COOLDOWN = 60.0
 
 
-def conversation_key(model: str, body: dict[str, Any], headers: Mapping[str, str]) -> str:
+def conversation_key(model: str, body: dict[str, Any], messages: list[Any], headers: Mapping[str, str]) -> str:
+    """What ties a call to the conversation it continues: its session, else its prompt's first
+    system and user messages (``messages``: the prompt's items)."""
     session = headers.get("x-session-id") or body.get("session_id") or body.get("prompt_cache_key")
     if isinstance(session, str) and session:
         return f"{model}|s|{session}"
-    messages = body.get("messages") or []
     first = {}
     for m in messages:
         if isinstance(m, dict) and m.get("role") in ("system", "developer", "user") and m["role"] not in first:
