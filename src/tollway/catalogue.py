@@ -24,9 +24,11 @@ RANKING_WINDOWS = {"day": 86400, "week": 7 * 86400}
 RANKINGS_CACHE_SECONDS = 60.0  # (a ranking reads a week of calls: once a minute per replica at most)
 
 
-def usd_prices(gw: Gateway, model: str) -> dict[str, Decimal]:
-    """USD per token (``request``: per call), under OpenRouter's names for the cache prices."""
-    return {OPENROUTER_NAMES.get(k, k): v for k, v in gw.settings.models[model].per_token().items()}
+def usd_prices(gw: Gateway, model: str, own: dict[str, Decimal] | None = None) -> dict[str, Decimal]:
+    """USD per token (``request``: per call), under OpenRouter's names for the cache prices: the
+    model's (what its quotes cover), or an upstream's ``own`` for it."""
+    per_token = gw.settings.models[model].per_token() if own is None else own
+    return {OPENROUTER_NAMES.get(k, k): v for k, v in per_token.items()}
 
 
 async def models(request: Request, gw: Gateway) -> Response:
@@ -67,7 +69,6 @@ async def endpoints(request: Request, gw: Gateway) -> Response:
     model = request.path_params["model_id"]
     if model not in gw.prices:
         raise NotFound("no such model here; see GET /v1/models", code="model_not_found")
-    pricing = {k: plain(v) for k, v in usd_prices(gw, model).items()}
     health = {h["name"]: h for h in gw.router.health()}
     listed = []
     for u in gw.router.upstreams:
@@ -79,7 +80,7 @@ async def endpoints(request: Request, gw: Gateway) -> Response:
                 "model_name": model,
                 "provider_name": u.name,
                 "tag": u.name,
-                "pricing": pricing,
+                "pricing": {k: plain(v) for k, v in usd_prices(gw, model, u.prices.get(model)).items()},
                 "max_completion_tokens": gw.settings.models[model].max_tokens,
                 "status": "ok" if health[u.name]["healthy"] else "cooling_down",
                 **gw.router.stats.figures(u.name, model).as_dict(),

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any
 
 from .cache import Prefixes, prefixes_of
@@ -130,19 +131,22 @@ class ChatCall:
             )
         return found  # type: ignore[no-any-return]
 
-    def forward(self, cap_field: str, cap: int, routes_providers: bool = False) -> bytes:
+    def forward(
+        self, cap_field: str, cap: int, routes_providers: bool = False, own_price: dict[str, Decimal] | None = None
+    ) -> bytes:
         """The bytes to send to an upstream whose output-cap field is ``cap_field``, served with
         ``cap``. An upstream that ``routes_providers`` (OpenRouter) gets the ``provider`` object,
-        with ``max_price`` at most tollway's prices; any other gets none (a vendor's API may refuse
-        a field it does not know)."""
+        with ``max_price`` at most tollway's prices (its ``own_price`` for the model, if it has
+        one); any other gets none (a vendor's API may refuse a field it does not know)."""
         cap_field = self.cap_field or cap_field
-        key = ("body", cap_field if self.asked_cap is None else "", cap, routes_providers)
+        most = self.upstream_max_price if own_price is None or not routes_providers else upstream_max_price(own_price)
+        key = ("body", cap_field if self.asked_cap is None else "", cap, routes_providers, tuple(most.values()))
         out = self._memo.get(key)
         if out is None:
             has_cap = self.asked_cap is not None or self.surface == "embeddings"  # (which has no output)
             body = self.body if has_cap else {**self.body, cap_field: cap}
             if routes_providers:
-                provider = {**(body.get("provider") or {}), "max_price": self.upstream_max_price}
+                provider = {**(body.get("provider") or {}), "max_price": most}
                 if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)
                     provider["sort"] = self.route.sort
                 body = {**body, "provider": provider}
@@ -274,7 +278,11 @@ def parse_generation(
         widest = {**shared, "model": sent_as[m]}
         if not asked:
             widest["max_completion_tokens"] = max(default_cap, metered_cap)
-        widest["provider"] = {**(body.get("provider") or {}), "max_price": most[m], "sort": "throughput"}
+        widest["provider"] = {
+            **(body.get("provider") or {}),
+            "max_price": longest_max_price(settings, m, most[m]),
+            "sort": "throughput",
+        }
         image_tokens = settings.image_token_allowance if confs[m].image_tokens is None else confs[m].image_tokens
         bounds.append(prompt_token_bound(encode(widest), _images(items), image_tokens) + api.prompt_allowance(body))
     now = time.time() if now is None else now
@@ -308,10 +316,25 @@ def parse_generation(
     return call
 
 
+def own_prices(settings: Settings, model: str) -> list[dict[str, Decimal]]:
+    """The prices (per token) upstreams serve ``model`` at where they price it themselves."""
+    return [u.prices[model].per_token() for u in settings.upstreams or [settings.upstream] if model in u.prices]
+
+
+def longest_max_price(settings: Settings, model: str, most: dict[str, float]) -> dict[str, float]:
+    """Of the ``provider.max_price`` objects an upstream may get for ``model`` (``most``, or an
+    upstream's own prices), the longest: the prompt bound counts its bytes."""
+    found = [most, *(upstream_max_price(p) for p in own_prices(settings, model))]
+    return max(found, key=lambda d: len(encode(d))) if len(found) > 1 else most
+
+
 def _within_max_price(ids: list[str], settings: Settings, route: Preferences) -> list[str]:
-    """The models not priced above the payer's ``provider.max_price`` (they are not tried); a 400
-    if none is left."""
+    """The models not priced above the payer's ``provider.max_price`` at every upstream (they are
+    not tried; the router leaves out the upstreams above it); a 400 if none is left."""
     dear = {m: over_max_price(route, settings.models[m].per_token()) for m in ids}
+    for m in ids:
+        if dear[m] is not None and any(over_max_price(route, p) is None for p in own_prices(settings, m)):
+            dear[m] = None
     kept = [m for m in ids if dear[m] is None]
     if not kept:
         field_ = next(iter(dear.values()))
@@ -507,7 +530,16 @@ def parse_embeddings(
     most = {m: upstream_max_price(settings.models[m].per_token()) for m in ids}
     provider = body.get("provider") or {}
     bound = max(
-        len(encode({**shared, "model": sent_as[m], "provider": {**provider, "max_price": most[m]}})) for m in ids
+        len(
+            encode(
+                {
+                    **shared,
+                    "model": sent_as[m],
+                    "provider": {**provider, "max_price": longest_max_price(settings, m, most[m])},
+                }
+            )
+        )
+        for m in ids
     )
     now = time.time() if now is None else now
     call = _with_fallbacks(

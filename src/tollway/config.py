@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -64,7 +64,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelPrice(Strict):
+class Price(Strict):
     """What one model costs, in USD per token (``request`` is per call)."""
 
     prompt: Decimal
@@ -74,18 +74,6 @@ class ModelPrice(Strict):
     cache_write: Decimal | None = None  # defaults to the prompt price
     # Anthropic's one-hour cache writes; a request marking `cache_control.ttl: "1h"` is refused without it
     cache_write_1h: Decimal | None = None
-    upstream_model: str | None = None  # the id to send upstream, when it differs
-    max_tokens: int | None = Field(None, ge=1)  # cap on output tokens for this model
-    image_tokens: int | None = Field(None, ge=0)  # prompt tokens an image may cost (default: image_token_allowance)
-    # The most output tokens one streamed event carries: a stream that ends without usage is charged
-    # its delivered events at this many tokens each (never more than its quote).
-    max_tokens_per_event: int = Field(16, ge=1)
-    # What GET /v1/models tells of it (OpenRouter's fields; an imported catalogue fills them in)
-    # Served without payment, up to the free tier's daily quotas (free_calls_per_address, _per_wallet)
-    free: bool = False
-    name: str | None = None
-    context_length: int | None = Field(None, ge=1)
-    supported_parameters: list[str] | None = None
 
     def per_token(self) -> dict[str, Decimal]:
         """The prices, the cache ones defaulting to the prompt price (``cache_write_1h`` only when set)."""
@@ -100,12 +88,33 @@ class ModelPrice(Strict):
             prices["cache_write_1h"] = self.cache_write_1h
         return prices
 
+    def price(self) -> Price:
+        """Its prices alone."""
+        return Price(**{f: getattr(self, f) for f in Price.model_fields})
+
     @field_validator("prompt", "completion", "request", "cache_read", "cache_write", "cache_write_1h")
     @classmethod
     def _non_negative(cls, v: Decimal | None) -> Decimal | None:
         if v is not None and v < 0:
             raise ValueError("prices must be >= 0")
         return v
+
+
+class ModelPrice(Price):
+    """A model on offer: its (list) price, and how it is served."""
+
+    upstream_model: str | None = None  # the id to send upstream, when it differs
+    max_tokens: int | None = Field(None, ge=1)  # cap on output tokens for this model
+    image_tokens: int | None = Field(None, ge=0)  # prompt tokens an image may cost (default: image_token_allowance)
+    # The most output tokens one streamed event carries: a stream that ends without usage is charged
+    # its delivered events at this many tokens each (never more than its quote).
+    max_tokens_per_event: int = Field(16, ge=1)
+    # What GET /v1/models tells of it (OpenRouter's fields; an imported catalogue fills them in)
+    # Served without payment, up to the free tier's daily quotas (free_calls_per_address, _per_wallet)
+    free: bool = False
+    name: str | None = None
+    context_length: int | None = Field(None, ge=1)
+    supported_parameters: list[str] | None = None
 
 
 class ChainSettings(Strict):
@@ -176,6 +185,10 @@ class UpstreamSettings(Strict):
     catalogue: str | None = None
     markup: Decimal = Field(Decimal(0), ge=0)
     import_all: bool = True
+    # Its own prices for models it serves (USD per token, the fields of [models]), when they differ
+    # from the model's: the calls it serves are billed at them, and a model's quote covers the
+    # dearest of its upstreams (upstream_prices.py). An imported catalogue's prices are its own too.
+    prices: dict[str, Price] = Field(default_factory=dict)
     # It takes a payer's own key (BYOK: the X-Provider-Key header) in place of api_key, for byok_fee.
     byok: bool = False
     # The APIs it speaks: chat (POST <url>/chat/completions), embeddings (POST <url>/embeddings),
@@ -204,6 +217,13 @@ class UpstreamSettings(Strict):
     @classmethod
     def _payer_key(cls, v: str | None) -> str | None:
         return _key(_not_placeholder(v, "upstream payer_key"), "upstream payer_key")
+
+    @model_validator(mode="after")
+    def _prices_of_served(self) -> UpstreamSettings:
+        unserved = sorted(set(self.prices) - set(self.models)) if self.models else []
+        if unserved:
+            raise ValueError(f"upstream {self.name}: prices for models it does not serve (its models): {unserved}")
+        return self
 
 
 class ChannelSettings(Strict):

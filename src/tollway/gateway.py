@@ -12,12 +12,12 @@ from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from starlette.requests import Request
 
-from . import doctor, free_tier
+from . import doctor, free_tier, upstream_prices
 from .cache import PrefixMemory
 from .chat import ChatCall
 from .claims import Claimer
@@ -41,6 +41,8 @@ from .stats import LiveStats
 from .upstream.client import Upstream, make_http_client, make_paying_client
 from .upstream.router import Router
 from .usage import Usage
+
+K = TypeVar("K")
 
 log = logging.getLogger("tollway")
 CHAIN_PROBE_SECONDS = 3
@@ -75,6 +77,9 @@ class Gateway:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
     byok_prices: dict[str, Prices] = field(default_factory=dict)  # at byok_fee of the list prices
+    # (upstream, model) → what the upstream's calls of the model are billed at, where it prices it itself
+    upstream_prices: dict[tuple[str, str], Prices] = field(default_factory=dict)
+    upstream_byok_prices: dict[tuple[str, str], Prices] = field(default_factory=dict)
     free: free_tier.FreeTier | None = None  # the free tier (models marked free)
     _bases: dict[tuple[Any, ...], str] = field(default_factory=dict)  # public_base by what it is built from
 
@@ -85,6 +90,7 @@ class Gateway:
         if catalogues.wanted:
             async with httpx.AsyncClient() as http:
                 settings = settings.model_copy(update={"models": await catalogues.load(http)})
+        settings = upstream_prices.by_upstream(settings, catalogues.priced, catalogues.settings.models)
         fails = doctor.required(settings)
         if fails:
             raise doctor.Unfit(fails)
@@ -152,6 +158,7 @@ class Gateway:
             prefixes=PrefixMemory(settings.cache_memory_seconds),
             quotes=QuoteSigner(settings.quote_secret or store.meta("quote_secret", lambda: secrets.token_hex(32))),
             prices=prices,
+            upstream_prices=_by_upstream(settings),
             v1_names={v1_name: network} if v1_name else {},
             chain_id=chain_id,
             network=network,
@@ -165,6 +172,7 @@ class Gateway:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
             gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
         gw.byok_prices = _byok(settings, prices)
+        gw.upstream_byok_prices = _byok(settings, gw.upstream_prices)
         gw.free = free_tier.FreeTier(settings, store, gw.quotes.key, chain_id, c.token, c.payee)  # type: ignore[arg-type]
         if catalogues.wanted:
             gw.catalogues = catalogues
@@ -197,9 +205,12 @@ class Gateway:
         return gw
 
     def _offer_imported(self) -> None:
+        """The upstreams serve what their catalogues import, at their own prices."""
         assert self.catalogues is not None
+        own = {u.name: u.prices for u in upstream_list(self.settings)}
         for u in self.router.upstreams:
             u.imported = self.catalogues.served.get(u.name, frozenset())
+            u.prices = {m: p.per_token() for m, p in own[u.name].items()}
 
     async def _refresh_catalogues(self) -> None:
         """Read the upstreams' catalogues again every ``catalogue_refresh_seconds``: new models are
@@ -209,10 +220,15 @@ class Gateway:
             await asyncio.sleep(self.settings.catalogue_refresh_seconds)
             try:
                 models = await self.catalogues.load(self._clients[0])
-                self.settings, self.prices = _priced(
-                    self.settings.model_copy(update={"models": models}), self.catalogues.settings.models
+                configured = self.catalogues.settings
+                fresh = self.settings.model_copy(
+                    update={"models": models, "upstreams": configured.upstreams, "upstream": configured.upstream}
                 )
+                fresh = upstream_prices.by_upstream(fresh, self.catalogues.priced, configured.models)
+                self.settings, self.prices = _priced(fresh, configured.models)
                 self.byok_prices = _byok(self.settings, self.prices)
+                self.upstream_prices = _by_upstream(self.settings)
+                self.upstream_byok_prices = _byok(self.settings, self.upstream_prices)
                 self._offer_imported()
             except Exception:  # (the next pass tries again; meanwhile the last import stands)
                 log.exception("refreshing the upstreams' catalogues failed")
@@ -286,6 +302,7 @@ class Gateway:
         covered = row["paid"] + row["from_credit"]
         cost = min(row["quote"], covered)
         prices, conf = self.prices.get(row["model"]), self.settings.models.get(row["model"])
+        prices = self.upstream_prices.get((row["upstream"], row["model"]), prices)  # (what served it bills at)
         if prices is not None and conf is not None and row["prompt_bound"] is not None:
             delivered = Usage(
                 row["prompt_bound"], (row["events"] or 0) * conf.max_tokens_per_event, dialect="estimated"
@@ -374,8 +391,14 @@ def _priced(settings: Settings, configured: dict[str, Any]) -> tuple[Settings, d
     return settings, prices
 
 
-def _byok(settings: Settings, prices: dict[str, Prices]) -> dict[str, Prices]:
+def _byok(settings: Settings, prices: dict[K, Prices]) -> dict[K, Prices]:
     return {m: p.scaled(Fraction(settings.byok_fee)) for m, p in prices.items()}
+
+
+def _by_upstream(settings: Settings) -> dict[tuple[str, str], Prices]:
+    """What each upstream bills the models it prices itself at (``upstream_prices.py``)."""
+    decimals = settings.chain.decimals
+    return {(u.name, m): Prices.of(p, decimals) for u in upstream_list(settings) for m, p in u.prices.items()}
 
 
 def _scheme(schemes: list[PaymentScheme], name: str) -> PaymentScheme:

@@ -26,6 +26,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from fractions import Fraction
 from functools import partial
 from typing import Any
@@ -121,7 +122,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
     try:
         await confirm(gw, paid, paid.owed)  # on chain, before the upstream is asked anything
         opened = await forward(gw, call, paid, request)
-        call = call.member(opened.model)  # (billed at the model that served it)
+        call = billed_at(gw, call.member(opened.model), opened.upstream)  # (the model and upstream that served it)
         if not call.stream and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
         expected = expected_cache(gw, call, opened.upstream)
@@ -153,13 +154,43 @@ def provider_key(request: Request) -> str | None:
     return key
 
 
-def cached_by_upstream(gw: Gateway, call: ChatCall) -> Callable[[str], dict[str, int]] | None:
-    """What the router ranks upstreams by when the request sets no order: the prompt tokens each
-    has cached (a generation, and only where there is a choice)."""
-    if not call.prompt or len(gw.router.upstreams) < 2:
+EXPECTED_OUTPUT_TOKENS = 512  # what ranking by price expects a call to produce (at most its cap)
+
+
+def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], dict[str, float]] | None:
+    """What the router ranks upstreams by (``Router.candidates``): the request's expected cost on
+    each — its prompt (``prompt_bound``/4 tokens, or what an upstream is expected to hold cached if
+    more) at the cache price as far as the upstream is expected to hold it cached (its prefix sent
+    there lately, times the share of expected cache the upstream's discounts lately survived), the
+    rest at the prompt price, and the expected output, at the upstream's own prices. Only where
+    there is a choice."""
+    if len(gw.router.upstreams) < 2:
         return None
-    names = [u.name for u in gw.router.upstreams]
-    return lambda model: gw.prefixes.expected_by(names, call.member(model).prefixes())
+    table = gw.upstream_byok_prices if call.route.byok else gw.upstream_prices
+
+    def costs(model: str, names: list[str]) -> dict[str, float]:
+        member = call.member(model)
+        cached = gw.prefixes.expected_by(names, member.prefixes()) if member.prompt else {}
+        prompt = max(member.prompt_bound // 4, *cached.values(), 0)
+        output = min(member.cap(metered=True), EXPECTED_OUTPUT_TOKENS) * member.choices
+        out = {}
+        for name in names:
+            p = table.get((name, model), member.prices)
+            hit = cached.get(name, 0)
+            if hit:
+                survival = gw.router.stats.figures(name, model).cache_survival
+                hit = int(hit * (1.0 if survival is None else min(survival, 1.0)))
+            units = (prompt - hit) * p.prompt + hit * p.cache_read + output * p.completion + p.request
+            out[name] = units / p.denominator
+        return out
+
+    return costs
+
+
+def billed_at(gw: Gateway, call: ChatCall, upstream: str) -> ChatCall:
+    """The call as ``upstream`` bills it: at its own prices for the model, where it has some."""
+    own = (gw.upstream_byok_prices if call.route.byok else gw.upstream_prices).get((upstream, call.model))
+    return call if own is None or own == call.prices else replace(call, prices=own)
 
 
 def expected_cache(gw: Gateway, call: ChatCall, upstream: str) -> int:
@@ -364,13 +395,15 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     send = gw.router.send(
         [m.model for m in call.members],
         conversation_key(call.model, call.body, call.prompt, request.headers),
-        lambda upstream, model: call.member(model).forward(upstream.cap_field, cap, upstream.routes_providers),
+        lambda upstream, model: call.member(model).forward(
+            upstream.cap_field, cap, upstream.routes_providers, upstream.prices.get(model)
+        ),
         call.stream,
         request.headers,
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
         prefs=call.route,
         api_key=request.headers.get(PROVIDER_KEY) if call.route.byok else None,  # (checked as it was priced)
-        cached=cached_by_upstream(gw, call),
+        costs=expected_costs(gw, call),
     )
     try:
         async with asyncio.timeout(gw.settings.max_call_seconds):

@@ -3,8 +3,10 @@
 
 tollway applies them to its own upstreams, by name (case-insensitive): ``only`` and ``ignore``
 filter, ``order`` puts the named first (and, with ``allow_fallbacks: false``, only those),
-``sort`` ranks by live stats (``latency``: time to first byte, ``throughput``: output tokens/s;
-``price``: a model has one price here, so it keeps the configured order). Names tollway does not
+``sort`` ranks by live stats (``latency``: time to first byte, ``throughput``: output tokens/s)
+or ``price`` (what the request is expected to cost on each upstream, at its own prices and
+expected cache: the default ranking too, without stickiness); ``max_price`` leaves out an upstream
+whose price for the model is above it. Names tollway does not
 know are left to an upstream that routes between providers itself (OpenRouter), which gets the
 ``provider`` object as sent — with ``max_price`` set to the prices tollway charges, so it cannot
 pick an endpoint dearer than what the payer pays.

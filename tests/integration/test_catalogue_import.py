@@ -68,3 +68,40 @@ def test_imported_models_are_offered_charged_and_refreshed(devnet, chain, tmp_pa
                 assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
                 r = http.post("/v1/chat/completions", json={**body, "model": "vendor/new"})
                 assert r.status_code == 200, r.text
+
+
+def test_two_upstreams_importing_one_model_each_bill_their_own_price(devnet, chain, tmp_path):
+    """The same catalogue through two upstreams at different markups: the model is quoted (and
+    listed) at the dearer, each upstream lists and bills its own, and routing takes the cheaper."""
+    models = ["mock/echo", "vendor/alpha"]
+    with (
+        ServerThread(create_mock(MockOptions(models=models))) as a,
+        ServerThread(create_mock(MockOptions(models=models))) as b,
+    ):
+        settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+        dear = UpstreamSettings(name="dear", url=a.url + "/v1", catalogue=str(CATALOGUE), markup=Decimal("1"))
+        cheap = UpstreamSettings(name="cheap", url=b.url + "/v1", catalogue=str(CATALOGUE), markup=Decimal("0.1"))
+        settings = settings.model_copy(update={"upstreams": [dear, cheap]})
+        with ServerThread(create_app(settings)) as gw:
+            assert offered(gw.url)["vendor/alpha"]["pricing"]["prompt"] == "0.000002"  # (1e-6 at +100%)
+            doc = httpx.get(f"{gw.url}/v1/models/vendor/alpha/endpoints").json()["data"]["endpoints"]
+            assert {e["provider_name"]: e["pricing"]["prompt"] for e in doc} == {
+                "dear": "0.000002",
+                "cheap": "0.0000011",
+            }
+            payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+            with httpx.Client(transport=SyncPayingTransport(payer), base_url=gw.url, timeout=30) as http:
+                for upstream, prompt, completion in [
+                    (None, "0.0000011", "0.0000022"),
+                    ("dear", "0.000002", "0.000004"),
+                ]:
+                    body = {"model": "vendor/alpha", "messages": [{"role": "user", "content": f"hi {upstream}"}]}
+                    if upstream:
+                        body["provider"] = {"order": [upstream]}
+                    r = http.post("/v1/chat/completions", json={**body, "max_tokens": 8})
+                    assert r.status_code == 200, r.text
+                    receipt = wait_receipt(gw.url, r.headers["x-tollway-receipt"])
+                    assert receipt["upstream"] == (upstream or "cheap")
+                    u = receipt["usage"]
+                    usd = u["prompt_tokens"] * Fraction(prompt) + u["completion_tokens"] * Fraction(completion)
+                    assert int(receipt["cost"]["atomic"]) == to_atomic(usd, 6)

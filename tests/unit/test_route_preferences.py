@@ -208,10 +208,12 @@ def test_an_upstream_that_asks_to_be_left_alone_is_tried_last_that_long():
     assert order(r, Preferences()) == ["busy", "down"]  # (both cooling: configuration order)
 
 
-def test_by_default_the_most_expected_cache_goes_first():
+def test_by_default_the_lowest_expected_cost_goes_first():
     r = router("a", "b", "c")
-    cached = {"m": {"c": 100, "b": 10}}.__getitem__  # (prompt tokens expected cached, by upstream)
-    assert [u.name for u in r.candidates("m", "k", Preferences(), cached)] == ["c", "b", "a"]
-    assert [u.name for u in r.candidates("m", "k", Preferences(order=("a",)), cached)] == ["a", "c", "b"]
+    costs = lambda m, names: {"c": 1.0, "b": 2.0, "a": 3.0}  # noqa: E731  (the request's expected cost, by upstream)
+    assert [u.name for u in r.candidates("m", "k", Preferences(), costs)] == ["c", "b", "a"]
+    assert [u.name for u in r.candidates("m", "k", Preferences(order=("a",)), costs)] == ["a", "c", "b"]
     r._succeeded("a", "convo")  # a conversation's own upstream still comes first
-    assert [u.name for u in r.candidates("m", "convo", Preferences(), cached)] == ["a", "c", "b"]
+    assert [u.name for u in r.candidates("m", "convo", Preferences(), costs)] == ["a", "c", "b"]
+    ties = lambda m, names: dict.fromkeys(names, 1.0)  # noqa: E731
+    assert [u.name for u in r.candidates("m", "k", Preferences(), ties)] == ["a", "b", "c"]  # (configuration order)

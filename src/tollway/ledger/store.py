@@ -632,6 +632,7 @@ class Store:
                 C.c.id,
                 C.c.payment_id,
                 C.c.model,
+                C.c.upstream,
                 C.c.quote,
                 C.c.prompt_bound,
                 C.c.events,

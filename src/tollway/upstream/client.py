@@ -188,6 +188,8 @@ class Upstream:
         self.name = settings.name
         self.models = set(settings.models)
         self.imported: frozenset[str] = frozenset()  # from its catalogue (model_import.py)
+        # its own prices (per token) of the models it prices itself (upstream_prices.py)
+        self.prices = {m: p.per_token() for m, p in settings.prices.items()}
         self.cap_field = settings.max_tokens_field
         base = str(settings.url).rstrip("/")
         # Where each API is (parsed once: a string is parsed on every request), and which it speaks

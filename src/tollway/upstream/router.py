@@ -3,8 +3,9 @@ health, and fail-over.
 
 The candidates for a model are the upstreams that serve it and that the request allows
 (``routing.py``: OpenRouter's ``provider`` object; a payer's own key goes only to ``byok``
-upstreams), ranked by its ``order`` or ``sort`` (live figures, ``stats.py``), else in
-configuration order with the conversation's last upstream first: calls of one conversation go
+upstreams, nor above its ``max_price``), ranked by its ``order`` or ``sort`` (live figures,
+``stats.py``; ``price``: what the request is expected to cost on each), else by that expected cost
+(ties in configuration order) with the conversation's last upstream first: calls of one conversation go
 back to the upstream that served it last (that is where its prompt cache is), for
 ``sticky_idle_seconds`` after its last call — unless that upstream fails. A conversation is its
 session key (``x-session-id`` header, ``session_id`` or ``prompt_cache_key`` field) or else its
@@ -33,13 +34,14 @@ from typing import Any
 
 from ..errors import UpstreamDown, UpstreamError
 from ..routing import NONE as NO_PREFERENCES
-from ..routing import Preferences
+from ..routing import Preferences, over_max_price
 from ..stats import LiveStats
 from .attempts import Attempt
 from .client import Opened, Upstream
 
 log = logging.getLogger("tollway.upstream")
-Cached = Callable[[str], Mapping[str, int]]  # a model → the prompt tokens expected cached, by upstream
+# (a model, upstreams) → what the request is expected to cost on each of those upstreams
+Costs = Callable[[str, list[str]], Mapping[str, float]]
 MAX_CONVERSATIONS = 100_000
 MAX_COOLDOWN = 60.0
 
@@ -103,20 +105,19 @@ class Router:
         return min(waits, default=0.0)
 
     def candidates(
-        self, model: str, key: str, prefs: Preferences = NO_PREFERENCES, cached: Cached | None = None
+        self, model: str, key: str, prefs: Preferences = NO_PREFERENCES, costs: Costs | None = None
     ) -> list[Upstream]:
         """The upstreams to try, in order: those the request allows (``routing.py``), healthy ones
-        first, ranked by its ``sort`` or ``order``, else (and among the rest) by effective price;
-        without an order, a conversation's last upstream first (its prompt cache is there). A model
-        has one price here, so a request's effective price on an upstream — prompt tokens at the
-        cache price as far as that upstream has its prefix cached, the rest at the prompt price —
-        is lowest where the most of its prompt is expected cached (``cached(model)``: tokens by
-        upstream); ties keep configuration order."""
+        first, ranked by its ``sort`` or ``order``, else (and among the rest) by effective price —
+        what the request is expected to cost on each (``costs(model, names)``: its prompt at the cache
+        price as far as the upstream is expected to hold it cached, at the upstream's own prices;
+        ``pipeline.expected_costs``); ties keep configuration order. Without an order, a
+        conversation's last upstream comes first (its prompt cache is there)."""
         now = time.monotonic()
-        allowed = self._allowed([u for u in self.upstreams if u.serves(model)], prefs)
-        if cached is not None and len(allowed) > 1:  # (first: an order or sort the request sets comes on top)
-            expected = cached(model)
-            allowed.sort(key=lambda u: -expected.get(u.name, 0))
+        allowed = self._allowed([u for u in self.upstreams if u.serves(model)], prefs, model)
+        if costs is not None and len(allowed) > 1:  # (first: an order or sort the request sets comes on top)
+            expected = costs(model, [u.name for u in allowed])
+            allowed.sort(key=lambda u: expected.get(u.name, 0.0))
         if prefs.sort in ("latency", "throughput"):
             allowed.sort(key=lambda u: self._rank(u.name, model, prefs.sort))  # (stable: ties keep their order)
         if prefs.order:
@@ -133,14 +134,18 @@ class Router:
             return ordered[:1]  # (OpenRouter's meaning: the primary only)
         return ordered
 
-    def _allowed(self, serving: list[Upstream], prefs: Preferences) -> list[Upstream]:
-        """``only``, ``ignore`` and (without fallbacks) ``order``. A list that names none of our
-        upstreams is for an upstream that routes between providers itself: it keeps only those."""
+    def _allowed(self, serving: list[Upstream], prefs: Preferences, model: str) -> list[Upstream]:
+        """``only``, ``ignore``, ``max_price`` (an upstream's own price for the model) and (without
+        fallbacks) ``order``. A list that names none of our upstreams is for an upstream that routes
+        between providers itself: it keeps only those."""
         ours = {u.name.lower() for u in serving}
         allowed = [
             u
             for u in serving
-            if u.name.lower() not in prefs.ignore and (u.byok or not prefs.byok) and prefs.surface in u.surfaces
+            if u.name.lower() not in prefs.ignore
+            and (u.byok or not prefs.byok)
+            and prefs.surface in u.surfaces
+            and not (prefs.max_price and model in u.prices and over_max_price(prefs, u.prices[model]))
         ]
         for names in (prefs.only, None if prefs.allow_fallbacks or not prefs.order else frozenset(prefs.order)):
             if names is not None:
@@ -169,7 +174,7 @@ class Router:
         max_usd: Fraction | None = None,
         prefs: Preferences = NO_PREFERENCES,
         api_key: str | None = None,
-        cached: Cached | None = None,
+        costs: Costs | None = None,
     ) -> Opened:
         """Send to the best candidate, failing over before the first byte: every upstream of the
         first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
@@ -179,7 +184,7 @@ class Router:
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
         for model in models:
-            for upstream in self.candidates(model, key, prefs, cached):
+            for upstream in self.candidates(model, key, prefs, costs):
                 started = time.perf_counter()
                 try:
                     opened = await upstream.send(
