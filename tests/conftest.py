@@ -203,6 +203,16 @@ def postgres_url(xprocess, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def llama_upstream(xprocess) -> Iterator[str]:
     """A real llama.cpp llama-server serving a tiny random-weight model; yields its base URL (…/v1)."""
+    yield from _llama_server(xprocess, "llama-server")
+
+
+@pytest.fixture(scope="session")
+def llama_embeddings_upstream(xprocess) -> Iterator[str]:
+    """A second llama-server, serving embeddings (``--embeddings``, mean pooling: OpenAI's shape)."""
+    yield from _llama_server(xprocess, "llama-embeddings", "--embeddings", "--pooling", "mean")
+
+
+def _llama_server(xprocess, name: str, *extra: str) -> Iterator[str]:
     import httpx
 
     from llama import llama_server_binary, llama_server_command, tiny_model
@@ -210,7 +220,7 @@ def llama_upstream(xprocess) -> Iterator[str]:
     binary = llama_server_binary()  # builds it the first time (minutes), then instant
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = llama_server_command(binary, tiny_model(binary), port)
+    args = [*llama_server_command(binary, tiny_model(binary), port), *extra]
 
     class Starter(ProcessStarter):
         timeout = 60
@@ -226,7 +236,7 @@ def llama_upstream(xprocess) -> Iterator[str]:
             except httpx.HTTPError:
                 return False
 
-    name = f"llama-server-{os.getpid()}"
+    name = f"{name}-{os.getpid()}"
     xprocess.ensure(name, Starter, restart=True)
     yield f"{url}/v1"
     xprocess.getinfo(name).terminate()

@@ -220,3 +220,32 @@ def test_openai_responses_reach_llama_server_metered_in_its_dialect(llama_gatewa
     assert metered["cached_tokens"] == usage["input_tokens_details"]["cached_tokens"] > 300
     assert metered["prompt_tokens"] == usage["input_tokens"] and metered["completion_tokens"] == usage["output_tokens"]
     assert int(receipt["cost"]["atomic"]) == cache_priced(metered)
+
+
+def test_embeddings_reach_a_llama_server_that_serves_them(
+    devnet, chain, llama_upstream, llama_embeddings_upstream, tmp_path
+):
+    """Two llama-servers: one generating, one started with --embeddings (its own surface). An
+    embeddings call goes to the second, paid and charged the prompt tokens llama counted."""
+    settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+    upstreams = [
+        UpstreamSettings(name="llama", url=llama_upstream, surfaces=["chat", "messages", "responses"]),
+        UpstreamSettings(name="llama-embeddings", url=llama_embeddings_upstream, surfaces=["embeddings"]),
+    ]
+    settings = settings.model_copy(update={"models": {MODEL_ALIAS: PRICE}, "upstreams": upstreams})
+    with ServerThread(create_app(settings)) as gw:
+        client = openai_client(
+            gw.url + "/v1", Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+        )
+        r = client.embeddings.with_raw_response.create(model=MODEL_ALIAS, input=["the first text", "a second"])
+        got = r.parse()
+        assert len(got.data) == 2 and len(got.data[0].embedding) > 8
+        receipt = wait_receipt(gw.url, r.headers["x-tollway-receipt"])
+        assert receipt["upstream"] == "llama-embeddings"
+        assert receipt["usage"]["prompt_tokens"] == got.usage.prompt_tokens > 0
+        assert receipt["usage"]["completion_tokens"] == 0
+        assert int(receipt["cost"]["atomic"]) == to_atomic(got.usage.prompt_tokens * Fraction(PRICE.prompt), 6)
+        chat = client.chat.completions.create(
+            model=MODEL_ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert chat.choices[0].message.content  # (chat still goes to the generating one)
