@@ -32,7 +32,7 @@ from .payments.base import Quote
 from .pricing import CAP_FIELDS, MAX_AMOUNT, Prices, asked_cap, prompt_token_bound
 from .quotes import request_digest
 from .routing import NONE as NO_PREFERENCES
-from .routing import Preferences, over_max_price, preferences, split_variant, upstream_max_price
+from .routing import Preferences, over_max_price, preferences, split_variant, unsupported, upstream_max_price
 from .usage import python_recursion_limit
 
 IMAGE_PARTS = ("image_url", "input_image", "image")
@@ -244,6 +244,8 @@ def parse_generation(
     api.refuse(body, items)
     route = replace(preferences(body, variant), surface=api.surface, byok=byok)
     ids = _within_max_price(ids, settings, route)
+    if route.require_parameters:
+        ids = _supporting(ids, body, settings)
     confs = {m: settings.models[m] for m in ids}
     long_cache = _long_cache(body, items)
     for m in ids:
@@ -326,6 +328,19 @@ def longest_max_price(settings: Settings, model: str, most: dict[str, float]) ->
     upstream's own prices), the longest: the prompt bound counts its bytes."""
     found = [most, *(upstream_max_price(p) for p in own_prices(settings, model))]
     return max(found, key=lambda d: len(encode(d))) if len(found) > 1 else most
+
+
+def _supporting(ids: list[str], body: dict[str, Any], settings: Settings) -> list[str]:
+    """``provider.require_parameters``: the models known to support every parameter the request
+    sets (a model whose ``supported_parameters`` are unknown is not ruled out); a 400 if none is."""
+    missing = {m: unsupported(body, settings.models[m].supported_parameters) for m in ids}
+    kept = [m for m in ids if not missing[m]]
+    if not kept:
+        raise BadRequest(
+            f"'provider.require_parameters': {ids[0]!r} here does not support {', '.join(missing[ids[0]])}",
+            code="no_route",
+        )
+    return kept
 
 
 def _within_max_price(ids: list[str], settings: Settings, route: Preferences) -> list[str]:

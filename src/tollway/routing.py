@@ -34,6 +34,7 @@ class Preferences:
     allow_fallbacks: bool = True
     sort: str | None = None
     max_price: dict[str, Decimal] = field(default_factory=dict)
+    require_parameters: bool = False  # only a model whose known supported_parameters cover the request's
     byok: bool = False  # the call brings its own provider key: only an upstream that takes one (``byok``)
     surface: str = "chat"  # the API the call is for: only an upstream that speaks it
 
@@ -91,9 +92,10 @@ def preferences(body: dict[str, Any], variant: str | None) -> Preferences:
         return NONE if variant is None else Preferences(sort=VARIANTS[variant])
     if not isinstance(provider, dict):
         raise BadRequest("'provider' must be an object", code="invalid_provider")
-    fallbacks = provider.get("allow_fallbacks", True)
-    if not isinstance(fallbacks, bool):
-        raise BadRequest("'provider.allow_fallbacks' must be a boolean", code="invalid_provider")
+    fallbacks, required = provider.get("allow_fallbacks", True), provider.get("require_parameters", False)
+    for name, value in (("allow_fallbacks", fallbacks), ("require_parameters", required)):
+        if not isinstance(value, bool):
+            raise BadRequest(f"'provider.{name}' must be a boolean", code="invalid_provider")
     only = _names(provider, "only")
     return Preferences(
         order=_names(provider, "order"),
@@ -102,7 +104,51 @@ def preferences(body: dict[str, Any], variant: str | None) -> Preferences:
         allow_fallbacks=fallbacks,
         sort=_sort(provider.get("sort")) or (VARIANTS[variant] if variant else None),
         max_price=_max_price(provider.get("max_price")),
+        require_parameters=required,
     )
+
+
+# OpenRouter's names of request parameters (a model's ``supported_parameters`` lists those it takes)
+PARAMETERS = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "top_a",
+        "stop",
+        "seed",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "reasoning",
+        "include_reasoning",
+        "verbosity",
+    }
+)
+
+
+def unsupported(body: dict[str, Any], supported: list[str] | None) -> list[str]:
+    """The request's parameters a model does not support (none when its list is unknown); a JSON
+    schema response format needs ``structured_outputs``."""
+    if supported is None:
+        return []
+    asked = {k for k in body if k in PARAMETERS}
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        asked.add("structured_outputs")
+    if "max_completion_tokens" in asked and "max_tokens" in supported:
+        asked.discard("max_completion_tokens")  # (the same cap, by its other name)
+    return sorted(asked - set(supported))
 
 
 def split_variant(model: str, offered: Any) -> tuple[str, str | None]:

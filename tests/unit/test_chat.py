@@ -230,3 +230,33 @@ def test_a_quote_too_large_for_the_ledger_is_refused():
     with pytest.raises(BadRequest) as exc:
         parse_chat(json.dumps(body()).encode(), Settings(models=huge), {"m": Prices.of(huge["m"], 6)})
     assert exc.value.code == "quote_too_large"
+
+
+def test_require_parameters_keeps_the_models_known_to_support_the_request():
+    models = {
+        "plain": ModelPrice(
+            prompt=Decimal("0.000001"), completion=Decimal("0.000002"), supported_parameters=["max_tokens"]
+        ),
+        "schema": ModelPrice(
+            prompt=Decimal("0.000001"),
+            completion=Decimal("0.000002"),
+            supported_parameters=["max_tokens", "response_format", "structured_outputs", "temperature"],
+        ),
+        "unknown": ModelPrice(prompt=Decimal("0.000001"), completion=Decimal("0.000002")),
+    }
+    settings, prices = Settings(models=models), {k: Prices.of(v, 6) for k, v in models.items()}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+
+    def ask(model: str, **extra):
+        raw = {"model": model, "messages": [{"role": "user", "content": "hi"}], "response_format": fmt, **extra}
+        return parse_chat(json.dumps(raw).encode(), settings, prices)
+
+    assert ask("plain").model == "plain"  # (not required: the upstream decides)
+    with pytest.raises(BadRequest) as exc:
+        ask("plain", provider={"require_parameters": True})
+    assert exc.value.code == "no_route" and "response_format, structured_outputs" in exc.value.message
+    assert ask("plain", models=["schema"], provider={"require_parameters": True}).model == "schema"
+    assert ask("unknown", provider={"require_parameters": True}).model == "unknown"  # (nothing known against it)
+    with pytest.raises(BadRequest) as exc:
+        ask("schema", provider={"require_parameters": "yes"})
+    assert exc.value.code == "invalid_provider"
