@@ -30,7 +30,7 @@ from eth_hash.auto import keccak
 from ..errors import PaymentMalformed
 from . import eip3009
 from . import permit2 as _permit2
-from .eip3009 import UINT256_MAX, SignatureError, recover, split_signature
+from .eip3009 import UINT256_MAX, SignatureError, recover, split_signature, word_address, word_uint
 
 __all__ = [
     "BATCH_SETTLEMENT_ADDRESS",
@@ -201,22 +201,14 @@ class Claim:
 # -- EIP-712 ------------------------------------------------------------------------------------------
 
 
-def _word_address(addr: str) -> bytes:
-    return bytes(12) + bytes.fromhex(addr[2:])
-
-
-def _word_uint(v: int) -> bytes:
-    return v.to_bytes(32, "big")
-
-
 @lru_cache(maxsize=64)
 def domain_separator(chain_id: int, contract: str = BATCH_SETTLEMENT_ADDRESS) -> bytes:
     return keccak(
         eip3009.DOMAIN_TYPEHASH
         + keccak(DOMAIN_NAME.encode())
         + keccak(DOMAIN_VERSION.encode())
-        + _word_uint(chain_id)
-        + _word_address(contract.lower())
+        + word_uint(chain_id)
+        + word_address(contract.lower())
     )
 
 
@@ -227,12 +219,12 @@ def _typed(struct_hash: bytes, chain_id: int) -> bytes:
 def _config_words(c: ChannelConfig) -> bytes:
     """The seven fields, ABI-encoded: the same words in the EIP-712 struct and in the calldata."""
     return (
-        _word_address(c.payer)
-        + _word_address(c.payer_authorizer)
-        + _word_address(c.receiver)
-        + _word_address(c.receiver_authorizer)
-        + _word_address(c.token)
-        + _word_uint(c.withdraw_delay)
+        word_address(c.payer)
+        + word_address(c.payer_authorizer)
+        + word_address(c.receiver)
+        + word_address(c.receiver_authorizer)
+        + word_address(c.token)
+        + word_uint(c.withdraw_delay)
         + c.salt
     )
 
@@ -248,7 +240,7 @@ def channel_id(config: ChannelConfig, chain_id: int) -> bytes:
 
 
 def voucher_digest(channel_id_: bytes, max_claimable: int, chain_id: int) -> bytes:
-    return _typed(keccak(VOUCHER_TYPEHASH + channel_id_ + _word_uint(max_claimable)), chain_id)
+    return _typed(keccak(VOUCHER_TYPEHASH + channel_id_ + word_uint(max_claimable)), chain_id)
 
 
 def voucher_signer(voucher: Voucher, chain_id: int) -> str:
@@ -260,7 +252,7 @@ def voucher_signer(voucher: Voucher, chain_id: int) -> str:
 
 def refund_digest(channel_id_: bytes, nonce: int, amount: int, chain_id: int) -> bytes:
     """What the receiver authorizer signs for ``refundWithSignature``."""
-    return _typed(keccak(REFUND_TYPEHASH + channel_id_ + _word_uint(nonce) + _word_uint(amount)), chain_id)
+    return _typed(keccak(REFUND_TYPEHASH + channel_id_ + word_uint(nonce) + word_uint(amount)), chain_id)
 
 
 def claim_batch_digest(claims: Sequence[Claim], chain_id: int) -> bytes:
@@ -270,8 +262,8 @@ def claim_batch_digest(claims: Sequence[Claim], chain_id: int) -> bytes:
         keccak(
             CLAIM_ENTRY_TYPEHASH
             + channel_id(c.config, chain_id)
-            + _word_uint(c.max_claimable)
-            + _word_uint(c.total_claimed)
+            + word_uint(c.max_claimable)
+            + word_uint(c.total_claimed)
         )
         for c in claims
     )
@@ -280,7 +272,7 @@ def claim_batch_digest(claims: Sequence[Claim], chain_id: int) -> bytes:
 
 def deposit_nonce(channel_id_: bytes, salt: int) -> bytes:
     """The EIP-3009 nonce of an ERC-3009 deposit: ``keccak256(abi.encode(channelId, salt))``."""
-    return keccak(channel_id_ + _word_uint(salt))
+    return keccak(channel_id_ + word_uint(salt))
 
 
 def erc3009_deposit_digest(
@@ -294,11 +286,11 @@ def erc3009_deposit_digest(
         raise ValueError("not an ERC-3009 deposit")
     struct = keccak(
         RECEIVE_TYPEHASH
-        + _word_address(config.payer)
-        + _word_address(ERC3009_DEPOSIT_COLLECTOR_ADDRESS.lower())
-        + _word_uint(deposit.amount)
-        + _word_uint(auth.valid_after)
-        + _word_uint(auth.valid_before)
+        + word_address(config.payer)
+        + word_address(ERC3009_DEPOSIT_COLLECTOR_ADDRESS.lower())
+        + word_uint(deposit.amount)
+        + word_uint(auth.valid_after)
+        + word_uint(auth.valid_before)
         + deposit_nonce(channel_id(config, chain_id), auth.salt)
     )
     domain = eip3009.domain_separator(token_name, token_version, chain_id, config.token)
@@ -307,16 +299,14 @@ def erc3009_deposit_digest(
 
 def permit2_deposit_digest(auth: Permit2Deposit, chain_id: int) -> bytes:
     """The digest the payer signs for a Permit2 deposit (Permit2's domain, ``DepositWitness`` witness)."""
-    token_permissions = keccak(
-        _permit2.TOKEN_PERMISSIONS_TYPEHASH + _word_address(auth.token) + _word_uint(auth.amount)
-    )
+    token_permissions = keccak(_permit2.TOKEN_PERMISSIONS_TYPEHASH + word_address(auth.token) + word_uint(auth.amount))
     witness = keccak(DEPOSIT_WITNESS_TYPEHASH + auth.channel_id)
     struct = keccak(
         PERMIT2_DEPOSIT_TYPEHASH
         + token_permissions
-        + _word_address(auth.spender)
-        + _word_uint(auth.nonce)
-        + _word_uint(auth.deadline)
+        + word_address(auth.spender)
+        + word_uint(auth.nonce)
+        + word_uint(auth.deadline)
         + witness
     )
     return keccak(b"\x19\x01" + _permit2.domain_separator(chain_id) + struct)
@@ -326,7 +316,7 @@ def permit2_deposit_digest(auth: Permit2Deposit, chain_id: int) -> bytes:
 
 
 def _bytes_tail(data: bytes) -> bytes:
-    return _word_uint(len(data)) + data + bytes(-len(data) % 32)
+    return word_uint(len(data)) + data + bytes(-len(data) % 32)
 
 
 def _uint128(v: int, what: str) -> int:
@@ -339,9 +329,9 @@ def _dynamic_array(elements: Sequence[bytes]) -> bytes:
     """An ABI array of dynamic elements (already encoded): length, offsets, elements."""
     offsets, offset = [], 32 * len(elements)
     for e in elements:
-        offsets.append(_word_uint(offset))
+        offsets.append(word_uint(offset))
         offset += len(e)
-    return _word_uint(len(elements)) + b"".join(offsets) + b"".join(elements)
+    return word_uint(len(elements)) + b"".join(offsets) + b"".join(elements)
 
 
 def _voucher_claims(claims: Sequence[Claim]) -> bytes:
@@ -353,9 +343,9 @@ def _voucher_claims(claims: Sequence[Claim]) -> bytes:
             raise ValueError(f"total claimed {c.total_claimed} must be in 0..{c.max_claimable}")
         rows.append(
             _config_words(c.config)
-            + _word_uint(_uint128(c.max_claimable, "max claimable"))
-            + _word_uint(10 * 32)  # the signature's offset: after 7 config words, max, offset, total
-            + _word_uint(c.total_claimed)
+            + word_uint(_uint128(c.max_claimable, "max claimable"))
+            + word_uint(10 * 32)  # the signature's offset: after 7 config words, max, offset, total
+            + word_uint(c.total_claimed)
             + _bytes_tail(c.signature)
         )
     return _dynamic_array(rows)
@@ -367,8 +357,8 @@ def claim_with_signature_calldata(claims: Sequence[Claim], authorizer_signature:
     rows = _voucher_claims(claims)
     return (
         CLAIM_WITH_SIGNATURE_SELECTOR
-        + _word_uint(64)
-        + _word_uint(64 + len(rows))
+        + word_uint(64)
+        + word_uint(64 + len(rows))
         + rows
         + _bytes_tail(authorizer_signature)
     )
@@ -376,19 +366,19 @@ def claim_with_signature_calldata(claims: Sequence[Claim], authorizer_signature:
 
 def claim_calldata(claims: Sequence[Claim]) -> bytes:
     """Calldata for ``claim(voucherClaims)``, which only the rows' receiver or receiver authorizer may send."""
-    return CLAIM_SELECTOR + _word_uint(32) + _voucher_claims(claims)
+    return CLAIM_SELECTOR + word_uint(32) + _voucher_claims(claims)
 
 
 def settle_calldata(receiver: str, token: str) -> bytes:
     """Calldata for ``settle(receiver, token)``: sweeps everything claimed for ``receiver`` in ``token``."""
-    return SETTLE_SELECTOR + _word_address(receiver.lower()) + _word_address(token.lower())
+    return SETTLE_SELECTOR + word_address(receiver.lower()) + word_address(token.lower())
 
 
 def refund_calldata(config: ChannelConfig, amount: int) -> bytes:
     """Calldata for ``refund(config, amount)``, which only the receiver or the receiver authorizer may send."""
     if amount <= 0:
         raise ValueError("a refund amount must be positive")
-    return REFUND_SELECTOR + _config_words(config) + _word_uint(_uint128(amount, "refund amount"))
+    return REFUND_SELECTOR + _config_words(config) + word_uint(_uint128(amount, "refund amount"))
 
 
 def refund_with_signature_calldata(config: ChannelConfig, amount: int, nonce: int, signature: bytes) -> bytes:
@@ -400,9 +390,9 @@ def refund_with_signature_calldata(config: ChannelConfig, amount: int, nonce: in
     return (
         REFUND_WITH_SIGNATURE_SELECTOR
         + _config_words(config)
-        + _word_uint(_uint128(amount, "refund amount"))
-        + _word_uint(nonce)
-        + _word_uint(10 * 32)
+        + word_uint(_uint128(amount, "refund amount"))
+        + word_uint(nonce)
+        + word_uint(10 * 32)
         + _bytes_tail(signature)
     )
 
@@ -410,7 +400,7 @@ def refund_with_signature_calldata(config: ChannelConfig, amount: int, nonce: in
 def multicall_calldata(calls: Sequence[bytes]) -> bytes:
     """Calldata for the escrow's ``multicall(data)``: the calls run in order, all or nothing (the SDK
     sends a refund as ``multicall([claimWithSignature…, refundWithSignature…])``)."""
-    return MULTICALL_SELECTOR + _word_uint(32) + _dynamic_array([_bytes_tail(c) for c in calls])
+    return MULTICALL_SELECTOR + word_uint(32) + _dynamic_array([_bytes_tail(c) for c in calls])
 
 
 def _collector_data(deposit: Deposit, eip2612: _permit2.Eip2612Permit | None) -> tuple[str, bytes]:
@@ -418,16 +408,16 @@ def _collector_data(deposit: Deposit, eip2612: _permit2.Eip2612Permit | None) ->
     if isinstance(auth, Erc3009Deposit):
         if eip2612 is not None:
             raise ValueError("an EIP-2612 permit goes with a Permit2 deposit only")
-        head = _word_uint(auth.valid_after) + _word_uint(auth.valid_before) + _word_uint(auth.salt)
-        return ERC3009_DEPOSIT_COLLECTOR_ADDRESS, head + _word_uint(4 * 32) + _bytes_tail(auth.signature)
+        head = word_uint(auth.valid_after) + word_uint(auth.valid_before) + word_uint(auth.salt)
+        return ERC3009_DEPOSIT_COLLECTOR_ADDRESS, head + word_uint(4 * 32) + _bytes_tail(auth.signature)
     if auth.amount != deposit.amount:
         raise ValueError("the Permit2 authorization's amount must equal the deposit")
     permit = b""
     if eip2612 is not None:
         v, r, s = split_signature(eip2612.signature)
-        permit = _word_uint(eip2612.value) + _word_uint(eip2612.deadline) + _word_uint(v) + r + s
+        permit = word_uint(eip2612.value) + word_uint(eip2612.deadline) + word_uint(v) + r + s
     sig_tail = _bytes_tail(auth.signature)
-    head = _word_uint(auth.nonce) + _word_uint(auth.deadline) + _word_uint(4 * 32) + _word_uint(4 * 32 + len(sig_tail))
+    head = word_uint(auth.nonce) + word_uint(auth.deadline) + word_uint(4 * 32) + word_uint(4 * 32 + len(sig_tail))
     return PERMIT2_DEPOSIT_COLLECTOR_ADDRESS, head + sig_tail + _bytes_tail(permit)
 
 
@@ -441,9 +431,9 @@ def deposit_calldata(config: ChannelConfig, deposit: Deposit, eip2612: _permit2.
     return (
         DEPOSIT_SELECTOR
         + _config_words(config)
-        + _word_uint(_uint128(deposit.amount, "deposit amount"))
-        + _word_address(collector.lower())
-        + _word_uint(10 * 32)
+        + word_uint(_uint128(deposit.amount, "deposit amount"))
+        + word_address(collector.lower())
+        + word_uint(10 * 32)
         + _bytes_tail(data)
     )
 

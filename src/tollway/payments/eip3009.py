@@ -43,11 +43,11 @@ class Authorization:
     nonce: bytes
 
 
-def _word_address(addr: str) -> bytes:
+def word_address(addr: str) -> bytes:
     return bytes(12) + bytes.fromhex(addr[2:])
 
 
-def _word_uint(v: int) -> bytes:
+def word_uint(v: int) -> bytes:
     return v.to_bytes(32, "big")
 
 
@@ -57,19 +57,19 @@ def domain_separator(name: str, version: str, chain_id: int, contract: str) -> b
         DOMAIN_TYPEHASH
         + keccak(name.encode())
         + keccak(version.encode())
-        + _word_uint(chain_id)
-        + _word_address(contract.lower())
+        + word_uint(chain_id)
+        + word_address(contract.lower())
     )
 
 
 def _words(auth: Authorization) -> bytes:
     """The six fields, ABI-encoded: the same words in the EIP-712 struct and in the calldata."""
     return (
-        _word_address(auth.from_)
-        + _word_address(auth.to)
-        + _word_uint(auth.value)
-        + _word_uint(auth.valid_after)
-        + _word_uint(auth.valid_before)
+        word_address(auth.from_)
+        + word_address(auth.to)
+        + word_uint(auth.value)
+        + word_uint(auth.valid_after)
+        + word_uint(auth.valid_before)
         + auth.nonce
     )
 
@@ -106,4 +106,4 @@ def recover(digest32: bytes, sig: bytes) -> str:
 def transfer_calldata(auth: Authorization, sig: bytes) -> bytes:
     """Calldata for ``transferWithAuthorization(from,to,value,validAfter,validBefore,nonce,v,r,s)``."""
     v, r, s = split_signature(sig)
-    return TRANSFER_SELECTOR + _words(auth) + _word_uint(v) + r + s
+    return TRANSFER_SELECTOR + _words(auth) + word_uint(v) + r + s

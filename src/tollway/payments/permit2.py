@@ -21,7 +21,7 @@ from typing import Any
 from eth_hash.auto import keccak
 
 from ..errors import PaymentMalformed
-from .eip3009 import UINT256_MAX, SignatureError, recover, split_signature
+from .eip3009 import UINT256_MAX, SignatureError, recover, split_signature, word_address, word_uint
 
 __all__ = [
     "PERMIT2_ADDRESS",
@@ -99,35 +99,27 @@ class Eip2612Permit:
     signature: bytes  # 65 bytes r‖s‖v
 
 
-def _word_address(addr: str) -> bytes:
-    return bytes(12) + bytes.fromhex(addr[2:])
-
-
-def _word_uint(v: int) -> bytes:
-    return v.to_bytes(32, "big")
-
-
 @lru_cache(maxsize=64)
 def domain_separator(chain_id: int, permit2: str = PERMIT2_ADDRESS) -> bytes:
     """Permit2's EIP-712 domain separator: {name "Permit2", chainId, verifyingContract}, no version."""
-    return keccak(DOMAIN_TYPEHASH + keccak(b"Permit2") + _word_uint(chain_id) + _word_address(permit2.lower()))
+    return keccak(DOMAIN_TYPEHASH + keccak(b"Permit2") + word_uint(chain_id) + word_address(permit2.lower()))
 
 
 def witness_hash(auth: UptoAuthorization) -> bytes:
     """The EIP-712 hash of the witness struct, as the proxy hands it to Permit2."""
     return keccak(
-        WITNESS_TYPEHASH + _word_address(auth.to) + _word_address(auth.facilitator) + _word_uint(auth.valid_after)
+        WITNESS_TYPEHASH + word_address(auth.to) + word_address(auth.facilitator) + word_uint(auth.valid_after)
     )
 
 
 def struct_hash(auth: UptoAuthorization) -> bytes:
-    token_permissions = keccak(TOKEN_PERMISSIONS_TYPEHASH + _word_address(auth.token) + _word_uint(auth.max_amount))
+    token_permissions = keccak(TOKEN_PERMISSIONS_TYPEHASH + word_address(auth.token) + word_uint(auth.max_amount))
     return keccak(
         PERMIT_WITNESS_TYPEHASH
         + token_permissions
-        + _word_address(auth.spender)
-        + _word_uint(auth.nonce)
-        + _word_uint(auth.deadline)
+        + word_address(auth.spender)
+        + word_uint(auth.nonce)
+        + word_uint(auth.deadline)
         + witness_hash(auth)
     )
 
@@ -146,7 +138,7 @@ def signer(auth: UptoAuthorization, sig: bytes, chain_id: int) -> str:
 
 
 def _bytes_tail(data: bytes) -> bytes:
-    return _word_uint(len(data)) + data + bytes(-len(data) % 32)
+    return word_uint(len(data)) + data + bytes(-len(data) % 32)
 
 
 def _settle_words(auth: UptoAuthorization, amount: int) -> bytes:
@@ -154,22 +146,22 @@ def _settle_words(auth: UptoAuthorization, amount: int) -> bytes:
     if not 0 < amount <= auth.max_amount:
         raise ValueError(f"settlement amount {amount} must be in 1..{auth.max_amount} (0 settles nothing)")
     return (
-        _word_address(auth.token)
-        + _word_uint(auth.max_amount)
-        + _word_uint(auth.nonce)
-        + _word_uint(auth.deadline)
-        + _word_uint(amount)
-        + _word_address(auth.owner)
-        + _word_address(auth.to)
-        + _word_address(auth.facilitator)
-        + _word_uint(auth.valid_after)
+        word_address(auth.token)
+        + word_uint(auth.max_amount)
+        + word_uint(auth.nonce)
+        + word_uint(auth.deadline)
+        + word_uint(amount)
+        + word_address(auth.owner)
+        + word_address(auth.to)
+        + word_address(auth.facilitator)
+        + word_uint(auth.valid_after)
     )
 
 
 def settle_calldata(auth: UptoAuthorization, amount: int, sig: bytes) -> bytes:
     """Calldata for the proxy's ``settle(permit, amount, owner, witness, signature)``."""
     head = _settle_words(auth, amount)
-    return SETTLE_SELECTOR + head + _word_uint(len(head) + 32) + _bytes_tail(sig)
+    return SETTLE_SELECTOR + head + word_uint(len(head) + 32) + _bytes_tail(sig)
 
 
 def settle_with_permit_calldata(permit2612: Eip2612Permit, auth: UptoAuthorization, amount: int, sig: bytes) -> bytes:
@@ -179,10 +171,10 @@ def settle_with_permit_calldata(permit2612: Eip2612Permit, auth: UptoAuthorizati
     if permit2612.value != auth.max_amount:
         raise ValueError("the EIP-2612 permit's value must equal the Permit2 maximum")
     v, r, s = split_signature(permit2612.signature)
-    head = (_word_uint(permit2612.value) + _word_uint(permit2612.deadline) + r + s + _word_uint(v)) + _settle_words(
+    head = (word_uint(permit2612.value) + word_uint(permit2612.deadline) + r + s + word_uint(v)) + _settle_words(
         auth, amount
     )
-    return SETTLE_WITH_PERMIT_SELECTOR + head + _word_uint(len(head) + 32) + _bytes_tail(sig)
+    return SETTLE_WITH_PERMIT_SELECTOR + head + word_uint(len(head) + 32) + _bytes_tail(sig)
 
 
 # -- decoding the x402 payload -----------------------------------------------------------------------

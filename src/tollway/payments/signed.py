@@ -23,9 +23,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from eth_account import Account
-from eth_account.messages import encode_typed_data
+from eth_hash.auto import keccak
 
 from ..errors import PaymentInvalid, PaymentMalformed
+from .eip3009 import SignatureError, domain_separator, recover, word_address, word_uint
 
 WALLET = {"name": "wallet", "type": "address"}
 ORIGIN = {"name": "origin", "type": "string"}
@@ -57,23 +58,28 @@ HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
-def _typed(kind: str, chain_id: int, token: str, message: dict[str, Any]) -> Any:
-    return encode_typed_data(
-        full_message={
-            "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
-                kind: TYPES[kind],
-            },
-            "primaryType": kind,
-            "domain": {"name": "tollway", "version": "2", "chainId": chain_id, "verifyingContract": token},
-            "message": message,
-        }
-    )
+TYPE_HASHES = {
+    kind: keccak(f"{kind}({','.join(f['type'] + ' ' + f['name'] for f in fields)})".encode())
+    for kind, fields in TYPES.items()
+}
+
+
+def digest(kind: str, chain_id: int, token: str, message: dict[str, Any]) -> bytes:
+    """The EIP-712 digest of a normalised ``message`` (``_normalise``), by hand as in eip3009.py:
+    eth-account's typed-data encoder took ~10× the time, on every credit call."""
+    words = b"".join(_word(f["type"], message[f["name"]]) for f in TYPES[kind])
+    domain = domain_separator("tollway", "2", chain_id, token)
+    return keccak(b"\x19\x01" + domain + keccak(TYPE_HASHES[kind] + words))
+
+
+def _word(typ: str, value: Any) -> bytes:
+    if typ == "address":
+        return word_address(value.lower())
+    if typ == "string":
+        return keccak(value.encode())
+    if typ == "uint256":
+        return word_uint(value)
+    return value  # type: ignore[no-any-return]  # (bytes32)
 
 
 def _normalise(kind: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +109,7 @@ def _normalise(kind: str, message: dict[str, Any]) -> dict[str, Any]:
 
 
 def sign(kind: str, key: Any, chain_id: int, token: str, message: dict[str, Any]) -> str:
-    signed = Account.sign_message(_typed(kind, chain_id, token, _normalise(kind, message)), key)
+    signed = Account.unsafe_sign_hash(digest(kind, chain_id, token, _normalise(kind, message)), key)
     return "0x" + bytes(signed.signature).hex()
 
 
@@ -125,6 +131,6 @@ def signer(kind: str, chain_id: int, token: str, message: dict[str, Any], signat
     if not isinstance(signature, str) or not re.fullmatch(r"0x[0-9a-fA-F]{130}", signature):
         raise PaymentMalformed(f"{kind} signature must be 65 bytes of hex")
     try:
-        return str(Account.recover_message(_typed(kind, chain_id, token, msg), signature=signature)).lower()
-    except Exception as exc:  # eth-account raises several types for unrecoverable signatures
-        raise PaymentMalformed(f"{kind} signature does not recover") from exc
+        return recover(digest(kind, chain_id, token, msg), bytes.fromhex(signature[2:]))
+    except SignatureError as exc:
+        raise PaymentMalformed(f"{kind} signature does not recover: {exc}") from exc
