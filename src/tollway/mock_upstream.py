@@ -548,13 +548,12 @@ def create_app(options: MockOptions | None = None) -> Starlette:
 
         start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage}}
         start["usage"]["output_tokens"] = 1
-        head = [
-            event("message_start", {"message": start}),
-            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-            event("ping", {}),
-        ]
+        head = [event("message_start", {"message": start}), event("ping", {})]
+        opening = event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         deltas = (
-            event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}) for p in gen.pieces
+            (opening if i == 0 else b"")
+            + event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}})
+            for i, p in enumerate(gen.pieces)
         )
         failure = [event("error", {"error": {"type": "api_error", "message": "mock upstream: injected failure"}})]
         end = [
@@ -602,12 +601,14 @@ def create_app(options: MockOptions | None = None) -> Starlette:
 
         started = {**response, "status": "in_progress", "output": [], "usage": None}
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        head = [
-            event("response.created", {"response": started}),
-            event("response.output_item.added", {"output_index": 0, "item": {**item, "content": []}}),
-            event("response.content_part.added", {**where, "part": {**part, "text": ""}}),
-        ]
-        deltas = (event("response.output_text.delta", {**where, "delta": p}) for p in gen.pieces)
+        head = [event("response.created", {"response": started}), event("response.in_progress", {"response": started})]
+
+        opening = event("response.output_item.added", {"output_index": 0, "item": {**item, "content": []}})
+        opening += event("response.content_part.added", {**where, "part": {**part, "text": ""}})
+        deltas = (
+            (opening if i == 0 else b"") + event("response.output_text.delta", {**where, "delta": p})
+            for i, p in enumerate(gen.pieces)
+        )
 
         def failure() -> Any:
             yield event("error", {"code": "server_error", "message": "mock upstream: injected failure"})

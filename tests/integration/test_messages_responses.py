@@ -287,6 +287,22 @@ def test_a_failure_before_the_first_event_costs_nothing(gw, chain, devnet):
 
 
 @pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/messages", {**MESSAGE, "stream": True}), ("/v1/responses", {**RESPONSE, "stream": True})],
+)
+def test_an_error_after_the_opening_events_is_a_failure_before_the_answer(gw, chain, devnet, path, body):
+    """Anthropic may open a stream (message_start, ping) and then send an error (overloaded) —
+    as may Responses (created, in_progress): no answer was served, so nothing is charged."""
+    server = gw[0]
+    payer = payer_of(chain, devnet)
+    before = chain.balance(payer.account.address)
+    with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+        r = http.post(server.url + path, json={**body, "mock": {"fail_after_chunks": 0}})
+    assert r.status_code == 502 and "failed before answering" in r.text, r.text
+    assert chain.balance(payer.account.address) == before
+
+
+@pytest.mark.parametrize(
     ("quoted", "paid"),
     [
         ("/v1/messages", "/v1/chat/completions"),

@@ -24,7 +24,7 @@ from ..client.payer import PaymentRefused
 from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamUnavailable, truncate
-from ..usage import Usage, parse_usage, python_recursion_limit
+from ..usage import Usage, parse_usage, python_recursion_limit, stream_error
 from .network import aiohttp_transport
 
 log = logging.getLogger("tollway.upstream")
@@ -141,21 +141,37 @@ async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
     return bytes(body[:limit])
 
 
-def _first_event(buf: bytes | bytearray) -> bytes | None:
-    """The data of the first complete SSE ``data:`` event in ``buf``, if one has arrived."""
+# Events that open a stream before any answer (Messages: message_start, ping; Responses: created,
+# in_progress): an error right after them is still a failure before the answer.
+PREAMBLE = frozenset({"message_start", "ping", "response.created", "response.in_progress"})
+
+
+def _answered(buf: bytes | bytearray) -> bool:
+    """Whether ``buf`` holds a complete SSE ``data:`` event that answers — not a preamble; raises
+    ``UpstreamError`` if an error event comes first."""
     for line in buf.split(b"\n")[:-1]:  # only lines already terminated
-        if line.startswith(b"data:"):
-            return bytes(line[5:].strip())
-    return None
+        if not line.startswith(b"data:"):
+            continue
+        data = bytes(line[5:].strip())
+        if not data.startswith(b"{") or (b'"error' not in data and b'"type"' not in data):
+            return True  # (a chat chunk: no error, no event type to look at)
+        doc = _json(data)
+        err = doc.get("error") or stream_error(doc)
+        if err:
+            text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
+            raise UpstreamError(f"upstream failed before answering: {truncate(text, 300)}")
+        if doc.get("type") not in PREAMBLE:
+            return True
+    return False
 
 
-def _is_error(data: bytes) -> bool:
+def _json(data: bytes) -> dict[str, Any]:
     try:
         with python_recursion_limit():
             doc = json.loads(data)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(doc, dict) and (bool(doc.get("error")) or doc.get("type") == "error")
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 @dataclass
@@ -295,17 +311,16 @@ class Upstream:
 
     async def _first_bytes(self, chunks: AsyncIterator[bytes], stream: bool) -> bytes:
         """The whole body (not streaming), or a stream's bytes up to its first complete ``data:``
-        event: keep-alive comments alone do not commit a call, and an error as the first event is
-        a failure before any answer (so the payer is not charged)."""
+        event that answers: keep-alive comments and an API's opening events (``PREAMBLE``) alone
+        do not commit a call, and an error before the answer is a failure (the payer is not
+        charged; the next upstream may be tried)."""
         body = bytearray()  # (bytes += bytes copies the whole body each time)
         try:
             async for chunk in chunks:
                 body += chunk
                 if len(body) > MAX_BODY:
                     raise UpstreamError("upstream response too large")
-                if stream and (event := _first_event(body)) is not None:
-                    if event.startswith(b"{") and b'"error"' in event and _is_error(event):
-                        raise UpstreamError(f"upstream failed before answering: {_upstream_message(event)}")
+                if stream and _answered(body):
                     return bytes(body)
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
