@@ -288,9 +288,11 @@ def relay_stream(
     per_event = gw.settings.models[call.model].max_tokens_per_event
     upstream = gw.router.named(opened.upstream)
 
+    reader = None if call.surface == "chat" else StreamUsage()  # (chat's usage chunk is read from the tail)
+
     def finish(tail: StreamTail, complete: bool, usage: Usage | None) -> tuple[dict[str, Any], Any, Settlement | None]:
         error = opened.error or tail.error()
-        usage = usage or tail.estimate(paid.quote.prompt_bound, per_event)
+        usage = usage or tail.estimate(paid.quote.prompt_bound, per_event, reader.prompt() if reader else None)
         row = {
             "id": call_id,
             "status": "served" if complete and error is None else "incomplete",
@@ -302,8 +304,6 @@ def relay_stream(
         metered = meter(gw, call, paid, opened, usage, expected, row, insert_row=False, settled=settled)
         log_served(call_id, call, paid, opened, metered[0]["cost"], outcome=row["status"])
         return metered
-
-    reader = None if call.surface == "chat" else StreamUsage()  # (chat's usage chunk is read from the tail)
 
     def close(tail: StreamTail, complete: bool) -> tuple[dict[str, Any], Any, Settlement | None] | None:
         """Meter the stream now — or, when it carried no usage but its upstream can tell it after

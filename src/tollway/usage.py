@@ -200,20 +200,25 @@ class StreamUsage:
 
     def __init__(self) -> None:
         self.counts: dict[str, Any] = {}
+        self.final = False  # the event with the output's count has passed
 
     def see(self, doc: dict[str, Any]) -> dict[str, Any]:
         kind, found = doc.get("type"), None
         if kind == "message_start" and isinstance(doc.get("message"), dict):
             found = doc["message"].get("usage")
-        elif kind == "message_delta":
-            found = doc.get("usage")
-        elif kind in self.FINAL and isinstance(doc.get("response"), dict):
-            found = doc["response"].get("usage")
+        elif kind == "message_delta" or kind in self.FINAL:
+            found = doc.get("usage") if kind == "message_delta" else (doc.get("response") or {}).get("usage")
+            self.final = self.final or isinstance(found, dict)
         if isinstance(found, dict):
             self.counts.update(found)
         return doc
 
     def usage(self) -> Usage | None:
+        """The stream's usage, once its final count has passed."""
+        return parse_usage(self.counts) if self.final else None
+
+    def prompt(self) -> Usage | None:
+        """What a stream cut before its final count said of its prompt (Messages' message_start)."""
         return parse_usage(self.counts) if self.counts else None
 
 
@@ -260,10 +265,14 @@ class StreamTail:
             if isinstance(doc, dict):
                 yield doc
 
-    def estimate(self, prompt_bound: int, tokens_per_event: int) -> Usage:
-        """For a stream that ended without usage: the prompt at its bound and each relayed event
-        at the model's most tokens per event (the caller caps the cost at the quote)."""
-        return Usage(prompt_bound, self.events_seen * tokens_per_event, dialect="estimated")
+    def estimate(self, prompt_bound: int, tokens_per_event: int, prompt: Usage | None = None) -> Usage:
+        """For a stream that ended without usage: the prompt at its bound (or as the stream's
+        opening counted it: ``prompt``) and each relayed event at the model's most tokens per event
+        (the caller caps the cost at the quote)."""
+        output = self.events_seen * tokens_per_event
+        if prompt is None:
+            return Usage(prompt_bound, output, dialect="estimated")
+        return Usage(prompt.prompt_tokens, output, prompt.cached_tokens, prompt.cache_write_tokens, dialect="estimated")
 
     def generation_id(self) -> str:
         """The id the stream's events carry (OpenRouter: the generation's id), "" if none."""

@@ -275,6 +275,12 @@ def test_a_stream_that_breaks_ends_with_its_apis_error_event_and_is_charged_at_m
     assert errors and errors[-1]["type"] == "error", text
     receipt = wait_receipt(server.url, receipt_id)
     assert receipt["status"] == "incomplete" and int(receipt["cost"]["atomic"]) <= int(receipt["quote"]["atomic"])
+    assert receipt["usage"]["dialect"] == "estimated"
+    if path == "/v1/messages":  # its prompt as message_start counted it, not the quote's bound
+        start = next(json.loads(x[5:]) for x in text.splitlines() if x.startswith("data:") and "message_start" in x)
+        u = start["message"]["usage"]
+        counted = u["input_tokens"] + u["cache_read_input_tokens"] + u["cache_creation_input_tokens"]
+        assert receipt["usage"]["prompt_tokens"] == counted
 
 
 def test_a_failure_before_the_first_event_costs_nothing(gw, chain, devnet):
