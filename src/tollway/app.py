@@ -223,6 +223,11 @@ CORS_REQUEST_HEADERS = [
     "Idempotency-Key",
     "X-Session-Id",
     "X-Provider-Key",
+    # what the Anthropic SDK sends from a browser (its key header is ignored here: the payment pays)
+    "anthropic-version",
+    "anthropic-beta",
+    "x-api-key",
+    "anthropic-dangerous-direct-browser-access",
 ]
 CORS_EXPOSED_HEADERS = [
     "PAYMENT-REQUIRED",

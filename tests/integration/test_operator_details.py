@@ -95,3 +95,18 @@ def test_the_readmes_links_resolve():
     for target in re.findall(r"\]\(([^)#\s]+)\)", text):
         if not target.startswith(("http://", "https://", "mailto:")):
             assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_the_anthropic_sdk_in_a_browser_passes_the_preflight(gateway):
+    asked = "x-api-key, anthropic-version, anthropic-beta, anthropic-dangerous-direct-browser-access, payment-signature"
+    preflight = httpx.options(
+        f"{gateway.url}/v1/messages",
+        headers={
+            "Origin": "https://agent.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked,
+        },
+    )
+    assert preflight.status_code == 200, preflight.text
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert all(h.strip() in allowed for h in asked.split(","))
