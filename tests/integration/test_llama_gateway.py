@@ -249,3 +249,18 @@ def test_embeddings_reach_a_llama_server_that_serves_them(
             model=MODEL_ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=3
         )
         assert chat.choices[0].message.content  # (chat still goes to the generating one)
+
+
+def test_a_message_goes_through_two_tollways_to_llama_server(chained_to_llama, chain, devnet):
+    """Messages through a chain: the outer tollway pays the inner one's 402 for /v1/messages."""
+    client = anthropic_client(
+        chained_to_llama.url, Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    )
+    with client.messages.stream(
+        model=MODEL_ALIAS, max_tokens=5, system=SYSTEM, messages=[{"role": "user", "content": "chained message"}]
+    ) as s:
+        final = s.get_final_message()
+        receipt_id = s.response.headers["x-tollway-receipt"]
+    receipt = wait_receipt(chained_to_llama.url, receipt_id)
+    assert receipt["upstream"] == "inner" and receipt["usage"]["completion_tokens"] == final.usage.output_tokens
+    assert receipt["usage"]["dialect"] == "anthropic"
