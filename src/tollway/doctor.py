@@ -228,23 +228,25 @@ async def genesis_hash(chain: Chain) -> str:
 
 
 async def catalogue_findings(settings: Settings) -> tuple[Settings, list[Finding]]:
-    """Each upstream catalogue read (``model_import.py``); the settings with what they offer."""
+    """Each upstream catalogue read (``model_import.py``); the settings with what they offer, at
+    the prices their upstreams serve them at (``upstream_prices.py``: what quotes must cover)."""
     import httpx
 
     from .model_import import Catalogues
+    from .upstream_prices import by_upstream
 
     catalogues = Catalogues(settings)
-    if not catalogues.wanted:
-        return settings, []
-    async with httpx.AsyncClient() as http:
-        models = await catalogues.load(http)
     out = []
-    for u in upstream_list(settings):
-        if u.catalogue:
-            n = len(catalogues.served.get(u.name, ()))
-            level = "ok" if n else "warn"
-            out.append(Finding(level, f"upstream {u.name} catalogue", f"{n} models imported from {u.catalogue}"))
-    return settings.model_copy(update={"models": models}), out
+    if catalogues.wanted:
+        async with httpx.AsyncClient() as http:
+            models = await catalogues.load(http)
+        for u in upstream_list(settings):
+            if u.catalogue:
+                n = len(catalogues.served.get(u.name, ()))
+                level = "ok" if n else "warn"
+                out.append(Finding(level, f"upstream {u.name} catalogue", f"{n} models imported from {u.catalogue}"))
+        settings = settings.model_copy(update={"models": models})
+    return by_upstream(settings, catalogues.priced, catalogues.settings.models), out
 
 
 async def examine(settings: Settings) -> list[Finding]:
