@@ -84,7 +84,7 @@ def main() -> None:
     gw = SimpleNamespace(
         router=router,
         prefixes=PrefixMemory(300),
-        upstream_prices={(u.name, m): Prices.of(own, 6) for u in ups for m in u.prices},
+        upstream_prices={m: {u.name: Prices.of(own, 6) for u in ups if m in u.prices} for m in MODELS},
         upstream_byok_prices={},
     )
     gw.prefixes.remember("p7", calls[MODELS[150]].prefixes(), 400)

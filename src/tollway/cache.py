@@ -23,7 +23,7 @@ from typing import Any
 from .usage import Usage, python_recursion_limit
 
 CACHE_HEADER = "x-tollway-cache"
-MAX_PREFIXES = 200_000
+MAX_PREFIXES = 200_000  # prompt prefixes remembered (each with the upstreams it went to), least recent dropped
 
 
 Prefixes = list[tuple[bytes, int]]
@@ -42,24 +42,27 @@ def prefixes_of(model: str, messages: list[Any]) -> Prefixes:
 
 
 class PrefixMemory:
+    """The prompt prefixes recently sent to each upstream, and their tokens: what it may hold
+    cached. Keyed by prefix, so a lookup costs one probe per prefix, whatever the upstreams."""
+
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._seen: OrderedDict[tuple[str, bytes], tuple[int, float]] = OrderedDict()
+        self._seen: OrderedDict[bytes, dict[str, tuple[int, float]]] = OrderedDict()  # prefix → upstream → …
 
     def expect(self, upstream: str, prefixes: Prefixes) -> int:
         """Tokens of this prompt's longest prefix recently sent to ``upstream`` (0 if none)."""
-        return self.expected_by([upstream], prefixes)[upstream]
+        return self.expected_by([upstream], prefixes).get(upstream, 0)
 
     def expected_by(self, upstreams: list[str], prefixes: Prefixes) -> dict[str, int]:
-        """``expect`` for each of ``upstreams``."""
-        now, out = time.monotonic(), {}
-        for upstream in upstreams:
-            out[upstream] = 0
-            for h, _ in reversed(prefixes):
-                hit = self._seen.get((upstream, h))
-                if hit and hit[1] > now:
-                    out[upstream] = hit[0]
-                    break
+        """``expect`` for those of ``upstreams`` that hold some of the prompt (the others: 0)."""
+        now, out, wanted = time.monotonic(), {}, None
+        for h, _ in reversed(prefixes):  # (longest first: an upstream's first hit is its longest)
+            seen = self._seen.get(h)
+            if seen:
+                wanted = wanted or set(upstreams)
+                for upstream, (tokens, expires) in seen.items():
+                    if expires > now and upstream in wanted and upstream not in out:
+                        out[upstream] = tokens
         return out
 
     def remember(self, upstream: str, prefixes: Prefixes, prompt_tokens: int) -> None:
@@ -68,9 +71,12 @@ class PrefixMemory:
         total, expires = prefixes[-1][1], time.monotonic() + self.ttl
         for i, (h, size) in enumerate(prefixes):
             tokens = prompt_tokens if i == len(prefixes) - 1 else prompt_tokens * size // max(total, 1)
-            key = (upstream, h)
-            self._seen[key] = (tokens, expires)
-            self._seen.move_to_end(key)
+            seen = self._seen.get(h)
+            if seen is None:
+                seen = self._seen[h] = {}
+            else:
+                self._seen.move_to_end(h)
+            seen[upstream] = (tokens, expires)
         while len(self._seen) > MAX_PREFIXES:
             self._seen.popitem(last=False)
 

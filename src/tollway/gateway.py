@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 from starlette.requests import Request
@@ -41,8 +41,6 @@ from .stats import LiveStats
 from .upstream.client import Upstream, make_http_client, make_paying_client
 from .upstream.router import Router
 from .usage import Usage
-
-K = TypeVar("K")
 
 log = logging.getLogger("tollway")
 CHAIN_PROBE_SECONDS = 3
@@ -77,9 +75,9 @@ class Gateway:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
     byok_prices: dict[str, Prices] = field(default_factory=dict)  # at byok_fee of the list prices
-    # (upstream, model) → what the upstream's calls of the model are billed at, where it prices it itself
-    upstream_prices: dict[tuple[str, str], Prices] = field(default_factory=dict)
-    upstream_byok_prices: dict[tuple[str, str], Prices] = field(default_factory=dict)
+    # model → upstream → what the upstream's calls of the model are billed at, where it prices it itself
+    upstream_prices: dict[str, dict[str, Prices]] = field(default_factory=dict)
+    upstream_byok_prices: dict[str, dict[str, Prices]] = field(default_factory=dict)
     free: free_tier.FreeTier | None = None  # the free tier (models marked free)
     _bases: dict[tuple[Any, ...], str] = field(default_factory=dict)  # public_base by what it is built from
 
@@ -172,7 +170,7 @@ class Gateway:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
             gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
         gw.byok_prices = _byok(settings, prices)
-        gw.upstream_byok_prices = _byok(settings, gw.upstream_prices)
+        gw.upstream_byok_prices = _byok_by_upstream(settings, gw.upstream_prices)
         gw.free = free_tier.FreeTier(settings, store, gw.quotes.key, chain_id, c.token, c.payee)  # type: ignore[arg-type]
         if catalogues.wanted:
             gw.catalogues = catalogues
@@ -228,7 +226,7 @@ class Gateway:
                 self.settings, self.prices = _priced(fresh, configured.models)
                 self.byok_prices = _byok(self.settings, self.prices)
                 self.upstream_prices = _by_upstream(self.settings)
-                self.upstream_byok_prices = _byok(self.settings, self.upstream_prices)
+                self.upstream_byok_prices = _byok_by_upstream(self.settings, self.upstream_prices)
                 self._offer_imported()
             except Exception:  # (the next pass tries again; meanwhile the last import stands)
                 log.exception("refreshing the upstreams' catalogues failed")
@@ -302,7 +300,7 @@ class Gateway:
         covered = row["paid"] + row["from_credit"]
         cost = min(row["quote"], covered)
         prices, conf = self.prices.get(row["model"]), self.settings.models.get(row["model"])
-        prices = self.upstream_prices.get((row["upstream"], row["model"]), prices)  # (what served it bills at)
+        prices = self.upstream_prices.get(row["model"], {}).get(row["upstream"], prices)  # (what served it bills at)
         if prices is not None and conf is not None and row["prompt_bound"] is not None:
             delivered = Usage(
                 row["prompt_bound"], (row["events"] or 0) * conf.max_tokens_per_event, dialect="estimated"
@@ -391,14 +389,21 @@ def _priced(settings: Settings, configured: dict[str, Any]) -> tuple[Settings, d
     return settings, prices
 
 
-def _byok(settings: Settings, prices: dict[K, Prices]) -> dict[K, Prices]:
+def _byok(settings: Settings, prices: dict[str, Prices]) -> dict[str, Prices]:
     return {m: p.scaled(Fraction(settings.byok_fee)) for m, p in prices.items()}
 
 
-def _by_upstream(settings: Settings) -> dict[tuple[str, str], Prices]:
-    """What each upstream bills the models it prices itself at (``upstream_prices.py``)."""
-    decimals = settings.chain.decimals
-    return {(u.name, m): Prices.of(p, decimals) for u in upstream_list(settings) for m, p in u.prices.items()}
+def _by_upstream(settings: Settings) -> dict[str, dict[str, Prices]]:
+    """What each upstream bills the models it prices itself at (``upstream_prices.py``), by model."""
+    out: dict[str, dict[str, Prices]] = {}
+    for u in upstream_list(settings):
+        for m, p in u.prices.items():
+            out.setdefault(m, {})[u.name] = Prices.of(p, settings.chain.decimals)
+    return out
+
+
+def _byok_by_upstream(settings: Settings, prices: dict[str, dict[str, Prices]]) -> dict[str, dict[str, Prices]]:
+    return {m: _byok(settings, by_upstream) for m, by_upstream in prices.items()}
 
 
 def _scheme(schemes: list[PaymentScheme], name: str) -> PaymentScheme:

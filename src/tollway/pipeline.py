@@ -56,7 +56,7 @@ from .ledger.store import credit_account, new_id
 from .metering import Paid, call_row, log, log_call, relay_stream, respond
 from .payments import x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
-from .pricing import MAX_AMOUNT
+from .pricing import MAX_AMOUNT, Prices
 from .signin import SignIn
 from .upstream.attempts import encode_attempts
 from .upstream.client import Opened
@@ -157,31 +157,46 @@ def provider_key(request: Request) -> str | None:
 EXPECTED_OUTPUT_TOKENS = 512  # what ranking by price expects a call to produce (at most its cap)
 
 
-def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], dict[str, float]] | None:
+class Costs(dict[str, float]):
+    """Expected costs by upstream; an upstream not listed costs ``default``."""
+
+    def __init__(self, default: float) -> None:
+        super().__init__()
+        self.default = default
+
+    def __missing__(self, name: str) -> float:
+        return self.default
+
+
+def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], Costs] | None:
     """What the router ranks upstreams by (``Router.candidates``): the request's expected cost on
     each — its prompt (``prompt_bound``/4 tokens, or what an upstream is expected to hold cached if
     more) at the cache price as far as the upstream is expected to hold it cached (its prefix sent
     there lately, times the share of expected cache the upstream's discounts lately survived), the
-    rest at the prompt price, and the expected output, at the upstream's own prices. Only where
-    there is a choice."""
+    rest at the prompt price, and the expected output, at the upstream's own prices. Computed only
+    for the upstreams that differ (a price of their own, a prefix held); the rest cost the same.
+    Only where there is a choice."""
     if len(gw.router.upstreams) < 2:
         return None
     table = gw.upstream_byok_prices if call.route.byok else gw.upstream_prices
 
-    def costs(model: str, names: list[str]) -> dict[str, float]:
+    def costs(model: str, names: list[str]) -> Costs:
         member = call.member(model)
-        cached = gw.prefixes.expected_by(names, member.prefixes()) if member.prompt else {}
-        prompt = max(member.prompt_bound // 4, *cached.values(), 0)
+        held = gw.prefixes.expected_by(names, member.prefixes()) if member.prompt else {}
+        own = table.get(model, {})
+        prompt = max(member.prompt_bound // 4, *held.values(), 0)
         output = min(member.cap(metered=True), EXPECTED_OUTPUT_TOKENS) * member.choices
-        out = {}
-        for name in names:
-            p = table.get((name, model), member.prices)
-            hit = cached.get(name, 0)
+
+        def cost(p: Prices, hit: int) -> float:
+            return ((prompt - hit) * p.prompt + hit * p.cache_read + output * p.completion + p.request) / p.denominator
+
+        out = Costs(cost(member.prices, 0))
+        for name in own.keys() | held.keys():
+            hit = held.get(name, 0)
             if hit:
                 survival = gw.router.stats.figures(name, model).cache_survival
                 hit = int(hit * (1.0 if survival is None else min(survival, 1.0)))
-            units = (prompt - hit) * p.prompt + hit * p.cache_read + output * p.completion + p.request
-            out[name] = units / p.denominator
+            out[name] = cost(own.get(name, member.prices), hit)
         return out
 
     return costs
@@ -189,7 +204,7 @@ def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], di
 
 def billed_at(gw: Gateway, call: ChatCall, upstream: str) -> ChatCall:
     """The call as ``upstream`` bills it: at its own prices for the model, where it has some."""
-    own = (gw.upstream_byok_prices if call.route.byok else gw.upstream_prices).get((upstream, call.model))
+    own = (gw.upstream_byok_prices if call.route.byok else gw.upstream_prices).get(call.model, {}).get(upstream)
     return call if own is None or own == call.prices else replace(call, prices=own)
 
 

@@ -202,6 +202,7 @@ class Opened:
 class Upstream:
     def __init__(self, settings: UpstreamSettings, http: httpx.AsyncClient) -> None:
         self.name = settings.name
+        self.lower_name = settings.name.lower()  # (what routing preferences name it by)
         self.models = set(settings.models)
         self.imported: frozenset[str] = frozenset()  # from its catalogue (model_import.py)
         # its own prices (per token) of the models it prices itself (upstream_prices.py)

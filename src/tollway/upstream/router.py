@@ -117,13 +117,13 @@ class Router:
         allowed = self._allowed([u for u in self.upstreams if u.serves(model)], prefs, model)
         if costs is not None and len(allowed) > 1:  # (first: an order or sort the request sets comes on top)
             expected = costs(model, [u.name for u in allowed])
-            allowed.sort(key=lambda u: expected.get(u.name, 0.0))
+            allowed.sort(key=lambda u: expected[u.name])
         if prefs.sort in ("latency", "throughput"):
             allowed.sort(key=lambda u: self._rank(u.name, model, prefs.sort))  # (stable: ties keep their order)
         if prefs.order:
             rank = {name: i for i, name in enumerate(prefs.order)}
-            allowed.sort(key=lambda u: rank.get(u.name.lower(), len(rank)))
-        ordered = sorted(allowed, key=lambda u: not self.healthy(u, now))
+            allowed.sort(key=lambda u: rank.get(u.lower_name, len(rank)))
+        ordered = sorted(allowed, key=lambda u: not self.healthy(u, now)) if self._failures else allowed
         sticky = self._sticky.get(key)
         if sticky and not prefs.explicit and now - sticky[1] <= self.sticky_idle:
             home = next((u for u in ordered if u.name == sticky[0]), None)
@@ -138,19 +138,19 @@ class Router:
         """``only``, ``ignore``, ``max_price`` (an upstream's own price for the model) and (without
         fallbacks) ``order``. A list that names none of our upstreams is for an upstream that routes
         between providers itself: it keeps only those."""
-        ours = {u.name.lower() for u in serving}
         allowed = [
             u
             for u in serving
-            if u.name.lower() not in prefs.ignore
+            if u.lower_name not in prefs.ignore
             and (u.byok or not prefs.byok)
             and prefs.surface in u.surfaces
             and not (prefs.max_price and model in u.prices and over_max_price(prefs, u.prices[model]))
         ]
         for names in (prefs.only, None if prefs.allow_fallbacks or not prefs.order else frozenset(prefs.order)):
             if names is not None:
+                ours = {u.lower_name for u in serving}
                 if names & ours:
-                    allowed = [u for u in allowed if u.name.lower() in names]
+                    allowed = [u for u in allowed if u.lower_name in names]
                 else:
                     allowed = [u for u in allowed if u.routes_providers]
         return allowed
