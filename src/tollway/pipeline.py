@@ -72,18 +72,23 @@ async def embeddings(request: Request, gw: Gateway) -> Response:
 
 
 async def messages(request: Request, gw: Gateway) -> Response:
-    refuse_betas(request.headers.get("anthropic-beta"))
-    return await paid_api(request, gw, partial(parse_generation, MESSAGES))
+    betas = request.headers.get("anthropic-beta")
+    return await paid_api(request, gw, partial(parse_generation, MESSAGES), check=lambda: refuse_betas(betas))
 
 
 async def responses(request: Request, gw: Gateway) -> Response:
     return await paid_api(request, gw, partial(parse_generation, RESPONSES))
 
 
-async def paid_api(request: Request, gw: Gateway, parse: Callable[..., ChatCall]) -> Response:
-    """A paid call of an API whose request ``parse`` reads and prices (``chat.py``)."""
+async def paid_api(
+    request: Request, gw: Gateway, parse: Callable[..., ChatCall], check: Callable[[], None] | None = None
+) -> Response:
+    """A paid call of an API whose request ``parse`` reads and prices (``chat.py``), after the
+    API's own ``check`` of its headers."""
     started, call_id, model = time.time(), new_id(), "-"
     try:
+        if check is not None:
+            check()
         body = await read_body(request, gw.settings.max_body_bytes)
         byok = provider_key(request) is not None
         prices = gw.byok_prices if byok else gw.prices
