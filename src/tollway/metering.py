@@ -117,6 +117,7 @@ def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[st
         "payment_id": paid.payment_id,
         "model": call.model,
         "upstream_model": call.upstream_model,
+        "api": call.surface,
         "stream": call.stream,
         "quote": paid.quote.amount,
         "prompt_bound": paid.quote.prompt_bound,

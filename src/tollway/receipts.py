@@ -17,6 +17,7 @@ def view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
         "id": row["id"],
         "model": row["model"],
         "upstream_model": row["upstream_model"],
+        "api": row["api"],
         "upstream": row["upstream"],
         "stream": row["stream"],
         "status": row["status"],

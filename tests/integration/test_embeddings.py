@@ -50,7 +50,7 @@ def test_an_embedding_is_quoted_paid_and_charged_its_prompt_tokens(gw, chain, de
     doc = r.json()
     assert [len(d["embedding"]) for d in doc["data"]] == [8, 8] and doc["usage"]["prompt_tokens"] > 0
     receipt = wait_receipt(server.url, r.headers["x-tollway-receipt"])
-    assert receipt["upstream"] == "both"  # (the first upstream speaks no embeddings)
+    assert receipt["upstream"] == "both" and receipt["api"] == "embeddings"  # (the first speaks no embeddings)
     price = settings.models["mock/echo"]
     usd = receipt["usage"]["prompt_tokens"] * Fraction(price.prompt) + Fraction(price.request)
     assert receipt["usage"]["completion_tokens"] == 0 and int(receipt["cost"]["atomic"]) == to_atomic(usd, 6)

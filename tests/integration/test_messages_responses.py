@@ -89,7 +89,7 @@ def test_the_anthropic_sdk_pays_for_a_message_metered_in_anthropics_dialect(gw, 
     message = r.parse()  # (the raw response: the receipt id is a header)
     receipt = wait_receipt(server.url, r.headers["x-tollway-receipt"])
     u = message.usage
-    assert receipt["upstream"] == "all" and receipt["usage"]["dialect"] == "anthropic"
+    assert receipt["upstream"] == "all" and receipt["usage"]["dialect"] == "anthropic" and receipt["api"] == "messages"
     assert receipt["usage"]["prompt_tokens"] == (
         u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
     )
@@ -130,7 +130,7 @@ def test_the_openai_sdk_pays_for_responses_streamed_and_not(gw, chain, devnet):
     assert response.output_text == "echo: hello responses"
     assert mock.last_request["max_output_tokens"] == 30 and mock.last_request["instructions"] == instructions
     receipt = wait_receipt(server.url, r.headers["x-tollway-receipt"])
-    assert receipt["usage"]["prompt_tokens"] == response.usage.input_tokens
+    assert receipt["api"] == "responses" and receipt["usage"]["prompt_tokens"] == response.usage.input_tokens
     assert receipt["usage"]["completion_tokens"] == response.usage.output_tokens
     assert int(receipt["cost"]["atomic"]) == charged(settings, receipt["usage"])
 

@@ -81,7 +81,7 @@ def test_each_mode_picks_its_upstream_and_each_call_is_billed_at_the_one_that_se
         ({"provider": {"order": ["dear", "mid"], "max_price": {"prompt": 15}}}, "mid", MID),
     ]:
         receipt = served(http, **extra)
-        assert receipt["upstream"] == upstream, extra
+        assert receipt["upstream"] == upstream and receipt["api"] == "chat", extra
         assert int(receipt["cost"]["atomic"]) == billed(receipt, price), extra
         assert int(receipt["cost"]["atomic"]) <= int(receipt["quote"]["atomic"])
 

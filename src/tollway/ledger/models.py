@@ -67,6 +67,7 @@ class Call(SQLModel, table=True):
     payment_id: str | None = Field(default=None, index=True)
     model: str
     upstream_model: str
+    api: str | None = None  # chat, messages, responses or embeddings (None: recorded before it was kept)
     upstream: str | None = Field(default=None, index=True)  # which upstream served it
     stream: bool
     status: str  # pending | served | incomplete | failed
