@@ -337,3 +337,36 @@ def test_the_402_declares_the_apis_own_request_for_discovery(gw):
         required = unb64json(httpx.post(gw[0].url + path, json={**MESSAGE, "input": "hi"}).headers["payment-required"])
         body = required["extensions"]["bazaar"]["info"]["input"]["body"]
         assert prompt in body and required["resource"]["url"].endswith(path)
+
+
+HOSTILE = [
+    {"messages": "hi"},
+    {"messages": [1, "two", None]},
+    {"messages": [{"role": "user", "content": [1, None, "x", {"type": None}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": [1, {"type": 5}]}]}]},
+    {"messages": [{"role": "user", "content": {"type": "text"}}]},
+    {"system": [1, {"type": "text"}], "messages": [{"role": "user", "content": "x"}]},
+    {"system": {"cache_control": {"ttl": "1h"}}, "messages": [{"role": "user", "content": "x"}]},
+    {"messages": [{"role": "user", "content": "x"}], "tools": "all"},
+    {"messages": [{"role": "user", "content": "x"}], "tools": [1, 2]},
+    {"messages": [{"role": "user", "content": "x"}], "cache_control": {"ttl": "2h"}},
+    {"messages": [{"role": "user", "content": "x"}], "max_tokens": "8"},
+    {"messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
+    {"messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+    {"input": [{"type": "message", "content": [{"type": "input_text", "text": 5}]}, {"role": 1}]},
+    {"input": [{"type": "function_call_output", "output": [{"type": "input_file"}]}]},
+    {"input": [{"type": "message", "role": "user", "content": None}], "instructions": ["a"]},
+    {"input": "x", "tools": [{"type": "function"}, {"type": None}]},
+    {"input": "x", "max_output_tokens": 10**30},
+    {"input": {"role": "user"}},
+    {"input": "x", "background": "no"},
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/responses"])
+@pytest.mark.parametrize("body", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_bodies_get_a_4xx_or_a_quote_never_a_500(gw, path, body):
+    r = httpx.post(gw[0].url + path, json={"model": "mock/echo", **body})
+    assert r.status_code in (400, 402), (r.status_code, r.text)
+    if r.status_code == 400:
+        assert error_code(r) != "internal"
