@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -189,9 +189,33 @@ def parse_json(raw: bytes) -> Any:
         raise BadRequest("request body is not valid JSON (UTF-8)", code="invalid_json") from exc
 
 
-def _with_fallbacks(members: Iterable[ChatCall]) -> ChatCall:
-    """The first member, with the others as its fallbacks (a ``models`` list)."""
-    first, *rest = members
+def _members(
+    ids: list[str],
+    settings: Settings,
+    prices: dict[str, Prices],
+    shared: dict[str, Any],
+    sent_as: dict[str, str],
+    most: dict[str, dict[str, float]],
+    now: float | None,
+    **fields: Any,
+) -> ChatCall:
+    """The request as each of the models ``ids`` serves it — ``shared`` with the model's upstream
+    id, at its prices — the first with the others as its fallbacks (a ``models`` list); its quotes
+    expire ``quote_ttl_seconds`` after ``now``."""
+    now = time.time() if now is None else now
+    first, *rest = (
+        ChatCall(
+            body={**shared, "model": sent_as[m]},
+            model=m,
+            upstream_model=sent_as[m],
+            prices=prices[m],
+            expires=int(now) + settings.quote_ttl_seconds,
+            received=now,
+            upstream_max_price=most[m],
+            **fields,
+        )
+        for m in ids
+    )
     return replace(first, fallbacks=tuple(rest), _memo={})
 
 
@@ -287,32 +311,28 @@ def parse_generation(
         }
         image_tokens = settings.image_token_allowance if confs[m].image_tokens is None else confs[m].image_tokens
         bounds.append(prompt_token_bound(encode(widest), _images(items), image_tokens) + api.prompt_allowance(body))
-    now = time.time() if now is None else now
-    call = _with_fallbacks(
-        ChatCall(
-            body={**shared, "model": sent_as[m]},
-            model=m,
-            upstream_model=sent_as[m],
-            stream=stream,
-            prices=prices[m],
-            digest=digest,
-            prompt_bound=max(bounds),
-            choices=choices,
-            asked_cap=asked,
-            default_cap=default_cap,
-            metered_cap=metered_cap,
-            expires=int(now) + settings.quote_ttl_seconds,
-            origin=origin,
-            long_cache=long_cache,
-            wants_usage=wants_usage,
-            received=now,
-            route=route,
-            upstream_max_price=most[m],
-            surface=api.surface,
-            cap_field=api.cap_field,
-            prompt=items,
-        )
-        for m in ids
+    call = _members(
+        ids,
+        settings,
+        prices,
+        shared,
+        sent_as,
+        most,
+        now,
+        stream=stream,
+        digest=digest,
+        prompt_bound=max(bounds),
+        choices=choices,
+        asked_cap=asked,
+        default_cap=default_cap,
+        metered_cap=metered_cap,
+        origin=origin,
+        long_cache=long_cache,
+        wants_usage=wants_usage,
+        route=route,
+        surface=api.surface,
+        cap_field=api.cap_field,
+        prompt=items,
     )
     call.quote(call.cap(metered=True))  # refuses a request too large to pay, whatever the scheme
     return call
@@ -556,28 +576,24 @@ def parse_embeddings(
         )
         for m in ids
     )
-    now = time.time() if now is None else now
-    call = _with_fallbacks(
-        ChatCall(
-            body={**shared, "model": sent_as[m]},
-            model=m,
-            upstream_model=sent_as[m],
-            stream=False,
-            prices=prices[m],
-            digest=digest,
-            prompt_bound=bound,
-            choices=1,
-            asked_cap=None,
-            default_cap=0,
-            metered_cap=0,
-            expires=int(now) + settings.quote_ttl_seconds,
-            origin=origin,
-            received=now,
-            route=route,
-            upstream_max_price=most[m],
-            surface="embeddings",
-        )
-        for m in ids
+    call = _members(
+        ids,
+        settings,
+        prices,
+        shared,
+        sent_as,
+        most,
+        now,
+        stream=False,
+        digest=digest,
+        prompt_bound=bound,
+        choices=1,
+        asked_cap=None,
+        default_cap=0,
+        metered_cap=0,
+        origin=origin,
+        route=route,
+        surface="embeddings",
     )
     call.quote(0)  # refuses a request too large to pay
     return call

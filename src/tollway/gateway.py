@@ -156,7 +156,6 @@ class Gateway:
             prefixes=PrefixMemory(settings.cache_memory_seconds),
             quotes=QuoteSigner(settings.quote_secret or store.meta("quote_secret", lambda: secrets.token_hex(32))),
             prices=prices,
-            upstream_prices=_by_upstream(settings),
             v1_names={v1_name: network} if v1_name else {},
             chain_id=chain_id,
             network=network,
@@ -169,8 +168,7 @@ class Gateway:
         if settings.mpp and AUTHORIZATION in types:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
             gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
-        gw.byok_prices = _byok(settings, prices)
-        gw.upstream_byok_prices = _byok_by_upstream(settings, gw.upstream_prices)
+        gw._price(settings, prices)
         gw.free = free_tier.FreeTier(settings, store, gw.quotes.key, chain_id, c.token, c.payee)  # type: ignore[arg-type]
         if catalogues.wanted:
             gw.catalogues = catalogues
@@ -202,13 +200,23 @@ class Gateway:
             gw._tasks.append(loop.create_task(gw.claimer.run()))
         return gw
 
+    def _price(self, settings: Settings, prices: dict[str, Prices]) -> None:
+        """What calls are quoted and billed at, from ``settings`` (its models priced: ``prices``):
+        each model's price, each upstream's own (``upstream_prices.py``), and both at the BYOK fee."""
+        self.settings, self.prices = settings, prices
+        self.byok_prices = _byok(settings, prices)
+        self.upstream_prices = {}
+        for u, router_side in zip(upstream_list(settings), self.router.upstreams, strict=True):
+            router_side.prices = {m: p.per_token() for m, p in u.prices.items()}  # (routing: max_price)
+            for m, p in u.prices.items():
+                self.upstream_prices.setdefault(m, {})[u.name] = Prices.of(p, settings.chain.decimals)
+        self.upstream_byok_prices = {m: _byok(settings, by) for m, by in self.upstream_prices.items()}
+
     def _offer_imported(self) -> None:
-        """The upstreams serve what their catalogues import, at their own prices."""
+        """The upstreams serve what their catalogues import."""
         assert self.catalogues is not None
-        own = {u.name: u.prices for u in upstream_list(self.settings)}
         for u in self.router.upstreams:
             u.imported = self.catalogues.served.get(u.name, frozenset())
-            u.prices = {m: p.per_token() for m, p in own[u.name].items()}
 
     async def _refresh_catalogues(self) -> None:
         """Read the upstreams' catalogues again every ``catalogue_refresh_seconds``: new models are
@@ -223,10 +231,7 @@ class Gateway:
                     update={"models": models, "upstreams": configured.upstreams, "upstream": configured.upstream}
                 )
                 fresh = upstream_prices.by_upstream(fresh, self.catalogues.priced, configured.models)
-                self.settings, self.prices = _priced(fresh, configured.models)
-                self.byok_prices = _byok(self.settings, self.prices)
-                self.upstream_prices = _by_upstream(self.settings)
-                self.upstream_byok_prices = _byok_by_upstream(self.settings, self.upstream_prices)
+                self._price(*_priced(fresh, configured.models))
                 self._offer_imported()
             except Exception:  # (the next pass tries again; meanwhile the last import stands)
                 log.exception("refreshing the upstreams' catalogues failed")
@@ -391,19 +396,6 @@ def _priced(settings: Settings, configured: dict[str, Any]) -> tuple[Settings, d
 
 def _byok(settings: Settings, prices: dict[str, Prices]) -> dict[str, Prices]:
     return {m: p.scaled(Fraction(settings.byok_fee)) for m, p in prices.items()}
-
-
-def _by_upstream(settings: Settings) -> dict[str, dict[str, Prices]]:
-    """What each upstream bills the models it prices itself at (``upstream_prices.py``), by model."""
-    out: dict[str, dict[str, Prices]] = {}
-    for u in upstream_list(settings):
-        for m, p in u.prices.items():
-            out.setdefault(m, {})[u.name] = Prices.of(p, settings.chain.decimals)
-    return out
-
-
-def _byok_by_upstream(settings: Settings, prices: dict[str, dict[str, Prices]]) -> dict[str, dict[str, Prices]]:
-    return {m: _byok(settings, by_upstream) for m, by_upstream in prices.items()}
 
 
 def _scheme(schemes: list[PaymentScheme], name: str) -> PaymentScheme:

@@ -262,11 +262,12 @@ def error_event(message: str, code: str, surface: str = "chat") -> bytes:
     """How a stream that breaks after its first byte ends, in its API's own terms: chat (OpenRouter's
     convention) an error chunk with ``finish_reason: "error"``, then ``[DONE]``; Messages and
     Responses their ``error`` event."""
-    if surface == "messages":
-        doc: dict[str, Any] = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return b"event: error\ndata: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
-    if surface == "responses":
-        doc = {"type": "error", "code": code, "message": message, "param": None}
+    if surface in ("messages", "responses"):
+        doc: dict[str, Any] = {"type": "error"}
+        if surface == "messages":
+            doc["error"] = {"type": "api_error", "message": message}
+        else:
+            doc.update(code=code, message=message, param=None)
         return b"event: error\ndata: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
     chunk = {
         "object": "chat.completion.chunk",

@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from .bounded import read_bounded
 from .config import ModelPrice, Settings, UpstreamSettings, upstream_list
 
 log = logging.getLogger("tollway.catalogue")
@@ -120,11 +121,11 @@ async def read(source: str, http: httpx.AsyncClient) -> Any:
             async with http.stream("GET", source, timeout=FETCH_TIMEOUT) as r:
                 if r.status_code != 200:
                     raise CatalogueError(f"GET {source} answered {r.status_code}")
-                body = bytearray()
-                async for chunk in r.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_CATALOGUE_BYTES:
-                        raise CatalogueError(f"{source} is larger than {MAX_CATALOGUE_BYTES} bytes")
+                body = await read_bounded(
+                    r.aiter_bytes(),
+                    MAX_CATALOGUE_BYTES,
+                    lambda: CatalogueError(f"{source} is larger than {MAX_CATALOGUE_BYTES} bytes"),
+                )
             return json.loads(body)
         return json.loads(Path(source).read_bytes())
     except (OSError, ValueError, httpx.HTTPError) as exc:

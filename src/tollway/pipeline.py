@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import idempotency, signin
+from .bounded import read_bounded
 from .challenge import credit_of, least_payment, with_challenge
 from .chat import ChatCall, parse_chat, parse_embeddings, parse_generation
 from .dialects import MESSAGES, RESPONSES, refuse_betas
@@ -183,12 +184,11 @@ def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], Co
     Only where there is a choice."""
     if len(gw.router.upstreams) < 2:
         return None
-    table = gw.upstream_byok_prices if call.route.byok else gw.upstream_prices
 
     def costs(model: str, names: list[str]) -> Costs:
         member = call.member(model)
         held = gw.prefixes.expected_by(names, member.prefixes()) if member.prompt else {}
-        own = table.get(model, {})
+        own = upstreams_prices(gw, call, model)
         prompt = max(member.prompt_bound // 4, *held.values(), 0)
         output = min(member.cap(metered=True), EXPECTED_OUTPUT_TOKENS) * member.choices
 
@@ -207,9 +207,14 @@ def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], Co
     return costs
 
 
+def upstreams_prices(gw: Gateway, call: ChatCall, model: str) -> dict[str, Prices]:
+    """The upstreams that price ``model`` themselves, and their prices for this call (BYOK: the fee's)."""
+    return (gw.upstream_byok_prices if call.route.byok else gw.upstream_prices).get(model, {})
+
+
 def billed_at(gw: Gateway, call: ChatCall, upstream: str) -> ChatCall:
     """The call as ``upstream`` bills it: at its own prices for the model, where it has some."""
-    own = (gw.upstream_byok_prices if call.route.byok else gw.upstream_prices).get(call.model, {}).get(upstream)
+    own = upstreams_prices(gw, call, call.model).get(upstream)
     return call if own is None or own == call.prices else replace(call, prices=own)
 
 
@@ -233,12 +238,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"request body larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"request body larger than {limit} bytes")
-    return bytes(body)
+    return await read_bounded(request.stream(), limit, lambda: TooLarge(f"request body larger than {limit} bytes"))
 
 
 async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentScheme, Verified, Quote]:
