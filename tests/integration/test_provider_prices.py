@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import gateway_settings
-from support import ServerThread, eventually, wait_receipt
+from support import ServerThread, credit, eventually, wait_receipt
 from tollway import stats
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
@@ -157,3 +157,19 @@ def test_by_default_the_upstream_whose_cache_discount_survives_is_preferred(devn
                     eventually(lambda: survival("forgets") == 0.0 and (survival("keeps") or 0) > 0.5, what="survival")
                     receipt = ask("a new conversation")
                     assert receipt["upstream"] == "keeps" and receipt["usage"]["cached_tokens"] > 0
+
+
+def test_an_exact_payment_of_the_dearest_quote_served_cheaper_keeps_the_rest_as_credit(gw, chain, devnet):
+    """Neither side loses: exact pays the quote (which covers "dear"), "cheap" serves and bills
+    less, and exactly the difference becomes the wallet's credit — never negative, never more."""
+    wallet = chain.fund()  # (no Permit2 allowance: the client pays exact)
+    before = chain.balance(wallet.address)
+    payer = Payer(wallet, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=gw[0].url, timeout=30) as http:
+        receipt = served(http, provider={"order": ["cheap"]})
+    assert receipt["upstream"] == "cheap" and receipt["payment"]["scheme"] == "exact"
+    paid, cost = int(receipt["paid"]["atomic"]), int(receipt["cost"]["atomic"])
+    assert cost == billed(receipt, gw[1].models["mock/echo"]) < paid == int(receipt["quote"]["atomic"])
+    assert int(receipt["credit_after"]["atomic"]) == paid - cost
+    assert credit(gw[0].url, payer) == paid - cost
+    assert chain.balance(wallet.address) == before - paid
