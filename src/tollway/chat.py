@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -203,8 +203,9 @@ def _members(
     id, at its prices — the first with the others as its fallbacks (a ``models`` list); its quotes
     expire ``quote_ttl_seconds`` after ``now``."""
     now = time.time() if now is None else now
-    first, *rest = (
-        ChatCall(
+
+    def member(m: str, **more: Any) -> ChatCall:
+        return ChatCall(
             body={**shared, "model": sent_as[m]},
             model=m,
             upstream_model=sent_as[m],
@@ -213,10 +214,10 @@ def _members(
             received=now,
             upstream_max_price=most[m],
             **fields,
+            **more,
         )
-        for m in ids
-    )
-    return replace(first, fallbacks=tuple(rest), _memo={})
+
+    return member(ids[0], fallbacks=tuple(member(m) for m in ids[1:]))
 
 
 def read_request(raw: bytes, byok: bool, api: str | None = None) -> tuple[dict[str, Any], str]:
@@ -266,7 +267,7 @@ def parse_generation(
         raise BadRequest("'stream' must be a boolean", code="invalid_stream")
 
     api.refuse(body, items)
-    route = replace(preferences(body, variant), surface=api.surface, byok=byok)
+    route = preferences(body, variant, surface=api.surface, byok=byok)
     ids = _within_max_price(ids, settings, route)
     if route.require_parameters:
         ids = _supporting(ids, body, settings)
@@ -558,7 +559,7 @@ def parse_embeddings(
     body, digest = read_request(raw, byok, api="/v1/embeddings")
     ids, variant = _models(body, prices)
     _embedding_input(body.get("input"))
-    route = replace(preferences(body, variant), surface="embeddings", byok=byok)
+    route = preferences(body, variant, surface="embeddings", byok=byok)
     ids = _within_max_price(ids, settings, route)
     shared = {k: v for k, v in body.items() if k not in ("models", "stream")}  # (an embedding is never streamed)
     sent_as = {m: settings.models[m].upstream_model or m for m in ids}

@@ -37,9 +37,10 @@ from .usage import (
     StreamUsage,
     Usage,
     UsageEvents,
+    answer_doc,
     body_with_cost,
     parse_usage,
-    usage_from_body,
+    usage_of_answer,
     with_cost,
 )
 
@@ -240,7 +241,8 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     row = served_row(
         call_id, paid, call, opened, status="served", duration_ms=opened.latency_ms, finished_at=time.time()
     )
-    usage = usage_from_body(opened.first, output=call.surface != "embeddings")
+    doc = answer_doc(opened.first)
+    usage = usage_of_answer(doc, output=call.surface != "embeddings")
     fields, hop, settled = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settled=None)
     headers = receipt_headers(gw, paid, settled, call_id)
     hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]
@@ -250,7 +252,7 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     media = opened.response.headers.get("content-type", "application/json")
     body = opened.first
     if call.surface in OPENAI_USAGE:  # (the other APIs' answers go back untouched)
-        body = body_with_cost(body, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
+        body = body_with_cost(body, doc, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
     log_served(call_id, call, paid, opened, fields["cost"])
     return Response(body, status_code=200, media_type=media, headers=headers)
 

@@ -36,7 +36,7 @@ from starlette.responses import Response
 
 from . import idempotency, signin
 from .bounded import read_bounded
-from .challenge import credit_of, least_payment, with_challenge
+from .challenge import least_payment, with_challenge
 from .chat import ChatCall, parse_chat, parse_embeddings, parse_generation
 from .dialects import MESSAGES, RESPONSES, refuse_betas
 from .errors import (
@@ -53,7 +53,7 @@ from .errors import (
 )
 from .gateway import Gateway
 from .ledger.channels import ChannelRefused
-from .ledger.store import credit_account, new_id
+from .ledger.store import InsufficientCredit, credit_account, new_id
 from .metering import Paid, call_row, log, log_call, relay_stream, respond
 from .payments import x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
@@ -285,13 +285,7 @@ def from_credit(gw: Gateway, call: ChatCall, who: SignIn) -> tuple[PaymentScheme
     scheme = next((s for s in gw.schemes if s.name == "credit"), None)
     if scheme is None:
         raise PaymentRequired("this gateway takes no payment from credit: pay with one of the offers")
-    quote = call.quote(call.cap(scheme.metered))
-    if credit_of(gw, who) < quote.amount:
-        raise PaymentInvalid(
-            f"the credit of {who.wallet} does not cover this call's quote {quote.amount}: pay with one of the offers "
-            "(they are reduced by the credit)",
-            code="insufficient_credit",
-        )
+    quote = call.quote(call.cap(scheme.metered))  # (held from credit as it is locked: see ``lock``)
     offer = scheme.offer(0)
     payment = Verified(
         scheme=scheme.name,
@@ -368,9 +362,16 @@ def lock(
             call_id=call_id,
             channel=payment.channel,
             channel_hold_seconds=gw.settings.min_validity_seconds,
+            must_hold="signIn" in payment.proof,  # (credit alone pays: nothing is locked unless it covers the quote)
         )
     except ChannelRefused as refused:
         raise scheme.channel_refused(refused) from None  # type: ignore[attr-defined]
+    except InsufficientCredit:
+        raise PaymentInvalid(
+            f"the credit of {payment.payer} does not cover this call's quote {quote.amount}: pay with one of the "
+            "offers (they are reduced by the credit)",
+            code="insufficient_credit",
+        ) from None
     if locked is None:
         if "signIn" in payment.proof:
             raise PaymentInvalid("this sign-in has already paid a call", code="invalid_siwx_nonce_used")

@@ -85,11 +85,12 @@ def _max_price(value: Any) -> dict[str, Decimal]:
     return out
 
 
-def preferences(body: dict[str, Any], variant: str | None) -> Preferences:
-    """The routing a request asks for (raises ``BadRequest`` on a malformed ``provider``)."""
+def preferences(body: dict[str, Any], variant: str | None, surface: str = "chat", byok: bool = False) -> Preferences:
+    """The routing a request of an API (``surface``) asks for (raises ``BadRequest`` on a malformed
+    ``provider``); ``byok``: it brings its own provider key."""
     provider = body.get("provider")
     if provider is None:
-        return NONE if variant is None else Preferences(sort=VARIANTS[variant])
+        return Preferences(sort=VARIANTS[variant] if variant else None, surface=surface, byok=byok)
     if not isinstance(provider, dict):
         raise BadRequest("'provider' must be an object", code="invalid_provider")
     fallbacks, required = provider.get("allow_fallbacks", True), provider.get("require_parameters", False)
@@ -105,6 +106,8 @@ def preferences(body: dict[str, Any], variant: str | None) -> Preferences:
         sort=_sort(provider.get("sort")) or (VARIANTS[variant] if variant else None),
         max_price=_max_price(provider.get("max_price")),
         require_parameters=required,
+        surface=surface,
+        byok=byok,
     )
 
 

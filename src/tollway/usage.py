@@ -100,15 +100,25 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
     return Usage(prompt, completion, cached, written, upstream_cost, dialect)
 
 
-def usage_from_body(body: bytes, output: bool = True) -> Usage | None:
-    """Usage of a non-streamed answer (None if the body has none, or is not sane JSON). An API
-    without output (embeddings) reports no completion tokens: they are 0."""
+def answer_doc(body: bytes) -> dict[str, Any] | None:
+    """A non-streamed answer's JSON object (None if it is not sane JSON, or not an object): parsed
+    once, for its usage and for the charge written into it."""
     try:
         with python_recursion_limit():
             doc = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(doc, dict):
+    return doc if isinstance(doc, dict) else None
+
+
+def usage_from_body(body: bytes, output: bool = True) -> Usage | None:
+    return usage_of_answer(answer_doc(body), output)
+
+
+def usage_of_answer(doc: dict[str, Any] | None, output: bool = True) -> Usage | None:
+    """Usage of a non-streamed answer (None if it has none, or is not sane JSON). An API without
+    output (embeddings) reports no completion tokens: they are 0."""
+    if doc is None:
         return None
     usage = doc.get("usage")
     if not output and isinstance(usage, dict) and "completion_tokens" not in usage:
@@ -126,13 +136,13 @@ def with_cost(doc: dict[str, Any], cost_usd: Decimal) -> dict[str, Any]:
     return {**doc, "usage": usage}
 
 
-def body_with_cost(raw: bytes, cost_usd: Decimal) -> bytes:
-    """A non-streamed answer with tollway's charge in ``usage.cost`` (unchanged if it has no usage)."""
+def body_with_cost(raw: bytes, doc: dict[str, Any] | None, cost_usd: Decimal) -> bytes:
+    """A non-streamed answer (``raw``, parsed: ``doc``) with tollway's charge in ``usage.cost``
+    (unchanged if it has no usage)."""
+    if doc is None or not isinstance(doc.get("usage"), dict):
+        return raw
     try:
         with python_recursion_limit():
-            doc = json.loads(raw)
-            if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
-                return raw
             return json.dumps(with_cost(doc, cost_usd), ensure_ascii=False, separators=(",", ":")).encode()
     except (ValueError, RecursionError):
         return raw

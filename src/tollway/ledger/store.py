@@ -258,6 +258,7 @@ class Store:
         call_id: str,
         channel: ChannelUse | None = None,
         channel_hold_seconds: float = 0.0,
+        must_hold: bool = False,
     ) -> Locked | None:
         """A call's first transaction: reserve its payment (see ``reserve``; None if the key is
         taken), read the payer's credit balance and what they owe, and hold ``hold`` of their
@@ -270,7 +271,10 @@ class Store:
 
         A payment through a ``channel`` also takes the channel for the call, for at most
         ``channel_hold_seconds`` (see ``channels.take``: raises ``ChannelRefused``, and then
-        nothing is locked)."""
+        nothing is locked).
+
+        ``must_hold``: a call that credit alone pays — if the final credit does not cover ``hold``,
+        raises ``InsufficientCredit`` and nothing is locked (its key stays free for a retry)."""
         with self._sql() as c:
             payment_id = self._reserve(c, row)
             if payment_id is None:
@@ -284,7 +288,7 @@ class Store:
             in_progress, settling = c.row(OWED, {"network": network, "asset": asset, "payer": payer})  # type: ignore[misc]
             held = False
             if hold:
-                with contextlib.suppress(InsufficientCredit):
+                with contextlib.suppress(*(() if must_hold else (InsufficientCredit,))):
                     entry = [(EntryKind.HOLD, -hold)]
                     self._post(c, account, entry, int(settling), call_id=call_id, payment_id=payment_id)
                     held = True
