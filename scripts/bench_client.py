@@ -1,11 +1,13 @@
 """What one non-streamed upstream call costs the gateway's upstream client, in CPU, by layer:
-tollway's ``Upstream.send`` (httpx over the aiohttp transport), aiohttp's ``ClientSession`` alone,
-and raw asyncio streams with httptools' C parser — against ``scripts/bench_upstream.py``, all in
-one process on uvloop, measured in turns (three rounds of 2,000 calls each).
+tollway's ``Upstream.send`` (httpx's request and response types, handed straight to the transport),
+that transport (``tollway.upstream.h1``: asyncio + httptools) alone under one prebuilt httpx
+request, aiohttp's ``ClientSession`` alone (the transport it replaced was built on it), and raw
+asyncio streams with httptools' C parser (the floor) — against ``scripts/bench_upstream.py``, all
+in one process on uvloop, measured in turns (three rounds of 2,000 calls each).
 
     taskset -c 1 .venv/bin/python scripts/bench_client.py
 
-Issue 9's question: how much of a paid call's CPU a leaner upstream client would save.
+Issue 9's question: how much of a paid call's CPU the upstream client takes, layer by layer.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from pathlib import Path
 
 import aiohttp
 import httptools
+import httpx
 import uvloop
 from bench import free_port  # (scripts/bench.py)
 
 from tollway.config import UpstreamSettings
-from tollway.upstream.client import Upstream, make_http_client
+from tollway.upstream.client import CookielessClient, Upstream, pool_limits
+from tollway.upstream.h1 import h1_transport
 
 PATH = "/v1/chat/completions"
 BODY = json.dumps({"model": "mock/echo", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8})
@@ -47,8 +51,10 @@ async def main() -> None:
     body = BODY.encode()
     try:
         settings = UpstreamSettings(name="bench", url=f"http://127.0.0.1:{port}/v1")
-        http = make_http_client([settings])
+        transport = h1_transport(pool_limits(settings.max_connections))
+        http = CookielessClient(transport=transport)  # (what make_http_client makes)
         ours = Upstream(settings, http)
+        prebuilt = http.build_request("POST", f"http://127.0.0.1:{port}{PATH}", content=body)
         session = aiohttp.ClientSession()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         raw = f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -56,6 +62,12 @@ async def main() -> None:
 
         async def tollway() -> None:
             assert (await ours.send(body, False, {})).first
+
+        async def h1_alone() -> None:
+            response = await transport.handle_async_request(prebuilt)
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            assert b"".join([part async for part in response.stream])
+            await response.stream.aclose()
 
         async def aiohttp_alone() -> None:
             async with session.post(f"http://127.0.0.1:{port}{PATH}", data=body) as r:
@@ -69,7 +81,8 @@ async def main() -> None:
                 parser.feed_data(await reader.read(65536))
 
         sides: dict[str, Callable[[], Awaitable[None]]] = {
-            "tollway Upstream.send (httpx over aiohttp)": tollway,
+            "tollway Upstream.send (httpx's types over h1)": tollway,
+            "H1Transport alone": h1_alone,
             "aiohttp ClientSession alone": aiohttp_alone,
             "asyncio streams + httptools": httptools_raw,
         }

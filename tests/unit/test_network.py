@@ -1,7 +1,8 @@
-"""The upstream client's aiohttp transport under httpx: plain HTTP and kept-alive connections, TLS,
-timeouts per request, the pool's limit, streaming chunk by chunk, closing (an abandoned stream
-closes its connection; ``aclose`` closes the session), and aiohttp's failures as httpx's errors —
-then the same failures through ``Upstream.send`` as the gateway's own errors."""
+"""The upstream client's transport under httpx (``H1Transport``: asyncio + httptools): plain HTTP
+and kept-alive connections, TLS, timeouts per request, the pool's limit, streaming chunk by chunk,
+closing (an abandoned stream closes its connection; ``aclose`` closes them all), connection reuse
+and framing, backpressure, and the failures as httpx's errors — then the same failures through
+``Upstream.send`` as the gateway's own errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import asyncio
 import contextlib
 import gzip
 import json
+import socket
 import ssl
+import struct
 import subprocess
 import time
 import zlib
@@ -26,9 +29,9 @@ from tollway.errors import UpstreamDown, UpstreamError, UpstreamUnavailable
 from tollway.mock_upstream import create_app
 from tollway.upstream import client as upstream_client
 from tollway.upstream.client import Upstream, make_http_client
-from tollway.upstream.network import AiohttpTransport, aiohttp_transport
+from tollway.upstream.h1 import HIGH_WATER, H1Transport, h1_transport
 
-BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "over aiohttp"}], "max_tokens": 4}
+BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "over h1"}], "max_tokens": 4}
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
@@ -117,7 +120,7 @@ async def serve(**ssl_options: Any) -> tuple[uvicorn.Server, asyncio.Task[None],
 
 def client(max_connections: int = 4, **kwargs: Any) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(transport=aiohttp_transport(limits, **kwargs))
+    return httpx.AsyncClient(transport=h1_transport(limits, **kwargs))
 
 
 # -- plain HTTP, TLS ---------------------------------------------------------------------------------------
@@ -125,11 +128,11 @@ def client(max_connections: int = 4, **kwargs: Any) -> httpx.AsyncClient:
 
 async def test_plain_http_over_one_kept_alive_connection():
     server, task, port = await serve()
-    transport = aiohttp_transport(httpx.Limits(max_connections=4, max_keepalive_connections=4))
+    transport = h1_transport(httpx.Limits(max_connections=4, max_keepalive_connections=4))
     async with httpx.AsyncClient(transport=transport) as http:
         for _ in range(3):  # the connection is kept alive and reused
             r = await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=BODY)
-            assert r.json()["choices"][0]["message"]["content"] == "echo: over aiohttp"
+            assert r.json()["choices"][0]["message"]["content"] == "echo: over h1"
             assert r.http_version == "HTTP/1.1" and r.reason_phrase == "OK"
         assert len(server.server_state.connections) == 1
         r = await http.get(f"http://127.0.0.1:{port}/v1/models", params={"q": "a b/ü"})  # a GET, a query
@@ -211,7 +214,7 @@ async def test_request_head_is_what_httpx_built():
     assert headers["authorization"] == "Bearer k"
     assert headers["host"] == f"127.0.0.1:{port}"
     assert headers["content-length"] == "2"
-    assert headers["user-agent"].startswith("python-httpx/")  # httpx's headers, not aiohttp's defaults
+    assert headers["user-agent"].startswith("python-httpx/")  # (httpx's headers)
 
 
 # -- streaming and closing ---------------------------------------------------------------------------------
@@ -258,28 +261,6 @@ async def test_an_abandoned_stream_closes_its_connection():
             async for _part in r.aiter_raw():
                 break
         assert raw.opened == 2
-
-
-async def test_aclose_closes_the_session_and_its_connections():
-    async def answer(reader, writer, body):
-        writer.write(json_answer({"ok": True}))
-
-    async with raw_server(answer) as raw:
-        http = client()
-        assert (await http.post(raw.url, content=b"{}")).status_code == 200
-        transport = http._transport
-        assert isinstance(transport, AiohttpTransport) and transport.session is not None
-        await http.aclose()
-        assert transport.session.closed
-        await asyncio.wait_for(raw.client_closed.wait(), 2)  # the kept-alive connection was closed too
-
-
-async def test_the_gateway_client_closes_its_session():
-    http = make_http_client([UpstreamSettings(name="a", url="http://127.0.0.1:9/v1", max_connections=3)])
-    transport = http._transport
-    assert isinstance(transport, AiohttpTransport) and transport.limits.max_connections == 3
-    assert transport.session is None  # made on the first request, inside the event loop
-    await http.aclose()
 
 
 # -- the pool's limit ----------------------------------------------------------------------------------------
@@ -428,6 +409,237 @@ async def test_a_large_header_is_read():
     async with raw_server(answer) as raw, client() as http:
         r = await http.post(raw.url, content=b"{}")
         assert r.status_code == 402 and r.headers["payment-required"] == big.decode()
+
+
+# -- connections: reuse, framing, backpressure -----------------------------------------------------------------
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused():
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"ok": True}))
+        await writer.drain()
+        asyncio.get_running_loop().call_later(0.05, writer.close)  # the server drops the idle connection
+
+    async with raw_server(answer) as raw, client() as http:
+        assert (await http.post(raw.url, content=b"{}")).json() == {"ok": True}
+        await asyncio.sleep(0.3)  # (the client has seen the connection close)
+        assert (await http.post(raw.url, content=b"{}")).json() == {"ok": True}  # a new connection, not a failure
+    assert raw.opened == 2
+
+
+async def test_an_answer_saying_connection_close_closes_its_connection():
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        await reader.read(1)  # the server leaves the closing to the client
+
+    async with raw_server(answer) as raw, client() as http:
+        for _ in range(2):
+            assert (await http.post(raw.url, content=b"{}")).json() == {}
+        await asyncio.wait_for(raw.client_closed.wait(), 2)
+    assert raw.opened == 2
+
+
+async def test_a_body_read_until_the_server_closes():
+    """No Content-Length, not chunked: the body ends when the connection does (which is not reused)."""
+
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npart 1, ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"part 2")
+        await writer.drain()
+        writer.close()
+
+    async with raw_server(answer) as raw, client() as http:
+        async with http.stream("POST", raw.url, content=b"{}") as r:
+            chunks = [part async for part in r.aiter_raw()]
+        assert chunks[0] == b"part 1, " and b"".join(chunks) == b"part 1, part 2"
+        assert (await http.post(raw.url, content=b"{}")).content == b"part 1, part 2"
+    assert raw.opened == 2
+
+
+async def test_a_chunked_body_read_whole_keeps_its_connection():
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"ab") + chunk(b"cd"))
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(b"2;ext=1\r\nef\r\n" + b"0\r\nx-trailer: 1\r\n\r\n")  # a chunk extension, a trailer
+
+    async with raw_server(answer) as raw, client() as http:
+        for _ in range(3):
+            assert (await http.post(raw.url, content=b"{}")).content == b"abcdef"
+    assert raw.opened == 1
+
+
+async def test_an_answer_to_head_has_no_body():
+    async def answer(reader, writer, body):
+        if raw.heads[-1].startswith(b"HEAD"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")  # the length GET would have
+        else:
+            writer.write(json_answer({"ok": True}))
+
+    async with raw_server(answer) as raw, client() as http:
+        r = await http.head(raw.url)
+        assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "1000"
+        assert (await http.post(raw.url, content=b"{}")).json() == {"ok": True}
+
+
+async def test_an_interim_answer_is_skipped():
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n" + json_answer({"ok": True}))
+
+    async with raw_server(answer) as raw, client() as http:
+        r = await http.post(raw.url, content=b"{}")
+        assert r.json() == {"ok": True} and "link" not in r.headers
+
+
+async def test_a_large_request_body_arrives_whole():
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"size": len(body)}))
+
+    big = bytes(range(256)) * 4096  # 1 MiB: more than one write, more than the socket takes at once
+    async with raw_server(answer) as raw, client() as http:
+        assert (await http.post(raw.url, content=big)).json() == {"size": len(big)}
+    assert raw.bodies == [big]
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_expiry():
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"ok": True}))
+
+    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2, keepalive_expiry=0.2)
+    async with raw_server(answer) as raw, httpx.AsyncClient(transport=h1_transport(limits)) as http:
+        assert (await http.post(raw.url, content=b"{}")).status_code == 200
+        await asyncio.wait_for(raw.client_closed.wait(), 3)
+        assert (await http.post(raw.url, content=b"{}")).status_code == 200
+    assert raw.opened == 2
+
+
+async def test_bytes_after_the_answer_keep_the_answer_but_not_the_connection():
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"ok": True}) + b"HTTP/1.1 200 OK\r\n")  # an answer nobody asked for begins
+
+    async with raw_server(answer) as raw, client() as http:
+        for _ in range(2):
+            assert (await http.post(raw.url, content=b"{}")).json() == {"ok": True}
+    assert raw.opened == 2
+
+
+async def test_a_header_block_over_the_bound_is_a_remote_protocol_error():
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"x-big: %s\r\n" % (b"x" * 100_000) + b"content-length: 2\r\n\r\n{}")
+
+    async with raw_server(answer) as raw, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(raw.url, content=b"{}")
+
+
+async def test_a_reset_connection_is_a_read_error():
+    async def answer(reader, writer, body):
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a RST
+        writer.transport.abort()
+
+    async with raw_server(answer) as raw, client() as http:
+        with pytest.raises(httpx.ReadError):
+            await http.post(raw.url, content=b"{}")
+
+
+async def test_a_url_not_http_is_unsupported():
+    async with client() as http:
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await http.get("ftp://127.0.0.1/")
+
+
+async def test_one_pool_for_every_origin():
+    """``max_connections`` bounds the connections to all upstreams together: with one, a request to
+    another origin closes the idle connection to the first rather than open a second."""
+
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"ok": True}))
+
+    async with raw_server(answer) as a, raw_server(answer) as b, client(max_connections=1) as http:
+        for raw in (a, b, a):
+            assert (await http.post(raw.url, content=b"{}")).status_code == 200
+            await asyncio.sleep(0.05)  # (the server sees the other connection close)
+            assert a.live + b.live == 1
+    assert (a.opened, b.opened) == (2, 1)
+
+
+async def test_a_large_body_read_slowly_is_not_buffered_whole():
+    """Past HIGH_WATER unread bytes the connection stops reading: a slow reader holds the server's
+    writes back instead of buffering its whole body; read on, it gets every byte, and the connection."""
+    size = 8 * 1024 * 1024
+    big = bytes(range(256)) * (size // 256)
+
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        for i in range(0, size, 64 * 1024):
+            writer.write(big[i : i + 64 * 1024])
+            await writer.drain()
+
+    async with raw_server(answer) as raw, client() as http:
+        h1 = http._transport
+        assert isinstance(h1, H1Transport)
+        got = bytearray()
+        paused = 0
+        async with http.stream("POST", raw.url, content=b"{}") as r:
+            async for part in r.aiter_raw():
+                got += part
+                if paused < 3:  # a slow reader, for a while
+                    await asyncio.sleep(0.1)
+                    (conn,) = h1.conns
+                    assert conn.buffered <= HIGH_WATER + 256 * 1024  # (one socket read past the mark, at most)
+                    paused += conn.read_paused
+        assert paused == 3 and bytes(got) == big
+        assert (await http.post(raw.url, content=b"{}")).status_code == 200  # read to the end: reused
+    assert raw.opened == 1
+
+
+async def test_a_request_body_the_server_does_not_read_is_a_write_timeout():
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)  # never reads: the client's socket buffer fills up
+        writer.close()
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield bytes(1024 * 1024)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with client() as http:
+        started = time.monotonic()
+        with pytest.raises(httpx.WriteTimeout):
+            await http.post(f"http://127.0.0.1:{port}/", content=endless(), timeout=httpx.Timeout(5, write=0.2))
+        assert time.monotonic() - started < 3
+    server.close()
+
+
+async def test_aclose_closes_every_connection():
+    async def answer(reader, writer, body):
+        if body == b"stream":
+            writer.write(SSE_HEAD + chunk(event(1)))
+            await writer.drain()
+            await reader.read(1)
+        else:
+            writer.write(json_answer({"ok": True}))
+
+    async with raw_server(answer) as raw:
+        http = client()
+        held = await http.send(http.build_request("POST", raw.url, content=b"stream"), stream=True)  # one busy
+        assert (await http.post(raw.url, content=b"{}")).status_code == 200  # one idle
+        transport = http._transport
+        assert isinstance(transport, H1Transport) and len(transport.conns) == 2
+        await http.aclose()
+        assert not transport.conns and transport.size == 0 and transport.n_idle == 0
+        for _ in range(40):
+            if raw.live == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert raw.live == 0
+        with pytest.raises(httpx.RemoteProtocolError):  # the held stream's connection was closed under it
+            await held.aread()
 
 
 # -- through Upstream.send: the gateway's errors --------------------------------------------------------------
