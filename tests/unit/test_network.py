@@ -263,6 +263,33 @@ async def test_an_abandoned_stream_closes_its_connection():
         assert raw.opened == 2
 
 
+async def test_a_stream_closed_from_another_task_ends_its_reader_at_once():
+    """The gateway cuts a stream (its payment failed on chain) by closing the upstream's response
+    from a task of its own while the relay waits for the next chunk: the relay must hear of it
+    now, not at the read timeout."""
+
+    async def answer(reader, writer, body):
+        if body != b"stream":
+            writer.write(json_answer({"ok": True}))
+            return
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await reader.read(1)  # and nothing more
+
+    async with raw_server(answer) as raw, client() as http:
+        request = http.build_request("POST", raw.url, content=b"stream", timeout=httpx.Timeout(30))
+        r = await http.send(request, stream=True)
+        parts = r.aiter_raw()
+        assert await parts.__anext__() == event(1)
+        asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(r.aclose()))
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadError):
+            await parts.__anext__()
+        assert time.monotonic() - started < 2
+        assert (await http.post(raw.url, content=b"{}")).status_code == 200  # (the pool is whole)
+        assert raw.opened == 2
+
+
 # -- the pool's limit ----------------------------------------------------------------------------------------
 
 
@@ -638,7 +665,7 @@ async def test_aclose_closes_every_connection():
                 break
             await asyncio.sleep(0.05)
         assert raw.live == 0
-        with pytest.raises(httpx.RemoteProtocolError):  # the held stream's connection was closed under it
+        with pytest.raises(httpx.ReadError):  # the held stream's connection was closed under it
             await held.aread()
 
 

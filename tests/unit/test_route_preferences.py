@@ -15,7 +15,7 @@ from tollway.errors import BadRequest, UpstreamUnavailable
 from tollway.routing import Preferences, over_max_price, preferences, split_variant, upstream_max_price
 from tollway.stats import LiveStats
 from tollway.upstream.attempts import Attempt, decode_attempts, encode_attempts
-from tollway.upstream.client import Upstream
+from tollway.upstream.client import CookielessClient, Upstream
 from tollway.upstream.router import Router
 
 PER_TOKEN = {"prompt": Decimal("0.000001"), "completion": Decimal("0.000002"), "request": Decimal(0)}
@@ -193,7 +193,7 @@ def test_sort_ranks_by_live_figures_and_wins_over_stickiness():
 
 def test_an_upstream_that_asks_to_be_left_alone_is_tried_last_that_long():
     answers = {"busy": httpx.Response(429, headers={"retry-after": "7"}), "down": httpx.Response(503)}
-    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda req: answers[req.url.host.split(".")[0]]))
+    client = CookielessClient(transport=httpx.MockTransport(lambda req: answers[req.url.host.split(".")[0]]))
     ups = [Upstream(UpstreamSettings(name=n, url=f"http://{n}.test/v1"), client) for n in ("busy", "down")]
     r = Router(ups, sticky_idle=60, cooldown=0.5)
     with pytest.raises(UpstreamUnavailable) as err:

@@ -256,6 +256,9 @@ class _Connection(asyncio.Protocol):
             self.retired = True
             self.transport.close()
             self.pool._retire(self)
+        if not self.done:  # a reader waiting on it (its response was closed from another task) ends now
+            self.fail(httpx.ReadError("the connection was closed"))
+            self.wake()
 
 
 class H1Body(httpx.AsyncByteStream):
