@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -259,7 +260,7 @@ class ChatFastPath:
             and get_route_path(scope) == "/v1/chat/completions"
             and not any(k in SLOW_PATH_HEADERS for k, _ in scope["headers"])
         ):
-            request = Request(scope, receive, send)
+            request = IndexedRequest(scope, receive, send)
             try:
                 response = await chat_completions(request)
             except GatewayError as exc:
@@ -270,6 +271,41 @@ class ChatFastPath:
 
 
 SLOW_PATH_HEADERS = (b"origin", b"x-tollway-wallet")
+
+
+class IndexedHeaders(Headers):
+    """A request's headers, looked up in a dict made once: a paid call reads some sixteen, most of
+    them absent, and Starlette's ``Headers`` scans the whole list for each (and raises for each
+    absent one a ``get`` asks for). The first of repeated headers wins, as in Starlette."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(scope=scope)
+        self._index: dict[bytes, bytes] = {}
+        for key, value in self._list:
+            self._index.setdefault(key, value)
+
+    def __getitem__(self, key: str) -> str:
+        value = self._index.get(key.lower().encode("latin-1"))
+        if value is None:
+            raise KeyError(key)
+        return value.decode("latin-1")
+
+    def __contains__(self, key: Any) -> bool:
+        return key.lower().encode("latin-1") in self._index
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._index.get(key.lower().encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+
+class IndexedRequest(Request):
+    """A Starlette request whose headers are ``IndexedHeaders`` (the paid hot path's)."""
+
+    @property
+    def headers(self) -> Headers:
+        if not hasattr(self, "_headers"):
+            self._headers = IndexedHeaders(self.scope)
+        return self._headers
 
 
 class DeprecatedWalletHeader:

@@ -79,10 +79,10 @@ def settlement(gw: Gateway, paid: Paid, due: int | None = None) -> Settlement:
 def log_call(call_id: str, model: str, status: int, started: float, **details: Any) -> None:
     """One line per call, key=value, nothing secret: what an operator greps and graphs."""
     metrics.call(model, status, details.get("code"))
-    fields = " ".join(f"{k}={v}" for k, v in details.items() if v is not None)
-    calls_log.info(
-        "call id=%s model=%s status=%d ms=%.1f %s", call_id, model, status, (time.time() - started) * 1000, fields
-    )
+    if calls_log.isEnabledFor(logging.INFO):  # (the line is built only if it is written)
+        fields = " ".join(f"{k}={v}" for k, v in details.items() if v is not None)
+        ms = (time.time() - started) * 1000
+        calls_log.info("call id=%s model=%s status=%d ms=%.1f %s", call_id, model, status, ms, fields)
 
 
 def log_served(call_id: str, call: ChatCall, paid: Paid, opened: Opened, cost: int, **more: Any) -> None:
