@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from . import cache, metrics
 from .chat import ChatCall
@@ -279,9 +280,7 @@ def error_event(message: str, code: str, surface: str = "chat") -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def relay_stream(
-    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int
-) -> StreamingResponse:
+def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int) -> RelayResponse:
     """A stream: recorded as it starts — with its payment's settlement, for a payment of the bound
     (a metered one settles when the stream ends) — relayed, then metered."""
     started = time.time()
@@ -370,7 +369,39 @@ def relay_stream(
             with anyio.CancelScope(shield=True):
                 await opened.response.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+    return RelayResponse(body(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream, stopped when its client goes. Starlette's own, under a server that speaks
+    ASGI < 2.4 (uvicorn), runs the stream in an anyio task group beside a listener for the
+    disconnect: ~0.2 ms of CPU per stream, before its first byte. Here the listener is one plain
+    task, which cancels the relay (this task) if the client goes first: the stream's generator then
+    meters what was delivered and closes the upstream (``relay_stream``)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.current_task()
+        assert relay is not None
+        state = {"finished": False, "gone": False}
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["finished"]:
+                state["gone"] = True
+                relay.cancel()
+
+        listener = asyncio.get_running_loop().create_task(listen())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise  # (cancelled from elsewhere: the server is shutting down)
+            relay.uncancel()  # the client went: the stream ends here
+        finally:
+            state["finished"] = True
+            listener.cancel()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # (cut while sending: it meters now)
 
 
 def summary(call_id: str, tail: StreamTail, metered: tuple[dict[str, Any], Any, Settlement | None] | None) -> bytes:

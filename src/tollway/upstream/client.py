@@ -78,14 +78,14 @@ def pool_limits(size: int) -> httpx.Limits:
     return httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=KEEPALIVE_SECONDS)
 
 
-def make_http_client(upstreams: list[UpstreamSettings]) -> httpx.AsyncClient:
+def make_http_client(upstreams: list[UpstreamSettings]) -> CookielessClient:
     """One pooled client for every upstream (timeouts are set per upstream, per request)."""
     size = sum(u.max_connections for u in upstreams)
     limits = pool_limits(size)
     return CookielessClient(transport=h1_transport(limits))
 
 
-def make_paying_client(s: UpstreamSettings) -> httpx.AsyncClient:
+def make_paying_client(s: UpstreamSettings) -> CookielessClient:
     """A client that pays an upstream tollway's 402s from ``s.payer_key`` (see tollway.client):
     never more per call than ``pay_max_usd_per_call`` or this gateway's own quote for the call
     (the ``MAX_USD`` request extension), nor more than ``pay_max_usd_total`` in all."""
