@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -309,7 +309,9 @@ class Upstream:
         try:
             if resp.status_code != 200:
                 raise self._status_error(resp, await _read_bounded(resp, MAX_ERROR_BODY), api_key)
-            chunks = resp.aiter_bytes()  # (decoded, should the upstream compress anyway)
+            # The transport's own stream: it decodes a body compressed anyway (h1.H1Body), so httpx's
+            # decoding layers, which would find nothing to do, are skipped (~50 µs a call).
+            chunks = cast(httpx.AsyncByteStream, resp.stream).__aiter__()
             first = await self._first_bytes(chunks, stream)
         except BaseException:
             await resp.aclose()
