@@ -53,7 +53,10 @@ capped exact and upto near 110 calls/s; at 0.2 s it spends ~3 ms.
 
 Where the gateway's CPU goes: ``--profile PATH`` samples it with py-spy under paid load at the
 end of the run (``exact`` at concurrency 16 unless ``--profile-scheme`` / ``--profile-concurrency``
-say otherwise) and prints the hot spots (by pipeline stage, by library, by function).
+say otherwise) and prints the hot spots (by pipeline stage, by library, by function). py-spy
+pauses the gateway for each sample, which inflates what it interrupts; ``--stages PATH`` instead
+runs the gateway instrumented (``scripts/bench_stages.py``) and prints each pipeline stage's wall
+and CPU time per call under the same load — where latency is spent, at concurrency 1.
 
 Run it with ``scripts/bench``; ``--help`` lists the flags.
 """
@@ -92,6 +95,7 @@ GATEWAY_VENV = ROOT / ".venv-bench"  # the gateway's: runtime dependencies only
 LITELLM_VENV = ROOT / ".venv-litellm"  # LiteLLM's proxy, optional: installed by hand, never by the bench
 LITELLM_INSTALL = "python3 -m venv .venv-litellm && .venv-litellm/bin/pip install 'litellm[proxy]'"
 UPSTREAM = ROOT / "scripts" / "bench_upstream.py"
+STAGE_TIMER = ROOT / "scripts" / "bench_stages.py"
 MODEL = "mock/echo"
 PROMPT = "Hello tollway, please echo this short benchmark prompt back to me"
 JSON_HEADERS = {"content-type": "application/json"}
@@ -256,6 +260,7 @@ class Cluster:
     gateway_venv: Path
     block_time: float | None = None
     litellm: Path | None = None  # the litellm executable, if this run measures LiteLLM's proxy
+    stages: Path | None = None  # with --stages: where the instrumented gateway writes its stage times
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tollway-bench-")))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
@@ -323,6 +328,8 @@ class Cluster:
         # --mock-port is unused (an upstream is configured) but set to a free port all the same, so
         # that a CLI which started its built-in mock anyway could not collide with anything.
         argv = [str(tollway), "serve", "--port", str(gw_port), "--mock-port", str(free_port())]
+        if self.stages is not None:  # the same gateway, timed stage by stage (scripts/bench_stages.py)
+            argv = [str(self.gateway_venv / "bin" / "python"), str(STAGE_TIMER), str(self.stages), *argv[1:]]
         self._spawn("gateway", [*argv, "--log-level", "warning"], env, cpu=1)
         if self.litellm is not None:
             self.start_litellm(base_env)
@@ -989,6 +996,30 @@ class Bench:
         out.update(first_third_mib=first, last_third_mib=last, calls_per_third=calls_per_third, levels_off=levels)
         return out
 
+    async def stages(self, path: Path, rate: float) -> dict[str, Any]:
+        """Time the gateway's stages (``scripts/bench_stages.py``) under paid load (non-streaming;
+        ``--profile-scheme``, ``--profile-concurrency``, ``--profile-seconds``)."""
+        seconds = self.args.profile_seconds
+        n = max(200, int(1.5 * rate * seconds))
+        side, concurrency = self.args.profile_scheme, self.args.profile_concurrency
+        body, headers = await self.signer.calls(self.http, self.paid_url, side, n, False)
+        await self.drain()
+        gw = {"gateway": self.pids["gateway"]}
+        path.unlink(missing_ok=True)
+        os.kill(self.pids["gateway"], signal.SIGUSR1)  # from zero
+        end = time.perf_counter() + seconds
+        b = await run_block(self.http, side, self.paid_url, body, headers, n, concurrency, False, gw, end)
+        os.kill(self.pids["gateway"], signal.SIGUSR2)  # written out
+        for _ in range(50):
+            if path.exists() and path.stat().st_size:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            return {"error": f"the instrumented gateway wrote nothing to {path}"}
+        out = {"scheme": side, "concurrency": concurrency, "calls": b.ok, "calls_per_s": b.ok / b.wall}
+        out["gateway_cpu_ms_per_call"] = b.cpu["gateway"] * 1000 / max(b.ok, 1)
+        return {**out, "stages": json.loads(path.read_text())}
+
     async def profile(self, path: Path, rate: float) -> dict[str, Any]:
         """py-spy the gateway under paid load (non-streaming; ``--profile-scheme``, ``--profile-concurrency``)."""
         spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
@@ -1629,6 +1660,19 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
     errs = {k: v for k, v in res["errors"].items() if v}
     lines.append("")
     lines.append(f"errors: {errs or 'none'}")
+    st = res.get("stages")
+    if st:
+        lines.append("")
+        if "error" in st:
+            lines.append(f"stages: {st['error']}")
+        else:
+            lines.append(
+                f"stages (an instrumented gateway, {st['scheme']} c={st['concurrency']}, {st['calls']} calls at "
+                f"{fmt(st['calls_per_s'], 0)}/s, {fmt(st['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call):"
+                " per call of each stage, wall and this thread's CPU, µs"
+            )
+            for label, t in st["stages"].items():
+                lines.append(f"  {label:48s} {t['calls']:7d} calls  wall {t['wall_us']:8.1f}  cpu {t['cpu_us']:8.1f}")
     prof = res.get("profile")
     if prof:
         lines.append("")
@@ -1704,6 +1748,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--profile", metavar="PATH", help="py-spy the gateway under paid load; raw stacks to PATH")
+    p.add_argument(
+        "--stages",
+        metavar="PATH",
+        help="run the gateway instrumented (scripts/bench_stages.py: wall and CPU per pipeline stage) and time\n"
+        "its stages under paid load at the end, like --profile (its other figures then include the instrument's\n"
+        "~30 µs a call); both take --profile-scheme, --profile-concurrency and --profile-seconds",
+    )
     p.add_argument("--profile-seconds", type=float, default=15.0, help="length of the profiled load (15)")
     p.add_argument("--profile-scheme", choices=PAID_SIDES, default="exact", help="the profiled load's scheme (exact)")
     p.add_argument("--profile-concurrency", type=int, default=16, help="the profiled load's concurrency (16)")
@@ -1807,6 +1858,11 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
 
             log(f"memory: {args.streams} streamed paid calls at concurrency {args.stream_concurrency}")
             res["memory"] = await bench.memory()
+            if args.stages:
+                what = f"{args.profile_scheme} c={args.profile_concurrency}"
+                log(f"timing the gateway's stages for ~{args.profile_seconds:g} s of paid {what} load")
+                rate = res["throughput"][args.profile_scheme]
+                res["stages"] = await bench.stages(Path(args.stages).resolve(), rate if rate > 0 else 100.0)
             if args.profile:
                 what = f"{args.profile_scheme} c={args.profile_concurrency}"
                 log(f"profiling the gateway with py-spy for ~{args.profile_seconds:g} s of paid {what} load")
@@ -1864,7 +1920,12 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (e.g. a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     cluster = Cluster(
-        pin=pinned, keep=args.keep, gateway_venv=gateway_venv, block_time=args.block_time, litellm=litellm
+        pin=pinned,
+        keep=args.keep,
+        gateway_venv=gateway_venv,
+        block_time=args.block_time,
+        litellm=litellm,
+        stages=Path(args.stages).resolve() if args.stages else None,
     )
     t0 = time.perf_counter()
     try:

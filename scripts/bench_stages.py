@@ -1,0 +1,114 @@
+"""The gateway, timed stage by stage: ``scripts/bench --stages`` starts it with this instead of
+``tollway`` (from the same runtime-only venv).
+
+    python scripts/bench_stages.py OUT.json serve --port ... (tollway's own arguments)
+
+Each stage of the paid pipeline (the functions in ``STAGES``) is wrapped to add up, per call, its
+wall time and this thread's CPU time (``time.thread_time``: for an ``async`` stage that includes
+whatever else the event loop ran while it waited, which at concurrency 1 is little). SIGUSR1 sets
+the sums to zero; SIGUSR2 writes them to OUT.json as ``{stage: {calls, wall_us, cpu_us}}`` (µs per
+call). Sampling profilers pause the process and attribute the pause to whatever they interrupt;
+this measures wall time where latency is spent. Each wrapper costs ~1-2 µs a call, so every other
+figure of an instrumented run is that much slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# (module, attribute path, label): the pipeline's stages, outermost first
+STAGES = [
+    ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle.run_asgi", "server: the request's ASGI task"),
+    ("tollway.app", "ChatFastPath.__call__", "app: the chat fast path"),
+    ("tollway.pipeline", "paid_api", "pipeline.paid_api"),
+    ("tollway.pipeline", "read_body", "  read_body"),
+    ("tollway.pipeline", "parse_chat", "  parse_chat (price)"),
+    ("tollway.pipeline", "paid_call", "  paid_call"),
+    ("tollway.signin", "identify", "    signin.identify"),
+    ("tollway.pipeline", "verify", "    verify (a payment's proof)"),
+    ("tollway.pipeline", "from_credit", "    from_credit"),
+    ("tollway.pipeline", "lock", "    lock"),
+    ("tollway.ledger.store", "Store.lock", "      Store.lock (1st transaction)"),
+    ("tollway.pipeline", "confirm", "    confirm (chain)"),
+    ("tollway.pipeline", "forward", "    forward"),
+    ("tollway.upstream.client", "Upstream.send", "      Upstream.send"),
+    ("tollway.upstream.h1", "H1Transport.handle_async_request", "        H1Transport (to the answer's head)"),
+    ("tollway.pipeline", "respond", "    respond (non-streamed)"),
+    ("tollway.ledger.store", "Store.finish_call", "      Store.finish_call (2nd transaction)"),
+    ("tollway.pipeline", "relay_stream", "    relay_stream (until the stream starts)"),
+    ("tollway.ledger.store", "Store.insert_call", "      Store.insert_call (a stream's row)"),
+    ("tollway.settlement", "Settler.run_once", "settlement worker pass"),
+]
+
+totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+
+
+def timed(f: Any, label: str) -> Any:
+    def add(wall0: float, cpu0: float) -> None:
+        t = totals[label]
+        t[0] += 1
+        t[1] += time.perf_counter() - wall0
+        t[2] += time.thread_time() - cpu0
+
+    if inspect.iscoroutinefunction(f):
+
+        @functools.wraps(f)
+        async def wrapper(*a: Any, **k: Any) -> Any:
+            wall0, cpu0 = time.perf_counter(), time.thread_time()
+            try:
+                return await f(*a, **k)
+            finally:
+                add(wall0, cpu0)
+    else:
+
+        @functools.wraps(f)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            wall0, cpu0 = time.perf_counter(), time.thread_time()
+            try:
+                return f(*a, **k)
+            finally:
+                add(wall0, cpu0)
+
+    return wrapper
+
+
+def instrument() -> None:
+    import importlib
+
+    for module, path, label in STAGES:
+        owner: Any = importlib.import_module(module)
+        *parents, name = path.split(".")
+        for p in parents:
+            owner = getattr(owner, p)
+        setattr(owner, name, timed(getattr(owner, name), label))
+
+
+def write(out: Path) -> None:
+    doc = {
+        label: {"calls": int(n), "wall_us": 1e6 * wall / n, "cpu_us": 1e6 * cpu / n}
+        for label, (n, wall, cpu) in totals.items()
+        if n
+    }
+    out.write_text(json.dumps(doc))
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    instrument()
+    signal.signal(signal.SIGUSR1, lambda *_: totals.clear())
+    signal.signal(signal.SIGUSR2, lambda *_: write(out))
+    from tollway.cli import main as tollway
+
+    return tollway(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
