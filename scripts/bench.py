@@ -80,7 +80,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -996,62 +996,74 @@ class Bench:
         out.update(first_third_mib=first, last_third_mib=last, calls_per_third=calls_per_third, levels_off=levels)
         return out
 
-    async def stages(self, path: Path, rate: float) -> dict[str, Any]:
-        """Time the gateway's stages (``scripts/bench_stages.py``) under paid load (non-streaming;
-        ``--profile-scheme``, ``--profile-concurrency``, ``--profile-seconds``)."""
-        seconds = self.args.profile_seconds
-        n = max(200, int(1.5 * rate * seconds))
-        side, concurrency = self.args.profile_scheme, self.args.profile_concurrency
-        body, headers = await self.signer.calls(self.http, self.paid_url, side, n, False)
-        await self.drain()
-        gw = {"gateway": self.pids["gateway"]}
-        path.unlink(missing_ok=True)
-        os.kill(self.pids["gateway"], signal.SIGUSR1)  # from zero
-        end = time.perf_counter() + seconds
-        b = await run_block(self.http, side, self.paid_url, body, headers, n, concurrency, False, gw, end)
-        os.kill(self.pids["gateway"], signal.SIGUSR2)  # written out
-        for _ in range(50):
-            if path.exists() and path.stat().st_size:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            return {"error": f"the instrumented gateway wrote nothing to {path}"}
-        out = {"scheme": side, "concurrency": concurrency, "calls": b.ok, "calls_per_s": b.ok / b.wall}
-        out["gateway_cpu_ms_per_call"] = b.cpu["gateway"] * 1000 / max(b.ok, 1)
-        return {**out, "stages": json.loads(path.read_text())}
-
-    async def profile(self, path: Path, rate: float) -> dict[str, Any]:
-        """py-spy the gateway under paid load (non-streaming; ``--profile-scheme``, ``--profile-concurrency``)."""
-        spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
-        if not Path(spy).exists():
-            return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
+    async def watched_load(
+        self, rate: float, begin: Callable[[], Awaitable[None]], end: Callable[[], Awaitable[None]]
+    ) -> dict[str, Any]:
+        """``--profile-seconds`` of paid load (non-streaming; ``--profile-scheme`` at
+        ``--profile-concurrency``) between ``begin`` and ``end`` (what watches the gateway)."""
         seconds = self.args.profile_seconds
         n = max(200, int(1.5 * rate * seconds))  # enough for the whole window; the deadline ends it
         side, concurrency = self.args.profile_scheme, self.args.profile_concurrency
         body, headers = await self.signer.calls(self.http, self.paid_url, side, n, False)
         await self.drain()
+        await begin()
+        gw = {"gateway": self.pids["gateway"]}
+        deadline = time.perf_counter() + seconds
+        b = await run_block(self.http, side, self.paid_url, body, headers, n, concurrency, False, gw, deadline)
+        await end()
+        cpu = b.cpu["gateway"] * 1000 / max(b.ok, 1)
+        out = {"scheme": side, "concurrency": concurrency, "calls": b.ok}
+        return {**out, "calls_per_s": b.ok / b.wall, "gateway_cpu_ms_per_call": cpu}
+
+    async def stages(self, path: Path, rate: float) -> dict[str, Any]:
+        """Time the gateway's stages (it runs ``scripts/bench_stages.py``, which zeroes its sums on
+        SIGUSR1 and writes them to ``path`` on SIGUSR2) under paid load."""
+        path.unlink(missing_ok=True)
+
+        async def begin() -> None:
+            os.kill(self.pids["gateway"], signal.SIGUSR1)
+
+        async def end() -> None:
+            os.kill(self.pids["gateway"], signal.SIGUSR2)
+            for _ in range(50):
+                if path.exists() and path.stat().st_size:
+                    return
+                await asyncio.sleep(0.1)
+
+        out = await self.watched_load(rate, begin, end)
+        if not path.exists():
+            return {"error": f"the instrumented gateway wrote nothing to {path}"}
+        return {**out, "stages": json.loads(path.read_text())}
+
+    async def profile(self, path: Path, rate: float) -> dict[str, Any]:
+        """py-spy the gateway under paid load."""
+        spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
+        if not Path(spy).exists():
+            return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
         # Blocking sampling (py-spy pauses the gateway ~200 times/s) gives whole stacks; by function.
         argv = [spy, "record", "--pid", str(self.pids["gateway"]), "--rate", "200", "--format", "raw"]
         argv += ["--function", "--full-filenames", "--output", str(path)]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.cluster.procs["py-spy"] = proc
-        await asyncio.sleep(1.0)  # let py-spy attach
-        gw = {"gateway": self.pids["gateway"]}
-        end = time.perf_counter() + seconds
-        b = await run_block(self.http, side, self.paid_url, body, headers, n, concurrency, False, gw, end)
-        await asyncio.sleep(0.2)
-        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = b""
+
+        async def begin() -> None:
+            self.cluster.procs["py-spy"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            await asyncio.sleep(1.0)  # let py-spy attach
+
+        async def end() -> None:
+            nonlocal err
+            await asyncio.sleep(0.2)
+            proc = self.cluster.procs["py-spy"]
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+
+        out = await self.watched_load(rate, begin, end)
         if not path.exists():
             return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
-        cpu = b.cpu["gateway"] * 1000 / max(b.ok, 1)
-        out = {"output": str(path), "scheme": side, "concurrency": concurrency, "calls": b.ok}
-        out.update(calls_per_s=b.ok / b.wall, gateway_cpu_ms_per_call=cpu)
-        return {**out, **hot_spots(path)}
+        return {"output": str(path), **out, **hot_spots(path)}
 
 
 def summarise(rounds: list[dict[str, Any]], stream: bool, rpc: bool = False) -> dict[str, Any]:
@@ -1660,17 +1672,20 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
     errs = {k: v for k, v in res["errors"].items() if v}
     lines.append("")
     lines.append(f"errors: {errs or 'none'}")
+
+    def load(w: dict[str, Any]) -> str:
+        return (
+            f"{w['scheme']} c={w['concurrency']}, {w['calls']} calls at {fmt(w['calls_per_s'], 0)}/s, "
+            f"{fmt(w['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call"
+        )
+
     st = res.get("stages")
     if st:
         lines.append("")
         if "error" in st:
             lines.append(f"stages: {st['error']}")
         else:
-            lines.append(
-                f"stages (an instrumented gateway, {st['scheme']} c={st['concurrency']}, {st['calls']} calls at "
-                f"{fmt(st['calls_per_s'], 0)}/s, {fmt(st['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call):"
-                " per call of each stage, wall and this thread's CPU, µs"
-            )
+            lines.append(f"stages (an instrumented gateway, {load(st)}): each stage per call, wall and CPU, µs")
             for label, t in st["stages"].items():
                 lines.append(f"  {label:48s} {t['calls']:7d} calls  wall {t['wall_us']:8.1f}  cpu {t['cpu_us']:8.1f}")
     prof = res.get("profile")
@@ -1680,11 +1695,8 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
             lines.append(f"profile: {prof['error']}")
         else:
             lines.append(
-                f"profile (py-spy, gateway, {prof['scheme']} c={prof['concurrency']}, "
-                f"{prof['calls']} calls at {fmt(prof['calls_per_s'], 0)}/s, "
-                f"{fmt(prof['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call, {prof['samples']} samples;"
-                f" {prof.get('waiting', 0)} of helper threads waiting for work left out)"
-                f" → {prof['output']}"
+                f"profile (py-spy, gateway, {load(prof)}, {prof['samples']} samples;"
+                f" {prof.get('waiting', 0)} of helper threads waiting for work left out) → {prof['output']}"
             )
             lines.append("  where the gateway's CPU goes:")
             lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in prof["by_root"]]

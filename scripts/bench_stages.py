@@ -92,11 +92,11 @@ def instrument() -> None:
 
 
 def write(out: Path) -> None:
-    doc = {
-        label: {"calls": int(n), "wall_us": 1e6 * wall / n, "cpu_us": 1e6 * cpu / n}
-        for label, (n, wall, cpu) in totals.items()
-        if n
-    }
+    doc = {}
+    for _, _, label in STAGES:  # (outermost first)
+        n, wall, cpu = totals.get(label, (0, 0.0, 0.0))
+        if n:
+            doc[label] = {"calls": int(n), "wall_us": 1e6 * wall / n, "cpu_us": 1e6 * cpu / n}
     out.write_text(json.dumps(doc))
 
 
