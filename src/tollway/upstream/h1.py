@@ -1,12 +1,13 @@
 """The upstream's httpx transport, on asyncio and httptools (llhttp, the C parser uvicorn uses).
 
-``AiohttpTransport`` (network.py) spends ~0.2 ms of CPU per call in aiohttp's machinery; a bare
-asyncio protocol feeding httptools does the same HTTP/1.1 exchange for a fraction of that.
+aiohttp's client (the transport before this one was built on it) spends ~0.2 ms of CPU per call in
+its machinery; a bare asyncio protocol feeding httptools does the same HTTP/1.1 exchange for a
+fraction of that (``scripts/bench_client.py``). The chain's JSON-RPC client uses it too.
 ``H1Transport`` is that protocol under httpx: one ``asyncio.Protocol`` per connection feeds an
 ``httptools.HttpResponseParser``, and the request's own coroutine waits on a loop future for the
 head, then for each piece of the body (no task, queue or event per request).
 
-What it keeps of httpx's own transport (the same as ``AiohttpTransport``):
+What it keeps of httpx's own transport:
 - timeouts per request, from httpx's ``timeout`` extension: ``connect`` bounds the TCP and TLS
   handshake, ``read`` each wait for bytes (the headers' and every chunk's), ``pool`` the wait for
   a free connection plus the connect; ``write`` bounds each wait for the socket to drain while a

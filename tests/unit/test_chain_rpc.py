@@ -1,0 +1,118 @@
+"""The chain's JSON-RPC client (``payments/chain.py``) over the gateway's own HTTP transport: an
+answer, a batch, and every way the RPC can fail — refused, hanging past the client's timeout,
+an HTTP error, garbage, a JSON-RPC error — each a ``ChainUnavailable`` (a 503 on the request
+path), never anything else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from support import free_port
+from tollway.errors import ChainUnavailable
+from tollway.payments.chain import Chain, RpcError
+
+
+async def rpc_server(answer) -> tuple[asyncio.Server, str]:
+    """A one-route HTTP server: ``answer(request_json) -> (status, body bytes)``, or None to hang."""
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.lower().split(b"\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in lines if line.startswith(b"content-length"))
+                body = await reader.readexactly(length)
+                got = await answer(json.loads(body))
+                if got is None:
+                    await asyncio.sleep(3600)
+                status, out = got
+                writer.write(b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n\r\n%b" % (status, len(out), out))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/"
+
+
+async def test_an_answer_and_a_batch_over_one_kept_alive_connection():
+    async def answer(doc):
+        if isinstance(doc, list):
+            return 200, json.dumps([{"jsonrpc": "2.0", "id": d["id"], "result": hex(d["id"])} for d in doc]).encode()
+        return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": "0x7a69"}).encode()
+
+    server, url = await rpc_server(answer)
+    chain = Chain(url)
+    try:
+        assert await chain.chain_id() == 31337
+        first, second = await chain.batch([("eth_blockNumber", []), ("eth_blockNumber", [])])
+        assert int(second, 16) == int(first, 16) + 1
+        assert chain._transport.size == 1  # (one connection, kept alive)
+    finally:
+        await chain.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [(502, b"bad gateway"), (200, b"<html>not json"), (200, b"[1, 2]"), (200, b'{"jsonrpc":"2.0","id":1}x')],
+    ids=["http-502", "html", "not-an-object", "trailing-garbage"],
+)
+async def test_a_broken_answer_is_chain_unavailable(reply):
+    async def answer(doc):
+        return reply
+
+    server, url = await rpc_server(answer)
+    chain = Chain(url)
+    try:
+        with pytest.raises(ChainUnavailable):
+            await chain.chain_id()
+    finally:
+        await chain.close()
+        server.close()
+
+
+async def test_a_json_rpc_error_is_an_rpc_error():
+    async def answer(doc):
+        error = {"code": -32000, "message": "nope"}
+        return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "error": error}).encode()
+
+    server, url = await rpc_server(answer)
+    chain = Chain(url)
+    try:
+        with pytest.raises(RpcError) as err:
+            await chain.chain_id()
+        assert err.value.rpc_code == -32000 and err.value.message == "nope"
+    finally:
+        await chain.close()
+        server.close()
+
+
+async def test_refused_is_chain_unavailable():
+    chain = Chain(f"http://127.0.0.1:{free_port()}/")
+    try:
+        with pytest.raises(ChainUnavailable):
+            await chain.chain_id()
+    finally:
+        await chain.close()
+
+
+async def test_an_rpc_that_hangs_is_chain_unavailable_within_the_timeout():
+    async def answer(doc):
+        return None
+
+    server, url = await rpc_server(answer)
+    chain = Chain(url, timeout=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ChainUnavailable):
+            await chain.chain_id()
+        assert time.monotonic() - started < 2
+    finally:
+        await chain.close()
+        server.close()
