@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from .jsonbytes import dumps
 from .usage import Usage, python_recursion_limit
 
 CACHE_HEADER = "x-tollway-cache"
@@ -34,7 +35,7 @@ def prefixes_of(model: str, messages: list[Any]) -> Prefixes:
     once: ``ChatCall.prefixes``)."""
     out, h, size = [], hashlib.sha256(model.encode()).digest(), 0
     for m in messages:
-        raw = json.dumps(m, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        raw = dumps(m, sort_keys=True)
         h = hashlib.sha256(h + raw).digest()
         size += len(raw)
         out.append((h[:16], size))

@@ -28,6 +28,7 @@ from typing import Any
 from .cache import Prefixes, prefixes_of
 from .config import Settings
 from .errors import BadRequest, NotFound
+from .jsonbytes import dumps
 from .payments.base import Quote
 from .pricing import CAP_FIELDS, MAX_AMOUNT, Prices, asked_cap, prompt_token_bound
 from .quotes import request_digest
@@ -157,7 +158,7 @@ class ChatCall:
 
 
 def encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return dumps(body)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

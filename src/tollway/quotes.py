@@ -13,16 +13,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from typing import Any
 
 from .errors import PaymentInvalid
+from .jsonbytes import dumps
 
 
 def request_digest(body: dict[str, Any]) -> str:
     """sha-256 of the canonical JSON of a request body (key order and spacing do not matter)."""
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return hashlib.sha256(dumps(body, sort_keys=True)).hexdigest()
 
 
 NONCE_MAC = 32  # hex characters of a sign-in nonce's MAC

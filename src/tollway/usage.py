@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
 
+from .jsonbytes import dumps
+
 
 @contextlib.contextmanager
 def python_recursion_limit(limit: int = 1000) -> Iterator[None]:
@@ -143,7 +145,7 @@ def body_with_cost(raw: bytes, doc: dict[str, Any] | None, cost_usd: Decimal) ->
         return raw
     try:
         with python_recursion_limit():
-            return json.dumps(with_cost(doc, cost_usd), ensure_ascii=False, separators=(",", ":")).encode()
+            return dumps(with_cost(doc, cost_usd))
     except (ValueError, RecursionError):
         return raw
 
@@ -185,7 +187,7 @@ class UsageEvents:
                 if new is None:
                     return b""
                 if new is not doc:
-                    out = json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
+                    out = dumps(new)
                     return event[:data] + b"data: " + out + b"\n\n"
         return event + b"\n\n"
 

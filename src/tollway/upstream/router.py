@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import UpstreamDown, UpstreamError
+from ..jsonbytes import dumps
 from ..routing import NONE as NO_PREFERENCES
 from ..routing import Preferences, over_max_price
 from ..stats import LiveStats
@@ -56,7 +56,7 @@ def conversation_key(model: str, body: dict[str, Any], messages: list[Any], head
     for m in messages:
         if isinstance(m, dict) and m.get("role") in ("system", "developer", "user") and m["role"] not in first:
             first["user" if m["role"] == "user" else "system"] = m.get("content")
-    digest = hashlib.sha256(json.dumps(first, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(dumps(first, sort_keys=True)).hexdigest()[:32]
     return f"{model}|m|{digest}"
 
 
