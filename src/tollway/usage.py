@@ -113,10 +113,6 @@ def answer_doc(body: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def usage_from_body(body: bytes, output: bool = True) -> Usage | None:
-    return usage_of_answer(answer_doc(body), output)
-
-
 def usage_of_answer(doc: dict[str, Any] | None, output: bool = True) -> Usage | None:
     """Usage of a non-streamed answer (None if it has none, or is not sane JSON). An API without
     output (embeddings) reports no completion tokens: they are 0."""

@@ -10,7 +10,7 @@ from tollway.config import ModelPrice
 from tollway.errors import BadRequest
 from tollway.mock_upstream import count_tokens
 from tollway.pricing import Prices, asked_cap, prompt_token_bound, to_atomic
-from tollway.usage import StreamTail, Usage, parse_usage, usage_from_body
+from tollway.usage import StreamTail, Usage, answer_doc, parse_usage, usage_of_answer
 
 PRICES = Prices.of(
     ModelPrice(
@@ -138,7 +138,7 @@ def test_upstream_cost_is_kept_exact():
 def test_usage_garbage_is_none():
     for garbage in (None, "x", [], {}, {"prompt_tokens": "3", "completion_tokens": 1}, {"prompt_tokens": -1}):
         assert parse_usage(garbage) is None
-    assert usage_from_body(b"not json") is None
+    assert answer_doc(b"not json") is None and usage_of_answer(answer_doc(b"not json")) is None
 
 
 def test_stream_tail_reads_usage_from_the_last_chunk():
