@@ -6,6 +6,7 @@ path), never anything else."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 
@@ -91,6 +92,39 @@ async def test_a_json_rpc_error_is_an_rpc_error():
     finally:
         await chain.close()
         server.close()
+
+
+async def test_credentials_in_the_rpc_url_are_sent_as_basic_auth():
+    """An RPC URL may carry its credentials (``https://user:secret@rpc.example/``): they go as HTTP
+    Basic, decoded, and never in the request line."""
+    seen = []
+
+    async def answer(doc):
+        return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": "0x1"}).encode()
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        lines = head.lower().split(b"\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in lines if line.startswith(b"content-length"))
+        doc = json.loads(await reader.readexactly(length))
+        out = (await answer(doc))[1]
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(out), out))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    chain = Chain(f"http://us%40er:pa%3Ass@127.0.0.1:{port}/v2/key")
+    try:
+        assert await chain.chain_id() == 1
+    finally:
+        await chain.close()
+        server.close()
+    lines = seen[0].split(b"\r\n")
+    assert lines[0] == b"POST /v2/key HTTP/1.1"
+    auth = [line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"authorization:")]
+    assert auth == [b"Basic " + base64.b64encode(b"us@er:pa:ss")]
 
 
 async def test_refused_is_chain_unavailable():

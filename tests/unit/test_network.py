@@ -7,6 +7,7 @@ and framing, backpressure, and the failures as httpx's errors — then the same 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import json
@@ -696,6 +697,27 @@ async def test_upstream_send_json_and_stream():
         await opened.response.aclose()
         assert opened.first + b"".join(rest) == event(1) + event(2) and opened.error is None
         await http.aclose()
+
+
+def authorizations(head: bytes) -> list[bytes]:
+    return [x.split(b":", 1)[1].strip() for x in head.split(b"\r\n") if x.lower().startswith(b"authorization:")]
+
+
+async def test_upstream_credentials_in_its_url_go_as_basic_auth_unless_it_has_a_key():
+    async def answer(reader, writer, body):
+        writer.write(json_answer({"choices": [{"message": {"content": "hi"}}]}))
+
+    async with raw_server(answer) as raw:
+        url = raw.url.replace("http://", "http://op:se%2Fcret@")
+        up, http = upstream(url)
+        await up.send(b"{}", False, {})
+        keyed, http2 = upstream(url, api_key="sk-upstream-key-0123")
+        await keyed.send(b"{}", False, {})
+        await http.aclose()
+        await http2.aclose()
+    assert authorizations(raw.heads[0]) == [b"Basic " + base64.b64encode(b"op:se/cret")]
+    assert authorizations(raw.heads[1]) == [b"Bearer sk-upstream-key-0123"]
+    assert all(b"se%2Fcret" not in h and b"op:" not in h.split(b"\r\n")[0] for h in raw.heads)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

@@ -32,15 +32,18 @@ What it keeps of httpx's own transport:
   goes back to the pool); one read to the end returns it to the pool, unless the server said
   ``Connection: close`` (or spoke HTTP/1.0, or ended the body by closing); ``aclose`` closes them all.
 
-Request bodies are bytes (sent with the head in one write when small) or an httpx async stream
-(sent chunked, as httpx's ``Transfer-Encoding: chunked`` header says). Like the httpcore transport
-it speaks HTTP/1.1 only and uses no proxy; cookies stay the httpx client's business. A request
-that fails is never retried (an upstream call may cost money).
+A URL's user information (``https://user:secret@rpc.example/``) is sent as HTTP Basic credentials,
+unless the request has an ``Authorization`` of its own. Request bodies are bytes (sent with the
+head in one write when small) or an httpx async stream (sent chunked, as httpx's
+``Transfer-Encoding: chunked`` header says). Like the httpcore transport it speaks HTTP/1.1 only
+and uses no proxy; cookies stay the httpx client's business. A request that fails is never
+retried (an upstream call may cost money).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import ssl
@@ -65,6 +68,11 @@ class _Origin(NamedTuple):
     host: str
     port: int
     tls: bool
+
+
+def _basic(url: httpx.URL) -> bytes:
+    """HTTP Basic credentials from a URL's user information (an RPC or upstream URL may carry them)."""
+    return b"Basic " + base64.b64encode(f"{url.username}:{url.password}".encode())
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:
@@ -347,6 +355,8 @@ class H1Transport(httpx.AsyncBaseTransport):
             parts = [method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n"]
             for name, value in request.headers.raw:
                 parts += (name, b": ", value, b"\r\n")
+            if url.userinfo and "authorization" not in request.headers:
+                parts += (b"Authorization: ", _basic(url), b"\r\n")  # (as httpx's client and aiohttp do)
             parts.append(b"\r\n")
             try:
                 body = request.content
