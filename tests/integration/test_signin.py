@@ -171,3 +171,38 @@ def test_the_deprecated_wallet_header_still_identifies_and_says_so(gateway, fund
     assert r.status_code == 200 and r.json()["wallet"] == funded.account.address.lower()
     assert r.headers["deprecation"].startswith("@") and 'rel="deprecation"' in r.headers["link"]
     assert "deprecation" not in http.get("/v1/models").headers
+
+
+def test_a_sign_in_refused_for_short_credit_locks_nothing(gateway, devnet, funded, http):
+    """A payer whose credit cannot cover the quote is refused inside the lock's own transaction:
+    nothing is held, nothing recorded, and the sign-in is not spent — sent again it is refused for
+    the same reason, not as a replay."""
+    balance = credit(gateway.url, funded)
+    body = chat_body("more than my credit " * 400, max_tokens=16000)
+    header = sign_in(funded.account, declared(http.post(CHAT, json=body)), devnet)
+    for _ in range(2):
+        r = http.post(CHAT, json=body, headers=header)
+        assert r.status_code == 402 and error_code(r) == "insufficient_credit"
+        assert credit(gateway.url, funded) == balance  # (a hold would show here)
+
+
+def test_one_sign_in_sent_twice_at_once_pays_one_call(gateway, devnet, funded, http):
+    """The same captured sign-in raced on two connections: one call is served and charged, the
+    other is a replay; the credit moves once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = credit(gateway.url, funded)
+    body = chat_body("raced sign-in", max_tokens=8)
+    header = sign_in(funded.account, declared(http.post(CHAT, json=body)), devnet)
+
+    def send(_: int) -> httpx.Response:
+        with httpx.Client(base_url=gateway.url, timeout=30) as c:
+            return c.post(CHAT, json=body, headers=header)
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(send, range(2)))
+    served = [r for r in answers if r.status_code == 200]
+    refused = [r for r in answers if r.status_code == 402]
+    assert len(served) == 1 and len(refused) == 1 and error_code(refused[0]) == "invalid_siwx_nonce_used"
+    doc = wait_receipt(gateway.url, served[0].headers["x-tollway-receipt"])
+    assert credit(gateway.url, funded) == before - int(doc["cost"]["atomic"])
