@@ -260,3 +260,16 @@ def test_require_parameters_keeps_the_models_known_to_support_the_request():
     with pytest.raises(BadRequest) as exc:
         ask("schema", provider={"require_parameters": "yes"})
     assert exc.value.code == "invalid_provider"
+
+
+def test_what_orjson_refuses_is_priced_and_forwarded_all_the_same():
+    """A body orjson cannot encode (an integer beyond 64 bits) takes the standard library's path for
+    its digest, its prompt bound and the bytes forwarded alike: the upstream gets exactly the JSON
+    that was priced, and the digest does not depend on key order."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "naïve ✓"}], "seed": 2**70}
+    call = parse(body)
+    sent = json.loads(call.forward("max_tokens", call.cap(metered=True)))
+    assert sent["seed"] == 2**70 and sent["messages"] == body["messages"]
+    reordered = {k: body[k] for k in reversed(list(body))}
+    assert parse(reordered).digest == call.digest
+    assert call.prompt_bound >= len(json.dumps(body["messages"], ensure_ascii=False).encode()) // 4
