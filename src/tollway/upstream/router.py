@@ -233,6 +233,8 @@ class Router:
     def _succeeded(self, name: str, key: str) -> None:
         self._failures.pop(name, None)
         self._down.pop(name, None)
+        if not key:  # (no conversation to remember)
+            return
         self._sticky[key] = (name, time.monotonic())
         self._sticky.move_to_end(key)
         if len(self._sticky) > MAX_CONVERSATIONS:
