@@ -9,6 +9,7 @@ import pytest
 
 from support import run_concurrently
 from tollway.ledger import PaymentState, Store
+from tollway.ledger.checkpoint import EVERY_SECONDS, LOG_SIZE_LIMIT
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -339,9 +340,38 @@ def test_a_gateway_ledger_is_checkpointed_by_a_thread_not_by_the_commit_that_fil
             store.reserve(payment())
         dbapi = store._connection().connection.dbapi_connection
         assert dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        assert dbapi.execute("PRAGMA journal_size_limit").fetchone()[0] == LOG_SIZE_LIMIT
         deadline = time.monotonic() + 10
         while os.path.getsize(path) <= before:  # the pages reach the database file only by a checkpoint
             assert time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.05)
+    finally:
+        store.close()
+
+
+def test_a_ledger_log_written_without_a_pause_still_starts_over(tmp_path):
+    """SQLite starts its write-ahead log over only when a commit finds every page of it copied into
+    the database; under steady writes a passive checkpoint never gets there, and the log grew by
+    every page ever written. The checkpointer's second step (RESTART) makes it start over: the log's
+    checkpoint sequence number (its header's bytes 12-15) moves on while writes never pause."""
+    import time
+    from pathlib import Path
+
+    path = tmp_path / "ledger.sqlite3"
+    wal = Path(f"{path}-wal")
+    store = Store(f"sqlite:///{path}", background_checkpoints=True)
+    try:
+        store.reserve(payment())
+
+        def started_over() -> int:
+            with wal.open("rb") as f:
+                return int.from_bytes(f.read(16)[12:], "big")
+
+        first = started_over()
+        deadline = time.monotonic() + 2 + 10 * EVERY_SECONDS
+        while started_over() == first:
+            assert time.monotonic() < deadline, "the log was never started over"
+            for _ in range(20):
+                store.reserve(payment())
     finally:
         store.close()

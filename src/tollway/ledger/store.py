@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import channels, sql
 from .channels import ChannelUse
-from .checkpoint import Checkpointer
+from .checkpoint import LOG_SIZE_LIMIT, Checkpointer
 from .models import (
     Call,
     ChainTx,
@@ -206,7 +206,9 @@ class Store:
             conn = self._local.conn = self.engine.connect()
             self._connections.append(conn)
             if self._checkpointer is not None:
-                conn.connection.dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
+                dbapi = conn.connection.dbapi_connection
+                dbapi.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
+                dbapi.execute(f"PRAGMA journal_size_limit={LOG_SIZE_LIMIT}")  # type: ignore[union-attr]
         return conn
 
     @contextlib.contextmanager
