@@ -23,6 +23,12 @@ Verdicts (PASS/FAIL): added p50 and first byte ≤ 1 ms for credit, ≤ 1 ms + t
 upto; paid calls/s per scheme ≥ 4× LiteLLM's unpaid calls/s at concurrency 16 measured in the same run
 (≥ 500/s where LiteLLM is not installed); RSS growth over the second half of the streams ≤ 1 MiB.
 
+The floor (``scripts/bench_floor.py``) is always measured, as the unpaid side ``floor``: uvicorn as
+the gateway runs it, in front of a raw ASGI app that forwards each call through tollway's own HTTP
+transport and does nothing else, pinned to CPU 1 like the gateway. What the gateway adds beyond the
+floor is a paid call's own work (parsing, pricing, payment, ledger); 1 ms less the floor's added
+latency is what the budget leaves for that work.
+
 LiteLLM's proxy is an optional arm: when ``.venv-litellm/bin/litellm`` exists (``--litellm-venv``;
 install it with ``python3 -m venv .venv-litellm && .venv-litellm/bin/pip install 'litellm[proxy]'``;
 the bench never installs it) it is started like the gateway — one worker, pinned to CPU 1, no
@@ -56,7 +62,10 @@ end of the run (``exact`` at concurrency 16 unless ``--profile-scheme`` / ``--pr
 say otherwise) and prints the hot spots (by pipeline stage, by library, by function). py-spy
 pauses the gateway for each sample, which inflates what it interrupts; ``--stages PATH`` instead
 runs the gateway instrumented (``scripts/bench_stages.py``) and prints each pipeline stage's wall
-and CPU time per call under the same load — where latency is spent, at concurrency 1.
+and CPU time per call under the same load — where latency is spent, at concurrency 1. ``--perf
+PATH`` records it with Linux perf, which sees native code too, and prints the shares by shared object
+(the interpreter, SQLite, the kernel) and the kernel's by system call: that is how the SQLite log
+that never started over showed (its writes were ~13% of the gateway's CPU, zeroing new blocks).
 
 Run it with ``scripts/bench``; ``--help`` lists the flags.
 """
@@ -71,6 +80,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -96,6 +106,7 @@ LITELLM_VENV = ROOT / ".venv-litellm"  # LiteLLM's proxy, optional: installed by
 LITELLM_INSTALL = "python3 -m venv .venv-litellm && .venv-litellm/bin/pip install 'litellm[proxy]'"
 UPSTREAM = ROOT / "scripts" / "bench_upstream.py"
 STAGE_TIMER = ROOT / "scripts" / "bench_stages.py"
+FLOOR = ROOT / "scripts" / "bench_floor.py"
 MODEL = "mock/echo"
 PROMPT = "Hello tollway, please echo this short benchmark prompt back to me"
 JSON_HEADERS = {"content-type": "application/json"}
@@ -109,9 +120,9 @@ BUDGET = {
 }
 CHAIN_BACKED = ("exact", "upto")  # their funds are simulated on chain before the upstream is asked
 PAID_SIDES = ("exact", "upto", "credit", "voucher")  # voucher: an x402 batch-settlement channel's
-SIDES: tuple[str, ...] = ("direct", *PAID_SIDES)  # + "litellm" after direct when it runs (use_litellm)
-UNPAID_SIDES = ("direct", "litellm")  # no payment; the same bodies and headers
-ON_CPU1 = ("gateway", "litellm")  # our processes pinned to CPU 1 (LiteLLM's blocks never overlap the gateway's)
+SIDES: tuple[str, ...] = ("direct", "floor", *PAID_SIDES)  # + "litellm" after floor when it runs (use_litellm)
+UNPAID_SIDES = ("direct", "floor", "litellm")  # no payment; the same bodies and headers
+ON_CPU1 = ("gateway", "floor", "litellm")  # pinned to CPU 1 (their blocks never overlap one another's)
 CREDIT_FUND = 20_000_000  # atomic units (20 of the 6-decimal token) of credit per payer wallet
 CHANNELS = 16  # voucher channels (a channel serves one call at a time: as many as the concurrency)
 CHANNEL_DEPOSIT = 2_000_000  # each channel's deposit, atomic units (it covers thousands of bench calls)
@@ -121,7 +132,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def use_litellm(on: bool) -> None:
     """Add (or leave out) the unpaid side ``litellm``: LiteLLM's proxy in front of the same upstream."""
     global SIDES
-    SIDES = ("direct", "litellm", *PAID_SIDES) if on else ("direct", *PAID_SIDES)
+    SIDES = ("direct", "floor", *(("litellm",) if on else ()), *PAID_SIDES)
 
 
 def make_body(stream: bool, tag: int = 0) -> bytes:
@@ -277,6 +288,7 @@ class Cluster:
     upstream_url: str = ""
     gw_url: str = ""
     litellm_url: str = ""
+    floor_url: str = ""
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid
@@ -340,6 +352,11 @@ class Cluster:
         if self.stages is not None:  # the same gateway, timed stage by stage (scripts/bench_stages.py)
             argv = [str(self.gateway_venv / "bin" / "python"), str(STAGE_TIMER), str(self.stages), *argv[1:]]
         self._spawn("gateway", [*argv, "--log-level", "warning"], env, cpu=1)
+        floor_port = free_port()
+        self.floor_url = f"http://127.0.0.1:{floor_port}"
+        python = str(self.gateway_venv / "bin" / "python")  # (the gateway's uvicorn, uvloop, httptools and h1)
+        argv = [python, str(FLOOR), "--port", str(floor_port), "--upstream", self.upstream_url]
+        self._spawn("floor", argv, base_env, cpu=1)
         if self.litellm is not None:
             self.start_litellm(base_env)
 
@@ -384,6 +401,7 @@ class Cluster:
     async def wait_ready(self, http: aiohttp.ClientSession, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         checks = [("upstream", f"{self.upstream_url}/v1/models"), ("gateway", f"{self.gw_url}/healthz")]
+        checks.append(("floor", f"{self.floor_url}/"))
         if self.litellm is not None:  # slow to import: up to the whole timeout
             checks.append(("litellm", f"{self.litellm_url}/health/liveliness"))
         for name, url in checks:
@@ -415,7 +433,7 @@ class Cluster:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        for name in ("gateway", "litellm", "upstream", "anvil", "py-spy"):
+        for name in ("gateway", "floor", "litellm", "upstream", "anvil", "py-spy", "perf"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -749,7 +767,8 @@ class Bench:
         self.direct_url = f"{cluster.upstream_url}/v1/chat/completions"
         self.paid_url = f"{cluster.gw_url}/v1/chat/completions"
         self.litellm_url = f"{cluster.litellm_url}/v1/chat/completions"
-        names = ("gateway", "upstream", "anvil", *(("litellm",) if "litellm" in SIDES else ()))
+        self.floor_url = f"{cluster.floor_url}/v1/chat/completions"
+        names = ("gateway", "floor", "upstream", "anvil", *(("litellm",) if "litellm" in SIDES else ()))
         self.pids = {name: cluster.pid(name) for name in names}
         self.pids["loadgen"] = os.getpid()
         self.drains: list[dict[str, float]] = []
@@ -795,7 +814,7 @@ class Bench:
         bodies, headers = await self.signer.calls(
             self.http, self.paid_url, "direct" if side in UNPAID_SIDES else side, n, stream
         )
-        url = {"direct": self.direct_url, "litellm": self.litellm_url}.get(side, self.paid_url)
+        url = {"direct": self.direct_url, "floor": self.floor_url, "litellm": self.litellm_url}.get(side, self.paid_url)
         return await run_block(self.http, side, url, bodies, headers, n, concurrency, stream, self.pids)
 
     async def interleaved(
@@ -827,7 +846,7 @@ class Bench:
                     raise RuntimeError(f"warm-up {side} {'stream' if stream else 'call'} failed: {dict(b.errors)}")
 
     async def sanity(self) -> None:
-        """One paid call per scheme answers what the upstream answers directly; so does a paid stream."""
+        """One paid call per scheme, and the floor's, answer what the upstream answers directly."""
         async with self.http.post(self.direct_url, data=NON_STREAM_BODY, headers=JSON_HEADERS) as r:
             direct = await r.json()
         for scheme in PAID_SIDES:
@@ -848,6 +867,10 @@ class Bench:
                 raise RuntimeError(f"{scheme} answer differs from the direct one: {paid['choices']}")
             if paid.get("usage", {}).get("prompt_tokens") != direct["usage"]["prompt_tokens"]:
                 raise RuntimeError(f"{scheme} usage differs from the direct one: {paid.get('usage')}")
+        async with self.http.post(self.floor_url, data=NON_STREAM_BODY, headers=JSON_HEADERS) as r:
+            floor = await r.json(content_type=None)
+            if r.status != 200 or (floor["choices"], floor["usage"]) != (direct["choices"], direct["usage"]):
+                raise RuntimeError(f"the floor's answer differs from the direct one: {r.status} {floor}")
         if "litellm" in SIDES:  # LiteLLM relays the upstream's answer (its own ids and extra fields)
             async with self.http.post(self.litellm_url, data=NON_STREAM_BODY, headers=JSON_HEADERS) as r:
                 text = await r.text()
@@ -1044,25 +1067,20 @@ class Bench:
             return {"error": f"the instrumented gateway wrote nothing to {path}"}
         return {**out, "stages": json.loads(path.read_text())}
 
-    async def profile(self, path: Path, rate: float) -> dict[str, Any]:
-        """py-spy the gateway under paid load."""
-        spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
-        if not Path(spy).exists():
-            return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
-        # Blocking sampling (py-spy pauses the gateway ~200 times/s) gives whole stacks; by function.
-        argv = [spy, "record", "--pid", str(self.pids["gateway"]), "--rate", "200", "--format", "raw"]
-        argv += ["--function", "--full-filenames", "--output", str(path)]
-        err = b""
+    async def sampled(self, argv: list[str], path: Path, rate: float) -> dict[str, Any]:
+        """The paid load of ``watched_load`` with a sampler (``argv``: py-spy, perf) attached to the
+        gateway; it writes ``path`` when it is interrupted."""
+        name, err = Path(argv[0]).name, b""
 
         async def begin() -> None:
-            self.cluster.procs["py-spy"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            await asyncio.sleep(1.0)  # let py-spy attach
+            self.cluster.procs[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            await asyncio.sleep(1.0)  # let it attach
 
         async def end() -> None:
             nonlocal err
             await asyncio.sleep(0.2)
-            proc = self.cluster.procs["py-spy"]
-            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            proc = self.cluster.procs[name]
+            proc.send_signal(signal.SIGINT)
             try:
                 _, err = proc.communicate(timeout=30)
             except subprocess.TimeoutExpired:
@@ -1071,8 +1089,27 @@ class Bench:
 
         out = await self.watched_load(rate, begin, end)
         if not path.exists():
-            return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
-        return {"output": str(path), **out, **hot_spots(path)}
+            return {"error": f"{name} wrote nothing: {err.decode(errors='replace')[-500:]}"}
+        return {"output": str(path), **out}
+
+    async def profile(self, path: Path, rate: float) -> dict[str, Any]:
+        """py-spy the gateway under paid load."""
+        spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
+        if not Path(spy).exists():
+            return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
+        # Blocking sampling (py-spy pauses the gateway ~200 times/s) gives whole stacks; by function.
+        argv = [spy, "record", "--pid", str(self.pids["gateway"]), "--rate", "200", "--format", "raw"]
+        out = await self.sampled([*argv, "--function", "--full-filenames", "--output", str(path)], path, rate)
+        return out if "error" in out else {**out, **hot_spots(path)}
+
+    async def perf(self, path: Path, rate: float) -> dict[str, Any]:
+        """Linux perf on the gateway under paid load: it sees native code (SQLite, the kernel's
+        system calls, secp256k1) as well as the interpreter, without pausing the gateway."""
+        if shutil.which("perf") is None:
+            return {"error": "perf not installed (apt-get install linux-perf)"}
+        argv = ["perf", "record", "-F", "999", "-g", "-p", str(self.pids["gateway"]), "-o", str(path)]
+        out = await self.sampled(argv, path, rate)
+        return out if "error" in out else {**out, **native_shares(path)}
 
 
 def summarise(rounds: list[dict[str, Any]], stream: bool, rpc: bool = False) -> dict[str, Any]:
@@ -1144,6 +1181,33 @@ def is_waiting(leaf: str) -> bool:
     return (leaf.startswith("Condition.wait (") and where.endswith("/threading.py")) or (
         leaf.startswith("_worker (") and where.endswith("/concurrent/futures/thread.py")
     )
+
+
+PERF_FRAME = re.compile(r"^\s*[0-9a-f]+ (\S+?)(?:\+0x[0-9a-f]+)? \((.*)\)$")
+SYSCALL = re.compile(r"^__(?:x64_sys|do_sys|se_sys)_(\w+)$")
+
+
+def native_shares(path: Path, top: int = 10) -> dict[str, Any]:
+    """Shares of perf samples by the shared object they were in (the interpreter, SQLite, the
+    kernel, ...) and, for the kernel's, by the system call that got them there."""
+    text = subprocess.run(["perf", "script", "-i", str(path)], capture_output=True, text=True, check=False).stdout
+    objects: Counter[str] = Counter()
+    syscalls: Counter[str] = Counter()
+    samples = 0
+    for block in text.split("\n\n"):
+        frames = [m.groups() for m in map(PERF_FRAME.match, block.splitlines()[1:]) if m]
+        if not frames:
+            continue
+        samples += 1
+        objects[Path(frames[0][1]).name] += 1
+        if frames[0][1] == "[kernel.kallsyms]":
+            call = next((m.group(1) for m in (SYSCALL.match(f) for f, _ in frames) if m), "(no system call)")
+            syscalls[call] += 1
+
+    def shares(c: Counter[str]) -> list[dict[str, Any]]:
+        return [{"pct": 100.0 * n / samples, "frame": k} for k, n in c.most_common(top)]
+
+    return {"samples": samples, "objects": shares(objects), "syscalls": shares(syscalls)}
 
 
 def hot_spots(path: Path, top: int = 15) -> dict[str, Any]:
@@ -1479,12 +1543,12 @@ def report(res: dict[str, Any]) -> str:
     row("stream c=1     TTFB p99 (ms)", st, "ttfb_p99_ms")
     row("stream c=1     whole p50 (ms)", st, "p50_ms")
     row("calls/s c=16 (one gateway worker)", c16, "calls_per_s", 0)
-    for name in ("gateway", *(("litellm",) if "litellm" in SIDES else ()), "upstream", "anvil", "loadgen"):
+    for name in ("gateway", "floor", *(("litellm",) if "litellm" in SIDES else ()), "upstream", "anvil", "loadgen"):
         cpu(f"CPU ms/call c=16: {name}", c16, "cpu_ms_per_call", name, 3)
     busy0 = {s: sum(c16[s]["cpu_busy_pct"].get(k, 0.0) for k in ("upstream", "anvil", "loadgen")) for s in SIDES}
     lines.append(w.format("CPU 0 busy % c=16 (loadgen+up+anvil)", *(fmt(busy0[s], 0) for s in SIDES)))
     busy1 = {s: sum(c16[s]["cpu_busy_pct"].get(k, 0.0) for k in ON_CPU1) for s in SIDES}
-    lines.append(w.format("CPU 1 busy % c=16 (gateway, LiteLLM)", *(fmt(busy1[s], 0) for s in SIDES)))
+    lines.append(w.format("CPU 1 busy % c=16 (gw, floor, LiteLLM)", *(fmt(busy1[s], 0) for s in SIDES)))
     pinned = res["machine"]["pinning"].startswith("pinned")
     if pinned:
         for cpu_name in ("cpu0", "cpu1"):
@@ -1521,6 +1585,13 @@ def report(res: dict[str, Any]) -> str:
             f"{signed(st['vs_direct']['litellm']['added_ttfb_p50_ms'])} ms; paid calls/s ÷ LiteLLM's: "
             + ", ".join(f"{s} {c16[s]['calls_per_s'] / ll:.2f}×" for s in PAID_SIDES)
         )
+    fl1, fls = c1["vs_direct"]["floor"]["added_p50_ms"], st["vs_direct"]["floor"]["added_ttfb_p50_ms"]
+    lines.append(
+        f"floor (uvicorn + tollway's HTTP transport, forwarding only): added p50 c=1 {signed(fl1)} ms, added TTFB "
+        f"{signed(fls)} ms, {fmt(c16['floor']['calls_per_s'], 0)} calls/s at c=16 — the 1 ms budget leaves "
+        f"{fmt(BUDGET['added_ms'] - fl1, 2)} ms for a paid call's own work; each scheme's own work (added p50 less the "
+        "floor's): " + ", ".join(f"{s} {signed(c1['vs_direct'][s]['added_p50_ms'] - fl1)} ms" for s in PAID_SIDES)
+    )
     if ceiling < 600:
         lines.append("  WARNING: below 600/s — the client side may cap what the paid calls/s can show")
     for s in PAID_SIDES:
@@ -1697,6 +1768,17 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
             lines.append(f"stages (an instrumented gateway, {load(st)}): each stage per call, wall and CPU, µs")
             for label, t in st["stages"].items():
                 lines.append(f"  {label:48s} {t['calls']:7d} calls  wall {t['wall_us']:8.1f}  cpu {t['cpu_us']:8.1f}")
+    native = res.get("perf")
+    if native:
+        lines.append("")
+        if "error" in native:
+            lines.append(f"perf: {native['error']}")
+        else:
+            lines.append(f"perf (gateway, {load(native)}, {native['samples']} samples) → {native['output']}")
+            lines.append("  by shared object:")
+            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in native["objects"]]
+            lines.append("  in the kernel, by system call:")
+            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in native["syscalls"]]
     prof = res.get("profile")
     if prof:
         lines.append("")
@@ -1769,6 +1851,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--profile", metavar="PATH", help="py-spy the gateway under paid load; raw stacks to PATH")
+    p.add_argument(
+        "--perf",
+        metavar="PATH",
+        help="Linux perf on the gateway under paid load, like --profile; perf.data to PATH (by shared object:\n"
+        "the interpreter, SQLite, the kernel by system call — native code py-spy does not see)",
+    )
     p.add_argument(
         "--stages",
         metavar="PATH",
@@ -1884,6 +1972,11 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
                 log(f"timing the gateway's stages for ~{args.profile_seconds:g} s of paid {what} load")
                 rate = res["throughput"][args.profile_scheme]
                 res["stages"] = await bench.stages(Path(args.stages).resolve(), rate if rate > 0 else 100.0)
+            if args.perf:
+                what = f"{args.profile_scheme} c={args.profile_concurrency}"
+                log(f"perf on the gateway for ~{args.profile_seconds:g} s of paid {what} load")
+                rate = res["throughput"][args.profile_scheme]
+                res["perf"] = await bench.perf(Path(args.perf).resolve(), rate if rate > 0 else 100.0)
             if args.profile:
                 what = f"{args.profile_scheme} c={args.profile_concurrency}"
                 log(f"profiling the gateway with py-spy for ~{args.profile_seconds:g} s of paid {what} load")
@@ -1957,7 +2050,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; stopping the processes")
         return 130
     except Exception:
-        for name in ("gateway", "litellm", "upstream"):
+        for name in ("gateway", "floor", "litellm", "upstream"):
             if name in cluster.logs:
                 log(f"{name} log tail:\n{cluster.tail(name)}")
         raise
