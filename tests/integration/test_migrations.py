@@ -188,3 +188,33 @@ def test_the_documented_revision_command_writes_the_next_migration(tmp_path):
     new = f"{int(migrations.head()) + 1:04d}_calls_region.py"
     assert written[-1] == new and len(written) == int(migrations.head()) + 1, written
     assert "region" in Path(scripts, "versions", new).read_text()
+
+
+def test_the_money_queries_find_their_partial_indexes(empty_db):
+    """ix_payments_owed holds only payments in flight, ix_payments_tx_id only those with a
+    transaction: a query uses such an index only if its own condition implies the index's (SQLite
+    needs the very term), else it scans every payment ever made on each paid call."""
+    from tollway.ledger import store
+
+    engine = make_engine(empty_db)
+    try:
+        migrations.migrate(engine)
+        params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t"}
+        queries = {
+            store.OWED: "ix_payments_owed",
+            store.UNCONFIRMED: "ix_payments_owed",
+            "SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'": "ix_payments_tx_id",
+        }
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SET enable_seqscan = off"))  # (an empty table: a scan would be cheapest)
+                explain = "EXPLAIN"
+            else:
+                explain = "EXPLAIN QUERY PLAN"
+            for query, index in queries.items():
+                plan = " ".join(str(r) for r in conn.execute(text(f"{explain} {query}"), params))
+                assert "Seq Scan" not in plan and "SCAN payments" not in plan, (query, plan)
+                if engine.dialect.name == "sqlite":  # (PostgreSQL's planner may pick another one it can use)
+                    assert index in plan, (query, plan)
+    finally:
+        engine.dispose()

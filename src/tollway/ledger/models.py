@@ -23,8 +23,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
+
+# Partial indexes: a payment is in them only while a query can look for it there, so that the
+# paid call's commits write fewer index pages. A query must name the condition itself to use one.
+IN_FLIGHT = "state IN ('reserved', 'settling')"  # what a payer owes that the chain may not show yet
+HAS_TX = text("tx_id IS NOT NULL")  # a settlement in the outbox
 
 
 class PaymentState(StrEnum):
@@ -38,7 +43,15 @@ class PaymentState(StrEnum):
 
 class Payment(SQLModel, table=True):
     __tablename__ = "payments"
-    __table_args__ = (Index("ix_payments_owed", "network", "asset", "payer", "state", "amount"),)
+    __table_args__ = (
+        Index(
+            "ix_payments_owed",
+            *("network", "asset", "payer", "state", "amount"),
+            sqlite_where=text(IN_FLIGHT),
+            postgresql_where=text(IN_FLIGHT),
+        ),
+        Index("ix_payments_tx_id", "tx_id", sqlite_where=HAS_TX, postgresql_where=HAS_TX),
+    )
 
     id: str = Field(primary_key=True)
     lock_key: str = Field(unique=True)  # scheme-specific replay key, e.g. network:asset:payer:nonce
@@ -51,7 +64,7 @@ class Payment(SQLModel, table=True):
     state: str = Field(index=True)
     proof: str  # the scheme's payload (JSON), enough to settle again
     request_digest: str  # the call this payment is bound to
-    tx_id: str | None = Field(default=None, index=True)  # its settlement in the outbox
+    tx_id: str | None = None  # its settlement in the outbox
     tx_hash: str | None = None  # the transaction that moved (or will move) the money
     error: str | None = None
     channel: str | None = None  # the batch-settlement channel it pays through ...
@@ -68,7 +81,7 @@ class Call(SQLModel, table=True):
     model: str
     upstream_model: str
     api: str | None = None  # chat, messages, responses or embeddings (None: recorded before it was kept)
-    upstream: str | None = Field(default=None, index=True)  # which upstream served it
+    upstream: str | None = None  # which upstream served it
     stream: bool
     status: str  # pending | served | incomplete | failed
     quote: int = Field(sa_column=Column(BigInteger, nullable=False))
@@ -189,7 +202,7 @@ class CreditEntry(SQLModel, table=True):
     account: str = Field(index=True)
     kind: str
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))  # signed
-    call_id: str | None = Field(default=None, index=True)
+    call_id: str | None = None
     payment_id: str | None = None
     payout_id: str | None = None
     created_at: float

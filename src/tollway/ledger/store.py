@@ -31,6 +31,7 @@ from . import channels, sql
 from .channels import ChannelUse
 from .checkpoint import LOG_SIZE_LIMIT, Checkpointer
 from .models import (
+    IN_FLIGHT,
     Call,
     ChainTx,
     CreditEntry,
@@ -80,12 +81,15 @@ RESERVE = (  # a new key; or a released one, for a retry of the same request
 _PAYER = "network = :network AND asset = :asset AND payer = :payer"
 # What a payer owes us that a balance read from the chain may not show yet: its payments in
 # progress and its settlements not yet confirmed (one just mined is counted twice for a moment:
-# that errs on the safe side). One index range per state (an OR would scan).
+# that errs on the safe side). One index range per state (an OR would scan), in the partial index
+# of payments in flight, which SQLite uses only for a query that names its condition.
+_RESERVED = f"{_PAYER} AND state = 'reserved' AND {IN_FLIGHT}"
+_SETTLING = f"{_PAYER} AND state = 'settling' AND {IN_FLIGHT}"
 OWED = (  # (in progress, settling)
-    f"SELECT (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'reserved'),"
-    f" (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'settling')"
+    f"SELECT (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_RESERVED}),"
+    f" (SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_SETTLING})"
 )
-UNCONFIRMED = f"SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND state = 'settling'"
+UNCONFIRMED = f"SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_SETTLING}"
 BALANCE = "SELECT balance FROM credits WHERE account = :account"
 APPLY = (  # add to a credit balance (opening it) unless it would end below a floor
     "INSERT INTO credits (account, balance, updated_at) SELECT CAST(:account AS VARCHAR), :delta, :now"
