@@ -122,6 +122,34 @@ def test_a_create_all_ledger_is_adopted_with_its_rows(empty_db):
         store.close()
 
 
+def test_replicas_opening_a_new_sqlite_ledger_together_all_connect(tmp_path):
+    """Switching a new SQLite file to WAL mode needs the file to itself, and SQLite answers a second
+    connection trying it "database is locked" at once, without waiting: one of eight replicas
+    opening a new ledger together failed that way about once in 25 tries. Every one must connect."""
+    errors: list[BaseException] = []
+
+    def connect(url: str, start: threading.Barrier) -> None:
+        engine = make_engine(url)
+        start.wait()
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            engine.dispose()
+
+    for attempt in range(150):
+        start = threading.Barrier(8)
+        url = f"sqlite:///{tmp_path / f'ledger-{attempt}.sqlite3'}"
+        threads = [threading.Thread(target=connect, args=(url, start)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, (attempt, errors)
+
+
 def test_an_older_ledger_gets_the_tables_and_indexes_it_lacks(empty_db):
     engine = make_engine(empty_db)
     made_before_migrations(engine)
