@@ -9,12 +9,14 @@ whatever else the event loop ran while it waited, which at concurrency 1 is litt
 the sums to zero; SIGUSR2 writes them to OUT.json as ``{stage: {calls, wall_us, cpu_us}}`` (µs per
 call). Sampling profilers pause the process and attribute the pause to whatever they interrupt;
 this measures wall time where latency is spent. Each wrapper costs ~1-2 µs a call, so every other
-figure of an instrumented run is that much slower.
+figure of an instrumented run is that much slower. The cyclic garbage collector's runs are added up
+too, by generation, spread over the requests (a run lands on whichever call allocates past a threshold).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import json
 import signal
@@ -80,6 +82,27 @@ def timed(f: Any, label: str) -> Any:
     return wrapper
 
 
+GC = [f"gc, generation {g} (µs per request; calls: runs)" for g in range(3)]
+REQUESTS = STAGES[0][2]  # what the collector's time is spread over
+
+
+def time_collections() -> None:
+    """Add up the cyclic garbage collector's runs, by generation (they land on whichever call
+    allocates past a threshold)."""
+    began = [0.0, 0.0]
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            began[:] = time.perf_counter(), time.thread_time()
+        else:
+            t = totals[GC[info["generation"]]]
+            t[0] += 1
+            t[1] += time.perf_counter() - began[0]
+            t[2] += time.thread_time() - began[1]
+
+    gc.callbacks.append(callback)
+
+
 def instrument() -> None:
     import importlib
 
@@ -97,12 +120,18 @@ def write(out: Path) -> None:
         n, wall, cpu = totals.get(label, (0, 0.0, 0.0))
         if n:
             doc[label] = {"calls": int(n), "wall_us": 1e6 * wall / n, "cpu_us": 1e6 * cpu / n}
+    requests = totals.get(REQUESTS, (0,))[0]
+    for label in GC:
+        runs, wall, cpu = totals.get(label, (0, 0.0, 0.0))
+        if runs and requests:
+            doc[label] = {"calls": int(runs), "wall_us": 1e6 * wall / requests, "cpu_us": 1e6 * cpu / requests}
     out.write_text(json.dumps(doc))
 
 
 def main() -> int:
     out = Path(sys.argv[1])
     instrument()
+    time_collections()
     signal.signal(signal.SIGUSR1, lambda *_: totals.clear())
     signal.signal(signal.SIGUSR2, lambda *_: write(out))
     from tollway.cli import main as tollway
