@@ -26,8 +26,7 @@ import logging
 import time
 from typing import Any
 
-from eth_hash.auto import keccak
-
+from .keccak import keccak
 from .ledger import Store
 from .payments import channel as ch
 from .payments.batch import BatchSettlementEvm

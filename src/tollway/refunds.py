@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from eth_hash.auto import keccak
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import signin
 from .errors import NotFound, PaymentInvalid, PaymentRequired
 from .gateway import Gateway
+from .keccak import keccak
 from .ledger.channels import ChannelRefused
 from .ledger.store import new_id
 from .payments import channel as ch

@@ -34,9 +34,9 @@ from typing import Any
 import rlp
 from coincurve import PrivateKey
 from eth_account import Account
-from eth_hash.auto import keccak
 
 from .errors import ChainUnavailable
+from .keccak import keccak
 from .ledger import Store
 from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState

@@ -21,11 +21,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from eth_abi import encode as abi_encode
-from eth_hash.auto import keccak
 from starlette.requests import Request
 
 from . import siwe
 from .errors import GatewayError, PaymentInvalid, PaymentMalformed, Unauthorized
+from .keccak import keccak
 from .payments import x402
 from .payments.chain import RpcError
 from .payments.credit import check_wallet_proof

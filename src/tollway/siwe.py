@@ -8,8 +8,8 @@ from typing import Any
 
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 
+from .keccak import keccak
 from .payments import eip3009
 
 # The fields a client echoes from the server's declaration (``info``), in the SDKs' names.

@@ -16,8 +16,8 @@ import secrets
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 
+from ..keccak import keccak
 from ..payments import eip3009, permit2_charge
 
 WWW_AUTHENTICATE = "WWW-Authenticate"

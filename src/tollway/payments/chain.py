@@ -18,9 +18,9 @@ import json
 from typing import Any
 
 import httpx
-from eth_hash.auto import keccak
 
 from ..errors import ChainUnavailable
+from ..keccak import keccak
 from ..upstream.h1 import h1_transport
 
 BALANCE_OF = keccak(b"balanceOf(address)")[:4]

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from eth_hash.auto import keccak
-
 from ..errors import PaymentMalformed
+from ..keccak import keccak
 from . import eip3009
 from . import permit2 as _permit2
 from .eip3009 import UINT256_MAX, SignatureError, recover, split_signature, word_address, word_uint

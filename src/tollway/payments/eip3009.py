@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from coincurve import PublicKey
-from eth_hash.auto import keccak
+
+from ..keccak import keccak
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 HALF_N = SECP256K1_N // 2

@@ -29,9 +29,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from eth_hash.auto import keccak
-
 from ..errors import PaymentInvalid, PaymentMalformed
+from ..keccak import keccak
 from .base import Offer, Proof
 from .permit2 import PERMIT2_ADDRESS
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from eth_hash.auto import keccak
-
 from ..errors import PaymentMalformed
+from ..keccak import keccak
 from .eip3009 import UINT256_MAX, SignatureError, recover, split_signature, word_address, word_uint
 
 __all__ = [

@@ -23,9 +23,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from eth_account import Account
-from eth_hash.auto import keccak
 
 from ..errors import PaymentInvalid, PaymentMalformed
+from ..keccak import keccak
 from .eip3009 import SignatureError, domain_separator, recover, word_address, word_uint
 
 WALLET = {"name": "wallet", "type": "address"}

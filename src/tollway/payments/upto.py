@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eth_hash.auto import keccak
-
 from ..errors import PaymentInvalid, PreconditionFailed
+from ..keccak import keccak
 from . import permit2
 from .base import Offer, Proof, Quote, Verified
 from .chain import BALANCE_OF, RpcError
