@@ -1759,44 +1759,41 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
             f"{fmt(w['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call"
         )
 
-    st = res.get("stages")
-    if st:
-        lines.append("")
-        if "error" in st:
-            lines.append(f"stages: {st['error']}")
-        else:
-            lines.append(f"stages (an instrumented gateway, {load(st)}): each stage per call, wall and CPU, µs")
-            for label, t in st["stages"].items():
-                lines.append(f"  {label:48s} {t['calls']:7d} calls  wall {t['wall_us']:8.1f}  cpu {t['cpu_us']:8.1f}")
-    native = res.get("perf")
-    if native:
-        lines.append("")
-        if "error" in native:
-            lines.append(f"perf: {native['error']}")
-        else:
-            lines.append(f"perf (gateway, {load(native)}, {native['samples']} samples) → {native['output']}")
-            lines.append("  by shared object:")
-            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in native["objects"]]
-            lines.append("  in the kernel, by system call:")
-            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in native["syscalls"]]
-    prof = res.get("profile")
-    if prof:
-        lines.append("")
-        if "error" in prof:
-            lines.append(f"profile: {prof['error']}")
-        else:
-            lines.append(
-                f"profile (py-spy, gateway, {load(prof)}, {prof['samples']} samples;"
-                f" {prof.get('waiting', 0)} of helper threads waiting for work left out) → {prof['output']}"
-            )
-            lines.append("  where the gateway's CPU goes:")
-            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in prof["by_root"]]
-            lines.append("  by library that tollway code called (the first frame below the innermost tollway frame):")
-            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in prof["libraries"][:10]]
-            lines.append("  top self time:")
-            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in prof["self"][:12]]
-            lines.append("  charged to the innermost tollway function (its own code + the libraries it calls):")
-            lines += [f"    {e['pct']:5.1f}%  {e['frame']}" for e in prof["tollway"][:15]]
+    def shares(title: str, entries: list[dict[str, Any]]) -> list[str]:
+        return [f"  {title}:", *(f"    {e['pct']:5.1f}%  {e['frame']}" for e in entries)]
+
+    def stages(st: dict[str, Any]) -> list[str]:
+        out = [f"stages (an instrumented gateway, {load(st)}): each stage per call, wall and CPU, µs"]
+        for label, t in st["stages"].items():
+            out.append(f"  {label:48s} {t['calls']:7d} calls  wall {t['wall_us']:8.1f}  cpu {t['cpu_us']:8.1f}")
+        return out
+
+    def perf(p: dict[str, Any]) -> list[str]:
+        return [
+            f"perf (gateway, {load(p)}, {p['samples']} samples) → {p['output']}",
+            *shares("by shared object", p["objects"]),
+            *shares("in the kernel, by system call", p["syscalls"]),
+        ]
+
+    def profile(p: dict[str, Any]) -> list[str]:
+        return [
+            f"profile (py-spy, gateway, {load(p)}, {p['samples']} samples;"
+            f" {p.get('waiting', 0)} of helper threads waiting for work left out) → {p['output']}",
+            *shares("where the gateway's CPU goes", p["by_root"]),
+            *shares(
+                "by library that tollway code called (the first frame below the innermost tollway frame)",
+                p["libraries"][:10],
+            ),
+            *shares("top self time", p["self"][:12]),
+            *shares(
+                "charged to the innermost tollway function (its own code + the libraries it calls)", p["tollway"][:15]
+            ),
+        ]
+
+    for key, render in (("stages", stages), ("perf", perf), ("profile", profile)):
+        watched = res.get(key)
+        if watched:
+            lines += ["", f"{key}: {watched['error']}"] if "error" in watched else ["", *render(watched)]
     return lines
 
 
@@ -1967,21 +1964,18 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
 
             log(f"memory: {args.streams} streamed paid calls at concurrency {args.stream_concurrency}")
             res["memory"] = await bench.memory()
-            if args.stages:
-                what = f"{args.profile_scheme} c={args.profile_concurrency}"
-                log(f"timing the gateway's stages for ~{args.profile_seconds:g} s of paid {what} load")
-                rate = res["throughput"][args.profile_scheme]
-                res["stages"] = await bench.stages(Path(args.stages).resolve(), rate if rate > 0 else 100.0)
-            if args.perf:
-                what = f"{args.profile_scheme} c={args.profile_concurrency}"
-                log(f"perf on the gateway for ~{args.profile_seconds:g} s of paid {what} load")
-                rate = res["throughput"][args.profile_scheme]
-                res["perf"] = await bench.perf(Path(args.perf).resolve(), rate if rate > 0 else 100.0)
-            if args.profile:
-                what = f"{args.profile_scheme} c={args.profile_concurrency}"
-                log(f"profiling the gateway with py-spy for ~{args.profile_seconds:g} s of paid {what} load")
-                rate = res["throughput"][args.profile_scheme]
-                res["profile"] = await bench.profile(Path(args.profile).resolve(), rate if rate > 0 else 100.0)
+            watchers = (
+                ("stages", "timing the gateway's stages", bench.stages),
+                ("perf", "perf on the gateway", bench.perf),
+                ("profile", "profiling the gateway with py-spy", bench.profile),
+            )
+            for key, doing, watch in watchers:
+                path = getattr(args, key)
+                if path:
+                    what = f"{args.profile_scheme} c={args.profile_concurrency}"
+                    log(f"{doing} for ~{args.profile_seconds:g} s of paid {what} load")
+                    rate = res["throughput"][args.profile_scheme]
+                    res[key] = await watch(Path(path).resolve(), rate if rate > 0 else 100.0)
 
             def errors_of(sec: dict[str, Any], sides: tuple[str, ...] = SIDES) -> int:
                 return int(sum(sec[s]["errors"] for s in sides))
