@@ -14,8 +14,9 @@ connections and checkpoints from this thread instead, once a second, in two step
 Step 2 is what keeps the log small. SQLite starts the log over only when a commit finds every page
 of it copied, and under steady load a commit always comes while a passive pass is copying: the log
 was never started over. It grew by every page written (~100 KB a paid call, without bound), and each
-write went to a new block of the file, which the kernel zeroes first: that doubled the ledger's
-time. Started over, the log's writes land on blocks it already has.
+write went to a new block of the file, which the kernel zeroes first (in a loop of a paid call's
+two transactions, that nearly doubled their CPU). Started over, the log's writes land on blocks it
+already has.
 """
 
 from __future__ import annotations

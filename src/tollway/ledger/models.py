@@ -29,7 +29,7 @@ from sqlmodel import Field, SQLModel
 # Partial indexes: a payment is in them only while a query can look for it there, so that the
 # paid call's commits write fewer index pages. A query must name the condition itself to use one.
 IN_FLIGHT = "state IN ('reserved', 'settling')"  # what a payer owes that the chain may not show yet
-HAS_TX = text("tx_id IS NOT NULL")  # a settlement in the outbox
+HAS_TX = "tx_id IS NOT NULL"  # a settlement in the outbox
 
 
 class PaymentState(StrEnum):
@@ -50,7 +50,7 @@ class Payment(SQLModel, table=True):
             sqlite_where=text(IN_FLIGHT),
             postgresql_where=text(IN_FLIGHT),
         ),
-        Index("ix_payments_tx_id", "tx_id", sqlite_where=HAS_TX, postgresql_where=HAS_TX),
+        Index("ix_payments_tx_id", "tx_id", sqlite_where=text(HAS_TX), postgresql_where=text(HAS_TX)),
     )
 
     id: str = Field(primary_key=True)

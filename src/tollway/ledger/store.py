@@ -161,6 +161,9 @@ class Locked:
     channel: dict[str, Any] | None = None  # the channel the payment took, as it took it
 
 
+BUSY_SECONDS = 30  # how long a SQLite connection waits for another's lock
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -178,9 +181,6 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-
-
-BUSY_SECONDS = 30  # how long a SQLite connection waits for another's lock
 
 
 def wal_mode(cur: Any) -> None:
