@@ -413,10 +413,9 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     """Send the call upstream, with the output cap it was paid for. The answer (a stream's first
     byte) must come within ``max_call_seconds``."""
     cap = paid.quote.max_tokens
-    one_upstream = len(gw.router.upstreams) == 1  # (nothing to stick a conversation to: no key to hash)
     send = gw.router.send(
         [m.model for m in call.members],
-        "" if one_upstream else conversation_key(call.model, call.body, call.prompt, request.headers),
+        partial(conversation_key, call.model, call.body, call.prompt, request.headers),
         lambda upstream, model: call.member(model).forward(
             upstream.cap_field, cap, upstream.routes_providers, upstream.prices.get(model)
         ),

@@ -197,7 +197,7 @@ def test_an_upstream_that_asks_to_be_left_alone_is_tried_last_that_long():
     ups = [Upstream(UpstreamSettings(name=n, url=f"http://{n}.test/v1"), client) for n in ("busy", "down")]
     r = Router(ups, sticky_idle=60, cooldown=0.5)
     with pytest.raises(UpstreamUnavailable) as err:
-        asyncio.run(r.send(["m"], "k", lambda u, model: b"{}", False, {}))
+        asyncio.run(r.send(["m"], lambda: "k", lambda u, model: b"{}", False, {}))
     assert [(a.upstream, a.outcome) for a in err.value.attempts] == [
         ("busy", "upstream_unavailable"),
         ("down", "upstream_unavailable"),

@@ -167,7 +167,7 @@ class Router:
     async def send(
         self,
         models: Sequence[str],
-        key: str,
+        conversation: Callable[[], str],
         body: Callable[[Upstream, str], bytes],
         stream: bool,
         headers: Mapping[str, str],
@@ -179,8 +179,10 @@ class Router:
         """Send to the best candidate, failing over before the first byte: every upstream of the
         first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
         the request as that upstream takes it for that model (its output-cap field, provider
-        routing). ``key`` is the conversation's (stickiness); ``api_key`` a payer's own provider
-        key, sent in place of the upstream's."""
+        routing). ``conversation()`` is the key the call sticks to (``conversation_key``), asked
+        only where there are upstreams to choose between; ``api_key`` a payer's own provider key,
+        sent in place of the upstream's."""
+        key = conversation() if len(self.upstreams) > 1 else ""  # ("": no conversation to remember)
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
         for model in models:
