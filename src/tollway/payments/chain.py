@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from ..errors import ChainUnavailable
+from ..jsonbytes import dumps
 from ..keccak import keccak
 from ..upstream.h1 import h1_transport
 
@@ -74,7 +75,7 @@ class Chain:
         await self._transport.aclose()
 
     async def _post(self, payload: Any) -> Any:
-        content = json.dumps(payload, separators=(",", ":")).encode()
+        content = dumps(payload)
         timeout = {"timeout": self._timeouts}
         request = httpx.Request("POST", self._url, content=content, headers=HEADERS, extensions=timeout)
         try:
