@@ -375,3 +375,87 @@ def test_a_ledger_log_written_without_a_pause_still_starts_over(tmp_path):
                 store.reserve(payment())
     finally:
         store.close()
+
+
+def test_what_a_payer_owes_follows_every_state_move_through_the_partial_index(db_url):
+    """Attack: a payer who wants to spend what has not reached us. ``ix_payments_owed`` holds only
+    payments in flight; whatever state a payment moves to, it is owed exactly while it is reserved
+    or settling — through the index, and the same as a full scan says — so an unconfirmed deposit
+    is never spendable credit, and a refused or failed one is no longer counted."""
+    from sqlalchemy import text
+
+    store = Store(db_url)
+    try:
+        address = sender(store)
+        first = payment(amount=100)
+        network, asset, payer = first["network"], first["asset"], first["payer"]
+
+        def owed() -> int:
+            return store.unsettled_amount(network, asset, payer)
+
+        def scanned() -> int:
+            with store.engine.connect() as conn:
+                q = "SELECT SUM(amount) FROM payments WHERE payer = :p AND state IN ('reserved', 'settling')"
+                return int(conn.execute(text(q), {"p": payer}).scalar() or 0)
+
+        ids = [store.reserve({**first}), store.reserve({**payment(amount=40), "payer": payer})]
+        ids.append(store.reserve({**payment(amount=7), "payer": payer}))
+        assert owed() == scanned() == 147
+        settling(store, ids[0], address)  # reserved → settling: still owed
+        assert owed() == scanned() == 147
+        assert store.release(ids[1], "not served")  # reserved → released: not owed
+        assert owed() == scanned() == 107
+        assert store.mark_settled(ids[0], "0xmined")  # settling → settled: on chain now
+        assert owed() == scanned() == 7
+        assert store.refuse(ids[2], "the chain refused it")  # reserved → refused
+        assert owed() == scanned() == 0
+        assert not store.mark_settled(ids[0], "0xagain")  # (a settled payment moves nowhere)
+        assert owed() == 0
+    finally:
+        store.close()
+
+
+KILLED_WRITER = """
+import sys, time
+from tollway.ledger import Store
+store = Store(sys.argv[1], background_checkpoints=True)
+account = "eip155:1|0xtoken|0xpayer"
+n = 0
+while True:
+    n += 1
+    row = {"lock_key": f"k{n}", "scheme": "credit", "network": "eip155:1", "asset": "0xtoken", "payer": "0xpayer",
+           "payee": "0xpayee", "amount": 0, "proof": "{}", "request_digest": "d"}
+    store.lock(row, account, 0, call_id=f"c{n}")
+    store.settle_call_credit(account, deposit=5, held=0, cost=2, call_id=f"c{n}", payment_id=None)
+    print(n, flush=True)  # (both transactions of call n are committed)
+"""
+
+
+def test_a_gateway_killed_while_its_log_is_checkpointed_loses_no_committed_money(tmp_path):
+    """Attack: the crash between steps. A process writing a paid call's two transactions without
+    pause, its checkpointer copying and restarting the log under it, is killed (SIGKILL) at a
+    random moment: every call it reported committed is there, and the balance is exactly what the
+    journal says — nothing lost, nothing half-applied."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    Store(url).close()  # (migrated before the writer starts)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url], stdout=subprocess.PIPE, text=True)
+    time.sleep(3.5)  # (past three checkpoints)
+    proc.send_signal(signal.SIGKILL)
+    reported = [int(line) for line in proc.communicate()[0].split()]
+    assert len(reported) > 100
+    store = Store(url)
+    try:
+        account = "eip155:1|0xtoken|0xpayer"
+        calls = store.journal(account)
+        paid = calls.get("deposit", 0) // 5
+        assert paid >= reported[-1]  # every reported call survived (one more may have committed unreported)
+        assert calls.get("charge", 0) == -2 * paid  # each call both deposited and charged, or neither
+        assert store.credit_balance(account) == 3 * paid
+        assert store.count_by_state().get("reserved", 0) >= paid  # (every lock of a counted call is there)
+    finally:
+        store.close()
