@@ -258,7 +258,7 @@ class Settler:
         transaction we did not sign (queue the call again with a new nonce)."""
         receipts = await self._receipts([row])
         if receipts[0] is not None:
-            await self._conclude(row, *receipts[0])
+            await self._conclude([(row, *receipts[0])])
             return
         new = self.store.replace_transaction(
             row["id"],
@@ -290,12 +290,9 @@ class Settler:
         head = await self.chain.head()
         receipts = await self._receipts(rows) if head != self._polled_head else [None] * len(rows)
         self._polled_head = head
-        now, waiting = time.time(), []
-        for row, mined in zip(rows, receipts, strict=True):
-            if mined is not None:
-                await self._conclude(row, *mined)
-            else:
-                waiting.append(row)
+        await self._conclude([(row, *mined) for row, mined in zip(rows, receipts, strict=True) if mined is not None])
+        now = time.time()
+        waiting = [row for row, mined in zip(rows, receipts, strict=True) if mined is None]
         await self._bump([r for r in waiting if now - r["fee_at"] > self.bump_after])
         stale = [r for r in waiting if now - (r["broadcast_at"] or 0) > REBROADCAST_AFTER]
         await self._broadcast(stale, resend=True)
@@ -322,30 +319,39 @@ class Settler:
                 bumped.append({**row, **signed})
         await self._broadcast(bumped, resend=True)
 
-    async def _conclude(self, row: dict[str, Any], tx_hash: str, receipt: dict[str, Any]) -> None:
-        ok = int(receipt.get("status", "0x0"), 16) == 1
-        if row["purpose"] == "payout":
-            if self.store.transaction_mined(row["id"], tx_hash, ok):  # (once, whichever replica comes first)
-                self.store.conclude_payouts(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
-            return
-        if row["purpose"] == "claim":
-            if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
-                log.error("claim %s reverted: its channels will be claimed again", tx_hash)
-            return
-        if row["purpose"] in ("deposit", "refund"):  # (their senders wait for them: see ``send``)
-            self.store.transaction_mined(row["id"], tx_hash, ok)
+    async def _conclude(self, mined: list[tuple[dict[str, Any], str, dict[str, Any]]]) -> None:
+        """Conclude mined rows, each (row, the hash mined, its receipt): the settlements together,
+        in one ledger transaction; the rest through their purpose."""
+        settlements = []
+        for row, tx_hash, receipt in mined:
+            ok = int(receipt.get("status", "0x0"), 16) == 1
+            if row["purpose"] == "settlement":
+                settlements.append((row, tx_hash, receipt, ok))
+            elif row["purpose"] == "payout":
+                if self.store.transaction_mined(row["id"], tx_hash, ok):  # (once, whichever replica comes first)
+                    self.store.conclude_payouts(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
+            elif row["purpose"] == "claim":
+                if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
+                    log.error("claim %s reverted: its channels will be claimed again", tx_hash)
+            else:  # a deposit or a refund: its sender waits for it (see ``send``)
+                self.store.transaction_mined(row["id"], tx_hash, ok)
+        if not settlements:
             return
 
-        def moved(p: dict[str, Any]) -> bool:
-            return (p["payer"], p["payee"], p["amount"]) in transfers_in(receipt, p["asset"])
+        def moved(i: int, p: dict[str, Any]) -> bool:
+            return (p["payer"], p["payee"], p["amount"]) in transfers_in(settlements[i][2], p["asset"])
 
-        payment, settled = self.store.settlement_mined(row["id"], tx_hash, ok, moved)
-        if settled:
-            log.info(
-                "settled payment %s of %d by %s in %s", payment["id"], payment["amount"], payment["payer"], tx_hash
-            )
-        if payment is None or settled:
-            return
+        concluded = self.store.settlements_mined([(row["id"], h, ok) for row, h, _, ok in settlements], moved)
+        for (_, tx_hash, _, ok), (payment, settled) in zip(settlements, concluded, strict=True):
+            if settled:
+                log.info(
+                    "settled payment %s of %d by %s in %s", payment["id"], payment["amount"], payment["payer"], tx_hash
+                )
+            elif payment is not None:
+                await self._failed_settlement(payment, tx_hash, ok)
+
+    async def _failed_settlement(self, payment: dict[str, Any], tx_hash: str, ok: bool) -> None:
+        """A settlement was mined without paying: paid by someone else's transaction first, or failed."""
         paid_by = await self.settled_elsewhere(payment) if self.settled_elsewhere else None
         if paid_by is not None:
             log.warning("settlement of %s reverted, but %s paid it first: settled", payment["id"], paid_by)

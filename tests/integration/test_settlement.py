@@ -290,3 +290,39 @@ async def test_receipts_are_asked_for_once_per_new_block(tmp_path, chain, devnet
                 chain.mine(1)
             row = await run_until(settler, store, payment_id, {PaymentState.SETTLED})
     assert row["state"] == PaymentState.SETTLED
+
+
+async def test_a_blocks_settlements_are_concluded_in_one_ledger_transaction(tmp_path, chain, devnet, settler_key):
+    """A poll concludes every settlement its block mined together — one commit, not one each (a
+    commit per settlement was most of the worker's CPU under load) — and still judges each on its
+    own: the ones that paid are settled, a reverted one fails, one another replica concluded
+    first is left to it."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payers = [chain.fund() for _ in range(4)]
+    broke = Account.create()  # signs an authorization for money it does not have
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        payments = [payment_for(store, devnet, p, 500 + i) for i, p in enumerate([*payers, broke])]
+        with manual_mining(chain):
+            hashes = [settler.sign(pid, devnet.token, data) for pid, data, _ in payments]
+            await settler.run_once()  # broadcast
+            chain.mine(1)
+            first = store.payment(payments[0][0])  # another replica concludes the first
+            [(concluded, settled)] = store.settlements_mined([(first["tx_id"], hashes[0], True)], lambda i, p: True)
+            assert concluded["id"] == first["id"] and settled
+            transactions = 0
+            real_sql = store._sql
+
+            def counted():
+                nonlocal transactions
+                transactions += 1
+                return real_sql()
+
+            store._sql = counted
+            settler._polled = 0.0  # (a poll is due)
+            await settler.run_once()
+            store._sql = real_sql
+    states = [store.payment(pid)["state"] for pid, _, _ in payments]
+    assert states == [PaymentState.SETTLED] * 4 + [PaymentState.FAILED]
+    assert [chain.receipt(h)["status"] for h in hashes] == [1, 1, 1, 1, 0]
+    # the outbox read for queued and for sent rows, the conclusions, the reverted one's failure
+    assert transactions == 4, transactions

@@ -145,7 +145,7 @@ class ChainTx(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("sender", "nonce"), Index("ix_transactions_open", "state", "nonce"))
 
     id: str = Field(primary_key=True)
-    purpose: str  # settlement | payout
+    purpose: str  # settlement | payout | claim | deposit | refund
     sender: str
     nonce: int
     to: str

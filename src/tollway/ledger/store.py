@@ -534,26 +534,34 @@ class Store:
             == 1
         )
 
-    def settlement_mined(
-        self, tx_id: str, mined_hash: str, ok: bool, moved: Callable[[dict[str, Any]], bool]
-    ) -> tuple[dict[str, Any] | None, bool]:
-        """A settlement transaction was mined: it is concluded (once, whichever replica comes
-        first) and, if ``moved(payment)`` says it moved what its payment owed, the payment is
-        settled, in one transaction. Returns (the payment, if this call concluded it and it was
-        still settling; whether it is settled now) — one not settled is the worker's to judge."""
+    def settlements_mined(
+        self, mined: Sequence[tuple[str, str, bool]], moved: Callable[[int, dict[str, Any]], bool]
+    ) -> list[tuple[dict[str, Any] | None, bool]]:
+        """Settlement transactions were mined, each (row id, the hash mined, whether it succeeded):
+        each is concluded (once, whichever replica comes first) and, if ``moved(i, payment)`` says
+        the i-th moved what its payment owed, the payment is settled — all in one transaction (a
+        poll concludes a block's worth). Returns for each (the payment, if this call concluded it
+        and it was still settling; whether it is settled now) — one not settled is the worker's to
+        judge."""
+        out: list[tuple[dict[str, Any] | None, bool]] = []
         with self._sql() as c:
-            if not self._mined(c, tx_id, mined_hash, ok):
-                return None, False  # another replica concluded it
-            rows = c.dicts("SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'", {"tx_id": tx_id})
-            if not rows:
-                return None, False
-            payment = rows[0]
-            settled = ok and moved(payment)
-            if settled:
-                self._moved(
-                    c, payment["id"], PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=mined_hash, error=None
+            for i, (tx_id, mined_hash, ok) in enumerate(mined):
+                rows = (
+                    c.dicts("SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'", {"tx_id": tx_id})
+                    if self._mined(c, tx_id, mined_hash, ok)
+                    else None  # another replica concluded it
                 )
-        return payment, settled
+                if not rows:
+                    out.append((None, False))
+                    continue
+                payment = rows[0]
+                settled = ok and moved(i, payment)
+                if settled:
+                    self._moved(
+                        c, payment["id"], PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=mined_hash, error=None
+                    )
+                out.append((payment, settled))
+        return out
 
     def replace_transaction(self, tx_id: str, sign: SignTx) -> dict[str, Any] | None:
         """Another transaction of our sender used this one's nonce (the key was used elsewhere):
