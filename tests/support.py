@@ -467,17 +467,21 @@ def high_s_twin(signature: bytes) -> bytes:
 
 class RpcSwitch:
     """A JSON-RPC proxy to anvil that can be made to fail: ``mode`` is up | http-502 | garbage | rpc-error.
-    ``calls`` counts the JSON-RPC calls it was asked (a batch counts each of its calls)."""
+    ``calls`` counts the JSON-RPC calls it was asked (a batch counts each of its calls), ``posts``
+    the round trips; the methods in ``unknown`` are answered as a node without them answers."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.mode = "up"
         self.calls: list[str] = []
+        self.posts = 0
+        self.unknown: set[str] = set()
 
     async def handle(self, request: Request) -> Response:
         raw = await request.body()
         doc = json.loads(raw)
         self.calls += [c.get("method", "") for c in (doc if isinstance(doc, list) else [doc])]
+        self.posts += 1
         if self.mode == "http-502":
             return Response(b"<html>502 Bad Gateway</html>", status_code=502, media_type="text/html")
         if self.mode == "garbage":
@@ -490,9 +494,18 @@ class RpcSwitch:
 
             reply = [err(c) for c in doc] if isinstance(doc, list) else err(doc)
             return Response(json.dumps(reply).encode(), media_type="application/json")
-        async with httpx.AsyncClient(timeout=10) as client:
-            r = await client.post(self.target, content=raw, headers={"content-type": "application/json"})
+        if isinstance(doc, list) and any(c.get("method") in self.unknown for c in doc):
+            known = [c for c in doc if c.get("method") not in self.unknown]
+            replies = {r["id"]: r for r in (await self._forward(json.dumps(known).encode())).json()} if known else {}
+            missing = {"code": -32601, "message": "the method does not exist/is not available"}
+            reply = [replies.get(c.get("id")) or {"jsonrpc": "2.0", "id": c.get("id"), "error": missing} for c in doc]
+            return Response(json.dumps(reply).encode(), media_type="application/json")
+        r = await self._forward(raw)
         return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    async def _forward(self, raw: bytes) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await client.post(self.target, content=raw, headers={"content-type": "application/json"})
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/", self.handle, methods=["POST"])])
