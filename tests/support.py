@@ -494,12 +494,14 @@ class RpcSwitch:
 
             reply = [err(c) for c in doc] if isinstance(doc, list) else err(doc)
             return Response(json.dumps(reply).encode(), media_type="application/json")
-        if isinstance(doc, list) and any(c.get("method") in self.unknown for c in doc):
-            known = [c for c in doc if c.get("method") not in self.unknown]
+        calls = doc if isinstance(doc, list) else [doc]
+        if any(c.get("method") in self.unknown for c in calls):
+            known = [c for c in calls if c.get("method") not in self.unknown]
             replies = {r["id"]: r for r in (await self._forward(json.dumps(known).encode())).json()} if known else {}
             missing = {"code": -32601, "message": "the method does not exist/is not available"}
-            reply = [replies.get(c.get("id")) or {"jsonrpc": "2.0", "id": c.get("id"), "error": missing} for c in doc]
-            return Response(json.dumps(reply).encode(), media_type="application/json")
+            reply = [replies.get(c.get("id")) or {"jsonrpc": "2.0", "id": c.get("id"), "error": missing} for c in calls]
+            body = json.dumps(reply if isinstance(doc, list) else reply[0]).encode()
+            return Response(body, media_type="application/json")
         r = await self._forward(raw)
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 

@@ -124,6 +124,7 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
                 f"{settler} holds {gas / 10**18:g} of the gas token" + ("" if gas else ": it cannot send settlements"),
             )
         )
+    out.append(await simulation_finding(chain))
     payout = c.payout_key or (c.settler_key if settler and settler.lower() == str(c.payee).lower() else None)
     if payout:
         holder = Account.from_key(payout).address
@@ -138,6 +139,20 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
     else:
         out.append(Finding("warn", "chain.payout_key", "not set: credit withdrawals are disabled"))
     return out, chain_id
+
+
+async def simulation_finding(chain: Chain) -> Finding:
+    """Whether the RPC simulates payments that arrive together in one call (``Chain.simulate``)."""
+    try:
+        await chain.request("eth_simulateV1", [{"blockStateCalls": [{"calls": []}]}, "latest"])
+    except RpcError as exc:
+        return Finding(
+            "warn",
+            "chain.rpc_url",
+            f"no eth_simulateV1 ({exc.message[:80]}): payments that arrive together are simulated one eth_call "
+            "each, and the node replays its pending pool for each",
+        )
+    return Finding("ok", "chain.rpc_url", "simulates payments that arrive together in one eth_simulateV1")
 
 
 async def upto_contracts(chain: Chain) -> bool:

@@ -198,6 +198,7 @@ def test_doctor_passes_a_good_configuration(tmp_path, outside_chain):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ok    chain: eip155:84532" in out.stdout and "ready to serve" in out.stdout
     assert "ok    upstream default: serves 1 models" in out.stdout
+    assert "ok    chain.rpc_url: simulates payments that arrive together in one eth_simulateV1" in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from eth_account import Account
 
 from support import RpcSwitch, ServerThread
 from tollway.client.payer import sign_exact
+from tollway.doctor import simulation_finding
 from tollway.errors import ChainUnavailable
 from tollway.payments import eip3009
 from tollway.payments.chain import BALANCE_OF, Chain, RpcError
@@ -122,3 +123,14 @@ async def test_an_outage_reaches_every_payment_of_the_group_and_a_payment_gone_l
         await client.close()
     assert isinstance(answers[1], asyncio.CancelledError)
     assert [outcome(answers[0]), outcome(answers[2])] == [("ok", [300])] * 2
+
+
+async def test_the_doctor_says_when_the_rpc_cannot_simulate_payments_together(rpc):
+    client = Chain(rpc.url)
+    try:
+        assert (await simulation_finding(client)).level == "ok"
+        rpc.unknown = {"eth_simulateV1"}
+        finding = await simulation_finding(client)
+    finally:
+        await client.close()
+    assert finding.level == "warn" and "no eth_simulateV1" in finding.detail
