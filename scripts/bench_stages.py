@@ -40,6 +40,7 @@ STAGES = [
     ("tollway.pipeline", "lock", "    lock"),
     ("tollway.ledger.store", "Store.lock", "      Store.lock (1st transaction)"),
     ("tollway.pipeline", "confirm", "    confirm (chain)"),
+    ("tollway.payments.chain", "Chain.simulate", "      Chain.simulate (asked → answered, with its group)"),
     ("tollway.pipeline", "forward", "    forward"),
     ("tollway.upstream.client", "Upstream.send", "      Upstream.send"),
     ("tollway.upstream.h1", "H1Transport.handle_async_request", "        H1Transport (to the answer's head)"),
@@ -48,6 +49,7 @@ STAGES = [
     ("tollway.pipeline", "relay_stream", "    relay_stream (until the stream starts)"),
     ("tollway.ledger.store", "Store.insert_call", "      Store.insert_call (a stream's row)"),
     ("tollway.settlement", "Settler.run_once", "settlement worker pass"),
+    ("tollway.payments.chain", "Chain._post", "chain JSON-RPC exchanges (request path and worker)"),
 ]
 
 totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])

@@ -92,7 +92,7 @@ class Gateway:
         fails = doctor.required(settings)
         if fails:
             raise doctor.Unfit(fails)
-        chain = Chain(settings.chain.rpc_url)  # type: ignore[arg-type]
+        chain = Chain(settings.chain.rpc_url, simulation_gas=settings.chain.settle_gas_limit)  # type: ignore[arg-type]
         found, chain_id = await doctor.chain_findings(settings, chain)
         if chain_id is not None:
             settings = resolve_chain(settings, chain_id)

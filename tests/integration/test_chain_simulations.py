@@ -134,3 +134,20 @@ async def test_the_doctor_says_when_the_rpc_cannot_simulate_payments_together(rp
     finally:
         await client.close()
     assert finding.level == "warn" and "no eth_simulateV1" in finding.detail
+
+
+async def test_each_simulation_burns_at_most_the_gas_its_transaction_is_sent_with(chain, devnet, rpc):
+    """A settlement that needs more gas than its transaction is given fails in simulation, alone or
+    in a group — and in a group none can take the gas of the others."""
+    payers = [chain.fund(amount=500) for _ in range(2)]
+    payments = [transfer(devnet, p, 100) for p in payers]
+    starved, given = Chain(rpc.url, simulation_gas=30_000), Chain(rpc.url, simulation_gas=250_000)
+    try:
+        alone = await starved.simulate(SETTLER, *payments[0])
+        together = await asyncio.gather(*(starved.simulate(SETTLER, *p) for p in payments))
+        enough = await asyncio.gather(*(given.simulate(SETTLER, *p) for p in payments))
+    finally:
+        await starved.close()
+        await given.close()
+    assert isinstance(alone[0], RpcError) and all(isinstance(result, RpcError) for result, _ in together)
+    assert [outcome(a) for a in enough] == [("ok", [500])] * 2

@@ -75,8 +75,11 @@ HEADERS = {"content-type": "application/json", "accept": "application/json"}
 
 
 class Chain:
-    def __init__(self, rpc_url: str, timeout: float = 10.0):
+    def __init__(self, rpc_url: str, timeout: float = 10.0, *, simulation_gas: int | None = None):
+        """``simulation_gas``: what a simulated transaction may burn — the gas its transaction will be
+        sent with (so that none of a group simulated together can take the others' gas)."""
         self.url = rpc_url
+        self.simulation_gas = simulation_gas
         self._url = httpx.URL(str(rpc_url))
         self.total = timeout  # the most one exchange may take, from the connect to the reply's last byte
         self._timeouts = httpx.Timeout(timeout, connect=3.0).as_dict()
@@ -168,7 +171,10 @@ class Chain:
         of them all, in order, on one pending state. None waits for another: a simulation alone
         leaves at the next turn, as a plain ``eth_call``."""
         loop = asyncio.get_running_loop()
-        asked = Simulation({"from": sender, "to": to, "data": "0x" + data.hex()}, reads, loop.create_future())
+        tx = {"from": sender, "to": to, "data": "0x" + data.hex()}
+        if self.simulation_gas is not None:
+            tx["gas"] = hex(self.simulation_gas)
+        asked = Simulation(tx, reads, loop.create_future())
         self._simulations.append(asked)
         if len(self._simulations) == 1:
             loop.call_soon(self._send_simulations)
