@@ -20,8 +20,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .jsonbytes import dumps
-from .usage import Usage, python_recursion_limit
+from .jsonbytes import dumps, python_recursion_limit
+from .usage import Usage
 
 CACHE_HEADER = "x-tollway-cache"
 MAX_PREFIXES = 200_000  # prompt prefixes remembered (each with the upstreams it went to), least recent dropped

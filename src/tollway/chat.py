@@ -28,13 +28,12 @@ from typing import Any
 from .cache import Prefixes, prefixes_of
 from .config import Settings
 from .errors import BadRequest, NotFound
-from .jsonbytes import dumps
+from .jsonbytes import dumps, python_recursion_limit
 from .payments.base import Quote
 from .pricing import CAP_FIELDS, MAX_AMOUNT, Prices, asked_cap, prompt_token_bound
 from .quotes import request_digest
 from .routing import NONE as NO_PREFERENCES
 from .routing import Preferences, over_max_price, preferences, split_variant, unsupported, upstream_max_price
-from .usage import python_recursion_limit
 
 IMAGE_PARTS = ("image_url", "input_image", "image")
 PRICED_PARTS = ("text", "input_text", "refusal", *IMAGE_PARTS)

@@ -1,17 +1,26 @@
-"""JSON out, fast: the compact UTF-8 bytes the gateway hashes (a request's digest, its prompt's
-prefixes), bounds (the prompt's byte bound) and forwards (the body an upstream gets, an answer
-with its charge). A request carries its whole conversation, often tens or hundreds of KB, and is
-encoded several times on its way: the standard library's encoder took ~0.2 ms per 40 KB each
-time, orjson a tenth of that (``scripts/bench_parse.py``).
+"""JSON in and out, fast.
 
-The standard library still encodes what orjson refuses — integers beyond 64 bits, nesting deeper
-than 254 — and raises ``ValueError`` for what JSON cannot carry in UTF-8 (a lone surrogate).
-Documents that reach here were parsed by ``chat.parse_json``, which refuses NaN and infinities.
+Out: the compact UTF-8 bytes the gateway hashes (a request's digest, its prompt's prefixes),
+bounds (the prompt's byte bound) and forwards (the body an upstream gets, an answer with its
+charge). A request carries its whole conversation, often tens or hundreds of KB, and is encoded
+several times on its way: the standard library's encoder took ~0.2 ms per 40 KB each time, orjson
+a tenth of that (``scripts/bench_parse.py``). The standard library still encodes what orjson
+refuses — integers beyond 64 bits, nesting deeper than 254 — and raises ``ValueError`` for what
+JSON cannot carry in UTF-8 (a lone surrogate). Documents that reach here were parsed by
+``chat.parse_json``, which refuses NaN and infinities.
+
+In: what needs no checks of its own beyond ``json.loads``'s (an upstream's answer, a payment
+header), read as ``json.loads`` reads it. (A request's body is read by ``chat.parse_json``, which
+refuses duplicate keys as it goes.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -24,3 +33,33 @@ def dumps(doc: Any, *, sort_keys: bool = False) -> bytes:
     except orjson.JSONEncodeError:
         text = json.dumps(doc, sort_keys=sort_keys, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         return text.encode()  # (a lone surrogate: UnicodeEncodeError, a ValueError)
+
+
+BIG_INTEGER = re.compile(rb"\d{20}")  # (orjson reads an integer beyond 64 bits as a float)
+
+
+def loads(data: bytes) -> Any:
+    """Untrusted JSON in, as ``json.loads`` reads it (raising ``ValueError`` or ``RecursionError``),
+    in a fifth of the time: orjson, and the standard library — under Python's default recursion
+    limit — for what orjson refuses (NaN, lone surrogates, deep nesting) or reads otherwise
+    (integers beyond 64 bits)."""
+    if not BIG_INTEGER.search(data):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    with python_recursion_limit():
+        return json.loads(data)
+
+
+@contextlib.contextmanager
+def python_recursion_limit(limit: int = 1000) -> Iterator[None]:
+    """Parse untrusted JSON under Python's default recursion limit. The eth libraries raise it
+    to 100,000 at import, past what the C stack holds: deeply nested JSON would crash the process
+    instead of raising RecursionError. (The event loop runs one parse at a time.)"""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(min(old, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)

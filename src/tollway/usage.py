@@ -16,29 +16,14 @@ Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_to
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
 
-from .jsonbytes import dumps
-
-
-@contextlib.contextmanager
-def python_recursion_limit(limit: int = 1000) -> Iterator[None]:
-    """Parse untrusted JSON under Python's default recursion limit. The eth libraries raise it
-    to 100,000 at import, past what the C stack holds: deeply nested JSON would crash the process
-    instead of raising RecursionError. (The event loop runs one parse at a time.)"""
-    old = sys.getrecursionlimit()
-    sys.setrecursionlimit(min(old, limit))
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(old)
+from .jsonbytes import dumps, loads, python_recursion_limit
 
 
 @dataclass(frozen=True)
@@ -106,8 +91,7 @@ def answer_doc(body: bytes) -> dict[str, Any] | None:
     """A non-streamed answer's JSON object (None if it is not sane JSON, or not an object): parsed
     once, for its usage and for the charge written into it."""
     try:
-        with python_recursion_limit():
-            doc = json.loads(body)
+        doc = loads(body)
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import PaymentInvalid, PaymentMalformed
+from ..jsonbytes import loads
 from .base import Offer, Proof
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
@@ -53,8 +54,8 @@ def unb64json(value: str) -> Any:
     raw += b"=" * (-len(raw) % 4)
     try:
         decoded = base64.b64decode(raw.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
-        return json.loads(decoded)
-    except (binascii.Error, ValueError) as exc:
+        return loads(decoded)
+    except (binascii.Error, ValueError, RecursionError) as exc:
         raise PaymentMalformed("payment header is not base64-encoded JSON") from exc
 
 

@@ -25,7 +25,8 @@ from ..client.payer import PaymentRefused
 from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamUnavailable, truncate
-from ..usage import Usage, parse_usage, python_recursion_limit, stream_error
+from ..jsonbytes import python_recursion_limit
+from ..usage import Usage, parse_usage, stream_error
 from .h1 import h1_transport
 
 log = logging.getLogger("tollway.upstream")

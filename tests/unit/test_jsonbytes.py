@@ -1,0 +1,51 @@
+"""``jsonbytes.loads`` reads untrusted JSON exactly as ``json.loads`` does — orjson where it can, the
+standard library (under Python's default recursion limit) for what orjson refuses — and
+``dumps`` writes the compact UTF-8 the gateway hashes and forwards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tollway.jsonbytes import dumps, loads
+
+SAME = [
+    b'{"id":"chatcmpl-1","usage":{"prompt_tokens":12,"completion_tokens":3},"choices":[]}',
+    b'{"a":1,"a":2}',  # (a duplicate key: the last wins in both)
+    b"[1.5e300, -0.0, 1e-320, 123456789012345678901234567890]",  # (an integer beyond 64 bits)
+    b'"\\ud800 lone surrogate"',
+    b'{"t": NaN, "u": Infinity}',
+    '{"naïve": "日本"}'.encode(),
+    b"  [] ",
+]
+
+
+@pytest.mark.parametrize("raw", SAME)
+def test_loads_reads_what_json_loads_reads(raw):
+    ours, theirs = loads(raw), json.loads(raw)
+    if isinstance(theirs, dict) and isinstance(theirs.get("t"), float):
+        assert math.isnan(ours["t"]) and ours["u"] == theirs["u"]
+    else:
+        assert ours == theirs and repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b'{"a":}', b"[1,]", b"\xff\xfe", b"nul"])
+def test_loads_refuses_what_json_loads_refuses(raw):
+    with pytest.raises(ValueError):
+        json.loads(raw)
+    with pytest.raises(ValueError):
+        loads(raw)
+
+
+def test_deep_nesting_is_a_recursion_error_not_a_crash():
+    with pytest.raises(RecursionError):
+        loads(b"[" * 50_000 + b"]" * 50_000)
+    assert loads(b"[" * 500 + b"]" * 500) == json.loads(b"[" * 500 + b"]" * 500)
+
+
+def test_dumps_is_compact_utf8():
+    assert dumps({"b": [1, 2.5], "a": "é"}) == '{"b":[1,2.5],"a":"é"}'.encode()
+    assert dumps({"b": 1, "a": 2}, sort_keys=True) == b'{"a":2,"b":1}'
+    assert dumps([2**70]) == b"[1180591620717411303424]"  # (beyond orjson: the standard library)
