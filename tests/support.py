@@ -476,6 +476,8 @@ class RpcSwitch:
         self.calls: list[str] = []
         self.posts = 0
         self.unknown: set[str] = set()
+        self.simulate_reply: Callable[[Any], Any] | None = None  # rewrites eth_simulateV1's result
+        self.simulate_status: int | None = None  # the HTTP status a batch asking eth_simulateV1 gets
 
     async def handle(self, request: Request) -> Response:
         raw = await request.body()
@@ -502,7 +504,16 @@ class RpcSwitch:
             reply = [replies.get(c.get("id")) or {"jsonrpc": "2.0", "id": c.get("id"), "error": missing} for c in calls]
             body = json.dumps(reply if isinstance(doc, list) else reply[0]).encode()
             return Response(body, media_type="application/json")
+        simulating = [c.get("id") for c in calls if c.get("method") == "eth_simulateV1"]
+        if simulating and self.simulate_status is not None:
+            return Response(b'{"error":"refused"}', status_code=self.simulate_status, media_type="application/json")
         r = await self._forward(raw)
+        if simulating and self.simulate_reply is not None:
+            replies = r.json()
+            for reply in replies if isinstance(replies, list) else [replies]:
+                if reply.get("id") in simulating and "result" in reply:
+                    reply["result"] = self.simulate_reply(reply["result"])
+            return Response(json.dumps(replies).encode(), media_type="application/json")
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     async def _forward(self, raw: bytes) -> httpx.Response:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from starlette.applications import Starlette
@@ -97,7 +97,7 @@ def is_admin(request: Request, gw: Gateway) -> bool:
 
 async def prometheus(request: Request) -> Response:
     """The operator's metrics (Prometheus text format), with the admin token. The ledger's figures
-    are read in a worker thread (with its own ledger connection), not on the event loop that
+    are read in the gateway's reports thread (``Gateway.report``), not on the event loop that
     serves calls: payments by state counts every payment (~70 ms at a million, on SQLite), and
     each scrape would hold every call in flight that long."""
     gw = gateway(request)
@@ -105,7 +105,7 @@ async def prometheus(request: Request) -> Response:
         raise NotFound("metrics are served to the operator only: set admin_token", code="not_found")
     if not is_admin(request, gw):
         raise Unauthorized("send the admin token: Authorization: Bearer <admin_token>", code="unauthorized")
-    return Response(await asyncio.to_thread(metrics.exposition, gw), media_type=metrics.CONTENT_TYPE)
+    return Response(await gw.report(partial(metrics.exposition, gw)), media_type=metrics.CONTENT_TYPE)
 
 
 async def openapi(request: Request) -> Response:
@@ -181,7 +181,7 @@ async def healthz(request: Request) -> Response:
     if is_admin(request, gw):
         doc.update(
             networks=sorted({s.network for s in gw.schemes}),
-            payments=await asyncio.to_thread(gw.store.count_by_state),
+            payments=await gw.report(gw.store.count_by_state),
             settlement_error=gw.settler.last_error,
             chain_probe_failures=gw.chain_failures,
             upstreams=gw.router.health(),

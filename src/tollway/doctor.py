@@ -19,6 +19,7 @@ from eth_account import Account
 
 from .config import DEVNET_CHAIN_ID, Settings, resolve_chain, upstream_list
 from .devnet.anvil import DEV_KEYS
+from .errors import ChainUnavailable
 from .payments import eip3009
 from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
 from .payments.channel import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
@@ -144,12 +145,12 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
 async def simulation_finding(chain: Chain) -> Finding:
     """Whether the RPC simulates payments that arrive together in one call (``Chain.simulate``)."""
     try:
-        await chain.request("eth_simulateV1", [{"blockStateCalls": [{"calls": []}]}, "latest"])
-    except RpcError as exc:
+        await chain.request("eth_simulateV1", [{"blockStateCalls": [{"calls": []}]}, "pending"])
+    except ChainUnavailable as exc:  # (a JSON-RPC error, or an HTTP one: some providers refuse methods so)
         return Finding(
             "warn",
             "chain.rpc_url",
-            f"no eth_simulateV1 ({exc.message[:80]}): payments that arrive together are simulated one eth_call "
+            f"no eth_simulateV1 ({str(exc)[:80]}): payments that arrive together are simulated one eth_call "
             "each, and the node replays its pending pool for each",
         )
     return Finding("ok", "chain.rpc_url", "simulates payments that arrive together in one eth_simulateV1")

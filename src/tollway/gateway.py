@@ -9,10 +9,11 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from starlette.requests import Request
@@ -50,6 +51,9 @@ ABANDONED_AFTER_SECONDS = 5  # past max_call_seconds, a stream still open has lo
 MAX_REMEMBERED_BASES = 64  # (a Host header is the client's to choose: the memory of them stays small)
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class Gateway:
     settings: Settings  # with the chain's id and by-chain defaults resolved
@@ -73,6 +77,9 @@ class Gateway:
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the chain probe, housekeeping
+    # Ledger scans that must not hold up the event loop (the operator's counts, live stats): one
+    # thread, so one more ledger connection however many CPUs the host has.
+    _reports: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tollway-reports"))
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
     byok_prices: dict[str, Prices] = field(default_factory=dict)  # at byok_fee of the list prices
     # model → upstream → what the upstream's calls of the model are billed at, where it prices it itself
@@ -179,7 +186,7 @@ class Gateway:
         gw._tasks = [
             loop.create_task(gw._probe_chain()),
             loop.create_task(gw._housekeeping()),
-            loop.create_task(gw.router.stats.run(store, settings.stats_refresh_seconds)),
+            loop.create_task(gw.router.stats.run(gw.report, store, settings.stats_refresh_seconds)),
             loop.create_task(gw.router.probe(settings.probe_seconds)),
         ]
         if gw.catalogues is not None:
@@ -361,6 +368,10 @@ class Gateway:
             self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
             self.store.forget_free_calls(free_tier.today() - 1)
 
+    async def report(self, read: Callable[[], T]) -> T:
+        """``read()`` — a scan of the ledger — in the reports thread (``_reports``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._reports, read)
+
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` after the response (e.g. metering a stream once its usage is known)."""
         task = asyncio.get_running_loop().create_task(work)
@@ -373,6 +384,7 @@ class Gateway:
         if self._background:  # let work after responses finish, briefly
             await asyncio.wait(self._background, timeout=15)
         await self.settler.stop()
+        self._reports.shutdown(cancel_futures=True)
         for client in self._clients:
             await client.aclose()
         await self.chain.close()

@@ -48,6 +48,7 @@ log = logging.getLogger("tollway.settlement")
 PASS_INTERVAL = 0.05  # seconds between worker passes while transactions are pending
 RECEIPT_POLL = 0.25  # seconds between receipt polls while transactions are pending
 IDLE_POLL = 2.0  # seconds between passes when nothing is pending (a wake-up comes sooner)
+STRANDED_EVERY = 30.0  # seconds between looks for settlements mined but never judged (see ``_judge_stranded``)
 REBROADCAST_AFTER = 15.0  # seconds without a receipt before sending the raw transaction again
 BUMP_AFTER = 10.0  # seconds a transaction may wait at its fees before they are raised
 BUMP = Decimal("1.25")  # each bump: +25% (nodes replace a pending transaction at +10%)
@@ -92,6 +93,7 @@ class Settler:
         self._task: asyncio.Task[None] | None = None
         self._polled = 0.0  # when receipts were last polled (monotonic)
         self._polled_head: int | None = None  # the chain's head block then
+        self._swept = float("-inf")  # when stranded settlements were last looked for (monotonic)
         self._busy = False  # transactions were open at the last poll
         self._watchers: dict[str, Callable[[str], None]] = {}
         self.last_error: str | None = None
@@ -225,6 +227,9 @@ class Settler:
         sent = self.store.open_transactions(TxState.SENT)
         await self._poll(sent)
         await self._check_watched()
+        if time.monotonic() - self._swept > STRANDED_EVERY:
+            self._swept = time.monotonic()
+            await self._judge_stranded()
         self._busy = bool(sent or queued)
         return self._busy
 
@@ -289,8 +294,8 @@ class Settler:
             return
         head = await self.chain.head()
         receipts = await self._receipts(rows) if head != self._polled_head else [None] * len(rows)
-        self._polled_head = head
         await self._conclude([(row, *mined) for row, mined in zip(rows, receipts, strict=True) if mined is not None])
+        self._polled_head = head  # (only once concluded: a failed conclusion asks again at the next poll)
         now = time.time()
         waiting = [row for row, mined in zip(rows, receipts, strict=True) if mined is None]
         await self._bump([r for r in waiting if now - r["fee_at"] > self.bump_after])
@@ -351,8 +356,14 @@ class Settler:
                 await self._failed_settlement(payment, tx_hash, ok)
 
     async def _failed_settlement(self, payment: dict[str, Any], tx_hash: str, ok: bool) -> None:
-        """A settlement was mined without paying: paid by someone else's transaction first, or failed."""
-        paid_by = await self.settled_elsewhere(payment) if self.settled_elsewhere else None
+        """A settlement was mined without paying: paid by someone else's transaction first, or
+        failed. If the chain cannot tell now, the payment stays settling until ``_judge_stranded``
+        asks again."""
+        try:
+            paid_by = await self.settled_elsewhere(payment) if self.settled_elsewhere else None
+        except ChainUnavailable as exc:
+            log.warning("settlement %s of %s: cannot tell yet whether it was paid: %s", tx_hash, payment["id"], exc)
+            return
         if paid_by is not None:
             log.warning("settlement of %s reverted, but %s paid it first: settled", payment["id"], paid_by)
             self.store.mark_settled(payment["id"], paid_by)
@@ -361,6 +372,12 @@ class Settler:
         if self.store.mark_failed(payment["id"], reason):
             log.error("settlement %s of payment %s failed: %s", tx_hash, payment["id"], reason)
             self._fire(payment["id"], reason)
+
+    async def _judge_stranded(self) -> None:
+        """Settlements whose transaction was concluded but whose payment was never judged (the chain
+        failed while it was, or the process died between the two) are judged now."""
+        for payment in self.store.stranded_settlements():
+            await self._failed_settlement(payment, payment["mined_hash"], payment["tx_state"] == TxState.MINED)
 
     def _fire(self, payment_id: str, reason: str) -> None:
         callback = self._watchers.pop(payment_id, None)

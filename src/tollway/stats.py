@@ -21,8 +21,9 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .upstream.attempts import decode_attempts
@@ -218,13 +219,13 @@ class LiveStats:
         self.publish()
         return len(rows)
 
-    async def run(self, store: Any, every: float) -> None:
-        """Refresh every ``every`` seconds, in a thread of its own (with its own connection): a
-        pass reads up to ``BATCH`` rows, which must not hold up the event loop. Routing reads
-        ``figures``, which a pass replaces whole."""
+    async def run(self, in_thread: Callable[[Callable[[], int]], Awaitable[int]], store: Any, every: float) -> None:
+        """Refresh every ``every`` seconds, ``in_thread`` (another thread, with its own ledger
+        connection): a pass reads up to ``BATCH`` rows, which must not hold up the event loop.
+        Routing reads ``figures``, which a pass replaces whole."""
         while True:
             try:
-                await asyncio.to_thread(self.refresh, store)
+                await in_thread(partial(self.refresh, store))
             except Exception:  # (a failed pass is retried; the figures only age meanwhile)
                 log.exception("live stats: reading the ledger failed")
             await asyncio.sleep(every)

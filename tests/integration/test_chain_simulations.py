@@ -18,7 +18,7 @@ from tollway.client.payer import sign_exact
 from tollway.doctor import simulation_finding
 from tollway.errors import ChainUnavailable
 from tollway.payments import eip3009
-from tollway.payments.chain import BALANCE_OF, Chain, RpcError
+from tollway.payments.chain import BALANCE_OF, MAX_GROUP, Chain, RpcError
 from tollway.payments.exact import decode_authorization
 
 
@@ -130,15 +130,119 @@ async def test_the_doctor_says_when_the_rpc_cannot_simulate_payments_together(rp
     try:
         assert (await simulation_finding(client)).level == "ok"
         rpc.unknown = {"eth_simulateV1"}
-        finding = await simulation_finding(client)
+        unknown = await simulation_finding(client)
+        rpc.unknown, rpc.simulate_status = set(), 403  # (a provider refusing it at the HTTP level)
+        refused = await simulation_finding(client)
     finally:
         await client.close()
-    assert finding.level == "warn" and "no eth_simulateV1" in finding.detail
+    for finding in (unknown, refused):
+        assert finding.level == "warn" and "no eth_simulateV1" in finding.detail
 
 
-async def test_each_simulation_burns_at_most_the_gas_its_transaction_is_sent_with(chain, devnet, rpc):
-    """A settlement that needs more gas than its transaction is given fails in simulation, alone or
-    in a group — and in a group none can take the gas of the others."""
+def geth_shaped(result: Any) -> Any:
+    """An eth_simulateV1 result as geth and reth give it: a failed call's revert data in
+    ``error.data`` with code 3, its ``returnData`` empty (anvil 1.7 gives it in ``returnData``)."""
+    for block in result:
+        for call in block["calls"]:
+            if call["status"] == "0x0":
+                call["error"] = {"code": 3, "message": "execution reverted", "data": call["returnData"]}
+                call["returnData"] = "0x"
+    return result
+
+
+@pytest.mark.parametrize("shape", ["anvil", "geth"])
+async def test_a_refusal_reads_the_same_alone_and_in_a_group(chain, devnet, rpc, shape):
+    """What a payment is refused for (its revert reason: exact maps it to insufficient_funds,
+    nonce used, …) is the same whether it was simulated alone or with others, as anvil answers
+    eth_simulateV1 and as geth and reth do."""
+    rpc.simulate_reply = geth_shaped if shape == "geth" else None
+    payer, broke = chain.fund(amount=1_000), Account.create()
+    spent = transfer(devnet, payer, 100)
+    payments = [transfer(devnet, broke, 100), spent, spent]  # (the same authorization twice: used, then)
+    client = Chain(rpc.url)
+    try:
+        together = await asyncio.gather(*(client.simulate(SETTLER, *p) for p in payments))
+    finally:
+        await client.close()
+    assert rpc.calls.count("eth_simulateV1") == 1
+    assert [outcome(a)[0] for a in together] == [
+        "reverted: ERC20: transfer amount exceeds balance",
+        "ok",
+        "reverted: FiatTokenV2: authorization is used or canceled",
+    ]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        {"simulate_reply": lambda result: [{"calls": result[0]["calls"][:1]}]},  # (one answer short)
+        {"simulate_reply": lambda result: {"calls": "nonsense"}},
+        {"simulate_status": 400},  # (a provider refusing the method at the HTTP level)
+    ],
+)
+async def test_a_failed_eth_simulate_v1_falls_back_to_one_eth_call_each(chain, devnet, rpc, refusal):
+    for name, value in refusal.items():
+        setattr(rpc, name, value)
+    payers = [chain.fund(amount=400) for _ in range(3)]
+    payments = [transfer(devnet, p, 100) for p in payers]
+    client = Chain(rpc.url)
+    try:
+        for _ in range(3):  # (after three failures in a row, eth_simulateV1 is not asked again)
+            assert client.simulate_v1
+            answers = await asyncio.gather(*(client.simulate(SETTLER, *p) for p in payments))
+            assert [outcome(a) for a in answers] == [("ok", [400])] * 3
+        asked = rpc.calls.count("eth_simulateV1")
+        await asyncio.gather(*(client.simulate(SETTLER, *p) for p in payments))
+    finally:
+        await client.close()
+    assert asked == 3 and rpc.calls.count("eth_simulateV1") == 3 and not client.simulate_v1
+
+
+async def test_a_read_that_fails_fails_its_own_payment_only(chain, devnet, rpc):
+    payers = [chain.fund(amount=200) for _ in range(2)]
+    (to, data, _), other = (transfer(devnet, p, 100) for p in payers)
+    broken = [(devnet.token, bytes.fromhex("deadbeef"))]  # (no such function: the read reverts)
+    client = Chain(rpc.url)
+    try:
+        answers = await asyncio.gather(
+            client.simulate(SETTLER, to, data, broken), client.simulate(SETTLER, *other), return_exceptions=True
+        )
+    finally:
+        await client.close()
+    assert isinstance(answers[0], RpcError) and outcome(answers[1]) == ("ok", [200])
+
+
+async def test_a_large_group_is_simulated_in_parts(chain, devnet, rpc):
+    """At most MAX_GROUP in one eth_simulateV1: their gas stays under nodes' RPC gas cap and a batch
+    under their size limits."""
+    payer = chain.fund(amount=10**6)
+    payments = [transfer(devnet, payer, 1) for _ in range(MAX_GROUP + 6)]
+    client = Chain(rpc.url)
+    try:
+        answers = await asyncio.gather(*(client.simulate(SETTLER, *p) for p in payments))
+    finally:
+        await client.close()
+    assert rpc.calls.count("eth_simulateV1") == 2 and rpc.posts == 2
+    assert all(outcome(a)[0] == "ok" for a in answers)
+
+
+async def test_closing_the_client_answers_the_simulations_it_was_asked(chain, devnet, rpc):
+    payers = [chain.fund(amount=200) for _ in range(2)]
+    client = Chain(rpc.url)
+    asked = [asyncio.create_task(client.simulate(SETTLER, *transfer(devnet, p, 100))) for p in payers]
+    await asyncio.sleep(0)  # (asked: not sent yet)
+    await client.close()
+    answers = await asyncio.gather(*asked, return_exceptions=True)
+    assert all(isinstance(a, ChainUnavailable) for a in answers), answers
+    assert rpc.posts == 0
+
+
+@pytest.mark.parametrize("shape", ["anvil", "geth"])
+async def test_a_simulation_short_of_gas_is_the_nodes_failure_not_the_payments(chain, devnet, rpc, shape):
+    """Each simulation runs with the gas its transaction will be sent with; one that runs out of it
+    is an RPC failure (a 503, the authorization kept for a retry), alone or in a group — not a
+    revert, which would refuse the payment for good."""
+    rpc.simulate_reply = geth_out_of_gas if shape == "geth" else None
     payers = [chain.fund(amount=500) for _ in range(2)]
     payments = [transfer(devnet, p, 100) for p in payers]
     starved, given = Chain(rpc.url, simulation_gas=30_000), Chain(rpc.url, simulation_gas=250_000)
@@ -149,5 +253,15 @@ async def test_each_simulation_burns_at_most_the_gas_its_transaction_is_sent_wit
     finally:
         await starved.close()
         await given.close()
-    assert isinstance(alone[0], RpcError) and all(isinstance(result, RpcError) for result, _ in together)
+    assert rpc.calls.count("eth_simulateV1") == 2
+    for result, _ in [alone, *together]:
+        assert isinstance(result, RpcError) and result.revert_reason is None, result
     assert [outcome(a) for a in enough] == [("ok", [500])] * 2
+
+
+def geth_out_of_gas(result: Any) -> Any:
+    for block in result:
+        for call in block["calls"]:
+            if call["status"] == "0x0":
+                call["error"] = {"code": -32015, "message": "out of gas"}
+    return result

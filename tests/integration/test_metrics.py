@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,9 +55,10 @@ def test_metrics_count_calls_refusals_and_upstream_time_and_read_the_ledger(gate
 def test_the_operators_ledger_counts_hold_no_call(gateway, monkeypatch, path):
     """Payments by state counts every payment in the ledger (~70 ms at a million, on SQLite): the
     operator's reads run in a worker thread, and the calls in flight meanwhile are answered."""
-    counting = Store.count_by_state
+    counting, started_counting = Store.count_by_state, threading.Event()
 
     def slow(self):
+        started_counting.set()
         time.sleep(1.5)  # (a ledger of many millions of payments)
         return counting(self)
 
@@ -64,7 +66,7 @@ def test_the_operators_ledger_counts_hold_no_call(gateway, monkeypatch, path):
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(httpx.get, f"{gateway.url}{path}", headers=admin, timeout=10)
-        time.sleep(0.3)  # (it is counting)
+        assert started_counting.wait(10)
         started = time.monotonic()
         assert httpx.post(f"{gateway.url}{CHAT}", json=chat_body("while counting"), timeout=10).status_code == 402
         answered = time.monotonic() - started

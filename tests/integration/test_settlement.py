@@ -18,7 +18,9 @@ from eth_account import Account
 
 from support import RpcSwitch, ServerThread, manual_mining, send_raw
 from tollway.client.payer import sign_exact
+from tollway.errors import ChainUnavailable
 from tollway.ledger import PaymentState, Store
+from tollway.ledger.models import TxState
 from tollway.ledger.store import credit_account
 from tollway.payments import eip3009
 from tollway.payments.chain import Chain
@@ -309,6 +311,7 @@ async def test_a_blocks_settlements_are_concluded_in_one_ledger_transaction(tmp_
             first = store.payment(payments[0][0])  # another replica concludes the first
             [(concluded, settled)] = store.settlements_mined([(first["tx_id"], hashes[0], True)], lambda i, p: True)
             assert concluded["id"] == first["id"] and settled
+            first = store.payment(first["id"])
             transactions = 0
             real_sql = store._sql
 
@@ -323,6 +326,40 @@ async def test_a_blocks_settlements_are_concluded_in_one_ledger_transaction(tmp_
             store._sql = real_sql
     states = [store.payment(pid)["state"] for pid, _, _ in payments]
     assert states == [PaymentState.SETTLED] * 4 + [PaymentState.FAILED]
+    assert store.payment(first["id"]) == first  # (left as the other replica concluded it)
     assert [chain.receipt(h)["status"] for h in hashes] == [1, 1, 1, 1, 0]
     # the outbox read for queued and for sent rows, the conclusions, the reverted one's failure
     assert transactions == 4, transactions
+
+
+async def test_a_settlement_the_chain_could_not_judge_is_judged_later(tmp_path, chain, devnet, settler_key):
+    """Two settlements of one block revert; while the first is judged (was it paid by someone
+    else's transaction?) the chain fails. Neither stays settling for good: the worker looks again
+    for settlements mined but not judged, and both fail, their deposits reversed."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    outages = [ChainUnavailable("chain RPC unreachable: ConnectError")]
+    judged: list[str] = []
+
+    async def settled_elsewhere(payment: dict[str, Any]) -> str | None:
+        judged.append(payment["id"])
+        if outages:
+            raise outages.pop()
+        return None
+
+    broke = [Account.create() for _ in range(2)]  # sign for money they do not have
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet, settled_elsewhere=settled_elsewhere) as settler:
+        payments = [payment_for(store, devnet, b, 300) for b in broke]
+        with manual_mining(chain):
+            for pid, data, _ in payments:
+                settler.sign(pid, devnet.token, data)
+            await settler.run_once()  # broadcast
+            chain.mine(1)
+        settler._polled = 0.0
+        await settler.run_once()  # concluded: both reverted; the first's judgment fails, the second's goes on
+        states = {pid: store.payment(pid)["state"] for pid, _, _ in payments}
+        assert sorted(states.values()) == [PaymentState.FAILED, PaymentState.SETTLING], states
+        assert store.open_transactions(TxState.SENT) == []  # (no receipt will bring it back)
+        settler._polled, settler._swept = 0.0, float("-inf")  # (a look for stranded ones is due)
+        await settler.run_once()
+    assert [store.payment(pid)["state"] for pid, _, _ in payments] == [PaymentState.FAILED] * 2
+    assert len(judged) == 3

@@ -563,6 +563,17 @@ class Store:
                 out.append((payment, settled))
         return out
 
+    def stranded_settlements(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Payments still settling whose transaction is concluded (mined or reverted): a mined
+        settlement that paid would have settled them with its conclusion, so their judgment — paid
+        elsewhere, or failed — was cut short. Each with its transaction's ``tx_state`` and ``mined_hash``."""
+        with self._sql() as c:
+            return c.dicts(
+                "SELECT p.*, t.state AS tx_state, t.mined_hash FROM payments p JOIN transactions t ON t.id = p.tx_id"
+                " WHERE p.state = 'settling' AND t.state IN ('mined', 'reverted') LIMIT :limit",
+                {"limit": limit},
+            )
+
     def replace_transaction(self, tx_id: str, sign: SignTx) -> dict[str, Any] | None:
         """Another transaction of our sender used this one's nonce (the key was used elsewhere):
         queue the same call again with a new nonce, and point what it settles or pays at it."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,9 @@ BALANCE_OF = keccak(b"balanceOf(address)")[:4]
 AUTHORIZATION_STATE = keccak(b"authorizationState(address,bytes32)")[:4]
 DOMAIN_SEPARATOR = keccak(b"DOMAIN_SEPARATOR()")[:4]
 TRANSFER_TOPIC = "0x" + keccak(b"Transfer(address,address,uint256)").hex()
-UNKNOWN_METHOD = re.compile(r"not (found|supported|available)|does not exist|unsupported", re.IGNORECASE)
+MAX_GROUP = 64  # simulations in one eth_simulateV1: their gas under nodes' 50M RPC gas cap, a batch under size limits
+SIMULATE_V1_TRIES = 3  # eth_simulateV1 failures in a row (the calls then answering one by one) before it is dropped
+ANVIL_FAILED = -3200  # anvil 1.7's code for a failed simulated call: a revert if it left revert data (else out of gas)
 ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string), what require(..., "reason") reverts with
 
 
@@ -55,6 +56,21 @@ class RpcError(ChainUnavailable):
         if "revert" in self.message.lower():
             return self.message.split(":", 1)[-1].strip()
         return None
+
+
+def _simulated_call(c: dict[str, Any]) -> Any:
+    """One call of an ``eth_simulateV1`` answer as ``eth_call`` answers it: its return data, or an
+    ``RpcError`` — a revert (code 3, with its revert data, which geth and reth give in
+    ``error.data``, anvil 1.7 in ``returnData``), or another failure (out of gas, -32015: the node's,
+    not the payment's refusal — a 503, as ``eth_call`` running out of gas is)."""
+    if int(str(c["status"]), 16) == 1:
+        return str(c["returnData"])
+    err = c.get("error") if isinstance(c.get("error"), dict) else {}
+    data = err.get("data") or c.get("returnData")
+    code = int(err.get("code", 3))
+    if code == 3 or (code == ANVIL_FAILED and data not in (None, "0x")):
+        return RpcError(3, "execution reverted", data)
+    return RpcError(code, str(err.get("message", ""))[:500])
 
 
 def _addr_word(addr: str) -> str:
@@ -88,8 +104,14 @@ class Chain:
         self._simulations: list[Simulation] = []  # asked in this turn of the event loop
         self._sending: set[asyncio.Task[None]] = set()
         self.simulate_v1 = True  # the node has eth_simulateV1 (until it says otherwise)
+        self._v1_failures = 0
 
     async def close(self) -> None:
+        for s in self._simulations:
+            s.answer.set_exception(ChainUnavailable("the chain client closed"))
+        self._simulations = []
+        for task in list(self._sending):
+            task.cancel()
         await self._transport.aclose()
 
     async def _post(self, payload: Any) -> Any:
@@ -165,11 +187,12 @@ class Chain:
         our own settlements, broadcast or not; at ``pending`` those in the mempool would count
         twice (and refuse payers who can pay).
 
-        A node replays its pending pool for every read of the pending state (anvil: ~15 µs a
+        A node replays its pending pool for every read of the pending state (anvil: 15–130 µs a
         pooled transaction, each time), so the simulations asked in one turn of the event loop —
-        concurrent payments, under load — go together: one round trip, and one ``eth_simulateV1``
-        of them all, in order, on one pending state. None waits for another: a simulation alone
-        leaves at the next turn, as a plain ``eth_call``."""
+        concurrent payments, under load — go together (up to ``MAX_GROUP``): one round trip, and
+        one ``eth_simulateV1`` of them all, in order, on one pending state (a later payment of the
+        same payer sees the earlier one spent). None waits for another: a simulation alone leaves
+        at the next turn, as a plain ``eth_call``."""
         loop = asyncio.get_running_loop()
         tx = {"from": sender, "to": to, "data": "0x" + data.hex()}
         if self.simulation_gas is not None:
@@ -182,53 +205,70 @@ class Chain:
 
     def _send_simulations(self) -> None:
         group, self._simulations = self._simulations, []
-        task = asyncio.get_running_loop().create_task(self._simulate_together(group))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(group), MAX_GROUP):
+            task = loop.create_task(self._simulate_together(group[i : i + MAX_GROUP]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _simulate_together(self, group: list[Simulation]) -> None:
+        """Answer each simulation of ``group``: its result, or the error of its reads — and every
+        one of them, whatever happens (an outage, a malformed reply, this task cancelled)."""
         try:
-            reads = [("eth_call", [{"to": t, "data": "0x" + d.hex()}, "latest"]) for s in group for t, d in s.reads]
-            results: list[Any] | None = None
-            if len(group) > 1 and self.simulate_v1:
-                block = {"blockStateCalls": [{"calls": [s.tx for s in group]}]}
-                answers = await self.batch([("eth_simulateV1", [block, "pending"]), *reads], errors=True)
-                results = self._simulated(answers[0], len(group))
-                reads_results = answers[1:]
-            if results is None:  # alone, or the node cannot simulate several at once
-                answers = await self.batch([*(("eth_call", [s.tx, "pending"]) for s in group), *reads], errors=True)
-                results, reads_results = answers[: len(group)], answers[len(group) :]
-        except Exception as exc:
+            results, reads = await self._simulated_together(group)
+            at = 0
+            for s, result in zip(group, results, strict=True):
+                mine, at = reads[at : at + len(s.reads)], at + len(s.reads)
+                failed = next((r for r in mine if isinstance(r, RpcError)), None)
+                if s.answer.done():  # (its request went away)
+                    continue
+                if failed is not None:
+                    s.answer.set_exception(failed)
+                else:
+                    s.answer.set_result((result, mine))
+        except BaseException as exc:
             for s in group:
                 if not s.answer.done():
-                    s.answer.set_exception(exc)
-            return
-        at = 0
-        for s, result in zip(group, results, strict=True):
-            mine, at = reads_results[at : at + len(s.reads)], at + len(s.reads)
-            if s.answer.done():  # (its request went away)
-                continue
-            failed = next((r for r in mine if isinstance(r, RpcError)), None)
-            if failed is not None:
-                s.answer.set_exception(failed)
-            else:
-                s.answer.set_result((result, mine))
+                    s.answer.set_exception(exc if isinstance(exc, Exception) else ChainUnavailable("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _simulated_together(self, group: list[Simulation]) -> tuple[list[Any], list[Any]]:
+        """(each simulation's result or ``RpcError``, the reads' results in order): one
+        ``eth_simulateV1`` of them all when there are several and the node has it, else one
+        ``eth_call`` each — also when the ``eth_simulateV1`` fails, whatever the reason."""
+        reads = [("eth_call", [{"to": t, "data": "0x" + d.hex()}, "latest"]) for s in group for t, d in s.reads]
+        tried_v1 = len(group) > 1 and self.simulate_v1
+        if tried_v1:
+            block = {"blockStateCalls": [{"calls": [s.tx for s in group]}]}
+            try:
+                answers = await self.batch([("eth_simulateV1", [block, "pending"]), *reads], errors=True)
+                results = self._simulated(answers[0], len(group))
+            except ChainUnavailable:  # (an HTTP error, a malformed or truncated reply)
+                results = None
+            if results is not None:
+                self._v1_failures = 0
+                return results, answers[1:]
+        answers = await self.batch([*(("eth_call", [s.tx, "pending"]) for s in group), *reads], errors=True)
+        if tried_v1:  # it failed, and one by one they answer: after a few times, it is not asked again
+            self._v1_failures += 1
+            self.simulate_v1 = self.simulate_v1 and self._v1_failures < SIMULATE_V1_TRIES
+        return answers[: len(group)], answers[len(group) :]
 
     def _simulated(self, answer: Any, n: int) -> list[Any] | None:
         """Each call's ``eth_call`` result (or ``RpcError``) from an ``eth_simulateV1`` answer;
-        None if the node refused the method (it is not asked again if it does not know it)."""
+        None if the node refused it (a node that does not know the method is not asked again);
+        raises ``ChainUnavailable`` if it is malformed."""
         if isinstance(answer, RpcError):
-            if answer.rpc_code == -32601 or UNKNOWN_METHOD.search(answer.message):
+            if answer.rpc_code == -32601:
                 self.simulate_v1 = False
             return None
         try:
             calls = answer[0]["calls"]
-            assert len(calls) == n
-            return [
-                c["returnData"] if c["status"] == "0x1" else RpcError(3, "execution reverted", c.get("returnData"))
-                for c in calls
-            ]
-        except (AssertionError, KeyError, IndexError, TypeError) as exc:
+            if not isinstance(calls, list) or len(calls) != n:
+                raise ValueError("not one answer per call")
+            return [_simulated_call(c) for c in calls]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise ChainUnavailable("chain RPC sent a malformed eth_simulateV1 reply") from exc
 
     async def call(self, to: str, data: bytes, block: str = "latest") -> bytes:
@@ -260,14 +300,22 @@ class Chain:
 
 
 def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, int]]:
-    """The ERC-20 ``Transfer`` events of ``token`` in a receipt, as (from, to, value)."""
+    """The ERC-20 ``Transfer`` events of ``token`` in a receipt, as (from, to, value); a malformed
+    log (from a buggy or hostile node) is no transfer."""
     out = []
     for log in receipt.get("logs") or []:
-        topics = log.get("topics") or []
-        if (
-            str(log.get("address", "")).lower() == token.lower()
-            and len(topics) == 3
-            and str(topics[0]).lower() == TRANSFER_TOPIC
-        ):
-            out.append(("0x" + topics[1][-40:].lower(), "0x" + topics[2][-40:].lower(), int(log["data"], 16)))
+        try:
+            topics = log.get("topics") or []
+            if (
+                str(log.get("address", "")).lower() == token.lower()
+                and len(topics) == 3
+                and str(topics[0]).lower() == TRANSFER_TOPIC
+            ):
+                out.append((_address_topic(topics[1]), _address_topic(topics[2]), int(log["data"], 16)))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
     return out
+
+
+def _address_topic(topic: Any) -> str:
+    return "0x" + str(topic)[-40:].lower()
