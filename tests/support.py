@@ -301,6 +301,19 @@ def exact_offer(required: dict[str, Any]) -> dict[str, Any]:
     return next(o for o in required["accepts"] if o["scheme"] == "exact")
 
 
+def signed_authorization(devnet: Devnet, payer: Any, amount: int) -> dict[str, Any]:
+    """An ``exact`` payload: ``payer``'s EIP-3009 authorization of ``amount`` to the devnet's payee, signed now."""
+    offer = {
+        "network": f"eip155:{devnet.chain_id}",
+        "asset": devnet.token,
+        "payTo": devnet.payee,
+        "amount": str(amount),
+        "maxTimeoutSeconds": 300,
+        "extra": {"name": "USD Coin", "version": "2"},
+    }
+    return sign_exact(payer, offer, int(time.time()))
+
+
 def exact_payment(payer: Any, required: dict[str, Any], offer: dict[str, Any] | None = None) -> dict[str, Any]:
     """A genuine payment of ``offer`` (by default ``required``'s first), signed by the gateway's own client."""
     offer = offer or exact_offer(required)

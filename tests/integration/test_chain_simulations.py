@@ -7,14 +7,12 @@ outage. A node without ``eth_simulateV1`` gets one ``eth_call`` each, as before.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
 from eth_account import Account
 
-from support import RpcSwitch, ServerThread
-from tollway.client.payer import sign_exact
+from support import RpcSwitch, ServerThread, signed_authorization
 from tollway.doctor import simulation_finding
 from tollway.errors import ChainUnavailable
 from tollway.payments import eip3009
@@ -24,15 +22,7 @@ from tollway.payments.exact import decode_authorization
 
 def transfer(devnet, payer: Any, amount: int) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     """An exact payment's settlement to simulate: (to, calldata, the reads that go with it)."""
-    offer = {
-        "network": f"eip155:{devnet.chain_id}",
-        "asset": devnet.token,
-        "payTo": devnet.payee,
-        "amount": str(amount),
-        "maxTimeoutSeconds": 300,
-        "extra": {"name": "USD Coin", "version": "2"},
-    }
-    auth, sig = decode_authorization(sign_exact(payer, offer, int(time.time())))
+    auth, sig = decode_authorization(signed_authorization(devnet, payer, amount))
     balance = BALANCE_OF + bytes(12) + bytes.fromhex(payer.address[2:])
     return devnet.token, eip3009.transfer_calldata(auth, sig), [(devnet.token, balance)]
 

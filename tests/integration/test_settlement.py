@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from support import RpcSwitch, ServerThread, manual_mining, send_raw
-from tollway.client.payer import sign_exact
+from support import RpcSwitch, ServerThread, manual_mining, send_raw, signed_authorization
 from tollway.errors import ChainUnavailable
 from tollway.ledger import PaymentState, Store
 from tollway.ledger.models import TxState
@@ -40,21 +39,13 @@ def settler_key(chain) -> str:
 
 def payment_for(store: Store, devnet, payer, amount: int) -> tuple[str, bytes, dict[str, Any]]:
     """A reserved payment of ``amount`` from ``payer``: its id, settlement calldata and payload."""
-    offer = {
-        "network": f"eip155:{devnet.chain_id}",
-        "asset": devnet.token,
-        "payTo": devnet.payee,
-        "amount": str(amount),
-        "maxTimeoutSeconds": 300,
-        "extra": {"name": "USD Coin", "version": "2"},
-    }
-    payload = sign_exact(payer, offer, int(time.time()))
+    payload = signed_authorization(devnet, payer, amount)
     auth, sig = decode_authorization(payload)
     payment_id = store.reserve(
         {
             "lock_key": secrets.token_hex(16),
             "scheme": "exact",
-            "network": offer["network"],
+            "network": f"eip155:{devnet.chain_id}",
             "asset": devnet.token.lower(),
             "payer": payer.address.lower(),
             "payee": devnet.payee.lower(),
