@@ -108,7 +108,8 @@ class Chain:
 
     async def close(self) -> None:
         for s in self._simulations:
-            s.answer.set_exception(ChainUnavailable("the chain client closed"))
+            if not s.answer.done():  # (its request may have gone already)
+                s.answer.set_exception(ChainUnavailable("the chain client closed"))
         self._simulations = []
         for task in list(self._sending):
             task.cancel()
