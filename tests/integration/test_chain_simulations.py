@@ -255,3 +255,23 @@ def geth_out_of_gas(result: Any) -> Any:
             if call["status"] == "0x0":
                 call["error"] = {"code": -32015, "message": "out of gas"}
     return result
+
+
+async def test_simulations_left_by_a_stopped_event_loop_hold_up_nothing(chain, devnet, rpc):
+    payer = chain.fund(amount=300)
+    client = Chain(rpc.url)
+
+    def ask_in_a_loop_that_stops() -> None:
+        other = asyncio.new_event_loop()
+        asked = other.create_task(client.simulate(SETTLER, *transfer(devnet, payer, 100)))
+        other.call_soon(other.stop)  # (asked, and the loop stops before the group leaves)
+        other.run_forever()
+        assert not asked.done()
+        other.close()
+
+    await asyncio.to_thread(ask_in_a_loop_that_stops)  # (another thread: this one runs the test's loop)
+    try:
+        answer = await asyncio.wait_for(client.simulate(SETTLER, *transfer(devnet, payer, 100)), 10)
+    finally:
+        await client.close()
+    assert outcome(answer) == ("ok", [300])

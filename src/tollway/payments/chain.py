@@ -199,6 +199,8 @@ class Chain:
         if self.simulation_gas is not None:
             tx["gas"] = hex(self.simulation_gas)
         asked = Simulation(tx, reads, loop.create_future())
+        if self._simulations and self._simulations[0].answer.get_loop() is not loop:
+            self._simulations = []  # (asked in an event loop that stopped before they could leave)
         self._simulations.append(asked)
         if len(self._simulations) == 1:
             loop.call_soon(self._send_simulations)
