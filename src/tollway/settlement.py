@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import rlp
@@ -342,11 +343,9 @@ class Settler:
                 self.store.transaction_mined(row["id"], tx_hash, ok)
         if not settlements:
             return
-
-        def moved(i: int, p: dict[str, Any]) -> bool:
-            return (p["payer"], p["payee"], p["amount"]) in transfers_in(settlements[i][2], p["asset"])
-
-        concluded = self.store.settlements_mined([(row["id"], h, ok) for row, h, _, ok in settlements], moved)
+        concluded = self.store.settlements_mined(
+            [(row["id"], h, ok, partial(paid_in, receipt)) for row, h, receipt, ok in settlements]
+        )
         for (_, tx_hash, _, ok), (payment, settled) in zip(settlements, concluded, strict=True):
             if settled:
                 log.info(
@@ -417,6 +416,11 @@ class Settler:
                 sender,
                 lambda nonce, data=data: self._signed(sender, nonce, token, data, PAYOUT_GAS),
             )
+
+
+def paid_in(receipt: dict[str, Any], payment: dict[str, Any]) -> bool:
+    """Whether a settlement's receipt moved what its payment owed, payer to payee."""
+    return (payment["payer"], payment["payee"], payment["amount"]) in transfers_in(receipt, payment["asset"])
 
 
 class Signing:

@@ -300,7 +300,7 @@ async def test_a_blocks_settlements_are_concluded_in_one_ledger_transaction(tmp_
             await settler.run_once()  # broadcast
             chain.mine(1)
             first = store.payment(payments[0][0])  # another replica concludes the first
-            [(concluded, settled)] = store.settlements_mined([(first["tx_id"], hashes[0], True)], lambda i, p: True)
+            [(concluded, settled)] = store.settlements_mined([(first["tx_id"], hashes[0], True, lambda p: True)])
             assert concluded["id"] == first["id"] and settled
             first = store.payment(first["id"])
             transactions = 0

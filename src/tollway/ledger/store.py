@@ -535,17 +535,16 @@ class Store:
         )
 
     def settlements_mined(
-        self, mined: Sequence[tuple[str, str, bool]], moved: Callable[[int, dict[str, Any]], bool]
+        self, mined: Sequence[tuple[str, str, bool, Callable[[dict[str, Any]], bool]]]
     ) -> list[tuple[dict[str, Any] | None, bool]]:
-        """Settlement transactions were mined, each (row id, the hash mined, whether it succeeded):
-        each is concluded (once, whichever replica comes first) and, if ``moved(i, payment)`` says
-        the i-th moved what its payment owed, the payment is settled — all in one transaction (a
-        poll concludes a block's worth). Returns for each (the payment, if this call concluded it
-        and it was still settling; whether it is settled now) — one not settled is the worker's to
-        judge."""
+        """Settlement transactions were mined, each (row id, the hash mined, whether it succeeded,
+        ``moved``): each is concluded (once, whichever replica comes first) and, if ``moved(payment)``
+        says it moved what its payment owed, the payment is settled — all in one transaction (a poll
+        concludes a block's worth). Returns for each (the payment, if this call concluded it and it
+        was still settling; whether it is settled now) — one not settled is the worker's to judge."""
         out: list[tuple[dict[str, Any] | None, bool]] = []
         with self._sql() as c:
-            for i, (tx_id, mined_hash, ok) in enumerate(mined):
+            for tx_id, mined_hash, ok, moved in mined:
                 rows = (
                     c.dicts("SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'", {"tx_id": tx_id})
                     if self._mined(c, tx_id, mined_hash, ok)
@@ -555,7 +554,7 @@ class Store:
                     out.append((None, False))
                     continue
                 payment = rows[0]
-                settled = ok and moved(i, payment)
+                settled = ok and moved(payment)
                 if settled:
                     self._moved(
                         c, payment["id"], PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=mined_hash, error=None

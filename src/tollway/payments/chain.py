@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from ..errors import ChainUnavailable
-from ..jsonbytes import dumps
+from ..jsonbytes import dumps, loads
 from ..keccak import keccak
 from ..upstream.h1 import h1_transport
 
@@ -58,7 +57,7 @@ class RpcError(ChainUnavailable):
         return None
 
 
-def _simulated_call(c: dict[str, Any]) -> Any:
+def _v1_call_result(c: dict[str, Any]) -> Any:
     """One call of an ``eth_simulateV1`` answer as ``eth_call`` answers it: its return data, or an
     ``RpcError`` — a revert (code 3, with its revert data, which geth and reth give in
     ``error.data``, anvil 1.7 in ``returnData``), or another failure (out of gas, -32015: the node's,
@@ -103,8 +102,13 @@ class Chain:
         self._ids = itertools.count(1)
         self._simulations: list[Simulation] = []  # asked in this turn of the event loop
         self._sending: set[asyncio.Task[None]] = set()
-        self.simulate_v1 = True  # the node has eth_simulateV1 (until it says otherwise)
-        self._v1_failures = 0
+        self._v1_failures = 0  # eth_simulateV1 failures in a row (SIMULATE_V1_TRIES: it is not asked again)
+
+    @property
+    def simulate_v1(self) -> bool:
+        """Whether several simulations are sent as one ``eth_simulateV1``: until the node has
+        failed it ``SIMULATE_V1_TRIES`` times in a row, or said it does not know the method."""
+        return self._v1_failures < SIMULATE_V1_TRIES
 
     async def close(self) -> None:
         for s in self._simulations:
@@ -128,8 +132,8 @@ class Chain:
                     await resp.aclose()
             if resp.status_code >= 400:
                 raise ChainUnavailable(f"chain RPC answered HTTP {resp.status_code}")
-            return json.loads(body)
-        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
+            return loads(body)
+        except (httpx.HTTPError, TimeoutError, ValueError, RecursionError) as exc:
             raise ChainUnavailable(f"chain RPC unreachable: {type(exc).__name__}") from exc
 
     @staticmethod
@@ -218,7 +222,7 @@ class Chain:
         """Answer each simulation of ``group``: its result, or the error of its reads — and every
         one of them, whatever happens (an outage, a malformed reply, this task cancelled)."""
         try:
-            results, reads = await self._simulated_together(group)
+            results, reads = await self._ask_node(group)
             at = 0
             for s, result in zip(group, results, strict=True):
                 mine, at = reads[at : at + len(s.reads)], at + len(s.reads)
@@ -236,7 +240,7 @@ class Chain:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _simulated_together(self, group: list[Simulation]) -> tuple[list[Any], list[Any]]:
+    async def _ask_node(self, group: list[Simulation]) -> tuple[list[Any], list[Any]]:
         """(each simulation's result or ``RpcError``, the reads' results in order): one
         ``eth_simulateV1`` of them all when there are several and the node has it, else one
         ``eth_call`` each — also when the ``eth_simulateV1`` fails, whatever the reason."""
@@ -246,31 +250,30 @@ class Chain:
             block = {"blockStateCalls": [{"calls": [s.tx for s in group]}]}
             try:
                 answers = await self.batch([("eth_simulateV1", [block, "pending"]), *reads], errors=True)
-                results = self._simulated(answers[0], len(group))
+                results = self._v1_results(answers[0], len(group))
             except ChainUnavailable:  # (an HTTP error, a malformed or truncated reply)
                 results = None
             if results is not None:
                 self._v1_failures = 0
                 return results, answers[1:]
         answers = await self.batch([*(("eth_call", [s.tx, "pending"]) for s in group), *reads], errors=True)
-        if tried_v1:  # it failed, and one by one they answer: after a few times, it is not asked again
+        if tried_v1:  # it failed, and one by one they answer
             self._v1_failures += 1
-            self.simulate_v1 = self.simulate_v1 and self._v1_failures < SIMULATE_V1_TRIES
         return answers[: len(group)], answers[len(group) :]
 
-    def _simulated(self, answer: Any, n: int) -> list[Any] | None:
+    def _v1_results(self, answer: Any, n: int) -> list[Any] | None:
         """Each call's ``eth_call`` result (or ``RpcError``) from an ``eth_simulateV1`` answer;
         None if the node refused it (a node that does not know the method is not asked again);
         raises ``ChainUnavailable`` if it is malformed."""
         if isinstance(answer, RpcError):
-            if answer.rpc_code == -32601:
-                self.simulate_v1 = False
+            if answer.rpc_code == -32601:  # (the node does not know it: not asked again)
+                self._v1_failures = SIMULATE_V1_TRIES
             return None
         try:
             calls = answer[0]["calls"]
             if not isinstance(calls, list) or len(calls) != n:
                 raise ValueError("not one answer per call")
-            return [_simulated_call(c) for c in calls]
+            return [_v1_call_result(c) for c in calls]
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise ChainUnavailable("chain RPC sent a malformed eth_simulateV1 reply") from exc
 
