@@ -7,17 +7,21 @@ outage. A node without ``eth_simulateV1`` gets one ``eth_call`` each, as before.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import httpx
 import pytest
 from eth_account import Account
 
-from support import RpcSwitch, ServerThread, signed_authorization
+from support import RpcSwitch, ServerThread, await_receipt, exact_offer, signed_authorization
+from tollway.client.payer import sign_exact
 from tollway.doctor import simulation_finding
 from tollway.errors import ChainUnavailable
 from tollway.payments import eip3009
 from tollway.payments.chain import BALANCE_OF, MAX_GROUP, Chain, RpcError
 from tollway.payments.exact import decode_authorization
+from tollway.payments.x402 import b64json, unb64json
 
 
 def transfer(devnet, payer: Any, amount: int) -> tuple[str, bytes, list[tuple[str, bytes]]]:
@@ -275,3 +279,30 @@ async def test_simulations_left_by_a_stopped_event_loop_hold_up_nothing(chain, d
     finally:
         await client.close()
     assert outcome(answer) == ("ok", [300])
+
+
+async def test_one_balance_spent_by_many_calls_at_once_at_one_gateway_pays_for_every_call_served(
+    gateway, chain, devnet, upstream
+):
+    """Twelve distinct authorizations from a payer whose balance covers two, fired at one gateway
+    at once: their simulations go out together, on one pending state, and each lock counts the
+    payments locked before it. At most two are served, the upstream is asked for no other, and
+    every one served is paid on chain."""
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": "at once"}], "max_tokens": 4}
+    url = f"{gateway.url}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=30) as http:
+        offer = exact_offer(unb64json((await http.post(url, json=body)).headers["PAYMENT-REQUIRED"]))
+        amount = int(offer["amount"])
+        payer = chain.fund(amount=2 * amount)
+        headers = [
+            {"PAYMENT-SIGNATURE": b64json({"x402Version": 2, "accepted": offer, "payload": p})}
+            for p in [sign_exact(payer, offer, int(time.time())) for _ in range(12)]
+        ]
+        asked = (await http.get(f"{upstream.url}/mock/stats")).json()["requests"]
+        replies = await asyncio.gather(*[http.post(url, json=body, headers=h) for h in headers])
+        served = [r for r in replies if r.status_code == 200]
+        assert 1 <= len(served) <= 2 and all(r.status_code in (200, 402) for r in replies)
+        assert (await http.get(f"{upstream.url}/mock/stats")).json()["requests"] == asked + len(served)
+        for r in served:
+            await await_receipt(gateway.url, r.headers["x-tollway-receipt"])  # (until its payment is settled)
+    assert chain.balance(payer.address) == (2 - len(served)) * amount

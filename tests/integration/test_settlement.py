@@ -354,3 +354,34 @@ async def test_a_settlement_the_chain_could_not_judge_is_judged_later(tmp_path, 
         await settler.run_once()
     assert [store.payment(pid)["state"] for pid, _, _ in payments] == [PaymentState.FAILED] * 2
     assert len(judged) == 3
+
+
+async def test_a_settlement_a_crash_left_unjudged_is_failed_once_by_the_replicas_after_it(
+    tmp_path, chain, devnet, settler_key
+):
+    """A process concludes a reverted settlement and dies before judging it (paid elsewhere, or
+    failed?). The two replicas that come after both look for it: the payment fails once, and its
+    deposit is reversed once — the move is guarded by the state it leaves."""
+    url = f"sqlite:///{tmp_path / 'l.sqlite3'}"
+    store = Store(url)
+    broke = Account.create()  # signs for money it does not have
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        payment_id, data, _ = payment_for(store, devnet, broke, 400)
+        with manual_mining(chain):
+            tx_hash = settler.sign(payment_id, devnet.token, data)
+            await settler.run_once()  # broadcast
+            chain.mine(1)
+    assert chain.receipt(tx_hash)["status"] == 0
+    tx_id = store.payment(payment_id)["tx_id"]
+    [(concluded, settled)] = store.settlements_mined([(tx_id, tx_hash, False, lambda p: False)])  # (then it dies)
+    assert concluded["id"] == payment_id and not settled
+    assert store.payment(payment_id)["state"] == PaymentState.SETTLING
+    replicas = [Store(url), Store(url)]
+    async with (
+        settler_on(replicas[0], devnet.rpc_url, settler_key, devnet) as a,
+        settler_on(replicas[1], devnet.rpc_url, settler_key, devnet) as b,
+    ):
+        await asyncio.gather(a.run_once(), b.run_once())
+    account = credit_account(f"eip155:{devnet.chain_id}", devnet.token.lower(), broke.address.lower())
+    assert store.payment(payment_id)["state"] == PaymentState.FAILED
+    assert store.journal(account) == {"reversal": -400}  # (once: the payer owes it, as a debt)
