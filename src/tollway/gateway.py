@@ -180,7 +180,7 @@ class Gateway:
         if catalogues.wanted:
             gw.catalogues = catalogues
             gw._offer_imported()
-        gw.close_abandoned_streams()
+        gw.close_abandoned_calls()
         await settler.start()
         loop = asyncio.get_running_loop()
         gw._tasks = [
@@ -293,6 +293,28 @@ class Gateway:
         """The origin tollway's signed messages must name to be accepted here."""
         return origin_of(self.public_base(request))
 
+    def close_abandoned_calls(self) -> None:
+        """What a crashed process left of its calls in progress: streams are metered, the payments
+        of calls not streamed given back."""
+        self.close_abandoned_streams()
+        self.give_back_abandoned_payments()
+
+    def give_back_abandoned_payments(self) -> None:
+        """Give back what the calls a crashed process was serving, not streamed, hold: their answers
+        never left (they leave once charged), so nobody pays — the credit held for them is released
+        and their payments are released (a transfer's becomes credit). Only payments older than the
+        longest such call can take (two confirmations on chain and the upstream's answer), so that
+        another replica's calls are left alone."""
+        longest = self.settings.max_call_seconds + 2 * self.chain.total + ABANDONED_AFTER_SECONDS
+        schemes = [*self.schemes, *([self.free.scheme] if self.free is not None else [])]
+        for row in self.store.abandoned_payments(time.time() - longest):
+            try:
+                prepaid = _scheme(schemes, row["scheme"]).prepaid
+                if self.store.give_back(row, prepaid=prepaid, error="not served: the gateway stopped mid-call"):
+                    log.warning("gave back payment %s of a call the gateway stopped in (%s)", row["id"], row["scheme"])
+            except Exception:
+                log.exception("could not give back the abandoned payment %s", row["id"])
+
     def close_abandoned_streams(self) -> None:
         """Meter the streams a crashed process left open, by the documented rule for a stream
         without usage: the prompt at its bound and each event it delivered (saved as it went) at
@@ -364,7 +386,7 @@ class Gateway:
         of idempotent requests kept long enough."""
         while True:
             await asyncio.sleep(min(HOUSEKEEPING_SECONDS, self.settings.max_call_seconds))
-            self.close_abandoned_streams()
+            self.close_abandoned_calls()
             self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
             self.store.forget_free_calls(free_tier.today() - 1)
 

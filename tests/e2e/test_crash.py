@@ -1,20 +1,40 @@
 """kill -9 in the middle of an ``upto`` stream: the gateway that comes back meters the stream by
 what it delivered (saved as it went) and settles that — never the payment's maximum — while the
-payment is still valid."""
+payment is still valid. kill -9 in the middle of calls not streamed: nobody pays for them. kill -9
+between a claim's broadcast and its receipt: no voucher lost, nothing claimed twice."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 
+import httpx
+from sqlalchemy import text
 from x402.http.clients import x402HttpxClient
 
 from channel_support import Gateway, SdkPayer, escrow_channel, metered_total, payer_channel, wait_for
 from conftest import anvil_process
-from support import ADMIN_TOKEN, CHAT, Chain, chat_body, free_port, receipt, serve_process, stop_process, upto_client
+from support import (
+    ADMIN_TOKEN,
+    CHAT,
+    Chain,
+    chat_body,
+    credit,
+    free_port,
+    receipt,
+    serve_process,
+    stop_process,
+    upto_client,
+    wait_receipt,
+)
+from tollway import siwe
+from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.devnet.deploy import Devnet
 from tollway.ledger import Store
+from tollway.payments.x402 import b64json, unb64json
 
 
 async def test_kill_9_mid_upto_stream_settles_what_was_delivered_not_the_maximum(xprocess, tmp_path):
@@ -54,6 +74,72 @@ async def test_kill_9_mid_upto_stream_settles_what_was_delivered_not_the_maximum
         assert doc["status"] == "incomplete"
         assert 0 < cost < maximum // 10 and int(doc["payment"]["amount"]["atomic"]) == cost
         assert chain.balance(payer.address) == 100_000_000 - cost  # the debit is the estimate, not the maximum
+
+
+def test_kill_9_mid_call_gives_back_what_its_calls_held_and_charges_nobody(xprocess, tmp_path):
+    """Two calls not streamed are in flight — one its credit pays (its quote held from credit), one
+    paid ``exact`` — when the gateway is killed. Their answers never left, so the gateway that
+    comes back gives back the hold and releases the payment, and nothing moves on chain."""
+    with anvil_process(xprocess, "crash-call") as rpc:
+        args = ["--devnet", "--devnet-url", rpc, "--mock-port", str(free_port())]
+        db = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        env = {"TOLLWAY_DATABASE_URL": db, "TOLLWAY_MAX_CALL_SECONDS": "10", "TOLLWAY_ADMIN_TOKEN": ADMIN_TOKEN}
+        proc, url = serve_process(tmp_path, args, env)
+        devnet = Devnet.load(tmp_path / "var" / "devnet.json")
+        chain = Chain(devnet)
+        store = Store(db)
+        allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)]
+        payer = Payer(chain.fund(), allowed, schemes=("exact",))
+        exact_payer = Payer(chain.fund(), allowed, schemes=("exact",))  # (no credit: it pays exact)
+        hanging = {"mock": {"latency": 60}}  # the upstream answers after the gateway is gone
+        try:
+            with httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=30) as paying:
+                funded = paying.post(CHAT, json=chat_body("fund my credit", max_tokens=4000))
+                assert funded.status_code == 200
+                wait_receipt(url, funded.headers["x-tollway-receipt"])
+            credit_before, chain_before = credit(url, payer), chain.balance(exact_payer.account.address)
+
+            body = chat_body("paid by credit", max_tokens=8) | hanging
+            info = unb64json(httpx.post(url + CHAT, json=body).headers["PAYMENT-REQUIRED"])
+            signed = siwe.sign(payer.account, info["extensions"]["sign-in-with-x"]["info"], f"eip155:{devnet.chain_id}")
+
+            def by_credit() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.post(url + CHAT, json=body, headers={"SIGN-IN-WITH-X": b64json(signed)}, timeout=60)
+
+            def by_exact() -> None:
+                with (
+                    contextlib.suppress(httpx.HTTPError),
+                    httpx.Client(transport=SyncPayingTransport(exact_payer)) as http,
+                ):
+                    http.post(url + CHAT, json=chat_body("paid exact", max_tokens=8) | hanging, timeout=60)
+
+            calls = [threading.Thread(target=f) for f in (by_credit, by_exact)]
+            for t in calls:
+                t.start()
+            reserved = wait_for(lambda: len(rows := reserved_payments(store)) == 2 and rows, timeout=8)
+            assert credit(url, payer) < credit_before  # the credit call's quote is held
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            for t in calls:
+                t.join(timeout=30)
+
+            proc, url = serve_process(tmp_path, args, env)
+            # (given back once they are older than the longest call: max_call_seconds, two chain
+            # confirmations of at most 10 s each, and 5 s)
+            wait_for(lambda: not reserved_payments(store), timeout=90)
+            states = {scheme: store.payment(pid)["state"] for pid, scheme in reserved}
+            assert states == {"credit": "settled", "exact": "released"}
+            assert credit(url, payer) == credit_before
+            assert chain.balance(exact_payer.account.address) == chain_before  # the exact payment never settled
+        finally:
+            store.close()
+            stop_process(proc)
+
+
+def reserved_payments(store: Store) -> list[tuple[str, str]]:
+    with store.engine.connect() as c:
+        return [(r[0], r[1]) for r in c.execute(text("SELECT id, scheme FROM payments WHERE state = 'reserved'"))]
 
 
 def test_kill_9_between_a_claims_broadcast_and_its_receipt_loses_no_voucher_and_claims_nothing_twice(

@@ -459,3 +459,47 @@ def test_a_gateway_killed_while_its_log_is_checkpointed_loses_no_committed_money
         assert store.count_by_state().get("reserved", 0) >= paid  # (every lock of a counted call is there)
     finally:
         store.close()
+
+
+def test_a_call_a_crash_left_unanswered_gives_back_what_it_held_once(db_url):
+    """A process died while its calls (not streamed) ran: what they held comes back, once, whoever
+    looks first — even where an undo the crash cut short had released part of it already."""
+    from tollway.ledger.store import credit_account
+
+    store = Store(db_url)
+    rival = Store(db_url)  # another replica, looking at the same time
+    held_call = payment(amount=0) | {"scheme": "credit"}  # credit alone pays: its quote is held
+    account = credit_account(held_call["network"], held_call["asset"], held_call["payer"])
+    store.release_credit(account, 1_000, call_id="funding")
+    assert store.lock(held_call, account, 300, call_id="c-held", must_hold=True).held
+    transfer = payment(amount=500) | {"scheme": "transfer", "payer": held_call["payer"]}  # money moved first
+    store.lock(transfer, account, 0, call_id="c-transfer")
+    cut_short = payment(amount=100) | {"payer": held_call["payer"]}  # exact, short of the quote by 200
+    assert store.lock(cut_short, account, 200, call_id="c-cut").held
+    store.release_credit(account, 200, call_id="c-cut")  # its undo had released the hold, then died
+    streamed = payment() | {"payer": held_call["payer"]}
+    streamed_id = store.lock(streamed, account, 0, call_id="c-stream").payment_id
+    store.insert_call(
+        {"id": "c-stream", "payment_id": streamed_id, "model": "m", "upstream_model": "m", "stream": True}
+        | {"status": "streaming", "quote": 1, "paid": 0, "from_credit": 0}
+    )
+    assert store.credit_balance(account) == 1_000 - 300
+
+    assert store.abandoned_payments(0) == []  # nothing is older than the cutoff
+    abandoned = store.abandoned_payments(float("inf"))
+    by_scheme = {row["scheme"]: row for row in abandoned}
+    assert len(abandoned) == 3 and set(by_scheme) == {"credit", "transfer", "exact"}  # the stream is metered apart
+    prepaid = {"credit": True, "transfer": True, "exact": False}
+    for row in abandoned:
+        results: list[bool] = []
+        run_concurrently(
+            lambda s, row=row, out=results: out.append(s.give_back(row, prepaid=prepaid[row["scheme"]], error="x")),
+            (store, rival),
+        )
+        assert sorted(results) == [False, True]  # one of the two gives it back
+
+    assert store.credit_balance(account) == 1_000 + 500  # the hold released once; the transfer is credit
+    states = {row["scheme"]: store.payment(row["id"])["state"] for row in abandoned}
+    assert states == {"credit": "settled", "transfer": "settled", "exact": "released"}
+    assert store.abandoned_payments(float("inf")) == []
+    assert store.reserve(cut_short) == by_scheme["exact"]["id"]  # released: it may pay a retry of the same request

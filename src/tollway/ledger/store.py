@@ -99,6 +99,19 @@ APPLY = (  # add to a credit balance (opening it) unless it would end below a fl
     " updated_at = excluded.updated_at WHERE credits.balance + excluded.balance >= :floor"
     " RETURNING balance"
 )
+ABANDONED_PAYMENTS = (
+    "SELECT id, scheme, network, asset, payer, amount FROM payments p WHERE state = 'reserved'"
+    " AND created_at < :before AND NOT EXISTS (SELECT 1 FROM calls WHERE calls.payment_id = p.id)"
+    " ORDER BY created_at LIMIT :limit"
+)
+# (call, what is still held for it): a call's holds, posted with its payment, less what was
+# released for the call since (an undo releases before it moves the payment)
+HELD_FOR_PAYMENT = (
+    "SELECT h.call_id, -SUM(h.amount) - (SELECT COALESCE(SUM(r.amount), 0) FROM credit_entries r"
+    " WHERE r.account = :account AND r.call_id = h.call_id AND r.kind = 'release') AS held FROM credit_entries h"
+    " WHERE h.account = :account AND h.payment_id = :payment_id AND h.kind = 'hold' GROUP BY h.call_id"
+)
+DEPOSITED = "SELECT 1 FROM credit_entries WHERE account = :account AND payment_id = :payment_id AND kind = 'deposit'"
 TAKE_NONCE = "UPDATE settler_nonces SET next_nonce = next_nonce + 1 WHERE address = :address RETURNING next_nonce"
 MOVED = "id = :b_id AND state = :b_from"
 STREAMING = "id = :b_id AND status = 'streaming'"
@@ -670,6 +683,34 @@ class Store:
     def forget_free_calls(self, before_day: int) -> None:
         with self._sql() as c:
             c.run("DELETE FROM free_calls WHERE day < :day", {"day": before_day})
+
+    def abandoned_payments(self, reserved_before: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Payments still ``reserved`` since before ``reserved_before`` with no call on record: their
+        process died while the call ran (a stream's row is written as it starts, so these are calls
+        not streamed), and the call's answer never left (it leaves only once it is charged)."""
+        with self._sql() as c:
+            return c.dicts(ABANDONED_PAYMENTS, {"before": reserved_before, "limit": limit})
+
+    def give_back(self, payment: dict[str, Any], *, prepaid: bool, error: str) -> bool:
+        """Undo, in one transaction, what the call of an abandoned payment (``abandoned_payments``)
+        left: the credit held for it is released; a payment whose money moved before the call (a
+        transfer) becomes credit and is settled, any other is released (it may pay a retry of the
+        same request); a channel it took is free again. What an undo cut short already did is not
+        done twice. False if the payment was no longer reserved (another process gave it back)."""
+        payment_id = payment["id"]
+        account = credit_account(payment["network"], payment["asset"], payment["payer"])
+        with self._sql() as c:
+            channels.free(c, payment_id)
+            to = PaymentState.SETTLED if prepaid else PaymentState.RELEASED
+            if not self._moved(c, payment_id, PaymentState.RESERVED, to, error=error):
+                return False
+            refs = {"account": account, "payment_id": payment_id}
+            for hold in c.dicts(HELD_FOR_PAYMENT, refs):
+                if hold["held"] > 0:
+                    self._post(c, account, [(EntryKind.RELEASE, int(hold["held"]))], call_id=hold["call_id"])
+            if prepaid and payment["amount"] and not c.value(DEPOSITED, refs):
+                self._post(c, account, [(EntryKind.DEPOSIT, payment["amount"])], payment_id=payment_id)
+        return True
 
     def abandoned_streams(self, started_before: float) -> list[dict[str, Any]]:
         """Streams still marked ``streaming`` that began before ``started_before``: their process
