@@ -30,6 +30,7 @@ from sqlmodel import Field, SQLModel
 # paid call's commits write fewer index pages. A query must name the condition itself to use one.
 IN_FLIGHT = "state IN ('reserved', 'settling')"  # what a payer owes that the chain may not show yet
 HAS_TX = "tx_id IS NOT NULL"  # a settlement in the outbox
+OPEN_STREAM = "status = 'streaming'"  # a stream not metered yet (what a crash may leave open)
 
 
 class PaymentState(StrEnum):
@@ -75,6 +76,9 @@ class Payment(SQLModel, table=True):
 
 class Call(SQLModel, table=True):
     __tablename__ = "calls"
+    __table_args__ = (
+        Index("ix_calls_streaming", "created_at", sqlite_where=text(OPEN_STREAM), postgresql_where=text(OPEN_STREAM)),
+    )
 
     id: str = Field(primary_key=True)  # the receipt id
     payment_id: str | None = Field(default=None, index=True)

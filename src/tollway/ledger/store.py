@@ -33,6 +33,7 @@ from .channels import ChannelUse
 from .checkpoint import LOG_SIZE_LIMIT, Checkpointer
 from .models import (
     IN_FLIGHT,
+    OPEN_STREAM,
     Call,
     ChainTx,
     CreditEntry,
@@ -99,6 +100,11 @@ APPLY = (  # add to a credit balance (opening it) unless it would end below a fl
     " updated_at = excluded.updated_at WHERE credits.balance + excluded.balance >= :floor"
     " RETURNING balance"
 )
+ABANDONED_STREAMS = (  # (by ix_calls_streaming, which only a query naming its condition uses)
+    "SELECT c.id, c.payment_id, c.model, c.upstream, c.quote, c.prompt_bound, c.events, c.paid, c.from_credit,"
+    " p.scheme, p.state AS payment_state, p.proof, p.amount, p.network, p.asset, p.payer, p.channel"
+    f" FROM calls c JOIN payments p ON c.payment_id = p.id WHERE c.{OPEN_STREAM} AND c.created_at < :before"
+)
 ABANDONED_PAYMENTS = (
     "SELECT id, scheme, network, asset, payer, amount FROM payments p WHERE state = 'reserved'"
     " AND created_at < :before AND NOT EXISTS (SELECT 1 FROM calls WHERE calls.payment_id = p.id)"
@@ -114,7 +120,7 @@ HELD_FOR_PAYMENT = (
 DEPOSITED = "SELECT 1 FROM credit_entries WHERE account = :account AND payment_id = :payment_id AND kind = 'deposit'"
 TAKE_NONCE = "UPDATE settler_nonces SET next_nonce = next_nonce + 1 WHERE address = :address RETURNING next_nonce"
 MOVED = "id = :b_id AND state = :b_from"
-STREAMING = "id = :b_id AND status = 'streaming'"
+STREAMING = f"id = :b_id AND {OPEN_STREAM}"
 OPEN = ("queued", "sent")  # outbox states a transaction can still leave
 
 
@@ -715,31 +721,8 @@ class Store:
     def abandoned_streams(self, started_before: float) -> list[dict[str, Any]]:
         """Streams still marked ``streaming`` that began before ``started_before``: their process
         died mid-stream, so they were never metered (and may still hold credit)."""
-        q = (
-            select(
-                C.c.id,
-                C.c.payment_id,
-                C.c.model,
-                C.c.upstream,
-                C.c.quote,
-                C.c.prompt_bound,
-                C.c.events,
-                C.c.paid,
-                C.c.from_credit,
-                P.c.scheme,
-                P.c.state.label("payment_state"),
-                P.c.proof,
-                P.c.amount,
-                P.c.network,
-                P.c.asset,
-                P.c.payer,
-                P.c.channel,
-            )
-            .join(P, C.c.payment_id == P.c.id)
-            .where(C.c.status == "streaming", C.c.created_at < started_before)
-        )
-        with self._tx() as c:
-            return [dict(r) for r in c.execute(q).mappings()]
+        with self._sql() as c:
+            return c.dicts(ABANDONED_STREAMS, {"before": started_before})
 
     def receipt(self, call_id: str) -> dict[str, Any] | None:
         """A call joined with its payment."""
