@@ -220,18 +220,20 @@ def test_the_documented_revision_command_writes_the_next_migration(tmp_path):
 
 def test_the_money_queries_find_their_partial_indexes(empty_db):
     """ix_payments_owed holds only payments in flight, ix_payments_tx_id only those with a
-    transaction: a query uses such an index only if its own condition implies the index's (SQLite
-    needs the very term), else it scans every payment ever made on each paid call."""
+    transaction, ix_calls_streaming only streams not metered yet: a query uses such an index only if
+    its own condition implies the index's (SQLite needs the very term), else it scans every payment
+    ever made on each paid call (or, looking for streams a crash left open, every call)."""
     from tollway.ledger import store
 
     engine = make_engine(empty_db)
     try:
         migrations.migrate(engine)
-        params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t"}
+        params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t", "before": 0}
         queries = {
             store.OWED: "ix_payments_owed",
             store.UNCONFIRMED: "ix_payments_owed",
             "SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'": "ix_payments_tx_id",
+            store.ABANDONED_STREAMS: "ix_calls_streaming",
         }
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
@@ -241,7 +243,7 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
                 explain = "EXPLAIN QUERY PLAN"
             for query, index in queries.items():
                 plan = " ".join(str(r) for r in conn.execute(text(f"{explain} {query}"), params))
-                assert "Seq Scan" not in plan and "SCAN payments" not in plan, (query, plan)
+                assert "Seq Scan" not in plan and "SCAN payments" not in plan and "SCAN c" not in plan, (query, plan)
                 if engine.dialect.name == "sqlite":  # (PostgreSQL's planner may pick another one it can use)
                     assert index in plan, (query, plan)
     finally:
