@@ -327,15 +327,17 @@ class Store:
             if channel is not None:
                 where = {"network": row["network"], "asset": row["asset"], "payer": row["payer"]}
                 taken = channels.take(c, channel, payment_id, where, channel_hold_seconds)
-            balance = self._balance(c, account) if self.dialect.one_writer else self._post(c, account, [])
+            balance = None if self.dialect.one_writer else self._post(c, account, [])
             network, asset, payer = account.split("|")
             in_progress, settling = c.row(OWED, {"network": network, "asset": asset, "payer": payer})  # type: ignore[misc]
             held = False
             if hold:
                 with contextlib.suppress(*(() if must_hold else (InsufficientCredit,))):
                     entry = [(EntryKind.HOLD, -hold)]
-                    self._post(c, account, entry, int(settling), call_id=call_id, payment_id=payment_id)
-                    held = True
+                    after = self._post(c, account, entry, int(settling), call_id=call_id, payment_id=payment_id)
+                    balance, held = after + hold, True  # (the balance as it was: no second read)
+            if balance is None:
+                balance = self._balance(c, account)
         return Locked(payment_id, balance, held, int(in_progress) + int(settling), taken)
 
     @staticmethod
