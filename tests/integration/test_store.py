@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -463,46 +464,68 @@ def test_a_gateway_killed_while_its_log_is_checkpointed_loses_no_committed_money
 
 def test_a_call_a_crash_left_unanswered_gives_back_what_it_held_once(db_url):
     """A process died while its calls (not streamed) ran: what they held comes back, once, whoever
-    looks first — even where an undo the crash cut short had released part of it already."""
+    looks first — even where an undo the crash cut short had released part of it already, and for
+    the retry of a call whose first try was not served."""
     from tollway.ledger.store import credit_account
 
     store = Store(db_url)
     rival = Store(db_url)  # another replica, looking at the same time
     held_call = payment(amount=0) | {"scheme": "credit"}  # credit alone pays: its quote is held
-    account = credit_account(held_call["network"], held_call["asset"], held_call["payer"])
+    payer = held_call["payer"]
+    account = credit_account(held_call["network"], held_call["asset"], payer)
     store.release_credit(account, 1_000, call_id="funding")
     assert store.lock(held_call, account, 300, call_id="c-held", must_hold=True).held
-    transfer = payment(amount=500) | {"scheme": "transfer", "payer": held_call["payer"]}  # money moved first
-    store.lock(transfer, account, 0, call_id="c-transfer")
-    cut_short = payment(amount=100) | {"payer": held_call["payer"]}  # exact, short of the quote by 200
+    transfer = payment(amount=500) | {"scheme": "transfer", "payer": payer}  # its money moved first
+    transfer_id = store.lock(transfer, account, 0, call_id="c-transfer").payment_id
+    cut_short = payment(amount=100) | {"payer": payer}  # exact, short of the quote by 200
     assert store.lock(cut_short, account, 200, call_id="c-cut").held
     store.release_credit(account, 200, call_id="c-cut")  # its undo had released the hold, then died
-    streamed = payment() | {"payer": held_call["payer"]}
+    streamed = payment() | {"payer": payer}
     streamed_id = store.lock(streamed, account, 0, call_id="c-stream").payment_id
-    store.insert_call(
-        {"id": "c-stream", "payment_id": streamed_id, "model": "m", "upstream_model": "m", "stream": True}
-        | {"status": "streaming", "quote": 1, "paid": 0, "from_credit": 0}
-    )
-    assert store.credit_balance(account) == 1_000 - 300
+    store.insert_call(call_row("c-stream", streamed_id, "streaming"))
+    retried = payment(amount=0) | {"payer": payer}  # its first try was not served...
+    first = store.lock(retried, account, 100, call_id="c-first")
+    store.release_credit(account, 100, call_id="c-first")
+    store.release(first.payment_id, "not served")
+    store.insert_call(call_row("c-first", first.payment_id, "failed"))
+    before_retry = time.time()
+    time.sleep(0.01)
+    assert store.lock(retried, account, 100, call_id="c-retry").payment_id == first.payment_id  # ...its retry
+    assert store.credit_balance(account) == 1_000 - 300 - 100
 
-    def abandoned() -> list[dict]:  # (of this payer: the PostgreSQL database is shared with other tests)
-        return [r for r in store.abandoned_payments(float("inf"), limit=10**6) if r["payer"] == held_call["payer"]]
+    def abandoned(before: float = float("inf")) -> dict[str, dict]:  # (this payer's: PostgreSQL is shared)
+        return {r["id"]: r for r in store.abandoned_payments(before, limit=10**6) if r["payer"] == payer}
 
-    assert store.abandoned_payments(0) == []  # nothing is older than the cutoff
+    assert abandoned(0) == {}  # nothing is older than the cutoff
+    assert first.payment_id not in abandoned(before_retry)  # reserved again since: its retry may still run
     found = abandoned()
-    by_scheme = {row["scheme"]: row for row in found}
-    assert len(found) == 3 and set(by_scheme) == {"credit", "transfer", "exact"}  # the stream is metered apart
-    prepaid = {"credit": True, "transfer": True, "exact": False}
-    for row in found:
+    assert streamed_id not in found and len(found) == 4  # (a stream is metered: see abandoned_streams)
+    for row in found.values():
         results: list[bool] = []
+        prepaid = row["scheme"] in ("credit", "transfer")
         run_concurrently(
-            lambda s, row=row, out=results: out.append(s.give_back(row, prepaid=prepaid[row["scheme"]], error="x")),
+            lambda s, row=row, p=prepaid, out=results: out.append(s.give_back(row, prepaid=p, error="x")),
             (store, rival),
         )
         assert sorted(results) == [False, True]  # one of the two gives it back
 
-    assert store.credit_balance(account) == 1_000 + 500  # the hold released once; the transfer is credit
-    states = {row["scheme"]: store.payment(row["id"])["state"] for row in found}
-    assert states == {"credit": "settled", "transfer": "settled", "exact": "released"}
-    assert abandoned() == []
-    assert store.reserve(cut_short) == by_scheme["exact"]["id"]  # released: it may pay a retry of the same request
+    assert store.credit_balance(account) == 1_000 + 500  # each hold released once; the transfer is credit
+    assert {store.payment(pid)["state"] for pid in found} == {"settled", "released"}
+    assert store.payment(transfer_id)["state"] == "settled" and store.payment(first.payment_id)["state"] == "released"
+    assert abandoned() == {}
+    assert store.reserve(cut_short) is not None  # released: it may pay a retry of the same request
+
+
+def call_row(call_id: str, payment_id: str, status: str) -> dict:
+    return {
+        "id": call_id,
+        "payment_id": payment_id,
+        "model": "m",
+        "upstream_model": "m",
+        "stream": status == "streaming",
+    } | {
+        "status": status,
+        "quote": 1,
+        "paid": 0,
+        "from_credit": 0,
+    }

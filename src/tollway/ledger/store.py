@@ -106,9 +106,9 @@ ABANDONED_STREAMS = (  # (by ix_calls_streaming, which only a query naming its c
     f" FROM calls c JOIN payments p ON c.payment_id = p.id WHERE c.{OPEN_STREAM} AND c.created_at < :before"
 )
 ABANDONED_PAYMENTS = (
-    "SELECT id, scheme, network, asset, payer, amount FROM payments p WHERE state = 'reserved'"
-    " AND created_at < :before AND NOT EXISTS (SELECT 1 FROM calls WHERE calls.payment_id = p.id)"
-    " ORDER BY created_at LIMIT :limit"
+    "SELECT id, scheme, network, asset, payer, amount FROM payments p WHERE state = 'reserved' AND updated_at < :before"
+    f" AND NOT EXISTS (SELECT 1 FROM calls WHERE calls.payment_id = p.id AND calls.{OPEN_STREAM})"
+    " ORDER BY updated_at LIMIT :limit"
 )
 # (call, what is still held for it): a call's holds, posted with its payment, less what was
 # released for the call since (an undo releases before it moves the payment)
@@ -693,9 +693,10 @@ class Store:
             c.run("DELETE FROM free_calls WHERE day < :day", {"day": before_day})
 
     def abandoned_payments(self, reserved_before: float, limit: int = 100) -> list[dict[str, Any]]:
-        """Payments still ``reserved`` since before ``reserved_before`` with no call on record: their
-        process died while the call ran (a stream's row is written as it starts, so these are calls
-        not streamed), and the call's answer never left (it leaves only once it is charged)."""
+        """Payments ``reserved`` before ``reserved_before`` (a retry of the same request reserves one
+        again) and still reserved, whose call is not a stream: their process died while the call
+        ran, and its answer never left (it leaves only once charged). (A stream's row is written as
+        it starts; ``abandoned_streams`` meters those.)"""
         with self._sql() as c:
             return c.dicts(ABANDONED_PAYMENTS, {"before": reserved_before, "limit": limit})
 
