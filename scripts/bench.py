@@ -1955,7 +1955,9 @@ def litellm_state(venv: Path) -> tuple[Path | None, str]:
 
 
 async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -> None:
-    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60)
+    # Idle connections are dropped before the servers drop them (uvicorn: 5 s), so that a pause between
+    # blocks never has a request sent on a connection the server is closing (ServerDisconnectedError).
+    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=4)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as http:
         await cluster.wait_ready(http)
