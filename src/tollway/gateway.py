@@ -22,13 +22,13 @@ from . import doctor, free_tier, upstream_prices
 from .cache import PrefixMemory
 from .chat import ChatCall
 from .claims import Claimer
-from .config import Settings, resolve_chain, upstream_list
+from .config import CLOCK_SKEW_SECONDS, Settings, resolve_chain, upstream_list
 from .errors import BadRequest, ChainUnavailable, UpstreamUnavailable
 from .ledger import Store
 from .ledger.models import PaymentState
 from .ledger.store import Settlement, credit_account
 from .model_import import Catalogues
-from .payments import build_scheme
+from .payments import PREPAID, build_scheme
 from .payments.base import Context, PaymentScheme, Verified
 from .payments.batch import BatchSettlementEvm
 from .payments.chain import Chain
@@ -48,6 +48,19 @@ CHAIN_PROBE_SECONDS = 3
 CHAIN_DOWN_AFTER = 2  # failed probes in a row
 HOUSEKEEPING_SECONDS = 10  # at most; a stream a crash left open is metered within its payment's validity
 ABANDONED_AFTER_SECONDS = 5  # past max_call_seconds, a stream still open has lost its process
+
+
+def abandoned_payment_after(settings: Settings, rpc_seconds: float) -> float:
+    """How long ago a payment still reserved for a call not streamed must have been reserved for
+    the call to have lost its process: the longest such a call can run — two confirmations on
+    chain (before the upstream is asked, and again after a slow answer), each at most two RPC
+    exchanges (``eth_simulateV1``, then ``eth_call``), the first maybe waiting out a channel's
+    deposit (``settle_margin_seconds``); the upstream's answer (``max_call_seconds``) — plus the
+    clock skew allowed between replicas, and ``ABANDONED_AFTER_SECONDS``."""
+    confirms = 2 * 2 * rpc_seconds + settings.settle_margin_seconds
+    return settings.max_call_seconds + confirms + CLOCK_SKEW_SECONDS + ABANDONED_AFTER_SECONDS
+
+
 MAX_REMEMBERED_BASES = 64  # (a Host header is the client's to choose: the memory of them stays small)
 
 
@@ -180,7 +193,8 @@ class Gateway:
         if catalogues.wanted:
             gw.catalogues = catalogues
             gw._offer_imported()
-        gw.close_abandoned_calls()
+        gw.close_abandoned_streams()
+        gw.give_back_abandoned_payments()
         await settler.start()
         loop = asyncio.get_running_loop()
         gw._tasks = [
@@ -293,25 +307,18 @@ class Gateway:
         """The origin tollway's signed messages must name to be accepted here."""
         return origin_of(self.public_base(request))
 
-    def close_abandoned_calls(self) -> None:
-        """What a crashed process left of its calls in progress: streams are metered, the payments
-        of calls not streamed given back."""
-        self.close_abandoned_streams()
-        self.give_back_abandoned_payments()
-
     def give_back_abandoned_payments(self) -> None:
-        """Give back what the calls a crashed process was serving, not streamed, hold: their answers
-        never left (they leave once charged), so nobody pays — the credit held for them is released
-        and their payments are released (a transfer's becomes credit). Only payments older than the
-        longest such call can take (two confirmations on chain and the upstream's answer), so that
-        another replica's calls are left alone."""
-        longest = self.settings.max_call_seconds + 2 * self.chain.total + ABANDONED_AFTER_SECONDS
-        schemes = [*self.schemes, *([self.free.scheme] if self.free is not None else [])]
-        for row in self.store.abandoned_payments(time.time() - longest):
+        """Give back what the calls not streamed that a crashed process was serving hold: their
+        answers never left (an answer leaves once charged), so nobody pays — the credit held for
+        each is released, and its payment released (a prepaid one's amount becomes credit). Only
+        payments reserved longer ago than such a call can run anywhere (``abandoned_payment_after``),
+        so that another replica's calls are left alone. A scan of the payer's journal each: run in
+        the reports thread (``report``)."""
+        cutoff = time.time() - abandoned_payment_after(self.settings, self.chain.total)
+        for row in self.store.abandoned_payments(cutoff):
             try:
-                prepaid = _scheme(schemes, row["scheme"]).prepaid
-                if self.store.give_back(row, prepaid=prepaid, error="not served: the gateway stopped mid-call"):
-                    log.warning("gave back payment %s of a call the gateway stopped in (%s)", row["id"], row["scheme"])
+                if self.store.give_back(row, prepaid=row["scheme"] in PREPAID, error="not served: the gateway stopped"):
+                    log.warning("gave back payment %s of a call a stopped gateway left (%s)", row["id"], row["scheme"])
             except Exception:
                 log.exception("could not give back the abandoned payment %s", row["id"])
 
@@ -386,9 +393,13 @@ class Gateway:
         of idempotent requests kept long enough."""
         while True:
             await asyncio.sleep(min(HOUSEKEEPING_SECONDS, self.settings.max_call_seconds))
-            self.close_abandoned_calls()
-            self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
-            self.store.forget_free_calls(free_tier.today() - 1)
+            try:  # (a pass the ledger fails is logged; the next one tries again)
+                self.close_abandoned_streams()
+                await self.report(self.give_back_abandoned_payments)
+                self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
+                self.store.forget_free_calls(free_tier.today() - 1)
+            except Exception:
+                log.exception("housekeeping pass failed")
 
     async def report(self, read: Callable[[], T]) -> T:
         """``read()`` — a scan of the ledger — in the reports thread (``_reports``)."""

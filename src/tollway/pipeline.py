@@ -53,6 +53,7 @@ from .errors import (
 )
 from .gateway import Gateway
 from .ledger.channels import ChannelRefused
+from .ledger.models import PaymentState
 from .ledger.store import InsufficientCredit, credit_account, new_id
 from .metering import Paid, call_row, log, log_call, relay_stream, respond
 from .payments import x402
@@ -437,24 +438,24 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
 
 def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseException) -> None:
     """The call will not be served: nobody is charged. Money that already moved becomes credit.
-    A payment the chain refused is never tried again; any other may pay a retry of this call."""
+    A payment the chain refused is never tried again; any other may pay a retry of this call. One
+    transaction, and only while the payment is still reserved: a call charged already, or given
+    back by another process (``Gateway.give_back_abandoned_payments``), is not undone twice."""
     reason = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
+    if paid.scheme.prepaid:
+        to, error = PaymentState.SETTLED, f"not served: {reason}"  # (its money moved: it stays, as credit)
+    elif isinstance(exc, PaymentInvalid) and exc.code not in ("debt_outstanding", "amount_insufficient"):
+        to, error = PaymentState.REFUSED, f"{exc.code}: {reason}"
+    else:
+        to, error = PaymentState.RELEASED, f"not served: {reason}"
+    attempts = encode_attempts(exc.attempts) if isinstance(exc, UpstreamError) else None
+    row = call_row(call_id, paid, call, status="failed", error=reason, attempts=attempts, finished_at=time.time())
     try:
-        if gw.free is not None and paid.scheme is gw.free.scheme:
+        deposit = paid.payment.amount if paid.scheme.prepaid else 0
+        undone = gw.store.undo_call(
+            paid.payment_id, to, error, account=paid.account, held=paid.held, deposit=deposit, row=row
+        )
+        if undone and gw.free is not None and paid.scheme is gw.free.scheme:
             gw.free.give_back(paid.payment)
-        if paid.held:
-            gw.store.release_credit(paid.account, paid.held, call_id=call_id)
-        if paid.scheme.prepaid:
-            gw.store.settle_call_credit(
-                paid.account, deposit=paid.payment.amount, held=0, cost=0, call_id=call_id, payment_id=paid.payment_id
-            )
-            gw.store.mark_prepaid(paid.payment_id)
-        elif isinstance(exc, PaymentInvalid) and exc.code not in ("debt_outstanding", "amount_insufficient"):
-            gw.store.refuse(paid.payment_id, f"{exc.code}: {reason}")
-        else:
-            gw.store.release(paid.payment_id, f"not served: {reason}")
-        attempts = encode_attempts(exc.attempts) if isinstance(exc, UpstreamError) else None
-        row = call_row(call_id, paid, call, status="failed", error=reason, attempts=attempts, finished_at=time.time())
-        gw.store.insert_call(row)
     except Exception:  # undoing must not mask the original error
         log.exception("could not undo the payment of call %s", call_id)

@@ -510,6 +510,16 @@ def test_a_call_a_crash_left_unanswered_gives_back_what_it_held_once(db_url):
         assert sorted(results) == [False, True]  # one of the two gives it back
 
     assert store.credit_balance(account) == 1_000 + 500  # each hold released once; the transfer is credit
+    late = store.undo_call(  # the call's own undo, had its process lived on: nothing more
+        first.payment_id,
+        "released",
+        "late",
+        account=account,
+        held=100,
+        deposit=0,
+        row=call_row("c-retry", "", "failed"),
+    )
+    assert late is False and store.credit_balance(account) == 1_000 + 500
     assert {store.payment(pid)["state"] for pid in found} == {"settled", "released"}
     assert store.payment(transfer_id)["state"] == "settled" and store.payment(first.payment_id)["state"] == "released"
     assert abandoned() == {}

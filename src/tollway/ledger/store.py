@@ -104,6 +104,7 @@ ABANDONED_STREAMS = (  # (by ix_calls_streaming, which only a query naming its c
     "SELECT c.id, c.payment_id, c.model, c.upstream, c.quote, c.prompt_bound, c.events, c.paid, c.from_credit,"
     " p.scheme, p.state AS payment_state, p.proof, p.amount, p.network, p.asset, p.payer, p.channel"
     f" FROM calls c JOIN payments p ON c.payment_id = p.id WHERE c.{OPEN_STREAM} AND c.created_at < :before"
+    " AND p.state NOT IN ('released', 'refused')"  # (a stream undone before it began: nothing to meter)
 )
 ABANDONED_PAYMENTS = (
     "SELECT id, scheme, network, asset, payer, amount FROM payments p WHERE state = 'reserved' AND updated_at < :before"
@@ -358,11 +359,41 @@ class Store:
         return self._undo(payment_id, PaymentState.REFUSED, error)
 
     def _undo(self, payment_id: str, to: PaymentState, error: str) -> bool:
-        """A reserved payment's call will not be served: the payment moves to ``to`` and a channel
-        it took is free again."""
         with self._sql() as c:
-            channels.free(c, payment_id)
-            return self._moved(c, payment_id, PaymentState.RESERVED, to, error=error)
+            return self._undone(c, payment_id, to, error)
+
+    def _undone(self, c: sql.Cursor, payment_id: str, to: PaymentState, error: str) -> bool:
+        """Inside ``c``: a reserved payment's call will not be served — the payment moves to ``to``
+        and a channel it took is free again. False, and nothing done, if it was not reserved."""
+        if not self._moved(c, payment_id, PaymentState.RESERVED, to, error=error):
+            return False
+        channels.free(c, payment_id)
+        return True
+
+    def undo_call(
+        self,
+        payment_id: str,
+        to: PaymentState,
+        error: str,
+        *,
+        account: str,
+        held: int,
+        deposit: int,
+        row: dict[str, Any],
+    ) -> bool:
+        """A call will not be served, at once: its payment moves to ``to`` (see ``_undone``), the
+        credit ``held`` for it is released, a prepaid payment's ``deposit`` becomes credit, and the
+        call is recorded (``row``). Nothing is done — False — if the payment was not reserved: the
+        call was charged already, or another process gave the payment back (``give_back``)."""
+        with self._sql() as c:
+            if not self._undone(c, payment_id, to, error):
+                return False
+            if held or deposit:
+                entries = [(EntryKind.RELEASE, held), (EntryKind.DEPOSIT, deposit)]
+                self._post(c, account, entries, call_id=row["id"], payment_id=payment_id)
+            row = {"created_at": time.time(), **row}
+            c.run(sql.insert("calls", row) + " ON CONFLICT (id) DO NOTHING", row)  # (a stream's own row stays)
+        return True
 
     def mark_prepaid(self, payment_id: str) -> bool:
         """A payment whose money moved before the call (a transfer, or credit): nothing to settle."""
@@ -709,9 +740,7 @@ class Store:
         payment_id = payment["id"]
         account = credit_account(payment["network"], payment["asset"], payment["payer"])
         with self._sql() as c:
-            channels.free(c, payment_id)
-            to = PaymentState.SETTLED if prepaid else PaymentState.RELEASED
-            if not self._moved(c, payment_id, PaymentState.RESERVED, to, error=error):
+            if not self._undone(c, payment_id, PaymentState.SETTLED if prepaid else PaymentState.RELEASED, error):
                 return False
             refs = {"account": account, "payment_id": payment_id}
             for hold in c.dicts(HELD_FOR_PAYMENT, refs):

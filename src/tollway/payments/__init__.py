@@ -22,6 +22,10 @@ SCHEMES: dict[str, str] = {
     "mpp-hash": "tollway.payments.transfer:hash_from_settings",
 }
 
+# The schemes whose money moved before the call (a transfer; credit and the free tier move none):
+# a call of theirs that is not served leaves its payment settled, its amount as credit.
+PREPAID = frozenset({"credit", "transfer", "mpp-hash", "free"})
+
 
 def build_scheme(name: str, ctx: Context) -> PaymentScheme:
     try:
