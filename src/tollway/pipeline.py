@@ -130,7 +130,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
         await confirm(gw, paid, paid.owed)  # on chain, before the upstream is asked anything
         opened = await forward(gw, call, paid, request)
         call = billed_at(gw, call.member(opened.model), opened.upstream)  # (the model and upstream that served it)
-        if not call.stream and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
+        if not call.stream and paid.scheme.lapses and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
         expected = expected_cache(gw, call, opened.upstream)
         if call.stream:  # settle (a payment of the bound) → relay → meter (→ settle, a metered one)

@@ -487,3 +487,15 @@ def test_one_refund_asked_twice_at_once_refunds_once(channel_gateway, devnet, ch
     assert int(refunded[0]["amount"]) == channel["refunded"] and channel["busy"] is None
     cost = payer_channel(channel_gateway, account.address)["charged"]
     assert chain.balance(account.address) == 100_000_000 - cost  # everything but the charge back, once
+
+
+def test_a_deposit_call_whose_upstream_answers_slowly_is_served_once_deposited(channel_gateway, devnet, chain):
+    """A call that ran long is checked on chain again before its answer is released; a channel's
+    deposit, in the escrow by then, is not made (nor simulated) a second time."""
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    slow = chat_body("a slow answer", max_tokens=16) | {"mock": {"latency": 0.6}}  # (recheck_after_seconds: 0.25)
+    r = payer.call(channel_gateway, slow)
+    assert r.status_code == 200, r.text
+    channel = payer_channel(channel_gateway, payer.account.address)
+    assert escrow_channel(chain, channel["id"])[0] == channel["balance"] > 0  # deposited once
+    assert payer.call(channel_gateway, slow).status_code == 200  # and its vouchers pay as before

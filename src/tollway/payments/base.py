@@ -99,6 +99,10 @@ class PaymentScheme(Protocol):
     network: str
     metered: bool  # pays the metered cost (priced at the metered output cap), not the bound
     prepaid: bool  # the money moved before the call (a transfer; credit moves none)
+    # Its funds can move, or its authorization be cancelled, while the call runs: a call that ran
+    # long is confirmed again before its answer leaves (not credit, a transfer, nor a channel's
+    # voucher: the escrow holds its deposit past the withdrawal delay).
+    lapses: bool
 
     def offer(self, amount: int) -> Offer:
         """The ``accepts`` entry to put in a 402 for this amount."""

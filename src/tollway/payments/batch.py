@@ -60,6 +60,7 @@ class BatchSettlementEvm(TokenScheme):
     name = "batch-settlement"
     metered = True
     prepaid = False
+    lapses = False
 
     def __init__(
         self,

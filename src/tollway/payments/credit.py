@@ -20,6 +20,7 @@ class CreditScheme:
     rails = ("x402",)
     metered = True
     prepaid = True
+    lapses = False
 
     def __init__(self, *, chain_id: int, token: str, payee: str, timeout: int) -> None:
         self.chain_id = chain_id

@@ -86,6 +86,7 @@ class ExactEvm(TokenScheme):
     rails = ("x402", "mpp")  # (MPP's charge credential of type authorization)
     metered = False
     prepaid = False
+    lapses = True
 
     def __init__(self, **where: Any) -> None:
         super().__init__(**where)

@@ -29,6 +29,7 @@ class TransferScheme:
     rails = ("x402",)
     metered = False
     prepaid = True
+    lapses = False
 
     def __init__(
         self, *, chain: Chain, chain_id: int, token: str, payee: str, confirmations: int, timeout: int

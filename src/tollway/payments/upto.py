@@ -53,6 +53,7 @@ class UptoEvm(TokenScheme):
     name = "upto"
     metered = True
     prepaid = False
+    lapses = True
 
     def __init__(self, **where: Any) -> None:
         super().__init__(**where)
