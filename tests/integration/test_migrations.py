@@ -228,12 +228,13 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
     engine = make_engine(empty_db)
     try:
         migrations.migrate(engine)
-        params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t", "before": 0}
+        params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t", "before": 0, "limit": 1}
         queries = {
             store.OWED: "ix_payments_owed",
             store.UNCONFIRMED: "ix_payments_owed",
             "SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'": "ix_payments_tx_id",
             store.ABANDONED_STREAMS: "ix_calls_streaming",
+            store.ABANDONED_PAYMENTS: "ix_payments_state",
         }
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":

@@ -112,7 +112,8 @@ ABANDONED_PAYMENTS = (
     " ORDER BY updated_at LIMIT :limit"
 )
 # (call, what is still held for it): a call's holds, posted with its payment, less what was
-# released for the call since (an undo releases before it moves the payment)
+# released for the call since (by an undo of tollway before 0009, which released first and moved
+# the payment after, in transactions of their own)
 HELD_FOR_PAYMENT = (
     "SELECT h.call_id, -SUM(h.amount) - (SELECT COALESCE(SUM(r.amount), 0) FROM credit_entries r"
     " WHERE r.account = :account AND r.call_id = h.call_id AND r.kind = 'release') AS held FROM credit_entries h"
