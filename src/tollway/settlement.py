@@ -268,6 +268,7 @@ class Settler:
             return
         new = self.store.replace_transaction(
             row["id"],
+            row["hashes"],  # (only if none was added since: one of those might be the one mined)
             lambda nonce: self._signed(row["sender"], nonce, row["to"], bytes.fromhex(row["data"][2:]), row["gas"]),
         )
         if new is not None:
@@ -334,8 +335,7 @@ class Settler:
             if row["purpose"] == "settlement":
                 settlements.append((row, tx_hash, receipt, ok))
             elif row["purpose"] == "payout":
-                if self.store.transaction_mined(row["id"], tx_hash, ok):  # (once, whichever replica comes first)
-                    self.store.conclude_payouts(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
+                self.store.payouts_mined(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
             elif row["purpose"] == "claim":
                 if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
                     log.error("claim %s reverted: its channels will be claimed again", tx_hash)

@@ -295,7 +295,7 @@ def test_a_reverted_payout_is_refunded_once_across_replicas(db_url):
     def conclude(store: Store) -> None:
         barrier.wait()
         for _ in range(3):
-            store.conclude_payouts(tx_id, "0xmined", ok=False, error="payout transaction reverted")
+            store.payouts_mined(tx_id, "0xmined", ok=False, error="payout transaction reverted")
 
     run_concurrently(conclude, stores)
     assert stores[0].credit_balance(account) == 1000
@@ -539,3 +539,42 @@ def call_row(call_id: str, payment_id: str, status: str) -> dict:
         "paid": 0,
         "from_credit": 0,
     }
+
+
+def test_a_stream_undone_as_it_began_is_not_metered_again_later(db_url):
+    """A call undone after its stream's row was written (the stream never ran): the row is failed
+    with the undo, so the hunt for streams a crash left open does not meter it (and release the
+    credit held for it) a second time."""
+    from tollway.ledger.store import credit_account
+
+    store = Store(db_url)
+    row = payment(amount=0) | {"scheme": "credit"}
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    store.release_credit(account, 1_000, call_id="funding")
+    locked = store.lock(row, account, 300, call_id="c-undone", must_hold=True)
+    store.insert_call(call_row("c-undone", locked.payment_id, "streaming"))
+    undone = call_row("c-undone", locked.payment_id, "failed") | {"error": "boom", "finished_at": time.time()}
+    assert store.undo_call(locked.payment_id, "settled", "boom", account=account, held=300, deposit=0, row=undone)
+    assert store.receipt("c-undone")["status"] == "failed"
+    assert all(s["id"] != "c-undone" for s in store.abandoned_streams(float("inf")))
+    assert store.credit_balance(account) == 1_000
+
+
+def test_a_transaction_is_replaced_once_and_never_after_it_moved_or_was_signed_anew(db_url):
+    """Its nonce was taken elsewhere: two replicas replacing it at once queue one replacement; one
+    mined, or bumped (a new signature, maybe the one mined), meanwhile is not replaced at all."""
+    stores = [Store(db_url), Store(db_url)]
+    address = sender(stores[0])
+    pids = [stores[0].reserve(payment()) for _ in range(3)]
+    txs = [settling(stores[0], pid, address) for pid in pids]
+    replaced: list = []
+    run_concurrently(
+        lambda s, out=replaced: out.append(s.replace_transaction(txs[0]["id"], txs[0]["hashes"], signer("0xnew"))),
+        stores,
+    )
+    new = [r for r in replaced if r is not None]
+    assert len(new) == 1 and stores[0].payment(pids[0])["tx_id"] == new[0]["id"]
+    assert stores[0].transaction_mined(txs[1]["id"], txs[1]["tx_hash"], True)
+    assert stores[0].replace_transaction(txs[1]["id"], txs[1]["hashes"], signer("0xlate")) is None  # mined
+    assert stores[0].replace_transaction(txs[2]["id"], "0xolder", signer("0xlate")) is None  # signed anew since
+    assert stores[0].payment(pids[2])["tx_id"] == txs[2]["id"]

@@ -120,6 +120,12 @@ HELD_FOR_PAYMENT = (
     " WHERE h.account = :account AND h.payment_id = :payment_id AND h.kind = 'hold' GROUP BY h.call_id"
 )
 DEPOSITED = "SELECT 1 FROM credit_entries WHERE account = :account AND payment_id = :payment_id AND kind = 'deposit'"
+# A call undone as its stream began has a row already: it is failed too, or it would be metered
+# later as a stream a crash left open (and the credit held for it released a second time).
+FAIL_STREAM_ROW = (
+    " ON CONFLICT (id) DO UPDATE SET status = excluded.status, error = excluded.error,"
+    f" finished_at = excluded.finished_at WHERE calls.{OPEN_STREAM}"
+)
 TAKE_NONCE = "UPDATE settler_nonces SET next_nonce = next_nonce + 1 WHERE address = :address RETURNING next_nonce"
 MOVED = "id = :b_id AND state = :b_from"
 STREAMING = f"id = :b_id AND {OPEN_STREAM}"
@@ -393,7 +399,7 @@ class Store:
                 entries = [(EntryKind.RELEASE, held), (EntryKind.DEPOSIT, deposit)]
                 self._post(c, account, entries, call_id=row["id"], payment_id=payment_id)
             row = {"created_at": time.time(), **row}
-            c.run(sql.insert("calls", row) + " ON CONFLICT (id) DO NOTHING", row)  # (a stream's own row stays)
+            c.run(sql.insert("calls", row) + FAIL_STREAM_ROW, row)
         return True
 
     def mark_prepaid(self, payment_id: str) -> bool:
@@ -626,21 +632,23 @@ class Store:
                 {"limit": limit},
             )
 
-    def replace_transaction(self, tx_id: str, sign: SignTx) -> dict[str, Any] | None:
-        """Another transaction of our sender used this one's nonce (the key was used elsewhere):
-        queue the same call again with a new nonce, and point what it settles or pays at it."""
+    def replace_transaction(self, tx_id: str, hashes: str, sign: SignTx) -> dict[str, Any] | None:
+        """Another transaction of our sender used this one's nonce (the key was used elsewhere), and
+        none of its signatures ``hashes`` was mined: queue the same call again with a new nonce, and
+        point what it still settles or pays at it. None if the row moved, or was signed anew (bumped),
+        meanwhile: another process is on it, and its new signature may be the one mined."""
         with self._sql() as c:
-            old = c.row("SELECT purpose, sender, state FROM transactions WHERE id = :id", {"id": tx_id})
-            if old is None or old[2] not in OPEN:
-                return None
-            c.run(
-                "UPDATE transactions SET state = 'replaced', updated_at = :now WHERE id = :id",
-                {"now": time.time(), "id": tx_id},
+            old = c.row(  # (the move first: it takes the row, and only one process replaces it)
+                "UPDATE transactions SET state = 'replaced', updated_at = :now"
+                " WHERE id = :id AND state IN ('queued', 'sent') AND hashes = :hashes RETURNING purpose, sender",
+                {"now": time.time(), "id": tx_id, "hashes": hashes},
             )
+            if old is None:  # mined, or replaced, by another process meanwhile: nothing to send again
+                return None
             new = self._enqueue(c, old[0], old[1], sign)
             moved = {"new": new["id"], "hash": new["tx_hash"], "old": tx_id}
-            c.run("UPDATE payments SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old", moved)
-            c.run("UPDATE payouts SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old", moved)
+            c.run("UPDATE payments SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'settling'", moved)
+            c.run("UPDATE payouts SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'sending'", moved)
             c.run("UPDATE channels SET claim_tx = :new WHERE claim_tx = :old", moved)
         return new
 
@@ -1011,28 +1019,35 @@ class Store:
             return False
         return True
 
-    def conclude_payouts(self, tx_id: str, tx_hash: str, ok: bool, error: str = "") -> None:
-        """The payout transaction ``tx_id`` was mined: its payouts are sent, or — reverted — failed
-        and refunded to credit. Each row moves once, whichever replica gets there first."""
-        now = time.time()
+    def payouts_mined(self, tx_id: str, tx_hash: str, ok: bool, error: str = "") -> bool:
+        """The payout transaction ``tx_id`` was mined (``tx_hash``): it is concluded and its payouts
+        are sent, or — reverted — failed and refunded to credit, in one transaction, once (False:
+        another process concluded it)."""
         with self._sql() as c:
-            rows = c.dicts(
-                "SELECT id, account, amount FROM payouts WHERE tx_id = :tx_id AND state = 'sending'", {"tx_id": tx_id}
+            if not self._mined(c, tx_id, tx_hash, ok):
+                return False
+            self._conclude_payouts(c, tx_id, tx_hash, ok, error)
+        return True
+
+    def _conclude_payouts(self, c: sql.Cursor, tx_id: str, tx_hash: str, ok: bool, error: str) -> None:
+        now = time.time()
+        rows = c.dicts(
+            "SELECT id, account, amount FROM payouts WHERE tx_id = :tx_id AND state = 'sending'", {"tx_id": tx_id}
+        )
+        for row in rows:
+            moved = c.run(
+                "UPDATE payouts SET state = :state, tx_hash = :hash, error = :error, updated_at = :now"
+                " WHERE id = :id AND state = 'sending'",
+                {
+                    "state": "sent" if ok else "failed",
+                    "hash": tx_hash,
+                    "error": error or None,
+                    "now": now,
+                    "id": row["id"],
+                },
             )
-            for row in rows:
-                moved = c.run(
-                    "UPDATE payouts SET state = :state, tx_hash = :hash, error = :error, updated_at = :now"
-                    " WHERE id = :id AND state = 'sending'",
-                    {
-                        "state": "sent" if ok else "failed",
-                        "hash": tx_hash,
-                        "error": error or None,
-                        "now": now,
-                        "id": row["id"],
-                    },
-                )
-                if moved == 1 and not ok:
-                    self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
+            if moved == 1 and not ok:
+                self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
 
     # -- idempotent requests ---------------------------------------------------------------------
 
