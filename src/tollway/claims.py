@@ -36,6 +36,7 @@ from .settlement import Settler, Signing
 log = logging.getLogger("tollway.claims")
 
 PENDING_WITHDRAWALS = keccak(b"pendingWithdrawals(bytes32)")[:4]
+CHANNELS = keccak(b"channels(bytes32)")[:4]
 CLAIM_GAS = 120_000  # a claim transaction: the multicall and the sweep ...
 CLAIM_GAS_PER_CHANNEL = 60_000  # ... and each channel it claims
 
@@ -52,9 +53,11 @@ class Claimer:
         threshold: int,
         watch_every: float,
         batch: int,
+        refund_wait: float,
     ) -> None:
         self.store, self.chain, self.settler, self.scheme = store, chain, settler, scheme
         self.interval, self.threshold, self.watch_every, self.batch = interval, threshold, watch_every, batch
+        self.refund_wait = refund_wait  # the longest a refund's request waits for it to be mined
         self.last_claim = time.monotonic()
 
     async def run(self) -> None:
@@ -69,6 +72,7 @@ class Claimer:
         """One pass: watch for withdrawals, then claim if it is time. Returns the claim queued, if any."""
         s = self.scheme
         await self.watch()
+        await self.conclude_refunds()
         rows = self.store.claimable_channels(s.network, s.token.lower(), self.batch)
         if not rows:
             return None
@@ -114,6 +118,18 @@ class Claimer:
             if initiated and self.store.channel_withdrawing(row["id"], initiated):
                 log.warning("the payer of channel %s started a withdrawal: claiming it now", row["id"])
 
+    async def conclude_refunds(self) -> None:
+        """Channels still held for a refund whose request ended before it read the outcome (it
+        stopped waiting, or its process stopped): once no refund is open in the outbox, the escrow
+        says what each holds (``Store.refund_concluded``), and it takes vouchers again."""
+        left = self.store.refunds_left(time.time() - self.refund_wait)
+        if not left or self.store.refund_open():
+            return
+        for row in left:
+            balance, claimed = await escrowed(self.chain, bytes.fromhex(row["id"][2:]))
+            if self.store.refund_concluded(row["id"], row["busy"], balance=balance, claimed=claimed):
+                log.warning("channel %s: a refund its request did not see end is concluded from the escrow", row["id"])
+
     def _claim(self, row: dict[str, Any]) -> ch.Claim:
         return ch.Claim(
             config=ch.decode_config(json.loads(row["config"])),
@@ -142,3 +158,9 @@ class Claimer:
 
     def _tx(self, data: bytes) -> dict[str, str]:
         return {"from": self.settler.address, "to": ch.BATCH_SETTLEMENT_ADDRESS, "data": "0x" + data.hex()}
+
+
+async def escrowed(chain: Chain, cid: bytes) -> tuple[int, int]:
+    """(balance, totalClaimed) of a channel in the escrow."""
+    raw = await chain.call(ch.BATCH_SETTLEMENT_ADDRESS, CHANNELS + cid)
+    return int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import signin
+from .claims import escrowed
 from .errors import NotFound, PaymentInvalid, PaymentRequired
 from .gateway import Gateway
 from .keccak import keccak
@@ -27,7 +28,6 @@ from .payments import x402
 from .payments.batch import PREFIX, BatchSettlementEvm, state
 
 REFUND_NONCE = keccak(b"refundNonce(bytes32)")[:4]
-CHANNELS = keccak(b"channels(bytes32)")[:4]
 
 
 async def status(request: Request, gw: Gateway) -> Response:
@@ -77,7 +77,7 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
         raise scheme.channel_refused(refused) from None
     sending = False  # once the refund is sent, the channel stays taken even if we stop waiting for it
     try:
-        held, _ = await escrowed(gw, cid)  # (the escrow's word: a deposit may be mined that we did not count)
+        held, _ = await escrowed(gw.chain, cid)  # (the escrow's word: a deposit may be mined that we did not count)
         remainder = held - taken["charged"]
         amount = remainder if p.refund_amount is None else p.refund_amount
         if remainder <= 0 or amount > remainder:
@@ -95,6 +95,7 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
             ]
         signature = scheme.sign(ch.refund_digest(cid, nonce, amount, scheme.chain_id))
         calls.append(ch.refund_with_signature_calldata(p.config, amount, nonce, signature))
+        gw.store.refund_sending(channel_id, holder)  # (held until the escrow says how it ended)
         sending = True
         mined = await gw.settler.send(
             "refund",
@@ -105,7 +106,7 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
         if mined is None:
             sending = False
             raise PaymentInvalid("the refund reverted on chain", code=PREFIX + "refund_transaction_failed")
-        balance, claimed = await escrowed(gw, cid)
+        balance, claimed = await escrowed(gw.chain, cid)
         refunded = max(held - balance, 0)
         after = gw.store.refunded(channel_id, holder, balance=balance, claimed=claimed, refunded=refunded)
     except BaseException:
@@ -118,9 +119,3 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
     )
     body = {"message": "Refund acknowledged", "channelId": channel_id, "amount": str(refunded)}
     return JSONResponse(body, headers={x402.PAYMENT_RESPONSE: response})
-
-
-async def escrowed(gw: Gateway, cid: bytes) -> tuple[int, int]:
-    """(balance, totalClaimed) of a channel in the escrow."""
-    raw = await gw.chain.call(ch.BATCH_SETTLEMENT_ADDRESS, CHANNELS + cid)
-    return int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")

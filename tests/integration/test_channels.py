@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -499,3 +501,54 @@ def test_a_deposit_call_whose_upstream_answers_slowly_is_served_once_deposited(c
     channel = payer_channel(channel_gateway, payer.account.address)
     assert escrow_channel(chain, channel["id"])[0] == channel["balance"] > 0  # deposited once
     assert payer.call(channel_gateway, slow).status_code == 200  # and its vouchers pay as before
+
+
+def test_a_refund_its_request_did_not_see_end_holds_the_channel_until_the_escrow_says_how_it_ended(
+    channel_gateway, devnet, chain
+):
+    """A refund was sent, and its request ended before it read the outcome (it stopped waiting, or
+    its process stopped): the channel takes no voucher meanwhile — the ledger's balance may be
+    above the escrow's — and once no refund is left in the outbox, the escrow's balance is the
+    channel's, and it takes vouchers again."""
+    from tollway.ledger.channels import REFUND_IN_FLIGHT
+
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    assert payer.call(channel_gateway, chat_body("open it", max_tokens=16)).status_code == 200
+    channel = payer_channel(channel_gateway, payer.account.address)
+    escrow = escrow_channel(chain, channel["id"])[0]
+    with channel_gateway.store.engine.begin() as c:  # (as a refund of 12345 the ledger never heard of leaves it)
+        c.execute(
+            text(
+                "UPDATE channels SET balance = balance + 12345, busy = 'a-refund', busy_until = :sent_long_ago"
+                " WHERE id = :id"
+            ),
+            {"sent_long_ago": REFUND_IN_FLIGHT + time.time() - 3600, "id": channel["id"]},
+        )
+    concluded = wait_for(lambda: (row := channel_gateway.store.channel(channel["id"]))["busy"] is None and row)
+    assert concluded["balance"] == escrow and concluded["refunded"] == channel["refunded"] + 12345
+    assert payer.call(channel_gateway, chat_body("and on", max_tokens=16)).status_code == 200
+
+
+def test_a_refund_sent_holds_its_channel_while_it_is_open_in_the_outbox(channel_gateway, devnet, chain):
+    """While a refund transaction is still open in the outbox, a channel whose refund request ended
+    stays held: the escrow cannot tell yet how the refund ends."""
+    from tollway.ledger.channels import REFUND_IN_FLIGHT
+
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    assert payer.call(channel_gateway, chat_body("open it", max_tokens=16)).status_code == 200
+    channel = payer_channel(channel_gateway, payer.account.address)
+    store = channel_gateway.store
+    stand_in = "0x" + uuid.uuid4().hex[:40]  # (a sender of its own: the gateway's nonces are left alone)
+    store.sync_settler_nonce(stand_in, 0)
+    columns = {"to": BATCH_SETTLEMENT_ADDRESS, "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x"}
+    refund = store.queue_transaction("refund", stand_in, lambda nonce: {**columns, "tx_hash": f"0x{nonce:064x}"})
+    with store.engine.begin() as c:
+        c.execute(
+            text("UPDATE channels SET busy = 'b-refund', busy_until = :sent_long_ago WHERE id = :id"),
+            {"sent_long_ago": REFUND_IN_FLIGHT + time.time() - 3600, "id": channel["id"]},
+        )
+    time.sleep(1.5)  # several claimer passes (every 0.3 s)
+    assert store.channel(channel["id"])["busy"] == "b-refund"
+    assert store.transaction_mined(refund["id"], refund["tx_hash"], False)  # (it reverted: the escrow is as it was)
+    concluded = wait_for(lambda: (row := store.channel(channel["id"]))["busy"] is None and row)
+    assert concluded["balance"] == escrow_channel(chain, channel["id"])[0] == channel["balance"]

@@ -946,6 +946,32 @@ class Store:
             c.run(channels.REFUNDED, {**params, "now": time.time()})
             return c.dicts(channels.STATE, {"id": channel_id})[0]
 
+    def refund_sending(self, channel_id: str, holder: str) -> None:
+        """A refund is about to be sent: its channel stays held until its outcome is known
+        (``refunded``), whenever the request that sends it ends (see ``channels.REFUND_IN_FLIGHT``)."""
+        with self._sql() as c:
+            params = {"id": channel_id, "holder": holder, "flight": channels.REFUND_IN_FLIGHT, "now": time.time()}
+            c.run(channels.REFUND_SENDING, params)
+
+    def refunds_left(self, sent_before: float) -> list[dict[str, Any]]:
+        """Channels held for a refund sent before ``sent_before`` (``refund_sending``) and not
+        concluded since: (id, busy — the refund's holder)."""
+        with self._sql() as c:
+            return c.dicts(channels.REFUNDS_LEFT, {"flight": channels.REFUND_IN_FLIGHT, "before": sent_before})
+
+    def refund_open(self) -> bool:
+        """Whether a refund transaction is still in the outbox (queued or sent)."""
+        with self._sql() as c:
+            q = "SELECT 1 FROM transactions WHERE state IN ('queued', 'sent') AND purpose = 'refund' LIMIT 1"
+            return c.value(q) is not None
+
+    def refund_concluded(self, channel_id: str, holder: str, *, balance: int, claimed: int) -> bool:
+        """A refund's outcome, read from the escrow after its request ended: the channel holds what
+        the escrow says and is free again (False: concluded already)."""
+        with self._sql() as c:
+            params = {"id": channel_id, "holder": holder, "balance": balance, "claimed": claimed, "now": time.time()}
+            return c.run(channels.REFUND_CONCLUDED, params) == 1
+
     def free_channel(self, channel_id: str, holder: str) -> None:
         with self._sql() as c:
             c.run(channels.FREE_HELD, {"id": channel_id, "holder": holder, "now": time.time()})
