@@ -28,6 +28,8 @@ from typing import Any
 
 from .keccak import keccak
 from .ledger import Store
+from .ledger.channels import REFUND_HOLD
+from .ledger.models import TxState
 from .payments import channel as ch
 from .payments.batch import BatchSettlementEvm
 from .payments.chain import Chain, RpcError
@@ -53,11 +55,9 @@ class Claimer:
         threshold: int,
         watch_every: float,
         batch: int,
-        refund_wait: float,
     ) -> None:
         self.store, self.chain, self.settler, self.scheme = store, chain, settler, scheme
         self.interval, self.threshold, self.watch_every, self.batch = interval, threshold, watch_every, batch
-        self.refund_wait = refund_wait  # the longest a refund's request waits for it to be mined
         self.last_claim = time.monotonic()
 
     async def run(self) -> None:
@@ -119,16 +119,17 @@ class Claimer:
                 log.warning("the payer of channel %s started a withdrawal: claiming it now", row["id"])
 
     async def conclude_refunds(self) -> None:
-        """Channels still held for a refund whose request ended before it read the outcome (it
-        stopped waiting, or its process stopped): once no refund is open in the outbox, the escrow
-        says what each holds (``Store.refund_concluded``), and it takes vouchers again."""
-        left = self.store.refunds_left(time.time() - self.refund_wait)
-        if not left or self.store.refund_open():
-            return
-        for row in left:
+        """Channels still held for a refund whose transaction is concluded (mined or reverted) but
+        whose request did not read the outcome (it stopped waiting, or its process stopped): the
+        escrow says what each holds (``Store.refunded``), and it takes vouchers again."""
+        for row in self.store.refunds_left():
+            tx = self.store.transaction(row["busy"].removeprefix(REFUND_HOLD))
+            if tx is None or tx["state"] not in (TxState.MINED, TxState.REVERTED):
+                continue  # (still open: the escrow cannot tell yet)
             balance, claimed = await escrowed(self.chain, bytes.fromhex(row["id"][2:]))
-            if self.store.refund_concluded(row["id"], row["busy"], balance=balance, claimed=claimed):
-                log.warning("channel %s: a refund its request did not see end is concluded from the escrow", row["id"])
+            mined = tx["state"] == TxState.MINED
+            if self.store.refunded(row["id"], row["busy"], balance=balance, claimed=claimed, mined=mined):
+                log.warning("channel %s: its refund %s is concluded from the escrow", row["id"], tx["tx_hash"])
 
     def _claim(self, row: dict[str, Any]) -> ch.Claim:
         return ch.Claim(

@@ -217,7 +217,6 @@ class Gateway:
                 threshold=to_atomic(Fraction(k.claim_threshold_usd), c.decimals),
                 watch_every=k.watch_seconds,
                 batch=k.max_claims_per_transaction,
-                refund_wait=settings.settle_margin_seconds,
             )
             gw._tasks.append(loop.create_task(gw.claimer.run()))
         return gw

@@ -21,11 +21,12 @@ from .claims import escrowed
 from .errors import NotFound, PaymentInvalid, PaymentRequired
 from .gateway import Gateway
 from .keccak import keccak
-from .ledger.channels import ChannelRefused
+from .ledger.channels import REFUND_HOLD, ChannelRefused
 from .ledger.store import new_id
 from .payments import channel as ch
 from .payments import x402
 from .payments.batch import PREFIX, BatchSettlementEvm, state
+from .settlement import Signing
 
 REFUND_NONCE = keccak(b"refundNonce(bytes32)")[:4]
 
@@ -95,20 +96,21 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
             ]
         signature = scheme.sign(ch.refund_digest(cid, nonce, amount, scheme.chain_id))
         calls.append(ch.refund_with_signature_calldata(p.config, amount, nonce, signature))
-        gw.store.refund_sending(channel_id, holder)  # (held until the escrow says how it ended)
-        sending = True
-        mined = await gw.settler.send(
-            "refund",
-            ch.BATCH_SETTLEMENT_ADDRESS,
-            ch.multicall_calldata(calls),
-            timeout=gw.settings.settle_margin_seconds,
-        )
-        if mined is None:
-            sending = False
-            raise PaymentInvalid("the refund reverted on chain", code=PREFIX + "refund_transaction_failed")
+        signing = Signing(gw.settler, ch.BATCH_SETTLEMENT_ADDRESS, ch.multicall_calldata(calls))
+        tx = gw.store.queue_refund(channel_id, holder, gw.settler.address, signing)  # (held until concluded)
+        if tx is None:
+            raise PaymentInvalid(
+                "the channel was taken meanwhile: ask for the refund again", code=PREFIX + "channel_busy"
+            )
+        sending = True  # the hold is the refund's now: the request or the claimer concludes it
+        mined = await gw.settler.mined(tx, timeout=gw.settings.settle_margin_seconds)
         balance, claimed = await escrowed(gw.chain, cid)
+        hold = REFUND_HOLD + tx["id"]
+        after = gw.store.refunded(channel_id, hold, balance=balance, claimed=claimed, mined=mined is not None)
+        if mined is None:
+            raise PaymentInvalid("the refund reverted on chain", code=PREFIX + "refund_transaction_failed")
+        after = after or gw.store.channel(channel_id)  # (the claimer concluded it first)
         refunded = max(held - balance, 0)
-        after = gw.store.refunded(channel_id, holder, balance=balance, claimed=claimed, refunded=refunded)
     except BaseException:
         if not sending:
             gw.store.free_channel(channel_id, holder)

@@ -123,7 +123,10 @@ class Settler:
     async def send(self, purpose: str, to: str, data: bytes, *, timeout: float) -> str | None:
         """Queue a transaction of ours and wait until the worker sees it mined: its hash, or None
         if it reverted. Raises ``ChainUnavailable`` after ``timeout`` (it may still be mined)."""
-        row = self.store.queue_transaction(purpose, self.address, Signing(self, to, data))
+        return await self.mined(self.store.queue_transaction(purpose, self.address, Signing(self, to, data)), timeout)
+
+    async def mined(self, row: dict[str, Any], timeout: float) -> str | None:
+        """Wait until the worker sees the queued transaction ``row`` mined: as ``send``."""
         self.wake()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -131,7 +134,9 @@ class Settler:
             tx = self.store.transaction(row["id"])
             if tx is not None and tx["state"] in (TxState.MINED, TxState.REVERTED):
                 return str(tx["mined_hash"]) if tx["state"] == TxState.MINED else None
-        raise ChainUnavailable(f"the {purpose} transaction {row['tx_hash']} was not mined within {timeout:.0f} s")
+        raise ChainUnavailable(
+            f"the {row['purpose']} transaction {row['tx_hash']} was not mined within {timeout:.0f} s"
+        )
 
     def wake(self) -> None:
         """Something was queued: broadcast it at the next pass (no waiting for the idle poll)."""

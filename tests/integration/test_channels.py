@@ -503,52 +503,78 @@ def test_a_deposit_call_whose_upstream_answers_slowly_is_served_once_deposited(c
     assert payer.call(channel_gateway, slow).status_code == 200  # and its vouchers pay as before
 
 
+def refund_in_flight(gateway: Gateway, channel: dict[str, Any], stand_in: str) -> dict[str, Any]:
+    """A refund transaction queued for ``channel`` (from a sender of its own, ``stand_in``: the
+    gateway's nonces are left alone; its bytes are nothing a node takes), holding the channel."""
+    from tollway.ledger.channels import REFUND_HOLD, REFUND_IN_FLIGHT
+
+    store = gateway.store
+    store.sync_settler_nonce(stand_in, 0)
+    columns = {"to": BATCH_SETTLEMENT_ADDRESS, "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x"}
+    tx = store.queue_transaction("refund", stand_in, lambda nonce: {**columns, "tx_hash": f"0x{nonce:064x}"})
+    with store.engine.begin() as c:
+        c.execute(
+            text("UPDATE channels SET busy = :hold, busy_until = :flight WHERE id = :id"),
+            {"hold": REFUND_HOLD + tx["id"], "flight": REFUND_IN_FLIGHT, "id": channel["id"]},
+        )
+    return tx
+
+
 def test_a_refund_its_request_did_not_see_end_holds_the_channel_until_the_escrow_says_how_it_ended(
     channel_gateway, devnet, chain
 ):
     """A refund was sent, and its request ended before it read the outcome (it stopped waiting, or
-    its process stopped): the channel takes no voucher meanwhile — the ledger's balance may be
-    above the escrow's — and once no refund is left in the outbox, the escrow's balance is the
+    its process stopped): the channel takes no voucher while the refund is open — the ledger's
+    balance may be above the escrow's — and once it is concluded, the escrow's balance is the
     channel's, and it takes vouchers again."""
-    from tollway.ledger.channels import REFUND_IN_FLIGHT
-
-    payer = SdkPayer(chain.fund(100_000_000), devnet)
-    assert payer.call(channel_gateway, chat_body("open it", max_tokens=16)).status_code == 200
-    channel = payer_channel(channel_gateway, payer.account.address)
-    escrow = escrow_channel(chain, channel["id"])[0]
-    with channel_gateway.store.engine.begin() as c:  # (as a refund of 12345 the ledger never heard of leaves it)
-        c.execute(
-            text(
-                "UPDATE channels SET balance = balance + 12345, busy = 'a-refund', busy_until = :sent_long_ago"
-                " WHERE id = :id"
-            ),
-            {"sent_long_ago": REFUND_IN_FLIGHT + time.time() - 3600, "id": channel["id"]},
-        )
-    concluded = wait_for(lambda: (row := channel_gateway.store.channel(channel["id"]))["busy"] is None and row)
-    assert concluded["balance"] == escrow and concluded["refunded"] == channel["refunded"] + 12345
-    assert payer.call(channel_gateway, chat_body("and on", max_tokens=16)).status_code == 200
-
-
-def test_a_refund_sent_holds_its_channel_while_it_is_open_in_the_outbox(channel_gateway, devnet, chain):
-    """While a refund transaction is still open in the outbox, a channel whose refund request ended
-    stays held: the escrow cannot tell yet how the refund ends."""
-    from tollway.ledger.channels import REFUND_IN_FLIGHT
-
     payer = SdkPayer(chain.fund(100_000_000), devnet)
     assert payer.call(channel_gateway, chat_body("open it", max_tokens=16)).status_code == 200
     channel = payer_channel(channel_gateway, payer.account.address)
     store = channel_gateway.store
-    stand_in = "0x" + uuid.uuid4().hex[:40]  # (a sender of its own: the gateway's nonces are left alone)
-    store.sync_settler_nonce(stand_in, 0)
-    columns = {"to": BATCH_SETTLEMENT_ADDRESS, "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x"}
-    refund = store.queue_transaction("refund", stand_in, lambda nonce: {**columns, "tx_hash": f"0x{nonce:064x}"})
-    with store.engine.begin() as c:
-        c.execute(
-            text("UPDATE channels SET busy = 'b-refund', busy_until = :sent_long_ago WHERE id = :id"),
-            {"sent_long_ago": REFUND_IN_FLIGHT + time.time() - 3600, "id": channel["id"]},
-        )
-    time.sleep(1.5)  # several claimer passes (every 0.3 s)
-    assert store.channel(channel["id"])["busy"] == "b-refund"
-    assert store.transaction_mined(refund["id"], refund["tx_hash"], False)  # (it reverted: the escrow is as it was)
+    escrow = escrow_channel(chain, channel["id"])[0]
+    refund = refund_in_flight(channel_gateway, channel, "0x" + uuid.uuid4().hex[:40])
+    with store.engine.begin() as c:  # (as a refund of 12345 the ledger has not heard of yet leaves it)
+        c.execute(text("UPDATE channels SET balance = balance + 12345 WHERE id = :id"), {"id": channel["id"]})
+    time.sleep(1.5)  # several claimer passes (every 0.3 s): open, so held
+    assert store.channel(channel["id"])["busy"] == "refund:" + refund["id"]
+    assert payer.call(channel_gateway, chat_body("not now", max_tokens=16)).status_code == 402  # (busy)
+    assert store.transaction_mined(refund["id"], refund["tx_hash"], True)
+    concluded = wait_for(lambda: (row := store.channel(channel["id"]))["busy"] is None and row)
+    assert concluded["balance"] == escrow and concluded["refunded"] == channel["refunded"] + 12345
+    assert concluded["refund_nonce"] == channel["refund_nonce"] + 1 and concluded["busy_until"] == 0
+    assert all(r["id"] != channel["id"] for r in store.refunds_left())
+    assert payer.call(channel_gateway, chat_body("and on", max_tokens=16)).status_code == 200
+
+
+def test_a_reverted_refund_its_request_did_not_see_end_leaves_the_channel_as_the_escrow_has_it(
+    channel_gateway, devnet, chain
+):
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    assert payer.call(channel_gateway, chat_body("open it", max_tokens=16)).status_code == 200
+    channel = payer_channel(channel_gateway, payer.account.address)
+    store = channel_gateway.store
+    refund = refund_in_flight(channel_gateway, channel, "0x" + uuid.uuid4().hex[:40])
+    assert store.transaction_mined(refund["id"], refund["tx_hash"], False)
     concluded = wait_for(lambda: (row := store.channel(channel["id"]))["busy"] is None and row)
     assert concluded["balance"] == escrow_channel(chain, channel["id"])[0] == channel["balance"]
+    assert (concluded["refunded"], concluded["refund_nonce"]) == (channel["refunded"], channel["refund_nonce"])
+
+
+def test_a_refund_whose_hold_lapsed_is_not_sent(channel_gateway, devnet, chain):
+    """The refund's hold on its channel lapsed before its transaction was queued (the escrow reads
+    took too long) and a call took the channel: nothing is queued, the call keeps the channel."""
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    assert payer.call(channel_gateway, chat_body("open it", max_tokens=16)).status_code == 200
+    channel = payer_channel(channel_gateway, payer.account.address)
+    store = channel_gateway.store
+    taken = store.take_for_refund(channel["id"], channel["charged"], "the-refund", channel["payer"], 0.0)
+    assert taken["busy"] == "the-refund"
+    with store.engine.begin() as c:  # (its hold ran out, and a call took the channel)
+        c.execute(text("UPDATE channels SET busy = 'a-call' WHERE id = :id"), {"id": channel["id"]})
+    stand_in = "0x" + uuid.uuid4().hex[:40]
+    store.sync_settler_nonce(stand_in, 0)
+    sign = lambda nonce: {"to": "0x", "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "tx_hash": "0x1", "raw_tx": "0x"}  # noqa: E731
+    assert store.queue_refund(channel["id"], "the-refund", stand_in, sign) is None
+    assert store.channel(channel["id"])["busy"] == "a-call"
+    assert ledger(channel_gateway, "SELECT count(*) FROM transactions WHERE sender = :s", s=stand_in) == [(0,)]
+    store.free_channel(channel["id"], "a-call")

@@ -51,23 +51,25 @@ TAKE_FOR_REFUND = (  # the refund's voucher is at the charged total, and the cha
     "UPDATE channels SET busy = :holder, busy_until = :until, updated_at = :now"
     " WHERE id = :id AND payer = :payer AND charged = :charged AND (busy IS NULL OR busy_until < :now)"
 )
-REFUNDED = (  # the escrow's balance and claimed total, read once the refund was mined
-    "UPDATE channels SET balance = :balance, claimed = CASE WHEN :claimed > claimed THEN :claimed ELSE claimed END,"
-    " refunded = refunded + :refunded, refund_nonce = refund_nonce + 1, busy = NULL, updated_at = :now"
-    " WHERE id = :id AND busy = :holder"
+# A refund, as its transaction is queued, holds its channel as ``refund:<the transaction's id>``
+# with no end (``REFUND_IN_FLIGHT``) until its outcome is read from the escrow — by its request, or,
+# if that request ended first (it stopped waiting, or its process stopped), by the claimer once the
+# transaction is concluded (``Store.refunds_left``): until then the ledger's balance may be above
+# the escrow's, and no voucher may be taken against it.
+REFUND_HOLD = "refund:"
+REFUND_IN_FLIGHT = 2.0**40  # busy_until: a time no hold reaches
+REFUND_SENDING = (
+    "UPDATE channels SET busy = :refund, busy_until = :flight, updated_at = :now WHERE id = :id AND busy = :holder"
 )
-FREE_HELD = "UPDATE channels SET busy = NULL, updated_at = :now WHERE id = :id AND busy = :holder"
-# A refund about to be sent holds its channel until its outcome is read from the escrow (by the
-# request that sent it, or — if that request ended first — by the claimer: ``Store.refunds_left``):
-# until then the ledger's balance may be above the escrow's, and no voucher may be taken against it.
-REFUND_IN_FLIGHT = 2.0**40  # busy_until: this plus when the refund was sent (a time no hold reaches)
-REFUND_SENDING = "UPDATE channels SET busy_until = :flight + :now, updated_at = :now WHERE id = :id AND busy = :holder"
-REFUNDS_LEFT = "SELECT id, busy FROM channels WHERE busy_until >= :flight AND busy_until < :flight + :before"
-REFUND_CONCLUDED = (  # (what left the channel is what its ledger balance had above the escrow's)
+REFUNDS_LEFT = "SELECT id, busy FROM channels WHERE busy_until >= :flight AND busy IS NOT NULL"
+REFUNDED = (  # the escrow's balance and claimed total, read once the refund was concluded (what left
+    # the channel is what its ledger balance had above the escrow's)
     "UPDATE channels SET refunded = refunded + CASE WHEN balance > :balance THEN balance - :balance ELSE 0 END,"
-    " balance = :balance, claimed = CASE WHEN :claimed > claimed THEN :claimed ELSE claimed END, busy = NULL,"
+    " refund_nonce = refund_nonce + :mined, balance = :balance,"
+    " claimed = CASE WHEN :claimed > claimed THEN :claimed ELSE claimed END, busy = NULL, busy_until = 0,"
     " updated_at = :now WHERE id = :id AND busy = :holder"
 )
+FREE_HELD = "UPDATE channels SET busy = NULL, busy_until = 0, updated_at = :now WHERE id = :id AND busy = :holder"
 WITHDRAWING = "UPDATE channels SET withdraw_at = :at, updated_at = :now WHERE id = :id AND withdraw_at = 0"
 
 

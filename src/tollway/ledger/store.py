@@ -650,6 +650,8 @@ class Store:
             c.run("UPDATE payments SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'settling'", moved)
             c.run("UPDATE payouts SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'sending'", moved)
             c.run("UPDATE channels SET claim_tx = :new WHERE claim_tx = :old", moved)
+            refund = {"new": channels.REFUND_HOLD + new["id"], "old": channels.REFUND_HOLD + tx_id}
+            c.run("UPDATE channels SET busy = :new WHERE busy = :old", refund)
         return new
 
     def transaction(self, tx_id: str) -> dict[str, Any] | None:
@@ -939,38 +941,37 @@ class Store:
         with self._sql() as c:
             return channels.take_for_refund(c, channel_id, charged, holder, payer, hold_seconds)
 
-    def refunded(self, channel_id: str, holder: str, *, balance: int, claimed: int, refunded: int) -> dict[str, Any]:
-        """A refund was mined: the channel holds what the escrow says, and is free again."""
+    def refunded(self, channel_id: str, hold: str, *, balance: int, claimed: int, mined: bool) -> dict[str, Any] | None:
+        """A refund held as ``hold`` was concluded (``mined``, or reverted): the channel holds what the
+        escrow says (read since), and is free again. The channel, or None if the refund was
+        concluded already (by the claimer, or the request)."""
         with self._sql() as c:
-            params = {"id": channel_id, "holder": holder, "balance": balance, "claimed": claimed, "refunded": refunded}
-            c.run(channels.REFUNDED, {**params, "now": time.time()})
+            params = {"id": channel_id, "holder": hold, "balance": balance, "claimed": claimed, "mined": int(mined)}
+            if c.run(channels.REFUNDED, {**params, "now": time.time()}) != 1:
+                return None
             return c.dicts(channels.STATE, {"id": channel_id})[0]
 
-    def refund_sending(self, channel_id: str, holder: str) -> None:
-        """A refund is about to be sent: its channel stays held until its outcome is known
-        (``refunded``), whenever the request that sends it ends (see ``channels.REFUND_IN_FLIGHT``)."""
-        with self._sql() as c:
-            params = {"id": channel_id, "holder": holder, "flight": channels.REFUND_IN_FLIGHT, "now": time.time()}
-            c.run(channels.REFUND_SENDING, params)
+    def queue_refund(self, channel_id: str, holder: str, sender: str, sign: SignTx) -> dict[str, Any] | None:
+        """Queue a channel's refund transaction, and hold the channel for it (``channels.REFUND_HOLD``)
+        until its outcome is read (``refunded``), in one transaction. None, and nothing queued, if
+        the channel is no longer held by ``holder`` (its hold for the refund lapsed)."""
+        try:
+            with self._sql() as c:
+                tx = self._enqueue(c, "refund", sender, sign)
+                params = {"refund": channels.REFUND_HOLD + tx["id"], "flight": channels.REFUND_IN_FLIGHT}
+                if (
+                    c.run(channels.REFUND_SENDING, {**params, "id": channel_id, "holder": holder, "now": time.time()})
+                    != 1
+                ):
+                    raise _Taken
+                return tx
+        except _Taken:
+            return None
 
-    def refunds_left(self, sent_before: float) -> list[dict[str, Any]]:
-        """Channels held for a refund sent before ``sent_before`` (``refund_sending``) and not
-        concluded since: (id, busy — the refund's holder)."""
+    def refunds_left(self) -> list[dict[str, Any]]:
+        """Channels held for a refund not concluded yet: (id, the hold — ``refund:<its transaction>``)."""
         with self._sql() as c:
-            return c.dicts(channels.REFUNDS_LEFT, {"flight": channels.REFUND_IN_FLIGHT, "before": sent_before})
-
-    def refund_open(self) -> bool:
-        """Whether a refund transaction is still in the outbox (queued or sent)."""
-        with self._sql() as c:
-            q = "SELECT 1 FROM transactions WHERE state IN ('queued', 'sent') AND purpose = 'refund' LIMIT 1"
-            return c.value(q) is not None
-
-    def refund_concluded(self, channel_id: str, holder: str, *, balance: int, claimed: int) -> bool:
-        """A refund's outcome, read from the escrow after its request ended: the channel holds what
-        the escrow says and is free again (False: concluded already)."""
-        with self._sql() as c:
-            params = {"id": channel_id, "holder": holder, "balance": balance, "claimed": claimed, "now": time.time()}
-            return c.run(channels.REFUND_CONCLUDED, params) == 1
+            return c.dicts(channels.REFUNDS_LEFT, {"flight": channels.REFUND_IN_FLIGHT})
 
     def free_channel(self, channel_id: str, holder: str) -> None:
         with self._sql() as c:
