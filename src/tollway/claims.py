@@ -2,9 +2,10 @@
 sooner once enough is owed, and at once for a channel whose payer started a timed withdrawal.
 
 Each pass (every ``channels.watch_seconds``, in every replica):
-- reads ``pendingWithdrawals`` on chain for the channels with charges not yet claimed; a channel
+- reads ``pendingWithdrawals`` on chain for the channels holding money not claimed yet (charged or
+  not: a channel all claimed still holds its payer's balance, which vouchers may spend); a channel
   being withdrawn takes no more vouchers and is claimed now (the escrow's withdrawal delay is at
-  least 15 minutes, so a watch every 30 s claims long before the payer can finalise);
+  least 15 minutes, so a watch every 30 s sees it long before the payer can finalise);
 - claims when one is being withdrawn, when ``claim_interval_seconds`` passed since the last claim,
   or when the unclaimed total reaches ``claim_threshold_usd``: one
   ``multicall([claimWithSignature(claims, authorizer's signature), settle(payee, token)])`` for up to
@@ -26,6 +27,7 @@ import logging
 import time
 from typing import Any
 
+from .errors import ChainUnavailable
 from .keccak import keccak
 from .ledger import Store
 from .ledger.channels import REFUND_HOLD
@@ -126,8 +128,12 @@ class Claimer:
             tx = self.store.transaction(row["busy"].removeprefix(REFUND_HOLD))
             if tx is None or tx["state"] not in (TxState.MINED, TxState.REVERTED):
                 continue  # (still open: the escrow cannot tell yet)
-            balance, claimed = await escrowed(self.chain, bytes.fromhex(row["id"][2:]))
             mined = tx["state"] == TxState.MINED
+            try:
+                balance, claimed = await escrowed(self.chain, bytes.fromhex(row["id"][2:]), tx["mined_hash"])
+            except (ChainUnavailable, RpcError) as exc:  # (the next pass asks again; claims go on)
+                log.warning("channel %s: its refund's outcome cannot be read yet: %s", row["id"], exc)
+                continue
             if self.store.refunded(row["id"], row["busy"], balance=balance, claimed=claimed, mined=mined):
                 log.warning("channel %s: its refund %s is concluded from the escrow", row["id"], tx["tx_hash"])
 
@@ -161,7 +167,15 @@ class Claimer:
         return {"from": self.settler.address, "to": ch.BATCH_SETTLEMENT_ADDRESS, "data": "0x" + data.hex()}
 
 
-async def escrowed(chain: Chain, cid: bytes) -> tuple[int, int]:
-    """(balance, totalClaimed) of a channel in the escrow."""
-    raw = await chain.call(ch.BATCH_SETTLEMENT_ADDRESS, CHANNELS + cid)
+async def escrowed(chain: Chain, cid: bytes, after: str | None = None) -> tuple[int, int]:
+    """(balance, totalClaimed) of a channel in the escrow — as of the block that mined the
+    transaction ``after``, if given: a node behind it (one of a load balancer's) answers an error,
+    never the state before it."""
+    block = "latest"
+    if after is not None:
+        receipt = await chain.request("eth_getTransactionReceipt", [after])
+        if not isinstance(receipt, dict) or not receipt.get("blockNumber"):
+            raise ChainUnavailable(f"no receipt for {after} at this node yet")
+        block = receipt["blockNumber"]
+    raw = await chain.call(ch.BATCH_SETTLEMENT_ADDRESS, CHANNELS + cid, block)
     return int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big")

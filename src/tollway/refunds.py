@@ -104,7 +104,7 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
             )
         sending = True  # the hold is the refund's now: the request or the claimer concludes it
         mined = await gw.settler.mined(tx, timeout=gw.settings.settle_margin_seconds)
-        balance, claimed = await escrowed(gw.chain, cid)
+        balance, claimed = await escrowed(gw.chain, cid, mined)  # (as of the refund's block, if mined)
         hold = REFUND_HOLD + tx["id"]
         after = gw.store.refunded(channel_id, hold, balance=balance, claimed=claimed, mined=mined is not None)
         if mined is None:

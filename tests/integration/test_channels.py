@@ -520,6 +520,11 @@ def refund_in_flight(gateway: Gateway, channel: dict[str, Any], stand_in: str) -
     return tx
 
 
+def a_mined_hash(chain: Chain) -> str:
+    """A transaction mined on the devnet (the escrow is read as of its block)."""
+    return "0x" + bytes(chain.w3.eth.get_block("latest")["transactions"][0]).hex()
+
+
 def test_a_refund_its_request_did_not_see_end_holds_the_channel_until_the_escrow_says_how_it_ended(
     channel_gateway, devnet, chain
 ):
@@ -538,7 +543,7 @@ def test_a_refund_its_request_did_not_see_end_holds_the_channel_until_the_escrow
     time.sleep(1.5)  # several claimer passes (every 0.3 s): open, so held
     assert store.channel(channel["id"])["busy"] == "refund:" + refund["id"]
     assert payer.call(channel_gateway, chat_body("not now", max_tokens=16)).status_code == 402  # (busy)
-    assert store.transaction_mined(refund["id"], refund["tx_hash"], True)
+    assert store.transaction_mined(refund["id"], a_mined_hash(chain), True)
     concluded = wait_for(lambda: (row := store.channel(channel["id"]))["busy"] is None and row)
     assert concluded["balance"] == escrow and concluded["refunded"] == channel["refunded"] + 12345
     assert concluded["refund_nonce"] == channel["refund_nonce"] + 1 and concluded["busy_until"] == 0
@@ -554,7 +559,7 @@ def test_a_reverted_refund_its_request_did_not_see_end_leaves_the_channel_as_the
     channel = payer_channel(channel_gateway, payer.account.address)
     store = channel_gateway.store
     refund = refund_in_flight(channel_gateway, channel, "0x" + uuid.uuid4().hex[:40])
-    assert store.transaction_mined(refund["id"], refund["tx_hash"], False)
+    assert store.transaction_mined(refund["id"], a_mined_hash(chain), False)
     concluded = wait_for(lambda: (row := store.channel(channel["id"]))["busy"] is None and row)
     assert concluded["balance"] == escrow_channel(chain, channel["id"])[0] == channel["balance"]
     assert (concluded["refunded"], concluded["refund_nonce"]) == (channel["refunded"], channel["refund_nonce"])
@@ -578,3 +583,29 @@ def test_a_refund_whose_hold_lapsed_is_not_sent(channel_gateway, devnet, chain):
     assert store.channel(channel["id"])["busy"] == "a-call"
     assert ledger(channel_gateway, "SELECT count(*) FROM transactions WHERE sender = :s", s=stand_in) == [(0,)]
     store.free_channel(channel["id"], "a-call")
+
+
+def test_a_channel_all_claimed_whose_payer_starts_a_withdrawal_takes_no_more_vouchers(channel_gateway, devnet, chain):
+    """A channel whose charges are all claimed still holds its payer's balance, which vouchers may
+    spend: its payer's withdrawal is watched for too — else, once finalised, vouchers would be taken
+    against money gone from the escrow."""
+    account = chain.fund(100_000_000, eth=True)  # (it pays gas to withdraw)
+    payer = SdkPayer(account, devnet)
+    assert payer.call(channel_gateway, chat_body("before withdrawing", max_tokens=16)).status_code == 200
+    store = channel_gateway.store
+    channel = wait_for(lambda: (c := payer_channel(channel_gateway, account.address))["claimed"] == c["charged"] and c)
+    config = json.loads(channel["config"])
+    escrow = chain.w3.eth.contract(address=BATCH_SETTLEMENT_ADDRESS, abi=BATCH_SETTLEMENT_ABI)
+    left = channel["balance"] - channel["claimed"]  # (what the escrow still holds for the payer)
+    start = escrow.functions.initiateWithdraw(tuple(config[k] for k in CONFIG_FIELDS), left)
+    tx = start.build_transaction(
+        {"from": account.address, "nonce": chain.w3.eth.get_transaction_count(account.address), "gas": 300_000}
+    )
+    sent = chain.w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+    wait_for(lambda: store.channel(channel["id"])["withdraw_at"] > 0)
+    body = chat_body("while withdrawing", max_tokens=16)
+    refused = pay_voucher(
+        channel_gateway, body, payer, channel["charged"] + int(offer(channel_gateway, body)["amount"])
+    )
+    assert refusal(refused) == (402, "invalid_batch_settlement_evm_channel_not_found")

@@ -38,8 +38,8 @@ CLAIMABLE = (
     " WHERE network = :network AND asset = :asset AND charged > claimed AND claim_tx IS NULL"
     " ORDER BY withdraw_at DESC, charged - claimed DESC LIMIT :limit"
 )
-WATCHED = (
-    "SELECT id, claimed, withdraw_at FROM channels WHERE network = :network AND asset = :asset AND charged > claimed"
+WATCHED = (  # money in the escrow not claimed by us: charged, or not yet (a voucher may spend it)
+    "SELECT id, claimed, withdraw_at FROM channels WHERE network = :network AND asset = :asset AND balance > claimed"
 )
 CLAIMING = "UPDATE channels SET claim_tx = :tx, claim_to = :to, updated_at = :now WHERE id = :id AND claim_tx IS NULL"
 CLAIMED = (  # (a refund may have claimed more meanwhile: claims only ever raise the total)

@@ -978,7 +978,8 @@ class Store:
             c.run(channels.FREE_HELD, {"id": channel_id, "holder": holder, "now": time.time()})
 
     def watched_channels(self, network: str, asset: str) -> list[dict[str, Any]]:
-        """Channels with charges not claimed yet: their payer may start a withdrawal."""
+        """Channels holding money we have not claimed (charged or not): their payer may start a
+        withdrawal, and vouchers against money withdrawn would never be claimed."""
         with self._sql() as c:
             return c.dicts(channels.WATCHED, {"network": network, "asset": asset})
 
