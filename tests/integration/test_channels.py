@@ -585,10 +585,15 @@ def test_a_refund_whose_hold_lapsed_is_not_sent(channel_gateway, devnet, chain):
     store.free_channel(channel["id"], "a-call")
 
 
-def test_a_channel_all_claimed_whose_payer_starts_a_withdrawal_takes_no_more_vouchers(channel_gateway, devnet, chain):
+def test_a_channel_all_claimed_whose_payer_starts_a_withdrawal_takes_no_more_vouchers(
+    channel_gateway, devnet, chain, monkeypatch
+):
     """A channel whose charges are all claimed still holds its payer's balance, which vouchers may
     spend: its payer's withdrawal is watched for too — else, once finalised, vouchers would be taken
-    against money gone from the escrow."""
+    against money gone from the escrow. (The watch reads the channels in batches: of one here.)"""
+    from tollway import claims
+
+    monkeypatch.setattr(claims, "WATCH_BATCH", 1)
     account = chain.fund(100_000_000, eth=True)  # (it pays gas to withdraw)
     payer = SdkPayer(account, devnet)
     assert payer.call(channel_gateway, chat_body("before withdrawing", max_tokens=16)).status_code == 200
