@@ -448,9 +448,9 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
         to, error = PaymentState.REFUSED, f"{exc.code}: {reason}"
     else:
         to, error = PaymentState.RELEASED, f"not served: {reason}"
-    attempts = encode_attempts(exc.attempts) if isinstance(exc, UpstreamError) else None
-    row = call_row(call_id, paid, call, status="failed", error=reason, attempts=attempts, finished_at=time.time())
     try:
+        attempts = encode_attempts(exc.attempts) if isinstance(exc, UpstreamError) else None
+        row = call_row(call_id, paid, call, status="failed", error=reason, attempts=attempts, finished_at=time.time())
         deposit = paid.payment.amount if paid.scheme.prepaid else 0
         undone = gw.store.undo_call(
             paid.payment_id, to, error, account=paid.account, held=paid.held, deposit=deposit, row=row
