@@ -578,3 +578,54 @@ def test_a_transaction_is_replaced_once_and_never_after_it_moved_or_was_signed_a
     assert stores[0].replace_transaction(txs[1]["id"], txs[1]["hashes"], signer("0xlate")) is None  # mined
     assert stores[0].replace_transaction(txs[2]["id"], "0xolder", signer("0xlate")) is None  # signed anew since
     assert stores[0].payment(pids[2])["tx_id"] == txs[2]["id"]
+
+
+def test_attack_a_given_back_payment_pays_nothing_else_and_the_gateway_sends_nothing_for_it(db_url):
+    """A payer hoping a crash makes a payment free: a sign-in given back after a crash is spent
+    (settled, it pays no call again); an exact authorization given back pays only a retry of its own
+    request; and giving back queues no transaction (no gas for a call nobody paid)."""
+    from tollway.ledger.store import credit_account
+
+    store = Store(db_url)
+    by_credit = payment(amount=0) | {"scheme": "credit"}
+    account = credit_account(by_credit["network"], by_credit["asset"], by_credit["payer"])
+    store.release_credit(account, 1_000, call_id="funding")
+    store.lock(by_credit, account, 300, call_id="c-1", must_hold=True)
+    exact = payment(amount=100, digest="request-A") | {"payer": by_credit["payer"]}
+    store.lock(exact, account, 0, call_id="c-2")
+    outbox = len(store.open_transactions("queued"))
+    for row in store.abandoned_payments(float("inf"), limit=10**6):
+        if row["payer"] == by_credit["payer"]:
+            assert store.give_back(row, prepaid=row["scheme"] == "credit", error="stopped")
+    assert store.reserve(by_credit) is None  # the sign-in paid once (it was given back as settled)
+    assert store.reserve(exact | {"request_digest": "request-B"}) is None  # another request: refused
+    assert store.reserve(exact) is not None  # its own request's retry: allowed
+    assert len(store.open_transactions("queued")) == outbox
+    assert store.credit_balance(account) == 1_000
+
+
+def test_attack_a_live_undo_and_a_replicas_give_back_at_once_release_the_hold_once(db_url):
+    """The same abandoned-looking call undone by its own process and given back by another replica
+    at the same moment: one of them wins, the hold comes back once."""
+    from tollway.ledger.store import credit_account
+
+    stores = [Store(db_url), Store(db_url)]
+    row = payment(amount=0) | {"scheme": "credit"}
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    stores[0].release_credit(account, 1_000, call_id="funding")
+    locked = stores[0].lock(row, account, 300, call_id="c-race", must_hold=True)
+    abandoned = next(r for r in stores[1].abandoned_payments(float("inf"), limit=10**6) if r["id"] == locked.payment_id)
+    results: list[bool] = []
+
+    def race(i: int, out: list = results) -> None:
+        if i == 0:
+            undone = call_row("c-race", locked.payment_id, "failed") | {"finished_at": time.time()}
+            out.append(
+                stores[0].undo_call(locked.payment_id, "settled", "x", account=account, held=300, deposit=0, row=undone)
+            )
+        else:
+            out.append(stores[1].give_back(abandoned, prepaid=True, error="stopped"))
+
+    run_concurrently(race, (0, 1))
+    assert sorted(results) == [False, True]
+    assert stores[0].credit_balance(account) == 1_000
