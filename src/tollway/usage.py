@@ -16,7 +16,6 @@ Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_to
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -158,8 +157,7 @@ class UsageEvents:
         data = event.find(b"data:")  # (after an ``event:`` line, in the Messages and Responses APIs)
         if data >= 0 and b'"usage"' in event and (data == 0 or event[data - 1 : data] == b"\n"):
             try:
-                with python_recursion_limit():
-                    doc = json.loads(event[data + 5 :])
+                doc = loads(event[data + 5 :])
             except (ValueError, RecursionError):
                 doc = None
             if isinstance(doc, dict):
@@ -250,8 +248,7 @@ class StreamTail:
             if not line.startswith(b"data:") or containing not in line:
                 continue
             try:
-                with python_recursion_limit():
-                    doc = json.loads(line[5:])
+                doc = loads(line[5:])
             except (ValueError, RecursionError):
                 continue
             if isinstance(doc, dict):
@@ -293,8 +290,7 @@ class StreamTail:
         for line in reversed(self.buf.splitlines()):
             if line.startswith(SUMMARY_PREFIX):
                 try:
-                    with python_recursion_limit():
-                        hops = json.loads(line[len(SUMMARY_PREFIX) :]).get("cache")
+                    hops = loads(line[len(SUMMARY_PREFIX) :]).get("cache")
                 except (ValueError, AttributeError, RecursionError):
                     return []
                 return [h for h in hops if isinstance(h, dict)][:16] if isinstance(hops, list) else []

@@ -9,7 +9,6 @@ bytes (the whole body when not streaming). Anything that fails before that raise
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +24,7 @@ from ..client.payer import PaymentRefused
 from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamUnavailable, truncate
-from ..jsonbytes import python_recursion_limit
+from ..jsonbytes import loads
 from ..usage import Usage, parse_usage, stream_error
 from .h1 import h1_transport
 
@@ -108,8 +107,7 @@ def make_paying_client(s: UpstreamSettings) -> CookielessClient:
 def generation_usage(body: bytes) -> Usage | None:
     """Usage from OpenRouter's generation record (native token counts, what it bills)."""
     try:
-        with python_recursion_limit():
-            data = json.loads(body).get("data")
+        data = loads(body).get("data")
     except (ValueError, AttributeError, RecursionError):
         return None
     if not isinstance(data, dict):
@@ -133,8 +131,7 @@ def _retry_after(resp: httpx.Response) -> int | None:
 def _upstream_message(body: bytes) -> str:
     """The message of an upstream's error body, short (it is shown to the client)."""
     try:
-        with python_recursion_limit():
-            err = json.loads(body).get("error")
+        err = loads(body).get("error")
         text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
     except (ValueError, AttributeError, RecursionError):
         text = body[:200].decode(errors="replace")
@@ -176,8 +173,7 @@ def _answered(buf: bytes | bytearray) -> bool:
 
 def _json(data: bytes) -> dict[str, Any]:
     try:
-        with python_recursion_limit():
-            doc = json.loads(data)
+        doc = loads(data)
     except (ValueError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
