@@ -30,7 +30,6 @@ from typing import Any
 from .errors import ChainUnavailable
 from .keccak import keccak
 from .ledger import Store
-from .ledger.channels import REFUND_HOLD
 from .ledger.models import TxState
 from .payments import channel as ch
 from .payments.batch import BatchSettlementEvm
@@ -130,17 +129,14 @@ class Claimer:
         whose request did not read the outcome (it stopped waiting, or its process stopped): the
         escrow says what each holds (``Store.refunded``), and it takes vouchers again."""
         for row in self.store.refunds_left():
-            tx = self.store.transaction(row["busy"].removeprefix(REFUND_HOLD))
-            if tx is None or tx["state"] not in (TxState.MINED, TxState.REVERTED):
-                continue  # (still open: the escrow cannot tell yet)
-            mined = tx["state"] == TxState.MINED
+            mined = row["state"] == TxState.MINED
             try:
-                balance, claimed = await escrowed(self.chain, bytes.fromhex(row["id"][2:]), tx["mined_hash"])
+                balance, claimed = await escrowed(self.chain, bytes.fromhex(row["id"][2:]), row["mined_hash"])
             except (ChainUnavailable, RpcError) as exc:  # (the next pass asks again; claims go on)
                 log.warning("channel %s: its refund's outcome cannot be read yet: %s", row["id"], exc)
                 continue
             if self.store.refunded(row["id"], row["busy"], balance=balance, claimed=claimed, mined=mined):
-                log.warning("channel %s: its refund %s is concluded from the escrow", row["id"], tx["tx_hash"])
+                log.warning("channel %s: its refund %s is concluded from the escrow", row["id"], row["tx_hash"])
 
     def _claim(self, row: dict[str, Any]) -> ch.Claim:
         return ch.Claim(

@@ -61,7 +61,10 @@ REFUND_IN_FLIGHT = 2.0**40  # busy_until: a time no hold reaches
 REFUND_SENDING = (
     "UPDATE channels SET busy = :refund, busy_until = :flight, updated_at = :now WHERE id = :id AND busy = :holder"
 )
-REFUNDS_LEFT = "SELECT id, busy FROM channels WHERE busy_until >= :flight AND busy IS NOT NULL"
+REFUNDS_LEFT = (  # held for a refund whose transaction is concluded: (channel, its hold, how it ended)
+    "SELECT c.id, c.busy, t.state, t.mined_hash, t.tx_hash FROM channels c JOIN transactions t"
+    " ON c.busy = CAST(:prefix AS VARCHAR) || t.id WHERE c.busy_until >= :flight AND t.state IN ('mined', 'reverted')"
+)
 REFUNDED = (  # the escrow's balance and claimed total, read once the refund was concluded (what left
     # the channel is what its ledger balance had above the escrow's)
     "UPDATE channels SET refunded = refunded + CASE WHEN balance > :balance THEN balance - :balance ELSE 0 END,"

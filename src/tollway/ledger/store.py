@@ -969,9 +969,11 @@ class Store:
             return None
 
     def refunds_left(self) -> list[dict[str, Any]]:
-        """Channels held for a refund not concluded yet: (id, the hold — ``refund:<its transaction>``)."""
+        """Channels still held for a refund whose transaction is concluded (mined or reverted): id,
+        the hold (``busy``: ``refund:<its transaction>``), and the transaction's ``state``,
+        ``mined_hash`` and ``tx_hash``."""
         with self._sql() as c:
-            return c.dicts(channels.REFUNDS_LEFT, {"flight": channels.REFUND_IN_FLIGHT})
+            return c.dicts(channels.REFUNDS_LEFT, {"prefix": channels.REFUND_HOLD, "flight": channels.REFUND_IN_FLIGHT})
 
     def free_channel(self, channel_id: str, holder: str) -> None:
         with self._sql() as c:
@@ -1054,28 +1056,25 @@ class Store:
         with self._sql() as c:
             if not self._mined(c, tx_id, tx_hash, ok):
                 return False
-            self._conclude_payouts(c, tx_id, tx_hash, ok, error)
-        return True
-
-    def _conclude_payouts(self, c: sql.Cursor, tx_id: str, tx_hash: str, ok: bool, error: str) -> None:
-        now = time.time()
-        rows = c.dicts(
-            "SELECT id, account, amount FROM payouts WHERE tx_id = :tx_id AND state = 'sending'", {"tx_id": tx_id}
-        )
-        for row in rows:
-            moved = c.run(
-                "UPDATE payouts SET state = :state, tx_hash = :hash, error = :error, updated_at = :now"
-                " WHERE id = :id AND state = 'sending'",
-                {
-                    "state": "sent" if ok else "failed",
-                    "hash": tx_hash,
-                    "error": error or None,
-                    "now": now,
-                    "id": row["id"],
-                },
+            now = time.time()
+            rows = c.dicts(
+                "SELECT id, account, amount FROM payouts WHERE tx_id = :tx_id AND state = 'sending'", {"tx_id": tx_id}
             )
-            if moved == 1 and not ok:
-                self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
+            for row in rows:
+                moved = c.run(
+                    "UPDATE payouts SET state = :state, tx_hash = :hash, error = :error, updated_at = :now"
+                    " WHERE id = :id AND state = 'sending'",
+                    {
+                        "state": "sent" if ok else "failed",
+                        "hash": tx_hash,
+                        "error": error or None,
+                        "now": now,
+                        "id": row["id"],
+                    },
+                )
+                if moved == 1 and not ok:
+                    self._post(c, row["account"], [(EntryKind.REFUND, row["amount"])], payout_id=row["id"])
+        return True
 
     # -- idempotent requests ---------------------------------------------------------------------
 
