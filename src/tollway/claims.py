@@ -40,7 +40,6 @@ log = logging.getLogger("tollway.claims")
 
 PENDING_WITHDRAWALS = keccak(b"pendingWithdrawals(bytes32)")[:4]
 CHANNELS = keccak(b"channels(bytes32)")[:4]
-WATCH_BATCH = 256  # channels read per JSON-RPC batch (nodes cap a batch: geth and most providers at 1,000)
 CLAIM_GAS = 120_000  # a claim transaction: the multicall and the sweep ...
 CLAIM_GAS_PER_CHANNEL = 60_000  # ... and each channel it claims
 
@@ -113,16 +112,12 @@ class Claimer:
         rows = [r for r in self.store.watched_channels(s.network, s.token.lower()) if not r["withdraw_at"]]
         if not rows:
             return
-        for i in range(0, len(rows), WATCH_BATCH):
-            chunk = rows[i : i + WATCH_BATCH]
-            reads = [PENDING_WITHDRAWALS + bytes.fromhex(r["id"][2:]) for r in chunk]
-            calls = [
-                ("eth_call", [{"to": ch.BATCH_SETTLEMENT_ADDRESS, "data": "0x" + d.hex()}, "latest"]) for d in reads
-            ]
-            for row, answer in zip(chunk, await self.chain.batch(calls), strict=True):
-                initiated = int(answer[2 + 64 : 2 + 128], 16)
-                if initiated and self.store.channel_withdrawing(row["id"], initiated):
-                    log.warning("the payer of channel %s started a withdrawal: claiming it now", row["id"])
+        reads = [PENDING_WITHDRAWALS + bytes.fromhex(r["id"][2:]) for r in rows]
+        calls = [("eth_call", [{"to": ch.BATCH_SETTLEMENT_ADDRESS, "data": "0x" + d.hex()}, "latest"]) for d in reads]
+        for row, answer in zip(rows, await self.chain.batch(calls), strict=True):
+            initiated = int(answer[2 + 64 : 2 + 128], 16)
+            if initiated and self.store.channel_withdrawing(row["id"], initiated):
+                log.warning("the payer of channel %s started a withdrawal: claiming it now", row["id"])
 
     async def conclude_refunds(self) -> None:
         """Channels still held for a refund whose transaction is concluded (mined or reverted) but

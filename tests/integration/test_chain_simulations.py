@@ -306,3 +306,19 @@ async def test_one_balance_spent_by_many_calls_at_once_at_one_gateway_pays_for_e
         for r in served:
             await await_receipt(gateway.url, r.headers["x-tollway-receipt"])  # (until its payment is settled)
     assert chain.balance(payer.address) == (2 - len(served)) * amount
+
+
+async def test_a_batch_over_the_nodes_cap_goes_in_several_round_trips_in_order(devnet, rpc):
+    """Nodes cap a JSON-RPC batch (geth and most providers at 1,000 calls): a longer one — the
+    withdrawal watch's, one read per funded channel — is sent ``BATCH_LIMIT`` calls at a time, its
+    answers in the order asked."""
+    from tollway.payments.chain import BATCH_LIMIT
+
+    client = Chain(rpc.url)
+    try:
+        blocks = [("eth_getBlockByNumber", [hex(i % 3), False]) for i in range(2 * BATCH_LIMIT + 1)]
+        answers = await client.batch(blocks)
+        assert rpc.posts == 3
+        assert [int(a["number"], 16) for a in answers] == [i % 3 for i in range(2 * BATCH_LIMIT + 1)]
+    finally:
+        await client.close()

@@ -590,10 +590,10 @@ def test_a_channel_all_claimed_whose_payer_starts_a_withdrawal_takes_no_more_vou
 ):
     """A channel whose charges are all claimed still holds its payer's balance, which vouchers may
     spend: its payer's withdrawal is watched for too — else, once finalised, vouchers would be taken
-    against money gone from the escrow. (The watch reads the channels in batches: of one here.)"""
-    from tollway import claims
+    against money gone from the escrow. (The watch reads the channels in JSON-RPC batches: of one here.)"""
+    from tollway.payments import chain as rpc
 
-    monkeypatch.setattr(claims, "WATCH_BATCH", 1)
+    monkeypatch.setattr(rpc, "BATCH_LIMIT", 1)
     account = chain.fund(100_000_000, eth=True)  # (it pays gas to withdraw)
     payer = SdkPayer(account, devnet)
     assert payer.call(channel_gateway, chat_body("before withdrawing", max_tokens=16)).status_code == 200

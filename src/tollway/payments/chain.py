@@ -33,6 +33,8 @@ SIMULATE_V1_TRIES = 3  # eth_simulateV1 failures in a row (the calls then answer
 ANVIL_FAILED = -3200  # anvil 1.7's code for a failed simulated call: a revert if it left revert data (else out of gas)
 ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string), what require(..., "reason") reverts with
 
+BATCH_LIMIT = 256  # calls per JSON-RPC batch (geth and most providers cap a batch at 1,000)
+
 
 class RpcError(ChainUnavailable):
     """The node answered with a JSON-RPC error (the request reached it). On the request path it
@@ -157,8 +159,12 @@ class Chain:
         )
 
     async def batch(self, calls: list[tuple[str, list[Any]]], *, errors: bool = False) -> list[Any]:
-        """Several calls in one round trip. A call's JSON-RPC error raises, or with ``errors=True``
-        takes its place in the results as an ``RpcError``."""
+        """Several calls in one round trip (one per ``BATCH_LIMIT`` of them: nodes cap a batch). A
+        call's JSON-RPC error raises, or with ``errors=True`` takes its place in the results as an
+        ``RpcError``."""
+        if len(calls) > BATCH_LIMIT:
+            chunks = [calls[i : i + BATCH_LIMIT] for i in range(0, len(calls), BATCH_LIMIT)]
+            return [r for chunk in chunks for r in await self.batch(chunk, errors=errors)]
         first = next(self._ids)
         payload = [{"jsonrpc": "2.0", "id": first + i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
         for _ in calls[1:]:
