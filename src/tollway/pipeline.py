@@ -442,8 +442,9 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
     transaction, and only while the payment is still reserved: a call charged already, or given
     back by another process (``Gateway.give_back_abandoned_payments``), is not undone twice."""
     reason = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
-    if paid.scheme.prepaid:
-        to, error = PaymentState.SETTLED, f"not served: {reason}"  # (its money moved: it stays, as credit)
+    deposit = 0
+    if paid.scheme.prepaid:  # (its money moved: it stays, as credit)
+        to, error, deposit = PaymentState.SETTLED, f"not served: {reason}", paid.payment.amount
     elif isinstance(exc, PaymentInvalid) and exc.code not in ("debt_outstanding", "amount_insufficient"):
         to, error = PaymentState.REFUSED, f"{exc.code}: {reason}"
     else:
@@ -451,7 +452,6 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
     try:
         attempts = encode_attempts(exc.attempts) if isinstance(exc, UpstreamError) else None
         row = call_row(call_id, paid, call, status="failed", error=reason, attempts=attempts, finished_at=time.time())
-        deposit = paid.payment.amount if paid.scheme.prepaid else 0
         undone = gw.store.undo_call(
             paid.payment_id, to, error, account=paid.account, held=paid.held, deposit=deposit, row=row
         )
