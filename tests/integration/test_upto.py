@@ -5,6 +5,7 @@ Hostile payloads are refused before anything moves."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -16,7 +17,9 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from x402.extensions.eip2612_gas_sponsoring.client import sign_eip2612_permit
 from x402.http.clients import x402HttpxClient
+from x402.http.clients.httpx import x402AsyncTransport
 from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 
 from support import (
@@ -271,6 +274,48 @@ async def test_a_wallet_with_no_approval_and_no_gas_pays_through_eip2612_gas_spo
     assert doc["payment"]["state"] == "settled" and chain.balance(fresh.address) == 100_000_000 - cost
     assert chain.token.functions.allowance(fresh.address, permit2.PERMIT2_ADDRESS).call() > 0  # the permit landed
     assert chain.w3.eth.get_balance(fresh.address) == 0  # and the payer spent no gas
+
+
+class ShortPermit(httpx.AsyncBaseTransport):
+    """Sends every payment with its EIP-2612 permit signed anew, to end 5 s from now."""
+
+    def __init__(self, signer: EthAccountSignerWithRPC, chain_id: int) -> None:
+        self.inner, self.signer, self.chain_id = httpx.AsyncHTTPTransport(), signer, chain_id
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if "payment-signature" in request.headers:
+            doc = json.loads(base64.b64decode(request.headers["payment-signature"]))
+            offer = doc["accepted"]
+            info = sign_eip2612_permit(
+                self.signer,
+                offer["asset"],
+                offer["extra"]["name"],
+                offer["extra"]["version"],
+                self.chain_id,
+                str(int(time.time()) + 5),
+                offer["amount"],
+            )
+            doc["extensions"]["eip2612GasSponsoring"]["info"] = info.to_dict()
+            request.headers["payment-signature"] = base64.b64encode(json.dumps(doc).encode()).decode()
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_eip2612_permit_that_ends_before_the_call_could_settle_is_refused(gateway, chain, devnet, upstream):
+    """Permit2 is approved by the permit only as the payment settles: a permit that has lapsed by
+    then would leave the call served and unpaid (and the payer in a debt their next short permit
+    would not pay either)."""
+    fresh = chain.fund()  # no Permit2 approval: the permit is what the settlement needs
+    signer = EthAccountSignerWithRPC(fresh, rpc_url=devnet.rpc_url)
+    before = httpx.get(f"{upstream.url}/mock/stats").json()["requests"]
+    paying = x402AsyncTransport(upto_client(signer, devnet), ShortPermit(signer, devnet.chain_id))
+    async with httpx.AsyncClient(transport=paying) as http:
+        r = await http.post(f"{gateway.url}{CHAT}", json=chat_body("a permit about to lapse", max_tokens=8))
+    assert r.status_code == 402 and error_code(r) == "invalid_eip2612_permit", r.text[:300]
+    assert httpx.get(f"{upstream.url}/mock/stats").json()["requests"] == before  # nothing was served
+    assert [row["state"] for row in payment_rows(gateway.store.engine, fresh.address)] in ([], ["refused"])
 
 
 @pytest.mark.parametrize("scheme", ["upto", "exact"])

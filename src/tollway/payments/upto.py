@@ -105,6 +105,10 @@ class UptoEvm(TokenScheme):
             sponsored.owner != auth.owner or sponsored.token != auth.token or sponsored.value != auth.max_amount
         ):
             raise PaymentInvalid("the EIP-2612 permit does not match the payment", code="invalid_eip2612_permit")
+        if sponsored is not None and sponsored.deadline < now + self.min_validity:
+            raise PaymentInvalid(  # (Permit2 is approved by it as the payment settles: it must outlive the call too)
+                f"the EIP-2612 permit must stay valid at least {self.min_validity} s", code="invalid_eip2612_permit"
+            )
         kept: dict[str, Any] = {"payload": proof.payload}
         if sponsored is not None:
             kept["eip2612GasSponsoring"] = proof.extensions["eip2612GasSponsoring"]  # type: ignore[index]
