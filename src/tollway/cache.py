@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .jsonbytes import dumps, python_recursion_limit
+from .jsonbytes import compact, dumps, python_recursion_limit
 from .usage import Usage
 
 CACHE_HEADER = "x-tollway-cache"
@@ -107,4 +107,4 @@ def upstream_hops(value: str | None) -> list[dict[str, Any]]:
 
 
 def encode_hops(hops: list[dict[str, Any]]) -> str:
-    return json.dumps(hops, separators=(",", ":"))
+    return compact(hops)

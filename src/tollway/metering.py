@@ -12,7 +12,6 @@ saved as it goes, so that a stream a crash left open is metered by what it deliv
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from . import cache, metrics
 from .chat import ChatCall
 from .gateway import Gateway
+from .jsonbytes import compact
 from .ledger.store import Settlement
 from .payments import mpp, x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
@@ -271,13 +271,13 @@ def error_event(message: str, code: str, surface: str = "chat") -> bytes:
             doc["error"] = {"type": "api_error", "message": message}
         else:
             doc.update(code=code, message=message, param=None)
-        return b"event: error\ndata: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+        return b"event: error\ndata: " + compact(doc).encode() + b"\n\n"
     chunk = {
         "object": "chat.completion.chunk",
         "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
         "error": {"message": message, "code": code},
     }
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
+    return b"data: " + compact(chunk).encode() + b"\n\ndata: [DONE]\n\n"
 
 
 def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int) -> RelayResponse:
@@ -416,7 +416,7 @@ def summary(call_id: str, tail: StreamTail, metered: tuple[dict[str, Any], Any, 
                 "transaction": getattr(settled.sign, "tx_hash", "") or "",
                 "amount": None if settled.amount is None else str(settled.amount),
             }
-    return SUMMARY_PREFIX + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+    return SUMMARY_PREFIX + compact(doc).encode() + b"\n\n"
 
 
 def stream_cutter(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, watch: bool) -> Callable[[], None]:

@@ -23,7 +23,6 @@ metering: settle, relay, meter, receipt). The rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -52,6 +51,7 @@ from .errors import (
     truncate,
 )
 from .gateway import Gateway
+from .jsonbytes import compact
 from .ledger.channels import ChannelRefused
 from .ledger.models import PaymentState
 from .ledger.store import InsufficientCredit, credit_account, new_id
@@ -350,7 +350,7 @@ def lock(
         "payer": payment.payer,
         "payee": payment.payee,
         "amount": payment.amount,
-        "proof": json.dumps(payment.proof, separators=(",", ":")),
+        "proof": compact(payment.proof),
         "request_digest": call.digest,
     }
     if payment.channel is not None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import PaymentInvalid, PaymentMalformed
-from ..jsonbytes import loads
+from ..jsonbytes import compact, loads
 from .base import Offer, Proof
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
@@ -44,7 +43,7 @@ V1_NETWORK_NAMES = {
 
 
 def b64json(doc: Any) -> str:
-    return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
+    return base64.b64encode(compact(doc).encode()).decode()
 
 
 def unb64json(value: str) -> Any:

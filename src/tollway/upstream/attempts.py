@@ -6,6 +6,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..jsonbytes import compact
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -25,7 +27,7 @@ class Attempt:
 
 def encode_attempts(attempts: Sequence[Attempt]) -> str | None:
     """How a call's attempts are kept in the ledger: ``[[upstream, outcome, ms, model], ...]``."""
-    return json.dumps([[a.upstream, a.outcome, round(a.ms, 1), a.model] for a in attempts]) if attempts else None
+    return compact([[a.upstream, a.outcome, round(a.ms, 1), a.model] for a in attempts]) if attempts else None
 
 
 def decode_attempts(text: str | None) -> list[Attempt]:
