@@ -9,9 +9,11 @@ import pytest
 from eth_account import Account
 
 from conftest import gateway_settings
-from support import ServerThread, credit, wait_receipt
+from support import ServerThread, credit, send_raw, signed_authorization, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, claim_transfer
+from tollway.payments.eip3009 import transfer_calldata
+from tollway.payments.exact import decode_authorization
 from tollway.payments.x402 import b64json, unb64json
 
 # An output cap large enough that the quote is above the smallest on-chain payment
@@ -122,3 +124,19 @@ def test_the_gateways_own_settlement_cannot_be_claimed_as_a_transfer(gateway, ch
     offer = transfer_offer(gateway.url)
     r = pay(gateway.url, offer, claim_transfer(account, offer, settlement, gateway.url))
     assert r.status_code == 402 and reason(r) == "transfer_mismatch"
+
+
+def test_an_authorization_the_payer_carried_out_themselves_cannot_be_claimed_as_a_transfer(gateway, chain, devnet):
+    """An exact payment's EIP-3009 authorization may be sent on chain by anyone, its payer too,
+    before the gateway's settlement: the gateway then finds it paid (``settled_elsewhere``). Its
+    transaction, sent by the payer, moves the payer's tokens to the payee, so claimed as a transfer
+    (or an MPP ``hash``) it would count the same money twice."""
+    account = chain.fund(eth=True)
+    offer = transfer_offer(gateway.url)
+    auth, signature = decode_authorization(signed_authorization(devnet, account, int(offer["amount"]) + 5000))
+    fees = {"gas": 200_000, "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 10**9}
+    tx = send_raw(chain, account, {"to": devnet.token, "data": transfer_calldata(auth, signature), **fees})
+    assert chain.w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    r = pay(gateway.url, offer, claim_transfer(account, offer, tx, gateway.url))
+    assert r.status_code == 402 and reason(r) == "transfer_mismatch"
+    assert credit_of(gateway.url, account, devnet) == 0

@@ -28,6 +28,7 @@ BALANCE_OF = keccak(b"balanceOf(address)")[:4]
 AUTHORIZATION_STATE = keccak(b"authorizationState(address,bytes32)")[:4]
 DOMAIN_SEPARATOR = keccak(b"DOMAIN_SEPARATOR()")[:4]
 TRANSFER_TOPIC = "0x" + keccak(b"Transfer(address,address,uint256)").hex()
+AUTHORIZATION_USED_TOPIC = "0x" + keccak(b"AuthorizationUsed(address,bytes32)").hex()
 MAX_GROUP = 64  # simulations in one eth_simulateV1: their gas under nodes' 50M RPC gas cap, a batch under size limits
 SIMULATE_V1_TRIES = 3  # eth_simulateV1 failures in a row (the calls then answering one by one) before it is dropped
 ANVIL_FAILED = -3200  # anvil 1.7's code for a failed simulated call: a revert if it left revert data (else out of gas)
@@ -327,6 +328,17 @@ def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, in
         except (AttributeError, KeyError, TypeError, ValueError):
             continue
     return out
+
+
+def carries_authorization(receipt: dict[str, Any], token: str) -> bool:
+    """Whether a receipt holds an ``AuthorizationUsed`` event of ``token``: its transaction carried
+    out an EIP-3009 authorization, which anyone may send on chain (an ``exact`` payment's)."""
+    return any(
+        isinstance(log, dict)
+        and str(log.get("address", "")).lower() == token.lower()
+        and str((log.get("topics") or [""])[0]).lower() == AUTHORIZATION_USED_TOPIC
+        for log in receipt.get("logs") or []
+    )
 
 
 def _address_topic(topic: Any) -> str:

@@ -18,12 +18,11 @@ from typing import Any
 from ..errors import PaymentInvalid, PaymentMalformed
 from . import eip3009
 from .base import Offer, Proof, Quote, Verified
-from .chain import AUTHORIZATION_STATE, BALANCE_OF, RpcError, transfers_in
+from .chain import AUTHORIZATION_STATE, AUTHORIZATION_USED_TOPIC, BALANCE_OF, RpcError, transfers_in
 from .token import TokenScheme
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-AUTHORIZATION_USED = "0x" + eip3009.keccak(b"AuthorizationUsed(address,bytes32)").hex()
 LOG_LOOKBACK = 50_000  # blocks searched for the transaction that used an authorization
 # What a token's revert reasons (FiatTokenV2's wording) mean for the payer.
 REVERT_REASONS = (
@@ -165,7 +164,7 @@ class ExactEvm(TokenScheme):
         state = AUTHORIZATION_STATE + bytes(12) + bytes.fromhex(auth.from_[2:]) + auth.nonce
         if int.from_bytes(await self.chain.call(self.token, state), "big") == 0:
             return None
-        topics = [AUTHORIZATION_USED, "0x" + "0" * 24 + auth.from_[2:], "0x" + auth.nonce.hex()]
+        topics = [AUTHORIZATION_USED_TOPIC, "0x" + "0" * 24 + auth.from_[2:], "0x" + auth.nonce.hex()]
         for log in await self.chain.logs(self.token, topics, LOG_LOOKBACK):
             receipt = await self.chain.receipt(log["transactionHash"])
             if receipt and (auth.from_, auth.to, auth.value) in transfers_in(receipt, self.token):

@@ -17,7 +17,7 @@ from ..errors import PaymentInvalid, PaymentMalformed
 from ..pricing import MAX_AMOUNT
 from . import signed
 from .base import Context, Offer, Proof, Quote, Verified
-from .chain import Chain, transfers_in
+from .chain import Chain, carries_authorization, transfers_in
 
 TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 NOT_FOUND_MEMORY = 1.0  # seconds an unmined (or unconfirmed) transaction is not looked up again
@@ -97,6 +97,12 @@ class TransferScheme:
         if depth < self.confirmations:
             raise PaymentInvalid(
                 f"transaction has {depth} confirmations, {self.confirmations} needed", code="transfer_unconfirmed"
+            )
+        if carries_authorization(receipt, self.token):
+            # An EIP-3009 authorization, which may have paid an exact payment already (whoever
+            # sent it: ``ExactEvm.settled_elsewhere``): the same money must not pay twice.
+            raise PaymentInvalid(
+                "the transaction carries out an EIP-3009 authorization, not a plain transfer", code="transfer_mismatch"
             )
         paid = sum(v for frm, to, v in transfers_in(receipt, self.token) if frm == wallet and to == self.payee.lower())
         if paid == 0:
