@@ -8,7 +8,6 @@ pending withdrawals into one transfer.
 
 from __future__ import annotations
 
-import json
 import time
 from fractions import Fraction
 from typing import Any
@@ -20,6 +19,7 @@ from . import signin
 from .challenge import credit_of
 from .errors import BadRequest, Forbidden, NotConfigured, NotFound, PaymentInvalid
 from .gateway import Gateway
+from .jsonbytes import dumps, loads
 from .ledger.store import InsufficientCredit, credit_account
 from .payments import signed
 from .pipeline import read_body
@@ -45,8 +45,9 @@ async def balance(request: Request, gw: Gateway) -> Response:
 
 async def withdraw(request: Request, gw: Gateway) -> Response:
     try:
-        doc = json.loads(await read_body(request, 16384))
-    except ValueError as exc:
+        doc = loads(await read_body(request, 16384))
+        dumps(doc)  # (its digest is what a sign-in binds: JSON that UTF-8 cannot carry has none)
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(
             "body must be JSON {amount} (signed in), or {withdrawal, signature}", code="invalid_json"
         ) from exc
@@ -67,7 +68,12 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
                 "sign_in_required",
             )
         wallet, raw_amount, key = who.wallet, doc.get("amount"), f"sign-in:{who.nonce}"
-    if not isinstance(raw_amount, (str, int)) or isinstance(raw_amount, bool) or not str(raw_amount).isdigit():
+    digits = str(raw_amount)
+    if (
+        not isinstance(raw_amount, (str, int))
+        or isinstance(raw_amount, bool)
+        or not (digits.isascii() and digits.isdigit())
+    ):
         raise BadRequest("amount must be a whole number of atomic units", code="invalid_amount")
     amount = int(raw_amount)
     if amount <= 0 or amount > MAX_AMOUNT:

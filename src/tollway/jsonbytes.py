@@ -39,8 +39,13 @@ def compact(doc: Any) -> str:
     """``json.dumps(doc, separators=(",", ":"))`` — ASCII, anything else escaped, so it can go in
     a header — at orjson's speed (a tenth of the standard library's, for the few small documents
     every call writes: its proof, receipt, cache hops and attempts)."""
-    out = dumps(doc)
-    return out.decode() if out.isascii() else json.dumps(doc, separators=(",", ":"))
+    try:
+        out = orjson.dumps(doc)
+        if out.isascii():
+            return out.decode()
+    except orjson.JSONEncodeError:  # (what orjson refuses: see ``dumps``)
+        pass
+    return json.dumps(doc, separators=(",", ":"))
 
 
 BIG_INTEGER = re.compile(rb"\d{20}")  # (orjson reads an integer beyond 64 bits as a float)

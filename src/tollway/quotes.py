@@ -58,7 +58,7 @@ class QuoteSigner:
     def check_nonce(self, nonce: str, digest: str, now: int) -> bool:
         """Whether ``nonce`` was issued for this very request and has not expired."""
         head, mac = nonce[:-NONCE_MAC], nonce[-NONCE_MAC:]
-        if not (0 < len(head) <= 12 and all(c in "0123456789abcdef" for c in head)):
+        if not (nonce.isascii() and 0 < len(head) <= 12 and all(c in "0123456789abcdef" for c in head)):
             return False
         expires = int(head, 16)
         return expires >= now and hmac.compare_digest(mac, self._nonce_mac(digest, expires))

@@ -25,6 +25,7 @@ from starlette.requests import Request
 
 from . import siwe
 from .errors import GatewayError, PaymentInvalid, PaymentMalformed, Unauthorized
+from .jsonbytes import dumps
 from .keccak import keccak
 from .payments import x402
 from .payments.chain import RpcError
@@ -40,9 +41,9 @@ MAX_AGE = 300  # seconds a sign-in may be old (the x402 SDKs' default)
 CLOCK_SKEW = 5
 MAX_HEADER = 4096
 ERC1271 = keccak(b"isValidSignature(bytes32,bytes)")[:4]
-ERC1271_MAGIC = ERC1271  # what a contract wallet answers for a signature it accepts
+ERC1271_MAGIC = ERC1271 + bytes(28)  # what a contract wallet answers for a signature it accepts (a bytes4 word)
 HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-HEX_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130,}$")
+HEX_SIGNATURE = re.compile(r"^0x(?:[0-9a-fA-F]{2}){65,}$")  # (65 bytes, or more for a contract wallet)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ def _fields(doc: Any) -> dict[str, Any]:
         raise PaymentMalformed("SIGN-IN-WITH-X.resources is malformed", code="invalid_siwx_payload")
     if not HEX_ADDRESS.match(doc["address"]) or not HEX_SIGNATURE.match(doc["signature"]):
         raise PaymentMalformed("SIGN-IN-WITH-X address or signature is malformed", code="invalid_siwx_payload")
+    try:
+        dumps(doc)  # (what is signed is its text in UTF-8: a lone surrogate has none)
+    except ValueError:
+        raise PaymentMalformed("SIGN-IN-WITH-X is not valid UTF-8 text", code="invalid_siwx_payload") from None
     return doc
 
 
@@ -183,7 +188,7 @@ async def _signed_by(gw: Any, f: dict[str, Any], wallet: str) -> bool:
         if exc.revert_reason is None:
             raise  # the RPC failed (503), not the wallet
         return False
-    return answer[:4] == ERC1271_MAGIC
+    return answer == ERC1271_MAGIC  # (exactly: a precompile that echoes its input must not pass)
 
 
 def unauthorized(gw: Any, request: Request, digest: str, message: str, code: str) -> Unauthorized:

@@ -471,6 +471,17 @@ def test_hostile_credential_payloads_get_a_problem_never_a_500(http, devnet, pay
     assert answer.headers["content-type"].startswith("application/problem+json")
 
 
+def test_hostile_credentials_get_a_problem_never_a_500(http):
+    body = chat_body("hostile credentials")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    echo = {k: v for k, v in challenge.items() if k in ECHOED}
+    deep = base64.urlsafe_b64encode(b"[" * 1100).decode().rstrip("=")  # nested past the recursion limit
+    for token in (deep, b64url({"challenge": {**echo, "id": "\u00e9"}, "payload": {"type": "authorization"}})):
+        answer = http.post(CHAT, json=body, headers={"Authorization": "Payment " + token})
+        assert 400 <= answer.status_code < 500, answer.text
+        assert answer.headers["content-type"].startswith("application/problem+json")
+
+
 def test_an_mpp_call_with_an_idempotency_key_is_answered_again_and_paid_once(http, devnet, chain):
     body = chat_body("idempotent over MPP")
     challenge = challenge_of(http.post(CHAT, json=body))

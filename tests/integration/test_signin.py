@@ -75,6 +75,7 @@ def test_a_sign_in_its_credit_covers_is_served_once_with_no_payment(gateway, cha
         ({"expirationTime": iso(time.time() - 1)}, "invalid_siwx_expired"),
         ({"notBefore": iso(time.time() + 600)}, "invalid_siwx_not_yet_valid"),
         ({"nonce": "deadbeef" * 5}, "invalid_siwx_nonce"),
+        ({"nonce": f"{int(time.time()) + 100:x}" + "é" * 32}, "invalid_siwx_nonce"),  # (not ASCII: no MAC)
         ({"version": "2"}, "invalid_siwx_version"),
     ],
 )
@@ -116,6 +117,29 @@ def test_a_sign_in_by_another_key_or_chain_is_refused(gateway, devnet, funded, h
 def test_malformed_sign_ins_are_a_400(http, header):
     r = http.post(CHAT, json=chat_body("malformed", max_tokens=8), headers={"SIGN-IN-WITH-X": header})
     assert r.status_code == 400, r.text[:300]
+
+
+def test_sign_ins_no_key_signed_are_refused_never_a_500(gateway, devnet, funded, http):
+    """Changed after signing: a lone surrogate (no UTF-8 text to have signed), an odd number of hex
+    digits, and a "contract wallet" that is the identity precompile (its answer to
+    isValidSignature echoes the question, which begins with the magic value)."""
+    body = chat_body("unsigned sign-ins", max_tokens=8)
+    signed = siwe.sign(funded.account, declared(http.post(CHAT, json=body)), f"eip155:{devnet.chain_id}")
+    for change in ({"statement": "\ud800"}, {"signature": "0x" + "1" * 131}):
+        r = http.post(CHAT, json=body, headers={"SIGN-IN-WITH-X": b64json({**signed, **change})})
+        assert r.status_code == 400 and error_code(r) == "invalid_siwx_payload", r.text[:300]
+    echo = {**signed, "address": "0x" + "00" * 19 + "04", "signature": "0x" + "11" * 65}
+    r = http.post(CHAT, json=body, headers={"SIGN-IN-WITH-X": b64json(echo)})
+    assert r.status_code == 402 and error_code(r) == "invalid_siwx_signature", r.text[:300]
+
+
+def test_hostile_withdrawal_bodies_are_a_400(devnet, funded, http):
+    r = http.post("/v1/credit/withdrawals", content=b'{"amount": "\\ud800"}')  # (a lone surrogate: no digest)
+    assert r.status_code == 400 and error_code(r) == "invalid_json", r.text[:300]
+    body = {"amount": "\u00b2"}  # superscript two: a digit to str.isdigit, not to int()
+    header = sign_in(funded.account, declared(http.post("/v1/credit/withdrawals", json=body)), devnet)
+    r = http.post("/v1/credit/withdrawals", json=body, headers=header)
+    assert r.status_code == 400 and error_code(r) == "invalid_amount", r.text[:300]
 
 
 def test_credit_short_of_the_call_gets_quotes_reduced_by_it(gateway, devnet, funded, http):

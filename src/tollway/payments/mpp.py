@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import PaymentInvalid, PaymentMalformed
+from ..jsonbytes import loads
 from ..keccak import keccak
 from .base import Offer, Proof
 from .permit2 import PERMIT2_ADDRESS
@@ -160,8 +161,8 @@ class MppRail:
         if len(token) > MAX_CREDENTIAL:
             raise PaymentMalformed("payment credential too large", code="invalid_payload")
         try:
-            doc = json.loads(unb64url(token.strip()))
-        except ValueError as exc:
+            doc = loads(unb64url(token.strip()))
+        except (ValueError, RecursionError) as exc:
             raise PaymentMalformed("the credential is not base64url JSON", code="invalid_payload") from exc
         if (
             not isinstance(doc, dict)
@@ -171,7 +172,7 @@ class MppRail:
             raise PaymentMalformed("the credential needs a challenge and a payload", code="invalid_payload")
         echo, payload = doc["challenge"], doc["payload"]
         params = self._echoed(echo)
-        if not hmac.compare_digest(str(echo.get("id", "")), self._id(params)):
+        if not hmac.compare_digest(str(echo.get("id", "")).encode(), self._id(params).encode()):
             raise PaymentInvalid("this challenge was not issued here, or was altered", code="invalid_challenge")
         if params.get("digest") != content_digest(digest):
             raise PaymentInvalid("this challenge was issued for another request body", code="invalid_challenge")
@@ -226,8 +227,8 @@ class MppRail:
             out[key] = value
         for key in ("request", "opaque"):
             try:
-                out[key] = b64url(jcs(json.loads(unb64url(out[key]))))
-            except ValueError as exc:
+                out[key] = b64url(jcs(loads(unb64url(out[key]))))
+            except (ValueError, RecursionError) as exc:
                 raise PaymentMalformed(f"the echoed challenge's {key} is not JSON", code="invalid_payload") from exc
         return out
 
