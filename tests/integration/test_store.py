@@ -279,6 +279,37 @@ def test_payout_claims_are_exclusive(db_url):
     assert [store.payout(p)["tx_hash"] for p in (first, second)] == ["0xa5", "0xc6"]
 
 
+def test_a_withdrawal_beside_a_call_finishing_takes_none_of_its_unconfirmed_money(db_url):
+    """A call of the payer's finishes as the withdrawal is asked for: its payment moves to
+    settling and its money is deposited in one transaction that has not committed yet. The
+    withdrawal must see both or neither: the deposit is not final until the settlement is mined
+    (on PostgreSQL it read what was unconfirmed before the call committed, then the balance after)."""
+    from tollway.ledger.store import InsufficientCredit, Settlement, credit_account
+
+    finishing, withdrawing = Store(db_url), Store(db_url)
+    row = payment(amount=500)
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    finishing.settle_call_credit(account, deposit=100, held=0, cost=0, call_id="c0", payment_id=None)  # final
+    pid = finishing.reserve(row)
+    settle = Settlement(None, sender(finishing), signer())
+    began = threading.Event()
+
+    def finish() -> None:
+        with finishing._sql() as c:
+            finishing._settle(c, pid, settle)
+            finishing._settle_call(c, account, 500, 0, 0, "c1", pid)
+            began.set()
+            time.sleep(1.0)  # (not committed yet while the withdrawal is asked for)
+
+    worker = threading.Thread(target=finish)
+    worker.start()
+    assert began.wait(10)
+    with pytest.raises(InsufficientCredit):
+        withdrawing.request_payout(account, "0xw", 550, uuid.uuid4().hex)
+    worker.join()
+    assert withdrawing.credit_balance(account) == 600  # (100 final, 500 settling)
+
+
 def test_a_reverted_payout_is_refunded_once_across_replicas(db_url):
     """Two replicas conclude the same reverted payout at once: the credit comes back once
     (finding: deposit 1000, withdraw 1000, revert → balance 2000)."""

@@ -813,7 +813,11 @@ class Store:
 
     def _spend(self, c: sql.Cursor, account: str, kind: str, amount: int, **refs: Any) -> bool:
         """Take ``amount`` of an account's final credit inside ``c`` (a hold or a withdrawal);
-        False, and nothing posted, if it does not cover it."""
+        False, and nothing posted, if it does not cover it. On PostgreSQL the account's row is
+        locked before what is unconfirmed is read (see ``lock``): a call finishing meanwhile moves
+        its payment to settling and deposits it in one transaction, seen whole or not at all."""
+        if not self.dialect.one_writer:
+            self._post(c, account, [])
         try:
             self._post(c, account, [(kind, -amount)], self._unconfirmed(c, account), **refs)
         except InsufficientCredit:
