@@ -72,6 +72,8 @@ def test_refusals(gateway, chain, devnet):
     assert reason(pay(gateway.url, offer, claim_transfer(account, offer, theirs, gateway.url))) == "transfer_mismatch"
     forged = claim_transfer(account, offer, theirs, gateway.url) | {"wallet": stranger.address}
     assert reason(pay(gateway.url, offer, forged)) == "invalid_transfer_claim"
+    # The refusal of account's claim is remembered for account alone: the stranger's own claim pays.
+    assert pay(gateway.url, offer, claim_transfer(stranger, offer, theirs, gateway.url)).status_code == 200
 
     unknown = "0x" + "ab" * 32
     assert reason(pay(gateway.url, offer, claim_transfer(account, offer, unknown, gateway.url))) == "transfer_not_found"

@@ -41,7 +41,8 @@ class TransferScheme:
         self.payee = payee
         self.confirmations = confirmations
         self.timeout = timeout
-        self._unknown: dict[str, tuple[float, str, str]] = {}  # tx hash → (until, refusal) it is known not to pay
+        # (tx hash, claimant) → (until, refusal): known not to pay them (another's claim says nothing of theirs)
+        self._unknown: dict[tuple[str, str | None], tuple[float, str, str]] = {}
 
     def offer(self, amount: int) -> Offer:
         extra = {"confirmations": self.confirmations}
@@ -68,7 +69,8 @@ class TransferScheme:
 
     async def paid_by(self, tx: str, wallet: str | None) -> Verified:
         """The payment transaction ``tx`` makes, if ``wallet`` (None: whoever) sent it, remembering refusals."""
-        known_bad = self._unknown.get(tx.lower())
+        key = (tx.lower(), wallet)
+        known_bad = self._unknown.get(key)
         if known_bad is not None and known_bad[0] > time.monotonic():
             raise PaymentInvalid(known_bad[1], code=known_bad[2])
         try:
@@ -78,7 +80,7 @@ class TransferScheme:
             if len(self._unknown) > 10_000:
                 self._unknown.clear()
             wait = NOT_FOUND_MEMORY if exc.code in ("transfer_not_found", "transfer_unconfirmed") else REFUSAL_MEMORY
-            self._unknown[tx.lower()] = (time.monotonic() + wait, exc.message, exc.code)
+            self._unknown[key] = (time.monotonic() + wait, exc.message, exc.code)
             raise
 
     async def _check(self, tx: str, wallet: str | None) -> Verified:
