@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import receipts, signin
 from .errors import BadRequest, Conflict
-from .gateway import Gateway
+from .gateway import Gateway, abandoned_payment_after
 from .payments import mpp, x402
 
 KEY = "payment-identifier"
@@ -86,22 +86,26 @@ async def once(gw: Gateway, request: Request, digest: str, run: Callable[[], Awa
     if not proof:
         return await run()  # unpaid: a 402, nothing to repeat
     fingerprint = hashlib.sha256(f"{digest}|{proof}".encode()).hexdigest()
-    held = gw.store.claim_request(key, fingerprint, stale_before=time.time() - gw.settings.max_call_seconds - 60)
+    # A claim left in progress is taken over only once its call cannot be running anywhere (its
+    # payment is given back then too: ``Gateway.give_back_abandoned_payments``).
+    now = time.time()
+    stale_before = now - abandoned_payment_after(gw.settings, gw.chain.total)
+    held = gw.store.claim_request(key, fingerprint, stale_before, now)
     if held is not None:
         return repeat(gw, held, fingerprint)
     try:
         response = await run()
     except BaseException:
-        gw.store.release_request(key)  # not served, nothing charged: the id may pay a retry
+        gw.store.release_request(key, now)  # not served, nothing charged: the id may pay a retry
         raise
     if response.status_code != 200:
-        gw.store.release_request(key)
+        gw.store.release_request(key, now)
         return response
     body = getattr(response, "body", None)  # (a stream has none: its receipt is what a repeat gets)
     if body is not None and len(body) > gw.settings.idempotency_max_body_bytes:
         body = None
     headers = {k: v for k, v in response.headers.items() if k in KEPT_HEADERS}
-    gw.store.finish_request(key, response.status_code, headers, body, response.headers.get("x-tollway-receipt"))
+    gw.store.finish_request(key, now, response.status_code, headers, body, response.headers.get("x-tollway-receipt"))
     return response
 
 

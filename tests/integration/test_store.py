@@ -660,3 +660,21 @@ def test_attack_a_live_undo_and_a_replicas_give_back_at_once_release_the_hold_on
     run_concurrently(race, (0, 1))
     assert sorted(results) == [False, True]
     assert stores[0].credit_balance(account) == 1_000
+
+
+def test_an_idempotency_claim_taken_over_is_neither_released_nor_finished_by_its_first_holder(db_url):
+    """A claim left in progress past its staleness is taken over by a retry; the first request,
+    still running after all, must not then delete the retry's claim as it fails, nor overwrite
+    the retry's answer as it ends."""
+    store = Store(db_url)
+    key, first = uuid.uuid4().hex, time.time() - 1000
+    assert store.claim_request(key, "f", stale_before=first - 1, now=first) is None
+    assert store.claim_request(key, "f", stale_before=first - 1, now=time.time())["state"] == "in_progress"
+    retry = time.time()
+    assert store.claim_request(key, "f", stale_before=retry - 10, now=retry) is None  # (stale: taken over)
+    store.release_request(key, first)  # the first request fails late: the retry's claim stays
+    assert store.claim_request(key, "f", stale_before=retry - 10, now=time.time())["state"] == "in_progress"
+    store.finish_request(key, first, 200, {}, b"first", None)  # nor does its late answer replace the retry's
+    store.finish_request(key, retry, 200, {}, b"retry", None)
+    held = store.claim_request(key, "f", stale_before=time.time(), now=time.time())
+    assert held["state"] == "done" and bytes(held["body"]) == b"retry"

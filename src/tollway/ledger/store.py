@@ -1082,10 +1082,10 @@ class Store:
 
     # -- idempotent requests ---------------------------------------------------------------------
 
-    def claim_request(self, key: str, fingerprint: str, stale_before: float) -> dict[str, Any] | None:
-        """Start the request with idempotency ``key``: None if it is ours to run (new, or left in
-        progress by a process that died before ``stale_before``); else the row that holds the key."""
-        now = time.time()
+    def claim_request(self, key: str, fingerprint: str, stale_before: float, now: float) -> dict[str, Any] | None:
+        """Start the request with idempotency ``key`` at ``now``: None if it is ours to run (new, or
+        left in progress by a process that died before ``stale_before``); else the row that holds
+        the key. ``now`` is the claim's own: only that claim finishes or releases it."""
         row = {"key": key, "fingerprint": fingerprint, "state": "in_progress", "created_at": now}
         with self._tx() as c:
             try:
@@ -1106,19 +1106,27 @@ class Store:
         return None if got is None else dict(got)
 
     def finish_request(
-        self, key: str, status: int, headers: dict[str, str], body: bytes | None, receipt_id: str | None
+        self,
+        key: str,
+        claimed: float,
+        status: int,
+        headers: dict[str, str],
+        body: bytes | None,
+        receipt_id: str | None,
     ) -> None:
+        """The request with ``key``, claimed at ``claimed``, was answered: its answer is kept."""
         with self._tx() as c:
             c.execute(
                 update(ID)
-                .where(ID.c.key == key)
+                .where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at == claimed)
                 .values(state="done", status=status, headers=json.dumps(headers), body=body, receipt_id=receipt_id)
             )
 
-    def release_request(self, key: str) -> None:
-        """The request with ``key`` was not served (nothing was charged): the key may be used again."""
+    def release_request(self, key: str, claimed: float) -> None:
+        """The request with ``key``, claimed at ``claimed``, was not served (nothing was charged):
+        the key may be used again — unless another claim took it over meanwhile."""
         with self._tx() as c:
-            c.execute(delete(ID).where(ID.c.key == key, ID.c.state == "in_progress"))
+            c.execute(delete(ID).where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at == claimed))
 
     def forget_requests(self, before: float) -> None:
         """Outcomes kept long enough: their keys may be used again."""
