@@ -52,6 +52,10 @@ IDLE_POLL = 2.0  # seconds between passes when nothing is pending (a wake-up com
 STRANDED_EVERY = 30.0  # seconds between looks for settlements mined but never judged (see ``_judge_stranded``)
 REBROADCAST_AFTER = 15.0  # seconds without a receipt before sending the raw transaction again
 BUMP_AFTER = 10.0  # seconds a transaction may wait at its fees before they are raised
+# Seconds a transaction's nonce must have been seen taken, with no receipt of any of its own
+# signatures, before it is signed anew with another: a node behind a load balancer may answer a
+# receipt late, and signing anew a transaction that was mined after all would pay twice.
+REPLACE_AFTER = 15.0
 BUMP = Decimal("1.25")  # each bump: +25% (nodes replace a pending transaction at +10%)
 PAYOUT_GAS = 100_000
 GWEI = 10**9
@@ -89,6 +93,8 @@ class Settler:
         self.tip = min(int(priority_fee_gwei * GWEI), self.ceiling)
         self.max_fee = min(self.fixed_max_fee or 2 * GWEI, self.ceiling)
         self.bump_after = BUMP_AFTER
+        self.replace_after = REPLACE_AFTER
+        self._taken: dict[str, float] = {}  # transaction id → when its nonce was first seen taken (monotonic)
         self.settled_elsewhere = settled_elsewhere
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -266,11 +272,19 @@ class Settler:
 
     async def _nonce_used(self, row: dict[str, Any]) -> None:
         """The node says the row's nonce is used: by one of its own signatures (conclude it), or by a
-        transaction we did not sign (queue the call again with a new nonce)."""
+        transaction we did not sign (queue the call again with a new nonce, once no receipt of its
+        own has come for ``replace_after`` seconds)."""
         receipts = await self._receipts([row])
         if receipts[0] is not None:
+            self._taken.pop(row["id"], None)
             await self._conclude([(row, *receipts[0])])
             return
+        if len(self._taken) > 10_000:  # (rows concluded otherwise leave theirs: only a delay is lost)
+            self._taken.clear()
+        first = self._taken.setdefault(row["id"], time.monotonic())
+        if time.monotonic() - first < self.replace_after:
+            return  # (looked at again as it is sent again)
+        del self._taken[row["id"]]
         new = self.store.replace_transaction(
             row["id"],
             row["hashes"],  # (only if none was added since: one of those might be the one mined)

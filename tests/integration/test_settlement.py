@@ -123,6 +123,7 @@ async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, cha
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
     async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        settler.replace_after = 0.5
         payment_id, data, _ = payment_for(store, devnet, payer, 555)
         first_hash = settler.sign(payment_id, devnet.token, data)
         # Someone uses the settlement key elsewhere before our transaction is broadcast.
@@ -142,6 +143,36 @@ async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, cha
         row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] != first_hash
     assert chain.receipt(row["tx_hash"])["status"] == 1
+
+
+async def test_a_settlement_mined_whose_receipt_comes_late_is_not_signed_anew(tmp_path, chain, devnet, settler_key):
+    """Our own transaction was mined (broadcast here, as another replica or a rebroadcast would),
+    but the node that answers receipts is behind for a while: the worker's "nonce too low" must not
+    make it sign the settlement again with a new nonce (a payout would be paid twice)."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        settler.replace_after = 5.0
+        payment_id, data, _ = payment_for(store, devnet, payer, 444)
+        first_hash = settler.sign(payment_id, devnet.token, data)
+        tx = store.transaction(store.payment(payment_id)["tx_id"])
+        chain.w3.eth.send_raw_transaction(tx["raw_tx"])
+        assert chain.w3.eth.wait_for_transaction_receipt(first_hash)["status"] == 1
+        batch, lagging_until = settler.chain.batch, time.monotonic() + 2.0
+
+        async def lagging(calls: list, **kw: Any) -> list:
+            answers = await batch(calls, **kw)
+            if time.monotonic() < lagging_until:
+                return [
+                    None if method == "eth_getTransactionReceipt" else a
+                    for (method, _), a in zip(calls, answers, strict=True)
+                ]
+            return answers
+
+        settler.chain.batch = lagging  # type: ignore[method-assign]
+        row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
+    assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == first_hash
+    assert store.transaction(tx["id"])["state"] == TxState.MINED
 
 
 async def test_a_queued_settlement_survives_its_process(tmp_path, chain, devnet, settler_key):
