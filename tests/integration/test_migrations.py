@@ -19,7 +19,7 @@ from sqlalchemy import inspect, text
 
 from tollway.ledger import Store
 from tollway.ledger import migrate as migrations
-from tollway.ledger.store import make_engine
+from tollway.ledger.store import PAGE_SIZE, make_engine
 
 
 @pytest.fixture
@@ -134,6 +134,7 @@ def test_replicas_opening_a_new_sqlite_ledger_together_all_connect(tmp_path):
         try:
             with engine.connect() as conn:
                 assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+                assert conn.exec_driver_sql("PRAGMA page_size").scalar() == PAGE_SIZE  # (a new ledger's)
         except BaseException as exc:
             errors.append(exc)
         finally:

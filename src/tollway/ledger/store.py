@@ -189,6 +189,10 @@ class Locked:
 
 
 BUSY_SECONDS = 30  # how long a SQLite connection waits for another's lock
+# A paid call's two commits write each page they change to the write-ahead log, and the checkpoint
+# copies it again: half SQLite's default page size halves those bytes (the rows fit either way).
+# ~10% less ledger time a call (``scripts/bench --stages``).
+PAGE_SIZE = 2048
 
 
 def make_engine(url: str) -> Engine:
@@ -202,6 +206,7 @@ def make_engine(url: str) -> Engine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute(f"PRAGMA busy_timeout={int(BUSY_SECONDS * 1000)}")
+            cur.execute(f"PRAGMA page_size={PAGE_SIZE}")  # (a new ledger's: an existing one keeps its own)
             wal_mode(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
