@@ -9,6 +9,7 @@ on-chain offers are never below the smallest on-chain payment worth its gas.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
 from fractions import Fraction
@@ -29,7 +30,12 @@ from .signin import SignIn
 
 def least_payment(gw: Gateway) -> int:
     """The smallest on-chain payment asked (its settlement's gas must be worth it), atomic units."""
-    return to_atomic(Fraction(gw.settings.min_chain_payment_usd or 0), gw.settings.chain.decimals)
+    return _least(gw.settings.min_chain_payment_usd or 0, gw.settings.chain.decimals)
+
+
+@functools.lru_cache(maxsize=16)  # (asked of every payment: two Fractions each time otherwise)
+def _least(usd: Any, decimals: int) -> int:
+    return to_atomic(Fraction(usd), decimals)
 
 
 def credit_of(gw: Gateway, who: SignIn | None) -> int:

@@ -20,7 +20,6 @@ server does it), with tollway's metering:
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +27,7 @@ from coincurve import PrivateKey
 from eth_account import Account
 
 from ..errors import PaymentInvalid, PaymentMalformed
+from ..jsonbytes import compact
 from ..ledger.channels import ChannelRefused, ChannelUse
 from ..ledger.store import Store, new_id
 from ..pricing import MAX_AMOUNT
@@ -113,7 +113,7 @@ class BatchSettlementEvm(TokenScheme):
         base = p.voucher.max_claimable - offer.amount
         if base < 0:
             raise PaymentInvalid(REFUSALS["mismatch"][1], code=MISMATCH)
-        use = replace(self.channel_use({"payload": proof.payload}), base=base, deposit=deposit)
+        use = replace(self._use(p, proof.payload), base=base, deposit=deposit)
         return Verified(
             scheme=self.name,
             network=self.network,
@@ -170,10 +170,14 @@ class BatchSettlementEvm(TokenScheme):
     def channel_use(self, proof: dict[str, Any]) -> ChannelUse:
         """What a payment (its ``Verified.proof``, as the ledger keeps it) asks of its channel, to
         charge it: also after a crash, for a stream another process meters."""
-        p = ch.decode_payload(proof["payload"])
+        return self._use(ch.decode_payload(proof["payload"]), proof["payload"])
+
+    @staticmethod
+    def _use(p: ch.ChannelPayload, payload: dict[str, Any]) -> ChannelUse:
+        """What ``payload`` (decoded: ``p``) asks of its channel."""
         return ChannelUse(
             id="0x" + p.voucher.channel_id.hex(),
-            config=json.dumps(proof["payload"]["channelConfig"], separators=(",", ":")),
+            config=compact(payload["channelConfig"]),
             base=0,
             signed_max=p.voucher.max_claimable,
             signature="0x" + p.voucher.signature.hex(),
