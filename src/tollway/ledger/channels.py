@@ -27,6 +27,7 @@ TAKE = (  # the voucher builds on the charged total, the channel is free, the es
     " AND balance + :deposit >= :signed_max"
 )
 STATE = "SELECT * FROM channels WHERE id = :id"
+RETURNING = " RETURNING *"  # (a take answers with the channel as taken)
 CHARGE = (  # the call is metered: the channel is charged and freed, and keeps the voucher that covers it
     "UPDATE channels SET charged = charged + :amount, signed_max = :signed_max, signature = :signature,"
     " busy = NULL, updated_at = :now WHERE id = :id AND busy = :payment AND charged + :amount <= :signed_max"
@@ -117,7 +118,7 @@ def take(c: sql.Cursor, use: ChannelUse, payment_id: str, where: dict[str, str],
         "base": use.base,
         "signed_max": use.signed_max,
     }
-    return _taken(c, c.run(TAKE, params) == 1, use.id, where["payer"], use.base, now)
+    return _taken(c, c.dicts(TAKE + RETURNING, params), use.id, where["payer"], use.base, now)
 
 
 def take_for_refund(
@@ -133,17 +134,24 @@ def take_for_refund(
         "charged": charged,
         "payer": payer,
     }
-    return _taken(c, c.run(TAKE_FOR_REFUND, params) == 1, channel_id, payer, charged, now, refund=True)
+    return _taken(c, c.dicts(TAKE_FOR_REFUND + RETURNING, params), channel_id, payer, charged, now, refund=True)
 
 
 def _taken(
-    c: sql.Cursor, took: bool, channel_id: str, payer: str, base: int, now: float, *, refund: bool = False
+    c: sql.Cursor,
+    took: list[dict[str, Any]],
+    channel_id: str,
+    payer: str,
+    base: int,
+    now: float,
+    *,
+    refund: bool = False,
 ) -> dict[str, Any]:
-    """The channel as taken; or why it could not be."""
+    """The channel as taken (the row the take returned); or why it could not be."""
+    if took:
+        return took[0]
     rows = c.dicts(STATE, {"id": channel_id})
     state = rows[0] if rows else None
-    if took and state is not None:
-        return state
     if state is None or state["payer"] != payer:
         raise ChannelRefused("not_found", None)
     if state["withdraw_at"] and not refund:
