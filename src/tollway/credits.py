@@ -72,7 +72,7 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
     if (
         not isinstance(raw_amount, (str, int))
         or isinstance(raw_amount, bool)
-        or not (digits.isascii() and digits.isdigit())
+        or not (len(digits) <= 19 and digits.isascii() and digits.isdigit())
     ):
         raise BadRequest("amount must be a whole number of atomic units", code="invalid_amount")
     amount = int(raw_amount)

@@ -36,12 +36,13 @@ def dumps(doc: Any, *, sort_keys: bool = False) -> bytes:
 
 
 def compact(doc: Any) -> str:
-    """``json.dumps(doc, separators=(",", ":"))`` — ASCII, anything else escaped, so it can go in
-    a header — at orjson's speed (a tenth of the standard library's, for the few small documents
-    every call writes: its proof, receipt, cache hops and attempts)."""
+    """``json.dumps(doc, separators=(",", ":"))`` — printable ASCII, anything else escaped, so it
+    can go in a header — at orjson's speed (a tenth of the standard library's, for the few small
+    documents every call writes: its proof, receipt, cache hops and attempts). Unlike it, NaN and
+    the infinities (which JSON has not) are written ``null``."""
     try:
         out = orjson.dumps(doc)
-        if out.isascii():
+        if out.isascii() and b"\x7f" not in out:  # (orjson leaves DEL as it is; HTTP headers refuse it)
             return out.decode()
     except orjson.JSONEncodeError:  # (what orjson refuses: see ``dumps``)
         pass

@@ -44,9 +44,9 @@ class QuoteSigner:
         if not isinstance(token, str) or "." not in token:
             raise PaymentInvalid("the accepted offer carries no valid quote", code="invalid_quote")
         expires_s, mac = token.split(".", 1)
-        if not (expires_s.isascii() and expires_s.isdigit() and mac.isascii()) or not hmac.compare_digest(
-            mac, self._mac(digest, amount, int(expires_s), cap)
-        ):
+        if not (
+            len(expires_s) <= 12 and expires_s.isascii() and expires_s.isdigit() and mac.isascii()
+        ) or not hmac.compare_digest(mac, self._mac(digest, amount, int(expires_s), cap)):
             raise PaymentInvalid("this payment was quoted for a different request or amount", code="quote_mismatch")
         if int(expires_s) < now:
             raise PaymentInvalid("the quote has expired; request a new one", code="quote_expired")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -94,7 +95,8 @@ class Settler:
         self.max_fee = min(self.fixed_max_fee or 2 * GWEI, self.ceiling)
         self.bump_after = BUMP_AFTER
         self.replace_after = REPLACE_AFTER
-        self._taken: dict[str, float] = {}  # transaction id → when its nonce was first seen taken (monotonic)
+        # transaction id → when its nonce was first seen taken, and last looked at (monotonic)
+        self._taken: dict[str, tuple[float, float]] = {}
         self.settled_elsewhere = settled_elsewhere
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -246,7 +248,10 @@ class Settler:
         return self._busy
 
     async def _broadcast(self, rows: list[dict[str, Any]], *, resend: bool = False) -> None:
-        """Send rows to the node in one batch and record its answers."""
+        """Send rows to the node in one batch and record its answers (a row whose nonce was seen
+        taken, at most every ``RECEIPT_POLL``: see ``_nonce_used``)."""
+        now = time.monotonic()
+        rows = [r for r in rows if now - self._taken.get(r["id"], (0.0, -math.inf))[1] >= RECEIPT_POLL]
         if not rows:
             return
         answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in rows], errors=True)
@@ -281,8 +286,10 @@ class Settler:
             return
         if len(self._taken) > 10_000:  # (rows concluded otherwise leave theirs: only a delay is lost)
             self._taken.clear()
-        first = self._taken.setdefault(row["id"], time.monotonic())
-        if time.monotonic() - first < self.replace_after:
+        now = time.monotonic()
+        first = self._taken.get(row["id"], (now, now))[0]
+        if now - first < self.replace_after:
+            self._taken[row["id"]] = (first, now)
             return  # (looked at again as it is sent again)
         del self._taken[row["id"]]
         new = self.store.replace_transaction(

@@ -476,7 +476,10 @@ def test_hostile_credentials_get_a_problem_never_a_500(http):
     challenge = challenge_of(http.post(CHAT, json=body))
     echo = {k: v for k, v in challenge.items() if k in ECHOED}
     deep = base64.urlsafe_b64encode(b"[" * 1100).decode().rstrip("=")  # nested past the recursion limit
-    for token in (deep, b64url({"challenge": {**echo, "id": "\u00e9"}, "payload": {"type": "authorization"}})):
+    odd_ids = [
+        b64url({"challenge": {**echo, "id": i}, "payload": {"type": "authorization"}}) for i in ("\u00e9", "\ud800")
+    ]
+    for token in (deep, *odd_ids):
         answer = http.post(CHAT, json=body, headers={"Authorization": "Payment " + token})
         assert 400 <= answer.status_code < 500, answer.text
         assert answer.headers["content-type"].startswith("application/problem+json")

@@ -136,10 +136,11 @@ def test_sign_ins_no_key_signed_are_refused_never_a_500(gateway, devnet, funded,
 def test_hostile_withdrawal_bodies_are_a_400(devnet, funded, http):
     r = http.post("/v1/credit/withdrawals", content=b'{"amount": "\\ud800"}')  # (a lone surrogate: no digest)
     assert r.status_code == 400 and error_code(r) == "invalid_json", r.text[:300]
-    body = {"amount": "\u00b2"}  # superscript two: a digit to str.isdigit, not to int()
-    header = sign_in(funded.account, declared(http.post("/v1/credit/withdrawals", json=body)), devnet)
-    r = http.post("/v1/credit/withdrawals", json=body, headers=header)
-    assert r.status_code == 400 and error_code(r) == "invalid_amount", r.text[:300]
+    # superscript two (a digit to str.isdigit, not to int()); more digits than int() reads
+    for body in ({"amount": "\u00b2"}, {"amount": "1" * 5000}):
+        header = sign_in(funded.account, declared(http.post("/v1/credit/withdrawals", json=body)), devnet)
+        r = http.post("/v1/credit/withdrawals", json=body, headers=header)
+        assert r.status_code == 400 and error_code(r) == "invalid_amount", r.text[:300]
 
 
 def test_credit_short_of_the_call_gets_quotes_reduced_by_it(gateway, devnet, funded, http):

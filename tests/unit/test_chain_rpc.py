@@ -14,7 +14,7 @@ import pytest
 
 from support import free_port
 from tollway.errors import ChainUnavailable
-from tollway.payments.chain import Chain, RpcError
+from tollway.payments.chain import AUTHORIZATION_USED_TOPIC, Chain, RpcError, carries_authorization
 
 
 async def rpc_server(answer) -> tuple[asyncio.Server, str]:
@@ -150,3 +150,12 @@ async def test_an_rpc_that_hangs_is_chain_unavailable_within_the_timeout():
     finally:
         await chain.close()
         server.close()
+
+
+def test_malformed_logs_carry_no_authorization():
+    token = "0x" + "ab" * 20
+    used = {"address": token, "topics": [AUTHORIZATION_USED_TOPIC]}
+    hostile = [{"address": token, "topics": {"0": 1}}, {"address": token, "topics": 7}, "a log", None, {}]
+    assert not carries_authorization({"logs": hostile}, token)
+    assert carries_authorization({"logs": [*hostile, used]}, token)
+    assert not carries_authorization({"logs": [used]}, "0x" + "cd" * 20)  # (another token's)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from tollway.jsonbytes import dumps, loads
+from tollway.jsonbytes import compact, dumps, loads
 
 SAME = [
     b'{"id":"chatcmpl-1","usage":{"prompt_tokens":12,"completion_tokens":3},"choices":[]}',
@@ -49,3 +49,18 @@ def test_dumps_is_compact_utf8():
     assert dumps({"b": [1, 2.5], "a": "é"}) == '{"b":[1,2.5],"a":"é"}'.encode()
     assert dumps({"b": 1, "a": 2}, sort_keys=True) == b'{"a":2,"b":1}'
     assert dumps([2**70]) == b"[1180591620717411303424]"  # (beyond orjson: the standard library)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"hops": [{"by": "tollway", "cached_tokens": None, "discount_passed": "12"}]},
+        {"note": "a\x7fb"},  # (DEL, which orjson leaves as it is: headers refuse it)
+        {"ctl": "\x00\x1f", "text": "naïve 日本", "lone": "\ud800"},
+        [2**70, 1.5, -0.0, True],
+    ],
+)
+def test_compact_writes_what_json_dumps_writes_in_printable_ascii(doc):
+    ours = compact(doc)
+    assert json.loads(ours) == json.loads(json.dumps(doc, separators=(",", ":")))
+    assert all(0x20 <= ord(c) < 0x7F for c in ours)  # (it goes into HTTP headers)

@@ -333,12 +333,17 @@ def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, in
 def carries_authorization(receipt: dict[str, Any], token: str) -> bool:
     """Whether a receipt holds an ``AuthorizationUsed`` event of ``token``: its transaction carried
     out an EIP-3009 authorization, which anyone may send on chain (an ``exact`` payment's)."""
-    return any(
-        isinstance(log, dict)
-        and str(log.get("address", "")).lower() == token.lower()
-        and str((log.get("topics") or [""])[0]).lower() == AUTHORIZATION_USED_TOPIC
-        for log in receipt.get("logs") or []
-    )
+    for log in receipt.get("logs") or []:
+        try:
+            topics = log.get("topics") or [""]
+            if (
+                str(log.get("address", "")).lower() == token.lower()
+                and str(topics[0]).lower() == AUTHORIZATION_USED_TOPIC
+            ):
+                return True
+        except (AttributeError, KeyError, IndexError, TypeError):  # (a malformed log, as ``transfers_in``)
+            continue
+    return False
 
 
 def _address_topic(topic: Any) -> str:

@@ -172,7 +172,10 @@ class MppRail:
             raise PaymentMalformed("the credential needs a challenge and a payload", code="invalid_payload")
         echo, payload = doc["challenge"], doc["payload"]
         params = self._echoed(echo)
-        if not hmac.compare_digest(str(echo.get("id", "")).encode(), self._id(params).encode()):
+        echoed_id = echo.get("id")
+        if not (isinstance(echoed_id, str) and echoed_id.isascii()) or not hmac.compare_digest(
+            echoed_id.encode(), self._id(params).encode()
+        ):
             raise PaymentInvalid("this challenge was not issued here, or was altered", code="invalid_challenge")
         if params.get("digest") != content_digest(digest):
             raise PaymentInvalid("this challenge was issued for another request body", code="invalid_challenge")

@@ -104,7 +104,9 @@ class TransferScheme:
             # An EIP-3009 authorization, which may have paid an exact payment already (whoever
             # sent it: ``ExactEvm.settled_elsewhere``): the same money must not pay twice.
             raise PaymentInvalid(
-                "the transaction carries out an EIP-3009 authorization, not a plain transfer", code="transfer_mismatch"
+                "the transaction carries out an EIP-3009 authorization (it may pay an exact payment): only a "
+                "transaction of plain transfers pays as a transfer",
+                code="transfer_mismatch",
             )
         paid = sum(v for frm, to, v in transfers_in(receipt, self.token) if frm == wallet and to == self.payee.lower())
         if paid == 0:
