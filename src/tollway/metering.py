@@ -365,6 +365,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         finally:
             stop_cutting()
             if not closed:  # the client went away, or the relay broke: meter what was delivered
+                relay.flush()  # (an event held back whole may carry the usage)
                 close(tail, complete=False)
             with anyio.CancelScope(shield=True):
                 await opened.response.aclose()

@@ -16,6 +16,7 @@ Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_to
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -129,33 +130,46 @@ def body_with_cost(raw: bytes, doc: dict[str, Any] | None, cost_usd: Decimal) ->
         return raw
 
 
+EVENT_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r")  # (SSE ends an event with a blank line, in any line ending)
+EVENT_END = re.compile(b"(" + b"|".join(EVENT_ENDS) + b")")
+MAX_HELD = 4 * 2**20  # bytes of one unfinished event held back; past it they go on as they are, unread
+
+
 class UsageEvents:
     """Rewrites a stream's usage events as they pass — ``rewrite(doc)`` returns the event to send
-    (or None to drop it) — and leaves every other byte as it came. Only events that mention
-    ``"usage"`` are held back until complete and parsed."""
+    (or None to drop it) — and leaves every other byte as it came. The stream goes on event by
+    event: an event's start is held back until its end comes (a usage event split across reads is
+    read whole), and only events that mention ``"usage"`` are parsed."""
 
     def __init__(self, rewrite: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
         self.rewrite = rewrite
         self.held = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self.held and b'"usage"' not in chunk:
-            return chunk
-        data = self.held + chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.held = data
-            return b""
-        complete, self.held = data[: end + 2], data[end + 2 :]
-        return b"".join(self._event(e) for e in complete.split(b"\n\n")[:-1])
+        data = self.held + chunk if self.held else chunk
+        end = max((data.rfind(e) + len(e) for e in EVENT_ENDS if e in data), default=0)
+        if end == 0:  # (no event ends in it yet)
+            self.held, out = (b"", data) if len(data) > MAX_HELD else (data, b"")
+            return out
+        complete, self.held = data[:end], data[end:]
+        if b'"usage"' not in complete:
+            return complete
+        parts = EVENT_END.split(complete)  # [event, its end, event, its end, ..., ""]
+        out = []
+        for event, ending in zip(parts[0::2], [*parts[1::2], b""], strict=True):
+            event = self._event(event)
+            if event:  # (a dropped event takes its blank line with it)
+                out += (event, ending)
+        return b"".join(out)
 
     def flush(self) -> bytes:
+        """What is left at the stream's end (an event with no blank line after it), read too."""
         held, self.held = self.held, b""
-        return held
+        return self._event(held)
 
     def _event(self, event: bytes) -> bytes:
         data = event.find(b"data:")  # (after an ``event:`` line, in the Messages and Responses APIs)
-        if data >= 0 and b'"usage"' in event and (data == 0 or event[data - 1 : data] == b"\n"):
+        if data >= 0 and b'"usage"' in event and (data == 0 or event[data - 1 : data] in (b"\n", b"\r")):
             try:
                 doc = loads(event[data + 5 :])
             except (ValueError, RecursionError):
@@ -165,9 +179,8 @@ class UsageEvents:
                 if new is None:
                     return b""
                 if new is not doc:
-                    out = dumps(new)
-                    return event[:data] + b"data: " + out + b"\n\n"
-        return event + b"\n\n"
+                    return event[:data] + b"data: " + dumps(new)
+        return event
 
 
 def stream_error(doc: dict[str, Any]) -> Any:
