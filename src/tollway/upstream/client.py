@@ -31,6 +31,7 @@ from .h1 import h1_transport
 log = logging.getLogger("tollway.upstream")
 
 MAX_BODY = 32 * 1024 * 1024
+MAX_PREAMBLE = 1024 * 1024  # bytes a stream may send (comments, opening events) before its first answer
 MAX_ERROR_BODY = 64 * 1024  # of an upstream's error answer, what is read (the rest is dropped)
 PASS_HEADERS = ("x-session-id", "http-referer", "x-title")
 USER_AGENT = f"tollway/{__version__}"
@@ -152,23 +153,25 @@ async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
 PREAMBLE = frozenset({"message_start", "ping", "response.created", "response.in_progress"})
 
 
-def _answered(buf: bytes | bytearray) -> bool:
-    """Whether ``buf`` holds a complete SSE ``data:`` event that answers — not a preamble; raises
-    ``UpstreamError`` if an error event comes first."""
-    for line in buf.split(b"\n")[:-1]:  # only lines already terminated
+def _answered(buf: bytes | bytearray, start: int = 0) -> tuple[bool, int]:
+    """Whether ``buf``'s lines from ``start`` hold a complete SSE ``data:`` event that answers —
+    not a preamble — and where its lines read end (the next call's ``start``: each line is read
+    once); raises ``UpstreamError`` if an error event comes first."""
+    end = buf.rfind(b"\n") + 1  # (only lines already terminated)
+    for line in bytes(buf[start:end]).split(b"\n"):
         if not line.startswith(b"data:"):
             continue
         data = bytes(line[5:].strip())
         if not data.startswith(b"{") or (b'"error' not in data and b'"type"' not in data):
-            return True  # (a chat chunk: no error, no event type to look at)
+            return True, end  # (a chat chunk: no error, no event type to look at)
         doc = _json(data)
         err = doc.get("error") or stream_error(doc)
         if err:
             text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
             raise UpstreamError(f"upstream failed before answering: {truncate(text, 300)}")
         if doc.get("type") not in PREAMBLE:
-            return True
-    return False
+            return True, end
+    return False, max(end, start)
 
 
 def _json(data: bytes) -> dict[str, Any]:
@@ -325,13 +328,18 @@ class Upstream:
         do not commit a call, and an error before the answer is a failure (the payer is not
         charged; the next upstream may be tried)."""
         body = bytearray()  # (bytes += bytes copies the whole body each time)
+        read = 0  # (how far a stream's lines have been read)
         try:
             async for chunk in chunks:
                 body += chunk
                 if len(body) > MAX_BODY:
                     raise UpstreamError("upstream response too large")
-                if stream and _answered(body):
-                    return bytes(body)
+                if stream:
+                    answered, read = _answered(body, read)
+                    if answered:
+                        return bytes(body)
+                    if len(body) > MAX_PREAMBLE:
+                        raise UpstreamError(f"upstream sent {MAX_PREAMBLE} bytes of a stream without answering")
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:

@@ -1,0 +1,40 @@
+"""What an upstream's stream must send before a call is committed to it (``Upstream._first_bytes``):
+its first event that answers. Keep-alive comments and opening events alone do not commit it, and a
+stream of nothing else is given up after ``MAX_PREAMBLE`` bytes, each line read once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tollway.errors import UpstreamError
+from tollway.upstream.client import MAX_PREAMBLE, Upstream
+
+
+async def chunks(*parts: bytes, then: bytes = b"", times: int = 0) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+    for _ in range(times):
+        yield then
+
+
+async def first(stream: AsyncIterator[bytes]) -> bytes:
+    return await Upstream._first_bytes(None, stream, True)  # type: ignore[arg-type]
+
+
+async def test_the_first_answering_event_commits_a_stream_even_split_across_reads():
+    got = await first(
+        chunks(b": keep-alive\n", b'data: {"type":"message_start"}\n\ndata: {"type":"content_bl', b'ock_delta"}\n')
+    )
+    assert got.endswith(b'{"type":"content_block_delta"}\n')
+
+
+async def test_an_error_before_the_answer_is_a_failure():
+    with pytest.raises(UpstreamError):
+        await first(chunks(b'data: {"type":"message_start"}\n\n', b'data: {"type":"error","error":{"message":"no"}}\n'))
+
+
+async def test_a_stream_of_keep_alives_alone_is_given_up():
+    with pytest.raises(UpstreamError, match="without answering"):
+        await first(chunks(then=b": keep-alive\n" * 1260, times=2 * MAX_PREAMBLE // 16_380))
