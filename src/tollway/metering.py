@@ -364,11 +364,13 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
             yield summary(call_id, tail, metered)
         finally:
             stop_cutting()
-            if not closed:  # the client went away, or the relay broke: meter what was delivered
-                relay.flush()  # (an event held back whole may carry the usage)
-                close(tail, complete=False)
-            with anyio.CancelScope(shield=True):
-                await opened.response.aclose()
+            try:
+                if not closed:  # the client went away, or the relay broke: meter what was delivered
+                    relay.flush()  # (an event held back whole may carry the usage)
+                    close(tail, complete=False)
+            finally:  # (the upstream's connection is let go whatever metering did)
+                with anyio.CancelScope(shield=True):
+                    await opened.response.aclose()
 
     return RelayResponse(body(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 

@@ -41,8 +41,13 @@ class Usage:
         return d
 
 
+MAX_COUNT = 2**31 - 1  # a token count beyond this is kept as this (the ledger's columns are 32-bit on PostgreSQL)
+
+
 def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+    """A token count an upstream reports: a whole number ≥ 0, at most ``MAX_COUNT`` (a call is
+    never charged more than its quote, whatever is reported)."""
+    return min(v, MAX_COUNT) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def parse_usage(usage: Any, timings: Any = None) -> Usage | None:

@@ -10,7 +10,7 @@ from tollway.config import ModelPrice
 from tollway.errors import BadRequest
 from tollway.mock_upstream import count_tokens
 from tollway.pricing import Prices, asked_cap, prompt_token_bound, to_atomic
-from tollway.usage import StreamTail, Usage, answer_doc, parse_usage, usage_of_answer
+from tollway.usage import MAX_COUNT, StreamTail, Usage, answer_doc, parse_usage, usage_of_answer
 
 PRICES = Prices.of(
     ModelPrice(
@@ -158,3 +158,8 @@ def test_stream_tail_reports_midstream_error():
     tail.feed(b'data: {"error":{"message":"provider died","code":500},"choices":[]}\n\n')
     assert tail.error() == "provider died"
     assert tail.usage() is None
+
+
+def test_absurd_token_counts_are_kept_within_what_the_ledger_stores():
+    usage = parse_usage({"prompt_tokens": 2**63, "completion_tokens": 10**30, "total_tokens": -1})
+    assert usage is not None and usage.prompt_tokens == usage.completion_tokens == MAX_COUNT
