@@ -108,6 +108,11 @@ def refuse_responses(body: dict[str, Any], items: list[Any]) -> None:
                 f"input items of type {str(item.get('type'))[:40]!r} are not accepted here: {why}",
                 code="unpriced_parameter",
             )
+        if item.get("type") == "reasoning" and not (
+            isinstance(item.get("encrypted_content"), str) and item["encrypted_content"]
+        ):
+            # (without it, the provider reads the reasoning it stored under the item's id)
+            raise BadRequest(f"reasoning items need their encrypted_content: {STORED}", code="unpriced_parameter")
     refuse_parts(items, RESPONSES_PARTS)
 
 

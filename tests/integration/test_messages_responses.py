@@ -215,6 +215,10 @@ RESPONSE = {"model": "mock/echo", "input": "hi"}
         ("/v1/responses", {**RESPONSE, "input": [{"type": "item_reference", "id": "msg_1"}]}),
         (
             "/v1/responses",
+            {**RESPONSE, "input": [{"role": "user", "content": "hi"}, {"type": "reasoning", "id": "rs_1"}]},
+        ),
+        (
+            "/v1/responses",
             {**RESPONSE, "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
         ),
         ("/v1/responses", {**RESPONSE, "service_tier": "priority"}),

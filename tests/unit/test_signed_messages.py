@@ -84,3 +84,6 @@ def test_forged_cut_and_malleable_signatures_do_not_verify_as_the_wallet():
             signed.signer("CreditPayment", 31337, TOKEN, message, bad, ORIGIN)
     with pytest.raises(PaymentInvalid):
         signed.signer("CreditPayment", 31337, TOKEN, message, good, "https://another.example")
+    for huge in ("9" * 79, "9" * 4400):  # (beyond uint256; beyond what int() reads)
+        with pytest.raises(PaymentMalformed):
+            signed.signer("CreditPayment", 31337, TOKEN, {**message, "validBefore": huge}, good, ORIGIN)

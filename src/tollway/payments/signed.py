@@ -97,6 +97,7 @@ def _normalise(kind: str, message: dict[str, Any]) -> dict[str, Any]:
             typ == "uint256"
             and isinstance(v, (str, int))
             and not isinstance(v, bool)
+            and len(str(v)) <= 78  # (2**256 has 78 digits; int() refuses thousands)
             and str(v).isascii()
             and str(v).isdigit()
         ):
