@@ -139,10 +139,25 @@ CACHE_WINDOWS = {"5m": 300, "1h": 3600, "24h": 86400}
 
 async def cache_stats(request: Request) -> Response:
     """Prompt-cache hit rates, expected vs observed cached tokens and discount passed on, per model
-    over recent windows (from the ledger, so across all replicas). Per upstream for the operator."""
+    over recent windows (from the ledger, so across all replicas). Per upstream for the operator.
+    Scans of the ledger: read in the reports thread; for anyone but the operator, at most every
+    ``CACHE_STATS_SECONDS``."""
     gw = gateway(request)
+    if is_admin(request, gw):
+        return JSONResponse(await gw.report(partial(cache_windows, gw, True)))
+    held: dict[str, tuple[float, dict[str, Any]]] = request.app.state.cache_stats
+    at, doc = held.get("public", (0.0, {}))
+    if time.monotonic() - at > CACHE_STATS_SECONDS:
+        doc = await gw.report(partial(cache_windows, gw, False))
+        held["public"] = (time.monotonic(), doc)
+    return JSONResponse(doc)
+
+
+CACHE_STATS_SECONDS = 5.0
+
+
+def cache_windows(gw: Gateway, per_upstream: bool) -> dict[str, Any]:
     now = time.time()
-    per_upstream = is_admin(request, gw)
     windows: dict[str, list[dict[str, Any]]] = {}
     for name, seconds in CACHE_WINDOWS.items():
         rows = []
@@ -168,7 +183,7 @@ async def cache_stats(request: Request) -> Response:
                 }
             )
         windows[name] = rows
-    return JSONResponse({"windows": windows})
+    return {"windows": windows}
 
 
 async def healthz(request: Request) -> Response:
@@ -348,6 +363,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.gateway = gateway or await Gateway.open(settings)
         app.state.rankings = catalogue.Rankings()
+        app.state.cache_stats = {}
         try:
             yield
         finally:

@@ -10,6 +10,7 @@ import csv
 import io
 import time
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -133,7 +134,7 @@ CSV_COLUMNS = ("window", "rank", "model", "calls", "prompt_tokens", "completion_
 
 async def rankings(request: Request, gw: Gateway, cache: Rankings) -> Response:
     """``?format=json`` (default) or ``csv``."""
-    doc = cache.document(gw)
+    doc = await gw.report(partial(cache.document, gw))  # (a scan of the ledger: off the event loop)
     fmt = request.query_params.get("format", "json")
     if fmt == "json":
         return JSONResponse(doc)
