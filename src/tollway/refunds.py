@@ -12,6 +12,7 @@ with the transaction in ``PAYMENT-RESPONSE``. A voucher at another total gets th
 from __future__ import annotations
 
 from dataclasses import replace
+from fractions import Fraction
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,6 +27,7 @@ from .ledger.store import new_id
 from .payments import channel as ch
 from .payments import x402
 from .payments.batch import PREFIX, BatchSettlementEvm, state
+from .pricing import to_atomic
 from .settlement import Signing
 
 REFUND_NONCE = keccak(b"refundNonce(bytes32)")[:4]
@@ -84,6 +86,12 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
         if remainder <= 0 or amount > remainder:
             raise PaymentInvalid(
                 f"the channel has {max(remainder, 0)} left to refund", code=PREFIX + "refund_no_balance"
+            )
+        least = to_atomic(Fraction(gw.settings.min_withdrawal_usd or 0), gw.settings.chain.decimals)
+        if amount < min(least, remainder) or amount == 0:  # (the gateway pays each refund's gas)
+            raise PaymentInvalid(
+                f"a refund of part of the channel is at least {least} units (the whole {remainder} may always be)",
+                code=PREFIX + "refund_too_small",
             )
         nonce = int.from_bytes(await gw.chain.call(ch.BATCH_SETTLEMENT_ADDRESS, REFUND_NONCE + cid), "big")
         calls = []

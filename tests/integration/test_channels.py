@@ -491,6 +491,28 @@ def test_one_refund_asked_twice_at_once_refunds_once(channel_gateway, devnet, ch
     assert chain.balance(account.address) == 100_000_000 - cost  # everything but the charge back, once
 
 
+def test_a_refund_of_a_sliver_of_a_channel_is_refused_and_the_whole_rest_is_not(devnet, upstream, chain, tmp_path):
+    """The gateway pays each refund's gas: a part of a channel asked back must be at least the
+    smallest withdrawal (else a payer could make it pay gas again and again for one unit)."""
+    settings, payee = channel_settings(devnet, upstream, tmp_path / "ledger.sqlite3", min_deposit_calls=100)
+    settings = settings.model_copy(update={"min_withdrawal_usd": Decimal("0.01")})  # (10,000 units)
+    account = chain.fund(100_000_000)
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    payer = Payer(account, allowed, schemes=("batch-settlement",), max_total_usd=Decimal(5))
+    with ServerThread(create_app(settings)) as server:
+        gw = Gateway(server.url, Store(settings.database_url), payee)
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=server.url, timeout=30) as http:
+            assert http.post(CHAT, json=chat_body("before a sliver", max_tokens=16)).status_code == 200
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            with pytest.raises(PaymentRefused, match="refund_too_small"):
+                refund_channel(payer, http, amount=9_999)
+            assert payer_channel(gw, account.address)["refunded"] == 0
+            refunded = refund_channel(payer, http)  # (all of it: always)
+        channel = payer_channel(gw, account.address)
+        gw.store.close()
+    assert int(refunded["amount"]) == channel["refunded"] > 0 and channel["busy"] is None
+
+
 def test_a_deposit_call_whose_upstream_answers_slowly_is_served_once_deposited(channel_gateway, devnet, chain):
     """A call that ran long is checked on chain again before its answer is released; a channel's
     deposit, in the escrow by then, is not made (nor simulated) a second time."""
