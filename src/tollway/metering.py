@@ -284,12 +284,12 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
     """A stream: recorded as it starts — with its payment's settlement, for a payment of the bound
     (a metered one settles when the stream ends) — relayed, then metered."""
     started = time.time()
+    per_event = gw.settings.models[call.model].max_tokens_per_event  # (what can fail, before the row is written)
+    upstream = gw.router.named(opened.upstream)
     settled = None if paid.scheme.metered else settlement(gw, paid)
     row = served_row(call_id, paid, call, opened, status="streaming", added_ms=added_ms(call, opened))
     gw.store.insert_call(row, settle=settled)
     headers = receipt_headers(gw, paid, settled, call_id)
-    per_event = gw.settings.models[call.model].max_tokens_per_event
-    upstream = gw.router.named(opened.upstream)
 
     reader = None if call.surface == "chat" else StreamUsage()  # (chat's usage chunk is read from the tail)
 
@@ -347,14 +347,15 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         try:
             yield relay.feed(opened.first)
             async for chunk in opened.rest():
+                if opened.error is not None:  # once cut, nothing more reaches the client, nor counts
+                    continue
                 tail.feed(chunk)
                 if time.monotonic() - saved > PROGRESS_SECONDS:  # what a crash would leave to meter
                     gw.store.stream_progress(call_id, tail.events_seen)
                     saved = time.monotonic()
-                if opened.error is None:  # once cut, nothing more reaches the client
-                    out = relay.feed(chunk)
-                    if out:
-                        yield out
+                out = relay.feed(chunk)
+                if out:
+                    yield out
             if relay.held:
                 yield relay.flush()
             if opened.error is not None and tail.error() is None:

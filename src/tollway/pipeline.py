@@ -427,8 +427,8 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         api_key=request.headers.get(PROVIDER_KEY) if call.route.byok else None,  # (checked as it was priced)
         costs=expected_costs(gw, call),
     )
-    try:
-        async with asyncio.timeout(gw.settings.max_call_seconds):
+    try:  # (the call's time counts from its arrival, as a stream's cut does: ``metering.stream_cutter``)
+        async with asyncio.timeout(gw.settings.max_call_seconds - (time.time() - call.received)):
             return await send
     except TimeoutError:
         raise UpstreamUnavailable(

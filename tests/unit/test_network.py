@@ -402,6 +402,21 @@ async def test_closed_without_answering_is_a_remote_protocol_error():
             await http.post(raw.url, content=b"{}")
 
 
+async def test_endless_trailers_are_a_remote_protocol_error():
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)) + b"0\r\n")
+        for i in range(20_000):  # (~400 KB of trailers, and no end)
+            writer.write(b"x-trailer-%d: %s\r\n" % (i, b"v" * 8))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with raw_server(answer) as raw, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with http.stream("POST", raw.url, content=b"{}") as r:
+                async for _ in r.aiter_raw():
+                    pass
+
+
 async def test_a_stream_cut_short_is_a_remote_protocol_error():
     async def answer(reader, writer, body):
         writer.write(SSE_HEAD + chunk(event(1)))

@@ -181,6 +181,10 @@ class _Connection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:  # a trailer: bounded as the head is
+            self.head_bytes += len(name) + len(value) + 4
+            if self.head_bytes > 2 * MAX_HEAD:
+                raise httptools.HttpParserError(f"the trailers are over {MAX_HEAD} bytes")
         self.headers.append((name, value.rstrip(b" \t")))  # (llhttp strips the leading space, not the trailing)
 
     def on_headers_complete(self) -> None:
