@@ -436,6 +436,13 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         ) from None
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether a call failed waiting for an upstream that had its request (and may bill for it)."""
+    codes = [exc.code] if isinstance(exc, GatewayError) else []
+    codes += [a.outcome for a in getattr(exc, "attempts", ())]
+    return "upstream_timeout" in codes
+
+
 def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseException) -> None:
     """The call will not be served: nobody is charged. Money that already moved becomes credit.
     A payment the chain refused is never tried again; any other may pay a retry of this call. One
@@ -455,7 +462,7 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
         undone = gw.store.undo_call(
             paid.payment_id, to, error, account=paid.account, held=paid.held, deposit=deposit, row=row
         )
-        if undone and gw.free is not None and paid.scheme is gw.free.scheme:
-            gw.free.give_back(paid.payment)
+        if undone and gw.free is not None and paid.scheme is gw.free.scheme and not timed_out(exc):
+            gw.free.give_back(paid.payment)  # (a call an upstream may have worked on keeps its slot)
     except Exception:  # undoing must not mask the original error
         log.exception("could not undo the payment of call %s", call_id)

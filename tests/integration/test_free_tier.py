@@ -74,6 +74,16 @@ def test_a_call_that_was_not_served_does_not_count(direct):
     assert [chat(direct).status_code for _ in range(4)] == [200, 200, 200, 429]
 
 
+def test_a_call_that_timed_out_waiting_for_its_upstream_counts(devnet, upstream, tmp_path):
+    """The upstream had the request, and may have generated (and billed) much of an answer: a
+    free call that ran out of time keeps its slot spent (else long calls would be free for ever)."""
+    settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", max_call_seconds=1)
+    with ServerThread(create_app(settings), proxy_headers=False) as gw:
+        slow = chat(gw, {**BODY, "mock": {"latency": 2}})
+        assert slow.status_code in (503, 504) and "upstream_timeout" in slow.text, slow.text
+        assert [chat(gw).status_code for _ in range(3)] == [200, 200, 429]
+
+
 def test_behind_a_trusted_proxy_each_client_counts_apart(devnet, upstream, tmp_path):
     settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", trusted_proxies=["127.0.0.1/32"])
     config = server_config(create_app(settings), settings, "warning")
