@@ -4,6 +4,8 @@ When the `docker compose` plugin is installed, it validates the compose file too
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 import shutil
 import subprocess
@@ -95,6 +97,12 @@ def test_production_is_two_replicas_behind_nginx_on_postgres(compose):
     major, minor = (int(x) for x in re.search(r"nginx:(\d+)\.(\d+)", proxy["image"]).groups())  # type: ignore[union-attr]
     assert (major, minor) >= (1, 28), "`server ... resolve` in an upstream needs nginx >= 1.27.3"
     assert "configs" not in compose or set(compose["configs"]) == {"tollway_toml"}  # nginx's is a file now
+    # The replicas believe nginx's X-Forwarded-For (the free tier counts each client apart), from
+    # the compose network's private addresses only.
+    assert "X-Forwarded-For $proxy_add_x_forwarded_for" in nginx
+    trusted = json.loads(s["gateway"]["environment"]["TOLLWAY_TRUSTED_PROXIES"])
+    assert any(ipaddress.ip_address("172.18.0.5") in ipaddress.ip_network(n) for n in trusted)
+    assert all(ipaddress.ip_network(n).is_private for n in trusted)
 
 
 def test_the_dev_profile_runs_anvil_the_mock_and_a_devnet_gateway(compose):
