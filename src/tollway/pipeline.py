@@ -437,7 +437,8 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
 
 
 def timed_out(exc: BaseException) -> bool:
-    """Whether a call failed waiting for an upstream that had its request (and may bill for it)."""
+    """Whether a call failed timing out on an upstream, which may have had its request and bill for
+    it (a timeout while connecting counts too: which one it was is not told apart)."""
     codes = [exc.code] if isinstance(exc, GatewayError) else []
     codes += [a.outcome for a in getattr(exc, "attempts", ())]
     return "upstream_timeout" in codes
