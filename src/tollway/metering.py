@@ -313,6 +313,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         the fact, in the background once it does (the receipt then has it)."""
         usage = tail.usage() if reader is None else reader.usage()
         if usage is None and reader is None and upstream.generation_url and tail.generation_id():
+            gw.metering_later.add(call_id)  # (the sweep of abandoned streams leaves it alone)
             gw.spawn(meter_later(tail, complete))
             return None
         return finish(tail, complete, usage)
@@ -322,6 +323,8 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
             finish(tail, complete, await upstream.usage_after(tail.generation_id()))
         except Exception:
             log.exception("could not meter stream %s after the fact", call_id)
+        finally:
+            gw.metering_later.discard(call_id)
 
     def usage_event(doc: dict[str, Any]) -> dict[str, Any] | None:
         """The usage chunk as the client gets it: tollway's charge as ``usage.cost``; dropped (or

@@ -445,6 +445,38 @@ def test_a_stream_without_usage_is_charged_by_the_documented_rule(gateway, chain
     assert int(doc["cost"]["atomic"]) == min(to_atomic(usd, 6), int(doc["quote"]["atomic"]))
 
 
+async def test_a_stream_waiting_for_its_usage_after_the_fact_is_not_swept_as_abandoned(gateway, tmp_path):
+    """A stream that carried no usage waits for its upstream's record (up to ~30 s after it ended):
+    the sweep of streams a crash left open, which meters by the estimate, must leave it alone."""
+    settings = gateway.settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'l.sqlite3'}"})
+    gw = await Gateway.open(settings)
+    try:
+        payment_id = gw.store.reserve(
+            {
+                "lock_key": uuid.uuid4().hex,
+                "scheme": "credit",
+                "network": "eip155:31337",
+                "asset": settings.chain.token.lower(),
+                "payer": "0x" + uuid.uuid4().hex[:40],
+                "payee": "0xp",
+                "amount": 0,
+                "proof": "{}",
+                "request_digest": "d",
+            }
+        )
+        stream = {"model": "mock/echo", "upstream_model": "mock/echo", "stream": True, "status": "streaming"}
+        old = {"quote": 100, "paid": 0, "from_credit": 100, "created_at": time.time() - 7200}
+        gw.store.insert_call({"id": "waiting", "payment_id": payment_id, **stream, **old})
+        gw.metering_later.add("waiting")
+        gw.close_abandoned_streams()
+        assert receipt_row(gw.store, "waiting")["status"] == "streaming"  # (its usage is still coming)
+        gw.metering_later.discard("waiting")  # (it never came, and the wait ended)
+        gw.close_abandoned_streams()
+        assert receipt_row(gw.store, "waiting")["status"] == "incomplete"
+    finally:
+        await gw.close()
+
+
 def test_a_stream_without_usage_is_metered_from_the_upstreams_record_when_it_keeps_one(
     gateway, chain, devnet, tmp_path, upstream
 ):
