@@ -87,7 +87,7 @@ class Gateway:
     _worker_chain: Chain
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     # streams of this process waiting for their usage after the fact (``metering.relay_stream``):
-    # not abandoned, however old (another replica's sweep does not know them: see the closing note)
+    # not abandoned, however old (another replica's sweep does not know of them: a known gap)
     metering_later: set[str] = field(default_factory=set)
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
