@@ -85,7 +85,7 @@ async def model_endpoints(request: Request) -> Response:
 
 
 async def rankings(request: Request) -> Response:
-    return await catalogue.rankings(request, gateway(request), request.app.state.rankings)
+    return await catalogue.rankings(request, gateway(request))
 
 
 def is_admin(request: Request, gw: Gateway) -> bool:
@@ -145,12 +145,7 @@ async def cache_stats(request: Request) -> Response:
     gw = gateway(request)
     if is_admin(request, gw):
         return JSONResponse(await gw.report(partial(cache_windows, gw, True)))
-    held: dict[str, tuple[float, dict[str, Any]]] = request.app.state.cache_stats
-    at, doc = held.get("public", (0.0, {}))
-    if time.monotonic() - at > CACHE_STATS_SECONDS:
-        doc = await gw.report(partial(cache_windows, gw, False))
-        held["public"] = (time.monotonic(), doc)
-    return JSONResponse(doc)
+    return JSONResponse(await gw.recent("cache_stats", CACHE_STATS_SECONDS, partial(cache_windows, gw, False)))
 
 
 CACHE_STATS_SECONDS = 5.0
@@ -362,8 +357,6 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.gateway = gateway or await Gateway.open(settings)
-        app.state.rankings = catalogue.Rankings()
-        app.state.cache_stats = {}
         try:
             yield
         finally:

@@ -90,51 +90,43 @@ async def endpoints(request: Request, gw: Gateway) -> Response:
     return JSONResponse({"data": {"id": model, "name": model, "endpoints": listed}})
 
 
-class Rankings:
-    """Usage share by model (calls and tokens) over the last day and week, from the ledger,
-    recomputed at most once a minute."""
+def ranking_document(gw: Gateway) -> dict[str, Any]:
+    """Usage share by model (calls and tokens) over the last day and week, from the ledger (read
+    again at most once a minute: ``rankings``)."""
+    now = time.time()
+    return {"generated_at": int(now), "windows": _ranking_windows(gw, now)}
 
-    def __init__(self) -> None:
-        self._doc: dict[str, Any] | None = None
-        self._at = 0.0
 
-    def document(self, gw: Gateway) -> dict[str, Any]:
-        now = time.time()
-        if self._doc is None or now - self._at > RANKINGS_CACHE_SECONDS:
-            self._doc, self._at = {"generated_at": int(now), "windows": self._windows(gw, now)}, now
-        return self._doc
-
-    @staticmethod
-    def _windows(gw: Gateway, now: float) -> dict[str, list[dict[str, Any]]]:
-        out = {}
-        for name, seconds in RANKING_WINDOWS.items():
-            rows = gw.store.usage_by_model(now - seconds)
-            calls = sum(r["calls"] for r in rows)
-            tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
-            ranked = []
-            for r in rows:
-                t = r["prompt_tokens"] + r["completion_tokens"]
-                ranked.append(
-                    {
-                        "model": r["model"],
-                        "calls": r["calls"],
-                        "prompt_tokens": r["prompt_tokens"],
-                        "completion_tokens": r["completion_tokens"],
-                        "tokens": t,
-                        "token_share": round(t / tokens, 4) if tokens else 0.0,
-                        "call_share": round(r["calls"] / calls, 4) if calls else 0.0,
-                    }
-                )
-            out[name] = sorted(ranked, key=lambda r: (-r["tokens"], -r["calls"], r["model"]))
-        return out
+def _ranking_windows(gw: Gateway, now: float) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for name, seconds in RANKING_WINDOWS.items():
+        rows = gw.store.usage_by_model(now - seconds)
+        calls = sum(r["calls"] for r in rows)
+        tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+        ranked = []
+        for r in rows:
+            t = r["prompt_tokens"] + r["completion_tokens"]
+            ranked.append(
+                {
+                    "model": r["model"],
+                    "calls": r["calls"],
+                    "prompt_tokens": r["prompt_tokens"],
+                    "completion_tokens": r["completion_tokens"],
+                    "tokens": t,
+                    "token_share": round(t / tokens, 4) if tokens else 0.0,
+                    "call_share": round(r["calls"] / calls, 4) if calls else 0.0,
+                }
+            )
+        out[name] = sorted(ranked, key=lambda r: (-r["tokens"], -r["calls"], r["model"]))
+    return out
 
 
 CSV_COLUMNS = ("window", "rank", "model", "calls", "prompt_tokens", "completion_tokens", "tokens", "token_share")
 
 
-async def rankings(request: Request, gw: Gateway, cache: Rankings) -> Response:
+async def rankings(request: Request, gw: Gateway) -> Response:
     """``?format=json`` (default) or ``csv``."""
-    doc = await gw.report(partial(cache.document, gw))  # (a scan of the ledger: off the event loop)
+    doc = await gw.recent("rankings", RANKINGS_CACHE_SECONDS, partial(ranking_document, gw))
     fmt = request.query_params.get("format", "json")
     if fmt == "json":
         return JSONResponse(doc)

@@ -33,6 +33,11 @@ def least_payment(gw: Gateway) -> int:
     return _least(gw.settings.min_chain_payment_usd or 0, gw.settings.chain.decimals)
 
 
+def least_withdrawal(gw: Gateway) -> int:
+    """The smallest withdrawal of credit, or refund of part of a channel (the gateway pays their gas)."""
+    return _least(gw.settings.min_withdrawal_usd or 0, gw.settings.chain.decimals)
+
+
 @functools.lru_cache(maxsize=16)  # (asked of every payment: two Fractions each time otherwise)
 def _least(usd: Any, decimals: int) -> int:
     return to_atomic(Fraction(usd), decimals)

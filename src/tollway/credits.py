@@ -9,21 +9,20 @@ pending withdrawals into one transfer.
 from __future__ import annotations
 
 import time
-from fractions import Fraction
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import signin
-from .challenge import credit_of
+from .challenge import credit_of, least_withdrawal
 from .errors import BadRequest, Forbidden, NotConfigured, NotFound, PaymentInvalid
 from .gateway import Gateway
 from .jsonbytes import dumps, loads
 from .ledger.store import InsufficientCredit, credit_account
 from .payments import signed
 from .pipeline import read_body
-from .pricing import MAX_AMOUNT, money, to_atomic
+from .pricing import MAX_AMOUNT, money
 
 WITHDRAWAL_BODY = "body must be JSON {amount} (signed in), or {withdrawal, signature}"
 
@@ -78,7 +77,7 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
     amount = int(raw_amount)
     if amount <= 0 or amount > MAX_AMOUNT:
         raise BadRequest(f"amount must be between 1 and {MAX_AMOUNT}", code="invalid_amount")
-    least = to_atomic(Fraction(gw.settings.min_withdrawal_usd or 0), gw.settings.chain.decimals)
+    least = least_withdrawal(gw)
     if amount < least:
         raise BadRequest(
             f"withdrawals start at {least} units (a payout's gas is paid by the gateway)", code="withdrawal_too_small"

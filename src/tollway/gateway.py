@@ -96,6 +96,7 @@ class Gateway:
     # Ledger scans that must not hold up the event loop (the operator's counts, live stats): one
     # thread, so one more ledger connection however many CPUs the host has.
     _reports: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tollway-reports"))
+    _recent: dict[str, tuple[float, Any]] = field(default_factory=dict)  # (``recent``: name → when read, document)
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
     byok_prices: dict[str, Prices] = field(default_factory=dict)  # at byok_fee of the list prices
     # model → upstream → what the upstream's calls of the model are billed at, where it prices it itself
@@ -409,6 +410,15 @@ class Gateway:
     async def report(self, read: Callable[[], T]) -> T:
         """``read()`` — a scan of the ledger — in the reports thread (``_reports``)."""
         return await asyncio.get_running_loop().run_in_executor(self._reports, read)
+
+    async def recent(self, name: str, seconds: float, read: Callable[[], T]) -> T:
+        """A public document ``read()`` as ``report`` does, read again at most every ``seconds``
+        (anyone may ask for it as often as they like)."""
+        at, doc = self._recent.get(name, (-math.inf, None))
+        if time.monotonic() - at > seconds:
+            doc = await self.report(read)
+            self._recent[name] = (time.monotonic(), doc)
+        return doc  # type: ignore[no-any-return]
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` after the response (e.g. metering a stream once its usage is known)."""

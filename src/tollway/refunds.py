@@ -12,12 +12,12 @@ with the transaction in ``PAYMENT-RESPONSE``. A voucher at another total gets th
 from __future__ import annotations
 
 from dataclasses import replace
-from fractions import Fraction
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import signin
+from .challenge import least_withdrawal
 from .claims import escrowed
 from .errors import NotFound, PaymentInvalid, PaymentRequired
 from .gateway import Gateway
@@ -27,7 +27,6 @@ from .ledger.store import new_id
 from .payments import channel as ch
 from .payments import x402
 from .payments.batch import PREFIX, BatchSettlementEvm, state
-from .pricing import to_atomic
 from .settlement import Signing
 
 REFUND_NONCE = keccak(b"refundNonce(bytes32)")[:4]
@@ -87,8 +86,8 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
             raise PaymentInvalid(
                 f"the channel has {max(remainder, 0)} left to refund", code=PREFIX + "refund_no_balance"
             )
-        least = to_atomic(Fraction(gw.settings.min_withdrawal_usd or 0), gw.settings.chain.decimals)
-        if amount < min(least, remainder) or amount == 0:  # (the gateway pays each refund's gas)
+        least = least_withdrawal(gw)
+        if amount < min(least, remainder):  # (the gateway pays each refund's gas)
             raise PaymentInvalid(
                 f"a refund of part of the channel is at least {least} units (the whole {remainder} may always be)",
                 code=PREFIX + "refund_too_small",

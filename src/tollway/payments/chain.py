@@ -316,16 +316,11 @@ def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, in
     """The ERC-20 ``Transfer`` events of ``token`` in a receipt, as (from, to, value); a malformed
     log (from a buggy or hostile node) is no transfer."""
     out = []
-    for log in receipt.get("logs") or []:
+    for topics, data in events_in(receipt, token, TRANSFER_TOPIC):
         try:
-            topics = log.get("topics") or []
-            if (
-                str(log.get("address", "")).lower() == token.lower()
-                and len(topics) == 3
-                and str(topics[0]).lower() == TRANSFER_TOPIC
-            ):
-                out.append((_address_topic(topics[1]), _address_topic(topics[2]), int(log["data"], 16)))
-        except (AttributeError, KeyError, TypeError, ValueError):
+            if len(topics) == 3:
+                out.append((_address_topic(topics[1]), _address_topic(topics[2]), int(data, 16)))
+        except (TypeError, ValueError):
             continue
     return out
 
@@ -333,17 +328,21 @@ def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, in
 def carries_authorization(receipt: dict[str, Any], token: str) -> bool:
     """Whether a receipt holds an ``AuthorizationUsed`` event of ``token``: its transaction carried
     out an EIP-3009 authorization, which anyone may send on chain (an ``exact`` payment's)."""
+    return bool(events_in(receipt, token, AUTHORIZATION_USED_TOPIC))
+
+
+def events_in(receipt: dict[str, Any], token: str, topic: str) -> list[tuple[list[Any], Any]]:
+    """(topics, data) of each log of ``token`` whose first topic is ``topic`` in a receipt; a
+    malformed log (from a buggy or hostile node) is none."""
+    out = []
     for log in receipt.get("logs") or []:
         try:
             topics = log.get("topics") or [""]
-            if (
-                str(log.get("address", "")).lower() == token.lower()
-                and str(topics[0]).lower() == AUTHORIZATION_USED_TOPIC
-            ):
-                return True
-        except (AttributeError, KeyError, IndexError, TypeError):  # (a malformed log, as ``transfers_in``)
+            if str(log.get("address", "")).lower() == token.lower() and str(topics[0]).lower() == topic:
+                out.append((list(topics), log.get("data")))
+        except (AttributeError, KeyError, IndexError, TypeError):
             continue
-    return False
+    return out
 
 
 def _address_topic(topic: Any) -> str:
