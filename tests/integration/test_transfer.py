@@ -9,7 +9,7 @@ import pytest
 from eth_account import Account
 
 from conftest import gateway_settings
-from support import ServerThread, credit, send_raw, signed_authorization, wait_receipt
+from support import ServerThread, credit, run_concurrently, send_raw, signed_authorization, wait_receipt
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, claim_transfer
 from tollway.payments.eip3009 import transfer_calldata
@@ -142,3 +142,21 @@ def test_an_authorization_the_payer_carried_out_themselves_cannot_be_claimed_as_
     r = pay(gateway.url, offer, claim_transfer(account, offer, tx, gateway.url))
     assert r.status_code == 402 and reason(r) == "transfer_mismatch"
     assert credit_of(gateway.url, account, devnet) == 0
+
+
+def test_one_transfer_claimed_six_times_at_once_pays_one_call_and_credits_once(gateway, chain, devnet, upstream):
+    """A payer who wants something free sends the same transfer's claim six times at once: one
+    call is served, the rest refused before the upstream is asked, and the money counts once."""
+    account = chain.fund(eth=True)
+    offer = transfer_offer(gateway.url)
+    quote = int(offer["amount"])
+    tx = chain.transfer(account, devnet.payee, quote + 5000)
+    claim = claim_transfer(account, offer, tx, gateway.url)
+    asked = httpx.get(f"{upstream.url}/mock/stats").json()["requests"]
+    answers: list[httpx.Response] = []
+    run_concurrently(lambda _: answers.append(pay(gateway.url, offer, claim)), range(6))
+    assert sorted(r.status_code for r in answers) == [200, 402, 402, 402, 402, 402]
+    assert httpx.get(f"{upstream.url}/mock/stats").json()["requests"] == asked + 1
+    served = next(r for r in answers if r.status_code == 200)
+    cost = int(wait_receipt(gateway.url, served.headers["x-tollway-receipt"])["cost"]["atomic"])
+    assert credit_of(gateway.url, account, devnet) == quote + 5000 - cost
