@@ -7,6 +7,7 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 
 from support import high_s_twin, transfer_typed_data
+from tollway.keccak import keccak
 from tollway.payments import eip3009
 
 TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
@@ -70,26 +71,29 @@ def test_calldata_layout():
     assert int.from_bytes(data[4 + 64 : 4 + 96], "big") == 7
 
 
-def test_settlement_signing_matches_eth_account():
+@pytest.mark.parametrize("nonce", [0, 7, 2**40])
+def test_settlement_signing_matches_eth_account(nonce):
+    """Byte for byte, over enough keys that some signatures' r or s start with a zero byte (which
+    RLP drops) and some recover with v = 0 (which RLP writes as the empty string)."""
     from coincurve import PrivateKey
 
     from tollway.settlement import sign_eip1559
 
-    account = Account.create()
     data = bytes(range(256)) * 2
-    tx = {
-        "type": 2,
-        "chainId": 31337,
-        "nonce": 7,
-        "to": TOKEN,
-        "value": 0,
-        "data": data,
-        "gas": 150_000,
-        "maxFeePerGas": 2 * 10**9,
-        "maxPriorityFeePerGas": 10**6,
-    }
-    reference = account.sign_transaction(tx)
-    fields = [31337, 7, 10**6, 2 * 10**9, 150_000, bytes.fromhex(TOKEN[2:]), 0, data, []]
-    tx_hash, raw = sign_eip1559(PrivateKey(bytes(account.key)), fields)
-    assert tx_hash == "0x" + bytes(reference.hash).hex()
-    assert raw == "0x" + bytes(reference.raw_transaction).hex()
+    for i in range(300):
+        account = Account.from_key(keccak(b"settlement signing %d" % i))
+        tx = {
+            "type": 2,
+            "chainId": 31337,
+            "nonce": nonce,
+            "to": TOKEN,
+            "value": 0,
+            "data": data[: i % 3 * 200],
+            "gas": 150_000,
+            "maxFeePerGas": 2 * 10**9,
+            "maxPriorityFeePerGas": 10**6,
+        }
+        reference = account.sign_transaction(tx)
+        fields = [31337, nonce, 10**6, 2 * 10**9, 150_000, bytes.fromhex(TOKEN[2:]), 0, tx["data"], []]
+        tx_hash, raw = sign_eip1559(PrivateKey(bytes(account.key)), fields)
+        assert (tx_hash, raw) == ("0x" + bytes(reference.hash).hex(), "0x" + bytes(reference.raw_transaction).hex())
