@@ -123,14 +123,17 @@ def offer(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def pay_voucher(
-    gateway: Gateway, body: dict[str, Any], payer: SdkPayer, max_claimable: int, signer: Any = None
+    gateway: Gateway, body: dict[str, Any], payer: SdkPayer, max_claimable: int, signer: Any = None, v_base: int = 27
 ) -> requests.Response:
-    """Pay ``body`` with a voucher built by hand on the payer's channel (signed by ``signer``)."""
+    """Pay ``body`` with a voucher built by hand on the payer's channel (signed by ``signer``, its
+    recovery id written from ``v_base``: 27, or 0 as some signers write it)."""
     accepted = offer(gateway, body)
     config = payer.scheme.build_channel_config(PaymentRequirements.model_validate(accepted))
     cid = compute_channel_id(config, accepted["network"])
     voucher = sign_voucher(EthAccountSigner(signer or payer.account), cid, max_claimable, accepted["network"])
     payload = {"type": "voucher", "channelConfig": config.to_dict(), "voucher": voucher.to_dict()}
+    sig = bytes.fromhex(payload["voucher"]["signature"].removeprefix("0x"))
+    payload["voucher"]["signature"] = "0x" + (sig[:64] + bytes([sig[64] - 27 + v_base])).hex()
     header = base64.b64encode(json.dumps({"x402Version": 2, "accepted": accepted, "payload": payload}).encode())
     return requests.post(gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30)
 
@@ -174,6 +177,21 @@ def test_a_voucher_that_goes_backwards_exceeds_the_deposit_or_is_signed_by_anoth
     )
     replayed = pay_voucher(channel_gateway, body, payer, charged + amount)
     assert refusal(replayed) == (402, MISMATCH)
+
+
+def test_a_voucher_whose_recovery_id_is_written_0_or_1_is_claimed_like_any_other(channel_gateway, devnet, chain):
+    """The escrow's ecrecover takes only v = 27/28: kept as sent, such a voucher would be charged
+    and never claimed, and its payer would withdraw what the calls cost (attack: calls for free)."""
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    body = chat_body("a voucher with v = 0 or 1", max_tokens=16)
+    assert payer.call(channel_gateway, body).status_code == 200
+    before = payer_channel(channel_gateway, payer.account.address)
+    amount = int(offer(channel_gateway, body)["amount"])
+    answer = pay_voucher(channel_gateway, body, payer, before["charged"] + amount, v_base=0)
+    assert answer.status_code == 200, answer.text
+    charged = payer_channel(channel_gateway, payer.account.address)["charged"]
+    assert charged > before["charged"]
+    wait_for(lambda: escrow_channel(chain, before["id"])[1] == charged)
 
 
 def test_a_voucher_beyond_the_deposit_is_refused_until_the_channel_is_topped_up(channel_gateway, devnet, chain):

@@ -506,12 +506,23 @@ def decode_config(doc: Any) -> ChannelConfig:
     return _config(doc)
 
 
+def _signature(doc: dict[str, Any], key: str, where: str) -> bytes:
+    """A signature as the contracts take it: a 65-byte ECDSA one whose recovery id a signer wrote
+    as 0/1 gets the 27/28 that ``ecrecover`` (the escrow's, the token's) requires. Kept as sent, it
+    would pass our own check and revert on chain: a voucher we charged could never be claimed, and
+    its payer would withdraw what the calls cost."""
+    sig = _hex_bytes(doc, key, where)
+    if len(sig) == 65 and sig[64] in (0, 1):
+        return sig[:64] + bytes([sig[64] + 27])
+    return sig
+
+
 def _voucher(doc: dict[str, Any]) -> Voucher:
     w = "voucher."
     return Voucher(
         channel_id=_bytes32(doc, "channelId", w),
         max_claimable=_uint(doc, "maxClaimableAmount", w, bound=UINT128_MAX),
-        signature=_hex_bytes(doc, "signature", w),
+        signature=_signature(doc, "signature", w),
     )
 
 
@@ -533,7 +544,7 @@ def _deposit(doc: dict[str, Any]) -> Deposit:
                 valid_after=_uint(erc3009, "validAfter", w),
                 valid_before=_uint(erc3009, "validBefore", w),
                 salt=_uint(erc3009, "salt", w, hex_ok=True),
-                signature=_hex_bytes(erc3009, "signature", w),
+                signature=_signature(erc3009, "signature", w),
             ),
         )
     w = "permit2Authorization."
@@ -551,7 +562,7 @@ def _deposit(doc: dict[str, Any]) -> Deposit:
             nonce=_uint(permit2, "nonce", w, hex_ok=True),
             deadline=_uint(permit2, "deadline", w),
             channel_id=_bytes32(witness, "channelId", w + "witness."),
-            signature=_hex_bytes(permit2, "signature", w),
+            signature=_signature(permit2, "signature", w),
         ),
     )
 
