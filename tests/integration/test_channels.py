@@ -42,6 +42,7 @@ from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport, refund_channel
 from tollway.devnet.deploy import deploy_devnet
 from tollway.ledger import Store
+from tollway.ledger.channels import ChannelRefused
 from tollway.payments.channel import BATCH_SETTLEMENT_ADDRESS
 
 SCHEME = "batch-settlement"
@@ -603,6 +604,40 @@ def test_a_reverted_refund_its_request_did_not_see_end_leaves_the_channel_as_the
     concluded = wait_for(lambda: (row := store.channel(channel["id"]))["busy"] is None and row)
     assert concluded["balance"] == escrow_channel(chain, channel["id"])[0] == channel["balance"]
     assert (concluded["refunded"], concluded["refund_nonce"]) == (channel["refunded"], channel["refund_nonce"])
+
+
+def test_a_call_still_running_past_its_hold_keeps_its_channel(channel_gateway, devnet, chain):
+    """A stream's charge may come after its hold on the channel ran out (a slow reader, a usage
+    lookup after the fact): while its payment is reserved, no other call and no refund takes the
+    channel — a refund would send back what the stream cost (attack: a stream for free)."""
+    payer = SdkPayer(chain.fund(100_000_000), devnet)
+    body = chat_body("a stream that runs long", max_tokens=16)
+    assert payer.call(channel_gateway, body).status_code == 200
+    channel = payer_channel(channel_gateway, payer.account.address)
+    store, running = channel_gateway.store, "a-stream-" + uuid.uuid4().hex
+    with store.engine.begin() as c:  # (a call holds the channel, its hold over, its payment still reserved)
+        c.execute(
+            text(
+                "INSERT INTO payments (id, lock_key, scheme, network, asset, payer, payee, amount, state, proof,"
+                " request_digest, deposit, created_at, updated_at) VALUES (:id, :id, 'batch-settlement', 'n', 'a',"
+                " :payer, 'p', 1, 'reserved', '{}', 'd', 0, 0, 0)"
+            ),
+            {"id": running, "payer": channel["payer"]},
+        )
+        c.execute(
+            text("UPDATE channels SET busy = :p, busy_until = 1 WHERE id = :id"), {"p": running, "id": channel["id"]}
+        )
+    amount = int(offer(channel_gateway, body)["amount"])
+    assert refusal(pay_voucher(channel_gateway, body, payer, channel["charged"] + amount)) == (
+        402,
+        "invalid_batch_settlement_evm_channel_busy",
+    )
+    with pytest.raises(ChannelRefused) as refused:
+        store.take_for_refund(channel["id"], channel["charged"], "a-refund", channel["payer"], 5.0)
+    assert refused.value.reason == "busy"
+    with store.engine.begin() as c:  # (the stream was charged: its stale hold no longer counts)
+        c.execute(text("UPDATE payments SET state = 'settled' WHERE id = :id"), {"id": running})
+    assert pay_voucher(channel_gateway, body, payer, channel["charged"] + amount).status_code == 200
 
 
 def test_a_refund_whose_hold_lapsed_is_not_sent(channel_gateway, devnet, chain):

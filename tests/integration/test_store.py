@@ -678,3 +678,27 @@ def test_an_idempotency_claim_taken_over_is_neither_released_nor_finished_by_its
     store.finish_request(key, retry, 200, {}, b"retry", None)
     held = store.claim_request(key, "f", stale_before=time.time(), now=time.time())
     assert held["state"] == "done" and bytes(held["body"]) == b"retry"
+
+
+def test_a_deposit_of_the_largest_amount_into_a_funded_channel_is_no_overflow(db_url):
+    """A channel's balance plus a hostile deposit of 2^63 - 1 overflowed PostgreSQL's bigint (a
+    500): the take compares without adding. (Taken, the deposit then fails on chain, before any call.)"""
+    from tollway.ledger.channels import ChannelUse
+
+    store = Store(db_url)
+    try:
+        row = payment()
+        cid = "0x" + uuid.uuid4().hex * 2
+        where = f"{row['network']}|{row['asset']}|{row['payer']}"
+        use = ChannelUse(id=cid, config="{}", base=0, signed_max=10, signature="0x", deposit=10)
+        first = store.lock(row, where, 0, call_id="c1", channel=use, channel_hold_seconds=60)
+        assert first is not None
+        assert store.release(first.payment_id, "not served")  # (which frees the channel)
+        store.channel_deposited(cid, 10)
+        huge = ChannelUse(id=cid, config="{}", base=0, signed_max=2**63 - 1, signature="0x", deposit=2**63 - 1)
+        second = store.lock(
+            {**payment(), "payer": row["payer"]}, where, 0, call_id="c2", channel=huge, channel_hold_seconds=60
+        )
+        assert second is not None and second.channel is not None
+    finally:
+        store.close()

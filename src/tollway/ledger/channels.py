@@ -21,10 +21,19 @@ OPEN = (  # a deposit opens a channel the ledger does not know yet: at nothing
     " VALUES (:id, :network, :asset, :payer, :config, 0, 0, 0, '0x', 0, 0, 0, 0, 0, NULL, 0, :now, :now)"
     " ON CONFLICT (id) DO NOTHING"
 )
+# A hold that ran out frees its channel only once its call's payment is no longer reserved: a
+# stream's charge may come later than the hold (a slow reader, a usage lookup after the fact), and a
+# call or refund taking the channel meanwhile would leave that charge nowhere to go. (A call whose
+# process died is given back by ``Gateway.give_back_abandoned_payments``, which frees it then.)
+FREE_TO_TAKE = (
+    "(busy IS NULL OR (busy_until < :now AND NOT EXISTS"
+    " (SELECT 1 FROM payments p WHERE p.id = channels.busy AND p.state = 'reserved')))"
+)
+HELD_BY_CALL = "SELECT 1 FROM payments WHERE id = :holder AND state = 'reserved'"
 TAKE = (  # the voucher builds on the charged total, the channel is free, the escrow (and a deposit) covers it
     "UPDATE channels SET busy = :payment, busy_until = :until, updated_at = :now"
-    " WHERE id = :id AND charged = :base AND (busy IS NULL OR busy_until < :now) AND withdraw_at = 0"
-    " AND balance + :deposit >= :signed_max"
+    f" WHERE id = :id AND charged = :base AND {FREE_TO_TAKE} AND withdraw_at = 0"
+    " AND balance >= :signed_max - :deposit"  # (not balance + deposit: two bigints may overflow it)
 )
 STATE = "SELECT * FROM channels WHERE id = :id"
 RETURNING = " RETURNING *"  # (a take answers with the channel as taken)
@@ -50,7 +59,7 @@ CLAIMED = (  # (a refund may have claimed more meanwhile: claims only ever raise
 UNCLAIMED = "UPDATE channels SET claim_tx = NULL, updated_at = :now WHERE claim_tx = :tx"
 TAKE_FOR_REFUND = (  # the refund's voucher is at the charged total, and the channel is free
     "UPDATE channels SET busy = :holder, busy_until = :until, updated_at = :now"
-    " WHERE id = :id AND payer = :payer AND charged = :charged AND (busy IS NULL OR busy_until < :now)"
+    f" WHERE id = :id AND payer = :payer AND charged = :charged AND {FREE_TO_TAKE}"
 )
 # A refund, as its transaction is queued, holds its channel as ``refund:<the transaction's id>``
 # with no end (``REFUND_IN_FLIGHT``) until its outcome is read from the escrow — by its request, or,
@@ -158,7 +167,7 @@ def _taken(
         raise ChannelRefused("withdrawing", state)
     if state["charged"] != base:
         raise ChannelRefused("mismatch", state)
-    if state["busy"] is not None and state["busy_until"] >= now:
+    if state["busy"] is not None and (state["busy_until"] >= now or c.value(HELD_BY_CALL, {"holder": state["busy"]})):
         raise ChannelRefused("busy", state)
     raise ChannelRefused("exceeds_balance", state)
 
