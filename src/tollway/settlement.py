@@ -13,7 +13,10 @@ The worker, in each process, is scheme-agnostic and loops over the outbox:
 - it re-broadcasts a row the node seems to have dropped, and **bumps its fees** when it waits too
   long (same nonce, +25%, up to ``fee_ceiling``), so one under-priced transaction never stalls
   the ones behind it;
-- a row whose nonce was taken by a transaction we did not sign is re-queued with a new nonce;
+- a row whose nonce was taken by a transaction we did not sign is re-queued with a new nonce —
+  keeping every hash the row had, one of which may yet turn out mined (a node answering receipts
+  late) — unless it is a payout: a token transfer has no replay guard on chain, so signing it
+  anew after a late receipt would pay twice; it is left for the operator, logged as an error;
 - a settlement that reverted because its authorization was already used — someone front-ran our
   transaction, and the payee was paid by theirs — is settled, not failed: ``settled_elsewhere``
   (from the payment's scheme) finds the transaction that paid.
@@ -97,6 +100,7 @@ class Settler:
         self.replace_after = REPLACE_AFTER
         # transaction id → when its nonce was first seen taken, and last looked at (monotonic)
         self._taken: dict[str, tuple[float, float]] = {}
+        self._left: set[str] = set()  # payouts whose nonce was taken, left for the operator (logged once)
         self.settled_elsewhere = settled_elsewhere
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -257,12 +261,10 @@ class Settler:
         answers = await self.chain.batch([("eth_sendRawTransaction", [r["raw_tx"]]) for r in rows], errors=True)
         sent, errors, underpriced = [], {}, []
         for row, answer in zip(rows, answers, strict=True):
-            if not isinstance(answer, RpcError):
+            msg = answer.message.lower() if isinstance(answer, RpcError) else ""
+            if not isinstance(answer, RpcError) or "already known" in msg or "already imported" in msg:
                 sent.append(row["id"])
-                continue
-            msg = answer.message.lower()
-            if "already known" in msg or "already imported" in msg:
-                sent.append(row["id"])
+                self._taken.pop(row["id"], None)  # (a "nonce too low" seen before no longer counts)
             elif "nonce too low" in msg or "nonce has already been used" in msg:
                 await self._nonce_used(row)
             elif "fee" in msg or "underpriced" in msg:  # below the base fee, or the one it replaces
@@ -291,7 +293,25 @@ class Settler:
         if now - first < self.replace_after:
             self._taken[row["id"]] = (first, now)
             return  # (looked at again as it is sent again)
+        if row["purpose"] == "payout":  # (no replay guard on chain: see the module's docstring)
+            self._taken[row["id"]] = (first, now)
+            if row["id"] in self._left:
+                return
+            self._left.add(row["id"])
+            log.error(
+                "payout transaction %s (nonce %d of %s): the node says its nonce is used, and no receipt of its own "
+                "came in %.0f s. It is not signed anew (a transfer mined after all would be paid twice): check the "
+                "chain; it stays open until its receipt comes",
+                row["tx_hash"],
+                row["nonce"],
+                row["sender"],
+                now - first,
+            )
+            return
         del self._taken[row["id"]]
+        if row["sender"] not in self._keys:
+            log.error("%s transaction %s: no key of %s to sign it anew", row["purpose"], row["id"], row["sender"])
+            return
         new = self.store.replace_transaction(
             row["id"],
             row["hashes"],  # (only if none was added since: one of those might be the one mined)
@@ -310,7 +330,8 @@ class Settler:
         answers = await self.chain.batch([("eth_getTransactionReceipt", [h]) for _, h in calls])
         found: dict[str, tuple[str, dict[str, Any]]] = {}
         for (row, h), receipt in zip(calls, answers, strict=True):
-            if receipt is not None:
+            status = receipt_status(receipt, h)
+            if status is not None and (row["id"] not in found or status == 1):  # (a success over a revert)
                 found[row["id"]] = (h, receipt)
         return [found.get(row["id"]) for row in rows]
 
@@ -338,6 +359,9 @@ class Settler:
             tip = min(max(int(row["tip"] * BUMP) + 1, self.tip), max_fee)
             if max_fee <= row["max_fee"] or tip <= row["tip"]:
                 continue  # at the ceiling: it waits there
+            if row["sender"] not in self._keys:  # (a key no longer configured: nothing else may wait on it)
+                log.error("%s transaction %s: no key of %s to bump its fees", row["purpose"], row["id"], row["sender"])
+                continue
             signed = self._signed(
                 row["sender"], row["nonce"], row["to"], bytes.fromhex(row["data"][2:]), row["gas"], max_fee, tip
             )
@@ -357,7 +381,7 @@ class Settler:
         in one ledger transaction; the rest through their purpose."""
         settlements = []
         for row, tx_hash, receipt in mined:
-            ok = int(receipt.get("status", "0x0"), 16) == 1
+            ok = receipt_status(receipt, tx_hash) == 1
             if row["purpose"] == "settlement":
                 settlements.append((row, tx_hash, receipt, ok))
             elif row["purpose"] == "payout":
@@ -402,7 +426,10 @@ class Settler:
         """Settlements whose transaction was concluded but whose payment was never judged (the chain
         failed while it was, or the process died between the two) are judged now."""
         for payment in self.store.stranded_settlements():
-            await self._failed_settlement(payment, payment["mined_hash"], payment["tx_state"] == TxState.MINED)
+            try:
+                await self._failed_settlement(payment, payment["mined_hash"], payment["tx_state"] == TxState.MINED)
+            except Exception:  # (one that cannot be judged, say its scheme is gone, holds up no other)
+                log.exception("settlement of payment %s could not be judged", payment["id"])
 
     def _fire(self, payment_id: str, reason: str) -> None:
         callback = self._watchers.pop(payment_id, None)
@@ -442,6 +469,18 @@ class Settler:
                 sender,
                 lambda nonce, data=data: self._signed(sender, nonce, token, data, PAYOUT_GAS),
             )
+
+
+def receipt_status(receipt: Any, tx_hash: str) -> int | None:
+    """1 (succeeded) or 0 (reverted) for a receipt of ``tx_hash`` as the JSON-RPC spec has it; None
+    for none yet — or for one that is malformed or of another transaction, which a node in trouble
+    may send: believed, it could fail a payment that paid, or stop every conclusion behind it."""
+    if not isinstance(receipt, dict) or not receipt.get("blockHash"):
+        return None
+    if str(receipt.get("transactionHash", "")).lower() != tx_hash.lower():
+        return None
+    status = receipt.get("status")
+    return {"0x1": 1, "0x0": 0}.get(status) if isinstance(status, str) else None
 
 
 def paid_in(receipt: dict[str, Any], payment: dict[str, Any]) -> bool:

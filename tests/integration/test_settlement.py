@@ -175,6 +175,97 @@ async def test_a_settlement_mined_whose_receipt_comes_late_is_not_signed_anew(tm
     assert store.transaction(tx["id"])["state"] == TxState.MINED
 
 
+def lag_receipts(settler: Settler, seconds: float, answer: Any = None) -> None:
+    """The node answering receipts is behind for ``seconds``: each is ``answer`` (none) meanwhile."""
+    batch, until = settler.chain.batch, time.monotonic() + seconds
+
+    async def lagging(calls: list, **kw: Any) -> list:
+        answers = await batch(calls, **kw)
+        if time.monotonic() < until:
+            return [
+                answer if method == "eth_getTransactionReceipt" else a
+                for (method, _), a in zip(calls, answers, strict=True)
+            ]
+        return answers
+
+    settler.chain.batch = lagging  # type: ignore[method-assign]
+
+
+async def test_a_settlement_signed_anew_while_its_receipt_lagged_is_settled_by_the_first(
+    tmp_path, chain, devnet, settler_key
+):
+    """Signed anew after its nonce seemed taken, the settlement's first signature turns out mined:
+    the new row keeps the old hashes, so the payment is settled by it — even for a scheme that
+    cannot look on chain for who paid (``upto``: no ``settled_elsewhere``), where the new
+    signature's revert would have failed a payment that paid, and debited its payer."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    before = chain.balance(devnet.payee)
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        settler.replace_after, settler.settled_elsewhere = 0.3, None
+        payment_id, data, _ = payment_for(store, devnet, payer, 446)
+        first_hash = settler.sign(payment_id, devnet.token, data)
+        first = store.transaction(store.payment(payment_id)["tx_id"])
+        chain.w3.eth.send_raw_transaction(first["raw_tx"])
+        assert chain.w3.eth.wait_for_transaction_receipt(first_hash)["status"] == 1
+        lag_receipts(settler, 3.0)
+        row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
+        assert store.transaction(first["id"])["state"] == TxState.REPLACED  # (it was signed anew)
+    assert row["state"] == PaymentState.SETTLED
+    assert chain.balance(devnet.payee) == before + 446
+
+
+async def test_a_payout_whose_nonce_was_taken_is_not_signed_anew(tmp_path, chain, devnet, settler_key, caplog):
+    """A token transfer has no replay guard: signed anew after a receipt that came late, a payout
+    would be paid twice. It stays sending, and the operator is told once."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        settler.replace_after = 0.3
+        to = Account.create().address
+        data = bytes.fromhex("a9059cbb") + bytes(12) + bytes.fromhex(to[2:]) + (5).to_bytes(32, "big")
+        row = store.queue_transaction(
+            "payout",
+            settler.address,
+            lambda nonce: settler._signed(settler.address, nonce, devnet.token, data, 100_000),
+        )
+        outside = Account.from_key(settler_key)  # (the key used elsewhere, at the payout's nonce)
+        send_raw(
+            chain,
+            outside,
+            {
+                "to": outside.address,
+                "gas": 21_000,
+                "nonce": row["nonce"],
+                "maxFeePerGas": 5 * GWEI,
+                "maxPriorityFeePerGas": 1,
+            },
+        )
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            await settler.run_once()
+            await asyncio.sleep(0.05)
+    still_open = store.open_transactions(TxState.QUEUED) + store.open_transactions(TxState.SENT)
+    assert [r["id"] for r in still_open] == [row["id"]]  # (nothing signed anew)
+    assert [r.message for r in caplog.records if "not signed anew" in r.message].__len__() == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{}, {"status": 1, "blockHash": "0x1"}, "0x", {"status": "0x0", "blockHash": "0x1", "transactionHash": "0x2"}],
+)
+async def test_a_malformed_receipt_is_not_believed(tmp_path, chain, devnet, settler_key, answer):
+    """A node in trouble answering receipts that are not receipts of the transaction asked about
+    (no status, a number, another transaction's): the settlement is neither failed nor stuck."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        payment_id, data, _ = payment_for(store, devnet, payer, 447)
+        settler.sign(payment_id, devnet.token, data)
+        lag_receipts(settler, 1.5, answer)
+        row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
+    assert row["state"] == PaymentState.SETTLED
+
+
 async def test_a_queued_settlement_survives_its_process(tmp_path, chain, devnet, settler_key):
     """Signed by a process that died before broadcasting: the next worker sends it (the outbox
     is the queue; nonces are taken with the row, so no gap is left behind)."""

@@ -651,6 +651,10 @@ class Store:
             if old is None:  # mined, or replaced, by another process meanwhile: nothing to send again
                 return None
             new = self._enqueue(c, old[0], old[1], sign)
+            # (it keeps the old row's hashes: one of them may turn out mined after all — a node
+            # answering receipts late — and then it paid, and the new one reverts on its replay guard)
+            new["hashes"] = f"{hashes} {new['tx_hash']}"
+            c.run("UPDATE transactions SET hashes = :hashes WHERE id = :id", new)
             moved = {"new": new["id"], "hash": new["tx_hash"], "old": tx_id}
             c.run("UPDATE payments SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'settling'", moved)
             c.run("UPDATE payouts SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'sending'", moved)
