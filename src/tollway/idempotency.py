@@ -30,7 +30,7 @@ from .payments import mpp, x402
 
 KEY = "payment-identifier"
 HEADER = "idempotency-key"
-ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")  # the extension's rule, for both
+ID = re.compile(r"^[A-Za-z0-9_-]{16,128}\Z")  # the extension's rule, for both
 REPLAYED = "idempotent-replayed"
 # The headers of an answer that a repeat gets again (the body is stored apart).
 KEPT_HEADERS = (

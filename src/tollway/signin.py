@@ -42,8 +42,8 @@ CLOCK_SKEW = 5
 MAX_HEADER = 4096
 ERC1271 = keccak(b"isValidSignature(bytes32,bytes)")[:4]
 ERC1271_MAGIC = ERC1271 + bytes(28)  # what a contract wallet answers for a signature it accepts (a bytes4 word)
-HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-HEX_SIGNATURE = re.compile(r"^0x(?:[0-9a-fA-F]{2}){65,}$")  # (65 bytes, or more for a contract wallet)
+HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
+HEX_SIGNATURE = re.compile(r"^0x(?:[0-9a-fA-F]{2}){65,}\Z")  # (65 bytes, or more for a contract wallet)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,30 @@ def test_a_permit2_credential_pays_the_challenge_through_permit2_itself(spaced, 
     assert again.status_code == 200  # (a fresh Permit2 nonce: a second payment of its own)
 
 
+def test_a_permit2_credential_whose_external_id_cannot_be_hashed_is_malformed_not_a_500(http, gateway, devnet, chain):
+    settler = Account.from_key(gateway.settings.chain.settler_key).address
+    body = chat_body("a permit2 credential with a lone surrogate")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    made = permit2_credential(chain.fund(permit2=True), challenge, devnet, settler)
+    doc = unb64url(made.removeprefix("Payment "))
+    doc["payload"]["witness"]["externalId"] = "\ud800"
+    answer = http.post(CHAT, json=body, headers={"Authorization": "Payment " + b64url(doc)})
+    assert problem(answer) == "malformed-credential", answer.text
+
+
+def test_a_hash_credential_is_not_offered_where_credit_brings_a_dear_call_under_its_cap():
+    """A transfer binds no payer: whoever claims one makes its sender pay the call, from their
+    credit too. A signed-in wallet's credit lowers the amount asked, not what a call may take, so
+    ``hash`` is offered by the whole quote (attack: another's top-up paying a dear call)."""
+    rail = MppRail(b"k" * 32, "tollway", 31337, 6, {"authorization": "exact", "hash": "transfer"}, 100_000)
+    offer = Offer("exact", "eip155:31337", "0x" + "11" * 20, "0x" + "22" * 20, 90_000, 60)
+    for credit, listed in ((0, True), (10_000, True), (20_000, False)):
+        extra = {"quote": "q", "maxTokens": 16, **({"credit": str(credit)} if credit else {})}
+        header = rail.challenge(replace(offer, extra=extra), "ab" * 32, int(time.time()) + 60)
+        request = unb64url(dict(PARAM.findall(header))["request"])
+        assert ("hash" in request["methodDetails"]["credentialTypes"]) is listed, credit
+
+
 def test_a_permit2_credential_for_another_challenge_or_amount_or_without_approval_is_refused(
     http, gateway, devnet, chain
 ):
@@ -479,7 +504,8 @@ def test_hostile_credentials_get_a_problem_never_a_500(http):
     odd_ids = [
         b64url({"challenge": {**echo, "id": i}, "payload": {"type": "authorization"}}) for i in ("\u00e9", "\ud800")
     ]
-    for token in (deep, *odd_ids):
+    odd_fields = [b64url({"challenge": {**echo, k: "\ud800"}, "payload": {"type": "authorization"}}) for k in ECHOED]
+    for token in (deep, *odd_ids, *odd_fields):
         answer = http.post(CHAT, json=body, headers={"Authorization": "Payment " + token})
         assert 400 <= answer.status_code < 500, answer.text
         assert answer.headers["content-type"].startswith("application/problem+json")

@@ -109,10 +109,10 @@ REFUND_SELECTOR = keccak(f"refund({_CONFIG},uint128)".encode())[:4]
 REFUND_WITH_SIGNATURE_SELECTOR = keccak(f"refundWithSignature({_CONFIG},uint128,uint256,bytes)".encode())[:4]
 MULTICALL_SELECTOR = keccak(b"multicall(bytes[])")[:4]
 
-ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-HEX_BYTES = re.compile(r"^0x(?:[0-9a-fA-F]{2})+$")
-HEX_UINT = re.compile(r"^0x[0-9a-fA-F]{1,64}$")
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
+BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}\Z")
+HEX_BYTES = re.compile(r"^0x(?:[0-9a-fA-F]{2})+\Z")
+HEX_UINT = re.compile(r"^0x[0-9a-fA-F]{1,64}\Z")
 
 
 # -- types --------------------------------------------------------------------------------------------

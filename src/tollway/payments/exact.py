@@ -21,8 +21,8 @@ from .base import Offer, Proof, Quote, Verified
 from .chain import AUTHORIZATION_STATE, AUTHORIZATION_USED_TOPIC, BALANCE_OF, RpcError, transfers_in
 from .token import TokenScheme
 
-ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
+BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}\Z")
 LOG_LOOKBACK = 50_000  # blocks searched for the transaction that used an authorization
 # What a token's revert reasons (FiatTokenV2's wording) mean for the payer.
 REVERT_REASONS = (

@@ -117,7 +117,10 @@ class MppRail:
         """The ``WWW-Authenticate`` value asking to pay ``offer`` (an ``exact`` offer: its amount,
         asset and payee, and the x402 quote in its ``extra``) for the request of ``digest``."""
         quoted = {"quote": offer.extra["quote"], "maxTokens": str(offer.extra["maxTokens"])}
-        taken = self.taken(offer.amount)
+        # ``hash`` by the whole quote, not the amount the payer's credit reduced it to: a transfer
+        # binds no payer, so whoever claims one makes its sender pay the call — from their credit
+        # too, up to the quote — and the cap is what such a claim may cost them.
+        taken = self.taken(offer.amount + int(offer.extra.get("credit", 0)))
         details: dict[str, Any] = {"chainId": self.chain_id, "credentialTypes": taken, "decimals": self.decimals}
         if "permit2" in taken:  # (the draft names no spender: ours is the account that submits the transfer)
             details.update(permit2Address=PERMIT2_ADDRESS, spender=self.spender)
@@ -145,7 +148,8 @@ class MppRail:
 
     def _id(self, p: Mapping[str, str]) -> str:
         fields = (p["realm"], p["method"], p["intent"], p["request"], p.get("expires", ""), p.get("digest", ""))
-        message = "|".join((*fields, p.get("opaque", ""))).encode()
+        # (an echoed field may hold a lone surrogate: encoded as it came, it only fails to match)
+        message = "|".join((*fields, p.get("opaque", ""))).encode("utf-8", "surrogatepass")
         return b64url(hmac.new(self.key, message, hashlib.sha256).digest())
 
     # -- credentials ---------------------------------------------------------------------------

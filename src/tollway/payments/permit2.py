@@ -67,9 +67,9 @@ SETTLE_WITH_PERMIT_SELECTOR = keccak(
     f"settleWithPermit((uint256,uint256,bytes32,bytes32,uint8),{_PERMIT_TUPLE},uint256,address,{_WITNESS_TUPLE},bytes)".encode()
 )[:4]
 
-ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-HEX_BYTES = re.compile(r"^0x(?:[0-9a-fA-F]{2})*$")
-HEX_UINT = re.compile(r"^0x[0-9a-fA-F]{1,64}$")
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
+HEX_BYTES = re.compile(r"^0x(?:[0-9a-fA-F]{2})*\Z")
+HEX_UINT = re.compile(r"^0x[0-9a-fA-F]{1,64}\Z")
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def decode(payload: Any, chain_id: int) -> dict[str, Any]:
             "nonce": _decimal(permit["nonce"]),
             "deadline": _decimal(permit["deadline"]),
             "challenge_hash": bytes.fromhex(str(witness["challengeHash"]).removeprefix("0x")),
-            "external_id": str(witness.get("externalId") or ""),
+            "external_id": str(witness.get("externalId") or "").encode().decode(),  # (hashable: no lone surrogate)
             "signature": bytes.fromhex(str(payload["signature"]).removeprefix("0x")),
             "chain_id": chain_id,
         }

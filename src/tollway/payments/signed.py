@@ -54,8 +54,8 @@ TYPES: dict[str, list[dict[str, str]]] = {
         {"name": "request", "type": "bytes32"},
     ],
 }
-HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}\Z")
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
 
 
 TYPE_HASHES = {

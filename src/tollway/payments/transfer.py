@@ -19,7 +19,7 @@ from . import signed
 from .base import Context, Offer, Proof, Quote, Verified
 from .chain import Chain, carries_authorization, transfers_in
 
-TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")  # (fullmatch: "$" would let a trailing newline in)
 NOT_FOUND_MEMORY = 1.0  # seconds an unmined (or unconfirmed) transaction is not looked up again
 REFUSAL_MEMORY = 60.0  # seconds a transaction that does not pay us is not looked up again
 
@@ -51,7 +51,7 @@ class TransferScheme:
     async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         p = proof.payload
         tx = p.get("transaction")
-        if not isinstance(tx, str) or not TX_HASH.match(tx):
+        if not isinstance(tx, str) or not TX_HASH.fullmatch(tx):
             raise PaymentMalformed("payload.transaction must be a transaction hash")
         claim = {
             "wallet": p.get("wallet"),
@@ -171,7 +171,7 @@ class HashCharge(TransferScheme):
 
     async def verify(self, proof: Proof, offer: Offer, quote: Quote, now: int) -> Verified:
         tx = proof.payload.get("hash")
-        if not isinstance(tx, str) or not TX_HASH.match(tx):
+        if not isinstance(tx, str) or not TX_HASH.fullmatch(tx):
             raise PaymentMalformed("payload.hash must be a transaction hash", code="invalid_payload")
         return await self.paid_by(tx, None)
 
