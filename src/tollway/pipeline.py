@@ -254,9 +254,15 @@ async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentSche
             )
         raise PaymentInvalid(f"network '{truncate(proof.network, 40)}' is not accepted here", code="invalid_network")
     quote = call.quote(call.cap(scheme.metered))
-    amount = quote.amount if scheme.prepaid and scheme.metered else max(quote.amount, least_payment(gw))
+    least = 0 if scheme.prepaid and scheme.metered else least_payment(gw)
+    amount = max(quote.amount, least)
     if proof.accepted is not None:
         quote, amount = accepted(gw, call, scheme, proof.accepted, now) or (quote, amount)
+        if amount < least:  # (a quote token binds no scheme: the credit offer's bare quote, paid on chain)
+            raise PaymentInvalid(
+                f"a payment on chain is at least {least} (its settlement costs gas): pay an offer made for it",
+                code="quote_mismatch",
+            )
     try:
         return scheme, await scheme.verify(proof, scheme.offer(amount), quote, now), quote
     except PaymentMalformed as exc:

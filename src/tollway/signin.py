@@ -145,7 +145,10 @@ def _time(value: str, name: str) -> float:
 
 def _check(gw: Any, request: Request, f: dict[str, Any], digest: str, now: float) -> None:
     base = gw.public_base(request)
-    uri = urlsplit(f["uri"])
+    try:
+        uri = urlsplit(f["uri"])
+    except ValueError:  # (an unbalanced "[" of an IPv6 host, say)
+        raise PaymentInvalid("SIGN-IN-WITH-X.uri is not a URI", code="invalid_siwx_uri_mismatch") from None
     checks = (
         (f["domain"] == urlsplit(base).netloc, "the sign-in names another domain", "invalid_siwx_domain_mismatch"),
         (

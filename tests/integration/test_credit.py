@@ -234,6 +234,27 @@ def test_almost_enough_credit_asks_for_a_top_up_not_dust(gateway, chain, payer):
     assert int(exact["amount"]) == max(quote - owed, least) == least
 
 
+def test_an_exact_payment_echoing_the_credit_offer_cannot_pay_less_than_the_least_payment(gateway, chain, payer):
+    """The credit offer is the bare quote; a payment on chain is never below the least one (its
+    settlement costs gas). A quote token binds no scheme, so the credit offer's, echoed by an
+    ``exact`` payment of a tiny call, must not settle dust (attack: the operator's gas drained)."""
+    from support import envelope, payment_header, sign_exact
+    from tollway.config import resolve_chain
+
+    least = int(resolve_chain(gateway.settings, chain.devnet.chain_id).min_chain_payment_usd * 10**6)
+    with client(gateway, payer) as http:
+        assert chat(http, "fund my credit", 600).status_code == 200
+    wait_receipt(gateway.url, payer.history[0].receipt_id)
+    body = chat_body("a tiny call", max_tokens=1)
+    required = payment_required(httpx.post(f"{gateway.url}{CHAT}", headers=payer.wallet_header(gateway.url), json=body))
+    offer = next(o for o in required["accepts"] if o["scheme"] == "credit")
+    assert int(offer["amount"]) < least
+    forged = {**offer, "scheme": "exact", "extra": {**offer["extra"], "name": "USD Coin", "version": "2"}}
+    doc = envelope(required, forged, sign_exact(chain.fund(), forged, int(time.time())))
+    r = httpx.post(f"{gateway.url}{CHAT}", headers=payment_header(doc), json=body)
+    assert r.status_code == 402 and error_code(r) == "quote_mismatch", r.text[:300]
+
+
 def test_a_stream_left_open_by_a_crash_is_metered_at_the_next_start(devnet, upstream, tmp_path):
     """A process died mid-stream: its call was never metered and still held credit. The next
     gateway on that ledger charges it its quote and releases the hold; the sums hold again."""

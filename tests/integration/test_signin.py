@@ -70,6 +70,7 @@ def test_a_sign_in_its_credit_covers_is_served_once_with_no_payment(gateway, cha
     [
         ({"domain": "evil.example"}, "invalid_siwx_domain_mismatch"),
         ({"uri": "https://evil.example/v1/chat/completions"}, "invalid_siwx_uri_mismatch"),
+        ({"uri": "https://[x/v1/chat/completions"}, "invalid_siwx_uri_mismatch"),  # (urlsplit raises)
         ({"issuedAt": iso(time.time() - 600)}, "invalid_siwx_issued_at_too_old"),
         ({"issuedAt": iso(time.time() + 600)}, "invalid_siwx_issued_at_in_future"),
         ({"expirationTime": iso(time.time() - 1)}, "invalid_siwx_expired"),
