@@ -143,8 +143,9 @@ class ChatCall:
         key = ("body", cap_field if self.asked_cap is None else "", cap, routes_providers, tuple(most.values()))
         out = self._memo.get(key)
         if out is None:
-            has_cap = self.asked_cap is not None or self.surface == "embeddings"  # (which has no output)
-            body = self.body if has_cap else {**self.body, cap_field: cap}
+            # (embeddings have no output; a cap below the one asked for is a free call's: see free_tier.py)
+            keep = self.surface == "embeddings" or (self.asked_cap is not None and cap >= self.asked_cap)
+            body = self.body if keep else {**self.body, cap_field: cap}
             if routes_providers:
                 provider = {**(body.get("provider") or {}), "max_price": most}
                 if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)

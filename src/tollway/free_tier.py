@@ -104,7 +104,10 @@ class FreeTier:
             lock_key=f"free:{identity}:{day}:{n}:{os.urandom(8).hex()}",  # (a slot given back is taken again)
             proof={"free": identity, "day": day},
         )
-        return s, payment, replace(call.quote(call.cap(metered=False)), amount=0)
+        # (served with at most the default output cap: a free call asking for 100k tokens would
+        # keep an operator's own model busy that long)
+        cap = min(call.cap(metered=False), self.settings.default_max_tokens)
+        return s, payment, replace(call.quote(cap), amount=0)
 
     def give_back(self, payment: Verified) -> None:
         """The call was not served: its slot is free again."""

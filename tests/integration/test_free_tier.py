@@ -17,6 +17,7 @@ from tollway.app import create_app
 from tollway.cli import server_config
 from tollway.config import ModelPrice, Settings
 from tollway.free_tier import address_of
+from tollway.mock_upstream import create_app as create_mock
 from tollway.payments.x402 import b64json, unb64json
 
 BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "free?"}], "max_tokens": 8}
@@ -65,6 +66,18 @@ def test_a_free_model_is_served_without_payment_up_to_the_quota(direct, devnet):
 
     paid = chat(direct, {**BODY, "model": "mock/echo-large"})  # a model that is not free is paid for
     assert paid.status_code == 402
+
+
+def test_a_free_call_asks_the_upstream_for_no_more_than_the_default_output_cap(devnet, tmp_path):
+    """A free call asking for 100k output tokens would keep an operator's own model busy that long."""
+    mock = create_mock()
+    with ServerThread(mock) as upstream:
+        settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", default_max_tokens=64)
+        with ServerThread(create_app(settings), proxy_headers=False) as gw:
+            assert chat(gw, {**BODY, "max_tokens": 100_000}).status_code == 200
+            assert mock.state.mock.last_request["max_tokens"] == 64
+            assert chat(gw, BODY).status_code == 200  # (asking less: as asked)
+            assert mock.state.mock.last_request["max_tokens"] == 8
 
 
 def test_a_call_that_was_not_served_does_not_count(direct):
