@@ -140,12 +140,14 @@ class ChatCall:
         one); any other gets none (a vendor's API may refuse a field it does not know)."""
         cap_field = self.cap_field or cap_field
         most = self.upstream_max_price if own_price is None or not routes_providers else upstream_max_price(own_price)
-        key = ("body", cap_field if self.asked_cap is None else "", cap, routes_providers, tuple(most.values()))
+        key = ("body", cap_field, cap, routes_providers, tuple(most.values()))
         out = self._memo.get(key)
         if out is None:
-            # (embeddings have no output; a cap below the one asked for is a free call's: see free_tier.py)
+            # (embeddings have no output; a cap below the one asked for is a free call's — see
+            # free_tier.py — and lowers every cap field the client sent: an upstream may read any)
             keep = self.surface == "embeddings" or (self.asked_cap is not None and cap >= self.asked_cap)
-            body = self.body if keep else {**self.body, cap_field: cap}
+            lowered = {f: cap for f in CAP_FIELDS if f in self.body}
+            body = self.body if keep else {**self.body, **lowered, cap_field: cap}
             if routes_providers:
                 provider = {**(body.get("provider") or {}), "max_price": most}
                 if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)

@@ -73,11 +73,17 @@ def test_a_free_call_asks_the_upstream_for_no_more_than_the_default_output_cap(d
     mock = create_mock()
     with ServerThread(mock) as upstream:
         settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", default_max_tokens=64)
+        settings = settings.model_copy(update={"free_calls_per_address": 10})
         with ServerThread(create_app(settings), proxy_headers=False) as gw:
             assert chat(gw, {**BODY, "max_tokens": 100_000}).status_code == 200
             assert mock.state.mock.last_request["max_tokens"] == 64
             assert chat(gw, BODY).status_code == 200  # (asking less: as asked)
             assert mock.state.mock.last_request["max_tokens"] == 8
+            other = {k: v for k, v in BODY.items() if k != "max_tokens"}
+            for field in ("max_completion_tokens", "n_predict"):  # (an upstream may read the client's own field)
+                assert chat(gw, {**other, field: 100_000}).status_code == 200
+                sent = mock.state.mock.last_request
+                assert sent[field] == 64 and sent["max_tokens"] == 64, sent
 
 
 def test_a_call_that_was_not_served_does_not_count(direct):
