@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import cache, metrics
 from .chat import ChatCall
+from .errors import ChainUnavailable, PaymentInvalid
 from .gateway import Gateway
 from .jsonbytes import compact
 from .ledger.store import Settlement
@@ -428,9 +429,12 @@ def summary(call_id: str, tail: StreamTail, metered: tuple[dict[str, Any], Any, 
 
 def stream_cutter(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, watch: bool) -> Callable[[], None]:
     """Cut the stream when its settlement fails on chain (``watch``: it was sent as the stream
-    began) and ``max_call_seconds`` after the request arrived (so that no stream outlives its
-    payment's validity): the upstream is closed, and the client gets an error event. Returns what
-    stops watching."""
+    began), when its payment no longer covers it (a metered one that can lapse — upto — settles
+    only as the stream ends, so it is checked on chain again every ``stream_recheck_seconds``:
+    a payer who moves the money away is served that long at most, not the whole stream), and
+    ``max_call_seconds`` after the request arrived (so that no stream outlives its payment's
+    validity): the upstream is closed, and the client gets an error event. Returns what stops
+    watching."""
     loop = asyncio.get_running_loop()
     closing: set[asyncio.Task[None]] = set()
 
@@ -446,8 +450,26 @@ def stream_cutter(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, wa
     if watch:
         gw.settler.watch(paid.payment_id, lambda reason: cut(f"payment failed on chain: {reason}"))
 
+    async def recheck() -> None:
+        p = paid.payment
+        while opened.error is None:
+            await asyncio.sleep(gw.settings.stream_recheck_seconds)
+            try:
+                await paid.scheme.confirm(p, gw.store.unsettled_amount(p.network, p.asset, p.payer))
+            except PaymentInvalid as exc:
+                cut(f"payment no longer covers the call: {exc.message}")
+            except ChainUnavailable:  # (an outage is not the payer's doing: served on, asked again)
+                pass
+            except Exception:  # (a fault of ours: the stream is served on, unchecked)
+                log.exception("stream %s: its payment could not be checked again", paid.payment_id)
+                return
+
+    checking = loop.create_task(recheck()) if paid.scheme.metered and paid.scheme.lapses else None
+
     def stop() -> None:
         timer.cancel()
         gw.settler.unwatch(paid.payment_id)
+        if checking is not None:
+            checking.cancel()
 
     return stop

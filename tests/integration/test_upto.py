@@ -217,6 +217,31 @@ def test_hostile_upto_payloads_are_refused(hostile, chain, devnet, change, code)
     assert chain.balance(payer.address) == 100_000_000
 
 
+def test_an_upto_stream_whose_payer_moves_the_money_away_is_cut(gateway, chain, devnet):
+    """An upto stream settles only as it ends: a payer who empties the wallet once it has started
+    would be served the whole stream, unpaid. It is checked on chain again as it runs, and cut."""
+    payer = chain.fund(permit2=True)
+    words = " ".join(f"w{i}" for i in range(60))
+    body = chat_body(words, model="mock/echo-large", max_tokens=80, stream=True, mock={"chunk_delay": 0.1})
+    required = payment_required(httpx.post(gateway.url + CHAT, json=body))
+    offer = upto_offer(required)
+    doc = envelope(required, offer, sign_upto(payer, offer, devnet.chain_id))
+    recheck = gateway.settings.stream_recheck_seconds
+    with httpx.stream("POST", gateway.url + CHAT, json=body, headers=payment_header(doc), timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        chain.transfer(payer, Account.create().address, chain.balance(payer.address))  # (mined at once)
+        started = time.monotonic()
+        rest = list(lines)
+    assert time.monotonic() - started < recheck + 2.0
+    events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "error", events[-1]
+    assert "no longer covers" in events[-1]["error"]["message"]
+    content = "".join((e["choices"][0]["delta"].get("content") or "") for e in events if e.get("choices"))
+    assert len(content) < len(words)  # cut, not finished
+
+
 def test_a_missing_permit2_allowance_is_the_specs_412(gateway, chain, devnet):
     fresh = chain.fund()  # never approved Permit2
     body = chat_body("no allowance", max_tokens=8)
