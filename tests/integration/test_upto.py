@@ -242,6 +242,36 @@ def test_an_upto_stream_whose_payer_moves_the_money_away_is_cut(gateway, chain, 
     assert len(content) < len(words)  # cut, not finished
 
 
+def test_a_permit2_allowance_that_covers_one_payment_does_not_pay_two_at_once(gateway, chain, devnet):
+    """Approved for one payment's maximum, a payer with the balance for ten would be served ten at
+    once and the later settlements would revert (attack: calls for free, the balance kept)."""
+    payer = chain.fund(eth=True)
+    long = chat_body(" ".join(f"w{i}" for i in range(30)), max_tokens=40, stream=True, mock={"chunk_delay": 0.1})
+    required = payment_required(httpx.post(gateway.url + CHAT, json=long))
+    offer = upto_offer(required)
+    approve = chain.token.functions.approve(permit2.PERMIT2_ADDRESS, int(offer["amount"]))
+    tx = approve.build_transaction({"from": payer.address, "nonce": chain.w3.eth.get_transaction_count(payer.address)})
+    chain.w3.eth.wait_for_transaction_receipt(
+        chain.w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction)
+    )
+    doc = envelope(required, offer, sign_upto(payer, offer, devnet.chain_id))
+    with httpx.stream("POST", gateway.url + CHAT, json=long, headers=payment_header(doc), timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # (its payment in flight)
+        short = chat_body("and another at once", max_tokens=8)
+        required2 = payment_required(httpx.post(gateway.url + CHAT, json=short))
+        offer2 = upto_offer(required2)
+        assert int(offer2["amount"]) <= int(offer["amount"])  # (the allowance covers either alone)
+        second = httpx.post(
+            gateway.url + CHAT,
+            json=short,
+            headers=payment_header(envelope(required2, offer2, sign_upto(payer, offer2, devnet.chain_id))),
+        )
+        assert second.status_code == 412 and error_code(second) == "permit2_allowance_required", second.text[:300]
+        assert "data: [DONE]" in list(lines)  # (the first is served whole)
+
+
 def test_a_missing_permit2_allowance_is_the_specs_412(gateway, chain, devnet):
     fresh = chain.fund()  # never approved Permit2
     body = chat_body("no allowance", max_tokens=8)

@@ -132,11 +132,17 @@ class UptoEvm(TokenScheme):
             (self.token, ALLOWANCE + owner + bytes(12) + _raw(permit2.PERMIT2_ADDRESS)),
         ]
         result, (balance, allowance) = await self.chain.simulate(self.settler, to, data, reads)
+        # The allowance must cover every pull of the payer's not yet on chain (``owed``: this one
+        # and the others, counted as the balance is), not this one alone: each would be served and
+        # the last to settle would revert. A sponsored permit *sets* the allowance as it settles
+        # (to this payment's maximum) and may share its token nonce with another in flight (the
+        # SDK reads it from the chain), so it pays only while nothing else of the payer's is.
         sponsored = "eip2612GasSponsoring" in payment.proof
-        if int(allowance, 16) < payment.amount and not sponsored:
+        if (owed > payment.amount) if sponsored else (int(allowance, 16) < owed):
             raise PreconditionFailed(
-                "the payer has not approved Permit2 for this token (approve it once, or send an "
-                "eip2612GasSponsoring permit with the payment)",
+                f"the payer's Permit2 allowance does not cover {owed} (this payment's maximum and others not yet "
+                "on chain): approve Permit2 for this token once (for more), or send an eip2612GasSponsoring "
+                "permit with a payment once the others have settled",
                 code="permit2_allowance_required",
             )
         if isinstance(result, RpcError):
