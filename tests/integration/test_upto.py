@@ -332,10 +332,14 @@ async def test_a_wallet_with_no_approval_and_no_gas_pays_through_eip2612_gas_spo
 
 
 class ShortPermit(httpx.AsyncBaseTransport):
-    """Sends every payment with its EIP-2612 permit signed anew, to end 5 s from now."""
+    """Sends every payment with its EIP-2612 permit signed anew, to end ``lasts`` seconds from now
+    (``signature``: then with these signature bytes instead)."""
 
-    def __init__(self, signer: EthAccountSignerWithRPC, chain_id: int) -> None:
+    def __init__(
+        self, signer: EthAccountSignerWithRPC, chain_id: int, lasts: int = 5, signature: str | None = None
+    ) -> None:
         self.inner, self.signer, self.chain_id = httpx.AsyncHTTPTransport(), signer, chain_id
+        self.lasts, self.signature = lasts, signature
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if "payment-signature" in request.headers:
@@ -347,10 +351,12 @@ class ShortPermit(httpx.AsyncBaseTransport):
                 offer["extra"]["name"],
                 offer["extra"]["version"],
                 self.chain_id,
-                str(int(time.time()) + 5),
+                str(int(time.time()) + self.lasts),
                 offer["amount"],
             )
             doc["extensions"]["eip2612GasSponsoring"]["info"] = info.to_dict()
+            if self.signature is not None:
+                doc["extensions"]["eip2612GasSponsoring"]["info"]["signature"] = self.signature
             request.headers["payment-signature"] = base64.b64encode(json.dumps(doc).encode()).decode()
         return await self.inner.handle_async_request(request)
 
@@ -371,6 +377,18 @@ async def test_an_eip2612_permit_that_ends_before_the_call_could_settle_is_refus
     assert r.status_code == 402 and error_code(r) == "invalid_eip2612_permit", r.text[:300]
     assert httpx.get(f"{upstream.url}/mock/stats").json()["requests"] == before  # nothing was served
     assert [row["state"] for row in payment_rows(gateway.store.engine, fresh.address)] in ([], ["refused"])
+
+
+@pytest.mark.parametrize("signature", ["0x" + "00" * 64 + "05", "0x" + "00" * 64 + "1b", "0x" + "ff" * 64 + "1c"])
+async def test_an_eip2612_permit_with_a_signature_that_cannot_be_split_is_refused_not_a_500(
+    gateway, chain, devnet, signature
+):
+    """v outside 0/1/27/28, r = 0, a high s: the settlement's calldata could not be built from it."""
+    signer = EthAccountSignerWithRPC(chain.fund(), rpc_url=devnet.rpc_url)
+    paying = x402AsyncTransport(upto_client(signer, devnet), ShortPermit(signer, devnet.chain_id, 3600, signature))
+    async with httpx.AsyncClient(transport=paying) as http:
+        r = await http.post(f"{gateway.url}{CHAT}", json=chat_body("a permit signed with nonsense", max_tokens=8))
+    assert r.status_code == 402 and error_code(r) == "invalid_eip2612_permit", r.text[:300]
 
 
 @pytest.mark.parametrize("scheme", ["upto", "exact"])

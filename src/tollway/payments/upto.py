@@ -105,6 +105,11 @@ class UptoEvm(TokenScheme):
             sponsored.owner != auth.owner or sponsored.token != auth.token or sponsored.value != auth.max_amount
         ):
             raise PaymentInvalid("the EIP-2612 permit does not match the payment", code="invalid_eip2612_permit")
+        if sponsored is not None:
+            try:  # (its calldata splits it: v, r and s must be ones a token's ecrecover takes)
+                permit2.split_signature(sponsored.signature)
+            except permit2.SignatureError as exc:
+                raise PaymentInvalid(f"the EIP-2612 permit's signature: {exc}", code="invalid_eip2612_permit") from None
         if sponsored is not None and sponsored.deadline < now + self.min_validity:
             raise PaymentInvalid(  # (Permit2 is approved by it as the payment settles: it must outlive the call too)
                 f"the EIP-2612 permit must stay valid at least {self.min_validity} s", code="invalid_eip2612_permit"
