@@ -320,8 +320,17 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         return finish(tail, complete, usage)
 
     async def meter_later(tail: StreamTail, complete: bool) -> None:
+        # The lookup may take long (retries, slow answers) but the payment must still settle: it
+        # gets until half the settlement's margin past the call's limit, then the stream is metered
+        # as one that told nothing (its estimate).
+        s = gw.settings
+        left = call.received + s.max_call_seconds + s.settle_margin_seconds / 2 - time.time()
         try:
-            finish(tail, complete, await upstream.usage_after(tail.generation_id()))
+            try:
+                usage = await asyncio.wait_for(upstream.usage_after(tail.generation_id()), timeout=max(left, 0.0))
+            except TimeoutError:
+                usage = None
+            finish(tail, complete, usage)
         except Exception:
             log.exception("could not meter stream %s after the fact", call_id)
         finally:
