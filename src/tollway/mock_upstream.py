@@ -19,7 +19,8 @@ a separator, and the content's characters appear in it, so prompt tokens are ALW
 length of ``json.dumps(messages)`` (compact or not, ascii-escaped or not).
 
 Per-request test switches ride in an extra top-level body field ``"mock": {...}`` (see ``_directives``):
-latency, chunk_delay, fail (a status), fail_after_chunks + fail_mode, hang, dialect, reply, cost_prices,
+latency, chunk_delay, fail (a status; with fail_as_200, its error body under status 200, as OpenRouter
+answers an error once a model started), fail_after_chunks + fail_mode, hang, dialect, reply, cost_prices,
 usage_factor (over-report usage), omit_usage, error_bytes (pad an injected error), nest (deep JSON).
 """
 
@@ -232,8 +233,9 @@ def _directives(raw: Any) -> dict[str, Any]:
         for k in ("usage_factor", "error_bytes", "nest"):
             if k in d and (isinstance(d[k], bool) or not isinstance(d[k], int) or d[k] < 0):
                 raise ValueError(f"{k} must be an int >= 0")
-        if "omit_usage" in d and not isinstance(d["omit_usage"], bool):
-            raise ValueError("omit_usage must be a boolean")
+        for k in ("omit_usage", "fail_as_200"):
+            if k in d and not isinstance(d[k], bool):
+                raise ValueError(f"{k} must be a boolean")
         prices = d.get("cost_prices")
         if prices is not None and not (
             isinstance(prices, dict) and all(isinstance(v, int | float) for v in prices.values())
@@ -391,7 +393,10 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         if "fail" in mock:
             state.stats["failures"] += 1
             padding = " " * mock.get("error_bytes", 0)  # an oversized error body
-            return _error(mock["fail"], f"mock upstream: injected failure {mock['fail']}{padding}")
+            failed = _error(mock["fail"], f"mock upstream: injected failure {mock['fail']}{padding}")
+            if mock.get("fail_as_200"):
+                failed.status_code = 200
+            return failed
 
         messages, model = prompt_of(body), body.get("model")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):

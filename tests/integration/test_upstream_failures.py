@@ -80,6 +80,19 @@ def test_upstream_error_status_charges_nothing(gateway, chain, upstream_status, 
     assert_nothing_charged(gateway.store.engine, chain, payer, before, r)
 
 
+def test_an_error_answered_with_status_200_charges_nothing(gateway, chain):
+    """OpenRouter answers an error that came once the model started with status 200 and an error
+    body: served, it was charged its whole quote with nothing to show for it."""
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("an error under 200", mock={"fail": 502, "fail_as_200": True})
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        headers, _amount = paid_headers(client, body, payer)
+        r = client.post(CHAT, json=body, headers=headers)
+    assert (r.status_code, error_code(r)) == (502, "upstream_error"), r.text
+    assert_nothing_charged(gateway.store.engine, chain, payer, before, r)
+
+
 # -- no answer at all ----------------------------------------------------------------------------------
 
 

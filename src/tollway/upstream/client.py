@@ -139,6 +139,19 @@ def _upstream_message(body: bytes) -> str:
     return truncate(text, 300)
 
 
+ANSWER_KEYS = ("choices", "output", "content", "data", "usage")  # chat, Responses, Messages, embeddings
+
+
+def _error_only(body: bytes) -> bool:
+    """Whether a 200 answer is an error and nothing else (OpenRouter answers an error that came once
+    the model started so): served, it would be charged its quote with nothing to show for it."""
+    try:
+        doc = loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("error") is not None and not any(k in doc for k in ANSWER_KEYS)
+
+
 async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
     body = bytearray()  # (bytes += bytes copies the whole body each time)
     async for chunk in resp.aiter_bytes():
@@ -319,6 +332,9 @@ class Upstream:
         latency = (time.perf_counter() - started) * 1000
         if not stream:
             await resp.aclose()
+            if b'"error"' in first and _error_only(first):  # (the bytes first: answers seldom hold the key)
+                log.warning("upstream %s answered 200 with an error: %s", self.name, _upstream_message(first))
+                raise UpstreamError("upstream answered 200 with an error and no answer")
             return Opened(resp, first, latency, self.name)
         return Opened(resp, first, latency, self.name, chunks)
 
