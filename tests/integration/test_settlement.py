@@ -145,36 +145,6 @@ async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, cha
     assert chain.receipt(row["tx_hash"])["status"] == 1
 
 
-async def test_a_settlement_mined_whose_receipt_comes_late_is_not_signed_anew(tmp_path, chain, devnet, settler_key):
-    """Our own transaction was mined (broadcast here, as another replica or a rebroadcast would),
-    but the node that answers receipts is behind for a while: the worker's "nonce too low" must not
-    make it sign the settlement again with a new nonce (a payout would be paid twice)."""
-    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
-    payer = chain.fund()
-    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
-        settler.replace_after = 5.0
-        payment_id, data, _ = payment_for(store, devnet, payer, 444)
-        first_hash = settler.sign(payment_id, devnet.token, data)
-        tx = store.transaction(store.payment(payment_id)["tx_id"])
-        chain.w3.eth.send_raw_transaction(tx["raw_tx"])
-        assert chain.w3.eth.wait_for_transaction_receipt(first_hash)["status"] == 1
-        batch, lagging_until = settler.chain.batch, time.monotonic() + 2.0
-
-        async def lagging(calls: list, **kw: Any) -> list:
-            answers = await batch(calls, **kw)
-            if time.monotonic() < lagging_until:
-                return [
-                    None if method == "eth_getTransactionReceipt" else a
-                    for (method, _), a in zip(calls, answers, strict=True)
-                ]
-            return answers
-
-        settler.chain.batch = lagging  # type: ignore[method-assign]
-        row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
-    assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == first_hash
-    assert store.transaction(tx["id"])["state"] == TxState.MINED
-
-
 def lag_receipts(settler: Settler, seconds: float, answer: Any = None) -> None:
     """The node answering receipts is behind for ``seconds``: each is ``answer`` (none) meanwhile."""
     batch, until = settler.chain.batch, time.monotonic() + seconds
@@ -191,6 +161,33 @@ def lag_receipts(settler: Settler, seconds: float, answer: Any = None) -> None:
     settler.chain.batch = lagging  # type: ignore[method-assign]
 
 
+def settled_by_hand(settler: Settler, store: Store, chain, devnet, payer, amount: int) -> tuple[str, dict]:
+    """A payment whose settlement the worker signed and we broadcast and saw mined (as another
+    replica or a rebroadcast would): its id and its outbox row."""
+    payment_id, data, _ = payment_for(store, devnet, payer, amount)
+    tx_hash = settler.sign(payment_id, devnet.token, data)
+    tx = store.transaction(store.payment(payment_id)["tx_id"])
+    chain.w3.eth.send_raw_transaction(tx["raw_tx"])
+    assert chain.w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 1
+    return payment_id, tx
+
+
+async def test_a_settlement_mined_whose_receipt_comes_late_is_not_signed_anew(tmp_path, chain, devnet, settler_key):
+    """Our own transaction was mined (broadcast here, as another replica or a rebroadcast would),
+    but the node that answers receipts is behind for a while: the worker's "nonce too low" must not
+    make it sign the settlement again with a new nonce (a payout would be paid twice)."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund()
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        settler.replace_after = 5.0
+        payment_id, tx = settled_by_hand(settler, store, chain, devnet, payer, 444)
+        first_hash = tx["tx_hash"]
+        lag_receipts(settler, 2.0)
+        row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
+    assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == first_hash
+    assert store.transaction(tx["id"])["state"] == TxState.MINED
+
+
 async def test_a_settlement_signed_anew_while_its_receipt_lagged_is_settled_by_the_first(
     tmp_path, chain, devnet, settler_key
 ):
@@ -203,11 +200,7 @@ async def test_a_settlement_signed_anew_while_its_receipt_lagged_is_settled_by_t
     before = chain.balance(devnet.payee)
     async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
         settler.replace_after, settler.settled_elsewhere = 0.3, None
-        payment_id, data, _ = payment_for(store, devnet, payer, 446)
-        first_hash = settler.sign(payment_id, devnet.token, data)
-        first = store.transaction(store.payment(payment_id)["tx_id"])
-        chain.w3.eth.send_raw_transaction(first["raw_tx"])
-        assert chain.w3.eth.wait_for_transaction_receipt(first_hash)["status"] == 1
+        payment_id, first = settled_by_hand(settler, store, chain, devnet, payer, 446)
         lag_receipts(settler, 3.0)
         row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
         assert store.transaction(first["id"])["state"] == TxState.REPLACED  # (it was signed anew)
