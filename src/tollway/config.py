@@ -275,7 +275,7 @@ class Settings(BaseSettings):
     recheck_after_seconds: float = 0.25
     # A stream paid by a metered payment that can lapse (upto) settles only when it ends: it is
     # checked on chain again this often while it runs, and cut once its payment no longer covers it.
-    stream_recheck_seconds: float = Field(2.0, gt=0)
+    stream_recheck_seconds: float = Field(2.0, ge=0.5)  # (each check: a ledger read and a simulation)
     # The output cap of a request that sets none: what a payment of the bound (exact) is priced
     # for, and what a metered payment (upto, credit) may reach — it pays only what is used, but
     # its maximum should stay under common client spend caps (the official x402 client's: $1).

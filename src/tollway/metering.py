@@ -464,7 +464,8 @@ def stream_cutter(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, wa
         while opened.error is None:
             await asyncio.sleep(gw.settings.stream_recheck_seconds)
             try:
-                await paid.scheme.confirm(p, gw.store.unsettled_amount(p.network, p.asset, p.payer))
+                owed = gw.store.unsettled_amount(p.network, p.asset, p.payer, through=paid.payment_id)
+                await paid.scheme.confirm(p, owed, recheck=True)
             except PaymentInvalid as exc:
                 cut(f"payment no longer covers the call: {exc.message}")
             except ChainUnavailable:  # (an outage is not the payer's doing: served on, asked again)

@@ -409,11 +409,14 @@ def lock(
 
 async def confirm(gw: Gateway, paid: Paid, owed: int | None = None) -> None:
     """The payment will settle: checked on chain, with what the payer owes us that is not on chain
-    yet (as the payment was locked, or read now)."""
+    yet — as the payment was locked; or, checked again (no ``owed``), read now, of the payments
+    locked no later than this one (the payer's later calls are theirs to cover)."""
     p = paid.payment
-    if owed is None:
-        owed = gw.store.unsettled_amount(p.network, p.asset, p.payer)
-    await paid.scheme.confirm(p, owed)
+    if owed is not None:
+        await paid.scheme.confirm(p, owed)
+        return
+    owed = gw.store.unsettled_amount(p.network, p.asset, p.payer, through=paid.payment_id)
+    await paid.scheme.confirm(p, owed, recheck=True)
 
 
 async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> Opened:

@@ -242,6 +242,37 @@ def test_an_upto_stream_whose_payer_moves_the_money_away_is_cut(gateway, chain, 
     assert len(content) < len(words)  # cut, not finished
 
 
+def test_an_upto_stream_is_not_cut_for_what_the_payers_later_calls_cannot_pay(gateway, chain, devnet):
+    """A stream checked again answers for its own payment only: a later call of the payer refused
+    for want of funds (the balance covers the stream, not both) must not cut the stream."""
+    payer = chain.fund(permit2=True)
+    body = chat_body(" ".join(f"v{i}" for i in range(30)), max_tokens=40, stream=True, mock={"chunk_delay": 0.1})
+    required = payment_required(httpx.post(gateway.url + CHAT, json=body))
+    offer = upto_offer(required)
+    most = int(offer["amount"])
+    chain.transfer(payer, Account.create().address, chain.balance(payer.address) - most * 3 // 2)
+    doc = envelope(required, offer, sign_upto(payer, offer, devnet.chain_id))
+    with httpx.stream("POST", gateway.url + CHAT, json=body, headers=payment_header(doc), timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        later = {**body, "stream": False, "messages": [{"role": "user", "content": "one more"}]}
+        later.pop("stream_options", None)
+        required2 = payment_required(httpx.post(gateway.url + CHAT, json=later))
+        offer2 = upto_offer(required2)
+        assert int(offer2["amount"]) > most // 2  # (the balance covers the stream, not both)
+        refused = httpx.post(
+            gateway.url + CHAT,
+            json=later,
+            headers=payment_header(envelope(required2, offer2, sign_upto(payer, offer2, devnet.chain_id))),
+        )
+        assert refused.status_code == 402 and error_code(refused) == "insufficient_funds", refused.text[:300]
+        rest = list(lines)
+    events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+    assert all(c.get("finish_reason") != "error" for e in events for c in e.get("choices", [])), events[-1]
+    assert "data: [DONE]" in rest
+
+
 def test_a_permit2_allowance_that_covers_one_payment_does_not_pay_two_at_once(gateway, chain, devnet):
     """Approved for one payment's maximum, a payer with the balance for ten would be served ten at
     once and the later settlements would revert (attack: calls for free, the balance kept)."""

@@ -440,11 +440,26 @@ class Store:
         with self._tx() as c:
             return {str(i): str(st) for i, st in c.execute(select(P.c.id, P.c.state).where(P.c.id.in_(ids)))}
 
-    def unsettled_amount(self, network: str, asset: str, payer: str) -> int:
+    def unsettled_amount(
+        self, network: str, asset: str, payer: str, *, through: str | None = None, schemes: Sequence[str] = ()
+    ) -> int:
         """What a payer owes us that a balance read from the chain may not show yet: payments in
-        progress (this one included) and settlements not yet confirmed."""
+        progress (this one included) and settlements not yet confirmed — only those locked no later
+        than the payment ``through`` (what a call checked again must still cover: the payer's later
+        calls are theirs to cover), only of ``schemes`` if any are named."""
+        params: dict[str, Any] = {"network": network, "asset": asset, "payer": payer}
+        query = OWED
+        if through is not None or schemes:
+            names = {f"s{i}": s for i, s in enumerate(schemes)}
+            query = f"SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_PAYER} AND {IN_FLIGHT}"
+            if through is not None:
+                query += " AND created_at <= (SELECT created_at FROM payments WHERE id = :through)"
+                params["through"] = through
+            if names:
+                query += f" AND scheme IN ({', '.join(':' + n for n in names)})"
+            params.update(names)
         with self._sql() as c:
-            return sum(map(int, c.row(OWED, {"network": network, "asset": asset, "payer": payer})))  # type: ignore[arg-type]
+            return sum(map(int, c.row(query, params)))  # type: ignore[arg-type]
 
     def settlement_lag(self, now: float) -> float:
         """Seconds since the oldest payment still settling started settling (0: none is)."""

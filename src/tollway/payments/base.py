@@ -116,11 +116,13 @@ class PaymentScheme(Protocol):
         """
         ...
 
-    async def confirm(self, payment: Verified, owed: int) -> None:
+    async def confirm(self, payment: Verified, owed: int, *, recheck: bool = False) -> None:
         """Make sure the payment will settle, before the upstream is asked anything: raises
         ``PaymentInvalid`` if it cannot. ``owed`` is what the payer owes us that the chain's mined
         state may not show yet (this payment included), read from the ledger *before* the chain:
-        a settlement mined in between is then counted twice (the safe side), never not at all."""
+        a settlement mined in between is then counted twice (the safe side), never not at all.
+        ``recheck``: a call served is checked again (only this payment's own settling matters:
+        nothing the payer's other calls found)."""
         ...
 
     def settled_amount(self, payment: Verified, due: int) -> int:

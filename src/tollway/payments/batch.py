@@ -210,7 +210,7 @@ class BatchSettlementEvm(TokenScheme):
             raise PaymentInvalid("the deposit is not signed by the channel's payer", code=PREFIX + "deposit_payload")
         return deposit.amount
 
-    async def confirm(self, payment: Verified, owed: int) -> None:
+    async def confirm(self, payment: Verified, owed: int, *, recheck: bool = False) -> None:
         """A voucher needs nothing more: the ledger took the channel against its deposit. A deposit
         is simulated from the settlement account — the payer's balance must cover it besides what
         they owe us elsewhere — then sent, and waited for until mined."""

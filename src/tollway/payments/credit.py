@@ -56,7 +56,7 @@ class CreditScheme:
             proof=p,
         )
 
-    async def confirm(self, payment: Verified, owed: int) -> None:
+    async def confirm(self, payment: Verified, owed: int, *, recheck: bool = False) -> None:
         return None
 
     def settled_amount(self, payment: Verified, due: int) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from ..errors import PaymentInvalid, PaymentMalformed
@@ -131,8 +132,8 @@ class ExactEvm(TokenScheme):
             chain_nonce=auth.nonce,
         )
 
-    async def confirm(self, payment: Verified, owed: int) -> None:
-        now = self.refuse_if_short(payment.payer)
+    async def confirm(self, payment: Verified, owed: int, *, recheck: bool = False) -> None:
+        now = time.monotonic() if recheck else self.refuse_if_short(payment.payer)
         to, data = self.settlement_call(payment.proof, payment.amount)
         balance_of = BALANCE_OF + bytes(12) + bytes.fromhex(payment.payer[2:])
         result, (balance,) = await self.chain.simulate(self.settler, to, data, [(self.token, balance_of)])

@@ -126,7 +126,7 @@ class TransferScheme:
             proof={"transaction": tx, "wallet": wallet},
         )
 
-    async def confirm(self, payment: Verified, owed: int) -> None:
+    async def confirm(self, payment: Verified, owed: int, *, recheck: bool = False) -> None:
         return None  # checked on chain in verify: the money has already moved
 
     def settled_amount(self, payment: Verified, due: int) -> int:

@@ -16,14 +16,20 @@ pay.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PaymentInvalid, PreconditionFailed
 from ..keccak import keccak
 from . import permit2
-from .base import Offer, Proof, Quote, Verified
+from .base import Context, Offer, Proof, Quote, Verified
 from .chain import BALANCE_OF, RpcError
 from .token import TokenScheme
+
+if TYPE_CHECKING:
+    from ..ledger.store import Store
+
+PULLS = ("upto", "mpp-permit2")  # the schemes whose payments the payer's Permit2 allowance pays
 
 ALLOWANCE = keccak(b"allowance(address,address)")[:4]
 # What the proxy's, Permit2's and the token's reverts mean for the payer.
@@ -55,10 +61,15 @@ class UptoEvm(TokenScheme):
     prepaid = False
     lapses = True
 
-    def __init__(self, **where: Any) -> None:
+    def __init__(self, *, store: Store | None = None, **where: Any) -> None:
         super().__init__(**where)
+        self.store = store  # (the payer's other Permit2 pulls in flight: see ``confirm``)
         self.extra.update(facilitatorAddress=self.settler, assetTransferMethod="permit2")
         self.domain = permit2.domain_separator(self.chain_id)
+
+    @classmethod
+    def where(cls, ctx: Context) -> dict[str, Any]:
+        return {**super().where(ctx), "store": ctx.store}
 
     def extensions(self) -> dict[str, Any]:
         return EIP2612_DECLARATION
@@ -128,8 +139,8 @@ class UptoEvm(TokenScheme):
             proof=kept,
         )
 
-    async def confirm(self, payment: Verified, owed: int) -> None:
-        now = self.refuse_if_short(payment.payer)
+    async def confirm(self, payment: Verified, owed: int, *, recheck: bool = False) -> None:
+        now = time.monotonic() if recheck else self.refuse_if_short(payment.payer)
         to, data = self._settle(payment.proof, payment.amount)
         owner = bytes(12) + bytes.fromhex(payment.payer[2:])
         reads = [
@@ -137,17 +148,19 @@ class UptoEvm(TokenScheme):
             (self.token, ALLOWANCE + owner + bytes(12) + _raw(permit2.PERMIT2_ADDRESS)),
         ]
         result, (balance, allowance) = await self.chain.simulate(self.settler, to, data, reads)
-        # The allowance must cover every pull of the payer's not yet on chain (``owed``: this one
-        # and the others, counted as the balance is), not this one alone: each would be served and
-        # the last to settle would revert. A sponsored permit *sets* the allowance as it settles
-        # (to this payment's maximum) and may share its token nonce with another in flight (the
-        # SDK reads it from the chain), so it pays only while nothing else of the payer's is.
-        sponsored = "eip2612GasSponsoring" in payment.proof
-        if (owed > payment.amount) if sponsored else (int(allowance, 16) < owed):
+        # The allowance must cover every Permit2 pull of the payer's not yet on chain, this one and
+        # the others (each would be served, and the last to settle would revert) — read from the
+        # ledger only when it does not cover everything the payer owes (``owed``, every scheme's).
+        # Checked again, a call's own pull is what matters. (A sponsored permit approves as it settles.)
+        need, have = payment.amount, int(allowance, 16)
+        if not recheck and have < owed and self.store is not None:
+            pulls = self.store.unsettled_amount(self.network, self.token.lower(), payment.payer, schemes=PULLS)
+            need = max(need, pulls)
+        if have < need and "eip2612GasSponsoring" not in payment.proof:
             raise PreconditionFailed(
-                f"the payer's Permit2 allowance does not cover {owed} (this payment's maximum and others not yet "
-                "on chain): approve Permit2 for this token once (for more), or send an eip2612GasSponsoring "
-                "permit with a payment once the others have settled",
+                f"the payer's Permit2 allowance {have} does not cover {need} (this payment's maximum"
+                + (" and the others not yet on chain): approve Permit2 for more" if need > payment.amount else "")
+                + "; approve Permit2 for this token once, or send an eip2612GasSponsoring permit with the payment",
                 code="permit2_allowance_required",
             )
         if isinstance(result, RpcError):
