@@ -48,6 +48,8 @@ async def test_replicas_on_postgres_serve_a_payment_once_and_settle_all(
                 *[http.post(f"{url}/v1/chat/completions", json=BODY, headers=h) for url in [a.url, b.url] * 8]
             )
             assert sorted(r.status_code for r in replies) == [200] + [402] * 15
+            served = next(i for i, r in enumerate(replies) if r.status_code == 200)
+            await await_receipt((a, b)[served % 2].url, replies[served].headers["x-tollway-receipt"])  # (settled)
 
             # Distinct payments spread over both replicas: every settlement lands, nonces never clash.
             payers = [chain.fund() for _ in range(6)]
