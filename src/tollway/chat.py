@@ -484,7 +484,16 @@ def refuse_unpriced(body: dict[str, Any], messages: list[Any]) -> None:
     refuse_parts(messages, PRICED_PARTS)
 
 
-CHAT = Api("chat", "/v1/chat/completions", chat_messages, refuse_unpriced)
+# A request with tools: the provider adds a tool-use system prompt the body does not show (an
+# Anthropic model's, through any API, is ~350 tokens: docs, 2025). Its quote allows this much more.
+TOOL_PROMPT_TOKENS = 1000
+
+
+def tool_prompt(body: dict[str, Any]) -> int:
+    return TOOL_PROMPT_TOKENS if body.get("tools") else 0
+
+
+CHAT = Api("chat", "/v1/chat/completions", chat_messages, refuse_unpriced, prompt_allowance=tool_prompt)
 
 
 def _images(items: list[Any]) -> int:

@@ -6,13 +6,13 @@ where the prompt is and what each must refuse because its quote could not bound 
 - **Messages**: the prompt is ``system`` + ``messages``; the cap is ``max_tokens`` (added when the
   request has none: Anthropic requires it; thinking counts within it). Refused: server-side and
   Anthropic-defined tools (billed per use, or carrying hidden prompts of their own), MCP servers,
-  containers, documents (a PDF's pages are priced as images the body's bytes do not bound). A
-  request with tools is allowed ``TOOL_PROMPT_TOKENS`` more prompt: the provider adds a tool-use
-  system prompt the body does not show.
+  containers, documents (a PDF's pages are priced as images the body's bytes do not bound).
 - **Responses**: the prompt is ``instructions`` + ``input``; the cap is ``max_output_tokens``.
   Refused: context stored upstream (``previous_response_id``, ``conversation``, a stored
   ``prompt``, item references) — its tokens are not in the body —, background responses,
   server-side tools, files and audio.
+
+A request with tools is allowed ``chat.TOOL_PROMPT_TOKENS`` more prompt in every API, chat's too.
 
 Usage comes back in each API's own dialect (``usage.parse_usage``, ``usage.StreamUsage``).
 """
@@ -21,10 +21,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .chat import ALLOWED_TIERS, Api, chat_messages, refuse_fields, refuse_parts, refuse_tier, refuse_tools
+from .chat import (
+    ALLOWED_TIERS,
+    Api,
+    chat_messages,
+    refuse_fields,
+    refuse_parts,
+    refuse_tier,
+    refuse_tools,
+    tool_prompt,
+)
 from .errors import BadRequest
 
-TOOL_PROMPT_TOKENS = 1000  # Anthropic's tool-use system prompt is ~350 tokens (docs, 2025)
 MESSAGES_PARTS = ("text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking")
 MESSAGES_UNPRICED = {
     "mcp_servers": "remote MCP servers are billed by the upstream per use",
@@ -55,7 +63,7 @@ MESSAGES = Api(
     messages_prompt,
     refuse_messages,
     cap_field="max_tokens",
-    prompt_allowance=lambda body: TOOL_PROMPT_TOKENS if body.get("tools") else 0,
+    prompt_allowance=tool_prompt,
 )
 
 STORED = "it refers to context stored upstream, which the price here cannot see: send the whole input"
@@ -142,4 +150,11 @@ def refuse_betas(header: str | None) -> None:
             )
 
 
-RESPONSES = Api("responses", "/v1/responses", responses_prompt, refuse_responses, cap_field="max_output_tokens")
+RESPONSES = Api(
+    "responses",
+    "/v1/responses",
+    responses_prompt,
+    refuse_responses,
+    cap_field="max_output_tokens",
+    prompt_allowance=tool_prompt,
+)

@@ -192,6 +192,16 @@ def test_images_are_priced_by_their_allowance():
     assert one.quote().amount > plain.quote().amount
 
 
+def test_a_request_with_tools_allows_for_the_providers_hidden_tool_prompt():
+    """Anthropic models add a tool-use system prompt (~350 tokens) through chat too: a small request
+    with one tiny tool was quoted below what it cost, and the operator paid the difference."""
+    from tollway.chat import TOOL_PROMPT_TOKENS
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    plain, tooled = parse(body(max_tokens=1)), parse(body(max_tokens=1, tools=[tool]))
+    assert tooled.quote().prompt_bound >= plain.quote().prompt_bound + TOOL_PROMPT_TOKENS
+
+
 def test_one_hour_cache_writes_need_their_price():
     marked = {
         "role": "user",
