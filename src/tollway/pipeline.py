@@ -301,7 +301,8 @@ def from_credit(gw: Gateway, call: ChatCall, who: SignIn) -> tuple[PaymentScheme
         payer=who.wallet,
         payee=offer.pay_to.lower(),
         amount=0,
-        lock_key=f"{offer.network}:{offer.asset.lower()}:sign-in:{who.nonce}",
+        # (the nonce is the request's, any wallet's: with the wallet, nobody spends another's first)
+        lock_key=f"{offer.network}:{offer.asset.lower()}:sign-in:{who.wallet}:{who.nonce}",
         proof={"signIn": who.nonce},
     )
     return scheme, payment, quote

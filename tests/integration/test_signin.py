@@ -24,6 +24,10 @@ from tollway.signin import iso
 def funded(gateway, chain, devnet) -> Payer:
     """A wallet with credit at the gateway: it paid one call ``exact`` (the quote), and the surplus
     is credit, final on chain."""
+    return with_credit(gateway, chain, devnet)
+
+
+def with_credit(gateway, chain, devnet) -> Payer:
     payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
     with httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url, timeout=30) as http:
         r = http.post(CHAT, json=chat_body("fund my credit", max_tokens=4000))
@@ -63,6 +67,19 @@ def test_a_sign_in_its_credit_covers_is_served_once_with_no_payment(gateway, cha
     again = http.post(CHAT, json=body, headers=header)  # a captured sign-in pays nothing more
     assert again.status_code == 402 and error_code(again) == "invalid_siwx_nonce_used"
     assert credit(gateway.url, funded) == before_credit - int(doc["cost"]["atomic"])
+
+
+def test_a_sign_in_nonce_another_wallet_used_first_still_pays_for_its_own_wallet(gateway, chain, devnet, funded, http):
+    """A sign-in's nonce is the request's (any wallet sending that body gets it): another wallet
+    spending it first must not leave the first wallet's call refused as already paid."""
+    body = chat_body("two wallets, one body", max_tokens=8)
+    info = declared(http.post(CHAT, json=body))
+    other = with_credit(gateway, chain, devnet)
+    assert http.post(CHAT, json=body, headers=sign_in(other.account, info, devnet)).status_code == 200
+    mine = http.post(CHAT, json=body, headers=sign_in(funded.account, info, devnet))
+    assert mine.status_code == 200, mine.text
+    again = http.post(CHAT, json=body, headers=sign_in(funded.account, info, devnet))  # (still once per wallet)
+    assert again.status_code == 402 and error_code(again) == "invalid_siwx_nonce_used"
 
 
 @pytest.mark.parametrize(
