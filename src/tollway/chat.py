@@ -145,9 +145,9 @@ class ChatCall:
         if out is None:
             # (embeddings have no output; a cap below the one asked for is a free call's — see
             # free_tier.py — and lowers every cap field the client sent: an upstream may read any)
-            keep = self.surface == "embeddings" or (self.asked_cap is not None and cap >= self.asked_cap)
-            lowered = {f: cap for f in CAP_FIELDS if f in self.body}
-            body = self.body if keep else {**self.body, **lowered, cap_field: cap}
+            body = self.body
+            if self.surface != "embeddings" and (self.asked_cap is None or cap < self.asked_cap):
+                body = {**body, **{f: cap for f in CAP_FIELDS if f in body}, cap_field: cap}
             if routes_providers:
                 provider = {**(body.get("provider") or {}), "max_price": most}
                 if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)

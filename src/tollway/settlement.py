@@ -290,23 +290,20 @@ class Settler:
             self._taken.clear()
         now = time.monotonic()
         first = self._taken.get(row["id"], (now, now))[0]
-        if now - first < self.replace_after:
-            self._taken[row["id"]] = (first, now)
-            return  # (looked at again as it is sent again)
-        if row["purpose"] == "payout":  # (no replay guard on chain: see the module's docstring)
-            self._taken[row["id"]] = (first, now)
-            if row["id"] in self._left:
-                return
-            self._left.add(row["id"])
-            log.error(
-                "payout transaction %s (nonce %d of %s): the node says its nonce is used, and no receipt of its own "
-                "came in %.0f s. It is not signed anew (a transfer mined after all would be paid twice): check the "
-                "chain; it stays open until its receipt comes",
-                row["tx_hash"],
-                row["nonce"],
-                row["sender"],
-                now - first,
-            )
+        payout = row["purpose"] == "payout"  # (no replay guard on chain: see the module's docstring)
+        if now - first < self.replace_after or payout:
+            self._taken[row["id"]] = (first, now)  # (looked at again as it is sent again)
+            if now - first >= self.replace_after and row["id"] not in self._left:
+                self._left.add(row["id"])
+                log.error(
+                    "payout transaction %s (nonce %d of %s): the node says its nonce is used, and no receipt of "
+                    "its own came in %.0f s. It is not signed anew (a transfer mined after all would be paid "
+                    "twice): check the chain; it stays open until its receipt comes",
+                    row["tx_hash"],
+                    row["nonce"],
+                    row["sender"],
+                    now - first,
+                )
             return
         del self._taken[row["id"]]
         if row["sender"] not in self._keys:

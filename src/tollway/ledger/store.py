@@ -507,8 +507,9 @@ class Store:
 
     # -- the outbox: every transaction we sign -----------------------------------------------
 
-    def _enqueue(self, c: sql.Cursor, purpose: str, sender: str, sign: SignTx) -> dict[str, Any]:
-        """Take ``sender``'s next nonce and add the transaction ``sign`` makes with it, inside ``c``."""
+    def _enqueue(self, c: sql.Cursor, purpose: str, sender: str, sign: SignTx, earlier: str = "") -> dict[str, Any]:
+        """Take ``sender``'s next nonce and add the transaction ``sign`` makes with it, inside ``c``
+        (``earlier``: hashes of the row it replaces, kept ahead of its own)."""
         nonce = self._take_nonce(c, sender)
         now = time.time()
         row = {
@@ -522,7 +523,7 @@ class Store:
             "fee_at": now,
             **sign(nonce),
         }
-        row["hashes"] = row["tx_hash"]
+        row["hashes"] = f"{earlier} {row['tx_hash']}".lstrip()
         c.run(sql.insert("transactions", row), row)
         return row
 
@@ -665,11 +666,9 @@ class Store:
             )
             if old is None:  # mined, or replaced, by another process meanwhile: nothing to send again
                 return None
-            new = self._enqueue(c, old[0], old[1], sign)
             # (it keeps the old row's hashes: one of them may turn out mined after all — a node
             # answering receipts late — and then it paid, and the new one reverts on its replay guard)
-            new["hashes"] = f"{hashes} {new['tx_hash']}"
-            c.run("UPDATE transactions SET hashes = :hashes WHERE id = :id", new)
+            new = self._enqueue(c, old[0], old[1], sign, earlier=hashes)
             moved = {"new": new["id"], "hash": new["tx_hash"], "old": tx_id}
             c.run("UPDATE payments SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'settling'", moved)
             c.run("UPDATE payouts SET tx_id = :new, tx_hash = :hash WHERE tx_id = :old AND state = 'sending'", moved)
