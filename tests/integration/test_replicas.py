@@ -97,3 +97,29 @@ async def test_a_payer_spending_its_balance_several_times_at_once_across_replica
             for url, r in zip(served, [r for r in replies if r.status_code == 200], strict=True):
                 await await_receipt(url, r.headers["x-tollway-receipt"])  # (until its payment is settled)
             assert chain.balance(devnet.payee) == before + len(served) * int(offer["amount"])
+
+
+def test_one_sign_in_sent_to_both_replicas_at_once_pays_one_call(devnet, upstream, chain, postgres_url, tmp_path):
+    """Credit spent twice at once: the same sign-in (wallet and nonce) fired at two replicas on one
+    ledger is served, and charged, once."""
+    from support import CHAT, chat_body, run_concurrently, wait_receipt
+    from tollway import siwe
+    from tollway.client import AllowedAsset, Payer, SyncPayingTransport
+
+    settings = postgres_settings(devnet, upstream, postgres_url, tmp_path)
+    with ServerThread(create_app(settings)) as a, ServerThread(create_app(settings)) as b:
+        payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=a.url, timeout=30) as http:
+            funded = http.post(CHAT, json=chat_body("fund my credit", max_tokens=4000))
+        assert funded.status_code == 200
+        wait_receipt(a.url, funded.headers["x-tollway-receipt"])  # (its surplus is credit, final)
+        body = chat_body("one sign-in, two replicas", max_tokens=8)
+        asked = httpx.post(a.url + CHAT, json=body, timeout=30)
+        info = unb64json(asked.headers["PAYMENT-REQUIRED"])["extensions"]["sign-in-with-x"]["info"]
+        header = {"SIGN-IN-WITH-X": b64json(siwe.sign(payer.account, info, f"eip155:{devnet.chain_id}"))}
+        statuses: list[int] = []
+        run_concurrently(
+            lambda url: statuses.append(httpx.post(url + CHAT, json=body, headers=header, timeout=30).status_code),
+            [a.url, b.url] * 4,
+        )
+        assert sorted(statuses) == [200] + [402] * 7

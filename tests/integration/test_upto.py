@@ -38,6 +38,7 @@ from support import (
 )
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import ModelPrice
+from tollway.keccak import keccak
 from tollway.payments import permit2
 
 DIALECTS = ["openai", "openrouter", "deepseek", "anthropic", "llamacpp", "none"]
@@ -217,21 +218,48 @@ def test_hostile_upto_payloads_are_refused(hostile, chain, devnet, change, code)
     assert chain.balance(payer.address) == 100_000_000
 
 
-def test_an_upto_stream_whose_payer_moves_the_money_away_is_cut(gateway, chain, devnet):
-    """An upto stream settles only as it ends: a payer who empties the wallet once it has started
-    would be served the whole stream, unpaid. It is checked on chain again as it runs, and cut."""
+def move_the_money(chain, payer, payload: dict[str, Any]) -> None:
+    chain.transfer(payer, Account.create().address, chain.balance(payer.address))  # (mined at once)
+
+
+def cancel_the_permit(chain, payer, payload: dict[str, Any]) -> None:
+    """Permit2's ``invalidateUnorderedNonces`` for the payment's nonce, sent by the payer."""
+    nonce = int(payload["permit2Authorization"]["nonce"])
+    selector = keccak(b"invalidateUnorderedNonces(uint256,uint256)")[:4]
+    data = selector + (nonce >> 8).to_bytes(32, "big") + (1 << (nonce & 0xFF)).to_bytes(32, "big")
+    tx = {
+        "from": payer.address,
+        "to": permit2.PERMIT2_ADDRESS,
+        "data": "0x" + data.hex(),
+        "gas": 100_000,
+        "nonce": chain.w3.eth.get_transaction_count(payer.address),
+        "maxFeePerGas": 10**10,
+        "maxPriorityFeePerGas": 10**9,
+        "chainId": chain.devnet.chain_id,
+        "type": 2,
+    }
+    sent = chain.w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction)
+    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+
+
+@pytest.mark.parametrize("undo", [move_the_money, cancel_the_permit])
+def test_an_upto_stream_whose_payer_moves_the_money_away_is_cut(gateway, chain, devnet, undo):
+    """An upto stream settles only as it ends: a payer who empties the wallet — or cancels the
+    permit's nonce — once it has started would be served the whole stream, unpaid (attack: a stream
+    for free). It is checked on chain again as it runs, and cut."""
     payer = chain.fund(permit2=True)
     words = " ".join(f"w{i}" for i in range(60))
     body = chat_body(words, model="mock/echo-large", max_tokens=80, stream=True, mock={"chunk_delay": 0.1})
     required = payment_required(httpx.post(gateway.url + CHAT, json=body))
     offer = upto_offer(required)
-    doc = envelope(required, offer, sign_upto(payer, offer, devnet.chain_id))
+    payload = sign_upto(payer, offer, devnet.chain_id)
+    doc = envelope(required, offer, payload)
     recheck = gateway.settings.stream_recheck_seconds
     with httpx.stream("POST", gateway.url + CHAT, json=body, headers=payment_header(doc), timeout=30) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: {"))
-        chain.transfer(payer, Account.create().address, chain.balance(payer.address))  # (mined at once)
+        undo(chain, payer, payload)
         started = time.monotonic()
         rest = list(lines)
     assert time.monotonic() - started < recheck + 2.0
@@ -301,6 +329,22 @@ def test_a_permit2_allowance_that_covers_one_payment_does_not_pay_two_at_once(ga
         )
         assert second.status_code == 412 and error_code(second) == "permit2_allowance_required", second.text[:300]
         assert "data: [DONE]" in list(lines)  # (the first is served whole)
+
+
+def test_an_upto_payment_refused_for_its_allowance_costs_no_upstream_call_and_no_gas(gateway, chain, devnet, upstream):
+    """Who pays for a refusal: nothing is asked of the upstream and no transaction is queued before
+    the allowance is known to cover the payment."""
+    fresh = chain.fund()  # never approved Permit2
+    body = chat_body("refused for its allowance", max_tokens=8)
+    required = payment_required(httpx.post(gateway.url + CHAT, json=body))
+    offer = upto_offer(required)
+    asked = httpx.get(f"{upstream.url}/mock/stats").json()["requests"]
+    doc = envelope(required, offer, sign_upto(fresh, offer, devnet.chain_id))
+    r = httpx.post(gateway.url + CHAT, json=body, headers=payment_header(doc))
+    assert r.status_code == 412 and error_code(r) == "permit2_allowance_required"
+    assert httpx.get(f"{upstream.url}/mock/stats").json()["requests"] == asked
+    rows = payment_rows(gateway.store.engine, fresh.address)
+    assert [(row["state"], row["tx_id"]) for row in rows] == [("refused", None)]
 
 
 def test_a_missing_permit2_allowance_is_the_specs_412(gateway, chain, devnet):
