@@ -46,6 +46,7 @@ from .ledger import Store
 from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState
 from .ledger.store import Settlement
+from .payments.base import Concluded
 from .payments.chain import Chain, RpcError, transfers_in
 
 log = logging.getLogger("tollway.settlement")
@@ -109,6 +110,7 @@ class Settler:
         self._swept = float("-inf")  # when stranded settlements were last looked for (monotonic)
         self._busy = False  # transactions were open at the last poll
         self._watchers: dict[str, Callable[[str], None]] = {}
+        self._concluders: dict[str, Concluded] = {}  # purpose → how its mined transactions conclude
         self.last_error: str | None = None
 
     # -- request path -----------------------------------------------------------------------
@@ -149,6 +151,11 @@ class Settler:
         raise ChainUnavailable(
             f"the {row['purpose']} transaction {row['tx_hash']} was not mined within {timeout:.0f} s"
         )
+
+    def conclude_with(self, purpose: str, concluded: Concluded) -> None:
+        """As ``Outbox.conclude_with``: a deposit counts in its channel once mined, even when the
+        request that sent it stopped waiting."""
+        self._concluders[purpose] = concluded
 
     def wake(self) -> None:
         """Something was queued: broadcast it at the next pass (no waiting for the idle poll)."""
@@ -386,7 +393,9 @@ class Settler:
             elif row["purpose"] == "claim":
                 if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
                     log.error("claim %s reverted: its channels will be claimed again", tx_hash)
-            else:  # a deposit or a refund: its sender waits for it (see ``send``)
+            elif (concluded := self._concluders.get(row["purpose"])) is not None:
+                concluded(row, tx_hash, ok)
+            else:  # a refund (or a deposit of a scheme no longer enabled): its sender waits for it (``send``)
                 self.store.transaction_mined(row["id"], tx_hash, ok)
         if not settlements:
             return

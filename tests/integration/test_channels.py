@@ -544,6 +544,36 @@ def test_a_deposit_call_whose_upstream_answers_slowly_is_served_once_deposited(c
     assert payer.call(channel_gateway, slow).status_code == 200  # and its vouchers pay as before
 
 
+def test_a_deposit_mined_after_its_call_stopped_waiting_counts_in_its_channel(xprocess, upstream, tmp_path):
+    """A deposit the chain is slow to mine fails its call (503, nothing asked of the upstream) — but
+    once mined, the escrow holds the payer's money, and the channel counts it: its vouchers pay."""
+    with anvil_process(xprocess, "channels-late-deposit") as rpc:
+        own = deploy_devnet(rpc)
+        chain = Chain(own)
+        settings, payee = channel_settings(own, upstream, tmp_path / "tollway.sqlite3", min_deposit_calls=100)
+        settings = settings.model_copy(update={"settle_margin_seconds": 2})  # (how long a deposit is waited for)
+        with ServerThread(create_app(settings)) as server:
+            gateway = Gateway(server.url, Store(settings.database_url), payee)
+            payer = SdkPayer(chain.fund(100_000_000), own)
+            body = chat_body("a deposit the chain is slow to mine", max_tokens=16)
+            asked = upstream_requests(upstream)
+            chain.w3.provider.make_request("evm_setAutomine", [False])
+            try:
+                answer = payer.call(gateway, body)
+            finally:
+                chain.w3.provider.make_request("evm_setAutomine", [True])
+            assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0, answer.text
+            assert upstream_requests(upstream) == asked
+            assert payer_channel(gateway, payer.account.address)["balance"] == 0
+
+            chain.w3.provider.make_request("evm_mine", [])
+            channel = wait_for(lambda: (c := payer_channel(gateway, payer.account.address))["balance"] and c)
+            assert escrow_channel(chain, channel["id"]) == (channel["balance"], 0) and channel["balance"] > 0
+            paid = pay_voucher(gateway, body, payer, int(offer(gateway, body)["amount"]))
+            assert paid.status_code == 200, paid.text
+            gateway.store.close()
+
+
 def refund_in_flight(gateway: Gateway, channel: dict[str, Any], stand_in: str) -> dict[str, Any]:
     """A refund transaction queued for ``channel`` (from a sender of its own, ``stand_in``: the
     gateway's nonces are left alone; its bytes are nothing a node takes), holding the channel."""

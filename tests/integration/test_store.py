@@ -694,7 +694,13 @@ def test_a_deposit_of_the_largest_amount_into_a_funded_channel_is_no_overflow(db
         first = store.lock(row, where, 0, call_id="c1", channel=use, channel_hold_seconds=60)
         assert first is not None
         assert store.release(first.payment_id, "not served")  # (which frees the channel)
-        store.channel_deposited(cid, 10)
+        stand_in = "0x" + uuid.uuid4().hex[:40]
+        store.sync_settler_nonce(stand_in, 0)
+        columns = {"to": "0x", "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x", "tx_hash": "0x01"}
+        deposit = store.queue_transaction("deposit", stand_in, lambda nonce: columns)
+        assert store.deposit_mined(deposit["id"], "0x01", True, cid, 10)
+        assert not store.deposit_mined(deposit["id"], "0x01", True, cid, 10)  # (counted once)
+        assert store.channel(cid)["balance"] == 10
         huge = ChannelUse(id=cid, config="{}", base=0, signed_max=2**63 - 1, signature="0x", deposit=2**63 - 1)
         second = store.lock(
             {**payment(), "payer": row["payer"]}, where, 0, call_id="c2", channel=huge, channel_hold_seconds=60

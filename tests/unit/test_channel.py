@@ -327,6 +327,24 @@ def test_deposit_calldata_is_the_sdk_abi(payer: Any, authorizer: Any) -> None:
     )
 
 
+def test_a_deposit_calls_channel_and_amount_are_read_back_from_its_sdk_encoded_calldata(
+    payer: Any, authorizer: Any
+) -> None:
+    """The settlement worker counts a mined deposit from its calldata alone."""
+    config = make_config(payer.address, authorizer.address)
+    payload = create_batch_settlement_eip3009_deposit_payload(
+        EthAccountSigner(payer), requirements(authorizer.address), sdk_config(config), 123_456, 1_000
+    ).to_dict()
+    a = payload["deposit"]["authorization"]["erc3009Authorization"]
+    data = build_erc3009_collector_data(a["validAfter"], a["validBefore"], a["salt"], a["signature"])
+    contract_config = to_contract_channel_config(sdk_config(config))
+    calldata = encoded("deposit", contract_config, 123_456, cs(channel.ERC3009_DEPOSIT_COLLECTOR_ADDRESS), data)
+    assert channel.deposit_of(calldata, CHAIN) == (compute_channel_id(sdk_config(config), NETWORK), 123_456)
+    for other in (channel.refund_calldata(config, 5) + bytes(64), calldata[:200], b""):
+        with pytest.raises(ValueError):
+            channel.deposit_of(other, CHAIN)
+
+
 def _permit_message() -> dict[str, Any]:
     return {
         "types": {

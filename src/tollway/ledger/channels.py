@@ -90,7 +90,7 @@ WITHDRAWING = "UPDATE channels SET withdraw_at = :at, updated_at = :now WHERE id
 class ChannelUse:
     """What a payment through a channel asks of it: to be taken for one call with a voucher of
     ``signed_max`` built on the charged total ``base`` — covered by the channel's balance plus
-    ``deposit``, a deposit this payment makes (counted once it is mined: ``Store.channel_deposited``)."""
+    ``deposit``, a deposit this payment makes (counted once it is mined: ``Store.deposit_mined``)."""
 
     id: str  # 0x channel id, lower-case
     config: str  # JSON ChannelConfig

@@ -956,10 +956,16 @@ class Store:
             c.run(channels.CLAIMED if ok else channels.UNCLAIMED, {"tx": tx_id, "now": time.time()})
         return True
 
-    def channel_deposited(self, channel_id: str, amount: int) -> None:
-        """A deposit into the channel was mined."""
+    def deposit_mined(self, tx_id: str, mined_hash: str, ok: bool, channel_id: str, amount: int) -> bool:
+        """A deposit of ``amount`` into the channel was mined (``ok``: or reverted, and counts for
+        nothing): the channel holds it, once, whichever replica comes first, in the transaction
+        that concludes it — however long after its request stopped waiting."""
         with self._sql() as c:
-            c.run(channels.DEPOSITED, {"id": channel_id, "amount": amount, "now": time.time()})
+            if not self._mined(c, tx_id, mined_hash, ok):
+                return False
+            if ok:
+                c.run(channels.DEPOSITED, {"id": channel_id, "amount": amount, "now": time.time()})
+        return True
 
     def take_for_refund(
         self, channel_id: str, charged: int, holder: str, payer: str, hold_seconds: float

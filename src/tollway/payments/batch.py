@@ -16,6 +16,8 @@ server does it), with tollway's metering:
   this call's voucher) is simulated, sent, and mined before the upstream is asked anything: once
   per channel (and top-up) the call waits a block, so that the escrow holds what the channel
   counts — and what a client reads on chain when it resynchronises — before anything is served.
+  The channel counts the deposit in the ledger transaction that concludes it (the settlement
+  worker's, in whichever process sees it mined): one mined after its call stopped waiting counts too.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class BatchSettlementEvm(TokenScheme):
     ) -> None:
         super().__init__(**where)
         self.outbox, self.store, self.deposit_wait = outbox, store, deposit_wait
+        outbox.conclude_with("deposit", self._deposit_mined)
         self.authorizer = PrivateKey(bytes.fromhex(authorizer_key.removeprefix("0x")))
         self.authorizer_address = Account.from_key(authorizer_key).address.lower()
         self.withdraw_delay = withdraw_delay
@@ -237,7 +240,11 @@ class BatchSettlementEvm(TokenScheme):
             )
         if await self.outbox.send("deposit", to, data, timeout=self.deposit_wait) is None:
             raise PaymentInvalid("the deposit reverted on chain", code=PREFIX + "deposit_transaction_failed")
-        self.store.channel_deposited(use.id, use.deposit)  # (in the escrow now, whatever becomes of the call)
+
+    def _deposit_mined(self, row: dict[str, Any], mined_hash: str, ok: bool) -> None:
+        """The worker saw a deposit mined: the channel counts it (whatever became of its call)."""
+        channel_id, amount = ch.deposit_of(bytes.fromhex(row["data"][2:]), self.chain_id)
+        self.store.deposit_mined(row["id"], mined_hash, ok, channel_id, amount)
 
     def settled_amount(self, payment: Verified, due: int) -> int:
         return min(due, payment.amount)

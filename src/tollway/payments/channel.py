@@ -437,6 +437,14 @@ def deposit_calldata(config: ChannelConfig, deposit: Deposit, eip2612: _permit2.
     )
 
 
+def deposit_of(calldata: bytes, chain_id: int) -> tuple[str, int]:
+    """(the channel id, the amount) of a ``deposit`` call's calldata (:func:`deposit_calldata`)."""
+    if calldata[:4] != DEPOSIT_SELECTOR or len(calldata) < 4 + 8 * 32:
+        raise ValueError("not a deposit call")
+    config_words, amount = calldata[4 : 4 + 7 * 32], calldata[4 + 7 * 32 : 4 + 8 * 32]
+    return "0x" + _typed(keccak(CHANNEL_CONFIG_TYPEHASH + config_words), chain_id).hex(), int.from_bytes(amount, "big")
+
+
 # -- decoding the x402 payload ------------------------------------------------------------------------
 
 
