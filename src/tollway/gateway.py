@@ -346,8 +346,11 @@ class Gateway:
     def _meter_abandoned(self, row: dict[str, Any]) -> None:
         covered = row["paid"] + row["from_credit"]
         cost = min(row["quote"], covered)
-        prices, conf = self.prices.get(row["model"]), self.settings.models.get(row["model"])
-        prices = self.upstream_prices.get(row["model"], {}).get(row["upstream"], prices)  # (what served it bills at)
+        byok = bool(row["byok"])  # (its quote was at the BYOK fee's prices)
+        prices = (self.byok_prices if byok else self.prices).get(row["model"])
+        own = (self.upstream_byok_prices if byok else self.upstream_prices).get(row["model"], {})
+        prices = own.get(row["upstream"], prices)  # (what served it bills at)
+        conf = self.settings.models.get(row["model"])
         if prices is not None and conf is not None and row["prompt_bound"] is not None:
             delivered = Usage(
                 row["prompt_bound"], (row["events"] or 0) * conf.max_tokens_per_event, dialect="estimated"

@@ -122,6 +122,7 @@ def call_row(call_id: str, paid: Paid, call: ChatCall, **values: Any) -> dict[st
         "upstream_model": call.upstream_model,
         "api": call.surface,
         "stream": call.stream,
+        "byok": call.route.byok,
         "quote": paid.quote.amount,
         "prompt_bound": paid.quote.prompt_bound,
         "paid": paid.payment.amount,

@@ -71,6 +71,8 @@ def test_a_payers_key_goes_out_with_the_call_and_the_fee_is_charged(byok, chain,
     with sqlite3.connect(db) as conn:
         for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
             assert KEY not in str(conn.execute(f'SELECT * FROM "{table}"').fetchall()), table
+        call_id = r.headers["x-tollway-receipt"]  # (recorded as a BYOK call: a crash's sweep meters it at the fee)
+        assert conn.execute("SELECT byok FROM calls WHERE id = ?", (call_id,)).fetchone() == (1,)
 
     # Without a key, the operator's (on whichever upstream serves it).
     with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:

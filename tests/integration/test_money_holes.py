@@ -477,6 +477,43 @@ async def test_a_stream_waiting_for_its_usage_after_the_fact_is_not_swept_as_aba
         await gw.close()
 
 
+async def test_a_byok_stream_a_crash_left_open_is_metered_at_the_byok_fee_not_the_list_price(gateway, tmp_path):
+    """A call with the payer's own provider key is quoted at the BYOK fee's prices: the sweep of
+    streams a crash left open meters it at those too (it charged its whole quote, at list prices)."""
+    from tollway.pricing import Usage
+
+    settings = gateway.settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'l.sqlite3'}"})
+    gw = await Gateway.open(settings)
+    try:
+        per_event = settings.models["mock/echo"].max_tokens_per_event
+        delivered = Usage(200, 3 * per_event, dialect="estimated")
+        at_fee, listed = gw.byok_prices["mock/echo"].cost(delivered), gw.prices["mock/echo"].cost(delivered)
+        assert 0 < at_fee < listed
+        quote = listed  # (above what either would meter)
+        for call_id, byok in (("byok", True), ("own-key-less", False)):
+            payment_id = gw.store.reserve(
+                {
+                    "lock_key": uuid.uuid4().hex,
+                    "scheme": "credit",
+                    "network": "eip155:31337",
+                    "asset": settings.chain.token.lower(),
+                    "payer": "0x" + uuid.uuid4().hex[:40],
+                    "payee": "0xp",
+                    "amount": 0,
+                    "proof": "{}",
+                    "request_digest": "d",
+                }
+            )
+            stream = {"model": "mock/echo", "upstream_model": "mock/echo", "stream": True, "status": "streaming"}
+            left = {"quote": quote, "paid": 0, "from_credit": quote, "prompt_bound": 200, "events": 3, "byok": byok}
+            gw.store.insert_call({"id": call_id, "payment_id": payment_id, **stream, **left, "created_at": 0})
+        gw.close_abandoned_streams()
+        assert receipt_row(gw.store, "byok")["cost"] == at_fee
+        assert receipt_row(gw.store, "own-key-less")["cost"] == listed
+    finally:
+        await gw.close()
+
+
 def test_a_stream_without_usage_is_metered_from_the_upstreams_record_when_it_keeps_one(
     gateway, chain, devnet, tmp_path, upstream
 ):

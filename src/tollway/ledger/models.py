@@ -87,6 +87,7 @@ class Call(SQLModel, table=True):
     api: str | None = None  # chat, messages, responses or embeddings (None: recorded before it was kept)
     upstream: str | None = None  # which upstream served it
     stream: bool
+    byok: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})  # the payer's own key
     status: str  # pending | served | incomplete | failed
     quote: int = Field(sa_column=Column(BigInteger, nullable=False))
     prompt_bound: int | None = None  # the quote's bound on prompt tokens (a stream without usage is charged by it)

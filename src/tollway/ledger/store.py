@@ -101,7 +101,8 @@ APPLY = (  # add to a credit balance (opening it) unless it would end below a fl
     " RETURNING balance"
 )
 ABANDONED_STREAMS = (  # (by ix_calls_streaming, which only a query naming its condition uses)
-    "SELECT c.id, c.payment_id, c.model, c.upstream, c.quote, c.prompt_bound, c.events, c.paid, c.from_credit,"
+    "SELECT c.id, c.payment_id, c.model, c.upstream, c.byok, c.quote, c.prompt_bound, c.events, c.paid,"
+    " c.from_credit,"
     " p.scheme, p.state AS payment_state, p.proof, p.amount, p.network, p.asset, p.payer, p.channel"
     f" FROM calls c JOIN payments p ON c.payment_id = p.id WHERE c.{OPEN_STREAM} AND c.created_at < :before"
     " AND p.state NOT IN ('released', 'refused')"  # (a stream undone before it began: nothing to meter)
