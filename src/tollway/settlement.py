@@ -46,8 +46,8 @@ from .ledger import Store
 from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState
 from .ledger.store import Settlement
-from .payments.base import Concluded
 from .payments.chain import Chain, RpcError, transfers_in
+from .payments.channel import deposit_of
 
 log = logging.getLogger("tollway.settlement")
 
@@ -110,7 +110,6 @@ class Settler:
         self._swept = float("-inf")  # when stranded settlements were last looked for (monotonic)
         self._busy = False  # transactions were open at the last poll
         self._watchers: dict[str, Callable[[str], None]] = {}
-        self._concluders: dict[str, Concluded] = {}  # purpose → how its mined transactions conclude
         self.last_error: str | None = None
 
     # -- request path -----------------------------------------------------------------------
@@ -151,11 +150,6 @@ class Settler:
         raise ChainUnavailable(
             f"the {row['purpose']} transaction {row['tx_hash']} was not mined within {timeout:.0f} s"
         )
-
-    def conclude_with(self, purpose: str, concluded: Concluded) -> None:
-        """As ``Outbox.conclude_with``: a deposit counts in its channel once mined, even when the
-        request that sent it stopped waiting."""
-        self._concluders[purpose] = concluded
 
     def wake(self) -> None:
         """Something was queued: broadcast it at the next pass (no waiting for the idle poll)."""
@@ -382,21 +376,17 @@ class Settler:
 
     async def _conclude(self, mined: list[tuple[dict[str, Any], str, dict[str, Any]]]) -> None:
         """Conclude mined rows, each (row, the hash mined, its receipt): the settlements together,
-        in one ledger transaction; the rest through their purpose."""
+        in one ledger transaction; the rest each through its purpose (one that fails holds up no other)."""
         settlements = []
         for row, tx_hash, receipt in mined:
             ok = receipt_status(receipt, tx_hash) == 1
             if row["purpose"] == "settlement":
                 settlements.append((row, tx_hash, receipt, ok))
-            elif row["purpose"] == "payout":
-                self.store.payouts_mined(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
-            elif row["purpose"] == "claim":
-                if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
-                    log.error("claim %s reverted: its channels will be claimed again", tx_hash)
-            elif (concluded := self._concluders.get(row["purpose"])) is not None:
-                concluded(row, tx_hash, ok)
-            else:  # a refund (or a deposit of a scheme no longer enabled): its sender waits for it (``send``)
-                self.store.transaction_mined(row["id"], tx_hash, ok)
+                continue
+            try:
+                self._conclude_one(row, tx_hash, ok)
+            except Exception:
+                log.exception("%s transaction %s could not be concluded", row["purpose"], tx_hash)
         if not settlements:
             return
         concluded = self.store.settlements_mined(
@@ -409,6 +399,18 @@ class Settler:
                 )
             elif payment is not None:
                 await self._failed_settlement(payment, tx_hash, ok)
+
+    def _conclude_one(self, row: dict[str, Any], tx_hash: str, ok: bool) -> None:
+        """Conclude a mined transaction that settles no payment, with what it did in the ledger."""
+        if row["purpose"] == "payout":
+            self.store.payouts_mined(row["id"], tx_hash, ok, "" if ok else "payout transaction reverted")
+        elif row["purpose"] == "claim":
+            if self.store.claim_mined(row["id"], tx_hash, ok) and not ok:
+                log.error("claim %s reverted: its channels will be claimed again", tx_hash)
+        elif row["purpose"] == "deposit":  # (counted here, not by the request that sent it: it may stop waiting)
+            self.store.deposit_mined(row["id"], tx_hash, ok, *deposit_of(bytes.fromhex(row["data"][2:]), self.chain_id))
+        else:  # a refund: its sender waits for it (``send``), then reads the escrow
+            self.store.transaction_mined(row["id"], tx_hash, ok)
 
     async def _failed_settlement(self, payment: dict[str, Any], tx_hash: str, ok: bool) -> None:
         """A settlement was mined without paying: paid by someone else's transaction first, or

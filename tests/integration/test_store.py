@@ -696,15 +696,20 @@ def test_a_deposit_of_the_largest_amount_into_a_funded_channel_is_no_overflow(db
         assert store.release(first.payment_id, "not served")  # (which frees the channel)
         stand_in = "0x" + uuid.uuid4().hex[:40]
         store.sync_settler_nonce(stand_in, 0)
-        columns = {"to": "0x", "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x", "tx_hash": "0x01"}
-        deposit = store.queue_transaction("deposit", stand_in, lambda nonce: columns)
-        assert store.deposit_mined(deposit["id"], "0x01", True, cid, 10)
-        assert not store.deposit_mined(deposit["id"], "0x01", True, cid, 10)  # (counted once)
+        columns = {"to": "0x", "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x"}
+        deposits = [
+            store.queue_transaction("deposit", stand_in, lambda n: {**columns, "tx_hash": f"0x{n}"}) for _ in "ab"
+        ]
+        assert store.deposit_mined(deposits[0]["id"], "0x0", True, cid, 10)
+        assert not store.deposit_mined(deposits[0]["id"], "0x0", True, cid, 10)  # (counted once)
         assert store.channel(cid)["balance"] == 10
         huge = ChannelUse(id=cid, config="{}", base=0, signed_max=2**63 - 1, signature="0x", deposit=2**63 - 1)
         second = store.lock(
             {**payment(), "payer": row["payer"]}, where, 0, call_id="c2", channel=huge, channel_hold_seconds=60
         )
         assert second is not None and second.channel is not None
+        # Mined (an 18-decimal token's 9.3 tokens), it saturates the 64-bit balance: counted short, never a failure.
+        assert store.deposit_mined(deposits[1]["id"], "0x1", True, cid, 2**63 - 1)
+        assert store.channel(cid)["balance"] == 2**63 - 1
     finally:
         store.close()

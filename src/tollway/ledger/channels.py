@@ -42,7 +42,11 @@ CHARGE = (  # the call is metered: the channel is charged and freed, and keeps t
     " busy = NULL, updated_at = :now WHERE id = :id AND busy = :payment AND charged + :amount <= :signed_max"
 )
 FREE = "UPDATE channels SET busy = NULL, updated_at = :now WHERE busy = :payment"  # the call was not served
-DEPOSITED = "UPDATE channels SET balance = balance + :amount, updated_at = :now WHERE id = :id"  # (once mined)
+MOST = 2**63 - 1  # the ledger's integers are 64-bit
+DEPOSITED = (  # once mined; saturating (counting less than the escrow holds refuses vouchers, loses nothing)
+    f"UPDATE channels SET balance = CASE WHEN balance > {MOST} - :amount THEN {MOST} ELSE balance + :amount END,"
+    " updated_at = :now WHERE id = :id"
+)
 CLAIMABLE = (
     "SELECT id, config, charged, signed_max, signature, claimed, withdraw_at FROM channels"
     " WHERE network = :network AND asset = :asset AND charged > claimed AND claim_tx IS NULL"

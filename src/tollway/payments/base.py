@@ -6,7 +6,6 @@ and the request binding of quotes live outside it; the pipeline only ever calls 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -16,8 +15,6 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..ledger.store import Store
     from .chain import Chain
-
-Concluded = Callable[[dict[str, Any], str, bool], object]  # (outbox row, the hash mined, succeeded)
 
 
 @dataclass(frozen=True)
@@ -93,12 +90,6 @@ class Outbox(Protocol):
     async def send(self, purpose: str, to: str, data: bytes, *, timeout: float) -> str | None:
         """Queue a transaction from the settlement account and wait until it is mined: its hash
         if it succeeded, None if it reverted; raises ``ChainUnavailable`` after ``timeout``."""
-        ...
-
-    def conclude_with(self, purpose: str, concluded: Concluded) -> None:
-        """Have the worker conclude the mined transactions of ``purpose`` through ``concluded(row,
-        the hash mined, whether it succeeded)``, which marks the row mined in the ledger together
-        with what the transaction did there — whichever process sees it, however long after."""
         ...
 
 

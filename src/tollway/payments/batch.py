@@ -77,7 +77,6 @@ class BatchSettlementEvm(TokenScheme):
     ) -> None:
         super().__init__(**where)
         self.outbox, self.store, self.deposit_wait = outbox, store, deposit_wait
-        outbox.conclude_with("deposit", self._deposit_mined)
         self.authorizer = PrivateKey(bytes.fromhex(authorizer_key.removeprefix("0x")))
         self.authorizer_address = Account.from_key(authorizer_key).address.lower()
         self.withdraw_delay = withdraw_delay
@@ -240,11 +239,7 @@ class BatchSettlementEvm(TokenScheme):
             )
         if await self.outbox.send("deposit", to, data, timeout=self.deposit_wait) is None:
             raise PaymentInvalid("the deposit reverted on chain", code=PREFIX + "deposit_transaction_failed")
-
-    def _deposit_mined(self, row: dict[str, Any], mined_hash: str, ok: bool) -> None:
-        """The worker saw a deposit mined: the channel counts it (whatever became of its call)."""
-        channel_id, amount = ch.deposit_of(bytes.fromhex(row["data"][2:]), self.chain_id)
-        self.store.deposit_mined(row["id"], mined_hash, ok, channel_id, amount)
+        # (the settlement worker counts it in its channel as it sees it mined: ``Store.deposit_mined``)
 
     def settled_amount(self, payment: Verified, due: int) -> int:
         return min(due, payment.amount)
