@@ -5,6 +5,7 @@ and a gateway, each on a real port; PostgreSQL and llama-server for the tests th
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,8 +152,8 @@ def postgres_url(xprocess, tmp_path_factory) -> Iterator[str]:
         _as_pg_user(["true"])
         shutil.chown(root, PG_USER)
         shutil.chown(sock, PG_USER)
-        os.chmod(root.parent, 0o755)
-        os.chmod(root.parent.parent, 0o755)
+        for up in (root.parent, root.parent.parent):  # (the cluster's user must reach its folder: add, never take away)
+            up.chmod(stat.S_IMODE(up.stat().st_mode) | 0o055)  # (a --basetemp in /tmp: 1777 stays 1777)
     subprocess.run(
         _as_pg_user(["initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]),
         check=True,
