@@ -52,12 +52,26 @@ class Unfit(ValueError):
         self.failures = failures
 
 
+LEDGER_TOKENS = 10**6  # what one balance (a wallet's credit, a channel) must be able to hold, in tokens
+
+
 def required(settings: Settings) -> list[Finding]:
-    """What a gateway on a real chain must be told (the devnet fills these in itself)."""
+    """What a gateway on a real chain must be told (the devnet fills these in itself), and an asset
+    the ledger can count."""
     c, out = settings.chain, []
     for name in ("rpc_url", "token", "payee", "settler_key"):
         if not getattr(c, name):
             out.append(Finding("fail", f"chain.{name}", "not set"))
+    room = MAX_AMOUNT // 10**c.decimals
+    if room < LEDGER_TOKENS:
+        out.append(
+            Finding(
+                "fail",
+                "chain.decimals",
+                f"{c.decimals} decimals leave the ledger's 64-bit integers room for {room:,} tokens (2**63 - 1 "
+                "units): one wallet's credit or channel could pass it. Tokens of at most 12 decimals are supported",
+            )
+        )
     if not upstream_list(settings):
         out.append(Finding("fail", "upstream.url", "not set (or [[upstreams]] with a url each)"))
     if not settings.models:

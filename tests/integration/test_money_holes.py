@@ -659,6 +659,19 @@ def test_an_asset_configuration_that_can_overflow_is_refused_at_start(gateway, t
     assert amounts_fit(settings, {"big": Prices.of(settings.models["big"], 6)}) == []
 
 
+def test_an_asset_whose_decimals_leave_the_ledger_no_room_for_a_balance_is_refused_at_start(gateway):
+    """[13] At 18 decimals the ledger's 64-bit integers hold 9.2 tokens: a wallet's credit or a
+    channel's deposits could pass that (on PostgreSQL: an error in the middle of the money's moves)."""
+    from tollway.doctor import required
+
+    def findings(decimals: int) -> list[str]:
+        chain = gateway.settings.chain.model_copy(update={"decimals": decimals})
+        return [f.what for f in required(gateway.settings.model_copy(update={"chain": chain}))]
+
+    assert "chain.decimals" in findings(18) and "chain.decimals" in findings(13)
+    assert "chain.decimals" not in findings(12) and "chain.decimals" not in findings(6)
+
+
 # -- 14. information exposure ------------------------------------------------------------------------------------
 
 
