@@ -20,8 +20,9 @@ length of ``json.dumps(messages)`` (compact or not, ascii-escaped or not).
 
 Per-request test switches ride in an extra top-level body field ``"mock": {...}`` (see ``_directives``):
 latency, chunk_delay, fail (a status; with fail_as_200, its error body under status 200, as OpenRouter
-answers an error once a model started), fail_after_chunks + fail_mode, hang, dialect, reply, cost_prices,
-usage_factor (over-report usage), omit_usage, error_bytes (pad an injected error), nest (deep JSON).
+answers an error once a model started), fail_after_chunks + fail_mode (error, disconnect, or done: a
+bare ``[DONE]``), hang, dialect, reply, cost_prices, usage_factor (over-report usage), omit_usage,
+error_bytes (pad an injected error), nest (deep JSON).
 """
 
 from __future__ import annotations
@@ -224,8 +225,8 @@ def _directives(raw: Any) -> dict[str, Any]:
         fac = d.get("fail_after_chunks")
         if fac is not None and (isinstance(fac, bool) or not isinstance(fac, int) or fac < 0):
             raise ValueError("fail_after_chunks must be an int >= 0")
-        if d.get("fail_mode", "error") not in ("error", "disconnect"):
-            raise ValueError("fail_mode must be 'error' or 'disconnect'")
+        if d.get("fail_mode", "error") not in ("error", "disconnect", "done"):
+            raise ValueError("fail_mode must be 'error', 'disconnect' or 'done'")
         if "dialect" in d and d["dialect"] not in DIALECTS:
             raise ValueError(f"dialect must be one of {sorted(DIALECTS)}")
         if "reply" in d and not isinstance(d["reply"], str):
@@ -649,6 +650,9 @@ def create_app(options: MockOptions | None = None) -> Starlette:
                 state.stats["failures"] += 1
                 if mock.get("fail_mode") == "disconnect":
                     raise MockDisconnect()
+                if mock.get("fail_mode") == "done":  # (the stream just ends, as if it had said it all)
+                    yield b"data: [DONE]\n\n"
+                    return
                 for event in failure:
                     yield event
                 return

@@ -172,15 +172,18 @@ def test_mid_stream_failure_is_recorded_as_incomplete(gateway, chain, fail_mode)
     assert chain.balance(payer.address) == before - amount
 
 
-def test_stream_failing_before_any_content_charges_nothing(gateway, chain):
-    """The upstream opens the stream (a keep-alive comment) and fails before the first token.
+@pytest.mark.parametrize("fail_mode", ["error", "done"])
+def test_stream_failing_before_any_content_charges_nothing(gateway, chain, fail_mode):
+    """The upstream opens the stream (a keep-alive comment) and fails before the first token — with
+    an error event, or by ending the stream (a bare ``[DONE]``, which was taken for an answer).
 
     Nothing was answered, so nothing may be charged (pipeline: "Money only moves after the
     upstream has committed to an answer").
     """
     payer = chain.fund()
     before = chain.balance(payer.address)
-    body = chat_body("fail before the first token", stream=True, mock={"fail_after_chunks": 0})
+    mock = {"fail_after_chunks": 0, "fail_mode": fail_mode}
+    body = chat_body("fail before the first token", stream=True, mock=mock)
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
         headers, _amount = paid_headers(client, body, payer)
         with client.stream("POST", CHAT, json=body, headers=headers) as r:

@@ -35,6 +35,11 @@ async def test_an_error_before_the_answer_is_a_failure():
         await first(chunks(b'data: {"type":"message_start"}\n\n', b'data: {"type":"error","error":{"message":"no"}}\n'))
 
 
+async def test_a_stream_that_ends_before_answering_is_a_failure():
+    with pytest.raises(UpstreamError, match="without answering"):
+        await first(chunks(b": processing\n\n", b"data: [DONE]\n\n"))
+
+
 async def test_a_stream_of_keep_alives_alone_is_given_up():
     with pytest.raises(UpstreamError, match="without answering"):
         await first(chunks(then=b": keep-alive\n" * 1260, times=2 * MAX_PREAMBLE // 16_380))

@@ -175,6 +175,8 @@ def _answered(buf: bytes | bytearray, start: int = 0) -> tuple[bool, int]:
         if not line.startswith(b"data:"):
             continue
         data = bytes(line[5:].strip())
+        if data == b"[DONE]":  # (the end, not an answer: a stream of nothing else is a failure)
+            continue
         if not data.startswith(b"{") or (b'"error' not in data and b'"type"' not in data):
             return True, end  # (a chat chunk: no error, no event type to look at)
         doc = _json(data)
