@@ -791,6 +791,39 @@ def test_an_endless_upstream_error_body_is_not_read_to_its_end(gateway, chain, d
     assert closed.wait(5)
 
 
+def test_an_upstream_content_type_that_is_no_header_value_here_is_not_a_500_after_the_charge(
+    gateway, chain, devnet, tmp_path
+):
+    """[18] An answer whose Content-Type carries UTF-8 (no latin-1 header value) was charged, then
+    answered 500: the payment spent, no answer. It goes back as JSON."""
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "mock/echo",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+
+    async def odd(request):
+        from starlette.responses import Response
+
+        r = Response(json.dumps(answer).encode(), media_type=None)
+        r.raw_headers.append((b"content-type", "application/json; profile=€".encode()))
+        return r
+
+    app = Starlette(routes=[Route("/v1/chat/completions", odd, methods=["POST"])])
+    payer = wallet(chain.fund(), devnet)
+    with (
+        ServerThread(app) as bad,
+        dedicated_gateway(gateway, chain, tmp_path, upstream_url=bad.url + "/v1") as (url, _),
+        paying(url, payer) as client,
+    ):
+        r = client.post(CHAT, json=chat_body("an odd content type", max_tokens=8), timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json" and r.json()["choices"][0]["message"]["content"] == "hi"
+    assert int(r.headers["x-tollway-cost"]) > 0
+
+
 def test_deeply_nested_upstream_json_is_not_a_500(gateway, chain, devnet):
     """[18] A hostile upstream answers with JSON nested far deeper than a parser's stack."""
     payer = wallet(chain.fund(), devnet)
