@@ -184,7 +184,10 @@ class UsageEvents:
                 if new is None:
                     return b""
                 if new is not doc:
-                    return event[:data] + b"data: " + dumps(new)
+                    try:
+                        return event[:data] + b"data: " + dumps(new)
+                    except ValueError:  # (a lone surrogate the upstream escaped: it goes as it came)
+                        return event
         return event
 
 
@@ -245,11 +248,16 @@ class StreamTail:
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self.events_seen = 0  # data events relayed (roughly: one per output token)
+        self._edge = b"\n"  # the last bytes fed (the stream starts a line)
         self._id: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         """O(1) per chunk: the tail is joined only when read."""
-        self.events_seen += chunk.count(b"data:")
+        # Lines that start with ``data:`` (not one a model wrote: JSON escapes a newline in its
+        # strings), also where two reads meet.
+        seam = self._edge + chunk[:5]
+        self.events_seen += sum(b.count(b"\ndata:") + b.count(b"\rdata:") for b in (seam, chunk))
+        self._edge = chunk[-5:] if len(chunk) >= 5 else (self._edge + chunk)[-5:]
         self._chunks.append(chunk)
         self._size += len(chunk)
         while self._size - len(self._chunks[0]) >= self.keep:

@@ -152,6 +152,21 @@ def test_stream_tail_reads_usage_from_the_last_chunk():
     assert tail.error() is None
 
 
+def test_a_stream_counts_its_events_not_the_data_colons_a_model_wrote():
+    """A stream without usage is charged by its events: "data:" in the content is no event (each
+    one counted a model's most tokens per event), and a line's start split across reads still is."""
+    events = [b'data: {"choices":[{"delta":{"content":"data: data:data:"}}]}', b'data: {"choices":[]}', b"data: [DONE]"]
+    stream = b"\n\n".join(events) + b"\n\n"
+    for cuts in ([], [len(events[0]) + 1], [len(events[0]) + 2, len(events[0]) + 4], [30], [*range(1, len(stream))]):
+        tail = StreamTail()
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            tail.feed(stream[a:b])
+        assert tail.events_seen == 3, cuts
+    crlf = StreamTail()
+    crlf.feed(stream.replace(b"\n", b"\r\n"))
+    assert crlf.events_seen == 3
+
+
 def test_stream_tail_reports_midstream_error():
     tail = StreamTail()
     tail.feed(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')

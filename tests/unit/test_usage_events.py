@@ -58,3 +58,11 @@ def test_a_dropped_event_takes_its_blank_line_and_an_endless_one_is_not_held_for
     )
     endless = b'data: {"usage": "' + b"x" * MAX_HELD
     assert events.feed(endless) == endless and events.held == b""
+
+
+def test_a_usage_event_that_cannot_be_written_again_goes_as_it_came():
+    """A lone surrogate the upstream escaped reads, but cannot be written as UTF-8: the event passes
+    untouched (it stopped the stream mid-way)."""
+    events = UsageEvents(lambda doc: {**doc, "usage": {**doc["usage"], "cost": 1}})
+    event = b'data: {"usage":{"prompt_tokens":1},"note":"\\ud800"}\n\n'
+    assert events.feed(event) == event
