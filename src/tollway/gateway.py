@@ -89,6 +89,7 @@ class Gateway:
     # streams of this process waiting for their usage after the fact (``metering.relay_stream``):
     # not abandoned, however old (another replica's sweep does not know of them: a known gap)
     metering_later: set[str] = field(default_factory=set)
+    unmeterable: set[str] = field(default_factory=set)  # abandoned streams whose scheme is not enabled here
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
@@ -336,7 +337,7 @@ class Gateway:
         be metered never stops the gateway."""
         cutoff = time.time() - self.settings.max_call_seconds - ABANDONED_AFTER_SECONDS
         for row in self.store.abandoned_streams(cutoff):
-            if row["id"] in self.metering_later:
+            if row["id"] in self.metering_later or row["id"] in self.unmeterable:
                 continue
             try:
                 self._meter_abandoned(row)
@@ -356,7 +357,12 @@ class Gateway:
                 row["prompt_bound"], (row["events"] or 0) * conf.max_tokens_per_event, dialect="estimated"
             )
             cost = min(prices.cost(delivered), cost)
-        scheme = _scheme(self.schemes, row["scheme"])
+        schemes = [*self.schemes, *([self.free.scheme] if self.free else [])]
+        scheme = next((s for s in schemes if s.name == row["scheme"]), None)
+        if scheme is None:  # (its scheme is no longer enabled: it is left for a process that has it)
+            self.unmeterable.add(row["id"])
+            log.error("the stream %s a crash left open was paid by %s, not enabled here", row["id"], row["scheme"])
+            return
         settle = None
         if row["payment_state"] == PaymentState.RESERVED and not scheme.prepaid:  # a metered payment, unsettled
             payment = Verified(
