@@ -233,6 +233,7 @@ def meter(
     )
     if balance is None:  # another process metered this stream already (it thought it abandoned)
         balance = gw.store.credit_balance(paid.account)
+        fields["cost"] = gw.store.metered_cost(row["id"])  # (its charge stands: the one the payer is told)
     else:
         gw.settler.wake()
     fields["credit_after"] = balance

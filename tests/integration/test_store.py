@@ -358,6 +358,28 @@ def test_a_stream_is_metered_once(db_url):
     assert store.credit_balance(account) == 30
 
 
+def test_a_metered_payments_stream_metered_by_the_sweep_first_is_metered_once_and_no_error(db_url):
+    """The sweep of streams left open meters a slow one (its payment settled at that cost); the
+    stream's own metering then finds it done — it raised ("not reserved"), the stream's end lost."""
+    from tollway.ledger.store import Settlement, credit_account
+
+    store = Store(db_url)
+    row = payment()
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    payment_id = store.reserve(row)
+    call_id = uuid.uuid4().hex
+    stream = {"model": "m", "upstream_model": "m", "stream": True, "status": "streaming", "quote": 100}
+    stream |= {"paid": 0, "from_credit": 0}
+    store.insert_call({"id": call_id, "payment_id": payment_id, **stream})
+    sweep = {"id": call_id, "status": "incomplete", "cost": 70}
+    kw = {"held": 0, "payment_id": payment_id, "insert_row": False}
+    assert store.finish_call(account, deposit=70, cost=70, call=sweep, settle=Settlement(70), **kw) == 0
+    live = {"id": call_id, "status": "served", "cost": 40}
+    assert store.finish_call(account, deposit=40, cost=40, call=live, settle=Settlement(40), **kw) is None
+    assert store.metered_cost(call_id) == 70 and store.credit_balance(account) == 0
+    store.close()
+
+
 def test_a_gateway_ledger_is_checkpointed_by_a_thread_not_by_the_commit_that_fills_the_log(tmp_path):
     """SQLite: the gateway's connections never checkpoint (a few ms on one unlucky call); a thread
     moves the write-ahead log into the database file instead."""

@@ -903,7 +903,8 @@ class Store:
     ) -> int | None:
         """Charge a finished call and record it (insert, or update the row of a stream) — and
         settle its payment, for a call not streamed — at once. Returns the payer's credit balance
-        after it; None if the stream had been metered already."""
+        after it; None if the stream had been metered already (by another process, or the sweep of
+        streams left open: its charge stands)."""
         try:
             with self._sql() as c:
                 self._settle(c, payment_id, settle)
@@ -918,8 +919,16 @@ class Store:
         except _AlreadyMetered:
             return None
         except _NotReserved:
+            if not insert_row and self.metered_cost(call["id"]) is not None:
+                return None  # (and its payment settled then)
             raise RuntimeError(f"payment {payment_id} was not reserved") from None
         return balance
+
+    def metered_cost(self, call_id: str) -> int | None:
+        """What a call was charged, once metered (None while a stream runs, or with no such call)."""
+        with self._sql() as c:
+            rows = c.dicts(f"SELECT cost FROM calls WHERE id = :id AND NOT ({OPEN_STREAM})", {"id": call_id})
+        return rows[0]["cost"] if rows else None
 
     # -- channels: claims ---------------------------------------------------------------------
 
