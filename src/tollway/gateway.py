@@ -152,6 +152,7 @@ class Gateway:
             payout_key=c.payout_key or (c.settler_key if _address_of(c.settler_key) == c.payee.lower() else None),  # type: ignore[union-attr]
             token=c.token,
             settled_elsewhere=lambda row: _scheme(schemes, row["scheme"]).settled_elsewhere(row),
+            confirmations=int(c.confirmations or 0),
         )
         ctx = Context(settings, chain, chain_id, settler.address, settler, store)
         names = list(settings.schemes)

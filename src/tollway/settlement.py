@@ -83,6 +83,7 @@ class Settler:
         payout_key: str | None = None,
         token: str | None = None,
         settled_elsewhere: SettledElsewhere | None = None,
+        confirmations: int = 0,
     ) -> None:
         self.store = store
         self.chain = chain
@@ -103,6 +104,11 @@ class Settler:
         self._taken: dict[str, tuple[float, float]] = {}
         self._left: set[str] = set()  # payouts whose nonce was taken, left for the operator (logged once)
         self.settled_elsewhere = settled_elsewhere
+        # Blocks on top of a revert's own before it is believed: a reorganisation may mine the same
+        # transaction again with another outcome (a success believed at once that a reorganisation
+        # drops goes back to the pool, and is mined again: the same bytes, our nonce).
+        self.confirmations = confirmations
+        self._reverted: set[str] = set()  # transactions mined reverted, not yet that deep (at the last poll)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._polled = 0.0  # when receipts were last polled (monotonic)
@@ -285,7 +291,8 @@ class Settler:
         receipts = await self._receipts([row])
         if receipts[0] is not None:
             self._taken.pop(row["id"], None)
-            await self._conclude([(row, *receipts[0])])
+            if self._believed(receipts[0][1], receipts[0][0], await self.chain.head()):
+                await self._conclude([(row, *receipts[0])])
             return
         if len(self._taken) > 10_000:  # (rows concluded otherwise leave theirs: only a delay is lost)
             self._taken.clear()
@@ -333,6 +340,15 @@ class Settler:
                 found[row["id"]] = (h, receipt)
         return [found.get(row["id"]) for row in rows]
 
+    def _believed(self, receipt: dict[str, Any], tx_hash: str, head: int) -> bool:
+        """A success at once; a revert once ``confirmations`` blocks are on top of its own."""
+        if self.confirmations == 0 or receipt_status(receipt, tx_hash) == 1:
+            return True
+        try:
+            return head - int(receipt["blockNumber"], 16) >= self.confirmations
+        except (KeyError, TypeError, ValueError):
+            return False
+
     async def _poll(self, rows: list[dict[str, Any]]) -> None:
         """Conclude the rows that were mined; bump or re-send those waiting too long. Receipts are
         asked for only when the chain has a new block since the last time: on a 12 s chain with
@@ -340,11 +356,17 @@ class Settler:
         if not rows:
             return
         head = await self.chain.head()
-        receipts = await self._receipts(rows) if head != self._polled_head else [None] * len(rows)
-        await self._conclude([(row, *mined) for row, mined in zip(rows, receipts, strict=True) if mined is not None])
+        asked = head != self._polled_head
+        receipts = await self._receipts(rows) if asked else [None] * len(rows)
+        mined = [(row, *m) for row, m in zip(rows, receipts, strict=True) if m is not None]
+        believed = [m for m in mined if self._believed(m[2], m[1], head)]
+        await self._conclude(believed)
         self._polled_head = head  # (only once concluded: a failed conclusion asks again at the next poll)
+        if asked:
+            self._reverted = {m[0]["id"] for m in mined if m not in believed}
         now = time.time()
-        waiting = [row for row, mined in zip(rows, receipts, strict=True) if mined is None]
+        # (a revert not yet deep enough to believe waits as it is: neither bumped nor sent again)
+        waiting = [row for row, m in zip(rows, receipts, strict=True) if m is None and row["id"] not in self._reverted]
         await self._bump([r for r in waiting if now - r["fee_at"] > self.bump_after])
         stale = [r for r in waiting if now - (r["broadcast_at"] or 0) > REBROADCAST_AFTER]
         await self._broadcast(stale, resend=True)
