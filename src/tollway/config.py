@@ -136,8 +136,9 @@ class ChainSettings(Strict):
     # USD price of the chain's gas token, to size the smallest on-chain payment worth its gas.
     # None: 0 on the devnet, NATIVE_USD_DEFAULT elsewhere (an ETH price with head room).
     native_usd: Decimal | None = None
-    # Blocks a transfer (transfer scheme) needs on top of its own before it pays. None: by chain
-    # (TRANSFER_CONFIRMATIONS; 0 on the devnet, where nothing reorganises).
+    # Blocks a transfer (transfer scheme) needs on top of its own before it pays, and a revert of
+    # the gateway's own transaction before it is believed. None: by chain (TRANSFER_CONFIRMATIONS;
+    # 0 on the devnet, where nothing reorganises).
     confirmations: int | None = Field(None, ge=0)
     payout_key: str | None = None  # holds the payee's tokens to pay withdrawals (default: settler if it is the payee)
 
