@@ -415,6 +415,8 @@ async def confirm(gw: Gateway, paid: Paid, owed: int | None = None) -> None:
     p = paid.payment
     if owed is not None:
         await paid.scheme.confirm(p, owed)
+        if paid.channel is not None and p.channel is not None and p.channel.deposit:
+            paid.channel["balance"] += p.channel.deposit  # (mined: the channel state its answer tells holds it)
         return
     owed = gw.store.unsettled_amount(p.network, p.asset, p.payer, through=paid.payment_id)
     await paid.scheme.confirm(p, owed, recheck=True)

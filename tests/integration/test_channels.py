@@ -93,6 +93,9 @@ def test_the_official_client_pays_many_calls_with_one_deposit_each_charged_its_m
         else:
             assert extra["chargedAmount"] == answer.headers["x-tollway-cost"]
             assert int(extra["chargedAmount"]) > 0
+        if i == 0:  # (the deposit call: the channel it tells of holds the deposit)
+            deposited = payer_channel(channel_gateway, payer.account.address)["balance"]
+            assert int(extra["channelState"]["balance"]) == deposited > 0
 
     channel = payer_channel(channel_gateway, payer.account.address)
     served, cost = metered_total(channel_gateway, payer.account.address)
