@@ -356,6 +356,12 @@ class Settings(BaseSettings):
         """How long, from now, a payment authorization must stay valid to be accepted."""
         return self.max_call_seconds + self.settle_margin_seconds
 
+    @property
+    def usage_wait_seconds(self) -> float:
+        """How long after its arrival a stream without usage may wait for its upstream's record of
+        it (then it is metered by its estimate): its payment must still settle after that."""
+        return self.max_call_seconds + self.settle_margin_seconds / 2
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -86,9 +86,6 @@ class Gateway:
     _clients: tuple[httpx.AsyncClient, ...]
     _worker_chain: Chain
     _background: set[asyncio.Task[None]] = field(default_factory=set)
-    # streams of this process waiting for their usage after the fact (``metering.relay_stream``):
-    # not abandoned, however old (another replica's sweep does not know of them: a known gap)
-    metering_later: set[str] = field(default_factory=set)
     unmeterable: set[str] = field(default_factory=set)  # abandoned streams whose scheme is not enabled here
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
@@ -336,9 +333,10 @@ class Gateway:
         than the longest call (every stream is cut at it), so that another replica's live streams
         are left alone; a stream is metered once whoever gets there first, and one row that cannot
         be metered never stops the gateway."""
-        cutoff = time.time() - self.settings.max_call_seconds - ABANDONED_AFTER_SECONDS
-        for row in self.store.abandoned_streams(cutoff):
-            if row["id"] in self.metering_later or row["id"] in self.unmeterable:
+        now, s = time.time(), self.settings
+        waited = now - s.usage_wait_seconds - ABANDONED_AFTER_SECONDS  # (``metering`` ones: their wait is over)
+        for row in self.store.abandoned_streams(now - s.max_call_seconds - ABANDONED_AFTER_SECONDS, waited):
+            if row["id"] in self.unmeterable:
                 continue
             try:
                 self._meter_abandoned(row)

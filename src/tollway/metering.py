@@ -317,7 +317,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         the fact, in the background once it does (the receipt then has it)."""
         usage = tail.usage() if reader is None else reader.usage()
         if usage is None and reader is None and upstream.generation_url and tail.generation_id():
-            gw.metering_later.add(call_id)  # (the sweep of abandoned streams leaves it alone)
+            gw.store.metering_later(call_id)  # (the sweeps of streams left open leave it alone meanwhile)
             gw.spawn(meter_later(tail, complete))
             return None
         return finish(tail, complete, usage)
@@ -326,8 +326,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         # The lookup may take long (retries, slow answers) but the payment must still settle: it
         # gets until half the settlement's margin past the call's limit, then the stream is metered
         # as one that told nothing (its estimate).
-        s = gw.settings
-        left = call.received + s.max_call_seconds + s.settle_margin_seconds / 2 - time.time()
+        left = call.received + gw.settings.usage_wait_seconds - time.time()
         try:
             try:
                 usage = await asyncio.wait_for(upstream.usage_after(tail.generation_id()), timeout=max(left, 0.0))
@@ -336,8 +335,6 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
             finish(tail, complete, usage)
         except Exception:
             log.exception("could not meter stream %s after the fact", call_id)
-        finally:
-            gw.metering_later.discard(call_id)
 
     def usage_event(doc: dict[str, Any]) -> dict[str, Any] | None:
         """The usage chunk as the client gets it: tollway's charge as ``usage.cost``; dropped (or

@@ -230,6 +230,7 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
     try:
         migrations.migrate(engine)
         params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t", "before": 0, "limit": 1}
+        params |= {"metering_before": 0}
         queries = {
             store.OWED: "ix_payments_owed",
             store.UNCONFIRMED: "ix_payments_owed",

@@ -465,18 +465,23 @@ def left_open(gw: Gateway, call_id: str, scheme: str = "credit", **call: Any) ->
 
 
 async def test_a_stream_waiting_for_its_usage_after_the_fact_is_not_swept_as_abandoned(gateway, tmp_path):
-    """A stream that carried no usage waits for its upstream's record (up to ~30 s after it ended):
-    the sweep of streams a crash left open, which meters by the estimate, must leave it alone."""
+    """A stream that carried no usage waits for its upstream's record (up to half the settlement
+    margin past the call's limit): the sweeps of streams a crash left open, which meter by the
+    estimate, must leave it alone until then — every replica's (it is marked in the ledger: another
+    replica's sweep metered it by its estimate while its own process waited for the real figure)."""
     settings = gateway.settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'l.sqlite3'}"})
     gw = await Gateway.open(settings)
     try:
-        left_open(gw, "waiting", quote=100, paid=0, from_credit=100)
-        gw.metering_later.add("waiting")
+        past_the_limit = time.time() - settings.max_call_seconds - 10  # (a stream: swept by now)
+        for call_id, began in (
+            ("waiting", past_the_limit),
+            ("waited", past_the_limit - settings.settle_margin_seconds),
+        ):
+            left_open(gw, call_id, quote=100, paid=0, from_credit=100, created_at=began)
+            gw.store.metering_later(call_id)  # (by any replica)
         gw.close_abandoned_streams()
-        assert receipt_row(gw.store, "waiting")["status"] == "streaming"  # (its usage is still coming)
-        gw.metering_later.discard("waiting")  # (it never came, and the wait ended)
-        gw.close_abandoned_streams()
-        assert receipt_row(gw.store, "waiting")["status"] == "incomplete"
+        assert receipt_row(gw.store, "waiting")["status"] == "metering"  # (its usage is still coming)
+        assert receipt_row(gw.store, "waited")["status"] == "incomplete"  # (its wait is over: it never came)
     finally:
         await gw.close()
 

@@ -30,7 +30,8 @@ from sqlmodel import Field, SQLModel
 # paid call's commits write fewer index pages. A query must name the condition itself to use one.
 IN_FLIGHT = "state IN ('reserved', 'settling')"  # what a payer owes that the chain may not show yet
 HAS_TX = "tx_id IS NOT NULL"  # a settlement in the outbox
-OPEN_STREAM = "status = 'streaming'"  # a stream not metered yet (what a crash may leave open)
+# A stream not metered yet (what a crash may leave open): relayed, or waiting for its usage after the fact
+OPEN_STREAM = "status IN ('streaming', 'metering')"
 
 
 class PaymentState(StrEnum):
@@ -88,7 +89,7 @@ class Call(SQLModel, table=True):
     upstream: str | None = None  # which upstream served it
     stream: bool
     byok: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})  # the payer's own key
-    status: str  # pending | served | incomplete | failed
+    status: str  # pending | streaming | metering (its usage after the fact) | served | incomplete | failed
     quote: int = Field(sa_column=Column(BigInteger, nullable=False))
     prompt_bound: int | None = None  # the quote's bound on prompt tokens (a stream without usage is charged by it)
     events: int | None = None  # data events a stream delivered (saved as it goes: a crash leaves it to meter)

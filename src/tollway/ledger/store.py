@@ -105,6 +105,7 @@ ABANDONED_STREAMS = (  # (by ix_calls_streaming, which only a query naming its c
     " c.from_credit,"
     " p.scheme, p.state AS payment_state, p.proof, p.amount, p.network, p.asset, p.payer, p.channel"
     f" FROM calls c JOIN payments p ON c.payment_id = p.id WHERE c.{OPEN_STREAM} AND c.created_at < :before"
+    " AND (c.status = 'streaming' OR c.created_at < :metering_before)"
     " AND p.state NOT IN ('released', 'refused')"  # (a stream undone before it began: nothing to meter)
 )
 ABANDONED_PAYMENTS = (
@@ -785,11 +786,18 @@ class Store:
                 self._post(c, account, [(EntryKind.DEPOSIT, payment["amount"])], payment_id=payment_id)
         return True
 
-    def abandoned_streams(self, started_before: float) -> list[dict[str, Any]]:
-        """Streams still marked ``streaming`` that began before ``started_before``: their process
-        died mid-stream, so they were never metered (and may still hold credit)."""
+    def abandoned_streams(self, started_before: float, metering_before: float) -> list[dict[str, Any]]:
+        """Streams still ``streaming`` that began before ``started_before`` — or still ``metering``
+        (waiting for their usage after the fact) that began before ``metering_before``: their
+        process died, so they were never metered (and may still hold credit)."""
         with self._sql() as c:
-            return c.dicts(ABANDONED_STREAMS, {"before": started_before})
+            return c.dicts(ABANDONED_STREAMS, {"before": started_before, "metering_before": metering_before})
+
+    def metering_later(self, call_id: str) -> None:
+        """A stream ended without its usage, which its upstream tells after the fact: every
+        replica's sweep of streams left open leaves it alone while that is looked up."""
+        with self._sql() as c:
+            c.run("UPDATE calls SET status = 'metering' WHERE id = :id AND status = 'streaming'", {"id": call_id})
 
     def receipt(self, call_id: str) -> dict[str, Any] | None:
         """A call joined with its payment."""
