@@ -331,8 +331,9 @@ class Gateway:
         the model's most tokens per event — never more than its quote; a metered payment (upto)
         then settles that, never its maximum, well before the payment expires. Only streams older
         than the longest call (every stream is cut at it), so that another replica's live streams
-        are left alone; a stream is metered once whoever gets there first, and one row that cannot
-        be metered never stops the gateway."""
+        are left alone — and those waiting for their usage after the fact once that wait is over; a
+        stream is metered once whoever gets there first, and one row that cannot be metered never
+        stops the gateway."""
         now, s = time.time(), self.settings
         waited = now - s.usage_wait_seconds - ABANDONED_AFTER_SECONDS  # (``metering`` ones: their wait is over)
         for row in self.store.abandoned_streams(now - s.max_call_seconds - ABANDONED_AFTER_SECONDS, waited):
