@@ -234,6 +234,7 @@ def meter(
     if balance is None:  # another process metered this stream already (it thought it abandoned)
         balance = gw.store.credit_balance(paid.account)
         fields["cost"] = gw.store.metered_cost(row["id"])  # (its charge stands: the one the payer is told)
+        settled = None if now_settled else settled  # (the settlement built here rolled back: the sweep's stands)
     else:
         gw.settler.wake()
     fields["credit_after"] = balance

@@ -363,7 +363,11 @@ class Settler:
         await self._conclude(believed)
         self._polled_head = head  # (only once concluded: a failed conclusion asks again at the next poll)
         if asked:
-            self._reverted = {m[0]["id"] for m in mined if m not in believed}
+            reverted = {m[0]["id"] for m in mined if m not in believed}
+            if self._watchers and reverted - self._reverted:  # (a stream it pays stops now, not once believed)
+                for payment_id in self.store.settled_by(list(reverted - self._reverted)):
+                    self._fire(payment_id, "settlement reverted")
+            self._reverted = reverted
         now = time.time()
         # (a revert not yet deep enough to believe waits as it is: neither bumped nor sent again)
         waiting = [row for row, m in zip(rows, receipts, strict=True) if m is None and row["id"] not in self._reverted]
@@ -398,17 +402,15 @@ class Settler:
 
     async def _conclude(self, mined: list[tuple[dict[str, Any], str, dict[str, Any]]]) -> None:
         """Conclude mined rows, each (row, the hash mined, its receipt): the settlements together,
-        in one ledger transaction; the rest each through its purpose (one that fails holds up no other)."""
+        in one ledger transaction; the rest each through its purpose, in nonce order (a refund's escrow
+        read counts the deposits before it: they must be counted first)."""
         settlements = []
         for row, tx_hash, receipt in mined:
             ok = receipt_status(receipt, tx_hash) == 1
             if row["purpose"] == "settlement":
                 settlements.append((row, tx_hash, receipt, ok))
-                continue
-            try:
+            else:
                 self._conclude_one(row, tx_hash, ok)
-            except Exception:
-                log.exception("%s transaction %s could not be concluded", row["purpose"], tx_hash)
         if not settlements:
             return
         concluded = self.store.settlements_mined(

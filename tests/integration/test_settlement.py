@@ -102,14 +102,18 @@ async def test_a_reverted_settlement_is_recorded_as_failed(tmp_path, chain, devn
 async def test_a_revert_is_believed_only_once_its_confirmations_are_on_top_of_it(tmp_path, chain, devnet, settler_key):
     """A reorganisation may mine a reverted transaction again, and it may pay then: a revert turns
     into a failed payment (a debt; for a payout, credit given back) only once ``chain.confirmations``
-    blocks are on top of its own — and, mined, it is neither bumped nor sent again meanwhile."""
+    blocks are on top of its own — and, mined, it is neither bumped nor sent again meanwhile. A
+    stream it pays for is cut at once (not served unpaid while the blocks come)."""
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     broke = Account.create()
     async with settler_on(store, devnet.rpc_url, settler_key, devnet, confirmations=2) as settler:
         payment_id, data, _ = payment_for(store, devnet, broke, 1000)
+        cut: list[str] = []
+        settler.watch(payment_id, cut.append)
         with manual_mining(chain):
             tx_hash = settler.sign(payment_id, devnet.token, data)
             await settler.run_once()  # broadcast
+            assert cut == []
             settler.bump_after = 0.0  # (from now on, a row seen waiting is bumped at once)
             for _ in range(2):  # mined (reverted), then 1 block on top: not believed yet
                 chain.mine(1)
@@ -117,7 +121,7 @@ async def test_a_revert_is_believed_only_once_its_confirmations_are_on_top_of_it
                     settler._polled = 0.0  # (a poll is due)
                     await settler.run_once()
                 payment = store.payment(payment_id)
-                assert payment["state"] == PaymentState.SETTLING
+                assert payment["state"] == PaymentState.SETTLING and cut == ["settlement reverted"]
                 assert store.transaction(payment["tx_id"])["hashes"] == tx_hash  # (not bumped)
             chain.mine(1)
             row = await run_until(settler, store, payment_id, {PaymentState.FAILED, PaymentState.SETTLED})

@@ -442,6 +442,13 @@ class Store:
         with self._tx() as c:
             return {str(i): str(st) for i, st in c.execute(select(P.c.id, P.c.state).where(P.c.id.in_(ids)))}
 
+    def settled_by(self, tx_ids: Sequence[str]) -> list[str]:
+        """The payments these outbox transactions settle."""
+        if not tx_ids:
+            return []
+        with self._tx() as c:
+            return [str(i) for (i,) in c.execute(select(P.c.id).where(P.c.tx_id.in_(tx_ids)))]
+
     def unsettled_amount(
         self, network: str, asset: str, payer: str, *, through: str | None = None, schemes: Sequence[str] = ()
     ) -> int:
