@@ -796,16 +796,21 @@ def test_an_endless_upstream_error_body_is_not_read_to_its_end(gateway, chain, d
 
         return StreamingResponse(body(), status_code=500, media_type="application/json")
 
-    app = Starlette(routes=[Route("/v1/chat/completions", endless, methods=["POST"])])
-    payer = wallet(chain.fund(), devnet)
-    with (
-        ServerThread(app) as bad,
-        dedicated_gateway(gateway, chain, tmp_path, upstream_url=bad.url + "/v1") as (url, _),
-        paying(url, payer) as client,
-    ):
-        r = client.post(CHAT, json=chat_body("endless", max_tokens=8), timeout=20)
+    r = paid_through(gateway, chain, devnet, tmp_path, endless, chat_body("endless", max_tokens=8))
     assert r.status_code == 502 and len(r.content) < 2000
     assert closed.wait(5)
+
+
+def paid_through(gateway, chain, devnet, tmp_path, answer: Any, body: dict[str, Any]) -> httpx.Response:
+    """A paid chat call through a gateway of its own whose upstream answers with ``answer``."""
+    app = Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
+    payer = wallet(chain.fund(), devnet)
+    with (
+        ServerThread(app) as upstream,
+        dedicated_gateway(gateway, chain, tmp_path, upstream_url=upstream.url + "/v1") as (url, _),
+        paying(url, payer) as client,
+    ):
+        return client.post(CHAT, json=body, timeout=20)
 
 
 def test_an_upstream_content_type_that_is_no_header_value_here_is_not_a_500_after_the_charge(
@@ -828,14 +833,7 @@ def test_an_upstream_content_type_that_is_no_header_value_here_is_not_a_500_afte
         r.raw_headers.append((b"content-type", "application/json; profile=€".encode()))
         return r
 
-    app = Starlette(routes=[Route("/v1/chat/completions", odd, methods=["POST"])])
-    payer = wallet(chain.fund(), devnet)
-    with (
-        ServerThread(app) as bad,
-        dedicated_gateway(gateway, chain, tmp_path, upstream_url=bad.url + "/v1") as (url, _),
-        paying(url, payer) as client,
-    ):
-        r = client.post(CHAT, json=chat_body("an odd content type", max_tokens=8), timeout=20)
+    r = paid_through(gateway, chain, devnet, tmp_path, odd, chat_body("an odd content type", max_tokens=8))
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json" and r.json()["choices"][0]["message"]["content"] == "hi"
     assert int(r.headers["x-tollway-cost"]) > 0
