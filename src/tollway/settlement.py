@@ -17,6 +17,8 @@ The worker, in each process, is scheme-agnostic and loops over the outbox:
   keeping every hash the row had, one of which may yet turn out mined (a node answering receipts
   late) — unless it is a payout: a token transfer has no replay guard on chain, so signing it
   anew after a late receipt would pay twice; it is left for the operator, logged as an error;
+- a revert is believed once ``confirmations`` blocks are on top of it (a stream it pays is cut at
+  once): a reorganisation may mine the transaction again, and it may pay then;
 - a settlement that reverted because its authorization was already used — someone front-ran our
   transaction, and the payee was paid by theirs — is settled, not failed: ``settled_elsewhere``
   (from the payment's scheme) finds the transaction that paid.
@@ -363,7 +365,7 @@ class Settler:
         await self._conclude(believed)
         self._polled_head = head  # (only once concluded: a failed conclusion asks again at the next poll)
         if asked:
-            reverted = {m[0]["id"] for m in mined if m not in believed}
+            reverted = {m[0]["id"] for m in mined} - {m[0]["id"] for m in believed}
             if self._watchers and reverted - self._reverted:  # (a stream it pays stops now, not once believed)
                 for payment_id in self.store.settled_by(list(reverted - self._reverted)):
                     self._fire(payment_id, "settlement reverted")
