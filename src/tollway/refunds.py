@@ -79,6 +79,13 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
         raise scheme.channel_refused(refused) from None
     sending = False  # once the refund is sent, the channel stays taken even if we stop waiting for it
     try:
+        # A deposit its call stopped waiting for is counted as it is mined (the worker's): a refund's
+        # escrow read taken before that would count it too. (None can start while the refund holds it.)
+        if any(ch.deposit_of(bytes.fromhex(d[2:]), scheme.chain_id)[0] == channel_id for d in gw.store.open_deposits()):
+            raise PaymentInvalid(
+                "a deposit into this channel is not mined yet: ask for the refund once it is",
+                code=PREFIX + "channel_busy",
+            )
         held, _ = await escrowed(gw.chain, cid)  # (the escrow's word: a deposit may be mined that we did not count)
         remainder = held - taken["charged"]
         amount = remainder if p.refund_amount is None else p.refund_amount

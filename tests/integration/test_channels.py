@@ -127,19 +127,27 @@ def offer(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def pay_voucher(
-    gateway: Gateway, body: dict[str, Any], payer: SdkPayer, max_claimable: int, signer: Any = None, v_base: int = 27
+    gateway: Gateway,
+    body: dict[str, Any],
+    payer: SdkPayer,
+    max_claimable: int,
+    signer: Any = None,
+    v_base: int = 27,
+    kind: str = "voucher",
 ) -> requests.Response:
     """Pay ``body`` with a voucher built by hand on the payer's channel (signed by ``signer``, its
-    recovery id written from ``v_base``: 27, or 0 as some signers write it)."""
+    recovery id written from ``v_base``: 27, or 0 as some signers write it) — or, ``kind`` refund,
+    ask for the channel's rest back with it."""
     accepted = offer(gateway, body)
     config = payer.scheme.build_channel_config(PaymentRequirements.model_validate(accepted))
     cid = compute_channel_id(config, accepted["network"])
     voucher = sign_voucher(EthAccountSigner(signer or payer.account), cid, max_claimable, accepted["network"])
-    payload = {"type": "voucher", "channelConfig": config.to_dict(), "voucher": voucher.to_dict()}
+    payload = {"type": kind, "channelConfig": config.to_dict(), "voucher": voucher.to_dict()}
     sig = bytes.fromhex(payload["voucher"]["signature"].removeprefix("0x"))
     payload["voucher"]["signature"] = "0x" + (sig[:64] + bytes([sig[64] - 27 + v_base])).hex()
     header = base64.b64encode(json.dumps({"x402Version": 2, "accepted": accepted, "payload": payload}).encode())
-    return requests.post(gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30)
+    url = gateway.url + (CHAT if kind == "voucher" else "/v1/channels/refund")
+    return requests.post(url, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30)
 
 
 def upstream_requests(upstream) -> int:
@@ -549,7 +557,9 @@ def test_a_deposit_call_whose_upstream_answers_slowly_is_served_once_deposited(c
 
 def test_a_deposit_mined_after_its_call_stopped_waiting_counts_in_its_channel(xprocess, upstream, tmp_path):
     """A deposit the chain is slow to mine fails its call (503, nothing asked of the upstream) — but
-    once mined, the escrow holds the payer's money, and the channel counts it: its vouchers pay."""
+    once mined, the escrow holds the payer's money, and the channel counts it: its vouchers pay. A
+    refund is refused while it is on its way (its escrow read would count the deposit, and then
+    the deposit's conclusion again), and once it is mined refunds the rest, once."""
     with anvil_process(xprocess, "channels-late-deposit") as rpc:
         own = deploy_devnet(rpc)
         chain = Chain(own)
@@ -568,12 +578,19 @@ def test_a_deposit_mined_after_its_call_stopped_waiting_counts_in_its_channel(xp
             assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0, answer.text
             assert upstream_requests(upstream) == asked
             assert payer_channel(gateway, payer.account.address)["balance"] == 0
+            early = pay_voucher(gateway, body, payer, 0, kind="refund")
+            assert refusal(early) == (402, "invalid_batch_settlement_evm_channel_busy"), early.text
 
             chain.w3.provider.make_request("evm_mine", [])
             channel = wait_for(lambda: (c := payer_channel(gateway, payer.account.address))["balance"] and c)
             assert escrow_channel(chain, channel["id"]) == (channel["balance"], 0) and channel["balance"] > 0
             paid = pay_voucher(gateway, body, payer, int(offer(gateway, body)["amount"]))
             assert paid.status_code == 200, paid.text
+            charged = payer_channel(gateway, payer.account.address)["charged"]
+            assert pay_voucher(gateway, body, payer, charged, kind="refund").status_code == 200
+            after = payer_channel(gateway, payer.account.address)
+            assert (after["balance"], after["refunded"]) == (charged, channel["balance"] - charged)
+            assert escrow_channel(chain, channel["id"]) == (charged, charged)
             gateway.store.close()
 
 

@@ -570,6 +570,12 @@ class Store:
         except _NotReserved:
             return None
 
+    def open_deposits(self) -> list[str]:
+        """The calldata of the channel deposits not mined yet (by ix_transactions_open)."""
+        with self._sql() as c:
+            q = "SELECT data FROM transactions WHERE state IN ('queued', 'sent') AND purpose = 'deposit'"
+            return [row["data"] for row in c.dicts(q, {})]
+
     def open_transactions(self, state: str, limit: int = 1000) -> list[dict[str, Any]]:
         """Outbox rows in ``state`` (queued or sent), lowest nonce first."""
         with self._sql() as c:
