@@ -564,7 +564,7 @@ def test_a_deposit_mined_after_its_call_stopped_waiting_counts_in_its_channel(xp
         own = deploy_devnet(rpc)
         chain = Chain(own)
         settings, payee = channel_settings(own, upstream, tmp_path / "tollway.sqlite3", min_deposit_calls=100)
-        settings = settings.model_copy(update={"settle_margin_seconds": 2})  # (how long a deposit is waited for)
+        settings = settings.model_copy(update={"settle_margin_seconds": 6})  # (the deposit's, the refund's wait)
         with ServerThread(create_app(settings)) as server:
             gateway = Gateway(server.url, Store(settings.database_url), payee)
             payer = SdkPayer(chain.fund(100_000_000), own)

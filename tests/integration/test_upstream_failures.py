@@ -139,7 +139,7 @@ def receipt_when_finished(gateway_url: str, receipt_id: str, timeout: float = 10
     deadline = time.monotonic() + timeout
     while True:
         doc = receipt(gateway_url, receipt_id)
-        if doc["status"] != "streaming":
+        if doc["status"] not in ("streaming", "metering"):
             return doc
         assert time.monotonic() < deadline, f"call {receipt_id} never finished: {doc}"
         time.sleep(0.02)
