@@ -263,7 +263,8 @@ class Settings(BaseSettings):
     # The longest a call may take from its arrival: a non-streamed call is abandoned (and not
     # charged) after it, a stream is ended there with an error event. A payment must stay valid
     # this long plus settle_margin_seconds, so that its settlement can still be mined — also that of
-    # a stream a crash left open, metered by another process within ~15 s of max_call_seconds.
+    # a stream a crash left open, metered by another process within ~15 s of max_call_seconds (one
+    # waiting for its usage after the fact: a quarter of settle_margin_seconds more).
     max_call_seconds: int = Field(300, ge=1)
     # Idempotent calls (payment-identifier, Idempotency-Key): whether a payment must carry an id,
     # how long an answer is kept for a repeat, and the largest body kept (else its receipt is).
@@ -359,8 +360,9 @@ class Settings(BaseSettings):
     @property
     def usage_wait_seconds(self) -> float:
         """How long after its arrival a stream without usage may wait for its upstream's record of
-        it (then it is metered by its estimate): its payment must still settle after that."""
-        return self.max_call_seconds + self.settle_margin_seconds / 2
+        it (then it is metered by its estimate): its payment must still settle after that — also
+        when the process waiting dies, and another's sweep meters it up to ~15 s later."""
+        return self.max_call_seconds + self.settle_margin_seconds / 4
 
     @classmethod
     def settings_customise_sources(

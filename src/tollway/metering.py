@@ -318,15 +318,15 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         the fact, in the background once it does (the receipt then has it)."""
         usage = tail.usage() if reader is None else reader.usage()
         if usage is None and reader is None and upstream.generation_url and tail.generation_id():
-            gw.store.metering_later(call_id)  # (the sweeps of streams left open leave it alone meanwhile)
+            gw.store.metering_later(call_id, tail.events_seen)  # (the sweeps of streams left open wait)
             gw.spawn(meter_later(tail, complete))
             return None
         return finish(tail, complete, usage)
 
     async def meter_later(tail: StreamTail, complete: bool) -> None:
         # The lookup may take long (retries, slow answers) but the payment must still settle: it
-        # gets until half the settlement's margin past the call's limit, then the stream is metered
-        # as one that told nothing (its estimate).
+        # gets until a quarter of the settlement's margin past the call's limit, then the stream is
+        # metered as one that told nothing (its estimate).
         left = call.received + gw.settings.usage_wait_seconds - time.time()
         try:
             try:

@@ -292,9 +292,11 @@ class Settler:
         own has come for ``replace_after`` seconds)."""
         receipts = await self._receipts([row])
         if receipts[0] is not None:
-            self._taken.pop(row["id"], None)
             if self._believed(receipts[0][1], receipts[0][0], await self.chain.head()):
+                self._taken.pop(row["id"], None)
                 await self._conclude([(row, *receipts[0])])
+            else:  # (a revert not that deep yet: looked at again as it is sent again, no sooner)
+                self._taken[row["id"]] = (self._taken.get(row["id"], (time.monotonic(),))[0], time.monotonic())
             return
         if len(self._taken) > 10_000:  # (rows concluded otherwise leave theirs: only a delay is lost)
             self._taken.clear()
@@ -351,6 +353,21 @@ class Settler:
         except (KeyError, TypeError, ValueError):
             return False
 
+    async def _cut_unpaid(self, tx_ids: set[str]) -> None:
+        """Settlements just mined reverted (not believed yet): the streams they pay stop now — unless
+        someone else's transaction paid (a front-run authorization: the payee has the money)."""
+        if not self._watchers or not tx_ids:
+            return
+        for payment in self.store.settled_by(list(tx_ids)):
+            if payment["id"] not in self._watchers:
+                continue
+            try:
+                if self.settled_elsewhere is not None and await self.settled_elsewhere(payment) is not None:
+                    continue
+            except ChainUnavailable:
+                pass  # (cannot tell: cut, as a revert says)
+            self._fire(payment["id"], "settlement reverted")
+
     async def _poll(self, rows: list[dict[str, Any]]) -> None:
         """Conclude the rows that were mined; bump or re-send those waiting too long. Receipts are
         asked for only when the chain has a new block since the last time: on a 12 s chain with
@@ -366,9 +383,7 @@ class Settler:
         self._polled_head = head  # (only once concluded: a failed conclusion asks again at the next poll)
         if asked:
             reverted = {m[0]["id"] for m in mined} - {m[0]["id"] for m in believed}
-            if self._watchers and reverted - self._reverted:  # (a stream it pays stops now, not once believed)
-                for payment_id in self.store.settled_by(list(reverted - self._reverted)):
-                    self._fire(payment_id, "settlement reverted")
+            await self._cut_unpaid(reverted - self._reverted)
             self._reverted = reverted
         now = time.time()
         # (a revert not yet deep enough to believe waits as it is: neither bumped nor sent again)

@@ -465,7 +465,7 @@ def left_open(gw: Gateway, call_id: str, scheme: str = "credit", **call: Any) ->
 
 
 async def test_a_stream_waiting_for_its_usage_after_the_fact_is_not_swept_as_abandoned(gateway, tmp_path):
-    """A stream that carried no usage waits for its upstream's record (up to half the settlement
+    """A stream that carried no usage waits for its upstream's record (up to a quarter of the settlement
     margin past the call's limit): the sweeps of streams a crash left open, which meter by the
     estimate, must leave it alone until then — every replica's (it is marked in the ledger: another
     replica's sweep metered it by its estimate while its own process waited for the real figure)."""
@@ -478,7 +478,7 @@ async def test_a_stream_waiting_for_its_usage_after_the_fact_is_not_swept_as_aba
             ("waited", past_the_limit - settings.settle_margin_seconds),
         ):
             left_open(gw, call_id, quote=100, paid=0, from_credit=100, created_at=began)
-            gw.store.metering_later(call_id)  # (by any replica)
+            gw.store.metering_later(call_id, 0)  # (by any replica)
         gw.close_abandoned_streams()
         assert receipt_row(gw.store, "waiting")["status"] == "metering"  # (its usage is still coming)
         assert receipt_row(gw.store, "waited")["status"] == "incomplete"  # (its wait is over: it never came)

@@ -302,10 +302,12 @@ async def test_a_queued_settlement_survives_its_process(tmp_path, chain, devnet,
     assert row["state"] == PaymentState.SETTLED
 
 
-async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, devnet, settler_key):
+@pytest.mark.parametrize("confirmations", [0, 2])
+async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, devnet, settler_key, confirmations):
     """Anyone may submit a payer's EIP-3009 authorization. If someone does before us, our
     settlement reverts, yet the payee was paid by theirs: that is settled — the honest payer's
-    deposit is not reversed (finding 6)."""
+    deposit is not reversed (finding 6), and a stream it pays for is not cut (its revert, seen
+    before it is believed, cut it)."""
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
     front_runner = Account.create()
@@ -324,11 +326,18 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, dev
     )
     try:
         async with settler_on(
-            store, devnet.rpc_url, settler_key, devnet, settled_elsewhere=exact.settled_elsewhere
+            store,
+            devnet.rpc_url,
+            settler_key,
+            devnet,
+            settled_elsewhere=exact.settled_elsewhere,
+            confirmations=confirmations,
         ) as s:
             payment_id, data, _ = payment_for(store, devnet, payer, 444)
             account = credit_account(f"eip155:{devnet.chain_id}", devnet.token, payer.address)
             store.settle_call_credit(account, deposit=444, held=0, cost=400, call_id="c", payment_id=payment_id)
+            cut: list[str] = []
+            s.watch(payment_id, cut.append)
             with manual_mining(chain):
                 ours = s.sign(payment_id, devnet.token, data)
                 await s.run_once()  # broadcast: it waits in the pool
@@ -344,9 +353,15 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, dev
                     },
                 )
                 chain.mine(1)
+                s._polled = 0.0  # (a poll is due: ours is seen reverted)
+                await s.run_once()
+                if confirmations:
+                    assert store.payment(payment_id)["state"] == PaymentState.SETTLING  # (not believed yet)
+                    chain.mine(confirmations)
             row = await run_until(s, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     finally:
         await rpc.close()
+    assert cut == []
     assert chain.receipt(ours)["status"] == 0 and chain.receipt(theirs)["status"] == 1
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == theirs
     assert store.credit_balance(account) == 44  # no reversal: the money did arrive

@@ -442,12 +442,12 @@ class Store:
         with self._tx() as c:
             return {str(i): str(st) for i, st in c.execute(select(P.c.id, P.c.state).where(P.c.id.in_(ids)))}
 
-    def settled_by(self, tx_ids: Sequence[str]) -> list[str]:
+    def settled_by(self, tx_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The payments these outbox transactions settle."""
         if not tx_ids:
             return []
         with self._tx() as c:
-            return [str(i) for (i,) in c.execute(select(P.c.id).where(P.c.tx_id.in_(tx_ids)))]
+            return [dict(r) for r in c.execute(select(P).where(P.c.tx_id.in_(tx_ids))).mappings()]
 
     def unsettled_amount(
         self, network: str, asset: str, payer: str, *, through: str | None = None, schemes: Sequence[str] = ()
@@ -806,11 +806,12 @@ class Store:
         with self._sql() as c:
             return c.dicts(ABANDONED_STREAMS, {"before": started_before, "metering_before": metering_before})
 
-    def metering_later(self, call_id: str) -> None:
-        """A stream ended without its usage, which its upstream tells after the fact: every
-        replica's sweep of streams left open leaves it alone while that is looked up."""
+    def metering_later(self, call_id: str, events: int) -> None:
+        """A stream ended (after ``events``) without its usage, which its upstream tells after the
+        fact: every replica's sweep of streams left open leaves it alone while that is looked up."""
         with self._sql() as c:
-            c.run("UPDATE calls SET status = 'metering' WHERE id = :id AND status = 'streaming'", {"id": call_id})
+            q = "UPDATE calls SET status = 'metering', events = :events WHERE id = :id AND status = 'streaming'"
+            c.run(q, {"id": call_id, "events": events})
 
     def receipt(self, call_id: str) -> dict[str, Any] | None:
         """A call joined with its payment."""
