@@ -291,17 +291,17 @@ class Settler:
         transaction we did not sign (queue the call again with a new nonce, once no receipt of its
         own has come for ``replace_after`` seconds)."""
         receipts = await self._receipts([row])
+        now = time.monotonic()
+        first = self._taken.get(row["id"], (now, now))[0]
         if receipts[0] is not None:
             if self._believed(receipts[0][1], receipts[0][0], await self.chain.head()):
                 self._taken.pop(row["id"], None)
                 await self._conclude([(row, *receipts[0])])
             else:  # (a revert not that deep yet: looked at again as it is sent again, no sooner)
-                self._taken[row["id"]] = (self._taken.get(row["id"], (time.monotonic(),))[0], time.monotonic())
+                self._taken[row["id"]] = (first, now)
             return
         if len(self._taken) > 10_000:  # (rows concluded otherwise leave theirs: only a delay is lost)
             self._taken.clear()
-        now = time.monotonic()
-        first = self._taken.get(row["id"], (now, now))[0]
         payout = row["purpose"] == "payout"  # (no replay guard on chain: see the module's docstring)
         if now - first < self.replace_after or payout:
             self._taken[row["id"]] = (first, now)  # (looked at again as it is sent again)

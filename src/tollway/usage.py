@@ -256,8 +256,9 @@ class StreamTail:
         # Lines that start with ``data:`` (not one a model wrote: JSON escapes a newline in its
         # strings), also where two reads meet.
         seam = self._edge + chunk[:5]
-        self.events_seen += sum(b.count(b"\ndata:") + b.count(b"\rdata:") for b in (seam, chunk))
-        self._edge = chunk[-5:] if len(chunk) >= 5 else (self._edge + chunk)[-5:]
+        self.events_seen += chunk.count(b"\ndata:") + chunk.count(b"\rdata:")
+        self.events_seen += seam.count(b"\ndata:") + seam.count(b"\rdata:")
+        self._edge = seam[-5:] if len(chunk) < 5 else chunk[-5:]
         self._chunks.append(chunk)
         self._size += len(chunk)
         while self._size - len(self._chunks[0]) >= self.keep:

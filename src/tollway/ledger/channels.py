@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..pricing import MAX_AMOUNT
 from . import sql
 
 OPEN = (  # a deposit opens a channel the ledger does not know yet: at nothing
@@ -42,9 +43,9 @@ CHARGE = (  # the call is metered: the channel is charged and freed, and keeps t
     " busy = NULL, updated_at = :now WHERE id = :id AND busy = :payment AND charged + :amount <= :signed_max"
 )
 FREE = "UPDATE channels SET busy = NULL, updated_at = :now WHERE busy = :payment"  # the call was not served
-MOST = 2**63 - 1  # the ledger's integers are 64-bit
 DEPOSITED = (  # once mined; saturating (counting less than the escrow holds refuses vouchers, loses nothing)
-    f"UPDATE channels SET balance = CASE WHEN balance > {MOST} - :amount THEN {MOST} ELSE balance + :amount END,"
+    f"UPDATE channels SET balance = CASE WHEN balance > {MAX_AMOUNT} - :amount THEN {MAX_AMOUNT}"
+    " ELSE balance + :amount END,"
     " updated_at = :now WHERE id = :id"
 )
 CLAIMABLE = (
