@@ -477,6 +477,38 @@ def test_a_deposit_the_payer_cannot_fund_is_refused_before_anything_is_spent(cha
     assert ledger(channel_gateway, held, p=account.address.lower()) == [(0,)]  # no deposit counted
 
 
+def test_attack_one_deposit_sent_twice_at_once_is_deposited_and_counted_once(channel_gateway, devnet, chain, upstream):
+    """A payer fires the same deposit payload twice at once, hoping its channel counts it twice (and
+    its vouchers spend money the escrow never had): one call takes the channel, the other is refused
+    before anything is spent; one deposit transaction, counted once, as the escrow holds it."""
+    from tollway.client.channels import Channel
+
+    account = chain.fund(100_000_000)
+    body = chat_body("one deposit, sent twice at once", max_tokens=16)
+    accepted = offer(channel_gateway, body)
+    deposit = int(accepted["extra"]["minDeposit"])
+    payload = Channel.of(account, accepted).payload(account, accepted, deposit=deposit)
+    header = base64.b64encode(json.dumps({"x402Version": 2, "accepted": accepted, "payload": payload}).encode())
+    asked = upstream_requests(upstream)
+    deposits = "SELECT COUNT(*) FROM transactions WHERE purpose = 'deposit'"
+    (sent,) = ledger(channel_gateway, deposits)[0]
+    answers: list[requests.Response] = []
+    run_concurrently(
+        lambda _: answers.append(
+            requests.post(
+                channel_gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=60
+            )
+        ),
+        range(2),
+    )
+    assert sorted(a.status_code for a in answers) == [200, 402], [a.text for a in answers]
+    assert upstream_requests(upstream) == asked + 1  # (the refused one asked nothing of the upstream)
+    assert ledger(channel_gateway, deposits) == [(sent + 1,)]  # (nor sent a transaction: no gas)
+    channel = payer_channel(channel_gateway, account.address)
+    assert channel["balance"] == deposit == escrow_channel(chain, channel["id"])[0]
+    assert chain.balance(account.address) == 100_000_000 - deposit
+
+
 def test_a_payer_who_hangs_up_mid_stream_frees_its_channel_and_is_charged_at_most_the_quote(
     channel_gateway, devnet, chain
 ):
@@ -578,8 +610,10 @@ def test_a_deposit_mined_after_its_call_stopped_waiting_counts_in_its_channel(xp
             assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0, answer.text
             assert upstream_requests(upstream) == asked
             assert payer_channel(gateway, payer.account.address)["balance"] == 0
+            refunds = "SELECT COUNT(*) FROM transactions WHERE purpose = 'refund'"
             early = pay_voucher(gateway, body, payer, 0, kind="refund")
             assert refusal(early) == (402, "invalid_batch_settlement_evm_channel_busy"), early.text
+            assert ledger(gateway, refunds) == [(0,)]  # (refused before any gas is spent)
 
             chain.w3.provider.make_request("evm_mine", [])
             channel = wait_for(lambda: (c := payer_channel(gateway, payer.account.address))["balance"] and c)

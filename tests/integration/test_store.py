@@ -702,6 +702,31 @@ def test_an_idempotency_claim_taken_over_is_neither_released_nor_finished_by_its
     assert held["state"] == "done" and bytes(held["body"]) == b"retry"
 
 
+def test_attack_one_mined_deposit_concluded_by_two_replicas_at_once_counts_once(db_url):
+    """Every replica's settlement worker polls the same outbox: two that see one deposit mined at the
+    same moment conclude it once, and the channel holds it once."""
+    from tollway.ledger.channels import ChannelUse
+
+    stores = [Store(db_url), Store(db_url)]
+    try:
+        row = payment()
+        cid = "0x" + uuid.uuid4().hex * 2
+        use = ChannelUse(id=cid, config="{}", base=0, signed_max=10, signature="0x", deposit=10)
+        locked = stores[0].lock(row, f"{row['network']}|{row['asset']}|{row['payer']}", 0, call_id="c", channel=use)
+        assert locked is not None and stores[0].release(locked.payment_id, "not served")  # (the channel row stays)
+        sender = "0x" + uuid.uuid4().hex[:40]
+        stores[0].sync_settler_nonce(sender, 0)
+        columns = {"to": "0x", "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x", "tx_hash": "0x1"}
+        tx = stores[0].queue_transaction("deposit", sender, lambda n: columns)
+        concluded: list[bool] = []
+        run_concurrently(lambda s: concluded.append(s.deposit_mined(tx["id"], "0x1", True, cid, 10)), stores)
+        assert sorted(concluded) == [False, True]
+        assert stores[0].channel(cid)["balance"] == 10
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_a_deposit_of_the_largest_amount_into_a_funded_channel_is_no_overflow(db_url):
     """A channel's balance plus a hostile deposit of 2^63 - 1 overflowed PostgreSQL's bigint (a
     500): the take compares without adding. (Taken, the deposit then fails on chain, before any call.)"""
@@ -720,10 +745,13 @@ def test_a_deposit_of_the_largest_amount_into_a_funded_channel_is_no_overflow(db
         store.sync_settler_nonce(stand_in, 0)
         columns = {"to": "0x", "data": "0x", "gas": 1, "max_fee": 1, "tip": 1, "raw_tx": "0x"}
         deposits = [
-            store.queue_transaction("deposit", stand_in, lambda n: {**columns, "tx_hash": f"0x{n}"}) for _ in "ab"
+            store.queue_transaction("deposit", stand_in, lambda n: {**columns, "tx_hash": f"0x{n}"}) for _ in "abc"
         ]
-        assert store.deposit_mined(deposits[0]["id"], "0x0", True, cid, 10)
-        assert not store.deposit_mined(deposits[0]["id"], "0x0", True, cid, 10)  # (counted once)
+        assert store.deposit_mined(deposits[0]["id"], "0x0", False, cid, 10)  # reverted: counts for nothing
+        assert not store.deposit_mined(deposits[0]["id"], "0x0", True, cid, 10)  # (concluded once: never again)
+        assert store.channel(cid)["balance"] == 0
+        assert store.deposit_mined(deposits[1]["id"], "0x1", True, cid, 10)
+        assert not store.deposit_mined(deposits[1]["id"], "0x1", True, cid, 10)  # (counted once)
         assert store.channel(cid)["balance"] == 10
         huge = ChannelUse(id=cid, config="{}", base=0, signed_max=2**63 - 1, signature="0x", deposit=2**63 - 1)
         second = store.lock(
@@ -731,7 +759,7 @@ def test_a_deposit_of_the_largest_amount_into_a_funded_channel_is_no_overflow(db
         )
         assert second is not None and second.channel is not None
         # Mined (an 18-decimal token's 9.3 tokens), it saturates the 64-bit balance: counted short, never a failure.
-        assert store.deposit_mined(deposits[1]["id"], "0x1", True, cid, 2**63 - 1)
+        assert store.deposit_mined(deposits[2]["id"], "0x2", True, cid, 2**63 - 1)
         assert store.channel(cid)["balance"] == 2**63 - 1
     finally:
         store.close()
