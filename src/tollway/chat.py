@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -103,6 +103,14 @@ class ChatCall:
     def members(self) -> tuple[ChatCall, ...]:
         """This request as each model that may serve it serves it, in the order they are tried."""
         return (self, *self.fallbacks)
+
+    def at(self, now: float, quote_ttl: int) -> ChatCall:
+        """This request as parsing it at ``now`` makes it (``priced.py``): received then, its
+        quotes expiring ``quote_ttl`` later — what was worked out of its body kept, but its quotes
+        (they carry their expiry)."""
+        memo = {k: v for k, v in self._memo.items() if not isinstance(k, int)}
+        fallbacks = tuple(f.at(now, quote_ttl) for f in self.fallbacks)
+        return replace(self, received=now, expires=int(now) + quote_ttl, fallbacks=fallbacks, _memo=memo)
 
     def member(self, model: str) -> ChatCall:
         return next(m for m in self.members if m.model == model)

@@ -35,6 +35,7 @@ from .payments.chain import Chain
 from .payments.mpp import AUTHORIZATION, CREDENTIAL_TYPES, MppRail
 from .payments.signed import origin_of
 from .payments.x402 import V1_NETWORK_NAMES
+from .priced import PricedRequests
 from .pricing import Prices, to_atomic
 from .quotes import QuoteSigner
 from .settlement import Settler
@@ -102,6 +103,7 @@ class Gateway:
     upstream_byok_prices: dict[str, dict[str, Prices]] = field(default_factory=dict)
     free: free_tier.FreeTier | None = None  # the free tier (models marked free)
     _bases: dict[tuple[Any, ...], str] = field(default_factory=dict)  # public_base by what it is built from
+    priced: PricedRequests = field(default_factory=PricedRequests)  # the parses of 402s, for their paid retries
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:

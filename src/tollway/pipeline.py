@@ -64,6 +64,9 @@ from .upstream.attempts import encode_attempts
 from .upstream.client import Opened
 from .upstream.router import conversation_key
 
+PARSE_MESSAGES = partial(parse_generation, MESSAGES)
+PARSE_RESPONSES = partial(parse_generation, RESPONSES)  # (one object per API: ``priced.py`` keeps parses by it)
+
 
 async def chat_completions(request: Request, gw: Gateway) -> Response:
     return await paid_api(request, gw, parse_chat)
@@ -75,11 +78,11 @@ async def embeddings(request: Request, gw: Gateway) -> Response:
 
 async def messages(request: Request, gw: Gateway) -> Response:
     betas = request.headers.get("anthropic-beta")
-    return await paid_api(request, gw, partial(parse_generation, MESSAGES), check=lambda: refuse_betas(betas))
+    return await paid_api(request, gw, PARSE_MESSAGES, check=lambda: refuse_betas(betas))
 
 
 async def responses(request: Request, gw: Gateway) -> Response:
-    return await paid_api(request, gw, partial(parse_generation, RESPONSES))
+    return await paid_api(request, gw, PARSE_RESPONSES)
 
 
 async def paid_api(
@@ -94,7 +97,7 @@ async def paid_api(
         body = await read_body(request, gw.settings.max_body_bytes)
         byok = provider_key(request) is not None
         prices = gw.byok_prices if byok else gw.prices
-        call = parse(body, gw.settings, prices, origin=gw.origin(request), byok=byok)  # price
+        call = gw.priced.parse(parse, body, gw.settings, prices, origin=gw.origin(request), byok=byok)  # price
         model = call.model
         return await idempotency.once(gw, request, call.digest, lambda: paid_call(request, gw, call, call_id))
     except GatewayError as exc:
