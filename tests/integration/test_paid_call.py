@@ -24,3 +24,22 @@ def test_paid_call_moves_exactly_the_quote(gateway, chain, devnet):
     assert chain.balance(payer_account.address) == before_payer - paid.amount
     assert chain.balance(devnet.payee) == before_payee + paid.amount
     assert chain.receipt(paid.transaction)["status"] == 1
+
+
+def test_the_paid_retry_of_a_402_is_not_parsed_again(gateway, chain, devnet, monkeypatch):
+    from tollway import pipeline
+
+    parsed = []
+
+    def parse_chat(raw, *a, **k):
+        parsed.append(raw)
+        return pipeline_parse(raw, *a, **k)
+
+    pipeline_parse = pipeline.parse_chat
+    monkeypatch.setattr(pipeline, "parse_chat", parse_chat)
+    payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    with httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url) as client:
+        r = client.post("/v1/chat/completions", json={**BODY, "user": "parsed-once"})
+    assert r.status_code == 200, r.text
+    assert len(payer.history) == 1  # (a 402, then its paid retry: the same bytes)
+    assert len(parsed) == 1, "the retry parsed its body again"
