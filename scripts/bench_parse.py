@@ -21,7 +21,7 @@ from functools import partial
 
 from tollway.chat import parse_chat
 from tollway.config import ModelPrice, Settings
-from tollway.priced import PricedRequests
+from tollway.priced import PricedRequests, Pricing
 from tollway.pricing import Prices
 from tollway.upstream.router import conversation_key
 
@@ -42,7 +42,7 @@ def request(raw: bytes, kept: PricedRequests | None = None) -> None:
     if kept is None:
         call = parse_chat(raw, SETTINGS, PRICES, origin=ORIGIN)
     else:  # (a copy of the bytes: a body read from the network is a new object, its hash not known yet)
-        call = kept.parse(parse_chat, bytes(bytearray(raw)), SETTINGS, PRICES, origin=ORIGIN, byok=False)
+        call = kept.parse(Pricing(parse_chat, bytes(bytearray(raw)), SETTINGS, PRICES, ORIGIN, False))
     call.prefixes()
     conversation_key(call.model, call.body, call.prompt, {})
     call.forward("max_tokens", call.cap(metered=True))
@@ -59,8 +59,9 @@ def main() -> None:
     for turns in (0, 5, 20, 80):
         raw = body(turns)
         n = max(50, 20000 // (turns + 1))
-        kept = PricedRequests()
-        request(raw, kept)  # (warm up; the 402's parse, kept)
+        request(raw)  # (warm up)
+        kept, asked = PricedRequests(), Pricing(parse_chat, raw, SETTINGS, PRICES, ORIGIN, False)
+        kept.keep(asked, kept.parse(asked))  # (its 402's parse, kept)
         ours, retries, floor = [], [], []
         for _ in range(5):
             ours.append(per_call_us(request, raw, n))

@@ -93,8 +93,7 @@ class ChatCall:
     surface: str = "chat"  # the API: "chat", "messages", "responses" (generations), "embeddings" (no output)
     cap_field: str | None = None  # the output-cap field the API reads (None: the upstream's, for chat)
     prompt: list[Any] = field(default_factory=list, compare=False, repr=False)  # its prompt's items (Api.prompt)
-    # What was worked out of it, once: ("prefixes",), ("body", ...) the bytes forwarded, ("quote", cap)
-    _memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def cap(self, metered: bool) -> int:
         """The output cap a payment of this kind is priced and served with."""
@@ -107,27 +106,25 @@ class ChatCall:
 
     def at(self, now: float, quote_ttl: int) -> ChatCall:
         """This request as parsing it at ``now`` makes it (``priced.py``): received then, its
-        quotes expiring ``quote_ttl`` later — what was worked out of its body kept, but its quotes
-        (they carry their expiry)."""
-        memo = {k: v for k, v in self._memo.items() if k[0] != "quote"}
+        quotes expiring ``quote_ttl`` later, nothing worked out of it yet."""
         fallbacks = tuple(f.at(now, quote_ttl) for f in self.fallbacks)
-        return replace(self, received=now, expires=int(now) + quote_ttl, fallbacks=fallbacks, _memo=memo)
+        return replace(self, received=now, expires=int(now) + quote_ttl, fallbacks=fallbacks, _memo={})
 
     def member(self, model: str) -> ChatCall:
         return next(m for m in self.members if m.model == model)
 
     def prefixes(self) -> Prefixes:
         """Its prompt's message prefixes, hashed (``cache.py``), once."""
-        found = self._memo.get(("prefixes",))
+        found = self._memo.get("prefixes")
         if found is None:
-            found = self._memo[("prefixes",)] = prefixes_of(self.model, self.prompt)
+            found = self._memo["prefixes"] = prefixes_of(self.model, self.prompt)
         return found  # type: ignore[no-any-return]
 
     def quote(self, cap: int | None = None) -> Quote:
         """The price of this request served with output ``cap`` (default: the bound-paying one), by
         the dearest model that may serve it."""
         cap = cap or self.cap(metered=False)
-        found = self._memo.get(("quote", cap))
+        found = self._memo.get(cap)
         if found is None:
             output = cap * self.choices
             amount = max(
@@ -135,7 +132,7 @@ class ChatCall:
             )
             if amount > MAX_AMOUNT:
                 raise BadRequest("this request could cost more than can be paid in one call", code="quote_too_large")
-            found = self._memo[("quote", cap)] = Quote(
+            found = self._memo[cap] = Quote(
                 self.model, amount, self.digest, self.expires, self.prompt_bound, cap, self.choices, self.origin
             )
         return found  # type: ignore[no-any-return]

@@ -58,6 +58,7 @@ from .ledger.store import InsufficientCredit, credit_account, new_id
 from .metering import Paid, call_row, log, log_call, relay_stream, respond
 from .payments import x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
+from .priced import Pricing
 from .pricing import MAX_AMOUNT, Prices
 from .signin import SignIn
 from .upstream.attempts import encode_attempts
@@ -91,17 +92,21 @@ async def paid_api(
     """A paid call of an API whose request ``parse`` reads and prices (``chat.py``), after the
     API's own ``check`` of its headers."""
     started, call_id, model = time.time(), new_id(), "-"
+    pricing: Pricing | None = None
+    call: ChatCall | None = None
     try:
         if check is not None:
             check()
         body = await read_body(request, gw.settings.max_body_bytes)
         byok = provider_key(request) is not None
-        prices = gw.byok_prices if byok else gw.prices
-        call = gw.priced.parse(parse, body, gw.settings, prices, origin=gw.origin(request), byok=byok)  # price
+        pricing = Pricing(parse, body, gw.settings, gw.byok_prices if byok else gw.prices, gw.origin(request), byok)
+        call = gw.priced.parse(pricing)  # price
         model = call.model
-        return await idempotency.once(gw, request, call.digest, lambda: paid_call(request, gw, call, call_id))
+        return await idempotency.once(gw, request, call.digest, partial(paid_call, request, gw, call, call_id))
     except GatewayError as exc:
         log_call(call_id, model, exc.status, started, code=exc.code)
+        if exc.status == 402 and pricing is not None and call is not None:
+            gw.priced.keep(pricing, call)  # (its paid retry comes next: ``priced.py``)
         raise
     except Exception:
         log_call(call_id, model, 500, started, code="internal")

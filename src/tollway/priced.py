@@ -1,19 +1,20 @@
-"""Requests priced a moment ago, kept for their paid retry.
+"""Requests answered with a 402 a moment ago, their parse kept for the paid retry.
 
-A paid call comes twice: unpaid, it gets a 402 with its quote; the client signs and sends the
-same bytes again, now with the payment. Parsing and pricing a request (``chat.py``: strict JSON,
-its digest, its prompt's bound, each model's body) costs ~50 µs for a short one and ~0.9 ms for an
-agent's 175 KB conversation (``scripts/bench_parse.py``), and the retry would pay it again for
-the very same result. Here the parse of the 402 is kept, keyed by the body's bytes (compared in
-full: no hash stands for them) with the API, the gateway's origin and whether the call brings its
-own provider key; the retry gets a copy as if parsed as it arrived — received then, its quotes
-expiring a quote's lifetime later (``ChatCall.at``) — while its quote could still be paid.
-New settings or prices (a catalogue refresh) forget every parse made under the old ones.
+A paid call usually comes twice: unpaid, it gets a 402 with its quote; the client signs and sends
+the same bytes again, now with the payment. Parsing and pricing a request (``chat.py``: strict
+JSON, its digest, its prompt's bound, each model's body) costs ~50 µs for a short one and ~0.9 ms
+for an agent's 175 KB conversation (``scripts/bench_parse.py``), and the retry would pay it again
+for the very same result. So the parse of a request answered 402 is kept, keyed by the body's
+bytes (compared in full: no hash stands for them) with the API, the gateway's origin and whether
+the call brings its own provider key; the retry gets a copy as if parsed as it arrived — received
+then, its quotes expiring a quote's lifetime later (``ChatCall.at``) — while its quote could still
+be paid. New settings or prices (a catalogue refresh) forget every parse made under the old ones.
+A request paid without a 402 first costs one dictionary lookup more.
 
 The bound: ``MAX_REQUESTS`` requests and ``MAX_BYTES`` of their bodies (a body larger than a
-quarter of that is not kept), least recently used out first. A parse takes ~2-4× its body's bytes
-for a conversation's text, and at worst ~30× (a body of empty arrays, which anyone may send for a
-402): 1 MiB of bodies is a few MiB kept, 32 MiB at worst.
+quarter of that is not kept), least recently used out first. Kept, a request takes ~3× its body's
+bytes for a conversation's text, and at worst ~25× (a body of empty objects, which anyone may send
+for a 402): 1 MiB of bodies is ~3 MiB kept, 25 MiB at worst (measured with tracemalloc).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .chat import ChatCall
 from .config import Settings
@@ -30,46 +31,63 @@ from .pricing import Prices
 MAX_REQUESTS = 256
 MAX_BYTES = 2**20
 
-Parse = Callable[..., ChatCall]
+
+class Pricing(NamedTuple):
+    """A request to price: ``parse(raw, settings, prices, origin=origin, byok=byok)`` prices it.
+    ``parse`` must be one object per API (a module-level function or constant)."""
+
+    parse: Callable[..., ChatCall]
+    raw: bytes
+    settings: Settings
+    prices: dict[str, Prices]
+    origin: str
+    byok: bool
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.parse, self.origin, self.byok, self.raw)
 
 
 class PricedRequests:
     def __init__(self, max_requests: int = MAX_REQUESTS, max_bytes: int = MAX_BYTES) -> None:
         self.max_requests, self.max_bytes = max_requests, max_bytes
-        # (parse, origin, byok, body) → (prices, when parsed, the parse as made then)
-        self._kept: OrderedDict[tuple[Parse, str, bool, bytes], tuple[dict[str, Prices], float, ChatCall]]
-        self._kept = OrderedDict()
+        self._kept: OrderedDict[tuple[Any, ...], tuple[dict[str, Prices], float, ChatCall]] = OrderedDict()
         self._bytes = 0
         self._settings: Settings | None = None
 
-    def parse(
-        self, parse: Parse, raw: bytes, settings: Settings, prices: dict[str, Prices], *, origin: str, byok: bool
-    ) -> ChatCall:
-        """``parse(raw, settings, prices, origin=origin, byok=byok)``, or a copy of the parse of the
-        same request made lately, as if made now. ``parse`` must be one object per API (a
-        module-level function or constant)."""
+    def parse(self, r: Pricing) -> ChatCall:
+        """The request parsed and priced as it arrives now: a copy of its kept parse, or a new one."""
         now = time.time()
+        self._settle(r.settings)
+        kept = self._kept.get(r.key)
+        if kept is not None:
+            prices, at, call = kept
+            if prices is r.prices and now - at < r.settings.quote_ttl_seconds:
+                self._kept.move_to_end(r.key)
+                return call.at(now, r.settings.quote_ttl_seconds)
+            self._drop(r.key)
+        return r.parse(r.raw, r.settings, r.prices, origin=r.origin, byok=r.byok, now=now)
+
+    def keep(self, r: Pricing, call: ChatCall) -> None:
+        """Keep ``call``, what parsing ``r`` made, for its paid retry (it was answered 402)."""
+        if r.settings is not self._settings or len(r.raw) > self.max_bytes // 4:
+            return
+        if r.key in self._kept:
+            self._drop(r.key)
+        now = time.time()  # (a copy: what the call works out, now or later, is not kept)
+        self._kept[r.key] = (r.prices, now, call.at(now, r.settings.quote_ttl_seconds))
+        self._bytes += len(r.raw)
+        while len(self._kept) > self.max_requests or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._kept)))
+
+    def _settle(self, settings: Settings) -> None:
+        """New settings (and prices with them): every parse made under the old ones is forgotten."""
         if settings is not self._settings:
             self._kept.clear()
             self._bytes, self._settings = 0, settings
-        key = (parse, origin, byok, raw)
-        kept = self._kept.get(key)
-        if kept is not None:
-            made_at, at, call = kept
-            if made_at is prices and now - at < settings.quote_ttl_seconds:
-                self._kept.move_to_end(key)
-                return call.at(now, settings.quote_ttl_seconds)
-            self._drop(key)
-        call = parse(raw, settings, prices, origin=origin, byok=byok, now=now)
-        if len(raw) <= self.max_bytes // 4:  # (a copy: what the call works out later is not kept)
-            self._kept[key] = (prices, now, call.at(now, settings.quote_ttl_seconds))
-            self._bytes += len(raw)
-            while len(self._kept) > self.max_requests or self._bytes > self.max_bytes:
-                self._drop(next(iter(self._kept)))
-        return call
 
     def _drop(self, key: tuple[Any, ...]) -> None:
-        del self._kept[key]  # type: ignore[arg-type]
+        del self._kept[key]
         self._bytes -= len(key[-1])
 
     def __len__(self) -> int:
