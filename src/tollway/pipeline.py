@@ -106,11 +106,19 @@ async def paid_api(
     except GatewayError as exc:
         log_call(call_id, model, exc.status, started, code=exc.code)
         if exc.status == 402 and pricing is not None and call is not None:
-            gw.priced.keep(pricing, call)  # (its paid retry comes next: ``priced.py``)
+            keep(gw, pricing, call)
         raise
     except Exception:
         log_call(call_id, model, 500, started, code="internal")
         raise
+
+
+def keep(gw: Gateway, pricing: Pricing, call: ChatCall) -> None:
+    """Keep the parse of a request answered 402: its paid retry comes next (``priced.py``)."""
+    try:
+        gw.priced.keep(pricing, call)
+    except Exception:  # (its 402 goes out whatever happens here)
+        log.exception("could not keep the parse of a request answered 402")
 
 
 async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str) -> Response:

@@ -11,10 +11,11 @@ then, its quotes expiring a quote's lifetime later (``ChatCall.at``) — while i
 be paid. New settings or prices (a catalogue refresh) forget every parse made under the old ones.
 A request paid without a 402 first costs one dictionary lookup more.
 
-The bound: ``MAX_REQUESTS`` requests and ``MAX_BYTES`` of their bodies (a body larger than a
-quarter of that is not kept), least recently used out first. Kept, a request takes ~3× its body's
-bytes for a conversation's text, and at worst ~25× (a body of empty objects, which anyone may send
-for a 402): 1 MiB of bodies is ~3 MiB kept, 25 MiB at worst (measured with tracemalloc).
+The bound: ``MAX_REQUESTS`` requests and ``MAX_BYTES`` of their bodies and origins (a body larger
+than a quarter of that is not kept, nor looked up), least recently used out first. Kept, a request
+takes ~3× its body's bytes for a conversation's text, and at worst ~33× (messages of nested empty
+arrays and objects, which anyone may send for a 402): 1 MiB of bodies is ~3 MiB kept, 33 MiB at
+worst (measured with tracemalloc on Python 3.11).
 """
 
 from __future__ import annotations
@@ -47,11 +48,16 @@ class Pricing(NamedTuple):
     def key(self) -> tuple[Any, ...]:
         return (self.parse, self.origin, self.byok, self.raw)
 
+    @property
+    def size(self) -> int:
+        return len(self.raw) + len(self.origin)
+
 
 class PricedRequests:
     def __init__(self, max_requests: int = MAX_REQUESTS, max_bytes: int = MAX_BYTES) -> None:
         self.max_requests, self.max_bytes = max_requests, max_bytes
-        self._kept: OrderedDict[tuple[Any, ...], tuple[dict[str, Prices], float, ChatCall]] = OrderedDict()
+        # (parse, origin, byok, body) → (prices, when kept, the parse as of then, its size)
+        self._kept: OrderedDict[tuple[Any, ...], tuple[dict[str, Prices], float, ChatCall, int]] = OrderedDict()
         self._bytes = 0
         self._settings: Settings | None = None
 
@@ -59,9 +65,9 @@ class PricedRequests:
         """The request parsed and priced as it arrives now: a copy of its kept parse, or a new one."""
         now = time.time()
         self._settle(r.settings)
-        kept = self._kept.get(r.key)
+        kept = self._kept.get(r.key) if r.size <= self.max_bytes // 4 else None
         if kept is not None:
-            prices, at, call = kept
+            prices, at, call, _ = kept
             if prices is r.prices and now - at < r.settings.quote_ttl_seconds:
                 self._kept.move_to_end(r.key)
                 return call.at(now, r.settings.quote_ttl_seconds)
@@ -70,13 +76,13 @@ class PricedRequests:
 
     def keep(self, r: Pricing, call: ChatCall) -> None:
         """Keep ``call``, what parsing ``r`` made, for its paid retry (it was answered 402)."""
-        if r.settings is not self._settings or len(r.raw) > self.max_bytes // 4:
+        if r.settings is not self._settings or r.size > self.max_bytes // 4:
             return
         if r.key in self._kept:
             self._drop(r.key)
         now = time.time()  # (a copy: what the call works out, now or later, is not kept)
-        self._kept[r.key] = (r.prices, now, call.at(now, r.settings.quote_ttl_seconds))
-        self._bytes += len(r.raw)
+        self._kept[r.key] = (r.prices, now, call.at(now, r.settings.quote_ttl_seconds), r.size)
+        self._bytes += r.size
         while len(self._kept) > self.max_requests or self._bytes > self.max_bytes:
             self._drop(next(iter(self._kept)))
 
@@ -87,8 +93,7 @@ class PricedRequests:
             self._bytes, self._settings = 0, settings
 
     def _drop(self, key: tuple[Any, ...]) -> None:
-        del self._kept[key]
-        self._bytes -= len(key[-1])
+        self._bytes -= self._kept.pop(key)[3]
 
     def __len__(self) -> int:
         return len(self._kept)

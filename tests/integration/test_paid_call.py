@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from support import wait_receipt
@@ -28,6 +30,7 @@ def test_paid_call_moves_exactly_the_quote(gateway, chain, devnet):
 
 def test_the_paid_retry_of_a_402_is_not_parsed_again(gateway, chain, devnet, monkeypatch):
     from tollway import pipeline
+    from tollway.payments.x402 import unb64json
 
     parsed = []
 
@@ -35,11 +38,24 @@ def test_the_paid_retry_of_a_402_is_not_parsed_again(gateway, chain, devnet, mon
         parsed.append(raw)
         return pipeline_parse(raw, *a, **k)
 
+    def quote_expires(r: httpx.Response) -> int:
+        assert r.status_code == 402, r.text
+        return int(unb64json(r.headers["payment-required"])["accepts"][0]["extra"]["quote"].split(".")[0])
+
     pipeline_parse = pipeline.parse_chat
     monkeypatch.setattr(pipeline, "parse_chat", parse_chat)
+    body = {**BODY, "user": "parsed-once"}
+    first = quote_expires(httpx.post(gateway.url + "/v1/chat/completions", json=body))
+    time.sleep(1.1)
+    again = quote_expires(httpx.post(gateway.url + "/v1/chat/completions", json=body))
+    assert again > first and len(parsed) == 1  # (the same parse, as if made on arrival)
     payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
     with httpx.Client(transport=SyncPayingTransport(payer), base_url=gateway.url) as client:
-        r = client.post("/v1/chat/completions", json={**BODY, "user": "parsed-once"})
+        r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     assert len(payer.history) == 1  # (a 402, then its paid retry: the same bytes)
     assert len(parsed) == 1, "the retry parsed its body again"
+    refused = {**body, "max_tokens": -1}
+    for _ in range(2):  # (a request refused otherwise is not kept: parsed each time)
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=refused).status_code == 400
+    assert len(parsed) == 3

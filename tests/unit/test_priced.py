@@ -131,12 +131,21 @@ def test_it_is_bounded_in_requests_and_bytes():
     kept.parse(pricing(bodies[2]))  # (used again: kept longest)
     answered_402(kept, pricing(bodies[0]))
     assert kept_bodies(kept) == [bodies[4], bodies[2], bodies[0]]  # (least recently used out first)
-    big = raw(user="x" * 1_200)  # (more than a quarter of the bytes: not kept)
+    big = raw(user="x" * 960)  # (with its origin, more than a quarter of the bytes: not kept)
     answered_402(kept, pricing(big))
     assert big not in kept_bodies(kept)
-    for b in [raw(user=f"{i}" * 900) for i in range(4)]:
+    for b in [raw(user=f"{i}" * 880) for i in range(4)]:
         answered_402(kept, pricing(b))
-    assert kept._bytes == sum(len(b) for b in kept_bodies(kept)) <= 4_000
+    assert kept._bytes == sum(len(b) + len(ORIGIN) for b in kept_bodies(kept)) <= 4_000
+
+
+def test_a_request_answered_402_again_is_kept_once_and_last():
+    kept = PricedRequests(max_requests=3)
+    a, b = raw(user="a"), raw(user="b")
+    for body in (a, b, a):
+        answered_402(kept, pricing(body))
+    assert kept_bodies(kept) == [b, a]
+    assert kept._bytes == len(a) + len(b) + 2 * len(ORIGIN)
 
 
 def test_what_a_call_works_out_is_not_kept(monkeypatch):
@@ -144,7 +153,7 @@ def test_what_a_call_works_out_is_not_kept(monkeypatch):
     body = raw()
     first = answered_402(kept, pricing(body))
     first.prefixes(), first.forward("max_tokens", 100)
-    (stored,) = (call for _, _, call in kept._kept.values())
+    (stored,) = (call for _, _, call, _ in kept._kept.values())
     assert stored is not first and not stored._memo
     monkeypatch.setattr(chat, "parse_generation", None)  # (a kept parse parses nothing)
     second = kept.parse(pricing(body))
