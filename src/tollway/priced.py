@@ -12,10 +12,11 @@ be paid. New settings or prices (a catalogue refresh) forget every parse made un
 A request paid without a 402 first costs one dictionary lookup more.
 
 The bound: ``MAX_REQUESTS`` requests and ``MAX_BYTES`` of their bodies and origins (a body larger
-than a quarter of that is not kept, nor looked up), least recently used out first. Kept, a request
-takes ~3× its body's bytes for a conversation's text, and at worst ~33× (messages of nested empty
-arrays and objects, which anyone may send for a 402): 1 MiB of bodies is ~3 MiB kept, 33 MiB at
-worst (measured with tracemalloc on Python 3.11).
+than a quarter of that is not kept, nor looked up), least recently used out first. Kept, a short
+chat request takes ~2.5 KB, a conversation ~3× its body's bytes, and at worst a body takes ~33× its
+bytes (messages of nested empty arrays and objects, which anyone may send for a 402): ~3 MiB for
+1,024 short requests or 1 MiB of conversations, 33 MiB at worst (tracemalloc, Python 3.11). A
+client's retry follows its 402 within moments: 1,024 covers as many clients signing at once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .chat import ChatCall
 from .config import Settings
 from .pricing import Prices
 
-MAX_REQUESTS = 256
+MAX_REQUESTS = 1024
 MAX_BYTES = 2**20
 
 
