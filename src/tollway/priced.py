@@ -9,7 +9,8 @@ bytes (compared in full: no hash stands for them) with the API, the gateway's or
 the call brings its own provider key; the retry gets a copy as if parsed as it arrived — received
 then, its quotes expiring a quote's lifetime later (``ChatCall.at``) — while its quote could still
 be paid. New settings or prices (a catalogue refresh) forget every parse made under the old ones.
-A request paid without a 402 first costs one dictionary lookup more.
+A request paid without a 402 first costs one dictionary lookup more (hashing its bytes:
+~45 µs at 175 KB, against ~0.9 ms to parse them).
 
 The bound: ``MAX_REQUESTS`` requests and ``MAX_BYTES`` of their bodies and origins (a body larger
 than a quarter of that is not kept, nor looked up), least recently used out first. Kept, a short
