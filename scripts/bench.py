@@ -125,17 +125,20 @@ CHAIN_BACKED = ("exact", "upto")  # their funds are simulated on chain before th
 PAID_SIDES = ("exact", "upto", "credit", "voucher")  # voucher: an x402 batch-settlement channel's
 SIDES: tuple[str, ...] = ("direct", "floor", *PAID_SIDES)  # + "litellm" after floor when it runs (use_litellm)
 UNPAID_SIDES = ("direct", "floor", "litellm")  # no payment; the same bodies and headers
-ON_CPU1 = ("gateway", "floor", "litellm")  # pinned to CPU 1 (their blocks never overlap one another's)
+ON_CPU1 = ("gateway", "floor", "litellm", "baseline")  # pinned to CPU 1 (their blocks never overlap one another's)
+# The side "baseline": credit calls through a second gateway, built from another revision (--baseline-venv)
+BASELINE = "baseline"
 CREDIT_FUND = 20_000_000  # atomic units (20 of the 6-decimal token) of credit per payer wallet
 CHANNELS = 16  # voucher channels (a channel serves one call at a time: as many as the concurrency)
 CHANNEL_DEPOSIT = 2_000_000  # each channel's deposit, atomic units (it covers thousands of bench calls)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def use_litellm(on: bool) -> None:
-    """Add (or leave out) the unpaid side ``litellm``: LiteLLM's proxy in front of the same upstream."""
+def use_litellm(on: bool, baseline: bool = False) -> None:
+    """Add (or leave out) the unpaid side ``litellm``: LiteLLM's proxy in front of the same upstream;
+    and the side ``baseline`` (credit through the gateway of ``--baseline-venv``)."""
     global SIDES
-    SIDES = ("direct", "floor", *(("litellm",) if on else ()), *PAID_SIDES)
+    SIDES = ("direct", "floor", *(("litellm",) if on else ()), *PAID_SIDES, *((BASELINE,) if baseline else ()))
 
 
 def make_body(stream: bool, tag: int = 0) -> bytes:
@@ -283,6 +286,7 @@ class Cluster:
     gateway_venv: Path
     block_time: float | None = None
     litellm: Path | None = None  # the litellm executable, if this run measures LiteLLM's proxy
+    baseline_venv: Path | None = None  # another revision's runtime-only venv, measured as the side "baseline"
     stages: Path | None = None  # with --stages: where the instrumented gateway writes its stage times
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tollway-bench-")))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -292,6 +296,7 @@ class Cluster:
     gw_url: str = ""
     litellm_url: str = ""
     floor_url: str = ""
+    baseline_url: str = ""
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid
@@ -355,6 +360,13 @@ class Cluster:
         if self.stages is not None:  # the same gateway, timed stage by stage (scripts/bench_stages.py)
             argv = [str(self.gateway_venv / "bin" / "python"), str(STAGE_TIMER), str(self.stages), *argv[1:]]
         self._spawn("gateway", [*argv, "--log-level", "warning"], env, cpu=1)
+        if self.baseline_venv is not None:  # the same configuration, its own ledger and port
+            port = free_port()
+            self.baseline_url = f"http://127.0.0.1:{port}"
+            base_env = {**env, "TOLLWAY_DATABASE_URL": f"sqlite:///{self.tmp / 'baseline.sqlite3'}"}
+            base_env["TOLLWAY_DEVNET_FILE"] = str(self.tmp / "baseline-devnet.json")
+            argv = [str(self.baseline_venv / "bin" / "tollway"), "serve", "--port", str(port)]
+            self._spawn(BASELINE, [*argv, "--mock-port", str(free_port()), "--log-level", "warning"], base_env, cpu=1)
         floor_port = free_port()
         self.floor_url = f"http://127.0.0.1:{floor_port}"
         python = str(self.gateway_venv / "bin" / "python")  # (the gateway's uvicorn, uvloop, httptools and h1)
@@ -405,6 +417,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         checks = [("upstream", f"{self.upstream_url}/v1/models"), ("gateway", f"{self.gw_url}/healthz")]
         checks.append(("floor", f"{self.floor_url}/"))
+        if self.baseline_venv is not None:
+            checks.append((BASELINE, f"{self.baseline_url}/healthz"))
         if self.litellm is not None:  # slow to import: up to the whole timeout
             checks.append(("litellm", f"{self.litellm_url}/health/liveliness"))
         for name, url in checks:
@@ -436,7 +450,7 @@ class Cluster:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        for name in ("gateway", "floor", "litellm", "upstream", "anvil", "py-spy", "perf"):
+        for name in ("gateway", BASELINE, "floor", "litellm", "upstream", "anvil", "py-spy", "perf"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -793,7 +807,8 @@ class Bench:
         self.paid_url = f"{cluster.gw_url}/v1/chat/completions"
         self.litellm_url = f"{cluster.litellm_url}/v1/chat/completions"
         self.floor_url = f"{cluster.floor_url}/v1/chat/completions"
-        names = ("gateway", "floor", "upstream", "anvil", *(("litellm",) if "litellm" in SIDES else ()))
+        self.baseline_url = f"{cluster.baseline_url}/v1/chat/completions"
+        names = ("gateway", "floor", "upstream", "anvil", *(s for s in ("litellm", BASELINE) if s in SIDES))
         self.pids = {name: cluster.pid(name) for name in names}
         self.pids["loadgen"] = os.getpid()
         self.drains: list[dict[str, float]] = []
@@ -836,10 +851,11 @@ class Bench:
         if side == "rpc":
             return await rpc_block(self.http, self.cluster.devnet.rpc_url, self.rpc_payload, n, self.pids)
         await self.drain()
-        bodies, headers = await self.signer.calls(
-            self.http, self.paid_url, "direct" if side in UNPAID_SIDES else side, n, stream
-        )
-        url = {"direct": self.direct_url, "floor": self.floor_url, "litellm": self.litellm_url}.get(side, self.paid_url)
+        urls = {"direct": self.direct_url, "floor": self.floor_url, "litellm": self.litellm_url}
+        url = {**urls, BASELINE: self.baseline_url}.get(side, self.paid_url)
+        paid = "direct" if side in UNPAID_SIDES else "credit" if side == BASELINE else side
+        signer_url = url if side == BASELINE else self.paid_url  # (the gateway whose 402s sign the calls)
+        bodies, headers = await self.signer.calls(self.http, signer_url, paid, n, stream)
         probe = None
         if side in CHAIN_BACKED and concurrency == 1 and not stream:  # the RPC round trip as these calls find anvil
             probe = partial(rpc_probe, self.http, self.cluster.devnet.rpc_url, self.rpc_payload)
@@ -908,11 +924,11 @@ class Bench:
             if got != direct["choices"][0]["message"]["content"]:
                 raise RuntimeError(f"LiteLLM's answer differs from the direct one: {got!r}")
 
-    async def credit(self, account: Any) -> dict[str, Any]:
-        """``GET /v1/credit`` signed in as ``account`` (the 401 declares the sign-in)."""
+    async def credit(self, account: Any, gateway: str) -> dict[str, Any]:
+        """``GET /v1/credit`` of ``gateway`` signed in as ``account`` (the 401 declares the sign-in)."""
         from tollway.payments.x402 import PAYMENT_REQUIRED, unb64json
 
-        url = f"{self.cluster.gw_url}/v1/credit"
+        url = f"{gateway}/v1/credit"
         async with self.http.get(url) as r:
             if r.status != 401:
                 raise RuntimeError(f"GET /v1/credit without a sign-in answered {r.status}, expected 401")
@@ -922,9 +938,9 @@ class Bench:
                 raise RuntimeError(f"GET /v1/credit signed in answered {r.status}: {(await r.text())[:300]}")
             return await r.json()  # type: ignore[no-any-return]
 
-    async def fund_credit(self, amount: int) -> dict[str, Any]:
-        """Give every payer wallet ``amount`` of credit: a token transfer to the payee, claimed as
-        the ``transfer`` payment of one call (what the call does not cost becomes credit)."""
+    async def fund_credit(self, amount: int, gateway: str) -> dict[str, Any]:
+        """Give every payer wallet ``amount`` of credit at ``gateway``: a token transfer to the payee,
+        claimed as the ``transfer`` payment of one call (what the call does not cost becomes credit)."""
         from eth_account import Account
         from web3 import Web3
 
@@ -946,19 +962,18 @@ class Bench:
         for h in sent:
             if w3.eth.wait_for_transaction_receipt(h, timeout=60, poll_latency=0.05)["status"] != 1:
                 raise RuntimeError(f"funding transfer {h.hex()} reverted")
+        url = f"{gateway}/v1/chat/completions"
         for account, h in zip(self.signer.accounts, sent, strict=True):
             body = make_body(False, next(self.signer.tags))
-            offer = self.signer.offer(await self.signer.quote(self.http, self.paid_url, body), "transfer")
-            payload = claim_transfer(account, offer, "0x" + bytes(h).hex(), self.cluster.gw_url)
+            offer = self.signer.offer(await self.signer.quote(self.http, url, body), "transfer")
+            payload = claim_transfer(account, offer, "0x" + bytes(h).hex(), gateway)
             doc = {"x402Version": 2, "accepted": offer, "payload": payload}
-            async with self.http.post(
-                self.paid_url, data=body, headers={**JSON_HEADERS, PAYMENT_SIGNATURE: b64json(doc)}
-            ) as r:
+            async with self.http.post(url, data=body, headers={**JSON_HEADERS, PAYMENT_SIGNATURE: b64json(doc)}) as r:
                 if r.status != 200:
                     raise RuntimeError(f"funding credit by transfer failed: {r.status} {(await r.text())[:300]}")
         deadline = time.monotonic() + 60
         while True:
-            available = [int((await self.credit(a))["available"]["atomic"]) for a in self.signer.accounts]
+            available = [int((await self.credit(a, gateway))["available"]["atomic"]) for a in self.signer.accounts]
             if min(available) >= amount // 2:
                 break
             if time.monotonic() > deadline:
@@ -1529,6 +1544,9 @@ def header(res: dict[str, Any]) -> list[str]:
             f"test extras present: {extras}"
         )
         lines.append("  " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    base = res.get("baseline")
+    if base:
+        lines.append(f"baseline: {base.get('path')} at {base.get('commit', '?')} (the side 'baseline': credit calls)")
     lg = res["loadgen"]
     lines.append(
         f"load generator: {lg['python']} (.venv), aiohttp {lg['aiohttp']} on {lg['loop']}; upstream: "
@@ -1574,7 +1592,7 @@ def report(res: dict[str, Any]) -> str:
     row("stream c=1     TTFB p99 (ms)", st, "ttfb_p99_ms")
     row("stream c=1     whole p50 (ms)", st, "p50_ms")
     row("calls/s c=16 (one gateway worker)", c16, "calls_per_s", 0)
-    for name in ("gateway", "floor", *(("litellm",) if "litellm" in SIDES else ()), "upstream", "anvil", "loadgen"):
+    for name in ("gateway", "floor", *(s for s in ("litellm", BASELINE) if s in SIDES), "upstream", "anvil", "loadgen"):
         cpu(f"CPU ms/call c=16: {name}", c16, "cpu_ms_per_call", name, 3)
     busy0 = {s: sum(c16[s]["cpu_busy_pct"].get(k, 0.0) for k in ("upstream", "anvil", "loadgen")) for s in SIDES}
     lines.append(w.format("CPU 0 busy % c=16 (loadgen+up+anvil)", *(fmt(busy0[s], 0) for s in SIDES)))
@@ -1626,6 +1644,19 @@ def report(res: dict[str, Any]) -> str:
         f"{fmt(BUDGET['added_ms'] - fl1, 2)} ms for a paid call's own work; each scheme's own work (added p50 less the "
         "floor's): " + ", ".join(f"{s} {signed(c1['vs_direct'][s]['added_p50_ms'] - fl1)} ms" for s in PAID_SIDES)
     )
+    if BASELINE in SIDES:
+        delta = {
+            label: sec["vs_direct"]["credit"][key] - sec["vs_direct"][BASELINE][key]
+            for label, sec, key in (("p50 c=1", c1, "added_p50_ms"), ("TTFB", st, "added_ttfb_p50_ms"))
+        }
+        lines.append(
+            f"baseline (credit through the gateway of {res['config']['baseline_venv']}, interleaved): added p50 c=1 "
+            f"{signed(c1['vs_direct'][BASELINE]['added_p50_ms'])} ms, TTFB "
+            f"{signed(st['vs_direct'][BASELINE]['added_ttfb_p50_ms'])} ms, {fmt(c16[BASELINE]['calls_per_s'], 0)} "
+            f"calls/s; credit here less the baseline: "
+            + ", ".join(f"{k} {signed(v)} ms" for k, v in delta.items())
+            + f", calls/s ×{c16['credit']['calls_per_s'] / c16[BASELINE]['calls_per_s']:.2f}"
+        )
     if ceiling < 600:
         lines.append("  WARNING: below 600/s — the client side may cap what the paid calls/s can show")
     for s in PAID_SIDES:
@@ -1880,6 +1911,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the venv whose litellm proxy is measured as an unpaid side, if it exists (.venv-litellm;\n"
         f"optional, never installed by the bench: {LITELLM_INSTALL})",
     )
+    p.add_argument(
+        "--baseline-venv",
+        metavar="PATH",
+        help="another revision's runtime-only venv, whose gateway is measured as the side 'baseline' (credit calls,\n"
+        "interleaved with this one's, its own ledger; CPU 1): an A/B in one run. For example:\n"
+        "git worktree add /tmp/base REV && python3 -m venv /tmp/base/.venv-bench &&\n"
+        "/tmp/base/.venv-bench/bin/pip install -e /tmp/base",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--profile", metavar="PATH", help="py-spy the gateway under paid load; raw stacks to PATH")
     p.add_argument(
@@ -1919,6 +1958,12 @@ def source_state() -> dict[str, Any]:
 
     changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_src_files": len(changed)}
+
+
+def commit_of(path: Path) -> str:
+    """The commit checked out where ``path`` is (a worktree's), or '?'."""
+    got = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return got.stdout.strip() or "?"
 
 
 def pin_self() -> tuple[bool, str]:
@@ -1965,7 +2010,12 @@ async def run(args: argparse.Namespace, cluster: Cluster, res: dict[str, Any]) -
         bench = Bench(args, cluster, http)
         log(f"gateway {cluster.gw_url} (pid {bench.pids['gateway']}), upstream {cluster.upstream_url}")
         log(f"funding credit: a transfer of {CREDIT_FUND / 1e6:g} tokens from each of the payer wallets")
-        res["credit_funding"] = await bench.fund_credit(CREDIT_FUND)
+        res["credit_funding"] = await bench.fund_credit(CREDIT_FUND, cluster.gw_url)
+        if cluster.baseline_venv is not None:
+            log(f"baseline gateway {cluster.baseline_url} ({cluster.baseline_venv}): funding its credit the same way")
+            await bench.fund_credit(CREDIT_FUND, cluster.baseline_url)
+            base = cluster.baseline_venv
+            res["baseline"] = {**gateway_venv_info(base), "commit": commit_of(base.parent)}
         log("sanity + warm-up")
         await bench.sanity()
         await bench.warmup()
@@ -2039,7 +2089,10 @@ def main(argv: list[str] | None = None) -> int:
         loop_name, new_loop = "asyncio", asyncio.new_event_loop
     gateway_venv = Path(args.gateway_venv).resolve()
     litellm, litellm_line = litellm_state(Path(args.litellm_venv).resolve())
-    use_litellm(litellm is not None)
+    baseline = Path(args.baseline_venv).resolve() if args.baseline_venv else None
+    if baseline is not None and not (baseline / "bin" / "tollway").exists():
+        raise SystemExit(f"bench: --baseline-venv {baseline}: no bin/tollway there")
+    use_litellm(litellm is not None, baseline is not None)
     res: dict[str, Any] = {
         "command": " ".join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -2067,6 +2120,7 @@ def main(argv: list[str] | None = None) -> int:
         pin=pinned,
         keep=args.keep,
         gateway_venv=gateway_venv,
+        baseline_venv=baseline,
         block_time=args.block_time,
         litellm=litellm,
         stages=Path(args.stages).resolve() if args.stages else None,
