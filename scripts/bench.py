@@ -39,6 +39,11 @@ database, no master key — routing ``mock/echo`` to the same fast upstream, and
 ``litellm`` (unpaid, the direct side's bodies) in the c=1, c=16 and stream rounds. It shares CPU 1
 with the gateway in time only: every block runs alone, so its blocks never overlap the gateway's.
 
+An A/B arm, ``--baseline-venv PATH``: a second gateway from another revision's runtime-only venv,
+configured alike with a ledger of its own, pinned to CPU 1 and measured as the side ``baseline``
+(credit calls) in the same rounds. It carries only credit calls, so it runs quieter than the
+gateway: run it against the same revision first (an A/A) to see that bias.
+
 Setup is the script's own: anvil on a free port, the test token deployed, the fast upstream
 (``scripts/bench_upstream.py``: raw asyncio, the mock's answers byte for byte) and the gateway
 (``tollway serve`` from ``.venv-bench``, a runtime-only install — ``pip install -e .``, no extras —
