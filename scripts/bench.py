@@ -128,7 +128,7 @@ BUDGET = {
 }
 CHAIN_BACKED = ("exact", "upto")  # their funds are simulated on chain before the upstream is asked
 PAID_SIDES = ("exact", "upto", "credit", "voucher")  # voucher: an x402 batch-settlement channel's
-SIDES: tuple[str, ...] = ("direct", "floor", *PAID_SIDES)  # + "litellm" after floor when it runs (use_litellm)
+SIDES: tuple[str, ...] = ("direct", "floor", *PAID_SIDES)  # + "litellm" after floor, "baseline" last (use_sides)
 UNPAID_SIDES = ("direct", "floor", "litellm")  # no payment; the same bodies and headers
 ON_CPU1 = ("gateway", "floor", "litellm", "baseline")  # pinned to CPU 1 (their blocks never overlap one another's)
 # The side "baseline": credit calls through a second gateway, built from another revision (--baseline-venv)
@@ -139,11 +139,12 @@ CHANNEL_DEPOSIT = 2_000_000  # each channel's deposit, atomic units (it covers t
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def use_litellm(on: bool, baseline: bool = False) -> None:
-    """Add (or leave out) the unpaid side ``litellm``: LiteLLM's proxy in front of the same upstream;
-    and the side ``baseline`` (credit through the gateway of ``--baseline-venv``)."""
+def use_sides(litellm: bool, baseline: bool) -> None:
+    """Add (or leave out) the optional sides: ``litellm``, unpaid, LiteLLM's proxy in front of the
+    same upstream; ``baseline``, credit through the gateway of ``--baseline-venv``."""
     global SIDES
-    SIDES = ("direct", "floor", *(("litellm",) if on else ()), *PAID_SIDES, *((BASELINE,) if baseline else ()))
+    optional = (("litellm",) if litellm else ()), ((BASELINE,) if baseline else ())
+    SIDES = ("direct", "floor", *optional[0], *PAID_SIDES, *optional[1])
 
 
 def make_body(stream: bool, tag: int = 0) -> bytes:
@@ -856,11 +857,11 @@ class Bench:
         if side == "rpc":
             return await rpc_block(self.http, self.cluster.devnet.rpc_url, self.rpc_payload, n, self.pids)
         await self.drain()
-        urls = {"direct": self.direct_url, "floor": self.floor_url, "litellm": self.litellm_url}
-        url = {**urls, BASELINE: self.baseline_url}.get(side, self.paid_url)
+        unpaid = {"direct": self.direct_url, "floor": self.floor_url, "litellm": self.litellm_url}
+        gateway = self.baseline_url if side == BASELINE else self.paid_url  # (whose 402s the calls answer)
         paid = "direct" if side in UNPAID_SIDES else "credit" if side == BASELINE else side
-        signer_url = url if side == BASELINE else self.paid_url  # (the gateway whose 402s sign the calls)
-        bodies, headers = await self.signer.calls(self.http, signer_url, paid, n, stream)
+        bodies, headers = await self.signer.calls(self.http, gateway, paid, n, stream)
+        url = unpaid.get(side, gateway)
         probe = None
         if side in CHAIN_BACKED and concurrency == 1 and not stream:  # the RPC round trip as these calls find anvil
             probe = partial(rpc_probe, self.http, self.cluster.devnet.rpc_url, self.rpc_payload)
@@ -2097,7 +2098,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = Path(args.baseline_venv).resolve() if args.baseline_venv else None
     if baseline is not None and not (baseline / "bin" / "tollway").exists():
         raise SystemExit(f"bench: --baseline-venv {baseline}: no bin/tollway there")
-    use_litellm(litellm is not None, baseline is not None)
+    use_sides(litellm is not None, baseline is not None)
     res: dict[str, Any] = {
         "command": " ".join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -67,23 +67,25 @@ class PricedRequests:
         """The request parsed and priced as it arrives now: a copy of its kept parse, or a new one."""
         now = time.time()
         self._settle(r.settings)
-        kept = self._kept.get(r.key) if r.size <= self.max_bytes // 4 else None
+        key = r.key
+        kept = self._kept.get(key) if r.size <= self.max_bytes // 4 else None
         if kept is not None:
             prices, at, call, _ = kept
             if prices is r.prices and now - at < r.settings.quote_ttl_seconds:
-                self._kept.move_to_end(r.key)
+                self._kept.move_to_end(key)
                 return call.at(now, r.settings.quote_ttl_seconds)
-            self._drop(r.key)
+            self._drop(key)
         return r.parse(r.raw, r.settings, r.prices, origin=r.origin, byok=r.byok, now=now)
 
     def keep(self, r: Pricing, call: ChatCall) -> None:
         """Keep ``call``, what parsing ``r`` made, for its paid retry (it was answered 402)."""
         if r.settings is not self._settings or r.size > self.max_bytes // 4:
             return
-        if r.key in self._kept:
-            self._drop(r.key)
+        key = r.key
+        if key in self._kept:
+            self._drop(key)
         now = time.time()  # (a copy: what the call works out, now or later, is not kept)
-        self._kept[r.key] = (r.prices, now, call.at(now, r.settings.quote_ttl_seconds), r.size)
+        self._kept[key] = (r.prices, now, call.at(now, r.settings.quote_ttl_seconds), r.size)
         self._bytes += r.size
         while len(self._kept) > self.max_requests or self._bytes > self.max_bytes:
             self._drop(next(iter(self._kept)))
