@@ -11,6 +11,7 @@ import pytest
 from support import run_concurrently
 from tollway.ledger import PaymentState, Store
 from tollway.ledger.checkpoint import EVERY_SECONDS, LOG_SIZE_LIMIT
+from tollway.ledger.store import new_id
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -763,3 +764,17 @@ def test_a_deposit_of_the_largest_amount_into_a_funded_channel_is_no_overflow(db
         assert store.channel(cid)["balance"] == 2**63 - 1
     finally:
         store.close()
+
+
+def test_ids_sort_in_the_order_their_rows_were_made(db_url):
+    """Payment (and call) ids begin with their time, so that each new row lands at the end of its
+    indexes, not on a random page a grown ledger must read first; they stay unique and unguessable."""
+    store = Store(db_url)
+    ids = []
+    for _ in range(5):
+        ids.append(store.reserve(payment()))
+        time.sleep(0.002)  # (ids of one millisecond are unordered among themselves)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    many = {new_id()[12:] for _ in range(1000)}  # the random part: 80 bits each
+    assert len(many) == 1000
