@@ -9,12 +9,16 @@ import math
 
 import pytest
 
-from tollway.jsonbytes import compact, dumps, loads
+from tollway.jsonbytes import _may_hold_a_big_integer, compact, dumps, loads
 
 SAME = [
     b'{"id":"chatcmpl-1","usage":{"prompt_tokens":12,"completion_tokens":3},"choices":[]}',
     b'{"a":1,"a":2}',  # (a duplicate key: the last wins in both)
     b"[1.5e300, -0.0, 1e-320, 123456789012345678901234567890]",  # (an integer beyond 64 bits)
+    b'{"a": -9223372036854775809}',  # (just past what orjson reads as integers, each way)
+    b'{"b":\n18446744073709551616}',
+    b"-99999999999999999999",
+    b'[-9223372036854775808, 18446744073709551615, "12345678901234567890123"]',  # (orjson's own)
     b'"\\ud800 lone surrogate"',
     b'{"t": NaN, "u": Infinity}',
     '{"naïve": "日本"}'.encode(),
@@ -37,6 +41,20 @@ def test_loads_refuses_what_json_loads_refuses(raw):
         json.loads(raw)
     with pytest.raises(ValueError):
         loads(raw)
+
+
+@pytest.mark.parametrize("n", [-(2**63) - 1, 2**64, -(10**25), 10**25, -(2**63), 2**64 - 1])
+@pytest.mark.parametrize("where", ["{}", " {} ", "[{}]", "[ {}]", '{{"a":{}}}', '{{"a" :\n{}}}', "[1,{}]", "[1 ,\t{}]"])
+def test_an_integer_beyond_what_orjson_keeps_is_read_as_an_integer_wherever_it_stands(n, where):
+    raw = where.format(n).encode()
+    assert repr(loads(raw)) == repr(json.loads(raw))
+
+
+def test_a_chain_reply_of_hex_words_is_read_by_orjson():
+    """Its words' runs of zeros are in strings: no integer there for orjson to read as a float."""
+    reply = b'[{"jsonrpc":"2.0","id":7,"result":"0x' + b"0" * 58 + b'f4240"},{"id":8,"result":"0x"}]'
+    assert not _may_hold_a_big_integer(reply)
+    assert loads(reply) == json.loads(reply)
 
 
 def test_deep_nesting_is_a_recursion_error_not_a_crash():
