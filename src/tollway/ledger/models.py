@@ -148,6 +148,7 @@ class ChainTx(SQLModel, table=True):
     hash it ever had is kept in ``hashes`` (any of them may be the one mined)."""
 
     __tablename__ = "transactions"
+    # (no index on state alone: ix_transactions_open, led by state, serves every query by state)
     __table_args__ = (UniqueConstraint("sender", "nonce"), Index("ix_transactions_open", "state", "nonce"))
 
     id: str = Field(primary_key=True)
@@ -162,7 +163,7 @@ class ChainTx(SQLModel, table=True):
     tx_hash: str  # the latest signature's hash
     raw_tx: str
     hashes: str  # every hash signed for this nonce, space-separated, oldest first
-    state: str = Field(index=True)
+    state: str
     broadcast_at: float | None = None  # last sent to the node
     fee_at: float  # when its fees were last set (bumping waits from here)
     mined_hash: str | None = None

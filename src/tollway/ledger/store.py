@@ -131,6 +131,9 @@ FAIL_STREAM_ROW = (
 TAKE_NONCE = "UPDATE settler_nonces SET next_nonce = next_nonce + 1 WHERE address = :address RETURNING next_nonce"
 MOVED = "id = :b_id AND state = :b_from"
 STREAMING = f"id = :b_id AND {OPEN_STREAM}"
+OPEN_TRANSACTIONS = (
+    "SELECT * FROM transactions WHERE state = :state ORDER BY nonce LIMIT :limit"  # (ix_transactions_open)
+)
 OPEN = ("queued", "sent")  # outbox states a transaction can still leave
 
 
@@ -582,8 +585,7 @@ class Store:
     def open_transactions(self, state: str, limit: int = 1000) -> list[dict[str, Any]]:
         """Outbox rows in ``state`` (queued or sent), lowest nonce first."""
         with self._sql() as c:
-            q = "SELECT * FROM transactions WHERE state = :state ORDER BY nonce LIMIT :limit"
-            return c.dicts(q, {"state": state, "limit": limit})
+            return c.dicts(OPEN_TRANSACTIONS, {"state": state, "limit": limit})
 
     def transactions_sent(self, ids: Sequence[str], errors: dict[str, str]) -> None:
         """The node accepted ``ids`` (queued → sent); ``errors`` are the refusals to record on
