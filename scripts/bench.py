@@ -1829,7 +1829,8 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
 
     def load(w: dict[str, Any]) -> str:
         return (
-            f"{w['scheme']} c={w['concurrency']}, {w['calls']} calls at {fmt(w['calls_per_s'], 0)}/s, "
+            f"{w['scheme']} c={w['concurrency']}{' streamed' if w.get('stream') else ''}, "
+            f"{w['calls']} calls at {fmt(w['calls_per_s'], 0)}/s, "
             f"{fmt(w['gateway_cpu_ms_per_call'], 2)} gateway CPU ms/call"
         )
 
