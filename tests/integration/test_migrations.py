@@ -238,6 +238,7 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
             store.ABANDONED_STREAMS: "ix_calls_streaming",
             store.ABANDONED_PAYMENTS: "ix_payments_state",
             store.OPEN_TRANSACTIONS: "ix_transactions_open",  # (the settlement worker's, every pass)
+            store.OPEN_DEPOSITS: "ix_transactions_open",
         }
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
@@ -251,5 +252,24 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
                 assert not any(scan in plan for scan in scans), (query, plan)
                 if engine.dialect.name == "sqlite":  # (PostgreSQL's planner may pick another one it can use)
                     assert index in plan, (query, plan)
+    finally:
+        engine.dispose()
+
+
+def test_a_claims_pass_looks_up_each_refunds_transaction_not_the_whole_outbox(tmp_path):
+    """The channels held for a refund find their transaction by its id (the hold's tail): joined on
+    the hold alone, SQLite read every mined or reverted transaction the outbox ever had (one per
+    settlement), scanning the channels for each, on every pass of the claims worker. (PostgreSQL
+    plans by its statistics: with an empty outbox it rightly reads it whole.)"""
+    from tollway.ledger import channels
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    try:
+        migrations.migrate(engine)
+        with engine.connect() as conn:
+            query = text(f"EXPLAIN QUERY PLAN {channels.REFUNDS_LEFT}")
+            plan = " ".join(str(r) for r in conn.execute(query, channels.REFUNDS_LEFT_PARAMS))
+        assert "SEARCH t USING INDEX sqlite_autoindex_transactions_1 (id=?)" in plan, plan
+        assert "ix_transactions_open" not in plan and "SCAN t" not in plan, plan
     finally:
         engine.dispose()

@@ -77,9 +77,13 @@ REFUND_SENDING = (
     "UPDATE channels SET busy = :refund, busy_until = :flight, updated_at = :now WHERE id = :id AND busy = :holder"
 )
 REFUNDS_LEFT = (  # held for a refund whose transaction is concluded: (channel, its hold, how it ended)
+    # (each held channel's transaction looked up by its id, the hold's tail: joined on the hold alone,
+    # every concluded transaction the outbox ever had was read, and the channels scanned for each)
     "SELECT c.id, c.busy, t.state, t.mined_hash, t.tx_hash FROM channels c JOIN transactions t"
-    " ON c.busy = CAST(:prefix AS VARCHAR) || t.id WHERE c.busy_until >= :flight AND t.state IN ('mined', 'reverted')"
+    " ON t.id = substr(c.busy, :start) AND c.busy = CAST(:prefix AS VARCHAR) || t.id"
+    " WHERE c.busy_until >= :flight AND t.state IN ('mined', 'reverted')"
 )
+REFUNDS_LEFT_PARAMS = {"prefix": REFUND_HOLD, "start": len(REFUND_HOLD) + 1, "flight": REFUND_IN_FLIGHT}
 REFUNDED = (  # the escrow's balance and claimed total, read once the refund was concluded (what left
     # the channel is what its ledger balance had above the escrow's)
     "UPDATE channels SET refunded = refunded + CASE WHEN balance > :balance THEN balance - :balance ELSE 0 END,"

@@ -131,9 +131,9 @@ FAIL_STREAM_ROW = (
 TAKE_NONCE = "UPDATE settler_nonces SET next_nonce = next_nonce + 1 WHERE address = :address RETURNING next_nonce"
 MOVED = "id = :b_id AND state = :b_from"
 STREAMING = f"id = :b_id AND {OPEN_STREAM}"
-OPEN_TRANSACTIONS = (
-    "SELECT * FROM transactions WHERE state = :state ORDER BY nonce LIMIT :limit"  # (ix_transactions_open)
-)
+# (by ix_transactions_open)
+OPEN_TRANSACTIONS = "SELECT * FROM transactions WHERE state = :state ORDER BY nonce LIMIT :limit"
+OPEN_DEPOSITS = "SELECT data FROM transactions WHERE state IN ('queued', 'sent') AND purpose = 'deposit'"
 OPEN = ("queued", "sent")  # outbox states a transaction can still leave
 
 
@@ -577,10 +577,9 @@ class Store:
             return None
 
     def open_deposits(self) -> list[str]:
-        """The calldata of the channel deposits not mined yet (by ix_transactions_open)."""
+        """The calldata of the channel deposits not mined yet."""
         with self._sql() as c:
-            q = "SELECT data FROM transactions WHERE state IN ('queued', 'sent') AND purpose = 'deposit'"
-            return [row["data"] for row in c.dicts(q, {})]
+            return [row["data"] for row in c.dicts(OPEN_DEPOSITS, {})]
 
     def open_transactions(self, state: str, limit: int = 1000) -> list[dict[str, Any]]:
         """Outbox rows in ``state`` (queued or sent), lowest nonce first."""
@@ -1043,7 +1042,7 @@ class Store:
         the hold (``busy``: ``refund:<its transaction>``), and the transaction's ``state``,
         ``mined_hash`` and ``tx_hash``."""
         with self._sql() as c:
-            return c.dicts(channels.REFUNDS_LEFT, {"prefix": channels.REFUND_HOLD, "flight": channels.REFUND_IN_FLIGHT})
+            return c.dicts(channels.REFUNDS_LEFT, channels.REFUNDS_LEFT_PARAMS)
 
     def free_channel(self, channel_id: str, holder: str) -> None:
         with self._sql() as c:
