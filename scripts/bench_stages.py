@@ -12,7 +12,8 @@ this measures wall time where latency is spent. Each wrapper costs ~1-2 µs a ca
 figure of an instrumented run is that much slower. The cyclic garbage collector's runs are added up
 too, by generation, spread over the requests (a run lands on whichever call allocates past a threshold).
 So is each request's time from its arrival (its ASGI task's start) to the server's writing its
-answer's head and its first body byte: for a stream, its first byte as the gateway sees it.
+answer's head and its first body byte: for a stream, its first byte as the gateway sees it (its CPU
+figure, like an ``async`` stage's, counts whatever else ran meanwhile: at concurrency 1, little).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def time_first_bytes() -> None:
         await run(self, app)
 
     async def sends(self: Any, message: Any) -> None:
+        await send(self, message)  # (written to the socket, or buffered by the transport: sent)
         kind = message["type"]
         label = HEAD if kind == "http.response.start" else FIRST_BYTE if message.get("body") else None
         if label is not None and label not in self.bench_seen:
@@ -129,7 +131,6 @@ def time_first_bytes() -> None:
             t[0] += 1
             t[1] += time.perf_counter() - self.bench_began[0]
             t[2] += time.thread_time() - self.bench_began[1]
-        await send(self, message)
 
     Cycle.run_asgi, Cycle.send = run_asgi, sends
 
