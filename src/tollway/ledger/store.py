@@ -141,7 +141,9 @@ def new_id() -> str:
     """A unique id, 32 hex digits that sort by creation time: the milliseconds since 1970 (12 digits),
     then 80 random bits — UUIDv7's layout, without building a UUID (hot path). Rows made one after the
     other land at the end of their indexes rather than on random pages, which a ledger that has grown
-    past SQLite's page cache must read first: ~15% less ledger time a call at 100,000 calls."""
+    past SQLite's page cache must read first (``scripts/bench_ledger.py``: a credit call's two
+    transactions after 100,000 calls, 162–165 µs against 176–190 with random ids; ~157 for either
+    after 1,000)."""
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
