@@ -9,6 +9,7 @@ pending withdrawals into one transfer.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -30,6 +31,7 @@ WITHDRAWAL_BODY = "body must be JSON {amount} (signed in), or {withdrawal, signa
 async def balance(request: Request, gw: Gateway) -> Response:
     who = await signin.require(gw, request, signin.request_key(request))
     account = credit_account(gw.network, gw.token, who.wallet)
+    journal = await gw.report(partial(gw.store.journal, account))  # (a scan of the wallet's journal: off the loop)
     return JSONResponse(
         {
             "wallet": who.wallet,
@@ -37,7 +39,7 @@ async def balance(request: Request, gw: Gateway) -> Response:
             "asset": gw.token,
             "balance": money(gw.store.credit_balance(account), gw.settings.chain.decimals),
             "available": money(credit_of(gw, who), gw.settings.chain.decimals),  # what payments final on chain back
-            "journal": {k: str(v) for k, v in gw.store.journal(account).items()},
+            "journal": {k: str(v) for k, v in journal.items()},
         }
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -414,7 +415,7 @@ class Gateway:
                 self.close_abandoned_streams()
                 await self.report(self.give_back_abandoned_payments)
                 self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
-                self.store.forget_free_calls(free_tier.today() - 1)
+                await self.report(partial(self.store.forget_free_calls, free_tier.today() - 1))
             except Exception:
                 log.exception("housekeeping pass failed")
 

@@ -230,7 +230,7 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
     try:
         migrations.migrate(engine)
         params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t", "before": 0, "limit": 1}
-        params |= {"metering_before": 0, "state": "queued"}
+        params |= {"metering_before": 0, "state": "queued", "day": 0, "chunk": 1}
         queries = {
             store.OWED: "ix_payments_owed",
             store.UNCONFIRMED: "ix_payments_owed",
@@ -239,6 +239,7 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
             store.ABANDONED_PAYMENTS: "ix_payments_state",
             store.OPEN_TRANSACTIONS: "ix_transactions_open",  # (the settlement worker's, every pass)
             store.OPEN_DEPOSITS: "ix_transactions_open",
+            store.FORGET_FREE_CALLS: "ix_free_calls_day",  # (housekeeping, every 10 s)
         }
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
@@ -248,7 +249,7 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
                 explain = "EXPLAIN QUERY PLAN"
             for query, index in queries.items():
                 plan = " ".join(str(r) for r in conn.execute(text(f"{explain} {query}"), params))
-                scans = ("Seq Scan", "SCAN payments", "SCAN c", "SCAN transactions")
+                scans = ("Seq Scan", "SCAN payments", "SCAN c", "SCAN transactions", "SCAN free_calls")
                 assert not any(scan in plan for scan in scans), (query, plan)
                 if engine.dialect.name == "sqlite":  # (PostgreSQL's planner may pick another one it can use)
                     assert index in plan, (query, plan)
@@ -271,5 +272,22 @@ def test_a_claims_pass_looks_up_each_refunds_transaction_not_the_whole_outbox(tm
             plan = " ".join(str(r) for r in conn.execute(query, channels.REFUNDS_LEFT_PARAMS))
         assert "SEARCH t USING INDEX sqlite_autoindex_transactions_1 (id=?)" in plan, plan
         assert "ix_transactions_open" not in plan and "SCAN t" not in plan, plan
+    finally:
+        engine.dispose()
+
+
+def test_a_call_not_served_frees_its_channel_without_scanning_the_channels(tmp_path):
+    """Every call not served (of any scheme) frees the channel its payment held: found through the
+    payment, by id — the channels are never deleted, and a scan of them ran on each such call."""
+    from tollway.ledger import channels
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    try:
+        migrations.migrate(engine)
+        with engine.connect() as conn:
+            query = text(f"EXPLAIN QUERY PLAN {channels.FREE}")
+            plan = " ".join(str(r) for r in conn.execute(query, {"payment": "p", "now": 0}))
+        assert "SCAN" not in plan, plan
+        assert "SEARCH channels USING INDEX sqlite_autoindex_channels_1 (id=?)" in plan, plan
     finally:
         engine.dispose()

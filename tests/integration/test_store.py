@@ -778,3 +778,16 @@ def test_ids_sort_in_the_order_their_rows_were_made(db_url):
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     many = {new_id()[12:] for _ in range(1000)}  # the random part: 80 bits each
     assert len(many) == 1000
+
+
+def test_past_free_tier_days_are_forgotten_a_chunk_at_a_time_and_today_is_kept(db_url):
+    store = Store(db_url)
+    for i in range(7):
+        store.take_free_call(f"old-{i}", 100, 5)
+        store.take_free_call(f"old-{i}", 99, 5)
+    store.take_free_call("today", 101, 5)
+    store.forget_free_calls(101, chunk=3)  # (14 rows to forget: five chunks, the last short)
+    assert store.take_free_call("today", 101, 5) == 2  # (today's count stands)
+    assert store.take_free_call("old-0", 100, 5) == 1  # (a past day's is gone: it counts from one again)
+    with store._sql() as c:
+        assert c.value("SELECT COUNT(*) FROM free_calls WHERE day < 100") == 0

@@ -42,7 +42,10 @@ CHARGE = (  # the call is metered: the channel is charged and freed, and keeps t
     "UPDATE channels SET charged = charged + :amount, signed_max = :signed_max, signature = :signature,"
     " busy = NULL, updated_at = :now WHERE id = :id AND busy = :payment AND charged + :amount <= :signed_max"
 )
-FREE = "UPDATE channels SET busy = NULL, updated_at = :now WHERE busy = :payment"  # the call was not served
+FREE = (  # the call was not served: its channel (the payment's, by id: no channel is scanned) is free again
+    "UPDATE channels SET busy = NULL, updated_at = :now"
+    " WHERE id = (SELECT channel FROM payments WHERE id = :payment) AND busy = :payment"
+)
 DEPOSITED = (  # once mined; saturating (counting less than the escrow holds refuses vouchers, loses nothing)
     f"UPDATE channels SET balance = CASE WHEN balance > {MAX_AMOUNT} - :amount THEN {MAX_AMOUNT}"
     " ELSE balance + :amount END,"

@@ -120,6 +120,7 @@ class FreeCall(SQLModel, table=True):
     """Free-tier calls taken per identity (a keyed hash of a client address or wallet) and UTC day."""
 
     __tablename__ = "free_calls"
+    __table_args__ = (Index("ix_free_calls_day", "day"),)  # (the sweep of past days; the key leads by identity)
 
     identity: str = Field(primary_key=True)
     day: int = Field(primary_key=True)

@@ -131,6 +131,10 @@ FAIL_STREAM_ROW = (
 TAKE_NONCE = "UPDATE settler_nonces SET next_nonce = next_nonce + 1 WHERE address = :address RETURNING next_nonce"
 MOVED = "id = :b_id AND state = :b_from"
 STREAMING = f"id = :b_id AND {OPEN_STREAM}"
+FORGET_FREE_CALLS = (  # (by ix_free_calls_day)
+    "DELETE FROM free_calls WHERE (identity, day) IN"
+    " (SELECT identity, day FROM free_calls WHERE day < :day LIMIT :chunk)"
+)
 # (by ix_transactions_open)
 OPEN_TRANSACTIONS = "SELECT * FROM transactions WHERE state = :state ORDER BY nonce LIMIT :limit"
 OPEN_DEPOSITS = "SELECT data FROM transactions WHERE state IN ('queued', 'sent') AND purpose = 'deposit'"
@@ -342,6 +346,8 @@ class Store:
 
         ``must_hold``: a call that credit alone pays — if the final credit does not cover ``hold``,
         raises ``InsufficientCredit`` and nothing is locked (its key stays free for a retry)."""
+        if channel is not None:  # (the payment names its channel: that is how ``channels.free`` finds it)
+            row = {**row, "channel": channel.id}
         with self._sql() as c:
             payment_id = self._reserve(c, row)
             if payment_id is None:
@@ -774,9 +780,14 @@ class Store:
         with self._sql() as c:
             c.run(RETURN_FREE_CALL, {"identity": identity, "day": day})
 
-    def forget_free_calls(self, before_day: int) -> None:
-        with self._sql() as c:
-            c.run("DELETE FROM free_calls WHERE day < :day", {"day": before_day})
+    def forget_free_calls(self, before_day: int, chunk: int = 2000) -> None:
+        """Forget the free tier's counts of days before ``before_day``, ``chunk`` rows a transaction
+        (the first pass after midnight forgets a whole day's identities: one transaction would hold
+        every other writer for seconds)."""
+        while True:
+            with self._sql() as c:
+                if c.run(FORGET_FREE_CALLS, {"day": before_day, "chunk": chunk}) < chunk:
+                    return
 
     def abandoned_payments(self, reserved_before: float, limit: int = 100) -> list[dict[str, Any]]:
         """Payments ``reserved`` before ``reserved_before`` (a retry of the same request reserves one
