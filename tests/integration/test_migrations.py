@@ -230,7 +230,7 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
     try:
         migrations.migrate(engine)
         params = {"network": "n", "asset": "a", "payer": "p", "tx_id": "t", "before": 0, "limit": 1}
-        params |= {"metering_before": 0, "state": "queued", "day": 0, "chunk": 1}
+        params |= {"metering_before": 0, "state": "queued", "day": 0, "chunk": 1, "account": "a", "payment_id": "p"}
         queries = {
             store.OWED: "ix_payments_owed",
             store.UNCONFIRMED: "ix_payments_owed",
@@ -240,6 +240,8 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
             store.OPEN_TRANSACTIONS: "ix_transactions_open",  # (the settlement worker's, every pass)
             store.OPEN_DEPOSITS: "ix_transactions_open",
             store.FORGET_FREE_CALLS: "ix_free_calls_day",  # (housekeeping, every 10 s)
+            store.HELD_FOR_PAYMENT: "ix_credit_entries_payment (account=? AND payment_id=?)",  # (crash clean-up)
+            store.DEPOSITED: "ix_credit_entries_payment (account=? AND payment_id=?)",
         }
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
@@ -249,7 +251,16 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
                 explain = "EXPLAIN QUERY PLAN"
             for query, index in queries.items():
                 plan = " ".join(str(r) for r in conn.execute(text(f"{explain} {query}"), params))
-                scans = ("Seq Scan", "SCAN payments", "SCAN c", "SCAN transactions", "SCAN free_calls")
+                scans = (
+                    "Seq Scan",
+                    "SCAN payments",
+                    "SCAN c",
+                    "SCAN transactions",
+                    "SCAN free_calls",
+                    "SCAN h",
+                    "SCAN r",
+                )
+                scans += ("(account=?)",)  # (a payer's whole journal)
                 assert not any(scan in plan for scan in scans), (query, plan)
                 if engine.dialect.name == "sqlite":  # (PostgreSQL's planner may pick another one it can use)
                     assert index in plan, (query, plan)

@@ -205,9 +205,11 @@ class Credit(SQLModel, table=True):
 
 class CreditEntry(SQLModel, table=True):
     __tablename__ = "credit_entries"
+    # (an account's journal, and within it a payment's entries: one index serves both)
+    __table_args__ = (Index("ix_credit_entries_payment", "account", "payment_id"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    account: str = Field(index=True)
+    account: str
     kind: str
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))  # signed
     call_id: str | None = None

@@ -115,11 +115,16 @@ ABANDONED_PAYMENTS = (
 )
 # (call, what is still held for it): a call's holds, posted with its payment, less what was
 # released for the call since (by an undo of tollway before 0009, which released first and moved
-# the payment after, in transactions of their own)
+# the payment after, in transactions of their own: a release with the payment, or with none). Each
+# read is a range of ix_credit_entries_payment (account, payment_id): by account alone, it read
+# the payer's whole journal, three times, while holding the ledger's write lock.
+_RELEASED = "SELECT COALESCE(SUM(r.amount), 0) FROM credit_entries r WHERE r.account = :account AND r.payment_id {}"
 HELD_FOR_PAYMENT = (
-    "SELECT h.call_id, -SUM(h.amount) - (SELECT COALESCE(SUM(r.amount), 0) FROM credit_entries r"
-    " WHERE r.account = :account AND r.call_id = h.call_id AND r.kind = 'release') AS held FROM credit_entries h"
-    " WHERE h.account = :account AND h.payment_id = :payment_id AND h.kind = 'hold' GROUP BY h.call_id"
+    "SELECT h.call_id, -SUM(h.amount)"
+    f" - ({_RELEASED.format('= :payment_id')} AND r.call_id = h.call_id AND r.kind = 'release')"
+    f" - ({_RELEASED.format('IS NULL')} AND r.call_id = h.call_id AND r.kind = 'release') AS held"
+    " FROM credit_entries h WHERE h.account = :account AND h.payment_id = :payment_id AND h.kind = 'hold'"
+    " GROUP BY h.call_id"
 )
 DEPOSITED = "SELECT 1 FROM credit_entries WHERE account = :account AND payment_id = :payment_id AND kind = 'deposit'"
 # A call undone as its stream began has a row already: it is failed too, or it would be metered
@@ -811,7 +816,8 @@ class Store:
             refs = {"account": account, "payment_id": payment_id}
             for hold in c.dicts(HELD_FOR_PAYMENT, refs):
                 if hold["held"] > 0:
-                    self._post(c, account, [(EntryKind.RELEASE, int(hold["held"]))], call_id=hold["call_id"])
+                    entry = [(EntryKind.RELEASE, int(hold["held"]))]
+                    self._post(c, account, entry, call_id=hold["call_id"], payment_id=payment_id)
             if prepaid and payment["amount"] and not c.value(DEPOSITED, refs):
                 self._post(c, account, [(EntryKind.DEPOSIT, payment["amount"])], payment_id=payment_id)
         return True
