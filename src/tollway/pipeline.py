@@ -377,7 +377,7 @@ def lock(
         "request_digest": call.digest,
     }
     if payment.channel is not None:
-        row.update(channel=payment.channel.id, deposit=payment.channel.deposit)
+        row["deposit"] = payment.channel.deposit  # (``Store.lock`` names the channel)
     try:
         locked = gw.store.lock(  # one transaction
             row,

@@ -268,6 +268,17 @@ def test_the_money_queries_find_their_partial_indexes(empty_db):
         engine.dispose()
 
 
+def sqlite_plan(tmp_path, query: str, params: dict) -> str:
+    """SQLite's plan for ``query`` on a new, migrated ledger (the gateway never runs ANALYZE)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    try:
+        migrations.migrate(engine)
+        with engine.connect() as conn:
+            return " ".join(str(r) for r in conn.execute(text(f"EXPLAIN QUERY PLAN {query}"), params))
+    finally:
+        engine.dispose()
+
+
 def test_a_claims_pass_looks_up_each_refunds_transaction_not_the_whole_outbox(tmp_path):
     """The channels held for a refund find their transaction by its id (the hold's tail): joined on
     the hold alone, SQLite read every mined or reverted transaction the outbox ever had (one per
@@ -275,16 +286,9 @@ def test_a_claims_pass_looks_up_each_refunds_transaction_not_the_whole_outbox(tm
     plans by its statistics: with an empty outbox it rightly reads it whole.)"""
     from tollway.ledger import channels
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
-    try:
-        migrations.migrate(engine)
-        with engine.connect() as conn:
-            query = text(f"EXPLAIN QUERY PLAN {channels.REFUNDS_LEFT}")
-            plan = " ".join(str(r) for r in conn.execute(query, channels.REFUNDS_LEFT_PARAMS))
-        assert "SEARCH t USING INDEX sqlite_autoindex_transactions_1 (id=?)" in plan, plan
-        assert "ix_transactions_open" not in plan and "SCAN t" not in plan, plan
-    finally:
-        engine.dispose()
+    plan = sqlite_plan(tmp_path, channels.REFUNDS_LEFT, channels.REFUNDS_LEFT_PARAMS)
+    assert "SEARCH t USING INDEX sqlite_autoindex_transactions_1 (id=?)" in plan, plan
+    assert "ix_transactions_open" not in plan and "SCAN t" not in plan, plan
 
 
 def test_a_call_not_served_frees_its_channel_without_scanning_the_channels(tmp_path):
@@ -292,13 +296,6 @@ def test_a_call_not_served_frees_its_channel_without_scanning_the_channels(tmp_p
     payment, by id — the channels are never deleted, and a scan of them ran on each such call."""
     from tollway.ledger import channels
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
-    try:
-        migrations.migrate(engine)
-        with engine.connect() as conn:
-            query = text(f"EXPLAIN QUERY PLAN {channels.FREE}")
-            plan = " ".join(str(r) for r in conn.execute(query, {"payment": "p", "now": 0}))
-        assert "SCAN" not in plan, plan
-        assert "SEARCH channels USING INDEX sqlite_autoindex_channels_1 (id=?)" in plan, plan
-    finally:
-        engine.dispose()
+    plan = sqlite_plan(tmp_path, channels.FREE, {"payment": "p", "now": 0})
+    assert "SCAN" not in plan, plan
+    assert "SEARCH channels USING INDEX sqlite_autoindex_channels_1 (id=?)" in plan, plan
