@@ -402,6 +402,8 @@ WRONG_TYPES = {
     "value-bool": lambda d: d["payload"]["authorization"].update(value=True),
     "value-too-big": lambda d: d["payload"]["authorization"].update(value=str(2**256)),
     "validBefore-float": lambda d: d["payload"]["authorization"].update(validBefore=1e12),
+    # (integers past what orjson reads as integers: read as json.loads reads them, and refused as numbers)
+    "validBefore-int-below-int64": lambda d: d["payload"]["authorization"].update(validBefore=-(2**63) - 1),
     "validAfter-unicode-digits": lambda d: d["payload"]["authorization"].update(validAfter="١٢٣"),
     "nonce-too-short": lambda d: d["payload"]["authorization"].update(nonce="0x" + "ab" * 31),
     "nonce-not-hex": lambda d: d["payload"]["authorization"].update(nonce="0x" + "zz" * 32),
@@ -428,6 +430,14 @@ def test_wrong_types(attack, case):
     doc = _valid_doc(attack, body)
     WRONG_TYPES[case](doc)
     attack.refused(attack.send(body, doc), 400, INVALID_PAYLOAD)
+
+
+def test_an_authorization_value_beyond_64_bits_is_not_the_quote(attack):
+    """Read exactly (not as the float 1.8e19 near it), it is refused as what it is: another amount."""
+    body = chat_body("value beyond 64 bits")
+    doc = _valid_doc(attack, body)
+    doc["payload"]["authorization"]["value"] = 2**64
+    attack.refused(attack.send(body, doc), 402, "invalid_exact_evm_payload_authorization_value_mismatch")
 
 
 @pytest.mark.parametrize("version", [3, 1, "2", None], ids=["3", "1", "string-2", "null"])

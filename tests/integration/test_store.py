@@ -791,3 +791,66 @@ def test_past_free_tier_days_are_forgotten_a_chunk_at_a_time_and_today_is_kept(d
     assert store.take_free_call("old-0", 100, 5) == 1  # (a past day's is gone: it counts from one again)
     with store._sql() as c:
         assert c.value("SELECT COUNT(*) FROM free_calls WHERE day < 100") == 0
+
+
+def test_attack_a_call_not_served_frees_only_the_channel_its_own_payment_holds(db_url):
+    """Freeing a channel goes through the payment's own channel, and only while that payment holds
+    it: a call not served — undone live, given back after its process died, or undone late — never
+    frees a channel another call holds (whose voucher would then be taken twice at once), and a
+    crashed call's channel is freed for the payer's next voucher."""
+    from tollway.ledger.channels import ChannelRefused, ChannelUse
+
+    store = Store(db_url)
+    try:
+        row = payment()
+        where = f"{row['network']}|{row['asset']}|{row['payer']}"
+        use = ChannelUse(id="0x" + uuid.uuid4().hex * 2, config="{}", base=0, signed_max=10, signature="0x", deposit=10)
+
+        def voucher_call(call_id: str):
+            return store.lock({**payment(), "payer": row["payer"]}, where, 0, call_id=call_id, channel=use)
+
+        first = voucher_call("c1")
+        assert store.channel(use.id)["busy"] == first.payment_id
+        other = store.lock({**payment(), "payer": row["payer"]}, where, 0, call_id="c2")  # (no channel)
+        assert store.release(other.payment_id, "not served")
+        assert store.channel(use.id)["busy"] == first.payment_id  # (another's undo freed nothing)
+        with pytest.raises(ChannelRefused):
+            voucher_call("c3")  # (held: the same voucher is not taken twice at once)
+        crashed = {"id": first.payment_id, **{k: row[k] for k in ("network", "asset", "payer")}, "amount": 0}
+        assert store.give_back(crashed, prepaid=False, error="its process died")
+        assert store.channel(use.id)["busy"] is None
+        third = voucher_call("c4")
+        assert store.channel(use.id)["busy"] == third.payment_id
+        assert not store.release(first.payment_id, "a late undo")  # (no longer reserved: frees nothing)
+        assert store.channel(use.id)["busy"] == third.payment_id
+    finally:
+        store.close()
+
+
+def test_attack_a_crash_clean_up_never_releases_a_hold_twice_whichever_way_its_release_was_posted(db_url):
+    """What a crashed call held comes back once: less what was released for it already — with its
+    payment named (as releases are now) or without (before 0009) — and once only, however many
+    replicas look at the same time."""
+    from tollway.ledger.models import EntryKind
+    from tollway.ledger.store import credit_account
+
+    stores = [Store(db_url), Store(db_url)]
+    try:
+        row = payment(amount=0) | {"scheme": "credit"}
+        account = credit_account(row["network"], row["asset"], row["payer"])
+        stores[0].release_credit(account, 1_000, call_id="funding")
+        locked = stores[0].lock(row, account, 300, call_id="c", must_hold=True)
+        assert locked.held and stores[0].credit_balance(account) == 700
+        with stores[0]._sql() as c:  # (an undo that released part, and died before the rest)
+            stores[0]._post(c, account, [(EntryKind.RELEASE, 100)], call_id="c", payment_id=locked.payment_id)
+            stores[0]._post(c, account, [(EntryKind.RELEASE, 50)], call_id="c")
+        crashed = {"id": locked.payment_id, **{k: row[k] for k in ("network", "asset", "payer")}, "amount": 0}
+        given: list[bool] = []
+        run_concurrently(lambda s: given.append(s.give_back(crashed, prepaid=True, error="its process died")), stores)
+        assert sorted(given) == [False, True]
+        assert stores[0].credit_balance(account) == 1_000  # (150 given back: never more than was held)
+        assert not stores[1].give_back(crashed, prepaid=True, error="again")
+        assert stores[0].credit_balance(account) == 1_000
+    finally:
+        for s in stores:
+            s.close()
