@@ -252,17 +252,19 @@ async def test_a_payout_whose_nonce_was_taken_is_not_signed_anew(tmp_path, chain
             lambda nonce: settler._signed(settler.address, nonce, devnet.token, data, 100_000),
         )
         outside = Account.from_key(settler_key)  # (the key used elsewhere, at the payout's nonce)
-        send_raw(
+        base_fee = chain.w3.eth.get_block("latest")["baseFeePerGas"]  # (the shared devnet's: it drifts)
+        taken = send_raw(
             chain,
             outside,
             {
                 "to": outside.address,
                 "gas": 21_000,
                 "nonce": row["nonce"],
-                "maxFeePerGas": 5 * GWEI,
+                "maxFeePerGas": max(5 * GWEI, 4 * base_fee),
                 "maxPriorityFeePerGas": 1,
             },
         )
+        chain.w3.eth.wait_for_transaction_receipt(taken, timeout=10)  # (taken: mined before the payout is sent)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             await settler.run_once()
