@@ -8,12 +8,14 @@ issue 9's "Done means"):
 
 * latency p50/p99, non-streaming, at concurrency 1 and 16 — each scheme's added ms against direct,
   paired per round;
-* the JSON-RPC round trip a chain-backed scheme (exact, upto) makes before the upstream is asked — a
-  batch of an ``eth_call`` at ``pending`` (the settlement's simulation; anvil replays its pool for it)
-  and one at ``latest`` (the balance), here the token's ``balanceOf`` — to the same anvil: alone,
-  interleaved with the concurrency-1 rounds (no settlement pending), and after each concurrency-1 call
-  (and stream) of exact and upto (their settlements pending, as their own simulations find the pool):
-  what such a scheme may add to the budget, in each block;
+* the JSON-RPC round trip a chain-backed scheme (exact, upto) makes before the upstream is asked, to
+  the same anvil: after each concurrency-1 call (and stream) of exact and upto, that scheme's own
+  confirm batch — the transfer of a payment of its block simulated at ``pending`` (anvil replays its
+  pool of pending settlements for it), the balance (and upto's allowance) read at ``latest`` — built
+  by the gateway's own ``confirm`` and caught before it left (``confirm_batch``; the payment is never
+  sent, so it stays unused): what such a scheme may add to the budget, in each block. Alone,
+  interleaved with the concurrency-1 rounds (no settlement pending), the same shape with two
+  ``balanceOf`` reads: the round trip's floor;
 * streaming time to first body byte at concurrency 1;
 * calls per second at concurrency 16 through one gateway worker (direct calls/s: the ceiling of the
   load generator and the upstream together);
@@ -484,7 +486,9 @@ class Signer:
     def __init__(self, devnet: Any, payers: int | None = None) -> None:
         from eth_account import Account
 
+        self.devnet = devnet
         self.accounts = [Account.from_key(k) for k in devnet.payer_keys[:payers]]
+        self.probes: dict[str, bytes] = {}  # chain-backed scheme → its confirm batch, of a payment never sent
         self.network = f"eip155:{devnet.chain_id}"
         self.allowed = (self.network, devnet.token.lower())
         self.turn = 0
@@ -553,7 +557,13 @@ class Signer:
             await self.vouchers.quote(http, url, body)
             return body, self.vouchers
         if side in CHAIN_BACKED:
-            return body, self.headers(await self.quote(http, url, body), n, side)
+            from tollway.client.payer import sign_exact, sign_upto
+
+            required = await self.quote(http, url, body)
+            offer, sign = self.offer(required, side), sign_upto if side == "upto" else sign_exact
+            payload = sign(self.accounts[0], offer, int(time.time()))  # (a fresh one each block: it expires)
+            self.probes[side] = await confirm_batch(self.devnet, side, offer, payload)
+            return body, self.headers(required, n, side)
         if side != "credit":
             raise ValueError(side)
         bodies = [make_body(stream, next(self.tags)) for _ in range(n)]
@@ -864,7 +874,7 @@ class Bench:
         url = unpaid.get(side, gateway)
         probe = None
         if side in CHAIN_BACKED and concurrency == 1:  # the RPC round trip as these calls (or streams) find anvil
-            probe = partial(rpc_probe, self.http, self.cluster.devnet.rpc_url, self.rpc_payload)
+            probe = partial(rpc_probe, self.http, self.cluster.devnet.rpc_url, self.signer.probes[side])
         return await run_block(self.http, side, url, bodies, headers, n, concurrency, stream, self.pids, probe=probe)
 
     async def interleaved(
@@ -1364,6 +1374,58 @@ def make_quote(amount: int, body: bytes) -> Any:
     return Quote(**{f.name: known[f.name] for f in dataclasses.fields(Quote) if f.name in known})
 
 
+def scheme_arguments(devnet: Any, chain: Any) -> dict[str, Any]:
+    """What ``ExactEvm``/``UptoEvm`` are made with, as the bench's gateway has them."""
+    from eth_account import Account
+
+    return {
+        "chain": chain,
+        "chain_id": devnet.chain_id,
+        "token": devnet.token,
+        "token_name": devnet.token_name,
+        "token_version": devnet.token_version,
+        "payee": devnet.payee,
+        "settler": Account.from_key(devnet.settler_key).address,
+        "timeout": 390,
+        "min_validity": 360,
+    }
+
+
+class Unsent(Exception):
+    """The JSON-RPC payload a chain client built, caught before it left."""
+
+
+async def confirm_batch(devnet: Any, scheme: str, offer: dict[str, Any], payload: dict[str, Any]) -> bytes:
+    """The JSON-RPC batch the gateway sends to confirm one ``scheme`` payment of ``offer`` at
+    concurrency 1 — its transfer simulated at ``pending``, its reads at ``latest`` — built by the
+    gateway's own code (``scheme.confirm`` → ``Chain.simulate``, a group of one) and caught before it
+    leaves. ``payload`` is never sent to the gateway: simulated, it stays unused, so it can be probed
+    again and again."""
+    from tollway.config import ChainSettings
+    from tollway.jsonbytes import dumps
+    from tollway.payments.base import Proof
+    from tollway.payments.chain import Chain
+    from tollway.payments.exact import ExactEvm
+    from tollway.payments.upto import UptoEvm
+
+    class Catching(Chain):
+        async def _post(self, payload: Any) -> Any:
+            raise Unsent(dumps(payload))
+
+    chain = Catching(devnet.rpc_url, simulation_gas=ChainSettings.model_fields["settle_gas_limit"].default)
+    s = {"exact": ExactEvm, "upto": UptoEvm}[scheme](**scheme_arguments(devnet, chain))  # type: ignore[arg-type]
+    amount = int(offer["amount"])
+    proof = Proof(2, scheme, s.network, payload, offer)
+    verified = await s.verify(proof, s.offer(amount), make_quote(amount, NON_STREAM_BODY), int(time.time()))
+    try:
+        await s.confirm(verified, verified.amount)
+    except Unsent as unsent:
+        return unsent.args[0]  # type: ignore[no-any-return]
+    finally:
+        await chain.close()
+    raise RuntimeError(f"{scheme}'s confirm sent nothing")
+
+
 async def cpu_bench(
     devnet: Any, offers: dict[str, dict[str, Any]], signin: dict[str, Any], n: int, repeat: int
 ) -> dict[str, Any]:
@@ -1381,17 +1443,7 @@ async def cpu_bench(
     from tollway.payments.upto import UptoEvm
     from tollway.settlement import Settler, Signing
 
-    common = {
-        "chain": None,  # verify() does no I/O
-        "chain_id": devnet.chain_id,
-        "token": devnet.token,
-        "token_name": devnet.token_name,
-        "token_version": devnet.token_version,
-        "payee": devnet.payee,
-        "settler": Account.from_key(devnet.settler_key).address,
-        "timeout": 390,
-        "min_validity": 360,
-    }
+    common = scheme_arguments(devnet, None)  # (verify() does no I/O)
     settler = Settler(
         None,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
@@ -1613,10 +1665,10 @@ def report(res: dict[str, Any]) -> str:
     rpc = c1["rpc"]
     lines.append("")
     lines.append(
-        f"RPC round trip: the confirm batch's shape (eth_call at pending + at latest) to the same anvil (aiohttp, "
-        f"keep-alive, interleaved with the "
-        f"c=1 rounds): p50 {fmt(rpc['p50_ms'], 3)} ms, p99 {fmt(rpc['p99_ms'], 3)} ms with no settlement pending; "
-        "the same between the c=1 calls of "
+        f"RPC round trip to the same anvil (aiohttp, keep-alive): two balanceOf eth_calls, at pending and at "
+        f"latest, interleaved with the c=1 rounds: p50 {fmt(rpc['p50_ms'], 3)} ms, p99 {fmt(rpc['p99_ms'], 3)} ms "
+        "with no settlement pending; each scheme's own confirm batch (its transfer simulated at pending, its "
+        "reads at latest), between the c=1 calls of "
         + ", ".join(f"{s}: p50 {fmt(c1[s].get('rpc_p50_ms', math.nan), 3)} ms" for s in CHAIN_BACKED)
         + "; between their streams, "
         + ", ".join(f"{s}: p50 {fmt(st[s].get('rpc_p50_ms', math.nan), 3)} ms" for s in CHAIN_BACKED)
