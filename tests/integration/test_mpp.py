@@ -24,7 +24,22 @@ from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
 from conftest import gateway_settings
-from support import CHAT, SETTLE_WAIT, ServerThread, chat_body, run_concurrently
+from support import (
+    CHAT,
+    SETTLE_WAIT,
+    ServerThread,
+    authorize,
+    chat_body,
+    envelope,
+    error_code,
+    exact_offer,
+    payment_header,
+    payment_required,
+    payment_rows,
+    run_concurrently,
+    wait_receipt,
+)
+from support import credit as read_credit
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.client import mpp as tollway_mpp
@@ -494,6 +509,54 @@ def test_hostile_credential_payloads_get_a_problem_never_a_500(http, devnet, pay
     )
     assert 400 <= answer.status_code < 500, answer.text
     assert answer.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize("field", ["nonce", "deadline"])
+def test_a_permit2_credential_with_an_integer_past_uint256_is_malformed_not_a_500(field, http, gateway, devnet):
+    settler = Account.from_key(gateway.settings.chain.settler_key).address
+    body = chat_body(f"a permit2 {field} past uint256")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    doc = unb64url(permit2_credential(Account.create(), challenge, devnet, settler).removeprefix("Payment "))
+    doc["payload"]["permit"][field] = str(2**256)  # (78 digits, as many as the largest uint256 has)
+    answer = http.post(CHAT, json=body, headers={"Authorization": "Payment " + b64url(doc)})
+    assert problem(answer) == "malformed-credential", answer.text
+
+
+def test_attack_a_released_payment_is_not_taken_again_by_another_authorization_with_its_nonce(
+    http, gateway, devnet, chain
+):
+    """A payer's first authorization of a request is locked, then released (it did not cover the
+    quote); a second one of the same request with the same EIP-3009 nonce — here the MPP
+    challenge's, so the same lock key on either rail — pays more. Were it served, the row would keep
+    the first proof: the payer could put that smaller authorization on chain before our settlement,
+    which would then revert, and be judged settled by the first proof's transfer — credit of the
+    larger amount for the smaller. It is refused; the first one, put on chain, pays nothing here."""
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)]
+    w = Payer(chain.fund(), allowed, schemes=("exact",))  # a wallet with credit: its offers are lower
+    with httpx.Client(transport=SyncPayingTransport(w), base_url=gateway.url, timeout=30) as paying:
+        assert paying.post(CHAT, json=chat_body("credit for W", max_tokens=1500)).status_code == 200
+    wait_receipt(gateway.url, w.history[0].receipt_id)
+    assert read_credit(gateway.url, w) > 0
+
+    body = chat_body(f"one nonce, two authorizations {time.time()}", max_tokens=4000)
+    challenge = challenge_of(http.post(CHAT, json=body))
+    nonce = "0x" + keccak(challenge["id"].encode() + challenge["realm"].encode()).hex()
+    reduced = payment_required(http.post(CHAT, json=body, headers=w.wallet_header(gateway.url)))
+    offer = exact_offer(reduced)
+    assert int(offer["amount"]) < int(unb64url(challenge["request"])["amount"])
+
+    p = chain.fund()
+    first = authorize(p, offer, nonce=nonce, validBefore=int(time.time()) + 3600)
+    short = http.post(CHAT, json=body, headers=payment_header(envelope(reduced, offer, first)))
+    assert short.status_code == 402 and error_code(short) == "amount_insufficient", short.text
+    assert [r["state"] for r in payment_rows(gateway.store.engine, p.address)] == ["released"]
+
+    second = http.post(CHAT, json=body, headers={"Authorization": credential(p, challenge, devnet)})
+    assert problem(second) == "invalid-challenge", second.text
+    assert "already been used" in second.json()["detail"]
+    rows = payment_rows(gateway.store.engine, p.address)
+    assert [(r["state"], r["amount"]) for r in rows] == [("released", int(offer["amount"]))]
+    assert read_credit(gateway.url, Payer(p, allowed)) == 0
 
 
 def test_hostile_credentials_get_a_problem_never_a_500(http):

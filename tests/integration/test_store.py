@@ -91,12 +91,17 @@ def test_a_replay_key_locks_once(db_url):
     assert first and store.reserve(row) is None
 
 
-def test_released_payment_pays_only_a_retry_of_the_same_request(db_url):
+def test_released_payment_pays_only_a_retry_of_the_same_request_with_the_same_payment(db_url):
     store = Store(db_url)
     row = payment(digest="request-A")
     pid = store.reserve(row)
     assert store.release(pid, "upstream failed")
     assert store.reserve({**row, "request_digest": "request-B"}) is None
+    # (another payment under the same key — another authorization with the same nonce — is refused:
+    # the row keeps the proof it was locked with, which its settlement is judged by)
+    assert store.reserve({**row, "proof": '{"signature": "0xother"}'}) is None
+    assert store.reserve({**row, "amount": row["amount"] + 1}) is None
+    assert store.reserve({**row, "scheme": "mpp-permit2"}) is None
     assert store.reserve(row) == pid
     assert store.reserve(row) is None  # and only once
 

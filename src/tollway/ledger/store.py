@@ -76,9 +76,15 @@ TAKE_FREE_CALL = (
     " WHERE free_calls.calls < :quota RETURNING calls"
 )
 RETURN_FREE_CALL = "UPDATE free_calls SET calls = calls - 1 WHERE identity = :identity AND day = :day AND calls > 0"
-RESERVE = (  # a new key; or a released one, for a retry of the same request
+# A new key; or a released one, for a retry of the same request with the same payment. (Another
+# payment under a released key — another authorization with the same nonce, say — is refused: the
+# row keeps its first proof, which a payer could still put on chain, and a settlement front-run by
+# it would be judged by the proof the row holds.)
+RESERVE = (
     " ON CONFLICT (lock_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
-    " WHERE payments.state = 'released' AND payments.request_digest = excluded.request_digest RETURNING id"
+    " WHERE payments.state = 'released' AND payments.request_digest = excluded.request_digest"
+    " AND payments.scheme = excluded.scheme AND payments.amount = excluded.amount AND payments.proof = excluded.proof"
+    " RETURNING id"
 )
 _PAYER = "network = :network AND asset = :asset AND payer = :payer"
 # What a payer owes us that a balance read from the chain may not show yet: its payments in

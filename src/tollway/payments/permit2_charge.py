@@ -22,6 +22,7 @@ from ..errors import PaymentInvalid, PaymentMalformed
 from ..keccak import keccak
 from . import permit2
 from .base import Offer, Proof, Quote, Verified
+from .eip3009 import UINT256_MAX
 from .permit2 import PERMIT2_ADDRESS, TOKEN_PERMISSIONS_TYPEHASH, SignatureError, recover
 from .upto import UptoEvm
 
@@ -185,8 +186,8 @@ def _hex_address(v: Any) -> str:
 
 
 def _decimal(v: Any) -> int:
-    if not (isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 78):
-        raise ValueError("not a decimal string")
+    if not (isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 78 and int(v) <= UINT256_MAX):
+        raise ValueError("not a uint256 decimal string")
     return int(v)
 
 
