@@ -859,3 +859,13 @@ def test_attack_a_crash_clean_up_never_releases_a_hold_twice_whichever_way_its_r
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_key_with_a_nul_names_no_row_and_is_no_error(db_url):
+    """An id read from a request's path (``/v1/receipts/%00``) is looked up as it is: PostgreSQL's
+    text holds no NUL, and its driver would raise (a 500) rather than find nothing."""
+    store = Store(db_url)
+    for key in ("\x00", "a\x00b", "0x" + "00" * 31 + "\x00"):
+        assert store.receipt(key) is None
+        assert store.payout(key) is None
+        assert store.channel(key) is None

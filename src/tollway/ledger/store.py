@@ -162,6 +162,12 @@ def new_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
+def _storable(key: str) -> bool:
+    """Whether a key a request names (in its path) can name a row at all: PostgreSQL's text holds no
+    NUL, and its driver refuses a query that carries one."""
+    return "\x00" not in key
+
+
 def credit_account(network: str, asset: str, wallet: str) -> str:
     return f"{network}|{asset.lower()}|{wallet.lower()}"
 
@@ -844,6 +850,8 @@ class Store:
 
     def receipt(self, call_id: str) -> dict[str, Any] | None:
         """A call joined with its payment."""
+        if not _storable(call_id):
+            return None
         with self._tx() as c:
             row = (
                 c.execute(
@@ -984,6 +992,8 @@ class Store:
     # -- channels: claims ---------------------------------------------------------------------
 
     def channel(self, channel_id: str) -> dict[str, Any] | None:
+        if not _storable(channel_id):
+            return None
         with self._sql() as c:
             rows = c.dicts(channels.STATE, {"id": channel_id})
         return rows[0] if rows else None
@@ -1121,6 +1131,8 @@ class Store:
             return c.dicts(q, {"state": state, "limit": limit})
 
     def payout(self, payout_id: str) -> dict[str, Any] | None:
+        if not _storable(payout_id):
+            return None
         with self._tx() as c:
             row = c.execute(select(PO).where(PO.c.id == payout_id)).mappings().first()
         return dict(row) if row else None
