@@ -232,7 +232,7 @@ class ChannelSettings(Strict):
 
     # The payer's escape hatch: how long a withdrawal waits, in which time every voucher is claimed.
     withdraw_delay_seconds: int = Field(86_400, ge=900, le=2_592_000)
-    min_deposit_calls: int = Field(10, ge=1)  # the deposit suggested (extra.minDeposit): this many quotes
+    min_deposit_calls: int = Field(10, ge=1)  # the least deposit (extra.minDeposit): this many quotes
     authorizer_key: str | None = None  # signs claim batches and refunds (default: chain.settler_key)
     # Claim what vouchers owe us every so often, or sooner once it reaches the threshold, in one
     # transaction for many channels; a channel whose payer started a withdrawal is claimed at once.
@@ -346,6 +346,22 @@ class Settings(BaseSettings):
     @classmethod
     def _public_url(cls, v: str | None) -> str | None:
         return _url(_not_placeholder(v, "public_url"), "public_url")
+
+    @model_validator(mode="after")
+    def _claims_beat_withdrawals(self) -> Settings:
+        """Every voucher is claimed before a payer's withdrawal can finish: the claimer must see the
+        withdrawal (``watch_seconds``), a call holding the channel must end and be charged
+        (``max_call_seconds``), and the claim be mined (``settle_margin_seconds``) — twice over,
+        within the delay. A shorter delay would let a payer take back what was charged."""
+        k = self.channels
+        needed = 2 * (k.watch_seconds + self.max_call_seconds + self.settle_margin_seconds)
+        if "batch-settlement" in self.schemes and k.withdraw_delay_seconds < needed:
+            raise ValueError(
+                f"channels.withdraw_delay_seconds ({k.withdraw_delay_seconds}) must be at least twice "
+                "channels.watch_seconds + max_call_seconds + settle_margin_seconds "
+                f"({needed:g}): every voucher must be claimed before a payer's withdrawal can finish"
+            )
+        return self
 
     @property
     def offer_timeout_seconds(self) -> int:

@@ -477,6 +477,34 @@ def test_a_deposit_the_payer_cannot_fund_is_refused_before_anything_is_spent(cha
     assert ledger(channel_gateway, held, p=account.address.lower()) == [(0,)]  # no deposit counted
 
 
+def test_attack_a_deposit_below_the_advertised_minimum_is_refused_before_its_gas_is_spent(
+    channel_gateway, devnet, chain, upstream
+):
+    """The gateway sends each deposit (and pays its gas), and refunds a channel's whole remainder on
+    request: a payer depositing one quote, making one call and asking the rest back would have it
+    send two transactions for that one call's charge, again and again. A deposit is at least the
+    ``extra.minDeposit`` its 402 announced; a smaller one is refused before anything is sent."""
+    from tollway.client.channels import Channel
+
+    account = chain.fund(100_000_000)
+    body = chat_body("a deposit of one quote", max_tokens=16)
+    accepted = offer(channel_gateway, body)
+    least = int(accepted["extra"]["minDeposit"])
+    assert least == 100 * int(accepted["amount"])  # (min_deposit_calls = 100 here)
+    asked = upstream_requests(upstream)
+    deposits = "SELECT COUNT(*) FROM transactions WHERE purpose = 'deposit'"
+    sent = ledger(channel_gateway, deposits)
+    for deposit in (int(accepted["amount"]), least - 1):
+        payload = Channel.of(account, accepted).payload(account, accepted, deposit=deposit)
+        header = base64.b64encode(json.dumps({"x402Version": 2, "accepted": accepted, "payload": payload}).encode())
+        answer = requests.post(
+            channel_gateway.url + CHAT, json=body, headers={"PAYMENT-SIGNATURE": header.decode()}, timeout=30
+        )
+        assert refusal(answer) == (402, "invalid_batch_settlement_evm_deposit_below_min_deposit"), answer.text
+    assert upstream_requests(upstream) == asked and ledger(channel_gateway, deposits) == sent
+    assert chain.balance(account.address) == 100_000_000
+
+
 def test_attack_one_deposit_sent_twice_at_once_is_deposited_and_counted_once(channel_gateway, devnet, chain, upstream):
     """A payer fires the same deposit payload twice at once, hoping its channel counts it twice (and
     its vouchers spend money the escrow never had): one call takes the channel, the other is refused

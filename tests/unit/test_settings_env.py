@@ -34,3 +34,15 @@ def test_a_setting_and_its_file_both_set_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TOLLWAY_ADMIN_TOKEN_FILE", str(tmp_path / "token"))
     with pytest.raises(ValueError, match="keep one"):
         Settings()
+
+
+def test_a_withdrawal_delay_the_claimer_cannot_beat_is_refused():
+    """Every voucher is claimed before a payer's withdrawal can finish: a delay shorter than twice the
+    watch, the longest call and the settlement margin would let a payer take back what was charged."""
+    with pytest.raises(ValueError, match="withdraw_delay_seconds"):
+        Settings(max_call_seconds=3600, channels={"withdraw_delay_seconds": 900, "watch_seconds": 30})
+    with pytest.raises(ValueError, match="withdraw_delay_seconds"):
+        Settings(channels={"withdraw_delay_seconds": 900, "watch_seconds": 3600})
+    assert Settings(channels={"withdraw_delay_seconds": 900}).channels.watch_seconds == 30  # (the defaults fit)
+    no_channels = Settings(schemes=["exact"], max_call_seconds=3600, channels={"withdraw_delay_seconds": 900})
+    assert no_channels.max_call_seconds == 3600

@@ -225,7 +225,7 @@ class Payer:
         self._reserve(usd)
         now = int(time.time()) if now is None else now
         if offer["scheme"] == BATCH_SETTLEMENT:
-            inner, deposit = self._voucher(offer, usd)
+            inner, deposit = self._voucher(offer)
         else:
             sign = {
                 "credit": lambda: sign_credit(self.account, offer, now, origin),
@@ -303,9 +303,10 @@ class Payer:
         fresh = Channel.of(self.account, offer)
         return self.channels.setdefault(fresh.id, fresh)
 
-    def _voucher(self, offer: dict[str, Any], usd: Decimal) -> tuple[dict[str, Any], int]:
+    def _voucher(self, offer: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """The payload paying ``offer`` on this wallet's channel — with a deposit when the channel
-        does not hold enough (the suggested one, at least what is missing) — and the deposit."""
+        does not hold enough (the gateway's least, ``extra.minDeposit``, or what is missing if more)
+        — and the deposit."""
         channel = self.channel(offer)
         extra = offer.get("extra") or {}
         if "channelState" in extra:  # a corrective 402: the gateway counted another total
@@ -317,9 +318,6 @@ class Payer:
             deposit = max(channel.needs(amount), int(suggested) if suggested.isdigit() else 0)
             asset = self._allowed(offer)
             deposit_usd = Decimal(deposit).scaleb(-(asset.decimals if asset else 6))
-            if usd and deposit_usd > self.max_deposit_usd - self.deposited_usd:  # (at least this call's worth)
-                deposit = channel.needs(amount)
-                deposit_usd = Decimal(deposit).scaleb(-(asset.decimals if asset else 6))
             with self._lock:
                 if deposit_usd > self.max_deposit_usd - self.deposited_usd:
                     raise PaymentRefused(f"a deposit of ${deposit_usd} would exceed the limit ${self.max_deposit_usd}")

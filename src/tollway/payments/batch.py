@@ -112,6 +112,12 @@ class BatchSettlementEvm(TokenScheme):
             )
         self.check_channel(p)
         deposit = 0 if p.deposit is None else self._check_deposit(p.config, p.deposit, now)
+        least = offer.amount * self.min_deposit_calls  # (extra.minDeposit: the gateway pays each deposit's gas)
+        if deposit and deposit < least:
+            raise PaymentInvalid(
+                f"a deposit is at least {least} (extra.minDeposit: {self.min_deposit_calls} quotes)",
+                code=PREFIX + "deposit_below_min_deposit",
+            )
         base = p.voucher.max_claimable - offer.amount
         if base < 0:
             raise PaymentInvalid(REFUSALS["mismatch"][1], code=MISMATCH)
