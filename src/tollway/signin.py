@@ -42,6 +42,11 @@ CLOCK_SKEW = 5
 MAX_HEADER = 4096
 ERC1271 = keccak(b"isValidSignature(bytes32,bytes)")[:4]
 ERC1271_MAGIC = ERC1271 + bytes(28)  # what a contract wallet answers for a signature it accepts (a bytes4 word)
+# How nodes word a call that failed in the EVM rather than in the node (anvil and reth: "EVM error
+# OutOfGas"; geth: "invalid opcode: INVALID", "out of gas", "precompiled contract failed").
+EVM_FAILURE = re.compile(
+    r"EVM error|invalid opcode|out of gas|precompile|stack (?:underflow|overflow)|invalid jump", re.IGNORECASE
+)
 HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
 HEX_SIGNATURE = re.compile(r"^0x(?:[0-9a-fA-F]{2}){65,}\Z")  # (65 bytes, or more for a contract wallet)
 
@@ -180,18 +185,22 @@ def _check(gw: Any, request: Request, f: dict[str, Any], digest: str, now: float
 
 
 async def _signed_by(gw: Any, f: dict[str, Any], wallet: str) -> bool:
-    """EIP-191 by the address itself; else, if the address is a contract, its EIP-1271 answer."""
+    """EIP-191 by the address itself; else, if the address is a contract, its EIP-1271 answer. An
+    address with no code (a key's, a precompile's) is not asked; a contract whose code fails —
+    reverts, or any other failure of the EVM the node reports — did not sign."""
     if siwe.recover(f) == wallet:
         return True
     signature = bytes.fromhex(f["signature"][2:])
     call = ERC1271 + abi_encode(["bytes32", "bytes"], [siwe.eip191_hash(siwe.message(f)), signature])
     try:
+        if not await gw.chain.code(wallet):
+            return False
         answer = await gw.chain.call(wallet, call)
     except RpcError as exc:
-        if exc.revert_reason is None:
+        if exc.revert_reason is None and not EVM_FAILURE.search(exc.message):
             raise  # the RPC failed (503), not the wallet
         return False
-    return answer == ERC1271_MAGIC  # (exactly: a precompile that echoes its input must not pass)
+    return answer == ERC1271_MAGIC  # (exactly: a contract that echoes its input must not pass)
 
 
 def unauthorized(gw: Any, request: Request, digest: str, message: str, code: str) -> Unauthorized:

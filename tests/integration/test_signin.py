@@ -151,6 +151,25 @@ def test_sign_ins_no_key_signed_are_refused_never_a_500(gateway, devnet, funded,
     assert r.status_code == 402 and error_code(r) == "invalid_siwx_signature", r.text[:300]
 
 
+def test_a_sign_in_as_an_address_whose_code_fails_is_refused_not_an_outage(devnet, funded, http, chain):
+    """Precompiles that fail on the question (not a revert: "EVM error PrecompileError"), and a
+    contract whose code is one invalid opcode: the address did not sign — a 402, not a 503 that tells
+    the client to retry and the operator that the chain is down."""
+    failing = Account.create().address
+    chain.w3.provider.make_request("anvil_setCode", [failing, "0xfe"])
+    body = chat_body("sign-ins as failing code", max_tokens=8)
+    signed = siwe.sign(funded.account, declared(http.post(CHAT, json=body)), f"eip155:{devnet.chain_id}")
+    for address in ("0x" + "00" * 19 + "05", "0x" + "00" * 19 + "08", "0x" + "00" * 19 + "0a", failing):
+        doc = {**signed, "address": address, "signature": "0x" + "11" * 65}
+        r = http.post(CHAT, json=body, headers={"SIGN-IN-WITH-X": b64json(doc)})
+        assert r.status_code == 402 and error_code(r) == "invalid_siwx_signature", (address, r.text[:300])
+    accepting = Account.create().address  # (a contract wallet that accepts any signature: EIP-1271's magic value)
+    chain.w3.provider.make_request("anvil_setCode", [accepting, "0x631626ba7e60e01b60005260206000f3"])
+    doc = {**signed, "address": accepting, "signature": "0x" + "11" * 65}
+    r = http.post(CHAT, json=body, headers={"SIGN-IN-WITH-X": b64json(doc)})
+    assert r.status_code == 402 and error_code(r) == "insufficient_credit", r.text[:300]  # (signed in: no credit)
+
+
 def test_hostile_withdrawal_bodies_are_a_400(devnet, funded, http):
     r = http.post("/v1/credit/withdrawals", content=b'{"amount": "\\ud800"}')  # (a lone surrogate: no digest)
     assert r.status_code == 400 and error_code(r) == "invalid_json", r.text[:300]
