@@ -15,6 +15,7 @@
     ├── UpstreamError            502  upstream_error
     │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
     │       └── UpstreamDown     503  upstream_unavailable / upstream_timeout: it did not answer at all
+    ├── ClientGone               499  client_closed_request (it hung up before its request was read)
     ├── NotConfigured            503  not_configured (a feature this deployment lacks)
     └── ChainUnavailable         503  chain_unavailable    (+ Retry-After)
 
@@ -152,6 +153,14 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamDown(UpstreamUnavailable):
     """The upstream did not answer at all (refused, unreachable, timed out): it is down, not busy."""
+
+
+class ClientGone(GatewayError):
+    """The client hung up before its request was read: no answer reaches it, and it is no fault of
+    ours (the status is nginx's for it, kept in the call log and metrics)."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class NotConfigured(GatewayError):

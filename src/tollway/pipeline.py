@@ -30,7 +30,7 @@ from fractions import Fraction
 from functools import partial
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from . import idempotency, signin
@@ -40,6 +40,7 @@ from .chat import ChatCall, parse_chat, parse_embeddings, parse_generation
 from .dialects import MESSAGES, RESPONSES, refuse_betas
 from .errors import (
     BadRequest,
+    ClientGone,
     GatewayError,
     PaymentInvalid,
     PaymentMalformed,
@@ -255,7 +256,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"request body larger than {limit} bytes")
-    return await read_bounded(request.stream(), limit, lambda: TooLarge(f"request body larger than {limit} bytes"))
+    try:
+        return await read_bounded(request.stream(), limit, lambda: TooLarge(f"request body larger than {limit} bytes"))
+    except ClientDisconnect:
+        raise ClientGone("the client hung up before its request was read") from None
 
 
 async def verify(gw: Gateway, call: ChatCall, proof: Proof) -> tuple[PaymentScheme, Verified, Quote]:

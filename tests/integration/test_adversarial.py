@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 import random
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +49,7 @@ from support import (
     chat_body,
     envelope,
     error_code,
+    eventually,
     exact_offer,
     exact_payment,
     free_port,
@@ -867,3 +870,20 @@ def test_unicode_digits_in_a_wallet_proof(attack):
     assert r.status_code == 400 and error_code(r) == INVALID_PAYLOAD
     r = attack.client.get("/v1/credit", headers={"X-Tollway-Wallet": proof})
     assert r.status_code == 401 and error_code(r) == INVALID_PAYLOAD
+
+
+def test_a_client_hanging_up_mid_body_is_no_internal_error(gateway, caplog):
+    """A paid API's request whose client hangs up before its declared body is in: nothing to answer,
+    and no fault of ours — the call is logged as 499, not a 500 with a traceback (one tiny connection
+    each would fill the operator's error log and 5xx alerting)."""
+    caplog.set_level(logging.INFO)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model":'
+        )
+        time.sleep(0.2)
+    eventually(lambda: any("status=499" in r.getMessage() for r in caplog.records), what="the call logged")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in caplog.records if "status=500" in r.getMessage()]
