@@ -149,11 +149,14 @@ class ChatCall:
         key = ("body", cap_field, cap, routes_providers, tuple(most.values()))
         out = self._memo.get(key)
         if out is None:
-            # (embeddings have no output; a cap below the one asked for is a free call's — see
-            # free_tier.py — and lowers every cap field the client sent: an upstream may read any)
+            # Every cap field the client sent, and the upstream's own, carry the cap paid for: an
+            # upstream may read any of them, and ignores a field not its own (llama.cpp's n_predict
+            # on a vendor's API) — its own default would then bound what it bills. (Embeddings have
+            # no output; a cap below the one asked for is a free call's: see free_tier.py.)
             body = self.body
-            if self.surface != "embeddings" and (self.asked_cap is None or cap < self.asked_cap):
-                body = {**body, **{f: cap for f in CAP_FIELDS if f in body}, cap_field: cap}
+            capped = {**{f: cap for f in CAP_FIELDS if f in body}, cap_field: cap}
+            if self.surface != "embeddings" and any(body.get(f) != v for f, v in capped.items()):
+                body = {**body, **capped}
             if routes_providers:
                 provider = {**(body.get("provider") or {}), "max_price": most}
                 if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)
@@ -312,8 +315,7 @@ def parse_generation(
     bounds = []
     for m in ids:
         widest = {**shared, "model": sent_as[m]}
-        if not asked:
-            widest["max_completion_tokens"] = max(default_cap, metered_cap)
+        widest["max_completion_tokens"] = asked or max(default_cap, metered_cap)  # (an upstream's own cap field)
         widest["provider"] = {
             **(body.get("provider") or {}),
             "max_price": longest_max_price(settings, m, most[m]),

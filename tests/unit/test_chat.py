@@ -68,6 +68,18 @@ def test_every_cap_field_is_lowered_to_the_priced_cap():
     assert call.cap(metered=True) == call.cap(metered=False) == 1  # the request's own cap, whatever the scheme
 
 
+@pytest.mark.parametrize("field", ["n_predict", "max_new_tokens", "max_output_tokens", "max_completion_tokens"])
+def test_a_cap_set_in_a_field_the_upstream_does_not_read_is_sent_in_its_own_too(field):
+    """Priced at the client's cap, in whatever cap field it named: the upstream must get that cap in
+    the field it reads, or it generates (and bills) up to its own default."""
+    call = parse(body(**{field: 2}))
+    assert call.quote().max_tokens == 2
+    for own in ("max_tokens", "max_completion_tokens", "n_predict"):
+        sent = json.loads(call.forward(own, 2))
+        assert sent[own] == sent[field] == 2
+        assert len(call.forward(own, 2)) <= call.quote().prompt_bound
+
+
 def test_metered_payments_are_priced_at_the_metered_cap():
     call = parse(body())
     assert (
