@@ -331,6 +331,43 @@ def test_a_permit2_allowance_that_covers_one_payment_does_not_pay_two_at_once(ga
         assert "data: [DONE]" in list(lines)  # (the first is served whole)
 
 
+def sponsored(payer, offer: dict[str, Any], devnet, value: int) -> dict[str, Any]:
+    """An ``eip2612GasSponsoring`` permit of ``value`` for Permit2, signed by the official SDK."""
+    signer = EthAccountSignerWithRPC(payer, rpc_url=devnet.rpc_url)
+    extra = offer["extra"]
+    deadline = str(int(time.time()) + 3600)
+    permit = sign_eip2612_permit(
+        signer, offer["asset"], extra["name"], extra["version"], devnet.chain_id, deadline, str(value)
+    )
+    return {"eip2612GasSponsoring": {"info": permit.to_dict()}}
+
+
+def test_attack_one_eip2612_permit_does_not_pay_two_upto_calls_at_once(gateway, chain, devnet):
+    """A permit *sets* Permit2's allowance to its value as its settlement runs: a payer with no
+    approval and no gas sending one payment's permit with several payments at once would be served
+    them all, and every settlement but the first would revert (the balance kept). And a small permit
+    sent while an approved payment is in flight would cut that one's allowance from under it."""
+    payer = chain.fund()
+    long = chat_body(" ".join(f"w{i}" for i in range(30)), max_tokens=40, stream=True, mock={"chunk_delay": 0.1})
+    required = payment_required(httpx.post(gateway.url + CHAT, json=long))
+    offer = upto_offer(required)
+    permit = sponsored(payer, offer, devnet, int(offer["amount"]))
+    doc = {**envelope(required, offer, sign_upto(payer, offer, devnet.chain_id)), "extensions": permit}
+    short = chat_body("and another at once", max_tokens=8)
+    required2 = payment_required(httpx.post(gateway.url + CHAT, json=short))
+    offer2 = upto_offer(required2)
+    with httpx.stream("POST", gateway.url + CHAT, json=long, headers=payment_header(doc), timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # (its payment in flight)
+        for extensions in (permit, sponsored(payer, offer2, devnet, int(offer2["amount"]))):
+            doc2 = {**envelope(required2, offer2, sign_upto(payer, offer2, devnet.chain_id)), "extensions": extensions}
+            second = httpx.post(gateway.url + CHAT, json=short, headers=payment_header(doc2))
+            assert second.status_code == 412 and error_code(second) == "permit2_allowance_required", second.text[:300]
+            assert "sign a permit for at least" in second.json()["error"]["message"]
+        assert "data: [DONE]" in list(lines)  # (the first is served whole)
+
+
 def test_an_upto_payment_refused_for_its_allowance_costs_no_upstream_call_and_no_gas(gateway, chain, devnet, upstream):
     """Who pays for a refusal: nothing is asked of the upstream and no transaction is queued before
     the allowance is known to cover the payment."""

@@ -151,16 +151,22 @@ class UptoEvm(TokenScheme):
         # The allowance must cover every Permit2 pull of the payer's not yet on chain, this one and
         # the others (each would be served, and the last to settle would revert) — read from the
         # ledger only when it does not cover everything the payer owes (``owed``, every scheme's).
-        # Checked again, a call's own pull is what matters. (A sponsored permit approves as it settles.)
-        need, have = payment.amount, int(allowance, 16)
-        if not recheck and have < owed and self.store is not None:
+        # A sponsored permit *sets* the allowance to its value as its settlement runs (and one permit
+        # may come with several payments): every such pull must fit in that value, whatever the
+        # allowance is now. Checked again, a call's own pull is what matters (its simulation says).
+        sponsored = permit2.decode_eip2612_permit(payment.proof)
+        need, have = payment.amount, int(allowance, 16) if sponsored is None else sponsored.value
+        if not recheck and (have < owed or sponsored is not None) and self.store is not None:
             pulls = self.store.unsettled_amount(self.network, self.token.lower(), payment.payer, schemes=PULLS)
             need = max(need, pulls)
-        if have < need and "eip2612GasSponsoring" not in payment.proof:
+        if have < need and not (recheck and sponsored is not None):
+            others = " and the others not yet on chain" if need > payment.amount else ""
             raise PreconditionFailed(
-                f"the payer's Permit2 allowance {have} does not cover {need} (this payment's maximum"
-                + (" and the others not yet on chain): approve Permit2 for more" if need > payment.amount else "")
-                + "; approve Permit2 for this token once, or send an eip2612GasSponsoring permit with the payment",
+                f"the payer's Permit2 allowance {have} does not cover {need} (this payment's maximum{others}): "
+                "approve Permit2 for this token once, or send an eip2612GasSponsoring permit with the payment"
+                if sponsored is None
+                else f"the permit sets the payer's Permit2 allowance to {have}, which does not cover {need} (this "
+                f"payment's maximum{others}): sign a permit for at least {need}, or wait until the others settle",
                 code="permit2_allowance_required",
             )
         if isinstance(result, RpcError):
