@@ -57,6 +57,7 @@ class GatewayError(Exception):
     status = 500
     code = "internal"
     retry_after: int | None = None  # seconds, for outages (sent as Retry-After)
+    attempts: tuple[Any, ...] = ()  # every upstream tried before the call ended so (upstream.attempts.Attempt)
     challenge: Any = None  # a 402's fresh quote: {"headers", "body"}, attached by the pipeline
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
@@ -141,7 +142,6 @@ class TooManyRequests(GatewayError):
 class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
-    attempts: tuple[Any, ...] = ()  # every upstream tried, when the router gave up (attempts.Attempt)
     asked_to_wait: int | None = None  # seconds the upstream asked to be left alone (its own Retry-After)
 
 

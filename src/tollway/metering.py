@@ -186,7 +186,7 @@ def meter(
     its payment has not settled yet, settle it — in one transaction. Returns the metered fields
     (with ``credit_after``), this hop's cache figures, and how the payment settled."""
     cost = charge(call, paid, usage)
-    if usage is not None and usage.dialect != "estimated":
+    if usage is not None and usage.dialect != "estimated" and paid.quote.amount:  # (a free call's is 0)
         over = call.prices.cost(usage, long_cache=call.long_cache)
         if over > cost:
             gw.counters["cost_over_quote"] += 1

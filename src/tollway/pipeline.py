@@ -47,7 +47,6 @@ from .errors import (
     PaymentRequired,
     TooLarge,
     TooManyRequests,
-    UpstreamError,
     UpstreamUnavailable,
     truncate,
 )
@@ -471,9 +470,9 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
 def timed_out(exc: BaseException) -> bool:
     """Whether a call failed timing out on an upstream, which may have had its request and bill for
     it (a timeout while connecting counts too: which one it was is not told apart)."""
-    codes = [exc.code] if isinstance(exc, GatewayError) else []
-    codes += [a.outcome for a in getattr(exc, "attempts", ())]
-    return "upstream_timeout" in codes
+    if not isinstance(exc, GatewayError):
+        return False
+    return "upstream_timeout" in (exc.code, *(a.outcome for a in exc.attempts))
 
 
 def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseException) -> None:
@@ -490,7 +489,7 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
     else:
         to, error = PaymentState.RELEASED, f"not served: {reason}"
     try:
-        attempts = encode_attempts(exc.attempts) if isinstance(exc, UpstreamError) else None
+        attempts = encode_attempts(exc.attempts) if isinstance(exc, GatewayError) and exc.attempts else None
         row = call_row(call_id, paid, call, status="failed", error=reason, attempts=attempts, finished_at=time.time())
         undone = gw.store.undo_call(
             paid.payment_id, to, error, account=paid.account, held=paid.held, deposit=deposit, row=row

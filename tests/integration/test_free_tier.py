@@ -9,14 +9,16 @@ from decimal import Decimal
 import httpx
 import pytest
 from eth_account import Account
+from sqlalchemy import text
 
 from conftest import gateway_settings
-from support import ServerThread, receipt, run_concurrently
+from support import ADMIN_TOKEN, ServerThread, receipt, run_concurrently
 from tollway import siwe
 from tollway.app import create_app
 from tollway.cli import server_config
-from tollway.config import ModelPrice, Settings
+from tollway.config import ModelPrice, Settings, UpstreamSettings
 from tollway.free_tier import address_of
+from tollway.mock_upstream import MockOptions
 from tollway.mock_upstream import create_app as create_mock
 from tollway.payments.x402 import b64json, unb64json
 
@@ -101,6 +103,37 @@ def test_a_call_that_timed_out_waiting_for_its_upstream_counts(devnet, upstream,
         slow = chat(gw, {**BODY, "mock": {"latency": 2}})
         assert slow.status_code in (503, 504) and "upstream_timeout" in slow.text, slow.text
         assert [chat(gw).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_call_that_timed_out_on_one_upstream_then_was_refused_by_the_next_counts(devnet, tmp_path):
+    """The first upstream had the request when it timed out (and may bill for it); the next refused
+    it (a 4xx, which no other upstream is asked after): the slot stays spent, and the call's row
+    names both attempts."""
+    slow, picky = create_mock(MockOptions(latency=2.0)), create_mock(MockOptions(models=["mock/echo-large"]))
+    with ServerThread(slow) as slow_server, ServerThread(picky) as picky_server:
+        settings = free_settings(devnet, slow_server, tmp_path / "l.sqlite3", free_calls_per_address=1)
+        upstreams = [
+            UpstreamSettings(name="slow", url=slow_server.url + "/v1", read_timeout=0.5),
+            UpstreamSettings(name="picky", url=picky_server.url + "/v1"),
+        ]
+        settings = settings.model_copy(update={"upstreams": upstreams})
+        app = create_app(settings)
+        with ServerThread(app, proxy_headers=False) as gw:
+            first = chat(gw)
+            assert first.status_code == 404 and slow.state.mock.stats["requests"] == 1, first.text
+            slow.state.mock.options = slow.state.mock.options.model_copy(update={"latency": 0.0})
+            assert chat(gw).status_code == 429
+            with app.state.gateway.store.engine.connect() as c:
+                (attempts,) = c.execute(text("SELECT attempts FROM calls WHERE status = 'failed'")).one()
+            assert "slow" in attempts and "upstream_timeout" in attempts and "picky" in attempts, attempts
+
+
+def test_a_free_call_raises_no_alarm_of_an_upstream_over_reporting(direct):
+    """``cost_over_quote`` tells the operator an upstream reported more usage than the quote allowed:
+    a free call's quote is 0, so it is not compared."""
+    assert chat(direct).status_code == 200
+    health = httpx.get(direct.url + "/healthz", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert health["events"].get("cost_over_quote", 0) == 0, health["events"]
 
 
 def test_behind_a_trusted_proxy_each_client_counts_apart(devnet, upstream, tmp_path):

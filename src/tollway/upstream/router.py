@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-from ..errors import UpstreamDown, UpstreamError
+from ..errors import GatewayError, UpstreamDown, UpstreamError
 from ..jsonbytes import dumps
 from ..routing import NONE as NO_PREFERENCES
 from ..routing import Preferences, over_max_price
@@ -198,6 +198,11 @@ class Router:
                     last = exc
                     log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                     continue
+                except GatewayError as exc:  # (it refused the request itself: no other is asked; the call
+                    # ends with the upstreams it was tried on — one that timed out may bill for it)
+                    attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
+                    exc.attempts = tuple(attempts)
+                    raise
                 attempts.append(Attempt(upstream.name, "served", opened.latency_ms, model))
                 opened.model, opened.attempts = model, attempts
                 self._succeeded(upstream.name, key)
