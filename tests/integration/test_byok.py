@@ -11,6 +11,10 @@ from fractions import Fraction
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from conftest import gateway_settings
 from support import SETTLE_WAIT, ServerThread, wait_receipt
@@ -130,3 +134,36 @@ def test_a_refused_key_costs_the_payer_nothing(byok, chain, devnet):
     with sqlite3.connect(db) as conn:
         states = {s for (s,) in conn.execute("SELECT state FROM payments WHERE payer = ?", (wallet.address.lower(),))}
     assert states == {"released"}
+
+
+def key_quoting_upstream(pad: int) -> Starlette:
+    """An upstream whose 400 quotes the key it was sent (some proxies and self-hosted servers do),
+    after ``pad`` characters of message."""
+
+    async def chat(request: Request) -> JSONResponse:
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        message = "x" * pad + f" invalid request for api key {key}"
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=400)
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@pytest.mark.parametrize("pad", [0, 251])  # (251: the 300-character cut falls inside the key)
+def test_an_upstream_quoting_the_key_it_was_sent_passes_on_neither_the_operators_nor_the_payers(
+    devnet, chain, tmp_path, pad
+):
+    operator = "sk-operator-0123456789abcdef-SECRET"
+    with ServerThread(key_quoting_upstream(pad)) as upstream:
+        settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+        upstreams = [UpstreamSettings(name="quoting", url=upstream.url + "/v1", api_key=operator, byok=True)]
+        with ServerThread(create_app(settings.model_copy(update={"upstreams": upstreams}))) as gw:
+            for headers in ({}, {"X-Provider-Key": KEY}):
+                payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+                with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+                    r = http.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=headers)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "upstream_rejected_request", r.text
+                assert operator[:12] not in r.text and KEY[:12] not in r.text, r.text
+    with sqlite3.connect(tmp_path / "l.sqlite3") as conn:
+        errors = [e for (e,) in conn.execute("SELECT error FROM calls")]
+    assert len([e for e in errors if e.startswith("upstream answered 400")]) == 2, errors
+    assert not [e for e in errors if operator[:12] in e or KEY[:12] in e], errors

@@ -129,13 +129,17 @@ def _retry_after(resp: httpx.Response) -> int | None:
     return max(1, min(int(value), 3600)) if value.isascii() and value.isdigit() else None
 
 
-def _upstream_message(body: bytes) -> str:
-    """The message of an upstream's error body, short (it is shown to the client)."""
+def _upstream_message(body: bytes, keys: dict[str, str]) -> str:
+    """The message of an upstream's error body, short (it is shown to the client), with every key
+    in ``keys`` (key → what stands for it) taken out first: an upstream may quote the key it was sent,
+    and a key cut in two by the shortening would no longer be found."""
     try:
         err = loads(body).get("error")
         text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
     except (ValueError, AttributeError, RecursionError):
-        text = body[:200].decode(errors="replace")
+        text = body.decode(errors="replace")
+    for key, name in keys.items():
+        text = text.replace(key, name)
     return truncate(text, 300)
 
 
@@ -248,6 +252,7 @@ class Upstream:
         self.key_header = settings.key_header or ("x-api-key" if host == "api.anthropic.com" else "authorization")
         # Uncompressed answers: the gateway reads every byte to meter and relay it (httpx asks for gzip).
         self.headers = {"content-type": "application/json", "accept-encoding": "identity", "user-agent": USER_AGENT}
+        self.api_key = settings.api_key  # (never echoed: see ``_status_error``)
         if settings.api_key:
             self.headers.update(self.key(settings.api_key))
 
@@ -335,7 +340,8 @@ class Upstream:
         if not stream:
             await resp.aclose()
             if b'"error"' in first and _error_only(first):  # (the bytes first: answers seldom hold the key)
-                log.warning("upstream %s answered 200 with an error: %s", self.name, _upstream_message(first))
+                message = _upstream_message(first, self.secrets(api_key))
+                log.warning("upstream %s answered 200 with an error: %s", self.name, message)
                 raise UpstreamError("upstream answered 200 with an error and no answer")
             return Opened(resp, first, latency, self.name)
         return Opened(resp, first, latency, self.name, chunks)
@@ -366,22 +372,24 @@ class Upstream:
             raise UpstreamError("upstream closed the stream without answering")
         return bytes(body)
 
+    def secrets(self, api_key: str | None) -> dict[str, str]:
+        """The keys an upstream's message must not carry on (this upstream's own, a payer's), and
+        what stands for each."""
+        return {k: n for k, n in ((self.api_key, "[the upstream's key]"), (api_key, "[X-Provider-Key]")) if k}
+
     def _status_error(self, resp: httpx.Response, body: bytes, api_key: str | None = None) -> Exception:
         """The client learns why the upstream refused its request (4xx: the request's own fault);
         of an upstream's own failure, only its status (the details go to the log). A payer's own
         key the provider refuses (401, 403) is the payer's to fix, not the upstream's failure; no
         message that could quote that key is logged or passed on."""
         status = resp.status_code
-        message = _upstream_message(body)
-        if api_key is not None:
-            if status in (401, 403):
-                err = BadRequest(
-                    f"the provider refused the key in X-Provider-Key (it answered {status})",
-                    code="provider_key_refused",
-                )
-                err.status = 401
-                return err
-            message = message.replace(api_key, "[X-Provider-Key]")
+        message = _upstream_message(body, self.secrets(api_key))
+        if api_key is not None and status in (401, 403):
+            err = BadRequest(
+                f"the provider refused the key in X-Provider-Key (it answered {status})", code="provider_key_refused"
+            )
+            err.status = 401
+            return err
         if status in (400, 404, 413, 422):
             err = BadRequest(f"upstream answered {status}: {message}", code="upstream_rejected_request")
             err.status = status
