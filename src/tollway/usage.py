@@ -217,8 +217,12 @@ class StreamUsage:
         kind, found = doc.get("type"), None
         if kind == "message_start" and isinstance(doc.get("message"), dict):
             found = doc["message"].get("usage")
-        elif kind == "message_delta" or kind in self.FINAL:
-            found = doc.get("usage") if kind == "message_delta" else (doc.get("response") or {}).get("usage")
+        elif kind == "message_delta":
+            found = doc.get("usage")
+            self.final = self.final or isinstance(found, dict)
+        elif kind in self.FINAL:
+            response = doc.get("response")  # (a hostile upstream's may be anything)
+            found = response.get("usage") if isinstance(response, dict) else None
             self.final = self.final or isinstance(found, dict)
         if isinstance(found, dict):
             self.counts.update(found)

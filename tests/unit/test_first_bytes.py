@@ -43,3 +43,16 @@ async def test_a_stream_that_ends_before_answering_is_a_failure():
 async def test_a_stream_of_keep_alives_alone_is_given_up():
     with pytest.raises(UpstreamError, match="without answering"):
         await first(chunks(then=b": keep-alive\n" * 1260, times=2 * MAX_PREAMBLE // 16_380))
+
+
+@pytest.mark.parametrize("kind", [b"[1]", b'{"a": 1}', b"7"])
+async def test_an_event_whose_type_is_not_a_string_is_a_failure_not_a_crash(kind):
+    """A hostile upstream's first event: a failure of the upstream's (502, the next one is tried),
+    not a TypeError (a 500, and no other upstream asked)."""
+    with pytest.raises(UpstreamError, match="not a string"):
+        await first(chunks(b'data: {"type": ' + kind + b"}\n\n"))
+
+
+async def test_a_chat_chunk_whose_type_is_a_nested_keys_answers():
+    got = await first(chunks(b'data: {"choices": [{"delta": {"tool_calls": [{"type": "function"}]}}]}\n\n'))
+    assert b"tool_calls" in got

@@ -66,3 +66,16 @@ def test_a_usage_event_that_cannot_be_written_again_goes_as_it_came():
     events = UsageEvents(lambda doc: {**doc, "usage": {**doc["usage"], "cost": 1}})
     event = b'data: {"usage":{"prompt_tokens":1},"note":"\\ud800"}\n\n'
     assert events.feed(event) == event
+
+
+def test_a_final_event_whose_response_is_not_an_object_goes_on_as_it_came():
+    """A hostile upstream's: it carries no usage (the stream is metered by the estimate) and breaks
+    nothing — were it read as an object, the relay would stop mid-stream."""
+    for response in (b'"done"', b"[1]", b"7"):
+        event = (
+            b'event: response.completed\ndata: {"type": "response.completed", "usage": 1, "response": '
+            + response
+            + b"}\n\n"
+        )
+        usage, out = relayed([event])
+        assert usage is None and out == event

@@ -188,7 +188,10 @@ def _answered(buf: bytes | bytearray, start: int = 0) -> tuple[bool, int]:
         if err:
             text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
             raise UpstreamError(f"upstream failed before answering: {truncate(text, 300)}")
-        if doc.get("type") not in PREAMBLE:
+        kind = doc.get("type")  # (none: a chat chunk, "type" was a nested key's)
+        if kind is not None and not isinstance(kind, str):
+            raise UpstreamError("upstream sent an event whose type is not a string")
+        if kind not in PREAMBLE:
             return True, end
     return False, max(end, start)
 
