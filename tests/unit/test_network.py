@@ -16,6 +16,7 @@ import ssl
 import struct
 import subprocess
 import time
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -415,6 +416,34 @@ async def test_endless_trailers_are_a_remote_protocol_error():
             async with http.stream("POST", raw.url, content=b"{}") as r:
                 async for _ in r.aiter_raw():
                     pass
+
+
+async def test_one_trailer_that_never_ends_is_a_remote_protocol_error_before_it_is_large():
+    """httptools gathers a header's value until its line ends, so a trailer is bounded once
+    whole: one whose value never ends would grow for ever (the bytes keep coming, so the read
+    timeout never fires). Bytes past the head that come to no body, trailer or end are bounded."""
+    sent = 0
+
+    async def answer(reader, writer, body):
+        nonlocal sent
+        writer.write(SSE_HEAD + chunk(event(1)) + b"0\r\nx-trailer: ")
+        for _ in range(16 * 1024 * 1024 // 65536):  # (16 MB of one value, and no end)
+            writer.write(b"v" * 65536)
+            sent += 65536
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    async with raw_server(answer) as raw, client() as http:
+        tracemalloc.start()
+        try:
+            with pytest.raises(httpx.RemoteProtocolError, match="not its body"):
+                async with http.stream("POST", raw.url, content=b"{}") as r:
+                    async for _ in r.aiter_raw():
+                        pass
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024 and sent < 16 * 1024 * 1024, (peak, sent)  # (cut short: not all sent)
 
 
 async def test_a_stream_cut_short_is_a_remote_protocol_error():
@@ -909,3 +938,31 @@ async def test_the_gateway_client_keeps_no_cookie_an_upstream_sets():
                 assert (await http.post(raw.url + "/v1/chat/completions", content=b"{}")).status_code == 200
             assert len(http.cookies) == 0
     assert [b"cookie:" in head.lower() for head in raw.heads] == [False, False]
+
+
+async def test_the_probe_of_an_upstream_and_its_usage_lookup_read_no_endless_body():
+    """An upstream taken for down is asked ``GET /models`` every few seconds, and an OpenRouter-like
+    one ``/generation`` after a stream: a hostile one answering an endless body must not fill memory."""
+    from tollway.config import UpstreamSettings
+    from tollway.upstream.client import Upstream, make_http_client
+
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(32 * 16):  # (32 MB, were it all read)
+            writer.write(chunk(b"x" * 65536))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    async with raw_server(answer) as raw:
+        settings = UpstreamSettings(name="hostile", url=raw.url + "/v1", usage_lookup="openrouter")
+        http = make_http_client([settings])
+        upstream = Upstream(settings, http)
+        tracemalloc.start()
+        try:
+            assert await asyncio.wait_for(upstream.probe(), 30)  # (it answers: it is up)
+            assert await asyncio.wait_for(upstream.usage_after("gen-1", attempts=1, first_wait=0), 30) is None
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            await http.aclose()
+    assert peak < 4 * 1024 * 1024, peak

@@ -156,6 +156,9 @@ def _error_only(body: bytes) -> bool:
     return isinstance(doc, dict) and doc.get("error") is not None and not any(k in doc for k in ANSWER_KEYS)
 
 
+MAX_GENERATION = 1 << 16  # bytes of a generation record read (OpenRouter's are ~2 KB): the rest is not
+
+
 async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
     body = bytearray()  # (bytes += bytes copies the whole body each time)
     async for chunk in resp.aiter_bytes():
@@ -270,11 +273,10 @@ class Upstream:
         """Whether the upstream answers at all (``GET /models``: any status will do — it is up)."""
         timeout = httpx.Timeout(self.timeout.connect, connect=self.timeout.connect)
         try:
-            resp = await self.http.get(self.models_url, headers=self.headers, timeout=timeout)
+            async with self.http.stream("GET", self.models_url, headers=self.headers, timeout=timeout):
+                return True  # (its body is not read: a hostile one may never end)
         except (httpx.HTTPError, PaymentRefused):
             return False
-        await resp.aclose()
-        return True
 
     async def usage_after(self, generation_id: str, attempts: int = 6, first_wait: float = 0.5) -> Usage | None:
         """A finished generation's usage, read after the fact (OpenRouter's ``/generation?id=``,
@@ -285,14 +287,15 @@ class Upstream:
         for _ in range(attempts):
             await asyncio.sleep(wait)
             wait *= 2
+            url = self.generation_url
             try:
-                resp = await self.http.get(
-                    self.generation_url, params={"id": generation_id}, headers=self.headers, timeout=self.timeout
-                )
+                async with self.http.stream(
+                    "GET", url, params={"id": generation_id}, headers=self.headers, timeout=self.timeout
+                ) as resp:
+                    if resp.status_code == 200:
+                        return generation_usage(await _read_bounded(resp, MAX_GENERATION))
             except httpx.HTTPError:
                 continue
-            if resp.status_code == 200:
-                return generation_usage(resp.content)
         return None
 
     async def send(

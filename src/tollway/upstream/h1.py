@@ -111,6 +111,7 @@ class _Connection(asyncio.Protocol):
         self.done = False  # the whole answer was received
         self.keep_alive = False
         self.head_bytes = 0
+        self.idle_bytes = 0
         self.buffered = 0
         self.error: httpx.TransportError | None = None
 
@@ -131,6 +132,8 @@ class _Connection(asyncio.Protocol):
             return
         if not self.head_done:
             self.head_bytes += len(data)  # (at least the head's size so far: the body's first bytes may count)
+        else:
+            self.idle_bytes += len(data)  # (bytes past the head no body, trailer or end has come of yet)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -140,6 +143,8 @@ class _Connection(asyncio.Protocol):
         if not self.head_done:
             if self.head_bytes > MAX_HEAD:  # (llhttp has no bound of its own)
                 self.fail(httpx.RemoteProtocolError(f"the answer's header block is over {MAX_HEAD} bytes"))
+        elif self.idle_bytes > 2 * MAX_HEAD and not self.done:  # (a trailer line that never ends, say)
+            self.fail(httpx.RemoteProtocolError(f"the answer sent {self.idle_bytes} bytes that are not its body"))
         elif self.buffered > HIGH_WATER and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
@@ -182,6 +187,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:  # a trailer: bounded as the head is
+            self.idle_bytes = 0
             self.head_bytes += len(name) + len(value) + 4
             if self.head_bytes > 2 * MAX_HEAD:
                 raise httptools.HttpParserError(f"the trailers are over {MAX_HEAD} bytes")
@@ -201,6 +207,7 @@ class _Connection(asyncio.Protocol):
             self.done = True
 
     def on_body(self, body: bytes) -> None:
+        self.idle_bytes = 0
         if not self.done:
             self.chunks.append(body)
             self.buffered += len(body)
