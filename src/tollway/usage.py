@@ -148,15 +148,28 @@ class UsageEvents:
 
     def __init__(self, rewrite: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
         self.rewrite = rewrite
-        self.held = b""
+        self.held = bytearray()
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self.held + chunk if self.held else chunk
-        end = max((data.rfind(e) + len(e) for e in EVENT_ENDS if e in data), default=0)
+        # Only the new bytes are searched for an event's end (and the held ones' last 3, where one
+        # may begin): an event that never ends costs each byte once, not once per read.
+        start = max(len(self.held) - 3, 0)
+        if self.held:
+            self.held += chunk
+        data = self.held or chunk
+        end = 0
+        for e in EVENT_ENDS:
+            at = data.rfind(e, start)
+            if at >= 0:
+                end = max(end, at + len(e))
         if end == 0:  # (no event ends in it yet)
-            self.held, out = (b"", data) if len(data) > MAX_HELD else (data, b"")
-            return out
-        complete, self.held = data[:end], data[end:]
+            if len(data) > MAX_HELD:
+                self.held = bytearray()
+                return bytes(data)
+            if not self.held:
+                self.held += chunk
+            return b""
+        complete, self.held = bytes(data[:end]), bytearray(data[end:])
         if b'"usage"' not in complete:
             return complete
         parts = EVENT_END.split(complete)  # [event, its end, event, its end, ..., ""]
@@ -169,7 +182,7 @@ class UsageEvents:
 
     def flush(self) -> bytes:
         """What is left at the stream's end (an event with no blank line after it), read too."""
-        held, self.held = self.held, b""
+        held, self.held = bytes(self.held), bytearray()
         return self._event(held)
 
     def _event(self, event: bytes) -> bytes:

@@ -4,6 +4,7 @@ ending, or unterminated at the stream's end — and leaves every other byte as i
 from __future__ import annotations
 
 import json
+import time
 
 from tollway.usage import MAX_HELD, StreamUsage, UsageEvents
 
@@ -79,3 +80,20 @@ def test_a_final_event_whose_response_is_not_an_object_goes_on_as_it_came():
         )
         usage, out = relayed([event])
         assert usage is None and out == event
+
+
+def test_an_event_that_never_ends_costs_each_byte_once():
+    """A hostile upstream trickling one event that never ends (no blank line): each read is searched
+    for its end, not everything held so far — else ~4 MB in 1,400-byte reads cost seconds of CPU
+    (quadratic), against milliseconds for the same bytes as whole events. Compared, not timed."""
+    piece = b"a" * 1398 + b"\n\n"
+
+    def cpu(chunk: bytes) -> float:
+        events = UsageEvents(lambda doc: doc)
+        started = time.process_time()
+        for _ in range(MAX_HELD // len(chunk)):
+            events.feed(chunk)
+        return time.process_time() - started
+
+    endless, whole = cpu(b"a" * 1400), cpu(piece)
+    assert endless < 20 * max(whole, 0.001), (endless, whole)
