@@ -59,6 +59,7 @@ from support import (
     payment_rows,
     wait_receipt,
 )
+from tollway.client import AllowedAsset, Payer
 from tollway.client.payer import sign_exact
 from tollway.config import Settings
 from tollway.payments.x402 import b64json, unb64json
@@ -870,6 +871,18 @@ def test_unicode_digits_in_a_wallet_proof(attack):
     assert r.status_code == 400 and error_code(r) == INVALID_PAYLOAD
     r = attack.client.get("/v1/credit", headers={"X-Tollway-Wallet": proof})
     assert r.status_code == 401 and error_code(r) == INVALID_PAYLOAD
+
+
+def test_a_wallet_proof_valid_for_a_century_is_no_bearer_credential(attack, devnet):
+    """A deprecated ``X-Tollway-Wallet`` proof shows the wallet's credit and receipts to whoever
+    holds it: one valid far ahead would be a key for ever. At most two hours."""
+    origin = attack.client.base_url
+    payer = Payer(attack.payer, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+    for ahead, status in ((100 * 365 * 86400, 401), (3 * 3600, 401), (3600, 200)):
+        header = payer.wallet_header(str(origin), now=int(time.time()) + ahead - 3600)
+        r = attack.client.get("/v1/credit", headers=header)
+        assert r.status_code == status, (ahead, r.text)
+        payer._proofs.clear()
 
 
 def test_a_client_hanging_up_mid_body_is_no_internal_error(gateway, caplog):

@@ -75,6 +75,11 @@ class CreditScheme:
         return None
 
 
+# How far ahead a wallet proof may be valid: it is a bearer credential (the wallet's balance, journal,
+# receipts), so one that leaks must not last (tollway's client signs one for an hour).
+MAX_WALLET_PROOF_SECONDS = 2 * 3600
+
+
 def check_wallet_proof(doc: Any, chain_id: int, token: str, now: int, origin: str) -> str:
     """The wallet a ``X-Tollway-Wallet`` header proves (decoded JSON {wallet, validBefore, signature})."""
     if (
@@ -87,9 +92,11 @@ def check_wallet_proof(doc: Any, chain_id: int, token: str, now: int, origin: st
         wallet = signed.signer("WalletProof", chain_id, token, doc, doc.get("signature"), origin)
     except PaymentInvalid as exc:
         raise PaymentMalformed(exc.message, code="invalid_wallet_proof") from None
-    if wallet != doc["wallet"].lower() or int(doc["validBefore"]) < now:
+    if wallet != doc["wallet"].lower() or not now <= int(doc["validBefore"]) <= now + MAX_WALLET_PROOF_SECONDS:
         raise PaymentMalformed(
-            "X-Tollway-Wallet is not a valid, current proof for its wallet", code="invalid_wallet_proof"
+            f"X-Tollway-Wallet is not a valid, current proof for its wallet (valid at most "
+            f"{MAX_WALLET_PROOF_SECONDS} s ahead)",
+            code="invalid_wallet_proof",
         )
     return wallet
 
