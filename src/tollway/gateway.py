@@ -137,8 +137,7 @@ class Gateway:
         network = f"eip155:{chain_id}"
         v1_name = c.v1_network or V1_NETWORK_NAMES.get(chain_id)
         upstreams = upstream_list(settings)
-        upstream_http = make_http_client(upstreams)
-        paying = {u.name: make_paying_client(u) for u in upstreams if u.payer_key}
+        clients = {u.name: make_paying_client(u) if u.payer_key else make_http_client(u) for u in upstreams}
         schemes: list[PaymentScheme] = []
         settler = Settler(
             store,
@@ -174,7 +173,7 @@ class Gateway:
             schemes=schemes,
             settler=settler,
             router=Router(
-                [Upstream(u, paying.get(u.name, upstream_http)) for u in upstreams],
+                [Upstream(u, clients[u.name]) for u in upstreams],
                 sticky_idle=settings.sticky_idle_seconds,
                 cooldown=settings.failure_cooldown_seconds,
                 stats=LiveStats(),
@@ -187,7 +186,7 @@ class Gateway:
             network=network,
             token=c.token,  # type: ignore[arg-type]
             counters=Counter(),
-            _clients=(upstream_http, *paying.values()),
+            _clients=tuple(clients.values()),
             _worker_chain=worker_chain,
         )
         types = {t: name for t, name in CREDENTIAL_TYPES.items() if any(s.name == name for s in schemes)}

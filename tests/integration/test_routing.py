@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -278,3 +280,35 @@ def test_sort_by_latency_follows_a_change_within_a_few_calls(routed, http):
         assert served_by(gw.url, call(http, provider={"sort": "latency"})) == "slow"  # ... five calls later
     finally:
         options.latency = 0.0
+
+
+def test_an_upstream_that_hangs_holds_only_its_own_connections(devnet, chain, tmp_path):
+    """Every upstream has a pool of its own ``max_connections``: calls hung on one (it takes
+    requests and never answers) leave the others' connections free — with one pool for all, they
+    took every connection, and a healthy upstream's calls waited for one and failed."""
+    with socket.socket() as hung:  # (listening, never accepting: requests go in, no answer comes out)
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        fast = create_mock()
+        with ServerThread(fast) as fast_server:
+            settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+            upstreams = [
+                UpstreamSettings(
+                    name="hung", url=f"http://127.0.0.1:{hung.getsockname()[1]}/v1", max_connections=2, read_timeout=4
+                ),
+                UpstreamSettings(name="fast", url=fast_server.url + "/v1", max_connections=2, read_timeout=2),
+            ]
+            with ServerThread(create_app(settings.model_copy(update={"upstreams": upstreams}))) as gw:
+                payers = [
+                    Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)]) for _ in range(5)
+                ]
+
+                def call_on(name: str, payer: Payer) -> httpx.Response:
+                    with httpx.Client(transport=SyncPayingTransport(payer), base_url=gw.url, timeout=30) as client:
+                        return call(client, provider={"only": [name], "allow_fallbacks": False})
+
+                with ThreadPoolExecutor(4) as pool:
+                    hanging = [pool.submit(call_on, "hung", p) for p in payers[:4]]
+                    time.sleep(1.0)  # (they hold every connection "hung" may have, and wait for more)
+                    assert served_by(gw.url, call_on("fast", payers[4])) == "fast"
+                    assert all(h.result().status_code >= 500 for h in hanging)

@@ -719,7 +719,7 @@ async def test_aclose_closes_every_connection():
 
 def upstream(url: str, **settings: Any) -> tuple[Upstream, httpx.AsyncClient]:
     s = UpstreamSettings(name="u", url=url + "/v1", **settings)
-    http = make_http_client([s])
+    http = make_http_client(s)
     return Upstream(s, http), http
 
 
@@ -932,7 +932,7 @@ async def test_the_gateway_client_keeps_no_cookie_an_upstream_sets():
         )
 
     async with raw_server(answer) as raw:
-        http = make_http_client([UpstreamSettings(url=raw.url + "/v1")])
+        http = make_http_client(UpstreamSettings(url=raw.url + "/v1"))
         async with http:
             for _ in range(2):
                 assert (await http.post(raw.url + "/v1/chat/completions", content=b"{}")).status_code == 200
@@ -955,7 +955,7 @@ async def test_the_probe_of_an_upstream_and_its_usage_lookup_read_no_endless_bod
 
     async with raw_server(answer) as raw:
         settings = UpstreamSettings(name="hostile", url=raw.url + "/v1", usage_lookup="openrouter")
-        http = make_http_client([settings])
+        http = make_http_client(settings)
         upstream = Upstream(settings, http)
         tracemalloc.start()
         try:

@@ -79,11 +79,10 @@ def pool_limits(size: int) -> httpx.Limits:
     return httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=KEEPALIVE_SECONDS)
 
 
-def make_http_client(upstreams: list[UpstreamSettings]) -> CookielessClient:
-    """One pooled client for every upstream (timeouts are set per upstream, per request)."""
-    size = sum(u.max_connections for u in upstreams)
-    limits = pool_limits(size)
-    return CookielessClient(transport=h1_transport(limits))
+def make_http_client(upstream: UpstreamSettings) -> CookielessClient:
+    """An upstream's own pooled client, of its ``max_connections`` (timeouts are set per request):
+    one upstream that hangs holds its own connections, never another's."""
+    return CookielessClient(transport=h1_transport(pool_limits(upstream.max_connections)))
 
 
 def make_paying_client(s: UpstreamSettings) -> CookielessClient:
