@@ -18,9 +18,7 @@ The worker, in each process, is scheme-agnostic and loops over the outbox:
   late) — unless it is a payout: a token transfer has no replay guard on chain, so signing it
   anew after a late receipt would pay twice; it is left for the operator, logged as an error;
 - a revert is believed once ``confirmations`` blocks are on top of it (a stream it pays is cut at
-  once): a reorganisation may mine the transaction again, and it may pay then; so is a success
-  that makes a payer's money count (a settlement, a deposit), whose credit stays unconfirmed until
-  then — a reorganisation may let the payer's own transaction in first;
+  once): a reorganisation may mine the transaction again, and it may pay then;
 - a settlement that reverted because its authorization was already used — someone front-ran our
   transaction, and the payee was paid by theirs — is settled, not failed: ``settled_elsewhere``
   (from the payment's scheme) finds the transaction that paid.
@@ -67,7 +65,6 @@ BUMP_AFTER = 10.0  # seconds a transaction may wait at its fees before they are 
 REPLACE_AFTER = 15.0
 BUMP = Decimal("1.25")  # each bump: +25% (nodes replace a pending transaction at +10%)
 PAYOUT_GAS = 100_000
-DEEP_SUCCESSES = ("settlement", "deposit")  # purposes whose success is believed only at depth too (``_believed``)
 GWEI = 10**9
 
 SettledElsewhere = Callable[[dict[str, Any]], Awaitable[str | None]]
@@ -109,8 +106,9 @@ class Settler:
         self._taken: dict[str, tuple[float, float]] = {}
         self._left: set[str] = set()  # payouts whose nonce was taken, left for the operator (logged once)
         self.settled_elsewhere = settled_elsewhere
-        # Blocks on top of a revert's own (and a settlement's or deposit's success) before it is
-        # believed: a reorganisation may mine the same transaction again with another outcome.
+        # Blocks on top of a revert's own before it is believed: a reorganisation may mine the same
+        # transaction again with another outcome (a success believed at once that a reorganisation
+        # drops goes back to the pool, and is mined again: the same bytes, our nonce).
         self.confirmations = confirmations
         self._reverted: set[str] = set()  # transactions mined reverted, not yet that deep (at the last poll)
         self._wake = asyncio.Event()
@@ -296,10 +294,10 @@ class Settler:
         now = time.monotonic()
         first = self._taken.get(row["id"], (now, now))[0]
         if receipts[0] is not None:
-            if self._believed(row, receipts[0][1], receipts[0][0], await self.chain.head()):
+            if self._believed(receipts[0][1], receipts[0][0], await self.chain.head()):
                 self._taken.pop(row["id"], None)
                 await self._conclude([(row, *receipts[0])])
-            else:  # (mined, not that deep yet: looked at again as it is sent again, no sooner)
+            else:  # (a revert not that deep yet: looked at again as it is sent again, no sooner)
                 self._taken[row["id"]] = (first, now)
             return
         if len(self._taken) > 10_000:  # (rows concluded otherwise leave theirs: only a delay is lost)
@@ -346,15 +344,9 @@ class Settler:
                 found[row["id"]] = (h, receipt)
         return [found.get(row["id"]) for row in rows]
 
-    def _believed(self, row: dict[str, Any], receipt: dict[str, Any], tx_hash: str, head: int) -> bool:
-        """A revert once ``confirmations`` blocks are on top of its own — and so a success that makes
-        a payer's money count (a payment's settlement, a channel's deposit): a reorganisation drops
-        it back to the pool, where the payer may get a transaction of theirs in first (the funds
-        moved, the authorization cancelled), while the credit it made was spent or withdrawn. Any
-        other success (our own transfers: a payout, a claim, a refund) at once."""
-        if self.confirmations == 0:
-            return True
-        if receipt_status(receipt, tx_hash) == 1 and row["purpose"] not in DEEP_SUCCESSES:
+    def _believed(self, receipt: dict[str, Any], tx_hash: str, head: int) -> bool:
+        """A success at once; a revert once ``confirmations`` blocks are on top of its own."""
+        if self.confirmations == 0 or receipt_status(receipt, tx_hash) == 1:
             return True
         try:
             return head - int(receipt["blockNumber"], 16) >= self.confirmations
@@ -386,16 +378,15 @@ class Settler:
         asked = head != self._polled_head
         receipts = await self._receipts(rows) if asked else [None] * len(rows)
         mined = [(row, *m) for row, m in zip(rows, receipts, strict=True) if m is not None]
-        believed = [m for m in mined if self._believed(m[0], m[2], m[1], head)]
+        believed = [m for m in mined if self._believed(m[2], m[1], head)]
         await self._conclude(believed)
         self._polled_head = head  # (only once concluded: a failed conclusion asks again at the next poll)
         if asked:
-            reverts = {m[0]["id"] for m in mined if receipt_status(m[2], m[1]) != 1}
-            reverted = reverts - {m[0]["id"] for m in believed}
+            reverted = {m[0]["id"] for m in mined} - {m[0]["id"] for m in believed}
             await self._cut_unpaid(reverted - self._reverted)
             self._reverted = reverted
         now = time.time()
-        # (one mined, not yet deep enough to believe, waits as it is: neither bumped nor sent again)
+        # (a revert not yet deep enough to believe waits as it is: neither bumped nor sent again)
         waiting = [row for row, m in zip(rows, receipts, strict=True) if m is None and row["id"] not in self._reverted]
         await self._bump([r for r in waiting if now - r["fee_at"] > self.bump_after])
         stale = [r for r in waiting if now - (r["broadcast_at"] or 0) > REBROADCAST_AFTER]

@@ -129,34 +129,6 @@ async def test_a_revert_is_believed_only_once_its_confirmations_are_on_top_of_it
     assert chain.receipt(tx_hash)["status"] == 0
 
 
-async def test_a_settlements_success_is_believed_and_its_credit_final_only_at_depth(
-    tmp_path, chain, devnet, settler_key
-):
-    """A reorganisation drops a mined settlement back to the pool, where the payer may get a
-    transaction of theirs in first (the funds moved, the authorization cancelled): until
-    ``chain.confirmations`` blocks are on top of it, its payment is settling and the credit it made
-    can be neither spent nor withdrawn."""
-    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
-    payer = chain.fund()
-    account = credit_account(f"eip155:{devnet.chain_id}", devnet.token.lower(), payer.address.lower())
-    async with settler_on(store, devnet.rpc_url, settler_key, devnet, confirmations=2) as settler:
-        payment_id, data, _ = payment_for(store, devnet, payer, 1000)
-        with manual_mining(chain):
-            tx_hash = settler.sign(payment_id, devnet.token, data)
-            store.settle_call_credit(account, deposit=1000, held=0, cost=0, call_id="c", payment_id=payment_id)
-            await settler.run_once()  # broadcast
-            for _ in range(2):  # mined, then 1 block on top: not believed yet
-                chain.mine(1)
-                settler._polled = 0.0  # (a poll is due)
-                await settler.run_once()
-                assert store.payment(payment_id)["state"] == PaymentState.SETTLING
-                assert store.available_credit(account) == 0
-            assert chain.receipt(tx_hash)["status"] == 1
-            chain.mine(1)
-            row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
-    assert row["state"] == PaymentState.SETTLED and store.available_credit(account) == 1000
-
-
 async def test_an_rpc_outage_delays_settlement_but_loses_nothing(tmp_path, chain, devnet, settler_key):
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
