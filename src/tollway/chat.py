@@ -149,14 +149,15 @@ class ChatCall:
         key = ("body", cap_field, cap, routes_providers, tuple(most.values()))
         out = self._memo.get(key)
         if out is None:
-            # Every cap field the client sent, and the upstream's own, carry the cap paid for: an
-            # upstream may read any of them, and ignores a field not its own (llama.cpp's n_predict
-            # on a vendor's API) — its own default would then bound what it bills. (Embeddings have
-            # no output; a cap below the one asked for is a free call's: see free_tier.py.)
+            # The cap paid for goes in the upstream's own cap field, and in no other: a field it
+            # ignores (llama.cpp's n_predict on a vendor's API) would leave its own default to bound
+            # what it generates and bills, and a vendor may refuse two (max_tokens with
+            # max_completion_tokens). (Embeddings have no output; a cap below the one asked for is a
+            # free call's: see free_tier.py.)
             body = self.body
-            capped = {**{f: cap for f in CAP_FIELDS if f in body}, cap_field: cap}
-            if self.surface != "embeddings" and any(body.get(f) != v for f, v in capped.items()):
-                body = {**body, **capped}
+            others = [f for f in CAP_FIELDS if f in body and f != cap_field]
+            if self.surface != "embeddings" and (others or body.get(cap_field) != cap):
+                body = {k: v for k, v in body.items() if k not in others} | {cap_field: cap}
             if routes_providers:
                 provider = {**(body.get("provider") or {}), "max_price": most}
                 if self.route.sort and "sort" not in provider:  # (a :nitro / :floor variant)
