@@ -49,7 +49,10 @@ def error_body(status: int, message: str, code: str) -> dict[str, Any]:
 
 
 def truncate(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters: what the gateway reflects of its input stays small."""
+    """``text`` cut to ``limit`` characters, without NUL: what the gateway reflects of its input (or
+    an upstream's) stays small, and can be stored (PostgreSQL's text holds no NUL)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

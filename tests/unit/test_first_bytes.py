@@ -56,3 +56,14 @@ async def test_an_event_whose_type_is_not_a_string_is_a_failure_not_a_crash(kind
 async def test_a_chat_chunk_whose_type_is_a_nested_keys_answers():
     got = await first(chunks(b'data: {"choices": [{"delta": {"tool_calls": [{"type": "function"}]}}]}\n\n'))
     assert b"tool_calls" in got
+
+
+async def test_an_error_event_quoting_a_key_is_passed_on_without_it_nor_a_nul():
+    """An upstream's error message goes to the client, the log and the ledger (PostgreSQL's text
+    holds no NUL: a payment whose undo could not be stored would stay reserved)."""
+    keys = {"sk-operator-secret": "[the upstream's key]", "sk-payer-secret": "[X-Provider-Key]"}
+    event = b'data: {"type": "error", "error": {"message": "bad key sk-operator-secret or sk-payer-secret\\u0000"}}\n\n'
+    with pytest.raises(UpstreamError) as refused:
+        await Upstream._first_bytes(None, chunks(event), True, keys)  # type: ignore[arg-type]
+    message = refused.value.message
+    assert "secret" not in message and "\x00" not in message and "[the upstream's key]" in message, message

@@ -129,14 +129,19 @@ def _retry_after(resp: httpx.Response) -> int | None:
 
 
 def _upstream_message(body: bytes, keys: dict[str, str]) -> str:
-    """The message of an upstream's error body, short (it is shown to the client), with every key
-    in ``keys`` (key → what stands for it) taken out first: an upstream may quote the key it was sent,
-    and a key cut in two by the shortening would no longer be found."""
+    """The message of an upstream's error body, ``scrubbed`` of ``keys`` (it may quote the key it was
+    sent) and short: it is shown to the client."""
     try:
         err = loads(body).get("error")
         text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
     except (ValueError, AttributeError, RecursionError):
         text = body.decode(errors="replace")
+    return scrubbed(text, keys)
+
+
+def scrubbed(text: str, keys: dict[str, str]) -> str:
+    """An upstream's ``text``, shortened to be shown, with every key in ``keys`` (key → what stands
+    for it) taken out first (a key cut in two by the shortening would no longer be found)."""
     for key, name in keys.items():
         text = text.replace(key, name)
     return truncate(text, 300)
@@ -172,10 +177,11 @@ async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
 PREAMBLE = frozenset({"message_start", "ping", "response.created", "response.in_progress"})
 
 
-def _answered(buf: bytes | bytearray, start: int = 0) -> tuple[bool, int]:
+def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | None = None) -> tuple[bool, int]:
     """Whether ``buf``'s lines from ``start`` hold a complete SSE ``data:`` event that answers —
     not a preamble — and where its lines read end (the next call's ``start``: each line is read
-    once); raises ``UpstreamError`` if an error event comes first."""
+    once); raises ``UpstreamError`` if an error event comes first (its message ``scrubbed`` of
+    ``keys``)."""
     end = buf.rfind(b"\n") + 1  # (only lines already terminated)
     for line in bytes(buf[start:end]).split(b"\n"):
         if not line.startswith(b"data:"):
@@ -189,7 +195,7 @@ def _answered(buf: bytes | bytearray, start: int = 0) -> tuple[bool, int]:
         err = doc.get("error") or stream_error(doc)
         if err:
             text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
-            raise UpstreamError(f"upstream failed before answering: {truncate(text, 300)}")
+            raise UpstreamError(f"upstream failed before answering: {scrubbed(text, keys or {})}")
         kind = doc.get("type")  # (none: a chat chunk, "type" was a nested key's)
         if kind is not None and not isinstance(kind, str):
             raise UpstreamError("upstream sent an event whose type is not a string")
@@ -337,7 +343,7 @@ class Upstream:
             # The transport's own stream: it decodes a body compressed anyway (h1.H1Body), so httpx's
             # decoding layers, which would find nothing to do, are skipped (~50 µs a call).
             chunks = cast(httpx.AsyncByteStream, resp.stream).__aiter__()
-            first = await self._first_bytes(chunks, stream)
+            first = await self._first_bytes(chunks, stream, self.secrets(api_key))
         except BaseException:
             await resp.aclose()
             raise
@@ -351,7 +357,9 @@ class Upstream:
             return Opened(resp, first, latency, self.name)
         return Opened(resp, first, latency, self.name, chunks)
 
-    async def _first_bytes(self, chunks: AsyncIterator[bytes], stream: bool) -> bytes:
+    async def _first_bytes(
+        self, chunks: AsyncIterator[bytes], stream: bool, keys: dict[str, str] | None = None
+    ) -> bytes:
         """The whole body (not streaming), or a stream's bytes up to its first complete ``data:``
         event that answers: keep-alive comments and an API's opening events (``PREAMBLE``) alone
         do not commit a call, and an error before the answer is a failure (the payer is not
@@ -364,7 +372,7 @@ class Upstream:
                 if len(body) > MAX_BODY:
                     raise UpstreamError("upstream response too large")
                 if stream:
-                    answered, read = _answered(body, read)
+                    answered, read = _answered(body, read, keys)
                     if answered:
                         return bytes(body)
                     if len(body) > MAX_PREAMBLE:
