@@ -966,3 +966,25 @@ async def test_the_probe_of_an_upstream_and_its_usage_lookup_read_no_endless_bod
             tracemalloc.stop()
             await http.aclose()
     assert peak < 4 * 1024 * 1024, peak
+
+
+async def test_a_402_answered_by_its_paid_retry_is_dropped_without_reading_an_endless_body():
+    """tollway's paying client reads a 402 before its paid retry (so that its connection may be
+    reused): a hostile upstream's may never end."""
+    from tollway.client.transport import _drop
+
+    async def answer(reader, writer, body):
+        writer.write(b"HTTP/1.1 402 Payment Required\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(32 * 16):  # (32 MB, were it all read)
+            writer.write(chunk(b"x" * 65536))
+            await writer.drain()
+
+    async with raw_server(answer) as raw, client() as http:
+        tracemalloc.start()
+        try:
+            response = await http.send(http.build_request("POST", raw.url, content=b"{}"), stream=True)
+            await asyncio.wait_for(_drop(response), 30)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert response.is_closed and peak < 4 * 1024 * 1024, peak

@@ -37,6 +37,24 @@ def _retry(request: httpx.Request, pending: Pending) -> httpx.Request:
     )
 
 
+MAX_402_BODY = 1 << 16  # bytes of a 402 read (and dropped) before its paid retry: a hostile one may never end
+
+
+async def _drop(response: httpx.Response) -> None:
+    """Read a 402 that its paid retry answers (so that its connection may be reused), up to a bound."""
+    async for _ in response.aiter_raw():
+        if response.num_bytes_downloaded > MAX_402_BODY:
+            break
+    await response.aclose()
+
+
+def _drop_sync(response: httpx.Response) -> None:
+    for _ in response.iter_raw():
+        if response.num_bytes_downloaded > MAX_402_BODY:
+            break
+    response.close()
+
+
 class PayingTransport(httpx.AsyncBaseTransport):
     def __init__(self, payer: Payer, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.payer = payer
@@ -49,8 +67,7 @@ class PayingTransport(httpx.AsyncBaseTransport):
             request.headers.update(exchange.start())
             response = await self.inner.handle_async_request(request)
             while (pending := exchange.next(response.status_code, response.headers)) is not None:
-                await response.aread()
-                await response.aclose()
+                await _drop(response)
                 response = await self.inner.handle_async_request(_retry(request, pending))
             return response
         finally:
@@ -72,8 +89,7 @@ class SyncPayingTransport(httpx.BaseTransport):
             request.headers.update(exchange.start())
             response = self.inner.handle_request(request)
             while (pending := exchange.next(response.status_code, response.headers)) is not None:
-                response.read()
-                response.close()
+                _drop_sync(response)
                 response = self.inner.handle_request(_retry(request, pending))
             return response
         finally:
