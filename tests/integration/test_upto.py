@@ -364,7 +364,7 @@ def test_attack_one_eip2612_permit_does_not_pay_two_upto_calls_at_once(gateway, 
             doc2 = {**envelope(required2, offer2, sign_upto(payer, offer2, devnet.chain_id)), "extensions": extensions}
             second = httpx.post(gateway.url + CHAT, json=short, headers=payment_header(doc2))
             assert second.status_code == 412 and error_code(second) == "permit2_allowance_required", second.text[:300]
-            assert "sign a permit for at least" in second.json()["error"]["message"]
+            assert "the permit sets the payer's Permit2 allowance" in second.json()["error"]["message"]
         assert "data: [DONE]" in list(lines)  # (the first is served whole)
 
 

@@ -166,7 +166,7 @@ class UptoEvm(TokenScheme):
                 "approve Permit2 for this token once, or send an eip2612GasSponsoring permit with the payment"
                 if sponsored is None
                 else f"the permit sets the payer's Permit2 allowance to {have}, which does not cover {need} (this "
-                f"payment's maximum{others}): sign a permit for at least {need}, or wait until the others settle",
+                f"payment's maximum{others}): wait until the others settle, or approve Permit2 for this token",
                 code="permit2_allowance_required",
             )
         if isinstance(result, RpcError):
