@@ -173,7 +173,7 @@ def cache_windows(gw: Gateway, per_upstream: bool) -> dict[str, Any]:
                         )
                     },
                     "hit_rate": round(r["cached_tokens"] / reporting, 4) if reporting else None,
-                    "survival": round(r["cached_tokens"] / expected, 4) if expected else None,
+                    "survival": round(r["survived_tokens"] / expected, 4) if expected else None,
                     "discount_passed": money(r["discount_passed"], gw.settings.chain.decimals),
                 }
             )

@@ -87,6 +87,9 @@ def model_price(entry: Any, markup: Decimal, image_token_allowance: int) -> Mode
             name=entry.get("name") if isinstance(entry.get("name"), str) else None,
             context_length=entry.get("context_length") or None,
             supported_parameters=params if isinstance(params, list) else None,
+            # (nothing to pay: served as the free tier serves, within its quotas — not as a paid model
+            # whose quote of 0 holds nothing, which any signed-in wallet could call without end)
+            free=prompt == completion == request == image == 0,
         )
     except (KeyError, TypeError, AttributeError, ValueError, ValidationError):
         return None

@@ -41,6 +41,10 @@ PERCENTILES = (50, 75, 90, 99)
 RECENT_WEIGHT = 0.3
 
 
+# Attempts that failed for the request's own fault (the upstream refused it, or the payer's own key).
+CLIENT_FAULTS = frozenset({"upstream_rejected_request", "provider_key_refused"})
+
+
 @dataclass
 class Minute:
     served: int = 0
@@ -145,6 +149,8 @@ class LiveStats:
     def _count(self, row: Mapping[str, Any], at: float) -> None:
         model = row["model"]
         for attempt in decode_attempts(row["attempts"]):
+            if attempt.outcome in CLIENT_FAULTS:  # (the request's own fault, not the upstream's: no uptime lost)
+                continue
             minute = self._series_of(attempt.upstream, attempt.model or model).minute(at)
             if attempt.served:
                 minute.served += 1
@@ -160,7 +166,9 @@ class LiveStats:
         if row["added_ms"] is not None:
             series.sample("added", at, row["added_ms"])
         tokens, total = row["completion_tokens"], row["duration_ms"]
-        if tokens and total is not None:
+        # (a throughput needs tokens generated after the first — one token arrives with the first
+        # byte — counted, not estimated: else one-token streams would make an upstream look fastest)
+        if tokens and tokens > 1 and total is not None and row["status"] == "served":
             generating = (total - (first or 0) if row["stream"] else total) / 1000
             if generating > 0:
                 series.sample("throughput", at, tokens / generating)

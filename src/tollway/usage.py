@@ -89,6 +89,8 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
 
     if prompt is None or completion is None:
         return None
+    if cached is not None and cached > prompt:  # (a buggy or hostile upstream's: no more than the prompt)
+        cached = prompt
     return Usage(prompt, completion, cached, written, upstream_cost, dialect)
 
 

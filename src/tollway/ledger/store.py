@@ -749,6 +749,12 @@ class Store:
         expected) and the discount passed on, over metered calls. Calls whose upstream did not
         report cached tokens are counted apart: unknown is not zero."""
         reported = C.c.cached_tokens.is_not(None)
+        # (of what a call was expected to find cached, what it found: never more than expected)
+        survived = case(
+            (~reported, 0),
+            (C.c.cached_tokens < C.c.expected_cached_tokens, C.c.cached_tokens),
+            else_=C.c.expected_cached_tokens,
+        )
         keys = (C.c.model, C.c.upstream) if per_upstream else (C.c.model,)
         q = (
             select(
@@ -763,6 +769,7 @@ class Store:
                 func.coalesce(func.sum(case((reported, C.c.expected_cached_tokens), else_=0)), 0).label(
                     "expected_cached_tokens"
                 ),
+                func.coalesce(func.sum(survived), 0).label("survived_tokens"),
                 func.coalesce(func.sum(C.c.cache_discount), 0).label("discount_passed"),
             )
             .where(C.c.created_at >= since, C.c.prompt_tokens.is_not(None))

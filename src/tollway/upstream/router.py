@@ -194,7 +194,9 @@ class Router:
                     )
                 except UpstreamError as exc:
                     attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
-                    self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
+                    if api_key is None or isinstance(exc, UpstreamDown):  # (a payer's own key's answer — its
+                        # rate limit, say — is no sign of the upstream's health for everyone else)
+                        self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
                     last = exc
                     log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                     continue
