@@ -29,18 +29,21 @@ from pydantic_settings import (
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 PRIVATE_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
-PLACEHOLDERS = ("change-me", "...", "<", "yourpayee", "your-")  # what the example file leaves to fill in
+# What the example files leave to fill in ("0x<FILL: ...>", "sk-or-..."). A refused value is never
+# echoed: it may be a secret, and the refusal goes to a log.
+PLACEHOLDERS = ("change-me", "yourpayee", "your-")  # (in any case; and "FILL", in capitals)
 
 
 def _not_placeholder(value: str | None, what: str) -> str | None:
-    if value is not None and any(p in value.lower() for p in PLACEHOLDERS):
-        raise ValueError(f"{what} still holds the example's placeholder ({value[:24]!r}): set a real value")
+    lower = "" if value is None else value.lower()
+    if value is not None and ("FILL" in value or any(p in lower for p in PLACEHOLDERS) or value.endswith("...")):
+        raise ValueError(f"{what} still holds the example's placeholder: set a real value")
     return value
 
 
 def _address(value: str | None, what: str) -> str | None:
     if value is not None and not ADDRESS.match(value):
-        raise ValueError(f"{what} must be a 0x-prefixed 20-byte hex address, not {value[:24]!r}")
+        raise ValueError(f"{what} must be a 0x-prefixed 20-byte hex address (not shown: {len(value)} characters)")
     return value
 
 
@@ -54,7 +57,9 @@ def _url(value: str | None, what: str, schemes: tuple[str, ...] = ("http", "http
     if value is not None:
         parts = urlsplit(value)
         if parts.scheme not in schemes or not parts.hostname:
-            raise ValueError(f"{what} must be a {'/'.join(schemes)} URL, not {value[:40]!r}")
+            scheme = parts.scheme if parts.scheme.isalnum() else "none"
+            wanted = "/".join(schemes)
+            raise ValueError(f"{what} must be a {wanted} URL with a host (not shown: its scheme is {scheme})")
     return value
 
 

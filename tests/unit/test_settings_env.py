@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from pydantic import ValidationError
 
 from tollway.config import Settings
 
@@ -46,3 +47,19 @@ def test_a_withdrawal_delay_the_claimer_cannot_beat_is_refused():
     assert Settings(channels={"withdraw_delay_seconds": 900}).channels.watch_seconds == 30  # (the defaults fit)
     no_channels = Settings(schemes=["exact"], max_call_seconds=3600, channels={"withdraw_delay_seconds": 900})
     assert no_channels.max_call_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("admin_token", "Q7f<9zLmW2pR4tYx8vB1nK3s"),  # (a generated secret with a "<" is no placeholder)
+        ("quote_secret", "sk-or-v1-abc...defSECRET-0123"),
+    ],
+)
+def test_a_secret_with_symbols_is_taken_and_a_refused_value_is_not_echoed(field, value, monkeypatch):
+    assert getattr(Settings(**{field: value}), field) == value
+    secret_url = "wss://rpc.example.com/v2/SECRET-KEY-0123456789"
+    with pytest.raises(ValidationError) as refused:
+        Settings(chain={"rpc_url": secret_url, "payee": "0xSECRET-PRIVATE-KEY-PASTED-AS-PAYEE"})
+    said = [e["msg"] for e in refused.value.errors()]  # (what `tollway serve` and `doctor` print)
+    assert len(said) == 2 and not [m for m in said if "SECRET" in m], said
