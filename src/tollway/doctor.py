@@ -25,6 +25,7 @@ from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
 from .payments.channel import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
 from .payments.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
+from .upstream.client import ANTHROPIC_VERSION, Upstream
 
 if TYPE_CHECKING:
     from .ledger import Store
@@ -226,7 +227,8 @@ async def upstream_findings(settings: Settings) -> list[Finding]:
     out = []
     async with httpx.AsyncClient(timeout=10) as http:
         for u in upstream_list(settings):
-            headers = {"authorization": f"Bearer {u.api_key}"} if u.api_key else {}
+            # (its key in its own header, as its calls send it; Anthropic's API asks for its version too)
+            headers = {**Upstream(u, None).headers, "anthropic-version": ANTHROPIC_VERSION}  # type: ignore[arg-type]
             try:
                 r = await http.get(str(u.url).rstrip("/") + "/models", headers=headers)
             except httpx.HTTPError as exc:

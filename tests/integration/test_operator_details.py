@@ -110,3 +110,29 @@ def test_the_anthropic_sdk_in_a_browser_passes_the_preflight(gateway):
     assert preflight.status_code == 200, preflight.text
     allowed = preflight.headers["access-control-allow-headers"].lower()
     assert all(h.strip() in allowed for h in asked.split(","))
+
+
+def test_doctor_asks_an_upstream_with_its_key_in_the_header_it_reads():
+    """An upstream that takes its key as ``x-api-key`` (Anthropic's API) is asked so by
+    ``tollway doctor`` too, as its calls are — else a working setup was failed (401)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from support import ServerThread
+    from tollway import doctor
+    from tollway.config import ModelPrice, Settings, UpstreamSettings
+
+    async def models(request: Request) -> JSONResponse:
+        if request.headers.get("x-api-key") != "sk-ant-real" or "anthropic-version" not in request.headers:
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        return JSONResponse({"data": [{"id": "claude"}]})
+
+    with ServerThread(Starlette(routes=[Route("/v1/models", models)])) as server:
+        upstream = UpstreamSettings(url=server.url + "/v1", key_header="x-api-key", api_key="sk-ant-real")
+        settings = Settings(upstream=upstream, models={"claude": ModelPrice(prompt="0.000003", completion="0.000015")})
+        findings = asyncio.run(doctor.upstream_findings(settings))
+    assert findings and all(f.level == "ok" for f in findings), [str(f) for f in findings]
