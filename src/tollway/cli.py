@@ -24,6 +24,7 @@ import httpx
 from pydantic import ValidationError
 
 from .config import Settings, apply_devnet, configured, upstream_list
+from .errors import ChainUnavailable
 
 DEVNET_PORT = 8545
 T = TypeVar("T")
@@ -461,6 +462,20 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except Exception as exc:  # (at start-up: the chain or the ledger is not there — one line, no traceback)
+        if not isinstance(exc, ChainUnavailable) and not type(exc).__module__.startswith("sqlalchemy"):
+            raise
+        print(f"tollway cannot start: {outage(exc)}", file=sys.stderr)
+        return 3
+
+
+def outage(exc: Exception) -> str:
+    """One line for what stopped the start: the chain's RPC or the ledger's database (its driver's
+    first line, which names the host, never the URL's password)."""
+    if isinstance(exc, ChainUnavailable):
+        return f"the chain's RPC failed ({exc.message}): check chain.rpc_url, or try again"
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"the ledger database cannot be used ({type(exc).__name__}: {reason[0][:200] if reason else ''})"
 
 
 if __name__ == "__main__":

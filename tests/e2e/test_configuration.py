@@ -248,3 +248,13 @@ async def test_serve_takes_real_payments_without_a_devnet(tmp_path, outside_chai
     finally:
         printed = stop_process(proc)
     assert "devnet" not in printed and "eip155:84532" in printed  # the configured chain, no anvil of its own
+
+
+def test_a_ledger_database_that_cannot_be_reached_stops_serve_with_one_line(tmp_path, outside_chain):
+    """Not a traceback of the database driver's (and never the URL's password)."""
+    env = real_config(tmp_path, outside_chain, free_port())
+    env["TOLLWAY_DATABASE_URL"] = f"postgresql+psycopg://tollway:S3cretPw@127.0.0.1:{free_port()}/tollway"
+    out = tollway(["serve", "--port", str(free_port())], tmp_path, **env)
+    assert out.returncode == 3, (out.returncode, out.stdout, out.stderr)
+    assert "tollway cannot start: the ledger database cannot be used" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "S3cretPw" not in out.stderr, out.stderr
