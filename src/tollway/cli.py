@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Coroutine
 from decimal import Decimal, InvalidOperation
@@ -124,6 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             mock = uvicorn.Config(create_mock(), host="127.0.0.1", port=args.mock_port, log_level=args.log_level)
             servers.append(uvicorn.Server(mock))
         print(banner(gateway.settings, devnet, mock_url), flush=True)
+        # uvicorn takes SIGTERM and SIGINT while it serves (it stops taking calls, finishes those it
+        # has), then raises the signal again: by default that would end the process before the
+        # gateway is closed (its settlement worker, its ledger). Here that raise does nothing.
+        previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -132,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await gateway.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        print("tollway stopped", flush=True)
         return 0
 
     try:

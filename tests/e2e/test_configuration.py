@@ -258,3 +258,14 @@ def test_a_ledger_database_that_cannot_be_reached_stops_serve_with_one_line(tmp_
     assert out.returncode == 3, (out.returncode, out.stdout, out.stderr)
     assert "tollway cannot start: the ledger database cannot be used" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "S3cretPw" not in out.stderr, out.stderr
+
+
+def test_a_terminated_gateway_finishes_and_closes_before_it_exits(tmp_path):
+    """`docker stop` and systemd send SIGTERM: uvicorn finishes the calls it serves, then the
+    gateway closes (its settlement worker, its ledger) and the process exits 0 — it is not killed by
+    the signal uvicorn raises again once it has served."""
+    args = ["--devnet", "--devnet-port", str(free_port()), "--mock-port", str(free_port())]
+    proc, _ = serve_process(tmp_path, args)
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+    assert "tollway stopped" in proc.log.read_text()  # type: ignore[attr-defined]
