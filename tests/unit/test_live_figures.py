@@ -6,12 +6,12 @@ served as the free tier serves, within its quotas. (Found by a review.)"""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from test_route_preferences import row
 
 from tollway.config import UpstreamSettings
 from tollway.errors import GatewayError, UpstreamError
@@ -21,27 +21,6 @@ from tollway.upstream.attempts import encode_attempts
 from tollway.upstream.client import CookielessClient, Upstream
 from tollway.upstream.router import Router
 from tollway.usage import parse_usage
-
-
-def row(i, at, upstream="a", *, status="served", attempts=None, first=100.0, total=600.0, stream=True, **more):
-    return {
-        "id": f"c{i:05d}",
-        "model": "m",
-        "upstream": upstream,
-        "stream": stream,
-        "status": status,
-        "attempts": attempts
-        if isinstance(attempts, str)
-        else json.dumps(attempts if attempts is not None else [[upstream, "served", first]]),
-        "upstream_latency_ms": first,
-        "added_ms": 1.0,
-        "duration_ms": total,
-        "prompt_tokens": more.get("prompt", 100),
-        "completion_tokens": more.get("completion", 50),
-        "cached_tokens": more.get("cached"),
-        "expected_cached_tokens": more.get("expected"),
-        "finished_at": at,
-    }
 
 
 def mock_router(answer, names=("cheap", "dear"), byok=True):

@@ -91,7 +91,9 @@ def row(i, at, upstream="a", *, status="served", attempts=None, first=100.0, tot
         "upstream": upstream,
         "stream": stream,
         "status": status,
-        "attempts": json.dumps(attempts if attempts is not None else [[upstream, "served", first]]),
+        "attempts": attempts
+        if isinstance(attempts, str)  # (as encode_attempts made them)
+        else json.dumps(attempts if attempts is not None else [[upstream, "served", first]]),
         "upstream_latency_ms": first,
         "added_ms": more.get("added", 1.5),
         "duration_ms": total,
