@@ -35,8 +35,9 @@ PLACEHOLDERS = ("change-me", "yourpayee", "your-")  # (in any case; and "FILL", 
 
 
 def _not_placeholder(value: str | None, what: str) -> str | None:
-    lower = "" if value is None else value.lower()
-    if value is not None and ("FILL" in value or any(p in lower for p in PLACEHOLDERS) or value.endswith("...")):
+    if value is None:
+        return None
+    if "FILL" in value or any(p in value.lower() for p in PLACEHOLDERS) or value.endswith("..."):
         raise ValueError(f"{what} still holds the example's placeholder: set a real value")
     return value
 

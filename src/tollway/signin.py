@@ -192,15 +192,19 @@ async def _signed_by(gw: Any, f: dict[str, Any], wallet: str) -> bool:
         return True
     signature = bytes.fromhex(f["signature"][2:])
     call = ERC1271 + abi_encode(["bytes32", "bytes"], [siwe.eip191_hash(siwe.message(f)), signature])
-    try:
-        if not await gw.chain.code(wallet):
-            return False
-        answer = await gw.chain.call(wallet, call)
-    except RpcError as exc:
-        if exc.revert_reason is None and not EVM_FAILURE.search(exc.message):
-            raise  # the RPC failed (503), not the wallet
+    code, answer = await gw.chain.batch(  # (one round trip: the code, and what it answers)
+        [("eth_getCode", [wallet, "latest"]), ("eth_call", [{"to": wallet, "data": "0x" + call.hex()}, "latest"])],
+        errors=True,
+    )
+    if isinstance(code, RpcError):
+        raise code  # the RPC failed (503), not the wallet
+    if str(code) in ("0x", ""):
         return False
-    return answer == ERC1271_MAGIC  # (exactly: a contract that echoes its input must not pass)
+    if isinstance(answer, RpcError):
+        if answer.revert_reason is None and not EVM_FAILURE.search(answer.message):
+            raise answer  # (as above)
+        return False
+    return str(answer).lower() == "0x" + ERC1271_MAGIC.hex()  # (exactly: one echoing its input must not pass)
 
 
 def unauthorized(gw: Any, request: Request, digest: str, message: str, code: str) -> Unauthorized:

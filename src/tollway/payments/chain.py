@@ -288,10 +288,6 @@ class Chain:
         result = await self.request("eth_call", [{"to": to, "data": "0x" + data.hex()}, block])
         return bytes.fromhex(str(result)[2:])
 
-    async def code(self, address: str) -> bytes:
-        """The code at ``address`` (none: a key's account, or a precompile)."""
-        return bytes.fromhex(str(await self.request("eth_getCode", [address, "latest"]))[2:])
-
     async def head(self) -> int:
         """The latest block's number."""
         return int(await self.request("eth_blockNumber", []), 16)

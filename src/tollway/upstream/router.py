@@ -192,19 +192,17 @@ class Router:
                     opened = await upstream.send(
                         body(upstream, model), stream, headers, max_usd, api_key, prefs.surface
                     )
-                except UpstreamError as exc:
+                except GatewayError as exc:
                     attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
+                    if not isinstance(exc, UpstreamError):  # it refused the request itself: no other is asked,
+                        exc.attempts = tuple(attempts)  # and the call ends with the upstreams it was tried on
+                        raise
                     if api_key is None or isinstance(exc, UpstreamDown):  # (a payer's own key's answer — its
                         # rate limit, say — is no sign of the upstream's health for everyone else)
                         self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
                     last = exc
                     log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                     continue
-                except GatewayError as exc:  # (it refused the request itself: no other is asked; the call
-                    # ends with the upstreams it was tried on — one that timed out may bill for it)
-                    attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
-                    exc.attempts = tuple(attempts)
-                    raise
                 attempts.append(Attempt(upstream.name, "served", opened.latency_ms, model))
                 opened.model, opened.attempts = model, attempts
                 self._succeeded(upstream.name, key)
