@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Self
 
+from ..bounded import Recently
 from ..errors import PaymentInvalid
 from .base import Context, Offer
 from .chain import Chain
@@ -40,7 +41,7 @@ class TokenScheme:
         self.timeout = timeout
         self.min_validity = min_validity  # how long an authorization must stay valid, from now
         self.extra: dict[str, Any] = {"name": token_name, "version": token_version}
-        self._short: dict[str, float] = {}  # payer → until when it is known to be short of funds
+        self._short = Recently(SHORT_MEMORY)  # payers known to be short of funds
 
     @classmethod
     def from_settings(cls, ctx: Context) -> Self:
@@ -75,12 +76,9 @@ class TokenScheme:
 
     def refuse_if_short(self, payer: str) -> float:
         """Refuse a payer found short of funds moments ago; the time now (monotonic) otherwise."""
-        now = time.monotonic()
-        if self._short.get(payer, 0.0) > now:
+        if payer in self._short:
             raise PaymentInvalid("payer balance does not cover this payment", code="insufficient_funds")
-        return now
+        return time.monotonic()
 
     def remember_short(self, payer: str, now: float) -> None:
-        if len(self._short) > 10_000:
-            self._short = {p: t for p, t in self._short.items() if t > now}
-        self._short[payer] = now + SHORT_MEMORY
+        self._short.add(payer, now)
