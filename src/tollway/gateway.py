@@ -20,6 +20,7 @@ import httpx
 from starlette.requests import Request
 
 from . import doctor, free_tier, upstream_prices
+from .bounded import Recently
 from .cache import PrefixMemory
 from .chat import ChatCall
 from .claims import Claimer
@@ -105,6 +106,9 @@ class Gateway:
     free: free_tier.FreeTier | None = None  # the free tier (models marked free)
     _bases: dict[tuple[Any, ...], str] = field(default_factory=dict)  # public_base by what it is built from
     priced: PricedRequests = field(default_factory=PricedRequests)  # the parses of 402s, for their paid retries
+    # Addresses found to have no code (not contract wallets), for a minute: a sign-in not signed by
+    # its address costs a chain round trip to find out, once a minute an address, not every time.
+    codeless: Recently = field(default_factory=lambda: Recently(60.0))
 
     @classmethod
     async def open(cls, settings: Settings) -> Gateway:

@@ -190,6 +190,8 @@ async def _signed_by(gw: Any, f: dict[str, Any], wallet: str) -> bool:
     reverts, or any other failure of the EVM the node reports — did not sign."""
     if siwe.recover(f) == wallet:
         return True
+    if wallet in gw.codeless:  # (found moments ago: no contract wallet to ask)
+        return False
     signature = bytes.fromhex(f["signature"][2:])
     call = ERC1271 + abi_encode(["bytes32", "bytes"], [siwe.eip191_hash(siwe.message(f)), signature])
     code, answer = await gw.chain.batch(  # (one round trip: the code, and what it answers)
@@ -199,6 +201,7 @@ async def _signed_by(gw: Any, f: dict[str, Any], wallet: str) -> bool:
     if isinstance(code, RpcError):
         raise code  # the RPC failed (503), not the wallet
     if str(code) in ("0x", ""):
+        gw.codeless.add(wallet)
         return False
     if isinstance(answer, RpcError):
         if answer.revert_reason is None and not EVM_FAILURE.search(answer.message):

@@ -631,6 +631,29 @@ def test_a_bogus_transfer_claim_costs_one_rpc_call(gateway, chain, devnet, tmp_p
     assert rpc.calls.count("eth_getTransactionReceipt") == 1
 
 
+def test_attack_forged_sign_ins_cost_the_chain_one_round_trip_an_address_a_minute(gateway, chain, devnet, tmp_path):
+    """[11] A sign-in not signed by its address is free to send, and finding out that the address is
+    no contract wallet costs a chain round trip: sent again and again (to exhaust a rate-limited
+    RPC, which every payment then needs), it costs one, not one each. Its code and its EIP-1271
+    answer are asked in the same round trip."""
+    from support import RpcSwitch
+    from tollway import siwe
+    from tollway.payments.x402 import b64json
+
+    rpc = RpcSwitch(devnet.rpc_url)
+    with ServerThread(rpc.app()) as proxy, dedicated_gateway(gateway, chain, tmp_path, rpc_url=proxy.url) as (url, _):
+        victim = Account.create().address
+        with httpx.Client(base_url=url, timeout=30) as client:
+            rpc.calls.clear()
+            for _ in range(5):
+                asked = client.get("/v1/credit")
+                info = asked.json()["extensions"]["sign-in-with-x"]["info"]
+                forged = siwe.sign(Account.create(), info, f"eip155:{devnet.chain_id}") | {"address": victim}
+                r = client.get("/v1/credit", headers={"SIGN-IN-WITH-X": b64json(forged)})
+                assert r.status_code == 401 and error_code(r) == "invalid_siwx_signature", r.text
+    assert rpc.calls.count("eth_getCode") == 1 and rpc.calls.count("eth_call") == 1, rpc.calls
+
+
 # -- 12. the quote secret -----------------------------------------------------------------------------------------
 
 
