@@ -124,6 +124,25 @@ def test_concurrent_reservations_across_connections(db_url):
     assert len(wins) == 1
 
 
+def test_attack_a_released_payment_retried_at_once_on_eight_replicas_is_reserved_once(db_url):
+    """The retry of a call not served may reuse its payment: fired at eight replicas at once, one
+    reserves it again; the others are refused, as a replay is."""
+    stores = [Store(db_url) for _ in range(8)]
+    row = payment(digest="request-A")
+    assert stores[0].release(stores[0].reserve(row), "upstream failed")
+    wins: list[str] = []
+    barrier = threading.Barrier(len(stores))
+
+    def race(store: Store) -> None:
+        barrier.wait()
+        got = store.reserve(row)
+        if got:
+            wins.append(got)
+
+    run_concurrently(race, stores)
+    assert len(wins) == 1
+
+
 def test_each_lock_of_one_payer_sees_every_payment_locked_before_it(db_url):
     """Eight replicas lock payments of one payer at once, 5 each: what each lock reads as owed
     counts every payment locked before it, so the last one's confirm weighs them all against
