@@ -133,15 +133,15 @@ class ChainSettings(Strict):
     payee: str | None = None  # who receives payments
     settler_key: str | None = None  # pays gas for settlement transactions
     v1_network: str | None = None  # x402 v1 name of this chain, if it has one (e.g. "base")
-    settle_gas_limit: int = 250_000  # an upto settlement with an EIP-2612 permit takes ~200,000
-    max_fee_gwei: Decimal | None = None  # None: 2 x base fee + tip, refreshed in the background
-    priority_fee_gwei: Decimal = Decimal("0.001")
+    settle_gas_limit: int = Field(250_000, ge=21_000)  # an upto settlement with an EIP-2612 permit takes ~200,000
+    max_fee_gwei: Decimal | None = Field(None, gt=0)  # None: 2 x base fee + tip, refreshed in the background
+    priority_fee_gwei: Decimal = Field(Decimal("0.001"), ge=0)
     # The most the settlement worker bids per gas when it bumps a stuck transaction's fees.
     # None: by chain (FEE_CEILING_GWEI); on a chain not listed there, 100 gwei.
-    fee_ceiling_gwei: Decimal | None = None
+    fee_ceiling_gwei: Decimal | None = Field(None, gt=0)
     # USD price of the chain's gas token, to size the smallest on-chain payment worth its gas.
     # None: 0 on the devnet, NATIVE_USD_DEFAULT elsewhere (an ETH price with head room).
-    native_usd: Decimal | None = None
+    native_usd: Decimal | None = Field(None, ge=0)
     # Blocks a transfer (transfer scheme) needs on top of its own before it pays, and a revert of
     # the gateway's own transaction before it is believed. None: by chain (TRANSFER_CONFIRMATIONS;
     # 0 on the devnet, where nothing reorganises).
@@ -184,8 +184,8 @@ class UpstreamSettings(Strict):
     # than this gateway's own quote for the call) and in all.
     payer_key: str | None = None
     pay_assets: list[str] = Field(default_factory=list)
-    pay_max_usd_per_call: Decimal = Decimal("1")
-    pay_max_usd_total: Decimal = Decimal("100")
+    pay_max_usd_per_call: Decimal = Field(Decimal("1"), ge=0)
+    pay_max_usd_total: Decimal = Field(Decimal("100"), ge=0)
     # An OpenRouter-style catalogue (the JSON of GET /api/v1/models) to import models and prices from:
     # its URL, or the path of a saved copy. Imported prices get `markup` (0.05: +5%); a model priced in
     # [models] keeps that price. import_all: every imported model is offered, else only those in `models`.
@@ -206,9 +206,9 @@ class UpstreamSettings(Strict):
     # The header its key goes in: "authorization" (Bearer) or "x-api-key" (Anthropic's API).
     # None: x-api-key for api.anthropic.com, else authorization.
     key_header: Literal["authorization", "x-api-key"] | None = None
-    connect_timeout: float = 5.0
-    read_timeout: float = 120.0  # between bytes, not total (a call's total is max_call_seconds)
-    max_connections: int = 256
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(120.0, gt=0)  # between bytes, not total (a call's total is max_call_seconds)
+    max_connections: int = Field(256, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -259,13 +259,13 @@ class Settings(BaseSettings):
     )
 
     host: str = "127.0.0.1"
-    port: int = 8402
+    port: int = Field(8402, ge=0, le=65535)
     public_url: str | None = None  # how clients reach us (x402 `resource.url`, the origin our messages name)
     database_url: str = "sqlite:///var/tollway.sqlite3"
     devnet_file: Path = Path("var/devnet.json")
     quote_secret: str | None = None  # None: one generated once and kept in the ledger (so replicas agree)
     admin_token: str | None = None  # bearer token for private endpoints (health details, any receipt)
-    quote_ttl_seconds: int = 120  # how long a 402 quote can be paid
+    quote_ttl_seconds: int = Field(120, ge=10)  # how long a 402 quote can be paid
     # The longest a call may take from its arrival: a non-streamed call is abandoned (and not
     # charged) after it, a stream is ended there with an error event. A payment must stay valid
     # this long plus settle_margin_seconds, so that its settlement can still be mined — also that of
@@ -280,7 +280,7 @@ class Settings(BaseSettings):
     settle_margin_seconds: int = Field(60, ge=30)
     # A non-streamed call that took longer than this is checked on chain again before its answer is
     # released: funds moved or an authorization cancelled while it ran means no answer.
-    recheck_after_seconds: float = 0.25
+    recheck_after_seconds: float = Field(0.25, ge=0)
     # A stream paid by a metered payment that can lapse (upto) settles only when it ends: it is
     # checked on chain again this often while it runs, and cut once its payment no longer covers it.
     stream_recheck_seconds: float = Field(2.0, ge=0.5)  # (each check: a ledger read and a simulation)
@@ -289,13 +289,13 @@ class Settings(BaseSettings):
     # its maximum should stay under common client spend caps (the official x402 client's: $1).
     default_max_tokens: int = Field(1024, ge=1)
     metered_max_tokens: int = Field(16_384, ge=1)
-    max_body_bytes: int = 4 * 1024 * 1024
-    image_token_allowance: int = 2_500  # prompt tokens priced per image part (per-model: image_tokens)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    image_token_allowance: int = Field(2_500, ge=0)  # prompt tokens priced per image part (per-model: image_tokens)
     max_choices: int = Field(8, ge=1)  # the largest `n` (choices per call) priced; more is refused
     # The smallest on-chain payment asked: a settlement costs gas, so an exact payment is never
     # smaller than what its settlement can cost at the fee ceiling (None: computed from
     # chain.fee_ceiling_gwei, the settlement's gas and chain.native_usd; at least 0.001).
-    min_chain_payment_usd: Decimal | None = None
+    min_chain_payment_usd: Decimal | None = Field(None, ge=0)
     # The smallest withdrawal of credit: each is a token transfer whose gas the gateway pays (None:
     # that transfer's gas at the fee ceiling, at least 0.01).
     min_withdrawal_usd: Decimal | None = Field(None, ge=0)
@@ -315,10 +315,10 @@ class Settings(BaseSettings):
     channels: ChannelSettings = ChannelSettings()
     upstream: UpstreamSettings = UpstreamSettings()  # the upstream, when there is one
     upstreams: list[UpstreamSettings] = Field(default_factory=list)  # several, in order of preference
-    sticky_idle_seconds: float = 600  # a conversation stays on its upstream this long after its last call
-    failure_cooldown_seconds: float = 5  # an upstream that failed is tried last for this long (doubling)
+    sticky_idle_seconds: float = Field(600, ge=0)  # a conversation stays on its upstream this long after its last call
+    failure_cooldown_seconds: float = Field(5, ge=0)  # an upstream that failed is tried last for this long (doubling)
     probe_seconds: float = Field(2, gt=0)  # how often an upstream that did not answer at all is asked again
-    cache_memory_seconds: float = 300  # how long a prompt prefix is remembered as cacheable on an upstream
+    cache_memory_seconds: float = Field(300, ge=0)  # how long a prompt prefix is remembered as cacheable on an upstream
     stats_refresh_seconds: float = Field(5, gt=0)  # how often live stats read the calls that finished (stats.py)
     catalogue_refresh_seconds: float = Field(3600, gt=0)  # how often imported catalogues are read again
     # The free tier (models marked free): calls a day (UTC) per client address, and per wallet that

@@ -63,3 +63,35 @@ def test_a_secret_with_symbols_is_taken_and_a_refused_value_is_not_echoed(field,
         Settings(chain={"rpc_url": secret_url, "payee": "0xSECRET-PRIVATE-KEY-PASTED-AS-PAYEE"})
     said = [e["msg"] for e in refused.value.errors()]  # (what `tollway serve` and `doctor` print)
     assert len(said) == 2 and not [m for m in said if "SECRET" in m], said
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("TOLLWAY_CHAIN__NATIVE_USD", "-3000"),  # (the least on-chain payment would pay no gas)
+        ("TOLLWAY_MIN_CHAIN_PAYMENT_USD", "-1"),
+        ("TOLLWAY_CHAIN__PRIORITY_FEE_GWEI", "-1"),  # (every settlement refused by the node: the outbox wedged)
+        ("TOLLWAY_CHAIN__MAX_FEE_GWEI", "0"),
+        ("TOLLWAY_CHAIN__FEE_CEILING_GWEI", "-5"),
+        ("TOLLWAY_CHAIN__SETTLE_GAS_LIMIT", "1000"),
+        ("TOLLWAY_IMAGE_TOKEN_ALLOWANCE", "-2500"),  # (an image would lower a call's price)
+        ("TOLLWAY_QUOTE_TTL_SECONDS", "0"),  # (no quote could be paid)
+        ("TOLLWAY_MAX_BODY_BYTES", "-1"),
+        ("TOLLWAY_RECHECK_AFTER_SECONDS", "-1"),
+        ("TOLLWAY_STICKY_IDLE_SECONDS", "-1"),
+        ("TOLLWAY_FAILURE_COOLDOWN_SECONDS", "-1"),
+        ("TOLLWAY_CACHE_MEMORY_SECONDS", "-1"),
+        ("TOLLWAY_PORT", "70000"),
+        ("TOLLWAY_UPSTREAM__READ_TIMEOUT", "0"),
+        ("TOLLWAY_UPSTREAM__CONNECT_TIMEOUT", "-1"),
+        ("TOLLWAY_UPSTREAM__MAX_CONNECTIONS", "0"),
+        ("TOLLWAY_UPSTREAM__PAY_MAX_USD_PER_CALL", "-1"),
+        ("TOLLWAY_UPSTREAM__PAY_MAX_USD_TOTAL", "-1"),
+    ],
+)
+def test_a_number_out_of_its_range_is_refused_at_start_naming_the_setting(env, value, monkeypatch):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    (error,) = refused.value.errors()
+    assert error["loc"][-1] == env.removeprefix("TOLLWAY_").split("__")[-1].lower()
