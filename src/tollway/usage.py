@@ -16,6 +16,7 @@ Anthropic's ``input_tokens`` excludes cached tokens; everywhere else ``prompt_to
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -57,7 +58,8 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
     details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
     details = details if isinstance(details, dict) else {}
     cost = usage.get("cost")
-    upstream_cost = Decimal(str(cost)) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    figure = isinstance(cost, (int, float)) and not isinstance(cost, bool) and math.isfinite(cost)
+    upstream_cost = Decimal(str(cost)) if figure else None  # (an upstream's JSON may say NaN: no figure)
     completion = _int(usage.get("completion_tokens"))
     if completion is None:
         completion = _int(usage.get("output_tokens"))

@@ -135,6 +135,12 @@ def test_upstream_cost_is_kept_exact():
     assert parse_usage(DIALECTS["openrouter"][0]).upstream_cost == Decimal("0.00012")
 
 
+def test_an_upstream_cost_that_is_no_number_is_no_figure():
+    for said in (b"NaN", b"Infinity", b"-Infinity", b"true", b'"0.1"'):
+        doc = answer_doc(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 1, "cost": %s}}' % said)
+        assert usage_of_answer(doc).upstream_cost is None, said
+
+
 def test_usage_garbage_is_none():
     for garbage in (None, "x", [], {}, {"prompt_tokens": "3", "completion_tokens": 1}, {"prompt_tokens": -1}):
         assert parse_usage(garbage) is None
