@@ -268,7 +268,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except InvalidOperation:
         raise Refused("--max-usd must be a number") from None
     schemes = tuple(args.scheme or ("upto", "exact"))
-    payer = Payer(account, allowed, max_per_call_usd=limit, max_total_usd=limit, schemes=schemes)
+    payer = Payer(account, allowed, max_per_call_usd=limit, max_total_usd=limit, max_deposit_usd=limit, schemes=schemes)
     base = args.url.rstrip("/").removesuffix("/v1")
     body: dict[str, Any] = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
     body["stream"] = args.stream
@@ -284,20 +284,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         return fail(r)
                     for line in r.iter_lines():
                         if line.startswith("data: {"):
-                            for choice in json.loads(line[6:]).get("choices", []):
-                                print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+                            print(_text(_json(line[6:]), "delta"), end="", flush=True)
                         elif line.startswith(": tollway "):
-                            metered = json.loads(line[len(": tollway ") :])
+                            metered = _json(line[len(": tollway ") :])
                     print()
             else:
                 r = client.post("/v1/chat/completions", json=body)
                 if r.status_code != 200:
                     return fail(r)
-                print(r.json()["choices"][0]["message"]["content"])
-                metered = {
-                    "cost": r.headers.get("x-tollway-cost"),
-                    "cache": json.loads(r.headers.get("x-tollway-cache") or "[]"),
-                }
+                print(_text(_json(r.text), "message"))
+                metered = {"cost": r.headers.get("x-tollway-cost"), "cache": _json(r.headers.get("x-tollway-cache"))}
     except PaymentRefused as exc:
         print(f"not paid: {exc}", file=sys.stderr)
         return 1
@@ -311,14 +307,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_payment(paid: Any, metered: dict[str, Any], payer: str, decimals: int) -> None:
+def _json(text: str | None) -> Any:
+    """What the gateway sent as JSON, or None if it is not (it is not trusted to be well formed)."""
+    try:
+        return json.loads(text or "null")
+    except ValueError:
+        return None
+
+
+def _text(doc: Any, part: str) -> str:
+    """The text of a chat answer's (``message``) or stream chunk's (``delta``) choices."""
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    said = [c.get(part) for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+    return "".join(str(s.get("content") or "") for s in said if isinstance(s, dict))
+
+
+def print_payment(paid: Any, metered: Any, payer: str, decimals: int) -> None:
     """What a call cost and how it was paid: the authorised maximum, what moved, the cache discount."""
 
     def usd(atomic: Any) -> str:
-        return "?" if atomic is None else f"{Decimal(int(atomic)).scaleb(-decimals)} USD"
+        text = str(atomic)
+        return f"{Decimal(int(text)).scaleb(-decimals)} USD" if text.isascii() and text.isdigit() else "?"
 
-    hops = metered.get("cache") or [{}]
-    discount = hops[0].get("discount_passed") if isinstance(hops[0], dict) else None
+    metered = metered if isinstance(metered, dict) else {}
+    hops = metered.get("cache") if isinstance(metered.get("cache"), list) else None
+    discount = hops[0].get("discount_passed") if hops and isinstance(hops[0], dict) else None
     cost = metered.get("cost")
     print(
         f"cost {usd(cost) if cost else 'metered after the stream'}; cache discount {usd(discount or 0)}",
@@ -329,7 +342,7 @@ def print_payment(paid: Any, metered: dict[str, Any], payer: str, decimals: int)
             f"paid from the credit of {payer} (signed in): no transaction; receipt {paid.receipt_id}", file=sys.stderr
         )
         return
-    settlement = metered.get("settlement") or {}
+    settlement = metered.get("settlement") if isinstance(metered.get("settlement"), dict) else {}
     if paid.scheme == "batch-settlement":  # (a stream's charge is in its summary: the header said "0")
         charged = settlement.get("amount") if metered.get("settlement") else paid.settled
         print(
@@ -356,6 +369,8 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
     account, allowed = wallet_of(args)
     payer = Payer(account, allowed, schemes=("batch-settlement",))
+    nothing = {"max_per_call_usd": Decimal(0), "max_total_usd": Decimal(0), "max_deposit_usd": Decimal(0)}
+    signs_in = Payer(account, allowed, **nothing)  # (a channel's status is read signed in, never paid)
     base = args.url.rstrip("/").removesuffix("/v1")
     try:
         with httpx.Client(base_url=base, timeout=args.timeout) as http:
@@ -367,7 +382,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
         if terms is None:
             raise Refused(f"{base} takes no batch-settlement channel in an allowed asset")
         channel = Channel.of(account, terms[1])
-        with httpx.Client(transport=SyncPayingTransport(payer), base_url=base, timeout=args.timeout) as http:
+        with httpx.Client(transport=SyncPayingTransport(signs_in), base_url=base, timeout=args.timeout) as http:
             r = http.get(f"/v1/channels/{channel.id}")  # (signed in: the channel is the wallet's business)
             if r.status_code != 200:
                 return fail(r)
@@ -434,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", default="mock/echo")
     c.add_argument("--key", help="payer private key (default: TOLLWAY_KEY, else a devnet account)")
     c.add_argument("--allow", action="append", help="NETWORK:ASSET to pay in, e.g. eip155:8453:0x833...")
-    c.add_argument("--max-usd", default="1", help="most to pay for this call (default 1)")
+    c.add_argument("--max-usd", default="1", help="most to pay, or deposit into a channel, for this call (default 1)")
     c.add_argument("--max-tokens", type=int, default=None)
     c.add_argument("--stream", action="store_true")
     c.add_argument(

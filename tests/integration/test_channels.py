@@ -395,7 +395,8 @@ def test_tollways_client_deposits_once_pays_by_voucher_resynchronises_after_a_st
         doc = refund_channel(payer, http)
     assert doc["success"] and int(doc["amount"]) == channel["balance"] - cost
     assert chain.balance(account.address) == 100_000_000 - cost
-    assert payer.deposited_usd == Decimal(cost).scaleb(-6)
+    assert payer.deposited_usd == Decimal(channel["balance"]).scaleb(-6)  # (a refund gives no deposit allowance back)
+    assert mine.balance == cost and payer.spent_usd <= Decimal(mine.signed).scaleb(-6)
     with httpx.Client(base_url=channel_gateway.url, timeout=30) as http, pytest.raises(PaymentRefused) as refused:
         refund_channel(payer, http)  # nothing left
     assert "invalid_batch_settlement_evm_refund_no_balance" in str(refused.value)

@@ -33,6 +33,7 @@ class Channel:
     chain_id: int
     balance: int = 0  # deposited
     charged: int = 0  # charged by the gateway, cumulative
+    signed: int = 0  # the highest voucher signed: what the gateway can claim
 
     @classmethod
     def of(cls, account: LocalAccount, offer: dict[str, Any], salt: bytes = bytes(32)) -> Channel:
@@ -66,6 +67,7 @@ class Channel:
             "channelConfig": self.config,
             "voucher": self.voucher(account, self.charged + int(offer["amount"])),
         }
+        self.signed = max(self.signed, self.charged + int(offer["amount"]))
         if deposit:
             extra = offer.get("extra") or {}
             salt = secrets.randbits(256)
@@ -98,12 +100,14 @@ class Channel:
             out["amount"] = str(amount)
         return out
 
-    def charged_by(self, extra: dict[str, Any] | None, deposit: int = 0) -> None:
-        """A paid answer's ``PAYMENT-RESPONSE.extra``: add what this call was charged (and deposited)."""
+    def charged_by(self, extra: dict[str, Any] | None, deposit: int, amount: int) -> None:
+        """A paid answer's ``PAYMENT-RESPONSE.extra``: add what this call was charged (and deposited)
+        — believed up to the ``amount`` its voucher added, no further (the next voucher signs for
+        what is counted here)."""
         self.balance += deposit
         charged = str((extra or {}).get("chargedAmount", "0"))
         if charged.isascii() and charged.isdigit():
-            self.charged += int(charged)
+            self.charged = min(self.charged + min(int(charged), amount), self.signed)
 
     def resync(self, account: LocalAccount, extra: dict[str, Any]) -> bool:
         """Adopt the totals of a corrective 402's offer ``extra`` — if its last voucher is this
@@ -120,6 +124,7 @@ class Channel:
         if mine != account.address.lower() or charged > signed:
             return False
         self.charged, self.balance = charged, int(state.get("balance", self.balance))
+        self.signed = max(self.signed, signed)  # (signed before: by this payer, perhaps in another session)
         return True
 
 

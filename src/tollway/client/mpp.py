@@ -53,7 +53,9 @@ def credential(
     terms, details = c["terms"], c["terms"]["methodDetails"]
     chain_id, amount = int(details["chainId"]), int(terms["amount"])
     bound = keccak(c["id"].encode() + c["realm"].encode())  # the challenge's hash
-    expires = int(datetime.datetime.fromisoformat(c["expires"].replace("Z", "+00:00")).timestamp())
+    expires = expiry(c)
+    if expires is None:
+        raise ValueError("the challenge has no expiry (RFC 3339)")
     if kind == "authorization":
         auth = eip3009.Authorization(
             from_=account.address.lower(),
@@ -108,6 +110,15 @@ def credential(
         "source": f"did:pkh:eip155:{chain_id}:{account.address}",
     }
     return "Payment " + base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+
+def expiry(c: dict[str, Any]) -> int | None:
+    """When challenge ``c`` expires (its credential is valid until then), in Unix seconds; None if it does not say."""
+    try:
+        moment = datetime.datetime.fromisoformat(str(c["expires"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+    return int(moment.timestamp()) if moment.tzinfo else None
 
 
 def receipt(headers: Any) -> dict[str, Any] | None:

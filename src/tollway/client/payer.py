@@ -2,6 +2,14 @@
 
 Shared by the async and sync transports. Spend limits are in USD (the assets are USD
 stablecoins); only offers for explicitly allowed (network, asset) pairs are ever signed.
+
+The gateway is not trusted with the budget: what is signed counts from the moment it is signed —
+a payment the gateway then refuses, answers without a settlement or never answers stays counted,
+since the gateway still holds a signature it could settle (the client cannot tell it never will).
+One exception: an ``upto`` payment counts, once its answer says, what moved rather than its
+maximum (the session total then takes the gateway's word; its maximum is within the per-call
+limit). A channel counts the highest voucher signed on it; deposits count against
+``max_deposit_usd`` once signed, and a refund does not give that back.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from .. import siwe
+from ..errors import PaymentMalformed
 from ..payments import eip3009, permit2, signed
 from ..payments.x402 import (
     PAYMENT_REQUIRED,
@@ -78,7 +87,10 @@ class Payer:
     rails: tuple[str, ...] = ("x402", "mpp")
     mpp_types: tuple[str, ...] = ("permit2", "authorization")
     spent_usd: Decimal = Decimal(0)
-    max_deposit_usd: Decimal = Decimal("10")  # most held in channels (refundable, not spent)
+    max_deposit_usd: Decimal = Decimal("10")  # most deposited into channels in the session (refundable, not spent)
+    # The longest a signature may stay valid (an offer's maxTimeoutSeconds, an MPP challenge's
+    # expiry): a gateway asking for longer is refused — it could keep payments to settle at leisure.
+    max_validity_seconds: int = 3600
     deposited_usd: Decimal = Decimal(0)
     history: list[PaidCall] = field(default_factory=list)
     channels: dict[str, Channel] = field(default_factory=dict)  # channel id → its totals
@@ -114,26 +126,33 @@ class Payer:
                 return a
         return None
 
-    def choose(self, required: dict[str, Any], max_usd: Decimal | None = None) -> tuple[dict[str, Any], Decimal]:
+    def choose(
+        self, required: dict[str, Any], max_usd: Decimal | None = None, already: Decimal = Decimal(0)
+    ) -> tuple[dict[str, Any], Decimal]:
         """The allowed offer to pay — credit first (no chain transaction), then by ``schemes``
         (``upto`` only where Permit2 is approved), the cheapest of a kind — and the most USD it
-        takes from the wallet (0 for credit). ``max_usd`` lowers the per-call limit for this call."""
-        limit = self._call_limit(max_usd)
+        takes from the wallet (0 for credit). ``max_usd`` lowers the per-call limit for this call,
+        of which ``already`` was signed by its earlier attempts."""
+        limit = self._call_limit(max_usd) - already
         rank = {"credit": -1, **{name: i for i, name in enumerate(self.schemes)}}
+        accepts = required.get("accepts")
         candidates = []
-        for offer in required.get("accepts") or []:
+        for offer in accepts if isinstance(accepts, list) else []:
+            if not isinstance(offer, dict) or not isinstance(offer.get("extra") or {}, dict):
+                continue
             asset = self._allowed(offer) if offer.get("scheme") in rank else None
             if asset and offer["scheme"] == "upto" and (asset.network, asset.asset.lower()) in self._no_permit2:
                 continue
             amount = str(offer.get("amount", ""))
-            if asset and amount.isascii() and amount.isdigit():
+            credit = str((offer.get("extra") or {}).get("credit", "0"))  # (the wallet's, which the quote is less by)
+            if asset and _digits(amount) and _digits(credit) and self._lasting(offer.get("maxTimeoutSeconds") or 300):
                 usd = Decimal(int(amount)).scaleb(-asset.decimals)
-                credit = Decimal(int(str((offer.get("extra") or {}).get("credit", "0")))).scaleb(-asset.decimals)
-                if usd + credit > limit:
-                    raise PaymentRefused(f"the call costs up to ${usd + credit}, over the per-call limit ${limit}")
+                whole = usd + Decimal(int(credit)).scaleb(-asset.decimals)
+                if whole > limit:
+                    raise PaymentRefused(f"the call costs up to ${whole}, over the per-call limit ${limit}")
                 candidates.append((rank[offer["scheme"]], usd, offer))
         if not candidates:
-            raise PaymentRefused(f"no offer in an allowed asset and scheme: {required.get('accepts')}")
+            raise PaymentRefused(f"no offer in an allowed asset and scheme, well formed: {str(accepts)[:500]}")
         _, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
         return offer, usd if offer["scheme"] != "credit" else Decimal(0)
 
@@ -141,12 +160,20 @@ class Payer:
         """The most one call may take: the per-call limit, lowered by this call's own (``max_usd``)."""
         return self.max_per_call_usd if max_usd is None else min(self.max_per_call_usd, max_usd)
 
+    def _lasting(self, seconds: Any) -> bool:
+        """Whether a signature valid for ``seconds`` is one this payer makes (see ``max_validity_seconds``)."""
+        return isinstance(seconds, int) and not isinstance(seconds, bool) and 0 < seconds <= self.max_validity_seconds
+
     def _reserve(self, usd: Decimal) -> None:
-        """Take ``usd`` from the session's budget (given back by ``abandon`` if the call is not paid)."""
+        """Take ``usd`` from the session's budget, before signing (``_release``: nothing was signed)."""
         with self._lock:
             if self.spent_usd + usd > self.max_total_usd:
                 raise PaymentRefused(f"paying ${usd} would exceed the session limit ${self.max_total_usd}")
             self.spent_usd += usd
+
+    def _release(self, usd: Decimal) -> None:
+        with self._lock:
+            self.spent_usd -= usd
 
     def no_permit2(self, offer: dict[str, Any]) -> None:
         """The gateway says this wallet has not approved Permit2 for the offer's asset: pay it
@@ -204,34 +231,48 @@ class Payer:
         }
 
     def prepare(
-        self, response_headers: Any, origin: str, now: int | None = None, max_usd: Decimal | None = None
+        self,
+        response_headers: Any,
+        origin: str,
+        now: int | None = None,
+        max_usd: Decimal | None = None,
+        already: Decimal = Decimal(0),
     ) -> Pending:
-        """Answer a 402 from the gateway at ``origin``: the payment to retry with, its USD reserved
-        from the budget. A 402 describing a resource at another origin is refused: a server must
-        not relay another's quotes for us to sign."""
+        """Answer a 402 from the gateway at ``origin``: the payment to retry with, its USD taken
+        from the budget (``already``: what this call's earlier attempts signed). A 402 describing a
+        resource at another origin is refused: a server must not relay another's quotes for us to
+        sign. A malformed 402 is refused, and costs nothing."""
         raw = response_headers.get(PAYMENT_REQUIRED)
         challenge = mpp.challenge(response_headers) if "mpp" in self.rails else None
         if challenge is not None and (self.rails[0] == "mpp" or not raw):
-            return self._pay_mpp(challenge, max_usd)
+            return self._pay_mpp(challenge, max_usd, already)
         if not raw:
             raise PaymentRefused("402 without a PAYMENT-REQUIRED header (x402 v2)")
-        required = unb64json(raw)
-        if not isinstance(required, dict):
+        required = _required(response_headers)
+        if required is None:
             raise PaymentRefused("PAYMENT-REQUIRED is not an x402 document")
-        resource = str((required.get("resource") or {}).get("url", ""))
-        if resource and signed.origin_of(resource) != origin:
-            raise PaymentRefused(f"the 402 is for {signed.origin_of(resource)}, not {origin}: not signing it")
-        offer, usd = self.choose(required, max_usd)
+        resource = required.get("resource")
+        if resource is not None and not isinstance(resource, dict):
+            raise PaymentRefused("PAYMENT-REQUIRED.resource is not an object")
+        url = str((resource or {}).get("url", ""))
+        if url and signed.origin_of(url) != origin:
+            raise PaymentRefused(f"the 402 is for {signed.origin_of(url)}, not {origin}: not signing it")
+        offer, usd = self.choose(required, max_usd, already)
         self._reserve(usd)
         now = int(time.time()) if now is None else now
-        if offer["scheme"] == BATCH_SETTLEMENT:
-            inner, deposit = self._voucher(offer)
-        else:
-            sign = {
-                "credit": lambda: sign_credit(self.account, offer, now, origin),
-                "upto": lambda: sign_upto(self.account, offer, now),
-            }
-            inner, deposit = sign.get(offer["scheme"], lambda: sign_exact(self.account, offer, now))(), 0
+        try:
+            if offer["scheme"] == BATCH_SETTLEMENT:
+                inner, deposit, usd = self._voucher(offer, usd)
+            else:
+                sign = {
+                    "credit": lambda: sign_credit(self.account, offer, now, origin),
+                    "upto": lambda: sign_upto(self.account, offer, now),
+                }
+                inner, deposit = sign.get(offer["scheme"], lambda: sign_exact(self.account, offer, now))(), 0
+        except MALFORMED as exc:  # (nothing was signed)
+            self._release(usd)
+            why = f"the {offer['scheme']} offer is malformed ({type(exc).__name__}): not paying it"
+            raise PaymentRefused(why) from None
         payload = {
             "x402Version": 2,
             "resource": required.get("resource"),
@@ -241,10 +282,15 @@ class Payer:
         }
         return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd, deposit)
 
-    def _pay_mpp(self, challenge: dict[str, Any], max_usd: Decimal | None) -> Pending:
+    def _pay_mpp(self, challenge: dict[str, Any], max_usd: Decimal | None, already: Decimal) -> Pending:
         """Answer an MPP evm charge challenge, within the limits, with the first credential type
         this wallet makes that it lists (permit2 only where this wallet has approved Permit2)."""
         terms, details = challenge["terms"], challenge["terms"]["methodDetails"]
+        expires = mpp.expiry(challenge)
+        if expires is None or not self._lasting(expires - int(time.time())):
+            raise PaymentRefused(
+                f"the MPP challenge's expiry is missing, past, or more than {self.max_validity_seconds} s ahead"
+            )
         offer = {
             "rail": "mpp",
             "network": f"eip155:{details.get('chainId')}",
@@ -252,11 +298,12 @@ class Payer:
             "amount": str(terms.get("amount", "")),
         }
         asset = self._allowed(offer)
-        if asset is None or not offer["amount"].isdigit():
+        if asset is None or not _digits(offer["amount"]):
             raise PaymentRefused(
                 f"the MPP challenge asks for {offer['amount']} of {offer['asset']} on {offer['network']}"
             )
-        listed = details.get("credentialTypes") or []
+        listed = details.get("credentialTypes")
+        listed = listed if isinstance(listed, list) else []
         unapproved = (asset.network, asset.asset.lower()) in self._no_permit2
         kinds = [
             k
@@ -266,11 +313,15 @@ class Payer:
         if not kinds:
             raise PaymentRefused(f"the MPP challenge takes no credential this client makes: {listed}")
         usd = Decimal(int(offer["amount"])).scaleb(-asset.decimals)
-        limit = self._call_limit(max_usd)
+        limit = self._call_limit(max_usd) - already
         if usd > limit:
             raise PaymentRefused(f"the call costs up to ${usd}, over the per-call limit ${limit}")
         self._reserve(usd)
-        header = mpp.credential(self.account, challenge, kinds[0], asset.name, asset.version)
+        try:
+            header = mpp.credential(self.account, challenge, kinds[0], asset.name, asset.version)
+        except MALFORMED as exc:  # (nothing was signed)
+            self._release(usd)
+            raise PaymentRefused(f"the MPP challenge is malformed ({type(exc).__name__}): not paying it") from None
         return Pending({"Authorization": header}, {**offer, "scheme": f"mpp-{kinds[0]}"}, usd)
 
     def refund_headers(
@@ -290,23 +341,22 @@ class Payer:
         return {PAYMENT_SIGNATURE: b64json(doc)}, offer
 
     def refunded(self, offer: dict[str, Any], amount: int) -> None:
-        """``amount`` came back from the channel of ``offer``: it holds less, and may be deposited again."""
-        asset = self._allowed(offer)
+        """``amount`` came back from the channel of ``offer``: it holds less (what it may be deposited
+        again is still bounded by ``max_deposit_usd``: the gateway's word is all the client has)."""
         with self._lock:
-            self.channel(offer).balance -= amount
-            self.deposited_usd = max(
-                self.deposited_usd - Decimal(amount).scaleb(-(asset.decimals if asset else 6)), Decimal(0)
-            )
+            channel = self.channel(offer)
+            channel.balance -= min(max(amount, 0), channel.balance)
 
     def channel(self, offer: dict[str, Any]) -> Channel:
         """This wallet's channel with the gateway of a batch-settlement ``offer``."""
         fresh = Channel.of(self.account, offer)
         return self.channels.setdefault(fresh.id, fresh)
 
-    def _voucher(self, offer: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """The payload paying ``offer`` on this wallet's channel — with a deposit when the channel
-        does not hold enough (the gateway's least, ``extra.minDeposit``, or what is missing if more)
-        — and the deposit."""
+    def _voucher(self, offer: dict[str, Any], usd: Decimal) -> tuple[dict[str, Any], int, Decimal]:
+        """The payload paying ``offer`` (``usd`` reserved for it) on this wallet's channel — with a
+        deposit when the channel does not hold enough (the gateway's least, ``extra.minDeposit``, or
+        what is missing if more) — the deposit, and what its voucher signs beyond the highest one
+        before it (the rest of ``usd`` goes back to the budget)."""
         channel = self.channel(offer)
         extra = offer.get("extra") or {}
         if "channelState" in extra:  # a corrective 402: the gateway counted another total
@@ -315,14 +365,18 @@ class Payer:
         deposit = 0
         if channel.needs(amount):
             suggested = str(extra.get("minDeposit", "0"))
-            deposit = max(channel.needs(amount), int(suggested) if suggested.isdigit() else 0)
-            asset = self._allowed(offer)
-            deposit_usd = Decimal(deposit).scaleb(-(asset.decimals if asset else 6))
-            with self._lock:
-                if deposit_usd > self.max_deposit_usd - self.deposited_usd:
-                    raise PaymentRefused(f"a deposit of ${deposit_usd} would exceed the limit ${self.max_deposit_usd}")
-                self.deposited_usd += deposit_usd
-        return channel.payload(self.account, offer, deposit), deposit
+            deposit = max(channel.needs(amount), int(suggested) if _digits(suggested) else 0)
+        decimals = self._allowed(offer).decimals  # type: ignore[union-attr]  # (chosen: allowed)
+        deposit_usd = Decimal(deposit).scaleb(-decimals)
+        with self._lock:
+            if deposit_usd > self.max_deposit_usd - self.deposited_usd:
+                raise PaymentRefused(f"a deposit of ${deposit_usd} would exceed the limit ${self.max_deposit_usd}")
+            before = channel.signed
+            payload = channel.payload(self.account, offer, deposit)
+            self.deposited_usd += deposit_usd
+            signed = Decimal(channel.signed - before).scaleb(-decimals)
+            self.spent_usd -= usd - signed
+        return payload, deposit, signed
 
     def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
         """Record a paid response — an ``upto`` payment counting, once the answer says, what moved
@@ -330,8 +384,7 @@ class Payer:
         if pending.offer is not None and pending.offer.get("rail") == "mpp":
             paid = mpp.receipt(response_headers) if status < 400 else None
             if paid is None or paid.get("status") != "success":
-                self.abandon(pending)
-                return
+                return  # (not paid, it says: the credential stays counted)
             o, receipt_id = pending.offer, response_headers.get("x-tollway-receipt")
             self.history.append(
                 PaidCall(
@@ -346,19 +399,21 @@ class Payer:
             )
             return
         raw = response_headers.get(PAYMENT_RESPONSE) or response_headers.get(X_PAYMENT_RESPONSE)
-        doc = unb64json(raw) if raw and status < 400 else {}
+        try:
+            doc = unb64json(raw) if raw and status < 400 else {}
+        except PaymentMalformed:
+            doc = {}
         if not isinstance(doc, dict) or not doc.get("success"):
-            self.abandon(pending)
-            return
+            return  # (not settled, it says: what was signed stays counted)
         o = pending.offer or {"network": doc.get("network"), "asset": "", "amount": "0", "scheme": "credit"}
         if o["scheme"] == BATCH_SETTLEMENT:  # what the channel was charged is what moved (a stream's: "0" so far)
-            extra = doc.get("extra") or {}
-            self.channel(o).charged_by(extra, pending.deposit)
+            extra = doc.get("extra") if isinstance(doc.get("extra"), dict) else {}
+            self.channel(o).charged_by(extra, pending.deposit, int(o["amount"]))
             doc = {**doc, "amount": extra.get("chargedAmount", "")}
         moved = str(doc.get("amount", ""))
-        settled = int(moved) if moved.isascii() and moved.isdigit() and int(moved) <= int(o["amount"]) else None
+        settled = int(moved) if _digits(moved) and int(moved) <= int(o["amount"]) else None
         usd = pending.usd
-        if settled is not None and int(o["amount"]):
+        if o["scheme"] == "upto" and settled is not None and int(o["amount"]):  # (see the module's docstring)
             usd = pending.usd * settled / int(o["amount"])
             with self._lock:
                 self.spent_usd -= pending.usd - usd
@@ -378,13 +433,6 @@ class Payer:
             )
         )
 
-    def abandon(self, pending: Pending) -> None:
-        with self._lock:
-            self.spent_usd -= pending.usd
-            if pending.deposit and pending.offer is not None:  # the deposit did not happen
-                asset = self._allowed(pending.offer)
-                self.deposited_usd -= Decimal(pending.deposit).scaleb(-(asset.decimals if asset else 6))
-
 
 @dataclass(frozen=True)
 class Pending:
@@ -393,6 +441,9 @@ class Pending:
     usd: Decimal
     deposit: int = 0  # into a channel, with this payment
 
+
+# What a malformed offer raises as it is read and signed (a field missing, of the wrong type, not a number)
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, PaymentMalformed)
 
 # A payment refused for these reasons is worth paying again with the fresh quote the 402 carries:
 # the wallet's credit moved (another call used it), or the quote aged.
@@ -413,6 +464,7 @@ class Exchange:
     def __init__(self, payer: Payer, origin: str, max_usd: Decimal | None) -> None:
         self.payer, self.origin, self.max_usd = payer, origin, max_usd
         self.pending: Pending | None = None
+        self.signed_usd = Decimal(0)  # by this call's payments so far (its per-call limit is for them all)
         self.attempts = 0
         self.signed_in = False
         self.turn = False
@@ -446,13 +498,12 @@ class Exchange:
         if status == 401:
             return None
         self.attempts += 1
-        self.pending = self.payer.prepare(headers, self.origin, max_usd=self.max_usd)
+        self.pending = self.payer.prepare(headers, self.origin, max_usd=self.max_usd, already=self.signed_usd)
+        self.signed_usd += self.pending.usd
         return self.pending
 
     def finish(self) -> None:
-        if self.pending is not None:  # the paid request never got an answer
-            self.payer.abandon(self.pending)
-            self.pending = None
+        self.pending = None  # (a payment that never got an answer stays counted: it may be settled)
         if self.turn:
             self.payer.end_credit_turn()
             self.turn = False
@@ -467,9 +518,14 @@ def _required(headers: Any) -> dict[str, Any] | None:
     raw = headers.get(PAYMENT_REQUIRED)
     try:
         doc = unb64json(raw) if raw else None
-    except ValueError:
+    except (ValueError, PaymentMalformed):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _digits(text: str) -> bool:
+    """A non-negative integer in ASCII digits (``str.isdigit`` alone takes "²")."""
+    return text.isascii() and text.isdigit()
 
 
 def chain_id_of(network: str) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from ..errors import PaymentMalformed
 from ..payments.signed import origin_of
 from ..payments.x402 import PAYMENT_RESPONSE, unb64json
 from .payer import Exchange, Payer, PaymentRefused, Pending
@@ -111,11 +112,24 @@ def refund_channel(payer: Payer, http: httpx.Client, amount: int | None = None) 
     for _ in range(3):  # the terms; the refund (or a count to resynchronise from); the refund
         answer = http.get(REFUND_PATH, headers=headers)
         if answer.status_code == 200:
-            doc: dict[str, Any] = unb64json(answer.headers[PAYMENT_RESPONSE])
-            payer.refunded(offer, int(doc.get("amount") or 0))
-            return doc
+            return _refunded(payer, offer, answer)
         asked = payer.refund_headers(answer.headers, amount) if answer.status_code == 402 else None
         if asked is None:
             break
         headers, offer = asked
     raise PaymentRefused(f"the refund was refused: {answer.status_code} {answer.text[:300]}")
+
+
+def _refunded(payer: Payer, offer: dict[str, Any], answer: httpx.Response) -> dict[str, Any]:
+    """The settlement response of a refund the gateway acknowledged (200), counted."""
+    if not offer:
+        raise PaymentRefused("the gateway acknowledged a refund before one was asked for")
+    try:
+        doc = unb64json(answer.headers.get(PAYMENT_RESPONSE) or "")
+    except PaymentMalformed:
+        doc = None
+    if not isinstance(doc, dict):
+        raise PaymentRefused("the gateway acknowledged the refund without a settlement response")
+    amount = str(doc.get("amount") or "0")
+    payer.refunded(offer, int(amount) if amount.isascii() and amount.isdigit() else 0)
+    return doc
