@@ -491,6 +491,7 @@ class RpcSwitch:
         self.unknown: set[str] = set()
         self.simulate_reply: Callable[[Any], Any] | None = None  # rewrites eth_simulateV1's result
         self.simulate_status: int | None = None  # the HTTP status a batch asking eth_simulateV1 gets
+        self.max_log_range: int | None = None  # blocks an eth_getLogs may span (a hosted RPC's cap)
 
     async def handle(self, request: Request) -> Response:
         raw = await request.body()
@@ -517,6 +518,12 @@ class RpcSwitch:
             reply = [replies.get(c.get("id")) or {"jsonrpc": "2.0", "id": c.get("id"), "error": missing} for c in calls]
             body = json.dumps(reply if isinstance(doc, list) else reply[0]).encode()
             return Response(body, media_type="application/json")
+        if self.max_log_range is not None and any([await self._too_wide(c) for c in calls]):
+            wide = {"code": -32005, "message": f"query exceeds max block range {self.max_log_range}"}
+            reply = [{"jsonrpc": "2.0", "id": c.get("id"), "error": wide} for c in calls]
+            return Response(
+                json.dumps(reply if isinstance(doc, list) else reply[0]).encode(), media_type="application/json"
+            )
         simulating = [c.get("id") for c in calls if c.get("method") == "eth_simulateV1"]
         if simulating and self.simulate_status is not None:
             return Response(b'{"error":"refused"}', status_code=self.simulate_status, media_type="application/json")
@@ -528,6 +535,16 @@ class RpcSwitch:
                     reply["result"] = self.simulate_reply(reply["result"])
             return Response(json.dumps(replies).encode(), media_type="application/json")
         return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    async def _too_wide(self, call: dict[str, Any]) -> bool:
+        if call.get("method") != "eth_getLogs" or self.max_log_range is None:
+            return False
+        query = call["params"][0]
+        top = query.get("toBlock", "latest")
+        if top in ("latest", "pending"):
+            head = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
+            top = (await self._forward(json.dumps(head).encode())).json()["result"]
+        return int(top, 16) - int(query.get("fromBlock", "0x0"), 16) + 1 > self.max_log_range
 
     async def _forward(self, raw: bytes) -> httpx.Response:
         async with httpx.AsyncClient(timeout=10) as client:

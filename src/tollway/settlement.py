@@ -48,7 +48,7 @@ from .ledger import Store
 from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState
 from .ledger.store import Settlement
-from .payments.chain import Chain, RpcError, transfers_in
+from .payments.chain import BALANCE_OF, Chain, RpcError, transfers_in
 from .payments.channel import deposit_of
 
 log = logging.getLogger("tollway.settlement")
@@ -105,6 +105,7 @@ class Settler:
         # transaction id → when its nonce was first seen taken, and last looked at (monotonic)
         self._taken: dict[str, tuple[float, float]] = {}
         self._left: set[str] = set()  # payouts whose nonce was taken, left for the operator (logged once)
+        self._short_since = 0.0  # when the payout account was last logged short of tokens (monotonic)
         self.settled_elsewhere = settled_elsewhere
         # Blocks on top of a revert's own before it is believed: a reorganisation may mine the same
         # transaction again with another outcome (a success believed at once that a reorganisation
@@ -199,7 +200,9 @@ class Settler:
 
     async def start(self) -> None:
         for account in {self.address, *([self.payout_account.address] if self.payout_account else [])}:
-            self.store.sync_settler_nonce(account, await self.chain.pending_nonce(account))
+            # (a nonce an outside transaction holds in the pool is taken over by ours, or ours is
+            # signed anew once it is mined: see the module's docstring; never a gap that stalls the rest)
+            self.store.sync_settler_nonce(account, await self.chain.mined_nonce(account))
         await self._refresh_fees()
         self._task = asyncio.create_task(self._run(), name="tollway-settler")
 
@@ -245,7 +248,7 @@ class Settler:
         Queued transactions are broadcast every pass; receipts are polled (and stuck transactions
         re-broadcast or bumped) every ``RECEIPT_POLL`` seconds — blocks come no faster, and a pass
         must stay cheap."""
-        self._queue_payouts()
+        await self._queue_payouts()
         queued = self.store.open_transactions(TxState.QUEUED)
         await self._broadcast(queued)
         if time.monotonic() - self._polled < RECEIPT_POLL:
@@ -500,16 +503,37 @@ class Settler:
     def request_payout(self) -> None:
         self._wake.set()
 
-    def _queue_payouts(self) -> None:
-        """Pending withdrawals become transfers: one per account, however many requests it made."""
+    async def _queue_payouts(self) -> None:
+        """Pending withdrawals become transfers: one per account, however many requests it made —
+        as far as the payout account's tokens go (the pending state: the transfers in flight
+        taken). A transfer it cannot pay would revert, give the credit back for another try, and
+        cost gas each time: those wait, pending, and the operator is told."""
         if self.payout_account is None or self.token is None:
             return
         groups: dict[str, list[dict[str, Any]]] = {}
         for row in self.store.payouts("pending"):
             groups.setdefault(row["account"], []).append(row)
+        if not groups:
+            return
         sender, token = self.payout_account.address, self.token
+        try:
+            funds = int.from_bytes(
+                await self.chain.call(token, BALANCE_OF + bytes(12) + bytes.fromhex(sender[2:]), "pending"), "big"
+            )
+        except (ChainUnavailable, RpcError, ValueError) as exc:
+            log.warning("withdrawals wait: the payout account's balance cannot be read: %s", exc)
+            return
         for rows in groups.values():
             total = sum(r["amount"] for r in rows)
+            if total > funds:
+                if time.monotonic() - self._short_since > 60:
+                    self._short_since = time.monotonic()
+                    log.error(
+                        "withdrawals wait: the payout account %s holds %d units of %s, short of a payout of %d",
+                        sender, funds, token, total,
+                    )  # fmt: skip
+                continue
+            funds -= total
             data = ERC20_TRANSFER + bytes(12) + bytes.fromhex(rows[0]["wallet"][2:]) + total.to_bytes(32, "big")
             # The nonce, the signature and the claim of exactly these rows in one transaction: a
             # replica that claimed any of them first makes this roll back, so nothing is paid twice.

@@ -352,3 +352,37 @@ def test_withdrawals_have_a_minimum(gateway, chain, devnet, tmp_path):
         r = httpx.post(f"{url}/v1/credit/withdrawals", json=payer.withdrawal(9_999, url))
     assert r.status_code == 400 and r.json()["error"]["code"] == "withdrawal_too_small"
     assert "10000 units" in r.json()["error"]["message"]
+
+
+def test_withdrawals_the_payout_account_cannot_pay_wait_for_its_tokens_and_spend_no_gas(
+    gateway, chain, devnet, tmp_path
+):
+    """A transfer the payout account cannot pay would revert and give the credit back, to be
+    withdrawn again at once: gas spent for nothing, each round. It waits until the tokens are there."""
+    from eth_account import Account
+
+    from support import dedicated_gateway
+
+    payout = Account.create()  # gas, no tokens (the operator swept them, say)
+    chain.w3.provider.make_request("anvil_setBalance", [payout.address, hex(10**18)])
+    payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
+    with dedicated_gateway(gateway, chain, tmp_path, chain_settings={"payout_key": "0x" + payout.key.hex()}) as (
+        url,
+        _,
+    ):
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=30) as http:
+            assert http.post(CHAT, json=chat_body("fund my credit", max_tokens=3000)).status_code == 200
+        wait_receipt(url, payer.history[0].receipt_id)
+        owed = read_credit(url, payer)
+        r = httpx.post(f"{url}/v1/credit/withdrawals", json=payer.withdrawal(owed, url))
+        assert r.status_code == 202, r.text
+        time.sleep(2)  # (the worker's passes meanwhile)
+        assert httpx.get(f"{url}/v1/credit/withdrawals/{r.json()['id']}").json()["state"] == "pending"
+        assert chain.w3.eth.get_transaction_count(payout.address) == 0  # no transfer sent, no gas spent
+        tokens = chain.fund(owed, eth=True)
+        chain.transfer(tokens, payout.address, owed)
+        deadline = time.monotonic() + 20
+        while (doc := httpx.get(f"{url}/v1/credit/withdrawals/{r.json()['id']}").json())["state"] != "sent":
+            assert time.monotonic() < deadline and doc["state"] != "failed", doc
+            time.sleep(0.1)
+    assert chain.balance(payout.address) == 0

@@ -81,7 +81,8 @@ async def settler_on(store: Store, rpc_url: str, key: str, devnet, **kw: Any) ->
         priority_fee_gwei=Decimal("0.001"),
         **kw,
     )
-    store.sync_settler_nonce(settler.address, await settler.chain.pending_nonce(settler.address))
+    mined = await settler.chain.request("eth_getTransactionCount", [settler.address, "latest"])
+    store.sync_settler_nonce(settler.address, int(mined, 16))
     try:
         yield settler
     finally:
@@ -173,6 +174,28 @@ async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, cha
         row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] != first_hash
     assert chain.receipt(row["tx_hash"])["status"] == 1
+
+
+async def test_an_outside_transaction_pending_at_start_and_then_dropped_leaves_no_gap(
+    tmp_path, chain, devnet, settler_key
+):
+    """The settlement key's transaction from elsewhere, waiting in the node's pool as the gateway
+    starts, is dropped: its nonce is never used, and nothing signed after it may wait behind it."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer, before = chain.fund(), chain.balance(devnet.payee)
+    outside = Account.from_key(settler_key)
+    with manual_mining(chain):
+        fee = {"maxFeePerGas": 5 * GWEI, "maxPriorityFeePerGas": 1}
+        taken = send_raw(chain, outside, {"to": outside.address, "gas": 21_000, "nonce": 0, **fee})
+        async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+            await settler.start()  # (as the gateway starts: the nonce counter synced with the chain)
+            await settler.stop()
+            chain.w3.provider.make_request("anvil_dropTransaction", [taken])
+            payment_id, data, _ = payment_for(store, devnet, payer, 321)
+            settler.sign(payment_id, devnet.token, data)
+            chain.w3.provider.make_request("evm_setAutomine", [True])
+            row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
+    assert row["state"] == PaymentState.SETTLED and chain.balance(devnet.payee) == before + 321
 
 
 def lag_receipts(settler: Settler, seconds: float, answer: Any = None) -> None:
@@ -304,17 +327,26 @@ async def test_a_queued_settlement_survives_its_process(tmp_path, chain, devnet,
     assert row["state"] == PaymentState.SETTLED
 
 
-@pytest.mark.parametrize("confirmations", [0, 2])
-async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, devnet, settler_key, confirmations):
+@pytest.mark.parametrize(("confirmations", "log_range"), [(0, None), (2, None), (0, 1000)])
+async def test_a_front_run_settlement_is_settled_not_a_debt(
+    tmp_path, chain, devnet, settler_key, confirmations, log_range
+):
     """Anyone may submit a payer's EIP-3009 authorization. If someone does before us, our
     settlement reverts, yet the payee was paid by theirs: that is settled — the honest payer's
     deposit is not reversed (finding 6), and a stream it pays for is not cut (its revert, seen
-    before it is believed, cut it)."""
+    before it is believed, cut it). Theirs is found on a node that caps the blocks one
+    ``eth_getLogs`` may span (``log_range``, as hosted RPCs do) too."""
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
     front_runner = Account.create()
     chain.w3.provider.make_request("anvil_setBalance", [front_runner.address, hex(10**18)])
-    rpc = Chain(devnet.rpc_url)
+    proxy = RpcSwitch(devnet.rpc_url)
+    proxy.max_log_range = log_range
+    if log_range:
+        chain.w3.provider.make_request("anvil_mine", [hex(2 * log_range)])  # (more history than one query may span)
+    stack = contextlib.ExitStack()
+    server = stack.enter_context(ServerThread(proxy.app()))
+    rpc = Chain(server.url)
     exact = ExactEvm(
         chain=rpc,
         chain_id=devnet.chain_id,
@@ -329,7 +361,7 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, dev
     try:
         async with settler_on(
             store,
-            devnet.rpc_url,
+            server.url,
             settler_key,
             devnet,
             settled_elsewhere=exact.settled_elsewhere,
@@ -363,6 +395,7 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(tmp_path, chain, dev
             row = await run_until(s, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     finally:
         await rpc.close()
+        stack.close()
     assert cut == []
     assert chain.receipt(ours)["status"] == 0 and chain.receipt(theirs)["status"] == 1
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == theirs

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ ANVIL_FAILED = -3200  # anvil 1.7's code for a failed simulated call: a revert i
 ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string), what require(..., "reason") reverts with
 
 BATCH_LIMIT = 256  # calls per JSON-RPC batch (geth and most providers cap a batch at 1,000)
+LOG_RANGE = 1_000  # blocks per eth_getLogs (hosted RPCs cap a query's range: 500 to 10,000 blocks, by provider)
 
 
 class RpcError(ChainUnavailable):
@@ -292,8 +294,10 @@ class Chain:
         """The latest block's number."""
         return int(await self.request("eth_blockNumber", []), 16)
 
-    async def pending_nonce(self, address: str) -> int:
-        return int(await self.request("eth_getTransactionCount", [address, "pending"]), 16)
+    async def mined_nonce(self, address: str) -> int:
+        """The nonce of ``address``'s next transaction as far as mined blocks say (not its pending
+        ones: a transaction waiting in a node's pool may be dropped, and its nonce never used)."""
+        return int(await self.request("eth_getTransactionCount", [address, "latest"]), 16)
 
     async def base_fee(self) -> int:
         block = await self.request("eth_getBlockByNumber", ["latest", False])
@@ -305,11 +309,17 @@ class Chain:
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         return await self.request("eth_getTransactionReceipt", [tx_hash])
 
-    async def logs(self, address: str, topics: list[str | None], lookback: int) -> list[dict[str, Any]]:
-        """Logs of ``address`` matching ``topics`` in the last ``lookback`` blocks."""
-        head = await self.head()
-        query = {"address": address, "topics": topics, "fromBlock": hex(max(head - lookback, 0)), "toBlock": "latest"}
-        return list(await self.request("eth_getLogs", [query]) or [])
+    async def logs(self, address: str, topics: list[str | None], lookback: int) -> AsyncIterator[dict[str, Any]]:
+        """Logs of ``address`` matching ``topics`` in the last ``lookback`` blocks, the newest blocks
+        first, asked ``LOG_RANGE`` blocks at a time (hosted RPCs refuse a wider range)."""
+        top = await self.head()
+        lowest = max(top - lookback, 0)
+        while top >= lowest:
+            bottom = max(top - LOG_RANGE + 1, lowest)
+            query = {"address": address, "topics": topics, "fromBlock": hex(bottom), "toBlock": hex(top)}
+            for log in reversed(await self.request("eth_getLogs", [query]) or []):
+                yield log
+            top = bottom - 1
 
 
 def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, int]]:

@@ -166,7 +166,7 @@ class ExactEvm(TokenScheme):
         if int.from_bytes(await self.chain.call(self.token, state), "big") == 0:
             return None
         topics = [AUTHORIZATION_USED_TOPIC, "0x" + "0" * 24 + auth.from_[2:], "0x" + auth.nonce.hex()]
-        for log in await self.chain.logs(self.token, topics, LOG_LOOKBACK):
+        async for log in self.chain.logs(self.token, topics, LOG_LOOKBACK):
             receipt = await self.chain.receipt(log["transactionHash"])
             if receipt and (auth.from_, auth.to, auth.value) in transfers_in(receipt, self.token):
                 return str(log["transactionHash"])
