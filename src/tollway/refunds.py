@@ -23,6 +23,7 @@ from .errors import NotFound, PaymentInvalid, PaymentRequired
 from .gateway import Gateway
 from .keccak import keccak
 from .ledger.channels import REFUND_HOLD, ChannelRefused
+from .ledger.models import TxState
 from .ledger.store import new_id
 from .payments import channel as ch
 from .payments import x402
@@ -117,7 +118,8 @@ async def _refund(request: Request, gw: Gateway, scheme: BatchSettlementEvm) -> 
                 "the channel was taken meanwhile: ask for the refund again", code=PREFIX + "channel_busy"
             )
         sending = True  # the hold is the refund's now: the request or the claimer concludes it
-        mined = await gw.settler.mined(tx, timeout=gw.settings.settle_margin_seconds)
+        tx = await gw.settler.concluded(tx, timeout=gw.settings.settle_margin_seconds)  # (or what replaced it)
+        mined = str(tx["mined_hash"]) if tx["state"] == TxState.MINED else None
         balance, claimed = await escrowed(gw.chain, cid, mined)  # (as of the refund's block, if mined)
         hold = REFUND_HOLD + tx["id"]
         after = gw.store.refunded(channel_id, hold, balance=balance, claimed=claimed, mined=mined is not None)

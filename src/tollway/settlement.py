@@ -149,13 +149,24 @@ class Settler:
 
     async def mined(self, row: dict[str, Any], timeout: float) -> str | None:
         """Wait until the worker sees the queued transaction ``row`` mined: as ``send``."""
+        tx = await self.concluded(row, timeout)
+        return str(tx["mined_hash"]) if tx["state"] == TxState.MINED else None
+
+    async def concluded(self, row: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """The outbox row of the queued transaction ``row`` once the worker sees it mined or
+        reverted — or of the one that replaced it, signed anew with another nonce (see the module's
+        docstring). Raises ``ChainUnavailable`` after ``timeout`` (it may still be mined)."""
         self.wake()
         deadline = time.monotonic() + timeout
+        tx_id = row["id"]
         while time.monotonic() < deadline:
             await asyncio.sleep(RECEIPT_POLL / 2)
-            tx = self.store.transaction(row["id"])
+            tx = self.store.transaction(tx_id)
+            if tx is not None and tx["state"] == TxState.REPLACED:
+                tx = self.store.successor(tx) or tx
+                tx_id = tx["id"]
             if tx is not None and tx["state"] in (TxState.MINED, TxState.REVERTED):
-                return str(tx["mined_hash"]) if tx["state"] == TxState.MINED else None
+                return tx
         raise ChainUnavailable(
             f"the {row['purpose']} transaction {row['tx_hash']} was not mined within {timeout:.0f} s"
         )

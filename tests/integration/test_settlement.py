@@ -24,7 +24,7 @@ from tollway.ledger.store import credit_account
 from tollway.payments import eip3009
 from tollway.payments.chain import Chain
 from tollway.payments.exact import ExactEvm, decode_authorization
-from tollway.settlement import Settler
+from tollway.settlement import ERC20_TRANSFER, Settler, Signing
 
 GWEI = 10**9
 
@@ -174,6 +174,26 @@ async def test_a_nonce_taken_by_an_outside_transaction_is_resigned(tmp_path, cha
         row = await run_until(settler, store, payment_id, {PaymentState.SETTLED, PaymentState.FAILED})
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] != first_hash
     assert chain.receipt(row["tx_hash"])["status"] == 1
+
+
+async def test_a_transaction_waited_for_is_followed_when_signed_anew(tmp_path, chain, devnet, settler_key):
+    """A request waiting for its own transaction (a refund, a deposit) gets its outcome when the
+    key was used elsewhere at its nonce and it was signed anew with another — not a timeout."""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+        settler.replace_after = 0.5
+        nothing = ERC20_TRANSFER + bytes(12) + bytes.fromhex(settler.address[2:]) + bytes(32)  # (0 tokens to itself)
+        row = store.queue_transaction("refund", settler.address, Signing(settler, devnet.token, nothing))
+        outside = Account.from_key(settler_key)
+        fee = {"maxFeePerGas": 5 * GWEI, "maxPriorityFeePerGas": 10**6}
+        send_raw(chain, outside, {"to": outside.address, "gas": 21_000, "nonce": row["nonce"], **fee})
+        waiting = asyncio.create_task(settler.mined(row, timeout=15))
+        while not waiting.done():
+            await settler.run_once()
+            await asyncio.sleep(0.05)
+        mined = waiting.result()
+    assert mined is not None and mined != row["tx_hash"] and chain.receipt(mined)["status"] == 1
+    assert store.transaction(row["id"])["state"] == "replaced"
 
 
 async def test_an_outside_transaction_pending_at_start_and_then_dropped_leaves_no_gap(

@@ -721,6 +721,15 @@ class Store:
             c.run("UPDATE channels SET busy = :new WHERE busy = :old", refund)
         return new
 
+    def successor(self, tx: dict[str, Any]) -> dict[str, Any] | None:
+        """The transaction that replaced ``tx`` (``replace_transaction``: its hashes lead with tx's)."""
+        with self._sql() as c:
+            rows = c.dicts(
+                "SELECT * FROM transactions WHERE id <> :id AND hashes LIKE :prefix ORDER BY created_at DESC LIMIT 1",
+                {"id": tx["id"], "prefix": tx["hashes"] + " %"},  # (hex and spaces: no wildcard in them)
+            )
+        return rows[0] if rows else None
+
     def transaction(self, tx_id: str) -> dict[str, Any] | None:
         with self._tx() as c:
             row = c.execute(select(T).where(T.c.id == tx_id)).mappings().first()
