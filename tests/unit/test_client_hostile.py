@@ -134,6 +134,19 @@ def test_the_attempts_of_one_call_share_its_per_call_limit():
     assert len(gateway.paid) == 2 and exact_signed(gateway) == Decimal("0.8")  # (a third would pass $1)
 
 
+def test_an_upto_payment_refused_for_want_of_a_permit2_approval_is_not_counted_once():
+    def answer(r: httpx.Request) -> httpx.Response:
+        if not paid_headers(r):
+            return httpx.Response(402, headers=required(offer("upto", 500_000), offer("exact", 500_000)))
+        if unb64json(r.headers["PAYMENT-SIGNATURE"])["accepted"]["scheme"] == "upto":
+            return httpx.Response(412, headers=required(offer("exact", 500_000), error="permit2_allowance_required"))
+        return served()
+
+    p = payer(max_per_call_usd=Decimal("0.5"), max_total_usd=Decimal(1))
+    assert calls(p, Gateway(answer), 2) == [200, 200]  # (upto once, refused; then exact, within the limits)
+    assert p.spent_usd == Decimal(1)
+
+
 def test_a_negative_credit_in_an_offer_does_not_lower_its_price():
     gateway = Gateway(lambda r: httpx.Response(402, headers=required(offer("exact", 9_000_000, credit="-8990000"))))
     p = payer(max_per_call_usd=Decimal("0.01"), schemes=("exact",))

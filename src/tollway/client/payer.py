@@ -6,9 +6,10 @@ stablecoins); only offers for explicitly allowed (network, asset) pairs are ever
 The gateway is not trusted with the budget: what is signed counts from the moment it is signed —
 a payment the gateway then refuses, answers without a settlement or never answers stays counted,
 since the gateway still holds a signature it could settle (the client cannot tell it never will).
-One exception: an ``upto`` payment counts, once its answer says, what moved rather than its
+Two exceptions: an ``upto`` payment counts, once its answer says, what moved rather than its
 maximum (the session total then takes the gateway's word; its maximum is within the per-call
-limit). A channel counts the highest voucher signed on it; deposits count against
+limit); and a Permit2 payment refused for want of the wallet's Permit2 approval (412) is not
+counted — once per asset, since none is signed for it again. A channel counts the highest voucher signed on it; deposits count against
 ``max_deposit_usd`` once signed, and a refund does not give that back.
 """
 
@@ -175,11 +176,16 @@ class Payer:
         with self._lock:
             self.spent_usd -= usd
 
-    def no_permit2(self, offer: dict[str, Any]) -> None:
+    def no_permit2(self, offer: dict[str, Any], pending: Pending | None = None) -> None:
         """The gateway says this wallet has not approved Permit2 for the offer's asset: pay it
-        with other schemes from now on."""
+        with other schemes from now on. The Permit2 payment it refused (``pending``) is not counted:
+        it cannot move money without that approval (the one exception to "signed counts", once per
+        asset: no other is signed for it)."""
         with self._lock:
-            self._no_permit2.add((str(offer["network"]), str(offer["asset"]).lower()))
+            key = (str(offer["network"]), str(offer["asset"]).lower())
+            if pending is not None and key not in self._no_permit2:
+                self.spent_usd -= pending.usd
+            self._no_permit2.add(key)
 
     def sign_in(self, declared: dict[str, Any], origin: str) -> dict[str, str] | None:
         """``SIGN-IN-WITH-X`` answering a gateway's declaration of the extension, if it is for the
@@ -476,9 +482,11 @@ class Exchange:
     def next(self, status: int, headers: Any) -> Pending | None:
         if self.pending is not None:
             self.payer.conclude(self.pending, status, headers)
-            offer, self.pending = self.pending.offer, None
+            pending, self.pending = self.pending, None
+            offer = pending.offer
             if status == 412 and offer is not None and offer.get("scheme") in ("upto", "mpp-permit2"):
-                self.payer.no_permit2(offer)  # (and pay with another scheme, from this 412's fresh quote)
+                self.payer.no_permit2(offer, pending)  # (and pay with another scheme, from this 412's fresh quote)
+                self.signed_usd -= pending.usd
             elif status == 402 and offer is None:
                 self.payer.credit_hint = False  # the credit did not cover it: pay, and sign in less
             elif status != 402 or (offer is not None and not self._retryable(headers)):
