@@ -564,3 +564,17 @@ def paying_upstream(name: str, url: str, wallet: Any, devnet: Devnet) -> Any:
         payer_key="0x" + bytes(wallet.key).hex(),
         pay_assets=[f"eip155:{devnet.chain_id}:{devnet.token}"],
     )
+
+
+def drop_sessions(postgres_url: str) -> int:
+    """What a PostgreSQL restart, a fail-over or an idle-session timeout does to a replica's
+    connections: every session of the ledger's database but this one is ended."""
+    import psycopg
+
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND datname = current_database() AND backend_type = 'client backend'"
+        ).fetchall()
+    return len(ended)

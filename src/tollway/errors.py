@@ -175,3 +175,12 @@ class ChainUnavailable(GatewayError):
     status = 503
     code = "chain_unavailable"
     retry_after = 2
+
+
+class LedgerUnavailable(GatewayError):
+    """The database dropped the connection (a restart, a fail-over, an idle timeout): the next
+    statement opens another."""
+
+    status = 503
+    code = "ledger_unavailable"
+    retry_after = 2

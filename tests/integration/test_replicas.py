@@ -123,3 +123,24 @@ def test_one_sign_in_sent_to_both_replicas_at_once_pays_one_call(devnet, upstrea
             [a.url, b.url] * 4,
         )
         assert sorted(statuses) == [200] + [402] * 7
+
+
+def test_a_replica_whose_database_sessions_are_dropped_serves_again(devnet, upstream, chain, postgres_url, tmp_path):
+    """Its connections are opened anew; the call that finds one gone is a 503 with Retry-After (the
+    ledger's every thread kept one connection for ever: each later call was a 500, until a restart)."""
+    from support import CHAT, chat_body, drop_sessions, exact_payment, payment_header, payment_required
+
+    settings = postgres_settings(devnet, upstream, postgres_url, tmp_path)
+    with ServerThread(create_app(settings)) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+
+        def paid_call(text: str) -> httpx.Response:
+            body = chat_body(text)
+            required = payment_required(http.post(CHAT, json=body))
+            return http.post(CHAT, json=body, headers=payment_header(exact_payment(chain.fund(), required)))
+
+        assert paid_call("before").status_code == 200
+        assert drop_sessions(postgres_url) >= 1
+        answers = [paid_call(f"after {i}") for i in range(3)]
+    assert all(a.status_code in (200, 503) for a in answers), [a.text for a in answers]
+    assert [a.status_code for a in answers][-2:] == [200, 200]
+    assert all(a.headers.get("retry-after") for a in answers if a.status_code == 503)

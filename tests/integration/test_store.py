@@ -888,3 +888,22 @@ def test_a_key_with_a_nul_names_no_row_and_is_no_error(db_url):
         assert store.receipt(key) is None
         assert store.payout(key) is None
         assert store.channel(key) is None
+
+
+def test_a_connection_postgresql_dropped_is_opened_anew(postgres_url):
+    """One statement finds the connection gone (503, ``ledger_unavailable``); the next opens another."""
+    from support import drop_sessions
+    from tollway.errors import LedgerUnavailable
+    from tollway.ledger.store import credit_account
+
+    store = Store(postgres_url)
+    account = credit_account("eip155:1", "0xtoken", "0xw-" + uuid.uuid4().hex[:8])
+    try:
+        assert store.credit_balance(account) == 0  # (this thread's connection is open)
+        assert drop_sessions(postgres_url) >= 1
+        with pytest.raises(LedgerUnavailable):
+            store.credit_balance(account)
+        assert [store.credit_balance(account) for _ in range(3)] == [0, 0, 0]
+        assert store.count_by_state() is not None  # (SQLAlchemy Core statements too)
+    finally:
+        store.close()

@@ -9,8 +9,9 @@ since the gateway still holds a signature it could settle (the client cannot tel
 Two exceptions: an ``upto`` payment counts, once its answer says, what moved rather than its
 maximum (the session total then takes the gateway's word; its maximum is within the per-call
 limit); and a Permit2 payment refused for want of the wallet's Permit2 approval (412) is not
-counted — once per asset, since none is signed for it again. A channel counts the highest voucher signed on it; deposits count against
-``max_deposit_usd`` once signed, and a refund does not give that back.
+counted — once per asset, since none is signed for it again. A channel counts the highest
+voucher signed on it; deposits count against ``max_deposit_usd`` once signed, and a refund does
+not give that back.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ class Dialect:
         self.pyformat = name != "sqlite"
         self.one_writer = name == "sqlite"  # a write transaction excludes every other until it ends
         self.IntegrityError: type[Exception] = dbapi.IntegrityError
+        self.Error: type[Exception] = dbapi.Error  # (what the driver raises, a dropped connection included)
 
     def text(self, sql: str) -> str:
         return _pyformat(sql) if self.pyformat else sql

@@ -26,8 +26,9 @@ from typing import Any
 
 from sqlalchemy import case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ..errors import LedgerUnavailable
 from . import channels, sql
 from .channels import ChannelUse
 from .checkpoint import LOG_SIZE_LIMIT, Checkpointer
@@ -301,23 +302,52 @@ class Store:
     def _tx(self) -> Iterator[Connection]:
         """A transaction in SQLAlchemy Core."""
         conn = self._connection()
-        with conn.begin():
-            yield conn
+        try:
+            with conn.begin():
+                yield conn
+        except DBAPIError as exc:
+            if exc.connection_invalidated or self._gone(conn):
+                raise self._lost() from exc
+            raise
 
     @contextlib.contextmanager
     def _sql(self) -> Iterator[sql.Cursor]:
         """A transaction in plain SQL (``sql.py``) on the same connection."""
-        dbapi = self._connection().connection.dbapi_connection
-        cursor = dbapi.cursor()  # type: ignore[union-attr]
+        conn = self._connection()
+        dbapi = conn.connection.dbapi_connection
+        try:
+            cursor = dbapi.cursor()  # type: ignore[union-attr]
+        except self.dialect.Error as exc:
+            if self._gone(conn):
+                raise self._lost() from exc
+            raise
         try:
             yield sql.Cursor(self.dialect, cursor)
-        except BaseException:
+            dbapi.commit()  # type: ignore[union-attr]
+        except BaseException as exc:
+            if isinstance(exc, self.dialect.Error) and self._gone(conn):
+                raise self._lost() from exc
             dbapi.rollback()  # type: ignore[union-attr]
             raise
-        else:
-            dbapi.commit()  # type: ignore[union-attr]
         finally:
-            cursor.close()
+            with contextlib.suppress(self.dialect.Error):
+                cursor.close()
+
+    def _gone(self, conn: Connection) -> bool:
+        """Whether the database dropped this connection (a PostgreSQL restart, a fail-over, an idle
+        session's timeout): the driver marks it closed once a statement finds out."""
+        dbapi = conn.connection.dbapi_connection if not conn.invalidated else None
+        return dbapi is None or bool(getattr(dbapi, "closed", False) or getattr(dbapi, "broken", False))
+
+    def _lost(self) -> LedgerUnavailable:
+        """Forget this thread's dropped connection (its next statement opens another): the error to raise."""
+        conn, self._local.conn = self._local.conn, None
+        with contextlib.suppress(ValueError):
+            self._connections.remove(conn)
+        with contextlib.suppress(Exception):  # (it is broken: closing it may fail too)
+            conn.invalidate()
+            conn.close()
+        return LedgerUnavailable("the ledger's database dropped the connection: try again")
 
     # -- payments -------------------------------------------------------------------------
 
