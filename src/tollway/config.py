@@ -269,7 +269,7 @@ class Settings(BaseSettings):
     # The longest a call may take from its arrival: a non-streamed call is abandoned (and not
     # charged) after it, a stream is ended there with an error event. A payment must stay valid
     # this long plus settle_margin_seconds, so that its settlement can still be mined — also that of
-    # a stream a crash left open, metered by another process within ~15 s of max_call_seconds (one
+    # a stream a crash left open, metered by another process within ~25 s of max_call_seconds (one
     # waiting for its usage after the fact: a quarter of settle_margin_seconds more).
     max_call_seconds: int = Field(300, ge=1)
     # Idempotent calls (payment-identifier, Idempotency-Key): whether a payment must carry an id,

@@ -64,6 +64,7 @@ def abandoned_payment_after(settings: Settings, rpc_seconds: float) -> float:
     return settings.max_call_seconds + confirms + CLOCK_SKEW_SECONDS + ABANDONED_AFTER_SECONDS
 
 
+UNSEEN = object()  # (not a stream's events count)
 MAX_REMEMBERED_BASES = 64  # (a Host header is the client's to choose: the memory of them stays small)
 
 
@@ -90,6 +91,7 @@ class Gateway:
     _worker_chain: Chain
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     unmeterable: set[str] = field(default_factory=set)  # abandoned streams whose scheme is not enabled here
+    sighted: dict[str, Any] = field(default_factory=dict)  # streams that looked abandoned at the last sweep → events
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
@@ -339,11 +341,19 @@ class Gateway:
         than the longest call (every stream is cut at it), so that another replica's live streams
         are left alone — and those waiting for their usage after the fact once that wait is over; a
         stream is metered once whoever gets there first, and one row that cannot be metered never
-        stops the gateway."""
+        stops the gateway. A stream that began less than the clock skew allowed between replicas
+        before that is another's live one if its events still move: it is metered only when the
+        next sweep finds it as this one left it."""
         now, s = time.time(), self.settings
+        cut = now - s.max_call_seconds - ABANDONED_AFTER_SECONDS
         waited = now - s.usage_wait_seconds - ABANDONED_AFTER_SECONDS  # (``metering`` ones: their wait is over)
-        for row in self.store.abandoned_streams(now - s.max_call_seconds - ABANDONED_AFTER_SECONDS, waited):
+        sighted, self.sighted = self.sighted, {}
+        for row in self.store.abandoned_streams(cut, waited):
             if row["id"] in self.unmeterable:
+                continue
+            recent = row["status"] == "streaming" and row["created_at"] > cut - CLOCK_SKEW_SECONDS
+            if recent and sighted.get(row["id"], UNSEEN) != row["events"]:
+                self.sighted[row["id"]] = row["events"]
                 continue
             try:
                 self._meter_abandoned(row)

@@ -23,12 +23,14 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from support import (
     ADMIN,
+    CALLS,
     CHAT,
     EXPIRED,
     INSUFFICIENT_FUNDS,
@@ -40,6 +42,7 @@ from support import (
     envelope,
     error_code,
     eventually,
+    exact_payment,
     manual_mining,
     paying_upstream,
     payment_header,
@@ -416,6 +419,42 @@ def test_start_up_meters_an_abandoned_stream_of_a_wallet_in_debt(gateway, tmp_pa
     assert store.credit_balance(account) == -500  # deposit 100, charged its quote of 100
     assert receipt_row(store, "lost")["status"] == "incomplete"
     store.close()
+
+
+class AheadClock:
+    """The ``time`` module as a replica whose clock runs ``skew`` seconds ahead sees it."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+
+def test_a_live_stream_is_not_swept_as_abandoned_by_a_replica_whose_clock_is_ahead(
+    gateway, chain, tmp_path, monkeypatch
+):
+    """Within the skew allowed between replicas (``CLOCK_SKEW_SECONDS``), a stream another replica
+    is serving looks past its limit: while its events move it is left alone (it was metered by the
+    crash estimate, its usage dropped as "already metered", and charged its whole quote)."""
+    import tollway.gateway as gateway_module
+    from tollway.config import CLOCK_SKEW_SECONDS
+
+    monkeypatch.setattr(gateway_module, "time", AheadClock(CLOCK_SKEW_SECONDS - 10))  # (the sweeps' clock)
+    words = " ".join(f"w{i}" for i in range(200))
+    body = chat_body(words, stream=True, max_tokens=60, mock={"chunk_delay": 0.25})  # ~15 s, its limit 20 s
+    with dedicated_gateway(gateway, chain, tmp_path, max_call_seconds=20) as (url, engine):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            headers = payment_header(exact_payment(chain.fund(), payment_required(http.post(CHAT, json=body))))
+            with http.stream("POST", CHAT, json=body, headers=headers) as r:
+                assert r.status_code == 200
+                text = "".join(r.iter_text())
+        with engine.connect() as c:
+            row = c.execute(select(CALLS).where(CALLS.c.id == r.headers["x-tollway-receipt"])).mappings().one()
+    assert "[DONE]" in text and (row["status"], row["error"]) == ("served", None), dict(row)
 
 
 def receipt_row(store: Store, call_id: str) -> dict[str, Any]:

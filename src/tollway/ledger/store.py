@@ -109,7 +109,7 @@ APPLY = (  # add to a credit balance (opening it) unless it would end below a fl
 )
 ABANDONED_STREAMS = (  # (by ix_calls_streaming, which only a query naming its condition uses)
     "SELECT c.id, c.payment_id, c.model, c.upstream, c.byok, c.quote, c.prompt_bound, c.events, c.paid,"
-    " c.from_credit,"
+    " c.from_credit, c.status, c.created_at,"
     " p.scheme, p.state AS payment_state, p.proof, p.amount, p.network, p.asset, p.payer, p.channel"
     f" FROM calls c JOIN payments p ON c.payment_id = p.id WHERE c.{OPEN_STREAM} AND c.created_at < :before"
     " AND (c.status = 'streaming' OR c.created_at < :metering_before)"
