@@ -5,6 +5,7 @@ move: the payment is ``released``, the call ``failed``, the payer's balance unch
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -216,3 +217,68 @@ def test_chain_rpc_outage_charges_nothing(gateway, chain, devnet, tmp_path, mode
         assert_nothing_charged(engine, chain, payer, before, r)
         assert (r.status_code, error_code(r)) == (503, "chain_unavailable"), r.text
         assert r.headers.get("retry-after", "").isdigit(), r.headers
+
+
+def sse(doc: dict[str, Any]) -> bytes:
+    kind = doc.get("type")
+    return (f"event: {kind}\n" if kind else "").encode() + b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+CHUNK = {"object": "chat.completion.chunk", "model": "mock/echo"}
+RESPONSE = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+# What each API opens a stream with before its first token — the role alone (OpenAI, vLLM and
+# llama.cpp), an empty content block, an output item and content part added empty — then a failure.
+OPENED_THEN_FAILED = {
+    "/v1/chat/completions": [
+        {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {**CHUNK, "error": {"message": "provider overloaded", "code": 502}, "choices": []},
+    ],
+    "/v1/messages": [
+        {"type": "message_start", "message": {"id": "m1", "role": "assistant", "content": [], "usage": {}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    ],
+    "/v1/responses": [
+        {"type": "response.created", "response": RESPONSE},
+        {"type": "response.output_item.added", "output_index": 0, "item": {"type": "message", "content": []}},
+        {"type": "response.content_part.added", "output_index": 0, "part": {"type": "output_text", "text": ""}},
+        {"type": "error", "code": "server_error", "message": "The server had an error"},
+    ],
+}
+BODIES = {
+    "/v1/chat/completions": chat_body("hi", max_tokens=100, stream=True),
+    "/v1/messages": {
+        "model": "mock/echo",
+        "max_tokens": 100,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    },
+    "/v1/responses": {"model": "mock/echo", "max_output_tokens": 100, "stream": True, "input": "hi"},
+}
+
+
+@pytest.mark.parametrize("path", list(OPENED_THEN_FAILED))
+def test_a_stream_opened_without_content_that_then_fails_charges_nothing(gateway, chain, tmp_path, path):
+    """Its opening events carry no token: the failure after them is one before the answer (it was
+    taken as an answer, and charged the prompt at its bound and an estimate of output never sent)."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def opened_then_failed(request: Any) -> StreamingResponse:
+        return StreamingResponse(iter([sse(e) for e in OPENED_THEN_FAILED[path]]), media_type="text/event-stream")
+
+    upstream = Starlette(routes=[Route(p.removeprefix("/v1"), opened_then_failed, methods=["POST"]) for p in BODIES])
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    with (
+        ServerThread(upstream) as up,
+        dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine),
+    ):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            required = payment_required(client.post(path, json=BODIES[path]))
+            headers = payment_header(exact_payment(payer, required, exact_offer(required)))
+            r = client.post(path, json=BODIES[path], headers=headers)
+        assert r.status_code == 502, r.text
+        assert_nothing_charged(engine, chain, payer, before, r)

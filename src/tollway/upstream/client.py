@@ -172,9 +172,35 @@ async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
     return bytes(body[:limit])
 
 
-# Events that open a stream before any answer (Messages: message_start, ping; Responses: created,
-# in_progress): an error right after them is still a failure before the answer.
-PREAMBLE = frozenset({"message_start", "ping", "response.created", "response.in_progress"})
+# Events that open a stream before any answer (Messages: message_start, ping, a content block's
+# empty start; Responses: created, in_progress, an output item or content part added empty): an
+# error right after them is still a failure before the answer — nothing was served.
+PREAMBLE = frozenset(
+    {
+        "message_start",
+        "ping",
+        "content_block_start",
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    }
+)
+
+
+def _contentless(doc: dict[str, Any]) -> bool:
+    """A chat chunk that answers nothing yet: its choices' deltas name the role and nothing more
+    (OpenAI, vLLM and llama.cpp open a stream with one), or it has no choices and no usage."""
+    choices = doc.get("choices")
+    if not isinstance(choices, list) or doc.get("usage"):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
+            return False
+        if any(v for k, v in delta.items() if k != "role"):
+            return False
+    return True
 
 
 def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | None = None) -> tuple[bool, int]:
@@ -189,8 +215,8 @@ def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | Non
         data = bytes(line[5:].strip())
         if data == b"[DONE]":  # (the end, not an answer: a stream of nothing else is a failure)
             continue
-        if not data.startswith(b"{") or (b'"error' not in data and b'"type"' not in data):
-            return True, end  # (a chat chunk: no error, no event type to look at)
+        if not data.startswith(b"{"):
+            return True, end
         doc = _json(data)
         err = doc.get("error") or stream_error(doc)
         if err:
@@ -199,7 +225,7 @@ def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | Non
         kind = doc.get("type")  # (none: a chat chunk, "type" was a nested key's)
         if kind is not None and not isinstance(kind, str):
             raise UpstreamError("upstream sent an event whose type is not a string")
-        if kind not in PREAMBLE:
+        if kind not in PREAMBLE and not (kind is None and _contentless(doc)):
             return True, end
     return False, max(end, start)
 
