@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -300,10 +300,16 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
 
     def finish(tail: StreamTail, complete: bool, usage: Usage | None) -> tuple[dict[str, Any], Any, Settlement | None]:
         error = opened.error or tail.error()
-        usage = usage or tail.estimate(paid.quote.prompt_bound, per_event, reader.prompt() if reader else None)
+        q, opening = paid.quote, reader.prompt() if reader else None
+        estimate = tail.estimate(q.prompt_bound, per_event, q.max_tokens * q.choices, opening)
+        whole = complete and error is None
+        if usage is None:
+            usage = estimate
+        elif not whole and usage.completion_tokens > estimate.completion_tokens:
+            usage = replace(usage, completion_tokens=estimate.completion_tokens)  # (what it could have delivered)
         row = {
             "id": call_id,
-            "status": "served" if complete and error is None else "incomplete",
+            "status": "served" if whole else "incomplete",
             "error": error,
             "events": tail.events_seen,
             "duration_ms": (time.time() - started) * 1000,

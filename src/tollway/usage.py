@@ -69,14 +69,15 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
         written = _int(usage.get("cache_creation_input_tokens"))
         prompt = _int(usage.get("prompt_tokens"))
         if prompt is None:
-            uncached = _int(usage.get("input_tokens")) or 0
-            prompt = uncached + (read or 0) + (written or 0)
+            uncached = _int(usage.get("input_tokens")) if "input_tokens" in usage else 0  # (malformed: unknown)
+            prompt = None if uncached is None else uncached + (read or 0) + (written or 0)
         dialect, cached = "anthropic", read
     elif "prompt_cache_hit_tokens" in usage:
         prompt = _int(usage.get("prompt_tokens"))
         cached, written, dialect = _int(usage.get("prompt_cache_hit_tokens")), None, "deepseek"
-        if prompt is None:
-            prompt = (cached or 0) + (_int(usage.get("prompt_cache_miss_tokens")) or 0)
+        missed = _int(usage.get("prompt_cache_miss_tokens")) if "prompt_cache_miss_tokens" in usage else 0
+        if prompt is None and missed is not None:
+            prompt = (cached or 0) + missed
     else:
         prompt = _int(usage.get("prompt_tokens"))
         if prompt is None:
@@ -91,8 +92,12 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
 
     if prompt is None or completion is None:
         return None
-    if cached is not None and cached > prompt:  # (a buggy or hostile upstream's: no more than the prompt)
+    # (a buggy or hostile upstream's: no more read from the cache than the prompt, no more written
+    # to it than the rest — else one prompt token would be billed as read and as written)
+    if cached is not None and cached > prompt:
         cached = prompt
+    if written is not None and written > prompt - (cached or 0):
+        written = prompt - (cached or 0)
     return Usage(prompt, completion, cached, written, upstream_cost, dialect)
 
 
@@ -302,11 +307,14 @@ class StreamTail:
             if isinstance(doc, dict):
                 yield doc
 
-    def estimate(self, prompt_bound: int, tokens_per_event: int, prompt: Usage | None = None) -> Usage:
+    def estimate(
+        self, prompt_bound: int, tokens_per_event: int, output_bound: int, prompt: Usage | None = None
+    ) -> Usage:
         """For a stream that ended without usage: the prompt at its bound (or as the stream's
-        opening counted it: ``prompt``) and each relayed event at the model's most tokens per event
-        (the caller caps the cost at the quote)."""
-        output = self.events_seen * tokens_per_event
+        opening counted it: ``prompt``) and each relayed event at the model's most tokens per event,
+        within the output the upstream was asked for at most (``output_bound``; the caller caps the
+        cost at the quote)."""
+        output = min(self.events_seen * tokens_per_event, output_bound)
         if prompt is None:
             return Usage(prompt_bound, output, dialect="estimated")
         return Usage(prompt.prompt_tokens, output, prompt.cached_tokens, prompt.cache_write_tokens, dialect="estimated")

@@ -184,3 +184,46 @@ def test_stream_tail_reports_midstream_error():
 def test_absurd_token_counts_are_kept_within_what_the_ledger_stores():
     usage = parse_usage({"prompt_tokens": 2**63, "completion_tokens": 10**30, "total_tokens": -1})
     assert usage is not None and usage.prompt_tokens == usage.completion_tokens == MAX_COUNT
+
+
+PRICED = Prices.of(ModelPrice(prompt="0.000001", completion="0.000002", cache_read="1e-7", cache_write="1.25e-6"), 6)
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 1000},
+        },
+        {"prompt_tokens": 1000, "completion_tokens": 0, "prompt_tokens_details": {"cache_write_tokens": 50_000}},
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 0,
+            "cache_read_input_tokens": 1000,
+            "cache_creation_input_tokens": 1000,
+        },
+    ],
+)
+def test_no_prompt_token_is_billed_as_both_read_from_the_cache_and_written_to_it(reported):
+    usage = parse_usage(reported)
+    assert (usage.cached_tokens or 0) + usage.cache_write_tokens <= usage.prompt_tokens
+    assert PRICED.cost(usage) <= PRICED.bound(usage.prompt_tokens, usage.completion_tokens)
+
+
+@pytest.mark.parametrize("bad", [12000.0, -1, "12000"])
+def test_a_malformed_prompt_count_is_unknown_in_every_dialect(bad):
+    cache_fields = {"cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    assert parse_usage({"prompt_tokens": bad, "completion_tokens": 5}) is None
+    assert parse_usage({"input_tokens": bad, "output_tokens": 5, **cache_fields}) is None  # (was 0: a free prompt)
+    assert parse_usage({"prompt_cache_hit_tokens": 0, "prompt_cache_miss_tokens": bad, "completion_tokens": 5}) is None
+    assert parse_usage({"output_tokens": 5, **cache_fields}).prompt_tokens == 0  # (no input count: the cache's alone)
+
+
+def test_a_stream_without_usage_is_estimated_within_the_output_it_was_asked_for():
+    tail = StreamTail()
+    for i in range(10):
+        tail.feed(b'data: {"choices":[{"delta":{"content":"w%d "}}]}\n\n' % i)
+    assert tail.estimate(100, 16, output_bound=1000).completion_tokens == 160
+    assert tail.estimate(100, 16, output_bound=2 * 3).completion_tokens == 6  # (max_tokens 2, n 3)
