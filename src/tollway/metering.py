@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -303,10 +303,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         q, opening = paid.quote, reader.prompt() if reader else None
         estimate = tail.estimate(q.prompt_bound, per_event, q.max_tokens * q.choices, opening)
         whole = complete and error is None
-        if usage is None:
-            usage = estimate
-        elif not whole and usage.completion_tokens > estimate.completion_tokens:
-            usage = replace(usage, completion_tokens=estimate.completion_tokens)  # (what it could have delivered)
+        usage = usage or estimate
         row = {
             "id": call_id,
             "status": "served" if whole else "incomplete",
