@@ -326,8 +326,10 @@ def print_payment(paid: Any, metered: Any, payer: str, decimals: int) -> None:
     """What a call cost and how it was paid: the authorised maximum, what moved, the cache discount."""
 
     def usd(atomic: Any) -> str:
+        from .client.payer import digits
+
         text = str(atomic)
-        return f"{Decimal(int(text)).scaleb(-decimals)} USD" if text.isascii() and text.isdigit() else "?"
+        return f"{Decimal(int(text)).scaleb(-decimals)} USD" if digits(text) else "?"
 
     metered = metered if isinstance(metered, dict) else {}
     hops = metered.get("cache") if isinstance(metered.get("cache"), list) else None

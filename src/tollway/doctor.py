@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from .ledger import Store
 
 DECIMALS = bytes.fromhex("313ce567")  # decimals()
-BALANCE_OF = bytes.fromhex("70a08231")  # balanceOf(address)
 DEV_ADDRESSES = {Account.from_key(k).address.lower() for k in DEV_KEYS}  # their keys are public
 
 
@@ -144,7 +143,7 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
     payout = c.payout_key or (c.settler_key if settler and settler.lower() == str(c.payee).lower() else None)
     if payout:
         holder = Account.from_key(payout).address
-        held = int.from_bytes(await chain.call(token, BALANCE_OF + bytes(12) + bytes.fromhex(holder[2:])), "big")
+        held = await chain.token_balance(token, holder)
         out.append(
             Finding(
                 "ok" if held else "warn",

@@ -301,12 +301,10 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
     def finish(tail: StreamTail, complete: bool, usage: Usage | None) -> tuple[dict[str, Any], Any, Settlement | None]:
         error = opened.error or tail.error()
         q, opening = paid.quote, reader.prompt() if reader else None
-        estimate = tail.estimate(q.prompt_bound, per_event, q.max_tokens * q.choices, opening)
-        whole = complete and error is None
-        usage = usage or estimate
+        usage = usage or tail.estimate(q.prompt_bound, per_event, q.max_tokens * q.choices, opening)
         row = {
             "id": call_id,
-            "status": "served" if whole else "incomplete",
+            "status": "served" if complete and error is None else "incomplete",
             "error": error,
             "events": tail.events_seen,
             "duration_ms": (time.time() - started) * 1000,

@@ -42,13 +42,14 @@ from coincurve import PrivateKey
 from eth_account import Account
 from rlp.codec import encode_raw
 
+from .bounded import Recently
 from .errors import ChainUnavailable
 from .keccak import keccak
 from .ledger import Store
 from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState
 from .ledger.store import Settlement
-from .payments.chain import BALANCE_OF, Chain, RpcError, transfers_in
+from .payments.chain import Chain, RpcError, transfers_in
 from .payments.channel import deposit_of
 
 log = logging.getLogger("tollway.settlement")
@@ -105,7 +106,7 @@ class Settler:
         # transaction id → when its nonce was first seen taken, and last looked at (monotonic)
         self._taken: dict[str, tuple[float, float]] = {}
         self._left: set[str] = set()  # payouts whose nonce was taken, left for the operator (logged once)
-        self._short_since = 0.0  # when the payout account was last logged short of tokens (monotonic)
+        self._told = Recently(60)  # what the operator was told moments ago (not again each pass)
         self.settled_elsewhere = settled_elsewhere
         # Blocks on top of a revert's own before it is believed: a reorganisation may mine the same
         # transaction again with another outcome (a success believed at once that a reorganisation
@@ -528,17 +529,15 @@ class Settler:
             return
         sender, token = self.payout_account.address, self.token
         try:
-            funds = int.from_bytes(
-                await self.chain.call(token, BALANCE_OF + bytes(12) + bytes.fromhex(sender[2:]), "pending"), "big"
-            )
+            funds = await self.chain.token_balance(token, sender, "pending")
         except (ChainUnavailable, RpcError, ValueError) as exc:
             log.warning("withdrawals wait: the payout account's balance cannot be read: %s", exc)
             return
         for rows in groups.values():
             total = sum(r["amount"] for r in rows)
             if total > funds:
-                if time.monotonic() - self._short_since > 60:
-                    self._short_since = time.monotonic()
+                if "short" not in self._told:
+                    self._told.add("short")
                     log.error(
                         "withdrawals wait: the payout account %s holds %d units of %s, short of a payout of %d",
                         sender, funds, token, total,

@@ -147,7 +147,7 @@ class Payer:
                 continue
             amount = str(offer.get("amount", ""))
             credit = str((offer.get("extra") or {}).get("credit", "0"))  # (the wallet's, which the quote is less by)
-            if asset and _digits(amount) and _digits(credit) and self._lasting(offer.get("maxTimeoutSeconds") or 300):
+            if asset and digits(amount) and digits(credit) and self._lasting(offer.get("maxTimeoutSeconds") or 300):
                 usd = Decimal(int(amount)).scaleb(-asset.decimals)
                 whole = usd + Decimal(int(credit)).scaleb(-asset.decimals)
                 if whole > limit:
@@ -305,7 +305,7 @@ class Payer:
             "amount": str(terms.get("amount", "")),
         }
         asset = self._allowed(offer)
-        if asset is None or not _digits(offer["amount"]):
+        if asset is None or not digits(offer["amount"]):
             raise PaymentRefused(
                 f"the MPP challenge asks for {offer['amount']} of {offer['asset']} on {offer['network']}"
             )
@@ -372,7 +372,7 @@ class Payer:
         deposit = 0
         if channel.needs(amount):
             suggested = str(extra.get("minDeposit", "0"))
-            deposit = max(channel.needs(amount), int(suggested) if _digits(suggested) else 0)
+            deposit = max(channel.needs(amount), int(suggested) if digits(suggested) else 0)
         decimals = self._allowed(offer).decimals  # type: ignore[union-attr]  # (chosen: allowed)
         deposit_usd = Decimal(deposit).scaleb(-decimals)
         with self._lock:
@@ -418,7 +418,7 @@ class Payer:
             self.channel(o).charged_by(extra, pending.deposit, int(o["amount"]))
             doc = {**doc, "amount": extra.get("chargedAmount", "")}
         moved = str(doc.get("amount", ""))
-        settled = int(moved) if _digits(moved) and int(moved) <= int(o["amount"]) else None
+        settled = int(moved) if digits(moved) and int(moved) <= int(o["amount"]) else None
         usd = pending.usd
         if o["scheme"] == "upto" and settled is not None and int(o["amount"]):  # (see the module's docstring)
             usd = pending.usd * settled / int(o["amount"])
@@ -532,7 +532,7 @@ def _required(headers: Any) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _digits(text: str) -> bool:
+def digits(text: str) -> bool:
     """A non-negative integer in ASCII digits (``str.isdigit`` alone takes "²")."""
     return text.isascii() and text.isdigit()
 

@@ -20,7 +20,7 @@ import httpx
 from ..errors import PaymentMalformed
 from ..payments.signed import origin_of
 from ..payments.x402 import PAYMENT_RESPONSE, unb64json
-from .payer import Exchange, Payer, PaymentRefused, Pending
+from .payer import Exchange, Payer, PaymentRefused, Pending, digits
 
 MAX_USD = "tollway.max_usd"  # request extension: the most this call may pay (lowers the per-call limit)
 
@@ -131,5 +131,5 @@ def _refunded(payer: Payer, offer: dict[str, Any], answer: httpx.Response) -> di
     if not isinstance(doc, dict):
         raise PaymentRefused("the gateway acknowledged the refund without a settlement response")
     amount = str(doc.get("amount") or "0")
-    payer.refunded(offer, int(amount) if amount.isascii() and amount.isdigit() else 0)
+    payer.refunded(offer, int(amount) if digits(amount) else 0)
     return doc

@@ -290,6 +290,10 @@ class Chain:
         result = await self.request("eth_call", [{"to": to, "data": "0x" + data.hex()}, block])
         return bytes.fromhex(str(result)[2:])
 
+    async def token_balance(self, token: str, holder: str, block: str = "latest") -> int:
+        """What ``holder`` holds of the ERC-20 ``token``, as of ``block``."""
+        return int.from_bytes(await self.call(token, BALANCE_OF + bytes(12) + bytes.fromhex(holder[2:]), block), "big")
+
     async def head(self) -> int:
         """The latest block's number."""
         return int(await self.request("eth_blockNumber", []), 16)
