@@ -51,6 +51,12 @@ def required(*offers: dict[str, Any], error: str | None = None) -> dict[str, str
     return {"PAYMENT-REQUIRED": b64json({**doc, "error": error} if error else doc)}
 
 
+def without(o: dict[str, Any], key: str) -> dict[str, Any]:
+    o = json.loads(json.dumps(o))
+    (o["extra"] if key in o["extra"] else o).pop(key)
+    return o
+
+
 def served(headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}]}, headers=headers or {})
 
@@ -147,6 +153,30 @@ def test_an_upto_payment_refused_for_want_of_a_permit2_approval_is_not_counted_o
     assert p.spent_usd == Decimal(1)
 
 
+def test_upto_payments_of_calls_under_way_when_the_412_comes_are_not_counted_either():
+    """Two calls sign upto at once, before the gateway's first 412 comes back: neither counts."""
+    import threading
+
+    both_signed = threading.Barrier(2, timeout=10)
+
+    def answer(r: httpx.Request) -> httpx.Response:
+        if not paid_headers(r):
+            return httpx.Response(402, headers=required(offer("upto", 500_000), offer("exact", 500_000)))
+        if unb64json(r.headers["PAYMENT-SIGNATURE"])["accepted"]["scheme"] == "upto":
+            both_signed.wait()
+            return httpx.Response(412, headers=required(offer("exact", 500_000), error="permit2_allowance_required"))
+        return served()
+
+    p, gateway = payer(max_per_call_usd=Decimal("0.5"), max_total_usd=Decimal(1)), Gateway(answer)
+    outcomes: list[Any] = []
+    threads = [threading.Thread(target=lambda: outcomes.extend(calls(p, gateway, 1))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes == [200, 200] and p.spent_usd == Decimal(1)
+
+
 def test_a_negative_credit_in_an_offer_does_not_lower_its_price():
     gateway = Gateway(lambda r: httpx.Response(402, headers=required(offer("exact", 9_000_000, credit="-8990000"))))
     p = payer(max_per_call_usd=Decimal("0.01"), schemes=("exact",))
@@ -233,6 +263,8 @@ def test_tollway_channel_status_signs_in_and_pays_nothing(monkeypatch):
 @pytest.mark.parametrize(
     "answer",
     [
+        httpx.Response(402, headers={"PAYMENT-REQUIRED": b64json({"x402Version": 2, "accepts": ["x"]})}),
+        httpx.Response(402, headers=required(without(offer("batch-settlement", 1), "receiverAuthorizer"))),
         httpx.Response(200, json={}),  # no settlement response
         httpx.Response(200, headers={"PAYMENT-RESPONSE": b64json({"success": True, "amount": "5"})}),  # not asked
     ],
@@ -253,12 +285,6 @@ SOON = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
 MPP_TERMS["methodDetails"]["credentialTypes"] = ["authorization"]
 
 
-def without(o: dict[str, Any], key: str) -> dict[str, Any]:
-    o = json.loads(json.dumps(o))
-    (o["extra"] if key in o["extra"] else o).pop(key)
-    return o
-
-
 MALFORMED_402 = {
     "not base64": ({"PAYMENT-REQUIRED": "%%% not base64 %%%"}, "exact"),
     "accepts a string": ({"PAYMENT-REQUIRED": b64json({"x402Version": 2, "accepts": ["exact"]})}, "exact"),
@@ -275,6 +301,10 @@ MALFORMED_402 = {
     "channel without withdrawDelay": (
         required(without(offer("batch-settlement", 1), "withdrawDelay")),
         "batch-settlement",
+    ),
+    "extensions a string": (
+        {"PAYMENT-REQUIRED": b64json({"x402Version": 2, "accepts": [], "extensions": "x"})},
+        "exact",
     ),
     "mpp without expires": (mpp(MPP_TERMS, expires=None), "exact"),
     "mpp with a bad expiry": (mpp(MPP_TERMS, expires="tomorrow"), "exact"),

@@ -9,7 +9,7 @@ since the gateway still holds a signature it could settle (the client cannot tel
 Two exceptions: an ``upto`` payment counts, once its answer says, what moved rather than its
 maximum (the session total then takes the gateway's word; its maximum is within the per-call
 limit); and a Permit2 payment refused for want of the wallet's Permit2 approval (412) is not
-counted — once per asset, since none is signed for it again. A channel counts the highest
+counted — after the first, none is signed for that asset again. A channel counts the highest
 voucher signed on it; deposits count against ``max_deposit_usd`` once signed, and a refund does
 not give that back.
 """
@@ -180,13 +180,12 @@ class Payer:
     def no_permit2(self, offer: dict[str, Any], pending: Pending | None = None) -> None:
         """The gateway says this wallet has not approved Permit2 for the offer's asset: pay it
         with other schemes from now on. The Permit2 payment it refused (``pending``) is not counted:
-        it cannot move money without that approval (the one exception to "signed counts", once per
-        asset: no other is signed for it)."""
+        it cannot move money without that approval (the one exception to "signed counts": after
+        it, none is signed for the asset — but those of calls already under way)."""
         with self._lock:
-            key = (str(offer["network"]), str(offer["asset"]).lower())
-            if pending is not None and key not in self._no_permit2:
+            if pending is not None:
                 self.spent_usd -= pending.usd
-            self._no_permit2.add(key)
+            self._no_permit2.add((str(offer["network"]), str(offer["asset"]).lower()))
 
     def sign_in(self, declared: dict[str, Any], origin: str) -> dict[str, str] | None:
         """``SIGN-IN-WITH-X`` answering a gateway's declaration of the extension, if it is for the
@@ -337,13 +336,18 @@ class Payer:
         """Answer the refund endpoint's 402 (its channel terms, or its count of the channel to
         resynchronise from): the request headers asking for this wallet's channel's unclaimed rest
         (or ``amount`` of it) back, and the offer; None if it offers no channel this wallet may pay in."""
-        required = _required(response_headers) or {}
-        offer = next((o for o in required.get("accepts") or [] if o.get("scheme") == BATCH_SETTLEMENT), None)
+        accepts = (_required(response_headers) or {}).get("accepts")
+        offers = [o for o in accepts if isinstance(o, dict)] if isinstance(accepts, list) else []
+        offer = next((o for o in offers if o.get("scheme") == BATCH_SETTLEMENT), None)
         if offer is None or self._allowed(offer) is None:
             return None
-        channel = self.channel(offer)
-        if "channelState" in (offer.get("extra") or {}):
-            channel.resync(self.account, offer["extra"])
+        try:
+            channel = self.channel(offer)
+        except MALFORMED as exc:
+            raise PaymentRefused(f"the refund's channel terms are malformed ({type(exc).__name__})") from None
+        extra = offer.get("extra")
+        if isinstance(extra, dict) and "channelState" in extra:
+            channel.resync(self.account, extra)
         doc = {"x402Version": 2, "accepted": offer, "payload": channel.refund_payload(self.account, amount)}
         return {PAYMENT_SIGNATURE: b64json(doc)}, offer
 
@@ -499,7 +503,8 @@ class Exchange:
         required = _required(headers)
         if not self.signed_in and (status == 401 or (self.turn and self.payer.credit_hint)):
             self.signed_in = True
-            declared = (required.get("extensions") or {}).get(SIGN_IN_WITH_X_KEY) if required else None
+            extensions = required.get("extensions") if required else None
+            declared = extensions.get(SIGN_IN_WITH_X_KEY) if isinstance(extensions, dict) else None
             headers_in = self.payer.sign_in(declared, self.origin) if isinstance(declared, dict) else None
             if headers_in is not None:
                 self.pending = Pending(headers_in, None, Decimal(0))
