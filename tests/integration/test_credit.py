@@ -386,3 +386,38 @@ def test_withdrawals_the_payout_account_cannot_pay_wait_for_its_tokens_and_spend
             assert time.monotonic() < deadline and doc["state"] != "failed", doc
             time.sleep(0.1)
     assert chain.balance(payout.address) == 0
+
+
+def test_attack_two_wallets_withdraw_at_once_more_than_the_payout_account_holds(gateway, chain, devnet, tmp_path):
+    """Two payers withdraw together what the payout account can pay one of: one transfer goes out,
+    the other waits — none is sent to revert (gas the gateway would pay for a payout that gives the
+    credit back, to be asked again)."""
+    from eth_account import Account
+
+    from support import dedicated_gateway
+
+    payout = Account.create()
+    chain.w3.provider.make_request("anvil_setBalance", [payout.address, hex(10**18)])
+    payers = [
+        Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
+        for _ in range(2)
+    ]
+    settings = {"payout_key": "0x" + payout.key.hex()}
+    with dedicated_gateway(gateway, chain, tmp_path, chain_settings=settings) as (url, _):
+        owed = []
+        for payer in payers:
+            with httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=30) as http:
+                assert http.post(CHAT, json=chat_body("fund my credit", max_tokens=3000)).status_code == 200
+            wait_receipt(url, payer.history[0].receipt_id)
+            owed.append(read_credit(url, payer))
+        tokens = chain.fund(max(owed), eth=True)
+        chain.transfer(tokens, payout.address, max(owed))  # (enough for either, not for both)
+        asked = [
+            httpx.post(f"{url}/v1/credit/withdrawals", json=p.withdrawal(o, url))
+            for p, o in zip(payers, owed, strict=True)
+        ]
+        assert [r.status_code for r in asked] == [202, 202], [r.text for r in asked]
+        time.sleep(3)  # (the worker's passes)
+        states = sorted(httpx.get(f"{url}/v1/credit/withdrawals/{r.json()['id']}").json()["state"] for r in asked)
+    assert states in (["pending", "sent"], ["pending", "sending"]), states
+    assert chain.w3.eth.get_transaction_count(payout.address) == 1  # one transfer; no revert paid for

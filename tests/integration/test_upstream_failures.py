@@ -282,3 +282,60 @@ def test_a_stream_opened_without_content_that_then_fails_charges_nothing(gateway
             r = client.post(path, json=BODIES[path], headers=headers)
         assert r.status_code == 502, r.text
         assert_nothing_charged(engine, chain, payer, before, r)
+
+
+def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
+    """A payer who wants a stream free hangs up at the worst moments around its opening, which the
+    gateway holds until the first token: while it is held, or just after the first token. Neither is
+    free — the upstream worked on the prompt at its request — and neither is charged more than its
+    prompt and the events that reached the relay; the upstream is let go once the relay finds the
+    client gone (for one held: at its first token, not at the end of its stream)."""
+    import asyncio
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    role = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    word = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "paid"}, "finish_reason": None}]}
+    let_go = threading.Event()
+
+    async def thinking(request: Any) -> StreamingResponse:
+        held = (await request.json())["messages"][0]["content"] == "held"
+
+        async def events():
+            try:
+                yield sse(role)
+                if not held:
+                    yield sse(word)
+                await asyncio.sleep(5)  # (thinking: a reasoning model between its role and its first token)
+                yield sse(word)
+            finally:
+                let_go.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    payer = chain.fund()
+    upstream = ServerThread(Starlette(routes=[Route("/chat/completions", thinking, methods=["POST"])]))
+    with upstream as up, dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine):
+        for moment in ("held", "after the first token"):
+            let_go.clear()
+            body = chat_body(moment, max_tokens=50, stream=True)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                headers, _ = paid_headers(client, body, payer)
+                with (
+                    pytest.raises(httpx.ReadTimeout),
+                    client.stream("POST", CHAT, json=body, headers=headers, timeout=httpx.Timeout(30, read=1.0)) as r,
+                ):
+                    for _ in r.iter_raw():
+                        pass  # (until the client gives up: it hangs up)
+            assert let_go.wait(9), f"{moment}: the upstream kept working after the client left"
+        time.sleep(SETTLE_WAIT)
+        payments = payment_rows(engine, payer.address)
+        charged = [c for p in payments for c in call_rows(engine, p["id"])]
+    per_event = gateway.settings.models["mock/echo"].max_tokens_per_event
+    assert [p["state"] for p in payments] == ["settled", "settled"], payments
+    for call in charged:
+        assert call["events"] <= 2, call
+        assert call["completion_tokens"] <= 2 * per_event and 0 < call["cost"] < call["quote"], call
