@@ -622,7 +622,7 @@ class Vouchers:
         from tollway.payments.x402 import PAYMENT_RESPONSE, unb64json
 
         extra = (unb64json(headers[PAYMENT_RESPONSE]) if PAYMENT_RESPONSE in headers else {}).get("extra") or {}
-        channel.charged_by(extra, deposit)
+        channel.charged_by(extra, deposit, channel.signed - channel.charged)  # (believed up to its last voucher)
         start = tail.rfind(b": tollway ")
         if start >= 0 and extra.get("chargedAmount") == "0":  # a stream: charged as it ended
             summary = json.loads(tail[start + len(b": tollway ") :].split(b"\n", 1)[0])
