@@ -180,13 +180,16 @@ async def test_a_transaction_waited_for_is_followed_when_signed_anew(tmp_path, c
     """A request waiting for its own transaction (a refund, a deposit) gets its outcome when the
     key was used elsewhere at its nonce and it was signed anew with another — not a timeout."""
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
-    async with settler_on(store, devnet.rpc_url, settler_key, devnet) as settler:
+    # (fees over the shared devnet's base fee, which drifts: both transactions must be minable at once)
+    max_fee = max(5 * GWEI, 4 * chain.w3.eth.get_block("latest")["baseFeePerGas"])
+    async with settler_on(store, devnet.rpc_url, settler_key, devnet, max_fee_gwei=Decimal(max_fee) / GWEI) as settler:
         settler.replace_after = 0.5
         nothing = ERC20_TRANSFER + bytes(12) + bytes.fromhex(settler.address[2:]) + bytes(32)  # (0 tokens to itself)
         row = store.queue_transaction("refund", settler.address, Signing(settler, devnet.token, nothing))
         outside = Account.from_key(settler_key)
-        fee = {"maxFeePerGas": 5 * GWEI, "maxPriorityFeePerGas": 10**6}
-        send_raw(chain, outside, {"to": outside.address, "gas": 21_000, "nonce": row["nonce"], **fee})
+        fee = {"maxFeePerGas": max_fee, "maxPriorityFeePerGas": 10**6}
+        taken = send_raw(chain, outside, {"to": outside.address, "gas": 21_000, "nonce": row["nonce"], **fee})
+        chain.w3.eth.wait_for_transaction_receipt(taken, timeout=10)  # (taken: mined before the refund is sent)
         waiting = asyncio.create_task(settler.mined(row, timeout=15))
         while not waiting.done():
             await settler.run_once()
@@ -455,6 +458,9 @@ async def test_a_settlement_priced_under_the_base_fee_is_bumped_until_mined(tmp_
             chain.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(high)])
             chain.mine(1)
         rows = [await run_until(settler, store, i, {PaymentState.SETTLED, PaymentState.FAILED}) for i in ids]
+    # (the base fee back where it was: the shared devnet's next tests bid what they always bid)
+    chain.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(base)])
+    chain.mine(1)
     assert [r["state"] for r in rows] == [PaymentState.SETTLED, PaymentState.SETTLED]
     bumped = store.transaction(rows[0]["tx_id"])
     assert len(bumped["hashes"].split()) > 1 and bumped["mined_hash"] == rows[0]["tx_hash"]
