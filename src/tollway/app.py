@@ -73,7 +73,8 @@ async def credit_withdraw(request: Request) -> Response:
 
 
 async def credit_withdrawal(request: Request) -> Response:
-    return await credits.withdrawal(request, gateway(request))
+    gw = gateway(request)
+    return await credits.withdrawal(request, gw, operator=is_admin(request, gw))
 
 
 async def models(request: Request) -> Response:

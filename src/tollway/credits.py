@@ -1,6 +1,7 @@
 """Credit endpoints: a wallet's balance with the gateway, and withdrawals of it on chain.
 
-Both need the wallet signed in (``signin.py``: a 401 carries the sign-in to sign). A withdrawal
+All need the wallet signed in (``signin.py``: a 401 carries the sign-in to sign); the operator
+may read a withdrawal. A withdrawal
 goes to the signed-in wallet only, and its sign-in is its unique key (it works once). It debits
 credit and queues a payout atomically; the settlement worker pays it, coalescing a wallet's
 pending withdrawals into one transfer.
@@ -96,7 +97,7 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
     if payout_id is None:
         raise BadRequest("this withdrawal request was already made", code="withdrawal_replayed")
     gw.settler.request_payout()
-    return JSONResponse(payout_view(gw, payout_id), status_code=202)
+    return JSONResponse(payout_view(gw, gw.store.payout(payout_id)), status_code=202)
 
 
 def signed_withdrawal(request: Request, gw: Gateway, doc: dict[str, Any]) -> tuple[str, Any, str]:
@@ -116,8 +117,7 @@ def signed_withdrawal(request: Request, gw: Gateway, doc: dict[str, Any]) -> tup
     return wallet, w["amount"], str(w["nonce"]).lower()
 
 
-def payout_view(gw: Gateway, payout_id: str) -> dict[str, Any]:
-    row = gw.store.payout(payout_id)
+def payout_view(gw: Gateway, row: dict[str, Any] | None) -> dict[str, Any]:
     if row is None:
         raise NotFound("no such withdrawal", code="withdrawal_not_found")
     return {
@@ -130,5 +130,11 @@ def payout_view(gw: Gateway, payout_id: str) -> dict[str, Any]:
     }
 
 
-async def withdrawal(request: Request, gw: Gateway) -> Response:
-    return JSONResponse(payout_view(gw, request.path_params["payout_id"]))
+async def withdrawal(request: Request, gw: Gateway, *, operator: bool) -> Response:
+    """A withdrawal, for its wallet (signed in) or the operator, as a receipt is."""
+    row = gw.store.payout(request.path_params["payout_id"][:64])
+    if not operator:
+        who = await signin.require(gw, request, signin.request_key(request))
+        if row is not None and row["wallet"].lower() != who.wallet:
+            raise Forbidden("this withdrawal belongs to another wallet", code="withdrawal_forbidden")
+    return JSONResponse(payout_view(gw, row))

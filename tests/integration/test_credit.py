@@ -10,7 +10,7 @@ from fractions import Fraction
 import httpx
 import pytest
 
-from support import CALLS, CHAT, PAYMENTS, chat_body, error_code, payment_required, wait_receipt
+from support import ADMIN, CALLS, CHAT, PAYMENTS, chat_body, error_code, payment_required, wait_receipt
 from support import credit as read_credit
 from support import receipt as read_receipt
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
@@ -39,6 +39,14 @@ def chat_stream(http: httpx.Client, text: str, max_tokens: int, **extra) -> Abst
 
 def credit(gateway, payer, figure: str = "balance") -> int:
     return read_credit(gateway.url, payer, figure)
+
+
+def withdrawal(url: str, payer, payout_id: str) -> dict:
+    """A withdrawal as its wallet reads it, signed in."""
+    with httpx.Client(transport=SyncPayingTransport(payer), timeout=30) as http:
+        r = http.get(f"{url}/v1/credit/withdrawals/{payout_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def expected_cost(gateway, model: str, receipt: dict) -> int:
@@ -112,11 +120,18 @@ def test_withdrawal_pays_credit_out_on_chain(gateway, chain, payer):
     assert over.status_code == 400 and over.json()["error"]["code"] == "insufficient_credit"
     for r in (a, b):
         deadline = time.monotonic() + 15
-        while (doc := httpx.get(f"{gateway.url}/v1/credit/withdrawals/{r.json()['id']}").json())["state"] != "sent":
+        while (doc := withdrawal(gateway.url, payer, r.json()["id"]))["state"] != "sent":
             assert time.monotonic() < deadline, doc
             time.sleep(0.05)
     assert chain.balance(payer.account.address) == before + owed
     assert credit(gateway, payer) == 0
+    # A withdrawal is its wallet's to read (and the operator's), as a receipt is.
+    path = f"{gateway.url}/v1/credit/withdrawals/{a.json()['id']}"
+    assert httpx.get(path).status_code == 401
+    with httpx.Client(transport=SyncPayingTransport(Payer(chain.fund(), payer.allowed)), timeout=30) as other:
+        r = other.get(path)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "withdrawal_forbidden"
+    assert httpx.get(path, headers=ADMIN).json()["wallet"].lower() == payer.account.address.lower()
 
 
 def test_withdrawal_refusals(gateway, payer, chain, devnet):
@@ -377,12 +392,12 @@ def test_withdrawals_the_payout_account_cannot_pay_wait_for_its_tokens_and_spend
         r = httpx.post(f"{url}/v1/credit/withdrawals", json=payer.withdrawal(owed, url))
         assert r.status_code == 202, r.text
         time.sleep(2)  # (the worker's passes meanwhile)
-        assert httpx.get(f"{url}/v1/credit/withdrawals/{r.json()['id']}").json()["state"] == "pending"
+        assert withdrawal(url, payer, r.json()["id"])["state"] == "pending"
         assert chain.w3.eth.get_transaction_count(payout.address) == 0  # no transfer sent, no gas spent
         tokens = chain.fund(owed, eth=True)
         chain.transfer(tokens, payout.address, owed)
         deadline = time.monotonic() + 20
-        while (doc := httpx.get(f"{url}/v1/credit/withdrawals/{r.json()['id']}").json())["state"] != "sent":
+        while (doc := withdrawal(url, payer, r.json()["id"]))["state"] != "sent":
             assert time.monotonic() < deadline and doc["state"] != "failed", doc
             time.sleep(0.1)
     assert chain.balance(payout.address) == 0
@@ -418,6 +433,6 @@ def test_attack_two_wallets_withdraw_at_once_more_than_the_payout_account_holds(
         ]
         assert [r.status_code for r in asked] == [202, 202], [r.text for r in asked]
         time.sleep(3)  # (the worker's passes)
-        states = sorted(httpx.get(f"{url}/v1/credit/withdrawals/{r.json()['id']}").json()["state"] for r in asked)
+        states = sorted(withdrawal(url, p, r.json()["id"])["state"] for p, r in zip(payers, asked, strict=True))
     assert states in (["pending", "sent"], ["pending", "sending"]), states
     assert chain.w3.eth.get_transaction_count(payout.address) == 1  # one transfer; no revert paid for
