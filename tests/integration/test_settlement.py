@@ -350,7 +350,7 @@ async def test_a_queued_settlement_survives_its_process(tmp_path, chain, devnet,
     assert row["state"] == PaymentState.SETTLED
 
 
-@pytest.mark.parametrize(("confirmations", "log_range"), [(0, None), (2, None), (0, 1000)])
+@pytest.mark.parametrize(("confirmations", "log_range"), [(0, None), (2, None), (0, 1000), (0, 300)])
 async def test_a_front_run_settlement_is_settled_not_a_debt(
     tmp_path, chain, devnet, settler_key, confirmations, log_range
 ):
@@ -358,7 +358,7 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(
     settlement reverts, yet the payee was paid by theirs: that is settled — the honest payer's
     deposit is not reversed (finding 6), and a stream it pays for is not cut (its revert, seen
     before it is believed, cut it). Theirs is found on a node that caps the blocks one
-    ``eth_getLogs`` may span (``log_range``, as hosted RPCs do) too."""
+    ``eth_getLogs`` may span (``log_range``, as hosted RPCs do) too, also under the client's first range."""
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
     front_runner = Account.create()

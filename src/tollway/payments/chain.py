@@ -36,7 +36,8 @@ ANVIL_FAILED = -3200  # anvil 1.7's code for a failed simulated call: a revert i
 ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string), what require(..., "reason") reverts with
 
 BATCH_LIMIT = 256  # calls per JSON-RPC batch (geth and most providers cap a batch at 1,000)
-LOG_RANGE = 1_000  # blocks per eth_getLogs (hosted RPCs cap a query's range: 500 to 10,000 blocks, by provider)
+LOG_RANGE = 1_000  # blocks per eth_getLogs at first (hosted RPCs cap a query's range: 100 to 10,000, by provider)
+LEAST_LOG_RANGE = 10  # halved down to this on a refusal (a node refusing a narrower range refuses for another reason)
 
 
 class RpcError(ChainUnavailable):
@@ -108,6 +109,7 @@ class Chain:
         self._simulations: list[Simulation] = []  # asked in this turn of the event loop
         self._sending: set[asyncio.Task[None]] = set()
         self._v1_failures = 0  # eth_simulateV1 failures in a row (SIMULATE_V1_TRIES: it is not asked again)
+        self.log_range = LOG_RANGE  # blocks per eth_getLogs: halved each time the node refuses one
 
     @property
     def simulate_v1(self) -> bool:
@@ -315,13 +317,22 @@ class Chain:
 
     async def logs(self, address: str, topics: list[str | None], lookback: int) -> AsyncIterator[dict[str, Any]]:
         """Logs of ``address`` matching ``topics`` in the last ``lookback`` blocks, the newest blocks
-        first, asked ``LOG_RANGE`` blocks at a time (hosted RPCs refuse a wider range)."""
+        first, asked ``log_range`` blocks at a time. Hosted RPCs refuse a wider range, each with its
+        own cap and words for it: a refused query is asked again over half the range (which this
+        client keeps), down to ``LEAST_LOG_RANGE``."""
         top = await self.head()
         lowest = max(top - lookback, 0)
         while top >= lowest:
-            bottom = max(top - LOG_RANGE + 1, lowest)
+            bottom = max(top - self.log_range + 1, lowest)
             query = {"address": address, "topics": topics, "fromBlock": hex(bottom), "toBlock": hex(top)}
-            for log in reversed(await self.request("eth_getLogs", [query]) or []):
+            try:
+                found = await self.request("eth_getLogs", [query]) or []
+            except RpcError:
+                if top - bottom < LEAST_LOG_RANGE:
+                    raise
+                self.log_range = max((top - bottom + 1) // 2, LEAST_LOG_RANGE)
+                continue
+            for log in reversed(found):
                 yield log
             top = bottom - 1
 
