@@ -339,3 +339,31 @@ def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
     for call in charged:
         assert call["events"] <= 2, call
         assert call["completion_tokens"] <= 2 * per_event and 0 < call["cost"] < call["quote"], call
+
+
+def test_an_upstream_404_quoting_a_key_in_its_url_path_is_passed_on_without_it(gateway, chain, tmp_path):
+    """Some hosts take the key in the URL's path, and a 404 often quotes the path it was asked
+    (Express: "Cannot POST /…"): the client learns the refusal, not the operator's key."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    secret = "k3y-0f-the-0perat0r-4f8e2b1c9d"
+
+    async def refuse(request):
+        return PlainTextResponse(f"Cannot POST {request.url.path}", status_code=404)
+
+    app = Starlette(routes=[Route("/{path:path}", refuse, methods=["POST"])])
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("a 404 quoting the path")
+    with (
+        ServerThread(app) as upstream,
+        dedicated_gateway(gateway, chain, tmp_path, upstream_url=f"{upstream.url}/{secret}/v1") as (url, engine),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        headers, _amount = paid_headers(client, body, payer)
+        r = client.post(CHAT, json=body, headers=headers)
+        assert (r.status_code, error_code(r)) == (404, "upstream_rejected_request"), r.text
+        assert secret not in r.text and "[the upstream's URL]/v1/chat/completions" in r.text, r.text
+        assert_nothing_charged(engine, chain, payer, before, r)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tollway.errors import UpstreamError
-from tollway.upstream.client import MAX_PREAMBLE, Upstream
+from tollway.upstream.client import MAX_PREAMBLE, Upstream, scrubbed, url_secrets
 
 
 async def chunks(*parts: bytes, then: bytes = b"", times: int = 0) -> AsyncIterator[bytes]:
@@ -67,3 +67,14 @@ async def test_an_error_event_quoting_a_key_is_passed_on_without_it_nor_a_nul():
         await Upstream._first_bytes(None, chunks(event), True, keys)  # type: ignore[arg-type]
     message = refused.value.message
     assert "secret" not in message and "\x00" not in message and "[the upstream's key]" in message, message
+
+
+def test_what_an_upstreams_url_holds_is_kept_from_its_messages():
+    """A user and password, a query's values (raw and decoded) and a token-long path segment are
+    secrets; an API's words in the path are not."""
+    keys = url_secrets("https://bob:pa%24%24word@llm.example/api/v1/0123456789abcdef0123?key=s%2Fcret-value")
+    assert set(keys) == {"bob", "pa%24%24word", "pa$$word", "0123456789abcdef0123", "s/cret-value"}
+    text = "no route /api/v1/0123456789abcdef0123 for bob:pa$$word (key s/cret-value)"
+    assert scrubbed(text, keys) == (
+        "no route /api/v1/[the upstream's URL] for [the upstream's URL]:[the upstream's URL] (key [the upstream's URL])"
+    )

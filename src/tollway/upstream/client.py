@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 
@@ -142,9 +142,22 @@ def _upstream_message(body: bytes, keys: dict[str, str]) -> str:
 def scrubbed(text: str, keys: dict[str, str]) -> str:
     """An upstream's ``text``, shortened to be shown, with every key in ``keys`` (key → what stands
     for it) taken out first (a key cut in two by the shortening would no longer be found)."""
-    for key, name in keys.items():
+    for key, name in sorted(keys.items(), key=lambda k: -len(k[0])):  # (a key inside another: the longer first)
         text = text.replace(key, name)
     return truncate(text, 300)
+
+
+SECRET_SEGMENT = 16  # characters: a path segment this long is taken for a token (an API's words are shorter)
+
+
+def url_secrets(url: str) -> dict[str, str]:
+    """What an upstream's URL may hold that is a secret — its user and password, its query's values,
+    a path segment long enough to be a token (some hosts take the key in the path) — and what
+    stands for each: an upstream's 404 often quotes the path it was asked."""
+    parts = urlsplit(url)
+    found = [parts.username, parts.password, *(v for _, v in parse_qsl(parts.query))]
+    found += [seg for seg in parts.path.split("/") if len(seg) >= SECRET_SEGMENT]
+    return {form: "[the upstream's URL]" for s in found if s for form in (s, unquote(s))}
 
 
 ANSWER_KEYS = ("choices", "output", "content", "data", "usage")  # chat, Responses, Messages, embeddings
@@ -290,6 +303,7 @@ class Upstream:
         # Uncompressed answers: the gateway reads every byte to meter and relay it (httpx asks for gzip).
         self.headers = {"content-type": "application/json", "accept-encoding": "identity", "user-agent": USER_AGENT}
         self.api_key = settings.api_key  # (never echoed: see ``_status_error``)
+        self.url_secrets = url_secrets(base)
         if settings.api_key:
             self.headers.update(self.key(settings.api_key))
 
@@ -412,9 +426,10 @@ class Upstream:
         return bytes(body)
 
     def secrets(self, api_key: str | None) -> dict[str, str]:
-        """The keys an upstream's message must not carry on (this upstream's own, a payer's), and
-        what stands for each."""
-        return {k: n for k, n in ((self.api_key, "[the upstream's key]"), (api_key, "[X-Provider-Key]")) if k}
+        """The keys an upstream's message must not carry on (this upstream's own, a payer's, what
+        its URL holds), and what stands for each."""
+        keys = {k: n for k, n in ((self.api_key, "[the upstream's key]"), (api_key, "[X-Provider-Key]")) if k}
+        return {**self.url_secrets, **keys}
 
     def _status_error(self, resp: httpx.Response, body: bytes, api_key: str | None = None) -> Exception:
         """The client learns why the upstream refused its request (4xx: the request's own fault);
