@@ -100,6 +100,7 @@ class Gateway:
     # thread, so one more ledger connection however many CPUs the host has.
     _reports: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tollway-reports"))
     _recent: dict[str, tuple[float, Any]] = field(default_factory=dict)  # (``recent``: name → when read, document)
+    _reading: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # (``recent``: name → its read under way)
     catalogues: Catalogues | None = None  # models imported from upstreams' catalogues, where any has one
     byok_prices: dict[str, Prices] = field(default_factory=dict)  # at byok_fee of the list prices
     # model → upstream → what the upstream's calls of the model are billed at, where it prices it itself
@@ -438,12 +439,24 @@ class Gateway:
 
     async def recent(self, name: str, seconds: float, read: Callable[[], T]) -> T:
         """A public document ``read()`` as ``report`` does, read again at most every ``seconds``
-        (anyone may ask for it as often as they like)."""
+        (anyone may ask for it as often as they like). One read at a time: while it runs, the
+        document it replaces is answered — or, the first time, the read is awaited by all."""
         at, doc = self._recent.get(name, (-math.inf, None))
-        if time.monotonic() - at > seconds:
-            doc = await self.report(read)
-            self._recent[name] = (time.monotonic(), doc)
-        return doc  # type: ignore[no-any-return]
+        if time.monotonic() - at <= seconds:
+            return doc  # type: ignore[no-any-return]
+        reading = self._reading.get(name)
+        if reading is None:
+            reading = self._reading[name] = asyncio.ensure_future(self.report(read))
+
+            def done(f: asyncio.Future[Any]) -> None:
+                del self._reading[name]
+                if not f.cancelled() and f.exception() is None:
+                    self._recent[name] = (time.monotonic(), f.result())
+
+            reading.add_done_callback(done)
+        if name in self._recent:
+            return doc  # type: ignore[no-any-return]
+        return await asyncio.shield(reading)  # type: ignore[no-any-return]  # (a caller gone cancels no one's read)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` after the response (e.g. metering a stream once its usage is known)."""
