@@ -17,6 +17,7 @@ from eth_account import Account
 
 from tollway import cli
 from tollway.client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport, refund_channel
+from tollway.client.channels import MISMATCH
 from tollway.payments import channel as ch
 from tollway.payments import eip3009
 from tollway.payments.x402 import b64json, unb64json
@@ -210,6 +211,31 @@ def test_a_channel_charge_above_the_calls_voucher_is_not_signed_for_next():
     assert calls(p, gateway, 2) == [200, 200]
     assert [voucher_total(d) for d in gateway.paid] == [10_000, 20_000]  # (not the deposit's whole $1)
     assert p.spent_usd == Decimal("0.02")
+
+
+def test_a_channel_call_corrected_after_a_stream_counts_what_its_vouchers_add_not_their_prices():
+    """A stream is charged as it ends (its answer says "0"): the next call's voucher is answered with
+    a corrective 402, and its retry signs what the stream cost on top of the first attempt's
+    voucher — $0.5 more for the call in all, within its $1 limit, though each attempt quotes $0.7."""
+
+    def answer(r: httpx.Request) -> httpx.Response:
+        paid = gateway.paid
+        if not paid_headers(r):
+            return httpx.Response(402, headers=required(offer("batch-settlement", 300_000 if not paid else 700_000)))
+        if len(paid) == 2:  # (the stream cost $0.2: the gateway counts another total)
+            v = paid[0]["payload"]["voucher"]
+            state = {"channelId": v["channelId"], "balance": "2000000", "chargedCumulativeAmount": "200000"}
+            voucher = {"signedMaxClaimable": v["maxClaimableAmount"], "signature": v["signature"]}
+            corrective = offer("batch-settlement", 700_000, channelState=state, voucherState=voucher)
+            return httpx.Response(402, headers=required(corrective, error=MISMATCH))
+        return served({"PAYMENT-RESPONSE": b64json({"success": True, "extra": {"chargedAmount": "0"}})})
+
+    gateway = Gateway(answer)
+    p = payer(max_per_call_usd=Decimal(1), schemes=("batch-settlement",))
+    p.channel(offer("batch-settlement", 0)).balance = 2_000_000  # (deposited before)
+    assert calls(p, gateway, 2) == [200, 200]
+    assert [voucher_total(d) for d in gateway.paid] == [300_000, 700_000, 900_000]
+    assert p.spent_usd == Decimal("0.9")
 
 
 DEPOSIT = offer("batch-settlement", 10_000, minDeposit="5000000")

@@ -109,23 +109,36 @@ class Channel:
         if charged.isascii() and charged.isdigit():
             self.charged = min(self.charged + min(int(charged), amount), self.signed)
 
-    def resync(self, account: LocalAccount, extra: dict[str, Any]) -> bool:
-        """Adopt the totals of a corrective 402's offer ``extra`` — if its last voucher is this
-        payer's and covers the charged total it states. Whether it did."""
+    def corrected(self, account: LocalAccount, extra: dict[str, Any]) -> tuple[int, int, int] | None:
+        """The totals (charged, balance, highest signed) a corrective 402's offer ``extra`` states —
+        if its last voucher is this payer's and covers the charged total it states; else None."""
         state, voucher = extra.get("channelState"), extra.get("voucherState")
         if not isinstance(state, dict) or not isinstance(voucher, dict) or state.get("channelId") != self.id:
-            return False
+            return None
         try:
             charged, signed = int(state["chargedCumulativeAmount"]), int(voucher["signedMaxClaimable"])
+            balance = int(state.get("balance", self.balance))
             sig = bytes.fromhex(str(voucher["signature"]).removeprefix("0x"))
             mine = ch.voucher_signer(ch.Voucher(bytes.fromhex(self.id[2:]), signed, sig), self.chain_id)
-        except (KeyError, ValueError, SignatureError):
-            return False
+        except (KeyError, TypeError, ValueError, SignatureError):
+            return None
         if mine != account.address.lower() or charged > signed:
-            return False
-        self.charged, self.balance = charged, int(state.get("balance", self.balance))
-        self.signed = max(self.signed, signed)  # (signed before: by this payer, perhaps in another session)
-        return True
+            return None
+        return charged, balance, max(self.signed, signed)  # (signed before: by this payer, perhaps in another session)
+
+    def resync(self, account: LocalAccount, extra: dict[str, Any]) -> bool:
+        """Adopt the totals of a corrective 402's offer ``extra`` (``corrected``). Whether it did."""
+        totals = self.corrected(account, extra)
+        if totals is not None:
+            self.charged, self.balance, self.signed = totals
+        return totals is not None
+
+    def adds(self, account: LocalAccount, offer: dict[str, Any]) -> int:
+        """What a voucher paying ``offer`` signs beyond the highest one signed before it (after the
+        correction its 402 may carry): all the gateway can claim that it could not already."""
+        totals = self.corrected(account, offer.get("extra") or {})
+        charged, _, signed = totals if totals is not None else (self.charged, self.balance, self.signed)
+        return max(charged + int(offer["amount"]) - signed, 0)
 
 
 def _sign(account: LocalAccount, digest: bytes) -> str:

@@ -149,6 +149,11 @@ class Payer:
             credit = str((offer.get("extra") or {}).get("credit", "0"))  # (the wallet's, which the quote is less by)
             if asset and digits(amount) and digits(credit) and self._lasting(offer.get("maxTimeoutSeconds") or 300):
                 usd = Decimal(int(amount)).scaleb(-asset.decimals)
+                if offer["scheme"] == BATCH_SETTLEMENT:  # (a voucher takes what it signs beyond the highest)
+                    try:
+                        usd = Decimal(self.channel(offer).adds(self.account, offer)).scaleb(-asset.decimals)
+                    except MALFORMED:
+                        continue
                 whole = usd + Decimal(int(credit)).scaleb(-asset.decimals)
                 if whole > limit:
                     raise PaymentRefused(f"the call costs up to ${whole}, over the per-call limit ${limit}")
