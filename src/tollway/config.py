@@ -321,10 +321,12 @@ class Settings(BaseSettings):
     cache_memory_seconds: float = Field(300, ge=0)  # how long a prompt prefix is remembered as cacheable on an upstream
     stats_refresh_seconds: float = Field(5, gt=0)  # how often live stats read the calls that finished (stats.py)
     catalogue_refresh_seconds: float = Field(3600, gt=0)  # how often imported catalogues are read again
-    # The free tier (models marked free): calls a day (UTC) per client address, and per wallet that
-    # signs in; and the proxies whose X-Forwarded-For names the client (IPs or networks; none by default).
+    # The free tier (models marked free): calls a day (UTC) per client address, per wallet that
+    # signs in, and for all of them together; and the proxies whose X-Forwarded-For names the
+    # client (IPs or networks; none by default).
     free_calls_per_address: int = Field(20, ge=0)
     free_calls_per_wallet: int = Field(20, ge=0)
+    free_calls_per_day: int = Field(1000, ge=0)  # all clients together
     trusted_proxies: list[str] = Field(default_factory=list)
     # What a call that brings its own provider key (X-Provider-Key) pays: this share of the list price.
     byok_fee: Decimal = Field(Decimal("0.05"), ge=0, le=1)

@@ -1,5 +1,6 @@
 """The free tier: a model marked ``free`` is served without payment, up to a daily quota (UTC
-days) per wallet that signs in for the request (``SIGN-IN-WITH-X``) or else per client address.
+days) per wallet that signs in for the request (``SIGN-IN-WITH-X``) or else per client address,
+and one for all clients together (wallets are free to make, and addresses to rent).
 
 The client address is the connection's peer, or — only behind a proxy listed in
 ``trusted_proxies`` (none by default) — the address that proxy names (uvicorn's proxy headers,
@@ -33,6 +34,7 @@ from .payments.credit import CreditScheme
 
 DAY = 86400
 PAYER = "free"
+EVERYONE = "*"  # the identity every free call also counts under (``free_calls_per_day``)
 
 
 def today(now: float | None = None) -> int:
@@ -84,15 +86,23 @@ class FreeTier:
         identity, quota, kind = self.identity(request, wallet)
         now = time.time()
         day = today(now)
+        tomorrow = max(1, int((day + 1) * DAY - now))
         n = self.store.take_free_call(identity, day, quota)
         if n is None:
-            exc = TooManyRequests(
+            raise TooManyRequests(
                 f"the free tier's {quota} calls a day per {kind} are spent for today (UTC)"
                 + ("; a wallet that signs in (SIGN-IN-WITH-X) has a quota of its own" if kind == "address" else ""),
                 code="free_quota_exhausted",
-                retry_after=max(1, int((day + 1) * DAY - now)),
+                retry_after=tomorrow,
             )
-            raise exc
+        if self.store.take_free_call(EVERYONE, day, self.settings.free_calls_per_day) is None:
+            self.store.return_free_call(identity, day)
+            raise TooManyRequests(
+                f"the free tier's {self.settings.free_calls_per_day} calls a day, all clients together,"
+                " are spent for today (UTC)",
+                code="free_quota_exhausted",
+                retry_after=tomorrow,
+            )
         s = self.scheme
         payment = Verified(
             scheme=s.name,
@@ -110,5 +120,6 @@ class FreeTier:
         return s, payment, replace(call.quote(cap), amount=0)
 
     def give_back(self, payment: Verified) -> None:
-        """The call was not served: its slot is free again."""
-        self.store.return_free_call(payment.proof["free"], payment.proof["day"])
+        """The call was not served: its slots are free again."""
+        for identity in (payment.proof["free"], EVERYONE):
+            self.store.return_free_call(identity, payment.proof["day"])

@@ -173,3 +173,19 @@ def test_one_quota_holds_against_many_calls_at_once_across_two_replicas(devnet, 
 def test_a_fallback_list_with_a_paid_model_is_not_free(direct):
     r = chat(direct, {**BODY, "models": ["mock/echo-large"]})  # (the free model first, a paid one after)
     assert r.status_code == 402, r.text
+
+
+def test_all_clients_together_have_a_daily_quota(devnet, upstream, tmp_path):
+    """Wallets are free to make: beyond ``free_calls_per_day`` for everyone, no client's own quota
+    helps; a call not served gives that slot back too."""
+    settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", free_calls_per_address=1, free_calls_per_day=3)
+    with ServerThread(create_app(settings), proxy_headers=False) as gw:
+        assert chat(gw, {**BODY, "mock": {"fail": 500}}).status_code == 502  # (not served: not counted)
+        assert [chat(gw).status_code for _ in range(2)] == [200, 429]  # (the address's quota)
+        info = chat(gw).json()["extensions"]["sign-in-with-x"]["info"]
+        wallets = [Account.create() for _ in range(2)]
+        signed = [{"SIGN-IN-WITH-X": b64json(siwe.sign(w, info, f"eip155:{devnet.chain_id}"))} for w in wallets]
+        assert [chat(gw, **signed[0]).status_code for _ in range(2)] == [200, 200]
+        r = chat(gw, **signed[1])  # (a new wallet, its own quota untouched)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "free_quota_exhausted", r.text
+    assert "all clients together" in r.json()["error"]["message"] and 1 <= int(r.headers["retry-after"]) <= 86400
