@@ -429,9 +429,17 @@ async def test_a_settlement_priced_under_the_base_fee_is_bumped_until_mined(tmp_
     """The base fee rises above what two queued settlements bid: the worker raises their fees
     (same nonces) up to its ceiling, and both are mined — one stuck transaction never stalls the
     ones behind it (finding 8)."""
+    base = chain.w3.eth.get_block("latest")["baseFeePerGas"]
+    try:
+        await bumped_until_mined(tmp_path, chain, devnet, settler_key, base)
+    finally:  # (the base fee back where it was: the shared devnet's next tests bid what they always bid)
+        chain.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(base)])
+        chain.mine(1)
+
+
+async def bumped_until_mined(tmp_path, chain, devnet, settler_key, base: int) -> None:
     store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
     payer = chain.fund()
-    base = chain.w3.eth.get_block("latest")["baseFeePerGas"]
     async with settler_on(
         store, devnet.rpc_url, settler_key, devnet, max_fee_gwei=None, fee_ceiling_gwei=Decimal(1000)
     ) as settler:
@@ -458,9 +466,6 @@ async def test_a_settlement_priced_under_the_base_fee_is_bumped_until_mined(tmp_
             chain.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(high)])
             chain.mine(1)
         rows = [await run_until(settler, store, i, {PaymentState.SETTLED, PaymentState.FAILED}) for i in ids]
-    # (the base fee back where it was: the shared devnet's next tests bid what they always bid)
-    chain.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(base)])
-    chain.mine(1)
     assert [r["state"] for r in rows] == [PaymentState.SETTLED, PaymentState.SETTLED]
     bumped = store.transaction(rows[0]["tx_id"])
     assert len(bumped["hashes"].split()) > 1 and bumped["mined_hash"] == rows[0]["tx_hash"]

@@ -159,3 +159,60 @@ def test_malformed_logs_carry_no_authorization():
     assert not carries_authorization({"logs": hostile}, token)
     assert carries_authorization({"logs": [*hostile, used]}, token)
     assert not carries_authorization({"logs": [used]}, "0x" + "cd" * 20)  # (another token's)
+
+
+def logs_node(cap: int, refusal: str, failures: int = 0):
+    """A node whose head is block 100,000 and whose ``eth_getLogs`` refuses, in ``refusal``'s words,
+    a query spanning more than ``cap`` blocks (and, ``failures`` times, any query); the spans asked."""
+    asked: list[int] = []
+
+    async def answer(doc):
+        if doc["method"] == "eth_blockNumber":
+            return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": hex(100_000)}).encode()
+        q = doc["params"][0]
+        asked.append(int(q["toBlock"], 16) - int(q["fromBlock"], 16) + 1)
+        nonlocal failures
+        if asked[-1] > cap or failures > 0:
+            failures -= 1
+            error = {"code": -32005, "message": refusal}
+            return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "error": error}).encode()
+        return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": []}).encode()
+
+    return answer, asked
+
+
+async def search(url: str, lookback: int, chain: Chain | None = None) -> Chain:
+    chain = chain or Chain(url)
+    async for _ in chain.logs("0x" + "11" * 20, [AUTHORIZATION_USED_TOPIC], lookback):
+        pass
+    return chain
+
+
+async def test_logs_are_asked_over_half_the_range_while_the_node_says_it_is_too_wide():
+    answer, asked = logs_node(300, "query exceeds max block range 300")
+    server, url = await rpc_server(answer)
+    chain = await search(url, 2_000)
+    try:
+        assert asked[:3] == [1000, 500, 250] and set(asked[3:]) <= {250, 1} and chain.log_range == 250
+        asked.clear()
+        await search(url, 2_000, chain)  # (the range it found is kept: 2,001 blocks in 9 queries)
+        assert asked == [250] * 8 + [1]
+    finally:
+        await chain.close()
+        server.close()
+
+
+@pytest.mark.parametrize("refusal", ["header not found", "rate limit exceeded"])
+async def test_a_refusal_that_is_not_about_the_range_raises_and_leaves_it(refusal):
+    answer, asked = logs_node(10**6, refusal, failures=1)
+    server, url = await rpc_server(answer)
+    chain = Chain(url)
+    try:
+        with pytest.raises(RpcError):
+            await search(url, 2_000, chain)
+        assert asked == [1000] and chain.log_range == 1000
+        await search(url, 2_000, chain)  # (the node is fine again)
+        assert asked[1:] == [1000, 1000, 1] and chain.log_range == 1000
+    finally:
+        await chain.close()
+        server.close()

@@ -216,7 +216,7 @@ def test_a_channel_charge_above_the_calls_voucher_is_not_signed_for_next():
 def test_a_channel_call_corrected_after_a_stream_counts_what_its_vouchers_add_not_their_prices():
     """A stream is charged as it ends (its answer says "0"): the next call's voucher is answered with
     a corrective 402, and its retry signs what the stream cost on top of the first attempt's
-    voucher — $0.5 more for the call in all, within its $1 limit, though each attempt quotes $0.7."""
+    voucher — $0.6 more for the call in all, within its $1 limit, though each attempt quotes $0.7."""
 
     def answer(r: httpx.Request) -> httpx.Response:
         paid = gateway.paid
@@ -236,6 +236,50 @@ def test_a_channel_call_corrected_after_a_stream_counts_what_its_vouchers_add_no
     assert calls(p, gateway, 2) == [200, 200]
     assert [voucher_total(d) for d in gateway.paid] == [300_000, 700_000, 900_000]
     assert p.spent_usd == Decimal("0.9")
+
+
+def voucher_of(pending: Any) -> int:
+    return int(unb64json(pending.headers["PAYMENT-SIGNATURE"])["payload"]["voucher"]["maxClaimableAmount"])
+
+
+def test_a_call_concluding_while_another_signs_its_voucher_does_not_take_that_one_over_its_limit(monkeypatch):
+    """Threads share a payer: call B's answer (its $0.9 charged) lands after call A's offer of $1.9
+    was found to add $1 to the highest voucher, and before A signs — A signing then would add $1.9."""
+    p = payer(max_per_call_usd=Decimal(1), max_total_usd=Decimal(100), schemes=("batch-settlement",))
+    p.channel(offer("batch-settlement", 0)).balance = 10_000_000  # (deposited before)
+    b = p.prepare(required(offer("batch-settlement", 900_000)), ORIGIN)
+    choose = Payer.choose
+
+    def b_answered_meanwhile(self: Payer, *a: Any, **kw: Any) -> Any:
+        chosen = choose(self, *a, **kw)
+        self.conclude(b, 200, {"PAYMENT-RESPONSE": b64json({"success": True, "extra": {"chargedAmount": "900000"}})})
+        return chosen
+
+    monkeypatch.setattr(Payer, "choose", b_answered_meanwhile)
+    with pytest.raises(PaymentRefused, match="moved"):
+        p.prepare(required(offer("batch-settlement", 1_900_000)), ORIGIN)
+    assert voucher_of(b) == 900_000 and p.spent_usd == Decimal("0.9")  # (A's reservation given back)
+
+
+@pytest.mark.parametrize("charged", [str(-(10**9)), "1.5", None])
+def test_a_corrective_402_stating_a_negative_or_malformed_total_is_not_believed(charged):
+    def answer(r: httpx.Request) -> httpx.Response:
+        paid = gateway.paid
+        if not paid_headers(r):
+            return httpx.Response(402, headers=required(offer("batch-settlement", 100_000)))
+        if len(paid) == 1:
+            v = paid[0]["payload"]["voucher"]
+            state = {"channelId": v["channelId"], "balance": "2000000", "chargedCumulativeAmount": charged}
+            voucher = {"signedMaxClaimable": v["maxClaimableAmount"], "signature": v["signature"]}
+            corrective = offer("batch-settlement", 100_000, channelState=state, voucherState=voucher)
+            return httpx.Response(402, headers=required(corrective, error=MISMATCH))
+        return served({"PAYMENT-RESPONSE": b64json({"success": True, "extra": {"chargedAmount": "100000"}})})
+
+    gateway = Gateway(answer)
+    p = payer(max_per_call_usd=Decimal(1), schemes=("batch-settlement",))
+    p.channel(offer("batch-settlement", 0)).balance = 2_000_000
+    assert calls(p, gateway, 2) == [200, 200]  # (the retry signs on the totals it knew)
+    assert [voucher_total(d) for d in gateway.paid] == [100_000, 100_000, 200_000]
 
 
 DEPOSIT = offer("batch-settlement", 10_000, minDeposit="5000000")
@@ -262,6 +306,7 @@ def test_deposits_stay_within_their_limit_whatever_the_gateway_says_of_them(said
     (outcome,) = calls(p, gateway, 1)
     assert isinstance(outcome, PaymentRefused) and "deposit" in str(outcome)
     assert deposits(gateway) == [5_000_000]
+    assert p.spent_usd == Decimal("0.01")  # (the refused call's reservation given back: nothing was signed)
 
 
 def wire(monkeypatch, answer: Any) -> Gateway:

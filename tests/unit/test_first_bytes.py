@@ -70,11 +70,14 @@ async def test_an_error_event_quoting_a_key_is_passed_on_without_it_nor_a_nul():
 
 
 def test_what_an_upstreams_url_holds_is_kept_from_its_messages():
-    """A user and password, a query's values (raw and decoded) and a token-long path segment are
-    secrets; an API's words in the path are not."""
-    keys = url_secrets("https://bob:pa%24%24word@llm.example/api/v1/0123456789abcdef0123?key=s%2Fcret-value")
-    assert set(keys) == {"bob", "pa%24%24word", "pa$$word", "0123456789abcdef0123", "s/cret-value"}
-    text = "no route /api/v1/0123456789abcdef0123 for bob:pa$$word (key s/cret-value)"
+    """A user and password, a query's values (as written and decoded) and a token-long path segment
+    are secrets; an API's words in the path, and values too short to be keys, are not."""
+    keys = url_secrets("https://bob42x:pa%24%24word@llm.example/api/v1/0123456789abcdef0123?key=s%2Fcr+t-value&v=1")
+    assert set(keys) == {
+        "bob42x", "pa%24%24word", "pa$$word", "0123456789abcdef0123", "s%2Fcr+t-value", "s/cr+t-value", "s/cr t-value"
+    }  # fmt: skip
+    text = "no route /api/v1/0123456789abcdef0123 for bob42x:pa$$word (key s%2Fcr+t-value), at most 16384"
     assert scrubbed(text, keys) == (
-        "no route /api/v1/[the upstream's URL] for [the upstream's URL]:[the upstream's URL] (key [the upstream's URL])"
+        "no route /api/v1/[the upstream's URL] for [the upstream's URL]:[the upstream's URL]"
+        " (key [the upstream's URL]), at most 16384"
     )

@@ -122,7 +122,7 @@ class Channel:
             mine = ch.voucher_signer(ch.Voucher(bytes.fromhex(self.id[2:]), signed, sig), self.chain_id)
         except (KeyError, TypeError, ValueError, SignatureError):
             return None
-        if mine != account.address.lower() or charged > signed:
+        if mine != account.address.lower() or not 0 <= charged <= signed or balance < 0:
             return None
         return charged, balance, max(self.signed, signed)  # (signed before: by this payer, perhaps in another session)
 

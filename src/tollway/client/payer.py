@@ -284,6 +284,9 @@ class Payer:
             self._release(usd)
             why = f"the {offer['scheme']} offer is malformed ({type(exc).__name__}): not paying it"
             raise PaymentRefused(why) from None
+        except PaymentRefused:  # (nothing was signed)
+            self._release(usd)
+            raise
         payload = {
             "x402Version": 2,
             "resource": required.get("resource"),
@@ -375,16 +378,18 @@ class Payer:
         before it (the rest of ``usd`` goes back to the budget)."""
         channel = self.channel(offer)
         extra = offer.get("extra") or {}
-        if "channelState" in extra:  # a corrective 402: the gateway counted another total
-            channel.resync(self.account, extra)
         amount = int(offer["amount"])
-        deposit = 0
-        if channel.needs(amount):
-            suggested = str(extra.get("minDeposit", "0"))
-            deposit = max(channel.needs(amount), int(suggested) if digits(suggested) else 0)
+        suggested = str(extra.get("minDeposit", "0"))
         decimals = self._allowed(offer).decimals  # type: ignore[union-attr]  # (chosen: allowed)
-        deposit_usd = Decimal(deposit).scaleb(-decimals)
-        with self._lock:
+        with self._lock:  # (another thread's call may move the channel's totals: read them once, here)
+            if "channelState" in extra:  # a corrective 402: the gateway counted another total
+                channel.resync(self.account, extra)
+            if Decimal(max(channel.charged + amount - channel.signed, 0)).scaleb(-decimals) > usd:
+                raise PaymentRefused("the channel's charged total moved past what this call's limits allow")
+            deposit = 0
+            if channel.needs(amount):
+                deposit = max(channel.needs(amount), int(suggested) if digits(suggested) else 0)
+            deposit_usd = Decimal(deposit).scaleb(-decimals)
             if deposit_usd > self.max_deposit_usd - self.deposited_usd:
                 raise PaymentRefused(f"a deposit of ${deposit_usd} would exceed the limit ${self.max_deposit_usd}")
             before = channel.signed
@@ -424,7 +429,8 @@ class Payer:
         o = pending.offer or {"network": doc.get("network"), "asset": "", "amount": "0", "scheme": "credit"}
         if o["scheme"] == BATCH_SETTLEMENT:  # what the channel was charged is what moved (a stream's: "0" so far)
             extra = doc.get("extra") if isinstance(doc.get("extra"), dict) else {}
-            self.channel(o).charged_by(extra, pending.deposit, int(o["amount"]))
+            with self._lock:
+                self.channel(o).charged_by(extra, pending.deposit, int(o["amount"]))
             doc = {**doc, "amount": extra.get("chargedAmount", "")}
         moved = str(doc.get("amount", ""))
         settled = int(moved) if digits(moved) and int(moved) <= int(o["amount"]) else None

@@ -38,6 +38,10 @@ ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string), what require(..., "re
 BATCH_LIMIT = 256  # calls per JSON-RPC batch (geth and most providers cap a batch at 1,000)
 LOG_RANGE = 1_000  # blocks per eth_getLogs at first (hosted RPCs cap a query's range: 100 to 10,000, by provider)
 LEAST_LOG_RANGE = 10  # halved down to this on a refusal (a node refusing a narrower range refuses for another reason)
+# What a hosted RPC's refusal of too wide an eth_getLogs says, in its own words: "exceeds max block
+# range 500", "block range is too wide", "limited to a 10000 range", "Log response size exceeded",
+# "query returned more than 10000 results", "Max range exceeded"
+RANGE_REFUSAL = ("range", "limit", "exceed", "too ", "more than", "size")
 
 
 class RpcError(ChainUnavailable):
@@ -318,23 +322,32 @@ class Chain:
     async def logs(self, address: str, topics: list[str | None], lookback: int) -> AsyncIterator[dict[str, Any]]:
         """Logs of ``address`` matching ``topics`` in the last ``lookback`` blocks, the newest blocks
         first, asked ``log_range`` blocks at a time. Hosted RPCs refuse a wider range, each with its
-        own cap and words for it: a refused query is asked again over half the range (which this
-        client keeps), down to ``LEAST_LOG_RANGE``."""
+        own cap and words for it: a query refused in such words (``RANGE_REFUSAL``) is asked again
+        over half the range, which this client keeps, down to ``LEAST_LOG_RANGE``; any other refusal
+        raises, and so does one at that range (the range is then as it was: it was not the range)."""
         top = await self.head()
         lowest = max(top - lookback, 0)
+        was = self.log_range
         while top >= lowest:
             bottom = max(top - self.log_range + 1, lowest)
             query = {"address": address, "topics": topics, "fromBlock": hex(bottom), "toBlock": hex(top)}
             try:
                 found = await self.request("eth_getLogs", [query]) or []
-            except RpcError:
-                if top - bottom < LEAST_LOG_RANGE:
+            except RpcError as exc:
+                if top - bottom < LEAST_LOG_RANGE or not range_refusal(exc.message):
+                    self.log_range = was
                     raise
                 self.log_range = max((top - bottom + 1) // 2, LEAST_LOG_RANGE)
                 continue
             for log in reversed(found):
                 yield log
             top = bottom - 1
+
+
+def range_refusal(message: str) -> bool:
+    """Whether a node's refusal of an ``eth_getLogs`` says the query spans too much (not a rate limit)."""
+    words = message.lower()
+    return any(w in words for w in RANGE_REFUSAL) and "rate" not in words
 
 
 def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, int]]:

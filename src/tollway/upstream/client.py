@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import httpx
 
@@ -148,16 +148,18 @@ def scrubbed(text: str, keys: dict[str, str]) -> str:
 
 
 SECRET_SEGMENT = 16  # characters: a path segment this long is taken for a token (an API's words are shorter)
+SECRET_VALUE = 6  # characters: a shorter user or query value would take harmless words out of messages
 
 
 def url_secrets(url: str) -> dict[str, str]:
     """What an upstream's URL may hold that is a secret — its user and password, its query's values,
-    a path segment long enough to be a token (some hosts take the key in the path) — and what
-    stands for each: an upstream's 404 often quotes the path it was asked."""
+    a path segment long enough to be a token (some hosts take the key in the path) — as written
+    and decoded, and what stands for each: an upstream's 404 often quotes the path it was asked."""
     parts = urlsplit(url)
-    found = [parts.username, parts.password, *(v for _, v in parse_qsl(parts.query))]
-    found += [seg for seg in parts.path.split("/") if len(seg) >= SECRET_SEGMENT]
-    return {form: "[the upstream's URL]" for s in found if s for form in (s, unquote(s))}
+    raw = [parts.username, parts.password, *(p.partition("=")[2] for p in parts.query.split("&"))]
+    values = [v for s in raw if s for v in (s, unquote(s), unquote_plus(s)) if len(v) >= SECRET_VALUE]
+    segments = [s for s in parts.path.split("/") if len(s) >= SECRET_SEGMENT]
+    return {s: "[the upstream's URL]" for s in values + segments}
 
 
 ANSWER_KEYS = ("choices", "output", "content", "data", "usage")  # chat, Responses, Messages, embeddings
