@@ -18,10 +18,10 @@ from starlette.responses import JSONResponse, Response
 
 from . import signin
 from .challenge import credit_of, least_withdrawal
-from .errors import BadRequest, Forbidden, NotConfigured, NotFound, PaymentInvalid
+from .errors import BadRequest, Conflict, Forbidden, NotConfigured, NotFound, PaymentInvalid
 from .gateway import Gateway
 from .jsonbytes import dumps, loads
-from .ledger.store import InsufficientCredit, credit_account
+from .ledger.store import InsufficientCredit, NotFinal, credit_account
 from .payments import signed
 from .pipeline import read_body
 from .pricing import MAX_AMOUNT, money
@@ -88,11 +88,19 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
     if gw.settler.payout_account is None:
         raise NotConfigured("withdrawals are not configured here (chain.payout_key)", code="withdrawals_disabled")
     account = credit_account(gw.network, gw.token, wallet)
+    head = await gw.chain.head()  # (503 while the chain does not answer: a payout needs it anyway)
     try:
-        payout_id = gw.store.request_payout(account, wallet, amount, f"{account}|{key}")
+        payout_id = gw.store.request_payout(account, wallet, amount, f"{account}|{key}", head=head)
     except InsufficientCredit:
         raise BadRequest(
             f"final credit {gw.store.available_credit(account)} is less than {amount}", code="insufficient_credit"
+        ) from None
+    except NotFinal as exc:
+        raise Conflict(
+            f"credit was deposited by a settlement that is final on chain at block {exc.block} (the chain is at"
+            f" {head}): it cannot be withdrawn before",
+            code="credit_not_final",
+            retry_after=max(1, exc.block - head),
         ) from None
     if payout_id is None:
         raise BadRequest("this withdrawal request was already made", code="withdrawal_replayed")

@@ -446,7 +446,7 @@ class Settler:
         if not settlements:
             return
         concluded = self.store.settlements_mined(
-            [(row["id"], h, ok, partial(paid_in, receipt)) for row, h, receipt, ok in settlements]
+            [(row["id"], h, ok, partial(paid_in, receipt), self._final(receipt)) for row, h, receipt, ok in settlements]
         )
         for (_, tx_hash, _, ok), (payment, settled) in zip(settlements, concluded, strict=True):
             if settled:
@@ -455,6 +455,11 @@ class Settler:
                 )
             elif payment is not None:
                 await self._failed_settlement(payment, tx_hash, ok)
+
+    def _final(self, receipt: dict[str, Any]) -> int:
+        """The block from which what a settlement mined in ``receipt``'s block paid is final: a
+        reorganisation less deep may undo it (credit it deposited does not leave on chain before)."""
+        return int(receipt["blockNumber"], 16) + self.confirmations
 
     def _conclude_one(self, row: dict[str, Any], tx_hash: str, ok: bool) -> None:
         """Conclude a mined transaction that settles no payment, with what it did in the ledger."""
@@ -479,7 +484,12 @@ class Settler:
             return
         if paid_by is not None:
             log.warning("settlement of %s reverted, but %s paid it first: settled", payment["id"], paid_by)
-            self.store.mark_settled(payment["id"], paid_by)
+            try:  # (its block: theirs was mined before ours, now or earlier)
+                final = await self.chain.head() + self.confirmations
+            except ChainUnavailable as exc:
+                log.warning("settlement of %s: cannot read the chain's head yet: %s", payment["id"], exc)
+                return  # (judged again: ``_judge_stranded``)
+            self.store.mark_settled(payment["id"], paid_by, final)
             return
         reason = "transaction_failed: settlement reverted on chain" if not ok else "transfer_event_mismatch"
         if self.store.mark_failed(payment["id"], reason):

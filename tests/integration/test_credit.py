@@ -436,3 +436,32 @@ def test_attack_two_wallets_withdraw_at_once_more_than_the_payout_account_holds(
         states = sorted(withdrawal(url, p, r.json()["id"])["state"] for p, r in zip(payers, asked, strict=True))
     assert states in (["pending", "sent"], ["pending", "sending"]), states
     assert chain.w3.eth.get_transaction_count(payout.address) == 1  # one transfer; no revert paid for
+
+
+def test_credit_leaves_on_chain_only_once_the_settlement_that_deposited_it_is_final(gateway, chain, devnet, tmp_path):
+    """A settlement is believed as it is mined, and its credit pays for calls at once; paid out on
+    chain, though, it would stand where a reorganisation undid the settlement: a withdrawal waits
+    until the settlement is ``confirmations`` deep."""
+    from eth_account import Account
+
+    from support import dedicated_gateway
+
+    payout = Account.create()
+    chain.w3.provider.make_request("anvil_setBalance", [payout.address, hex(10**18)])
+    payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
+    settings = {"payout_key": "0x" + payout.key.hex(), "confirmations": 3}
+    tokens = chain.fund(10**6, eth=True)
+    chain.transfer(tokens, payout.address, 10**6)  # (before: no block may come between the settlement and the ask)
+    with dedicated_gateway(gateway, chain, tmp_path, chain_settings=settings) as (url, _):
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=30) as http:
+            assert http.post(CHAT, json=chat_body("fund my credit", max_tokens=3000)).status_code == 200
+        settled = wait_receipt(url, payer.history[0].receipt_id)
+        owed = read_credit(url, payer)
+        mined = chain.w3.eth.get_transaction_receipt(settled["payment"]["transaction"])["blockNumber"]
+        early = httpx.post(f"{url}/v1/credit/withdrawals", json=payer.withdrawal(owed, url))
+        assert early.status_code == 409 and early.json()["error"]["code"] == "credit_not_final", early.text
+        assert f"block {mined + 3}" in early.json()["error"]["message"] and int(early.headers["retry-after"]) >= 1
+        assert read_credit(url, payer) == owed  # (nothing taken)
+        chain.mine(mined + 3 - chain.w3.eth.block_number)
+        r = httpx.post(f"{url}/v1/credit/withdrawals", json=payer.withdrawal(owed, url))
+        assert r.status_code == 202, r.text

@@ -526,7 +526,7 @@ async def test_a_blocks_settlements_are_concluded_in_one_ledger_transaction(tmp_
             await settler.run_once()  # broadcast
             chain.mine(1)
             first = store.payment(payments[0][0])  # another replica concludes the first
-            [(concluded, settled)] = store.settlements_mined([(first["tx_id"], hashes[0], True, lambda p: True)])
+            [(concluded, settled)] = store.settlements_mined([(first["tx_id"], hashes[0], True, lambda p: True, 0)])
             assert concluded["id"] == first["id"] and settled
             first = store.payment(first["id"])
             transactions = 0
@@ -599,7 +599,7 @@ async def test_a_settlement_a_crash_left_unjudged_is_failed_once_by_the_replicas
             chain.mine(1)
     assert chain.receipt(tx_hash)["status"] == 0
     tx_id = store.payment(payment_id)["tx_id"]
-    [(concluded, settled)] = store.settlements_mined([(tx_id, tx_hash, False, lambda p: False)])  # (then it dies)
+    [(concluded, settled)] = store.settlements_mined([(tx_id, tx_hash, False, lambda p: False, 0)])  # (then it dies)
     assert concluded["id"] == payment_id and not settled
     assert store.payment(payment_id)["state"] == PaymentState.SETTLING
     replicas = [Store(url), Store(url)]

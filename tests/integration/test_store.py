@@ -69,14 +69,14 @@ def test_state_machine_guards_every_transition(db_url):
     store = Store(db_url)
     pid = store.reserve(payment())
     assert store.payment(pid)["state"] == PaymentState.RESERVED
-    assert not store.mark_settled(pid, "0xabc")  # must go through settling
+    assert not store.mark_settled(pid, "0xabc", 0)  # must go through settling
     address = sender(store)
     tx = settling(store, pid, address)
     assert store.sign_settlement(pid, address, signer()) is None  # once, and no nonce is burnt by the refusal
     assert store.sign_settlement(store.reserve(payment()), address, signer())["nonce"] == tx["nonce"] + 1
     assert not store.release(pid, "late")  # cannot un-charge a payment being settled
     assert not store.refuse(pid, "late")
-    assert store.mark_settled(pid, tx["tx_hash"])
+    assert store.mark_settled(pid, tx["tx_hash"], 0)
     assert not store.mark_failed(pid, "too late")
     assert store.payment(pid)["state"] == PaymentState.SETTLED
     refused = store.reserve(payment())
@@ -183,7 +183,7 @@ def test_outbox_nonces_are_unique_across_replicas_and_kinds(db_url):
             if i % 5 == 0:
                 account = credit_account("eip155:1", "0xtoken", "0xw" + uuid.uuid4().hex[:8])
                 store.settle_call_credit(account, deposit=10, held=0, cost=0, call_id="c", payment_id=None)
-                payout = store.request_payout(account, "0xw", 10, uuid.uuid4().hex)
+                payout = store.request_payout(account, "0xw", 10, uuid.uuid4().hex, head=0)
                 assert store.sign_payout([payout], address, signer())
                 tx_hash = store.payout(payout)["tx_hash"]
             else:
@@ -211,7 +211,7 @@ def test_a_lock_reserves_reads_the_balance_and_holds_only_final_credit_at_once(d
     assert first is not None and first.balance == 100 and not first.held
     assert store.payment(first.payment_id)["state"] == "reserved"
 
-    assert store.mark_settled(funding, "0xmined")
+    assert store.mark_settled(funding, "0xmined", 0)
     again = {**row, "lock_key": uuid.uuid4().hex, "amount": 0}
     second = store.lock(again, account, 60, call_id="c2")
     assert second is not None and second.balance == 100 and second.held
@@ -230,7 +230,7 @@ def test_unsettled_amount_counts_reserved_and_settling(db_url):
     store.release(ids[2], "not served")
     tx = settling(store, ids[3])
     assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame") == 110
-    store.mark_settled(ids[3], tx["tx_hash"])
+    store.mark_settled(ids[3], tx["tx_hash"], 0)
     assert store.unsettled_amount("eip155:31337", "0xtoken", "0xsame") == 30
 
 
@@ -245,7 +245,7 @@ def test_a_reverted_settlement_takes_its_deposit_back(db_url):
     store.settle_call_credit(account, deposit=700, held=0, cost=100, call_id="c", payment_id=pid)
     assert store.credit_balance(account) == 600 and store.available_credit(account) == 0  # not final yet
     with pytest.raises(InsufficientCredit):  # unconfirmed credit cannot leave on chain
-        store.request_payout(account, row["payer"], 1, "n1")
+        store.request_payout(account, row["payer"], 1, "n1", head=0)
     assert store.mark_failed(pid, "transaction_failed")
     assert store.credit_balance(account) == -100  # the call was served on money that never came: a debt
     assert store.journal(account)["reversal"] == -700
@@ -292,10 +292,10 @@ def test_payout_claims_are_exclusive(db_url):
     store = Store(db_url)
     account = credit_account("eip155:1", "0xtoken", "0xwallet-" + uuid.uuid4().hex[:6])
     store.settle_call_credit(account, deposit=100, held=0, cost=0, call_id="c", payment_id=None)
-    first = store.request_payout(account, "0xw", 40, uuid.uuid4().hex)
+    first = store.request_payout(account, "0xw", 40, uuid.uuid4().hex, head=0)
     with pytest.raises(InsufficientCredit):
-        store.request_payout(account, "0xw", 61, uuid.uuid4().hex)
-    second = store.request_payout(account, "0xw", 60, uuid.uuid4().hex)
+        store.request_payout(account, "0xw", 61, uuid.uuid4().hex, head=0)
+    second = store.request_payout(account, "0xw", 60, uuid.uuid4().hex, head=0)
     address = sender(store, 5)
     assert store.sign_payout([first], address, signer("0xa"))
     # A second worker that read both as pending cannot pay the first again, nor burn a nonce.
@@ -330,7 +330,7 @@ def test_a_withdrawal_beside_a_call_finishing_takes_none_of_its_unconfirmed_mone
     worker.start()
     assert began.wait(10)
     with pytest.raises(InsufficientCredit):
-        withdrawing.request_payout(account, "0xw", 550, uuid.uuid4().hex)
+        withdrawing.request_payout(account, "0xw", 550, uuid.uuid4().hex, head=0)
     worker.join()
     assert withdrawing.credit_balance(account) == 600  # (100 final, 500 settling)
 
@@ -343,7 +343,7 @@ def test_a_reverted_payout_is_refunded_once_across_replicas(db_url):
     stores = [Store(db_url) for _ in range(2)]
     account = credit_account("eip155:1", "0xtoken", "0xwallet-" + uuid.uuid4().hex[:6])
     stores[0].settle_call_credit(account, deposit=1000, held=0, cost=0, call_id="c", payment_id=None)
-    payout = stores[0].request_payout(account, "0xw", 1000, uuid.uuid4().hex)
+    payout = stores[0].request_payout(account, "0xw", 1000, uuid.uuid4().hex, head=0)
     assert stores[0].sign_payout([payout], sender(stores[0]), signer())
     tx_id = stores[0].payout(payout)["tx_id"]
     barrier = threading.Barrier(2)
@@ -484,11 +484,11 @@ def test_what_a_payer_owes_follows_every_state_move_through_the_partial_index(db
         assert owed() == scanned() == 147
         assert store.release(ids[1], "not served")  # reserved → released: not owed
         assert owed() == scanned() == 107
-        assert store.mark_settled(ids[0], "0xmined")  # settling → settled: on chain now
+        assert store.mark_settled(ids[0], "0xmined", 0)  # settling → settled: on chain now
         assert owed() == scanned() == 7
         assert store.refuse(ids[2], "the chain refused it")  # reserved → refused
         assert owed() == scanned() == 0
-        assert not store.mark_settled(ids[0], "0xagain")  # (a settled payment moves nowhere)
+        assert not store.mark_settled(ids[0], "0xagain", 0)  # (a settled payment moves nowhere)
         assert owed() == 0
     finally:
         store.close()

@@ -200,6 +200,9 @@ class Credit(SQLModel, table=True):
 
     account: str = Field(primary_key=True)  # network|asset|wallet, lower-case
     balance: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    # the block the chain must reach before the credit may leave on chain: its latest settlement's
+    # block plus the chain's confirmations (a reorganisation may yet undo a settlement less deep)
+    final_block: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     updated_at: float
 
 

@@ -100,6 +100,15 @@ OWED = (  # (in progress, settling)
 )
 UNCONFIRMED = f"SELECT COALESCE(SUM(amount), 0) FROM payments WHERE {_SETTLING}"
 BALANCE = "SELECT balance FROM credits WHERE account = :account"
+SETTLED = (
+    "UPDATE payments SET state = 'settled', tx_hash = :tx_hash, error = NULL, updated_at = :now"
+    " WHERE id = :id AND state = 'settling' RETURNING network, asset, payer"
+)
+FINAL_BLOCK = "SELECT final_block FROM credits WHERE account = :account"
+FINAL_AT = (  # a settlement of the payer's is believed: its credit is final once the chain is past this
+    "UPDATE credits SET final_block = CASE WHEN final_block > :block THEN final_block ELSE :block END"
+    " WHERE account = :account"
+)
 APPLY = (  # add to a credit balance (opening it) unless it would end below a floor
     "INSERT INTO credits (account, balance, updated_at) SELECT CAST(:account AS VARCHAR), :delta, :now"
     " WHERE :delta >= :floor OR EXISTS (SELECT 1 FROM credits WHERE account = :account)"
@@ -171,6 +180,14 @@ def _storable(key: str) -> bool:
 
 def credit_account(network: str, asset: str, wallet: str) -> str:
     return f"{network}|{asset.lower()}|{wallet.lower()}"
+
+
+class NotFinal(Exception):
+    """Credit a settlement not yet ``confirmations`` deep deposited cannot leave on chain before ``block``."""
+
+    def __init__(self, block: int) -> None:
+        super().__init__(f"credit final at block {block}")
+        self.block = block
 
 
 class InsufficientCredit(Exception):
@@ -474,8 +491,20 @@ class Store:
         """A payment whose money moved before the call (a transfer, or credit): nothing to settle."""
         return self._move(payment_id, PaymentState.RESERVED, PaymentState.SETTLED)
 
-    def mark_settled(self, payment_id: str, tx_hash: str) -> bool:
-        return self._move(payment_id, PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=tx_hash, error=None)
+    def mark_settled(self, payment_id: str, tx_hash: str, final_block: int) -> bool:
+        """A settling payment was paid by ``tx_hash``: settled, its credit final at ``final_block``."""
+        with self._sql() as c:
+            return self._settled(c, payment_id, tx_hash, final_block)
+
+    def _settled(self, c: sql.Cursor, payment_id: str, tx_hash: str, final_block: int) -> bool:
+        """Inside ``c``: settling → settled, and the payer's credit may leave on chain once the chain
+        reaches ``final_block`` (a reorganisation less deep may undo the settlement)."""
+        params = {"tx_hash": tx_hash, "now": time.time(), "id": payment_id}
+        row = c.row(SETTLED, params)
+        if row is None:
+            return False
+        c.run(FINAL_AT, {"account": credit_account(*row), "block": final_block})
+        return True
 
     def mark_failed(self, payment_id: str, error: str) -> bool:
         """The settlement reverted: the payment never arrived, so its deposit is taken back from
@@ -689,16 +718,17 @@ class Store:
         )
 
     def settlements_mined(
-        self, mined: Sequence[tuple[str, str, bool, Callable[[dict[str, Any]], bool]]]
+        self, mined: Sequence[tuple[str, str, bool, Callable[[dict[str, Any]], bool], int]]
     ) -> list[tuple[dict[str, Any] | None, bool]]:
         """Settlement transactions were mined, each (row id, the hash mined, whether it succeeded,
-        ``moved``): each is concluded (once, whichever replica comes first) and, if ``moved(payment)``
-        says it moved what its payment owed, the payment is settled — all in one transaction (a poll
-        concludes a block's worth). Returns for each (the payment, if this call concluded it and it
-        was still settling; whether it is settled now) — one not settled is the worker's to judge."""
+        ``moved``, the block its payer's credit is final at): each is concluded (once, whichever
+        replica comes first) and, if ``moved(payment)`` says it moved what its payment owed, the
+        payment is settled — all in one transaction (a poll concludes a block's worth). Returns for
+        each (the payment, if this call concluded it and it was still settling; whether it is
+        settled now) — one not settled is the worker's to judge."""
         out: list[tuple[dict[str, Any] | None, bool]] = []
         with self._sql() as c:
-            for tx_id, mined_hash, ok, moved in mined:
+            for tx_id, mined_hash, ok, moved, final_block in mined:
                 rows = (
                     c.dicts("SELECT * FROM payments WHERE tx_id = :tx_id AND state = 'settling'", {"tx_id": tx_id})
                     if self._mined(c, tx_id, mined_hash, ok)
@@ -710,9 +740,7 @@ class Store:
                 payment = rows[0]
                 settled = ok and moved(payment)
                 if settled:
-                    self._moved(
-                        c, payment["id"], PaymentState.SETTLING, PaymentState.SETTLED, tx_hash=mined_hash, error=None
-                    )
+                    self._settled(c, payment["id"], mined_hash, final_block)
                 out.append((payment, settled))
         return out
 
@@ -1148,8 +1176,10 @@ class Store:
         with self._tx() as c:
             return {str(k): int(v) for k, v in c.execute(q).all()}
 
-    def request_payout(self, account: str, wallet: str, amount: int, request_nonce: str) -> str | None:
-        """Debit credit and queue a payout, atomically. None if the nonce was used; raises InsufficientCredit."""
+    def request_payout(self, account: str, wallet: str, amount: int, request_nonce: str, *, head: int) -> str | None:
+        """Debit credit and queue a payout, atomically, the chain being at block ``head``. None if
+        the nonce was used; raises InsufficientCredit, or ``NotFinal`` before the account's
+        ``final_block``."""
         payout_id, now = new_id(), time.time()
         row = {
             "id": payout_id,
@@ -1163,6 +1193,9 @@ class Store:
         }
         try:
             with self._sql() as c:
+                final = int(c.value(FINAL_BLOCK, {"account": account}) or 0)
+                if final > head:
+                    raise NotFinal(final)
                 c.run(sql.insert("payouts", row), row)
                 if not self._spend(c, account, EntryKind.WITHDRAWAL, amount, payout_id=payout_id):
                     raise InsufficientCredit(account)  # only final credit leaves on chain
