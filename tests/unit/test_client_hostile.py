@@ -213,6 +213,16 @@ def test_a_channel_charge_above_the_calls_voucher_is_not_signed_for_next():
     assert p.spent_usd == Decimal("0.02")
 
 
+def corrective(last: dict[str, Any], amount: int, charged: Any) -> httpx.Response:
+    """A corrective 402 for ``amount``: the channel's charged total is ``charged``, its last voucher
+    the payer's ``last`` payment's."""
+    v = last["payload"]["voucher"]
+    state = {"channelId": v["channelId"], "balance": "2000000", "chargedCumulativeAmount": charged}
+    voucher = {"signedMaxClaimable": v["maxClaimableAmount"], "signature": v["signature"]}
+    terms = offer("batch-settlement", amount, channelState=state, voucherState=voucher)
+    return httpx.Response(402, headers=required(terms, error=MISMATCH))
+
+
 def test_a_channel_call_corrected_after_a_stream_counts_what_its_vouchers_add_not_their_prices():
     """A stream is charged as it ends (its answer says "0"): the next call's voucher is answered with
     a corrective 402, and its retry signs what the stream cost on top of the first attempt's
@@ -223,11 +233,7 @@ def test_a_channel_call_corrected_after_a_stream_counts_what_its_vouchers_add_no
         if not paid_headers(r):
             return httpx.Response(402, headers=required(offer("batch-settlement", 300_000 if not paid else 700_000)))
         if len(paid) == 2:  # (the stream cost $0.2: the gateway counts another total)
-            v = paid[0]["payload"]["voucher"]
-            state = {"channelId": v["channelId"], "balance": "2000000", "chargedCumulativeAmount": "200000"}
-            voucher = {"signedMaxClaimable": v["maxClaimableAmount"], "signature": v["signature"]}
-            corrective = offer("batch-settlement", 700_000, channelState=state, voucherState=voucher)
-            return httpx.Response(402, headers=required(corrective, error=MISMATCH))
+            return corrective(paid[0], 700_000, "200000")
         return served({"PAYMENT-RESPONSE": b64json({"success": True, "extra": {"chargedAmount": "0"}})})
 
     gateway = Gateway(answer)
@@ -268,11 +274,7 @@ def test_a_corrective_402_stating_a_negative_or_malformed_total_is_not_believed(
         if not paid_headers(r):
             return httpx.Response(402, headers=required(offer("batch-settlement", 100_000)))
         if len(paid) == 1:
-            v = paid[0]["payload"]["voucher"]
-            state = {"channelId": v["channelId"], "balance": "2000000", "chargedCumulativeAmount": charged}
-            voucher = {"signedMaxClaimable": v["maxClaimableAmount"], "signature": v["signature"]}
-            corrective = offer("batch-settlement", 100_000, channelState=state, voucherState=voucher)
-            return httpx.Response(402, headers=required(corrective, error=MISMATCH))
+            return corrective(paid[0], 100_000, charged)
         return served({"PAYMENT-RESPONSE": b64json({"success": True, "extra": {"chargedAmount": "100000"}})})
 
     gateway = Gateway(answer)
