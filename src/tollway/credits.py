@@ -1,10 +1,10 @@
 """Credit endpoints: a wallet's balance with the gateway, and withdrawals of it on chain.
 
 All need the wallet signed in (``signin.py``: a 401 carries the sign-in to sign); the operator
-may read a withdrawal. A withdrawal
-goes to the signed-in wallet only, and its sign-in is its unique key (it works once). It debits
-credit and queues a payout atomically; the settlement worker pays it, coalescing a wallet's
-pending withdrawals into one transfer.
+may read a withdrawal. A withdrawal goes to the signed-in wallet only, and its sign-in is its
+unique key (it works once). It debits credit and queues a payout atomically, once the wallet's
+latest settlement is final (``chain.confirmations`` deep); the settlement worker pays it,
+coalescing a wallet's pending withdrawals into one transfer.
 """
 
 from __future__ import annotations
