@@ -26,6 +26,7 @@ from .payments import signed
 from .pipeline import read_body
 from .pricing import MAX_AMOUNT, money
 
+BLOCK_SECONDS = 2  # the shortest block time of the chains tollway knows (Base): what Retry-After counts a block as
 WITHDRAWAL_BODY = "body must be JSON {amount} (signed in), or {withdrawal, signature}"
 
 
@@ -100,7 +101,7 @@ async def withdraw(request: Request, gw: Gateway) -> Response:
             f"credit was deposited by a settlement that is final on chain at block {exc.block} (the chain is at"
             f" {head}): it cannot be withdrawn before",
             code="credit_not_final",
-            retry_after=max(1, exc.block - head),
+            retry_after=BLOCK_SECONDS * (exc.block - head),  # (a guess: a retry too early costs a 409)
         ) from None
     if payout_id is None:
         raise BadRequest("this withdrawal request was already made", code="withdrawal_replayed")

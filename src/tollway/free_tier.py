@@ -100,7 +100,7 @@ class FreeTier:
             raise TooManyRequests(
                 f"the free tier's {self.settings.free_calls_per_day} calls a day, all clients together,"
                 " are spent for today (UTC)",
-                code="free_quota_exhausted",
+                code="free_tier_exhausted",
                 retry_after=tomorrow,
             )
         s = self.scheme

@@ -299,7 +299,7 @@ def free_call(
     try:
         return gw.free.take(request, call, who.wallet if who else None)
     except TooManyRequests as exc:
-        if who is None and gw.settings.free_calls_per_wallet:
+        if who is None and gw.settings.free_calls_per_wallet and exc.code == "free_quota_exhausted":
             exc.challenge = signin.challenge(gw, request, call.digest, exc)
         raise
 

@@ -309,9 +309,10 @@ class Settler:
         now = time.monotonic()
         first = self._taken.get(row["id"], (now, now))[0]
         if receipts[0] is not None:
-            if self._believed(receipts[0][1], receipts[0][0], await self.chain.head()):
+            head = await self.chain.head()
+            if self._believed(receipts[0][1], receipts[0][0], head):
                 self._taken.pop(row["id"], None)
-                await self._conclude([(row, *receipts[0])])
+                await self._conclude([(row, *receipts[0])], head)
             else:  # (a revert not that deep yet: looked at again as it is sent again, no sooner)
                 self._taken[row["id"]] = (first, now)
             return
@@ -394,7 +395,7 @@ class Settler:
         receipts = await self._receipts(rows) if asked else [None] * len(rows)
         mined = [(row, *m) for row, m in zip(rows, receipts, strict=True) if m is not None]
         believed = [m for m in mined if self._believed(m[2], m[1], head)]
-        await self._conclude(believed)
+        await self._conclude(believed, head)
         self._polled_head = head  # (only once concluded: a failed conclusion asks again at the next poll)
         if asked:
             reverted = {m[0]["id"] for m in mined} - {m[0]["id"] for m in believed}
@@ -432,10 +433,11 @@ class Settler:
                 bumped.append({**row, **signed})
         await self._broadcast(bumped, resend=True)
 
-    async def _conclude(self, mined: list[tuple[dict[str, Any], str, dict[str, Any]]]) -> None:
-        """Conclude mined rows, each (row, the hash mined, its receipt): the settlements together,
-        in one ledger transaction; the rest each through its purpose, in nonce order (a refund's escrow
-        read counts the deposits before it: they must be counted first)."""
+    async def _conclude(self, mined: list[tuple[dict[str, Any], str, dict[str, Any]]], head: int) -> None:
+        """Conclude mined rows, each (row, the hash mined, its receipt; ``head`` is the chain's as
+        the receipts were read): the settlements together, in one ledger transaction; the rest each
+        through its purpose, in nonce order (a refund's escrow read counts the deposits before it:
+        they must be counted first)."""
         settlements = []
         for row, tx_hash, receipt in mined:
             ok = receipt_status(receipt, tx_hash) == 1
@@ -446,7 +448,10 @@ class Settler:
         if not settlements:
             return
         concluded = self.store.settlements_mined(
-            [(row["id"], h, ok, partial(paid_in, receipt), self._final(receipt)) for row, h, receipt, ok in settlements]
+            [
+                (row["id"], h, ok, partial(paid_in, receipt), self._final(receipt, head))
+                for row, h, receipt, ok in settlements
+            ]
         )
         for (_, tx_hash, _, ok), (payment, settled) in zip(settlements, concluded, strict=True):
             if settled:
@@ -456,10 +461,16 @@ class Settler:
             elif payment is not None:
                 await self._failed_settlement(payment, tx_hash, ok)
 
-    def _final(self, receipt: dict[str, Any]) -> int:
+    def _final(self, receipt: dict[str, Any], head: int) -> int:
         """The block from which what a settlement mined in ``receipt``'s block paid is final: a
-        reorganisation less deep may undo it (credit it deposited does not leave on chain before)."""
-        return int(receipt["blockNumber"], 16) + self.confirmations
+        reorganisation less deep may undo it (credit it deposited does not leave on chain before).
+        Its block is taken for no later than ``head``, the chain's as its receipt was read (a block
+        number a node got wrong holds no wallet's credit for ever, nor stops a conclusion)."""
+        try:
+            block = min(int(receipt["blockNumber"], 16), head)
+        except (KeyError, TypeError, ValueError):
+            block = head
+        return block + self.confirmations
 
     def _conclude_one(self, row: dict[str, Any], tx_hash: str, ok: bool) -> None:
         """Conclude a mined transaction that settles no payment, with what it did in the ledger."""

@@ -187,5 +187,6 @@ def test_all_clients_together_have_a_daily_quota(devnet, upstream, tmp_path):
         signed = [{"SIGN-IN-WITH-X": b64json(siwe.sign(w, info, f"eip155:{devnet.chain_id}"))} for w in wallets]
         assert [chat(gw, **signed[0]).status_code for _ in range(2)] == [200, 200]
         r = chat(gw, **signed[1])  # (a new wallet, its own quota untouched)
-    assert r.status_code == 429 and r.json()["error"]["code"] == "free_quota_exhausted", r.text
+    assert r.status_code == 429 and r.json()["error"]["code"] == "free_tier_exhausted", r.text
     assert "all clients together" in r.json()["error"]["message"] and 1 <= int(r.headers["retry-after"]) <= 86400
+    assert "payment-required" not in r.headers and "extensions" not in r.json()  # (no sign-in helps)

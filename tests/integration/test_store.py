@@ -11,7 +11,7 @@ import pytest
 from support import run_concurrently
 from tollway.ledger import PaymentState, Store
 from tollway.ledger.checkpoint import EVERY_SECONDS, LOG_SIZE_LIMIT
-from tollway.ledger.store import new_id
+from tollway.ledger.store import NotFinal, credit_account, new_id
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -907,3 +907,26 @@ def test_a_connection_postgresql_dropped_is_opened_anew(postgres_url):
         assert store.count_by_state() is not None  # (SQLAlchemy Core statements too)
     finally:
         store.close()
+
+
+def test_credit_leaves_on_chain_once_its_latest_settlement_is_final(db_url):
+    """A new wallet pays a stream with exact: its settlement is mined (final at block 100) while the
+    stream runs — no credits row yet — and the stream's surplus is deposited as it ends. A
+    withdrawal before block 100 waits; a later settlement's lower block moves nothing back."""
+    store = Store(db_url)
+    row = payment(amount=700)
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    locked = store.lock(row, account, 0, call_id="c1")  # (no hold: the payment covers the quote)
+    tx = settling(store, locked.payment_id)
+    [(_, settled)] = store.settlements_mined([(tx["id"], tx["tx_hash"], True, lambda p: True, 100)])
+    assert settled
+    store.settle_call_credit(account, deposit=700, held=0, cost=100, call_id="c1", payment_id=locked.payment_id)
+    assert store.available_credit(account) == 600
+    with pytest.raises(NotFinal) as refused:
+        store.request_payout(account, row["payer"], 600, uuid.uuid4().hex, head=99)
+    assert refused.value.block == 100 and store.available_credit(account) == 600  # (nothing taken)
+    later = store.reserve({**row, "lock_key": uuid.uuid4().hex})
+    assert store.mark_settled(later, settling(store, later)["tx_hash"], 50)
+    with pytest.raises(NotFinal):
+        store.request_payout(account, row["payer"], 600, uuid.uuid4().hex, head=99)
+    assert store.request_payout(account, row["payer"], 600, uuid.uuid4().hex, head=100) is not None

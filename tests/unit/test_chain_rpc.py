@@ -216,3 +216,19 @@ async def test_a_refusal_that_is_not_about_the_range_raises_and_leaves_it(refusa
     finally:
         await chain.close()
         server.close()
+
+
+@pytest.mark.parametrize("result", [None, "latest", 7])
+async def test_a_malformed_quantity_is_an_outage_not_a_crash(result):
+    async def answer(doc):
+        return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": result}).encode()
+
+    server, url = await rpc_server(answer)
+    chain = Chain(url)
+    try:
+        for ask in (chain.head(), chain.chain_id(), chain.mined_nonce("0x" + "11" * 20)):
+            with pytest.raises(ChainUnavailable, match="malformed"):
+                await ask
+    finally:
+        await chain.close()
+        server.close()

@@ -106,8 +106,10 @@ SETTLED = (
 )
 FINAL_BLOCK = "SELECT final_block FROM credits WHERE account = :account"
 FINAL_AT = (  # a settlement of the payer's is believed: its credit is final once the chain is past this
-    "UPDATE credits SET final_block = CASE WHEN final_block > :block THEN final_block ELSE :block END"
-    " WHERE account = :account"
+    # (the account opened if need be: a stream's deposit may come after its settlement is mined)
+    "INSERT INTO credits (account, balance, final_block, updated_at) VALUES (:account, 0, :block, :now)"
+    " ON CONFLICT (account) DO UPDATE SET final_block = CASE WHEN credits.final_block > excluded.final_block"
+    " THEN credits.final_block ELSE excluded.final_block END"
 )
 APPLY = (  # add to a credit balance (opening it) unless it would end below a floor
     "INSERT INTO credits (account, balance, updated_at) SELECT CAST(:account AS VARCHAR), :delta, :now"
@@ -503,7 +505,7 @@ class Store:
         row = c.row(SETTLED, params)
         if row is None:
             return False
-        c.run(FINAL_AT, {"account": credit_account(*row), "block": final_block})
+        c.run(FINAL_AT, {"account": credit_account(*row), "block": final_block, "now": params["now"]})
         return True
 
     def mark_failed(self, payment_id: str, error: str) -> bool:
@@ -1193,12 +1195,14 @@ class Store:
         }
         try:
             with self._sql() as c:
-                final = int(c.value(FINAL_BLOCK, {"account": account}) or 0)
-                if final > head:
-                    raise NotFinal(final)
                 c.run(sql.insert("payouts", row), row)
                 if not self._spend(c, account, EntryKind.WITHDRAWAL, amount, payout_id=payout_id):
                     raise InsufficientCredit(account)  # only final credit leaves on chain
+                # (read with the account taken: a settlement concluding meanwhile is seen, or still counted
+                # as settling and its deposit not spendable)
+                final = int(c.value(FINAL_BLOCK, {"account": account}) or 0)
+                if final > head:
+                    raise NotFinal(final)
         except self.dialect.IntegrityError:
             return None
         return payout_id

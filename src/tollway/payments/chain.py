@@ -193,7 +193,7 @@ class Chain:
         return results
 
     async def chain_id(self) -> int:
-        return int(await self.request("eth_chainId", []), 16)
+        return quantity(await self.request("eth_chainId", []))
 
     async def simulate(
         self, sender: str, to: str, data: bytes, reads: list[tuple[str, bytes]]
@@ -302,12 +302,12 @@ class Chain:
 
     async def head(self) -> int:
         """The latest block's number."""
-        return int(await self.request("eth_blockNumber", []), 16)
+        return quantity(await self.request("eth_blockNumber", []))
 
     async def mined_nonce(self, address: str) -> int:
         """The nonce of ``address``'s next transaction as far as mined blocks say (not its pending
         ones: a transaction waiting in a node's pool may be dropped, and its nonce never used)."""
-        return int(await self.request("eth_getTransactionCount", [address, "latest"]), 16)
+        return quantity(await self.request("eth_getTransactionCount", [address, "latest"]))
 
     async def base_fee(self) -> int:
         block = await self.request("eth_getBlockByNumber", ["latest", False])
@@ -342,6 +342,14 @@ class Chain:
             for log in reversed(found):
                 yield log
             top = bottom - 1
+
+
+def quantity(result: Any) -> int:
+    """A JSON-RPC quantity (``0x``-hex); ``ChainUnavailable`` if the node sent something else."""
+    try:
+        return int(result, 16)
+    except (TypeError, ValueError):
+        raise ChainUnavailable(f"chain RPC sent a malformed quantity: {str(result)[:40]}") from None
 
 
 def range_refusal(message: str) -> bool:
