@@ -7,8 +7,8 @@
     ├── Unauthorized             401  unauthorized (prove the wallet, or the admin token)
     ├── Forbidden                403  forbidden
     ├── NotFound                 404  not_found
-    ├── Conflict                 409  request_in_progress / payment_identifier_reused
-    ├── TooManyRequests          429  free_quota_exhausted (+ Retry-After)
+    ├── Conflict                 409  request_in_progress / payment_identifier_reused / credit_not_final
+    ├── TooManyRequests          429  free_quota_exhausted / free_tier_exhausted (+ Retry-After)
     ├── PaymentRequired          402  payment_required  (carries the challenge)
     │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
     │       └── PreconditionFailed 412 the payment needs something first (permit2_allowance_required)
