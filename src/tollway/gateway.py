@@ -51,6 +51,7 @@ CHAIN_PROBE_SECONDS = 3
 CHAIN_DOWN_AFTER = 2  # failed probes in a row
 HOUSEKEEPING_SECONDS = 10  # at most; a stream a crash left open is metered within its payment's validity
 ABANDONED_AFTER_SECONDS = 5  # past max_call_seconds, a stream still open has lost its process
+ALIVE_SECONDS = 3.0  # how often a process says its streams are alive (well within a sweep's interval)
 
 
 def abandoned_payment_after(settings: Settings, rpc_seconds: float) -> float:
@@ -64,7 +65,7 @@ def abandoned_payment_after(settings: Settings, rpc_seconds: float) -> float:
     return settings.max_call_seconds + confirms + CLOCK_SKEW_SECONDS + ABANDONED_AFTER_SECONDS
 
 
-UNSEEN = object()  # (not a stream's events count)
+UNSEEN = object()  # (not a stream's signs of life)
 MAX_REMEMBERED_BASES = 64  # (a Host header is the client's to choose: the memory of them stays small)
 
 
@@ -91,7 +92,8 @@ class Gateway:
     _worker_chain: Chain
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     unmeterable: set[str] = field(default_factory=set)  # abandoned streams whose scheme is not enabled here
-    sighted: dict[str, Any] = field(default_factory=dict)  # streams that looked abandoned at the last sweep → events
+    sighted: dict[str, Any] = field(default_factory=dict)  # streams that looked abandoned at the last sweep → signs
+    live: set[str] = field(default_factory=set)  # the streams this process relays (their calls' ids)
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
@@ -212,6 +214,7 @@ class Gateway:
         gw._tasks = [
             loop.create_task(gw._probe_chain()),
             loop.create_task(gw._housekeeping()),
+            loop.create_task(gw._keep_alive()),
             loop.create_task(gw.router.stats.run(gw.report, store, settings.stats_refresh_seconds)),
             loop.create_task(gw.router.probe(settings.probe_seconds)),
         ]
@@ -343,8 +346,9 @@ class Gateway:
         are left alone — and those waiting for their usage after the fact once that wait is over; a
         stream is metered once whoever gets there first, and one row that cannot be metered never
         stops the gateway. A stream that began less than the clock skew allowed between replicas
-        before that is another's live one if its events still move: it is metered only when the
-        next sweep finds it as this one left it."""
+        before that is another's live one if its events still move, or its process still says it is
+        alive (``_keep_alive``; a model may pause for longer than a sweep): it is metered only when
+        the next sweep finds it as this one left it."""
         now, s = time.time(), self.settings
         cut = now - s.max_call_seconds - ABANDONED_AFTER_SECONDS
         waited = now - s.usage_wait_seconds - ABANDONED_AFTER_SECONDS  # (``metering`` ones: their wait is over)
@@ -353,8 +357,9 @@ class Gateway:
             if row["id"] in self.unmeterable:
                 continue
             recent = row["status"] == "streaming" and row["created_at"] > cut - CLOCK_SKEW_SECONDS
-            if recent and sighted.get(row["id"], UNSEEN) != row["events"]:
-                self.sighted[row["id"]] = row["events"]
+            signs = (row["events"], row["alive_at"])
+            if recent and sighted.get(row["id"], UNSEEN) != signs:
+                self.sighted[row["id"]] = signs
                 continue
             try:
                 self._meter_abandoned(row)
@@ -432,6 +437,16 @@ class Gateway:
                 await self.report(partial(self.store.forget_free_calls, free_tier.today() - 1))
             except Exception:
                 log.exception("housekeeping pass failed")
+
+    async def _keep_alive(self) -> None:
+        """Say the streams this process relays are alive (``close_abandoned_streams``)."""
+        while True:
+            await asyncio.sleep(ALIVE_SECONDS)
+            if self.live:
+                try:
+                    self.store.streams_alive(list(self.live), time.time())
+                except Exception:  # (the next pass says it again)
+                    log.exception("could not say the live streams are alive")
 
     async def report(self, read: Callable[[], T]) -> T:
         """``read()`` — a scan of the ledger — in the reports thread (``_reports``)."""

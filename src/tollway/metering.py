@@ -359,6 +359,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         tail.feed(opened.first)
         relay = UsageEvents(usage_event if reader is None else reader.see)
         closed, saved = False, time.monotonic()
+        gw.live.add(call_id)  # (said alive while it is relayed: ``Gateway.close_abandoned_streams``)
         try:
             yield relay.feed(opened.first)
             async for chunk in opened.rest():
@@ -379,6 +380,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
             closed = True
             yield summary(call_id, tail, metered)
         finally:
+            gw.live.discard(call_id)
             stop_cutting()
             try:
                 if not closed:  # the client went away, or the relay broke: meter what was delivered

@@ -19,10 +19,11 @@ a separator, and the content's characters appear in it, so prompt tokens are ALW
 length of ``json.dumps(messages)`` (compact or not, ascii-escaped or not).
 
 Per-request test switches ride in an extra top-level body field ``"mock": {...}`` (see ``_directives``):
-latency, chunk_delay, fail (a status; with fail_as_200, its error body under status 200, as OpenRouter
-answers an error once a model started), fail_after_chunks + fail_mode (error, disconnect, or done: a
-bare ``[DONE]``), hang, dialect, reply, cost_prices, usage_factor (over-report usage), omit_usage,
-error_bytes (pad an injected error), nest (deep JSON).
+latency, chunk_delay, pause (seconds without an event after the first), fail (a status; with
+fail_as_200, its error body under status 200, as OpenRouter answers an error once a model started),
+fail_after_chunks + fail_mode (error, disconnect, or done: a bare ``[DONE]``), hang, dialect, reply,
+cost_prices, usage_factor (over-report usage), omit_usage, error_bytes (pad an injected error), nest
+(deep JSON).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def _directives(raw: Any) -> dict[str, Any]:
     try:
         if "fail" in d and not (isinstance(d["fail"], int) and 400 <= d["fail"] <= 599):
             raise ValueError("fail must be an HTTP status 400..599")
-        for k in ("latency", "chunk_delay"):
+        for k in ("latency", "chunk_delay", "pause"):
             if k in d and (isinstance(d[k], bool) or not isinstance(d[k], int | float) or d[k] < 0):
                 raise ValueError(f"{k} must be a number >= 0")
         fac = d.get("fail_after_chunks")
@@ -636,6 +637,7 @@ def create_app(options: MockOptions | None = None) -> Starlette:
         mock = gen.mock
         delay = mock.get("chunk_delay", state.options.chunk_delay)
         fail_after = mock.get("fail_after_chunks")
+        pause = mock.get("pause", 0.0)
 
         async def stream() -> Any:
             for event in head:
@@ -645,6 +647,8 @@ def create_app(options: MockOptions | None = None) -> Starlette:
                     break
                 if i and delay:
                     await asyncio.sleep(delay)
+                if i == 1 and pause:  # (a model thinking a while after its first token: nothing comes)
+                    await asyncio.sleep(pause)
                 yield event
             if fail_after is not None:  # inject the mid-stream failure (after min(N, all) content chunks)
                 state.stats["failures"] += 1

@@ -434,18 +434,30 @@ class AheadClock:
         return time.time() + self.skew
 
 
+@pytest.mark.parametrize(
+    "mock",
+    [
+        {"chunk_delay": 0.25},  # ~15 s of events, its limit 20 s
+        {"pause": 9},  # a model thinking after its first token: no event for 9 s, sweeps every 2 s
+    ],
+    ids=["moving", "paused"],
+)
 def test_a_live_stream_is_not_swept_as_abandoned_by_a_replica_whose_clock_is_ahead(
-    gateway, chain, tmp_path, monkeypatch
+    gateway, chain, tmp_path, monkeypatch, mock
 ):
     """Within the skew allowed between replicas (``CLOCK_SKEW_SECONDS``), a stream another replica
-    is serving looks past its limit: while its events move it is left alone (it was metered by the
-    crash estimate, its usage dropped as "already metered", and charged its whole quote)."""
+    is serving looks past its limit: while its events move, or its process says it is alive, it is
+    left alone (it was metered by the crash estimate, its usage dropped as "already metered", and
+    charged its whole quote)."""
     import tollway.gateway as gateway_module
     from tollway.config import CLOCK_SKEW_SECONDS
 
     monkeypatch.setattr(gateway_module, "time", AheadClock(CLOCK_SKEW_SECONDS - 10))  # (the sweeps' clock)
+    if "pause" in mock:  # (sweeps that would find it twice as they left it, were it not said alive)
+        monkeypatch.setattr(gateway_module, "HOUSEKEEPING_SECONDS", 2)
+        monkeypatch.setattr(gateway_module, "ALIVE_SECONDS", 0.5)
     words = " ".join(f"w{i}" for i in range(200))
-    body = chat_body(words, stream=True, max_tokens=60, mock={"chunk_delay": 0.25})  # ~15 s, its limit 20 s
+    body = chat_body(words, stream=True, max_tokens=60, mock=mock)
     with dedicated_gateway(gateway, chain, tmp_path, max_call_seconds=20) as (url, engine):
         with httpx.Client(base_url=url, timeout=60) as http:
             headers = payment_header(exact_payment(chain.fund(), payment_required(http.post(CHAT, json=body))))

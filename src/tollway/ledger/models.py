@@ -93,6 +93,7 @@ class Call(SQLModel, table=True):
     quote: int = Field(sa_column=Column(BigInteger, nullable=False))
     prompt_bound: int | None = None  # the quote's bound on prompt tokens (a stream without usage is charged by it)
     events: int | None = None  # data events a stream delivered (saved as it goes: a crash leaves it to meter)
+    alive_at: float | None = None  # a live stream's process says so, every few seconds (gateway.ALIVE_SECONDS)
     paid: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))  # by the payment, on chain
     from_credit: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))  # held from credit
     prompt_tokens: int | None = None

@@ -120,7 +120,7 @@ APPLY = (  # add to a credit balance (opening it) unless it would end below a fl
 )
 ABANDONED_STREAMS = (  # (by ix_calls_streaming, which only a query naming its condition uses)
     "SELECT c.id, c.payment_id, c.model, c.upstream, c.byok, c.quote, c.prompt_bound, c.events, c.paid,"
-    " c.from_credit, c.status, c.created_at,"
+    " c.from_credit, c.status, c.created_at, c.alive_at,"
     " p.scheme, p.state AS payment_state, p.proof, p.amount, p.network, p.asset, p.payer, p.channel"
     f" FROM calls c JOIN payments p ON c.payment_id = p.id WHERE c.{OPEN_STREAM} AND c.created_at < :before"
     " AND (c.status = 'streaming' OR c.created_at < :metering_before)"
@@ -807,6 +807,15 @@ class Store:
                 c.run(sql.insert("calls", row), row)
         except _NotReserved:
             raise RuntimeError(f"payment {row.get('payment_id')} was not reserved") from None
+
+    def streams_alive(self, call_ids: Sequence[str], now: float, chunk: int = 500) -> None:
+        """The streams ``call_ids`` are being relayed by this process (``Gateway.close_abandoned_streams``
+        leaves them alone, also when their events do not move)."""
+        for i in range(0, len(call_ids), chunk):
+            ids, params = sql.placeholders("c", call_ids[i : i + chunk])
+            alive = f"UPDATE calls SET alive_at = :now WHERE id IN {ids} AND status = 'streaming'"
+            with self._sql() as c:
+                c.run(alive, {**params, "now": now})
 
     def stream_progress(self, call_id: str, events: int) -> None:
         """How far a stream got: what metering uses if the process dies before the stream ends."""
