@@ -93,7 +93,7 @@ class Gateway:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     unmeterable: set[str] = field(default_factory=set)  # abandoned streams whose scheme is not enabled here
     sighted: dict[str, Any] = field(default_factory=dict)  # streams that looked abandoned at the last sweep → signs
-    live: set[str] = field(default_factory=set)  # the streams this process relays (their calls' ids)
+    live: dict[str, float] = field(default_factory=dict)  # the streams this process relays: id → its limit (monotonic)
     chain_failures: int = 0  # consecutive failed probes of the chain RPC (request path)
     claimer: Claimer | None = None  # claims what batch-settlement vouchers owe, where channels are offered
     mpp: MppRail | None = None  # MPP's Payment authentication (evm charge), where exact is offered
@@ -439,12 +439,15 @@ class Gateway:
                 log.exception("housekeeping pass failed")
 
     async def _keep_alive(self) -> None:
-        """Say the streams this process relays are alive (``close_abandoned_streams``)."""
+        """Say the streams this process relays are alive (``close_abandoned_streams``), several times
+        between two sweeps — not one past its limit (a client that stopped reading holds it open)."""
         while True:
-            await asyncio.sleep(ALIVE_SECONDS)
-            if self.live:
+            await asyncio.sleep(min(ALIVE_SECONDS, min(HOUSEKEEPING_SECONDS, self.settings.max_call_seconds) / 3))
+            now = time.monotonic()
+            alive = [call_id for call_id, limit in self.live.items() if limit > now]
+            if alive:
                 try:
-                    self.store.streams_alive(list(self.live), time.time())
+                    self.store.streams_alive(alive, time.time())
                 except Exception:  # (the next pass says it again)
                     log.exception("could not say the live streams are alive")
 

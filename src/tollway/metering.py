@@ -359,7 +359,8 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
         tail.feed(opened.first)
         relay = UsageEvents(usage_event if reader is None else reader.see)
         closed, saved = False, time.monotonic()
-        gw.live.add(call_id)  # (said alive while it is relayed: ``Gateway.close_abandoned_streams``)
+        left = call.received + gw.settings.max_call_seconds - time.time()
+        gw.live[call_id] = time.monotonic() + left  # (said alive while it is relayed, up to its limit)
         try:
             yield relay.feed(opened.first)
             async for chunk in opened.rest():
@@ -380,7 +381,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
             closed = True
             yield summary(call_id, tail, metered)
         finally:
-            gw.live.discard(call_id)
+            gw.live.pop(call_id, None)
             stop_cutting()
             try:
                 if not closed:  # the client went away, or the relay broke: meter what was delivered

@@ -438,7 +438,7 @@ class AheadClock:
     "mock",
     [
         {"chunk_delay": 0.25},  # ~15 s of events, its limit 20 s
-        {"pause": 9},  # a model thinking after its first token: no event for 9 s, sweeps every 2 s
+        {"pause": 13},  # a model thinking after its first token: no event for 13 s, sweeps every 2 s
     ],
     ids=["moving", "paused"],
 )
