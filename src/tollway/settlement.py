@@ -49,7 +49,7 @@ from .ledger import Store
 from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState
 from .ledger.store import Settlement
-from .payments.chain import Chain, RpcError, transfers_in
+from .payments.chain import Chain, RpcError, receipt_status, transfers_in
 from .payments.channel import deposit_of
 
 log = logging.getLogger("tollway.settlement")
@@ -573,18 +573,6 @@ class Settler:
                 sender,
                 lambda nonce, data=data: self._signed(sender, nonce, token, data, PAYOUT_GAS),
             )
-
-
-def receipt_status(receipt: Any, tx_hash: str) -> int | None:
-    """1 (succeeded) or 0 (reverted) for a receipt of ``tx_hash`` as the JSON-RPC spec has it; None
-    for none yet — or for one that is malformed or of another transaction, which a node in trouble
-    may send: believed, it could fail a payment that paid, or stop every conclusion behind it."""
-    if not isinstance(receipt, dict) or not receipt.get("blockHash"):
-        return None
-    if str(receipt.get("transactionHash", "")).lower() != tx_hash.lower():
-        return None
-    status = receipt.get("status")
-    return {"0x1": 1, "0x0": 0}.get(status) if isinstance(status, str) else None
 
 
 def paid_in(receipt: dict[str, Any], payment: dict[str, Any]) -> bool:

@@ -352,6 +352,18 @@ def quantity(result: Any) -> int:
         raise ChainUnavailable(f"chain RPC sent a malformed quantity: {str(result)[:40]}") from None
 
 
+def receipt_status(receipt: Any, tx_hash: str) -> int | None:
+    """1 (succeeded) or 0 (reverted) for a receipt of ``tx_hash`` as the JSON-RPC spec has it; None
+    for none yet — or for one that is malformed or of another transaction, which a node in trouble
+    may send: believed, it could fail a payment that paid, or stop every conclusion behind it."""
+    if not isinstance(receipt, dict) or not receipt.get("blockHash"):
+        return None
+    if str(receipt.get("transactionHash", "")).lower() != tx_hash.lower():
+        return None
+    status = receipt.get("status")
+    return {"0x1": 1, "0x0": 0}.get(status) if isinstance(status, str) else None
+
+
 def range_refusal(message: str) -> bool:
     """Whether a node's refusal of an ``eth_getLogs`` says the query spans too much (not a rate limit)."""
     words = message.lower()

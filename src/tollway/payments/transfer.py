@@ -17,7 +17,7 @@ from ..errors import PaymentInvalid, PaymentMalformed
 from ..pricing import MAX_AMOUNT
 from . import signed
 from .base import Context, Offer, Proof, Quote, Verified
-from .chain import Chain, carries_authorization, transfers_in
+from .chain import Chain, carries_authorization, quantity, receipt_status, transfers_in
 
 TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")  # (fullmatch: "$" would let a trailing newline in)
 NOT_FOUND_MEMORY = 1.0  # seconds an unmined (or unconfirmed) transaction is not looked up again
@@ -86,16 +86,17 @@ class TransferScheme:
     async def _check(self, tx: str, wallet: str | None) -> Verified:
         """The payment a mined transfer of ``wallet``'s makes (None: of whoever sent it)."""
         receipt, head = await self.chain.batch([("eth_getTransactionReceipt", [tx]), ("eth_blockNumber", [])])
-        if receipt is None:
+        status = receipt_status(receipt, tx)  # (none yet, or one a node in trouble got wrong: not believed)
+        if status is None:
             raise PaymentInvalid("transaction not found or not mined yet", code="transfer_not_found")
-        if int(receipt.get("status", "0x0"), 16) != 1:
+        if status != 1:
             raise PaymentInvalid("the transaction failed on chain", code="transfer_failed")
         wallet = wallet or str(receipt.get("from", "")).lower()
         if str(receipt.get("from", "")).lower() != wallet:
             # Only the claimant's own transaction: a settlement or payout of this gateway (sent by
             # its own account) also carries a Transfer to the payee, and must never pay twice.
             raise PaymentInvalid("the transaction was not sent by the claimant", code="transfer_mismatch")
-        depth = int(head, 16) - int(receipt["blockNumber"], 16)
+        depth = quantity(head) - quantity(receipt.get("blockNumber"))  # (a malformed one: the chain is down, 503)
         if depth < self.confirmations:
             raise PaymentInvalid(
                 f"transaction has {depth} confirmations, {self.confirmations} needed", code="transfer_unconfirmed"
@@ -173,7 +174,14 @@ class HashCharge(TransferScheme):
         tx = proof.payload.get("hash")
         if not isinstance(tx, str) or not TX_HASH.fullmatch(tx):
             raise PaymentMalformed("payload.hash must be a transaction hash", code="invalid_payload")
-        return await self.paid_by(tx, None)
+        payment = await self.paid_by(tx, None)
+        if payment.amount < quote.amount:  # (the sender's credit is not for whoever presents its transaction)
+            raise PaymentInvalid(
+                f"a hash credential pays by its transfer alone: {payment.amount} does not cover the quote "
+                f"{quote.amount} (claim the transfer with a TransferClaim to use credit)",
+                code="amount_insufficient",
+            )
+        return payment
 
 
 def hash_from_settings(ctx: Context) -> TransferScheme:
