@@ -158,10 +158,15 @@ def test_trusted_proxies_must_be_addresses():
         Settings(trusted_proxies=["nginx"])
 
 
-def test_one_quota_holds_against_many_calls_at_once_across_two_replicas(devnet, upstream, tmp_path):
+@pytest.mark.parametrize(
+    "quotas",
+    [{}, {"free_calls_per_address": 20, "free_calls_per_day": 3}],
+    ids=["the-address-quota", "the-tier-quota"],
+)
+def test_one_quota_holds_against_many_calls_at_once_across_two_replicas(devnet, upstream, tmp_path, quotas):
     """A payer who wants more than the free tier: eight calls at once, split over two gateways that
-    share one ledger, from one address with a quota of three."""
-    settings = free_settings(devnet, upstream, tmp_path / "shared.sqlite3")
+    share one ledger, from one address — with a quota of three, or the whole tier's of three."""
+    settings = free_settings(devnet, upstream, tmp_path / "shared.sqlite3", **quotas)
     first = ServerThread(create_app(settings), proxy_headers=False)
     second = ServerThread(create_app(settings.model_copy()), proxy_headers=False)
     with first, second:

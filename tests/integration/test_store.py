@@ -930,3 +930,29 @@ def test_credit_leaves_on_chain_once_its_latest_settlement_is_final(db_url):
     with pytest.raises(NotFinal):
         store.request_payout(account, row["payer"], 600, uuid.uuid4().hex, head=99)
     assert store.request_payout(account, row["payer"], 600, uuid.uuid4().hex, head=100) is not None
+
+
+def test_attack_two_replicas_withdraw_at_once_as_the_deposit_turns_final(db_url):
+    """A payer who wants the gateway to pay twice: at the block its deposit turns final, two
+    withdrawals of the whole credit at once, one on each replica (sign-ins of their own): one pays,
+    the other finds no credit — and one a block early pays nothing."""
+    stores = [Store(db_url), Store(db_url)]
+    row = payment(amount=700)
+    account = credit_account(row["network"], row["asset"], row["payer"])
+    locked = stores[0].lock(row, account, 0, call_id="c1")
+    tx = settling(stores[0], locked.payment_id)
+    stores[0].settlements_mined([(tx["id"], tx["tx_hash"], True, lambda p: True, 100)])
+    stores[0].settle_call_credit(account, deposit=700, held=0, cost=100, call_id="c1", payment_id=locked.payment_id)
+    with pytest.raises(NotFinal):
+        stores[1].request_payout(account, row["payer"], 600, uuid.uuid4().hex, head=99)
+    outcomes: list[object] = []
+
+    def withdraw(store: Store) -> None:
+        try:
+            outcomes.append(store.request_payout(account, row["payer"], 600, uuid.uuid4().hex, head=100))
+        except Exception as exc:  # (the loser's refusal)
+            outcomes.append(type(exc).__name__)
+
+    run_concurrently(withdraw, stores)
+    assert sorted(outcomes, key=str)[1] == "InsufficientCredit" and stores[0].payout(str(sorted(outcomes, key=str)[0]))
+    assert stores[0].credit_balance(account) == 0 and stores[0].available_credit(account) == 0
