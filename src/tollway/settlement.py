@@ -49,7 +49,7 @@ from .ledger import Store
 from .ledger.channels import ChannelUse
 from .ledger.models import PaymentState, TxState
 from .ledger.store import Settlement
-from .payments.chain import Chain, RpcError, receipt_status, transfers_in
+from .payments.chain import Chain, RpcError, quantity, receipt_status, transfers_in
 from .payments.channel import deposit_of
 
 log = logging.getLogger("tollway.settlement")
@@ -467,8 +467,8 @@ class Settler:
         Its block is taken for no later than ``head``, the chain's as its receipt was read (a block
         number a node got wrong holds no wallet's credit for ever, nor stops a conclusion)."""
         try:
-            block = min(int(receipt["blockNumber"], 16), head)
-        except (KeyError, TypeError, ValueError):
+            block = min(quantity(receipt.get("blockNumber")), head)
+        except ChainUnavailable:
             block = head
         return block + self.confirmations
 

@@ -384,7 +384,7 @@ class Payer:
         with self._lock:  # (another thread's call may move the channel's totals: read them once, here)
             if "channelState" in extra:  # a corrective 402: the gateway counted another total
                 channel.resync(self.account, extra)
-            if Decimal(max(channel.charged + amount - channel.signed, 0)).scaleb(-decimals) > usd:
+            if Decimal(channel.adds(self.account, offer)).scaleb(-decimals) > usd:
                 raise PaymentRefused("the channel's charged total moved past what this call's limits allow")
             deposit = 0
             if channel.needs(amount):
