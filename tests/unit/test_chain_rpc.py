@@ -202,7 +202,19 @@ async def test_logs_are_asked_over_half_the_range_while_the_node_says_it_is_too_
         server.close()
 
 
-@pytest.mark.parametrize("refusal", ["header not found", "rate limit exceeded"])
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "header not found",
+        "rate limit exceeded",
+        # (capacity refusals, in hosted RPCs' words: not about the range)
+        "Your app has exceeded its compute units per second capacity",
+        "daily request limit exceeded",
+        "credits quota exceeded",
+        "Too many requests, reduce your request rate",
+        "throughput limit exceeded",
+    ],
+)
 async def test_a_refusal_that_is_not_about_the_range_raises_and_leaves_it(refusal):
     answer, asked = logs_node(10**6, refusal, failures=1)
     server, url = await rpc_server(answer)

@@ -42,6 +42,9 @@ LEAST_LOG_RANGE = 10  # halved down to this on a refusal (a node refusing a narr
 # range 500", "block range is too wide", "limited to a 10000 range", "Log response size exceeded",
 # "query returned more than 10000 results", "Max range exceeded"
 RANGE_REFUSAL = ("range", "limit", "exceed", "too ", "more than", "size")
+# ... unless they speak of the caller's capacity ("exceeded its compute units per second capacity",
+# "daily request limit exceeded"): a narrower query would be refused as well, and the range stay halved
+CAPACITY_REFUSAL = ("rate", "compute unit", "capacity", "quota", "credit", "daily", "many requests", "throughput")
 
 
 class RpcError(ChainUnavailable):
@@ -365,9 +368,9 @@ def receipt_status(receipt: Any, tx_hash: str) -> int | None:
 
 
 def range_refusal(message: str) -> bool:
-    """Whether a node's refusal of an ``eth_getLogs`` says the query spans too much (not a rate limit)."""
+    """Whether a node's refusal of an ``eth_getLogs`` says the query spans too much (not that we ask too often)."""
     words = message.lower()
-    return any(w in words for w in RANGE_REFUSAL) and "rate" not in words
+    return any(w in words for w in RANGE_REFUSAL) and not any(w in words for w in CAPACITY_REFUSAL)
 
 
 def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, int]]:
