@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__, catalogue, credits, discovery, metrics, page, pipeline, receipts, refunds, signin
 from .config import Settings
 from .errors import (
-    Forbidden,
     GatewayError,
     NotFound,
     Unauthorized,
@@ -127,9 +126,7 @@ async def receipt(request: Request) -> Response:
     gw = gateway(request)
     row = gw.store.receipt(request.path_params["receipt_id"][:64])
     if not is_admin(request, gw):
-        who = await signin.require(gw, request, signin.request_key(request))
-        if row is not None and row["payer"] != who.wallet:
-            raise Forbidden("this receipt belongs to another wallet", code="receipt_forbidden")
+        await signin.require_owner(gw, request, None if row is None else row["payer"], "receipt")
     if row is None:
         raise NotFound("no such receipt", code="receipt_not_found")
     return JSONResponse(receipts.view(gw, row))

@@ -143,7 +143,5 @@ async def withdrawal(request: Request, gw: Gateway, *, operator: bool) -> Respon
     """A withdrawal, for its wallet (signed in) or the operator, as a receipt is."""
     row = gw.store.payout(request.path_params["payout_id"][:64])
     if not operator:
-        who = await signin.require(gw, request, signin.request_key(request))
-        if row is not None and row["wallet"].lower() != who.wallet:
-            raise Forbidden("this withdrawal belongs to another wallet", code="withdrawal_forbidden")
+        await signin.require_owner(gw, request, None if row is None else row["wallet"], "withdrawal")
     return JSONResponse(payout_view(gw, row))

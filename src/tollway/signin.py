@@ -24,7 +24,7 @@ from eth_abi import encode as abi_encode
 from starlette.requests import Request
 
 from . import siwe
-from .errors import GatewayError, PaymentInvalid, PaymentMalformed, Unauthorized
+from .errors import Forbidden, GatewayError, PaymentInvalid, PaymentMalformed, Unauthorized
 from .jsonbytes import dumps
 from .keccak import keccak
 from .payments import x402
@@ -246,3 +246,12 @@ async def require(gw: Any, request: Request, digest: str) -> SignIn:
             "sign_in_required",
         )
     return who
+
+
+async def require_owner(gw: Any, request: Request, owner: str | None, thing: str) -> None:
+    """The request signs in as ``owner``'s wallet: a 401 (see ``require``) if it does not sign in,
+    403 ``<thing>_forbidden`` if it is another wallet. ``owner`` None (there is no such thing): any
+    wallet signed in may learn that, and no one else."""
+    who = await require(gw, request, request_key(request))
+    if owner is not None and owner.lower() != who.wallet:
+        raise Forbidden(f"this {thing} belongs to another wallet", code=f"{thing}_forbidden")
