@@ -402,6 +402,33 @@ def test_tollways_client_deposits_once_pays_by_voucher_resynchronises_after_a_st
     assert "invalid_batch_settlement_evm_refund_no_balance" in str(refused.value)
 
 
+def test_tollways_client_restarted_pays_its_first_call_within_its_limits(channel_gateway, devnet, chain):
+    """A fresh process knows nothing of its channel: its first voucher signs the quote from zero,
+    and the corrective 402 shows (by the wallet's own signature) a higher voucher signed before.
+    That first voucher adds nothing the gateway could not claim already: it must not count against
+    the call's limit, nor the session's budget."""
+    account = chain.fund(100_000_000)
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    body = chat_body("a restarted client", max_tokens=16)
+    quote = Decimal(int(offer(channel_gateway, body)["amount"])).scaleb(-6)
+    # (a limit a call's quote is within, but not its quote and the cost of the call before it)
+    limits = {
+        "schemes": ("batch-settlement",),
+        "max_total_usd": Decimal(5),
+        "max_per_call_usd": quote + Decimal("5e-6"),
+    }
+    for process in range(2):
+        payer = Payer(account, allowed, **limits)
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=channel_gateway.url, timeout=30) as http:
+            for _ in range(2):
+                answer = http.post(CHAT, json=body)
+                assert answer.status_code == 200, (process, answer.text)
+    assert payer.spent_usd == sum(p.usd for p in payer.history)  # (its first voucher, refused, is not counted)
+    assert (
+        payer_channel(channel_gateway, account.address)["charged"] == metered_total(channel_gateway, account.address)[1]
+    )
+
+
 def test_tollways_client_believes_a_corrective_402_only_as_far_as_it_signed(devnet):
     from tollway.client.channels import Channel
 
@@ -427,6 +454,41 @@ def test_tollways_client_believes_a_corrective_402_only_as_far_as_it_signed(devn
     for lie in (more, stranger, other):
         assert not channel.resync(account, lie)
     assert (channel.charged, channel.balance) == (400, 1000)
+
+
+def test_tollways_client_gives_a_refused_voucher_back_to_its_budget_only_when_shown_a_higher_one(devnet):
+    from tollway.client.payer import Pending
+    from tollway.payments.x402 import PAYMENT_REQUIRED, b64json
+
+    account = Account.create()
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    payer = Payer(account, allowed, schemes=("batch-settlement",), max_total_usd=Decimal(5))
+    terms = {
+        "scheme": "batch-settlement",
+        "network": f"eip155:{devnet.chain_id}",
+        "payTo": Account.create().address,
+        "asset": devnet.token,
+        "amount": "100",
+        "extra": {"receiverAuthorizer": Account.create().address, "withdrawDelay": 900},
+    }
+    channel = payer.channel(terms)
+
+    def corrective(shown: int) -> dict[str, str]:
+        state = {"channelId": channel.id, "balance": "1000", "chargedCumulativeAmount": str(shown - 50)}
+        signature = channel.voucher(account, shown)["signature"]
+        extra = {
+            **terms["extra"],
+            "channelState": state,
+            "voucherState": {"signedMaxClaimable": str(shown), "signature": signature},
+        }
+        return {PAYMENT_REQUIRED: b64json({"x402Version": 2, "accepts": [{**terms, "extra": extra}]})}
+
+    payer.spent_usd = Decimal("0.0001")  # (the refused voucher's, signed from zero: 100 units)
+    refused = Pending({}, terms, Decimal("0.0001"), total=100)
+    assert payer.outdone(refused, corrective(100)) == 0  # the refused voucher itself: it may be all there is
+    assert payer.outdone(refused, {PAYMENT_REQUIRED: b64json({"accepts": [terms]})}) == 0  # no proof
+    assert payer.spent_usd == Decimal("0.0001")
+    assert payer.outdone(refused, corrective(101)) == Decimal("0.0001") and payer.spent_usd == 0
 
 
 @pytest.mark.parametrize(

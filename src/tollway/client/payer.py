@@ -294,7 +294,8 @@ class Payer:
             "payload": inner,
             "extensions": {},
         }
-        return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd, deposit)
+        total = int(inner["voucher"]["maxClaimableAmount"]) if offer["scheme"] == BATCH_SETTLEMENT else 0
+        return Pending({PAYMENT_SIGNATURE: b64json(payload)}, offer, usd, deposit, total)
 
     def _pay_mpp(self, challenge: dict[str, Any], max_usd: Decimal | None, already: Decimal) -> Pending:
         """Answer an MPP evm charge challenge, within the limits, with the first credential type
@@ -399,6 +400,25 @@ class Payer:
             self.spent_usd -= usd - signed
         return payload, deposit, signed
 
+    def outdone(self, pending: Pending, response_headers: Any) -> Decimal:
+        """A voucher refused by a corrective 402 that shows, by this wallet's own signature, a higher
+        voucher signed before (a process that started afresh signs from zero) adds nothing the gateway
+        could not claim already: what it was counted goes back to the budget, and is returned. Only a
+        higher one: a gateway could show the refused voucher itself, and have the next signed on top."""
+        offer = pending.offer
+        if offer is None or offer.get("scheme") != BATCH_SETTLEMENT or not pending.usd:
+            return Decimal(0)
+        accepts = (_required(response_headers) or {}).get("accepts")
+        channel = self.channel(offer)
+        for o in accepts if isinstance(accepts, list) else []:
+            extra = o.get("extra") if isinstance(o, dict) else None
+            totals = channel.corrected(self.account, extra) if isinstance(extra, dict) else None
+            if totals is not None and totals[2] > pending.total:
+                with self._lock:
+                    self.spent_usd -= pending.usd
+                return pending.usd
+        return Decimal(0)
+
     def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
         """Record a paid response — an ``upto`` payment counting, once the answer says, what moved
         rather than its maximum — or give the reservation back if the call was not paid."""
@@ -462,6 +482,7 @@ class Pending:
     offer: dict[str, Any] | None  # None: a sign-in, no payment
     usd: Decimal
     deposit: int = 0  # into a channel, with this payment
+    total: int = 0  # the cumulative amount a voucher signs
 
 
 # What a malformed offer raises as it is read and signed (a field missing, of the wrong type, not a number)
@@ -507,6 +528,7 @@ class Exchange:
                 self.payer.credit_hint = False  # the credit did not cover it: pay, and sign in less
             elif status != 402 or (offer is not None and not self._retryable(headers)):
                 return None  # served (or refused for good); a sign-in the credit did not cover goes on to pay
+            self.signed_usd -= self.payer.outdone(pending, headers)
             if self.attempts >= ATTEMPTS:
                 return None
         elif status not in (401, 402):
