@@ -163,8 +163,11 @@ def event_loop_run(main: Coroutine[Any, Any, T]) -> T:
 
 def server_config(app: Any, settings: Settings, log_level: str) -> Any:
     """The gateway's uvicorn configuration: only a proxy in ``trusted_proxies`` may name the
-    client (``X-Forwarded-For``, ``X-Forwarded-Proto``); with none, the peer is the client."""
+    client (``X-Forwarded-For``, ``X-Forwarded-Proto``); with none, the peer is the client. HTTP/1.1
+    with bounds on a request's head and on a client that stops sending (``tollway.serving``)."""
     import uvicorn
+
+    from .serving import BoundedHttpToolsProtocol
 
     proxies = settings.trusted_proxies
     return uvicorn.Config(
@@ -175,6 +178,7 @@ def server_config(app: Any, settings: Settings, log_level: str) -> Any:
         access_log=False,
         proxy_headers=bool(proxies),
         forwarded_allow_ips=proxies or None,
+        http=BoundedHttpToolsProtocol,
     )
 
 
