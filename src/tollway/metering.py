@@ -248,14 +248,15 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     )
     doc = answer_doc(opened.first)
     usage = usage_of_answer(doc, output=call.surface != "embeddings")
-    media = opened.response.headers.get("content-type", "")  # (what it says goes back: checked before the charge)
-    media = media if media.isascii() and media.isprintable() and media else "application/json"
+    # (never as the upstream labels it: its text/html would be a page of this gateway's origin)
+    media = "application/json" if doc is not None else "text/plain; charset=utf-8"
     fields, hop, settled = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settled=None)
     headers = receipt_headers(gw, paid, settled, call_id)
     hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]
     headers["x-tollway-cost"] = str(fields["cost"])
     headers["x-tollway-credit"] = str(fields["credit_after"])
     headers[cache.CACHE_HEADER] = cache.encode_hops(hops)
+    headers["x-content-type-options"] = "nosniff"
     body = opened.first
     if call.surface in OPENAI_USAGE:  # (the other APIs' answers go back untouched)
         body = body_with_cost(body, doc, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
@@ -391,7 +392,8 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
                 with anyio.CancelScope(shield=True):
                     await opened.response.aclose()
 
-    return RelayResponse(body(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+    headers = {**headers, "cache-control": "no-cache", "x-content-type-options": "nosniff"}
+    return RelayResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 class RelayResponse(StreamingResponse):

@@ -913,6 +913,32 @@ def test_an_upstream_content_type_that_is_no_header_value_here_is_not_a_500_afte
     assert int(r.headers["x-tollway-cost"]) > 0
 
 
+@pytest.mark.parametrize("json_body", [True, False])
+def test_an_answer_the_upstream_labels_html_goes_back_as_json_or_text_never_as_a_page(
+    gateway, chain, devnet, tmp_path, json_body
+):
+    """A hostile (or misconfigured) upstream's text/html went back as is: a page of the gateway's
+    origin, with the script a model was made to write. (Adversarial review.)"""
+    script = "<script>alert(document.domain)</script>"
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "mock/echo",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": script}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+
+    async def html(request):
+        from starlette.responses import Response
+
+        return Response(json.dumps(answer) if json_body else script, media_type="text/html")
+
+    r = paid_through(gateway, chain, devnet, tmp_path, html, chat_body("a page", max_tokens=8))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == ("application/json" if json_body else "text/plain; charset=utf-8")
+    assert r.headers["x-content-type-options"] == "nosniff" and script in r.text
+
+
 def test_deeply_nested_upstream_json_is_not_a_500(gateway, chain, devnet):
     """[18] A hostile upstream answers with JSON nested far deeper than a parser's stack."""
     payer = wallet(chain.fund(), devnet)
