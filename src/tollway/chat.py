@@ -429,12 +429,14 @@ def refuse_fields(body: dict[str, Any], unpriced: dict[str, str]) -> None:
 
 
 def refuse_tier(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    tier = body.get("service_tier")
-    if tier is not None and tier not in allowed:
-        raise BadRequest(
-            f"'service_tier' may be one of {', '.join(allowed)}: other tiers cost more than the list price",
-            code="unpriced_parameter",
-        )
+    refuse_choice(body, "service_tier", allowed, "other tiers cost more than the list price")
+
+
+def refuse_choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], why: str) -> None:
+    """Refuse a field the request sets to another value than those ``allowed`` (the list price's)."""
+    value = body.get(name)
+    if value is not None and value not in allowed:
+        raise BadRequest(f"'{name}' may be one of {', '.join(allowed)}: {why}", code="unpriced_parameter")
 
 
 def refuse_tools(body: dict[str, Any], allowed: tuple[str | None, ...], kind: str) -> None:

@@ -25,6 +25,7 @@ from .chat import (
     ALLOWED_TIERS,
     Api,
     chat_messages,
+    refuse_choice,
     refuse_fields,
     refuse_parts,
     refuse_tier,
@@ -53,6 +54,7 @@ def messages_prompt(body: dict[str, Any]) -> list[Any]:
 def refuse_messages(body: dict[str, Any], items: list[Any]) -> None:
     refuse_fields(body, MESSAGES_UNPRICED)
     refuse_tier(body, ("auto", "standard_only"))
+    refuse_choice(body, "inference_geo", ("global",), "inference in one region costs 1.1 times the list price")
     refuse_tools(body, (None, "custom"), "custom (client)")
     refuse_parts(items, MESSAGES_PARTS)
 

@@ -179,6 +179,7 @@ RESPONSE = {"model": "mock/echo", "input": "hi"}
         ("/v1/messages", {**MESSAGE, "mcp_servers": [{"type": "url", "url": "https://example.com"}]}),
         ("/v1/messages", {**MESSAGE, "container": "c1"}),
         ("/v1/messages", {**MESSAGE, "service_tier": "priority"}),
+        ("/v1/messages", {**MESSAGE, "inference_geo": "us"}),  # (1.1 times the list price)
         (
             "/v1/messages",
             {
