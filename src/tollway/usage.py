@@ -92,6 +92,9 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
 
     if prompt is None or completion is None:
         return None
+    total = _int(usage.get("total_tokens"))
+    if total is not None and total - prompt > completion:  # reasoning reported beside the output (xAI, some
+        completion = min(total - prompt, MAX_COUNT)  # Gemini proxies), but in the total and in the bill
     # (a buggy or hostile upstream's: no more read from the cache than the prompt, no more written
     # to it than the rest — else one prompt token would be billed as read and as written)
     if cached is not None and cached > prompt:

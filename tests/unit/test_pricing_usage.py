@@ -131,6 +131,22 @@ def test_usage_dialects(dialect):
     )
 
 
+def test_reasoning_reported_beside_the_output_is_charged_as_output():
+    """xAI counts reasoning apart from ``completion_tokens``, but in ``total_tokens`` (and its bill):
+    the output is what the total says beyond the prompt. (Adversarial review: 386 of 387 output
+    tokens went uncharged.)"""
+    xai = {
+        "prompt_tokens": 10,
+        "completion_tokens": 1,
+        "total_tokens": 397,
+        "completion_tokens_details": {"reasoning_tokens": 386},
+    }
+    assert parse_usage(xai).completion_tokens == 387
+    openai = {**xai, "completion_tokens": 387, "completion_tokens_details": {"reasoning_tokens": 386}}
+    assert parse_usage(openai).completion_tokens == 387  # (reasoning inside the output: counted once)
+    assert parse_usage({**xai, "total_tokens": 5}).completion_tokens == 1  # (a total short of the parts: the parts)
+
+
 def test_upstream_cost_is_kept_exact():
     assert parse_usage(DIALECTS["openrouter"][0]).upstream_cost == Decimal("0.00012")
 
