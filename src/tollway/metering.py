@@ -12,6 +12,7 @@ saved as it goes, so that a stream a crash left open is metered by what it deliv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,6 +50,7 @@ from .usage import (
 log = logging.getLogger("tollway.pipeline")
 calls_log = logging.getLogger("tollway.calls")
 PROGRESS_SECONDS = 2.0  # how often a stream's delivered events are saved
+USAGE_GRACE = 5.0  # seconds a relay goes on, for the usage chunk, after its client left an ended answer
 
 
 @dataclass(frozen=True)
@@ -355,8 +357,9 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
 
     stop_cutting = stream_cutter(gw, call, opened, paid, watch=settled is not None and settled.sign is not None)
 
+    tail = StreamTail()
+
     async def body() -> AsyncIterator[bytes]:
-        tail = StreamTail()
         tail.feed(opened.first)
         relay = UsageEvents(usage_event if reader is None else reader.see)
         closed, saved = False, time.monotonic()
@@ -393,7 +396,8 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
                     await opened.response.aclose()
 
     headers = {**headers, "cache-control": "no-cache", "x-content-type-options": "nosniff"}
-    return RelayResponse(body(), media_type="text/event-stream", headers=headers)
+    answered = tail.answered if reader is None else None  # (chat's usage comes after its answer)
+    return RelayResponse(body(), media_type="text/event-stream", headers=headers, answered=answered)
 
 
 class RelayResponse(StreamingResponse):
@@ -401,16 +405,29 @@ class RelayResponse(StreamingResponse):
     ASGI < 2.4 (uvicorn), runs the stream in an anyio task group beside a listener for the
     disconnect: ~0.2 ms of CPU per stream, before its first byte. Here the listener is one plain
     task, which cancels the relay (this task) if the client goes first: the stream's generator then
-    meters what was delivered and closes the upstream (``relay_stream``)."""
+    meters what was delivered and closes the upstream (``relay_stream``).
+
+    A client that goes once the answer has ended (``answered``) is not waiting for anything but the
+    usage chunk; the relay goes on reading the upstream for it (for ``USAGE_GRACE`` seconds at most),
+    and the call is charged what the upstream bills: a model's hidden reasoning is no event, and
+    the estimate of a stream cut there would have left it out."""
+
+    def __init__(self, *args: Any, answered: Callable[[], bool] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answered = answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.current_task()
         assert relay is not None
         state = {"finished": False, "gone": False}
+        done = asyncio.Event()
 
         async def listen() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
+            if not state["finished"] and self.answered is not None and self.answered():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), USAGE_GRACE)
             if not state["finished"]:
                 state["gone"] = True
                 relay.cancel()
@@ -424,6 +441,7 @@ class RelayResponse(StreamingResponse):
             relay.uncancel()  # the client went: the stream ends here
         finally:
             state["finished"] = True
+            done.set()
             listener.cancel()
             await self.body_iterator.aclose()  # type: ignore[attr-defined]  # (cut while sending: it meters now)
 

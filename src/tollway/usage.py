@@ -322,6 +322,15 @@ class StreamTail:
             return Usage(prompt_bound, output, dialect="estimated")
         return Usage(prompt.prompt_tokens, output, prompt.cached_tokens, prompt.cache_write_tokens, dialect="estimated")
 
+    def answered(self) -> bool:
+        """Whether a chat stream's answer has ended (a choice's ``finish_reason``): what may follow
+        is its usage chunk and ``[DONE]``."""
+        for doc in self.events(b'"finish_reason"'):
+            choices = doc.get("choices")
+            if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
+                return True
+        return False
+
     def generation_id(self) -> str:
         """The id the stream's events carry (OpenRouter: the generation's id), "" if none."""
         if self._id is None:

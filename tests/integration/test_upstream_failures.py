@@ -341,6 +341,48 @@ def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
         assert call["completion_tokens"] <= 2 * per_event and 0 < call["cost"] < call["quote"], call
 
 
+def test_attack_hanging_up_between_the_answer_and_its_usage_is_charged_the_reasoning(gateway, chain, tmp_path):
+    """A payer reads a reasoning model's whole answer and hangs up at its ``finish_reason``, before
+    the usage chunk. Its hidden reasoning was no event: the estimate of a stream cut there charged a
+    few tokens of the thousands the upstream bills. The relay reads on for the usage instead.
+    (Adversarial review.)"""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    reasoning = 3000
+
+    async def reasoning_model(request: Any) -> StreamingResponse:
+        async def events():
+            yield sse({**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            for w in ("The", " answer", " is", " 42."):
+                yield sse({**CHUNK, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]})
+            yield sse({**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            await asyncio.sleep(0.5)  # (the usage chunk a moment later: the client is gone by then)
+            usage = {"prompt_tokens": 20, "completion_tokens": reasoning + 4, "total_tokens": reasoning + 24}
+            yield sse({**CHUNK, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    payer = chain.fund()
+    upstream = ServerThread(Starlette(routes=[Route("/chat/completions", reasoning_model, methods=["POST"])]))
+    with upstream as up, dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine):
+        body = chat_body("what is the answer?", max_tokens=8000, stream=True)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            headers, _ = paid_headers(client, body, payer)
+            with client.stream("POST", CHAT, json=body, headers=headers) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if '"finish_reason":"stop"' in line.replace(" ", ""):
+                        break  # (and the connection is closed)
+        time.sleep(1.5 + SETTLE_WAIT)
+        (call,) = [c for p in payment_rows(engine, payer.address) for c in call_rows(engine, p["id"])]
+    assert call["completion_tokens"] == reasoning + 4 and call["usage_dialect"] != "estimated", call
+
+
 def test_an_upstream_404_quoting_a_key_in_its_url_path_is_passed_on_without_it(gateway, chain, tmp_path):
     """Some hosts take the key in the URL's path, and a 404 often quotes the path it was asked
     (Express: "Cannot POST /…"): the client learns the refusal, not the operator's key."""
