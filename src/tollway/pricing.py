@@ -134,16 +134,20 @@ class Prices:
 
     def cost(self, usage: Usage, *, long_cache: bool = False) -> int:
         """What a call cost from its usage; unknown cache figures bill at the plain prompt price.
-        Cache writes of a request that asked for one-hour caching bill at that price."""
+        Cache writes of a request that asked for one-hour caching bill at that price — those the
+        upstream says it wrote for an hour, when it tells them apart; else all of them."""
         cached = usage.cached_tokens or 0
         written = usage.cache_write_tokens or 0
         plain = max(usage.prompt_tokens - cached - written, 0)
-        write_price = self.cache_write_1h if long_cache and self.cache_write_1h is not None else self.cache_write
+        hour = 0
+        if long_cache and self.cache_write_1h is not None:
+            hour = written if usage.cache_write_1h_tokens is None else min(usage.cache_write_1h_tokens, written)
         return self._atomic(
             self.request
             + plain * self.prompt
             + cached * self.cache_read
-            + written * write_price
+            + (written - hour) * self.cache_write
+            + hour * (self.cache_write_1h or 0)
             + usage.completion_tokens * self.completion
         )
 

@@ -35,6 +35,7 @@ class Usage:
     cache_write_tokens: int | None = None  # prompt tokens written to it
     upstream_cost: Decimal | None = None  # the upstream's own figure, USD, if it states one
     dialect: str = "openai"
+    cache_write_1h_tokens: int | None = None  # of those written, for an hour (None: not said apart)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -64,6 +65,7 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
     if completion is None:
         completion = _int(usage.get("output_tokens"))
 
+    written_1h = None
     if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
         read = _int(usage.get("cache_read_input_tokens"))
         written = _int(usage.get("cache_creation_input_tokens"))
@@ -72,6 +74,8 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
             uncached = _int(usage.get("input_tokens")) if "input_tokens" in usage else 0  # (malformed: unknown)
             prompt = None if uncached is None else uncached + (read or 0) + (written or 0)
         dialect, cached = "anthropic", read
+        by_ttl = usage.get("cache_creation")  # (Anthropic: the writes by TTL, when a request marks both)
+        written_1h = _int(by_ttl.get("ephemeral_1h_input_tokens")) if isinstance(by_ttl, dict) else None
     elif "prompt_cache_hit_tokens" in usage:
         prompt = _int(usage.get("prompt_tokens"))
         cached, written, dialect = _int(usage.get("prompt_cache_hit_tokens")), None, "deepseek"
@@ -101,7 +105,9 @@ def parse_usage(usage: Any, timings: Any = None) -> Usage | None:
         cached = prompt
     if written is not None and written > prompt - (cached or 0):
         written = prompt - (cached or 0)
-    return Usage(prompt, completion, cached, written, upstream_cost, dialect)
+    if written_1h is not None:
+        written_1h = min(written_1h, written or 0)
+    return Usage(prompt, completion, cached, written, upstream_cost, dialect, written_1h)
 
 
 def answer_doc(body: bytes) -> dict[str, Any] | None:

@@ -229,6 +229,32 @@ def test_one_hour_cache_writes_need_their_price():
     refused({"model": "long", "messages": [bad_ttl]}, "unpriced_parameter")
 
 
+def test_cache_writes_bill_at_one_hour_only_as_far_as_the_upstream_wrote_them_for_an_hour():
+    """A request marking a one-hour prefix and a five-minute breakpoint: Anthropic's usage tells the
+    writes apart (``cache_creation``), and each bills at its own TTL's price. Where the upstream does
+    not tell them apart, all of them bill at the hour's. (Adversarial review: +58% on such calls.)"""
+    from tollway.usage import parse_usage
+
+    prices = PRICES["long"]
+    apart = {
+        "input_tokens": 10,
+        "output_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 50_000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 50_000, "ephemeral_1h_input_tokens": 0},
+    }
+    usage = parse_usage(apart)
+    assert usage.cache_write_tokens == 50_000 and usage.cache_write_1h_tokens == 0
+    five_minutes = 10 * 3 + 50_000 * Decimal("3.75")  # (millionths of a dollar)
+    assert prices.cost(usage, long_cache=True) == five_minutes
+    hour = parse_usage({**apart, "cache_creation": {"ephemeral_1h_input_tokens": 50_000}})
+    assert prices.cost(hour, long_cache=True) == 10 * 3 + 50_000 * 6
+    together = parse_usage({k: v for k, v in apart.items() if k != "cache_creation"})
+    assert prices.cost(together, long_cache=True) == 10 * 3 + 50_000 * 6
+    lying = parse_usage({**apart, "cache_creation": {"ephemeral_1h_input_tokens": 10**9}})
+    assert lying.cache_write_1h_tokens == 50_000  # (no more written for an hour than written)
+
+
 def test_forwarding_keeps_strings_and_order_and_renames_the_model():
     messages = [
         {"role": "system", "content": "  spaced\u00a0 ünïcode 🦊 \\n", "cache_control": {"type": "ephemeral"}},
