@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import anyio
@@ -31,9 +32,9 @@ from .jsonbytes import compact
 from .ledger.store import Settlement
 from .payments import mpp, x402
 from .payments.base import PaymentScheme, Proof, Quote, Verified
-from .pricing import atomic_to_usd
+from .pricing import atomic_to_usd, to_atomic
 from .upstream.attempts import encode_attempts
-from .upstream.client import Opened
+from .upstream.client import GENERATION, Opened
 from .usage import (
     SUMMARY_PREFIX,
     StreamTail,
@@ -188,6 +189,9 @@ def meter(
     its payment has not settled yet, settle it — in one transaction. Returns the metered fields
     (with ``credit_after``), this hop's cache figures, and how the payment settled."""
     cost = charge(call, paid, usage)
+    if usage is not None and usage.dialect == GENERATION and usage.upstream_cost and not call.route.byok:
+        billed = to_atomic(Fraction(usage.upstream_cost), gw.settings.chain.decimals)  # (its writes unnamed)
+        cost = min(max(cost, billed), paid.quote.amount, paid.covered)
     if usage is not None and usage.dialect != "estimated" and paid.quote.amount:  # (a free call's is 0)
         over = call.prices.cost(usage, long_cache=call.long_cache)
         if over > cost:

@@ -608,6 +608,34 @@ def test_a_stream_without_usage_is_metered_from_the_upstreams_record_when_it_kee
     assert int(doc["cost"]["atomic"]) == to_atomic(usd + cached, 6)
 
 
+def test_a_stream_metered_from_the_upstreams_record_is_charged_no_less_than_it_billed(
+    gateway, chain, devnet, tmp_path, upstream
+):
+    """OpenRouter's generation record names no cache writes, which bill above the prompt price: a
+    payer who hung up before the usage chunk was charged its prompt at the plain price (an Opus
+    prompt written to the one-hour cache: half of what the upstream billed). The record's
+    ``total_cost`` is what the call is charged at least, within the quote. (Adversarial review.)"""
+    from tollway.config import UpstreamSettings
+
+    router_like = UpstreamSettings(name="openrouter-like", url=upstream.url + "/v1", usage_lookup="openrouter")
+    prices = gateway.settings.models["mock/echo"]
+    dearer = {"prompt": float(prices.prompt) * 2, "completion": float(prices.completion)}  # (as its writes bill)
+    mock = {"omit_usage": True, "dialect": "openrouter", "cost_prices": dearer}
+    body = chat_body("one two three " * 50, max_tokens=500, stream=True, mock=mock)
+    with dedicated_gateway(gateway, chain, tmp_path, upstreams=[router_like]) as (url, _):
+        with paying(url, wallet(chain.fund(), devnet)) as client, client.stream("POST", CHAT, json=body) as r:
+            assert r.status_code == 200
+            r.read()
+        wait_receipt(url, r.headers["x-tollway-receipt"])
+        eventually(lambda: receipt(url, r.headers["x-tollway-receipt"])["status"] not in ("streaming", "metering"))
+        doc = receipt(url, r.headers["x-tollway-receipt"])
+    usage = doc["usage"]
+    assert usage["dialect"] == "openrouter-generation" and usage["upstream_cost_usd"] is not None, usage
+    listed = usage["prompt_tokens"] * Fraction(prices.prompt) + usage["completion_tokens"] * Fraction(prices.completion)
+    billed = to_atomic(Fraction(usage["upstream_cost_usd"]), 6)
+    assert billed > to_atomic(listed, 6) and int(doc["cost"]["atomic"]) == billed
+
+
 # -- 9. gas drain -----------------------------------------------------------------------------------------------
 
 

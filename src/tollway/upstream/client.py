@@ -104,8 +104,13 @@ def make_paying_client(s: UpstreamSettings) -> CookielessClient:
     return CookielessClient(transport=PayingTransport(payer, h1_transport(limits)))
 
 
+GENERATION = "openrouter-generation"  # the dialect of usage read from a generation record
+
+
 def generation_usage(body: bytes) -> Usage | None:
-    """Usage from OpenRouter's generation record (native token counts, what it bills)."""
+    """Usage from OpenRouter's generation record (native token counts, what it bills). It names no
+    cache writes, which bill above the prompt price: what it billed (``total_cost``) is kept, and
+    the call is charged no less (``metering.meter``)."""
     try:
         data = loads(body).get("data")
     except (ValueError, AttributeError, RecursionError):
@@ -119,7 +124,7 @@ def generation_usage(body: bytes) -> Usage | None:
         "cost": data.get("total_cost"),
     }
     found = parse_usage(usage)
-    return None if found is None else replace(found, dialect="openrouter-generation")
+    return None if found is None else replace(found, dialect=GENERATION)
 
 
 def _retry_after(resp: httpx.Response) -> int | None:
