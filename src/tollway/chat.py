@@ -501,7 +501,7 @@ TOOL_PROMPT_TOKENS = 1000
 
 
 def tool_prompt(body: dict[str, Any]) -> int:
-    return TOOL_PROMPT_TOKENS if body.get("tools") else 0
+    return TOOL_PROMPT_TOKENS if body.get("tools") or body.get("functions") else 0  # (functions: the old name)
 
 
 CHAT = Api("chat", "/v1/chat/completions", chat_messages, refuse_unpriced, prompt_allowance=tool_prompt)

@@ -213,6 +213,8 @@ def test_a_request_with_tools_allows_for_the_providers_hidden_tool_prompt():
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     plain, tooled = parse(body(max_tokens=1)), parse(body(max_tokens=1, tools=[tool]))
     assert tooled.quote().prompt_bound >= plain.quote().prompt_bound + TOOL_PROMPT_TOKENS
+    legacy = parse(body(max_tokens=1, functions=[tool["function"]]))  # (the field tools replaced)
+    assert legacy.quote().prompt_bound >= plain.quote().prompt_bound + TOOL_PROMPT_TOKENS
 
 
 def test_one_hour_cache_writes_need_their_price():
