@@ -84,10 +84,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._refuse(408, "request not received in time")
 
+    def _answering(self) -> bool:
+        """Whether an answer is on its way: while a head is read, the answer to the request before it
+        (pipelined); while a body is, this request's (the app answered before it read it all)."""
+        if self._head is None:
+            return bool(self.cycle.response_started)
+        return self.cycle is not None and not self.cycle.response_complete
+
     def _refuse(self, status: int, message: str) -> None:
-        """Answer ``status`` (when the request's answer has not begun) and close the connection."""
+        """Answer ``status`` (unless an answer to this request began: the app's) and close the connection."""
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or not cycle.response_started:
+        if not self._answering():
             body = message.encode()
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"

@@ -94,6 +94,13 @@ def test_a_client_that_stops_sending_mid_request_is_answered_408_and_let_go(serv
     assert got.startswith(b"HTTP/1.1 408 "), got[:200]
 
 
+def test_a_client_that_stops_sending_a_body_already_answered_is_let_go_without_a_second_answer(served):
+    with connect(served) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{")  # (never read)
+        got = answer(sock)
+    assert got.startswith(b"HTTP/1.1 200 ") and b" 408 " not in got, got
+
+
 def test_a_slow_client_that_keeps_sending_is_not_cut(served):
     head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
     body = b'{"model": "mock/echo", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 4}'
