@@ -88,12 +88,13 @@ def test_a_sign_in_nonce_another_wallet_used_first_still_pays_for_its_own_wallet
         ({"domain": "evil.example"}, "invalid_siwx_domain_mismatch"),
         ({"uri": "https://evil.example/v1/chat/completions"}, "invalid_siwx_uri_mismatch"),
         ({"uri": "https://[x/v1/chat/completions"}, "invalid_siwx_uri_mismatch"),  # (urlsplit raises)
-        ({"issuedAt": iso(time.time() - 600)}, "invalid_siwx_issued_at_too_old"),
-        ({"issuedAt": iso(time.time() + 600)}, "invalid_siwx_issued_at_in_future"),
-        ({"expirationTime": iso(time.time() - 1)}, "invalid_siwx_expired"),
-        ({"notBefore": iso(time.time() + 600)}, "invalid_siwx_not_yet_valid"),
+        # (times as the test runs, not as it is collected: a suite outlasts 600 s)
+        (lambda: {"issuedAt": iso(time.time() - 600)}, "invalid_siwx_issued_at_too_old"),
+        (lambda: {"issuedAt": iso(time.time() + 600)}, "invalid_siwx_issued_at_in_future"),
+        (lambda: {"expirationTime": iso(time.time() - 1)}, "invalid_siwx_expired"),
+        (lambda: {"notBefore": iso(time.time() + 600)}, "invalid_siwx_not_yet_valid"),
         ({"nonce": "deadbeef" * 5}, "invalid_siwx_nonce"),
-        ({"nonce": f"{int(time.time()) + 100:x}" + "é" * 32}, "invalid_siwx_nonce"),  # (not ASCII: no MAC)
+        (lambda: {"nonce": f"{int(time.time()) + 100:x}" + "é" * 32}, "invalid_siwx_nonce"),  # (not ASCII: no MAC)
         ({"version": "2"}, "invalid_siwx_version"),
     ],
 )
@@ -101,6 +102,7 @@ def test_hostile_sign_ins_are_refused_and_spend_nothing(gateway, devnet, funded,
     body = chat_body("hostile sign-in", max_tokens=8)
     info = declared(http.post(CHAT, json=body))
     before = credit(gateway.url, funded)
+    change = change() if callable(change) else change
     r = http.post(CHAT, json=body, headers=sign_in(funded.account, info, devnet, **change))
     assert r.status_code == 402 and error_code(r) == code, r.text[:300]
     assert credit(gateway.url, funded) == before
