@@ -636,6 +636,31 @@ def test_a_stream_metered_from_the_upstreams_record_is_charged_no_less_than_it_b
     assert billed > to_atomic(listed, 6) and int(doc["cost"]["atomic"]) == billed
 
 
+def test_attack_an_upstream_record_billing_a_fortune_charges_no_more_than_the_quote(
+    gateway, chain, devnet, tmp_path, upstream
+):
+    """The floor of a generation record's ``total_cost`` is no way past the quote: a hostile (or
+    wrong) record of a fortune charges the quote, and the payer is asked for nothing more."""
+    from tollway.config import UpstreamSettings
+
+    router_like = UpstreamSettings(name="openrouter-like", url=upstream.url + "/v1", usage_lookup="openrouter")
+    mock = {"omit_usage": True, "dialect": "openrouter", "cost_prices": {"prompt": 1000.0, "completion": 1000.0}}
+    body = chat_body("a fortune", max_tokens=50, stream=True, mock=mock)
+    with dedicated_gateway(gateway, chain, tmp_path, upstreams=[router_like]) as (url, _):
+        with paying(url, wallet(chain.fund(), devnet)) as client, client.stream("POST", CHAT, json=body) as r:
+            assert r.status_code == 200
+            r.read()
+        wait_receipt(url, r.headers["x-tollway-receipt"])
+        eventually(lambda: receipt(url, r.headers["x-tollway-receipt"])["status"] not in ("streaming", "metering"))
+        doc = receipt(url, r.headers["x-tollway-receipt"])
+    assert doc["usage"]["dialect"] == "openrouter-generation"
+    assert (
+        int(doc["cost"]["atomic"])
+        == int(doc["quote"]["atomic"])
+        <= int(doc["paid"]["atomic"]) + int(doc["from_credit"]["atomic"])
+    )
+
+
 # -- 9. gas drain -----------------------------------------------------------------------------------------------
 
 

@@ -383,6 +383,52 @@ def test_attack_hanging_up_between_the_answer_and_its_usage_is_charged_the_reaso
     assert call["completion_tokens"] == reasoning + 4 and call["usage_dialect"] != "estimated", call
 
 
+def test_attack_an_upstream_that_never_sends_the_usage_after_the_answer_holds_the_relay_only_the_grace(
+    gateway, chain, tmp_path
+):
+    """The relay reads on for the usage chunk only ``USAGE_GRACE`` after its client left an ended
+    answer: an upstream that then says nothing more is let go, and the call charged its estimate,
+    within its quote."""
+    import asyncio
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from tollway import metering
+
+    let_go = threading.Event()
+
+    async def silent_after_the_answer(request: Any) -> StreamingResponse:
+        async def events():
+            try:
+                yield sse({**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "done"}}]})
+                yield sse({**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                await asyncio.sleep(60)  # (no usage, no [DONE])
+            finally:
+                let_go.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    payer = chain.fund()
+    upstream = ServerThread(Starlette(routes=[Route("/chat/completions", silent_after_the_answer, methods=["POST"])]))
+    with upstream as up, dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine):
+        body = chat_body("then silence", max_tokens=50, stream=True)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            headers, _ = paid_headers(client, body, payer)
+            with client.stream("POST", CHAT, json=body, headers=headers) as r:
+                for line in r.iter_lines():
+                    if '"finish_reason":"stop"' in line.replace(" ", ""):
+                        break
+        left = time.monotonic()
+        assert let_go.wait(metering.USAGE_GRACE + 5), "the upstream was held past the grace"
+        assert time.monotonic() - left >= metering.USAGE_GRACE - 1  # (it was read on, for the usage)
+        time.sleep(SETTLE_WAIT)
+        (call,) = [c for p in payment_rows(engine, payer.address) for c in call_rows(engine, p["id"])]
+    assert call["usage_dialect"] == "estimated" and 0 < call["cost"] <= call["quote"], call
+
+
 def test_an_upstream_404_quoting_a_key_in_its_url_path_is_passed_on_without_it(gateway, chain, tmp_path):
     """Some hosts take the key in the URL's path, and a 404 often quotes the path it was asked
     (Express: "Cannot POST /…"): the client learns the refusal, not the operator's key."""
