@@ -41,7 +41,6 @@ from .usage import (
     StreamUsage,
     Usage,
     UsageEvents,
-    answer_doc,
     body_with_cost,
     parse_usage,
     usage_of_answer,
@@ -252,10 +251,8 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     row = served_row(
         call_id, paid, call, opened, status="served", duration_ms=opened.latency_ms, finished_at=time.time()
     )
-    doc = answer_doc(opened.first)
+    doc = opened.doc  # (an answer is a JSON object: ``upstream.client.no_answer``)
     usage = usage_of_answer(doc, output=call.surface != "embeddings")
-    # (never as the upstream labels it: its text/html would be a page of this gateway's origin)
-    media = "application/json" if doc is not None else "text/plain; charset=utf-8"
     fields, hop, settled = meter(gw, call, paid, opened, usage, expected, row, insert_row=True, settled=None)
     headers = receipt_headers(gw, paid, settled, call_id)
     hops = [hop, *cache.upstream_hops(opened.response.headers.get(cache.CACHE_HEADER))]
@@ -267,7 +264,8 @@ def respond(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: st
     if call.surface in OPENAI_USAGE:  # (the other APIs' answers go back untouched)
         body = body_with_cost(body, doc, atomic_to_usd(fields["cost"], gw.settings.chain.decimals))
     log_served(call_id, call, paid, opened, fields["cost"])
-    return Response(body, status_code=200, media_type=media, headers=headers)
+    # (never as the upstream labels it: a text/html answer would be a page of this gateway's origin)
+    return Response(body, status_code=200, media_type="application/json", headers=headers)
 
 
 OPENAI_USAGE = ("chat", "embeddings")  # the APIs whose answers carry tollway's charge as usage.cost

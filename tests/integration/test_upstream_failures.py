@@ -284,6 +284,73 @@ def test_a_stream_opened_without_content_that_then_fails_charges_nothing(gateway
         assert_nothing_charged(engine, chain, payer, before, r)
 
 
+ERROR = {"message": "provider overloaded", "code": 502}
+# 200s that are no answer: served, each was charged its quote (review of the routing and fail-over)
+NO_ANSWERS = {
+    "an HTML page": b"<html><body>502 Bad Gateway</body></html>",
+    "whitespace": b"  \n",
+    "vLLM's error object": json.dumps({"object": "error", "message": "boom", "type": "InternalServerError"}).encode(),
+    "an error and null usage": json.dumps({"error": ERROR, "usage": None}).encode(),
+    "an error and no choices": json.dumps({"error": ERROR, "choices": []}).encode(),
+    "Anthropic's error": json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "x"}}).encode(),
+    "an empty object": b"{}",
+}
+# Streams that never answer: each was taken as answered at its first line and charged ~80% of its quote
+NEVER_ANSWERED = {
+    "a data line that is not JSON": [b"data: upstream overloaded\n\n", b"data: [DONE]\n\n"],
+    "an error chunk without its error field": [
+        sse({**CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}]}),
+        b"data: [DONE]\n\n",
+    ],
+}
+
+
+@pytest.mark.parametrize("name,stream", [(n, False) for n in NO_ANSWERS] + [(n, True) for n in NEVER_ANSWERED])
+def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, tmp_path, name, stream):
+    """Alone, the upstream's no-answer is a 502 and the payment is released; with a second upstream
+    the call goes there (it failed before the first byte) and is served."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    from tollway.config import UpstreamSettings
+
+    async def no_answer(request: Any) -> Response:
+        if stream:
+            return StreamingResponse(iter(NEVER_ANSWERED[name]), media_type="text/event-stream")
+        return Response(NO_ANSWERS[name], media_type="application/json")
+
+    body = chat_body("hi", max_tokens=100, stream=stream)
+    upstream = Starlette(routes=[Route("/chat/completions", no_answer, methods=["POST"])])
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    with ServerThread(upstream) as up:
+        with (
+            dedicated_gateway(gateway, chain, tmp_path / "alone", upstream_url=up.url) as (url, engine),
+            httpx.Client(base_url=url, timeout=30) as client,
+        ):
+            required = payment_required(client.post(CHAT, json=body))
+            r = client.post(
+                CHAT, json=body, headers=payment_header(exact_payment(payer, required, exact_offer(required)))
+            )
+            assert r.status_code == 502 and error_code(r) == "upstream_error", r.text
+            assert_nothing_charged(engine, chain, payer, before, r)
+        upstreams = [
+            UpstreamSettings(name="hostile", url=up.url),
+            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
+        ]
+        with (
+            dedicated_gateway(gateway, chain, tmp_path / "two", upstreams=upstreams) as (url, engine),
+            httpx.Client(base_url=url, timeout=30) as client,
+        ):
+            required = payment_required(client.post(CHAT, json=body))
+            r = client.post(
+                CHAT, json=body, headers=payment_header(exact_payment(payer, required, exact_offer(required)))
+            )
+            assert r.status_code == 200, r.text
+            assert [a["upstream"] for a in receipt(url, r.headers["x-tollway-receipt"])["attempts"]][-1] == "good"
+
+
 def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
     """A payer who wants a stream free hangs up at the worst moments around its opening, which the
     gateway holds until the first token: while it is held, or just after the first token. Neither is

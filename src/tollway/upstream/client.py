@@ -25,7 +25,7 @@ from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
 from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamUnavailable, truncate
 from ..jsonbytes import loads
-from ..usage import Usage, parse_usage, stream_error
+from ..usage import Usage, answer_doc, parse_usage, stream_error
 from .h1 import h1_transport
 
 log = logging.getLogger("tollway.upstream")
@@ -167,17 +167,20 @@ def url_secrets(url: str) -> dict[str, str]:
     return {s: "[the upstream's URL]" for s in values + segments}
 
 
-ANSWER_KEYS = ("choices", "output", "content", "data", "usage")  # chat, Responses, Messages, embeddings
+ANSWERS = ("choices", "output", "content", "data")  # chat, Responses, Messages, embeddings
 
 
-def _error_only(body: bytes) -> bool:
-    """Whether a 200 answer is an error and nothing else (OpenRouter answers an error that came once
-    the model started so): served, it would be charged its quote with nothing to show for it."""
-    try:
-        doc = loads(body)
-    except (ValueError, RecursionError):
+def no_answer(doc: dict[str, Any] | None) -> bool:
+    """Whether a 200's body (parsed: ``usage.answer_doc``) is no answer: not a JSON object (an HTML
+    page, whitespace), an error object (vLLM's ``"object": "error"``, Anthropic's ``"type":
+    "error"``), an ``error`` beside no answer (OpenRouter answers so an error that came once the
+    model started), or none of an API's answer fields. Served, it would be charged with nothing to
+    show for it."""
+    if doc is None or doc.get("object") == "error" or doc.get("type") == "error":
+        return True
+    if any(doc.get(k) for k in ANSWERS):
         return False
-    return isinstance(doc, dict) and doc.get("error") is not None and not any(k in doc for k in ANSWER_KEYS)
+    return doc.get("error") is not None or not any(k in doc for k in (*ANSWERS, "usage"))
 
 
 MAX_GENERATION = 1 << 16  # bytes of a generation record read (OpenRouter's are ~2 KB): the rest is not
@@ -223,6 +226,17 @@ def _contentless(doc: dict[str, Any]) -> bool:
     return True
 
 
+def _failed_choice(doc: dict[str, Any]) -> str | None:
+    """A chat chunk that ends a choice with ``finish_reason: "error"`` before any content (the
+    error chunk OpenRouter and tollway end a broken stream with, its ``error`` field left out)."""
+    for choice in doc.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("finish_reason") == "error":
+            delta = choice.get("delta")
+            if not (isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role")):
+                return "the upstream ended the answer with an error"
+    return None
+
+
 def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | None = None) -> tuple[bool, int]:
     """Whether ``buf``'s lines from ``start`` hold a complete SSE ``data:`` event that answers —
     not a preamble — and where its lines read end (the next call's ``start``: each line is read
@@ -235,17 +249,15 @@ def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | Non
         data = bytes(line[5:].strip())
         if data == b"[DONE]":  # (the end, not an answer: a stream of nothing else is a failure)
             continue
-        if not data.startswith(b"{"):
-            return True, end
-        doc = _json(data)
-        err = doc.get("error") or stream_error(doc)
+        doc = _json(data)  # (not a JSON object: {}, no answer)
+        err = doc.get("error") or stream_error(doc) or _failed_choice(doc)
         if err:
             text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
             raise UpstreamError(f"upstream failed before answering: {scrubbed(text, keys or {})}")
         kind = doc.get("type")  # (none: a chat chunk, "type" was a nested key's)
         if kind is not None and not isinstance(kind, str):
             raise UpstreamError("upstream sent an event whose type is not a string")
-        if kind not in PREAMBLE and not (kind is None and _contentless(doc)):
+        if doc and kind not in PREAMBLE and not (kind is None and _contentless(doc)):
             return True, end
     return False, max(end, start)
 
@@ -268,6 +280,7 @@ class Opened:
     error: str | None = field(default=None)
     attempts: list[Any] = field(default_factory=list)  # every upstream tried, this one last (attempts.Attempt)
     model: str = ""  # the model it served (of a ``models`` fallback list)
+    doc: dict[str, Any] | None = None  # a non-streamed answer, parsed (``usage.answer_doc``)
 
     async def rest(self) -> AsyncIterator[bytes]:
         """The remaining body; a transport failure ends it and is noted in ``error`` (the owner
@@ -397,11 +410,12 @@ class Upstream:
         latency = (time.perf_counter() - started) * 1000
         if not stream:
             await resp.aclose()
-            if b'"error"' in first and _error_only(first):  # (the bytes first: answers seldom hold the key)
+            doc = answer_doc(first)
+            if no_answer(doc):
                 message = _upstream_message(first, self.secrets(api_key))
-                log.warning("upstream %s answered 200 with an error: %s", self.name, message)
-                raise UpstreamError("upstream answered 200 with an error and no answer")
-            return Opened(resp, first, latency, self.name)
+                log.warning("upstream %s answered 200 with no answer: %s", self.name, message)
+                raise UpstreamError("upstream answered 200 with no answer")
+            return Opened(resp, first, latency, self.name, doc=doc)
         return Opened(resp, first, latency, self.name, chunks)
 
     async def _first_bytes(
