@@ -1,9 +1,10 @@
 """Does the upstream's prompt-cache discount survive the trip? What tollway expects and observes.
 
-``PrefixMemory`` remembers, per upstream, the message prefixes of recent prompts and how many
-tokens they held, so each call gets an *expected* cached-token figure (its longest prefix seen
-on that upstream within ``cache_memory_seconds``) to set beside the *observed* one the upstream
-reports. A prefix's tokens are exact when it was a whole earlier prompt (the usual case: a
+``PrefixMemory`` remembers, per payer and upstream, the message prefixes of recent prompts and how
+many tokens they held, so each call gets an *expected* cached-token figure (its longest prefix its
+payer sent that upstream within ``cache_memory_seconds``) to set beside the *observed* one the
+upstream reports. Per payer: the figure is on the payer's receipt, and must not tell one payer
+what another's prompts were. A prefix's tokens are exact when it was a whole earlier prompt (the usual case: a
 conversation's next turn extends its last prompt) and pro rata by bytes otherwise.
 
 Each call's figures form a *hop*; a response carries its hops (ours first, then the upstream's,
@@ -43,22 +44,23 @@ def prefixes_of(model: str, messages: list[Any]) -> Prefixes:
 
 
 class PrefixMemory:
-    """The prompt prefixes recently sent to each upstream, and their tokens: what it may hold
-    cached. Keyed by prefix, so a lookup costs one probe per prefix, whatever the upstreams."""
+    """The prompt prefixes each payer recently sent to each upstream, and their tokens: what it may
+    hold cached for them. Keyed by payer and prefix, so a lookup costs one probe per prefix,
+    whatever the upstreams."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._seen: OrderedDict[bytes, dict[str, tuple[int, float]]] = OrderedDict()  # prefix → upstream → …
+        self._seen: OrderedDict[bytes, dict[str, tuple[int, float]]] = OrderedDict()  # payer+prefix → upstream → …
 
-    def expect(self, upstream: str, prefixes: Prefixes) -> int:
-        """Tokens of this prompt's longest prefix recently sent to ``upstream`` (0 if none)."""
-        return self.expected_by([upstream], prefixes).get(upstream, 0)
+    def expect(self, payer: str, upstream: str, prefixes: Prefixes) -> int:
+        """Tokens of this prompt's longest prefix ``payer`` recently sent to ``upstream`` (0 if none)."""
+        return self.expected_by(payer, [upstream], prefixes).get(upstream, 0)
 
-    def expected_by(self, upstreams: list[str], prefixes: Prefixes) -> dict[str, int]:
+    def expected_by(self, payer: str, upstreams: list[str], prefixes: Prefixes) -> dict[str, int]:
         """``expect`` for those of ``upstreams`` that hold some of the prompt (the others: 0)."""
-        now, out, wanted = time.monotonic(), {}, None
+        now, out, wanted, scope = time.monotonic(), {}, None, _scope(payer)
         for h, _ in reversed(prefixes):  # (longest first: an upstream's first hit is its longest)
-            seen = self._seen.get(h)
+            seen = self._seen.get(scope + h)
             if seen:
                 wanted = wanted or set(upstreams)
                 for upstream, (tokens, expires) in seen.items():
@@ -66,20 +68,25 @@ class PrefixMemory:
                         out[upstream] = tokens
         return out
 
-    def remember(self, upstream: str, prefixes: Prefixes, prompt_tokens: int) -> None:
+    def remember(self, payer: str, upstream: str, prefixes: Prefixes, prompt_tokens: int) -> None:
         if not prefixes:
             return
-        total, expires = prefixes[-1][1], time.monotonic() + self.ttl
+        total, expires, scope = prefixes[-1][1], time.monotonic() + self.ttl, _scope(payer)
         for i, (h, size) in enumerate(prefixes):
             tokens = prompt_tokens if i == len(prefixes) - 1 else prompt_tokens * size // max(total, 1)
-            seen = self._seen.get(h)
+            key = scope + h
+            seen = self._seen.get(key)
             if seen is None:
-                seen = self._seen[h] = {}
+                seen = self._seen[key] = {}
             else:
-                self._seen.move_to_end(h)
+                self._seen.move_to_end(key)
             seen[upstream] = (tokens, expires)
         while len(self._seen) > MAX_PREFIXES:
             self._seen.popitem(last=False)
+
+
+def _scope(payer: str) -> bytes:
+    return payer.lower().encode() + b"|"
 
 
 def hop(upstream: str, usage: Usage | None, expected: int, discount: int | None) -> dict[str, Any]:

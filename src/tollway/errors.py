@@ -13,6 +13,7 @@
     │   └── PaymentInvalid       402  an x402 reason (insufficient_funds, ...)
     │       └── PreconditionFailed 412 the payment needs something first (permit2_allowance_required)
     ├── UpstreamError            502  upstream_error
+    │   ├── UpstreamRefused      403  upstream_refused: it would not take this request (its moderation)
     │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
     │       └── UpstreamDown     503  upstream_unavailable / upstream_timeout: it did not answer at all
     ├── ClientGone               499  client_closed_request (it hung up before its request was read)
@@ -146,6 +147,14 @@ class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
     asked_to_wait: int | None = None  # seconds the upstream asked to be left alone (its own Retry-After)
+
+
+class UpstreamRefused(UpstreamError):
+    """The upstream refused this request (a 403: OpenRouter's moderation flagged it): another
+    upstream may take it, and it says nothing of the upstream's health."""
+
+    status = 403
+    code = "upstream_refused"
 
 
 class UpstreamUnavailable(UpstreamError):

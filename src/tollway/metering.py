@@ -216,7 +216,7 @@ def meter(
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
         discount = max(min(call.prices.cost(uncached), paid.covered) - cost, 0)
         if call.prompt:
-            gw.prefixes.remember(opened.upstream, call.prefixes(), usage.prompt_tokens)
+            gw.prefixes.remember(paid.payment.payer, opened.upstream, call.prefixes(), usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

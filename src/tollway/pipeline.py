@@ -148,7 +148,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
         call = billed_at(gw, call.member(opened.model), opened.upstream)  # (the model and upstream that served it)
         if not call.stream and paid.scheme.lapses and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
-        expected = expected_cache(gw, call, opened.upstream)
+        expected = expected_cache(gw, call, paid.payment.payer, opened.upstream)
         if call.stream:  # settle (a payment of the bound) → relay → meter (→ settle, a metered one)
             return relay_stream(gw, call, opened, paid, call_id, expected)
         return respond(gw, call, opened, paid, call_id, expected)  # meter + settle → receipt
@@ -191,7 +191,7 @@ class Costs(dict[str, float]):
         return self.default
 
 
-def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], Costs] | None:
+def expected_costs(gw: Gateway, call: ChatCall, payer: str) -> Callable[[str, list[str]], Costs] | None:
     """What the router ranks upstreams by (``Router.candidates``): the request's expected cost on
     each — its prompt (``prompt_bound``/4 tokens, or what an upstream is expected to hold cached if
     more) at the cache price as far as the upstream is expected to hold it cached (its prefix sent
@@ -204,7 +204,7 @@ def expected_costs(gw: Gateway, call: ChatCall) -> Callable[[str, list[str]], Co
 
     def costs(model: str, names: list[str]) -> Costs:
         member = call.member(model)
-        held = gw.prefixes.expected_by(names, member.prefixes()) if member.prompt else {}
+        held = gw.prefixes.expected_by(payer, names, member.prefixes()) if member.prompt else {}
         own = upstreams_prices(gw, call, model)
         prompt = max(member.prompt_bound // 4, *held.values(), 0)
         output = min(member.cap(metered=True), EXPECTED_OUTPUT_TOKENS) * member.choices
@@ -235,9 +235,9 @@ def billed_at(gw: Gateway, call: ChatCall, upstream: str) -> ChatCall:
     return call if own is None or own == call.prices else replace(call, prices=own)
 
 
-def expected_cache(gw: Gateway, call: ChatCall, upstream: str) -> int:
-    """The prompt tokens we expect ``upstream`` to have cached for the call (a generation's)."""
-    return gw.prefixes.expect(upstream, call.prefixes()) if call.prompt else 0
+def expected_cache(gw: Gateway, call: ChatCall, payer: str, upstream: str) -> int:
+    """The prompt tokens we expect ``upstream`` to have cached of ``payer``'s call (a generation's)."""
+    return gw.prefixes.expect(payer, upstream, call.prefixes()) if call.prompt else 0
 
 
 def mpp_proof(gw: Gateway, request: Request, call: ChatCall) -> Proof | None:
@@ -447,7 +447,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     cap = paid.quote.max_tokens
     send = gw.router.send(
         [m.model for m in call.members],
-        partial(conversation_key, call.model, call.body, call.prompt, request.headers),
+        partial(conversation_key, paid.payment.payer, call.model, call.body, call.prompt, request.headers),
         lambda upstream, model: call.member(model).forward(
             upstream.cap_field, cap, upstream.routes_providers, upstream.prices.get(model)
         ),
@@ -456,7 +456,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
         prefs=call.route,
         api_key=request.headers.get(PROVIDER_KEY) if call.route.byok else None,  # (checked as it was priced)
-        costs=expected_costs(gw, call),
+        costs=expected_costs(gw, call, paid.payment.payer),
     )
     try:  # (the call's time counts from its arrival, as a stream's cut does: ``metering.stream_cutter``)
         async with asyncio.timeout(gw.settings.max_call_seconds - (time.time() - call.received)):

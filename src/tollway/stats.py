@@ -42,7 +42,7 @@ RECENT_WEIGHT = 0.3
 
 
 # Attempts that failed for the request's own fault (the upstream refused it, or the payer's own key).
-CLIENT_FAULTS = frozenset({"upstream_rejected_request", "provider_key_refused"})
+CLIENT_FAULTS = frozenset({"upstream_rejected_request", "upstream_refused", "provider_key_refused"})
 
 
 @dataclass

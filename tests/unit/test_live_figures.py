@@ -163,3 +163,119 @@ def test_an_imported_zero_price_is_not_an_unlimited_paid_model():
     doc = {"data": [{"id": "vendor/model:free", "pricing": {"prompt": "0", "completion": "0"}}]}
     got = models_of(doc, UpstreamSettings(name="or", markup=Decimal("0.1")), 2500).get("vendor/model:free")
     assert got is None or got.free, got
+
+
+# -- what one payer's requests can make routing do to every other payer's (routing review) ------------------
+
+COSTS = lambda m, names: {"cheap": 1.0, "dear": 30.0}  # noqa: E731  (the request's expected cost, by upstream)
+
+
+def answering(cheap: httpx.Response):
+    """The cheap upstream answers ``cheap``; the dear one serves."""
+    return lambda req: cheap if req.url.host.startswith("cheap") else httpx.Response(200, json=OK_BODY)
+
+
+def send(r: Router, prefs: Preferences | None = None, key: str = "k"):
+    return r.send(["m"], lambda: key, lambda u, m: b"{}", False, {}, prefs=prefs or Preferences(), costs=COSTS)
+
+
+def first_for_others(r: Router) -> str:
+    return r.candidates("m", "someone-else", Preferences(), COSTS)[0].name
+
+
+@pytest.mark.parametrize(
+    "cheap",
+    [
+        httpx.Response(500),
+        httpx.Response(200, text="<html>no answer</html>"),
+        httpx.Response(403, json={"error": {"message": "Your input was flagged"}}),
+    ],
+    ids=["5xx", "200 no answer", "moderation 403"],
+)
+def test_a_payer_restricted_to_an_upstream_does_not_cool_it_for_everyone_for_free(cheap):
+    """A payer restricted to the cheap upstream (``provider.only``) whose calls it fails pays nothing
+    (the payment is released), and it cooled the cheap upstream for every payer: they paid 30×."""
+    r = mock_router(answering(cheap), byok=False)
+    only_cheap = Preferences(only=frozenset({"cheap"}))
+    for _ in range(3):
+        with pytest.raises(UpstreamError):
+            asyncio.run(send(r, only_cheap))
+    assert first_for_others(r) == "cheap", r.health()
+
+
+def test_a_moderation_refusal_fails_over_and_says_so_when_nothing_else_serves():
+    """A 403 (OpenRouter's moderation) is the request's: another upstream is asked, the refusal cools
+    nothing, and alone it reaches the client as a 403 that quotes the upstream's reason."""
+    flagged = httpx.Response(403, json={"error": {"message": "Your input was flagged"}})
+    r = mock_router(answering(flagged), byok=False)
+    opened = asyncio.run(send(r))
+    assert opened.upstream == "dear" and first_for_others(r) == "cheap"
+    with pytest.raises(UpstreamError) as refused:
+        asyncio.run(send(r, Preferences(only=frozenset({"cheap"}))))
+    assert (refused.value.status, refused.value.code) == (403, "upstream_refused")
+    assert "flagged" in refused.value.message
+
+
+def test_a_failure_served_elsewhere_cools_the_upstream_one_step_a_burst():
+    """An upstream failing calls that another then served is tried last (a real failure, paid for
+    there); calls of one burst, sent before the first failure was counted, add one step, not one
+    each (five at once made a 60 s cooldown); a success sent before a failure does not end it."""
+
+    async def burst(r: Router, gate: asyncio.Event, n: int) -> None:
+        async def one():
+            return await send(r)
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        for t in tasks:
+            assert (await t).upstream == "dear"
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def answer(req):
+            if req.url.host.startswith("cheap"):
+                await gate.wait()
+                return httpx.Response(500)
+            return httpx.Response(200, json=OK_BODY)
+
+        client = CookielessClient(transport=httpx.MockTransport(answer))
+        ups = [Upstream(UpstreamSettings(name=n, url=f"http://{n}.test/v1"), client) for n in ("cheap", "dear")]
+        r = Router(ups, sticky_idle=60, cooldown=5)
+        await burst(r, gate, 5)
+        health = {h["name"]: h for h in r.health()}["cheap"]
+        assert health["failures"] == 1 and 4.0 <= health["cooling_seconds"] <= 5.0, health
+        assert first_for_others(r) == "dear"
+        r._succeeded("cheap", time.monotonic() - 1.0, "")  # (a slow call, sent before the failure)
+        assert first_for_others(r) == "dear"
+        r._succeeded("cheap", time.monotonic(), "")
+        assert first_for_others(r) == "cheap"
+
+    asyncio.run(main())
+
+
+def test_one_payers_conversation_does_not_steer_anothers():
+    """The conversation key was the model and session id (or first messages) alone: another payer
+    naming the victim's session, restricted to the dear upstream, moved the victim's calls there."""
+    from tollway.upstream.router import conversation_key
+
+    r = mock_router(answering(httpx.Response(200, json=OK_BODY)), byok=False)
+    key = lambda payer: conversation_key(payer, "m", {}, [{"role": "user", "content": "hi"}], {"x-session-id": "s1"})  # noqa: E731
+    assert key("0xAbC") == key("0xabc") != key("0xdef")
+    asyncio.run(send(r, Preferences(only=frozenset({"dear"})), key=key("0xattacker")))
+    assert r.candidates("m", key("0xvictim"), Preferences(), COSTS)[0].name == "cheap"
+    assert r.candidates("m", key("0xattacker"), Preferences(), COSTS)[0].name == "dear"  # (its own: its cache)
+
+
+def test_what_one_payer_sent_is_not_expected_cached_for_another():
+    """``expected_cached_tokens`` is on each receipt: shared, it told a payer whether anyone had sent
+    a prompt lately, even through an upstream that caches nothing (a prompt oracle)."""
+    from tollway.cache import PrefixMemory, prefixes_of
+
+    memory = PrefixMemory(ttl=60)
+    prompt = prefixes_of("m", [{"role": "system", "content": "a secret plan"}, {"role": "user", "content": "go"}])
+    memory.remember("0xAlice", "up", prompt, 40)
+    assert memory.expect("0xalice", "up", prompt) == 40
+    assert memory.expect("0xmallory", "up", prompt) == 0
+    assert memory.expected_by("0xmallory", ["up"], prompt[:1]) == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from decimal import Decimal
 
 import httpx
@@ -170,7 +171,9 @@ def test_the_router_applies_the_preferences():
     assert order(r, Preferences(allow_fallbacks=False)) == ["a"]
     assert order(r, Preferences(only=frozenset({"nobody"}))) == []
     assert order(r, Preferences(only=frozenset())) == []
-    r._failed("a", down=True)  # an upstream cooling down after failures is tried last, whatever the order
+    r._failed(
+        "a", time.monotonic(), down=True
+    )  # an upstream cooling down after failures is tried last, whatever the order
     assert order(r, Preferences(order=("a", "b"))) == ["b", "c", "a"]
 
 
@@ -188,7 +191,7 @@ def test_sort_ranks_by_live_figures_and_wins_over_stickiness():
     assert order(r, Preferences(sort="latency")) == ["fast", "mid", "slow", "new"]  # (no figures: last)
     assert order(r, Preferences(sort="throughput")) == ["slow", "mid", "fast", "new"]
     assert order(r, Preferences(sort="price")) == ["new", "slow", "fast", "mid"]  # one price per model here
-    r._succeeded("mid", "convo")
+    r._succeeded("mid", time.monotonic(), "convo")
     assert order(r, Preferences(), key="convo")[0] == "mid"
     assert order(r, Preferences(sort="latency"), key="convo")[0] == "fast"
 
@@ -215,7 +218,7 @@ def test_by_default_the_lowest_expected_cost_goes_first():
     costs = lambda m, names: {"c": 1.0, "b": 2.0, "a": 3.0}  # noqa: E731  (the request's expected cost, by upstream)
     assert [u.name for u in r.candidates("m", "k", Preferences(), costs)] == ["c", "b", "a"]
     assert [u.name for u in r.candidates("m", "k", Preferences(order=("a",)), costs)] == ["a", "c", "b"]
-    r._succeeded("a", "convo")  # a conversation's own upstream still comes first
+    r._succeeded("a", time.monotonic(), "convo")  # a conversation's own upstream still comes first
     assert [u.name for u in r.candidates("m", "convo", Preferences(), costs)] == ["a", "c", "b"]
     ties = lambda m, names: dict.fromkeys(names, 1.0)  # noqa: E731
     assert [u.name for u in r.candidates("m", "k", Preferences(), ties)] == ["a", "b", "c"]  # (configuration order)

@@ -23,7 +23,7 @@ from .. import __version__
 from ..client.payer import PaymentRefused
 from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
-from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamUnavailable, truncate
+from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamRefused, UpstreamUnavailable, truncate
 from ..jsonbytes import loads
 from ..usage import Usage, answer_doc, parse_usage, stream_error
 from .h1 import h1_transport
@@ -469,6 +469,8 @@ class Upstream:
             err = BadRequest(f"upstream answered {status}: {message}", code="upstream_rejected_request")
             err.status = status
             return err
+        if status == 403:
+            return UpstreamRefused(f"upstream answered 403: {message}")
         logged = message if api_key is None else "(withheld: the call carried a payer's key)"
         log.warning("upstream %s answered %d: %s", self.name, status, logged)
         if status in (429, 503, 529):

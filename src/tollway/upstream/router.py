@@ -9,7 +9,7 @@ upstreams, nor above its ``max_price``), ranked by its ``order`` or ``sort`` (li
 back to the upstream that served it last (that is where its prompt cache is), for
 ``sticky_idle_seconds`` after its last call — unless that upstream fails. A conversation is its
 session key (``x-session-id`` header, ``session_id`` or ``prompt_cache_key`` field) or else its
-model + first system + first user message.
+model + first system + first user message, of one payer.
 
 Fail-over happens only before the first byte reaches the client: ``Upstream.send`` returns once
 the upstream has committed, so any failure before that moves on to the next candidate, then to
@@ -17,6 +17,13 @@ the next model of a ``models`` fallback list. An upstream that fails is tried la
 that doubles with consecutive failures (or for its own ``Retry-After``); one that did not answer
 at all is probed in the background, and tried again as soon as it answers. Every attempt is kept
 (``attempts.py``) for the receipt and the live figures.
+
+What one payer's request can make an upstream do must not steer every other payer's calls: an
+upstream's error that a request's content may cause (a 5xx, a 200 that is no answer) cools it only
+once the call was served elsewhere — paid for there — never from a call that failed everywhere it
+was allowed (a free try); a refusal of the request itself (4xx, moderation's 403) never does; the
+calls of one burst, sent before a failure was counted, add one step to the cooldown, not one each;
+and only a success sent after the last failure ends a cooldown early.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-from ..errors import GatewayError, UpstreamDown, UpstreamError
+from ..errors import GatewayError, UpstreamDown, UpstreamError, UpstreamRefused, UpstreamUnavailable
 from ..jsonbytes import dumps
 from ..routing import NONE as NO_PREFERENCES
 from ..routing import Preferences, over_max_price
@@ -44,20 +51,24 @@ log = logging.getLogger("tollway.upstream")
 Costs = Callable[[str, list[str]], Mapping[str, float]]
 MAX_CONVERSATIONS = 100_000
 MAX_COOLDOWN = 60.0
+NO_FAILURE = (0, 0.0, 0.0)
 
 
-def conversation_key(model: str, body: dict[str, Any], messages: list[Any], headers: Mapping[str, str]) -> str:
-    """What ties a call to the conversation it continues: its session, else its prompt's first
-    system and user messages (``messages``: the prompt's items)."""
+def conversation_key(
+    payer: str, model: str, body: dict[str, Any], messages: list[Any], headers: Mapping[str, str]
+) -> str:
+    """What ties a call to the conversation it continues: its payer's session, else its payer's
+    prompt's first system and user messages (``messages``: the prompt's items). The payer's: a
+    session id or a prompt is no secret, and another payer's calls must not steer this one's."""
     session = headers.get("x-session-id") or body.get("session_id") or body.get("prompt_cache_key")
     if isinstance(session, str) and session:
-        return f"{model}|s|{session}"
+        return f"{payer.lower()}|{model}|s|{session}"
     first = {}
     for m in messages:
         if isinstance(m, dict) and m.get("role") in ("system", "developer", "user") and m["role"] not in first:
             first["user" if m["role"] == "user" else "system"] = m.get("content")
     digest = hashlib.sha256(dumps(first, sort_keys=True)).hexdigest()[:32]
-    return f"{model}|m|{digest}"
+    return f"{payer.lower()}|{model}|m|{digest}"
 
 
 class Router:
@@ -71,21 +82,22 @@ class Router:
         self.sticky_idle = sticky_idle
         self.cooldown = cooldown
         self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._failures: dict[str, tuple[int, float]] = {}  # name → (consecutive failures, failed until)
+        # name → (consecutive failures, failed until, when the last was counted)
+        self._failures: dict[str, tuple[int, float, float]] = {}
         self._down: dict[str, float] = {}  # name → until when it is taken for down (it did not answer at all)
 
     def named(self, name: str) -> Upstream:
         return next(u for u in self.upstreams if u.name == name)
 
     def healthy(self, u: Upstream, now: float) -> bool:
-        return self._failures.get(u.name, (0, 0.0))[1] <= now
+        return self._failures.get(u.name, NO_FAILURE)[1] <= now
 
     def health(self) -> list[dict[str, Any]]:
         """Each upstream: whether it is in a cooldown after failures, and for how long still."""
         now = time.monotonic()
         out = []
         for u in self.upstreams:
-            failures, until = self._failures.get(u.name, (0, 0.0))
+            failures, until, _ = self._failures.get(u.name, NO_FAILURE)
             out.append(
                 {
                     "name": u.name,
@@ -185,9 +197,10 @@ class Router:
         key = conversation() if len(self.upstreams) > 1 else ""  # ("": no conversation to remember)
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
+        failed_here: list[tuple[str, float, UpstreamError]] = []  # (upstream, sent at, error): counted if served
         for model in models:
             for upstream in self.candidates(model, key, prefs, costs):
-                started = time.perf_counter()
+                started, sent = time.perf_counter(), time.monotonic()
                 try:
                     opened = await upstream.send(
                         body(upstream, model), stream, headers, max_usd, api_key, prefs.surface
@@ -197,15 +210,22 @@ class Router:
                     if not isinstance(exc, UpstreamError):  # it refused the request itself: no other is asked,
                         exc.attempts = tuple(attempts)  # and the call ends with the upstreams it was tried on
                         raise
-                    if api_key is None or isinstance(exc, UpstreamDown):  # (a payer's own key's answer — its
-                        # rate limit, say — is no sign of the upstream's health for everyone else)
-                        self._failed(upstream.name, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait)
+                    if isinstance(exc, UpstreamUnavailable):  # (it did not answer, or said it is busy: no
+                        # request's content does that — unless a payer's own key's rate limit says it)
+                        if api_key is None or isinstance(exc, UpstreamDown):
+                            self._failed(
+                                upstream.name, sent, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait
+                            )
+                    elif api_key is None and not isinstance(exc, UpstreamRefused):
+                        failed_here.append((upstream.name, sent, exc))
                     last = exc
                     log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                     continue
                 attempts.append(Attempt(upstream.name, "served", opened.latency_ms, model))
                 opened.model, opened.attempts = model, attempts
-                self._succeeded(upstream.name, key)
+                for name, at, _ in failed_here:
+                    self._failed(name, at, down=False)
+                self._succeeded(upstream.name, sent, key)
                 return opened
         if last is None:
             raise UpstreamError(f"no upstream serves model '{models[0][:80]}'", code="no_upstream")
@@ -225,21 +245,28 @@ class Router:
                     self._down.pop(upstream.name, None)
                     self._failures.pop(upstream.name, None)
 
-    def _failed(self, name: str, *, down: bool, asked: int | None = None) -> None:
+    def _failed(self, name: str, sent: float, *, down: bool, asked: int | None = None) -> None:
         """Try ``name`` last for a cooldown that doubles with each failure in a row — or, when it
         said how long to stay away (a 429's or 503's ``Retry-After``), for that long (at most
-        ``MAX_COOLDOWN``)."""
-        count = self._failures.get(name, (0, 0.0))[0] + 1
-        pause = min(self.cooldown * 2 ** (count - 1), MAX_COOLDOWN)
+        ``MAX_COOLDOWN``). A call ``sent`` before the last failure was counted is of the same burst:
+        it adds no step."""
+        count, _, counted = self._failures.get(name, NO_FAILURE)
+        if sent < counted:
+            return
+        now = time.monotonic()
+        pause = min(self.cooldown * 2**count, MAX_COOLDOWN)
         if asked is not None:
             pause = min(float(asked), MAX_COOLDOWN)
-        self._failures[name] = (count, time.monotonic() + pause)
+        self._failures[name] = (count + 1, now + pause, now)
         if down:
-            self._down[name] = time.monotonic() + pause
+            self._down[name] = now + pause
 
-    def _succeeded(self, name: str, key: str) -> None:
-        self._failures.pop(name, None)
-        self._down.pop(name, None)
+    def _succeeded(self, name: str, sent: float, key: str) -> None:
+        """``name`` served a call ``sent`` then: its failures end, unless they were counted after that
+        (a slow call of before them says nothing of now); ``key``'s conversation goes back to it."""
+        if sent >= self._failures.get(name, NO_FAILURE)[2]:
+            self._failures.pop(name, None)
+            self._down.pop(name, None)
         if not key:  # (no conversation to remember)
             return
         self._sticky[key] = (name, time.monotonic())
