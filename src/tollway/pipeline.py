@@ -47,7 +47,6 @@ from .errors import (
     PaymentRequired,
     TooLarge,
     TooManyRequests,
-    UpstreamUnavailable,
     truncate,
 )
 from .gateway import Gateway
@@ -445,7 +444,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     """Send the call upstream, with the output cap it was paid for. The answer (a stream's first
     byte) must come within ``max_call_seconds``."""
     cap = paid.quote.max_tokens
-    send = gw.router.send(
+    return await gw.router.send(
         [m.model for m in call.members],
         partial(conversation_key, paid.payment.payer, call.model, call.body, call.prompt, request.headers),
         lambda upstream, model: call.member(model).forward(
@@ -457,14 +456,9 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         prefs=call.route,
         api_key=request.headers.get(PROVIDER_KEY) if call.route.byok else None,  # (checked as it was priced)
         costs=expected_costs(gw, call, paid.payment.payer),
+        # (the call's time counts from its arrival, as a stream's cut does: ``metering.stream_cutter``)
+        deadline=asyncio.get_running_loop().time() + gw.settings.max_call_seconds - (time.time() - call.received),
     )
-    try:  # (the call's time counts from its arrival, as a stream's cut does: ``metering.stream_cutter``)
-        async with asyncio.timeout(gw.settings.max_call_seconds - (time.time() - call.received)):
-            return await send
-    except TimeoutError:
-        raise UpstreamUnavailable(
-            f"the upstream did not answer within {gw.settings.max_call_seconds} s", code="upstream_timeout"
-        ) from None
 
 
 def timed_out(exc: BaseException) -> bool:

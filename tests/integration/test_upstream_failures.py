@@ -351,6 +351,70 @@ def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, 
             assert [a["upstream"] for a in receipt(url, r.headers["x-tollway-receipt"])["attempts"]][-1] == "good"
 
 
+def processing_forever():
+    """An upstream whose streams send OpenRouter's keep-alive comment and nothing else, for ever."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def processing(request: Any) -> StreamingResponse:
+        async def comments():
+            while True:
+                yield b": OPENROUTER PROCESSING\n\n"
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(comments(), media_type="text/event-stream")
+
+    return ServerThread(Starlette(routes=[Route("/chat/completions", processing, methods=["POST"])]))
+
+
+def paid_stream(url: str, payer: Any, body: dict[str, Any]) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        required = payment_required(client.post(CHAT, json=body))
+        return client.post(
+            CHAT, json=body, headers=payment_header(exact_payment(payer, required, exact_offer(required)))
+        )
+
+
+def test_keep_alive_comments_hold_a_call_no_longer_than_the_upstreams_read_timeout(gateway, chain, tmp_path):
+    """Each keep-alive comment reset the upstream's read timeout: the whole ``max_call_seconds``
+    went to an upstream that never answered, and no other was asked. It has its ``read_timeout`` to
+    start answering; then the next upstream serves the call."""
+    from tollway.config import UpstreamSettings
+
+    body = chat_body("hi", max_tokens=100, stream=True)
+    with processing_forever() as stalling:
+        upstreams = [
+            UpstreamSettings(name="stalling", url=stalling.url, read_timeout=1.0),
+            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
+        ]
+        with dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams, max_call_seconds=60) as (url, _):
+            started = time.monotonic()
+            r = paid_stream(url, chain.fund(), body)
+            assert r.status_code == 200 and time.monotonic() - started < 10, r.text
+            attempts = [(a["upstream"], a["outcome"]) for a in receipt(url, r.headers["x-tollway-receipt"])["attempts"]]
+            assert attempts == [("stalling", "upstream_timeout"), ("good", "served")]
+
+
+def test_a_call_out_of_time_keeps_the_attempt_it_was_on(gateway, chain, tmp_path):
+    """When ``max_call_seconds`` ran out while an upstream was asked, the call ended with no attempt
+    recorded (the router was cancelled): its receipt and the live figures did not name the upstream."""
+    from tollway.config import UpstreamSettings
+
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    with processing_forever() as stalling:
+        upstreams = [UpstreamSettings(name="stalling", url=stalling.url, read_timeout=60)]
+        with dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams, max_call_seconds=2) as (url, engine):
+            r = paid_stream(url, payer, chat_body("hi", max_tokens=100, stream=True))
+            assert (r.status_code, error_code(r)) == (503, "upstream_timeout"), r.text
+            assert_nothing_charged(engine, chain, payer, before, r)
+            (row,) = call_rows(engine, payment_rows(engine, payer.address)[0]["id"])
+            assert [a[:2] for a in json.loads(row["attempts"])] == [["stalling", "upstream_timeout"]]
+
+
 def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
     """A payer who wants a stream free hangs up at the worst moments around its opening, which the
     gateway holds until the first token: while it is held, or just after the first token. Neither is

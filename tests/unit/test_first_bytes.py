@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tollway.errors import UpstreamError
+from tollway.errors import UpstreamError, UpstreamUnavailable
 from tollway.upstream.client import MAX_PREAMBLE, Upstream, scrubbed, url_secrets
 
 
@@ -81,3 +81,20 @@ def test_what_an_upstreams_url_holds_is_kept_from_its_messages():
         "no route /api/v1/[the upstream's URL] for [the upstream's URL]:[the upstream's URL]"
         " (key [the upstream's URL]), at most 16384"
     )
+
+
+async def test_keep_alives_do_not_hold_a_stream_past_its_patience():
+    """OpenRouter's ``: OPENROUTER PROCESSING`` every 15 s resets a read timeout: the upstream's
+    ``read_timeout`` after it was asked is all it has to start answering."""
+    import asyncio
+    import time
+
+    async def processing() -> AsyncIterator[bytes]:
+        while True:
+            yield b": OPENROUTER PROCESSING\n\n"
+            await asyncio.sleep(0.05)
+
+    started = time.perf_counter()
+    with pytest.raises(UpstreamUnavailable) as late:
+        await Upstream._first_bytes(None, processing(), True, None, started + 0.3)  # type: ignore[arg-type]
+    assert late.value.code == "upstream_timeout" and time.perf_counter() - started < 1.0

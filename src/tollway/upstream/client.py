@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -403,7 +404,8 @@ class Upstream:
             # The transport's own stream: it decodes a body compressed anyway (h1.H1Body), so httpx's
             # decoding layers, which would find nothing to do, are skipped (~50 µs a call).
             chunks = cast(httpx.AsyncByteStream, resp.stream).__aiter__()
-            first = await self._first_bytes(chunks, stream, self.secrets(api_key))
+            patience = started + self.timeout.read if stream else math.inf  # type: ignore[operator]
+            first = await self._first_bytes(chunks, stream, self.secrets(api_key), patience)
         except BaseException:
             await resp.aclose()
             raise
@@ -419,12 +421,13 @@ class Upstream:
         return Opened(resp, first, latency, self.name, chunks)
 
     async def _first_bytes(
-        self, chunks: AsyncIterator[bytes], stream: bool, keys: dict[str, str] | None = None
+        self, chunks: AsyncIterator[bytes], stream: bool, keys: dict[str, str] | None = None, patience: float = math.inf
     ) -> bytes:
         """The whole body (not streaming), or a stream's bytes up to its first complete ``data:``
         event that answers: keep-alive comments and an API's opening events (``PREAMBLE``) alone
-        do not commit a call, and an error before the answer is a failure (the payer is not
-        charged; the next upstream may be tried)."""
+        do not commit a call, nor keep it waiting past ``patience`` (``time.perf_counter``: the
+        upstream's ``read_timeout`` after it was asked), and an error before the answer is a
+        failure (the payer is not charged; the next upstream may be tried)."""
         body = bytearray()  # (bytes += bytes copies the whole body each time)
         read = 0  # (how far a stream's lines have been read)
         try:
@@ -438,6 +441,8 @@ class Upstream:
                         return bytes(body)
                     if len(body) > MAX_PREAMBLE:
                         raise UpstreamError(f"upstream sent {MAX_PREAMBLE} bytes of a stream without answering")
+                    if time.perf_counter() > patience:  # (keep-alive comments alone, for its read_timeout)
+                        raise UpstreamUnavailable("upstream timed out before answering", code="upstream_timeout")
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:

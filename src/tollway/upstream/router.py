@@ -187,13 +187,15 @@ class Router:
         prefs: Preferences = NO_PREFERENCES,
         api_key: str | None = None,
         costs: Costs | None = None,
+        deadline: float | None = None,
     ) -> Opened:
         """Send to the best candidate, failing over before the first byte: every upstream of the
         first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
         the request as that upstream takes it for that model (its output-cap field, provider
         routing). ``conversation()`` is the key the call sticks to (``conversation_key``), asked
         only where there are upstreams to choose between; ``api_key`` a payer's own provider key,
-        sent in place of the upstream's."""
+        sent in place of the upstream's; ``deadline`` (the event loop's clock) when the call's time
+        is up: the upstream then being asked is left, its attempt kept, and no other is asked."""
         key = conversation() if len(self.upstreams) > 1 else ""  # ("": no conversation to remember)
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
@@ -202,9 +204,19 @@ class Router:
             for upstream in self.candidates(model, key, prefs, costs):
                 started, sent = time.perf_counter(), time.monotonic()
                 try:
-                    opened = await upstream.send(
-                        body(upstream, model), stream, headers, max_usd, api_key, prefs.surface
+                    async with asyncio.timeout_at(deadline):
+                        opened = await upstream.send(
+                            body(upstream, model), stream, headers, max_usd, api_key, prefs.surface
+                        )
+                except TimeoutError:  # (a timeout of the call's content, maybe: it cools nothing)
+                    attempts.append(
+                        Attempt(upstream.name, "upstream_timeout", (time.perf_counter() - started) * 1000, model)
                     )
+                    late = UpstreamUnavailable(
+                        "the upstream did not answer in the call's time", code="upstream_timeout"
+                    )
+                    late.attempts = tuple(attempts)
+                    raise late from None
                 except GatewayError as exc:
                     attempts.append(Attempt(upstream.name, exc.code, (time.perf_counter() - started) * 1000, model))
                     if not isinstance(exc, UpstreamError):  # it refused the request itself: no other is asked,
