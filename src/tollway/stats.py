@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import Any
 
 from .upstream.attempts import decode_attempts
@@ -36,9 +38,10 @@ MAX_SAMPLES = 1000  # per upstream and model, of each: the newest are kept
 LAG = 5.0
 BATCH = 5000
 PERCENTILES = (50, 75, 90, 99)
-# What routing ranks by (``sort``): an average of the latest samples, each new one weighing this much,
-# so that a change shows within a few calls where the 30-minute percentiles would take hundreds.
-RECENT_WEIGHT = 0.3
+# What routing ranks by (``sort``): the median of the latest samples, so that a change shows within a
+# few calls where the 30-minute percentiles would take hundreds — and no one call (a payer's slowest,
+# say) moves it: an average weighted to the latest moved every latency-sorted payer with one.
+RECENT_SAMPLES = 5
 
 
 # Attempts that failed for the request's own fault (the upstream refused it, or the payer's own key).
@@ -63,13 +66,18 @@ class Series:
         self.latency: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, seconds)
         self.throughput: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, tokens/s)
         self.added: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (finished at, ms the gateway added)
-        self.recent: dict[str, float] = {}  # latency, throughput: exponentially weighted, newest heaviest
 
     def sample(self, figure: str, at: float, value: float) -> None:
         getattr(self, figure).append((at, value))
-        if figure in ("latency", "throughput"):
-            old = self.recent.get(figure)
-            self.recent[figure] = value if old is None else old + RECENT_WEIGHT * (value - old)
+
+    def recent(self) -> dict[str, float]:
+        """Latency and throughput: the median of the newest ``RECENT_SAMPLES`` of each (of 30 minutes)."""
+        out = {}
+        for figure in ("latency", "throughput"):
+            samples: deque[tuple[float, float]] = getattr(self, figure)
+            if samples:
+                out[figure] = statistics.median(v for _, v in islice(reversed(samples), RECENT_SAMPLES))
+        return out
 
     def minute(self, at: float) -> Minute:
         m = int(at // 60)
@@ -96,7 +104,7 @@ class Figures:
     throughput: dict[str, float] | None  # output tokens per second, by percentile
     added: dict[str, float] | None  # milliseconds the gateway itself took before the answer started
     calls: int  # served in the last 30 minutes
-    recent: dict[str, float]  # latency and throughput, weighted to the latest samples (what routing ranks by)
+    recent: dict[str, float]  # latency and throughput of the latest samples (what routing ranks by)
     cache_hit_rate: float | None  # cached / prompt tokens, of calls that reported them (30 min)
     cache_survival: float | None  # of the tokens tollway expected cached, the share that were (30 min)
 
@@ -215,7 +223,7 @@ class LiveStats:
             throughput=percentiles(s for _, s in series.throughput),
             added=percentiles(s for _, s in series.added),
             calls=sum(m.served for m in recent),
-            recent=dict(series.recent) if series.latency or series.throughput else {},
+            recent=series.recent(),
             cache_hit_rate=ratio(sum(m.cached_tokens for m in recent), sum(m.prompt_tokens for m in recent)),
             cache_survival=ratio(sum(m.survived for m in recent), sum(m.expected_cached for m in recent)),
         )

@@ -279,3 +279,22 @@ def test_what_one_payer_sent_is_not_expected_cached_for_another():
     assert memory.expect("0xalice", "up", prompt) == 40
     assert memory.expect("0xmallory", "up", prompt) == 0
     assert memory.expected_by("0xmallory", ["up"], prompt[:1]) == {}
+
+
+def test_one_slow_call_does_not_move_latency_sorted_payers():
+    """``sort: latency`` ranked by an average weighted 0.3 to the newest call: one slow call (a
+    payer's own long answer) moved every latency-sorted payer to the dear upstream. A median of the
+    latest calls' does not move for one, and follows a real change within a few."""
+    stats = LiveStats()
+    now = time.time()
+    for i in range(5):
+        stats.add([row(i, now - 60 + i, "cheap", first=100.0), row(10 + i, now - 60 + i, "dear", first=300.0)])
+    stats.add([row(20, now - 30, "cheap", first=20_000.0)])  # one slow call
+    stats.publish(now)
+    r = mock_router(answering(httpx.Response(200, json=OK_BODY)), byok=False)
+    r.stats = stats
+    latency = Preferences(sort="latency")
+    assert r.candidates("m", "k", latency, COSTS)[0].name == "cheap", stats.figures("cheap", "m").recent
+    stats.add([row(21 + i, now - 20 + i, "cheap", first=20_000.0) for i in range(2)])  # three in a row: it is slow
+    stats.publish(now)
+    assert r.candidates("m", "k", latency, COSTS)[0].name == "dear"

@@ -168,8 +168,8 @@ class Router:
         return allowed
 
     def _rank(self, name: str, model: str, sort: str) -> float:
-        """Lower first: the recent time to first byte, or minus the recent output speed (weighted
-        to the latest calls: ``stats.RECENT_WEIGHT``); an upstream without figures yet after those
+        """Lower first: the recent time to first byte, or minus the recent output speed (the median
+        of the latest calls': ``stats.RECENT_SAMPLES``); an upstream without figures yet after those
         with."""
         recent = self.stats.figures(name, model).recent
         if sort == "latency":
