@@ -341,6 +341,15 @@ def call_rows(engine: Any, payment_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in c.execute(select(CALLS).where(CALLS.c.payment_id == payment_id)).mappings()]
 
 
+def with_own_settler(chain: Chain, settings: Any) -> Any:
+    """``settings`` with a settlement key of their own, funded: two gateways sending from one key
+    with two ledgers take each other's nonces (their settlements then wait to be signed anew)."""
+    settler = Account.create()
+    chain.w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**20)])
+    own = settings.chain.model_copy(update={"settler_key": "0x" + bytes(settler.key).hex()})
+    return settings.model_copy(update={"chain": own})
+
+
 @contextmanager
 def dedicated_gateway(
     gateway: Any,
@@ -356,9 +365,7 @@ def dedicated_gateway(
 ) -> Iterator[tuple[str, Any]]:
     """A gateway of its own (own ledger, own funded settlement key), its upstream, chain or other
     settings changed; yields its URL and an engine on its ledger."""
-    settler = Account.create()
-    chain.w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**20)])
-    s = gateway.settings
+    s = with_own_settler(chain, gateway.settings)
     upstream = {"url": upstream_url, "read_timeout": read_timeout}
     settings = s.model_copy(
         update={
@@ -366,11 +373,7 @@ def dedicated_gateway(
             "upstream": s.upstream.model_copy(update={k: v for k, v in upstream.items() if v is not None}),
             "upstreams": upstreams or [],
             "chain": s.chain.model_copy(
-                update={
-                    "settler_key": "0x" + bytes(settler.key).hex(),
-                    **({"rpc_url": rpc_url} if rpc_url is not None else {}),
-                    **(chain_settings or {}),
-                }
+                update={**({"rpc_url": rpc_url} if rpc_url is not None else {}), **(chain_settings or {})}
             ),
             **overrides,
         }

@@ -51,6 +51,7 @@ from support import (
     receipt,
     send_raw,
     wait_receipt,
+    with_own_settler,
 )
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport
@@ -873,7 +874,9 @@ def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling
 ):
     """[16] A failing ledger write after the payment was locked: the payment is released (and
     nothing settles), never left reserved or settling."""
-    settings = gateway.settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'l.sqlite3'}"})
+    settings = with_own_settler(chain, gateway.settings).model_copy(
+        update={"database_url": f"sqlite:///{tmp_path / 'l.sqlite3'}"}
+    )
     app = create_app(settings)
     payer = wallet(chain.fund(), devnet)
     with ServerThread(app) as server:
