@@ -166,6 +166,8 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamDown(UpstreamUnavailable):
     """The upstream did not answer at all (refused, unreachable, timed out): it is down, not busy."""
 
+    unreachable = False  # no connection was made: no request's content had anything to do with it
+
 
 class ClientGone(GatewayError):
     """The client hung up before its request was read: no answer reaches it, and it is no fault of

@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from . import cache, metrics
 from .chat import ChatCall
 from .errors import ChainUnavailable, PaymentInvalid
+from .free_tier import PAYER as FREE_PAYER
 from .gateway import Gateway
 from .jsonbytes import compact
 from .ledger.store import Settlement
@@ -72,6 +73,17 @@ class Paid:
     @property
     def covered(self) -> int:
         return self.payment.amount + self.held
+
+    @property
+    def free(self) -> bool:
+        return self.payment.payer == FREE_PAYER
+
+    @property
+    def who(self) -> str:
+        """Whose call it is, for what is kept of one payer's calls apart from another's (its
+        conversation's upstream, the prompts it is expected to have cached): the wallet, or for a
+        free call the identity its quota counts (every free call's payer is ``free``)."""
+        return f"free:{self.payment.proof['free']}" if self.free else self.payment.payer
 
 
 def settlement(gw: Gateway, paid: Paid, due: int | None = None) -> Settlement:
@@ -216,7 +228,7 @@ def meter(
         uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
         discount = max(min(call.prices.cost(uncached), paid.covered) - cost, 0)
         if call.prompt:
-            gw.prefixes.remember(paid.payment.payer, opened.upstream, call.prefixes(), usage.prompt_tokens)
+            gw.prefixes.remember(paid.who, opened.upstream, call.prefixes(), usage.prompt_tokens)
         fields.update(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

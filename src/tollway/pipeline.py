@@ -147,7 +147,7 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
         call = billed_at(gw, call.member(opened.model), opened.upstream)  # (the model and upstream that served it)
         if not call.stream and paid.scheme.lapses and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
             await confirm(gw, paid)  # the answer is released only if it will still be paid
-        expected = expected_cache(gw, call, paid.payment.payer, opened.upstream)
+        expected = expected_cache(gw, call, paid.who, opened.upstream)
         if call.stream:  # settle (a payment of the bound) → relay → meter (→ settle, a metered one)
             return relay_stream(gw, call, opened, paid, call_id, expected)
         return respond(gw, call, opened, paid, call_id, expected)  # meter + settle → receipt
@@ -446,7 +446,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
     cap = paid.quote.max_tokens
     return await gw.router.send(
         [m.model for m in call.members],
-        partial(conversation_key, paid.payment.payer, call.model, call.body, call.prompt, request.headers),
+        partial(conversation_key, paid.who, call.model, call.body, call.prompt, request.headers),
         lambda upstream, model: call.member(model).forward(
             upstream.cap_field, cap, upstream.routes_providers, upstream.prices.get(model)
         ),
@@ -455,9 +455,10 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         max_usd=Fraction(paid.quote.amount, 10**gw.settings.chain.decimals),
         prefs=call.route,
         api_key=request.headers.get(PROVIDER_KEY) if call.route.byok else None,  # (checked as it was priced)
-        costs=expected_costs(gw, call, paid.payment.payer),
+        costs=expected_costs(gw, call, paid.who),
         # (the call's time counts from its arrival, as a stream's cut does: ``metering.stream_cutter``)
         deadline=asyncio.get_running_loop().time() + gw.settings.max_call_seconds - (time.time() - call.received),
+        paying=not paid.free,
     )
 
 

@@ -98,3 +98,15 @@ async def test_keep_alives_do_not_hold_a_stream_past_its_patience():
     with pytest.raises(UpstreamUnavailable) as late:
         await Upstream._first_bytes(None, processing(), True, None, started + 0.3)  # type: ignore[arg-type]
     assert late.value.code == "upstream_timeout" and time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("choices", [b"1", b"true", b"2.5"])
+async def test_choices_that_are_no_list_are_no_answer_and_no_crash(choices):
+    """A hostile first chunk: not an answer (the stream ends without one: a failure), not a TypeError."""
+    with pytest.raises(UpstreamError, match="without answering"):
+        await first(chunks(b'data: {"choices": ' + choices + b"}\n\n", b"data: [DONE]\n\n"))
+
+
+async def test_vllms_error_object_in_a_stream_is_a_failure():
+    with pytest.raises(UpstreamError, match="overloaded"):
+        await first(chunks(b'data: {"object": "error", "message": "overloaded", "code": 503}\n\n'))

@@ -175,12 +175,15 @@ def answering(cheap: httpx.Response):
     return lambda req: cheap if req.url.host.startswith("cheap") else httpx.Response(200, json=OK_BODY)
 
 
-def send(r: Router, prefs: Preferences | None = None, key: str = "k"):
-    return r.send(["m"], lambda: key, lambda u, m: b"{}", False, {}, prefs=prefs or Preferences(), costs=COSTS)
+def send(r: Router, prefs: Preferences | None = None, key: str = "k", stream: bool = False):
+    return r.send(["m"], lambda: key, lambda u, m: b"{}", stream, {}, prefs=prefs or Preferences(), costs=COSTS)
 
 
 def first_for_others(r: Router) -> str:
     return r.candidates("m", "someone-else", Preferences(), COSTS)[0].name
+
+
+TOO_LARGE = {"error": {"message": "Request too large for gpt-4o on tokens per min (TPM): Limit 30000"}}
 
 
 @pytest.mark.parametrize(
@@ -189,8 +192,10 @@ def first_for_others(r: Router) -> str:
         httpx.Response(500),
         httpx.Response(200, text="<html>no answer</html>"),
         httpx.Response(403, json={"error": {"message": "Your input was flagged"}}),
+        httpx.Response(429, headers={"retry-after": "60"}, json=TOO_LARGE),
+        httpx.Response(200, text=": OPENROUTER PROCESSING\n\n" * 3),
     ],
-    ids=["5xx", "200 no answer", "moderation 403"],
+    ids=["5xx", "200 no answer", "moderation 403", "429 too large", "a stream that never answers"],
 )
 def test_a_payer_restricted_to_an_upstream_does_not_cool_it_for_everyone_for_free(cheap):
     """A payer restricted to the cheap upstream (``provider.only``) whose calls it fails pays nothing
@@ -199,8 +204,15 @@ def test_a_payer_restricted_to_an_upstream_does_not_cool_it_for_everyone_for_fre
     only_cheap = Preferences(only=frozenset({"cheap"}))
     for _ in range(3):
         with pytest.raises(UpstreamError):
-            asyncio.run(send(r, only_cheap))
+            asyncio.run(send(r, only_cheap, stream=b"PROCESSING" in cheap.content))
     assert first_for_others(r) == "cheap", r.health()
+
+
+def test_a_free_calls_failures_cool_nothing():
+    """A free call served elsewhere paid for nothing there either."""
+    r = mock_router(answering(httpx.Response(500)), byok=False)
+    opened = asyncio.run(r.send(["m"], lambda: "k", lambda u, m: b"{}", False, {}, costs=COSTS, paying=False))
+    assert opened.upstream == "dear" and first_for_others(r) == "cheap"
 
 
 def test_a_moderation_refusal_fails_over_and_says_so_when_nothing_else_serves():
@@ -214,6 +226,18 @@ def test_a_moderation_refusal_fails_over_and_says_so_when_nothing_else_serves():
         asyncio.run(send(r, Preferences(only=frozenset({"cheap"}))))
     assert (refused.value.status, refused.value.code) == (403, "upstream_refused")
     assert "flagged" in refused.value.message
+
+
+def test_a_403_that_is_no_moderation_is_the_upstreams_failure():
+    """An upstream that answers every call 403 (its key, its region, a firewall) is cooled like any
+    failing one, and the client is told only the status: it was taken for the request's fault, so
+    tried first on every call and never cooled, its text passed on."""
+    r = mock_router(answering(httpx.Response(403, text="<html>Access denied</html>")), byok=False)
+    assert asyncio.run(send(r)).upstream == "dear" and first_for_others(r) == "dear"
+    with pytest.raises(UpstreamError) as refused:
+        asyncio.run(send(r, Preferences(only=frozenset({"cheap"}))))
+    assert (refused.value.status, refused.value.code) == (502, "upstream_error")
+    assert "Access" not in refused.value.message
 
 
 def test_a_failure_served_elsewhere_cools_the_upstream_one_step_a_burst():
@@ -298,3 +322,40 @@ def test_one_slow_call_does_not_move_latency_sorted_payers():
     stats.add([row(21 + i, now - 20 + i, "cheap", first=20_000.0) for i in range(2)])  # three in a row: it is slow
     stats.publish(now)
     assert r.candidates("m", "k", latency, COSTS)[0].name == "dear"
+
+
+def test_what_counts_of_a_failure_counted_late():
+    """A failure counts once its call is served elsewhere, which may be long after it was sent: not
+    against an upstream that served a call sent after it, nor against the upstream that failed one
+    model of a fallback list and served the next; within a burst, its Retry-After still holds."""
+    r = mock_router(answering(httpx.Response(200, json=OK_BODY)), byok=False)
+    now = time.monotonic()
+    r._succeeded("cheap", now - 1.0, "")
+    r._failed("cheap", now - 2.0, down=False)  # (sent before the call it served)
+    assert first_for_others(r) == "cheap"
+    r._failed("cheap", now, down=False)
+    r._failed("cheap", now - 0.5, down=False, asked=30)  # (of that burst, and it asked for 30 s)
+    health = {h["name"]: h for h in r.health()}["cheap"]
+    assert health["failures"] == 1 and health["cooling_seconds"] >= 29, health
+
+    def fallback(req):
+        return httpx.Response(500) if b'"x"' in req.content else httpx.Response(200, json=OK_BODY)
+
+    r = mock_router(fallback, names=("only",), byok=False)
+    opened = asyncio.run(r.send(["x", "y"], lambda: "k", lambda u, m: f'{{"model": "{m}"}}'.encode(), False, {}))
+    assert (opened.upstream, opened.model) == ("only", "y") and r.health()[0]["healthy"], r.health()
+
+
+def test_free_callers_are_kept_apart_too():
+    """Every free call's payer is ``free``: scoped by it, free callers shared one conversation and
+    one memory of prompts (the oracle again, between free callers)."""
+    from tollway.metering import Paid
+    from tollway.payments.base import Verified
+
+    def paid(payer: str, proof: dict) -> Paid:
+        payment = Verified("s", "n", "a", payer, "p", 0, "lock", proof)
+        return Paid(payment, None, "id", payer, None, None)  # type: ignore[arg-type]
+
+    alice, mallory = paid("free", {"free": "id-alice", "day": 1}), paid("free", {"free": "id-mallory", "day": 1})
+    assert alice.who != mallory.who and alice.free and not paid("0xabc", {}).free
+    assert paid("0xabc", {}).who == "0xabc"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tollway.config import UpstreamSettings
-from tollway.errors import BadRequest, UpstreamUnavailable
+from tollway.errors import BadRequest
 from tollway.routing import Preferences, over_max_price, preferences, split_variant, upstream_max_price
 from tollway.stats import LiveStats
 from tollway.upstream.attempts import Attempt, decode_attempts, encode_attempts
@@ -197,20 +197,25 @@ def test_sort_ranks_by_live_figures_and_wins_over_stickiness():
 
 
 def test_an_upstream_that_asks_to_be_left_alone_is_tried_last_that_long():
-    answers = {"busy": httpx.Response(429, headers={"retry-after": "7"}), "down": httpx.Response(503)}
+    ok = {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}
+    answers = {
+        "busy": httpx.Response(429, headers={"retry-after": "7"}),
+        "down": httpx.Response(503),
+        "ok": httpx.Response(200, json=ok),
+    }
     client = CookielessClient(transport=httpx.MockTransport(lambda req: answers[req.url.host.split(".")[0]]))
-    ups = [Upstream(UpstreamSettings(name=n, url=f"http://{n}.test/v1"), client) for n in ("busy", "down")]
+    ups = [Upstream(UpstreamSettings(name=n, url=f"http://{n}.test/v1"), client) for n in ("busy", "down", "ok")]
     r = Router(ups, sticky_idle=60, cooldown=0.5)
-    with pytest.raises(UpstreamUnavailable) as err:
-        asyncio.run(r.send(["m"], lambda: "k", lambda u, model: b"{}", False, {}))
-    assert [(a.upstream, a.outcome) for a in err.value.attempts] == [
+    opened = asyncio.run(r.send(["m"], lambda: "k", lambda u, model: b"{}", False, {}))
+    assert [(a.upstream, a.outcome) for a in opened.attempts] == [
         ("busy", "upstream_unavailable"),
         ("down", "upstream_unavailable"),
+        ("ok", "served"),
     ]
     cooling = {h["name"]: h["cooling_seconds"] for h in r.health()}
     assert 6.5 <= cooling["busy"] <= 7.0  # its Retry-After, not the 0.5 s cooldown
     assert cooling["down"] <= 0.5
-    assert order(r, Preferences()) == ["busy", "down"]  # (both cooling: configuration order)
+    assert order(r, Preferences()) == ["ok", "busy", "down"]  # (the cooling ones last, in configuration order)
 
 
 def test_by_default_the_lowest_expected_cost_goes_first():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -145,6 +146,20 @@ def _upstream_message(body: bytes, keys: dict[str, str]) -> str:
     return scrubbed(text, keys)
 
 
+FLAGGED = re.compile(r"flagged|moderat", re.IGNORECASE)
+
+
+def _moderation(body: bytes, message: str) -> bool:
+    """Whether an upstream's 403 is its moderation refusing the request (OpenRouter's names the
+    ``flagged_input`` and ``reasons``), not a refusal of our key or region."""
+    try:
+        err = loads(body).get("error")
+        meta = err.get("metadata") if isinstance(err, dict) else None
+    except (ValueError, AttributeError, RecursionError):
+        meta = None
+    return (isinstance(meta, dict) and ("flagged_input" in meta or "reasons" in meta)) or bool(FLAGGED.search(message))
+
+
 def scrubbed(text: str, keys: dict[str, str]) -> str:
     """An upstream's ``text``, shortened to be shown, with every key in ``keys`` (key → what stands
     for it) taken out first (a key cut in two by the shortening would no longer be found)."""
@@ -214,10 +229,13 @@ PREAMBLE = frozenset(
 
 def _contentless(doc: dict[str, Any]) -> bool:
     """A chat chunk that answers nothing yet: its choices' deltas name the role and nothing more
-    (OpenAI, vLLM and llama.cpp open a stream with one), or it has no choices and no usage."""
+    (OpenAI, vLLM and llama.cpp open a stream with one), or it has no choices (nor a list of them)
+    and no usage."""
     choices = doc.get("choices")
-    if not isinstance(choices, list) or doc.get("usage"):
+    if doc.get("usage"):
         return False
+    if not isinstance(choices, list):
+        return True
     for choice in choices:
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
@@ -227,10 +245,14 @@ def _contentless(doc: dict[str, Any]) -> bool:
     return True
 
 
-def _failed_choice(doc: dict[str, Any]) -> str | None:
-    """A chat chunk that ends a choice with ``finish_reason: "error"`` before any content (the
-    error chunk OpenRouter and tollway end a broken stream with, its ``error`` field left out)."""
-    for choice in doc.get("choices") or ():
+def _stream_failure(doc: dict[str, Any]) -> str | None:
+    """A chat chunk that is a failure with no ``error`` field: vLLM's error object, or a choice
+    ended with ``finish_reason: "error"`` before any content (the error chunk OpenRouter and tollway
+    end a broken stream with, its ``error`` field left out)."""
+    if doc.get("object") == "error":
+        return str(doc.get("message") or "the upstream answered an error")
+    choices = doc.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict) and choice.get("finish_reason") == "error":
             delta = choice.get("delta")
             if not (isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role")):
@@ -251,7 +273,7 @@ def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | Non
         if data == b"[DONE]":  # (the end, not an answer: a stream of nothing else is a failure)
             continue
         doc = _json(data)  # (not a JSON object: {}, no answer)
-        err = doc.get("error") or stream_error(doc) or _failed_choice(doc)
+        err = doc.get("error") or stream_error(doc) or _stream_failure(doc)
         if err:
             text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
             raise UpstreamError(f"upstream failed before answering: {scrubbed(text, keys or {})}")
@@ -392,10 +414,14 @@ class Upstream:
         request = httpx.Request("POST", url, content=body, headers=headers, extensions=extensions)
         try:
             resp = await self.http.transport.handle_async_request(request)  # (streamed: read below)
-        except httpx.TimeoutException as exc:
-            raise UpstreamDown("upstream timed out", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamDown(f"upstream unreachable: {type(exc).__name__}") from exc
+            timeout = isinstance(exc, httpx.TimeoutException)
+            down = UpstreamDown(
+                "upstream timed out" if timeout else f"upstream unreachable: {type(exc).__name__}",
+                code="upstream_timeout" if timeout else "upstream_unavailable",
+            )
+            down.unreachable = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+            raise down from exc
         except PaymentRefused as exc:  # an upstream tollway asks more than we may pay it
             raise UpstreamError(f"cannot pay the upstream: {exc}", code="upstream_payment_refused") from exc
         try:
@@ -474,7 +500,7 @@ class Upstream:
             err = BadRequest(f"upstream answered {status}: {message}", code="upstream_rejected_request")
             err.status = status
             return err
-        if status == 403:
+        if status == 403 and _moderation(body, message):
             return UpstreamRefused(f"upstream answered 403: {message}")
         logged = message if api_key is None else "(withheld: the call carried a payer's key)"
         log.warning("upstream %s answered %d: %s", self.name, status, logged)

@@ -18,12 +18,15 @@ that doubles with consecutive failures (or for its own ``Retry-After``); one tha
 at all is probed in the background, and tried again as soon as it answers. Every attempt is kept
 (``attempts.py``) for the receipt and the live figures.
 
-What one payer's request can make an upstream do must not steer every other payer's calls: an
-upstream's error that a request's content may cause (a 5xx, a 200 that is no answer) cools it only
-once the call was served elsewhere — paid for there — never from a call that failed everywhere it
-was allowed (a free try); a refusal of the request itself (4xx, moderation's 403) never does; the
-calls of one burst, sent before a failure was counted, add one step to the cooldown, not one each;
-and only a success sent after the last failure ends a cooldown early.
+What one payer's request can make an upstream do must not steer every other payer's calls. Any
+failure a request's content may cause — an error status (a 429 "request too large" too), a 200 that
+is no answer, a timeout, a dropped connection — cools an upstream only once the call was served
+elsewhere and is paid for there: never from a call that failed everywhere it was allowed to go, nor
+from a free call (a free try). Only an upstream no connection could be made to cools at once. A
+refusal of the request itself (4xx, moderation's 403) never cools; the calls of one burst, sent
+before a failure was counted, add one step to the cooldown, not one each; a failure of a call sent
+before the upstream last served one counts for nothing; and only a success sent after the last
+failure ends a cooldown early.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class Router:
         # name → (consecutive failures, failed until, when the last was counted)
         self._failures: dict[str, tuple[int, float, float]] = {}
         self._down: dict[str, float] = {}  # name → until when it is taken for down (it did not answer at all)
+        self._served: dict[str, float] = {}  # name → when the latest call it served was sent
 
     def named(self, name: str) -> Upstream:
         return next(u for u in self.upstreams if u.name == name)
@@ -188,6 +192,7 @@ class Router:
         api_key: str | None = None,
         costs: Costs | None = None,
         deadline: float | None = None,
+        paying: bool = True,
     ) -> Opened:
         """Send to the best candidate, failing over before the first byte: every upstream of the
         first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
@@ -195,7 +200,8 @@ class Router:
         routing). ``conversation()`` is the key the call sticks to (``conversation_key``), asked
         only where there are upstreams to choose between; ``api_key`` a payer's own provider key,
         sent in place of the upstream's; ``deadline`` (the event loop's clock) when the call's time
-        is up: the upstream then being asked is left, its attempt kept, and no other is asked."""
+        is up: the upstream then being asked is left, its attempt kept, and no other is asked.
+        ``paying``: whether the call is paid for (a free call's failures cool nothing)."""
         key = conversation() if len(self.upstreams) > 1 else ""  # ("": no conversation to remember)
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
@@ -222,22 +228,21 @@ class Router:
                     if not isinstance(exc, UpstreamError):  # it refused the request itself: no other is asked,
                         exc.attempts = tuple(attempts)  # and the call ends with the upstreams it was tried on
                         raise
-                    if isinstance(exc, UpstreamUnavailable):  # (it did not answer, or said it is busy: no
-                        # request's content does that — unless a payer's own key's rate limit says it)
-                        if api_key is None or isinstance(exc, UpstreamDown):
-                            self._failed(
-                                upstream.name, sent, down=isinstance(exc, UpstreamDown), asked=exc.asked_to_wait
-                            )
-                    elif api_key is None and not isinstance(exc, UpstreamRefused):
+                    if isinstance(exc, UpstreamDown) and exc.unreachable:  # (no request's content does that)
+                        self._failed(upstream.name, sent, down=True)
+                    elif api_key is None and paying and not isinstance(exc, UpstreamRefused):  # (a payer's own
+                        # key's answer — its rate limit, say — is no sign of the upstream's health for others)
                         failed_here.append((upstream.name, sent, exc))
                     last = exc
                     log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                     continue
                 attempts.append(Attempt(upstream.name, "served", opened.latency_ms, model))
                 opened.model, opened.attempts = model, attempts
-                for name, at, _ in failed_here:
-                    self._failed(name, at, down=False)
                 self._succeeded(upstream.name, sent, key)
+                for name, at, failure in failed_here:
+                    if name != upstream.name:  # (it failed one model and served the next: it is up)
+                        down = isinstance(failure, UpstreamDown)
+                        self._failed(name, at, down=down, asked=failure.asked_to_wait)
                 return opened
         if last is None:
             raise UpstreamError(f"no upstream serves model '{models[0][:80]}'", code="no_upstream")
@@ -262,20 +267,24 @@ class Router:
         said how long to stay away (a 429's or 503's ``Retry-After``), for that long (at most
         ``MAX_COOLDOWN``). A call ``sent`` before the last failure was counted is of the same burst:
         it adds no step."""
-        count, _, counted = self._failures.get(name, NO_FAILURE)
-        if sent < counted:
+        if sent < self._served.get(name, 0.0):  # (a call sent after it was served since: it is up)
             return
+        count, until, counted = self._failures.get(name, NO_FAILURE)
         now = time.monotonic()
-        pause = min(self.cooldown * 2**count, MAX_COOLDOWN)
+        if sent >= counted:  # (else: of the burst the last failure counted)
+            count, counted = count + 1, now
+            until = now + min(self.cooldown * 2 ** (count - 1), MAX_COOLDOWN)
         if asked is not None:
-            pause = min(float(asked), MAX_COOLDOWN)
-        self._failures[name] = (count + 1, now + pause, now)
+            until = now + min(float(asked), MAX_COOLDOWN)
+        self._failures[name] = (count, until, counted)
         if down:
-            self._down[name] = now + pause
+            self._down[name] = until
 
     def _succeeded(self, name: str, sent: float, key: str) -> None:
         """``name`` served a call ``sent`` then: its failures end, unless they were counted after that
         (a slow call of before them says nothing of now); ``key``'s conversation goes back to it."""
+        if sent > self._served.get(name, 0.0):
+            self._served[name] = sent
         if sent >= self._failures.get(name, NO_FAILURE)[2]:
             self._failures.pop(name, None)
             self._down.pop(name, None)
