@@ -333,17 +333,33 @@ def test_what_counts_of_a_failure_counted_late():
     r._succeeded("cheap", now - 1.0, "")
     r._failed("cheap", now - 2.0, down=False)  # (sent before the call it served)
     assert first_for_others(r) == "cheap"
-    r._failed("cheap", now, down=False)
+    r._failed("cheap", now - 0.3, down=False)
     r._failed("cheap", now - 0.5, down=False, asked=30)  # (of that burst, and it asked for 30 s)
     health = {h["name"]: h for h in r.health()}["cheap"]
     assert health["failures"] == 1 and health["cooling_seconds"] >= 29, health
 
+    r._succeeded("cheap", now - 0.2, "")  # (a call sent after the failing one was, served once it was counted)
+    assert first_for_others(r) == "cheap", r.health()
+
     def fallback(req):
         return httpx.Response(500) if b'"x"' in req.content else httpx.Response(200, json=OK_BODY)
 
-    r = mock_router(fallback, names=("only",), byok=False)
-    opened = asyncio.run(r.send(["x", "y"], lambda: "k", lambda u, m: f'{{"model": "{m}"}}'.encode(), False, {}))
-    assert (opened.upstream, opened.model) == ("only", "y") and r.health()[0]["healthy"], r.health()
+    client = CookielessClient(transport=httpx.MockTransport(fallback))
+    ups = [
+        Upstream(UpstreamSettings(name="cheap", url="http://cheap.test/v1"), client),
+        Upstream(UpstreamSettings(name="dear", url="http://dear.test/v1", models=["y"]), client),
+    ]
+    r = Router(ups, sticky_idle=60, cooldown=5)
+    to = lambda u, m: f'{{"model": "{m}"}}'.encode()  # noqa: E731
+    # The cheap one fails a model only it serves, then serves the next of the list: it is up.
+    opened = asyncio.run(r.send(["x", "y"], lambda: "k", to, False, {}, prefs=Preferences(only=frozenset({"cheap"}))))
+    assert (opened.upstream, opened.model) == ("cheap", "y") and r.health()[0]["healthy"], r.health()
+    # ... or the dear one serves the next model: no equal alternative took the call the cheap one failed
+    # (one such call a minute cooled the cheap upstream for every model and every payer).
+    dear_for_y = lambda m, names: {"cheap": 1.0 if m == "x" else 99.0, "dear": 30.0}  # noqa: E731
+    opened = asyncio.run(r.send(["x", "y"], lambda: "k", to, False, {}, costs=dear_for_y))
+    assert [a.upstream for a in opened.attempts] == ["cheap", "dear"] and opened.model == "y"
+    assert r.health()[0]["healthy"], r.health()
 
 
 def test_free_callers_are_kept_apart_too():

@@ -308,7 +308,7 @@ async def test_the_pool_never_opens_more_than_max_connections():
         held = [await http.send(http.build_request("POST", raw.url, content=b"{}"), stream=True) for _ in range(2)]
         assert raw.live == 2
         started = time.monotonic()
-        with pytest.raises(httpx.ConnectTimeout):  # no free connection within the pool timeout
+        with pytest.raises(httpx.PoolTimeout):  # no free connection within the pool timeout (the upstream is up)
             await http.post(raw.url, content=b"{}", timeout=httpx.Timeout(5, pool=0.3))
         assert 0.25 < time.monotonic() - started < 3
         waiting = asyncio.create_task(http.post(raw.url, content=b"{}", timeout=5))
@@ -817,6 +817,59 @@ async def test_upstream_hanging_is_a_timeout(stream):
         with pytest.raises(UpstreamDown) as err:
             await up.send(b"{}", stream, {})
         assert err.value.code == "upstream_timeout" and time.monotonic() - started < 1.5
+        await http.aclose()
+
+
+@pytest.mark.parametrize("lists_models", [False, True], ids=["hangs on everything", "answers its model list"])
+async def test_a_sole_upstream_that_hangs_is_taken_for_down_only_if_a_probe_fails_too(lists_models):
+    """A timeout may be the request's doing (a long prompt) and cools nothing by itself; an upstream
+    that timed out a call no other served is probed, and taken for down (quotes then get a 503 until
+    it answers again) only if it does not answer the probe either."""
+    from tollway.upstream.router import Router
+
+    async def answer(reader, writer, body):
+        if raw.heads[-1].startswith(b"GET") and lists_models:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]")
+            return
+        await asyncio.sleep(3)
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url, read_timeout=0.2, connect_timeout=0.3)
+        r = Router([up], sticky_idle=60, cooldown=5)
+        with pytest.raises(UpstreamDown):
+            await r.send(["m"], lambda: "k", lambda u, m: b"{}", False, {})
+        for _ in range(30):
+            await asyncio.sleep(0.05)
+            if not r._checking:
+                break
+        assert (r.down_for("m") > 0) is not lists_models, r.health()
+        await http.aclose()
+
+
+async def test_an_upstream_whose_connections_are_all_busy_is_not_down():
+    """A full pool is the gateway's own bound (a payer's slow streams can fill it): the call is told
+    to retry, and the upstream — which never had the request — is neither probed nor taken for down
+    (it was a ``ConnectTimeout``, taken for an upstream no connection could be made to)."""
+    from tollway.upstream.router import Router
+
+    release = asyncio.Event()
+
+    async def answer(reader, writer, body):
+        writer.write(SSE_HEAD + chunk(event(1)))
+        await writer.drain()
+        await release.wait()
+        writer.write(b"0\r\n\r\n")
+
+    async with raw_server(answer) as raw:
+        up, http = upstream(raw.url, read_timeout=0.3, max_connections=1)
+        r = Router([up], sticky_idle=60, cooldown=5)
+        held = await r.send(["m"], lambda: "k", lambda u, m: b"{}", True, {})
+        with pytest.raises(UpstreamUnavailable) as busy:
+            await r.send(["m"], lambda: "k", lambda u, m: b"{}", True, {})
+        assert not isinstance(busy.value, UpstreamDown) and busy.value.code == "upstream_unavailable"
+        assert r.down_for("m") == 0 and not r._checking and r.health()[0]["healthy"]
+        release.set()
+        await held.response.aclose()
         await http.aclose()
 
 

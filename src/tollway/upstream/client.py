@@ -414,6 +414,8 @@ class Upstream:
         request = httpx.Request("POST", url, content=body, headers=headers, extensions=extensions)
         try:
             resp = await self.http.transport.handle_async_request(request)  # (streamed: read below)
+        except httpx.PoolTimeout as exc:  # (our own bound: the upstream never had the request)
+            raise UpstreamUnavailable("every connection to the upstream is busy") from exc
         except httpx.HTTPError as exc:
             timeout = isinstance(exc, httpx.TimeoutException)
             down = UpstreamDown(

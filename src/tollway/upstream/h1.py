@@ -18,7 +18,8 @@ What it keeps of httpx's own transport:
   reused; TCP_NODELAY; TLS verified against httpx's certificates (certifi, or ``SSL_CERT_FILE``)
   unless an ``ssl.SSLContext`` is given (``verify=False``: not verified);
 - httpx's error types: a refused, unresolvable or untrusted connection is a ``ConnectError``; a
-  connect or pool wait that timed out a ``ConnectTimeout``, a read that did a ``ReadTimeout``; a
+  connect that timed out a ``ConnectTimeout``, a wait for room in the pool a ``PoolTimeout``, a read
+  that did a ``ReadTimeout``; a
   peer that closed before answering or cut a body short (or answered garbage, or a header block
   over ``MAX_HEAD``) a ``RemoteProtocolError``, as with h11; a reset connection a ``ReadError``; a
   URL that is not http(s) an ``UnsupportedProtocol``;
@@ -446,6 +447,7 @@ class H1Transport(httpx.AsyncBaseTransport):
 
     async def _connect_or_wait(self, origin: _Origin, timeout: dict[str, float | None]) -> _Connection:
         loop = asyncio.get_running_loop()
+        connecting = False  # (a timeout while still waiting for room is the pool's, not the upstream's)
         try:
             async with asyncio.timeout(timeout.get("pool")):  # the wait for room, and the connect
                 while True:
@@ -465,6 +467,7 @@ class H1Transport(httpx.AsyncBaseTransport):
                             self._wake()  # woken, but leaving: the room goes to the next one waiting
                         raise
                 self.size += 1
+                connecting = True
                 conn = _Connection(self, origin.key, loop)
                 try:
                     async with asyncio.timeout(timeout.get("connect")):
@@ -484,7 +487,9 @@ class H1Transport(httpx.AsyncBaseTransport):
                 self.conns.add(conn)
                 return conn
         except TimeoutError as exc:  # (before OSError: TimeoutError is one)
-            raise httpx.ConnectTimeout(f"timed out getting a connection to {origin.host}:{origin.port}") from exc
+            if not connecting:
+                raise httpx.PoolTimeout(f"no free connection to {origin.host}:{origin.port} in time") from exc
+            raise httpx.ConnectTimeout(f"timed out connecting to {origin.host}:{origin.port}") from exc
         except OSError as exc:  # refused, unresolvable, TLS (an untrusted certificate)
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
 

@@ -20,13 +20,15 @@ at all is probed in the background, and tried again as soon as it answers. Every
 
 What one payer's request can make an upstream do must not steer every other payer's calls. Any
 failure a request's content may cause — an error status (a 429 "request too large" too), a 200 that
-is no answer, a timeout, a dropped connection — cools an upstream only once the call was served
-elsewhere and is paid for there: never from a call that failed everywhere it was allowed to go, nor
-from a free call (a free try). Only an upstream no connection could be made to cools at once. A
-refusal of the request itself (4xx, moderation's 403) never cools; the calls of one burst, sent
-before a failure was counted, add one step to the cooldown, not one each; a failure of a call sent
-before the upstream last served one counts for nothing; and only a success sent after the last
-failure ends a cooldown early.
+is no answer, a timeout, a dropped connection — cools an upstream only once another upstream served
+the call the same model (an equal alternative), for a paying call: never from a call that failed
+everywhere it was allowed to go, nor from a free one (a free try). Only an upstream no connection
+could be made to cools (and is taken for down) at once; one that timed out or dropped a call no
+other served is probed, and taken for down only if the probe fails too. A refusal of the request
+itself (4xx, moderation's 403) never cools; the calls of one burst, sent before a failure was
+counted, add one step to the cooldown, not one each; a failure of a call sent before the upstream
+last served one counts for nothing; and a success of a call sent after the last failure's ends a
+cooldown early.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ log = logging.getLogger("tollway.upstream")
 Costs = Callable[[str, list[str]], Mapping[str, float]]
 MAX_CONVERSATIONS = 100_000
 MAX_COOLDOWN = 60.0
-NO_FAILURE = (0, 0.0, 0.0)
+NO_FAILURE = (0, 0.0, 0.0, 0.0)
 
 
 def conversation_key(
@@ -85,10 +87,11 @@ class Router:
         self.sticky_idle = sticky_idle
         self.cooldown = cooldown
         self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        # name → (consecutive failures, failed until, when the last was counted)
-        self._failures: dict[str, tuple[int, float, float]] = {}
+        # name → (consecutive failures, failed until, when the last was counted, when its call was sent)
+        self._failures: dict[str, tuple[int, float, float, float]] = {}
         self._down: dict[str, float] = {}  # name → until when it is taken for down (it did not answer at all)
         self._served: dict[str, float] = {}  # name → when the latest call it served was sent
+        self._checking: dict[str, asyncio.Task[None]] = {}  # name → its probe after a timeout no one else served
 
     def named(self, name: str) -> Upstream:
         return next(u for u in self.upstreams if u.name == name)
@@ -101,7 +104,7 @@ class Router:
         now = time.monotonic()
         out = []
         for u in self.upstreams:
-            failures, until, _ = self._failures.get(u.name, NO_FAILURE)
+            failures, until, *_ = self._failures.get(u.name, NO_FAILURE)
             out.append(
                 {
                     "name": u.name,
@@ -114,8 +117,8 @@ class Router:
 
     def down_for(self, model: str) -> float:
         """Seconds until an upstream serving ``model`` may be up again: 0 unless every one of them
-        failed to answer at all just now (refused, unreachable, timed out) — an upstream that
-        answers with errors is up, and only tried later."""
+        failed to answer at all just now (no connection could be made, or it timed out and did not
+        answer a probe either) — an upstream that answers with errors is up, and only tried later."""
         now = time.monotonic()
         waits = [max(self._down.get(u.name, 0.0) - now, 0.0) for u in self.upstreams if u.serves(model)]
         return min(waits, default=0.0)
@@ -205,7 +208,7 @@ class Router:
         key = conversation() if len(self.upstreams) > 1 else ""  # ("": no conversation to remember)
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
-        failed_here: list[tuple[str, float, UpstreamError]] = []  # (upstream, sent at, error): counted if served
+        failed_here: list[tuple[Upstream, str, float, UpstreamError]] = []  # (upstream, model, sent, error)
         for model in models:
             for upstream in self.candidates(model, key, prefs, costs):
                 started, sent = time.perf_counter(), time.monotonic()
@@ -230,24 +233,43 @@ class Router:
                         raise
                     if isinstance(exc, UpstreamDown) and exc.unreachable:  # (no request's content does that)
                         self._failed(upstream.name, sent, down=True)
-                    elif api_key is None and paying and not isinstance(exc, UpstreamRefused):  # (a payer's own
-                        # key's answer — its rate limit, say — is no sign of the upstream's health for others)
-                        failed_here.append((upstream.name, sent, exc))
+                    else:
+                        failed_here.append((upstream, model, sent, exc))
                     last = exc
                     log.warning("upstream %s failed before answering (%s): %s", upstream.name, exc.code, exc.message)
                     continue
                 attempts.append(Attempt(upstream.name, "served", opened.latency_ms, model))
                 opened.model, opened.attempts = model, attempts
                 self._succeeded(upstream.name, sent, key)
-                for name, at, failure in failed_here:
-                    if name != upstream.name:  # (it failed one model and served the next: it is up)
-                        down = isinstance(failure, UpstreamDown)
-                        self._failed(name, at, down=down, asked=failure.asked_to_wait)
+                # (a payer's own key's answer — its rate limit, say — is no sign of the upstream's health)
+                if api_key is None and paying:
+                    for other, failed, at, failure in failed_here:
+                        if failed == model and not isinstance(failure, UpstreamRefused):  # (an equal one took it)
+                            self._failed(other.name, at, down=False, asked=failure.asked_to_wait)
                 return opened
+        for other, _, at, failure in failed_here:
+            if isinstance(failure, UpstreamDown):  # (it timed out, or dropped the connection: is it there at all?)
+                self._check(other, at)
         if last is None:
             raise UpstreamError(f"no upstream serves model '{models[0][:80]}'", code="no_upstream")
         last.attempts = tuple(attempts)
         raise last
+
+    def _check(self, upstream: Upstream, sent: float) -> None:
+        """Probe ``upstream`` (in the background, once at a time) after a call sent then timed out on
+        it and no other served it: taken for down only if it does not answer a probe either — what
+        no request's content has a say in."""
+        if upstream.name in self._checking:
+            return
+
+        async def check() -> None:
+            try:
+                if not await upstream.probe():
+                    self._failed(upstream.name, sent, down=True)
+            finally:
+                self._checking.pop(upstream.name, None)
+
+        self._checking[upstream.name] = asyncio.get_running_loop().create_task(check())
 
     async def probe(self, every: float) -> None:
         """Every ``every`` seconds, ask each upstream taken for down (it did not answer at all)
@@ -269,23 +291,24 @@ class Router:
         it adds no step."""
         if sent < self._served.get(name, 0.0):  # (a call sent after it was served since: it is up)
             return
-        count, until, counted = self._failures.get(name, NO_FAILURE)
+        count, until, counted, failed = self._failures.get(name, NO_FAILURE)
         now = time.monotonic()
         if sent >= counted:  # (else: of the burst the last failure counted)
-            count, counted = count + 1, now
+            count, counted, failed = count + 1, now, sent
             until = now + min(self.cooldown * 2 ** (count - 1), MAX_COOLDOWN)
         if asked is not None:
             until = now + min(float(asked), MAX_COOLDOWN)
-        self._failures[name] = (count, until, counted)
+        self._failures[name] = (count, until, counted, failed)
         if down:
-            self._down[name] = until
+            self._down[name] = max(until, self._down.get(name, 0.0))
 
     def _succeeded(self, name: str, sent: float, key: str) -> None:
-        """``name`` served a call ``sent`` then: its failures end, unless they were counted after that
-        (a slow call of before them says nothing of now); ``key``'s conversation goes back to it."""
+        """``name`` served a call ``sent`` then: its failures end, unless the call of the last was sent
+        after that (a slow call of before it says nothing of now); ``key``'s conversation goes back
+        to it."""
         if sent > self._served.get(name, 0.0):
             self._served[name] = sent
-        if sent >= self._failures.get(name, NO_FAILURE)[2]:
+        if sent >= self._failures.get(name, NO_FAILURE)[3]:
             self._failures.pop(name, None)
             self._down.pop(name, None)
         if not key:  # (no conversation to remember)
