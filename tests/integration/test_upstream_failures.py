@@ -586,3 +586,35 @@ def test_an_upstream_404_quoting_a_key_in_its_url_path_is_passed_on_without_it(g
         assert (r.status_code, error_code(r)) == (404, "upstream_rejected_request"), r.text
         assert secret not in r.text and "[the upstream's URL]/v1/chat/completions" in r.text, r.text
         assert_nothing_charged(engine, chain, payer, before, r)
+
+
+def test_attack_a_payer_failing_its_own_calls_on_the_cheap_upstream_steers_nobody(gateway, chain, tmp_path):
+    """Routing review: a payer restricted to the first upstream (``provider.only``) whose calls it
+    fails — five at a time, each released, so free — cooled it for every payer, who then paid the
+    next one's prices. The victim's call still goes to the first upstream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tollway.config import UpstreamSettings
+    from tollway.mock_upstream import create_app as create_mock
+
+    attacker, victim = chain.fund(), chain.fund()
+    with ServerThread(create_mock()) as first, ServerThread(create_mock()) as second:
+        upstreams = [
+            UpstreamSettings(name="first", url=first.url + "/v1"),
+            UpstreamSettings(name="second", url=second.url + "/v1"),
+        ]
+        with (
+            dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams) as (url, engine),
+            httpx.Client(base_url=url, timeout=30) as client,
+        ):
+            poison = chat_body("fail me", max_tokens=20, mock={"fail": 500}, provider={"only": ["first"]})
+            signed = [paid_headers(client, poison, attacker)[0] for _ in range(5)]
+            with ThreadPoolExecutor(5) as pool:
+                failed = list(pool.map(lambda h: client.post(CHAT, json=poison, headers=h), signed))
+            assert [r.status_code for r in failed] == [502] * 5
+            assert {p["state"] for p in payment_rows(engine, attacker.address)} == {"released"}  # (free)
+            body = chat_body("an honest question", max_tokens=20)
+            r = client.post(CHAT, json=body, headers=paid_headers(client, body, victim)[0])
+            assert r.status_code == 200, r.text
+            attempts = [(a["upstream"], a["outcome"]) for a in receipt(url, r.headers["x-tollway-receipt"])["attempts"]]
+            assert attempts == [("first", "served")]
