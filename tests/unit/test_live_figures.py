@@ -357,7 +357,7 @@ def test_what_counts_of_a_failure_counted_late():
     # ... or the dear one serves the next model: no equal alternative took the call the cheap one failed
     # (one such call a minute cooled the cheap upstream for every model and every payer).
     dear_for_y = lambda m, names: {"cheap": 1.0 if m == "x" else 99.0, "dear": 30.0}  # noqa: E731
-    opened = asyncio.run(r.send(["x", "y"], lambda: "k", to, False, {}, costs=dear_for_y))
+    opened = asyncio.run(r.send(["x", "y"], lambda: "k2", to, False, {}, costs=dear_for_y))
     assert [a.upstream for a in opened.attempts] == ["cheap", "dear"] and opened.model == "y"
     assert r.health()[0]["healthy"], r.health()
 

@@ -295,14 +295,21 @@ async def test_a_stream_closed_from_another_task_ends_its_reader_at_once():
 # -- the pool's limit ----------------------------------------------------------------------------------------
 
 
-async def test_the_pool_never_opens_more_than_max_connections():
-    release = asyncio.Event()
+def held_stream(release: asyncio.Event) -> Answer:
+    """An upstream's answer: a stream's first event, then its end once ``release`` is set."""
 
-    async def answer(reader, writer, body):
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> None:
         writer.write(SSE_HEAD + chunk(event(1)))
         await writer.drain()
         await release.wait()
         writer.write(b"0\r\n\r\n")
+
+    return answer
+
+
+async def test_the_pool_never_opens_more_than_max_connections():
+    release = asyncio.Event()
+    answer = held_stream(release)
 
     async with raw_server(answer) as raw, client(max_connections=2) as http:
         held = [await http.send(http.build_request("POST", raw.url, content=b"{}"), stream=True) for _ in range(2)]
@@ -853,12 +860,7 @@ async def test_an_upstream_whose_connections_are_all_busy_is_not_down():
     from tollway.upstream.router import Router
 
     release = asyncio.Event()
-
-    async def answer(reader, writer, body):
-        writer.write(SSE_HEAD + chunk(event(1)))
-        await writer.drain()
-        await release.wait()
-        writer.write(b"0\r\n\r\n")
+    answer = held_stream(release)
 
     async with raw_server(answer) as raw:
         up, http = upstream(raw.url, read_timeout=0.3, max_connections=1)

@@ -289,7 +289,7 @@ class Router:
         said how long to stay away (a 429's or 503's ``Retry-After``), for that long (at most
         ``MAX_COOLDOWN``). A call ``sent`` before the last failure was counted is of the same burst:
         it adds no step."""
-        if sent < self._served.get(name, 0.0):  # (a call sent after it was served since: it is up)
+        if sent < self._served.get(name, 0.0):  # (it has served a call sent after this one: it is up)
             return
         count, until, counted, failed = self._failures.get(name, NO_FAILURE)
         now = time.monotonic()
