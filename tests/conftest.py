@@ -17,7 +17,7 @@ import httpx
 import pytest
 from xprocess import ProcessStarter
 
-from support import ADMIN_TOKEN, TOLLWAY, Chain, ServerThread, free_port
+from support import ADMIN_TOKEN, TOLLWAY, Chain, ServerThread, free_port, with_own_settler
 from tollway.app import create_app
 from tollway.config import Settings, apply_devnet
 from tollway.devnet.anvil import anvil_command, rpc_alive
@@ -94,17 +94,7 @@ def gateway_settings(devnet: Devnet, upstream_url: str, db: Path, *, own_settler
         database_url=f"sqlite:///{db}", quote_secret="test-quote-secret-0123", admin_token=ADMIN_TOKEN, **overrides
     )
     settings = apply_devnet(base, devnet, upstream_url)
-    if own_settler:
-        from eth_account import Account
-        from web3 import Web3
-
-        settler = Account.create()
-        Web3(Web3.HTTPProvider(devnet.rpc_url)).provider.make_request(
-            "anvil_setBalance", [settler.address, hex(10**20)]
-        )
-        chain = settings.chain.model_copy(update={"settler_key": "0x" + bytes(settler.key).hex()})
-        settings = settings.model_copy(update={"chain": chain})
-    return settings
+    return with_own_settler(settings) if own_settler else settings
 
 
 @pytest.fixture(scope="session")

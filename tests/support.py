@@ -341,11 +341,14 @@ def call_rows(engine: Any, payment_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in c.execute(select(CALLS).where(CALLS.c.payment_id == payment_id)).mappings()]
 
 
-def with_own_settler(chain: Chain, settings: Any) -> Any:
-    """``settings`` with a settlement key of their own, funded: two gateways sending from one key
-    with two ledgers take each other's nonces (their settlements then wait to be signed anew)."""
+def with_own_settler(settings: Any) -> Any:
+    """``settings`` with a settlement key of their own, funded on their chain: two gateways sending
+    from one key with two ledgers take each other's nonces (their settlements then wait to be signed
+    anew)."""
     settler = Account.create()
-    chain.w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**20)])
+    Web3(Web3.HTTPProvider(str(settings.chain.rpc_url))).provider.make_request(
+        "anvil_setBalance", [settler.address, hex(10**20)]
+    )
     own = settings.chain.model_copy(update={"settler_key": "0x" + bytes(settler.key).hex()})
     return settings.model_copy(update={"chain": own})
 
@@ -365,7 +368,7 @@ def dedicated_gateway(
 ) -> Iterator[tuple[str, Any]]:
     """A gateway of its own (own ledger, own funded settlement key), its upstream, chain or other
     settings changed; yields its URL and an engine on its ledger."""
-    s = with_own_settler(chain, gateway.settings)
+    s = with_own_settler(gateway.settings)
     upstream = {"url": upstream_url, "read_timeout": read_timeout}
     settings = s.model_copy(
         update={

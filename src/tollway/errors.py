@@ -16,6 +16,7 @@
     │   ├── UpstreamRefused      403  upstream_refused: it would not take this request (its moderation)
     │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
     │       └── UpstreamDown     503  upstream_unavailable / upstream_timeout: it did not answer at all
+    │           └── UpstreamUnreachable 503 upstream_unavailable: no connection could be made
     ├── ClientGone               499  client_closed_request (it hung up before its request was read)
     ├── NotConfigured            503  not_configured (a feature this deployment lacks)
     └── ChainUnavailable         503  chain_unavailable    (+ Retry-After)
@@ -166,7 +167,9 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamDown(UpstreamUnavailable):
     """The upstream did not answer at all (refused, unreachable, timed out): it is down, not busy."""
 
-    unreachable = False  # no connection was made: no request's content had anything to do with it
+
+class UpstreamUnreachable(UpstreamDown):
+    """No connection could be made to the upstream: no request's content had anything to do with it."""
 
 
 class ClientGone(GatewayError):

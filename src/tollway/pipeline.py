@@ -489,7 +489,7 @@ def undo(gw: Gateway, paid: Paid, call: ChatCall, call_id: str, exc: BaseExcepti
         undone = gw.store.undo_call(
             paid.payment_id, to, error, account=paid.account, held=paid.held, deposit=deposit, row=row
         )
-        if undone and gw.free is not None and paid.scheme is gw.free.scheme and not timed_out(exc):
+        if undone and gw.free is not None and paid.free and not timed_out(exc):
             gw.free.give_back(paid.payment)  # (a call an upstream may have worked on keeps its slot)
     except Exception:  # undoing must not mask the original error
         log.exception("could not undo the payment of call %s", call_id)

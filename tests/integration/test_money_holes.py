@@ -609,6 +609,21 @@ def test_a_stream_without_usage_is_metered_from_the_upstreams_record_when_it_kee
     assert int(doc["cost"]["atomic"]) == to_atomic(usd + cached, 6)
 
 
+def metered_by_its_record(gateway, chain, devnet, tmp_path, upstream, body: dict[str, Any]) -> dict[str, Any]:
+    """A paid stream, read to its end, through an upstream that keeps OpenRouter's generation
+    records (``usage_lookup``); its receipt once it is metered."""
+    from tollway.config import UpstreamSettings
+
+    router_like = UpstreamSettings(name="openrouter-like", url=upstream.url + "/v1", usage_lookup="openrouter")
+    with dedicated_gateway(gateway, chain, tmp_path, upstreams=[router_like]) as (url, _):
+        with paying(url, wallet(chain.fund(), devnet)) as client, client.stream("POST", CHAT, json=body) as r:
+            assert r.status_code == 200
+            r.read()
+        wait_receipt(url, r.headers["x-tollway-receipt"])
+        eventually(lambda: receipt(url, r.headers["x-tollway-receipt"])["status"] not in ("streaming", "metering"))
+        return receipt(url, r.headers["x-tollway-receipt"])
+
+
 def test_a_stream_metered_from_the_upstreams_record_is_charged_no_less_than_it_billed(
     gateway, chain, devnet, tmp_path, upstream
 ):
@@ -616,20 +631,11 @@ def test_a_stream_metered_from_the_upstreams_record_is_charged_no_less_than_it_b
     payer who hung up before the usage chunk was charged its prompt at the plain price (an Opus
     prompt written to the one-hour cache: half of what the upstream billed). The record's
     ``total_cost`` is what the call is charged at least, within the quote. (Adversarial review.)"""
-    from tollway.config import UpstreamSettings
-
-    router_like = UpstreamSettings(name="openrouter-like", url=upstream.url + "/v1", usage_lookup="openrouter")
     prices = gateway.settings.models["mock/echo"]
     dearer = {"prompt": float(prices.prompt) * 2, "completion": float(prices.completion)}  # (as its writes bill)
     mock = {"omit_usage": True, "dialect": "openrouter", "cost_prices": dearer}
     body = chat_body("one two three " * 50, max_tokens=500, stream=True, mock=mock)
-    with dedicated_gateway(gateway, chain, tmp_path, upstreams=[router_like]) as (url, _):
-        with paying(url, wallet(chain.fund(), devnet)) as client, client.stream("POST", CHAT, json=body) as r:
-            assert r.status_code == 200
-            r.read()
-        wait_receipt(url, r.headers["x-tollway-receipt"])
-        eventually(lambda: receipt(url, r.headers["x-tollway-receipt"])["status"] not in ("streaming", "metering"))
-        doc = receipt(url, r.headers["x-tollway-receipt"])
+    doc = metered_by_its_record(gateway, chain, devnet, tmp_path, upstream, body)
     usage = doc["usage"]
     assert usage["dialect"] == "openrouter-generation" and usage["upstream_cost_usd"] is not None, usage
     listed = usage["prompt_tokens"] * Fraction(prices.prompt) + usage["completion_tokens"] * Fraction(prices.completion)
@@ -642,18 +648,9 @@ def test_attack_an_upstream_record_billing_a_fortune_charges_no_more_than_the_qu
 ):
     """The floor of a generation record's ``total_cost`` is no way past the quote: a hostile (or
     wrong) record of a fortune charges the quote, and the payer is asked for nothing more."""
-    from tollway.config import UpstreamSettings
-
-    router_like = UpstreamSettings(name="openrouter-like", url=upstream.url + "/v1", usage_lookup="openrouter")
     mock = {"omit_usage": True, "dialect": "openrouter", "cost_prices": {"prompt": 1000.0, "completion": 1000.0}}
     body = chat_body("a fortune", max_tokens=50, stream=True, mock=mock)
-    with dedicated_gateway(gateway, chain, tmp_path, upstreams=[router_like]) as (url, _):
-        with paying(url, wallet(chain.fund(), devnet)) as client, client.stream("POST", CHAT, json=body) as r:
-            assert r.status_code == 200
-            r.read()
-        wait_receipt(url, r.headers["x-tollway-receipt"])
-        eventually(lambda: receipt(url, r.headers["x-tollway-receipt"])["status"] not in ("streaming", "metering"))
-        doc = receipt(url, r.headers["x-tollway-receipt"])
+    doc = metered_by_its_record(gateway, chain, devnet, tmp_path, upstream, body)
     assert doc["usage"]["dialect"] == "openrouter-generation"
     assert (
         int(doc["cost"]["atomic"])
@@ -874,7 +871,7 @@ def test_an_internal_error_after_the_lock_leaves_no_payment_reserved_or_settling
 ):
     """[16] A failing ledger write after the payment was locked: the payment is released (and
     nothing settles), never left reserved or settling."""
-    settings = with_own_settler(chain, gateway.settings).model_copy(
+    settings = with_own_settler(gateway.settings).model_copy(
         update={"database_url": f"sqlite:///{tmp_path / 'l.sqlite3'}"}
     )
     app = create_app(settings)

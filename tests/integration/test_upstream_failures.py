@@ -11,6 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from support import (
     CHAT,
@@ -224,6 +227,28 @@ def sse(doc: dict[str, Any]) -> bytes:
     return (f"event: {kind}\n" if kind else "").encode() + b"data: " + json.dumps(doc).encode() + b"\n\n"
 
 
+def chat_upstream(answer: Any) -> ServerThread:
+    """An upstream whose chat completions ``answer`` gives (a Starlette endpoint)."""
+    return ServerThread(Starlette(routes=[Route("/chat/completions", answer, methods=["POST"])]))
+
+
+def hang_up_at_the_finish(url: str, body: dict[str, Any], payer: Any) -> None:
+    """A paid stream whose client hangs up once it has read the answer's ``finish_reason``."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        headers, _ = paid_headers(client, body, payer)
+        with client.stream("POST", CHAT, json=body, headers=headers) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if '"finish_reason":"stop"' in line.replace(" ", ""):
+                    break  # (and the connection is closed)
+
+
+def the_call(engine: Any, payer: Any) -> dict[str, Any]:
+    """The one call ``payer`` paid for."""
+    (call,) = [c for p in payment_rows(engine, payer.address) for c in call_rows(engine, p["id"])]
+    return call
+
+
 CHUNK = {"object": "chat.completion.chunk", "model": "mock/echo"}
 RESPONSE = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
 # What each API opens a stream with before its first token — the role alone (OpenAI, vLLM and
@@ -262,9 +287,6 @@ BODIES = {
 def test_a_stream_opened_without_content_that_then_fails_charges_nothing(gateway, chain, tmp_path, path):
     """Its opening events carry no token: the failure after them is one before the answer (it was
     taken as an answer, and charged the prompt at its bound and an estimate of output never sent)."""
-    from starlette.applications import Starlette
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
 
     async def opened_then_failed(request: Any) -> StreamingResponse:
         return StreamingResponse(iter([sse(e) for e in OPENED_THEN_FAILED[path]]), media_type="text/event-stream")
@@ -309,10 +331,6 @@ NEVER_ANSWERED = {
 def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, tmp_path, name, stream):
     """Alone, the upstream's no-answer is a 502 and the payment is released; with a second upstream
     the call goes there (it failed before the first byte) and is served."""
-    from starlette.applications import Starlette
-    from starlette.responses import Response, StreamingResponse
-    from starlette.routing import Route
-
     from tollway.config import UpstreamSettings
 
     async def no_answer(request: Any) -> Response:
@@ -321,18 +339,14 @@ def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, 
         return Response(NO_ANSWERS[name], media_type="application/json")
 
     body = chat_body("hi", max_tokens=100, stream=stream)
-    upstream = Starlette(routes=[Route("/chat/completions", no_answer, methods=["POST"])])
     payer = chain.fund()
     before = chain.balance(payer.address)
-    with ServerThread(upstream) as up:
+    with chat_upstream(no_answer) as up:
         with (
             dedicated_gateway(gateway, chain, tmp_path / "alone", upstream_url=up.url) as (url, engine),
             httpx.Client(base_url=url, timeout=30) as client,
         ):
-            required = payment_required(client.post(CHAT, json=body))
-            r = client.post(
-                CHAT, json=body, headers=payment_header(exact_payment(payer, required, exact_offer(required)))
-            )
+            r = client.post(CHAT, json=body, headers=paid_headers(client, body, payer)[0])
             assert r.status_code == 502 and error_code(r) == "upstream_error", r.text
             assert_nothing_charged(engine, chain, payer, before, r)
         upstreams = [
@@ -343,10 +357,7 @@ def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, 
             dedicated_gateway(gateway, chain, tmp_path / "two", upstreams=upstreams) as (url, engine),
             httpx.Client(base_url=url, timeout=30) as client,
         ):
-            required = payment_required(client.post(CHAT, json=body))
-            r = client.post(
-                CHAT, json=body, headers=payment_header(exact_payment(payer, required, exact_offer(required)))
-            )
+            r = client.post(CHAT, json=body, headers=paid_headers(client, body, payer)[0])
             assert r.status_code == 200, r.text
             assert [a["upstream"] for a in receipt(url, r.headers["x-tollway-receipt"])["attempts"]][-1] == "good"
 
@@ -354,10 +365,6 @@ def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, 
 def processing_forever():
     """An upstream whose streams send OpenRouter's keep-alive comment and nothing else, for ever."""
     import asyncio
-
-    from starlette.applications import Starlette
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
 
     async def processing(request: Any) -> StreamingResponse:
         async def comments():
@@ -367,15 +374,12 @@ def processing_forever():
 
         return StreamingResponse(comments(), media_type="text/event-stream")
 
-    return ServerThread(Starlette(routes=[Route("/chat/completions", processing, methods=["POST"])]))
+    return chat_upstream(processing)
 
 
 def paid_stream(url: str, payer: Any, body: dict[str, Any]) -> httpx.Response:
     with httpx.Client(base_url=url, timeout=60) as client:
-        required = payment_required(client.post(CHAT, json=body))
-        return client.post(
-            CHAT, json=body, headers=payment_header(exact_payment(payer, required, exact_offer(required)))
-        )
+        return client.post(CHAT, json=body, headers=paid_headers(client, body, payer)[0])
 
 
 def test_keep_alive_comments_hold_a_call_no_longer_than_the_upstreams_read_timeout(gateway, chain, tmp_path):
@@ -424,10 +428,6 @@ def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
     import asyncio
     import threading
 
-    from starlette.applications import Starlette
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
-
     role = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
     word = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "paid"}, "finish_reason": None}]}
     let_go = threading.Event()
@@ -448,7 +448,7 @@ def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
         return StreamingResponse(events(), media_type="text/event-stream")
 
     payer = chain.fund()
-    upstream = ServerThread(Starlette(routes=[Route("/chat/completions", thinking, methods=["POST"])]))
+    upstream = chat_upstream(thinking)
     with upstream as up, dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine):
         for moment in ("held", "after the first token"):
             let_go.clear()
@@ -479,10 +479,6 @@ def test_attack_hanging_up_between_the_answer_and_its_usage_is_charged_the_reaso
     (Adversarial review.)"""
     import asyncio
 
-    from starlette.applications import Starlette
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
-
     reasoning = 3000
 
     async def reasoning_model(request: Any) -> StreamingResponse:
@@ -499,18 +495,12 @@ def test_attack_hanging_up_between_the_answer_and_its_usage_is_charged_the_reaso
         return StreamingResponse(events(), media_type="text/event-stream")
 
     payer = chain.fund()
-    upstream = ServerThread(Starlette(routes=[Route("/chat/completions", reasoning_model, methods=["POST"])]))
+    upstream = chat_upstream(reasoning_model)
     with upstream as up, dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine):
         body = chat_body("what is the answer?", max_tokens=8000, stream=True)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            headers, _ = paid_headers(client, body, payer)
-            with client.stream("POST", CHAT, json=body, headers=headers) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if '"finish_reason":"stop"' in line.replace(" ", ""):
-                        break  # (and the connection is closed)
+        hang_up_at_the_finish(url, body, payer)
         time.sleep(1.5 + SETTLE_WAIT)
-        (call,) = [c for p in payment_rows(engine, payer.address) for c in call_rows(engine, p["id"])]
+        call = the_call(engine, payer)
     assert call["completion_tokens"] == reasoning + 4 and call["usage_dialect"] != "estimated", call
 
 
@@ -522,10 +512,6 @@ def test_attack_an_upstream_that_never_sends_the_usage_after_the_answer_holds_th
     within its quote."""
     import asyncio
     import threading
-
-    from starlette.applications import Starlette
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
 
     from tollway import metering
 
@@ -543,20 +529,15 @@ def test_attack_an_upstream_that_never_sends_the_usage_after_the_answer_holds_th
         return StreamingResponse(events(), media_type="text/event-stream")
 
     payer = chain.fund()
-    upstream = ServerThread(Starlette(routes=[Route("/chat/completions", silent_after_the_answer, methods=["POST"])]))
+    upstream = chat_upstream(silent_after_the_answer)
     with upstream as up, dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine):
         body = chat_body("then silence", max_tokens=50, stream=True)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            headers, _ = paid_headers(client, body, payer)
-            with client.stream("POST", CHAT, json=body, headers=headers) as r:
-                for line in r.iter_lines():
-                    if '"finish_reason":"stop"' in line.replace(" ", ""):
-                        break
+        hang_up_at_the_finish(url, body, payer)
         left = time.monotonic()
         assert let_go.wait(metering.USAGE_GRACE + 5), "the upstream was held past the grace"
         assert time.monotonic() - left >= metering.USAGE_GRACE - 1  # (it was read on, for the usage)
         time.sleep(SETTLE_WAIT)
-        (call,) = [c for p in payment_rows(engine, payer.address) for c in call_rows(engine, p["id"])]
+        call = the_call(engine, payer)
     assert call["usage_dialect"] == "estimated" and 0 < call["cost"] <= call["quote"], call
 
 

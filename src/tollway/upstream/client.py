@@ -25,7 +25,15 @@ from .. import __version__
 from ..client.payer import PaymentRefused
 from ..client.transport import MAX_USD
 from ..config import UpstreamSettings
-from ..errors import BadRequest, UpstreamDown, UpstreamError, UpstreamRefused, UpstreamUnavailable, truncate
+from ..errors import (
+    BadRequest,
+    UpstreamDown,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+    truncate,
+)
 from ..jsonbytes import loads
 from ..usage import Usage, answer_doc, parse_usage, stream_error
 from .h1 import h1_transport
@@ -227,6 +235,11 @@ PREAMBLE = frozenset(
 )
 
 
+def _says_something(delta: Any) -> bool:
+    """Whether a chat chunk's ``delta`` carries more than the role: content, reasoning, a tool call."""
+    return isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role")
+
+
 def _contentless(doc: dict[str, Any]) -> bool:
     """A chat chunk that answers nothing yet: its choices' deltas name the role and nothing more
     (OpenAI, vLLM and llama.cpp open a stream with one), or it has no choices (nor a list of them)
@@ -238,9 +251,7 @@ def _contentless(doc: dict[str, Any]) -> bool:
         return True
     for choice in choices:
         delta = choice.get("delta") if isinstance(choice, dict) else None
-        if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
-            return False
-        if any(v for k, v in delta.items() if k != "role"):
+        if not isinstance(delta, dict) or choice.get("finish_reason") is not None or _says_something(delta):
             return False
     return True
 
@@ -253,10 +264,12 @@ def _stream_failure(doc: dict[str, Any]) -> str | None:
         return str(doc.get("message") or "the upstream answered an error")
     choices = doc.get("choices")
     for choice in choices if isinstance(choices, list) else ():
-        if isinstance(choice, dict) and choice.get("finish_reason") == "error":
-            delta = choice.get("delta")
-            if not (isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role")):
-                return "the upstream ended the answer with an error"
+        if (
+            isinstance(choice, dict)
+            and choice.get("finish_reason") == "error"
+            and not _says_something(choice.get("delta"))
+        ):
+            return "the upstream ended the answer with an error"
     return None
 
 
@@ -272,7 +285,7 @@ def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | Non
         data = bytes(line[5:].strip())
         if data == b"[DONE]":  # (the end, not an answer: a stream of nothing else is a failure)
             continue
-        doc = _json(data)  # (not a JSON object: {}, no answer)
+        doc = answer_doc(data) or {}  # (not a JSON object: no answer)
         err = doc.get("error") or stream_error(doc) or _stream_failure(doc)
         if err:
             text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
@@ -283,14 +296,6 @@ def _answered(buf: bytes | bytearray, start: int = 0, keys: dict[str, str] | Non
         if doc and kind not in PREAMBLE and not (kind is None and _contentless(doc)):
             return True, end
     return False, max(end, start)
-
-
-def _json(data: bytes) -> dict[str, Any]:
-    try:
-        doc = loads(data)
-    except (ValueError, RecursionError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 @dataclass
@@ -417,13 +422,10 @@ class Upstream:
         except httpx.PoolTimeout as exc:  # (our own bound: the upstream never had the request)
             raise UpstreamUnavailable("every connection to the upstream is busy") from exc
         except httpx.HTTPError as exc:
-            timeout = isinstance(exc, httpx.TimeoutException)
-            down = UpstreamDown(
-                "upstream timed out" if timeout else f"upstream unreachable: {type(exc).__name__}",
-                code="upstream_timeout" if timeout else "upstream_unavailable",
-            )
-            down.unreachable = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-            raise down from exc
+            down = UpstreamUnreachable if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else UpstreamDown
+            if isinstance(exc, httpx.TimeoutException):
+                raise down("upstream timed out", code="upstream_timeout") from exc
+            raise down(f"upstream unreachable: {type(exc).__name__}") from exc
         except PaymentRefused as exc:  # an upstream tollway asks more than we may pay it
             raise UpstreamError(f"cannot pay the upstream: {exc}", code="upstream_payment_refused") from exc
         try:

@@ -43,7 +43,14 @@ from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-from ..errors import GatewayError, UpstreamDown, UpstreamError, UpstreamRefused, UpstreamUnavailable
+from ..errors import (
+    GatewayError,
+    UpstreamDown,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 from ..jsonbytes import dumps
 from ..routing import NONE as NO_PREFERENCES
 from ..routing import Preferences, over_max_price
@@ -231,7 +238,7 @@ class Router:
                     if not isinstance(exc, UpstreamError):  # it refused the request itself: no other is asked,
                         exc.attempts = tuple(attempts)  # and the call ends with the upstreams it was tried on
                         raise
-                    if isinstance(exc, UpstreamDown) and exc.unreachable:  # (no request's content does that)
+                    if isinstance(exc, UpstreamUnreachable):  # (no request's content does that)
                         self._failed(upstream.name, sent, down=True)
                     else:
                         failed_here.append((upstream, model, sent, exc))
