@@ -17,7 +17,7 @@
     │   └── UpstreamUnavailable  503  upstream_unavailable (+ Retry-After)
     │       └── UpstreamDown     503  upstream_unavailable / upstream_timeout: it did not answer at all
     │           └── UpstreamUnreachable 503 upstream_unavailable: no connection could be made
-    ├── ClientGone               499  client_closed_request (it hung up before its request was read)
+    ├── ClientGone               499  client_closed_request (it hung up before it could be answered)
     ├── NotConfigured            503  not_configured (a feature this deployment lacks)
     └── ChainUnavailable         503  chain_unavailable    (+ Retry-After)
 
@@ -173,8 +173,9 @@ class UpstreamUnreachable(UpstreamDown):
 
 
 class ClientGone(GatewayError):
-    """The client hung up before its request was read: no answer reaches it, and it is no fault of
-    ours (the status is nginx's for it, kept in the call log and metrics)."""
+    """The client hung up before it could be answered (before its request was read, or before the
+    next upstream was asked): no answer reaches it, and it is no fault of ours (the status is
+    nginx's for it, kept in the call log and metrics)."""
 
     status = 499
     code = "client_closed_request"

@@ -459,6 +459,7 @@ async def forward(gw: Gateway, call: ChatCall, paid: Paid, request: Request) -> 
         # (the call's time counts from its arrival, as a stream's cut does: ``metering.stream_cutter``)
         deadline=asyncio.get_running_loop().time() + gw.settings.max_call_seconds - (time.time() - call.received),
         paying=not paid.free,
+        gone=request.is_disconnected,
     )
 
 

@@ -5,6 +5,7 @@ move: the payment is ``released``, the call ``failed``, the payer's balance unch
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from support import (
     chat_body,
     dedicated_gateway,
     error_code,
+    eventually,
     exact_offer,
     exact_payment,
     free_port,
@@ -364,7 +366,6 @@ def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, 
 
 def processing_forever():
     """An upstream whose streams send OpenRouter's keep-alive comment and nothing else, for ever."""
-    import asyncio
 
     async def processing(request: Any) -> StreamingResponse:
         async def comments():
@@ -425,7 +426,6 @@ def test_attack_hanging_up_around_a_held_opening(gateway, chain, tmp_path):
     free — the upstream worked on the prompt at its request — and neither is charged more than its
     prompt and the events that reached the relay; the upstream is let go once the relay finds the
     client gone (for one held: at its first token, not at the end of its stream)."""
-    import asyncio
     import threading
 
     role = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
@@ -477,7 +477,6 @@ def test_attack_hanging_up_between_the_answer_and_its_usage_is_charged_the_reaso
     the usage chunk. Its hidden reasoning was no event: the estimate of a stream cut there charged a
     few tokens of the thousands the upstream bills. The relay reads on for the usage instead.
     (Adversarial review.)"""
-    import asyncio
 
     reasoning = 3000
 
@@ -510,7 +509,6 @@ def test_attack_an_upstream_that_never_sends_the_usage_after_the_answer_holds_th
     """The relay reads on for the usage chunk only ``USAGE_GRACE`` after its client left an ended
     answer: an upstream that then says nothing more is let go, and the call charged its estimate,
     within its quote."""
-    import asyncio
     import threading
 
     from tollway import metering
@@ -599,3 +597,98 @@ def test_attack_a_payer_failing_its_own_calls_on_the_cheap_upstream_steers_nobod
             assert r.status_code == 200, r.text
             attempts = [(a["upstream"], a["outcome"]) for a in receipt(url, r.headers["x-tollway-receipt"])["attempts"]]
             assert attempts == [("first", "served")]
+
+
+# -- attacks on the fail-over --------------------------------------------------------------------------------
+
+
+async def flagging(request: Any) -> Response:
+    """OpenRouter's moderation refusing a prompt."""
+    flagged = {"message": "Your input was flagged", "metadata": {"reasons": ["x"], "flagged_input": "..."}}
+    return Response(json.dumps({"error": {"code": 403, **flagged}}), status_code=403, media_type="application/json")
+
+
+def test_attack_a_refused_prompt_costs_its_payer_nothing_and_the_gateway_no_gas(gateway, chain, tmp_path):
+    """Who pays for a refusal: the upstream's moderation refuses the prompt (403) — no answer, so
+    nothing is charged and nothing is settled (no gas spent on a payment that pays for nothing)."""
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    with (
+        chat_upstream(flagging) as up,
+        dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        body = chat_body("something flagged", max_tokens=50)
+        r = client.post(CHAT, json=body, headers=paid_headers(client, body, payer)[0])
+        assert (r.status_code, error_code(r)) == (403, "upstream_refused") and "flagged" in r.text, r.text
+        assert_nothing_charged(engine, chain, payer, before, r)
+
+
+def test_attack_one_proof_sent_twice_at_once_through_a_fail_over_pays_once(gateway, chain, tmp_path):
+    """Concurrency: the same payment, sent twice at once, while the first upstream answers a 200 that
+    is no answer (the payment released, then free to pay a retry) and the second serves: one call is
+    served and charged once; the other is refused, never served for nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tollway.config import UpstreamSettings
+
+    async def no_answer(request: Any) -> Response:
+        await asyncio.sleep(0.2)  # (both copies are in flight by then)
+        return Response(b"<html>busy</html>", media_type="text/html")
+
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("twice at once", max_tokens=50)
+    with chat_upstream(no_answer) as up:
+        upstreams = [
+            UpstreamSettings(name="hostile", url=up.url),
+            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
+        ]
+        with (
+            dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams) as (url, engine),
+            httpx.Client(base_url=url, timeout=30) as client,
+        ):
+            headers, amount = paid_headers(client, body, payer)
+            with ThreadPoolExecutor(2) as pool:
+                answers = list(pool.map(lambda _: client.post(CHAT, json=body, headers=headers), range(2)))
+            served = [r for r in answers if r.status_code == 200]
+            refused = [r for r in answers if r.status_code != 200]
+            assert len(served) == 1 and len(refused) == 1, [(r.status_code, r.text[:200]) for r in answers]
+            assert refused[0].status_code in (402, 409), refused[0].text
+            time.sleep(SETTLE_WAIT)
+            states = [p["state"] for p in payment_rows(engine, payer.address)]
+            assert states.count("settled") == 1 and "reserved" not in states and "settling" not in states, states
+            cost = int(served[0].headers["x-tollway-cost"])
+            assert 0 < cost <= amount and before - chain.balance(payer.address) == amount  # (exact: the whole)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_attack_hanging_up_while_the_first_upstream_stalls(gateway, chain, tmp_path, stream):
+    """Time: the payer hangs up while the first upstream sends keep-alive comments and no answer.
+    A stream was failed over once that upstream's time to answer was up, and the next upstream's
+    answer charged to a payer who had left before it was asked. No other upstream is asked for a
+    client that has gone: the payment is released, nothing is charged (a non-streamed call, which
+    keep-alives hold until the call's time is up, likewise)."""
+    from tollway.config import UpstreamSettings
+
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("hang up while it stalls", max_tokens=50, stream=stream)
+    with processing_forever() as stalling:
+        upstreams = [
+            UpstreamSettings(name="stalling", url=stalling.url, read_timeout=1.5),
+            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
+        ]
+        gw = dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams, max_call_seconds=4)
+        with gw as (url, engine):
+            with httpx.Client(base_url=url, timeout=30) as client:
+                headers, _ = paid_headers(client, body, payer)
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post(CHAT, json=body, headers=headers, timeout=httpx.Timeout(30, read=0.5))
+            eventually(lambda: payment_rows(engine, payer.address)[0]["state"] != "reserved", timeout=10)
+            (payment,) = payment_rows(engine, payer.address)
+            (call,) = call_rows(engine, payment["id"])
+            assert (payment["state"], payment["tx_hash"], call["status"]) == ("released", None, "failed"), call
+            assert [a[0] for a in json.loads(call["attempts"])] == ["stalling"]  # (the good one never asked)
+        time.sleep(SETTLE_WAIT)
+        assert chain.balance(payer.address) == before

@@ -39,11 +39,12 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
 from ..errors import (
+    ClientGone,
     GatewayError,
     UpstreamDown,
     UpstreamError,
@@ -203,6 +204,7 @@ class Router:
         costs: Costs | None = None,
         deadline: float | None = None,
         paying: bool = True,
+        gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> Opened:
         """Send to the best candidate, failing over before the first byte: every upstream of the
         first model, then of the next (a ``models`` fallback list). ``body(upstream, model)`` is
@@ -211,13 +213,19 @@ class Router:
         only where there are upstreams to choose between; ``api_key`` a payer's own provider key,
         sent in place of the upstream's; ``deadline`` (the event loop's clock) when the call's time
         is up: the upstream then being asked is left, its attempt kept, and no other is asked.
-        ``paying``: whether the call is paid for (a free call's failures cool nothing)."""
+        ``paying``: whether the call is paid for (a free call's failures cool nothing); ``gone()``
+        whether its client has hung up: no other upstream is asked for a client that left (it would
+        be charged for an answer asked for after it had gone)."""
         key = conversation() if len(self.upstreams) > 1 else ""  # ("": no conversation to remember)
         last: UpstreamError | None = None
         attempts: list[Attempt] = []
         failed_here: list[tuple[Upstream, str, float, UpstreamError]] = []  # (upstream, model, sent, error)
         for model in models:
             for upstream in self.candidates(model, key, prefs, costs):
+                if attempts and gone is not None and await gone():  # (only before a fail-over: never on the way)
+                    left = ClientGone("the client hung up before an upstream answered")
+                    left.attempts = tuple(attempts)
+                    raise left
                 started, sent = time.perf_counter(), time.monotonic()
                 try:
                     async with asyncio.timeout_at(deadline):
