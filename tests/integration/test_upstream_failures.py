@@ -692,3 +692,39 @@ def test_attack_hanging_up_while_the_first_upstream_stalls(gateway, chain, tmp_p
             assert [a[0] for a in json.loads(call["attempts"])] == ["stalling"]  # (the good one never asked)
         time.sleep(SETTLE_WAIT)
         assert chain.balance(payer.address) == before
+
+
+def test_attack_failing_the_cheap_upstream_over_to_the_dear_one_is_billed_there_within_the_quote(
+    gateway, chain, tmp_path
+):
+    """What is forwarded vs what was priced: the payer's call fails on the upstream with the list
+    price (a 200 that is no answer) and goes to one that prices the model ten times higher. The quote
+    already covered the dearest, the call is billed at the prices of the one that served it, never
+    past what was paid."""
+    from test_provider_prices import DEAR, billed
+
+    from tollway.config import UpstreamSettings
+
+    async def no_answer(request: Any) -> Response:
+        return Response(b"   ", media_type="application/json")
+
+    payer = chain.fund()
+    before = chain.balance(payer.address)
+    body = chat_body("price me " * 20, max_tokens=50)
+    with chat_upstream(no_answer) as cheap:
+        upstreams = [
+            UpstreamSettings(name="cheap", url=cheap.url),
+            UpstreamSettings(name="dear", url=str(gateway.settings.upstream.url), prices={"mock/echo": DEAR}),
+        ]
+        with (
+            dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams) as (url, _),
+            httpx.Client(base_url=url, timeout=30) as client,
+        ):
+            headers, amount = paid_headers(client, body, payer)
+            r = client.post(CHAT, json=body, headers=headers)
+            assert r.status_code == 200, r.text
+            doc = wait_receipt(url, r.headers["x-tollway-receipt"])
+    assert [a["upstream"] for a in doc["attempts"]] == ["cheap", "dear"] and doc["upstream"] == "dear"
+    cost = int(doc["cost"]["atomic"])
+    assert cost == billed(doc, DEAR) <= int(doc["quote"]["atomic"]) == amount
+    assert chain.balance(payer.address) == before - amount and int(doc["credit_after"]["atomic"]) == amount - cost
