@@ -655,9 +655,7 @@ def test_attack_one_proof_sent_twice_at_once_through_a_fail_over_pays_once(gatew
             refused = [r for r in answers if r.status_code != 200]
             assert len(served) == 1 and len(refused) == 1, [(r.status_code, r.text[:200]) for r in answers]
             assert refused[0].status_code in (402, 409), refused[0].text
-            time.sleep(SETTLE_WAIT)
-            states = [p["state"] for p in payment_rows(engine, payer.address)]
-            assert states.count("settled") == 1 and "reserved" not in states and "settling" not in states, states
+            eventually(lambda: [p["state"] for p in payment_rows(engine, payer.address)] == ["settled"], what="settled")
             cost = int(served[0].headers["x-tollway-cost"])
             assert 0 < cost <= amount and before - chain.balance(payer.address) == amount  # (exact: the whole)
 
