@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from .config import Settings, apply_devnet, configured, upstream_list
 from .errors import ChainUnavailable
+from .jsonbytes import loads
 
 DEVNET_PORT = 8545
 T = TypeVar("T")
@@ -314,8 +315,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _json(text: str | None) -> Any:
     """What the gateway sent as JSON, or None if it is not (it is not trusted to be well formed)."""
     try:
-        return json.loads(text or "null")
-    except ValueError:
+        return loads((text or "null").encode())
+    except (ValueError, RecursionError):
         return None
 
 

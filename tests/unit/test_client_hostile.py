@@ -9,6 +9,7 @@ import base64
 import json
 import time
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import httpx
@@ -47,9 +48,10 @@ def offer(scheme: str, amount: int, timeout: Any = 300, **extra: Any) -> dict[st
     return {**doc, "maxTimeoutSeconds": timeout}
 
 
-def required(*offers: dict[str, Any], error: str | None = None) -> dict[str, str]:
+def required(*offers: dict[str, Any], error: str | None = None, **extensions: Any) -> dict[str, str]:
     doc: dict[str, Any] = {"x402Version": 2, "resource": {"url": URL}, "accepts": list(offers)}
-    return {"PAYMENT-REQUIRED": b64json({**doc, "error": error} if error else doc)}
+    doc |= {"error": error} if error else {}
+    return {"PAYMENT-REQUIRED": b64json(doc | ({"extensions": extensions} if extensions else {}))}
 
 
 def without(o: dict[str, Any], key: str) -> dict[str, Any]:
@@ -183,6 +185,77 @@ def test_a_negative_credit_in_an_offer_does_not_lower_its_price():
     p = payer(max_per_call_usd=Decimal("0.01"), schemes=("exact",))
     (outcome,) = calls(p, gateway, 1)
     assert isinstance(outcome, PaymentRefused) and gateway.paid == [] and p.spent_usd == 0
+
+
+SIGN_IN = {
+    "info": {
+        "domain": "gw.test",
+        "uri": URL,
+        "version": "1",
+        "nonce": "0123456789abcdef",
+        "issuedAt": "2026-01-01T00:00:00Z",
+    },
+    "supportedChains": [{"chainId": NETWORK, "type": "eip191"}],
+}
+
+
+def from_credit(quote: int, served_by_credit: Any) -> Any:
+    """A gateway whose 402 for ``quote`` declares a sign-in, and that serves a signed-in call from the
+    wallet's credit: ``served_by_credit`` is its answer (it charges the credit whatever the client's limits)."""
+
+    def answer(r: httpx.Request) -> httpx.Response:
+        if "SIGN-IN-WITH-X" in r.headers:
+            return served_by_credit
+        return httpx.Response(402, headers=required(offer("exact", quote), **{"sign-in-with-x": SIGN_IN}))
+
+    return answer
+
+
+@pytest.mark.parametrize("limit", ["per call", "the call's own max_usd", "the session"])
+def test_a_call_quoted_over_a_limit_is_not_paid_from_credit_either(limit):
+    """Signing in lets the credit pay the whole quote: the client signs in only within its limits."""
+    signed_in = served({"x-tollway-cost": "5000000"})
+    gateway = Gateway(from_credit(5_000_000, signed_in))
+    p = payer(max_per_call_usd=Decimal(10), max_total_usd=Decimal(10))
+    kw: dict[str, Any] = {}
+    if limit == "per call":
+        p.max_per_call_usd = Decimal(1)
+    elif limit == "the session":
+        p.max_total_usd = Decimal(6)
+        assert calls(p, gateway, 1) == [200] and p.spent_usd == 5
+    else:
+        kw = {"extensions": {"tollway.max_usd": Fraction(1, 100)}}
+    (refused,) = calls(p, gateway, 1, **kw)
+    assert isinstance(refused, PaymentRefused)
+
+
+@pytest.mark.parametrize(
+    ("answer", "counted"),
+    [
+        (served({"x-tollway-cost": "1500"}), Decimal("0.0015")),  # what the answer says it cost
+        (served(), Decimal("0.5")),  # (a stream's head does not say: the quote)
+        (served({"x-tollway-cost": "9" * 30}), Decimal("0.5")),  # never more than the quote
+        (httpx.Response(500), Decimal(0)),  # not served: nothing spent
+    ],
+)
+def test_what_credit_pays_counts_against_the_session_limit(answer, counted):
+    p = payer()
+    calls(p, Gateway(from_credit(500_000, answer)), 1)
+    assert p.spent_usd == counted
+
+
+def test_a_sign_in_the_credit_does_not_cover_gives_its_quote_back_and_pays():
+    def answer(r: httpx.Request) -> httpx.Response:
+        if paid_headers(r):
+            return served({"PAYMENT-RESPONSE": b64json({"success": True})})
+        if "SIGN-IN-WITH-X" in r.headers:  # the credit fell short: the rest, on chain
+            return httpx.Response(402, headers=required(offer("exact", 200_000, credit="300000")))
+        return httpx.Response(402, headers=required(offer("exact", 500_000), **{"sign-in-with-x": SIGN_IN}))
+
+    gateway = Gateway(answer)
+    p = payer()
+    assert calls(p, gateway, 1) == [200]
+    assert p.spent_usd == exact_signed(gateway) == Decimal("0.2")
 
 
 def test_a_signature_lives_no_longer_than_the_payer_allows():
@@ -353,6 +426,7 @@ def mpp(terms: dict[str, Any], **params: Any) -> dict[str, str]:
     return {"WWW-Authenticate": "Payment " + ", ".join(f'{k}="{v}"' for k, v in p.items() if v is not None)}
 
 
+HUGE = "9" * 5000  # (within the 16 kB header bound in base64)
 MPP_TERMS = {"amount": "1000", "currency": USDC, "recipient": THIEF, "methodDetails": {"chainId": CHAIN_ID}}
 
 
@@ -393,6 +467,12 @@ MALFORMED_402 = {
         lambda: mpp({k: v for k, v in MPP_TERMS.items() if k != "recipient"}, expires=soon()),
         "exact",
     ),
+    # (beyond int()'s 4,300 digits: a ValueError escaped the client)
+    "an amount of 5,000 digits": (required(offer("exact", HUGE)), "exact"),
+    "an upto amount of 5,000 digits": (required(offer("upto", HUGE)), "upto"),
+    "a channel price of 5,000 digits": (required(offer("batch-settlement", HUGE)), "batch-settlement"),
+    "a credit of 5,000 digits": (required(offer("exact", 1000, credit=HUGE)), "exact"),
+    "mpp with an amount of 5,000 digits": (lambda: mpp({**MPP_TERMS, "amount": HUGE}, expires=soon()), "exact"),
 }
 
 
@@ -416,6 +496,7 @@ def test_a_malformed_402_is_refused_and_costs_nothing(name, monkeypatch):
         (False, httpx.Response(200, json={"error": "none"})),
         (False, served({"x-tollway-cost": "lots", "PAYMENT-RESPONSE": b64json({"success": True})})),
         (False, served({"x-tollway-cache": "[{", "PAYMENT-RESPONSE": b64json({"success": True})})),
+        (False, served({"PAYMENT-RESPONSE": b64json({"success": True, "amount": HUGE})})),
     ],
 )
 def test_tollway_chat_shows_a_malformed_paid_answer_without_a_traceback(stream, answer, monkeypatch):

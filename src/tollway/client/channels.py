@@ -106,7 +106,7 @@ class Channel:
         what is counted here)."""
         self.balance += deposit
         charged = str((extra or {}).get("chargedAmount", "0"))
-        if charged.isascii() and charged.isdigit():
+        if digits(charged):
             self.charged = min(self.charged + min(int(charged), amount), self.signed)
 
     def corrected(self, account: LocalAccount, extra: dict[str, Any]) -> tuple[int, int, int] | None:
@@ -139,6 +139,12 @@ class Channel:
         totals = self.corrected(account, offer.get("extra") or {})
         charged, _, signed = totals if totals is not None else (self.charged, self.balance, self.signed)
         return max(charged + int(offer["amount"]) - signed, 0)
+
+
+def digits(text: str) -> bool:
+    """An amount a server states: a non-negative integer in ASCII digits (``str.isdigit`` alone takes
+    "²") that fits in 256 bits' 78 digits (``int`` refuses more than 4,300)."""
+    return text.isascii() and text.isdigit() and len(text) <= 78
 
 
 def _sign(account: LocalAccount, digest: bytes) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 
+from ..jsonbytes import loads
 from ..keccak import keccak
 from ..payments import eip3009, permit2_charge
 
@@ -24,6 +25,7 @@ WWW_AUTHENTICATE = "WWW-Authenticate"
 PAYMENT_RECEIPT = "Payment-Receipt"
 ECHOED = ("id", "realm", "method", "intent", "request", "expires", "digest", "opaque")
 _PARAM = re.compile(r'([a-zA-Z][\w-]*)="([^"]*)"')
+MAX_PARAM = 16 * 1024  # a challenge's request, a receipt: a few hundred bytes from an honest gateway
 
 
 def challenge(headers: Any) -> dict[str, Any] | None:
@@ -36,10 +38,7 @@ def challenge(headers: Any) -> dict[str, Any] | None:
         params = dict(_PARAM.findall(part))
         if params.get("method") != "evm" or params.get("intent") != "charge" or "request" not in params:
             continue
-        try:
-            terms = json.loads(base64.urlsafe_b64decode(params["request"] + "=" * (-len(params["request"]) % 4)))
-        except ValueError:
-            continue
+        terms = _b64json(params["request"])
         if isinstance(terms, dict) and isinstance(terms.get("methodDetails"), dict):
             return {**params, "terms": terms}
     return None
@@ -125,11 +124,19 @@ def receipt(headers: Any) -> dict[str, Any] | None:
     raw = headers.get(PAYMENT_RECEIPT)
     if not raw:
         return None
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except ValueError:
-        return None
+    doc = _b64json(raw)
     return doc if isinstance(doc, dict) else None
+
+
+def _b64json(text: str) -> Any:
+    """The JSON a server sent in base64url, or None if it is not that (it is not trusted to be well
+    formed, nor of a sane size or depth)."""
+    if len(text) > MAX_PARAM:
+        return None
+    try:
+        return loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, RecursionError):
+        return None
 
 
 def _sign(account: LocalAccount, digest: bytes) -> str:

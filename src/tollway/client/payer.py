@@ -39,7 +39,7 @@ from ..payments.x402 import (
     unb64json,
 )
 from . import mpp
-from .channels import MISMATCH, Channel
+from .channels import MISMATCH, Channel, digits
 
 BATCH_SETTLEMENT = "batch-settlement"
 SIGN_IN_WITH_X = "SIGN-IN-WITH-X"  # the header
@@ -162,6 +162,19 @@ class Payer:
             raise PaymentRefused(f"no offer in an allowed asset and scheme, well formed: {str(accepts)[:500]}")
         _, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
         return offer, usd if offer["scheme"] != "credit" else Decimal(0)
+
+    def credit_quote(
+        self, required: dict[str, Any], max_usd: Decimal | None = None, already: Decimal = Decimal(0)
+    ) -> tuple[dict[str, Any], Decimal]:
+        """Before signing in on a 402, so that the wallet's credit pays the call: the offer it is
+        quoted by and the whole quote in USD (what the credit covers of it too), taken from the budget.
+        Credit is spent within the limits as a payment is: over them, ``PaymentRefused``."""
+        offer, _ = self.choose(required, max_usd, already)
+        decimals = self._allowed(offer).decimals  # type: ignore[union-attr]  # (chosen: allowed)
+        credit = str((offer.get("extra") or {}).get("credit", "0"))
+        whole = Decimal(int(offer["amount"]) + int(credit)).scaleb(-decimals)
+        self._reserve(whole)
+        return offer, whole
 
     def _call_limit(self, max_usd: Decimal | None) -> Decimal:
         """The most one call may take: the per-call limit, lowered by this call's own (``max_usd``)."""
@@ -400,6 +413,19 @@ class Payer:
             self.spent_usd -= usd - signed
         return payload, deposit, signed
 
+    def _credit_spent(self, pending: Pending, status: int, response_headers: Any) -> Decimal:
+        """What a sign-in's quote (``credit_quote``) comes to: nothing if the call was not served
+        from credit; else what the answer says it cost, up to the quote (the gateway holds the
+        credit: its word is all there is), or the whole quote if it does not say (a stream)."""
+        quoted, spent = pending.quoted, Decimal(0)
+        if quoted is not None and status < 400:
+            cost, quote = str(response_headers.get("x-tollway-cost") or ""), int(quoted["amount"])
+            quote += int(str((quoted.get("extra") or {}).get("credit", "0")))
+            spent = pending.usd * min(int(cost), quote) / quote if digits(cost) and quote else pending.usd
+        with self._lock:
+            self.spent_usd -= pending.usd - spent
+        return spent
+
     def outdone(self, pending: Pending, response_headers: Any) -> Decimal:
         """A voucher refused by a corrective 402 that shows, by this wallet's own signature, a higher
         voucher signed before (a process that started afresh signs from zero) adds nothing the gateway
@@ -422,6 +448,7 @@ class Payer:
     def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
         """Record a paid response — an ``upto`` payment counting, once the answer says, what moved
         rather than its maximum — or give the reservation back if the call was not paid."""
+        usd = pending.usd if pending.offer is not None else self._credit_spent(pending, status, response_headers)
         if pending.offer is not None and pending.offer.get("rail") == "mpp":
             paid = mpp.receipt(response_headers) if status < 400 else None
             if paid is None or paid.get("status") != "success":
@@ -454,7 +481,6 @@ class Payer:
             doc = {**doc, "amount": extra.get("chargedAmount", "")}
         moved = str(doc.get("amount", ""))
         settled = int(moved) if digits(moved) and int(moved) <= int(o["amount"]) else None
-        usd = pending.usd
         if o["scheme"] == "upto" and settled is not None and int(o["amount"]):  # (see the module's docstring)
             usd = pending.usd * settled / int(o["amount"])
             with self._lock:
@@ -483,6 +509,7 @@ class Pending:
     usd: Decimal
     deposit: int = 0  # into a channel, with this payment
     total: int = 0  # the cumulative amount a voucher signs
+    quoted: dict[str, Any] | None = None  # a sign-in's: the offer whose quote the credit may pay
 
 
 # What a malformed offer raises as it is read and signed (a field missing, of the wrong type, not a number)
@@ -540,7 +567,12 @@ class Exchange:
             declared = extensions.get(SIGN_IN_WITH_X_KEY) if isinstance(extensions, dict) else None
             headers_in = self.payer.sign_in(declared, self.origin) if isinstance(declared, dict) else None
             if headers_in is not None:
-                self.pending = Pending(headers_in, None, Decimal(0))
+                quoted, usd = (
+                    (None, Decimal(0))
+                    if status == 401
+                    else self.payer.credit_quote(required or {}, self.max_usd, self.signed_usd)
+                )
+                self.pending = Pending(headers_in, None, usd, quoted=quoted)
                 return self.pending
         if status == 401:
             return None
@@ -568,11 +600,6 @@ def _required(headers: Any) -> dict[str, Any] | None:
     except (ValueError, PaymentMalformed):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def digits(text: str) -> bool:
-    """A non-negative integer in ASCII digits (``str.isdigit`` alone takes "²")."""
-    return text.isascii() and text.isdigit()
 
 
 def chain_id_of(network: str) -> int:
