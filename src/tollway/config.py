@@ -335,12 +335,16 @@ class Settings(BaseSettings):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
+        """Each entry as uvicorn reads it: uvicorn parses networks strictly, and takes one with host
+        bits set ("172.18.0.5/16") for a name that matches no address — trusting no proxy at all."""
+        normalised = []
         for entry in v:
             try:
-                ipaddress.ip_network(entry, strict=False)
+                network = ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network") from None
-        return v
+            normalised.append(str(network) if "/" in entry else str(network.network_address))
+        return normalised
 
     @field_validator("quote_secret", "admin_token")
     @classmethod
@@ -353,7 +357,13 @@ class Settings(BaseSettings):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, v: str | None) -> str | None:
-        return _url(_not_placeholder(v, "public_url"), "public_url")
+        """Its scheme and host in lower case: the origin a signed message must name is compared in
+        lower case, and whatever tollway declares from public_url (a sign-in's URI) must match it."""
+        v = _url(_not_placeholder(v, "public_url"), "public_url")
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        return parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
 
     @model_validator(mode="after")
     def _claims_beat_withdrawals(self) -> Settings:

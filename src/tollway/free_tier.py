@@ -114,9 +114,9 @@ class FreeTier:
             lock_key=f"free:{identity}:{day}:{n}:{os.urandom(8).hex()}",  # (a slot given back is taken again)
             proof={"free": identity, "day": day},
         )
-        # (served with at most the default output cap: a free call asking for 100k tokens would
-        # keep an operator's own model busy that long)
-        cap = min(call.cap(metered=False), self.settings.default_max_tokens)
+        # (served with at most the default output cap, all its choices together: a free call asking
+        # for 100k tokens, or for 8 choices of the cap each, would keep an operator's own model busy)
+        cap = min(call.cap(metered=False), max(1, self.settings.default_max_tokens // call.choices))
         return s, payment, replace(call.quote(cap), amount=0)
 
     def give_back(self, payment: Verified) -> None:

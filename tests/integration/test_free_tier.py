@@ -26,9 +26,11 @@ BODY = {"model": "mock/echo", "messages": [{"role": "user", "content": "free?"}]
 
 
 def free_settings(devnet, upstream, db, **overrides):
-    settings = gateway_settings(devnet, upstream.url + "/v1", db, free_calls_per_address=3, free_calls_per_wallet=2)
+    """(``overrides`` are validated, as a configuration's would be.)"""
+    quotas = {"free_calls_per_address": 3, "free_calls_per_wallet": 2, **overrides}
+    settings = gateway_settings(devnet, upstream.url + "/v1", db, **quotas)
     models = {**settings.models, "mock/echo": settings.models["mock/echo"].model_copy(update={"free": True})}
-    return settings.model_copy(update={"models": models, **overrides})
+    return settings.model_copy(update={"models": models})
 
 
 @pytest.fixture
@@ -88,6 +90,21 @@ def test_a_free_call_asks_the_upstream_for_no_more_than_the_default_output_cap(d
                 assert field not in sent and sent["max_tokens"] == 64, sent
 
 
+def test_a_free_call_asks_for_no_more_than_the_default_output_cap_over_all_its_choices(devnet, tmp_path):
+    """``n`` and ``best_of`` multiply what the upstream generates: the cap is shared among the choices."""
+    mock = create_mock()
+    with ServerThread(mock) as upstream:
+        settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", default_max_tokens=64)
+        settings = settings.model_copy(update={"free_calls_per_address": 10})
+        with ServerThread(create_app(settings), proxy_headers=False) as gw:
+            for choices in ({"n": 8}, {"best_of": 8}, {"n": 3}):
+                assert chat(gw, {**BODY, "max_tokens": 64, **choices}).status_code == 200
+                sent = mock.state.mock.last_request
+                assert sent["max_tokens"] == 64 // max(choices.values()), (choices, sent["max_tokens"])
+            assert chat(gw, {**BODY, "n": 2}).status_code == 200  # (asking less than its share: as asked)
+            assert mock.state.mock.last_request["max_tokens"] == 8
+
+
 def test_a_call_that_was_not_served_does_not_count(direct):
     for _ in range(3):
         r = chat(direct, {**BODY, "mock": {"fail": 500}})
@@ -136,14 +153,21 @@ def test_a_free_call_raises_no_alarm_of_an_upstream_over_reporting(direct):
     assert health["events"].get("cost_over_quote", 0) == 0, health["events"]
 
 
-def test_behind_a_trusted_proxy_each_client_counts_apart(devnet, upstream, tmp_path):
-    settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", trusted_proxies=["127.0.0.1/32"])
+@pytest.mark.parametrize(
+    ("proxies", "trusted"),
+    [("127.0.0.1/32", "127.0.0.1/32"), ("127.0.0.1", "127.0.0.1"), ("127.0.0.1/8", "127.0.0.0/8")],
+)
+def test_behind_a_trusted_proxy_each_client_counts_apart(devnet, upstream, tmp_path, proxies, trusted):
+    """A network written with its host bits set is taken as its network: uvicorn, which reads the
+    list, would take it for a name matching nothing — and every client would count as the proxy."""
+    settings = free_settings(devnet, upstream, tmp_path / "l.sqlite3", trusted_proxies=[proxies])
     config = server_config(create_app(settings), settings, "warning")
-    assert config.proxy_headers and config.forwarded_allow_ips == ["127.0.0.1/32"]
-    with ServerThread(config.app, proxy_headers=True, forwarded_allow_ips=["127.0.0.1/32"]) as gw:
+    assert config.proxy_headers
+    with ServerThread(config.app, proxy_headers=True, forwarded_allow_ips=config.forwarded_allow_ips) as gw:
         for client in ("192.0.2.1", "192.0.2.2"):
             codes = [chat(gw, **{"X-Forwarded-For": f"{client}, 127.0.0.1"}).status_code for _ in range(4)]
             assert codes == [200, 200, 200, 429], client
+    assert config.forwarded_allow_ips == [trusted]
     plain = Settings(models={"m": ModelPrice(prompt=Decimal(1), completion=Decimal(1))})
     assert not server_config(None, plain, "warning").proxy_headers  # none trusted by default
 
@@ -156,6 +180,14 @@ def test_an_ipv6_client_counts_by_its_64():
 def test_trusted_proxies_must_be_addresses():
     with pytest.raises(ValueError, match="trusted_proxies"):
         Settings(trusted_proxies=["nginx"])
+    written = ["172.18.0.5/16", "2001:DB8::5/64", "10.0.0.1", "::1", "fd00::/8"]
+    assert Settings(trusted_proxies=written).trusted_proxies == [
+        "172.18.0.0/16",
+        "2001:db8::/64",
+        "10.0.0.1",
+        "::1",
+        "fd00::/8",
+    ]
 
 
 @pytest.mark.parametrize(

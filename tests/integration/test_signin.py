@@ -13,8 +13,10 @@ import httpx
 import pytest
 from eth_account import Account
 
-from support import CHAT, chat_body, credit, error_code, payment_required, wait_receipt
+from conftest import gateway_settings
+from support import CHAT, ServerThread, chat_body, credit, error_code, payment_required, wait_receipt
 from tollway import siwe
+from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.payments.x402 import b64json, unb64json
 from tollway.signin import iso
@@ -209,6 +211,20 @@ def test_endpoints_that_need_a_wallet_answer_401_with_a_sign_in(gateway, devnet,
     assert theirs.status_code == 403 and error_code(theirs) == "receipt_forbidden"
     mine = http.get(f"/v1/receipts/{receipt_id}", headers=sign_in(funded.account, declared(challenge), devnet))
     assert mine.status_code == 200 and mine.json()["id"] == receipt_id
+
+
+@pytest.mark.parametrize("public_url", ["https://Tollway.Example", "https://[2001:DB8::1]:8443/"])
+def test_a_sign_in_the_gateway_declared_is_accepted_whatever_the_case_of_public_url(
+    devnet, upstream, tmp_path, public_url
+):
+    """The origin a sign-in's URI must have is compared in lower case: the URI the gateway declares
+    must be written so too, or it would refuse every sign-in it declares."""
+    settings = gateway_settings(devnet, upstream.url + "/v1", tmp_path / "l.sqlite3", public_url=public_url)
+    with ServerThread(create_app(settings), proxy_headers=False) as gw, httpx.Client(base_url=gw.url) as client:
+        info = declared(client.get("/v1/credit"))
+        r = client.get("/v1/credit", headers=sign_in(Account.create(), info, devnet))
+    assert r.status_code == 200, r.text
+    assert info["uri"] == public_url.lower().rstrip("/") + "/v1/credit"
 
 
 def test_a_withdrawal_goes_to_the_signed_in_wallet_once(gateway, chain, devnet, funded, http):

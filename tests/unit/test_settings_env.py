@@ -65,6 +65,12 @@ def test_a_secret_with_symbols_is_taken_and_a_refused_value_is_not_echoed(field,
     assert len(said) == 2 and not [m for m in said if "SECRET" in m], said
 
 
+def test_public_url_has_its_scheme_and_host_in_lower_case_and_its_path_as_written():
+    """(The origin a signed message must name is compared in lower case.)"""
+    assert Settings(public_url="HTTPS://Tollway.Example:8443/Pay/").public_url == "https://tollway.example:8443/Pay/"
+    assert Settings(public_url="https://[2001:DB8::1]").public_url == "https://[2001:db8::1]"
+
+
 @pytest.mark.parametrize(
     ("env", "value"),
     [
