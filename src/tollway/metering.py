@@ -199,12 +199,12 @@ def meter(
     """Charge the call's metered cost to the payer's credit account and record the call — and, if
     its payment has not settled yet, settle it — in one transaction. Returns the metered fields
     (with ``credit_after``), this hop's cache figures, and how the payment settled."""
-    cost = charge(call, paid, usage)
+    cost, billed = charge(call, paid, usage), 0
     if usage is not None and usage.dialect == GENERATION and usage.upstream_cost and not call.route.byok:
         billed = to_atomic(Fraction(usage.upstream_cost), gw.settings.chain.decimals)  # (its writes unnamed)
         cost = min(max(cost, billed), paid.quote.amount, paid.covered)
     if usage is not None and usage.dialect != "estimated" and paid.quote.amount:  # (a free call's is 0)
-        over = call.prices.cost(usage, long_cache=call.long_cache)
+        over = max(call.prices.cost(usage, long_cache=call.long_cache), billed)  # (what the upstream says it billed)
         if over > cost:
             gw.counters["cost_over_quote"] += 1
             log.warning(
@@ -410,8 +410,7 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
                     await opened.response.aclose()
 
     headers = {**headers, "cache-control": "no-cache", "x-content-type-options": "nosniff"}
-    answered = tail.answered if reader is None else None  # (chat's usage comes after its answer)
-    return RelayResponse(body(), media_type="text/event-stream", headers=headers, answered=answered)
+    return RelayResponse(body(), media_type="text/event-stream", headers=headers, answered=tail.answered)
 
 
 class RelayResponse(StreamingResponse):

@@ -268,6 +268,7 @@ class StreamUsage:
         return parse_usage(self.counts) if self.counts else None
 
 
+ANSWER_ENDS = ("content_block_stop", "response.output_item.done")  # Messages, Responses
 SUMMARY_PREFIX = b": tollway "  # the SSE comment a tollway ends its streams with
 
 
@@ -329,13 +330,14 @@ class StreamTail:
         return Usage(prompt.prompt_tokens, output, prompt.cached_tokens, prompt.cache_write_tokens, dialect="estimated")
 
     def answered(self) -> bool:
-        """Whether a chat stream's answer has ended (a choice's ``finish_reason``): what may follow
-        is its usage chunk and ``[DONE]``."""
+        """Whether the stream's answer may have ended — a chat choice's ``finish_reason``, a Messages
+        content block or a Responses output item complete: what may follow is the event with its
+        usage (and ``[DONE]``; or another block, which the relay's grace bounds)."""
         for doc in self.events(b'"finish_reason"'):
             choices = doc.get("choices")
             if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
                 return True
-        return False
+        return any(doc.get("type") in ANSWER_ENDS for doc in self.events(b'"type"'))
 
     def generation_id(self) -> str:
         """The id the stream's events carry (OpenRouter: the generation's id), "" if none."""

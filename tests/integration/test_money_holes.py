@@ -611,7 +611,7 @@ def test_a_stream_without_usage_is_metered_from_the_upstreams_record_when_it_kee
 
 def metered_by_its_record(gateway, chain, devnet, tmp_path, upstream, body: dict[str, Any]) -> dict[str, Any]:
     """A paid stream, read to its end, through an upstream that keeps OpenRouter's generation
-    records (``usage_lookup``); its receipt once it is metered."""
+    records (``usage_lookup``); its receipt once it is metered, with the gateway's health ``events``."""
     from tollway.config import UpstreamSettings
 
     router_like = UpstreamSettings(name="openrouter-like", url=upstream.url + "/v1", usage_lookup="openrouter")
@@ -621,7 +621,20 @@ def metered_by_its_record(gateway, chain, devnet, tmp_path, upstream, body: dict
             r.read()
         wait_receipt(url, r.headers["x-tollway-receipt"])
         eventually(lambda: receipt(url, r.headers["x-tollway-receipt"])["status"] not in ("streaming", "metering"))
-        return receipt(url, r.headers["x-tollway-receipt"])
+        events = httpx.get(f"{url}/healthz", headers=ADMIN).json()["events"]
+        return {**receipt(url, r.headers["x-tollway-receipt"]), "events": events}
+
+
+def test_an_upstream_bill_above_the_quote_is_capped_and_counted(gateway, chain, devnet, tmp_path, upstream):
+    """The generation record's ``total_cost`` far above the quote: the payer pays the quote, and the
+    operator is told (it was counted only when the tokens' cost was above it). (Adversarial review.)"""
+    mock = {"omit_usage": True, "dialect": "openrouter", "cost_prices": {"prompt": 1.0, "completion": 1.0}}
+    doc = metered_by_its_record(
+        gateway, chain, devnet, tmp_path, upstream, chat_body("a fortune", max_tokens=50, stream=True, mock=mock)
+    )
+    billed = to_atomic(Fraction(doc["usage"]["upstream_cost_usd"]), 6)
+    assert billed > int(doc["quote"]["atomic"]) == int(doc["cost"]["atomic"]), doc
+    assert doc["events"].get("cost_over_quote") == 1, doc["events"]
 
 
 def test_a_stream_metered_from_the_upstreams_record_is_charged_no_less_than_it_billed(
