@@ -9,9 +9,9 @@ The quote bounds the call: what goes upstream is exactly what was priced.
   caches upstream keep hitting.
 - Every output-cap field the request carries is lowered to the priced cap; when it carries none,
   the upstream's own cap field is added (``UpstreamSettings.max_tokens_field``).
-- ``n``/``best_of`` multiply the priced output; fields whose cost cannot be bounded here (server
-  tools, audio or video, fallback model lists, priority tiers, predicted outputs, one-hour cache
-  writes without a price) are refused with a 400 that names them.
+- ``n``/``best_of`` multiply the priced output; a ``models`` fallback list is quoted at its dearest
+  member; fields whose cost cannot be bounded here (server tools, audio or video, priority tiers,
+  predicted outputs, one-hour cache writes without a price) are refused with a 400 that names them.
 - ``stream_options.include_usage`` is set on streams: usage is how a call is metered.
 """
 

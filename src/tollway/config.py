@@ -290,7 +290,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(1024, ge=1)
     metered_max_tokens: int = Field(16_384, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    image_token_allowance: int = Field(2_500, ge=0)  # prompt tokens priced per image part (per-model: image_tokens)
+    # Prompt tokens priced per image part (per model: image_tokens): what a high-resolution image may
+    # cost the common vision models at their text price — Qwen2.5-VL's default maximum, 16,384.
+    image_token_allowance: int = Field(16_384, ge=0)
     max_choices: int = Field(8, ge=1)  # the largest `n` (choices per call) priced; more is refused
     # The smallest on-chain payment asked: a settlement costs gas, so an exact payment is never
     # smaller than what its settlement can cost at the fee ceiling (None: computed from
