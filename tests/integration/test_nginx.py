@@ -56,13 +56,17 @@ def render(upstream_ports: list[int], port: int, temp: Path) -> str:
 
 @dataclass
 class Recorder:
-    """ASGI middleware keeping the response headers the gateway sent, by the request's X-Test-Id."""
+    """ASGI middleware keeping the response headers the gateway sent, and the request headers it
+    got, by the request's X-Test-Id."""
 
     app: Any
     sent: dict[str, list[tuple[bytes, bytes]]] = field(default_factory=dict)
+    got: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         tag = dict(scope.get("headers") or []).get(b"x-test-id")
+        if tag:
+            self.got[tag.decode()] = dict(scope.get("headers") or [])
 
         async def record(message: Any) -> None:
             if tag and message["type"] == "http.response.start":
@@ -304,3 +308,13 @@ def test_admin_views_pass_and_nginx_identifies_nothing(deployment):
     assert r.status_code == 200, r.text
     assert "nginx/" not in r.headers.get("server", "")  # server_tokens off
     assert os.path.getsize(deployment.log) > 0  # the access log goes to nginx's stdout (docker logs)
+
+
+def test_a_client_cannot_name_its_own_address_through_nginx(deployment):
+    """nginx is the edge: X-Forwarded-For reaches the gateway as the address nginx saw, whatever
+    the client wrote in its own (the free tier counts clients by it)."""
+    tag = uuid.uuid4().hex
+    headers = {"X-Test-Id": tag, "X-Forwarded-For": "203.0.113.9"}
+    assert httpx.post(deployment.url + CHAT, json=chat_body("who am I"), headers=headers).status_code == 402
+    (got,) = [r.got[tag] for r in deployment.recorders if tag in r.got]
+    assert got[b"x-forwarded-for"] == b"127.0.0.1", got

@@ -99,7 +99,7 @@ def test_production_is_two_replicas_behind_nginx_on_postgres(compose):
     assert "configs" not in compose or set(compose["configs"]) == {"tollway_toml"}  # nginx's is a file now
     # The replicas believe nginx's X-Forwarded-For (the free tier counts each client apart), from
     # the compose network's private addresses only.
-    assert "X-Forwarded-For $proxy_add_x_forwarded_for" in nginx
+    assert "X-Forwarded-For $remote_addr" in nginx
     trusted = json.loads(s["gateway"]["environment"]["TOLLWAY_TRUSTED_PROXIES"])
     assert any(ipaddress.ip_address("172.18.0.5") in ipaddress.ip_network(n) for n in trusted)
     assert all(ipaddress.ip_network(n).is_private for n in trusted)
