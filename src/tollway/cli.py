@@ -393,7 +393,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
             r = http.get(f"/v1/channels/{channel.id}")  # (signed in: the channel is the wallet's business)
             if r.status_code != 200:
                 return fail(r)
-            print(json.dumps(r.json(), indent=2))
+            print(json.dumps(_json(r.text), indent=2))
     except PaymentRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
@@ -404,11 +404,9 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
 
 def fail(r: httpx.Response) -> int:
-    try:
-        detail = r.json().get("error")
-        message = detail.get("message") if isinstance(detail, dict) else detail
-    except (ValueError, AttributeError):
-        message = r.text[:300]
+    doc = _json(r.text)
+    detail = doc.get("error") if isinstance(doc, dict) else None
+    message = (detail.get("message") if isinstance(detail, dict) else detail) or r.text[:300]
     print(f"the gateway answered {r.status_code}: {message}", file=sys.stderr)
     return 1
 

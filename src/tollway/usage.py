@@ -330,14 +330,16 @@ class StreamTail:
         return Usage(prompt.prompt_tokens, output, prompt.cached_tokens, prompt.cache_write_tokens, dialect="estimated")
 
     def answered(self) -> bool:
-        """Whether the stream's answer may have ended — a chat choice's ``finish_reason``, a Messages
-        content block or a Responses output item complete: what may follow is the event with its
-        usage (and ``[DONE]``; or another block, which the relay's grace bounds)."""
+        """Whether the stream's answer has ended: a chat choice's ``finish_reason``, or, as the newest
+        event, a Messages content block or a Responses output item complete (not an earlier one: a
+        thinking block's end is followed by the answer). What may follow is the event with its usage
+        (and ``[DONE]``; or another block, which the relay's grace bounds)."""
         for doc in self.events(b'"finish_reason"'):
             choices = doc.get("choices")
             if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
                 return True
-        return any(doc.get("type") in ANSWER_ENDS for doc in self.events(b'"type"'))
+        newest = next(self.events(b'"type"'), {})
+        return newest.get("type") in ANSWER_ENDS
 
     def generation_id(self) -> str:
         """The id the stream's events carry (OpenRouter: the generation's id), "" if none."""

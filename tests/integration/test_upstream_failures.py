@@ -504,79 +504,89 @@ def test_attack_hanging_up_between_the_answer_and_its_usage_is_charged_the_reaso
 
 
 # The same answers' ends on the other APIs: its usage comes in a later event (message_delta; response.completed)
-ANSWERED_THEN_USAGE = {
-    "/v1/messages": (
-        [
-            {"type": "message_start", "message": {"id": "m1", "role": "assistant", "content": [], "usage": {}}},
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "42"}},
-            {"type": "content_block_stop", "index": 0},
-        ],
-        [
-            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"input_tokens": 20}},
-            {"type": "message_stop"},
-        ],
-        "content_block_stop",
-    ),
-    "/v1/responses": (
-        [
-            {"type": "response.created", "response": RESPONSE},
-            {"type": "response.output_item.added", "output_index": 0, "item": {"type": "message", "content": []}},
-            {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "42"},
-            {"type": "response.output_item.done", "output_index": 0, "item": {"type": "message", "content": []}},
-        ],
-        [
-            {
-                "type": "response.completed",
-                "response": {**RESPONSE, "status": "completed", "usage": {"input_tokens": 20}},
-            }
-        ],
-        "response.output_item.done",
-    ),
+ANSWERED = {  # the other APIs' answers, ended: a content block (an output item) complete
+    "/v1/messages": [
+        {"type": "message_start", "message": {"id": "m1", "role": "assistant", "content": [], "usage": {}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "42"}},
+        {"type": "content_block_stop", "index": 0},
+    ],
+    "/v1/responses": [
+        {"type": "response.created", "response": RESPONSE},
+        {"type": "response.output_item.added", "output_index": 0, "item": {"type": "message", "content": []}},
+        {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "42"},
+        {"type": "response.output_item.done", "output_index": 0, "item": {"type": "message", "content": []}},
+    ],
+}
+THINKING_THEN_ANSWERING = {  # a block (item) ended, and the visible answer begun after it
+    "/v1/messages": [
+        {"type": "message_start", "message": {"id": "m1", "role": "assistant", "content": [], "usage": {}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "The"}},
+    ],
+    "/v1/responses": [
+        {"type": "response.created", "response": RESPONSE},
+        {"type": "response.output_item.done", "output_index": 0, "item": {"type": "reasoning", "summary": []}},
+        {"type": "response.output_item.added", "output_index": 1, "item": {"type": "message", "content": []}},
+        {"type": "response.output_text.delta", "output_index": 1, "content_index": 0, "delta": "The"},
+    ],
 }
 
 
-@pytest.mark.parametrize("path", list(ANSWERED_THEN_USAGE))
+def usage_event(path: str, output_tokens: int) -> dict[str, Any]:
+    """The event that ends a ``path`` stream with its usage."""
+    usage = {"input_tokens": 20, "output_tokens": output_tokens}
+    if path == "/v1/messages":
+        return {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage}
+    return {"type": "response.completed", "response": {**RESPONSE, "status": "completed", "usage": usage}}
+
+
+def hung_up(gateway, chain, tmp_path, path: str, before: list[dict[str, Any]], output_tokens: int, at: str):
+    """A paid ``path`` stream whose upstream sends ``before``, then a moment later its usage
+    (``output_tokens`` generated); its client hangs up at the line that holds ``at``. The call's row."""
+
+    async def model(request: Any) -> StreamingResponse:
+        async def events():
+            for event in before:
+                yield sse(event)
+            await asyncio.sleep(0.5)  # (the client is gone by then)
+            yield sse(usage_event(path, output_tokens))
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    payer = chain.fund()
+    upstream = Starlette(routes=[Route(path.removeprefix("/v1"), model, methods=["POST"])])
+    with ServerThread(upstream) as up, dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, db):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            required = payment_required(client.post(path, json=BODIES[path]))
+            headers = payment_header(exact_payment(payer, required, exact_offer(required)))
+            with client.stream("POST", path, json=BODIES[path], headers=headers) as r:
+                assert r.status_code == 200
+                next(line for line in r.iter_lines() if at in line)  # (then the connection is closed)
+        time.sleep(1.5 + SETTLE_WAIT)
+        return the_call(db, payer)
+
+
+@pytest.mark.parametrize("path", list(ANSWERED))
 def test_attack_hanging_up_between_the_answer_and_its_usage_event_is_charged_the_reasoning(
     gateway, chain, tmp_path, path
 ):
     """As above, on the other APIs: the payer hangs up once the answer's block (item) is complete,
     before the event with its usage. The relay read on only for chat's, and charged the estimate.
     (Adversarial review.)"""
-    reasoning = 3000
-    answer, then, last = ANSWERED_THEN_USAGE[path]
-    then = json.loads(
-        json.dumps(then).replace('"input_tokens": 20', f'"input_tokens": 20, "output_tokens": {reasoning}')
-    )
+    call = hung_up(gateway, chain, tmp_path, path, ANSWERED[path], 3000, at=ANSWERED[path][-1]["type"])
+    assert call["completion_tokens"] == 3000 and call["usage_dialect"] != "estimated", call
 
-    async def reasoning_model(request: Any) -> StreamingResponse:
-        async def events():
-            for event in answer:
-                yield sse(event)
-            await asyncio.sleep(0.5)  # (the usage a moment later: the client is gone by then)
-            for event in then:
-                yield sse(event)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    payer = chain.fund()
-    upstream = Starlette(routes=[Route(path.removeprefix("/v1"), reasoning_model, methods=["POST"])])
-    with (
-        ServerThread(upstream) as up,
-        dedicated_gateway(gateway, chain, tmp_path, upstream_url=up.url) as (url, engine),
-    ):
-        body = BODIES[path]
-        with httpx.Client(base_url=url, timeout=30) as client:
-            required = payment_required(client.post(path, json=body))
-            headers = payment_header(exact_payment(payer, required, exact_offer(required)))
-            with client.stream("POST", path, json=body, headers=headers) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if last in line:
-                        break  # (and the connection is closed)
-        time.sleep(1.5 + SETTLE_WAIT)
-        call = the_call(engine, payer)
-    assert call["completion_tokens"] == reasoning and call["usage_dialect"] != "estimated", call
+@pytest.mark.parametrize("path", list(THINKING_THEN_ANSWERING))
+def test_a_payer_who_stops_the_answer_after_a_thinking_block_pays_what_was_relayed(gateway, chain, tmp_path, path):
+    """Only an answer that has ended is read on for its usage: the end of a block before it (a
+    thinking block, a reasoning item) is not the answer's end, and a payer who stops the answer
+    there is charged what was relayed, not what the upstream went on to generate. (Review.)"""
+    call = hung_up(gateway, chain, tmp_path, path, THINKING_THEN_ANSWERING[path], 1500, at='"The"')
+    assert call["usage_dialect"] == "estimated" and call["completion_tokens"] < 1500, call
 
 
 def test_attack_an_upstream_that_never_sends_the_usage_after_the_answer_holds_the_relay_only_the_grace(

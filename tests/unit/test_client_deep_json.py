@@ -33,9 +33,9 @@ def mpp_challenge() -> str:
 
 
 class Hostile(BaseHTTPRequestHandler):
-    """402 (MPP, or x402 exact), then a paid answer nested 300,000 deep."""
+    """402 (MPP, or x402 exact), then a paid answer nested 300,000 deep (a 200, or an error)."""
 
-    mpp = False
+    mpp, paid_status = False, 200
 
     def log_message(self, *args: object) -> None:
         pass
@@ -52,7 +52,7 @@ class Hostile(BaseHTTPRequestHandler):
             offer |= {"payTo": "0x" + "de" * 20, "extra": {"name": "USD Coin", "version": "2"}}
             self.send_header("PAYMENT-REQUIRED", b64json({"x402Version": 2, "accepts": [offer]}))
         else:
-            self.send_response(200)
+            self.send_response(self.paid_status)
             body = DEEP
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -60,9 +60,10 @@ class Hostile(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture(params=[False, True], ids=["x402", "mpp"])
+@pytest.fixture(params=[(False, 200), (False, 502), (True, 0)], ids=["x402", "x402 error", "mpp"])
 def hostile(request: pytest.FixtureRequest) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Hostile,), {"mpp": request.param}))
+    mpp, paid_status = request.param
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Hostile,), {"mpp": mpp, "paid_status": paid_status}))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -91,6 +92,8 @@ def test_the_readme_openai_client_survives_it(hostile: str) -> None:
     assert "refused:" in done.stdout
 
 
-def test_tollway_chat_survives_it(hostile: str) -> None:
-    done = run("-m", "tollway.cli", "chat", "hi", "--url", hostile, "--key", KEY, "--allow", f"{NETWORK}:{USDC}")
-    assert done.returncode in (0, 1), (done.returncode, done.stderr[-800:])
+@pytest.mark.parametrize("stream", [False, True])
+def test_tollway_chat_survives_it(hostile: str, stream: bool) -> None:
+    wallet = ["--url", hostile, "--key", KEY, "--allow", f"{NETWORK}:{USDC}"]
+    done = run("-m", "tollway.cli", "chat", "hi", *wallet, *(["--stream"] if stream else []))
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, (done.returncode, done.stderr[-800:])

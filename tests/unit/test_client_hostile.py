@@ -211,40 +211,27 @@ def from_credit(quote: int, served_by_credit: Any) -> Any:
     return answer
 
 
-@pytest.mark.parametrize("limit", ["per call", "the call's own max_usd", "the session"])
-def test_a_call_quoted_over_a_limit_is_not_paid_from_credit_either(limit):
-    """Signing in lets the credit pay the whole quote: the client signs in only within its limits."""
-    signed_in = served({"x-tollway-cost": "5000000"})
-    gateway = Gateway(from_credit(5_000_000, signed_in))
-    p = payer(max_per_call_usd=Decimal(10), max_total_usd=Decimal(10))
+@pytest.mark.parametrize("limit", ["per call", "the call's own max_usd", "the metered quote"])
+def test_a_call_quoted_over_its_limit_is_not_paid_from_credit_either(limit):
+    """Signing in lets the credit pay the whole quote: the client signs in only within its per-call
+    limit — that of the largest quote offered, as a call served from credit is held and charged as a
+    metered one (upto's quote, priced for more output than exact's)."""
+    gateway = Gateway(from_credit(5_000_000, served({"x-tollway-cost": "5000000"})))
+    p = payer(max_per_call_usd=Decimal(10))
     kw: dict[str, Any] = {}
     if limit == "per call":
         p.max_per_call_usd = Decimal(1)
-    elif limit == "the session":
-        p.max_total_usd = Decimal(6)
-        assert calls(p, gateway, 1) == [200] and p.spent_usd == 5
-    else:
+    elif limit == "the call's own max_usd":
         kw = {"extensions": {"tollway.max_usd": Fraction(1, 100)}}
+    else:  # (a payer of exact only, quoted $0.50 for exact, $5 for upto)
+        offers = required(offer("exact", 500_000), offer("upto", 5_000_000), **{"sign-in-with-x": SIGN_IN})
+        gateway = Gateway(lambda r: served() if "SIGN-IN-WITH-X" in r.headers else httpx.Response(402, headers=offers))
+        p = payer(max_per_call_usd=Decimal(1), schemes=("exact",))
     (refused,) = calls(p, gateway, 1, **kw)
     assert isinstance(refused, PaymentRefused)
 
 
-@pytest.mark.parametrize(
-    ("answer", "counted"),
-    [
-        (served({"x-tollway-cost": "1500"}), Decimal("0.0015")),  # what the answer says it cost
-        (served(), Decimal("0.5")),  # (a stream's head does not say: the quote)
-        (served({"x-tollway-cost": "9" * 30}), Decimal("0.5")),  # never more than the quote
-        (httpx.Response(500), Decimal(0)),  # not served: nothing spent
-    ],
-)
-def test_what_credit_pays_counts_against_the_session_limit(answer, counted):
-    p = payer()
-    calls(p, Gateway(from_credit(500_000, answer)), 1)
-    assert p.spent_usd == counted
-
-
-def test_a_sign_in_the_credit_does_not_cover_gives_its_quote_back_and_pays():
+def test_a_call_the_credit_does_not_cover_pays_the_rest_counted_once():
     def answer(r: httpx.Request) -> httpx.Response:
         if paid_headers(r):
             return served({"PAYMENT-RESPONSE": b64json({"success": True})})

@@ -163,18 +163,27 @@ class Payer:
         _, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
         return offer, usd if offer["scheme"] != "credit" else Decimal(0)
 
-    def credit_quote(
+    def credit_within_limits(
         self, required: dict[str, Any], max_usd: Decimal | None = None, already: Decimal = Decimal(0)
-    ) -> tuple[dict[str, Any], Decimal]:
-        """Before signing in on a 402, so that the wallet's credit pays the call: the offer it is
-        quoted by and the whole quote in USD (what the credit covers of it too), taken from the budget.
-        Credit is spent within the limits as a payment is: over them, ``PaymentRefused``."""
-        offer, _ = self.choose(required, max_usd, already)
-        decimals = self._allowed(offer).decimals  # type: ignore[union-attr]  # (chosen: allowed)
-        credit = str((offer.get("extra") or {}).get("credit", "0"))
-        whole = Decimal(int(offer["amount"]) + int(credit)).scaleb(-decimals)
-        self._reserve(whole)
-        return offer, whole
+    ) -> None:
+        """Before signing in on a 402, so that the wallet's credit pays the call: the largest quote its
+        offers in allowed assets state (a call served from credit is held and charged as a metered
+        one, whose quote is the largest), credit included, within the per-call limit — else
+        ``PaymentRefused``. (Credit is not counted against the session limit: that bounds what this
+        client signs, and an exact payment's surplus, which becomes credit, was counted in full.)"""
+        limit = self._call_limit(max_usd) - already
+        accepts = required.get("accepts")
+        quotes = []
+        for offer in accepts if isinstance(accepts, list) else []:
+            extra = offer.get("extra") if isinstance(offer, dict) else None
+            asset = self._allowed(offer) if isinstance(extra or {}, dict) else None
+            amount, credit = str(offer.get("amount", "")), str((extra or {}).get("credit", "0"))
+            if asset and digits(amount) and digits(credit):
+                quotes.append(Decimal(int(amount) + int(credit)).scaleb(-asset.decimals))
+        if not quotes:
+            raise PaymentRefused(f"no offer in an allowed asset, well formed: {str(accepts)[:500]}")
+        if max(quotes) > limit:
+            raise PaymentRefused(f"the call costs up to ${max(quotes)}, over the per-call limit ${limit}")
 
     def _call_limit(self, max_usd: Decimal | None) -> Decimal:
         """The most one call may take: the per-call limit, lowered by this call's own (``max_usd``)."""
@@ -413,19 +422,6 @@ class Payer:
             self.spent_usd -= usd - signed
         return payload, deposit, signed
 
-    def _credit_spent(self, pending: Pending, status: int, response_headers: Any) -> Decimal:
-        """What a sign-in's quote (``credit_quote``) comes to: nothing if the call was not served
-        from credit; else what the answer says it cost, up to the quote (the gateway holds the
-        credit: its word is all there is), or the whole quote if it does not say (a stream)."""
-        quoted, spent = pending.quoted, Decimal(0)
-        if quoted is not None and status < 400:
-            cost, quote = str(response_headers.get("x-tollway-cost") or ""), int(quoted["amount"])
-            quote += int(str((quoted.get("extra") or {}).get("credit", "0")))
-            spent = pending.usd * min(int(cost), quote) / quote if digits(cost) and quote else pending.usd
-        with self._lock:
-            self.spent_usd -= pending.usd - spent
-        return spent
-
     def outdone(self, pending: Pending, response_headers: Any) -> Decimal:
         """A voucher refused by a corrective 402 that shows, by this wallet's own signature, a higher
         voucher signed before (a process that started afresh signs from zero) adds nothing the gateway
@@ -448,7 +444,6 @@ class Payer:
     def conclude(self, pending: Pending, status: int, response_headers: Any) -> None:
         """Record a paid response — an ``upto`` payment counting, once the answer says, what moved
         rather than its maximum — or give the reservation back if the call was not paid."""
-        usd = pending.usd if pending.offer is not None else self._credit_spent(pending, status, response_headers)
         if pending.offer is not None and pending.offer.get("rail") == "mpp":
             paid = mpp.receipt(response_headers) if status < 400 else None
             if paid is None or paid.get("status") != "success":
@@ -481,6 +476,7 @@ class Payer:
             doc = {**doc, "amount": extra.get("chargedAmount", "")}
         moved = str(doc.get("amount", ""))
         settled = int(moved) if digits(moved) and int(moved) <= int(o["amount"]) else None
+        usd = pending.usd
         if o["scheme"] == "upto" and settled is not None and int(o["amount"]):  # (see the module's docstring)
             usd = pending.usd * settled / int(o["amount"])
             with self._lock:
@@ -509,7 +505,6 @@ class Pending:
     usd: Decimal
     deposit: int = 0  # into a channel, with this payment
     total: int = 0  # the cumulative amount a voucher signs
-    quoted: dict[str, Any] | None = None  # a sign-in's: the offer whose quote the credit may pay
 
 
 # What a malformed offer raises as it is read and signed (a field missing, of the wrong type, not a number)
@@ -567,12 +562,9 @@ class Exchange:
             declared = extensions.get(SIGN_IN_WITH_X_KEY) if isinstance(extensions, dict) else None
             headers_in = self.payer.sign_in(declared, self.origin) if isinstance(declared, dict) else None
             if headers_in is not None:
-                quoted, usd = (
-                    (None, Decimal(0))
-                    if status == 401
-                    else self.payer.credit_quote(required or {}, self.max_usd, self.signed_usd)
-                )
-                self.pending = Pending(headers_in, None, usd, quoted=quoted)
+                if status == 402:
+                    self.payer.credit_within_limits(required or {}, self.max_usd, self.signed_usd)
+                self.pending = Pending(headers_in, None, Decimal(0))
                 return self.pending
         if status == 401:
             return None
