@@ -70,6 +70,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PriceTier(Strict):
+    """A long-context tier: from ``min_prompt_tokens`` prompt tokens on (cached ones included), a
+    call is billed at the prices it names (OpenRouter's ``pricing.overrides``). ``Price.tier_prices``
+    says what it bills at those it leaves unnamed."""
+
+    min_prompt_tokens: int = Field(ge=1)
+    prompt: Decimal | None = Field(None, ge=0)
+    completion: Decimal | None = Field(None, ge=0)
+    request: Decimal | None = Field(None, ge=0)
+    cache_read: Decimal | None = Field(None, ge=0)
+    cache_write: Decimal | None = Field(None, ge=0)
+    cache_write_1h: Decimal | None = Field(None, ge=0)
+
+
 class Price(Strict):
     """What one model costs, in USD per token (``request`` is per call)."""
 
@@ -80,6 +94,7 @@ class Price(Strict):
     cache_write: Decimal | None = None  # defaults to the prompt price
     # Anthropic's one-hour cache writes; a request marking `cache_control.ttl: "1h"` is refused without it
     cache_write_1h: Decimal | None = None
+    tiers: list[PriceTier] = []  # dearer prices for long prompts, by ascending min_prompt_tokens
 
     def per_token(self) -> dict[str, Decimal]:
         """The prices, the cache ones defaulting to the prompt price (``cache_write_1h`` only when set)."""
@@ -94,6 +109,20 @@ class Price(Strict):
             prices["cache_write_1h"] = self.cache_write_1h
         return prices
 
+    def tier_prices(self) -> list[tuple[int, dict[str, Decimal]]]:
+        """Each tier's threshold and prices (``per_token``'s keys): what it names, else the base's —
+        but a cache price it leaves unnamed is the dearer of the base's and the tier's prompt price:
+        nothing says the base's discount holds in the tier, so its cached tokens bill as its plain
+        ones (as a base without cache prices bills them), never below the base's own cache price."""
+        base = self.per_token()
+        out = []
+        for t in self.tiers:
+            named = t.model_dump(exclude={"min_prompt_tokens"}, exclude_none=True)
+            prompt = named.get("prompt", base["prompt"])
+            prices = {k: named.get(k, max(v, prompt) if k.startswith("cache") else v) for k, v in base.items()}
+            out.append((t.min_prompt_tokens, prices))
+        return out
+
     def price(self) -> Price:
         """Its prices alone."""
         return Price(**{f: getattr(self, f) for f in Price.model_fields})
@@ -103,6 +132,14 @@ class Price(Strict):
     def _non_negative(cls, v: Decimal | None) -> Decimal | None:
         if v is not None and v < 0:
             raise ValueError("prices must be >= 0")
+        return v
+
+    @field_validator("tiers")
+    @classmethod
+    def _ascending(cls, v: list[PriceTier]) -> list[PriceTier]:
+        thresholds = [t.min_prompt_tokens for t in v]
+        if thresholds != sorted(set(thresholds)):
+            raise ValueError("tiers must be in ascending order of min_prompt_tokens, each its own")
         return v
 
 

@@ -11,15 +11,19 @@ From each entry: ``pricing`` (``prompt``, ``completion``, ``request``, ``input_c
 ``input_cache_write``, ``internal_reasoning`` — reasoning tokens are counted as completion tokens,
 so the dearer of the two prices them — and ``image``, per image: an image part is priced as that
 many prompt tokens), ``top_provider.max_completion_tokens`` (the model's output cap), ``name``,
-``context_length`` and ``supported_parameters``. Entries the gateway cannot price are left out:
-a negative price (OpenRouter's ``-1``: priced by the router per call), a missing or malformed one.
+``context_length`` and ``supported_parameters``. A model whose long prompts cost more
+(``pricing.overrides``: a tier's prices from its ``min_prompt_tokens`` on) keeps its tiers
+(``ModelPrice.tiers``): a call is quoted at its prompt bound's tier and charged at its prompt's.
+Entries the gateway cannot price are left out: a negative price (OpenRouter's ``-1``: priced by
+the router per call), a missing or malformed one, one out of any real model's range, an override
+it cannot read, or a price it does not know (``PRICED``, ``NEVER_INCURRED``) that is not 0.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,8 @@ import httpx
 from pydantic import ValidationError
 
 from .bounded import read_bounded
-from .config import ModelPrice, Settings, UpstreamSettings, upstream_list
+from .config import ModelPrice, PriceTier, Settings, UpstreamSettings, upstream_list
+from .jsonbytes import loads
 
 log = logging.getLogger("tollway.catalogue")
 
@@ -38,6 +43,20 @@ FETCH_TIMEOUT = 30.0
 
 class CatalogueError(Exception):
     pass
+
+
+# What any real model costs lies within these, in USD per token (per image, per call): a price
+# beyond them ("1e5000", "1e-100000000") would make integers too long to print and fractions too
+# large to reckon with (``pricing.Prices``).
+MAX_PRICE = Decimal(10**6)
+MIN_PRICE = Decimal("1e-18")
+
+# The ``pricing`` keys read into a price, and those no call through tollway incurs: it refuses web
+# search, plugins and audio in or out (``chat.UNPRICED_FIELDS``, parts other than text and images).
+# Any other key that is not 0 — ``image_output`` (tollway prices text output only), ``image_token``,
+# ``discount`` — leaves its entry out: calls could cost more than they are charged.
+PRICED = ("prompt", "completion", "request", "image", "internal_reasoning", "input_cache_read", "input_cache_write")
+NEVER_INCURRED = ("web_search", "audio", "audio_output", "input_audio_cache")
 
 
 def _price(pricing: dict[str, Any], key: str) -> Decimal | None:
@@ -50,38 +69,98 @@ def _price(pricing: dict[str, Any], key: str) -> Decimal | None:
         price = None
     if price is None or not price.is_finite():
         raise ValueError(f"{key} is not a price")
+    if price and not MIN_PRICE <= price.copy_abs() <= MAX_PRICE:  # (copy_abs: exact, whatever the exponent)
+        raise ValueError(f"{key} is out of range")
     return price
+
+
+def _overrides(pricing: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """Each long-context tier's threshold and what it prices otherwise than the base."""
+    overrides = pricing.get("overrides") or []
+    if not isinstance(overrides, list):
+        raise ValueError("overrides is not a list")
+    tiers = []
+    for override in overrides:
+        threshold = override.get("min_prompt_tokens")
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ValueError("an override without its min_prompt_tokens")
+        tiers.append((threshold, {k: v for k, v in override.items() if k != "min_prompt_tokens"}))
+    return sorted(tiers, key=lambda t: t[0])
+
+
+@dataclass(frozen=True)
+class _Prices:
+    """A tier's prices, in USD (the cache ones None where it names none: those bill at the prompt's)."""
+
+    prompt: Decimal
+    completion: Decimal  # (reasoning tokens included)
+    request: Decimal
+    image: Decimal
+    cache_read: Decimal | None
+    cache_write: Decimal | None
+
+
+def _tier_prices(tier: dict[str, Any]) -> _Prices:
+    """A tier's prices; ValueError if it cannot be priced."""
+    for key in tier:
+        if key not in PRICED and key not in NEVER_INCURRED and _price(tier, key):
+            raise ValueError(f"{key} is not priced here")
+    prompt, completion = _price(tier, "prompt"), _price(tier, "completion")
+    if prompt is None or completion is None:
+        raise ValueError("no prompt or completion price")
+    reasoning = _price(tier, "internal_reasoning")
+    prices = _Prices(
+        prompt=prompt,
+        completion=completion if reasoning is None else max(completion, reasoning),
+        request=_price(tier, "request") or Decimal(0),
+        image=_price(tier, "image") or Decimal(0),
+        cache_read=_price(tier, "input_cache_read"),
+        cache_write=_price(tier, "input_cache_write"),
+    )
+    if any(p is not None and p < 0 for p in vars(prices).values()):
+        raise ValueError("priced by the router as it routes")  # (OpenRouter's -1)
+    return prices
+
+
+def _times(price: Decimal | None, factor: Decimal) -> Decimal | None:
+    return None if price is None else price * factor
 
 
 def model_price(entry: Any, markup: Decimal, image_token_allowance: int) -> ModelPrice | None:
     """One catalogue entry as tollway prices it, or None if it cannot be priced."""
     try:
-        pricing = entry["pricing"]
-        prompt, completion = _price(pricing, "prompt"), _price(pricing, "completion")
-        if prompt is None or completion is None:
-            return None
-        reasoning = _price(pricing, "internal_reasoning")
-        if reasoning is not None:
-            completion = max(completion, reasoning)
-        request, image = _price(pricing, "request") or Decimal(0), _price(pricing, "image") or Decimal(0)
-        cache_read, cache_write = _price(pricing, "input_cache_read"), _price(pricing, "input_cache_write")
-        if min(p for p in (prompt, completion, request, image, cache_read, cache_write) if p is not None) < 0:
-            return None  # (OpenRouter's -1: priced by the router as it routes)
+        base = {k: v for k, v in entry["pricing"].items() if k != "overrides"}
+        p = _tier_prices(base)
+        # (an override prices what it names; the rest is the base's — cache prices aside: PriceTier)
+        overrides = [(n, named, _tier_prices({**base, **named})) for n, named in _overrides(entry["pricing"])]
+        every = [p, *(t for _, _, t in overrides)]
         factor = 1 + markup
         top = entry.get("top_provider") or {}
         image_tokens = None
-        if image > 0:
-            per_prompt = math.ceil(image / prompt) if prompt > 0 else None
-            if per_prompt is None:
-                return None  # (an image price with free prompt tokens: nothing to price it by)
-            image_tokens = max(per_prompt, image_token_allowance)
+        images = [t for t in every if t.image > 0]
+        if any(t.prompt == 0 for t in images):
+            return None  # (an image price with free prompt tokens: nothing to price it by)
+        if images:  # (in prompt tokens: as many as every tier's image price takes)
+            image_tokens = max(image_token_allowance, *(math.ceil(t.image / t.prompt) for t in images))
+        tiers = [
+            PriceTier(
+                min_prompt_tokens=n,
+                prompt=t.prompt * factor,
+                completion=t.completion * factor,
+                request=t.request * factor,
+                cache_read=_times(_price(named, "input_cache_read"), factor),
+                cache_write=_times(_price(named, "input_cache_write"), factor),
+            )
+            for n, named, t in overrides
+        ]
         params = entry.get("supported_parameters")
         return ModelPrice(
-            prompt=prompt * factor,
-            completion=completion * factor,
-            request=request * factor,
-            cache_read=None if cache_read is None else cache_read * factor,
-            cache_write=None if cache_write is None else cache_write * factor,
+            prompt=p.prompt * factor,
+            completion=p.completion * factor,
+            request=p.request * factor,
+            cache_read=_times(p.cache_read, factor),
+            cache_write=_times(p.cache_write, factor),
+            tiers=tiers,
             max_tokens=top.get("max_completion_tokens") or None,
             image_tokens=image_tokens,
             name=entry.get("name") if isinstance(entry.get("name"), str) else None,
@@ -89,7 +168,7 @@ def model_price(entry: Any, markup: Decimal, image_token_allowance: int) -> Mode
             supported_parameters=params if isinstance(params, list) else None,
             # (nothing to pay: served as the free tier serves, within its quotas — not as a paid model
             # whose quote of 0 holds nothing, which any signed-in wallet could call without end)
-            free=prompt == completion == request == image == 0,
+            free=all(t.prompt == t.completion == t.request == t.image == 0 for t in every),
         )
     except (KeyError, TypeError, AttributeError, ValueError, ValidationError):
         return None
@@ -129,9 +208,11 @@ async def read(source: str, http: httpx.AsyncClient) -> Any:
                     MAX_CATALOGUE_BYTES,
                     lambda: CatalogueError(f"{source} is larger than {MAX_CATALOGUE_BYTES} bytes"),
                 )
-            return json.loads(body)
-        return json.loads(Path(source).read_bytes())
-    except (OSError, ValueError, httpx.HTTPError) as exc:
+            return loads(body)
+        return loads(Path(source).read_bytes())
+    # (RecursionError: nested too deep — parsed under Python's default limit, not the eth
+    # libraries' 100,000, at which the C parser would overflow the stack and crash the process)
+    except (OSError, ValueError, RecursionError, httpx.HTTPError) as exc:
         raise CatalogueError(f"{source}: {type(exc).__name__}: {exc}") from exc
 
 

@@ -15,12 +15,12 @@ configured allowance.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from .config import ModelPrice
+from .config import Price
 from .errors import BadRequest
 from .usage import Usage
 
@@ -91,7 +91,11 @@ def asked_cap(body: dict[str, Any], model_cap: int | None) -> int | None:
 class Prices:
     """A model's prices, exact, as integers over one common ``denominator``: atomic units of the
     asset per token (per call for ``request``). Integer sums keep the hot path fast and exact.
-    ``cache_write_1h`` is None when the model has no price for one-hour cache writes."""
+    ``cache_write_1h`` is None when the model has no price for one-hour cache writes.
+
+    The fields are the base prices; ``tiers`` are a long-context model's dearer ones, each from its
+    threshold of prompt tokens on (``at``). A quote covers every tier up to its prompt bound's; a
+    call costs its real prompt's tier — one of those, as the real prompt is within the bound."""
 
     prompt: int
     completion: int
@@ -100,12 +104,29 @@ class Prices:
     cache_write: int
     denominator: int
     cache_write_1h: int | None = None
+    tiers: tuple[tuple[int, Prices], ...] = ()  # (min_prompt_tokens, prices), ascending
 
     @classmethod
-    def of(cls, p: ModelPrice, decimals: int) -> Prices:
-        units = {k: Fraction(v) * 10**decimals for k, v in p.per_token().items()}
+    def of(cls, p: Price, decimals: int) -> Prices:
+        base = cls._exact(p.per_token(), decimals)
+        if not p.tiers:
+            return base
+        return replace(base, tiers=tuple((n, cls._exact(per, decimals)) for n, per in p.tier_prices()))
+
+    @classmethod
+    def _exact(cls, per_token: dict[str, Decimal], decimals: int) -> Prices:
+        units = {k: Fraction(v) * 10**decimals for k, v in per_token.items()}
         denominator = math.lcm(*(f.denominator for f in units.values()))
         return cls(**{k: int(f * denominator) for k, f in units.items()}, denominator=denominator)
+
+    def at(self, prompt_tokens: int) -> Prices:
+        """The prices a call of ``prompt_tokens`` prompt tokens bills at: its tier's, or the base."""
+        found = self
+        for threshold, prices in self.tiers:
+            if prompt_tokens < threshold:
+                break
+            found = prices
+        return found
 
     def scaled(self, share: Fraction) -> Prices:
         """These prices times ``share`` (a BYOK call pays ``byok_fee`` of the list price), exactly."""
@@ -119,6 +140,7 @@ class Prices:
             self.cache_write * n,
             self.denominator * d,
             one_hour,
+            tuple((threshold, prices.scaled(share)) for threshold, prices in self.tiers),
         )
 
     def _atomic(self, numerator: int) -> int:
@@ -126,16 +148,25 @@ class Prices:
 
     def bound(self, prompt_tokens: int, output_tokens: int, *, long_cache: bool = False) -> int:
         """The most a call can cost: every prompt token at the dearest input price (one-hour cache
-        writes included when the request asks for them)."""
+        writes included when the request asks for them), in the dearest tier a prompt within the
+        bound ``prompt_tokens`` can reach (the bound's own, unless a tier below it is dearer)."""
         dearest_input = max(self.prompt, self.cache_write, self.cache_read)
         if long_cache and self.cache_write_1h is not None:
             dearest_input = max(dearest_input, self.cache_write_1h)
-        return self._atomic(self.request + prompt_tokens * dearest_input + output_tokens * self.completion)
+        most = self._atomic(self.request + prompt_tokens * dearest_input + output_tokens * self.completion)
+        for threshold, tier in self.tiers:  # (a tier has no tiers of its own)
+            if prompt_tokens < threshold:
+                break
+            most = max(most, tier.bound(prompt_tokens, output_tokens, long_cache=long_cache))
+        return most
 
     def cost(self, usage: Usage, *, long_cache: bool = False) -> int:
         """What a call cost from its usage; unknown cache figures bill at the plain prompt price.
         Cache writes of a request that asked for one-hour caching bill at that price — those the
-        upstream says it wrote for an hour, when it tells them apart; else all of them."""
+        upstream says it wrote for an hour, when it tells them apart; else all of them. At the tier
+        of the prompt's tokens (all of them, cached ones included)."""
+        if self.tiers and (tier := self.at(usage.prompt_tokens)) is not self:
+            return tier.cost(usage, long_cache=long_cache)
         cached = usage.cached_tokens or 0
         written = usage.cache_write_tokens or 0
         plain = max(usage.prompt_tokens - cached - written, 0)

@@ -9,8 +9,10 @@ model's configured price. Routing ranks upstreams by what a request is expected 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from decimal import Decimal
+from typing import Any
 
-from .config import ModelPrice, Price, Settings, UpstreamSettings, upstream_list
+from .config import ModelPrice, Price, PriceTier, Settings, UpstreamSettings, upstream_list
 
 FIELDS = ("prompt", "completion", "request", "cache_read", "cache_write")
 
@@ -21,11 +23,33 @@ def serves(u: UpstreamSettings, model: str, imported: Collection[str]) -> bool:
 
 def dearest(base: ModelPrice, prices: list[Price]) -> ModelPrice:
     """``base`` raised, field by field, to the dearest of ``prices`` (a one-hour cache write is
-    priced only where every one prices it)."""
-    raised: dict[str, object] = {f: max(p.per_token()[f] for p in (base, *prices)) for f in FIELDS}
-    one_hour = [p.cache_write_1h for p in (base, *prices)]
-    raised["cache_write_1h"] = None if None in one_hour else max(one_hour)  # type: ignore[type-var]
+    priced only where every one prices it) — and so is each long-context tier any of them has, at
+    every threshold any of them names."""
+    every = (base, *prices)
+    raised: dict[str, object] = _raised([p.per_token() for p in every], [p.cache_write_1h for p in every])
+    thresholds = sorted({t.min_prompt_tokens for p in every for t in p.tiers})
+    raised["tiers"] = [
+        PriceTier(
+            min_prompt_tokens=n, **_raised(at := [_at(p, n) for p in every], [a.get("cache_write_1h") for a in at])
+        )
+        for n in thresholds
+    ]
     return base.model_copy(update=raised)
+
+
+def _raised(per_token: list[dict[str, Decimal]], one_hour: list[Decimal | None]) -> dict[str, Any]:
+    raised: dict[str, Any] = {f: max(p[f] for p in per_token) for f in FIELDS}
+    raised["cache_write_1h"] = None if None in one_hour else max(one_hour)  # type: ignore[type-var]
+    return raised
+
+
+def _at(price: Price, prompt_tokens: int) -> dict[str, Decimal]:
+    """``price``'s prices (``per_token``'s keys) for a prompt of ``prompt_tokens``: its tier's, or its base."""
+    found = price.per_token()
+    for threshold, prices in price.tier_prices():
+        if prompt_tokens >= threshold:
+            found = prices
+    return found
 
 
 def by_upstream(

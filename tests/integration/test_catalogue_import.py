@@ -105,3 +105,60 @@ def test_two_upstreams_importing_one_model_each_bill_their_own_price(devnet, cha
                     u = receipt["usage"]
                     usd = u["prompt_tokens"] * Fraction(prompt) + u["completion_tokens"] * Fraction(completion)
                     assert int(receipt["cost"]["atomic"]) == to_atomic(usd, 6)
+
+
+def test_a_model_with_a_long_context_tier_is_never_charged_below_what_its_upstream_bills(devnet, chain, tmp_path):
+    """OpenRouter prices long prompts of some models higher (``pricing.overrides``: Claude Sonnet
+    4.5 bills $6/$22.50 per M instead of $3/$15 from 200,000 prompt tokens). Here the tier starts
+    at 50 prompt tokens and the mock upstream bills as the catalogue says: a short call is charged
+    at the base prices (not the tier's), one whose prompt reaches the tier at the tier's, and
+    neither below what the upstream bills."""
+    base = {"prompt": "0.000001", "completion": "0.00001"}
+    tier = {"prompt": "0.000002", "completion": "0.000015"}
+    entry = {"id": "vendor/long", "pricing": {**base, "overrides": [{"min_prompt_tokens": 50, **tier}]}}
+    saved = tmp_path / "catalogue.json"
+    saved.write_text(json.dumps({"data": [entry]}))
+    with ServerThread(create_mock(MockOptions(models=["vendor/long"]))) as upstream:
+        settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+        or_like = UpstreamSettings(name="or", url=upstream.url + "/v1", catalogue=str(saved), markup=Decimal(0))
+        settings = settings.model_copy(update={"upstreams": [or_like]})
+        with ServerThread(create_app(settings)) as gw:
+            assert offered(gw.url)["vendor/long"]["pricing"]["prompt"] == "0.000001"  # (the base tier's)
+            payer = Payer(chain.fund(), [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)])
+            with httpx.Client(transport=SyncPayingTransport(payer), base_url=gw.url, timeout=30) as http:
+                for words, prices in [(3, base), (80, tier)]:
+                    mock = {
+                        "dialect": "openrouter",
+                        "cost_prices": {k: float(v) for k, v in prices.items()},  # (its bill: at the call's tier)
+                        "reply": "x " * 600,
+                    }
+                    prompt = " ".join(f"w{i}" for i in range(words))
+                    body = {"model": "vendor/long", "messages": [{"role": "user", "content": prompt}], "mock": mock}
+                    r = http.post("/v1/chat/completions", json={**body, "max_tokens": 400})
+                    assert r.status_code == 200, r.text
+                    doc = wait_receipt(gw.url, r.headers["x-tollway-receipt"])
+                    usage = r.json()["usage"]
+                    assert (usage["prompt_tokens"] >= 50) == (prices is tier) and usage["completion_tokens"] == 400
+                    usd = usage["prompt_tokens"] * Fraction(prices["prompt"])
+                    usd += usage["completion_tokens"] * Fraction(prices["completion"])
+                    billed = to_atomic(Fraction(str(usage["upstream_cost"])), 6)
+                    assert int(doc["cost"]["atomic"]) == to_atomic(usd, 6) >= billed > 0
+
+
+def test_a_catalogue_price_of_thousands_of_digits_is_left_out_and_the_gateway_starts(devnet, tmp_path):
+    """ "1e5000" was imported, and the check that leaves out an imported model whose quote the
+    ledger cannot hold (``doctor.amounts_fit``) names that quote — past Python's 4,300-digit limit
+    on printing an int: a ValueError, and the gateway did not start."""
+    entries = [
+        {"id": "vendor/alpha", "pricing": {"prompt": "0.000001", "completion": "0.000002"}},
+        {"id": "vendor/huge", "pricing": {"prompt": "1e5000", "completion": "0.000002"}},
+    ]
+    saved = tmp_path / "catalogue.json"
+    saved.write_text(json.dumps({"data": entries}))
+    with ServerThread(create_mock(MockOptions(models=["vendor/alpha", "vendor/huge"]))) as upstream:
+        settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+        or_like = UpstreamSettings(name="or", url=upstream.url + "/v1", catalogue=str(saved))
+        settings = settings.model_copy(update={"upstreams": [or_like]})
+        with ServerThread(create_app(settings)) as gw:
+            models = offered(gw.url)
+    assert "vendor/alpha" in models and "vendor/huge" not in models

@@ -1,0 +1,109 @@
+"""Long-context price tiers: a model whose long prompts cost more (Claude Sonnet 4.5: $3/$15 per M,
+$6/$22.50 from 200,000 prompt tokens) is quoted at the tier its prompt bound reaches and charged at
+the tier its real prompt reaches — a short call at the base price."""
+
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+from pydantic import ValidationError
+
+from tollway.config import ModelPrice
+from tollway.pricing import Prices, to_atomic
+from tollway.usage import Usage
+
+SONNET = ModelPrice(
+    prompt="0.000003",
+    completion="0.000015",
+    cache_read="3e-7",
+    cache_write="3.75e-6",
+    tiers=[{"min_prompt_tokens": 200_000, "prompt": "0.000006", "completion": "0.0000225", "cache_read": "6e-7"}],
+)
+TIERED = Prices.of(SONNET, 6)
+
+
+def usd(prompt: int, completion: int, p: str, c: str) -> int:
+    return to_atomic(prompt * Fraction(p) + completion * Fraction(c), 6)
+
+
+def test_a_quote_prices_the_tier_its_prompt_bound_reaches():
+    # (the dearest input price: the cache write's below the tier, the tier's prompt's (its unnamed write) above)
+    assert TIERED.bound(199_999, 1000) == usd(199_999, 1000, "3.75e-6", "0.000015")
+    assert TIERED.bound(200_000, 1000) == usd(200_000, 1000, "0.000006", "0.0000225")
+    assert TIERED.bound(150_000, 1000) == Prices.of(SONNET.model_copy(update={"tiers": []}), 6).bound(150_000, 1000)
+
+
+def test_a_call_costs_its_real_prompts_tier():
+    assert TIERED.cost(Usage(1000, 500)) == usd(1000, 500, "0.000003", "0.000015")
+    assert TIERED.cost(Usage(250_000, 500, cached_tokens=100_000)) == to_atomic(
+        150_000 * Fraction("0.000006") + 100_000 * Fraction("6e-7") + 500 * Fraction("0.0000225"), 6
+    )
+    assert TIERED.at(199_999) is TIERED and TIERED.at(10**9) is TIERED.tiers[0][1]
+
+
+def test_a_quote_covers_any_tier_below_its_bound_that_is_dearer():
+    cheaper_above = ModelPrice(prompt="0.00001", completion="0.00001", tiers=[{"min_prompt_tokens": 10, "prompt": 0}])
+    odd = Prices.of(cheaper_above, 6)
+    assert odd.bound(100, 0) == to_atomic(100 * Fraction("0.00001"), 6) >= odd.cost(Usage(9, 0))
+
+
+def test_scaled_prices_keep_their_tiers():
+    byok = TIERED.scaled(Fraction(1, 20))
+    assert byok.cost(Usage(1000, 500)) == to_atomic((1000 * Fraction("0.000003") + 500 * Fraction("0.000015")) / 20, 6)
+    assert byok.cost(Usage(300_000, 0)) == to_atomic(300_000 * Fraction("0.000006") / 20, 6)
+    assert [t for t, _ in byok.tiers] == [200_000]
+
+
+def test_a_tier_keeps_the_base_prices_it_does_not_name_and_bills_unnamed_cache_prices_at_its_prompt():
+    """Nothing says the base's cache discount holds in a tier that names none: its cached tokens
+    bill as its plain ones — but never below the base's own cache price."""
+    price = ModelPrice(
+        prompt="0.000003",
+        completion="0.000015",
+        request="0.001",
+        cache_read="3e-7",
+        cache_write="0.00001",
+        tiers=[{"min_prompt_tokens": 1000, "prompt": "0.000006"}],
+    )
+    [(threshold, tier)] = price.tier_prices()
+    assert threshold == 1000
+    assert tier == {
+        "prompt": Decimal("0.000006"),
+        "completion": Decimal("0.000015"),
+        "request": Decimal("0.001"),
+        "cache_read": Decimal("0.000006"),
+        "cache_write": Decimal("0.00001"),
+    }
+
+
+@pytest.mark.parametrize(
+    "tiers",
+    [
+        [{"min_prompt_tokens": 500}, {"min_prompt_tokens": 100}],
+        [{"min_prompt_tokens": 100}, {"min_prompt_tokens": 100}],
+        [{"min_prompt_tokens": 0, "prompt": "1"}],
+        [{"min_prompt_tokens": 100, "prompt": "-1"}],
+        [{"min_prompt_tokens": 100, "image": "1"}],
+    ],
+)
+def test_tiers_are_in_ascending_order_each_its_own(tiers):
+    with pytest.raises(ValidationError):
+        ModelPrice(prompt="0.000001", completion="0.000002", tiers=tiers)
+
+
+def test_a_price_without_tiers_is_priced_as_before():
+    flat = Prices.of(ModelPrice(prompt="0.000001", completion="0.000002"), 6)
+    assert flat.tiers == () and flat.at(10**9) is flat
+    assert flat.bound(1000, 1000) == flat.cost(Usage(1000, 1000)) == usd(1000, 1000, "0.000001", "0.000002")
+
+
+def test_a_model_two_upstreams_serve_is_quoted_at_the_dearest_of_their_tiers_too():
+    """The list price is raised to the dearest upstream's: an upstream whose long prompts cost more
+    raises the model's tier, or a long call served there is billed above its quote."""
+    from tollway.upstream_prices import dearest
+
+    flat = ModelPrice(prompt="0.000004", completion="0.000015")
+    raised = Prices.of(dearest(flat, [SONNET.price()]), 6)
+    assert raised.cost(Usage(1000, 500)) == usd(1000, 500, "0.000004", "0.000015")  # (the flat one's dearer base)
+    assert raised.cost(Usage(250_000, 500)) == usd(250_000, 500, "0.000006", "0.0000225")
+    assert raised.bound(250_000, 500) >= Prices.of(SONNET, 6).bound(250_000, 500)
