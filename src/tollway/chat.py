@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from .cache import Prefixes, prefixes_of
-from .config import Settings
+from .config import ModelPrice, Settings
 from .errors import BadRequest, NotFound
 from .jsonbytes import dumps, python_recursion_limit
 from .payments.base import Quote
@@ -324,6 +324,7 @@ def parse_generation(
         }
         image_tokens = settings.image_token_allowance if confs[m].image_tokens is None else confs[m].image_tokens
         bounds.append(prompt_token_bound(encode(widest), _images(items), image_tokens) + api.prompt_allowance(body))
+    _tiers_within_max_price(confs, route, max(bounds))
     call = _members(
         ids,
         settings,
@@ -374,6 +375,20 @@ def _supporting(ids: list[str], body: dict[str, Any], settings: Settings) -> lis
             code="no_route",
         )
     return kept
+
+
+def _tiers_within_max_price(confs: dict[str, ModelPrice], route: Preferences, prompt_bound: int) -> None:
+    """A prompt as long as ``prompt_bound`` may reach a model's long-context tier, and be charged at it:
+    a 400 if that tier is priced above the payer's ``provider.max_price``."""
+    for m, conf in confs.items():
+        reached = [prices for threshold, prices in conf.tier_prices() if prompt_bound >= threshold]
+        field_ = over_max_price(route, reached[-1]) if reached and route.max_price else None
+        if field_ is not None:
+            raise BadRequest(
+                f"a prompt this long is priced at {json.dumps(m)[:80]}'s long-context tier, whose {field_} price is"
+                f" above 'provider.max_price.{field_}'",
+                code="no_route",
+            )
 
 
 def _within_max_price(ids: list[str], settings: Settings, route: Preferences) -> list[str]:

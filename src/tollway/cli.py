@@ -320,6 +320,14 @@ def _json(text: str | None) -> Any:
         return None
 
 
+def _pretty(text: str) -> str:
+    """What the gateway sent, indented if it is JSON (as sent if it is not, or too deep to indent)."""
+    try:
+        return json.dumps(loads(text.encode()), indent=2)
+    except (ValueError, RecursionError):
+        return text
+
+
 def _text(doc: Any, part: str) -> str:
     """The text of a chat answer's (``message``) or stream chunk's (``delta``) choices."""
     choices = doc.get("choices") if isinstance(doc, dict) else None
@@ -393,7 +401,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
             r = http.get(f"/v1/channels/{channel.id}")  # (signed in: the channel is the wallet's business)
             if r.status_code != 200:
                 return fail(r)
-            print(json.dumps(_json(r.text), indent=2))
+            print(_pretty(r.text))
     except PaymentRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
@@ -406,7 +414,8 @@ def cmd_channel(args: argparse.Namespace) -> int:
 def fail(r: httpx.Response) -> int:
     doc = _json(r.text)
     detail = doc.get("error") if isinstance(doc, dict) else None
-    message = (detail.get("message") if isinstance(detail, dict) else detail) or r.text[:300]
+    message = detail.get("message") if isinstance(detail, dict) else detail
+    message = message if isinstance(message, str) and message else r.text[:300]
     print(f"the gateway answered {r.status_code}: {message}", file=sys.stderr)
     return 1
 

@@ -111,15 +111,15 @@ class Price(Strict):
 
     def tier_prices(self) -> list[tuple[int, dict[str, Decimal]]]:
         """Each tier's threshold and prices (``per_token``'s keys): what it names, else the base's —
-        but a cache price it leaves unnamed is the dearer of the base's and the tier's prompt price:
-        nothing says the base's discount holds in the tier, so its cached tokens bill as its plain
-        ones (as a base without cache prices bills them), never below the base's own cache price."""
+        but a cache price it leaves unnamed moves with its prompt price (a vendor's cache discount and
+        write premium are multiples of the prompt price: Anthropic's long-context writes bill 1.25× its
+        long-context input), never below the base's own."""
         base = self.per_token()
         out = []
         for t in self.tiers:
             named = t.model_dump(exclude={"min_prompt_tokens"}, exclude_none=True)
-            prompt = named.get("prompt", base["prompt"])
-            prices = {k: named.get(k, max(v, prompt) if k.startswith("cache") else v) for k, v in base.items()}
+            ratio = named.get("prompt", base["prompt"]) / base["prompt"] if base["prompt"] else Decimal(1)
+            prices = {k: named.get(k, max(v, v * ratio) if k.startswith("cache") else v) for k, v in base.items()}
             out.append((t.min_prompt_tokens, prices))
         return out
 

@@ -55,7 +55,16 @@ MIN_PRICE = Decimal("1e-18")
 # search, plugins and audio in or out (``chat.UNPRICED_FIELDS``, parts other than text and images).
 # Any other key that is not 0 — ``image_output`` (tollway prices text output only), ``image_token``,
 # ``discount`` — leaves its entry out: calls could cost more than they are charged.
-PRICED = ("prompt", "completion", "request", "image", "internal_reasoning", "input_cache_read", "input_cache_write")
+PRICED = (
+    "prompt",
+    "completion",
+    "request",
+    "image",
+    "internal_reasoning",
+    "input_cache_read",
+    "input_cache_write",
+    "input_cache_write_1h",
+)
 NEVER_INCURRED = ("web_search", "audio", "audio_output", "input_audio_cache")
 
 
@@ -98,6 +107,7 @@ class _Prices:
     image: Decimal
     cache_read: Decimal | None
     cache_write: Decimal | None
+    cache_write_1h: Decimal | None  # (Anthropic's one-hour cache writes)
 
 
 def _tier_prices(tier: dict[str, Any]) -> _Prices:
@@ -116,6 +126,7 @@ def _tier_prices(tier: dict[str, Any]) -> _Prices:
         image=_price(tier, "image") or Decimal(0),
         cache_read=_price(tier, "input_cache_read"),
         cache_write=_price(tier, "input_cache_write"),
+        cache_write_1h=_price(tier, "input_cache_write_1h"),
     )
     if any(p is not None and p < 0 for p in vars(prices).values()):
         raise ValueError("priced by the router as it routes")  # (OpenRouter's -1)
@@ -150,6 +161,7 @@ def model_price(entry: Any, markup: Decimal, image_token_allowance: int) -> Mode
                 request=t.request * factor,
                 cache_read=_times(_price(named, "input_cache_read"), factor),
                 cache_write=_times(_price(named, "input_cache_write"), factor),
+                cache_write_1h=_times(_price(named, "input_cache_write_1h"), factor),
             )
             for n, named, t in overrides
         ]
@@ -160,6 +172,7 @@ def model_price(entry: Any, markup: Decimal, image_token_allowance: int) -> Mode
             request=p.request * factor,
             cache_read=_times(p.cache_read, factor),
             cache_write=_times(p.cache_write, factor),
+            cache_write_1h=_times(p.cache_write_1h, factor),
             tiers=tiers,
             max_tokens=top.get("max_completion_tokens") or None,
             image_tokens=image_tokens,

@@ -209,6 +209,7 @@ def expected_costs(gw: Gateway, call: ChatCall, payer: str) -> Callable[[str, li
         output = min(member.cap(metered=True), EXPECTED_OUTPUT_TOKENS) * member.choices
 
         def cost(p: Prices, hit: int) -> float:
+            p = p.at(prompt)  # (a long prompt's tier)
             return ((prompt - hit) * p.prompt + hit * p.cache_read + output * p.completion + p.request) / p.denominator
 
         out = Costs(cost(member.prices, 0))

@@ -338,7 +338,7 @@ class StreamTail:
             choices = doc.get("choices")
             if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
                 return True
-        newest = next(self.events(b'"type"'), {})
+        newest = next((d for d in self.events(b'"type"') if d.get("type") != "ping"), {})  # (Messages' keep-alive)
         return newest.get("type") in ANSWER_ENDS
 
     def generation_id(self) -> str:

@@ -22,6 +22,8 @@ KEY = "0x" + "4c" * 32
 NETWORK = "eip155:8453"
 USDC = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
 DEEP = b"[" * 300_000
+# An error message orjson reads (1,000 deep) that a process at Python's default recursion limit cannot print
+DEEP_MESSAGE = b'{"error":{"message":' + b"[" * 1000 + b"]" * 1000 + b"}}"
 
 
 def mpp_challenge() -> str:
@@ -53,14 +55,16 @@ class Hostile(BaseHTTPRequestHandler):
             self.send_header("PAYMENT-REQUIRED", b64json({"x402Version": 2, "accepts": [offer]}))
         else:
             self.send_response(self.paid_status)
-            body = DEEP
+            body = DEEP_MESSAGE if self.paid_status == 503 else DEEP
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
 
-@pytest.fixture(params=[(False, 200), (False, 502), (True, 0)], ids=["x402", "x402 error", "mpp"])
+@pytest.fixture(
+    params=[(False, 200), (False, 502), (False, 503), (True, 0)], ids=["x402", "x402 error", "x402 message", "mpp"]
+)
 def hostile(request: pytest.FixtureRequest) -> Iterator[str]:
     mpp, paid_status = request.param
     server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Hostile,), {"mpp": mpp, "paid_status": paid_status}))

@@ -231,6 +231,14 @@ def test_a_call_quoted_over_its_limit_is_not_paid_from_credit_either(limit):
     assert isinstance(refused, PaymentRefused)
 
 
+def test_a_402_with_a_sign_in_and_an_offer_that_is_no_object_is_read_without_a_traceback():
+    """The offer that is no object is passed over (it raised AttributeError); the other one is paid."""
+    doc = {"x402Version": 2, "resource": {"url": URL}, "accepts": ["x", offer("exact", 1000)]}
+    doc["extensions"] = {"sign-in-with-x": SIGN_IN}
+    gateway = Gateway(lambda r: httpx.Response(402, headers={"PAYMENT-REQUIRED": b64json(doc)}))
+    assert calls(payer(), gateway, 1) == [402] and gateway.paid  # (the gateway refused it: still a 402)
+
+
 def test_a_call_the_credit_does_not_cover_pays_the_rest_counted_once():
     def answer(r: httpx.Request) -> httpx.Response:
         if paid_headers(r):

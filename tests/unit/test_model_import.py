@@ -162,6 +162,14 @@ def test_prices_no_call_here_incurs_and_zeros_keep_an_entry():
     assert price is not None and price.prompt == Decimal("0.000001") and price.completion == Decimal("0.000002")
 
 
+def test_anthropics_one_hour_cache_write_price_is_read():
+    """OpenRouter lists it for every Claude model: an unknown key, it left them all out. (Review.)"""
+    pricing = {"prompt": "0.000005", "completion": "0.000025", "web_search": "0.01", "input_cache_read": "5e-7"}
+    pricing |= {"input_cache_write": "0.00000625", "input_cache_write_1h": "0.00001"}
+    price = model_price({"id": "anthropic/claude-opus", "pricing": pricing}, Decimal(0), 2500)
+    assert price is not None and price.cache_write_1h == Decimal("0.00001")
+
+
 @pytest.mark.parametrize("huge", ["1e5000", "-1e5000", "1e999999999", "1e-100000000", "1" + "0" * 5000, "1000001"])
 def test_a_price_out_of_any_real_range_leaves_its_entry_out(huge):
     """A price of thousands of digits would make a quote too long to print (``doctor.amounts_fit``

@@ -2,13 +2,18 @@
 $6/$22.50 from 200,000 prompt tokens) is quoted at the tier its prompt bound reaches and charged at
 the tier its real prompt reaches — a short call at the base price."""
 
+import json
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
-from tollway.config import ModelPrice
+from tollway.chat import parse_chat
+from tollway.config import ModelPrice, Settings
+from tollway.errors import BadRequest
 from tollway.pricing import Prices, to_atomic
 from tollway.usage import Usage
 
@@ -27,9 +32,9 @@ def usd(prompt: int, completion: int, p: str, c: str) -> int:
 
 
 def test_a_quote_prices_the_tier_its_prompt_bound_reaches():
-    # (the dearest input price: the cache write's below the tier, the tier's prompt's (its unnamed write) above)
+    # (the dearest input price: the cache write's, below the tier and above it — there, its unnamed write's)
     assert TIERED.bound(199_999, 1000) == usd(199_999, 1000, "3.75e-6", "0.000015")
-    assert TIERED.bound(200_000, 1000) == usd(200_000, 1000, "0.000006", "0.0000225")
+    assert TIERED.bound(200_000, 1000) == usd(200_000, 1000, "7.5e-6", "0.0000225")
     assert TIERED.bound(150_000, 1000) == Prices.of(SONNET.model_copy(update={"tiers": []}), 6).bound(150_000, 1000)
 
 
@@ -54,15 +59,18 @@ def test_scaled_prices_keep_their_tiers():
     assert [t for t, _ in byok.tiers] == [200_000]
 
 
-def test_a_tier_keeps_the_base_prices_it_does_not_name_and_bills_unnamed_cache_prices_at_its_prompt():
-    """Nothing says the base's cache discount holds in a tier that names none: its cached tokens
-    bill as its plain ones — but never below the base's own cache price."""
+def test_a_tier_keeps_the_base_prices_it_does_not_name_and_its_cache_prices_move_with_its_prompt():
+    """A vendor's cache discount and write premium are multiples of its prompt price (Anthropic's
+    long-context writes bill 1.25 times its long-context input): a tier that names no cache prices
+    bills them at the base's times its prompt's rise — never below the base's. (Review: billed at the
+    tier's plain prompt price, cache reads were charged 10 times over and writes below the bill.)"""
     price = ModelPrice(
         prompt="0.000003",
         completion="0.000015",
         request="0.001",
         cache_read="3e-7",
-        cache_write="0.00001",
+        cache_write="3.75e-6",
+        cache_write_1h="6e-6",
         tiers=[{"min_prompt_tokens": 1000, "prompt": "0.000006"}],
     )
     [(threshold, tier)] = price.tier_prices()
@@ -71,9 +79,46 @@ def test_a_tier_keeps_the_base_prices_it_does_not_name_and_bills_unnamed_cache_p
         "prompt": Decimal("0.000006"),
         "completion": Decimal("0.000015"),
         "request": Decimal("0.001"),
-        "cache_read": Decimal("0.000006"),
-        "cache_write": Decimal("0.00001"),
+        "cache_read": Decimal("6e-7"),
+        "cache_write": Decimal("7.5e-6"),
+        "cache_write_1h": Decimal("0.000012"),
     }
+    tiered = Prices.of(price, 6)
+    written = Usage(250_000, 0, cache_write_tokens=250_000, cache_write_1h_tokens=250_000)
+    assert tiered.cost(written, long_cache=True) == to_atomic(Fraction("0.001") + 250_000 * Fraction("0.000012"), 6)
+    assert tiered.bound(250_000, 0, long_cache=True) == tiered.cost(written, long_cache=True)
+
+
+LONG = ModelPrice(prompt="0.000003", completion="0.000015", tiers=[{"min_prompt_tokens": 1000, "prompt": "0.00003"}])
+FLAT = ModelPrice(prompt="0.000004", completion="0.000015")
+LONG_PROMPT = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}  # (~1,250 tokens expected)
+
+
+def test_routing_expects_a_long_prompt_to_cost_its_tier():
+    """An upstream cheap for short prompts and dear for long ones is not where a long one goes.
+    (Review: the router ranked upstreams by base prices, and the payer was billed at the dear tier.)"""
+    from tollway.pipeline import expected_costs
+
+    call = parse_chat(json.dumps(LONG_PROMPT).encode(), Settings(models={"m": FLAT}), {"m": Prices.of(FLAT, 6)})
+    gw = SimpleNamespace(
+        router=SimpleNamespace(upstreams=[object(), object()]),
+        upstream_prices={"m": {"tiered": Prices.of(LONG, 6), "flat": Prices.of(FLAT, 6)}},
+        upstream_byok_prices={},
+    )
+    costs = expected_costs(gw, replace(call, prompt=[]), "payer")("m", ["tiered", "flat"])
+    assert costs["tiered"] > costs["flat"], costs
+
+
+def test_a_prompt_long_enough_for_a_tier_above_the_payers_max_price_is_refused():
+    """(Review: checked against the base prices only, a long call was charged 7.5 times the payer's max_price.)"""
+    settings, prices = Settings(models={"m": LONG}), {"m": Prices.of(LONG, 6)}
+    within = {**LONG_PROMPT, "provider": {"max_price": {"prompt": 40}}}
+    assert parse_chat(json.dumps(within).encode(), settings, prices).prompt_bound >= 1000
+    short = {**LONG_PROMPT, "messages": [{"role": "user", "content": "x"}], "provider": {"max_price": {"prompt": 4}}}
+    assert parse_chat(json.dumps(short).encode(), settings, prices).prompt_bound < 1000
+    with pytest.raises(BadRequest) as refused:
+        parse_chat(json.dumps({**LONG_PROMPT, "provider": {"max_price": {"prompt": 4}}}).encode(), settings, prices)
+    assert refused.value.code == "no_route"
 
 
 @pytest.mark.parametrize(

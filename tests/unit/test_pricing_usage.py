@@ -243,3 +243,20 @@ def test_a_stream_without_usage_is_estimated_within_the_output_it_was_asked_for(
         tail.feed(b'data: {"choices":[{"delta":{"content":"w%d "}}]}\n\n' % i)
     assert tail.estimate(100, 16, output_bound=1000).completion_tokens == 160
     assert tail.estimate(100, 16, output_bound=2 * 3).completion_tokens == 6  # (max_tokens 2, n 3)
+
+
+@pytest.mark.parametrize(
+    ("events", "answered"),
+    [
+        (["content_block_stop"], True),
+        (["content_block_stop", "ping"], True),  # (Messages' keep-alive after the answer's end)
+        (["content_block_stop", "content_block_start", "content_block_delta"], False),  # (a thinking block's end)
+        (["response.output_item.done"], True),
+        (["response.output_item.done", "response.output_item.added"], False),
+    ],
+)
+def test_a_stream_has_answered_once_its_newest_event_ends_a_block(events, answered):
+    tail = StreamTail()
+    for kind in events:
+        tail.feed(f"event: {kind}\ndata: {json.dumps({'type': kind, 'index': 0})}\n\n".encode())
+    assert tail.answered() is answered

@@ -175,10 +175,12 @@ class Payer:
         accepts = required.get("accepts")
         quotes = []
         for offer in accepts if isinstance(accepts, list) else []:
-            extra = offer.get("extra") if isinstance(offer, dict) else None
+            extra = offer.get("extra") if isinstance(offer, dict) else "not an offer"
             asset = self._allowed(offer) if isinstance(extra or {}, dict) else None
+            if asset is None:
+                continue
             amount, credit = str(offer.get("amount", "")), str((extra or {}).get("credit", "0"))
-            if asset and digits(amount) and digits(credit):
+            if digits(amount) and digits(credit):
                 quotes.append(Decimal(int(amount) + int(credit)).scaleb(-asset.decimals))
         if not quotes:
             raise PaymentRefused(f"no offer in an allowed asset, well formed: {str(accepts)[:500]}")
