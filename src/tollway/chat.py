@@ -380,9 +380,11 @@ def _supporting(ids: list[str], body: dict[str, Any], settings: Settings) -> lis
 def _tiers_within_max_price(confs: dict[str, ModelPrice], route: Preferences, prompt_bound: int) -> None:
     """A prompt as long as ``prompt_bound`` may reach a model's long-context tier, and be charged at it:
     a 400 if that tier is priced above the payer's ``provider.max_price``."""
-    for m, conf in confs.items() if route.max_price else ():
-        reached = [prices for threshold, prices in conf.tier_prices() if prompt_bound >= threshold]
-        field_ = over_max_price(route, reached[-1]) if reached else None
+    if not route.max_price:
+        return
+    for m, conf in confs.items():
+        reached = conf.tiers and prompt_bound >= conf.tiers[0].min_prompt_tokens
+        field_ = over_max_price(route, conf.tier_at(prompt_bound)) if reached else None
         if field_ is not None:
             raise BadRequest(
                 f"a prompt this long is priced at {json.dumps(m)[:80]}'s long-context tier, whose {field_} price is"

@@ -123,6 +123,14 @@ class Price(Strict):
             out.append((t.min_prompt_tokens, prices))
         return out
 
+    def tier_at(self, prompt_tokens: int) -> dict[str, Decimal]:
+        """The prices (``per_token``'s keys) a prompt of ``prompt_tokens`` bills at: its tier's, or the base's."""
+        found = self.per_token()
+        for threshold, prices in self.tier_prices():
+            if prompt_tokens >= threshold:
+                found = prices
+        return found
+
     def price(self) -> Price:
         """Its prices alone."""
         return Price(**{f: getattr(self, f) for f in Price.model_fields})

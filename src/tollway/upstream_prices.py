@@ -30,7 +30,7 @@ def dearest(base: ModelPrice, prices: list[Price]) -> ModelPrice:
     thresholds = sorted({t.min_prompt_tokens for p in every for t in p.tiers})
     raised["tiers"] = [
         PriceTier(
-            min_prompt_tokens=n, **_raised(at := [_at(p, n) for p in every], [a.get("cache_write_1h") for a in at])
+            min_prompt_tokens=n, **_raised(at := [p.tier_at(n) for p in every], [a.get("cache_write_1h") for a in at])
         )
         for n in thresholds
     ]
@@ -41,15 +41,6 @@ def _raised(per_token: list[dict[str, Decimal]], one_hour: list[Decimal | None])
     raised: dict[str, Any] = {f: max(p[f] for p in per_token) for f in FIELDS}
     raised["cache_write_1h"] = None if None in one_hour else max(one_hour)  # type: ignore[type-var]
     return raised
-
-
-def _at(price: Price, prompt_tokens: int) -> dict[str, Decimal]:
-    """``price``'s prices (``per_token``'s keys) for a prompt of ``prompt_tokens``: its tier's, or its base."""
-    found = price.per_token()
-    for threshold, prices in price.tier_prices():
-        if prompt_tokens >= threshold:
-            found = prices
-    return found
 
 
 def by_upstream(

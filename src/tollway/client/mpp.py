@@ -20,12 +20,12 @@ from eth_account.signers.local import LocalAccount
 from ..jsonbytes import loads
 from ..keccak import keccak
 from ..payments import eip3009, permit2_charge
+from ..payments.x402 import MAX_HEADER_BYTES
 
 WWW_AUTHENTICATE = "WWW-Authenticate"
 PAYMENT_RECEIPT = "Payment-Receipt"
 ECHOED = ("id", "realm", "method", "intent", "request", "expires", "digest", "opaque")
 _PARAM = re.compile(r'([a-zA-Z][\w-]*)="([^"]*)"')
-MAX_PARAM = 16 * 1024  # a challenge's request, a receipt: a few hundred bytes from an honest gateway
 
 
 def challenge(headers: Any) -> dict[str, Any] | None:
@@ -131,7 +131,7 @@ def receipt(headers: Any) -> dict[str, Any] | None:
 def _b64json(text: str) -> Any:
     """The JSON a server sent in base64url, or None if it is not that (it is not trusted to be well
     formed, nor of a sane size or depth)."""
-    if len(text) > MAX_PARAM:
+    if len(text) > MAX_HEADER_BYTES:  # (a challenge's request, a receipt: a few hundred bytes)
         return None
     try:
         return loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))

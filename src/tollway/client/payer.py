@@ -139,25 +139,22 @@ class Payer:
         rank = {"credit": -1, **{name: i for i, name in enumerate(self.schemes)}}
         accepts = required.get("accepts")
         candidates = []
-        for offer in accepts if isinstance(accepts, list) else []:
-            if not isinstance(offer, dict) or not isinstance(offer.get("extra") or {}, dict):
+        for offer in _offers(required):
+            terms = self._terms(offer) if offer.get("scheme") in rank else None
+            if terms is None or not self._lasting(offer.get("maxTimeoutSeconds") or 300):
                 continue
-            asset = self._allowed(offer) if offer.get("scheme") in rank else None
-            if asset and offer["scheme"] == "upto" and (asset.network, asset.asset.lower()) in self._no_permit2:
+            asset, usd, credit = terms
+            if offer["scheme"] == "upto" and (asset.network, asset.asset.lower()) in self._no_permit2:
                 continue
-            amount = str(offer.get("amount", ""))
-            credit = str((offer.get("extra") or {}).get("credit", "0"))  # (the wallet's, which the quote is less by)
-            if asset and digits(amount) and digits(credit) and self._lasting(offer.get("maxTimeoutSeconds") or 300):
-                usd = Decimal(int(amount)).scaleb(-asset.decimals)
-                if offer["scheme"] == BATCH_SETTLEMENT:  # (a voucher takes what it signs beyond the highest)
-                    try:
-                        usd = Decimal(self.channel(offer).adds(self.account, offer)).scaleb(-asset.decimals)
-                    except MALFORMED:
-                        continue
-                whole = usd + Decimal(int(credit)).scaleb(-asset.decimals)
-                if whole > limit:
-                    raise PaymentRefused(f"the call costs up to ${whole}, over the per-call limit ${limit}")
-                candidates.append((rank[offer["scheme"]], usd, offer))
+            if offer["scheme"] == BATCH_SETTLEMENT:  # (a voucher takes what it signs beyond the highest)
+                try:
+                    usd = Decimal(self.channel(offer).adds(self.account, offer)).scaleb(-asset.decimals)
+                except MALFORMED:
+                    continue
+            whole = usd + credit
+            if whole > limit:
+                raise PaymentRefused(f"the call costs up to ${whole}, over the per-call limit ${limit}")
+            candidates.append((rank[offer["scheme"]], usd, offer))
         if not candidates:
             raise PaymentRefused(f"no offer in an allowed asset and scheme, well formed: {str(accepts)[:500]}")
         _, usd, offer = min(candidates, key=lambda c: (c[0], c[1]))
@@ -172,20 +169,20 @@ class Payer:
         ``PaymentRefused``. (Credit is not counted against the session limit: that bounds what this
         client signs, and an exact payment's surplus, which becomes credit, was counted in full.)"""
         limit = self._call_limit(max_usd) - already
-        accepts = required.get("accepts")
-        quotes = []
-        for offer in accepts if isinstance(accepts, list) else []:
-            extra = offer.get("extra") if isinstance(offer, dict) else "not an offer"
-            asset = self._allowed(offer) if isinstance(extra or {}, dict) else None
-            if asset is None:
-                continue
-            amount, credit = str(offer.get("amount", "")), str((extra or {}).get("credit", "0"))
-            if digits(amount) and digits(credit):
-                quotes.append(Decimal(int(amount) + int(credit)).scaleb(-asset.decimals))
+        quotes = [usd + credit for _, usd, credit in filter(None, map(self._terms, _offers(required)))]
         if not quotes:
-            raise PaymentRefused(f"no offer in an allowed asset, well formed: {str(accepts)[:500]}")
-        if max(quotes) > limit:
-            raise PaymentRefused(f"the call costs up to ${max(quotes)}, over the per-call limit ${limit}")
+            raise PaymentRefused(f"no offer in an allowed asset, well formed: {str(required.get('accepts'))[:500]}")
+        if (most := max(quotes)) > limit:
+            raise PaymentRefused(f"the call costs up to ${most}, over the per-call limit ${limit}")
+
+    def _terms(self, offer: dict[str, Any]) -> tuple[AllowedAsset, Decimal, Decimal] | None:
+        """An offer's asset, amount and the wallet's credit its quote is less by (USD), if it is in an
+        allowed asset and well formed; else None."""
+        asset = self._allowed(offer)
+        amount, credit = str(offer.get("amount", "")), str((offer.get("extra") or {}).get("credit", "0"))
+        if asset is None or not digits(amount) or not digits(credit):
+            return None
+        return asset, Decimal(int(amount)).scaleb(-asset.decimals), Decimal(int(credit)).scaleb(-asset.decimals)
 
     def _call_limit(self, max_usd: Decimal | None) -> Decimal:
         """The most one call may take: the per-call limit, lowered by this call's own (``max_usd``)."""
@@ -585,6 +582,13 @@ class Exchange:
     def _retryable(headers: Any) -> bool:
         required = _required(headers)
         return str((required or {}).get("error", "")).split(":", 1)[0] in RETRYABLE
+
+
+def _offers(required: dict[str, Any]) -> list[dict[str, Any]]:
+    """A 402's offers that are objects, with an object (or no) ``extra``; each as it was sent."""
+    accepts = required.get("accepts")
+    offers = [o for o in accepts if isinstance(o, dict)] if isinstance(accepts, list) else []
+    return [o for o in offers if isinstance(o.get("extra") or {}, dict)]
 
 
 def _required(headers: Any) -> dict[str, Any] | None:
