@@ -12,7 +12,16 @@ from pathlib import Path
 import httpx
 
 from conftest import gateway_settings
-from support import ServerThread, eventually, wait_receipt
+from support import (
+    CHAT,
+    ServerThread,
+    eventually,
+    exact_offer,
+    exact_payment,
+    payment_header,
+    payment_required,
+    wait_receipt,
+)
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import UpstreamSettings
@@ -143,6 +152,37 @@ def test_a_model_with_a_long_context_tier_is_never_charged_below_what_its_upstre
                     usd += usage["completion_tokens"] * Fraction(prices["completion"])
                     billed = to_atomic(Fraction(str(usage["upstream_cost"])), 6)
                     assert int(doc["cost"]["atomic"]) == to_atomic(usd, 6) >= billed > 0
+
+
+def test_attack_a_prompt_reaching_a_tier_above_max_price_is_refused_before_anything_is_spent(devnet, chain, tmp_path):
+    """Who pays for a refusal: a long prompt whose long-context tier is above the payer's
+    ``provider.max_price`` is refused while the request is read — with a genuine payment attached
+    (for another request), nothing is reserved, the upstream is asked nothing, no transaction is
+    sent; that payment then pays its own request, once."""
+    entry = {"id": "vendor/long", "pricing": {"prompt": "0.000001", "completion": "0.00001"}}
+    entry["pricing"]["overrides"] = [{"min_prompt_tokens": 50, "prompt": "0.00001"}]
+    saved = tmp_path / "catalogue.json"
+    saved.write_text(json.dumps({"data": [entry]}))
+    mock = create_mock(MockOptions(models=["vendor/long"]))
+    with ServerThread(mock) as upstream:
+        settings = gateway_settings(devnet, "", tmp_path / "l.sqlite3")
+        or_like = UpstreamSettings(name="or", url=upstream.url + "/v1", catalogue=str(saved), markup=Decimal(0))
+        with ServerThread(create_app(settings.model_copy(update={"upstreams": [or_like]}))) as gw:
+            payer = chain.fund()
+            before = chain.balance(payer.address)
+            short = {"model": "vendor/long", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+            required = payment_required(httpx.post(gw.url + CHAT, json=short))
+            paid = payment_header(exact_payment(payer, required, exact_offer(required)))
+            words = " ".join(f"w{i}" for i in range(200))
+            long = {**short, "messages": [{"role": "user", "content": words}], "provider": {"max_price": {"prompt": 2}}}
+            refused = httpx.post(gw.url + CHAT, json=long, headers=paid)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_route", refused.text
+            assert mock.state.mock.last_request is None  # (the upstream was asked nothing)
+            assert chain.balance(payer.address) == before
+            served = httpx.post(gw.url + CHAT, json=short, headers=paid)  # (the proof was not taken)
+            assert served.status_code == 200, served.text
+            assert httpx.post(gw.url + CHAT, json=short, headers=paid).status_code != 200  # (and pays once)
+            eventually(lambda: chain.balance(payer.address) == before - int(exact_offer(required)["amount"]))
 
 
 def test_a_catalogue_price_of_thousands_of_digits_is_left_out_and_the_gateway_starts(devnet, tmp_path):

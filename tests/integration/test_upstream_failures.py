@@ -543,15 +543,18 @@ def usage_event(path: str, output_tokens: int) -> dict[str, Any]:
     return {"type": "response.completed", "response": {**RESPONSE, "status": "completed", "usage": usage}}
 
 
-def hung_up(gateway, chain, tmp_path, path: str, before: list[dict[str, Any]], output_tokens: int, at: str):
-    """A paid ``path`` stream whose upstream sends ``before``, then a moment later its usage
-    (``output_tokens`` generated); its client hangs up at the line that holds ``at``. The call's row."""
+def hung_up(
+    gateway, chain, tmp_path, path: str, before: list[dict[str, Any]], output_tokens: int, at: str, silence=0.5
+):
+    """A paid ``path`` stream whose upstream sends ``before``, then ``silence`` seconds later its
+    usage (``output_tokens`` generated); its client hangs up at the line that holds ``at``. The
+    call's row, once metered."""
 
     async def model(request: Any) -> StreamingResponse:
         async def events():
             for event in before:
                 yield sse(event)
-            await asyncio.sleep(0.5)  # (the client is gone by then)
+            await asyncio.sleep(silence)  # (the client is gone by then)
             yield sse(usage_event(path, output_tokens))
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -565,7 +568,9 @@ def hung_up(gateway, chain, tmp_path, path: str, before: list[dict[str, Any]], o
             with client.stream("POST", path, json=BODIES[path], headers=headers) as r:
                 assert r.status_code == 200
                 next(line for line in r.iter_lines() if at in line)  # (then the connection is closed)
-        time.sleep(1.5 + SETTLE_WAIT)
+        time.sleep(1.5)
+        eventually(lambda: the_call(db, payer)["status"] != "streaming", timeout=20, what="the call metered")
+        time.sleep(SETTLE_WAIT)
         return the_call(db, payer)
 
 
@@ -578,6 +583,21 @@ def test_attack_hanging_up_between_the_answer_and_its_usage_event_is_charged_the
     (Adversarial review.)"""
     call = hung_up(gateway, chain, tmp_path, path, ANSWERED[path], 3000, at=ANSWERED[path][-1]["type"])
     assert call["completion_tokens"] == 3000 and call["usage_dialect"] != "estimated", call
+
+
+@pytest.mark.parametrize("path", list(ANSWERED))
+def test_attack_an_answer_whose_usage_never_comes_holds_the_relay_only_the_grace_on_every_api(
+    gateway, chain, tmp_path, path
+):
+    """Time: the payer hangs up at the answer's end and the upstream then says nothing: the relay
+    lets it go after ``USAGE_GRACE`` and charges the estimate, within the quote — neither held to the
+    call's limit nor charged nothing."""
+    from tollway import metering
+
+    started = time.monotonic()
+    call = hung_up(gateway, chain, tmp_path, path, ANSWERED[path], 3000, at=ANSWERED[path][-1]["type"], silence=60)
+    assert time.monotonic() - started < metering.USAGE_GRACE + 25  # (not the 60 s the upstream would take)
+    assert call["usage_dialect"] == "estimated" and 0 < call["cost"] <= call["quote"], call
 
 
 @pytest.mark.parametrize("path", list(THINKING_THEN_ANSWERING))

@@ -152,3 +152,14 @@ def test_a_model_two_upstreams_serve_is_quoted_at_the_dearest_of_their_tiers_too
     assert raised.cost(Usage(1000, 500)) == usd(1000, 500, "0.000004", "0.000015")  # (the flat one's dearer base)
     assert raised.cost(Usage(250_000, 500)) == usd(250_000, 500, "0.000006", "0.0000225")
     assert raised.bound(250_000, 500) >= Prices.of(SONNET, 6).bound(250_000, 500)
+
+
+def test_attack_a_fallback_list_cannot_hide_a_members_tier_from_the_quote():
+    """Forwarded vs priced: a long prompt sent with a cheap model first and a tiered one as its
+    fallback is quoted at the tiered one's tier — whichever serves it is paid for."""
+    settings = Settings(models={"flat": FLAT, "m": LONG})
+    prices = {"flat": Prices.of(FLAT, 6), "m": Prices.of(LONG, 6)}
+    body = {**LONG_PROMPT, "model": "flat", "models": ["flat", "m"], "max_tokens": 10}
+    call = parse_chat(json.dumps(body).encode(), settings, prices)
+    quote = call.quote(call.cap(metered=False)).amount
+    assert quote >= prices["m"].bound(call.prompt_bound, 10) > prices["flat"].bound(call.prompt_bound, 10)
