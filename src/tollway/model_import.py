@@ -16,13 +16,17 @@ many prompt tokens), ``top_provider.max_completion_tokens`` (the model's output 
 (``ModelPrice.tiers``): a call is quoted at its prompt bound's tier and charged at its prompt's.
 Entries the gateway cannot price are left out: a negative price (OpenRouter's ``-1``: priced by
 the router per call), a missing or malformed one, one out of any real model's range, an override
-it cannot read, or a price it does not know (``PRICED``, ``NEVER_INCURRED``) that is not 0.
+it cannot read, or a price it does not know (``PRICED``, ``NEVER_INCURRED``) that is not 0 — and
+an id that is not a plain model id (``MODEL_ID``): a catalogue's ids go into the gateway's own
+pages, ``/llms.txt`` that agents read, the rankings' CSV and its logs, where a newline, a Markdown
+link or a leading ``=`` would be the catalogue's words, not the gateway's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -38,6 +42,9 @@ from .jsonbytes import loads
 log = logging.getLogger("tollway.catalogue")
 
 MAX_CATALOGUE_BYTES = 64 * 1024 * 1024
+# Letters, digits and . _ ~ / first, then : @ + - too, at most 256: every id OpenRouter, OpenAI,
+# llama.cpp or Ollama lists (``vendor/model:variant``, ``ft:gpt-4o:org::id``, ``llama3:8b``).
+MODEL_ID = re.compile(r"[A-Za-z0-9._~/][A-Za-z0-9._~/:@+-]{0,255}\Z")
 FETCH_TIMEOUT = 30.0
 
 
@@ -199,13 +206,15 @@ def models_of(doc: Any, u: UpstreamSettings, image_token_allowance: int) -> dict
         model_id = entry.get("id") if isinstance(entry, dict) else None
         if not isinstance(model_id, str) or not model_id or (wanted is not None and model_id not in wanted):
             continue
-        price = model_price(entry, u.markup, image_token_allowance)
+        price = model_price(entry, u.markup, image_token_allowance) if MODEL_ID.match(model_id) else None
         if price is None:
             skipped += 1
         else:
             out[model_id] = price
     if skipped:
-        log.info("catalogue of upstream %s: %d models left out (no price tollway can charge)", u.name, skipped)
+        log.info(
+            "catalogue of upstream %s: %d models left out (no price tollway can charge, or an odd id)", u.name, skipped
+        )
     return out
 
 
