@@ -14,10 +14,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from eth_abi import encode as abi_encode
 from eth_account import Account
+from web3 import Web3
 
 from support import RpcSwitch, ServerThread, manual_mining, send_raw, signed_authorization
+from tollway.devnet.canonical import MULTICALL3_ADDRESS
 from tollway.errors import ChainUnavailable
+from tollway.keccak import keccak
 from tollway.ledger import PaymentState, Store
 from tollway.ledger.models import TxState
 from tollway.ledger.store import credit_account
@@ -27,6 +31,7 @@ from tollway.payments.exact import ExactEvm, decode_authorization
 from tollway.settlement import ERC20_TRANSFER, Settler, Signing
 
 GWEI = 10**9
+AGGREGATE = keccak(b"aggregate((address,bytes)[])")[:4]  # Multicall3's: each call in turn, all or none
 
 
 @pytest.fixture
@@ -370,17 +375,7 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(
     stack = contextlib.ExitStack()
     server = stack.enter_context(ServerThread(proxy.app()))
     rpc = Chain(server.url)
-    exact = ExactEvm(
-        chain=rpc,
-        chain_id=devnet.chain_id,
-        token=devnet.token,
-        token_name="USD Coin",
-        token_version="2",
-        payee=devnet.payee,
-        settler="0x" + "0" * 40,
-        timeout=390,
-        min_validity=0,
-    )
+    exact = exact_on(rpc, devnet)
     try:
         async with settler_on(
             store,
@@ -423,6 +418,83 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(
     assert chain.receipt(ours)["status"] == 0 and chain.receipt(theirs)["status"] == 1
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == theirs
     assert store.credit_balance(account) == 44  # no reversal: the money did arrive
+
+
+def exact_on(rpc: Chain, devnet) -> ExactEvm:
+    """The ``exact`` scheme, for what it finds on chain (``settled_elsewhere``)."""
+    return ExactEvm(
+        chain=rpc,
+        chain_id=devnet.chain_id,
+        token=devnet.token,
+        token_name="USD Coin",
+        token_version="2",
+        payee=devnet.payee,
+        settler="0x" + "0" * 40,
+        timeout=390,
+        min_validity=0,
+    )
+
+
+async def test_attack_one_transfer_of_the_amount_settles_one_payment_not_two(tmp_path, chain, devnet, settler_key):
+    """A payer with two ``exact`` payments of V waiting to settle sends first one transaction of
+    its own (through Multicall3): it carries out the first authorization (V to the payee) and
+    spends the second one's nonce on an authorization of 1 unit to itself. Both our settlements
+    revert. The first was paid by theirs; the second never was — yet the transaction that used
+    its nonce holds a transfer of V to the payee (the first one's), and it was settled too: no
+    reversal, its surplus final credit the payer could withdraw. (Adversarial review.)"""
+    store = Store(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    payer = chain.fund(eth=True)
+    value = 10_000
+    rpc = Chain(devnet.rpc_url)
+    exact = exact_on(rpc, devnet)
+    account = credit_account(f"eip155:{devnet.chain_id}", devnet.token, payer.address)
+    try:
+        async with settler_on(
+            store, devnet.rpc_url, settler_key, devnet, settled_elsewhere=exact.settled_elsewhere
+        ) as s:
+            p1, data1, _ = payment_for(store, devnet, payer, value)
+            p2, data2, payload2 = payment_for(store, devnet, payer, value)
+            for i, p in enumerate((p1, p2)):  # (each call served, costing 400: the rest is credit)
+                store.settle_call_credit(account, deposit=value, held=0, cost=400, call_id=f"c{i}", payment_id=p)
+            payee_before = chain.balance(devnet.payee)
+            with manual_mining(chain):
+                ours = [s.sign(p1, devnet.token, data1), s.sign(p2, devnet.token, data2)]
+                await s.run_once()  # broadcast: both wait in the pool
+                second, _ = decode_authorization(payload2)
+                decoy = eip3009.Authorization(
+                    from_=payer.address.lower(),
+                    to=payer.address.lower(),
+                    value=1,
+                    valid_after=0,
+                    valid_before=second.valid_before,
+                    nonce=second.nonce,
+                )
+                domain = eip3009.domain_separator("USD Coin", "2", devnet.chain_id, devnet.token)
+                signature = bytes(payer.unsafe_sign_hash(eip3009.digest(decoy, domain)).signature)
+                token = Web3.to_checksum_address(devnet.token)
+                calls = [(token, data1), (token, eip3009.transfer_calldata(decoy, signature))]
+                theirs = send_raw(
+                    chain,
+                    payer,
+                    {
+                        "to": Web3.to_checksum_address(MULTICALL3_ADDRESS),
+                        "data": AGGREGATE + abi_encode(["(address,bytes)[]"], [calls]),
+                        "gas": 400_000,
+                        "maxFeePerGas": 50 * GWEI,
+                        "maxPriorityFeePerGas": 10 * GWEI,
+                    },
+                )
+                chain.mine(1)
+                s._polled = 0.0  # (a poll is due: ours are seen reverted)
+                await s.run_once()
+            rows = [await run_until(s, store, p, {PaymentState.SETTLED, PaymentState.FAILED}) for p in (p1, p2)]
+    finally:
+        await rpc.close()
+    assert chain.receipt(theirs)["status"] == 1 and [chain.receipt(h)["status"] for h in ours] == [0, 0]
+    assert chain.balance(devnet.payee) - payee_before == value  # one payment of V arrived
+    assert rows[0]["state"] == PaymentState.SETTLED and rows[0]["tx_hash"] == theirs
+    assert rows[1]["state"] == PaymentState.FAILED
+    assert store.credit_balance(account) == value - 800  # what arrived, less the two calls
 
 
 async def test_a_settlement_priced_under_the_base_fee_is_bumped_until_mined(tmp_path, chain, devnet, settler_key):

@@ -386,6 +386,29 @@ def transfers_in(receipt: dict[str, Any], token: str) -> list[tuple[str, str, in
     return out
 
 
+def authorized_transfer(
+    receipt: dict[str, Any], token: str, authorizer: str, nonce: bytes
+) -> tuple[str, str, int] | None:
+    """The transfer that ``authorizer``'s EIP-3009 authorization ``nonce`` made in a receipt, as
+    (from, to, value): the token's log right after that authorization's ``AuthorizationUsed`` —
+    FiatToken marks an authorization used, then transfers, nothing between. Any other transfer of
+    the transaction (one of a batch carrying out several authorizations) is not this one's."""
+    logs = [log for log in receipt.get("logs") or [] if isinstance(log, dict)]
+    logs = [log for log in logs if str(log.get("address", "")).lower() == token.lower()]
+    used = authorization_used(authorizer, nonce)
+    for log, after in itertools.pairwise(logs):
+        topics = log.get("topics")
+        if isinstance(topics, list) and [str(t).lower() for t in topics] == used:
+            found = transfers_in({"logs": [after]}, token)
+            return found[0] if found else None
+    return None
+
+
+def authorization_used(authorizer: str, nonce: bytes) -> list[str]:
+    """The topics of the ``AuthorizationUsed`` event of ``authorizer``'s authorization ``nonce``."""
+    return [AUTHORIZATION_USED_TOPIC, "0x" + "0" * 24 + authorizer.lower()[2:], "0x" + nonce.hex()]
+
+
 def carries_authorization(receipt: dict[str, Any], token: str) -> bool:
     """Whether a receipt holds an ``AuthorizationUsed`` event of ``token``: its transaction carried
     out an EIP-3009 authorization, which anyone may send on chain (an ``exact`` payment's)."""

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import PaymentInvalid, PaymentMalformed
 from . import eip3009
 from .base import Offer, Proof, Quote, Verified
-from .chain import AUTHORIZATION_STATE, AUTHORIZATION_USED_TOPIC, BALANCE_OF, RpcError, transfers_in
+from .chain import AUTHORIZATION_STATE, BALANCE_OF, RpcError, authorization_used, authorized_transfer
 from .token import TokenScheme
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
@@ -160,15 +160,18 @@ class ExactEvm(TokenScheme):
         return self.token, eip3009.transfer_calldata(auth, sig)
 
     async def settled_elsewhere(self, payment: dict[str, Any]) -> str | None:
-        """The transaction that used this authorization, if it paid the payee the amount."""
+        """The transaction that used this authorization, if the authorization's own transfer paid
+        the payee the amount. (Only its own: a payer's transaction carrying out another payment's
+        authorization and spending this one's nonce on a transfer to itself holds a transfer of
+        the amount to the payee too — the other payment's.)"""
         auth, _ = decode_authorization(json.loads(payment["proof"]))
         state = AUTHORIZATION_STATE + bytes(12) + bytes.fromhex(auth.from_[2:]) + auth.nonce
         if int.from_bytes(await self.chain.call(self.token, state), "big") == 0:
             return None
-        topics = [AUTHORIZATION_USED_TOPIC, "0x" + "0" * 24 + auth.from_[2:], "0x" + auth.nonce.hex()]
-        async for log in self.chain.logs(self.token, topics, LOG_LOOKBACK):
+        paid = (auth.from_, auth.to, auth.value)
+        async for log in self.chain.logs(self.token, authorization_used(auth.from_, auth.nonce), LOG_LOOKBACK):
             receipt = await self.chain.receipt(log["transactionHash"])
-            if receipt and (auth.from_, auth.to, auth.value) in transfers_in(receipt, self.token):
+            if receipt and authorized_transfer(receipt, self.token, auth.from_, auth.nonce) == paid:
                 return str(log["transactionHash"])
         return None  # cancelled, not used
 
