@@ -433,7 +433,9 @@ class Gateway:
             try:  # (a pass the ledger fails is logged; the next one tries again)
                 self.close_abandoned_streams()
                 await self.report(self.give_back_abandoned_payments)
-                self.store.forget_requests(time.time() - self.settings.idempotency_ttl_seconds)
+                now = time.time()
+                stale = now - abandoned_payment_after(self.settings, self.chain.total)
+                self.store.forget_requests(now - self.settings.idempotency_ttl_seconds, stale)
                 await self.report(partial(self.store.forget_free_calls, free_tier.today() - 1))
             except Exception:
                 log.exception("housekeeping pass failed")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from support import run_concurrently
 from tollway.ledger import PaymentState, Store
@@ -725,6 +727,49 @@ def test_an_idempotency_claim_taken_over_is_neither_released_nor_finished_by_its
     store.finish_request(key, retry, 200, {}, b"retry", None)
     held = store.claim_request(key, "f", stale_before=time.time(), now=time.time())
     assert held["state"] == "done" and bytes(held["body"]) == b"retry"
+
+
+def test_forgetting_old_answers_keeps_a_claim_whose_call_may_still_run(db_url):
+    """The answers of idempotent requests are forgotten after idempotency_ttl_seconds (60 s at the
+    least), a claim in progress only once its call cannot be running: a call longer than the TTL
+    lost its claim, and the client's retry under its key, with a new payment, was served and
+    charged again. (Adversarial review.)"""
+    store = Store(db_url)
+    now = time.time()
+    running, dead, done = (uuid.uuid4().hex for _ in range(3))
+    assert store.claim_request(running, "f", stale_before=now - 1000, now=now - 100) is None  # a long call, running
+    assert store.claim_request(dead, "f", stale_before=now - 1000, now=now - 2000) is None  # its process died
+    assert store.claim_request(done, "f", stale_before=now - 1000, now=now - 100) is None
+    store.finish_request(done, now - 100, 200, {}, b"answer", None)
+    store.forget_requests(before=now - 60, stale_before=now - 1000)
+    assert store.claim_request(running, "g", stale_before=now - 1000, now=now)["state"] == "in_progress"  # (a 409)
+    for forgotten in (dead, done):
+        assert store.claim_request(forgotten, "g", stale_before=now - 1000, now=now) is None
+
+
+def test_attack_a_claim_meeting_a_release_from_another_replica_still_holds_its_key(postgres_url):
+    """Replica A's call under key K fails and A releases K just as replica B claims K for a retry:
+    B's insert meets A's row, B cannot take it over (not stale), and A's delete commits before B
+    reads the row. B was told to run — holding nothing: a third request with K ran too (a second
+    charge under one key), and B's answer was never kept. (Adversarial review.)"""
+    a, b, c = Store(postgres_url), Store(postgres_url), Store(postgres_url)
+    key, first = uuid.uuid4().hex, time.time()
+    assert a.claim_request(key, "fa", first - 1000, first) is None
+    released: list[str] = []
+
+    def release_before_the_read(conn, cursor, statement, *_: Any) -> None:
+        if not released and statement.lstrip().upper().startswith("SELECT") and "idempotent_requests" in statement:
+            released.append(statement)
+            a.release_request(key, first)
+
+    event.listen(b.engine, "before_cursor_execute", release_before_the_read)
+    try:
+        assert b.claim_request(key, "fb", time.time() - 1000, time.time()) is None  # B runs its retry…
+    finally:
+        event.remove(b.engine, "before_cursor_execute", release_before_the_read)
+    assert released, "the interleaving was not reached"
+    held = c.claim_request(key, "fb", time.time() - 1000, time.time())  # …holding K: a third waits (409)
+    assert held is not None and held["state"] == "in_progress"
 
 
 def test_attack_one_mined_deposit_concluded_by_two_replicas_at_once_counts_once(db_url):

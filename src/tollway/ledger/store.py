@@ -162,6 +162,7 @@ FORGET_FREE_CALLS = (  # (by ix_free_calls_day)
 OPEN_TRANSACTIONS = "SELECT * FROM transactions WHERE state = :state ORDER BY nonce LIMIT :limit"
 OPEN_DEPOSITS = "SELECT data FROM transactions WHERE state IN ('queued', 'sent') AND purpose = 'deposit'"
 OPEN = ("queued", "sent")  # outbox states a transaction can still leave
+CLAIM_ATTEMPTS = 8  # (each one lost to a release another replica committed in between)
 
 
 def new_id() -> str:
@@ -1282,22 +1283,27 @@ class Store:
         the key. ``now`` is the claim's own: only that claim finishes or releases it."""
         row = {"key": key, "fingerprint": fingerprint, "state": "in_progress", "created_at": now}
         with self._tx() as c:
-            try:
-                with c.begin_nested():
-                    c.execute(insert(ID), row)
-                return None
-            except IntegrityError:
-                pass
-            taken = c.execute(
-                update(ID)
-                .where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at < stale_before)
-                .where(ID.c.fingerprint == fingerprint)
-                .values(created_at=now)
-            )
-            if taken.rowcount == 1:
-                return None
-            got = c.execute(select(ID).where(ID.c.key == key)).mappings().first()
-        return None if got is None else dict(got)
+            for _ in range(CLAIM_ATTEMPTS):
+                try:
+                    with c.begin_nested():
+                        c.execute(insert(ID), row)
+                    return None
+                except IntegrityError:
+                    pass
+                taken = c.execute(
+                    update(ID)
+                    .where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at < stale_before)
+                    .where(ID.c.fingerprint == fingerprint)
+                    .values(created_at=now)
+                )
+                if taken.rowcount == 1:
+                    return None
+                got = c.execute(select(ID).where(ID.c.key == key)).mappings().first()
+                if got is not None:
+                    return dict(got)
+                # (PostgreSQL: another replica released the key between the insert and the read —
+                # nobody holds it now: claim it again, or this call would run without holding it)
+        return {"key": key, "fingerprint": fingerprint, "state": "in_progress"}  # (claimed and released over and over)
 
     def finish_request(
         self,
@@ -1322,10 +1328,13 @@ class Store:
         with self._tx() as c:
             c.execute(delete(ID).where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at == claimed))
 
-    def forget_requests(self, before: float) -> None:
-        """Outcomes kept long enough: their keys may be used again."""
+    def forget_requests(self, before: float, stale_before: float) -> None:
+        """Outcomes kept long enough: their keys may be used again. A claim still in progress is
+        kept until its call cannot be running (``stale_before``, as ``claim_request`` takes one
+        over): a retry of a call longer than the keeping must not find its key free, and pay again."""
         with self._tx() as c:
-            c.execute(delete(ID).where(ID.c.created_at < before))
+            running = (ID.c.state == "in_progress") & (ID.c.created_at >= stale_before)
+            c.execute(delete(ID).where(ID.c.created_at < before, ~running))
 
     # -- shared settings -------------------------------------------------------------------------
 
