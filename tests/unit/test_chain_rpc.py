@@ -14,7 +14,15 @@ import pytest
 
 from support import free_port
 from tollway.errors import ChainUnavailable
-from tollway.payments.chain import AUTHORIZATION_USED_TOPIC, Chain, RpcError, carries_authorization
+from tollway.payments.chain import (
+    AUTHORIZATION_USED_TOPIC,
+    TRANSFER_TOPIC,
+    Chain,
+    RpcError,
+    authorization_used,
+    authorized_transfer,
+    carries_authorization,
+)
 
 
 async def rpc_server(answer) -> tuple[asyncio.Server, str]:
@@ -159,6 +167,28 @@ def test_malformed_logs_carry_no_authorization():
     assert not carries_authorization({"logs": hostile}, token)
     assert carries_authorization({"logs": [*hostile, used]}, token)
     assert not carries_authorization({"logs": [used]}, "0x" + "cd" * 20)  # (another token's)
+
+
+def test_an_authorizations_transfer_is_the_tokens_log_right_after_its_use():
+    """Of a transaction that carries out several authorizations, each one's transfer is its own;
+    a node's malformed receipt holds none."""
+    token, payer, payee = "0x" + "ab" * 20, "0x" + "11" * 20, "0x" + "22" * 20
+    first, second = bytes(32), b"\x01" * 32
+
+    def transfer(frm: str, to: str, value: int) -> dict:
+        topics = [TRANSFER_TOPIC, "0x" + "0" * 24 + frm[2:], "0x" + "0" * 24 + to[2:]]
+        return {"address": token, "topics": topics, "data": hex(value)}
+
+    def used(nonce: bytes) -> dict:
+        return {"address": token, "topics": authorization_used(payer, nonce)}
+
+    batch = [used(first), transfer(payer, payee, 10_000), used(second), transfer(payer, payer, 1)]
+    assert authorized_transfer({"logs": batch}, token, payer, first) == (payer, payee, 10_000)
+    assert authorized_transfer({"logs": batch}, token, payer, second) == (payer, payer, 1)
+    assert authorized_transfer({"logs": batch[:3]}, token, payer, second) is None  # (no transfer after it)
+    assert authorized_transfer({"logs": batch}, "0x" + "cd" * 20, payer, first) is None  # (another token's)
+    for hostile in (7, {"0": 1}, "logs", [None, "a log", {"topics": 7}], None):
+        assert authorized_transfer({"logs": hostile}, token, payer, first) is None
 
 
 def logs_node(cap: int, refusal: str, failures: int = 0):

@@ -393,7 +393,8 @@ def authorized_transfer(
     (from, to, value): the token's log right after that authorization's ``AuthorizationUsed`` —
     FiatToken marks an authorization used, then transfers, nothing between. Any other transfer of
     the transaction (one of a batch carrying out several authorizations) is not this one's."""
-    logs = [log for log in receipt.get("logs") or [] if isinstance(log, dict)]
+    logs = receipt.get("logs")
+    logs = [log for log in logs if isinstance(log, dict)] if isinstance(logs, list) else []
     logs = [log for log in logs if str(log.get("address", "")).lower() == token.lower()]
     used = authorization_used(authorizer, nonce)
     for log, after in itertools.pairwise(logs):

@@ -171,7 +171,7 @@ class ExactEvm(TokenScheme):
         paid = (auth.from_, auth.to, auth.value)
         async for log in self.chain.logs(self.token, authorization_used(auth.from_, auth.nonce), LOG_LOOKBACK):
             receipt = await self.chain.receipt(log["transactionHash"])
-            if receipt and authorized_transfer(receipt, self.token, auth.from_, auth.nonce) == paid:
+            if isinstance(receipt, dict) and authorized_transfer(receipt, self.token, auth.from_, auth.nonce) == paid:
                 return str(log["transactionHash"])
         return None  # cancelled, not used
 
