@@ -107,8 +107,8 @@ def with_challenge(
     headers = {x402.PAYMENT_REQUIRED: x402.b64json(doc)}
     exact = next((o for o in quoted if o.scheme == "exact"), None)
     if gw.mpp is not None and exact is not None and mpp.accepts_mpp(request.headers):
-        expires = int(time.time()) + gw.settings.offer_timeout_seconds
-        headers[mpp.WWW_AUTHENTICATE] = gw.mpp.challenge(exact, call.digest, expires)
+        answer_by = int(time.time()) + gw.settings.quote_ttl_seconds  # (as the quote in it)
+        headers[mpp.WWW_AUTHENTICATE] = gw.mpp.challenge(exact, call.digest, answer_by)
     # v2 clients read the header. The body is for OpenAI-compatible clients (``error`` an object,
     # whose message their SDKs show) — unless the chain has an x402 v1 name: v1 clients read the
     # body, with ``error`` a string, so it keeps that and says the rest at the top level.

@@ -201,7 +201,16 @@ class Gateway:
         types = {t: name for t, name in CREDENTIAL_TYPES.items() if any(s.name == name for s in schemes)}
         if settings.mpp and AUTHORIZATION in types:
             unbound = to_atomic(Fraction(settings.mpp_hash_max_usd), c.decimals)
-            gw.mpp = MppRail(gw.quotes.key, settings.mpp_realm, chain_id, c.decimals, types, unbound, settler.address)
+            gw.mpp = MppRail(
+                gw.quotes.key,
+                settings.mpp_realm,
+                chain_id,
+                c.decimals,
+                types,
+                unbound,
+                settler.address,
+                validity=settings.offer_timeout_seconds,
+            )
         gw._price(settings, prices)
         gw.free = free_tier.FreeTier(settings, store, gw.quotes.key, chain_id, c.token, c.payee)  # type: ignore[arg-type]
         if catalogues.wanted:

@@ -30,6 +30,7 @@ from support import (
     ServerThread,
     authorize,
     chat_body,
+    dedicated_gateway,
     envelope,
     error_code,
     exact_offer,
@@ -182,6 +183,40 @@ def test_a_credential_for_another_body_or_an_altered_challenge_is_refused_before
         PROBLEMS + "malformed-credential"
     )
     assert chain.balance(payer.address) == 100_000_000
+
+
+def test_a_credential_valid_until_its_challenge_expires_is_taken_as_long_as_its_quote(
+    http, gateway, devnet, chain, tmp_path
+):
+    """Clients (pympp, mppx, tollway's) sign a payment valid until the challenge ``expires``. It
+    said offer_timeout_seconds, just what a payment must stay valid (the call and its settlement)
+    plus 30 s: a credential 31 s after its challenge — an agent waiting on its owner — was refused
+    as valid too briefly. A challenge now expires that long after its quote does, and its
+    credential is taken as long as the quote; after that it is payment-expired. (Review.)"""
+    body = chat_body("answered half a minute after the challenge")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    with (
+        dedicated_gateway(gateway, chain, tmp_path, quote_ttl_seconds=10) as (url, _),
+        httpx.Client(base_url=url, timeout=30) as short,
+    ):
+        lapsed = challenge_of(short.post(CHAT, json=body))
+        time.sleep(31)
+        late = short.post(CHAT, json=body, headers={"Authorization": credential(chain.fund(), lapsed, devnet)})
+    answer = http.post(CHAT, json=body, headers={"Authorization": credential(chain.fund(), challenge, devnet)})
+    assert answer.status_code == 200, answer.text
+    assert late.status_code == 402 and problem(late) == "payment-expired", late.text
+
+
+def test_a_challenge_of_another_realm_is_refused(http, gateway, devnet, chain, tmp_path):
+    """Two gateways sharing a quote secret, with realms of their own: one's challenge does not pay
+    the other's call. (Review.)"""
+    body = chat_body("a challenge of another realm")
+    challenge = challenge_of(http.post(CHAT, json=body))
+    with dedicated_gateway(gateway, chain, tmp_path, mpp_realm="another") as (url, _):
+        answer = httpx.post(
+            url + CHAT, json=body, headers={"Authorization": credential(chain.fund(), challenge, devnet)}
+        )
+    assert answer.status_code == 402 and problem(answer) == "invalid-challenge", answer.text
 
 
 def test_an_expired_challenge_gets_payment_expired(http, gateway, devnet, chain):

@@ -99,11 +99,16 @@ class MppRail:
         types: dict[str, str],
         unbound_max: int = 0,
         spender: str = "",
+        validity: int = 0,
     ) -> None:
         """``types``: the credential types taken, preferred first, each → the scheme that pays it;
         ``unbound_max``: the largest amount (atomic) a ``hash`` credential is asked for; ``spender``:
-        the account that submits a ``permit2`` credential's transfer (its Permit2 spender)."""
+        the account that submits a ``permit2`` credential's transfer (its Permit2 spender);
+        ``validity``: how long a payment must stay valid after its credential arrives (the call and
+        its settlement). Clients sign their payment valid until the challenge ``expires``: a
+        challenge expires that long after the last moment its credential is taken."""
         self.spender = spender
+        self.validity = validity
         self.key = hashlib.sha256(b"tollway mpp challenge|" + key).digest()
         self.realm = realm
         self.chain_id = chain_id
@@ -113,9 +118,11 @@ class MppRail:
 
     # -- challenges ----------------------------------------------------------------------------
 
-    def challenge(self, offer: Offer, digest: str, expires: int) -> str:
+    def challenge(self, offer: Offer, digest: str, answer_by: int) -> str:
         """The ``WWW-Authenticate`` value asking to pay ``offer`` (an ``exact`` offer: its amount,
-        asset and payee, and the x402 quote in its ``extra``) for the request of ``digest``."""
+        asset and payee, and the x402 quote in its ``extra``) for the request of ``digest``, with
+        a credential that comes by ``answer_by`` (its quote's expiry)."""
+        expires = answer_by + self.validity
         quoted = {"quote": offer.extra["quote"], "maxTokens": str(offer.extra["maxTokens"])}
         # ``hash`` by the whole quote, not the amount the payer's credit reduced it to: a transfer
         # binds no payer, so whoever claims one makes its sender pay the call — from their credit
@@ -183,8 +190,9 @@ class MppRail:
             raise PaymentInvalid("this challenge was not issued here, or was altered", code="invalid_challenge")
         if params.get("digest") != content_digest(digest):
             raise PaymentInvalid("this challenge was issued for another request body", code="invalid_challenge")
-        expires = parse_iso(params["expires"])
-        if expires < now:
+        if params["realm"] != self.realm:
+            raise PaymentInvalid("this challenge was issued for another realm", code="invalid_challenge")
+        if parse_iso(params["expires"]) - self.validity < now:  # (what it pays must stay valid that long)
             raise PaymentInvalid("the challenge has expired: ask for a new one", code="payment_expired")
         if (params["method"], params["intent"]) != (METHOD, INTENT):
             raise PaymentInvalid("only the evm charge intent is taken here", code="method_unsupported")
