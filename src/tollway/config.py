@@ -323,8 +323,9 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(86400, ge=60)
     idempotency_max_body_bytes: int = Field(1 << 20, ge=0)
     settle_margin_seconds: int = Field(60, ge=30)
-    # A non-streamed call that took longer than this is checked on chain again before its answer is
-    # released: funds moved or an authorization cancelled while it ran means no answer.
+    # A non-streamed call that took longer than this since its payment was checked on chain (every
+    # upstream it was tried on counts) is checked again before its answer is released: funds moved
+    # or an authorization cancelled while it ran means no answer.
     recheck_after_seconds: float = Field(0.25, ge=0)
     # A stream paid by a metered payment that can lapse (upto) settles only when it ends: it is
     # checked on chain again this often while it runs, and cut once its payment no longer covers it.

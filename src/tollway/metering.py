@@ -302,9 +302,12 @@ def error_event(message: str, code: str, surface: str = "chat") -> bytes:
     return b"data: " + compact(chunk).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int) -> RelayResponse:
+def relay_stream(
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_id: str, expected: int, unchecked: float = 0.0
+) -> RelayResponse:
     """A stream: recorded as it starts — with its payment's settlement, for a payment of the bound
-    (a metered one settles when the stream ends) — relayed, then metered."""
+    (a metered one settles when the stream ends) — relayed, then metered. ``unchecked``: the
+    seconds since its payment was last checked on chain."""
     started = time.time()
     per_event = gw.settings.models[call.model].max_tokens_per_event  # (what can fail, before the row is written)
     upstream = gw.router.named(opened.upstream)
@@ -369,7 +372,8 @@ def relay_stream(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, call_i
             return None
         return {k: v for k, v in doc.items() if k != "usage"}
 
-    stop_cutting = stream_cutter(gw, call, opened, paid, watch=settled is not None and settled.sign is not None)
+    watch = settled is not None and settled.sign is not None
+    stop_cutting = stream_cutter(gw, call, opened, paid, watch=watch, unchecked=unchecked)
 
     tail = StreamTail()
 
@@ -474,11 +478,15 @@ def summary(call_id: str, tail: StreamTail, metered: tuple[dict[str, Any], Any, 
     return SUMMARY_PREFIX + compact(doc).encode() + b"\n\n"
 
 
-def stream_cutter(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, watch: bool) -> Callable[[], None]:
+def stream_cutter(
+    gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, watch: bool, unchecked: float = 0.0
+) -> Callable[[], None]:
     """Cut the stream when its settlement fails on chain (``watch``: it was sent as the stream
     began), when its payment no longer covers it (a metered one that can lapse — upto — settles
-    only as the stream ends, so it is checked on chain again every ``stream_recheck_seconds``:
-    a payer who moves the money away is served that long at most, not the whole stream), and
+    only as the stream ends, so it is checked on chain again every ``stream_recheck_seconds``
+    from its last check, ``unchecked`` seconds before the stream began — an upstream slow to
+    its first byte included: a payer who moves the money away is served that long at most, not
+    the whole stream), and
     ``max_call_seconds`` after the request arrived (so that no stream outlives its payment's
     validity): the upstream is closed, and the client gets an error event. Returns what stops
     watching."""
@@ -499,8 +507,10 @@ def stream_cutter(gw: Gateway, call: ChatCall, opened: Opened, paid: Paid, *, wa
 
     async def recheck() -> None:
         p = paid.payment
+        wait = max(gw.settings.stream_recheck_seconds - unchecked, 0.0)
         while opened.error is None:
-            await asyncio.sleep(gw.settings.stream_recheck_seconds)
+            await asyncio.sleep(wait)
+            wait = gw.settings.stream_recheck_seconds
             try:
                 owed = gw.store.unsettled_amount(p.network, p.asset, p.payer, through=paid.payment_id)
                 await paid.scheme.confirm(p, owed, recheck=True)

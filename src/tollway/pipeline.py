@@ -143,13 +143,18 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
     opened: Opened | None = None
     try:
         await confirm(gw, paid, paid.owed)  # on chain, before the upstream is asked anything
+        confirmed = time.monotonic()
         opened = await forward(gw, call, paid, request)
         call = billed_at(gw, call.member(opened.model), opened.upstream)  # (the model and upstream that served it)
-        if not call.stream and paid.scheme.lapses and opened.latency_ms > gw.settings.recheck_after_seconds * 1000:
-            await confirm(gw, paid)  # the answer is released only if it will still be paid
+        # The answer (a stream's first byte) is released only if it will still be paid: checked
+        # again if every attempt together (a failed upstream's too) took long since the last check.
+        unchecked = time.monotonic() - confirmed if paid.scheme.lapses else 0.0
+        if unchecked > (gw.settings.stream_recheck_seconds if call.stream else gw.settings.recheck_after_seconds):
+            await confirm(gw, paid)
+            unchecked = 0.0
         expected = expected_cache(gw, call, paid.who, opened.upstream)
         if call.stream:  # settle (a payment of the bound) → relay → meter (→ settle, a metered one)
-            return relay_stream(gw, call, opened, paid, call_id, expected)
+            return relay_stream(gw, call, opened, paid, call_id, expected, unchecked)
         return respond(gw, call, opened, paid, call_id, expected)  # meter + settle → receipt
     except BaseException as exc:
         if opened is not None:

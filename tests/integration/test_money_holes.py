@@ -25,8 +25,9 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from sqlalchemy import select
 from starlette.applications import Starlette
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from test_upto import sign_upto
 
 from support import (
     ADMIN,
@@ -56,7 +57,7 @@ from support import (
 from tollway.app import create_app
 from tollway.client import AllowedAsset, Payer, PaymentRefused, SyncPayingTransport
 from tollway.client.payer import sign_credit, sign_exact
-from tollway.config import ModelPrice
+from tollway.config import ModelPrice, UpstreamSettings
 from tollway.gateway import Gateway
 from tollway.ledger import Store
 from tollway.ledger.store import credit_account
@@ -218,6 +219,61 @@ def test_funds_moved_while_a_long_call_runs_release_no_answer(gateway, chain, de
     assert "PAYMENT-RESPONSE" not in r.headers and "choices" not in r.json() and "echo:" not in r.text  # no answer
     assert [p["state"] for p in payment_rows(gateway.store.engine, payer.address)] == ["refused"]
     assert chain.balance(devnet.payee) == payee_before
+
+
+async def stall_then_fail(request):
+    await asyncio.sleep(1.5)
+    return Response(b'{"error":{"message":"overloaded"}}', status_code=503, media_type="application/json")
+
+
+@pytest.mark.parametrize("scheme", ["exact", "upto"])
+def test_funds_moved_while_a_call_fails_over_release_no_answer(gateway, chain, devnet, tmp_path, scheme):
+    """[1] As above, but the long part of the call is a first upstream that stalls and fails, and
+    a second answers at once: the call ran long all the same. Only the last attempt's time was
+    counted, and the answer went out unpaid (its settlement failed). (Adversarial review.)"""
+    payer = chain.fund(permit2=True)
+    funded = chain.balance(payer.address)
+    with ServerThread(Starlette(routes=[Route("/chat/completions", stall_then_fail, methods=["POST"])])) as slow:
+        upstreams = [
+            UpstreamSettings(name="stalling", url=slow.url),
+            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
+        ]
+        with (
+            dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams) as (url, engine),
+            httpx.Client(base_url=url, timeout=30) as http,
+        ):
+            body = chat_body("a call that fails over", max_tokens=8)
+            required, offer = quote(http, body, scheme)
+            payload = sign_upto(payer, offer, devnet.chain_id) if scheme == "upto" else authorize(payer, offer)
+            result: dict[str, httpx.Response] = {}
+            call = threading.Thread(target=lambda: result.update(r=pay(http, body, required, offer, payload)))
+            call.start()
+            time.sleep(0.6)
+            chain.transfer(payer, Account.create().address, funded)  # mined while the first upstream stalls
+            call.join()
+            states = [p["state"] for p in payment_rows(engine, payer.address)]
+    r = result["r"]
+    assert r.status_code == 402 and error_code(r) == INSUFFICIENT_FUNDS, r.text
+    assert states == ["refused"]
+
+
+def test_funds_moved_before_a_slow_upto_stream_starts_do_not_get_it_served(gateway, chain, devnet, http):
+    """[1] An upto stream was checked on chain again every stream_recheck_seconds from its relay's
+    start: a stream whose upstream was slow to its first byte (a reasoning model), then quick, was
+    served whole and unpaid by a payer who moved the money away meanwhile. A stream that took
+    longer than that to start is checked before its first byte. (Adversarial review.)"""
+    payer = chain.fund(permit2=True)
+    funded = chain.balance(payer.address)
+    body = chat_body("a slow start, then a quick stream", max_tokens=16, stream=True, mock={"latency": 2.5})
+    required, offer = quote(http, body, "upto")
+    doc = envelope(required, offer, sign_upto(payer, offer, devnet.chain_id))
+    mover = threading.Timer(0.6, lambda: chain.transfer(payer, Account.create().address, funded))
+    mover.start()
+    r = http.post(CHAT, json=body, headers=payment_header(doc))
+    mover.join()
+    assert chain.balance(payer.address) == 0  # (moved while the upstream had not answered)
+    assert r.status_code == 402 and error_code(r) == INSUFFICIENT_FUNDS, r.text
+    assert [p["state"] for p in payment_rows(gateway.store.engine, payer.address)] == ["refused"]
 
 
 def test_a_stream_whose_settlement_fails_is_cut_and_its_wallet_pays_the_debt(gateway, chain, devnet, http):
