@@ -271,6 +271,12 @@ class UpstreamSettings(Strict):
         return _key(_not_placeholder(v, "upstream payer_key"), "upstream payer_key")
 
     @model_validator(mode="after")
+    def _pays_in_something(self) -> UpstreamSettings:
+        if self.payer_key and not self.pay_assets:
+            raise ValueError(f"upstream {self.name}: payer_key needs pay_assets ('eip155:<chain>:<token>')")
+        return self
+
+    @model_validator(mode="after")
     def _prices_of_served(self) -> UpstreamSettings:
         unserved = sorted(set(self.prices) - set(self.models)) if self.models else []
         if unserved:
@@ -393,6 +399,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network") from None
             normalised.append(str(network) if "/" in entry else str(network.network_address))
         return normalised
+
+    @field_validator("schemes")
+    @classmethod
+    def _known_schemes(cls, v: list[str]) -> list[str]:
+        from .payments import SCHEMES  # (a registry of names: nothing is imported with it)
+
+        unknown = [name for name in v if name not in SCHEMES]
+        if unknown:
+            raise ValueError(f"unknown payment schemes {unknown}; known: {', '.join(SCHEMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _upstream_names(self) -> Settings:
+        upstream_list(self)  # (raises for two of one name)
+        return self
 
     @field_validator("quote_secret", "admin_token")
     @classmethod

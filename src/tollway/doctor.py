@@ -12,6 +12,7 @@ ledger, and — for the doctor — each upstream's reachability and models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import httpx
@@ -22,7 +23,12 @@ from .devnet.anvil import DEV_KEYS
 from .errors import ChainUnavailable
 from .payments import eip3009
 from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
-from .payments.channel import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
+from .payments.channel import (
+    BATCH_SETTLEMENT_ADDRESS,
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+    PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
+    ZERO_ADDRESS,
+)
 from .payments.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
 from .upstream.client import ANTHROPIC_VERSION, Upstream
@@ -31,7 +37,19 @@ if TYPE_CHECKING:
     from .ledger import Store
 
 DECIMALS = bytes.fromhex("313ce567")  # decimals()
+GWEI = 10**9
 DEV_ADDRESSES = {Account.from_key(k).address.lower() for k in DEV_KEYS}  # their keys are public
+# Contracts no key moves tokens out of for us: money paid to one of them is gone.
+CONTRACTS = {
+    a.lower()
+    for a in (
+        PERMIT2_ADDRESS,
+        UPTO_PROXY_ADDRESS,
+        BATCH_SETTLEMENT_ADDRESS,
+        ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+        PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -123,22 +141,18 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
     if chain_id != DEVNET_CHAIN_ID:
         if not settings.public_url:
             out.append(Finding("fail", "public_url", "required on a real chain: the URL clients reach the gateway at"))
-        for name in ("payee", "settler_key", "payout_key"):
-            value = getattr(c, name)
-            address = value and (value.lower() if name == "payee" else Account.from_key(value).address.lower())
-            if address in DEV_ADDRESSES:
-                out.append(Finding("fail", f"chain.{name}", "is a devnet account whose private key is public"))
+        keys = {f"chain.{n}": getattr(c, n) for n in ("settler_key", "payout_key")}
+        keys["channels.authorizer_key"] = settings.channels.authorizer_key  # (signs away a channel's money)
+        keys.update({f"upstream {u.name}: payer_key": u.payer_key for u in upstream_list(settings)})
+        public = [name for name, key in keys.items() if key and Account.from_key(key).address.lower() in DEV_ADDRESSES]
+        public += ["chain.payee"] if str(c.payee).lower() in DEV_ADDRESSES else []
+        out += [Finding("fail", name, "is a devnet account whose private key is public") for name in public]
+    if str(c.payee).lower() in {ZERO_ADDRESS, token.lower(), *CONTRACTS}:
+        out.append(Finding("fail", "chain.payee", f"{c.payee} is no account of yours: what is paid to it is lost"))
     settler = Account.from_key(c.settler_key).address if c.settler_key else None
     if settler:
-        gas = int(await chain.request("eth_getBalance", [settler, "latest"]), 16)
-        level = "ok" if gas else ("warn" if chain_id == DEVNET_CHAIN_ID else "fail")
-        out.append(
-            Finding(
-                level,
-                "chain.settler_key",
-                f"{settler} holds {gas / 10**18:g} of the gas token" + ("" if gas else ": it cannot send settlements"),
-            )
-        )
+        out.append(await gas_finding(chain, chain_id, "chain.settler_key", settler, "send settlements"))
+    out.append(await fee_finding(settings, chain, chain_id))
     out.append(await simulation_finding(chain))
     payout = c.payout_key or (c.settler_key if settler and settler.lower() == str(c.payee).lower() else None)
     if payout:
@@ -151,9 +165,36 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
                 f"{holder} holds {held} units of the token (withdrawals are paid from it)",
             )
         )
+        if holder != settler:
+            out.append(await gas_finding(chain, chain_id, "chain.payout_key", holder, "pay withdrawals"))
     else:
         out.append(Finding("warn", "chain.payout_key", "not set: credit withdrawals are disabled"))
     return out, chain_id
+
+
+async def gas_finding(chain: Chain, chain_id: int, what: str, account: str, sends: str) -> Finding:
+    """Whether ``account`` holds gas to send what it ``sends`` (on a real chain, none is a failure)."""
+    gas = int(await chain.request("eth_getBalance", [account, "latest"]), 16)
+    level = "ok" if gas else ("warn" if chain_id == DEVNET_CHAIN_ID else "fail")
+    return Finding(
+        level, what, f"{account} holds {gas / 10**18:g} of the gas token" + ("" if gas else f": it cannot {sends}")
+    )
+
+
+async def fee_finding(settings: Settings, chain: Chain, chain_id: int) -> Finding:
+    """Whether the settlements' fee bid (``max_fee_gwei``, or 2 × base fee + tip; at most
+    ``fee_ceiling_gwei``) clears the chain's base fee now: a bid below it is never mined, and every
+    payment taken meanwhile would be served and then expire unsettled."""
+    c = resolve_chain(settings, chain_id).chain
+    base = await chain.base_fee()
+    ceiling = int(Decimal(c.fee_ceiling_gwei) * GWEI)  # type: ignore[arg-type]
+    tip = min(int(c.priority_fee_gwei * GWEI), ceiling)
+    bid = min(int(c.max_fee_gwei * GWEI) if c.max_fee_gwei is not None else 2 * base + tip, ceiling)
+    detail = f"settlements bid {bid / GWEI:g} gwei (ceiling {ceiling / GWEI:g}); the base fee is {base / GWEI:g} gwei"
+    if bid < base:
+        level = "warn" if chain_id == DEVNET_CHAIN_ID else "fail"
+        return Finding(level, "chain.fee_ceiling_gwei/max_fee_gwei", f"{detail}: no settlement would be mined")
+    return Finding("ok", "chain.fees", detail)
 
 
 async def simulation_finding(chain: Chain) -> Finding:

@@ -294,7 +294,9 @@ class Settler:
             elif "fee" in msg or "underpriced" in msg:  # below the base fee, or the one it replaces
                 underpriced.append(row)
             elif not resend:
-                log.warning("broadcast of %s (%s) failed: %s", row["tx_hash"], row["purpose"], answer.message)
+                if ("broadcast", row["id"]) not in self._told:  # (a lasting refusal: told once a minute)
+                    self._told.add(("broadcast", row["id"]))
+                    log.warning("broadcast of %s (%s) failed: %s", row["tx_hash"], row["purpose"], answer.message)
                 errors[row["id"]] = answer.message
         self.store.transactions_sent(sent, errors)
         if underpriced:

@@ -84,6 +84,28 @@ def test_placeholders_and_malformed_values_are_refused(tmp_path, line, says):
     assert says in serve_refused(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("toml", "says"),
+    [
+        ('schemes = ["exact", "credits"]\n', "schemes: unknown payment schemes ['credits']"),
+        (
+            '[[upstreams]]\nname = "r"\nurl = "http://127.0.0.1:1/v1"\n[[upstreams]]\nname = "r"\nurl = "http://127.0.0.1:2/v1"\n',
+            "upstream names must be unique: ['r', 'r']",
+        ),
+        (
+            f'[upstream]\nurl = "http://127.0.0.1:1/v1"\npayer_key = "0x{"2" * 64}"\n',
+            "upstream default: payer_key needs pay_assets",
+        ),
+    ],
+)
+def test_what_the_gateway_could_not_be_built_with_is_refused_in_a_line(tmp_path, toml, says):
+    """A misspelt scheme, two upstreams of one name, a paying upstream with nothing to pay in:
+    `tollway serve` (and `tollway doctor`) stopped with a traceback. (Review.)"""
+    write(tmp_path, toml)
+    printed = serve_refused(tmp_path)
+    assert says in printed and "Traceback" not in printed, printed
+
+
 def test_an_example_secret_is_refused(tmp_path):
     write(tmp_path, 'quote_secret = "change-me: a long random string shared by all replicas"\n')
     assert "quote_secret still holds the example's placeholder" in serve_refused(tmp_path)
