@@ -514,3 +514,27 @@ def test_a_request_asking_more_output_than_the_default_caps_can_be_paid(gateway,
     assert r.status_code == 200, r.text[:300]
     doc = wait_receipt(gateway.url, r.headers["x-tollway-receipt"])
     assert doc["payment"]["scheme"] == scheme
+
+
+def test_an_upto_offer_the_credit_reduced_to_nothing_is_paid_from_the_credit(gateway, chain, devnet, tmp_path):
+    """Where on-chain payments have no least amount (min_chain_payment_usd = 0), a signed-in wallet
+    whose credit covers the quote is offered upto at "0". A permit of 0 pulls nothing: the call is
+    paid from the credit, and nothing is sent on chain — it was a 500 (the simulation of a
+    settlement of 0). (Adversarial review.)"""
+    account = chain.fund(permit2=True)
+    payer = Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
+    with dedicated_gateway(gateway, chain, tmp_path, min_chain_payment_usd=Decimal(0)) as (url, engine):
+        with httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=30) as http:
+            funding = http.post(CHAT, json=chat_body("fund my credit", max_tokens=600))
+            assert funding.status_code == 200, funding.text
+        wait_receipt(url, funding.headers["x-tollway-receipt"])
+        body = chat_body("a tiny call", max_tokens=1)
+        required = payment_required(httpx.post(url + CHAT, headers=payer.wallet_header(url), json=body))
+        offer = upto_offer(required)
+        assert offer["amount"] == "0" and int(offer["extra"]["credit"]) > 0, offer
+        doc = envelope(required, offer, sign_upto(account, offer, devnet.chain_id))
+        r = httpx.post(url + CHAT, json=body, headers={**payment_header(doc), **payer.wallet_header(url)}, timeout=30)
+        assert r.status_code == 200, r.text
+        paid = wait_receipt(url, r.headers["x-tollway-receipt"])
+    assert paid["payment"]["amount"]["atomic"] == "0" and not paid["payment"].get("transaction"), paid["payment"]
+    assert int(paid["cost"]["atomic"]) > 0  # (taken from the credit)

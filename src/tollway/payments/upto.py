@@ -140,6 +140,8 @@ class UptoEvm(TokenScheme):
         )
 
     async def confirm(self, payment: Verified, owed: int, *, recheck: bool = False) -> None:
+        if payment.amount == 0:  # (an offer the payer's credit reduced to 0: nothing will be pulled)
+            return
         now = time.monotonic() if recheck else self.refuse_if_short(payment.payer)
         to, data = self._settle(payment.proof, payment.amount)
         owner = bytes(12) + bytes.fromhex(payment.payer[2:])
