@@ -248,8 +248,12 @@ def amounts_fit(settings: Settings, prices: dict[str, Prices]) -> list[Finding]:
     return out
 
 
-def ledger_findings(store: Store, chain_id: int, genesis: str) -> list[Finding]:
-    """The ledger belongs to this chain (its id and genesis block): never mix two chains' money."""
+def ledger_findings(store: Store, chain_id: int, genesis: str, settings: Settings) -> list[Finding]:
+    """The ledger belongs to this chain (its id and genesis block): never mix two chains' money.
+    And the gateway holds the key that claims what its channels owe: each claim is signed by the
+    receiver authorizer its channel names, so a new ``channels.authorizer_key`` (or settlement key,
+    its default) would leave every voucher charged before it unclaimable, the payers free to
+    withdraw what their calls cost."""
     mine = f"eip155:{chain_id}/{genesis}"
     held = store.meta("chain", lambda: mine)
     if held != mine:
@@ -260,7 +264,17 @@ def ledger_findings(store: Store, chain_id: int, genesis: str) -> list[Finding]:
                 f"this ledger holds the money of {held}, not of {mine}: point database_url at this chain's ledger",
             )
         ]
-    return [Finding("ok", "database_url", f"ledger of {mine}")]
+    out = [Finding("ok", "database_url", f"ledger of {mine}")]
+    key = settings.channels.authorizer_key or settings.chain.settler_key
+    ours = Account.from_key(key).address.lower() if key else None
+    for authorizer, owed in store.unclaimed_authorizers().items():
+        if authorizer != ours:
+            detail = (
+                f"channels owe {owed} units claimable only with the key of {authorizer}, which it no longer is:"
+                " set it back until they are claimed"
+            )
+            out.append(Finding("fail", "channels.authorizer_key", detail))
+    return out
 
 
 async def upstream_findings(settings: Settings) -> list[Finding]:
@@ -344,7 +358,7 @@ async def examine(settings: Settings) -> list[Finding]:
         except Exception as exc:
             out.append(Finding("fail", "database_url", f"cannot open the ledger ({type(exc).__name__}: {exc})"[:200]))
         else:
-            out += ledger_findings(store, chain_id, await genesis_hash(chain))
+            out += ledger_findings(store, chain_id, await genesis_hash(chain), settings)
             store.close()
     finally:
         await chain.close()

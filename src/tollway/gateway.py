@@ -137,11 +137,11 @@ class Gateway:
             raise doctor.Unfit([f for f in found if f.level == "fail"])
         c = settings.chain
         store = Store(settings.database_url, background_checkpoints=True)
-        binding = doctor.ledger_findings(store, chain_id, await doctor.genesis_hash(chain))
-        if binding[0].level == "fail":
+        binding = doctor.ledger_findings(store, chain_id, await doctor.genesis_hash(chain), settings)
+        if any(f.level == "fail" for f in binding):
             store.close()
             await chain.close()
-            raise doctor.Unfit(binding)
+            raise doctor.Unfit([f for f in binding if f.level == "fail"])
         worker_chain = Chain(c.rpc_url)  # type: ignore[arg-type]
         network = f"eip155:{chain_id}"
         v1_name = c.v1_network or V1_NETWORK_NAMES.get(chain_id)

@@ -6,6 +6,8 @@ mined, a payout account without gas. (An adversarial review of the operator's pa
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ from tollway.config import UpstreamSettings
 from tollway.devnet.anvil import DEV_KEYS
 from tollway.devnet.deploy import deploy_devnet
 from tollway.gateway import Gateway
+from tollway.ledger import Store, sql
 from tollway.payments.chain import Chain as RpcChain
 from tollway.payments.permit2 import PERMIT2_ADDRESS
 
@@ -120,3 +123,30 @@ def test_fees_no_settlement_would_be_mined_at_are_refused(outside, upstream, tmp
     finally:
         outside.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(GWEI // 10)])
         outside.mine(1)
+
+
+def test_a_new_authorizer_key_is_refused_while_channels_owe_what_only_the_old_one_claims(outside, upstream, tmp_path):
+    """Each claim is signed by the receiver authorizer its channel names (by default the settlement
+    key): with a new key, every voucher charged before it could not be claimed any more, and its
+    payer could withdraw what its calls cost. Refused until those channels are claimed. (Review.)"""
+    settings = settings_for(outside, upstream, tmp_path)
+    old = Account.create().address.lower()
+    store = Store(settings.database_url)
+    try:
+        now = time.time()
+        channel = {"id": "0x" + "ab" * 32, "network": "eip155:1", "asset": "0x1", "payer": "0x2", "signature": "0x"}
+        channel |= {"config": json.dumps({"receiverAuthorizer": old}), "balance": 100, "signed_max": 40, "claimed": 10}
+        channel |= {"charged": 40, "created_at": now, "updated_at": now, "busy_until": 0}
+        channel |= dict.fromkeys(("claim_to", "refunded", "refund_nonce", "withdraw_at"), 0)
+        with store._sql() as c:
+            c.run(sql.insert("channels", channel), channel)
+        found = [str(f) for f in doctor.ledger_findings(store, BASE_SEPOLIA, "0xgenesis", settings)]
+        assert found[1:] == [
+            f"fail  channels.authorizer_key: channels owe 30 units claimable only with the key of {old}, which it"
+            " no longer is: set it back until they are claimed"
+        ]
+        with store._sql() as c:
+            c.run("UPDATE channels SET claimed = charged", {})  # (claimed: nothing is owed under the old key)
+        assert [f.level for f in doctor.ledger_findings(store, BASE_SEPOLIA, "0xgenesis", settings)] == ["ok"]
+    finally:
+        store.close()

@@ -523,7 +523,7 @@ def test_an_upto_offer_the_credit_reduced_to_nothing_is_paid_from_the_credit(gat
     settlement of 0). (Adversarial review.)"""
     account = chain.fund(permit2=True)
     payer = Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
-    with dedicated_gateway(gateway, chain, tmp_path, min_chain_payment_usd=Decimal(0)) as (url, engine):
+    with dedicated_gateway(gateway, chain, tmp_path, min_chain_payment_usd=Decimal(0)) as (url, _):
         with httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=30) as http:
             funding = http.post(CHAT, json=chat_body("fund my credit", max_tokens=600))
             assert funding.status_code == 200, funding.text

@@ -1084,6 +1084,17 @@ class Store:
             rows = c.dicts(channels.STATE, {"id": channel_id})
         return rows[0] if rows else None
 
+    def unclaimed_authorizers(self) -> dict[str, int]:
+        """The receiver authorizers that channels with charges not claimed yet name (each claim
+        must be signed by its channel's), with what those channels owe us."""
+        with self._sql() as c:
+            rows = c.dicts("SELECT config, charged - claimed AS owed FROM channels WHERE charged > claimed")
+        out: dict[str, int] = {}
+        for row in rows:
+            authorizer = str(json.loads(row["config"]).get("receiverAuthorizer", "")).lower()
+            out[authorizer] = out.get(authorizer, 0) + int(row["owed"])
+        return out
+
     def claimable_channels(self, network: str, asset: str, limit: int) -> list[dict[str, Any]]:
         """Channels charged more than they have claimed and not being claimed: those whose payer
         is withdrawing first, then the most unclaimed."""
