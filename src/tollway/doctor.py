@@ -226,6 +226,24 @@ async def _deployed(chain: Chain, *addresses: str) -> bool:
     return all(code not in (None, "0x", "0x0") for code in codes)
 
 
+def least_payment_finding(resolved: Settings) -> Finding:
+    """The least payment on chain and the least withdrawal (each worth its gas at the fee ceiling
+    and the gas token's price, unless set): on a chain the defaults do not know, tens of dollars."""
+    least, withdrawal = resolved.min_chain_payment_usd, resolved.min_withdrawal_usd
+    detail = f"a payment on chain is at least {_usd(least)} USD, a withdrawal {_usd(withdrawal)} USD"
+    if least is not None and least > 1:
+        detail += (
+            " (settlement gas at chain.fee_ceiling_gwei and chain.native_usd): set them for this chain,"
+            " or min_chain_payment_usd"
+        )
+        return Finding("warn", "min_chain_payment_usd", detail)
+    return Finding("ok", "min_chain_payment_usd", detail)
+
+
+def _usd(amount: Decimal | None) -> str:
+    return "-" if amount is None else f"{amount.normalize():f}"
+
+
 def amounts_fit(settings: Settings, prices: dict[str, Prices]) -> list[Finding]:
     """A configuration whose largest quote could pass the ledger's 64-bit integers (an 18-decimal
     asset with a large body limit, say) is refused."""
@@ -352,6 +370,7 @@ async def examine(settings: Settings) -> list[Finding]:
         if "upto" in settings.schemes and not await upto_contracts(chain):
             out.append(Finding("warn", "schemes", "upto needs Permit2 and the x402 upto proxy, absent on this chain"))
         resolved = resolve_chain(settings, chain_id)
+        out.append(least_payment_finding(resolved))
         out += amounts_fit(resolved, {m: Prices.of(p, resolved.chain.decimals) for m, p in resolved.models.items()})
         try:
             store = Store(settings.database_url)
