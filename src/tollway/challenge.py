@@ -107,7 +107,7 @@ def with_challenge(
     headers = {x402.PAYMENT_REQUIRED: x402.b64json(doc)}
     exact = next((o for o in quoted if o.scheme == "exact"), None)
     if gw.mpp is not None and exact is not None and mpp.accepts_mpp(request.headers):
-        answer_by = int(time.time()) + gw.settings.quote_ttl_seconds  # (as the quote in it)
+        answer_by = int(time.time()) + min(gw.settings.quote_ttl_seconds, mpp.ANSWER_SECONDS)
         headers[mpp.WWW_AUTHENTICATE] = gw.mpp.challenge(exact, call.digest, answer_by)
     # v2 clients read the header. The body is for OpenAI-compatible clients (``error`` an object,
     # whose message their SDKs show) — unless the chain has an x402 v1 name: v1 clients read the

@@ -11,6 +11,7 @@ ledger, and — for the doctor — each upstream's reachability and models.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -182,18 +183,21 @@ async def gas_finding(chain: Chain, chain_id: int, what: str, account: str, send
 
 
 async def fee_finding(settings: Settings, chain: Chain, chain_id: int) -> Finding:
-    """Whether the settlements' fee bid (``max_fee_gwei``, or 2 × base fee + tip; at most
-    ``fee_ceiling_gwei``) clears the chain's base fee now: a bid below it is never mined, and every
-    payment taken meanwhile would be served and then expire unsettled."""
+    """Whether settlements can clear the chain's base fee now: they bid ``max_fee_gwei`` (or 2 ×
+    the base fee + the tip) and raise a bid the node refuses, up to ``fee_ceiling_gwei``. A ceiling
+    below the base fee means none is mined — every payment taken meanwhile would be served, then
+    expire unsettled; a fixed bid below it is raised, later."""
     c = resolve_chain(settings, chain_id).chain
     base = await chain.base_fee()
     ceiling = int(Decimal(c.fee_ceiling_gwei) * GWEI)  # type: ignore[arg-type]
     tip = min(int(c.priority_fee_gwei * GWEI), ceiling)
     bid = min(int(c.max_fee_gwei * GWEI) if c.max_fee_gwei is not None else 2 * base + tip, ceiling)
     detail = f"settlements bid {bid / GWEI:g} gwei (ceiling {ceiling / GWEI:g}); the base fee is {base / GWEI:g} gwei"
-    if bid < base:
+    if ceiling < base:
         level = "warn" if chain_id == DEVNET_CHAIN_ID else "fail"
-        return Finding(level, "chain.fee_ceiling_gwei/max_fee_gwei", f"{detail}: no settlement would be mined")
+        return Finding(level, "chain.fee_ceiling_gwei", f"{detail}: no settlement would be mined")
+    if bid < base:
+        return Finding("warn", "chain.max_fee_gwei", f"{detail}: each settlement waits for its bid to be raised")
     return Finding("ok", "chain.fees", detail)
 
 
@@ -285,7 +289,7 @@ def ledger_findings(store: Store, chain_id: int, genesis: str, settings: Setting
     out = [Finding("ok", "database_url", f"ledger of {mine}")]
     key = settings.channels.authorizer_key or settings.chain.settler_key
     ours = Account.from_key(key).address.lower() if key else None
-    for authorizer, owed in store.unclaimed_authorizers().items():
+    for authorizer, owed in store.unclaimed_authorizers(time.time()).items():
         if authorizer != ours:
             detail = (
                 f"channels owe {owed} units claimable only with the key of {authorizer}, which it no longer is:"

@@ -65,6 +65,12 @@ def abandoned_payment_after(settings: Settings, rpc_seconds: float) -> float:
     return settings.max_call_seconds + confirms + CLOCK_SKEW_SECONDS + ABANDONED_AFTER_SECONDS
 
 
+def idempotency_kept(settings: Settings, rpc_seconds: float) -> float:
+    """How long an idempotent request's claim or answer is kept: ``idempotency_ttl_seconds``, and
+    at least as long as its call may run (a stream's answer is dated from its start)."""
+    return max(settings.idempotency_ttl_seconds, abandoned_payment_after(settings, rpc_seconds))
+
+
 UNSEEN = object()  # (not a stream's signs of life)
 MAX_REMEMBERED_BASES = 64  # (a Host header is the client's to choose: the memory of them stays small)
 
@@ -442,9 +448,7 @@ class Gateway:
             try:  # (a pass the ledger fails is logged; the next one tries again)
                 self.close_abandoned_streams()
                 await self.report(self.give_back_abandoned_payments)
-                now = time.time()
-                stale = now - abandoned_payment_after(self.settings, self.chain.total)
-                self.store.forget_requests(now - self.settings.idempotency_ttl_seconds, stale)
+                self.store.forget_requests(time.time() - idempotency_kept(self.settings, self.chain.total))
                 await self.report(partial(self.store.forget_free_calls, free_tier.today() - 1))
             except Exception:
                 log.exception("housekeeping pass failed")

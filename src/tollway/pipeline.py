@@ -40,6 +40,7 @@ from .chat import ChatCall, parse_chat, parse_embeddings, parse_generation
 from .dialects import MESSAGES, RESPONSES, refuse_betas
 from .errors import (
     BadRequest,
+    ChainUnavailable,
     ClientGone,
     GatewayError,
     PaymentInvalid,
@@ -150,8 +151,12 @@ async def paid_call(request: Request, gw: Gateway, call: ChatCall, call_id: str)
         # again if every attempt together (a failed upstream's too) took long since the last check.
         unchecked = time.monotonic() - confirmed if paid.scheme.lapses else 0.0
         if unchecked > (gw.settings.stream_recheck_seconds if call.stream else gw.settings.recheck_after_seconds):
-            await confirm(gw, paid)
-            unchecked = 0.0
+            try:
+                await confirm(gw, paid)
+                unchecked = 0.0
+            except ChainUnavailable:  # (a stream is served on through an outage, as its later checks are)
+                if not call.stream:
+                    raise
         expected = expected_cache(gw, call, paid.who, opened.upstream)
         if call.stream:  # settle (a payment of the bound) → relay → meter (→ settle, a metered one)
             return relay_stream(gw, call, opened, paid, call_id, expected, unchecked)

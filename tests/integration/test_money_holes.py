@@ -36,6 +36,7 @@ from support import (
     EXPIRED,
     INSUFFICIENT_FUNDS,
     NONCE_USED,
+    RpcSwitch,
     ServerThread,
     authorize,
     chat_body,
@@ -274,6 +275,33 @@ def test_funds_moved_before_a_slow_upto_stream_starts_do_not_get_it_served(gatew
     assert chain.balance(payer.address) == 0  # (moved while the upstream had not answered)
     assert r.status_code == 402 and error_code(r) == INSUFFICIENT_FUNDS, r.text
     assert [p["state"] for p in payment_rows(gateway.store.engine, payer.address)] == ["refused"]
+
+
+@pytest.mark.parametrize("scheme", ["exact", "upto"])
+def test_a_slow_starting_stream_is_served_through_a_chain_rpc_outage(gateway, chain, devnet, tmp_path, scheme):
+    """The check before a slow stream's first byte is no refusal when the chain's RPC is out: the
+    stream is served on, as its later checks serve it on (an outage is not the payer's doing) —
+    it was a 503, the upstream's work thrown away. (Review of the fix above.)"""
+    payer = chain.fund(permit2=True)
+    rpc = RpcSwitch(devnet.rpc_url)
+    body = chat_body(f"a slow start during an outage ({scheme})", max_tokens=16, stream=True, mock={"latency": 2.5})
+    with (
+        ServerThread(rpc.app()) as proxy,
+        dedicated_gateway(gateway, chain, tmp_path, rpc_url=proxy.url) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        required, offer = quote(http, body, scheme)
+        payload = sign_upto(payer, offer, devnet.chain_id) if scheme == "upto" else authorize(payer, offer)
+        outage = threading.Timer(1.5, lambda: setattr(rpc, "mode", "http-502"))
+        back = threading.Timer(3.5, lambda: setattr(rpc, "mode", "up"))
+        outage.start()
+        back.start()
+        try:
+            r = pay(http, body, required, offer, payload)
+        finally:
+            outage.cancel()
+            back.join()
+    assert r.status_code == 200 and "data: [DONE]" in r.text, r.text[:300]
 
 
 def test_a_stream_whose_settlement_fails_is_cut_and_its_wallet_pays_the_debt(gateway, chain, devnet, http):

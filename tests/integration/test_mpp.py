@@ -207,6 +207,20 @@ def test_a_credential_valid_until_its_challenge_expires_is_taken_as_long_as_its_
     assert late.status_code == 402 and problem(late) == "payment-expired", late.text
 
 
+def test_tollways_own_client_pays_a_gateway_whose_quotes_last_long(gateway, devnet, chain, tmp_path):
+    """With quotes that last nearly an hour, a challenge expired that much plus a payment's validity
+    ahead: beyond what tollway's client signs (max_validity_seconds, an hour), which refused every
+    challenge. A challenge is answered within ANSWER_SECONDS at most. (Review of the fix above.)"""
+    allowed = [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token, 6)]
+    payer = Payer(chain.fund(permit2=True), allowed, rails=("mpp",))
+    with (
+        dedicated_gateway(gateway, chain, tmp_path, quote_ttl_seconds=3300) as (url, _),
+        httpx.Client(transport=SyncPayingTransport(payer), base_url=url, timeout=30) as http,
+    ):
+        answer = http.post(CHAT, json=chat_body("an MPP call to a gateway with long quotes"))
+    assert answer.status_code == 200 and "payment-receipt" in answer.headers, answer.text
+
+
 def test_a_challenge_of_another_realm_is_refused(http, gateway, devnet, chain, tmp_path):
     """Two gateways sharing a quote secret, with realms of their own: one's challenge does not pay
     the other's call. (Review.)"""

@@ -11,6 +11,8 @@ import pytest
 from sqlalchemy import event
 
 from support import run_concurrently
+from tollway.config import Settings
+from tollway.gateway import idempotency_kept
 from tollway.ledger import PaymentState, Store
 from tollway.ledger.checkpoint import EVERY_SECONDS, LOG_SIZE_LIMIT
 from tollway.ledger.store import NotFinal, credit_account, new_id
@@ -729,22 +731,24 @@ def test_an_idempotency_claim_taken_over_is_neither_released_nor_finished_by_its
     assert held["state"] == "done" and bytes(held["body"]) == b"retry"
 
 
-def test_forgetting_old_answers_keeps_a_claim_whose_call_may_still_run(db_url):
-    """The answers of idempotent requests are forgotten after idempotency_ttl_seconds (60 s at the
-    least), a claim in progress only once its call cannot be running: a call longer than the TTL
-    lost its claim, and the client's retry under its key, with a new payment, was served and
-    charged again. (Adversarial review.)"""
+def test_forgetting_old_answers_keeps_a_claim_whose_call_may_still_run_and_an_answer_just_given(db_url):
+    """Idempotent answers are forgotten after idempotency_ttl_seconds (60 s at the least): a call
+    longer than that lost its claim while it ran, or its answer as soon as it was given (dated from
+    the claim) — and the client's retry under its key, with a new payment, was served and charged
+    again. A claim is kept as long as its call may run, an answer dated from when it was given.
+    (Adversarial reviews.)"""
     store = Store(db_url)
     now = time.time()
-    running, dead, done = (uuid.uuid4().hex for _ in range(3))
-    assert store.claim_request(running, "f", stale_before=now - 1000, now=now - 100) is None  # a long call, running
-    assert store.claim_request(dead, "f", stale_before=now - 1000, now=now - 2000) is None  # its process died
-    assert store.claim_request(done, "f", stale_before=now - 1000, now=now - 100) is None
-    store.finish_request(done, now - 100, 200, {}, b"answer", None)
-    store.forget_requests(before=now - 60, stale_before=now - 1000)
+    forget_before = now - idempotency_kept(Settings(idempotency_ttl_seconds=60), 0.0)
+    running, answered, dead = (uuid.uuid4().hex for _ in range(3))
+    assert store.claim_request(running, "f", stale_before=now - 1000, now=now - 100) is None  # a long call
+    assert store.claim_request(answered, "f", stale_before=now - 9000, now=now - 5000) is None
+    store.finish_request(answered, now - 5000, 200, {}, b"answer", None)  # (answered just now: dated now)
+    assert store.claim_request(dead, "f", stale_before=now - 9000, now=now - 5000) is None  # its process died
+    store.forget_requests(forget_before)
     assert store.claim_request(running, "g", stale_before=now - 1000, now=now)["state"] == "in_progress"  # (a 409)
-    for forgotten in (dead, done):
-        assert store.claim_request(forgotten, "g", stale_before=now - 1000, now=now) is None
+    assert bytes(store.claim_request(answered, "f", stale_before=now - 1000, now=now)["body"]) == b"answer"
+    assert store.claim_request(dead, "g", stale_before=now - 1000, now=now) is None
 
 
 def test_attack_a_claim_meeting_a_release_from_another_replica_still_holds_its_key(postgres_url):

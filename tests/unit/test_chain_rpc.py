@@ -160,6 +160,30 @@ async def test_an_rpc_that_hangs_is_chain_unavailable_within_the_timeout():
         server.close()
 
 
+@pytest.mark.parametrize(
+    ("block", "fee"),
+    [({"baseFeePerGas": "0x3b9aca00"}, 10**9), ({}, 0), ({"baseFeePerGas": None}, 0), (None, None), ([1], None)],
+)
+async def test_a_base_fee_is_the_latest_blocks_or_none_and_a_block_the_node_garbles_is_an_outage(block, fee):
+    """(A chain without EIP-1559 has none; the doctor reads it at start-up, where a traceback was what
+    a node's null block gave.)"""
+
+    async def answer(doc):
+        return 200, json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": block}).encode()
+
+    server, url = await rpc_server(answer)
+    chain = Chain(url)
+    try:
+        if fee is None:
+            with pytest.raises(ChainUnavailable):
+                await chain.base_fee()
+        else:
+            assert await chain.base_fee() == fee
+    finally:
+        await chain.close()
+        server.close()
+
+
 def test_malformed_logs_carry_no_authorization():
     token = "0x" + "ab" * 20
     used = {"address": token, "topics": [AUTHORIZATION_USED_TOPIC]}

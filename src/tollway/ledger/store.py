@@ -1084,14 +1084,20 @@ class Store:
             rows = c.dicts(channels.STATE, {"id": channel_id})
         return rows[0] if rows else None
 
-    def unclaimed_authorizers(self) -> dict[str, int]:
+    def unclaimed_authorizers(self, now: float) -> dict[str, int]:
         """The receiver authorizers that channels with charges not claimed yet name (each claim
-        must be signed by its channel's), with what those channels owe us."""
+        must be signed by its channel's), with what those channels owe us — but for channels whose
+        payer's withdrawal could be finished by ``now``: what they owed is no longer claimable."""
         with self._sql() as c:
-            rows = c.dicts("SELECT config, charged - claimed AS owed FROM channels WHERE charged > claimed")
+            rows = c.dicts(
+                "SELECT config, withdraw_at, charged - claimed AS owed FROM channels WHERE charged > claimed"
+            )
         out: dict[str, int] = {}
         for row in rows:
-            authorizer = str(json.loads(row["config"]).get("receiverAuthorizer", "")).lower()
+            config = json.loads(row["config"])
+            if row["withdraw_at"] and now >= row["withdraw_at"] + int(config.get("withdrawDelay", 0)):
+                continue
+            authorizer = str(config.get("receiverAuthorizer", "")).lower()
             out[authorizer] = out.get(authorizer, 0) + int(row["owed"])
         return out
 
@@ -1325,12 +1331,14 @@ class Store:
         body: bytes | None,
         receipt_id: str | None,
     ) -> None:
-        """The request with ``key``, claimed at ``claimed``, was answered: its answer is kept."""
+        """The request with ``key``, claimed at ``claimed``, was answered: its answer is kept, dated
+        from now (a stream's: from its start)."""
+        answer = {"status": status, "headers": json.dumps(headers), "body": body, "receipt_id": receipt_id}
         with self._tx() as c:
             c.execute(
                 update(ID)
                 .where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at == claimed)
-                .values(state="done", status=status, headers=json.dumps(headers), body=body, receipt_id=receipt_id)
+                .values(state="done", created_at=time.time(), **answer)
             )
 
     def release_request(self, key: str, claimed: float) -> None:
@@ -1339,13 +1347,13 @@ class Store:
         with self._tx() as c:
             c.execute(delete(ID).where(ID.c.key == key, ID.c.state == "in_progress", ID.c.created_at == claimed))
 
-    def forget_requests(self, before: float, stale_before: float) -> None:
-        """Outcomes kept long enough: their keys may be used again. A claim still in progress is
-        kept until its call cannot be running (``stale_before``, as ``claim_request`` takes one
-        over): a retry of a call longer than the keeping must not find its key free, and pay again."""
+    def forget_requests(self, before: float) -> None:
+        """Claims and answers dated before ``before`` (an answer by when it was given): their keys
+        may be used again. ``before`` must be early enough that no call claimed then can still be
+        running — a stream's answer is dated from its start — or a retry would find its key free,
+        and pay again."""
         with self._tx() as c:
-            running = (ID.c.state == "in_progress") & (ID.c.created_at >= stale_before)
-            c.execute(delete(ID).where(ID.c.created_at < before, ~running))
+            c.execute(delete(ID).where(ID.c.created_at < before))
 
     # -- shared settings -------------------------------------------------------------------------
 

@@ -313,8 +313,11 @@ class Chain:
         return quantity(await self.request("eth_getTransactionCount", [address, "latest"]))
 
     async def base_fee(self) -> int:
+        """The latest block's base fee (0 on a chain without EIP-1559)."""
         block = await self.request("eth_getBlockByNumber", ["latest", False])
-        return int(block.get("baseFeePerGas", "0x0"), 16)
+        if not isinstance(block, dict):
+            raise ChainUnavailable("chain RPC sent no latest block")
+        return quantity(block.get("baseFeePerGas") or "0x0")
 
     async def send_raw(self, raw_tx: str) -> str:
         return str(await self.request("eth_sendRawTransaction", [raw_tx]))

@@ -87,6 +87,12 @@ def parse_iso(text: str) -> int:
         raise PaymentMalformed("the challenge's expires is not an RFC 3339 time", code="invalid_payload") from exc
 
 
+# How long a challenge may be answered: its quote's life, up to this. A payment is signed valid
+# until the challenge expires, that plus the validity a call and its settlement need; clients bound
+# what they sign (tollway's: max_validity_seconds, an hour), so a challenge must not reach far ahead.
+ANSWER_SECONDS = 300
+
+
 class MppRail:
     """MPP's ``Payment`` scheme for one realm: challenges for offers, credentials into proofs."""
 
