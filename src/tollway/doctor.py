@@ -32,6 +32,7 @@ from .payments.channel import (
 )
 from .payments.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
+from .settlement import BUMP, BUMP_AFTER
 from .upstream.client import ANTHROPIC_VERSION, Upstream
 
 if TYPE_CHECKING:
@@ -193,9 +194,15 @@ async def fee_finding(settings: Settings, chain: Chain, chain_id: int) -> Findin
     tip = min(int(c.priority_fee_gwei * GWEI), ceiling)
     bid = min(int(c.max_fee_gwei * GWEI) if c.max_fee_gwei is not None else 2 * base + tip, ceiling)
     detail = f"settlements bid {bid / GWEI:g} gwei (ceiling {ceiling / GWEI:g}); the base fee is {base / GWEI:g} gwei"
+    level = "warn" if chain_id == DEVNET_CHAIN_ID else "fail"
     if ceiling < base:
-        level = "warn" if chain_id == DEVNET_CHAIN_ID else "fail"
         return Finding(level, "chain.fee_ceiling_gwei", f"{detail}: no settlement would be mined")
+    # (a bid the node holds is raised by BUMP every BUMP_AFTER: within the settlement margin, enough?)
+    raises = int(settings.settle_margin_seconds // BUMP_AFTER)
+    if bid < base and bid * BUMP**raises < base:
+        return Finding(
+            level, "chain.max_fee_gwei", f"{detail}: raised, it would clear it too late for payments to settle"
+        )
     if bid < base:
         return Finding("warn", "chain.max_fee_gwei", f"{detail}: each settlement waits for its bid to be raised")
     return Finding("ok", "chain.fees", detail)

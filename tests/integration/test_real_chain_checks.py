@@ -117,9 +117,15 @@ def test_fees_no_settlement_would_be_mined_at_are_refused(outside, upstream, tmp
             "chain.fee_ceiling_gwei: settlements bid 0.5 gwei (ceiling 0.5); the base fee is 20 gwei:"
             " no settlement would be mined"
         ]
-        # (a fixed bid below the base fee is raised, up to the ceiling: mined later, not refused)
+        # A fixed bid below the base fee is raised (+25% every 10 s, up to the ceiling): mined later —
+        # unless it could not be raised enough within the settlement margin (60 s: 6 raises, ×3.8).
         fixed = settings.chain.model_copy(update={"fee_ceiling_gwei": 100, "max_fee_gwei": 10})
         assert failures(settings.model_copy(update={"chain": fixed})) == []
+        far = fixed.model_copy(update={"max_fee_gwei": 5})
+        assert failures(settings.model_copy(update={"chain": far})) == [
+            "chain.max_fee_gwei: settlements bid 5 gwei (ceiling 100); the base fee is 20 gwei: raised, it would"
+            " clear it too late for payments to settle"
+        ]
     finally:
         outside.w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(GWEI // 10)])
         outside.mine(1)
