@@ -32,14 +32,13 @@ from .payments.channel import (
 )
 from .payments.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from .pricing import MAX_AMOUNT, MAX_OUTPUT_TOKENS, Prices
-from .settlement import BUMP, BUMP_AFTER
+from .settlement import BUMP, BUMP_AFTER, GWEI
 from .upstream.client import ANTHROPIC_VERSION, Upstream
 
 if TYPE_CHECKING:
     from .ledger import Store
 
 DECIMALS = bytes.fromhex("313ce567")  # decimals()
-GWEI = 10**9
 DEV_ADDRESSES = {Account.from_key(k).address.lower() for k in DEV_KEYS}  # their keys are public
 # Contracts no key moves tokens out of for us: money paid to one of them is gone.
 CONTRACTS = {
@@ -184,28 +183,27 @@ async def gas_finding(chain: Chain, chain_id: int, what: str, account: str, send
 
 
 async def fee_finding(settings: Settings, chain: Chain, chain_id: int) -> Finding:
-    """Whether settlements can clear the chain's base fee now: they bid ``max_fee_gwei`` (or 2 ×
-    the base fee + the tip) and raise a bid the node refuses, up to ``fee_ceiling_gwei``. A ceiling
-    below the base fee means none is mined — every payment taken meanwhile would be served, then
-    expire unsettled; a fixed bid below it is raised, later."""
+    """Whether settlements clear the chain's base fee: they bid ``max_fee_gwei`` (or 2 × the base fee
+    + the tip), raised by ``BUMP`` every ``BUMP_AFTER`` while they wait, up to ``fee_ceiling_gwei``.
+    A ceiling below the base fee means none is mined, and a fixed bid too low to be raised past it
+    within ``settle_margin_seconds`` one mined after its payment expired: every payment taken
+    meanwhile would be served, then never settle."""
     c = resolve_chain(settings, chain_id).chain
     base = await chain.base_fee()
     ceiling = int(Decimal(c.fee_ceiling_gwei) * GWEI)  # type: ignore[arg-type]
     tip = min(int(c.priority_fee_gwei * GWEI), ceiling)
     bid = min(int(c.max_fee_gwei * GWEI) if c.max_fee_gwei is not None else 2 * base + tip, ceiling)
     detail = f"settlements bid {bid / GWEI:g} gwei (ceiling {ceiling / GWEI:g}); the base fee is {base / GWEI:g} gwei"
+    if bid >= base:
+        return Finding("ok", "chain.fees", detail)
     level = "warn" if chain_id == DEVNET_CHAIN_ID else "fail"
     if ceiling < base:
         return Finding(level, "chain.fee_ceiling_gwei", f"{detail}: no settlement would be mined")
-    # (a bid the node holds is raised by BUMP every BUMP_AFTER: within the settlement margin, enough?)
-    raises = int(settings.settle_margin_seconds // BUMP_AFTER)
-    if bid < base and bid * BUMP**raises < base:
+    if bid * BUMP ** int(settings.settle_margin_seconds // BUMP_AFTER) < base:
         return Finding(
             level, "chain.max_fee_gwei", f"{detail}: raised, it would clear it too late for payments to settle"
         )
-    if bid < base:
-        return Finding("warn", "chain.max_fee_gwei", f"{detail}: each settlement waits for its bid to be raised")
-    return Finding("ok", "chain.fees", detail)
+    return Finding("warn", "chain.max_fee_gwei", f"{detail}: each settlement waits for its bid to be raised")
 
 
 async def simulation_finding(chain: Chain) -> Finding:
