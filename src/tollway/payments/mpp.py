@@ -127,7 +127,7 @@ class MppRail:
     def challenge(self, offer: Offer, digest: str, answer_by: int) -> str:
         """The ``WWW-Authenticate`` value asking to pay ``offer`` (an ``exact`` offer: its amount,
         asset and payee, and the x402 quote in its ``extra``) for the request of ``digest``, with
-        a credential that comes by ``answer_by`` (its quote's expiry)."""
+        a credential that comes by ``answer_by`` (no later than its quote expires)."""
         expires = answer_by + self.validity
         quoted = {"quote": offer.extra["quote"], "maxTokens": str(offer.extra["maxTokens"])}
         # ``hash`` by the whole quote, not the amount the payer's credit reduced it to: a transfer
