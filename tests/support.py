@@ -353,6 +353,13 @@ def with_own_settler(settings: Any) -> Any:
     return settings.model_copy(update={"chain": own})
 
 
+def then_the_mock(gateway: Any, first: Any) -> list[Any]:
+    """Upstreams for a fail-over: ``first`` (an ``UpstreamSettings``), then the session's mock, "good"."""
+    from tollway.config import UpstreamSettings
+
+    return [first, UpstreamSettings(name="good", url=str(gateway.settings.upstream.url))]
+
+
 @contextmanager
 def dedicated_gateway(
     gateway: Any,

@@ -23,7 +23,7 @@ from .config import DEVNET_CHAIN_ID, Settings, resolve_chain, upstream_list
 from .devnet.anvil import DEV_KEYS
 from .errors import ChainUnavailable
 from .payments import eip3009
-from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError
+from .payments.chain import DOMAIN_SEPARATOR, Chain, RpcError, quantity
 from .payments.channel import (
     BATCH_SETTLEMENT_ADDRESS,
     ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
@@ -175,7 +175,7 @@ async def chain_findings(settings: Settings, chain: Chain) -> tuple[list[Finding
 
 async def gas_finding(chain: Chain, chain_id: int, what: str, account: str, sends: str) -> Finding:
     """Whether ``account`` holds gas to send what it ``sends`` (on a real chain, none is a failure)."""
-    gas = int(await chain.request("eth_getBalance", [account, "latest"]), 16)
+    gas = quantity(await chain.request("eth_getBalance", [account, "latest"]))
     level = "ok" if gas else ("warn" if chain_id == DEVNET_CHAIN_ID else "fail")
     return Finding(
         level, what, f"{account} holds {gas / 10**18:g} of the gas token" + ("" if gas else f": it cannot {sends}")

@@ -52,6 +52,7 @@ from support import (
     payment_rows,
     receipt,
     send_raw,
+    then_the_mock,
     wait_receipt,
     with_own_settler,
 )
@@ -235,10 +236,7 @@ def test_funds_moved_while_a_call_fails_over_release_no_answer(gateway, chain, d
     payer = chain.fund(permit2=True)
     funded = chain.balance(payer.address)
     with ServerThread(Starlette(routes=[Route("/chat/completions", stall_then_fail, methods=["POST"])])) as slow:
-        upstreams = [
-            UpstreamSettings(name="stalling", url=slow.url),
-            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
-        ]
+        upstreams = then_the_mock(gateway, UpstreamSettings(name="stalling", url=slow.url))
         with (
             dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams) as (url, engine),
             httpx.Client(base_url=url, timeout=30) as http,

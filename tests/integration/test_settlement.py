@@ -393,20 +393,7 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(
             with manual_mining(chain):
                 ours = s.sign(payment_id, devnet.token, data)
                 await s.run_once()  # broadcast: it waits in the pool
-                theirs = send_raw(
-                    chain,
-                    front_runner,
-                    {
-                        "to": devnet.token,
-                        "data": "0x" + data.hex(),
-                        "gas": 150_000,
-                        "maxFeePerGas": 50 * GWEI,
-                        "maxPriorityFeePerGas": 10 * GWEI,
-                    },
-                )
-                chain.mine(1)
-                s._polled = 0.0  # (a poll is due: ours is seen reverted)
-                await s.run_once()
+                theirs = await mined_first(s, chain, front_runner, devnet.token, data, 150_000)
                 if confirmations:
                     assert store.payment(payment_id)["state"] == PaymentState.SETTLING  # (not believed yet)
                     chain.mine(confirmations)
@@ -418,6 +405,17 @@ async def test_a_front_run_settlement_is_settled_not_a_debt(
     assert chain.receipt(ours)["status"] == 0 and chain.receipt(theirs)["status"] == 1
     assert row["state"] == PaymentState.SETTLED and row["tx_hash"] == theirs
     assert store.credit_balance(account) == 44  # no reversal: the money did arrive
+
+
+async def mined_first(s: Settler, chain, sender, to: str, data: bytes, gas: int) -> str:
+    """Send ``sender``'s transaction with a higher tip than the settlements waiting in the pool, mine
+    one block (it comes first: ours revert), and let the worker see it: its hash."""
+    fees = {"maxFeePerGas": 50 * GWEI, "maxPriorityFeePerGas": 10 * GWEI}
+    theirs = send_raw(chain, sender, {"to": to, "data": "0x" + data.hex(), "gas": gas, **fees})
+    chain.mine(1)
+    s._polled = 0.0  # (a poll is due: ours are seen reverted)
+    await s.run_once()
+    return theirs
 
 
 def exact_on(rpc: Chain, devnet) -> ExactEvm:
@@ -473,20 +471,9 @@ async def test_attack_one_transfer_of_the_amount_settles_one_payment_not_two(tmp
                 signature = bytes(payer.unsafe_sign_hash(eip3009.digest(decoy, domain)).signature)
                 token = Web3.to_checksum_address(devnet.token)
                 calls = [(token, data1), (token, eip3009.transfer_calldata(decoy, signature))]
-                theirs = send_raw(
-                    chain,
-                    payer,
-                    {
-                        "to": Web3.to_checksum_address(MULTICALL3_ADDRESS),
-                        "data": AGGREGATE + abi_encode(["(address,bytes)[]"], [calls]),
-                        "gas": 400_000,
-                        "maxFeePerGas": 50 * GWEI,
-                        "maxPriorityFeePerGas": 10 * GWEI,
-                    },
-                )
-                chain.mine(1)
-                s._polled = 0.0  # (a poll is due: ours are seen reverted)
-                await s.run_once()
+                multicall = Web3.to_checksum_address(MULTICALL3_ADDRESS)
+                batch = AGGREGATE + abi_encode(["(address,bytes)[]"], [calls])
+                theirs = await mined_first(s, chain, payer, multicall, batch, 400_000)
             rows = [await run_until(s, store, p, {PaymentState.SETTLED, PaymentState.FAILED}) for p in (p1, p2)]
     finally:
         await rpc.close()

@@ -33,6 +33,7 @@ from support import (
     payment_required,
     payment_rows,
     receipt,
+    then_the_mock,
     wait_receipt,
 )
 
@@ -351,10 +352,7 @@ def test_a_200_that_is_no_answer_charges_nothing_and_fails_over(gateway, chain, 
             r = client.post(CHAT, json=body, headers=paid_headers(client, body, payer)[0])
             assert r.status_code == 502 and error_code(r) == "upstream_error", r.text
             assert_nothing_charged(engine, chain, payer, before, r)
-        upstreams = [
-            UpstreamSettings(name="hostile", url=up.url),
-            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
-        ]
+        upstreams = then_the_mock(gateway, UpstreamSettings(name="hostile", url=up.url))
         with (
             dedicated_gateway(gateway, chain, tmp_path / "two", upstreams=upstreams) as (url, engine),
             httpx.Client(base_url=url, timeout=30) as client,
@@ -391,10 +389,7 @@ def test_keep_alive_comments_hold_a_call_no_longer_than_the_upstreams_read_timeo
 
     body = chat_body("hi", max_tokens=100, stream=True)
     with processing_forever() as stalling:
-        upstreams = [
-            UpstreamSettings(name="stalling", url=stalling.url, read_timeout=1.0),
-            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
-        ]
+        upstreams = then_the_mock(gateway, UpstreamSettings(name="stalling", url=stalling.url, read_timeout=1.0))
         with dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams, max_call_seconds=60) as (url, _):
             started = time.monotonic()
             r = paid_stream(url, chain.fund(), body)
@@ -746,10 +741,7 @@ def test_attack_one_proof_sent_twice_at_once_through_a_fail_over_pays_once(gatew
     before = chain.balance(payer.address)
     body = chat_body("twice at once", max_tokens=50)
     with chat_upstream(no_answer) as up:
-        upstreams = [
-            UpstreamSettings(name="hostile", url=up.url),
-            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
-        ]
+        upstreams = then_the_mock(gateway, UpstreamSettings(name="hostile", url=up.url))
         with (
             dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams) as (url, engine),
             httpx.Client(base_url=url, timeout=30) as client,
@@ -779,10 +771,7 @@ def test_attack_hanging_up_while_the_first_upstream_stalls(gateway, chain, tmp_p
     before = chain.balance(payer.address)
     body = chat_body("hang up while it stalls", max_tokens=50, stream=stream)
     with processing_forever() as stalling:
-        upstreams = [
-            UpstreamSettings(name="stalling", url=stalling.url, read_timeout=1.5),
-            UpstreamSettings(name="good", url=str(gateway.settings.upstream.url)),
-        ]
+        upstreams = then_the_mock(gateway, UpstreamSettings(name="stalling", url=stalling.url, read_timeout=1.5))
         gw = dedicated_gateway(gateway, chain, tmp_path, upstreams=upstreams, max_call_seconds=4)
         with gw as (url, engine):
             with httpx.Client(base_url=url, timeout=30) as client:

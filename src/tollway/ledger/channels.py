@@ -56,6 +56,7 @@ CLAIMABLE = (
     " WHERE network = :network AND asset = :asset AND charged > claimed AND claim_tx IS NULL"
     " ORDER BY withdraw_at DESC, charged - claimed DESC LIMIT :limit"
 )
+OWING = "SELECT config, withdraw_at, charged - claimed AS owed FROM channels WHERE charged > claimed"
 WATCHED = (  # money in the escrow not claimed by us: charged, or not yet (a voucher may spend it)
     "SELECT id, claimed, withdraw_at FROM channels WHERE network = :network AND asset = :asset AND balance > claimed"
 )

@@ -1089,9 +1089,7 @@ class Store:
         must be signed by its channel's), with what those channels owe us — but for channels whose
         payer's withdrawal could be finished by ``now``: what they owed is no longer claimable."""
         with self._sql() as c:
-            rows = c.dicts(
-                "SELECT config, withdraw_at, charged - claimed AS owed FROM channels WHERE charged > claimed"
-            )
+            rows = c.dicts(channels.OWING)
         out: dict[str, int] = {}
         for row in rows:
             config = json.loads(row["config"])
