@@ -751,6 +751,24 @@ def test_forgetting_old_answers_keeps_a_claim_whose_call_may_still_run_and_an_an
     assert store.claim_request(dead, "g", stale_before=now - 1000, now=now) is None
 
 
+def test_attack_one_key_claimed_at_once_by_two_replicas_with_two_payments_runs_once(db_url):
+    """A client (or a thief of its key) sends one idempotency key with two different payments to two
+    replicas at the same moment, eight times over: each time one claim runs, the other is told
+    the key is held (409) — never both, whichever commits first."""
+    stores = [Store(db_url), Store(db_url)]
+
+    def claims(key: str, now: float) -> list[dict | None]:
+        told: list[dict | None] = []
+        run_concurrently(lambda i: told.append(stores[i].claim_request(key, f"payment-{i}", now - 1000, now)), (0, 1))
+        return told
+
+    for _ in range(8):
+        told = claims(uuid.uuid4().hex, time.time())
+        assert sum(t is None for t in told) == 1, told
+        [held] = [t for t in told if t is not None]
+        assert held["state"] == "in_progress"
+
+
 def test_attack_a_claim_meeting_a_release_from_another_replica_still_holds_its_key(postgres_url):
     """Replica A's call under key K fails and A releases K just as replica B claims K for a retry:
     B's insert meets A's row, B cannot take it over (not stale), and A's delete commits before B

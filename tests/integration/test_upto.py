@@ -9,7 +9,9 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -33,9 +35,11 @@ from support import (
     payment_required,
     payment_rows,
     receipt,
+    run_concurrently,
     upto_client,
     wait_receipt,
 )
+from support import credit as read_credit
 from tollway.client import AllowedAsset, Payer, SyncPayingTransport
 from tollway.config import ModelPrice
 from tollway.keccak import keccak
@@ -516,11 +520,11 @@ def test_a_request_asking_more_output_than_the_default_caps_can_be_paid(gateway,
     assert doc["payment"]["scheme"] == scheme
 
 
-def test_an_upto_offer_the_credit_reduced_to_nothing_is_paid_from_the_credit(gateway, chain, devnet, tmp_path):
-    """Where on-chain payments have no least amount (min_chain_payment_usd = 0), a signed-in wallet
-    whose credit covers the quote is offered upto at "0". A permit of 0 pulls nothing: the call is
-    paid from the credit, and nothing is sent on chain — it was a 500 (the simulation of a
-    settlement of 0). (Adversarial review.)"""
+@contextmanager
+def an_upto_offer_of_nothing(gateway, chain, devnet, tmp_path) -> Iterator[tuple[str, Any, Payer, dict, dict, dict]]:
+    """A gateway whose on-chain payments have no least amount (min_chain_payment_usd = 0), and a
+    signed-in wallet whose credit covers a call's quote: it is offered upto at "0". Yields the
+    gateway's URL, the wallet's account and payer, the call's body, its 402 and that offer."""
     account = chain.fund(permit2=True)
     payer = Payer(account, [AllowedAsset(f"eip155:{devnet.chain_id}", devnet.token)], schemes=("exact",))
     with dedicated_gateway(gateway, chain, tmp_path, min_chain_payment_usd=Decimal(0)) as (url, _):
@@ -532,9 +536,47 @@ def test_an_upto_offer_the_credit_reduced_to_nothing_is_paid_from_the_credit(gat
         required = payment_required(httpx.post(url + CHAT, headers=payer.wallet_header(url), json=body))
         offer = upto_offer(required)
         assert offer["amount"] == "0" and int(offer["extra"]["credit"]) > 0, offer
+        yield url, account, payer, body, required, offer
+
+
+def test_an_upto_offer_the_credit_reduced_to_nothing_is_paid_from_the_credit(gateway, chain, devnet, tmp_path):
+    """A permit of 0 pulls nothing: the call is paid from the credit, and nothing is sent on chain —
+    it was a 500 (the simulation of a settlement of 0). (Adversarial review.)"""
+    with an_upto_offer_of_nothing(gateway, chain, devnet, tmp_path) as (url, account, payer, body, required, offer):
         doc = envelope(required, offer, sign_upto(account, offer, devnet.chain_id))
         r = httpx.post(url + CHAT, json=body, headers={**payment_header(doc), **payer.wallet_header(url)}, timeout=30)
         assert r.status_code == 200, r.text
         paid = wait_receipt(url, r.headers["x-tollway-receipt"])
     assert paid["payment"]["amount"]["atomic"] == "0" and not paid["payment"].get("transaction"), paid["payment"]
     assert int(paid["cost"]["atomic"]) > 0  # (taken from the credit)
+
+
+def test_attack_a_permit_of_nothing_pays_nothing_without_the_credit_and_once_with_it(
+    gateway, chain, devnet, tmp_path, upstream
+):
+    """A wallet with no credit pays the offer of "0" another's credit earned (its quote binds no
+    wallet) with a permit of 0: refused, before the upstream is asked. The wallet whose credit
+    covers it sends its permit of 0 twice at once: served once, charged once."""
+    with an_upto_offer_of_nothing(gateway, chain, devnet, tmp_path) as (url, account, payer, body, required, offer):
+        asked = httpx.get(f"{upstream.url}/mock/stats").json()["requests"]
+        stranger = chain.fund(permit2=True)
+        free = envelope(required, offer, sign_upto(stranger, offer, devnet.chain_id))
+        r = httpx.post(url + CHAT, json=body, headers=payment_header(free), timeout=30)
+        assert r.status_code == 402 and error_code(r) == "amount_insufficient", r.text
+        assert httpx.get(f"{upstream.url}/mock/stats").json()["requests"] == asked  # (nothing spent on it)
+        credit = read_credit(url, payer)
+        twice = {**payment_header(envelope(required, offer, sign_upto(account, offer, devnet.chain_id)))}
+        answers: list[httpx.Response] = []
+        run_concurrently(
+            lambda _: answers.append(
+                httpx.post(url + CHAT, json=body, headers={**twice, **payer.wallet_header(url)}, timeout=30)
+            ),
+            range(2),
+        )
+        assert sorted(a.status_code for a in answers) == [200, 402], [a.text[:200] for a in answers]
+        cost = int(
+            wait_receipt(url, next(a for a in answers if a.status_code == 200).headers["x-tollway-receipt"])["cost"][
+                "atomic"
+            ]
+        )
+        assert read_credit(url, payer) == credit - cost
