@@ -1894,9 +1894,10 @@ def tail_lines(res: dict[str, Any]) -> list[str]:
         return [f"  {title}:", *(f"    {e['pct']:5.1f}%  {e['frame']}" for e in entries)]
 
     def stages(st: dict[str, Any]) -> list[str]:
-        out = [f"stages (an instrumented gateway, {load(st)}): each stage per call, wall and CPU, µs"]
+        out = [f"stages (an instrumented gateway, {load(st)}): per call: wall (mean, median), CPU (mean), µs"]
         for label, t in st["stages"].items():
-            out.append(f"  {label:48s} {t['calls']:7d} calls  wall {t['wall_us']:8.1f}  cpu {t['cpu_us']:8.1f}")
+            p50 = f"  wall p50 {t['wall_p50_us']:8.1f}" if "wall_p50_us" in t else ""
+            out.append(f"  {label:48s} {t['calls']:7d} calls  wall {t['wall_us']:8.1f}{p50}  cpu {t['cpu_us']:8.1f}")
         return out
 
     def perf(p: dict[str, Any]) -> list[str]:

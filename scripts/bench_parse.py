@@ -44,7 +44,7 @@ def request(raw: bytes, kept: PricedRequests | None = None) -> None:
     else:  # (a copy of the bytes: a body read from the network is a new object, its hash not known yet)
         call = kept.parse(Pricing(parse_chat, bytes(bytearray(raw)), SETTINGS, PRICES, ORIGIN, False))
     call.prefixes()
-    conversation_key(call.model, call.body, call.prompt, {})
+    conversation_key("0xpayer", call.model, call.body, call.prompt, {})
     call.forward("max_tokens", call.cap(metered=True))
 
 

@@ -23,6 +23,7 @@ import gc
 import inspect
 import json
 import signal
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -56,14 +57,22 @@ STAGES = [
 ]
 
 totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+walls: dict[str, list[float]] = defaultdict(list)  # each stage's wall times, for its median (means hide a skew)
+WALLS_KEPT = 200_000  # per stage
+
+
+def add_up(label: str, wall: float, cpu: float) -> None:
+    t = totals[label]
+    t[0] += 1
+    t[1] += wall
+    t[2] += cpu
+    if len(kept := walls[label]) < WALLS_KEPT:
+        kept.append(wall)
 
 
 def timed(f: Any, label: str) -> Any:
     def add(wall0: float, cpu0: float) -> None:
-        t = totals[label]
-        t[0] += 1
-        t[1] += time.perf_counter() - wall0
-        t[2] += time.thread_time() - cpu0
+        add_up(label, time.perf_counter() - wall0, time.thread_time() - cpu0)
 
     if inspect.iscoroutinefunction(f):
 
@@ -127,10 +136,7 @@ def time_first_bytes() -> None:
         label = HEAD if kind == "http.response.start" else FIRST_BYTE if message.get("body") else None
         if label is not None and label not in self.bench_seen:
             self.bench_seen.add(label)
-            t = totals[label]
-            t[0] += 1
-            t[1] += time.perf_counter() - self.bench_began[0]
-            t[2] += time.thread_time() - self.bench_began[1]
+            add_up(label, time.perf_counter() - self.bench_began[0], time.thread_time() - self.bench_began[1])
 
     Cycle.run_asgi, Cycle.send = run_asgi, sends
 
@@ -151,7 +157,8 @@ def write(out: Path) -> None:
     for label in (*(label for _, _, label in STAGES[:1]), HEAD, FIRST_BYTE, *(label for _, _, label in STAGES[1:])):
         n, wall, cpu = totals.get(label, (0, 0.0, 0.0))
         if n:
-            doc[label] = {"calls": int(n), "wall_us": 1e6 * wall / n, "cpu_us": 1e6 * cpu / n}
+            median = 1e6 * statistics.median(walls[label])
+            doc[label] = {"calls": int(n), "wall_us": 1e6 * wall / n, "wall_p50_us": median, "cpu_us": 1e6 * cpu / n}
     requests = totals.get(REQUESTS, (0,))[0]
     for label in GC:
         runs, wall, cpu = totals.get(label, (0, 0.0, 0.0))
@@ -165,7 +172,7 @@ def main() -> int:
     time_first_bytes()
     instrument()
     time_collections()
-    signal.signal(signal.SIGUSR1, lambda *_: totals.clear())
+    signal.signal(signal.SIGUSR1, lambda *_: (totals.clear(), walls.clear()))
     signal.signal(signal.SIGUSR2, lambda *_: write(out))
     from tollway.cli import main as tollway
 
